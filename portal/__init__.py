@@ -1,0 +1,54 @@
+"""The referrer portal: ``create_app`` wires configuration, extensions, blueprints and errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
+
+from portal import config as config_module
+from portal.config import REPO_ROOT
+
+
+def create_app(overrides: dict[str, Any] | None = None) -> Flask:
+    """Build the app. No queries, migrations, network calls or exits happen here."""
+    settings = config_module.load_config(overrides)
+    instance_path = Path(settings["INSTANCE_PATH"]).resolve()
+    app = Flask("portal", instance_path=str(instance_path),
+                template_folder=str(REPO_ROOT / "templates"),
+                static_folder=str(REPO_ROOT / "static"), instance_relative_config=True)
+    secret = settings["SECRET_KEY"] or config_module.instance_secret_key(instance_path)
+    app.config.update(
+        PORTAL=settings, SECRET_KEY=secret, MAX_CONTENT_LENGTH=settings["MAX_REQUEST_BYTES"],
+        TESTING=settings["ENV"] == "test", JSON_SORT_KEYS=False,
+        SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings["ENV"] == "production")
+    if settings["TRUSTED_PROXIES"]:
+        hops = settings["TRUSTED_PROXIES"]
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
+
+    from portal import archive, errors, health, log, security
+    from portal.access import policy
+    from portal.db import Database
+
+    log.init_app(app)
+    security.init_app(app)
+    Database().init_app(app, config_module.database_url(settings))
+    archive.init_app(app)
+    errors.register_error_handlers(app)
+    policy.init_app(app)
+
+    from portal.access.cli import clients_cli
+    from portal.archive.cli import archive_cli, dimse_cli
+    from portal.cli import db_cli, demo_command
+    from portal.dicomweb.routes import bp as dicomweb_bp
+    from portal.studies.routes import bp as studies_bp
+
+    app.register_blueprint(health.bp)
+    app.register_blueprint(dicomweb_bp)
+    app.register_blueprint(studies_bp)
+    for command in (archive_cli, clients_cli, db_cli, dimse_cli, demo_command):
+        app.cli.add_command(command)
+    return app

@@ -1,0 +1,56 @@
+"""Machine clients (modalities, scripts, other archives) with HTTP Basic credentials."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from portal.access.models import MachineClient
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class ClientError(ValueError):
+    """The client cannot be created as asked."""
+
+
+def _digest(secret: str) -> str:
+    # The secret is 256 random bits, so a fast hash is enough: there is nothing to guess.
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def create_client(session: Session, name: str, *, can_read: bool, can_store: bool) -> str:
+    """Register a client and return its secret; only a hash of it is kept."""
+    if not _NAME.match(name):
+        raise ClientError("client names are 1-64 letters, digits, '.', '_' or '-'")
+    if session.scalars(select(MachineClient).where(MachineClient.name == name)).first():
+        raise ClientError(f"a client named {name!r} already exists")
+    secret = secrets.token_urlsafe(32)
+    session.add(MachineClient(name=name, secret_sha256=_digest(secret), can_read=can_read,
+                              can_store=can_store, active=True))
+    session.flush()
+    return secret
+
+
+def authenticate(session: Session, name: str, secret: str) -> MachineClient | None:
+    """The active client with these credentials, or None (constant-time comparison)."""
+    if not _NAME.match(name) or len(secret) > 256:
+        return None
+    client = session.scalars(select(MachineClient).where(MachineClient.name == name)).first()
+    expected = client.secret_sha256 if client is not None else "0" * 64
+    ok = hmac.compare_digest(expected, _digest(secret))
+    return client if ok and client is not None and client.active else None
+
+
+def deactivate_client(session: Session, name: str) -> bool:
+    """Turn a client off at once; return False when there is no such client."""
+    client = session.scalars(select(MachineClient).where(MachineClient.name == name)).first()
+    if client is None:
+        return False
+    client.active = False
+    return True

@@ -1,0 +1,93 @@
+"""``flask --app app archive ...`` and ``flask --app app dimse serve``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+from flask import current_app
+from flask.cli import with_appcontext
+
+from portal.archive import current_archive
+from portal.archive.importer import ImportSummary, expand, import_sources
+from portal.migrate import upgrade_database
+
+
+def import_paths(paths: list[Path], *, who: str, strict: bool = True) -> ImportSummary:
+    """Import files, folders and zips with a progress bar; used by the CLI and the demo."""
+    archive = current_archive()
+    settings = current_app.config["PORTAL"]
+    sources, problems = expand(paths, max_entries=settings["MAX_ZIP_ENTRIES"],
+                               max_ratio=settings["MAX_ZIP_RATIO"],
+                               max_entry_bytes=settings["MAX_INSTANCE_BYTES"])
+    with click.progressbar(length=len(sources), label="Importing", show_pos=True,
+                           show_percent=True, file=sys.stderr) as bar:
+        summary = import_sources(archive, sources, who, progress=bar.update)
+    summary.rejected[:0] = problems
+    return summary
+
+
+@click.group("archive", help="The embedded archive.")
+def archive_cli() -> None:
+    """Archive commands."""
+
+
+@archive_cli.command("import")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@with_appcontext
+def import_command(paths: tuple[Path, ...]) -> None:
+    """Import DICOM files, folders (recursively) and zip files; exit 1 if any was rejected."""
+    upgrade_database(current_app)
+    summary = import_paths(list(paths), who="cli:import")
+    click.echo(summary.describe())
+    if summary.rejected:
+        sys.exit(1)
+
+
+@archive_cli.command("reap")
+@click.option("--older-than", default=300.0, show_default=True,
+              help="Only remove leftovers older than this many seconds.")
+@with_appcontext
+def reap_command(older_than: float) -> None:
+    """Remove temp files and unreferenced files left by a crash."""
+    temps, orphans = current_archive().reap(older_than)
+    click.echo(f"removed {temps} temp file(s) and {orphans} unreferenced file(s)")
+
+
+@archive_cli.command("verify")
+@with_appcontext
+def verify_command() -> None:
+    """Check every stored file against its SHA-256; exit 1 if any differs or is missing."""
+    bad: list[tuple[str, str]] = []
+    with click.progressbar(current_archive().verify(), label="Verifying",
+                           file=sys.stderr) as results:
+        for uid, problem in results:
+            if problem is not None:
+                bad.append((uid, problem))
+    for uid, problem in bad:
+        click.echo(f"{problem}: instance {uid}")
+    click.echo(f"{len(bad)} problem(s) found")
+    if bad:
+        sys.exit(1)
+
+
+@click.group("dimse", help="DICOM network services.")
+def dimse_cli() -> None:
+    """DIMSE commands."""
+
+
+@dimse_cli.command("serve")
+@with_appcontext
+def serve_command() -> None:
+    """Run the C-STORE and C-ECHO SCP on the configured address until interrupted."""
+    from portal.archive.dimse import serve
+
+    upgrade_database(current_app)
+    settings = current_app.config["PORTAL"]
+    if not settings["DIMSE_ALLOWED_PEERS"]:
+        click.echo("warning: DIMSE_ALLOWED_PEERS is empty; every association will be "
+                   "rejected", err=True)
+    click.echo(f"C-STORE SCP {settings['DIMSE_AE_TITLE']} listening on "
+               f"{settings['DIMSE_HOST']}:{settings['DIMSE_PORT']}", err=True)
+    serve(current_archive(), settings)

@@ -1,0 +1,96 @@
+"""DIMSE C-STORE and C-ECHO SCP (pynetdicom), accepting only configured (AE title, address) pairs.
+
+Every received instance goes through the same ``Archive.ingest`` as STOW-RS and the CLI, and
+the C-STORE response is sent only after the file is durable and its index row committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pynetdicom import AE, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from portal.archive.ingest import Archive, ArchiveUnavailable
+from portal.archive.validate import (
+    ACCEPTED_TRANSFER_SYNTAXES,
+    DUPLICATE_CONFLICT,
+    OUT_OF_RESOURCES,
+    Rejected,
+)
+
+log = logging.getLogger(__name__)
+
+SUCCESS = 0x0000
+# C-STORE has no "duplicate" status; report it in the "Cannot understand" range (PS3.4 B.2.3).
+_CSTORE_CONFLICT = 0xC111
+# Preferred order when a peer proposes several transfer syntaxes: keep compressed data as sent.
+_SYNTAXES = sorted(ACCEPTED_TRANSFER_SYNTAXES,
+                   key=lambda uid: (uid.startswith("1.2.840.10008.1.2.1"), uid))
+
+
+def parse_peers(peers: list[str]) -> set[tuple[str, str]]:
+    """``AETITLE@address`` strings as a set of (AE title, address) pairs."""
+    pairs = set()
+    for peer in peers:
+        aet, _, address = peer.partition("@")
+        pairs.add((aet.strip(), address.strip()))
+    return pairs
+
+
+def _on_requested(event: evt.Event, allowed: set[tuple[str, str]]) -> None:
+    requestor = event.assoc.requestor
+    calling = str(requestor.ae_title).strip()
+    if (calling, requestor.address) not in allowed:
+        log.warning("association refused: calling AE title %r from %s is not configured",
+                    calling, requestor.address)
+        # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling AE title not recognised
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+
+
+def _on_store(event: evt.Event, archive: Archive) -> int:
+    requestor = event.assoc.requestor
+    try:
+        data = event.encoded_dataset(include_meta=True)
+        result = archive.ingest(data, who=f"dimse:{str(requestor.ae_title).strip()}",
+                                source_address=requestor.address)
+    except Rejected as exc:
+        log.info("C-STORE refused (0x%04X): %s", exc.status, exc.reason)
+        return _CSTORE_CONFLICT if exc.status == DUPLICATE_CONFLICT else exc.status
+    except ArchiveUnavailable as exc:
+        log.error("C-STORE could not be stored now: %s", exc)
+        return OUT_OF_RESOURCES
+    except Exception:  # a failure status is always better than a dropped association
+        log.exception("C-STORE failed")
+        return 0xC000
+    log.debug("C-STORE %s", result.outcome)
+    return SUCCESS
+
+
+def make_ae(settings: dict[str, Any]) -> AE:
+    """The application entity with every storage SOP class and our transfer syntaxes."""
+    ae = AE(ae_title=settings["DIMSE_AE_TITLE"])
+    ae.maximum_pdu_size = settings["DIMSE_MAX_PDU"]
+    ae.network_timeout = 60
+    ae.acse_timeout = 30
+    ae.dimse_timeout = 60
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, _SYNTAXES)
+    ae.add_supported_context(Verification)
+    return ae
+
+
+def serve(archive: Archive, settings: dict[str, Any],
+          block: bool = True) -> ThreadedAssociationServer | None:
+    """Start the SCP on the configured address; block until interrupted unless told not to."""
+    ae = make_ae(settings)
+    allowed = parse_peers(settings["DIMSE_ALLOWED_PEERS"])
+    handlers = [(evt.EVT_REQUESTED, _on_requested, [allowed]),
+                (evt.EVT_C_STORE, _on_store, [archive])]
+    address = (settings["DIMSE_HOST"], settings["DIMSE_PORT"])
+    server: ThreadedAssociationServer | None = ae.start_server(
+        address, block=block, evt_handlers=handlers)
+    return server

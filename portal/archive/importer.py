@@ -1,0 +1,153 @@
+"""Import files, folders and zip files into the archive (the CLI's engine)."""
+
+from __future__ import annotations
+
+import zipfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from portal.archive.ingest import Archive, ArchiveUnavailable
+from portal.archive.validate import Rejected
+
+
+class UnsafeZip(Exception):
+    """A zip file is refused as a whole (unsafe names, too many entries, a bomb)."""
+
+
+@dataclass
+class ImportSummary:
+    """Counts per outcome and the reason for every rejected file."""
+
+    counts: Counter[str] = field(default_factory=Counter)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """A short report for people."""
+        lines = [f"stored: {self.counts['stored']}, already stored: "
+                 f"{self.counts['already_stored']}, rejected: {len(self.rejected)}"]
+        lines += [f"  rejected {label}: {reason}" for label, reason in self.rejected[:200]]
+        if len(self.rejected) > 200:
+            lines.append(f"  ... and {len(self.rejected) - 200} more")
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One thing to import: a label for messages and a way to get its bytes."""
+
+    label: str
+    read: Callable[[], bytes]
+
+
+def _is_zip(path: Path) -> bool:
+    with path.open("rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+
+
+def _unsafe_name(name: str) -> bool:
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    return name.startswith(("/", "\\")) or ".." in parts or ":" in name or "\x00" in name
+
+
+def zip_sources(path: Path, *, max_entries: int, max_ratio: int,
+                max_entry_bytes: int) -> list[Source]:
+    """Check a zip file as a whole before anything in it is read, then list its entries.
+
+    Entry names are never used as paths; they only label messages. A zip with an unsafe
+    name, too many entries, an oversized entry or an extreme compression ratio is refused.
+    """
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise UnsafeZip(f"not a readable zip file: {exc}") from exc
+    with archive:
+        infos = [i for i in archive.infolist() if not i.is_dir()]
+    if len(infos) > max_entries:
+        raise UnsafeZip(f"more than {max_entries} entries")
+    for info in infos:
+        if _unsafe_name(info.filename):
+            raise UnsafeZip(f"unsafe entry name {info.filename[:80]!r} (path traversal)")
+        if info.file_size > max_entry_bytes:
+            raise UnsafeZip(f"entry {info.filename[:80]!r} is larger than the limit")
+        if info.file_size > max(info.compress_size, 1) * max_ratio:
+            raise UnsafeZip(f"entry {info.filename[:80]!r} is compressed more than "
+                            f"{max_ratio}:1 (a zip bomb?)")
+
+    def reader(info: zipfile.ZipInfo) -> Callable[[], bytes]:
+        def read() -> bytes:
+            with zipfile.ZipFile(path) as zf, zf.open(info) as fh:
+                # The declared size may lie; never read more than the limit allows.
+                data = fh.read(max_entry_bytes + 1)
+            if len(data) > max_entry_bytes:
+                raise Rejected("entry is larger than the limit", http_status=413)
+            return data
+        return read
+
+    return [Source(f"{path.name}:{info.filename}", reader(info)) for info in infos]
+
+
+def _bounded_reader(path: Path, limit: int) -> Callable[[], bytes]:
+    def read() -> bytes:
+        with path.open("rb") as fh:
+            data = fh.read(limit + 1)
+        if len(data) > limit:
+            raise Rejected("file is larger than the instance size limit", http_status=413)
+        return data
+    return read
+
+
+def expand(paths: list[Path], **zip_limits: int) -> tuple[list[Source], list[tuple[str, str]]]:
+    """Turn files, folders and zips into sources; refused zips and missing paths are listed."""
+    sources: list[Source] = []
+    problems: list[tuple[str, str]] = []
+
+    def files_of(path: Path) -> Iterator[Path]:
+        if path.is_dir():
+            for child in sorted(path.rglob("*")):
+                if child.is_file() and not child.name.startswith("."):
+                    yield child
+        else:
+            yield path
+
+    for root in paths:
+        if not root.exists():
+            problems.append((str(root), "no such file or folder"))
+            continue
+        for path in files_of(root):
+            try:
+                if _is_zip(path):
+                    sources.extend(zip_sources(path, **zip_limits))
+                else:
+                    sources.append(Source(str(path), _bounded_reader(
+                        path, zip_limits["max_entry_bytes"])))
+            except UnsafeZip as exc:
+                problems.append((str(path), str(exc)))
+            except OSError as exc:
+                problems.append((str(path), f"cannot read: {exc.strerror}"))
+    return sources, problems
+
+
+def import_sources(archive: Archive, sources: list[Source], who: str,
+                   progress: Callable[[int], None] | None = None) -> ImportSummary:
+    """Ingest each source, counting outcomes; stop only if the archive is unavailable."""
+    summary = ImportSummary()
+    for source in sources:
+        try:
+            data = source.read()
+            if len(data) > archive.limits.max_instance_bytes:
+                raise Rejected("file is larger than the instance size limit", http_status=413)
+            result = archive.ingest(data, who=who, source_address="cli")
+            summary.counts[result.outcome] += 1
+        except Rejected as exc:
+            summary.rejected.append((source.label, exc.reason))
+        except OSError as exc:
+            summary.rejected.append((source.label, f"cannot read: {exc.strerror}"))
+        except ArchiveUnavailable as exc:
+            summary.rejected.append((source.label, str(exc)))
+            raise
+        finally:
+            if progress is not None:
+                progress(1)
+    return summary

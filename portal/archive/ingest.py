@@ -1,0 +1,213 @@
+"""Ingest: validate -> store durably -> index -> acknowledge. Every way in calls ``ingest``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from portal.access import audit
+from portal.archive.models import StoredObject
+from portal.archive.store import CorruptObject, EmbeddedStore
+from portal.archive.validate import (
+    DATA_SET_DOES_NOT_MATCH,
+    DUPLICATE_CONFLICT,
+    OUT_OF_RESOURCES,
+    Limits,
+    Rejected,
+    ValidInstance,
+    validate_part10,
+)
+from portal.db import Database
+from portal.index.service import IndexConflict, add_instance
+
+log = logging.getLogger(__name__)
+
+_ATTEMPTS = 5
+
+
+class ArchiveUnavailable(Exception):
+    """The database or the disk cannot take the instance now; the sender should retry."""
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The answer for one accepted instance."""
+
+    outcome: Literal["stored", "already_stored"]
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+
+
+@dataclass(frozen=True)
+class Archive:
+    """The embedded archive: where bytes go, where the index lives, and the bounds."""
+
+    store: EmbeddedStore
+    database: Database
+    limits: Limits
+
+    def ingest(self, data: bytes, *, who: str, source_address: str = "",
+               expected_study_uid: str | None = None) -> Stored:
+        """Validate and store one Part 10 file; raise ``Rejected`` or ``ArchiveUnavailable``.
+
+        ``expected_study_uid`` (STOW-RS to ``/studies/{study}``) refuses instances of another
+        study before anything is written.
+        """
+        valid = validate_part10(data, self.limits)
+        if expected_study_uid is not None and valid.study_instance_uid != expected_study_uid:
+            raise Rejected("the instance belongs to a different study than the URL names",
+                           DATA_SET_DOES_NOT_MATCH, 409, valid.sop_class_uid,
+                           valid.sop_instance_uid)
+        for _attempt in range(_ATTEMPTS):
+            existing = self._existing(valid)
+            if existing is not None:
+                return self._already(valid, existing, who, source_address)
+            try:
+                key = self.store.write(valid.data, valid.sha256)
+            except OSError as exc:
+                log.error("archive write failed: %s", exc.__class__.__name__)
+                raise Rejected("the archive has no room for this instance now",
+                               OUT_OF_RESOURCES, 507, valid.sop_class_uid,
+                               valid.sop_instance_uid) from exc
+            try:
+                with self.database.write_transaction() as session:
+                    if session.scalars(select(StoredObject.id).where(
+                            StoredObject.sop_instance_uid == valid.sop_instance_uid)).first():
+                        raise _LostRace
+                    add_instance(session, valid.dataset, sop_class_uid=valid.sop_class_uid,
+                                 sop_instance_uid=valid.sop_instance_uid,
+                                 study_uid=valid.study_instance_uid,
+                                 series_uid=valid.series_instance_uid,
+                                 transfer_syntax_uid=valid.transfer_syntax_uid)
+                    session.add(StoredObject(
+                        sop_instance_uid=valid.sop_instance_uid, storage_key=key,
+                        size=len(valid.data), sha256=valid.sha256,
+                        original_sha256=valid.original_sha256))
+                    if valid.preamble_zeroed:
+                        audit.record_event(
+                            session, audit.SECURITY_ALERT, action="C",
+                            outcome=audit.OUTCOME_MINOR_FAILURE, who=who,
+                            source_address=source_address,
+                            study_instance_uid=valid.study_instance_uid,
+                            details={"reason": "non-zero preamble zeroed",
+                                     "sop_instance_uid": valid.sop_instance_uid,
+                                     "original_sha256": valid.original_sha256,
+                                     "stored_sha256": valid.sha256})
+            except (_LostRace, IntegrityError):
+                continue  # another writer stored it (or its study) first: look again
+            except IndexConflict as exc:
+                self._forget(key, valid)
+                self._alert(valid, str(exc), who, source_address)
+                raise Rejected(str(exc), DATA_SET_DOES_NOT_MATCH, 409, valid.sop_class_uid,
+                               valid.sop_instance_uid) from exc
+            except OperationalError as exc:
+                self._forget(key, valid)
+                log.error("index unavailable: %s", exc.__class__.__name__)
+                raise ArchiveUnavailable("the index database is unavailable") from exc
+            return Stored("stored", valid.sop_class_uid, valid.sop_instance_uid,
+                          valid.study_instance_uid, valid.series_instance_uid)
+        raise ArchiveUnavailable("too much contention storing this instance; retry")
+
+    def _existing(self, valid: ValidInstance) -> StoredObject | None:
+        with self.database.new_session() as session:
+            return session.scalars(select(StoredObject).where(
+                StoredObject.sop_instance_uid == valid.sop_instance_uid)).first()
+
+    def _already(self, valid: ValidInstance, existing: StoredObject, who: str,
+                 source_address: str) -> Stored:
+        if existing.sha256 != valid.sha256:
+            reason = "SOP Instance UID already stored with different content"
+            self._alert(valid, reason, who, source_address)
+            raise Rejected(reason, DUPLICATE_CONFLICT, 409, valid.sop_class_uid,
+                           valid.sop_instance_uid)
+        return Stored("already_stored", valid.sop_class_uid, valid.sop_instance_uid,
+                      valid.study_instance_uid, valid.series_instance_uid)
+
+    def _forget(self, key: str, valid: ValidInstance) -> None:
+        """Remove a file whose index row was not committed, unless a row uses it."""
+        try:
+            with self.database.new_session() as session:
+                if session.scalars(select(StoredObject.id).where(
+                        StoredObject.storage_key == key)).first() is None:
+                    self.store.delete(key)
+        except OperationalError:
+            pass  # the start-up reaper removes unreferenced files
+
+    def _alert(self, valid: ValidInstance, reason: str, who: str, source_address: str) -> None:
+        try:
+            with self.database.write_transaction() as session:
+                self._record_alert(session, valid, reason, who, source_address)
+        except OperationalError:
+            log.error("could not record security alert: %s", reason)
+
+    @staticmethod
+    def _record_alert(session: Session, valid: ValidInstance, reason: str, who: str,
+                      source_address: str) -> None:
+        audit.record_event(session, audit.SECURITY_ALERT, action="C",
+                           outcome=audit.OUTCOME_SERIOUS_FAILURE, who=who,
+                           source_address=source_address,
+                           study_instance_uid=valid.study_instance_uid,
+                           details={"reason": reason,
+                                    "sop_instance_uid": valid.sop_instance_uid,
+                                    "received_sha256": valid.sha256})
+
+    def read(self, sop_instance_uid: str) -> bytes:
+        """The stored bytes of one instance, hash-verified."""
+        with self.database.new_session() as session:
+            row = session.scalars(select(StoredObject).where(
+                StoredObject.sop_instance_uid == sop_instance_uid)).first()
+        if row is None:
+            raise KeyError(sop_instance_uid)
+        return self.store.read(row.storage_key, row.sha256)
+
+    def reap(self, older_than: float = 300.0) -> tuple[int, int]:
+        """Remove crash leftovers: temp files, and files that no index row references.
+
+        Only files older than ``older_than`` seconds go, so a write in flight in another
+        process (the SCP, another worker) is never mistaken for a leftover.
+        """
+        temps = self.store.reap_temp(older_than)
+        with self.database.new_session() as session:
+            known = set(session.scalars(select(StoredObject.storage_key)))
+        orphans = 0
+        now = time.time()
+        for key in list(self.store.keys()):
+            if key in known:
+                continue
+            try:
+                age = now - self.store.path_of(key).stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age >= older_than:
+                self.store.delete(key)
+                orphans += 1
+        return temps, orphans
+
+
+    def verify(self) -> Iterator[tuple[str, str | None]]:
+        """Check every stored file: yield (SOP Instance UID, problem or None)."""
+        with self.database.new_session() as session:
+            rows = list(session.execute(select(StoredObject.sop_instance_uid,
+                                               StoredObject.storage_key,
+                                               StoredObject.sha256)))
+        for uid, key, sha in rows:
+            try:
+                self.store.read(key, sha)
+                yield uid, None
+            except CorruptObject:
+                yield uid, "SHA-256 mismatch"
+            except FileNotFoundError:
+                yield uid, "file missing"
+
+
+class _LostRace(Exception):
+    pass

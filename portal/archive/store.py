@@ -1,0 +1,127 @@
+"""The embedded store: DICOM files under the instance folder, content-addressed and durable.
+
+A file's name is the SHA-256 of its bytes, made by the server; no UID or client file name ever
+reaches a path. Writing is: temp file in the same file system -> fsync -> rename -> fsync the
+folder. The caller commits the index row only after that, and acknowledges only after the commit.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_HEX = frozenset("0123456789abcdef")
+
+
+class StorageFull(Exception):
+    """The file system has no room (or quota) for the object."""
+
+
+class CorruptObject(Exception):
+    """A stored file no longer matches the SHA-256 recorded when it was stored."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class EmbeddedStore:
+    """Content-addressed files under ``root``: ``objects/ab/cd/<sha256>.dcm`` and ``tmp/``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.objects = root / "objects"
+        self.tmp = root / "tmp"
+
+    def ensure(self) -> None:
+        """Create the folders (private to the service user)."""
+        for folder in (self.root, self.objects, self.tmp):
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    @staticmethod
+    def key_for(sha256: str) -> str:
+        """The storage key of content with this hash (a relative path we generate)."""
+        if len(sha256) != 64 or not set(sha256) <= _HEX:
+            raise ValueError("not a SHA-256 hex digest")
+        return f"{sha256[:2]}/{sha256[2:4]}/{sha256}.dcm"
+
+    def path_of(self, key: str) -> Path:
+        """Absolute path of a key; keys are only ever made by ``key_for``."""
+        sha = key.rsplit("/", 1)[-1].removesuffix(".dcm")
+        if self.key_for(sha) != key:
+            raise ValueError("invalid storage key")
+        return self.objects / key
+
+    def write(self, data: bytes, sha256: str) -> str:
+        """Durably write ``data`` and return its key; an existing identical file is kept."""
+        key = self.key_for(sha256)
+        final = self.objects / key
+        if final.is_file() and final.stat().st_size == len(data):
+            return key
+        self.ensure()
+        temp = self.tmp / f"{uuid.uuid4().hex}.part"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                # A failed fsync is a failed write (the fsyncgate lesson): never retry it.
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.replace(temp, final)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            temp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StorageFull("no space left for the object") from exc
+            raise
+        return key
+
+    def read(self, key: str, sha256: str) -> bytes:
+        """Read a stored file and verify its hash; raise CorruptObject when it differs."""
+        data = self.path_of(key).read_bytes()
+        if hashlib.sha256(data).hexdigest() != sha256:
+            log.error("stored object %s fails its SHA-256 check", key)
+            raise CorruptObject(key)
+        return data
+
+    def delete(self, key: str) -> None:
+        """Remove a stored file (used when its index row could not be committed)."""
+        self.path_of(key).unlink(missing_ok=True)
+
+    def reap_temp(self, older_than: float = 0.0) -> int:
+        """Remove temp files left by a crash; return how many were removed."""
+        if not self.tmp.is_dir():
+            return 0
+        now, removed = time.time(), 0
+        for temp in self.tmp.glob("*.part"):
+            try:
+                if now - temp.stat().st_mtime >= older_than:
+                    temp.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        return removed
+
+    def keys(self) -> Iterator[str]:
+        """Every key present on disk."""
+        if not self.objects.is_dir():
+            return
+        for path in self.objects.glob("??/??/*.dcm"):
+            yield path.relative_to(self.objects).as_posix()

@@ -1,0 +1,55 @@
+"""Command-line groups that are not owned by one domain package: ``db`` and ``demo``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from flask import current_app
+from flask.cli import with_appcontext
+
+from portal.migrate import upgrade_database
+
+
+@click.group("db", help="Database schema.")
+def db_cli() -> None:
+    """Database commands."""
+
+
+@db_cli.command("upgrade")
+@with_appcontext
+def upgrade_command() -> None:
+    """Bring the database schema to the newest version (Alembic upgrade head)."""
+    upgrade_database(current_app)
+    click.echo("database is up to date")
+
+
+@click.command("demo")
+@click.option("--samples/--no-samples", default=True,
+              help="Also import the sample files of the pydicom and pydicom-data packages.")
+@with_appcontext
+def demo_command(samples: bool) -> None:
+    """Generate the demo studies and import them (running it again adds nothing)."""
+    from portal import demo
+    from portal.archive.cli import import_paths
+
+    upgrade_database(current_app)
+    target = Path(current_app.instance_path) / "demo"
+    marker = target / ".complete"
+    if not marker.exists():
+        target.mkdir(parents=True, exist_ok=True)
+        done = 0
+
+        def progress(count: int) -> None:
+            nonlocal done
+            done += count
+            click.echo(f"\rGenerating demo studies: {done} files", nl=False, err=True)
+
+        demo.generate_demo_set(target, progress=progress)
+        click.echo("", err=True)
+        marker.touch()
+    paths = [target]
+    if samples:
+        paths.extend(demo.sample_files())
+    summary = import_paths(paths, who="cli:demo", strict=False)
+    click.echo(summary.describe())

@@ -1,0 +1,195 @@
+"""Configuration: defaults -> instance/config.toml -> PORTAL_* environment -> overrides.
+
+Every setting is declared once in ``SETTINGS`` with its type and default; ``load_config``
+merges the sources and ``validate`` stops start-up with one line naming a bad setting.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid; the message names it."""
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def _as_list(value: Any) -> list[str]:
+    if isinstance(value, list | tuple):
+        return [str(v).strip() for v in value if str(v).strip()]
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+def _as_optional_str(value: Any) -> str | None:
+    text = "" if value is None else str(value).strip()
+    return text or None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configuration setting: its key, how to parse it, and its default."""
+
+    key: str
+    parse: Callable[[Any], Any]
+    default: Any
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("INSTANCE_PATH", str, str(REPO_ROOT / "instance"), "config, database, archive"),
+    Setting("ENV", str, "development", "development or production"),
+    Setting("SECRET_KEY", _as_optional_str, None, "signs sessions; required in production"),
+    Setting("DATABASE_URL", _as_optional_str, None, "SQLAlchemy URL; default SQLite in instance"),
+    Setting("REDIS_URL", _as_optional_str, None, "unset: in-process cache"),
+    Setting("ARCHIVE_URL", _as_optional_str, None, "unset: embedded archive"),
+    Setting("PUBLIC_URL", _as_optional_str, None, "external base URL, e.g. https://portal.example"),
+    Setting("OIDC_ISSUER", _as_optional_str, None, "OpenID Connect issuer URL"),
+    Setting("OIDC_CLIENT_ID", _as_optional_str, None, "OpenID Connect client id"),
+    Setting("OIDC_CLIENT_SECRET", _as_optional_str, None, "OpenID Connect client secret"),
+    Setting("MAX_REQUEST_BYTES", int, 1 << 30, "largest HTTP request body accepted"),
+    Setting("MAX_INSTANCE_BYTES", int, 512 << 20, "largest single DICOM file accepted"),
+    Setting("MAX_INFLATED_BYTES", int, 256 << 20, "cap when inflating deflated data sets"),
+    Setting("MAX_PIXEL_BYTES", int, 1 << 30, "cap on rows x columns x frames x samples x bits/8"),
+    Setting("MAX_FRAMES", int, 10_000, "most frames in one instance"),
+    Setting("MAX_ZIP_ENTRIES", int, 100_000, "most entries in an imported zip"),
+    Setting("MAX_ZIP_RATIO", int, 200, "largest compression ratio of a zip entry"),
+    Setting("DIMSE_HOST", str, "127.0.0.1", "address the C-STORE SCP binds"),
+    Setting("DIMSE_PORT", int, 11112, "port the C-STORE SCP binds"),
+    Setting("DIMSE_AE_TITLE", str, "PORTAL", "AE title of the C-STORE SCP"),
+    Setting("DIMSE_ALLOWED_PEERS", _as_list, [], "accepted callers as AETITLE@address"),
+    Setting("DIMSE_MAX_PDU", int, 262_144, "largest PDU the SCP accepts"),
+    Setting("TRUSTED_PROXIES", int, 0, "number of reverse proxies in front (ProxyFix hops)"),
+    Setting("LOG_LEVEL", str, "INFO", "logging level"),
+)
+
+_BY_KEY = {s.key: s for s in SETTINGS}
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """Flatten ``[section] key`` into ``SECTION_KEY`` so TOML tables map onto settings."""
+    if not path.is_file():
+        return {}
+    with path.open("rb") as fh:
+        try:
+            data = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path.name}: invalid TOML: {exc}") from exc
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for sub, subvalue in value.items():
+                flat[f"{key}_{sub}".upper()] = subvalue
+        else:
+            flat[key.upper()] = value
+    return flat
+
+
+def load_config(
+    overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """Merge every source into one validated settings dict."""
+    environ = os.environ if environ is None else environ
+    overrides = dict(overrides or {})
+    raw: dict[str, Any] = {s.key: s.default for s in SETTINGS}
+    instance = overrides.get("INSTANCE_PATH") or environ.get("PORTAL_INSTANCE_PATH")
+    raw["INSTANCE_PATH"] = str(instance or raw["INSTANCE_PATH"])
+    sources: list[tuple[str, Mapping[str, Any]]] = [
+        ("config.toml", _read_toml(Path(raw["INSTANCE_PATH"]) / "config.toml")),
+        ("environment", {k[len("PORTAL_"):]: v for k, v in environ.items()
+                         if k.startswith("PORTAL_")}),
+        ("overrides", overrides),
+    ]
+    for origin, values in sources:
+        for key, value in values.items():
+            setting = _BY_KEY.get(key)
+            if setting is None:
+                if origin == "environment":
+                    continue  # unrelated PORTAL_* variables are not ours to judge
+                raise ConfigError(f"{key}: unknown setting (from {origin})")
+            try:
+                raw[key] = setting.parse(value)
+            except (TypeError, ValueError) as exc:
+                name = f"PORTAL_{key}" if origin == "environment" else key
+                raise ConfigError(f"{name}: {exc}") from exc
+    validate(raw)
+    return raw
+
+
+def _check_peers(peers: list[str]) -> None:
+    for peer in peers:
+        aet, sep, address = peer.partition("@")
+        if not sep or not aet or not address or len(aet) > 16:
+            raise ConfigError(f"DIMSE_ALLOWED_PEERS: {peer!r} is not AETITLE@address")
+
+
+def validate(config: dict[str, Any]) -> None:
+    """Raise ConfigError naming the first invalid setting."""
+    if config["ENV"] not in {"development", "production", "test"}:
+        raise ConfigError("ENV: must be development, production or test")
+    if config["ENV"] == "production":
+        key = config["SECRET_KEY"]
+        if not key or len(key) < 32:
+            raise ConfigError("SECRET_KEY: required in production (at least 32 characters)")
+    for key in ("MAX_REQUEST_BYTES", "MAX_INSTANCE_BYTES", "MAX_INFLATED_BYTES",
+                "MAX_PIXEL_BYTES", "MAX_FRAMES", "MAX_ZIP_ENTRIES", "MAX_ZIP_RATIO",
+                "DIMSE_MAX_PDU"):
+        if config[key] <= 0:
+            raise ConfigError(f"{key}: must be positive")
+    if not 0 < config["DIMSE_PORT"] < 65536:
+        raise ConfigError("DIMSE_PORT: must be a TCP port")
+    if not 0 < len(config["DIMSE_AE_TITLE"]) <= 16:
+        raise ConfigError("DIMSE_AE_TITLE: 1 to 16 characters")
+    _check_peers(config["DIMSE_ALLOWED_PEERS"])
+    for key in ("ARCHIVE_URL", "PUBLIC_URL", "OIDC_ISSUER"):
+        value = config[key]
+        if value and not value.startswith(("http://", "https://")):
+            raise ConfigError(f"{key}: must be an http(s) URL")
+    url = config["DATABASE_URL"]
+    if url and "://" not in url:
+        raise ConfigError("DATABASE_URL: not a database URL")
+
+
+def database_url(config: Mapping[str, Any]) -> str:
+    """The configured database URL, defaulting to SQLite inside the instance folder."""
+    url: str | None = config["DATABASE_URL"]
+    if url:
+        if url.startswith("postgres://"):
+            url = "postgresql://" + url[len("postgres://"):]
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url[len("postgresql://"):]
+        return url
+    return f"sqlite:///{Path(config['INSTANCE_PATH']).resolve() / 'portal.db'}"
+
+
+def instance_secret_key(instance_path: Path) -> str:
+    """A per-instance random key for development, made once and kept private in the instance."""
+    path = instance_path / "secret_key"
+    if path.is_file():
+        return path.read_text().strip()
+    instance_path.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(48)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it first
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key)
+    return key

@@ -1,0 +1,122 @@
+"""Database engine, sessions and the declarative base.
+
+One engine per app. Request handlers use ``db.session`` (scoped to the request and removed at
+teardown) and commit once; services only flush. Ingest is the exception: every stored instance
+is its own short transaction, because it must be durable before it is acknowledged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from flask import Flask, current_app
+from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmaker
+from sqlalchemy.pool import NullPool
+from werkzeug.local import LocalProxy
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Base of every model; constraint names follow one convention so migrations are stable."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Autocommit at the driver level; SQLAlchemy's "begin" event below issues BEGIN itself so
+    # a write transaction can take the lock up front (BEGIN IMMEDIATE) and wait for it instead
+    # of failing with "database is locked" when it upgrades from a read lock.
+    dbapi_conn.isolation_level = None
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Any) -> None:
+    immediate = conn.get_execution_options().get("write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def make_engine(url: str) -> Engine:
+    """Create the engine with the pragmas and pool our database needs."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, poolclass=NullPool, connect_args={"timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
+                         pool_timeout=10)
+
+
+class Database:
+    """The app's database: an engine and a request-scoped session factory."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self._factory: sessionmaker[Session] | None = None
+        self.session: scoped_session[Session] = scoped_session(self._make_session)
+
+    def _make_session(self) -> Session:
+        if self._factory is None:
+            raise RuntimeError("database not initialised")
+        return self._factory()
+
+    def init_app(self, app: Flask, url: str) -> None:
+        """Bind to the app: one engine, sessions removed when the app context ends."""
+        self.engine = make_engine(url)
+        self._factory = sessionmaker(bind=self.engine, expire_on_commit=False)
+        app.extensions["db"] = self
+
+        @app.teardown_appcontext
+        def _remove(_exc: BaseException | None) -> None:
+            self.session.remove()
+
+    @contextmanager
+    def write_transaction(self) -> Iterator[Session]:
+        """A short write transaction in its own session, committed on success."""
+        if self._factory is None:
+            raise RuntimeError("database not initialised")
+        with self._factory() as session:
+            session.connection(execution_options={"write": True})
+            try:
+                yield session
+                session.commit()
+            except BaseException:
+                session.rollback()
+                raise
+
+    def new_session(self) -> Session:
+        """A session outside the request scope (close it, e.g. with ``with``)."""
+        return self._make_session()
+
+    def create_all(self) -> None:
+        """Create tables directly (tests); deployments use ``flask db upgrade``."""
+        assert self.engine is not None
+        Base.metadata.create_all(self.engine)
+
+    def dispose(self) -> None:
+        """Close pooled connections (after fork, or at shutdown)."""
+        if self.engine is not None:
+            self.engine.dispose()
+
+
+def _current_database() -> Database:
+    database: Database = current_app.extensions["db"]
+    return database
+
+
+# The database of the app in context; each app owns its own Database (tests run several).
+db: Database = LocalProxy(_current_database)  # type: ignore[assignment]

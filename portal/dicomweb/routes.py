@@ -1,0 +1,256 @@
+"""The portal's DICOMweb API (PS3.18): QIDO-RS, WADO-RS, STOW-RS; every answer access-filtered."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from flask import Blueprint, Response, abort, request, stream_with_context, url_for
+from sqlalchemy import select
+from werkzeug.http import parse_options_header
+
+from portal.access import policy
+from portal.access.principal import Principal, current_principal
+from portal.archive import current_archive
+from portal.archive.store import CorruptObject
+from portal.db import db
+from portal.dicomweb import frames, multipart, qido, stow
+from portal.index.models import Instance, Series, Study
+
+bp = Blueprint("dicomweb", __name__, url_prefix="/dicomweb")
+
+DICOM_JSON = "application/dicom+json"
+
+
+def _principal() -> Principal:
+    principal = current_principal()
+    assert principal is not None  # the default-deny hook guarantees it
+    return principal
+
+
+def _json(payload: Any, status: int = 200, warnings: list[str] | None = None) -> Response:
+    response = Response(json.dumps(payload, separators=(",", ":")), status=status,
+                        mimetype=DICOM_JSON)
+    for text in warnings or []:
+        response.headers.add("Warning", f'299 portal "{text}"')
+    return response
+
+
+# -- QIDO-RS ---------------------------------------------------------------------------------
+
+def _search(level: qido.Level, scope: list[Any]) -> Response:
+    principal = _principal()
+    try:
+        query = qido.parse_query(request.args.to_dict(flat=False), level)
+    except qido.QueryError as exc:
+        abort(400, str(exc))
+    stmt = qido.build_select(level, query, policy.study_filter(principal), scope)
+    session = db.session
+    rows = session.execute(stmt).all()
+
+    def retrieve_url(row: Any) -> str:
+        if level == "study":
+            return url_for("dicomweb.retrieve_study", study=row[0].study_instance_uid,
+                           _external=True)
+        if level == "series":
+            return url_for("dicomweb.retrieve_series", study=row[1].study_instance_uid,
+                           series=row[0].series_instance_uid, _external=True)
+        return url_for("dicomweb.retrieve_instance", study=row[2].study_instance_uid,
+                       series=row[1].series_instance_uid, instance=row[0].sop_instance_uid,
+                       _external=True)
+
+    payload = qido.to_json(level, rows, query, retrieve_url,
+                           lambda row: qido.first_instance_header(session, level, row))
+    if not payload and not query.warnings:
+        return Response(status=204)
+    return _json(payload, warnings=query.warnings)
+
+
+@bp.get("/studies")
+def search_studies() -> Response:
+    """QIDO-RS: search for studies."""
+    return _search("study", [])
+
+
+@bp.get("/series")
+def search_all_series() -> Response:
+    """QIDO-RS: search for series in every visible study."""
+    return _search("series", [])
+
+
+@bp.get("/studies/<study>/series")
+def search_series(study: str) -> Response:
+    """QIDO-RS: search for series of one study."""
+    policy.require_study(db.session, _principal(), study)
+    return _search("series", [Study.study_instance_uid == study])
+
+
+@bp.get("/instances")
+def search_all_instances() -> Response:
+    """QIDO-RS: search for instances in every visible study."""
+    return _search("instance", [])
+
+
+@bp.get("/studies/<study>/instances")
+def search_study_instances(study: str) -> Response:
+    """QIDO-RS: search for instances of one study."""
+    policy.require_study(db.session, _principal(), study)
+    return _search("instance", [Study.study_instance_uid == study])
+
+
+@bp.get("/studies/<study>/series/<series>/instances")
+def search_instances(study: str, series: str) -> Response:
+    """QIDO-RS: search for instances of one series."""
+    policy.require_series(db.session, _principal(), study, series)
+    return _search("instance", [Study.study_instance_uid == study,
+                                Series.series_instance_uid == series])
+
+
+# -- WADO-RS ---------------------------------------------------------------------------------
+
+def _instances_of(study: str, series: str | None = None,
+                  instance: str | None = None) -> list[Instance]:
+    session, principal = db.session, _principal()
+    if instance is not None and series is not None:
+        return [policy.require_instance(session, principal, study, series, instance)]
+    if series is not None:
+        found = policy.require_series(session, principal, study, series)
+        stmt = select(Instance).where(Instance.series_fk == found.id)
+    else:
+        found_study = policy.require_study(session, principal, study)
+        stmt = (select(Instance).join(Series, Instance.series_fk == Series.id)
+                .where(Series.study_fk == found_study.id))
+    return list(session.scalars(stmt.order_by(Instance.series_fk, Instance.instance_number,
+                                              Instance.id)))
+
+
+def _accepts_dicom(instances: list[Instance]) -> None:
+    """Check the Accept header allows application/dicom as stored (PS3.18 8.7.3)."""
+    header = request.headers.get("Accept", "")
+    if not header.strip():
+        return
+    for media_range in header.split(","):
+        mimetype, params = parse_options_header(media_range.strip())
+        mimetype = mimetype.lower()
+        if mimetype in ("*/*", "multipart/*"):
+            return
+        if mimetype in ("multipart/related", "application/dicom"):
+            kind = params.get("type", "application/dicom").lower()
+            if mimetype == "multipart/related" and kind != "application/dicom":
+                continue
+            syntax = params.get("transfer-syntax", "*")
+            if syntax == "*" or all(i.transfer_syntax_uid == syntax for i in instances):
+                return
+    abort(406, "instances are available as multipart/related; type=\"application/dicom\" "
+               "in their stored transfer syntax (ask with transfer-syntax=*)")
+
+
+def _retrieve(instances: list[Instance]) -> Response:
+    _accepts_dicom(instances)
+    archive = current_archive()
+    uids = [i.sop_instance_uid for i in instances]
+    boundary = multipart.new_boundary()
+
+    def parts() -> Iterator[tuple[str, bytes]]:
+        for uid in uids:
+            try:
+                yield "application/dicom", archive.read(uid)
+            except CorruptObject:
+                # Never serve a file that fails its hash; cut the response short.
+                raise RuntimeError("stored object failed its integrity check") from None
+
+    # Read the first object before answering, so a failure there is a clean error.
+    first: list[tuple[str, bytes]] = []
+    iterator = parts()
+    try:
+        first.append(next(iterator))
+    except StopIteration:
+        abort(404, "no instances")
+    except RuntimeError:
+        abort(500, "a stored object failed its integrity check; it has been reported")
+
+    def body() -> Iterator[bytes]:
+        yield from multipart.stream_parts([*first, *iterator], boundary)
+
+    return Response(stream_with_context(body()), status=200, headers={
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Cache-Control": "private, no-store"})
+
+
+@bp.get("/studies/<study>")
+def retrieve_study(study: str) -> Response:
+    """WADO-RS: every instance of a study."""
+    return _retrieve(_instances_of(study))
+
+
+@bp.get("/studies/<study>/series/<series>")
+def retrieve_series(study: str, series: str) -> Response:
+    """WADO-RS: every instance of a series."""
+    return _retrieve(_instances_of(study, series))
+
+
+@bp.get("/studies/<study>/series/<series>/instances/<instance>")
+def retrieve_instance(study: str, series: str, instance: str) -> Response:
+    """WADO-RS: one instance."""
+    return _retrieve(_instances_of(study, series, instance))
+
+
+def _metadata(instances: list[Instance]) -> Response:
+    payload = [{tag: element for tag, element in i.header.items()
+                if "BulkDataURI" not in element} for i in instances]
+    return _json(payload)
+
+
+@bp.get("/studies/<study>/metadata")
+def study_metadata(study: str) -> Response:
+    """WADO-RS: metadata of every instance of a study (DICOM JSON)."""
+    return _metadata(_instances_of(study))
+
+
+@bp.get("/studies/<study>/series/<series>/metadata")
+def series_metadata(study: str, series: str) -> Response:
+    """WADO-RS: metadata of every instance of a series."""
+    return _metadata(_instances_of(study, series))
+
+
+@bp.get("/studies/<study>/series/<series>/instances/<instance>/metadata")
+def instance_metadata(study: str, series: str, instance: str) -> Response:
+    """WADO-RS: metadata of one instance."""
+    return _metadata(_instances_of(study, series, instance))
+
+
+@bp.get("/studies/<study>/series/<series>/instances/<instance>/frames/<frame_list>")
+def retrieve_frames(study: str, series: str, instance: str, frame_list: str) -> Response:
+    """WADO-RS: pixel data of frames (1-based, comma separated)."""
+    found = _instances_of(study, series, instance)[0]
+    try:
+        numbers = frames.parse_frame_list(frame_list, found.number_of_frames)
+    except ValueError as exc:
+        abort(400, str(exc))
+    data = current_archive().read(found.sop_instance_uid)
+    try:
+        content_type, payloads = frames.negotiate_and_extract(
+            data, numbers, request.headers.get("Accept", ""))
+    except frames.NotAcceptable as exc:
+        abort(406, str(exc))
+    boundary = multipart.new_boundary()
+    body = b"".join(multipart.stream_parts([(content_type, p) for p in payloads], boundary))
+    return Response(body, headers={
+        "Content-Type": f'multipart/related; type="{content_type.split(";")[0]}"; '
+                        f"boundary={boundary}",
+        "Cache-Control": "private, no-store"})
+
+
+# -- STOW-RS ---------------------------------------------------------------------------------
+
+@bp.post("/studies")
+def store_instances() -> Response:
+    """STOW-RS: store instances (multipart/related; type="application/dicom")."""
+    return stow.store_request(_principal(), None)
+
+
+@bp.post("/studies/<study>")
+def store_study_instances(study: str) -> Response:
+    """STOW-RS: store instances that must belong to the named study."""
+    return stow.store_request(_principal(), study)

@@ -1,0 +1,106 @@
+"""STOW-RS (PS3.18 10.5): split the request, ingest each part, answer per instance."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flask import Response, abort, request, url_for
+from werkzeug.http import parse_options_header
+
+from portal.access import policy
+from portal.access.principal import Principal
+from portal.archive import current_archive
+from portal.archive.ingest import ArchiveUnavailable, Stored
+from portal.archive.validate import CANNOT_UNDERSTAND, Rejected
+from portal.dicomweb.multipart import MultipartError, split_parts
+
+_UI, _US, _UR, _SQ = "UI", "US", "UR", "SQ"
+
+
+def _value(vr: str, value: Any) -> dict[str, Any]:
+    return {"vr": vr, "Value": [value]} if value not in (None, "") else {"vr": vr}
+
+
+def _read_body() -> bytes:
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        abort(415, "compressed request bodies (Content-Encoding) are not accepted")
+    # Flask enforces MAX_CONTENT_LENGTH here, both for a declared length and a chunked stream.
+    return request.get_data(cache=False)
+
+
+def store_request(principal: Principal, study_uid: str | None) -> Response:
+    """Store every part of a STOW-RS request; 200, 202 (some failed) or 409 (none stored)."""
+    policy.require_store(principal)
+    mimetype, params = parse_options_header(request.headers.get("Content-Type", ""))
+    if mimetype.lower() != "multipart/related":
+        abort(415, 'send multipart/related; type="application/dicom"')
+    part_type = params.get("type", "application/dicom").lower()
+    if part_type != "application/dicom":
+        abort(415, f"parts of type {part_type[:64]} are not accepted; "
+                   "send application/dicom (Part 10 files)")
+    body = _read_body()
+    try:
+        parts = split_parts(body, params.get("boundary", ""))
+    except MultipartError as exc:
+        abort(400, f"malformed multipart body: {exc}")
+    if not parts:
+        abort(400, "the request holds no parts")
+    archive = current_archive()
+    stored: list[Stored] = []
+    failed: list[tuple[Rejected, int]] = []
+    already = 0
+    for number, part in enumerate(parts, start=1):
+        try:
+            if part.content_type not in ("", "application/dicom"):
+                raise Rejected(f"part type {part.content_type[:64]} is not application/dicom",
+                               CANNOT_UNDERSTAND)
+            result = archive.ingest(bytes(part.payload), who=principal.audit_name,
+                                    source_address=request.remote_addr or "",
+                                    expected_study_uid=study_uid)
+        except Rejected as exc:
+            failed.append((exc, number))
+            continue
+        except ArchiveUnavailable:
+            raise
+        stored.append(result)
+        already += result.outcome == "already_stored"
+    return _answer(stored, failed, already, study_uid)
+
+
+def _answer(stored: list[Stored], failed: list[tuple[Rejected, int]], already: int,
+            study_uid: str | None) -> Response:
+    payload: dict[str, Any] = {}
+    studies = {s.study_instance_uid for s in stored}
+    target = study_uid or (next(iter(studies)) if len(studies) == 1 else None)
+    if target:
+        payload["00081190"] = _value(_UR, url_for("dicomweb.retrieve_study", study=target,
+                                                  _external=True))
+    if failed:
+        payload["00081198"] = {"vr": _SQ, "Value": [{
+            "00081150": _value(_UI, exc.sop_class_uid),
+            "00081155": _value(_UI, exc.sop_instance_uid),
+            "00081197": _value(_US, exc.status),
+        } for exc, _n in failed]}
+    if stored:
+        payload["00081199"] = {"vr": _SQ, "Value": [{
+            "00081150": _value(_UI, s.sop_class_uid),
+            "00081155": _value(_UI, s.sop_instance_uid),
+            "00081190": _value(_UR, url_for(
+                "dicomweb.retrieve_instance", study=s.study_instance_uid,
+                series=s.series_instance_uid, instance=s.sop_instance_uid, _external=True)),
+        } for s in stored]}
+    if failed and not stored:
+        status = 413 if all(exc.http_status == 413 for exc, _ in failed) else 409
+    else:
+        status = 202 if failed else 200
+    response = Response(json.dumps(payload, separators=(",", ":")), status=status,
+                        mimetype="application/dicom+json")
+    for exc, number in failed[:50]:
+        reason = exc.reason.replace('"', "'")[:200]
+        response.headers.add("Warning", f'299 portal "part {number}: {reason}"')
+    if already:
+        response.headers.add("Warning", f'299 portal "{already} instance(s) were already '
+                                        'stored; kept one copy"')
+    return response

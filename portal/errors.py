@@ -1,0 +1,62 @@
+"""Domain exceptions mapped to HTTP answers in one place: JSON for machines, a page for people."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify, render_template, request
+from sqlalchemy.exc import OperationalError
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from portal.archive.ingest import ArchiveUnavailable
+
+log = logging.getLogger(__name__)
+
+_MACHINE_PREFIXES = ("/dicomweb", "/api", "/healthz", "/readyz")
+
+
+def _wants_json() -> bool:
+    if request.path.startswith(_MACHINE_PREFIXES):
+        return True
+    best = request.accept_mimetypes.best_match(["text/html", "application/json"])
+    return best == "application/json"
+
+
+def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> Response:
+    """A clear error answer: ``{"error": reason}`` or the error page."""
+    if _wants_json():
+        response = jsonify(error=reason, status=status)
+    else:
+        response = Response(render_template("error.html", status=status, reason=reason),
+                            mimetype="text/html")
+    response.status_code = status
+    for key, value in (headers or {}).items():
+        response.headers[key] = value
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Install the handlers; nothing here ever shows a stack trace."""
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        headers = dict(exc.get_headers()) if exc.response is None else {}
+        headers.pop("Content-Type", None)
+        return error_response(exc.code or 500, exc.description or exc.name, headers)
+
+    @app.errorhandler(ArchiveUnavailable)
+    def _unavailable(exc: ArchiveUnavailable) -> Response:
+        return error_response(503, str(exc), {"Retry-After": "5"})
+
+    @app.errorhandler(OperationalError)
+    def _database(exc: OperationalError) -> Response:
+        log.error("database unavailable: %s", exc.__class__.__name__)
+        return error_response(503, "the database is unavailable; try again shortly",
+                              {"Retry-After": "5"})
+
+    @app.errorhandler(InternalServerError)
+    def _internal(exc: InternalServerError) -> Response:
+        original = getattr(exc, "original_exception", None)
+        if original is not None:
+            log.error("unhandled error", exc_info=original)
+        return error_response(500, "something went wrong on our side; it has been logged")

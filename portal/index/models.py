@@ -1,0 +1,102 @@
+"""Index rows: what exists in the archive, never who may see it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, UniqueConstraint, func
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from portal.db import Base
+
+
+class Patient(Base):
+    """A patient as identified by the archive: Patient ID within its issuer."""
+
+    __tablename__ = "patient"
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64))
+    issuer_of_patient_id: Mapped[str] = mapped_column(String(64), default="")
+    patient_name: Mapped[str] = mapped_column(String(324), default="", index=True)
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
+    patient_sex: Mapped[str] = mapped_column(String(16), default="")
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    """One imaging study with what a study list needs."""
+
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_fk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    study_date: Mapped[str] = mapped_column(String(8), default="", index=True)
+    study_time: Mapped[str] = mapped_column(String(16), default="")
+    study_id: Mapped[str] = mapped_column(String(16), default="")
+    study_description: Mapped[str] = mapped_column(String(64), default="")
+    accession_number: Mapped[str] = mapped_column(String(64), default="", index=True)
+    modalities_in_study: Mapped[str] = mapped_column(String(128), default="")
+    referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
+    referring_physician_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    institution_name: Mapped[str] = mapped_column(String(64), default="")
+    number_of_series: Mapped[int] = mapped_column(Integer, default=0)
+    number_of_instances: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                 server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                 server_default=func.now(), index=True)
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    """One series of a study."""
+
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    body_part_examined: Mapped[str] = mapped_column(String(16), default="")
+    series_date: Mapped[str] = mapped_column(String(8), default="")
+    number_of_instances: Mapped[int] = mapped_column(Integer, default=0)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    """One SOP instance with its geometry and its header as DICOM JSON (no bulk data)."""
+
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_fk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    number_of_frames: Mapped[int] = mapped_column(Integer, default=1)
+    rows: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    columns: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    samples_per_pixel: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    bits_allocated: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    photometric_interpretation: Mapped[str] = mapped_column(String(16), default="")
+    image_position_patient: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
+    image_orientation_patient: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
+    pixel_spacing: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
+    slice_thickness: Mapped[float | None] = mapped_column(nullable=True)
+    header: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+                                                 server_default=func.now())
+
+    series: Mapped[Series] = relationship(back_populates="instances")

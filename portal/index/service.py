@@ -1,0 +1,166 @@
+"""Write side of the index: turn a validated instance into patient, study, series, instance rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydicom.dataset import Dataset
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from portal.index.models import Instance, Patient, Series, Study
+
+# Elements never kept in the header JSON: pixel data is served from the file itself.
+_PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009, 0xFFFAFFFA, 0xFFFCFFFC})
+BULK_THRESHOLD = 4096
+
+
+class IndexConflict(Exception):
+    """The instance contradicts what the index already holds (e.g. another patient's study)."""
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    text = str(value).strip()
+    return text[:limit]
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return None if value in (None, "") else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(ds: Dataset, keyword: str) -> list[float] | None:
+    try:
+        value = ds.get(keyword)
+        if value in (None, ""):
+            return None
+        if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
+            return [float(value)]
+        return [float(v) for v in value]
+    except (TypeError, ValueError):
+        return None
+
+
+def header_json(ds: Dataset) -> dict[str, Any]:
+    """The data set as DICOM JSON (PS3.18 F.2) without pixel data or large binary values."""
+    header = Dataset()
+    for elem in ds:
+        if elem.tag not in _PIXEL_TAGS:
+            header.add(elem)
+    result: dict[str, Any] = header.to_json_dict(
+        bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=lambda _e: "",
+        suppress_invalid_tags=True)
+    # Large binary values are not kept; their presence is noted with an empty BulkDataURI,
+    # which /metadata leaves out.
+    return result
+
+
+def referring_physician_ids(ds: Dataset) -> list[str]:
+    """Identifiers of the referring physician (NPI and others, PS3.3 C.7.2.1 / 10.1)."""
+    ids: list[str] = []
+    for person in ds.get("ReferringPhysicianIdentificationSequence") or []:
+        for code in person.get("PersonIdentificationCodeSequence") or []:
+            value = str(code.get("CodeValue", "")).strip()
+            scheme = str(code.get("CodingSchemeDesignator", "")).strip()
+            if value:
+                ids.append(f"{scheme}:{value}" if scheme else value)
+    return ids[:16]
+
+
+def _get_patient(session: Session, ds: Dataset, study_uid: str) -> Patient:
+    patient_id = _text(ds, "PatientID", 64)
+    issuer = _text(ds, "IssuerOfPatientID", 64)
+    if not patient_id:
+        # No Patient ID: never merge such studies into one patient; key it by the study.
+        issuer = f"~{study_uid}"
+    patient = session.scalars(select(Patient).where(
+        Patient.patient_id == patient_id, Patient.issuer_of_patient_id == issuer)).first()
+    if patient is None:
+        patient = Patient(patient_id=patient_id, issuer_of_patient_id=issuer,
+                          patient_name=_text(ds, "PatientName", 324),
+                          patient_birth_date=_text(ds, "PatientBirthDate", 8),
+                          patient_sex=_text(ds, "PatientSex", 16))
+        session.add(patient)
+        session.flush()
+    return patient
+
+
+def _get_study(session: Session, ds: Dataset, study_uid: str) -> Study:
+    study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)
+                            .with_for_update()).first()
+    patient = _get_patient(session, ds, study_uid)
+    if study is None:
+        study = Study(
+            study_instance_uid=study_uid, patient_fk=patient.id,
+            study_date=_text(ds, "StudyDate", 8), study_time=_text(ds, "StudyTime", 16),
+            study_id=_text(ds, "StudyID", 16),
+            study_description=_text(ds, "StudyDescription", 64),
+            accession_number=_text(ds, "AccessionNumber", 64),
+            referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
+            referring_physician_ids=referring_physician_ids(ds),
+            institution_name=_text(ds, "InstitutionName", 64),
+            modalities_in_study="", number_of_series=0, number_of_instances=0)
+        session.add(study)
+        session.flush()
+    elif study.patient_fk != patient.id:
+        raise IndexConflict("study already belongs to a different patient")
+    return study
+
+
+def _get_series(session: Session, ds: Dataset, study: Study, series_uid: str) -> Series:
+    series = session.scalars(select(Series).where(
+        Series.series_instance_uid == series_uid)).first()
+    if series is None:
+        series = Series(series_instance_uid=series_uid, study_fk=study.id,
+                        modality=_text(ds, "Modality", 16),
+                        series_number=_int(ds, "SeriesNumber"),
+                        series_description=_text(ds, "SeriesDescription", 64),
+                        body_part_examined=_text(ds, "BodyPartExamined", 16),
+                        series_date=_text(ds, "SeriesDate", 8), number_of_instances=0)
+        session.add(series)
+        session.flush()
+        modalities = set(filter(None, study.modalities_in_study.split("\\")))
+        if series.modality:
+            modalities.add(series.modality)
+        study.modalities_in_study = "\\".join(sorted(modalities))[:128]
+        study.number_of_series += 1
+    elif series.study_fk != study.id:
+        raise IndexConflict("series already belongs to a different study")
+    return series
+
+
+def add_instance(session: Session, ds: Dataset, *, sop_class_uid: str, sop_instance_uid: str,
+                 study_uid: str, series_uid: str, transfer_syntax_uid: str) -> Instance:
+    """Add one instance and the rows above it; the caller commits."""
+    study = _get_study(session, ds, study_uid)
+    series = _get_series(session, ds, study, series_uid)
+    instance = Instance(
+        sop_instance_uid=sop_instance_uid, series_fk=series.id, sop_class_uid=sop_class_uid,
+        transfer_syntax_uid=transfer_syntax_uid,
+        instance_number=_int(ds, "InstanceNumber"),
+        number_of_frames=_int(ds, "NumberOfFrames") or 1,
+        rows=_int(ds, "Rows"), columns=_int(ds, "Columns"),
+        samples_per_pixel=_int(ds, "SamplesPerPixel"),
+        bits_allocated=_int(ds, "BitsAllocated"),
+        photometric_interpretation=_text(ds, "PhotometricInterpretation", 16),
+        image_position_patient=_floats(ds, "ImagePositionPatient"),
+        image_orientation_patient=_floats(ds, "ImageOrientationPatient"),
+        pixel_spacing=_floats(ds, "PixelSpacing"),
+        slice_thickness=(_floats(ds, "SliceThickness") or [None])[0],
+        header=header_json(ds))
+    session.add(instance)
+    session.flush()
+    # Counters move with SQL increments so concurrent writers never lose one.
+    session.execute(update(Series).where(Series.id == series.id)
+                    .values(number_of_instances=Series.number_of_instances + 1))
+    session.execute(update(Study).where(Study.id == study.id)
+                    .values(number_of_instances=Study.number_of_instances + 1,
+                            updated_at=func.now()))
+    return instance
+

@@ -1,0 +1,1 @@
+"""Study list, study page and viewer."""
