@@ -66,7 +66,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OIDC_CLIENT_SECRET", _as_optional_str, None, "OpenID Connect client secret"),
     Setting("MAX_REQUEST_BYTES", int, 1 << 30, "largest HTTP request body accepted"),
     Setting("MAX_INSTANCE_BYTES", int, 512 << 20, "largest single DICOM file accepted"),
-    Setting("MAX_INFLATED_BYTES", int, 256 << 20, "cap when inflating deflated data sets"),
+    Setting("MAX_INFLATED_BYTES", int, 64 << 20, "cap when inflating deflated data sets"),
     Setting("MAX_PIXEL_BYTES", int, 1 << 30, "cap on rows x columns x frames x samples x bits/8"),
     Setting("MAX_FRAMES", int, 10_000, "most frames in one instance"),
     Setting("MAX_ZIP_ENTRIES", int, 100_000, "most entries in an imported zip"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from portal.access import audit
 from portal.archive.models import StoredObject
-from portal.archive.store import CorruptObject, EmbeddedStore
+from portal.archive.store import CorruptObject, EmbeddedStore, StorageFull
 from portal.archive.validate import (
     DATA_SET_DOES_NOT_MATCH,
     DUPLICATE_CONFLICT,
@@ -25,6 +26,7 @@ from portal.archive.validate import (
     validate_part10,
 )
 from portal.db import Database
+from portal.index.models import Instance, Series, Study
 from portal.index.service import IndexConflict, add_instance
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,9 @@ class Archive:
         ``expected_study_uid`` (STOW-RS to ``/studies/{study}``) refuses instances of another
         study before anything is written.
         """
+        known = self._identical(data)
+        if known is not None and expected_study_uid in (None, known.study_instance_uid):
+            return known
         valid = validate_part10(data, self.limits)
         if expected_study_uid is not None and valid.study_instance_uid != expected_study_uid:
             raise Rejected("the instance belongs to a different study than the URL names",
@@ -73,7 +78,7 @@ class Archive:
                 return self._already(valid, existing, who, source_address)
             try:
                 key = self.store.write(valid.data, valid.sha256)
-            except OSError as exc:
+            except (OSError, StorageFull) as exc:
                 log.error("archive write failed: %s", exc.__class__.__name__)
                 raise Rejected("the archive has no room for this instance now",
                                OUT_OF_RESOURCES, 507, valid.sop_class_uid,
@@ -116,6 +121,21 @@ class Archive:
             return Stored("stored", valid.sop_class_uid, valid.sop_instance_uid,
                           valid.study_instance_uid, valid.series_instance_uid)
         raise ArchiveUnavailable("too much contention storing this instance; retry")
+
+    def _identical(self, data: bytes) -> Stored | None:
+        """Exactly these bytes were validated and stored before: answer without parsing."""
+        digest = hashlib.sha256(data).hexdigest()
+        with self.database.new_session() as session:
+            row = session.execute(
+                select(Instance.sop_class_uid, Instance.sop_instance_uid,
+                       Study.study_instance_uid, Series.series_instance_uid)
+                .join(StoredObject, StoredObject.sop_instance_uid == Instance.sop_instance_uid)
+                .join(Series, Instance.series_fk == Series.id)
+                .join(Study, Series.study_fk == Study.id)
+                .where(StoredObject.original_sha256 == digest)).first()
+        if row is None:
+            return None
+        return Stored("already_stored", *row)
 
     def _existing(self, valid: ValidInstance) -> StoredObject | None:
         with self.database.new_session() as session:

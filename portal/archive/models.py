@@ -20,6 +20,6 @@ class StoredObject(Base):
     storage_key: Mapped[str] = mapped_column(String(128), unique=True)
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
-    original_sha256: Mapped[str] = mapped_column(String(64))
+    original_sha256: Mapped[str] = mapped_column(String(64), index=True)
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
                                                 server_default=func.now())

@@ -89,7 +89,7 @@ class Limits:
     """Bounds applied before parsing and before any pixel allocation."""
 
     max_instance_bytes: int = 512 << 20
-    max_inflated_bytes: int = 256 << 20
+    max_inflated_bytes: int = 64 << 20
     max_pixel_bytes: int = 1 << 30
     max_frames: int = 10_000
 

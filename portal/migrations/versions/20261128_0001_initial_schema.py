@@ -2,7 +2,7 @@
 
 Revision ID: 20261128_0001
 Revises:
-Create Date: 2026-11-28 12:25:12.750611
+Create Date: 2026-11-28 12:29:40.609313
 """
 from alembic import op
 import sqlalchemy as sa
@@ -70,6 +70,9 @@ def upgrade() -> None:
     sa.UniqueConstraint('sop_instance_uid', name=op.f('uq_stored_object_sop_instance_uid')),
     sa.UniqueConstraint('storage_key', name=op.f('uq_stored_object_storage_key'))
     )
+    with op.batch_alter_table('stored_object', schema=None) as batch_op:
+        batch_op.create_index(batch_op.f('ix_stored_object_original_sha256'), ['original_sha256'], unique=False)
+
     op.create_table('study',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('study_instance_uid', sa.String(length=64), nullable=False),
@@ -160,6 +163,9 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_study_accession_number'))
 
     op.drop_table('study')
+    with op.batch_alter_table('stored_object', schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f('ix_stored_object_original_sha256'))
+
     op.drop_table('stored_object')
     with op.batch_alter_table('patient', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_patient_patient_name'))

@@ -1,0 +1,191 @@
+"""Durable, idempotent, tamper-resistant storage on SQLite and PostgreSQL (SECURITY.md 37-39)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from portal.access.models import AuditEvent
+from portal.archive import current_archive
+from portal.archive.ingest import Archive
+from portal.archive.models import StoredObject
+from portal.archive.store import CorruptObject
+from portal.archive.validate import DUPLICATE_CONFLICT, Rejected
+from portal.index.models import Instance, Patient, Series, Study
+from tests.factories import make_instance
+
+
+def archive_of(app: Flask) -> Archive:
+    with app.app_context():
+        return current_archive()
+
+
+def counts(app: Flask) -> dict[str, int]:
+    with app.extensions["db"].new_session() as session:
+        return {model.__tablename__: session.scalar(select(func.count()).select_from(model))
+                for model in (Patient, Study, Series, Instance, StoredObject)}
+
+
+def files_on_disk(archive: Archive) -> list[Path]:
+    return sorted(archive.store.objects.rglob("*.dcm"))
+
+
+def test_store_writes_a_file_and_index_rows(any_db_app: Flask) -> None:
+    archive = archive_of(any_db_app)
+    data = make_instance(patient_name="Doe^Jane", StudyDescription="Chest")
+    result = archive.ingest(data, who="test")
+    assert result.outcome == "stored"
+    assert counts(any_db_app) == {"patient": 1, "study": 1, "series": 1, "instance": 1,
+                                  "stored_object": 1}
+    [path] = files_on_disk(archive)
+    assert path.read_bytes() == data
+    # The name is made by the server from the content, never from a UID.
+    assert result.sop_instance_uid not in str(path)
+    assert archive.read(result.sop_instance_uid) == data
+    assert not list(archive.store.tmp.glob("*"))
+    with any_db_app.extensions["db"].new_session() as session:
+        study = session.scalars(select(Study)).one()
+        assert study.number_of_instances == 1 and study.modalities_in_study == "CT"
+        instance = session.scalars(select(Instance)).one()
+        assert "7FE00010" not in instance.header
+        assert instance.header["00100010"]["Value"] == [{"Alphabetic": "Doe^Jane"}]
+
+
+def test_same_bytes_again_is_already_stored(any_db_app: Flask) -> None:
+    archive = archive_of(any_db_app)
+    data = make_instance()
+    assert archive.ingest(data, who="test").outcome == "stored"
+    assert archive.ingest(data, who="test").outcome == "already_stored"
+    assert counts(any_db_app)["instance"] == 1
+    assert len(files_on_disk(archive)) == 1
+
+
+def test_same_uid_other_content_is_refused_and_alerted(any_db_app: Flask) -> None:
+    archive = archive_of(any_db_app)
+    sop = generate_uid()
+    study = generate_uid()
+    original = make_instance(sop=sop, study=study, value=1)
+    archive.ingest(original, who="test")
+    tampered = make_instance(sop=sop, study=study, value=2)
+    with pytest.raises(Rejected) as info:
+        archive.ingest(tampered, who="modality-x")
+    assert info.value.status == DUPLICATE_CONFLICT
+    assert archive.read(sop) == original
+    assert len(files_on_disk(archive)) == 1
+    with any_db_app.extensions["db"].new_session() as session:
+        alert = session.scalars(select(AuditEvent)).one()
+    assert alert.event_id == "110113" and alert.who == "modality-x"
+    assert alert.study_instance_uid == study
+
+
+def test_a_study_cannot_move_to_another_patient(any_db_app: Flask) -> None:
+    archive = archive_of(any_db_app)
+    study = generate_uid()
+    archive.ingest(make_instance(study=study, patient_id="A"), who="test")
+    with pytest.raises(Rejected) as info:
+        archive.ingest(make_instance(study=study, patient_id="B"), who="test")
+    assert "different patient" in info.value.reason
+    assert counts(any_db_app)["instance"] == 1
+    assert len(files_on_disk(archive)) == 1
+
+
+def test_twenty_threads_sending_one_study_five_times_leave_fifty_instances(
+        any_db_app: Flask) -> None:
+    archive = archive_of(any_db_app)
+    study, series = generate_uid(), generate_uid()
+    study_files = [make_instance(study=study, series=series, InstanceNumber=i + 1, value=i)
+                   for i in range(50)]
+    errors: list[BaseException] = []
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def sender() -> None:
+        for _ in range(5):
+            for data in study_files:
+                try:
+                    result = archive.ingest(data, who="thread")
+                    with lock:
+                        outcomes.append(result.outcome)
+                except BaseException as exc:
+                    with lock:
+                        errors.append(exc)
+
+    threads = [threading.Thread(target=sender) for _ in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+    assert outcomes.count("stored") == 50
+    assert outcomes.count("already_stored") == 50 * 100 - 50
+    assert counts(any_db_app) == {"patient": 1, "study": 1, "series": 1, "instance": 50,
+                                  "stored_object": 50}
+    assert len(files_on_disk(archive)) == 50
+    total = sum(len(d) for d in study_files)
+    assert sum(p.stat().st_size for p in files_on_disk(archive)) == total
+    with any_db_app.extensions["db"].new_session() as session:
+        study_row = session.scalars(select(Study)).one()
+        assert study_row.number_of_instances == 50 and study_row.number_of_series == 1
+
+
+def test_a_corrupted_file_is_never_served(app: Flask) -> None:
+    archive = archive_of(app)
+    result = archive.ingest(make_instance(), who="test")
+    [path] = files_on_disk(archive)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptObject):
+        archive.read(result.sop_instance_uid)
+    assert list(archive.verify()) == [(result.sop_instance_uid, "SHA-256 mismatch")]
+
+
+def test_crash_leftovers_are_reaped(app: Flask) -> None:
+    archive = archive_of(app)
+    kept = archive.ingest(make_instance(), who="test")
+    archive.store.ensure()
+    temp = archive.store.tmp / "deadbeef.part"
+    temp.write_bytes(b"half a file")
+    # A file renamed into place whose index row never committed (crash before commit).
+    orphan_data = make_instance()
+    import hashlib
+
+    orphan_key = archive.store.write(orphan_data, hashlib.sha256(orphan_data).hexdigest())
+    fresh = archive.store.tmp / "inflight.part"
+    fresh.write_bytes(b"being written right now")
+    old = time.time() - 3600
+    for path in (temp, archive.store.path_of(orphan_key)):
+        os.utime(path, (old, old))
+    temps, orphans = archive.reap(older_than=300)
+    assert (temps, orphans) == (1, 1)
+    assert fresh.exists()  # another process may still be writing it
+    assert archive.read(kept.sop_instance_uid)
+    assert len(files_on_disk(archive)) == 1
+
+
+def test_disk_full_is_a_clear_failure_and_nothing_is_indexed(app: Flask,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    import errno
+
+    archive = archive_of(app)
+    real_write = os.write
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(Rejected) as info:
+        archive.ingest(make_instance(), who="test")
+    monkeypatch.setattr(os, "write", real_write)
+    assert info.value.status == 0xA700 and info.value.http_status == 507
+    assert counts(app)["instance"] == 0
+    assert not files_on_disk(archive)
+    assert not list(archive.store.tmp.glob("*"))

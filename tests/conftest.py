@@ -1,0 +1,277 @@
+"""Shared fixtures: app, client, runner, databases (SQLite and a throwaway PostgreSQL), a live
+HTTP server, machine-client credentials, and a guard that keeps every test on loopback."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from portal import create_app
+from portal.access import clients
+from portal.db import Base
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- network guard ---------------------------------------------------------------------------
+
+def _is_loopback(address: Any) -> bool:
+    if not isinstance(address, tuple):
+        return True  # AF_UNIX paths
+    host = address[0]
+    if host in ("localhost", ""):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(autouse=True, scope="session")
+def network_guard() -> Iterator[None]:
+    """Fail any test that tries to reach beyond 127.0.0.1."""
+    original_connect = socket.socket.connect
+    original_connect_ex = socket.socket.connect_ex
+
+    def connect(self: socket.socket, address: Any) -> Any:
+        if not _is_loopback(address):
+            raise AssertionError(f"test tried to reach {address!r}, beyond loopback")
+        return original_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> Any:
+        if not _is_loopback(address):
+            raise AssertionError(f"test tried to reach {address!r}, beyond loopback")
+        return original_connect_ex(self, address)
+
+    socket.socket.connect = connect  # type: ignore[method-assign]
+    socket.socket.connect_ex = connect_ex  # type: ignore[method-assign]
+    yield
+    socket.socket.connect = original_connect  # type: ignore[method-assign]
+    socket.socket.connect_ex = original_connect_ex  # type: ignore[method-assign]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster on 127.0.0.1, made with initdb and pg_ctl."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.port = free_port()
+        self.user = "postgres" if os.geteuid() == 0 else None
+        self._counter = 0
+
+    def _run(self, *argv: str) -> None:
+        command = list(argv)
+        if self.user:
+            command = ["runuser", "-u", self.user, "--", *command]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"{argv[0]} failed: {done.stderr.strip() or done.stdout.strip()}")
+
+    def start(self) -> None:
+        bindir = _pg_bindir()
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self.user:
+            shutil.chown(self.root, self.user)
+        self._run(str(bindir / "initdb"), "-D", str(self.data), "-U", "portal", "-A", "trust",
+                  "--no-sync", "-E", "UTF8")
+        self._run(str(bindir / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "-l",
+                  str(self.root / "log"), "-o",
+                  f"-h 127.0.0.1 -p {self.port} -k {self.root} -F -c fsync=off", "start")
+
+    def stop(self) -> None:
+        self._run(str(_pg_bindir() / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
+                  "-w", "stop")
+
+    def new_database(self) -> str:
+        """Create an empty database and return its SQLAlchemy URL."""
+        import psycopg
+
+        self._counter += 1
+        name = f"portal_test_{self._counter}"
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=portal dbname=postgres",
+                             autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://portal@127.0.0.1:{self.port}/{name}"
+
+
+def _pg_bindir() -> Path:
+    for candidate in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (candidate / "initdb").exists():
+            return candidate
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    raise RuntimeError("PostgreSQL server binaries not found: install the postgresql package")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """One PostgreSQL cluster for the session; each test gets its own database."""
+    # Not under pytest's private temp folder: the postgres user must be able to reach it.
+    root = Path(tempfile.mkdtemp(prefix="portal-pg-"))
+    cluster = PostgresCluster(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        try:
+            cluster.stop()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+# -- the app ---------------------------------------------------------------------------------
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Run the test on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'portal.db'}"
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    return cluster.new_database()
+
+
+def make_app(instance: Path, database_url: str | None = None, **overrides: Any) -> Flask:
+    """An app on its own instance folder with the schema created."""
+    settings = {"INSTANCE_PATH": str(instance), "ENV": "test",
+                "SECRET_KEY": "test-secret-key-that-is-long-enough-123456"}
+    if database_url:
+        settings["DATABASE_URL"] = database_url
+    settings.update(overrides)
+    instance.mkdir(parents=True, exist_ok=True)
+    app = create_app(settings)
+    Base.metadata.create_all(app.extensions["db"].engine)
+    return app
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Iterator[Flask]:
+    """The app on SQLite in a fresh instance folder."""
+    application = make_app(tmp_path / "instance")
+    yield application
+    application.extensions["db"].dispose()
+
+
+@pytest.fixture
+def any_db_app(tmp_path: Path, database_url: str) -> Iterator[Flask]:
+    """The app, once on SQLite and once on PostgreSQL."""
+    application = make_app(tmp_path / "instance", database_url)
+    yield application
+    application.extensions["db"].dispose()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    """A test client."""
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app: Flask) -> Any:
+    """A CLI runner."""
+    return app.test_cli_runner()
+
+
+def basic_auth(name: str, secret: str) -> dict[str, str]:
+    """An Authorization header for HTTP Basic."""
+    token = base64.b64encode(f"{name}:{secret}".encode()).decode()
+    return {"Authorization": f"Basic {token}"}
+
+
+def make_client(app: Flask, name: str, *, can_read: bool = True,
+                can_store: bool = True) -> tuple[str, str]:
+    """Register a machine client; return (name, secret)."""
+    database = app.extensions["db"]
+    with database.new_session() as session:
+        secret = clients.create_client(session, name, can_read=can_read, can_store=can_store)
+        session.commit()
+    return name, secret
+
+
+@pytest.fixture
+def auth(app: Flask) -> dict[str, str]:
+    """Basic credentials of a client that may store and read."""
+    return basic_auth(*make_client(app, "tester"))
+
+
+# -- a live HTTP server ----------------------------------------------------------------------
+
+class LiveServer:
+    """The app served over real HTTP on 127.0.0.1 in a thread."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.server: BaseWSGIServer = make_server("127.0.0.1", 0, app, threaded=True)
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def live_server(app: Flask) -> Iterator[LiveServer]:
+    """The app on a real loopback port."""
+    with LiveServer(app) as server:
+        yield server
+
+
+# -- sample files ----------------------------------------------------------------------------
+
+def sample_paths() -> list[Path]:
+    """Part 10 sample files shipped inside the pydicom and pydicom-data wheels (offline)."""
+    import data_store
+    import pydicom
+
+    roots = [Path(pydicom.__file__).parent / "data" / "test_files",
+             Path(data_store.__file__).parent]
+    found = []
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.is_file():
+                with path.open("rb") as fh:
+                    if fh.read(132)[128:132] == b"DICM":
+                        found.append(path)
+    return found
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Poll until ``predicate()`` is true or the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
