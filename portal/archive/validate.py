@@ -333,6 +333,10 @@ def validate_part10(data: bytes, limits: Limits) -> ValidInstance:
     if len(data) > limits.max_instance_bytes:
         raise Rejected(f"file is larger than {limits.max_instance_bytes >> 20} MiB",
                        OUT_OF_RESOURCES, 413)
+    if data[:2] == b"\x02\x00" and data[4:6].isalpha() and data[4:6].isupper():
+        # File Meta without the preamble and prefix, as pydicom.dcmwrite (and so
+        # dicomweb-client) writes a data set made in memory: give it the standard header.
+        data = bytes(128) + b"DICM" + data
     if len(data) < 132 or data[128:132] != b"DICM":
         raise Rejected("not a DICOM Part 10 file (no 'DICM' prefix after the preamble)")
     original_sha256 = hashlib.sha256(data).hexdigest()

@@ -66,10 +66,10 @@ def _choose(accept: str, stored_syntax: str) -> tuple[str, bool]:
     for media_range in accept.split(","):
         mimetype, params = parse_options_header(media_range.strip())
         mimetype = mimetype.lower()
-        if mimetype in ("*/*", "multipart/*"):
-            return stored_type, stored_media is not None or native_le
         if mimetype == "multipart/related":
             mimetype = params.get("type", OCTET).lower()
+        if mimetype in ("*/*", "multipart/*"):
+            return stored_type, stored_media is not None or native_le
         syntax = params.get("transfer-syntax", "")
         if stored_media and mimetype == stored_media and syntax in ("", "*", stored_syntax):
             return stored_media, True

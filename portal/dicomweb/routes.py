@@ -43,9 +43,9 @@ def _search(level: qido.Level, scope: list[Any]) -> Response:
     principal = _principal()
     try:
         query = qido.parse_query(request.args.to_dict(flat=False), level)
+        stmt = qido.build_select(level, query, policy.study_filter(principal), scope)
     except qido.QueryError as exc:
         abort(400, str(exc))
-    stmt = qido.build_select(level, query, policy.study_filter(principal), scope)
     session = db.session
     rows = session.execute(stmt).all()
 
