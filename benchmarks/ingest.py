@@ -55,7 +55,7 @@ from tests.support.orthanc import (  # noqa: E402
 )
 
 PATHS = ("stow-bulk", "stow-single", "c-store")
-TARGETS = ("orthanc", "portal")
+TARGETS = ("orthanc", "orthanc-nodelay", "portal")
 SCU_AET = "BENCHSCU"
 STORESCU = "/usr/bin/storescu"  # DCMTK; .venv/bin/storescu is pynetdicom's, a different tool
 ECHOSCU = "/usr/bin/echoscu"
@@ -84,7 +84,9 @@ class ProcessGroup:
     def __init__(self) -> None:
         self._stoppers: list[Callable[[], None]] = []
 
-    def start(self, argv: list[str], *, env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    def start(
+        self, argv: list[str], *, env: dict[str, str], log_path: Path
+    ) -> subprocess.Popen[bytes]:
         out = open(log_path, "ab")  # noqa: SIM115 - closed by the stopper
         proc = subprocess.Popen(
             argv, cwd=REPO_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out,
@@ -158,11 +160,22 @@ class Target:
     auth: tuple[str, str]
     aet: str
     dicom_port: int
+    paths: tuple[str, ...]  # the ingest paths measured on this target
     settings: dict[str, Any] = field(default_factory=dict)
 
 
-def orthanc_target(workdir: Path, procs: ProcessGroup) -> Target:
-    server = start_orthanc(workdir / "orthanc", aet="ORTHANC", extra_config=ORTHANC_SETTINGS)
+def orthanc_target(workdir: Path, procs: ProcessGroup, *, nodelay: bool,
+                   paths: tuple[str, ...]) -> Target:
+    """Stock Orthanc, or (nodelay) the same with DCMTK's TCP_NODELAY switch on.
+
+    DCMTK 3.6.7 leaves Nagle's algorithm on for DICOM sockets unless TCP_NODELAY=1
+    is in the environment; with a synchronous SCU every C-STORE-RSP then tends to
+    wait for a delayed ACK (~40 ms on Linux). The stock row is what a Debian install
+    gets; the nodelay row separates that transport artefact from storage speed.
+    """
+    name = "orthanc-nodelay" if nodelay else "orthanc"
+    env = {"TCP_NODELAY": "1"} if nodelay else {}
+    server = start_orthanc(workdir / name, aet="ORTHANC", extra_config=ORTHANC_SETTINGS, env=env)
     procs.adopt(server.stop)
     version = server.get_json("/system")["Version"]
     wait_for_echo(server.aet, server.dicom_port)
@@ -172,20 +185,19 @@ def orthanc_target(workdir: Path, procs: ProcessGroup) -> Target:
         "StorageCompression": False,
         "MaximumPduLength": 16384,
         "index": "SQLite (default)",
-        "note": "defaults except SyncStorageArea, which is set to its default explicitly",
+        "DICOM TCP_NODELAY": "1 (env)" if nodelay else "unset (DCMTK default: Nagle on)",
     }
-    return Target("orthanc", server.dicomweb_url, server.auth, server.aet,
-                  server.dicom_port, settings)
+    return Target(name, server.dicomweb_url, server.auth, server.aet,
+                  server.dicom_port, paths, settings)
 
 
 def _parse_client_secret(output: str) -> tuple[str, str]:
-    values = dict(
-        line.split(":", 1) for line in output.splitlines() if line.startswith(("client:", "secret:"))
-    )
+    wanted = ("client:", "secret:")
+    values = dict(line.split(":", 1) for line in output.splitlines() if line.startswith(wanted))
     return values["client"].strip(), values["secret"].strip()
 
 
-def portal_target(workdir: Path, procs: ProcessGroup) -> Target:
+def portal_target(workdir: Path, procs: ProcessGroup, *, paths: tuple[str, ...]) -> Target:
     instance = workdir / "portal-instance"
     instance.mkdir(parents=True)
     http_port, dimse_port = free_ports(2)
@@ -200,11 +212,14 @@ def portal_target(workdir: Path, procs: ProcessGroup) -> Target:
         PORTAL_DIMSE_ALLOWED_PEERS=f"{SCU_AET}@127.0.0.1",
     )
     # The documented production entry point; bind comes from PORTAL_BIND (loopback).
+    # No control socket: gunicorn 27 puts one in ~/.gunicorn, shared by every instance.
     gunicorn = procs.start(
-        [sys.executable, "-m", "gunicorn", "-c", "python:portal.gunicorn_config", "app:app"],
+        [sys.executable, "-m", "gunicorn", "-c", "python:portal.gunicorn_config",
+         "--no-control-socket", "app:app"],
         env=env, log_path=workdir / "portal-gunicorn.log",
     )
     base = f"http://127.0.0.1:{http_port}"
+    # Readiness = schema upgraded (gunicorn on_starting), database and archive usable.
     _wait_http_ready(f"{base}/readyz", gunicorn, workdir / "portal-gunicorn.log")
 
     created = subprocess.run(
@@ -215,15 +230,16 @@ def portal_target(workdir: Path, procs: ProcessGroup) -> Target:
         raise RuntimeError(f"flask clients create failed:\n{created.stdout}\n{created.stderr}")
     auth = _parse_client_secret(created.stdout)
 
-    dimse = procs.start(
-        [sys.executable, "-m", "flask", "--app", "app", "dimse", "serve"],
-        env=env, log_path=workdir / "portal-dimse.log",
-    )
-    wait_for_echo("PORTAL", dimse_port)
     assert_loopback_only(gunicorn.pid, {http_port}, "portal gunicorn")
-    assert_loopback_only(dimse.pid, {dimse_port}, "portal dimse")
+    if "c-store" in paths:
+        dimse = procs.start(
+            [sys.executable, "-m", "flask", "--app", "app", "dimse", "serve"],
+            env=env, log_path=workdir / "portal-dimse.log",
+        )
+        wait_for_echo("PORTAL", dimse_port)
+        assert_loopback_only(dimse.pid, {dimse_port}, "portal dimse")
     settings = _portal_settings()
-    return Target("portal", f"{base}/dicomweb", auth, "PORTAL", dimse_port, settings)
+    return Target("portal", f"{base}/dicomweb", auth, "PORTAL", dimse_port, paths, settings)
 
 
 def _portal_settings() -> dict[str, Any]:
@@ -417,31 +433,42 @@ def measure(target: Target, path: str, series: Series, repetition: int) -> Run:
                round(seconds, 3), round(n / seconds, 1), round(waited, 2))
 
 
-def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup) -> dict[str, Any]:
-    generator = load_generator()
+def start_targets(args: argparse.Namespace, workdir: Path, procs: ProcessGroup) -> list[Target]:
+    paths = tuple(args.paths)
     targets: list[Target] = []
     if "orthanc" in args.targets:
         log("starting Orthanc ...")
-        targets.append(orthanc_target(workdir, procs))
+        targets.append(orthanc_target(workdir, procs, nodelay=False, paths=paths))
+    if "orthanc-nodelay" in args.targets and "c-store" in paths:
+        log("starting Orthanc with TCP_NODELAY=1 (C-STORE only) ...")
+        targets.append(orthanc_target(workdir, procs, nodelay=True, paths=("c-store",)))
     if "portal" in args.targets:
-        log("starting portal (gunicorn + dimse serve) ...")
-        targets.append(portal_target(workdir, procs))
+        log("starting portal (gunicorn" + (" + dimse serve" if "c-store" in paths else "")
+            + ") ...")
+        targets.append(portal_target(workdir, procs, paths=paths))
     for target in targets:
-        log(f"  {target.name}: {target.dicomweb}, C-STORE {target.aet}@127.0.0.1:"
-            f"{target.dicom_port}")
+        log(f"  {target.name}: {target.dicomweb}; C-STORE {target.aet}@127.0.0.1:"
+            f"{target.dicom_port}; paths {','.join(target.paths)}")
+    return targets
 
-    run_tag = secrets.token_hex(4)
+
+def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup) -> dict[str, Any]:
+    generator = load_generator()
+    targets = start_targets(args, workdir, procs)
+    run_tag = secrets.token_hex(4)  # UIDs never repeat across benchmark invocations either
+
     log("warm-up (5 instances per path and target, not measured) ...")
     for path in args.paths:
         series = make_series(generator, workdir / "data" / f"warmup-{path}", slices=5,
                              size=args.size, seed=f"bench-{run_tag}-warmup-{path}")
         for target in targets:
-            measure(target, path, series, -1)
+            if path in target.paths:
+                measure(target, path, series, -1)
         shutil.rmtree(series.files[0].parent)
 
     runs: list[Run] = []
     for rep in range(args.repeat):
-        # Alternate who goes first so neither target always gets the warmer machine.
+        # Alternate who goes first so no target always gets the warmer machine.
         order = targets if rep % 2 == 0 else targets[::-1]
         for path in args.paths:
             log(f"[{rep + 1}/{args.repeat}] {path}: generating {args.slices} slices ...")
@@ -449,12 +476,14 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup) 
                                  slices=args.slices, size=args.size,
                                  seed=f"bench-{run_tag}-{rep}-{path}")
             for target in order:
+                if path not in target.paths:
+                    continue
                 run = measure(target, path, series, rep)
                 log(f"[{rep + 1}/{args.repeat}] {path} -> {target.name}: "
                     f"{run.instances_per_s:.1f} inst/s ({run.seconds:.2f} s)")
                 runs.append(run)
+                time.sleep(1.0)  # let post-acknowledge work settle before the next run
             shutil.rmtree(series.files[0].parent)
-            time.sleep(1.0)  # let post-acknowledge work settle before the next run
     return {
         "config": {
             "slices": args.slices, "size": args.size, "repeat": args.repeat,
@@ -465,43 +494,53 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup) 
             "settings": {t.name: t.settings for t in targets},
         },
         "runs": [asdict(r) for r in runs],
-        "summary": summarize(runs, list(args.paths), [t.name for t in targets]),
+        "summary": summarize(runs, list(args.paths)),
     }
 
 
-def summarize(runs: list[Run], paths: list[str], targets: list[str]) -> dict[str, Any]:
+def summarize(runs: list[Run], paths: list[str]) -> dict[str, Any]:
+    """Per path: median and raw rates per target, and portal/Orthanc ratios."""
     summary: dict[str, Any] = {}
     for path in paths:
         row: dict[str, Any] = {}
-        for target in targets:
+        for target in dict.fromkeys(r.target for r in runs if r.path == path):
             rates = [r.instances_per_s for r in runs if r.path == path and r.target == target]
             row[target] = {"median_instances_per_s": round(statistics.median(rates), 1),
                            "runs": rates}
-        if "orthanc" in row and "portal" in row:
-            row["ratio_portal_over_orthanc"] = round(
-                row["portal"]["median_instances_per_s"]
-                / row["orthanc"]["median_instances_per_s"], 2)
+        for base in ("orthanc", "orthanc-nodelay"):
+            if base in row and "portal" in row:
+                row[f"ratio_portal_over_{base.replace('-', '_')}"] = round(
+                    row["portal"]["median_instances_per_s"]
+                    / row[base]["median_instances_per_s"], 2)
         summary[path] = row
     return summary
 
 
 def format_table(result: dict[str, Any]) -> str:
     cfg = result["config"]
-    targets: list[str] = cfg["targets"]
     lines = [
-        f"Ingest of {cfg['slices']} CT slices {cfg['size']}x{cfg['size']}, "
-        f"instances/s, median of {cfg['repeat']} run(s), {cfg['cpus']} CPUs",
-        f"{'path':<12}" + "".join(f"{t:>10}" for t in targets)
-        + ("   portal/orthanc" if len(targets) == 2 else "") + "   runs",
+        f"Ingest of {cfg['slices']} CT slices {cfg['size']}x{cfg['size']} "
+        f"({cfg['slices'] * cfg['size'] ** 2 * 2 / 1e6:.0f} MB of pixels): instances/s, "
+        f"median of {cfg['repeat']} run(s), {cfg['cpus']} CPUs",
+        f"{'path':<26}{'orthanc':>9}{'portal':>9}{'portal/orthanc':>16}   runs (inst/s)",
     ]
     for path, row in result["summary"].items():
-        line = f"{path:<12}" + "".join(
-            f"{row[t]['median_instances_per_s']:>10.1f}" for t in targets)
-        if "ratio_portal_over_orthanc" in row:
-            line += f"{row['ratio_portal_over_orthanc']:>17.2f}"
-        line += "   " + "; ".join(
-            f"{t}: " + " ".join(f"{v:.0f}" for v in row[t]["runs"]) for t in targets)
-        lines.append(line)
+        for base, label in (("orthanc", path), ("orthanc-nodelay", f"{path} (TCP_NODELAY)")):
+            if base not in row and not (base == "orthanc" and "portal" in row):
+                continue
+            cells = [row.get(base), row.get("portal")]
+            ratio = row.get(f"ratio_portal_over_{base.replace('-', '_')}")
+            raw = "; ".join(f"{name}: " + " ".join(f"{v:.0f}" for v in row[name]["runs"])
+                            for name in (base, "portal") if name in row)
+            lines.append(
+                f"{label:<26}"
+                + "".join(f"{c['median_instances_per_s']:>9.1f}" if c else f"{'-':>9}"
+                          for c in cells)
+                + (f"{ratio:>16.2f}" if ratio is not None else f"{'-':>16}")
+                + f"   {raw}"
+            )
+    lines.append("ratio > 1: portal faster; < 1: Orthanc faster. "
+                 "(TCP_NODELAY) row: Orthanc with DCMTK's Nagle switch off, see README.")
     for name, settings in cfg["settings"].items():
         lines.append(f"{name}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     return "\n".join(lines)

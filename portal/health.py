@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy import text
 
@@ -32,7 +34,11 @@ def readyz() -> tuple[Response, int]:
         current_app.logger.exception("readiness: database")
         checks["database"] = "unavailable"
     store = current_archive().store
-    checks["archive"] = "ok" if store.root.is_dir() else "unavailable"
+    try:
+        store.ensure()
+        checks["archive"] = "ok" if os.access(store.objects, os.W_OK) else "read-only"
+    except OSError:
+        checks["archive"] = "unavailable"
     checks["cache"] = "in-process" if not current_app.config["PORTAL"]["REDIS_URL"] else "ok"
     ready = all(v in ("ok", "in-process") for v in checks.values())
     return jsonify(status="ready" if ready else "not ready", checks=checks), (200 if ready else 503)

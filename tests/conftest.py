@@ -23,7 +23,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from portal import create_app
 from portal.access import clients
-from portal.db import Base
+from portal.migrate import upgrade_database
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -166,7 +166,7 @@ def make_app(instance: Path, database_url: str | None = None, **overrides: Any) 
     settings.update(overrides)
     instance.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
-    Base.metadata.create_all(app.extensions["db"].engine)
+    upgrade_database(app)  # the real migrations, as a deployment would run them
     return app
 
 

@@ -29,6 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -275,11 +276,13 @@ def start_orthanc(
     aet: str = "ORTHANC",
     dicom_peers: dict[str, tuple[str, str, int]] | None = None,
     extra_config: dict[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> OrthancServer:
     """Start Orthanc with its state in ``workdir``; the caller must call ``stop()``.
 
     ``dicom_peers`` maps a modality name to (AET, host, port). ``extra_config`` is
-    deep-merged over the generated configuration.
+    deep-merged over the generated configuration. ``env`` adds environment variables
+    (e.g. ``TCP_NODELAY=1``, which DCMTK reads to disable Nagle on DICOM sockets).
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -308,8 +311,8 @@ def start_orthanc(
 
     log_file = workdir / "orthanc.log"
     console_log = workdir / "orthanc.console.log"
-    env = dict(os.environ)
-    env["LD_PRELOAD"] = " ".join(filter(None, [str(preload), env.get("LD_PRELOAD")]))
+    proc_env = {**os.environ, **(env or {})}
+    proc_env["LD_PRELOAD"] = " ".join(filter(None, [str(preload), proc_env.get("LD_PRELOAD")]))
     console = open(console_log, "wb")  # noqa: SIM115 - closed in stop()
     server = OrthancServer(
         http_port=http_port,
@@ -325,7 +328,7 @@ def start_orthanc(
     server.process = subprocess.Popen(
         [orthanc, f"--logfile={log_file}", str(config_path)],
         cwd=workdir,
-        env=env,
+        env=proc_env,
         stdin=subprocess.DEVNULL,
         stdout=console,
         stderr=subprocess.STDOUT,

@@ -1,0 +1,49 @@
+# Two commands set everything up on a fresh Debian/Ubuntu machine:
+#   make demo   installs, seeds demo studies, starts the portal at http://127.0.0.1:5000
+#   make test   installs what the tests need and runs them all
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Real peers the tests talk to (DESIGN.md, "Real components").
+APT_PACKAGES := redis-server orthanc orthanc-dicomweb dcmtk chromium postgresql gcc
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install system-deps demo serve test lint bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" \
+	    || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "Installing system packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+demo: install
+	$(BIN)/flask --app app demo
+	@echo "Portal: http://127.0.0.1:5000  (Ctrl-C stops it)"
+	$(BIN)/gunicorn -c python:portal.gunicorn_config app:app
+
+serve: install
+	$(BIN)/gunicorn -c python:portal.gunicorn_config app:app
+
+test: system-deps install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check portal tests benchmarks app.py
+
+bench: system-deps install
+	$(BIN)/python benchmarks/ingest.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
