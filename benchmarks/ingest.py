@@ -162,6 +162,7 @@ class Target:
     dicom_port: int
     paths: tuple[str, ...]  # the ingest paths measured on this target
     settings: dict[str, Any] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)  # path -> why it cannot run
 
 
 def orthanc_target(workdir: Path, procs: ProcessGroup, *, nodelay: bool,
@@ -231,15 +232,24 @@ def portal_target(workdir: Path, procs: ProcessGroup, *, paths: tuple[str, ...])
     auth = _parse_client_secret(created.stdout)
 
     assert_loopback_only(gunicorn.pid, {http_port}, "portal gunicorn")
+    unavailable: dict[str, str] = {}
     if "c-store" in paths:
         dimse = procs.start(
             [sys.executable, "-m", "flask", "--app", "app", "dimse", "serve"],
             env=env, log_path=workdir / "portal-dimse.log",
         )
-        wait_for_echo("PORTAL", dimse_port)
-        assert_loopback_only(dimse.pid, {dimse_port}, "portal dimse")
+        try:
+            wait_for_echo("PORTAL", dimse_port)
+        except RuntimeError as exc:
+            # Report the path as failed but still measure the others.
+            unavailable["c-store"] = f"{exc}\nportal-dimse.log:\n" + _tail(
+                workdir / "portal-dimse.log", 5)
+            log(f"portal C-STORE unavailable: {unavailable['c-store']}")
+        if dimse.poll() is None:
+            assert_loopback_only(dimse.pid, {dimse_port}, "portal dimse")
     settings = _portal_settings()
-    return Target("portal", f"{base}/dicomweb", auth, "PORTAL", dimse_port, paths, settings)
+    return Target("portal", f"{base}/dicomweb", auth, "PORTAL", dimse_port, paths, settings,
+                  unavailable)
 
 
 def _portal_settings() -> dict[str, Any]:
@@ -424,6 +434,14 @@ class Run:
     visible_after_s: float
 
 
+@dataclass
+class Failure:
+    target: str
+    path: str
+    repetition: int  # -1: the path could not be set up at all
+    error: str
+
+
 def measure(target: Target, path: str, series: Series, repetition: int) -> Run:
     os.sync()  # flush earlier runs' dirty pages so they do not bill this run
     seconds = INGEST[path](target, series)
@@ -458,12 +476,17 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup) 
     run_tag = secrets.token_hex(4)  # UIDs never repeat across benchmark invocations either
 
     log("warm-up (5 instances per path and target, not measured) ...")
+    failures: list[Failure] = [Failure(t.name, path, -1, why)
+                               for t in targets for path, why in t.unavailable.items()]
     for path in args.paths:
         series = make_series(generator, workdir / "data" / f"warmup-{path}", slices=5,
                              size=args.size, seed=f"bench-{run_tag}-warmup-{path}")
         for target in targets:
-            if path in target.paths:
-                measure(target, path, series, -1)
+            if path in target.paths and path not in target.unavailable:
+                try:
+                    measure(target, path, series, -1)
+                except (RuntimeError, requests.RequestException) as exc:
+                    log(f"warm-up {path} -> {target.name} failed: {exc}")
         shutil.rmtree(series.files[0].parent)
 
     runs: list[Run] = []
@@ -476,12 +499,18 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup) 
                                  slices=args.slices, size=args.size,
                                  seed=f"bench-{run_tag}-{rep}-{path}")
             for target in order:
-                if path not in target.paths:
+                if path not in target.paths or path in target.unavailable:
                     continue
-                run = measure(target, path, series, rep)
-                log(f"[{rep + 1}/{args.repeat}] {path} -> {target.name}: "
-                    f"{run.instances_per_s:.1f} inst/s ({run.seconds:.2f} s)")
-                runs.append(run)
+                try:
+                    run = measure(target, path, series, rep)
+                except (RuntimeError, requests.RequestException) as exc:
+                    # A broken path must not abort the others, nor count as a result.
+                    failures.append(Failure(target.name, path, rep, str(exc)))
+                    log(f"[{rep + 1}/{args.repeat}] {path} -> {target.name}: FAILED: {exc}")
+                else:
+                    log(f"[{rep + 1}/{args.repeat}] {path} -> {target.name}: "
+                        f"{run.instances_per_s:.1f} inst/s ({run.seconds:.2f} s)")
+                    runs.append(run)
                 time.sleep(1.0)  # let post-acknowledge work settle before the next run
             shutil.rmtree(series.files[0].parent)
     return {
@@ -494,26 +523,42 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup) 
             "settings": {t.name: t.settings for t in targets},
         },
         "runs": [asdict(r) for r in runs],
-        "summary": summarize(runs, list(args.paths)),
+        "failures": [asdict(f) for f in failures],
+        "summary": summarize(runs, failures, list(args.paths)),
     }
 
 
-def summarize(runs: list[Run], paths: list[str]) -> dict[str, Any]:
-    """Per path: median and raw rates per target, and portal/Orthanc ratios."""
+def summarize(runs: list[Run], failures: list[Failure], paths: list[str]) -> dict[str, Any]:
+    """Per path: median and raw rates per target, failures, and portal/Orthanc ratios."""
     summary: dict[str, Any] = {}
     for path in paths:
         row: dict[str, Any] = {}
-        for target in dict.fromkeys(r.target for r in runs if r.path == path):
+        names = dict.fromkeys(x.target for x in [*runs, *failures] if x.path == path)
+        for target in names:
             rates = [r.instances_per_s for r in runs if r.path == path and r.target == target]
-            row[target] = {"median_instances_per_s": round(statistics.median(rates), 1),
-                           "runs": rates}
+            failed = [f for f in failures if f.path == path and f.target == target]
+            row[target] = {
+                "median_instances_per_s": round(statistics.median(rates), 1) if rates else None,
+                "runs": rates,
+                "failed_runs": len(failed),
+            }
         for base in ("orthanc", "orthanc-nodelay"):
-            if base in row and "portal" in row:
+            if (row.get(base, {}).get("median_instances_per_s")
+                    and row.get("portal", {}).get("median_instances_per_s")):
                 row[f"ratio_portal_over_{base.replace('-', '_')}"] = round(
                     row["portal"]["median_instances_per_s"]
                     / row[base]["median_instances_per_s"], 2)
         summary[path] = row
     return summary
+
+
+def _cell(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return f"{'-':>9}"
+    if entry["median_instances_per_s"] is None:
+        return f"{'FAIL':>9}"
+    mark = "!" if entry["failed_runs"] else ""  # some repetitions failed
+    return f"{entry['median_instances_per_s']:>8.1f}{mark or ' '}"
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -534,11 +579,14 @@ def format_table(result: dict[str, Any]) -> str:
                             for name in (base, "portal") if name in row)
             lines.append(
                 f"{label:<26}"
-                + "".join(f"{c['median_instances_per_s']:>9.1f}" if c else f"{'-':>9}"
-                          for c in cells)
+                + "".join(_cell(c) for c in cells)
                 + (f"{ratio:>16.2f}" if ratio is not None else f"{'-':>16}")
                 + f"   {raw}"
             )
+    for failure in result["failures"]:
+        first_line = failure["error"].strip().splitlines()[0] if failure["error"].strip() else "?"
+        lines.append(f"FAILED {failure['target']} {failure['path']} "
+                     f"(repetition {failure['repetition']}): {first_line}")
     lines.append("ratio > 1: portal faster; < 1: Orthanc faster. "
                  "(TCP_NODELAY) row: Orthanc with DCMTK's Nagle switch off, see README.")
     for name, settings in cfg["settings"].items():
@@ -593,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         log(f"wrote {args.json}")
-    return 0
+    return 1 if result["failures"] else 0
 
 
 if __name__ == "__main__":

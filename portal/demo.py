@@ -9,7 +9,6 @@ The pictures are analytic phantoms, not patient data; every instance carries
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import math
 import os
@@ -17,27 +16,23 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pydicom
 import pydicom.uid
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     CTImageStorage,
-    DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
     JPEGLSLossless,
-    MRImageStorage,
     RLELossless,
-    UltrasoundMultiFrameImageStorage,
 )
 
 __all__ = [
