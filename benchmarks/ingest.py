@@ -243,7 +243,7 @@ def portal_target(workdir: Path, procs: ProcessGroup, *, paths: tuple[str, ...])
         except RuntimeError as exc:
             # Report the path as failed but still measure the others.
             unavailable["c-store"] = f"{exc}\nportal-dimse.log:\n" + _tail(
-                workdir / "portal-dimse.log", 5)
+                workdir / "portal-dimse.log", 2)
             log(f"portal C-STORE unavailable: {unavailable['c-store']}")
         if dimse.poll() is None:
             assert_loopback_only(dimse.pid, {dimse_port}, "portal dimse")
@@ -575,8 +575,9 @@ def format_table(result: dict[str, Any]) -> str:
                 continue
             cells = [row.get(base), row.get("portal")]
             ratio = row.get(f"ratio_portal_over_{base.replace('-', '_')}")
-            raw = "; ".join(f"{name}: " + " ".join(f"{v:.0f}" for v in row[name]["runs"])
-                            for name in (base, "portal") if name in row)
+            raw = "; ".join(
+                f"{name}: " + (" ".join(f"{v:.0f}" for v in row[name]["runs"]) or "FAIL")
+                for name in (base, "portal") if name in row)
             lines.append(
                 f"{label:<26}"
                 + "".join(_cell(c) for c in cells)
@@ -584,9 +585,9 @@ def format_table(result: dict[str, Any]) -> str:
                 + f"   {raw}"
             )
     for failure in result["failures"]:
-        first_line = failure["error"].strip().splitlines()[0] if failure["error"].strip() else "?"
+        summary = " | ".join(ln.strip() for ln in failure["error"].splitlines() if ln.strip())
         lines.append(f"FAILED {failure['target']} {failure['path']} "
-                     f"(repetition {failure['repetition']}): {first_line}")
+                     f"(repetition {failure['repetition']}): {summary[:400]}")
     lines.append("ratio > 1: portal faster; < 1: Orthanc faster. "
                  "(TCP_NODELAY) row: Orthanc with DCMTK's Nagle switch off, see README.")
     for name, settings in cfg["settings"].items():

@@ -64,6 +64,14 @@ class Archive:
         ``expected_study_uid`` (STOW-RS to ``/studies/{study}``) refuses instances of another
         study before anything is written.
         """
+        try:
+            return self._ingest(data, who, source_address, expected_study_uid)
+        except OperationalError as exc:
+            log.error("index unavailable: %s", exc.__class__.__name__)
+            raise ArchiveUnavailable("the index database is unavailable") from exc
+
+    def _ingest(self, data: bytes, who: str, source_address: str,
+                expected_study_uid: str | None) -> Stored:
         known = self._identical(data)
         if known is not None and expected_study_uid in (None, known.study_instance_uid):
             return known

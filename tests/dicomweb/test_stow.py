@@ -148,3 +148,42 @@ def test_a_five_gigabyte_request_is_refused_at_once(live_server: LiveServer,
         answer = sock.recv(4096).decode("latin-1")
         assert time.monotonic() - started < 1.0
     assert answer.startswith("HTTP/1.1 413")
+
+
+def test_database_down_answers_503_and_a_retry_succeeds(tmp_path: object, postgres: object
+                                                        ) -> None:
+    """A real outage: PostgreSQL refuses connections; STOW answers 503 and stores nothing."""
+    import psycopg
+
+    from tests.conftest import make_app
+
+    url = postgres.new_database()  # type: ignore[attr-defined]
+    app = make_app(tmp_path / "instance", url)  # type: ignore[operator]
+    name = url.rsplit("/", 1)[1]
+    admin = f"host=127.0.0.1 port={postgres.port} user=portal dbname=postgres"  # type: ignore[attr-defined]
+    auth = basic_auth(*make_client(app, "sender"))
+    client = app.test_client()
+    app.extensions["db"].dispose()
+    data = make_instance()
+
+    def allow(allowed: bool) -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                         "WHERE datname = %s", (name,))
+
+    # With the database gone even the credential check fails: the answer must be a 503 the
+    # sender retries (fail closed), never a success and never a stored file.
+    allow(False)
+    try:
+        response = client.post("/dicomweb/studies", data=multipart(data), headers=headers(auth))
+        assert response.status_code == 503
+        assert response.headers["Retry-After"]
+    finally:
+        allow(True)
+    assert not list(app.extensions["archive"].store.objects.rglob("*.dcm"))
+    app.extensions["db"].dispose()
+    retry = client.post("/dicomweb/studies", data=multipart(data), headers=headers(auth))
+    assert retry.status_code == 200
+    assert instance_count(app) == 1
+    assert len(list(app.extensions["archive"].store.objects.rglob("*.dcm"))) == 1
