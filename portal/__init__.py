@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,9 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         PORTAL=settings, SECRET_KEY=secret, MAX_CONTENT_LENGTH=settings["MAX_REQUEST_BYTES"],
         TESTING=settings["ENV"] == "test", JSON_SORT_KEYS=False,
         SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Lax",
-        SESSION_COOKIE_SECURE=settings["ENV"] == "production")
+        # Secure cookies everywhere except plain-HTTP development on this machine.
+        SESSION_COOKIE_SECURE=settings["ENV"] == "production"
+        or (settings["PUBLIC_URL"] or "").startswith("https://"))
     if settings["TRUSTED_PROXIES"]:
         hops = settings["TRUSTED_PROXIES"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
@@ -33,22 +36,31 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     from portal.access import policy
     from portal.db import Database
 
+    from portal.auth import oidc
+    from portal.auth.sessions import DatabaseSessionInterface
+
     log.init_app(app)
     security.init_app(app)
     Database().init_app(app, config_module.database_url(settings))
+    app.session_interface = DatabaseSessionInterface(
+        idle=timedelta(minutes=settings["SESSION_IDLE_MINUTES"]),
+        absolute=timedelta(hours=settings["SESSION_ABSOLUTE_HOURS"]))
+    oidc.init_app(app)
     archive.init_app(app)
     errors.register_error_handlers(app)
     policy.init_app(app)
 
-    from portal.access.cli import clients_cli
+    from portal.access.cli import clients_cli, users_cli
     from portal.archive.cli import archive_cli, dimse_cli
     from portal.cli import db_cli, demo_command
+    from portal.auth.routes import bp as auth_bp
     from portal.dicomweb.routes import bp as dicomweb_bp
     from portal.studies.routes import bp as studies_bp
 
     app.register_blueprint(health.bp)
+    app.register_blueprint(auth_bp)
     app.register_blueprint(dicomweb_bp)
     app.register_blueprint(studies_bp)
-    for command in (archive_cli, clients_cli, db_cli, dimse_cli, demo_command):
+    for command in (archive_cli, clients_cli, db_cli, dimse_cli, demo_command, users_cli):
         app.cli.add_command(command)
     return app

@@ -64,6 +64,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OIDC_ISSUER", _as_optional_str, None, "OpenID Connect issuer URL"),
     Setting("OIDC_CLIENT_ID", _as_optional_str, None, "OpenID Connect client id"),
     Setting("OIDC_CLIENT_SECRET", _as_optional_str, None, "OpenID Connect client secret"),
+    Setting("OIDC_AUDIENCE", _as_optional_str, None, "accepted access-token audiences (comma list)"),
+    Setting("OIDC_ROLES_CLAIM", _as_optional_str, None, "ID-token claim holding portal roles"),
+    Setting("SESSION_IDLE_MINUTES", int, 15, "staff sessions end after this much inactivity"),
+    Setting("SESSION_ABSOLUTE_HOURS", int, 12, "staff sessions end this long after sign-in"),
+    Setting("RECENT_AUTH_MINUTES", int, 15, "grants and revocations need a sign-in this recent"),
     Setting("MAX_REQUEST_BYTES", int, 1 << 30, "largest HTTP request body accepted"),
     Setting("MAX_INSTANCE_BYTES", int, 512 << 20, "largest single DICOM file accepted"),
     Setting("MAX_INFLATED_BYTES", int, 64 << 20, "cap when inflating deflated data sets"),
@@ -148,7 +153,10 @@ def validate(config: dict[str, Any]) -> None:
         key = config["SECRET_KEY"]
         if not key or len(key) < 32:
             raise ConfigError("SECRET_KEY: required in production (at least 32 characters)")
-    for key in ("MAX_REQUEST_BYTES", "MAX_INSTANCE_BYTES", "MAX_INFLATED_BYTES",
+    if config["OIDC_ISSUER"] and not (config["OIDC_CLIENT_ID"] and config["OIDC_CLIENT_SECRET"]):
+        raise ConfigError("OIDC_CLIENT_ID: required with OIDC_ISSUER (and OIDC_CLIENT_SECRET)")
+    for key in ("SESSION_IDLE_MINUTES", "SESSION_ABSOLUTE_HOURS", "RECENT_AUTH_MINUTES",
+                "MAX_REQUEST_BYTES", "MAX_INSTANCE_BYTES", "MAX_INFLATED_BYTES",
                 "MAX_PIXEL_BYTES", "MAX_FRAMES", "MAX_ZIP_ENTRIES", "MAX_ZIP_RATIO",
                 "DIMSE_MAX_PDU"):
         if config[key] <= 0:

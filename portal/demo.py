@@ -9,6 +9,7 @@ The pictures are analytic phantoms, not patient data; every instance carries
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -16,23 +17,28 @@ import pathlib
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pydicom
 import pydicom.uid
-from PIL import Image
+import pydicom.tag
+from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import (
     CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
     JPEGLSLossless,
+    MRImageStorage,
     RLELossless,
+    UltrasoundMultiFrameImageStorage,
 )
 
 __all__ = [
@@ -511,9 +517,10 @@ def _lung_vessel_points(rng: np.random.Generator) -> FloatArray:
 
     for side in (-1.0, 1.0):
         hilum = np.array([side * 42.0, 8.0, 100.0])
-        for d in ((0.35, 0.1, -1.0), (1.0, -0.35, -0.2), (0.8, 0.4, 0.35), (0.45, 0.3, 1.0), (0.6, -0.7, 0.5)):
+        for d in ((0.35, 0.1, -1.0), (0.6, -0.5, -0.8), (1.0, -0.35, -0.2), (0.8, 0.5, 0.1),
+                  (0.8, 0.4, 0.6), (0.45, 0.3, 1.0), (0.6, -0.7, 0.5), (0.3, 0.7, 0.9)):
             direction = np.array([side * d[0], d[1], d[2]])
-            grow(hilum, direction / np.linalg.norm(direction), 36.0, 5.0, 6)
+            grow(hilum, direction / np.linalg.norm(direction), 30.0, 4.5, 7)
     return np.concatenate(points).astype(np.float32)
 
 
@@ -559,7 +566,9 @@ def _paint_torso(sl: _AxialSlice, level: float, thickness: float, phantom: _Body
     cav_rx, cav_ry, cav_cy = body_rx - fat - 17.0, body_ry - fat - 15.0, -4.0
     rho = sl.full_superellipse(0.0, cav_cy, cav_rx, cav_ry, 2.4)
     cavity = rho <= 1.0
-    sl.hu[cavity] = -88.0  # mediastinal / retroperitoneal fat fills what organs leave
+    # Mediastinal/retroperitoneal fat fills what organs leave; above the lung apices the
+    # thoracic inlet is mostly muscle, vessels and thyroid.
+    sl.hu[cavity] = _lerp(42.0, -88.0, _smoothstep(level, -5.0, 30.0))
 
     _paint_lungs(sl, level, cavity, phantom, thickness)
     _paint_mediastinum(sl, level, vb_y, cavity)
@@ -575,13 +584,13 @@ def _paint_torso(sl: _AxialSlice, level: float, thickness: float, phantom: _Body
 
 def _paint_table(sl: _AxialSlice, body_ry: float) -> None:
     """Paint the curved carbon-fibre couch with its foam core below the patient."""
-    top = body_ry + 8.0
+    top = body_ry + 1.0
     win = sl.window(-190.0, 190.0, top - 1.0, top + 60.0)
     if win is None:
         return
     x = sl.coords[win[1]][None, :]
     y = sl.coords[win[0]][:, None]
-    curve = top + 0.0011 * x * x
+    curve = top + 2.0 - 0.0009 * x * x  # the couch cradles the patient: edges curve upward
     inside = np.abs(x) < 185.0
     foam = (y > curve) & (y < curve + 28.0) & inside
     shell = ((np.abs(y - curve) < 1.3) | (np.abs(y - curve - 28.0) < 1.3)) & inside
@@ -688,7 +697,7 @@ def _paint_abdomen(
     left_dome = math.sqrt(min(max((level - 188.0) / 50.0, 0.0), 1.0))
     sl.paint(sl.ellipse_mask(58.0, 8.0, 92.0 * left_dome, 78.0 * left_dome), 40.0, within=cavity)
     grow = math.sqrt(min(max((level - 172.0) / 45.0, 0.0), 1.0))
-    liver = grow * (1.0 - _smoothstep(level, 265.0, 310.0)) ** 0.5
+    liver = grow * (1.0 - _smoothstep(level, 245.0, 300.0)) ** 0.5
     sl.paint(sl.ellipse_mask(-48.0, 2.0, 92.0 * liver, 80.0 * liver, 15.0), 112.0, within=cavity)
     left_lobe = _profile(level, 188.0, 262.0)
     sl.paint(sl.ellipse_mask(12.0, -46.0, 52.0 * left_lobe, 26.0 * left_lobe, -12.0), 112.0, within=cavity)
@@ -727,10 +736,11 @@ def _paint_abdomen(
         cx, cy, angle = side * 70.0, vb_y + 10.0, side * 28.0
         sl.paint(sl.ellipse_mask(cx, cy, 30.0 * k + 6.0, 40.0 * k + 6.0, angle), -95.0)  # perirenal fat
         sl.paint(sl.ellipse_mask(cx, cy, 27.0 * k, 37.0 * k, angle), 190.0)
-        sl.paint(sl.ellipse_mask(cx - side * 2.0, cy, 17.0 * k, 25.0 * k, angle), 135.0)
+        for pyramid in (-0.55, 0.0, 0.55):  # medullary pyramids enhance later than the cortex
+            sl.paint(sl.ellipse_mask(cx + side * 8.0 * k, cy + pyramid * 30.0 * k, 7.0 * k, 8.0 * k, angle), 150.0)
         if k > 0.6:  # renal sinus fat and pelvis open toward the hilum (anteromedial)
             sl.paint(sl.ellipse_mask(cx - side * 11.0, cy - 7.0, 8.0 * k, 13.0 * k, angle), -70.0)
-            sl.paint(sl.capsule_mask((cx - side * 12.0, cy - 6.0), (side * 20.0, vb_y - 20.0), 3.5 * k), 220.0)
+            sl.paint(sl.capsule_mask((cx - side * 12.0, cy - 8.0), (side * 18.0, vb_y - 22.0), 3.5 * k), 150.0)
 
     if level > 252.0:
         psoas = 5.0 + 17.0 * _smoothstep(level, 252.0, 350.0)
@@ -745,9 +755,12 @@ def _paint_colon_and_bowel(
     sl: _AxialSlice, level: float, cavity: np.ndarray, phantom: _BodyPhantom, thickness: float
 ) -> None:
     """Paint colon (gas and stool) and small-bowel loops."""
-    if 262.0 < level < 286.0:
-        sl.paint(sl.capsule_mask((-92.0, -30.0), (92.0, -40.0), 17.0), 80.0, within=cavity)
-        sl.paint(sl.capsule_mask((-92.0, -30.0), (92.0, -40.0), 14.0), -1000.0, within=cavity)
+    if 262.0 < level < 286.0:  # transverse colon sagging forward across the abdomen
+        path = [(-92.0, -30.0), (-40.0, -62.0), (30.0, -66.0), (92.0, -40.0)]
+        for radius, value in ((17.0, 80.0), (14.0, -1000.0)):
+            for p0, p1 in zip(path[:-1], path[1:]):
+                sl.paint(sl.capsule_mask(p0, p1, radius), value, within=cavity)
+        sl.paint(sl.ellipse_mask(-30.0, -56.0, 12.0, 7.0), -150.0, within=cavity)
     if level > 270.0:
         for cx, cy, r in ((-94.0, -4.0, 21.0), (96.0, 8.0, 17.0)):
             sl.paint(sl.ellipse_mask(cx, cy, r, r), 80.0, within=cavity)
@@ -769,11 +782,14 @@ def _paint_pelvis(sl: _AxialSlice, level: float, vb_y: float) -> None:
     t = _smoothstep(level, 318.0, 370.0)
     for side in (-1.0, 1.0):
         sl.paint(sl.ellipse_mask(side * 82.0, vb_y + 52.0, 48.0 * t, 26.0 * t), 50.0)  # gluteus
-        posterior = (side * (44.0 - 6.0 * t), vb_y + 24.0)
-        anterior = (side * (108.0 + 14.0 * t), vb_y - 42.0 + 8.0 * t)
+        # The iliac wing is a curved plate, concave toward the abdomen.
+        wing = [(side * (44.0 - 6.0 * t), vb_y + 24.0), (side * (86.0 + 4.0 * t), vb_y + 8.0),
+                (side * (110.0 + 12.0 * t), vb_y - 40.0 + 8.0 * t)]
         width = 3.0 + 5.0 * t
-        sl.paint(sl.capsule_mask(posterior, anterior, width), 850.0)
-        sl.paint(sl.capsule_mask(posterior, anterior, width - 2.2), 240.0)
+        for p0, p1 in zip(wing[:-1], wing[1:]):
+            sl.paint(sl.capsule_mask(p0, p1, width), 850.0)
+        for p0, p1 in zip(wing[:-1], wing[1:]):
+            sl.paint(sl.capsule_mask(p0, p1, width - 2.2), 240.0)
     if level > 335.0:
         sl.paint(sl.ellipse_mask(0.0, vb_y + 14.0, 34.0 + 10.0 * t, 20.0), 820.0)
         sl.paint(sl.ellipse_mask(0.0, vb_y + 14.0, 31.0 + 10.0 * t, 17.0), 260.0)
@@ -789,7 +805,7 @@ def _paint_spine(sl: _AxialSlice, level: float, vb_y: float, vb_r: float, abdome
     canal_y = cy + vb_r + 9.0
     paraspinal = _lerp(26.0, 30.0, abdomen)
     for side in (-1.0, 1.0):  # erector spinae
-        sl.paint(sl.ellipse_mask(side * 30.0, canal_y + 18.0, paraspinal, 20.0), 52.0)
+        sl.paint(sl.ellipse_mask(side * 30.0, canal_y + 13.0, paraspinal, 16.0), 52.0)
     if phase < 4.5:
         sl.paint(sl.ellipse_mask(cx, cy, vb_r, vb_r * 0.9), 85.0)
     else:
@@ -797,7 +813,7 @@ def _paint_spine(sl: _AxialSlice, level: float, vb_y: float, vb_r: float, abdome
         sl.paint(sl.ellipse_mask(cx, cy, vb_r - 2.2, vb_r * 0.9 - 2.2), 245.0)
     if 7.0 < phase < 24.0:
         sl.paint(sl.ellipse_mask(cx, canal_y, 14.0, 12.5), 650.0)  # pedicles and laminae
-        sl.paint(sl.capsule_mask((0.0, canal_y + 8.0), (0.0, canal_y + 30.0), 4.2), 650.0)
+        sl.paint(sl.capsule_mask((0.0, canal_y + 8.0), (0.0, canal_y + 24.0), 4.2), 650.0)
         if 10.0 < phase < 21.0:
             reach = _lerp(30.0, 40.0, abdomen)
             for side in (-1.0, 1.0):
@@ -807,7 +823,7 @@ def _paint_spine(sl: _AxialSlice, level: float, vb_y: float, vb_r: float, abdome
 
 def _paint_ribs(sl: _AxialSlice, level: float, rho: FloatArray, cy: float, rx: float, ry: float) -> None:
     """Paint obliquely cut ribs and costal cartilage in a ring around the cavity."""
-    if level > 300.0:
+    if level > 330.0:
         return
     ring_width = 9.0 / (0.5 * (rx + ry))
     rows = np.nonzero(((rho > 1.0) & (rho < 1.0 + ring_width)).any(axis=1))[0]
@@ -819,17 +835,17 @@ def _paint_ribs(sl: _AxialSlice, level: float, rho: FloatArray, cy: float, rx: f
     x = sl.coords[None, :]
     y = sl.coords[band][:, None] - cy
     phi = np.abs(np.arctan2(x, y))  # 0 at the spine, pi at the sternum
-    # Ribs descend about 70 mm from their head to their anterior end.
-    phase = (level + 8.0 - 72.0 * (phi / math.pi) ** 1.3) / 23.0
+    # Ribs slope steeply downward from the spine, so each crosses a slice as a short arc.
+    phase = (level + 8.0 - 150.0 * (phi / math.pi) ** 1.5) / 23.0
     index = np.floor(phase + 0.5)
     offset = np.abs(phase - index) * 23.0
-    in_rib = ring & (offset < 5.5) & (index >= 0) & (index < 12) & (phi > 0.28)
+    in_rib = ring & (offset < 4.6) & (index >= 0) & (index < 12) & (phi > 0.28)
     # Floating ribs (11, 12) end laterally; the others continue as cartilage.
     anterior_end = np.where(index >= 10, 1.7, np.where(index >= 8, 2.35, 2.6))
     bone = in_rib & (phi < anterior_end)
     cartilage = in_rib & (phi >= anterior_end) & (phi < 2.95) & (index < 10)
     radial = (r - 1.0) / ring_width
-    cortex = (radial < 0.25) | (radial > 0.72) | (offset > 4.0)
+    cortex = (radial < 0.25) | (radial > 0.72) | (offset > 3.4)
     target = sl.hu[band]
     target[bone] = np.where(cortex[bone], 820.0, 330.0)
     target[cartilage] = 130.0
@@ -1017,8 +1033,29 @@ def _inside(x: FloatArray, y: FloatArray, z: FloatArray, centre: Sequence[float]
     ) <= 1.0
 
 
-_GYRI_WAVES = np.random.default_rng(31).normal(size=(6, 3))
-_GYRI_PHASES = np.random.default_rng(32).uniform(0, 2 * np.pi, 6)
+# Gyral pattern: a random field over surface direction (azimuth, elevation); its zero set
+# marks sulci, which are extruded radially inward so they run perpendicular to the cortex.
+_GYRI_FREQUENCIES = np.random.default_rng(31).uniform(5.0, 11.0, size=(7, 2)) * np.random.default_rng(33).choice([-1, 1], size=(7, 2))
+_GYRI_PHASES = np.random.default_rng(32).uniform(0, 2 * np.pi, 7)
+
+
+def _fold_cortex(labels: np.ndarray, x: FloatArray, y: FloatArray, z: FloatArray, depth: FloatArray) -> np.ndarray:
+    """Carve sulci (CSF lined by grey matter) into the outer shell of the brain."""
+    azimuth = np.arctan2(y, x)
+    elevation = np.arctan2(z - 5.0, np.hypot(x, y))
+    # Warping the direction with depth bends sulci instead of drawing straight spokes.
+    warp = 0.09 * np.sin(depth * 0.32 + elevation * 4.0) + 0.05 * np.sin(azimuth * 9.0 + depth * 0.2)
+    phase = (
+        (azimuth + warp)[:, None] * np.round(_GYRI_FREQUENCIES[:, 0]).astype(np.float32)
+        + (elevation - warp)[:, None] * _GYRI_FREQUENCIES[:, 1].astype(np.float32)
+        + _GYRI_PHASES.astype(np.float32)
+    )
+    folds = np.cos(phase).sum(axis=-1)
+    sulcal_depth = 14.0 + 5.0 * np.cos(azimuth * 3.0 + elevation * 2.0)
+    labels = labels.copy()
+    labels[(depth < sulcal_depth + 3.0) & (np.abs(folds) < 0.8)] = _GREY
+    labels[(depth < sulcal_depth) & (np.abs(folds) < 0.2)] = _CSF
+    return labels
 
 
 def _head_labels(x: FloatArray, y: FloatArray, z: FloatArray) -> np.ndarray:
@@ -1033,10 +1070,20 @@ def _head_labels(x: FloatArray, y: FloatArray, z: FloatArray) -> np.ndarray:
         _ellipsoid_distance(x, y, z, (-42, -6, -30), (22, 36, 20)),  # middle cranial fossae
         _ellipsoid_distance(x, y, z, (42, -6, -30), (22, 36, 20)),
     ])
-    face = _ellipsoid_distance(x, y, z, (0, -52, -52), (60, 50, 46))
+    face = _ellipsoid_distance(x, y, z, (0, -56, -52), (54, 42, 38))
+    neck = (z < -40) & ((x / 50.0) ** 2 + ((y - 14.0) / 54.0) ** 2 <= 1.0)
     temporal = (np.abs(x) > 48) & (z > -25) & (z < 40)
     scalp_outer = np.where(temporal, 15.0, 12.5)
-    labels[(cranium < scalp_outer) | (face < 0)] = _SOFT
+    labels[(cranium < scalp_outer) | (face < 0) | neck] = _SOFT
+    # Cervical spine: vertebral bodies with discs, canal with cord; the pharynx in front.
+    cervical = neck & (z < -58)
+    vertebra = np.mod(z, 17.0) > 4.0  # x, y, z are full arrays after broadcasting
+    body = cervical & ((x / 11.0) ** 2 + ((y - 6.0) / 9.0) ** 2 <= 1.0)
+    labels[body] = np.where(vertebra[body], _DIPLOE, _SOFT)  # cancellous body or disc
+    labels[cervical & ((x / 12.0) ** 2 + ((y - 26.0) / 10.0) ** 2 <= 1.0) & (np.abs(x) + np.abs(y - 26.0) > 9.0)] = _BONE
+    labels[cervical & (((x / 7.0) ** 2 + ((y - 25.0) / 6.5) ** 2) <= 1.0)] = _CSF
+    labels[(z < -45) & ((x / 4.5) ** 2 + ((y - 25.0) / 4.0) ** 2 <= 1.0)] = _WHITE  # spinal cord
+    labels[cervical & ((x / 11.0) ** 2 + ((y + 10.0) / 5.0) ** 2 <= 1.0)] = _SINUS  # pharynx
     labels[(cranium > 8.5) & (cranium < 10.5)] = _FAT
     labels[temporal & (cranium > 7.0) & (cranium < 13.5)] = _MUSCLE
     for side in (-1.0, 1.0):  # ears
@@ -1053,8 +1100,8 @@ def _head_labels(x: FloatArray, y: FloatArray, z: FloatArray) -> np.ndarray:
         petrous = (x * side * 0.707 + (y - 8) * 0.707, -x * side * 0.707 + (y - 8) * 0.707)
         labels[((petrous[0] - 32) / 8) ** 2 + (petrous[1] / 24) ** 2 + ((z + 40) / 7) ** 2 <= 1] = _DENSE_BONE
         mastoid = _inside(x, y, z, (side * 56, 22, -44), (11, 13, 12))
-        cells = np.sin(x * 1.7) * np.sin(y * 1.9) * np.sin(z * 1.5) > 0.1
-        labels[mastoid] = np.where(cells[mastoid], _SINUS, _BONE)
+        cells = np.sin(x[mastoid] * 1.7) * np.sin(y[mastoid] * 1.9) * np.sin(z[mastoid] * 1.5) > 0.1
+        labels[mastoid] = np.where(cells, _SINUS, _BONE)
         labels[(np.abs(z + 36) < 3.5) & (np.abs(np.abs(x) - 62) < 4.5) & (y > -62) & (y < -2) & (side * x > 0)] = _BONE
     nasal = _inside(x, y, z, (0, -64, -38), (15, 24, 22))
     labels[nasal] = np.where(np.abs(x[nasal]) < 1.2, _BONE, _SINUS)
@@ -1064,14 +1111,18 @@ def _head_labels(x: FloatArray, y: FloatArray, z: FloatArray) -> np.ndarray:
 
     brain = cranium < 0
     labels[brain] = _WHITE
-    # Cortex folded into gyri: sulci follow the zero set of a sum of plane waves.
-    p = np.stack([x, y, z], axis=-1) / 7.5
-    folds = np.cos(p @ _GYRI_WAVES.T + _GYRI_PHASES).sum(axis=-1)
-    labels[brain & ((cranium > -4.0) | ((cranium > -19.0) & (np.abs(folds) < 1.1)))] = _GREY
-    labels[brain & ((cranium > -1.0) | ((cranium > -17.0) & (np.abs(folds) < 0.22)))] = _CSF
-    labels[brain & (np.abs(x) < 1.3) & (cranium > -38.0) & ((z > 22) | (np.abs(y) > 45))] = _CSF
-    sylvian = brain & (np.abs(np.abs(x) - 44 - 0.25 * (y + 10)) < 1.6) & (z > -20) & (z < 14) & (y < 15)
-    labels[sylvian] = _CSF
+    depth = -cranium
+    labels[brain & (depth < 3.5)] = _GREY
+    labels[brain & (depth < 1.0)] = _CSF
+    cortex = brain & (depth < 22.0)  # only the outer shell can hold sulci; saves most of the work
+    labels[cortex] = _fold_cortex(labels[cortex], x[cortex], y[cortex], z[cortex], depth[cortex])
+    labels[brain & (np.abs(x) < 1.3) & (depth < 38.0) & ((z > 22) | (np.abs(y) > 45))] = _CSF
+    sylvian = brain & (depth < 18.0) & (np.abs(x) > 30.0) & (z > -22.0) & (z < 10.0)
+    bend = y + 5.0 - 0.35 * (np.abs(x) - 40.0) + 0.03 * (np.abs(x) - 62.0) ** 2
+    labels[sylvian & (np.abs(bend) < 1.0 + 0.1 * (18.0 - depth))] = _CSF
+    # Corpus callosum: a white arch over the lateral ventricles (visible on midline sagittal).
+    callosum = _inside(x, y, z, (0, 0, 14), (9, 38, 16)) & ~_inside(x, y, z, (0, 0, 14), (9, 34, 11))
+    labels[callosum & (z > 10)] = _WHITE
     for side in (-1.0, 1.0):  # deep grey nuclei
         labels[_inside(x, y, z, (side * 13, -15, 12), (6, 10, 8))] = _GREY
         labels[_inside(x, y, z, (side * 23, -3, 1), (6.5, 15, 10))] = _GREY
@@ -1082,9 +1133,12 @@ def _head_labels(x: FloatArray, y: FloatArray, z: FloatArray) -> np.ndarray:
     labels[_inside(x, y, z, (0, 6, -2), (2.6, 13, 8))] = _CSF  # third ventricle
     # Posterior fossa: cerebellum with folia, brainstem with its cisterns.
     cerebellum = _inside(x, y, z, (0, 44, -40), (50, 30, 20)) & brain
-    folia = np.sin((z + 0.25 * np.abs(x)) * 1.4 + y * 0.3) > 0.55
-    labels[cerebellum] = np.where(folia[cerebellum], _WHITE, _GREY)
-    labels[_inside(x, y, z, (0, 12, -22), (22, 19, 11)) & brain] = _CSF
+    cx, cy, cz = x[cerebellum], y[cerebellum], z[cerebellum]
+    arcs = np.sqrt((cx / 50.0) ** 2 + ((cy - 18.0) / 56.0) ** 2)  # folia curve around the fourth ventricle
+    core = ((cx / 22.0) ** 2 + ((cy - 40.0) / 14.0) ** 2 + ((cz + 42.0) / 9.0) ** 2) < 1.0
+    folia = np.sin(arcs * 75.0 + cz * 0.9 + np.sin(cx * 0.15) * 2.0) > 0.7
+    labels[cerebellum] = np.where(core | folia, _WHITE, _GREY)
+    labels[_inside(x, y, z, (0, 12, -22), (17, 16, 10)) & brain] = _CSF
     labels[_inside(x, y, z, (0, 14, -28), (14, 12, 30))] = _WHITE
     labels[_inside(x, y, z, (0, 30, -42), (6, 4, 6))] = _CSF  # fourth ventricle
     return labels
@@ -1137,3 +1191,762 @@ def _render_mr(
     return out
 
 
+# --------------------------------------------------------------------------------------
+# Chest radiograph (analytic projection radiography)
+# --------------------------------------------------------------------------------------
+
+_XR_ROWS, _XR_COLS = 2500, 2048  # 43.75 x 35.8 cm detector
+_XR_PIXEL_MM = 0.175
+_XR_COARSE = 4  # smooth anatomy is computed on a 4x coarser grid and upsampled
+_MU_SOFT = 0.02  # water-equivalent attenuation per mm (arbitrary effective energy)
+_MU_BONE = 0.05
+
+
+def _soft_step(distance: FloatArray, width: float = 1.5) -> FloatArray:
+    """Smooth 0..1 edge of a structure: 1 where ``distance`` (mm, inside positive) > width."""
+    return (0.5 * (1.0 + np.tanh(distance / width))).astype(np.float32)
+
+
+def _tube_chord(d2: FloatArray, radius: float, cortex: float, marrow: float) -> FloatArray:
+    """Projected thickness of a hollow bone cylinder: bright cortical edges, dimmer middle."""
+    outer = np.sqrt(np.maximum(radius * radius - d2, 0.0))
+    inner_r = max(radius - cortex, 0.0)
+    inner = np.sqrt(np.maximum(inner_r * inner_r - d2, 0.0))
+    return (2.0 * (outer - inner) + 2.0 * inner * marrow).astype(np.float32)
+
+
+class _Radiograph:
+    """Attenuation line integrals of a projection radiograph being composed (u right, v down, mm)."""
+
+    def __init__(self) -> None:
+        """Create a blank detector: coarse smooth layer, fine bone and vessel layers."""
+        rows, cols = _XR_ROWS // _XR_COARSE, _XR_COLS // _XR_COARSE
+        step = _XR_PIXEL_MM * _XR_COARSE
+        self.u = ((np.arange(cols) - (cols - 1) / 2.0) * step).astype(np.float32)[None, :]
+        self.v = ((np.arange(rows) + 0.5) * step).astype(np.float32)[:, None]
+        self.soft = np.zeros((rows, cols), np.float32)
+        self.lung = np.zeros((rows, cols), np.float32)
+        self.bone = np.zeros((_XR_ROWS, _XR_COLS), np.float32)
+        self.vessels = np.zeros((_XR_ROWS, _XR_COLS), np.float32)
+
+    @staticmethod
+    def _col(u: float) -> float:
+        """Fine column index of horizontal position ``u``."""
+        return u / _XR_PIXEL_MM + (_XR_COLS - 1) / 2.0
+
+    @staticmethod
+    def _row(v: float) -> float:
+        """Fine row index of vertical position ``v``."""
+        return v / _XR_PIXEL_MM - 0.5
+
+    def add_tube(
+        self, layer: FloatArray, points: Sequence[tuple[float, float]] | FloatArray,
+        radius: float, cortex: float, mu: float, marrow: float = 0.35, overlap: bool = True,
+    ) -> None:
+        """Add a tubular structure (rib, clavicle, vessel) along a polyline at full resolution.
+
+        With ``overlap=False`` the structure is merged with a maximum instead of a sum, so
+        branching vessels do not produce bright spots where branches meet.
+        """
+        pts = np.asarray(points, np.float32).reshape(-1, 2)
+        c0 = max(int(self._col(pts[:, 0].min() - radius)), 0)
+        c1 = min(int(self._col(pts[:, 0].max() + radius)) + 2, _XR_COLS)
+        r0 = max(int(self._row(pts[:, 1].min() - radius)), 0)
+        r1 = min(int(self._row(pts[:, 1].max() + radius)) + 2, _XR_ROWS)
+        if c0 >= c1 or r0 >= r1:
+            return
+        # Minimum distance to the polyline, so joints between segments are not counted twice.
+        d2 = np.full((r1 - r0, c1 - c0), np.inf, np.float32)
+        segments = zip(pts[:-1], pts[1:]) if len(pts) > 1 else [(pts[0], pts[0])]
+        for (u0, v0), (u1, v1) in segments:
+            sc0 = max(int(self._col(min(u0, u1) - radius)), c0)
+            sc1 = min(int(self._col(max(u0, u1) + radius)) + 2, c1)
+            sr0 = max(int(self._row(min(v0, v1) - radius)), r0)
+            sr1 = min(int(self._row(max(v0, v1) + radius)) + 2, r1)
+            if sc0 >= sc1 or sr0 >= sr1:
+                continue
+            pu = ((np.arange(sc0, sc1) - (_XR_COLS - 1) / 2.0) * _XR_PIXEL_MM - u0).astype(np.float32)[None, :]
+            pv = ((np.arange(sr0, sr1) + 0.5) * _XR_PIXEL_MM - v0).astype(np.float32)[:, None]
+            su, sv = float(u1 - u0), float(v1 - v0)
+            t = np.clip((pu * su + pv * sv) / max(su * su + sv * sv, 1e-6), 0.0, 1.0)
+            dist = (pu - t * su) ** 2 + (pv - t * sv) ** 2
+            window = d2[sr0 - r0 : sr1 - r0, sc0 - c0 : sc1 - c0]
+            np.minimum(window, dist, out=window)
+        chord = _tube_chord(d2, radius, cortex, marrow) * np.float32(mu)
+        if overlap:
+            layer[r0:r1, c0:c1] += chord
+        else:
+            np.maximum(layer[r0:r1, c0:c1], chord, out=layer[r0:r1, c0:c1])
+
+    def ellipse(self, cu: float, cv: float, ru: float, rv: float, angle_deg: float = 0.0) -> FloatArray:
+        """Soft-edged ellipse mask on the coarse grid."""
+        c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
+        du, dv = self.u - cu, self.v - cv
+        q = np.sqrt(((du * c + dv * s) / ru) ** 2 + ((dv * c - du * s) / rv) ** 2)
+        return _soft_step((1.0 - q) * min(ru, rv))
+
+    def capsule(self, p0: tuple[float, float], p1: tuple[float, float], radius: float) -> FloatArray:
+        """Soft-edged capsule mask on the coarse grid."""
+        su, sv = p1[0] - p0[0], p1[1] - p0[1]
+        pu, pv = self.u - p0[0], self.v - p0[1]
+        t = np.clip((pu * su + pv * sv) / (su * su + sv * sv), 0.0, 1.0)
+        return _soft_step(radius - np.sqrt((pu - t * su) ** 2 + (pv - t * sv) ** 2))
+
+    def add_vessel_tree(
+        self, hilum: tuple[float, float], angles: Sequence[float], rng: np.random.Generator, radius: float = 3.4
+    ) -> None:
+        """Branching pulmonary vessels radiating from a hilum, tapering to the periphery."""
+
+        def branch(start: FloatArray, angle: float, length: float, radius: float, depth: int) -> None:
+            bend = rng.normal(0.0, 0.2)
+            points = [start]
+            for step in range(1, 5):  # gently curving vessel
+                heading = angle + bend * step / 4.0
+                points.append(points[-1] + 0.25 * length * np.array([math.cos(heading), math.sin(heading)]))
+            end = points[-1]
+            self.add_tube(self.vessels, points, radius, radius, _MU_SOFT * 2.5, 1.0, overlap=False)
+            if depth:
+                for turn in (-1.0, 1.0):
+                    branch(end, angle + bend + turn * rng.uniform(0.2, 0.5), length * rng.uniform(0.7, 0.85),
+                           radius * 0.76, depth - 1)
+
+        for angle in angles:
+            start = np.array(hilum, np.float64) + 10.0 * np.array([math.cos(angle), math.sin(angle)])
+            branch(start, angle, 32.0, radius, 5)
+
+    def add_marker(self, letter: str, u: float, v: float) -> None:
+        """Burn in a lead side marker (``R``/``L``) that blocks the beam."""
+        font = ImageFont.load_default(size=110)
+        canvas = Image.new("L", (120, 130), 0)
+        ImageDraw.Draw(canvas).text((14, 2), letter, fill=255, font=font)
+        glyph = np.asarray(canvas, np.float32) / 255.0
+        row, col = int(self._row(v)), int(self._col(u))
+        self.bone[row : row + glyph.shape[0], col : col + glyph.shape[1]] += glyph * 12.0
+
+    def detector_image(self, seed: str) -> np.ndarray:
+        """Convert attenuation to processed 12-bit MONOCHROME1 values (low = white)."""
+        full = (_XR_ROWS, _XR_COLS)
+        attenuation = _resize(self.soft, full) + self.bone + self.vessels * _resize(self.lung, full)
+        # Typical CR/DR processing: compress the large-scale dynamic range, boost fine detail.
+        coarse = attenuation.reshape(_XR_ROWS // 4, 4, _XR_COLS // 4, 4).mean(axis=(1, 3))
+        base = _resize(_box_blur(coarse, 10), full)
+        processed = 0.72 * base + 1.5 * (attenuation - base)
+        rng = _rng(seed, "quantum-noise")
+        noise = rng.standard_normal(full, dtype=np.float32) * np.float32(9.0)
+        pixels = 3650.0 - 600.0 * processed + noise
+        # Collimator shadow: unexposed border, shown white on MONOCHROME1.
+        margin_rows, margin_cols = int(8 / _XR_PIXEL_MM), int(6 / _XR_PIXEL_MM)
+        pixels[:margin_rows] = pixels[-margin_rows:] = 180.0
+        pixels[:, :margin_cols] = pixels[:, -margin_cols:] = 180.0
+        return np.clip(np.rint(pixels), 0, 4095).astype(np.uint16)
+
+
+def _lung_lateral_edge(v: FloatArray | float) -> FloatArray:
+    """Distance (mm) of the lateral lung margin from the midline at height ``v`` (PA view)."""
+    return 60.0 + 84.0 * np.sqrt(np.clip((np.asarray(v, np.float32) - 40.0) / 230.0, 0.0, 1.0))
+
+
+def _add_lung_texture(xr: _Radiograph, lung: FloatArray, seed: int, amount: float) -> None:
+    """Faint blotchy parenchymal texture so the lungs are not perfectly smooth."""
+    rng = np.random.default_rng(seed)
+    texture = _box_blur(rng.standard_normal(lung.shape).astype(np.float32), 2, passes=2)
+    xr.soft += amount * texture / (texture.std() + 1e-6) * np.clip(lung / 80.0, 0.0, 1.0)
+
+
+def _chest_pa(heart_scale: float = 1.0) -> _Radiograph:
+    """Compose a PA chest radiograph (patient's right on the image left).
+
+    ``heart_scale`` > 1 enlarges the cardiac silhouette (cardiomegaly variant).
+    """
+    xr = _Radiograph()
+    u, v = xr.u, xr.v
+    au = np.abs(u)
+    half_width = 60.0 + 106.0 * _smoothstep(v, 28.0, 100.0) - 12.0 * _smoothstep(v, 340.0, 437.0)
+    depth = 120.0 + 110.0 * _smoothstep(v, 25.0, 110.0) + 15.0 * _smoothstep(v, 300.0, 420.0)
+    xr.soft += _MU_SOFT * depth * np.sqrt(np.clip(1.0 - (u / half_width) ** 2, 0.0, 1.0))
+    arms = 80.0 * np.sqrt(np.clip(1.0 - ((au - 196.0) / 34.0) ** 2, 0.0, 1.0)) * _smoothstep(v, 50.0, 110.0)
+    xr.soft += _MU_SOFT * arms
+
+    lung = np.zeros_like(xr.soft)
+    lateral = _lung_lateral_edge(v)
+    for side, dome_top, dome_u in ((-1.0, 284.0, -58.0), (1.0, 298.0, 64.0)):
+        su = u * side
+        apex = 40.0 + 0.012 * (su - 62.0) ** 2
+        medial = 16.0 + 12.0 * _smoothstep(v, 60.0, 200.0)
+        dome = dome_top + 0.009 * (u - dome_u) ** 2
+        inside = _soft_step(v - apex) * _soft_step(lateral - su) * _soft_step(su - medial) * _soft_step(dome - v, 1.0)
+        centre, width = (lateral + medial) / 2.0, np.maximum((lateral - medial) / 2.0, 1.0)
+        across = np.sqrt(np.clip(1.0 - ((su - centre) / (width * 1.15)) ** 2, 0.0, 1.0))
+        vertical = np.sqrt(np.clip((v - apex) / 80.0, 0.0, 1.0)) * (0.5 + 0.5 * np.clip((dome - v) / 70.0, 0.0, 1.0))
+        lung += inside * 170.0 * across * vertical
+        # Posterior costophrenic recess: a little aerated lung projects below the dome.
+        lung += 25.0 * _soft_step(v - dome) * _soft_step(dome + 30.0 - v, 6.0) * _soft_step(lateral - su) * _soft_step(su - 40.0)
+    s = heart_scale
+    heart = np.maximum.reduce([
+        xr.ellipse(26.0 * s, 258.0, 60.0 * s, 50.0, 22.0),  # ventricles
+        xr.ellipse(-26.0 - 6.0 * (s - 1.0) * 60.0, 244.0, 26.0 * s, 36.0),  # right atrium border
+        xr.ellipse(62.0 * s, 276.0, 40.0 * s, 34.0, 30.0),  # left ventricular apex
+        xr.ellipse(34.0, 206.0, 16.0, 18.0),  # pulmonary trunk / left atrial appendage
+    ])
+    knob = xr.ellipse(30.0, 168.0, 16.0, 16.0)
+    hila = xr.ellipse(-44.0, 205.0, 16.0, 24.0) + xr.ellipse(46.0, 198.0, 16.0, 24.0)
+    lung *= (1.0 - 0.82 * heart) * (1.0 - 0.7 * knob) * (1.0 - 0.2 * hila)
+    xr.soft -= _MU_SOFT * 0.82 * lung
+    xr.lung = np.clip(lung / 60.0, 0.0, 1.0)
+    _add_lung_texture(xr, lung, 11, 0.035)
+
+    airway = np.maximum.reduce([
+        xr.capsule((0.0, -10.0), (2.0, 178.0), 8.5),
+        xr.capsule((2.0, 178.0), (-30.0, 210.0), 6.0),
+        xr.capsule((2.0, 178.0), (32.0, 204.0), 5.5),
+    ])
+    xr.soft -= _MU_SOFT * 0.9 * 16.0 * airway
+    xr.soft -= _MU_SOFT * 0.9 * 30.0 * xr.ellipse(70.0, 316.0, 26.0, 11.0)  # gastric bubble
+
+    vertebra = (v - 40.0) % 25.0
+    lumbar = _smoothstep(v, 260.0, 330.0)  # the spine shows through more below the heart
+    spine = _soft_step(20.0 - au) * (1.0 - 0.4 * _soft_step(2.5 - np.abs(vertebra - 1.5), 0.8))
+    xr.soft += (0.22 + 0.25 * lumbar) * spine
+    for side in (-1.0, 1.0):  # pedicles
+        xr.soft += 0.12 * _soft_step(4.0 - np.hypot(u - side * 13.0, (vertebra - 12.0) * 0.7), 0.8)
+
+    for side in (-1.0, 1.0):
+        for k in range(10):
+            v0 = 50.0 + 22.5 * k
+            drop_lateral, drop_anterior = 18.0 + 3.0 * k, 24.0 + 5.0 * k
+            reach = float(_lung_lateral_edge(v0 + drop_lateral)) + 4.0
+            # Posterior rib: out from the spine, rising slightly, then curving down the flank.
+            theta = np.linspace(0.0, math.radians(105.0), 28)
+            us = 18.0 + (reach - 18.0) * np.sin(theta)
+            vs = v0 - 10.0 * np.sin(theta) + (drop_lateral + 10.0) * (1.0 - np.cos(theta))
+            xr.add_tube(xr.bone, np.column_stack([side * us, vs]), 4.3 + 0.12 * k, 1.3, _MU_BONE)
+            if k < 7:  # anterior ribs run down and medially to the costal cartilages
+                t = np.linspace(0.0, 1.0, 18)
+                lateral_point = (reach - 6.0, vs[-1])
+                end = (46.0 + 2.0 * k, lateral_point[1] + drop_anterior)
+                ua = lateral_point[0] + (end[0] - lateral_point[0]) * t
+                va = lateral_point[1] + (end[1] - lateral_point[1]) * t + 8.0 * np.sin(np.pi * t)
+                xr.add_tube(xr.bone, np.column_stack([side * ua, va]), 5.5, 0.9, _MU_BONE * 0.5)
+        us = np.linspace(14.0, 150.0, 30)  # clavicle: gentle S from sternum to acromion
+        t = (us - 14.0) / 136.0
+        xr.add_tube(xr.bone, np.column_stack([side * us, 84.0 - 30.0 * t + 9.0 * np.sin(2 * np.pi * t)]),
+                    7.5, 2.2, _MU_BONE * 1.1)
+        vs = np.linspace(72.0, 215.0, 16)  # medial border of the scapula
+        xr.add_tube(xr.bone, np.column_stack([side * (118.0 + 0.1 * (vs - 72.0)), vs]), 2.5, 1.2, _MU_BONE * 0.6)
+        xr.add_tube(xr.bone, [(side * 184.0, 96.0)], 27.0, 2.5, _MU_BONE * 0.8, 0.45)  # humeral head
+    rng = np.random.default_rng(4)
+    fan = (-1.35, -0.95, -0.55, -0.15, 0.25, 0.65, 1.05, 1.4)
+    xr.add_vessel_tree((-44.0, 205.0), [math.pi - a for a in fan], rng)
+    xr.add_vessel_tree((46.0, 198.0), fan, rng)
+    xr.add_marker("R", -160.0, 22.0)
+    return xr
+
+
+def _chest_lateral() -> _Radiograph:
+    """Compose a left lateral chest radiograph (anterior on the image left)."""
+    xr = _Radiograph()
+    u, v = xr.u, xr.v
+    centre = 25.0 * (1.0 - _smoothstep(v, 30.0, 110.0))  # the neck sits posteriorly
+    half_depth = 58.0 + 60.0 * _smoothstep(v, 25.0, 110.0) + 6.0 * _smoothstep(v, 300.0, 420.0)
+    width = 120.0 + 220.0 * _smoothstep(v, 25.0, 95.0) - 40.0 * _smoothstep(v, 110.0, 220.0)
+    xr.soft += _MU_SOFT * width * np.sqrt(np.clip(1.0 - ((u - centre) / half_depth) ** 2, 0.0, 1.0))
+
+    lung = np.zeros_like(xr.soft)
+    for dome_shift in (0.0, 14.0):  # right and left lungs superimpose; domes differ slightly
+        anterior = -100.0 + 0.04 * (v - 60.0)
+        posterior = 90.0 - 0.02 * np.abs(v - 220.0)
+        apex = 40.0 + 0.01 * (u - 10.0) ** 2
+        # Domes peak in the anterior third and sweep down into the deep posterior sulcus.
+        dome = 258.0 + dome_shift + np.where(
+            u > -45.0, 88.0 * ((u + 45.0) / 135.0) ** 2, 14.0 * ((u + 45.0) / 55.0) ** 2
+        )
+        inside = _soft_step(v - apex) * _soft_step(u - anterior) * _soft_step(posterior - u) * _soft_step(dome - v, 1.0)
+        vertical = np.sqrt(np.clip((v - apex) / 80.0, 0.0, 1.0)) * (0.5 + 0.5 * np.clip((dome - v) / 50.0, 0.0, 1.0))
+        across = np.sqrt(np.clip(1.0 - ((u + 5.0) / 110.0) ** 2, 0.15, 1.0))
+        lung += inside * 105.0 * vertical * across
+    heart = np.maximum(xr.ellipse(-42.0, 264.0, 56.0, 62.0, -15.0), xr.ellipse(-8.0, 236.0, 30.0, 30.0))
+    aorta = np.maximum.reduce([
+        xr.capsule((-38.0, 205.0), (-24.0, 158.0), 12.0),
+        xr.capsule((-24.0, 158.0), (8.0, 146.0), 11.0),
+        xr.capsule((8.0, 146.0), (30.0, 176.0), 10.5),
+        xr.capsule((30.0, 176.0), (32.0, 300.0), 10.0),
+    ])
+    hilum = xr.ellipse(4.0, 200.0, 20.0, 24.0)
+    lung *= (1.0 - 0.78 * heart) * (1.0 - 0.15 * aorta) * (1.0 - 0.25 * hilum)
+    xr.soft -= _MU_SOFT * 0.82 * lung
+    xr.lung = np.clip(lung / 60.0, 0.0, 1.0)
+    _add_lung_texture(xr, lung, 12, 0.03)
+    xr.soft -= _MU_SOFT * 0.9 * 18.0 * xr.capsule((-12.0, -10.0), (6.0, 185.0), 8.5)  # trachea
+    xr.soft -= _MU_SOFT * 0.9 * 30.0 * xr.ellipse(-30.0, 292.0, 24.0, 10.0)  # gastric bubble
+
+    front = 22.0 + 12.0 * np.sin(np.pi * v / 500.0)  # anterior border of the vertebral bodies
+    vertebra = (v - 30.0) % 26.0
+    within_body = _soft_step(u - front) * _soft_step(front + 32.0 - u)
+    body = within_body * (0.7 + 0.3 * _soft_step(np.abs(vertebra - 2.0) - 2.0, 0.6))
+    endplate = within_body * _soft_step(1.5 - np.abs(np.abs(vertebra - 2.0) - 3.5), 0.6)
+    posterior_elements = _soft_step(u - front - 36.0) * _soft_step(front + 72.0 - u)
+    xr.soft += 0.55 * body + 0.25 * endplate + 0.25 * posterior_elements
+
+    sternum = [(-114.0, 74.0), (-110.0, 120.0), (-106.0, 190.0), (-101.0, 258.0)]
+    xr.add_tube(xr.bone, sternum, 5.0, 1.6, _MU_BONE * 0.6)
+    for shift, scale in ((0.0, 1.0), (7.0, 1.06)):  # near- and far-side ribs (magnified)
+        for k in range(10):
+            v0 = 60.0 + 23.0 * k + shift
+            us = np.linspace(86.0, -86.0, 24)
+            t = (86.0 - us) / 172.0
+            vs = v0 + scale * (70.0 * t**1.4 - 10.0 * np.sin(np.pi * t))
+            xr.add_tube(xr.bone, np.column_stack([us, vs]), 4.5, 1.2, _MU_BONE * 0.4)
+    rng = np.random.default_rng(8)
+    xr.add_vessel_tree((4.0, 200.0), (-2.6, -2.0, -1.3, -0.5, 0.3, 1.2, 2.0), rng, radius=2.4)
+    xr.add_marker("L", -160.0, 22.0)
+    return xr
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    """Build a Code Sequence Macro item."""
+    item = Dataset()
+    item.CodeValue = value
+    item.CodingSchemeDesignator = scheme
+    item.CodeMeaning = meaning
+    return item
+
+
+_XR_VIEWS = {
+    "PA": ("PA", ["L", "F"], _code("272479007", "SCT", "postero-anterior")),
+    "LL": ("LL", ["P", "F"], _code("399173006", "SCT", "left lateral")),
+}
+
+
+def _dx_dataset(series: _Series, instance: int, pixels: np.ndarray, view: str) -> Dataset:
+    """Build one DX For Presentation chest image (MONOCHROME1, 12 bits)."""
+    ds = _base_dataset(series, instance)
+    position, orientation, view_code = _XR_VIEWS[view]
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.PresentationIntentType = "FOR PRESENTATION"
+    ds.ViewPosition = position
+    ds.ViewCodeSequence = DicomSequence([view_code])
+    ds.PatientOrientation = orientation
+    ds.ImageLaterality = "U"
+    ds.AnatomicRegionSequence = DicomSequence([_code("816094009", "SCT", "Chest")])
+    ds.KVP = "120" if view == "PA" else "125"
+    ds.ExposureTime = 8 if view == "PA" else 16
+    ds.XRayTubeCurrent = 320
+    ds.DistanceSourceToDetector = "1800"
+    ds.DistanceSourceToPatient = "1650"
+    ds.EstimatedRadiographicMagnificationFactor = "1.09"
+    ds.DetectorType = "SCINTILLATOR"
+    ds.ImagerPixelSpacing = [_ds_number(_XR_PIXEL_MM)] * 2
+    _set_monochrome_pixels(ds, pixels, 12, "MONOCHROME1")
+    ds.PixelIntensityRelationship = "LOG"
+    ds.PixelIntensityRelationshipSign = 1
+    ds.RescaleIntercept = "0"
+    ds.RescaleSlope = "1"
+    ds.RescaleType = "US"
+    ds.WindowCenter = "2150"
+    ds.WindowWidth = "3300"
+    ds.WindowCenterWidthExplanation = "DEFAULT"
+    ds.LossyImageCompression = "00"
+    return ds
+
+
+def _write_chest_radiographs(
+    out_dir: pathlib.Path, study: _Study, views: Sequence[str], transfer_syntax_uid: str, progress: Progress | None
+) -> list[pathlib.Path]:
+    """Write a chest radiograph series with one instance per view."""
+    series = _Series(study, 1, "DX", "CHEST " + "/".join(views), DigitalXRayImageStorageForPresentation,
+                     "DemoMed", "SynthDR 43", study.time)
+    paths = []
+    for instance, view in enumerate(views, start=1):
+        xr = _chest_pa() if view == "PA" else _chest_lateral()
+        ds = _dx_dataset(series, instance, xr.detector_image(f"{study.key}-{view}"), view)
+        paths.append(_write_part10(ds, out_dir / f"IM{instance:04d}.dcm", transfer_syntax_uid))
+        if progress is not None:
+            progress(1)
+    return paths
+
+
+# --------------------------------------------------------------------------------------
+# Colour Doppler ultrasound cine
+# --------------------------------------------------------------------------------------
+
+_US_ROWS, _US_COLS, _US_FRAMES, _US_FPS = 480, 640, 40, 20
+_US_APEX = (320.0, 44.0)  # (column, row) of the virtual sector apex
+_US_MM_PER_PX = 0.4
+_US_DEPTH_PX = 400  # 16 cm
+_US_HALF_ANGLE = math.radians(36.0)
+_US_BEAMS = 160
+
+
+def _us_tissue(x: FloatArray, y: FloatArray, r: FloatArray) -> FloatArray:
+    """Echogenicity of a liver scan with portal and hepatic veins and the diaphragm (mm)."""
+    echo = np.full(np.broadcast_shapes(x.shape, y.shape), 0.8, np.float32)
+    echo = np.where(r < 2.0, 1.6, echo)
+    echo = np.where((r >= 2.0) & (r < 13.0), 0.35 + 0.5 * (np.sin(r * 2.1) > 0.93), echo)
+    echo = np.where((r >= 13.0) & (r < 25.0), 0.55 + 0.25 * np.sin(r * 3.0 + x * 0.05), echo)
+    echo = np.where((r >= 25.0) & (r < 26.6), 1.7, echo)  # liver capsule
+    portal = np.abs(y - (74.0 + 0.25 * x)) / math.hypot(1.0, 0.25)
+    echo = np.where(np.abs(portal - 6.5) < 1.0, 1.9, echo)  # echogenic portal wall
+    echo = np.where(portal < 5.6, 0.02, echo)
+    hepatic = np.abs(y - (108.0 - 0.6 * x)) / math.hypot(1.0, 0.6)
+    echo = np.where((hepatic < 4.2) & (x > -40.0), 0.03, echo)
+    diaphragm = 140.0 - 0.004 * x * x
+    echo = np.where(np.abs(y - diaphragm) < 1.6, 2.2, echo)
+    echo = np.where(y > diaphragm + 1.6, 0.55, echo)  # mirror-image artefact beyond it
+    return echo * (1.0 - 0.0022 * r)  # imperfect depth gain compensation
+
+
+def _us_portal_flow(x: FloatArray, y: FloatArray, frame: int) -> FloatArray:
+    """Doppler velocity toward the probe (cm/s) in the portal vein; a bolus travels along it."""
+    axis = np.array([1.0, 0.25]) / math.hypot(1.0, 0.25)
+    distance = np.abs(y - (74.0 + 0.25 * x)) / math.hypot(1.0, 0.25)
+    along = x * axis[0] + (y - 74.0) * axis[1]
+    speed = 18.0 * np.clip(1.0 - (distance / 5.6) ** 2, 0.0, 1.0)
+    centre = -40.0 + 3.2 * (frame % 30)
+    bolus = 0.35 + 0.65 * np.exp(-(((along - centre) / 14.0) ** 2))
+    pulse = 0.85 + 0.15 * math.sin(2 * math.pi * frame / 20.0)
+    # Flow heads along +axis (hepatopetal); beams point away from the apex.
+    r = np.hypot(x, y) + 1e-6
+    toward = -(axis[0] * x / r + axis[1] * y / r)
+    return speed * bolus * pulse * toward * (distance < 5.6)
+
+
+def _doppler_colour(velocity: FloatArray) -> FloatArray:
+    """Colour map: dark red to yellow toward the probe, dark blue to cyan away (RGB 0..255)."""
+    level = np.clip(np.abs(velocity) / 20.0, 0.0, 1.0)
+    toward = np.stack([110.0 + 145.0 * level, 190.0 * level**2, 10.0 * level], axis=-1)
+    away = np.stack([10.0 * level, 170.0 * level**2, 110.0 + 145.0 * level], axis=-1)
+    return np.where((velocity > 0)[..., None], toward, away).astype(np.float32)
+
+
+def _us_overlay() -> tuple[np.ndarray, np.ndarray]:
+    """Burned-in annotation layer (RGB, mask): labels, depth scale and colour bar."""
+    image = Image.new("RGB", (_US_COLS, _US_ROWS), (0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default(size=13)
+    text_colour = (215, 215, 215)
+    for row, text in enumerate(("DEMO GENERAL HOSPITAL", "C5-1  Abdomen", "Liver  Color", "4.0 MHz  D 16 cm")):
+        draw.text((8, 6 + 16 * row), text, fill=text_colour, font=font)
+    for row, text in enumerate(("FR 20 Hz", "Gn 52", "CF 62%  PRF 1.5k", "MI 1.1  TIS 0.4")):
+        draw.text((8, 400 + 16 * row), text, fill=text_colour, font=font)
+    for cm in range(17):  # depth scale beside the sector, one tick per centimetre
+        row = _US_APEX[1] + cm * 10.0 / _US_MM_PER_PX
+        size = 4 if cm % 5 == 0 else 2
+        draw.rectangle((572, row - size / 2, 572 + size, row + size / 2), fill=text_colour)
+        if cm % 5 == 0 and cm:
+            draw.text((582, row - 7), str(cm), fill=text_colour, font=font)
+    bar = _doppler_colour(np.linspace(20.0, -20.0, 100)).astype(np.uint8)
+    bar[48:52] = 0  # no colour around zero velocity (wall filter)
+    for i, colour in enumerate(bar):
+        draw.line((614, 70 + i, 626, 70 + i), fill=tuple(int(c) for c in colour))
+    draw.text((604, 52), "+20", fill=text_colour, font=font)
+    draw.text((606, 174), "-20", fill=text_colour, font=font)
+    draw.text((598, 190), "cm/s", fill=text_colour, font=font)
+    rgb = np.asarray(image, np.uint8)
+    return rgb, rgb.any(axis=-1)
+
+
+def _render_us_cine(seed: str) -> np.ndarray:
+    """Render the sector-scan colour Doppler cine as uint8 RGB frames (F, rows, cols, 3)."""
+    rng = _rng(seed, "speckle")
+    margin = 24  # extra depth samples so the speckle can slide with the breathing liver
+
+    def speckle_field() -> FloatArray:
+        # Complex Gaussian scatter, correlated more across beams (beam width) than in depth.
+        field = rng.standard_normal((_US_DEPTH_PX + 2 * margin, _US_BEAMS, 2)).astype(np.float32)
+        field = (field + np.roll(field, 1, axis=0)) / 2.0
+        field = (field + np.roll(field, 1, axis=1) + np.roll(field, -1, axis=1)) / 3.0
+        return np.hypot(field[..., 0], field[..., 1]) / 0.5
+
+    speckle, drift = speckle_field(), speckle_field()
+    radius = np.arange(_US_DEPTH_PX, dtype=np.float32)[:, None]
+    theta = np.linspace(-_US_HALF_ANGLE, _US_HALF_ANGLE, _US_BEAMS, dtype=np.float32)[None, :]
+    r_mm = radius * _US_MM_PER_PX
+    x_mm, y_mm = r_mm * np.sin(theta), r_mm * np.cos(theta)
+
+    # Scan conversion: each display pixel samples the polar grid (linear across beams).
+    rows = np.arange(_US_ROWS, dtype=np.float32)[:, None] - _US_APEX[1]
+    cols = np.arange(_US_COLS, dtype=np.float32)[None, :] - _US_APEX[0]
+    pix_r = np.hypot(rows, cols)
+    pix_theta = np.arctan2(cols, rows)
+    sector = (pix_r < _US_DEPTH_PX - 1) & (np.abs(pix_theta) <= _US_HALF_ANGLE) & (rows > 0)
+    beam = (pix_theta + _US_HALF_ANGLE) / (2 * _US_HALF_ANGLE) * (_US_BEAMS - 1)
+    b0 = np.clip(np.floor(beam).astype(np.int32), 0, _US_BEAMS - 2)
+    wb = np.clip(beam - b0, 0.0, 1.0)
+    r_idx = np.clip(np.rint(pix_r).astype(np.int32), 0, _US_DEPTH_PX - 1)
+    pix_x, pix_y = pix_r * _US_MM_PER_PX * np.sin(pix_theta), pix_r * _US_MM_PER_PX * np.cos(pix_theta)
+
+    box_theta = (math.radians(-14.0), math.radians(14.0))
+    box_r = (50.0 / _US_MM_PER_PX, 100.0 / _US_MM_PER_PX)
+    in_theta = (pix_theta > box_theta[0]) & (pix_theta < box_theta[1])
+    in_depth = (pix_r > box_r[0]) & (pix_r < box_r[1])
+    in_box = in_theta & in_depth & sector
+    arcs = (np.minimum(np.abs(pix_r - box_r[0]), np.abs(pix_r - box_r[1])) < 0.7) & in_theta
+    edges = (np.minimum(np.abs(pix_theta - box_theta[0]), np.abs(pix_theta - box_theta[1])) * pix_r < 0.7) & in_depth
+    outline = (arcs | edges) & sector
+    overlay, overlay_mask = _us_overlay()
+
+    frames = np.zeros((_US_FRAMES, _US_ROWS, _US_COLS, 3), np.uint8)
+    for frame in range(_US_FRAMES):
+        breath = 5.0 * math.sin(2 * math.pi * frame / _US_FRAMES)  # liver slides with respiration
+        shift = int(round(breath / _US_MM_PER_PX))
+        mix = 0.25 * math.sin(math.pi * frame / _US_FRAMES)  # slow speckle decorrelation
+        scatter = (1 - mix) * speckle[margin - shift : margin - shift + _US_DEPTH_PX] + mix * drift[margin:-margin]
+        signal = _us_tissue(x_mm, y_mm - breath, r_mm) * scatter
+        grey = np.clip((20.0 * np.log10(signal + 1e-3) + 30.0) / 40.0, 0.0, 1.0) ** 1.1 * 235.0
+        grey = grey[r_idx, b0] * (1 - wb) + grey[r_idx, b0 + 1] * wb
+        image = np.repeat(np.where(sector, grey, 0.0)[..., None], 3, axis=-1)
+        velocity = _us_portal_flow(pix_x, pix_y - breath, frame)
+        flow = in_box & (np.abs(velocity) > 2.0)
+        image[flow] = _doppler_colour(velocity[flow])
+        image[outline] = 190.0
+        image[overlay_mask] = overlay[overlay_mask]
+        frames[frame] = np.clip(image, 0, 255).astype(np.uint8)
+    return frames
+
+
+def _us_regions() -> DicomSequence:
+    """Calibration of the 2-D sector so viewers can measure in centimetres."""
+    region = Dataset()
+    region.RegionSpatialFormat = 1  # 2D tissue image
+    region.RegionDataType = 2  # colour flow
+    region.RegionFlags = 0
+    region.RegionLocationMinX0 = int(_US_APEX[0] - math.sin(_US_HALF_ANGLE) * _US_DEPTH_PX)
+    region.RegionLocationMinY0 = int(_US_APEX[1])
+    region.RegionLocationMaxX1 = int(_US_APEX[0] + math.sin(_US_HALF_ANGLE) * _US_DEPTH_PX)
+    region.RegionLocationMaxY1 = int(_US_APEX[1] + _US_DEPTH_PX)
+    region.PhysicalUnitsXDirection = 3  # cm
+    region.PhysicalUnitsYDirection = 3
+    region.ReferencePixelX0 = int(_US_APEX[0])
+    region.ReferencePixelY0 = int(_US_APEX[1])
+    region.PhysicalDeltaX = _US_MM_PER_PX / 10.0
+    region.PhysicalDeltaY = _US_MM_PER_PX / 10.0
+    return DicomSequence([region])
+
+
+def _jpeg_baseline_frames(frames: np.ndarray) -> list[bytes]:
+    """Encode RGB frames as baseline JPEG with 4:2:2 chroma (DICOM YBR_FULL_422)."""
+    encoded = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        Image.fromarray(frame, "RGB").save(buffer, format="JPEG", quality=90, subsampling=1)
+        encoded.append(buffer.getvalue())
+    return encoded
+
+
+def _write_us_cine(out_dir: pathlib.Path, study: _Study, progress: Progress | None) -> list[pathlib.Path]:
+    """Write the colour Doppler liver cine as one JPEG Baseline multi-frame instance."""
+    series = _Series(study, 1, "US", "LIVER COLOR DOPPLER CINE", UltrasoundMultiFrameImageStorage,
+                     "DemoMed", "SynthUS 5", study.time)
+    frames = _render_us_cine(study.key)
+    encoded = _jpeg_baseline_frames(frames)
+    ds = _base_dataset(series, 1)
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "ABDOMINAL", "0011"]  # 0011: 2D + colour flow
+    ds.BurnedInAnnotation = "YES"  # only technical labels, no patient identifiers
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "YBR_FULL_422"
+    ds.PlanarConfiguration = 0
+    ds.NumberOfFrames = len(encoded)
+    ds.Rows, ds.Columns = _US_ROWS, _US_COLS
+    ds.BitsAllocated = 8
+    ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.FrameIncrementPointer = pydicom.tag.Tag("FrameTime")
+    ds.FrameTime = _ds_number(1000.0 / _US_FPS)
+    ds.CineRate = _US_FPS
+    ds.RecommendedDisplayFrameRate = _US_FPS
+    ds.ActualFrameDuration = int(1000 / _US_FPS)
+    ds.TransducerData = ["C5-1", "", ""]
+    ds.TransducerType = "CURVED LINEAR"
+    ds.SequenceOfUltrasoundRegions = _us_regions()
+    raw_size = frames.size
+    ds.LossyImageCompression = "01"
+    ds.LossyImageCompressionRatio = _ds_number(round(raw_size / sum(map(len, encoded)), 2))
+    ds.LossyImageCompressionMethod = "ISO_10918_1"
+    ds.PixelData = encapsulate(encoded)
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    path = _write_part10(ds, out_dir / "IM0001.dcm", JPEGBaseline8Bit)
+    if progress is not None:
+        progress(1)
+    return [path]
+
+
+# --------------------------------------------------------------------------------------
+# MR brain and CT head studies
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _MRProtocol:
+    """Acquisition parameters of one MR series."""
+
+    description: str
+    plane: str  # "axial" or "sagittal"
+    slices: int
+    first: float  # position of the first slice centre along the slice normal (mm)
+    step: float
+    thickness: float
+    fov: float
+    table: FloatArray
+    tr: float
+    te: float
+    flip: float
+    echo_train: int
+    variant: str
+
+
+_MR_SIZE = 256
+_MR_PROTOCOLS = (
+    _MRProtocol("AX T2 TSE", "axial", 24, -60.0, 6.0, 5.0, 230.0, _HEAD_T2, 4200.0, 98.0, 150.0, 15, "SK"),
+    _MRProtocol("SAG T1 SE", "sagittal", 20, -47.5, 5.0, 4.0, 240.0, _HEAD_T1, 520.0, 12.0, 90.0, 1, "SP"),
+)
+
+
+def _write_mr_series(
+    out_dir: pathlib.Path, study: _Study, number: int, protocol: _MRProtocol,
+    transfer_syntax_uid: str, progress: Progress | None,
+) -> list[pathlib.Path]:
+    """Render and write one MR brain series."""
+    series = _Series(study, number, "MR", protocol.description, MRImageStorage, "DemoMed", "SynthMR 1.5T", study.time)
+    positions = [protocol.first + i * protocol.step for i in range(protocol.slices)]
+    images = _render_mr(protocol.plane, positions, _MR_SIZE, protocol.fov, protocol.table, f"{study.key}-{number}")
+    spacing = protocol.fov / _MR_SIZE
+    corner = -(_MR_SIZE - 1) / 2.0 * spacing
+    paths = []
+    for index, (pixels, position) in enumerate(zip(images, positions)):
+        ds = _base_dataset(series, index + 1)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+        ds.ScanningSequence = "SE"
+        ds.SequenceVariant = protocol.variant
+        ds.ScanOptions = ""
+        ds.MRAcquisitionType = "2D"
+        ds.SequenceName = "tse2d" if protocol.echo_train > 1 else "se2d"
+        ds.SliceThickness = _ds_number(protocol.thickness)
+        ds.RepetitionTime = _ds_number(protocol.tr)
+        ds.EchoTime = _ds_number(protocol.te)
+        ds.NumberOfAverages = "2"
+        ds.ImagingFrequency = "63.87"
+        ds.ImagedNucleus = "1H"
+        ds.MagneticFieldStrength = "1.5"
+        ds.SpacingBetweenSlices = _ds_number(protocol.step)
+        ds.EchoTrainLength = protocol.echo_train
+        ds.FlipAngle = _ds_number(protocol.flip)
+        ds.PixelBandwidth = "190"
+        ds.ReceiveCoilName = "HEAD 16"
+        ds.AcquisitionMatrix = [0, _MR_SIZE, _MR_SIZE, 0]
+        ds.PatientPosition = "HFS"
+        if protocol.plane == "axial":
+            ds.ImagePositionPatient = [_ds_number(corner), _ds_number(corner), _ds_number(position)]
+            ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+        else:
+            ds.ImagePositionPatient = [_ds_number(position), _ds_number(corner), _ds_number(-corner)]
+            ds.ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]
+        ds.SliceLocation = _ds_number(position)
+        ds.FrameOfReferenceUID = _uid(study.key, "frame-of-reference")
+        ds.PositionReferenceIndicator = ""
+        ds.PixelSpacing = [_ds_number(spacing), _ds_number(spacing)]
+        _set_monochrome_pixels(ds, pixels, 12, "MONOCHROME2")
+        ds.WindowCenter = "900" if protocol.plane == "axial" else "700"
+        ds.WindowWidth = "1900" if protocol.plane == "axial" else "1400"
+        paths.append(_write_part10(ds, out_dir / f"S{number:03d}" / f"IM{index + 1:04d}.dcm", transfer_syntax_uid))
+        if progress is not None:
+            progress(1)
+    return paths
+
+
+def _write_head_ct(
+    out_dir: pathlib.Path, study: _Study, slices: int, transfer_syntax_uid: str, progress: Progress | None
+) -> list[pathlib.Path]:
+    """Render and write a non-contrast head CT series (3 mm axial)."""
+    volume, spacing, z_positions = _render_head_ct(slices, study.key)
+    series = _Series(study, 2, "CT", "AXIAL 3MM BRAIN", CTImageStorage, "DemoMed", "SynthCT 128", study.time)
+    return _write_ct_volume(
+        out_dir, series, volume, spacing, list(z_positions), 3.0, "H30s", _CT_HEAD_WINDOWS,
+        transfer_syntax_uid, progress,
+    )
+
+
+def _write_body_ct_study(out_dir: pathlib.Path, study: _Study, progress: Progress | None) -> list[pathlib.Path]:
+    """Write the chest/abdomen CT: 2.5 mm soft-tissue series plus a 5 mm lung-kernel series in RLE."""
+    slices = 150
+    volume, pixel_spacing, levels, spacing = _render_body_ct(slices, 512, study.key)
+    z = [_z_for_level(level) for level in levels]
+    soft = _ct_body_series(study, 2, "AXIAL 2.5MM SOFT TISSUE", "STANDARD")
+    paths = _write_ct_volume(
+        out_dir / "S002", soft, volume, pixel_spacing, z, spacing, "STANDARD", _CT_BODY_WINDOWS,
+        ExplicitVRLittleEndian, progress,
+    )
+    # Thick slabs: average neighbouring slices, then sharpen like a lung reconstruction kernel.
+    pairs = volume[: slices // 2 * 2].reshape(slices // 2, 2, *volume.shape[1:]).astype(np.float32).mean(axis=1)
+    sharp = np.stack([slab + 0.8 * (slab - _box3(slab)) for slab in pairs])
+    thick = np.clip(np.rint(sharp), -1024, 3071).astype(np.int16)
+    lung_windows = (_CT_BODY_WINDOWS[1], _CT_BODY_WINDOWS[0], _CT_BODY_WINDOWS[2])
+    lung = _ct_body_series(study, 3, "AXIAL 5MM LUNG", "LUNG")
+    thick_z = [(z[2 * i] + z[2 * i + 1]) / 2.0 for i in range(len(thick))]
+    paths += _write_ct_volume(
+        out_dir / "S003", lung, thick, pixel_spacing, thick_z, 2 * spacing, "LUNG", lung_windows,
+        RLELossless, progress,
+    )
+    return paths
+
+
+# --------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------
+
+
+def generate_demo_set(out_dir: pathlib.Path, progress: Callable[[int], None] | None = None) -> list[pathlib.Path]:
+    """Write the whole demo set into ``out_dir`` and return the file paths.
+
+    Parameters
+    ----------
+    out_dir : pathlib.Path
+        Target directory; one sub-directory per study is created.
+    progress : callable, optional
+        Called with the number of files written since the previous call.
+
+    Returns
+    -------
+    list[pathlib.Path]
+        All written DICOM Part 10 files.
+    """
+    out_dir = pathlib.Path(out_dir)
+    paths = _write_body_ct_study(out_dir / _CT_BODY_STUDY.key, _CT_BODY_STUDY, progress)
+    paths += _write_chest_radiographs(
+        out_dir / _XR_CHEST_STUDY.key / "S001", _XR_CHEST_STUDY, ("PA", "LL"), JPEGLSLossless, progress
+    )
+    paths += _write_chest_radiographs(
+        out_dir / _XR_CHEST_PA_STUDY.key / "S001", _XR_CHEST_PA_STUDY, ("PA",), JPEG2000Lossless, progress
+    )
+    for number, protocol in enumerate(_MR_PROTOCOLS, start=1):
+        paths += _write_mr_series(out_dir / _MR_BRAIN_STUDY.key, _MR_BRAIN_STUDY, number, protocol,
+                                  JPEG2000Lossless, progress)
+    paths += _write_us_cine(out_dir / _US_LIVER_STUDY.key / "S001", _US_LIVER_STUDY, progress)
+    paths += _write_head_ct(out_dir / _CT_HEAD_STUDY.key / "S002", _CT_HEAD_STUDY, 40, JPEGLosslessSV1, progress)
+    return paths
+
+
+def _candidate_sample_paths() -> Iterator[pathlib.Path]:
+    """Yield files shipped with pydicom and (if installed) the pydicom-data wheel."""
+    from pydicom.data import get_testdata_files
+
+    yield from (pathlib.Path(name) for name in get_testdata_files())
+    try:
+        import data_store  # the pydicom-data wheel; pydicom also finds it via an entry point
+    except ImportError:
+        return
+    yield from pathlib.Path(data_store.__file__).parent.joinpath("data").glob("*")
+
+
+def sample_files() -> list[pathlib.Path]:
+    """Return pydicom's and pydicom-data's bundled DICOM Part 10 files (by unique file name)."""
+    by_name: dict[str, pathlib.Path] = {}
+    for path in sorted(_candidate_sample_paths()):
+        if path.name in by_name or not path.is_file():
+            continue
+        with path.open("rb") as handle:
+            header = handle.read(132)
+        if len(header) == 132 and header[128:132] == b"DICM":
+            by_name[path.name] = path
+    return sorted(by_name.values())

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
 import secrets
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, abort, g, request, session
 
 
 def csp_nonce() -> str:
@@ -15,9 +16,48 @@ def csp_nonce() -> str:
     return nonce
 
 
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def csrf_token() -> str:
+    """The session's anti-CSRF token (made on first use)."""
+    token: str | None = session.get("csrf")
+    if token is None:
+        token = session["csrf"] = secrets.token_urlsafe(32)
+    return token
+
+
+def _same_origin(origin: str) -> bool:
+    return origin == f"{request.scheme}://{request.host}"
+
+
+def check_csrf() -> None:
+    """Refuse cross-site state changes (SECURITY.md 25): Fetch Metadata, Origin, token.
+
+    A request without the session cookie acts only through its own credentials (an API
+    call a browser cannot forge for someone); every request with the cookie needs the token.
+    """
+    if request.method not in UNSAFE_METHODS:
+        return
+    if request.headers.get("Sec-Fetch-Site") == "cross-site":
+        abort(403, "cross-site requests cannot change anything here")
+    origin = request.headers.get("Origin")
+    if origin is not None and origin != "null" and not _same_origin(origin):
+        abort(403, "requests from another origin cannot change anything here")
+    has_cookie = any(name in request.cookies for name in ("__Host-portal", "portal"))
+    if not has_cookie:
+        return  # no session to ride on: the request acts as nobody, or as its credentials
+    sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token", "")
+    expected = session.get("csrf")
+    if not expected or not sent or not hmac.compare_digest(str(sent), str(expected)):
+        abort(403, "the form has expired or did not come from this portal; please try again")
+
+
 def init_app(app: Flask) -> None:
-    """Register the header hook and expose ``csp_nonce`` to templates."""
+    """Register the header and CSRF hooks; expose ``csp_nonce`` and ``csrf_token``."""
     app.jinja_env.globals["csp_nonce"] = csp_nonce
+    app.jinja_env.globals["csrf_token"] = csrf_token
+    app.before_request(check_csrf)
 
     @app.after_request
     def _headers(response: Response) -> Response:

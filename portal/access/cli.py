@@ -8,7 +8,7 @@ from flask.cli import with_appcontext
 from sqlalchemy import select
 
 from portal.access import clients
-from portal.access.models import MachineClient
+from portal.access.models import MachineClient, User
 from portal.db import db
 from portal.migrate import upgrade_database
 
@@ -61,3 +61,51 @@ def deactivate_command(name: str) -> None:
         raise click.ClickException(f"no client named {name!r}")
     db.session.commit()
     click.echo(f"{name} deactivated")
+
+
+@click.group("users", help="People: roles, practices, deactivation.")
+def users_cli() -> None:
+    """User commands."""
+
+
+def _one_user(who: str) -> User:
+    from portal.access.users import find_users
+
+    found = find_users(db.session, who)
+    if not found:
+        raise click.ClickException(f"nobody with subject or e-mail {who!r} has signed in yet")
+    if len(found) > 1:
+        raise click.ClickException(f"{who!r} matches {len(found)} accounts; use the subject")
+    return found[0]
+
+
+@users_cli.command("grant-role")
+@click.argument("who")
+@click.argument("role")
+@with_appcontext
+def grant_role_command(who: str, role: str) -> None:
+    """Give ROLE to the user whose subject or e-mail is WHO (after their first sign-in)."""
+    from portal.access import audit
+    from portal.access.users import UserError, set_roles
+
+    upgrade_database(current_app)
+    user = _one_user(who)
+    try:
+        set_roles(db.session, user, [*user.roles, role])
+    except UserError as exc:
+        raise click.ClickException(str(exc)) from exc
+    audit.append(db.session, audit.SECURITY_ALERT, action="U", outcome=audit.OUTCOME_SUCCESS,
+                 who="cli", details={"type": audit.USER_SECURITY_CHANGED,
+                                     "user": f"{user.issuer}|{user.subject}",
+                                     "roles": user.roles})
+    db.session.commit()
+    click.echo(f"{user.email or user.subject}: {', '.join(user.roles)}")
+
+
+@users_cli.command("list")
+@with_appcontext
+def list_users_command() -> None:
+    """List users with their roles."""
+    for user in db.session.scalars(select(User).order_by(User.id)):
+        state = "active" if user.active else "deactivated"
+        click.echo(f"{user.subject}\t{user.email}\t{','.join(user.roles) or '-'}\t{state}")

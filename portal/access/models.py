@@ -1,14 +1,14 @@
-"""Principals that are not people yet, and the audit trail."""
+"""Who may see what: people, practices, referrer identifiers, grants, and the audit trail."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, String, func
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, UniqueConstraint, func
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from portal.db import Base
+from portal.db import Base, UTCDateTime
 
 
 class MachineClient(Base):
@@ -22,7 +22,7 @@ class MachineClient(Base):
     can_store: Mapped[bool] = mapped_column(Boolean, default=True)
     can_read: Mapped[bool] = mapped_column(Boolean, default=False)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime,
                                                  server_default=func.now())
 
 
@@ -32,7 +32,7 @@ class AuditEvent(Base):
     __tablename__ = "audit_event"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    occurred_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+    occurred_at: Mapped[datetime] = mapped_column(UTCDateTime,
                                                   server_default=func.now(), index=True)
     event_id: Mapped[str] = mapped_column(String(16))
     event_name: Mapped[str] = mapped_column(String(64))
@@ -43,3 +43,110 @@ class AuditEvent(Base):
     study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
     patient_id: Mapped[str] = mapped_column(String(64), default="")
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Tamper evidence: each record's hash covers its content and the previous record's hash.
+    previous_hash: Mapped[str] = mapped_column(String(64), default="")
+    record_hash: Mapped[str] = mapped_column(String(64), default="")
+
+
+class Practice(Base):
+    """A referring practice: its office managers see what its physicians may see."""
+
+    __tablename__ = "practice"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+
+
+class User(Base):
+    """A person, keyed by (issuer, subject) from the identity provider, never by e-mail."""
+
+    __tablename__ = "portal_user"
+    __table_args__ = (UniqueConstraint("issuer", "subject"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    issuer: Mapped[str] = mapped_column(String(256))
+    subject: Mapped[str] = mapped_column(String(256))
+    email: Mapped[str] = mapped_column(String(256), default="", index=True)
+    display_name: Mapped[str] = mapped_column(String(256), default="")
+    roles: Mapped[list[str]] = mapped_column(JSON, default=list)
+    practice_fk: Mapped[int | None] = mapped_column(ForeignKey("practice.id"), nullable=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Bumped on deactivation and role changes: sessions made before it are dead.
+    security_epoch: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime,
+                                                 server_default=func.now())
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime,
+                                                           nullable=True)
+
+    practice: Mapped[Practice | None] = relationship()
+
+
+class ReferrerIdentifier(Base):
+    """An identifier under which studies name a physician as referrer (NPI, ID, name)."""
+
+    __tablename__ = "referrer_identifier"
+    __table_args__ = (UniqueConstraint("key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_fk: Mapped[int] = mapped_column(ForeignKey("portal_user.id"), index=True)
+    key: Mapped[str] = mapped_column(String(400))
+    created_by: Mapped[str] = mapped_column(String(256), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime,
+                                                 server_default=func.now())
+
+
+class Grant(Base):
+    """Access to one study or to every study of one patient, optionally until a time."""
+
+    __tablename__ = "access_grant"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_fk: Mapped[int] = mapped_column(ForeignKey("portal_user.id"), index=True)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(64), nullable=True,
+                                                           index=True)
+    patient_fk: Mapped[int | None] = mapped_column(ForeignKey("patient.id"), nullable=True,
+                                                   index=True)
+    reason: Mapped[str] = mapped_column(String(1000), default="")
+    break_glass: Mapped[bool] = mapped_column(Boolean, default=False)
+    granted_by: Mapped[str] = mapped_column(String(256), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime,
+                                                 server_default=func.now())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime,
+                                                        nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime,
+                                                        nullable=True)
+    revoked_by: Mapped[str] = mapped_column(String(256), default="")
+
+
+class Delegation(Base):
+    """A physician lets a colleague of the same practice see what he may see."""
+
+    __tablename__ = "delegation"
+    __table_args__ = (UniqueConstraint("from_user_fk", "to_user_fk"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    from_user_fk: Mapped[int] = mapped_column(ForeignKey("portal_user.id"), index=True)
+    to_user_fk: Mapped[int] = mapped_column(ForeignKey("portal_user.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime,
+                                                 server_default=func.now())
+
+
+class PatientLink(Base):
+    """A patient account linked by an office manager to a patient record of the archive."""
+
+    __tablename__ = "patient_link"
+    __table_args__ = (UniqueConstraint("user_fk", "patient_fk"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_fk: Mapped[int] = mapped_column(ForeignKey("portal_user.id"), index=True)
+    patient_fk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+
+
+class AuditHead(Base):
+    """The newest audit hash: a single row locked while a record is appended."""
+
+    __tablename__ = "audit_head"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    last_hash: Mapped[str] = mapped_column(String(64), default="")
+    count: Mapped[int] = mapped_column(Integer, default=0)

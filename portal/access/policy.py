@@ -9,15 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flask import Flask, abort, current_app, request
-from sqlalchemy import Select, false, select, true
+from flask import Flask, Response, abort, current_app, redirect, request, url_for
+from sqlalchemy import Select, exists, false, or_, select, true
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Unauthorized
 
+from portal.access.models import Delegation, Grant, PatientLink, ReferrerIdentifier, User
 from portal.access.principal import Principal, current_principal
-from portal.index.models import Instance, Series, Study
+from portal.db import utcnow
+from portal.index.models import Instance, Series, Study, StudyReferrer
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -38,9 +40,51 @@ def is_public(endpoint: str | None) -> bool:
     return bool(getattr(view, "portal_public", False))
 
 
+def _grants_of(user_ids: Any, *, personal: bool) -> ColumnElement[bool]:
+    """Live grants (not revoked, not expired) of these users that cover the study."""
+    conditions = [Grant.user_fk.in_(user_ids), Grant.revoked_at.is_(None),
+                  or_(Grant.expires_at.is_(None), Grant.expires_at > utcnow()),
+                  or_(Grant.study_instance_uid == Study.study_instance_uid,
+                      Grant.patient_fk == Study.patient_fk)]
+    if not personal:
+        conditions.append(Grant.break_glass.is_(False))  # emergency access is personal
+    return exists(select(Grant.id).where(*conditions))
+
+
+def _referred_by(user_ids: Any) -> ColumnElement[bool]:
+    """The study names one of these users as its referrer (linked identifiers)."""
+    return exists(select(StudyReferrer.id)
+                  .join(ReferrerIdentifier, ReferrerIdentifier.key == StudyReferrer.key)
+                  .where(StudyReferrer.study_fk == Study.id,
+                         ReferrerIdentifier.user_fk.in_(user_ids)))
+
+
 def study_filter(principal: Principal) -> ColumnElement[bool]:
-    """A SQL condition on ``Study`` that keeps only what the principal may see."""
-    return true() if principal.can_read_all else false()
+    """A SQL condition on ``Study`` that keeps only what the principal may see.
+
+    Machines: everything with the read right, else nothing. People: (a) studies that name
+    them as referrer, (b) their grants, (c) what colleagues who delegated to them see,
+    office managers and staff their practice's, patients their linked patient records.
+    """
+    if principal.kind == "machine":
+        return true() if principal.can_read_all else false()
+    me = principal.id
+    conditions: list[ColumnElement[bool]] = [_grants_of([me], personal=True)]
+    if principal.has_role("physician"):
+        delegators = select(Delegation.from_user_fk).where(Delegation.to_user_fk == me)
+        conditions.append(_referred_by(select(User.id).where(
+            or_(User.id == me, User.id.in_(delegators)), User.active.is_(True))))
+        conditions.append(_grants_of(delegators, personal=False))
+    if (principal.has_role("office_manager") or principal.has_role("staff")) \
+            and principal.practice_id is not None:
+        members = select(User.id).where(User.practice_fk == principal.practice_id,
+                                        User.active.is_(True))
+        conditions.append(_referred_by(members))
+        conditions.append(_grants_of(members, personal=False))
+    if principal.has_role("patient"):
+        conditions.append(Study.patient_fk.in_(
+            select(PatientLink.patient_fk).where(PatientLink.user_fk == me)))
+    return or_(*conditions)
 
 
 def visible_studies(principal: Principal) -> Select[tuple[Study]]:
@@ -82,16 +126,37 @@ def require_instance(session: Session, principal: Principal, study_uid: str, ser
 def require_store(principal: Principal) -> None:
     """Only callers given the right to store may send instances."""
     if not principal.can_store:
-        abort(403, "this client may not store instances")
+        abort(403, "this caller may not store instances")
+
+
+def require_role(principal: Principal | None, role: str) -> Principal:
+    """The principal if it holds ``role``; 403 otherwise (401 when nobody is signed in)."""
+    if principal is None:
+        abort(401)
+    if not principal.has_role(role):
+        abort(403, "this page is for office managers")
+    return principal
 
 
 def init_app(app: Flask) -> None:
     """Install the default-deny hook: every non-public route needs a principal."""
 
+    @app.context_processor
+    def _principal_for_templates() -> dict[str, Any]:
+        return {"viewer": current_principal()}
+
     @app.before_request
-    def _default_deny() -> None:
+    def _default_deny() -> Response | None:
         if is_public(request.endpoint):
-            return
-        if current_principal() is None:
-            raise Unauthorized("sign in, or send the credentials of a registered client",
-                               www_authenticate=WWWAuthenticate("basic", {"realm": "portal"}))
+            return None
+        if current_principal() is not None:
+            return None
+        if request.path.startswith(("/dicomweb", "/api", "/fhir")) or \
+                request.headers.get("Authorization"):
+            raise Unauthorized(
+                "sign in, or send a bearer token or a registered client's credentials",
+                www_authenticate=[WWWAuthenticate("bearer", {"realm": "portal"}),
+                                  WWWAuthenticate("basic", {"realm": "portal"})])
+        if request.method == "GET":
+            return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+        raise Unauthorized("please sign in again")

@@ -1,15 +1,20 @@
-"""Who is asking: ``current_principal()`` is the one answer for every route."""
+"""Who is asking: ``current_principal()`` is the one answer for every route.
+
+A principal comes from exactly one of: HTTP Basic credentials of a machine client, an
+``Authorization: Bearer`` access token from the configured issuer, or the browser session.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
-from flask import g, request
+from flask import g, request, session
 
 from portal.access import clients
+from portal.access.models import User
 from portal.db import db
 
 
@@ -17,40 +22,81 @@ from portal.db import db
 class Principal:
     """An authenticated caller and the rights the portal itself gave it."""
 
-    kind: Literal["machine"]
+    kind: Literal["machine", "user"]
     id: int
     name: str
-    can_read_all: bool
-    can_store: bool
+    can_read_all: bool = False
+    can_store: bool = False
+    roles: frozenset[str] = field(default_factory=frozenset)
+    practice_id: int | None = None
+    issuer: str = ""
+    subject: str = ""
+    via: Literal["basic", "bearer", "session"] = "session"
 
     @property
     def audit_name(self) -> str:
-        """How the audit trail names this caller."""
-        return f"{self.kind}:{self.name}"
+        """How the audit trail names this caller: (issuer, subject) for people."""
+        if self.kind == "machine":
+            return f"machine:{self.name}"
+        return f"user:{self.issuer}|{self.subject}"
+
+    def has_role(self, role: str) -> bool:
+        """True when the principal holds this role."""
+        return role in self.roles
 
 
-def _basic_credentials() -> tuple[str, str] | None:
+def user_principal(user: User, via: Literal["bearer", "session"]) -> Principal:
+    """The principal of a signed-in person."""
+    return Principal("user", user.id, user.display_name or user.email or user.subject,
+                     roles=frozenset(user.roles), practice_id=user.practice_fk,
+                     issuer=user.issuer, subject=user.subject, via=via)
+
+
+def _authorization() -> tuple[str, str]:
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
-    if scheme.lower() != "basic" or not value or len(value) > 1024:
+    return scheme.lower(), value.strip()
+
+
+def _basic_credentials(value: str) -> tuple[str, str] | None:
+    if not value or len(value) > 1024:
         return None
     try:
-        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        decoded = base64.b64decode(value, validate=True).decode("utf-8")
     except (binascii.Error, UnicodeDecodeError):
         return None
     name, sep, secret = decoded.partition(":")
     return (name, secret) if sep else None
 
 
+def _from_session() -> Principal | None:
+    user_fk = getattr(session, "user_fk", None)
+    if user_fk is None:
+        return None
+    user = db.session.get(User, user_fk)
+    if user is None or not user.active or user.security_epoch != session.security_epoch:
+        # Deactivated or changed since this session began: it ends now.
+        session.destroy()  # type: ignore[attr-defined]
+        return None
+    return user_principal(user, "session")
+
+
 def load_principal() -> Principal | None:
-    """Authenticate the request from its credentials (HTTP Basic for machine clients)."""
-    credentials = _basic_credentials()
-    if credentials is None:
-        return None
-    client = clients.authenticate(db.session, *credentials)
-    if client is None:
-        return None
-    return Principal("machine", client.id, client.name, client.can_read, client.can_store)
+    """Authenticate the request (Basic, Bearer or session cookie)."""
+    scheme, value = _authorization()
+    if scheme == "basic":
+        credentials = _basic_credentials(value)
+        client = clients.authenticate(db.session, *credentials) if credentials else None
+        if client is None:
+            return None
+        return Principal("machine", client.id, client.name, can_read_all=client.can_read,
+                         can_store=client.can_store, via="basic")
+    if scheme == "bearer":
+        from portal.auth import bearer
+
+        user = bearer.user_for_token(value)
+        return user_principal(user, "bearer") if user is not None else None
+    return _from_session()
 
 
 def current_principal() -> Principal | None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, String, func
+from sqlalchemy import BigInteger, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
-from portal.db import Base
+from portal.db import Base, UTCDateTime
 
 
 class StoredObject(Base):
@@ -21,5 +21,5 @@ class StoredObject(Base):
     size: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     original_sha256: Mapped[str] = mapped_column(String(64), index=True)
-    stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+    stored_at: Mapped[datetime] = mapped_column(UTCDateTime,
                                                 server_default=func.now())

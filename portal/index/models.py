@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, UniqueConstraint, func
+from sqlalchemy import JSON, ForeignKey, Integer, String, UniqueConstraint, func
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from portal.db import Base
+from portal.db import Base, UTCDateTime
 
 
 class Patient(Base):
@@ -46,9 +46,9 @@ class Study(Base):
     institution_name: Mapped[str] = mapped_column(String(64), default="")
     number_of_series: Mapped[int] = mapped_column(Integer, default=0)
     number_of_instances: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime,
                                                  server_default=func.now())
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime,
                                                  server_default=func.now(), index=True)
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
@@ -96,7 +96,18 @@ class Instance(Base):
     pixel_spacing: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
     slice_thickness: Mapped[float | None] = mapped_column(nullable=True)
     header: Mapped[dict[str, Any]] = mapped_column(JSON)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True),
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime,
                                                  server_default=func.now())
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class StudyReferrer(Base):
+    """A normalised key under which a study names its referring physician (see referrer_keys)."""
+
+    __tablename__ = "study_referrer"
+    __table_args__ = (UniqueConstraint("study_fk", "key"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    key: Mapped[str] = mapped_column(String(400), index=True)

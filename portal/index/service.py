@@ -8,7 +8,8 @@ from pydicom.dataset import Dataset
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from portal.index.models import Instance, Patient, Series, Study
+from portal.index.models import Instance, Patient, Series, Study, StudyReferrer
+from portal.index.referrers import referrer_keys
 
 # Elements never kept in the header JSON: pixel data is served from the file itself.
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009, 0xFFFAFFFA, 0xFFFCFFFC})
@@ -108,6 +109,8 @@ def _get_study(session: Session, ds: Dataset, study_uid: str) -> Study:
             modalities_in_study="", number_of_series=0, number_of_instances=0)
         session.add(study)
         session.flush()
+        for key in referrer_keys(ds):
+            session.add(StudyReferrer(study_fk=study.id, key=key))
     elif study.patient_fk != patient.id:
         raise IndexConflict("study already belongs to a different patient")
     return study

@@ -230,16 +230,21 @@ def listening_addresses(pid: int) -> list[tuple[str, int]]:
     return found
 
 
-def _assert_loopback_only(server: OrthancServer) -> None:
+def _assert_loopback_only(server: OrthancServer, timeout: float = 5.0) -> None:
+    """Fail at once on a non-loopback listener; give both expected ports a moment."""
     assert server.process is not None
-    listening = listening_addresses(server.process.pid)
-    exposed = [(a, p) for a, p in listening if not ipaddress.ip_address(a).is_loopback]
-    if exposed:
-        raise OrthancError(f"Orthanc listens beyond loopback: {exposed}")
-    ports = {p for _, p in listening}
-    missing = {server.http_port, server.dicom_port} - ports
-    if missing:
-        raise OrthancError(f"Orthanc is not listening on expected ports {missing}: {listening}")
+    deadline = time.monotonic() + timeout
+    while True:
+        listening = listening_addresses(server.process.pid)
+        exposed = [(a, p) for a, p in listening if not ipaddress.ip_address(a).is_loopback]
+        if exposed:
+            raise OrthancError(f"Orthanc listens beyond loopback: {exposed}")
+        missing = {server.http_port, server.dicom_port} - {p for _, p in listening}
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise OrthancError(f"Orthanc is not listening on ports {missing}: {listening}")
+        time.sleep(0.1)
 
 
 def _log_tail(path: Path | None, lines: int = 30) -> str:

@@ -1,0 +1,75 @@
+"""People: created at first sign-in by (issuer, subject), given roles by office managers."""
+
+from __future__ import annotations
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from portal.access.models import Practice, User
+from portal.db import utcnow
+
+ROLES = ("office_manager", "physician", "staff", "patient")
+
+
+class UserError(ValueError):
+    """The change cannot be made as asked; the message says why."""
+
+
+def check_role(role: str) -> str:
+    """A known role name, or UserError."""
+    if role not in ROLES:
+        raise UserError(f"unknown role {role[:40]!r}; roles are {', '.join(ROLES)}")
+    return role
+
+
+def sign_in_user(session: Session, *, issuer: str, subject: str, email: str, name: str,
+                 idp_roles: tuple[str, ...]) -> User:
+    """Find or create the user for (issuer, subject); refresh the profile from the token.
+
+    Roles the provider asserts (in the configured claim) are added; roles given in the portal
+    stay. The e-mail is kept for display only and never used to match an account.
+    """
+    user = session.scalars(select(User).where(User.issuer == issuer,
+                                              User.subject == subject)).first()
+    if user is None:
+        user = User(issuer=issuer, subject=subject, roles=[], active=True, security_epoch=0)
+        session.add(user)
+    user.email = email
+    user.display_name = name
+    known = [r for r in idp_roles if r in ROLES]
+    if any(r not in user.roles for r in known):
+        user.roles = sorted(set(user.roles) | set(known))
+    user.last_login_at = utcnow()
+    session.flush()
+    return user
+
+
+def find_users(session: Session, who: str) -> list[User]:
+    """Users whose subject or e-mail is ``who`` (for the CLI, where a person types it)."""
+    return list(session.scalars(select(User).where(or_(User.subject == who,
+                                                       User.email == who))))
+
+
+def set_roles(session: Session, user: User, roles: list[str]) -> None:
+    """Replace a user's roles; existing sessions must re-check (security epoch moves on)."""
+    user.roles = sorted({check_role(r) for r in roles})
+    user.security_epoch += 1
+
+
+def set_active(session: Session, user: User, active: bool) -> None:
+    """Activate or deactivate a user; deactivation ends every session at once."""
+    user.active = active
+    user.security_epoch += 1
+
+
+def get_or_create_practice(session: Session, name: str) -> Practice:
+    """The practice with this name, made if new."""
+    name = name.strip()[:128]
+    if not name:
+        raise UserError("a practice needs a name")
+    practice = session.scalars(select(Practice).where(Practice.name == name)).first()
+    if practice is None:
+        practice = Practice(name=name)
+        session.add(practice)
+        session.flush()
+    return practice

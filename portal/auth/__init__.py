@@ -1,0 +1,1 @@
+"""Sign-in through the hospital identity provider (OIDC), server-side sessions, logout."""

@@ -1,0 +1,142 @@
+"""The OpenID Connect client (authlib): discovery, code flow with PKCE S256, state and nonce.
+
+Checks beyond authlib's own: the discovered issuer must equal the configured one exactly, ID
+tokens are verified only with allow-listed asymmetric algorithms (no ``none``, no HMAC keyed
+with a public key) and keys from the issuer's JWKS, and an ID token with a subject must come.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from authlib.integrations.flask_client import OAuth
+from flask import Flask, current_app
+
+ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                                "ES256", "ES384", "ES512", "EdDSA"})
+HTTP_TIMEOUT = 10
+
+
+class SignInFailed(Exception):
+    """The identity provider's answer was not acceptable; the message is safe to show."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who signed in, from a validated ID token."""
+
+    issuer: str
+    subject: str
+    email: str
+    name: str
+    roles: tuple[str, ...]
+    auth_time: datetime
+    id_token: str
+
+
+def init_app(app: Flask) -> None:
+    """Register the provider when an issuer is configured."""
+    settings = app.config["PORTAL"]
+    oauth = OAuth(app)
+    app.extensions["portal_oauth"] = oauth
+    if not settings["OIDC_ISSUER"]:
+        return
+    oauth.register(
+        "idp", client_id=settings["OIDC_CLIENT_ID"],
+        client_secret=settings["OIDC_CLIENT_SECRET"],
+        server_metadata_url=settings["OIDC_ISSUER"].rstrip("/")
+        + "/.well-known/openid-configuration",
+        client_kwargs={"scope": "openid email profile", "code_challenge_method": "S256",
+                       "timeout": HTTP_TIMEOUT})
+
+
+def provider() -> Any:
+    """The registered authlib client, or None when sign-in is not configured."""
+    oauth: OAuth = current_app.extensions["portal_oauth"]
+    return oauth.create_client("idp")
+
+
+def metadata() -> dict[str, Any]:
+    """The provider's discovery document, checked against the configured issuer."""
+    client = provider()
+    if client is None:
+        raise SignInFailed("sign-in is not configured on this portal")
+    try:
+        data: dict[str, Any] = client.load_server_metadata()
+    except Exception as exc:  # network, TLS, JSON: all mean "the provider is unavailable"
+        raise SignInFailed("the identity provider cannot be reached; try again later") from exc
+    if data.get("issuer") != current_app.config["PORTAL"]["OIDC_ISSUER"]:
+        raise SignInFailed("the identity provider's issuer does not match the configuration")
+    # authlib verifies ID tokens with the algorithms the provider lists: keep only ours
+    # (never "none", never HMAC, which a public key could be abused for).
+    offered = data.get("id_token_signing_alg_values_supported") or ["RS256"]
+    data["id_token_signing_alg_values_supported"] = [a for a in offered
+                                                     if a in ALLOWED_ALGORITHMS]
+    return data
+
+
+def authorization_redirect(redirect_uri: str, nonce: str, *, force_login: bool) -> Any:
+    """Redirect the browser to the provider (state, nonce and PKCE kept in the session)."""
+    metadata()
+    extra: dict[str, Any] = {"nonce": nonce}
+    if force_login:
+        extra.update(prompt="login", max_age=0)
+    return provider().authorize_redirect(redirect_uri, **extra)
+
+
+def complete_sign_in(roles_claim: str | None) -> Identity:
+    """Exchange the code and validate the ID token (issuer, audience, expiry, nonce)."""
+    from authlib.common.errors import AuthlibBaseError
+    from joserfc.errors import JoseError
+
+    client = provider()
+    meta = metadata()
+    issuer = current_app.config["PORTAL"]["OIDC_ISSUER"]
+
+    try:
+        token = client.authorize_access_token(
+            leeway=60,
+            claims_options={"iss": {"essential": True, "values": [issuer]},
+                            "aud": {"essential": True, "values": [client.client_id]},
+                            "exp": {"essential": True}, "iat": {"essential": True},
+                            "sub": {"essential": True}})
+    except (AuthlibBaseError, JoseError, ValueError, KeyError) as exc:
+        raise SignInFailed("the sign-in answer was not valid; please sign in again") from exc
+    except Exception as exc:  # the provider failed (network, 5xx): a neutral message
+        raise SignInFailed("the identity provider cannot be reached; try again later") from exc
+    claims = token.get("userinfo")
+    if not claims or not token.get("id_token"):
+        raise SignInFailed("the identity provider sent no ID token")
+    if meta.get("issuer") != claims.get("iss"):
+        raise SignInFailed("the ID token's issuer does not match")
+    raw_roles = claims.get(roles_claim, []) if roles_claim else []
+    if isinstance(raw_roles, str):
+        raw_roles = raw_roles.split()
+    auth_time = claims.get("auth_time")
+    when = (datetime.fromtimestamp(int(auth_time), UTC) if isinstance(auth_time, int | float)
+            else datetime.now(UTC))
+    return Identity(issuer=str(claims["iss"]), subject=str(claims["sub"])[:256],
+                    email=str(claims.get("email", ""))[:256],
+                    name=str(claims.get("name") or claims.get("preferred_username") or "")[:256],
+                    roles=tuple(str(r) for r in raw_roles if isinstance(r, str))[:16],
+                    auth_time=when, id_token=str(token["id_token"]))
+
+
+def logout_url(id_token: str | None, return_to: str) -> str | None:
+    """The provider's RP-initiated logout URL, when it offers one."""
+    try:
+        endpoint = metadata().get("end_session_endpoint")
+    except SignInFailed:
+        return None
+    if not endpoint:
+        return None
+    from urllib.parse import urlencode
+
+    params = {"post_logout_redirect_uri": return_to,
+              "client_id": current_app.config["PORTAL"]["OIDC_CLIENT_ID"]}
+    if id_token:
+        params["id_token_hint"] = id_token
+    separator = "&" if "?" in endpoint else "?"
+    return f"{endpoint}{separator}{urlencode(params)}"

@@ -1,0 +1,102 @@
+"""Sign-in, the callback from the identity provider, and sign-out."""
+
+from __future__ import annotations
+
+import secrets
+from urllib.parse import unquote, urlsplit
+
+from flask import Blueprint, Response, current_app, redirect, request, session, url_for
+from werkzeug.exceptions import BadRequest
+
+from portal.access import audit
+from portal.access.policy import public
+from portal.access.principal import current_principal
+from portal.access.users import sign_in_user
+from portal.auth import oidc
+from portal.db import db
+
+bp = Blueprint("auth", __name__, url_prefix="/auth")
+
+
+def safe_next(target: str | None) -> str:
+    """Only a same-origin path is a place to go after sign-in; anything else is ``/``."""
+    if not target or len(target) > 2000:
+        return "/"
+    for candidate in (target, unquote(target)):
+        if (not candidate.startswith("/") or candidate.startswith(("//", "/\\"))
+                or "\\" in candidate or any(ord(c) < 32 or ord(c) == 127 for c in candidate)):
+            return "/"
+        parts = urlsplit(candidate)
+        if parts.scheme or parts.netloc:
+            return "/"
+    return target
+
+
+def _address() -> str:
+    return request.remote_addr or ""
+
+
+@bp.get("/login")
+@public
+def login() -> Response:
+    """Send the browser to the identity provider (PKCE S256, state, nonce)."""
+    force = request.args.get("reauth") == "1"
+    session["next"] = safe_next(request.args.get("next"))
+    try:
+        response: Response = oidc.authorization_redirect(
+            url_for("auth.callback", _external=True), secrets.token_urlsafe(24),
+            force_login=force)
+    except oidc.SignInFailed as exc:
+        raise BadRequest(str(exc)) from exc
+    return response
+
+
+@bp.get("/callback")
+@public
+def callback() -> Response:
+    """Validate the provider's answer, start a fresh session, go where the user was going."""
+    settings = current_app.config["PORTAL"]
+    try:
+        identity = oidc.complete_sign_in(settings["OIDC_ROLES_CLAIM"])
+    except oidc.SignInFailed as exc:
+        audit.record(db, audit.USER_AUTHENTICATION, action="E",
+                     outcome=audit.OUTCOME_MINOR_FAILURE, who="unknown",
+                     source_address=_address(), details={"type": audit.LOGIN,
+                                                         "reason": str(exc)})
+        session.destroy()  # type: ignore[attr-defined]
+        raise BadRequest(f"Sign-in failed: {exc}") from exc
+    user = sign_in_user(db.session, issuer=identity.issuer, subject=identity.subject,
+                        email=identity.email, name=identity.name, idp_roles=identity.roles)
+    db.session.commit()
+    destination = session.get("next", "/")
+    if not user.active:
+        session.destroy()  # type: ignore[attr-defined]
+        raise BadRequest("This account has been deactivated. Ask your office manager.")
+    session.clear()
+    session["id_token"] = identity.id_token
+    session.user_fk = user.id  # type: ignore[attr-defined]
+    session.security_epoch = user.security_epoch  # type: ignore[attr-defined]
+    session.auth_time = identity.auth_time  # type: ignore[attr-defined]
+    session.regenerate()  # type: ignore[attr-defined]
+    audit.record(db, audit.USER_AUTHENTICATION, action="E", outcome=audit.OUTCOME_SUCCESS,
+                 who=f"user:{user.issuer}|{user.subject}", source_address=_address(),
+                 details={"type": audit.LOGIN})
+    return redirect(safe_next(destination))
+
+
+@bp.post("/logout")
+@public
+def logout() -> Response:
+    """End the session here and, when the provider supports it, there too."""
+    principal = current_principal()
+    id_token = session.get("id_token")
+    if principal is not None:
+        audit.record(db, audit.USER_AUTHENTICATION, action="E", outcome=audit.OUTCOME_SUCCESS,
+                     who=principal.audit_name, source_address=_address(),
+                     details={"type": audit.LOGOUT})
+    session.destroy()  # type: ignore[attr-defined]
+    home = url_for("studies.home", _external=True)
+    target = oidc.logout_url(id_token, home) if principal is not None else None
+    response = redirect(target or home)
+    response.headers["Clear-Site-Data"] = '"cache", "cookies", "storage"'
+    return response

@@ -1,0 +1,62 @@
+"""Study list queries for people (the viewer issue builds the study page on top)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from portal.access.policy import study_filter
+from portal.access.principal import Principal
+from portal.index.models import Patient, Series, Study
+
+PAGE_SIZE = 25
+
+
+@dataclass(frozen=True)
+class StudySearch:
+    """What a person typed into the study search."""
+
+    text: str = ""
+    date_from: str = ""
+    date_to: str = ""
+    modality: str = ""
+    page: int = 1
+
+
+def _like(text: str) -> str:
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped.lower()}%"
+
+
+def search_studies(session: Session, principal: Principal,
+                   search: StudySearch) -> tuple[list[Any], bool]:
+    """One page of visible studies, newest first, and whether there is another page."""
+    stmt = (select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
+            .where(study_filter(principal)))
+    if search.text:
+        pattern = _like(search.text.strip()[:64])
+        stmt = stmt.where(or_(func.lower(Patient.patient_name).like(pattern, escape="\\"),
+                              func.lower(Patient.patient_id).like(pattern, escape="\\"),
+                              func.lower(Study.accession_number).like(pattern, escape="\\")))
+    if search.date_from:
+        stmt = stmt.where(Study.study_date >= search.date_from.replace("-", ""))
+    if search.date_to:
+        stmt = stmt.where(Study.study_date <= search.date_to.replace("-", ""),
+                          Study.study_date != "")
+    if search.modality:
+        stmt = stmt.where(Study.id.in_(select(Series.study_fk).where(
+            Series.modality == search.modality.upper()[:16])))
+    offset = (max(search.page, 1) - 1) * PAGE_SIZE
+    rows = list(session.execute(stmt.order_by(Study.study_date.desc(), Study.study_time.desc(),
+                                              Study.id.desc())
+                                .limit(PAGE_SIZE + 1).offset(offset)))
+    return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
+
+
+def study_series(session: Session, study: Study) -> list[Series]:
+    """The series of a study in series-number order."""
+    return list(session.scalars(select(Series).where(Series.study_fk == study.id)
+                                .order_by(Series.series_number, Series.id)))
