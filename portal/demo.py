@@ -1570,44 +1570,71 @@ def _write_chest_radiographs(
 # --------------------------------------------------------------------------------------
 
 _US_ROWS, _US_COLS, _US_FRAMES, _US_FPS = 480, 640, 40, 20
-_US_APEX = (320.0, 44.0)  # (column, row) of the virtual sector apex
 _US_MM_PER_PX = 0.4
-_US_DEPTH_PX = 400  # 16 cm
-_US_HALF_ANGLE = math.radians(36.0)
-_US_BEAMS = 160
+_US_FOOTPRINT_PX = 100  # curvilinear probe: virtual apex 40 mm behind the skin line
+_US_APEX = (320.0, 40.0 - _US_FOOTPRINT_PX)  # (column, row) of the virtual apex, above the image
+_US_DEPTH_PX = 400  # 16 cm imaging depth
+_US_HALF_ANGLE = math.radians(30.0)
+_US_BEAMS = 256
+# Vessels as (start, end, radius) in tissue mm; the portal vein dips toward the hilum so its
+# flow has a usable Doppler angle to the beams.
+_PORTAL_VEIN = ((-72.0, 50.0), (8.0, 88.0), 6.0)
+_PORTAL_BRANCH = ((8.0, 88.0), (54.0, 98.0), 4.0)
+_HEPATIC_VEIN = ((-12.0, 132.0), (62.0, 62.0), 4.2)
 
 
-def _us_tissue(x: FloatArray, y: FloatArray, r: FloatArray) -> FloatArray:
-    """Echogenicity of a liver scan with portal and hepatic veins and the diaphragm (mm)."""
+def _segment_distance(
+    x: FloatArray, y: FloatArray, p0: tuple[float, float], p1: tuple[float, float]
+) -> tuple[FloatArray, FloatArray]:
+    """Distance to a segment and the (unclamped) position along it, both in mm."""
+    sx, sy = p1[0] - p0[0], p1[1] - p0[1]
+    length = math.hypot(sx, sy)
+    along = ((x - p0[0]) * sx + (y - p0[1]) * sy) / length
+    t = np.clip(along / length, 0.0, 1.0)
+    return np.hypot(x - p0[0] - t * sx, y - p0[1] - t * sy), along
+
+
+def _us_tissue(x: FloatArray, y: FloatArray, depth: FloatArray) -> FloatArray:
+    """Echogenicity of a liver scan (tissue mm: x lateral, y below the skin; polar grid)."""
     echo = np.full(np.broadcast_shapes(x.shape, y.shape), 0.8, np.float32)
-    echo = np.where(r < 2.0, 1.6, echo)
-    echo = np.where((r >= 2.0) & (r < 13.0), 0.35 + 0.5 * (np.sin(r * 2.1) > 0.93), echo)
-    echo = np.where((r >= 13.0) & (r < 25.0), 0.55 + 0.25 * np.sin(r * 3.0 + x * 0.05), echo)
-    echo = np.where((r >= 25.0) & (r < 26.6), 1.7, echo)  # liver capsule
-    portal = np.abs(y - (74.0 + 0.25 * x)) / math.hypot(1.0, 0.25)
-    echo = np.where(np.abs(portal - 6.5) < 1.0, 1.9, echo)  # echogenic portal wall
-    echo = np.where(portal < 5.6, 0.02, echo)
-    hepatic = np.abs(y - (108.0 - 0.6 * x)) / math.hypot(1.0, 0.6)
-    echo = np.where((hepatic < 4.2) & (x > -40.0), 0.03, echo)
+    echo = np.where(depth < 1.5, 1.6, echo)  # skin
+    echo = np.where((depth >= 1.5) & (depth < 12.0), 0.35 + 0.5 * (np.sin(depth * 1.3 + np.sin(x * 0.08) * 3.0) > 0.95), echo)
+    echo = np.where((depth >= 12.0) & (depth < 24.0), 0.55 + 0.22 * np.sin(depth * 3.0 + x * 0.05), echo)
+    echo = np.where((depth >= 24.0) & (depth < 25.6), 1.8, echo)  # liver capsule
     diaphragm = 140.0 - 0.004 * x * x
-    echo = np.where(np.abs(y - diaphragm) < 1.6, 2.2, echo)
+    echo = np.where(np.abs(y - diaphragm) < 1.6, 2.3, echo)
     echo = np.where(y > diaphragm + 1.6, 0.55, echo)  # mirror-image artefact beyond it
-    return echo * (1.0 - 0.0022 * r)  # imperfect depth gain compensation
+    lumen = np.zeros(echo.shape, bool)
+    for (p0, p1, radius), wall in ((_PORTAL_VEIN, True), (_PORTAL_BRANCH, True), (_HEPATIC_VEIN, False)):
+        distance, along = _segment_distance(x, y, p0, p1)
+        # Veins taper toward the periphery (their end point).
+        local = radius * (1.0 - 0.4 * np.clip(along / math.hypot(p1[0] - p0[0], p1[1] - p0[1]), 0.0, 1.0))
+        if wall:  # portal veins have echogenic walls, hepatic veins do not
+            echo = np.where(np.abs(distance - local - 0.9) < 0.9, 1.9, echo)
+        lumen |= distance < local
+    echo = np.where(lumen, 0.02, echo)
+    # Posterior acoustic enhancement below fluid-filled vessels (beams run along axis 0).
+    behind = np.maximum.accumulate(lumen, axis=0) & ~lumen
+    echo = np.where(behind & (y < diaphragm), echo * 1.25, echo)
+    return echo * (1.0 - 0.002 * depth)  # imperfect depth gain compensation
 
 
-def _us_portal_flow(x: FloatArray, y: FloatArray, frame: int) -> FloatArray:
+def _us_portal_flow(x: FloatArray, y: FloatArray, beam_x: FloatArray, beam_y: FloatArray, frame: int) -> FloatArray:
     """Doppler velocity toward the probe (cm/s) in the portal vein; a bolus travels along it."""
-    axis = np.array([1.0, 0.25]) / math.hypot(1.0, 0.25)
-    distance = np.abs(y - (74.0 + 0.25 * x)) / math.hypot(1.0, 0.25)
-    along = x * axis[0] + (y - 74.0) * axis[1]
-    speed = 18.0 * np.clip(1.0 - (distance / 5.6) ** 2, 0.0, 1.0)
-    centre = -40.0 + 3.2 * (frame % 30)
-    bolus = 0.35 + 0.65 * np.exp(-(((along - centre) / 14.0) ** 2))
+    velocity = np.zeros(np.broadcast_shapes(x.shape, y.shape), np.float32)
+    centre = 110.0 - 4.0 * (frame % 30)  # the bolus moves along the vein, frame by frame
     pulse = 0.85 + 0.15 * math.sin(2 * math.pi * frame / 20.0)
-    # Flow heads along +axis (hepatopetal); beams point away from the apex.
-    r = np.hypot(x, y) + 1e-6
-    toward = -(axis[0] * x / r + axis[1] * y / r)
-    return speed * bolus * pulse * toward * (distance < 5.6)
+    for p0, p1, radius in (_PORTAL_VEIN, _PORTAL_BRANCH):
+        distance, along = _segment_distance(x, y, p0, p1)
+        length = math.hypot(p1[0] - p0[0], p1[1] - p0[1])
+        ux, uy = (p1[0] - p0[0]) / length, (p1[1] - p0[1]) / length
+        offset = 0.0 if p0 == _PORTAL_VEIN[0] else math.hypot(*np.subtract(_PORTAL_VEIN[1], _PORTAL_VEIN[0]))
+        bolus = 0.35 + 0.65 * np.exp(-(((along + offset - centre) / 16.0) ** 2))
+        local = radius * (1.0 - 0.4 * np.clip(along / length, 0.0, 1.0))
+        speed = 24.0 * np.clip(1.0 - (distance / local) ** 2, 0.0, 1.0) * bolus * pulse
+        toward = ux * beam_x + uy * beam_y  # flow runs end -> start, up toward the probe
+        velocity = np.where(distance < local, speed * toward, velocity)
+    return velocity
 
 
 def _doppler_colour(velocity: FloatArray) -> FloatArray:
@@ -1629,11 +1656,11 @@ def _us_overlay() -> tuple[np.ndarray, np.ndarray]:
     for row, text in enumerate(("FR 20 Hz", "Gn 52", "CF 62%  PRF 1.5k", "MI 1.1  TIS 0.4")):
         draw.text((8, 400 + 16 * row), text, fill=text_colour, font=font)
     for cm in range(17):  # depth scale beside the sector, one tick per centimetre
-        row = _US_APEX[1] + cm * 10.0 / _US_MM_PER_PX
+        row = _US_APEX[1] + _US_FOOTPRINT_PX + cm * 10.0 / _US_MM_PER_PX
         size = 4 if cm % 5 == 0 else 2
-        draw.rectangle((572, row - size / 2, 572 + size, row + size / 2), fill=text_colour)
+        draw.rectangle((582, row - size / 2, 582 + size, row + size / 2), fill=text_colour)
         if cm % 5 == 0 and cm:
-            draw.text((582, row - 7), str(cm), fill=text_colour, font=font)
+            draw.text((592, row - 7), str(cm), fill=text_colour, font=font)
     bar = _doppler_colour(np.linspace(20.0, -20.0, 100)).astype(np.uint8)
     bar[48:52] = 0  # no colour around zero velocity (wall filter)
     for i, colour in enumerate(bar):
@@ -1651,32 +1678,41 @@ def _render_us_cine(seed: str) -> np.ndarray:
     margin = 24  # extra depth samples so the speckle can slide with the breathing liver
 
     def speckle_field() -> FloatArray:
-        # Complex Gaussian scatter, correlated more across beams (beam width) than in depth.
+        # Complex Gaussian scatter, correlated over a few samples (pulse length, beam width).
         field = rng.standard_normal((_US_DEPTH_PX + 2 * margin, _US_BEAMS, 2)).astype(np.float32)
-        field = (field + np.roll(field, 1, axis=0)) / 2.0
-        field = (field + np.roll(field, 1, axis=1) + np.roll(field, -1, axis=1)) / 3.0
-        return np.hypot(field[..., 0], field[..., 1]) / 0.5
+        for shift in (1, 2):
+            field = field + np.roll(field, shift, axis=0)
+        for _ in range(2):
+            field = field + np.roll(field, 1, axis=1) + np.roll(field, -1, axis=1)
+        amplitude = np.hypot(field[..., 0], field[..., 1])
+        return amplitude / amplitude.mean()
 
     speckle, drift = speckle_field(), speckle_field()
-    radius = np.arange(_US_DEPTH_PX, dtype=np.float32)[:, None]
+    radius = (_US_FOOTPRINT_PX + np.arange(_US_DEPTH_PX, dtype=np.float32))[:, None]
     theta = np.linspace(-_US_HALF_ANGLE, _US_HALF_ANGLE, _US_BEAMS, dtype=np.float32)[None, :]
-    r_mm = radius * _US_MM_PER_PX
-    x_mm, y_mm = r_mm * np.sin(theta), r_mm * np.cos(theta)
+    depth_mm = (radius - _US_FOOTPRINT_PX) * _US_MM_PER_PX
+    x_mm = radius * _US_MM_PER_PX * np.sin(theta)
+    y_mm = radius * _US_MM_PER_PX * np.cos(theta) - _US_FOOTPRINT_PX * _US_MM_PER_PX
 
     # Scan conversion: each display pixel samples the polar grid (linear across beams).
     rows = np.arange(_US_ROWS, dtype=np.float32)[:, None] - _US_APEX[1]
     cols = np.arange(_US_COLS, dtype=np.float32)[None, :] - _US_APEX[0]
     pix_r = np.hypot(rows, cols)
     pix_theta = np.arctan2(cols, rows)
-    sector = (pix_r < _US_DEPTH_PX - 1) & (np.abs(pix_theta) <= _US_HALF_ANGLE) & (rows > 0)
+    sector = (
+        (pix_r >= _US_FOOTPRINT_PX) & (pix_r < _US_FOOTPRINT_PX + _US_DEPTH_PX - 1)
+        & (np.abs(pix_theta) <= _US_HALF_ANGLE)
+    )
     beam = (pix_theta + _US_HALF_ANGLE) / (2 * _US_HALF_ANGLE) * (_US_BEAMS - 1)
     b0 = np.clip(np.floor(beam).astype(np.int32), 0, _US_BEAMS - 2)
     wb = np.clip(beam - b0, 0.0, 1.0)
-    r_idx = np.clip(np.rint(pix_r).astype(np.int32), 0, _US_DEPTH_PX - 1)
-    pix_x, pix_y = pix_r * _US_MM_PER_PX * np.sin(pix_theta), pix_r * _US_MM_PER_PX * np.cos(pix_theta)
+    r_idx = np.clip(np.rint(pix_r - _US_FOOTPRINT_PX).astype(np.int32), 0, _US_DEPTH_PX - 1)
+    beam_x, beam_y = np.sin(pix_theta), np.cos(pix_theta)
+    pix_x = pix_r * _US_MM_PER_PX * beam_x
+    pix_y = pix_r * _US_MM_PER_PX * beam_y - _US_FOOTPRINT_PX * _US_MM_PER_PX
 
-    box_theta = (math.radians(-14.0), math.radians(14.0))
-    box_r = (50.0 / _US_MM_PER_PX, 100.0 / _US_MM_PER_PX)
+    box_theta = (math.radians(-20.0), math.radians(6.0))
+    box_r = (_US_FOOTPRINT_PX + 45.0 / _US_MM_PER_PX, _US_FOOTPRINT_PX + 100.0 / _US_MM_PER_PX)
     in_theta = (pix_theta > box_theta[0]) & (pix_theta < box_theta[1])
     in_depth = (pix_r > box_r[0]) & (pix_r < box_r[1])
     in_box = in_theta & in_depth & sector
@@ -1689,14 +1725,14 @@ def _render_us_cine(seed: str) -> np.ndarray:
     for frame in range(_US_FRAMES):
         breath = 5.0 * math.sin(2 * math.pi * frame / _US_FRAMES)  # liver slides with respiration
         shift = int(round(breath / _US_MM_PER_PX))
-        mix = 0.25 * math.sin(math.pi * frame / _US_FRAMES)  # slow speckle decorrelation
+        mix = 0.3 * math.sin(math.pi * frame / _US_FRAMES)  # slow speckle decorrelation
         scatter = (1 - mix) * speckle[margin - shift : margin - shift + _US_DEPTH_PX] + mix * drift[margin:-margin]
-        signal = _us_tissue(x_mm, y_mm - breath, r_mm) * scatter
-        grey = np.clip((20.0 * np.log10(signal + 1e-3) + 30.0) / 40.0, 0.0, 1.0) ** 1.1 * 235.0
+        signal = _us_tissue(x_mm, y_mm - breath, depth_mm) * scatter
+        grey = np.clip((20.0 * np.log10(signal + 1e-3) + 34.0) / 46.0, 0.0, 1.0) * 240.0
         grey = grey[r_idx, b0] * (1 - wb) + grey[r_idx, b0 + 1] * wb
         image = np.repeat(np.where(sector, grey, 0.0)[..., None], 3, axis=-1)
-        velocity = _us_portal_flow(pix_x, pix_y - breath, frame)
-        flow = in_box & (np.abs(velocity) > 2.0)
+        velocity = _us_portal_flow(pix_x, pix_y - breath, beam_x, beam_y, frame)
+        flow = in_box & (np.abs(velocity) > 1.5)  # wall filter
         image[flow] = _doppler_colour(velocity[flow])
         image[outline] = 190.0
         image[overlay_mask] = overlay[overlay_mask]

@@ -275,3 +275,61 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> b
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+# -- a real OIDC provider (PyPI oidc-provider-mock, in-process on loopback) -------------------
+
+class IdentityProvider:
+    """The running mock provider: its issuer URL and a way to add users."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.issuer = f"http://localhost:{server.server_port}"
+
+    def set_user(self, sub: str, **claims: Any) -> None:
+        """Create or replace a user with these claims."""
+        import requests
+
+        response = requests.put(f"{self.issuer}/users/{sub}", json=claims, timeout=10)
+        response.raise_for_status()
+
+
+@pytest.fixture(scope="session")
+def idp() -> Iterator[IdentityProvider]:
+    """One mock identity provider for the session (nonces required, like real ones)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from oidc_provider_mock import run_server_in_thread
+
+    with run_server_in_thread(port=0, require_nonce=True) as server:
+        yield IdentityProvider(server)
+
+
+OIDC_SETTINGS = {"OIDC_CLIENT_ID": "portal-test", "OIDC_CLIENT_SECRET": "portal-test-secret",
+                 "OIDC_ROLES_CLAIM": "portal_roles"}
+
+
+@pytest.fixture
+def oidc_app(tmp_path: Path, idp: IdentityProvider) -> Iterator[Flask]:
+    """The app configured to sign people in at the mock provider."""
+    application = make_app(tmp_path / "instance", OIDC_ISSUER=idp.issuer, **OIDC_SETTINGS)
+    yield application
+    application.extensions["db"].dispose()
+
+
+def sign_in(client: FlaskClient, idp: IdentityProvider, sub: str,
+            next_path: str = "/studies") -> Any:
+    """Walk the real code flow: portal -> provider (choose the user) -> callback."""
+    import requests
+    from urllib.parse import urlsplit
+
+    start = client.get("/auth/login", query_string={"next": next_path})
+    assert start.status_code == 302, start.data
+    authorize = start.headers["Location"]
+    assert authorize.startswith(idp.issuer)
+    chosen = requests.post(authorize, data={"sub": sub}, allow_redirects=False, timeout=10)
+    assert chosen.status_code in (302, 303), chosen.text[:500]
+    callback = urlsplit(chosen.headers["Location"])
+    return client.get(f"{callback.path}?{callback.query}")

@@ -19,6 +19,7 @@ import pydicom
 import pytest
 from flask import Flask
 from pydicom.dataset import Dataset
+from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRLittleEndian,
@@ -58,6 +59,7 @@ PEERS = ["STORESCU@127.0.0.1", "ECHOSCU@127.0.0.1"]
 # Bounded network waits so a broken SCP fails the test instead of hanging it.
 TIMEOUTS = ("-to", "10", "-ta", "10", "-td", "30")
 CSTORE_CONFLICT = 0xC111
+TRAILING_PADDING = Tag(0xFFFC, 0xFFFC)
 
 
 # -- the SCP ---------------------------------------------------------------------------------
@@ -142,12 +144,17 @@ def assert_same_instance(stored: Dataset, original: Dataset) -> None:
     assert stored.SOPInstanceUID == original.SOPInstanceUID
     assert stored.file_meta.MediaStorageSOPInstanceUID == original.SOPInstanceUID
     assert stored.PixelData == original.PixelData
-    # Group length elements are optional and DCMTK may add or drop them on the wire.
     differing = [elem.tag for elem in original
-                 if elem.tag.element != 0 and stored.get(elem.tag) != elem]
+                 if _meaningful(elem.tag) and stored.get(elem.tag) != elem]
     differing += [elem.tag for elem in stored
-                  if elem.tag.element != 0 and elem.tag not in original]
+                  if _meaningful(elem.tag) and elem.tag not in original]
     assert differing == []
+
+
+def _meaningful(tag: BaseTag) -> bool:
+    # Group lengths are optional and trailing padding carries nothing; DCMTK drops or
+    # recomputes both when it re-encodes a data set for the wire.
+    return tag.element != 0 and tag != TRAILING_PADDING
 
 
 @pytest.fixture
@@ -259,12 +266,13 @@ def test_storescu_keeps_compressed_transfer_syntax(scp: Scp, tmp_path: Path,
     # only, and storescu would then try to decompress and fail or send converted data).
     done = storescu(scp.port, "-R", case.propose, str(path))
     assert done.returncode == 0, output(done)
-    assert "Converting transfer syntax" not in output(done)
     assert stored_count(scp.app) == 1
     stored = read_stored(scp.archive, original.SOPInstanceUID)
     assert stored.file_meta.TransferSyntaxUID == case.syntax
     assert stored.SOPInstanceUID == original.SOPInstanceUID
     assert np.array_equal(stored.pixel_array, original.pixel_array)
+    # The compressed bitstream itself is passed through, not re-encoded.
+    assert stored.PixelData == original.PixelData
 
 
 # -- who may associate -----------------------------------------------------------------------
