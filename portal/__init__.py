@@ -50,17 +50,22 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     errors.register_error_handlers(app)
     policy.init_app(app)
 
-    from portal.access.cli import clients_cli, users_cli
+    from portal.access.cli import audit_cli, clients_cli, users_cli
     from portal.archive.cli import archive_cli, dimse_cli
     from portal.cli import db_cli, demo_command
+    from portal.admin.routes import bp as admin_bp
+    from portal.api.routes import bp as api_bp
     from portal.auth.routes import bp as auth_bp
     from portal.dicomweb.routes import bp as dicomweb_bp
     from portal.studies.routes import bp as studies_bp
 
     app.register_blueprint(health.bp)
     app.register_blueprint(auth_bp)
+    app.register_blueprint(admin_bp)
+    app.register_blueprint(api_bp)
     app.register_blueprint(dicomweb_bp)
     app.register_blueprint(studies_bp)
-    for command in (archive_cli, clients_cli, db_cli, dimse_cli, demo_command, users_cli):
+    for command in (archive_cli, audit_cli, clients_cli, db_cli, dimse_cli, demo_command,
+                    users_cli):
         app.cli.add_command(command)
     return app

@@ -505,7 +505,7 @@ def _lung_vessel_points(rng: np.random.Generator) -> FloatArray:
 
     def grow(start: FloatArray, direction: FloatArray, length: float, radius: float, depth: int) -> None:
         end = start + direction * length
-        count = max(2, int(length / max(0.6, radius)))
+        count = max(2, int(length / max(1.0, radius)))
         t = np.linspace(0.0, 1.0, count, dtype=np.float32)[:, None]
         samples = start + (end - start) * t
         points.append(np.column_stack([samples, np.full(count, radius, np.float32)]))
@@ -620,6 +620,9 @@ def _paint_lungs(
     dz = np.abs(vessels[:, 2] - level)
     hits = vessels[dz < vessels[:, 3] + thickness / 2.0]
     for x, y, z, r in hits:
+        centre = sl.window(float(x), float(x), float(y), float(y))
+        if centre is None or sl.hu[centre[0].start, min(centre[1].start, sl.size - 1)] > -600.0:
+            continue  # this part of the tree runs through the mediastinum, not the lung
         in_plane = float(r) if abs(z - level) < thickness / 2.0 else math.sqrt(max(r * r - (abs(z - level) - thickness / 2.0) ** 2, 0.0))
         if in_plane < 0.25:
             continue
@@ -1169,18 +1172,15 @@ def _render_head_ct(slices: int, seed: str) -> tuple[np.ndarray, float, np.ndarr
 def _render_mr(
     plane: str, positions: Sequence[float], size: int, fov: float, table: FloatArray, seed: str
 ) -> np.ndarray:
-    """Render MR slices of the head phantom (2x supersampled, coil shading, Rician noise)."""
-    fine = size * 2
-    coords = (-(fine - 1) / 2.0 * fov / fine + np.arange(fine) * fov / fine).astype(np.float32)
+    """Render MR slices of the head phantom (blurred, coil shading, Rician noise)."""
+    coords = (-(size - 1) / 2.0 * fov / size + np.arange(size) * fov / size).astype(np.float32)
     out = np.empty((len(positions), size, size), np.uint16)
     for index, position in enumerate(positions):
         if plane == "axial":
             x, y, z = coords[None, :], coords[:, None], np.float32(position)
         else:  # sagittal: rows run head to feet, columns anterior to posterior
             x, y, z = np.float32(position), coords[None, :], -coords[:, None]
-        signal = table[_head_labels(x, y, z)]
-        signal = signal.reshape(size, 2, size, 2).mean(axis=(1, 3))
-        signal = _box3(signal)
+        signal = _box3(table[_head_labels(x, y, z)])  # blur stands in for the acquisition PSF
         rows = np.linspace(-1, 1, size, dtype=np.float32)[:, None]
         cols = np.linspace(-1, 1, size, dtype=np.float32)[None, :]
         signal *= 1.08 - 0.16 * (rows * rows + cols * cols) + 0.06 * rows  # receive-coil shading
@@ -1746,14 +1746,13 @@ def _us_regions() -> DicomSequence:
     region.RegionSpatialFormat = 1  # 2D tissue image
     region.RegionDataType = 2  # colour flow
     region.RegionFlags = 0
-    region.RegionLocationMinX0 = int(_US_APEX[0] - math.sin(_US_HALF_ANGLE) * _US_DEPTH_PX)
-    region.RegionLocationMinY0 = int(_US_APEX[1])
-    region.RegionLocationMaxX1 = int(_US_APEX[0] + math.sin(_US_HALF_ANGLE) * _US_DEPTH_PX)
-    region.RegionLocationMaxY1 = int(_US_APEX[1] + _US_DEPTH_PX)
+    outer = _US_FOOTPRINT_PX + _US_DEPTH_PX
+    region.RegionLocationMinX0 = int(_US_APEX[0] - math.sin(_US_HALF_ANGLE) * outer)
+    region.RegionLocationMinY0 = int(_US_APEX[1] + math.cos(_US_HALF_ANGLE) * _US_FOOTPRINT_PX)
+    region.RegionLocationMaxX1 = int(math.ceil(_US_APEX[0] + math.sin(_US_HALF_ANGLE) * outer))
+    region.RegionLocationMaxY1 = int(_US_APEX[1] + outer)
     region.PhysicalUnitsXDirection = 3  # cm
     region.PhysicalUnitsYDirection = 3
-    region.ReferencePixelX0 = int(_US_APEX[0])
-    region.ReferencePixelY0 = int(_US_APEX[1])
     region.PhysicalDeltaX = _US_MM_PER_PX / 10.0
     region.PhysicalDeltaY = _US_MM_PER_PX / 10.0
     return DicomSequence([region])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 from flask import current_app
 from flask.cli import with_appcontext
@@ -109,3 +111,23 @@ def list_users_command() -> None:
     for user in db.session.scalars(select(User).order_by(User.id)):
         state = "active" if user.active else "deactivated"
         click.echo(f"{user.subject}\t{user.email}\t{','.join(user.roles) or '-'}\t{state}")
+
+
+@click.group("audit", help="The audit trail.")
+def audit_cli() -> None:
+    """Audit commands."""
+
+
+@audit_cli.command("verify")
+@with_appcontext
+def verify_audit_command() -> None:
+    """Recompute the hash chain; exit 1 if any record was changed or removed."""
+    from portal.access.audit import verify_chain
+
+    checked, bad = verify_chain(db.session)
+    if bad is None:
+        click.echo(f"audit trail intact: {checked} records")
+        return
+    where = "records were removed from the end" if bad == -1 else f"record {bad} was altered"
+    click.echo(f"audit trail BROKEN after {checked} good records: {where}")
+    sys.exit(1)

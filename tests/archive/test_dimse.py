@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +21,16 @@ from flask import Flask
 from pydicom.dataset import Dataset
 from pydicom.tag import BaseTag, Tag
 from pydicom.uid import (
+    JPEG2000,
     CTImageStorage,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
-    JPEG2000,
-    JPEG2000Lossless,
     RLELossless,
     generate_uid,
 )
@@ -118,13 +118,12 @@ def sample(name: str) -> Path:
     return _samples()[name]
 
 
-def storescu(port: int, *args: str, aet: str = "STORESCU") -> subprocess.CompletedProcess[str]:
-    """Run DCMTK storescu against the SCP; ``args`` are options followed by files."""
-    options = [a for a in args if a.startswith(("-", "+"))]
-    files = [a for a in args if not a.startswith(("-", "+"))]
+def storescu(port: int, files: list[Path], *options: str,
+             aet: str = "STORESCU") -> subprocess.CompletedProcess[str]:
+    """Run DCMTK storescu against the SCP with extra ``options``."""
     return subprocess.run(
         [STORESCU, "-v", "-aet", aet, "-aec", CALLED, *TIMEOUTS, *options,
-         "127.0.0.1", str(port), *files],
+         "127.0.0.1", str(port), *map(str, files)],
         capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -203,7 +202,7 @@ def test_storescu_stores_uncompressed_files(scp: Scp, tmp_path: Path) -> None:
              sample("CT_small.dcm"),  # explicit VR little endian
              sample("MR_small.dcm"),  # explicit VR little endian
              sample("rtdose_1frame.dcm")]  # implicit VR little endian, 32-bit pixels
-    done = storescu(scp.port, *map(str, files))
+    done = storescu(scp.port, files)
     assert done.returncode == 0, output(done)
     assert stored_count(scp.app) == len(files)
     for path in files:
@@ -264,7 +263,7 @@ def test_storescu_keeps_compressed_transfer_syntax(scp: Scp, tmp_path: Path,
     assert original.file_meta.TransferSyntaxUID == case.syntax  # the input is what we think
     # -R: only the file's SOP class; the -x option adds its syntax (default is uncompressed
     # only, and storescu would then try to decompress and fail or send converted data).
-    done = storescu(scp.port, "-R", case.propose, str(path))
+    done = storescu(scp.port, [path], "-R", case.propose)
     assert done.returncode == 0, output(done)
     assert stored_count(scp.app) == 1
     stored = read_stored(scp.archive, original.SOPInstanceUID)
@@ -279,7 +278,7 @@ def test_storescu_keeps_compressed_transfer_syntax(scp: Scp, tmp_path: Path,
 
 def test_unknown_calling_ae_title_is_rejected(scp: Scp) -> None:
     """An AE title that is not configured gets A-ASSOCIATE-RJ and stores nothing."""
-    done = storescu(scp.port, str(sample("CT_small.dcm")), aet="INTRUDER")
+    done = storescu(scp.port, [sample("CT_small.dcm")], aet="INTRUDER")
     assert done.returncode != 0
     text = output(done)
     assert "Association Rejected" in text, text
@@ -337,10 +336,10 @@ BAD = {
 
 @pytest.mark.parametrize("bad", BAD.values(), ids=BAD.keys())
 def test_bad_instance_is_refused_and_the_association_keeps_working(
-        scp: Scp, association: Association, bad: tuple[object, int]) -> None:
+        scp: Scp, association: Association,
+        bad: tuple[Callable[[], Dataset], int]) -> None:
     """A refused instance gets a failure status, leaves nothing behind, and the SCP goes on."""
     build, expected = bad
-    assert callable(build)
     status = c_store(association, build())
     assert code_to_category(status) == "Failure", hex(status)
     assert status == expected, hex(status)

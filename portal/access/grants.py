@@ -1,0 +1,189 @@
+"""Office-manager operations on access: grants, break-glass, referrer identifiers, people.
+
+Every change is audited (PS3.15: 110113 Security Alert with 110135/110137, 110127 for
+emergency access) in the same transaction as the change itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from portal.access import audit
+from portal.access.models import Grant, PatientLink, ReferrerIdentifier, User
+from portal.access.principal import Principal
+from portal.access.users import UserError, get_or_create_practice, set_active, set_roles
+from portal.db import utcnow
+from portal.index.models import Patient, Study, StudyReferrer
+from portal.index.referrers import parse_key
+
+BREAK_GLASS_MAX = timedelta(hours=24)
+BREAK_GLASS_DEFAULT = timedelta(hours=4)
+
+
+def _audit_change(session: Session, actor: Principal, kind: str, details: dict[str, Any],
+                  study: str = "", patient: str = "") -> None:
+    audit.append(session, audit.SECURITY_ALERT, action="U", outcome=audit.OUTCOME_SUCCESS,
+                 who=actor.audit_name, study_instance_uid=study, patient_id=patient,
+                 details={"type": kind, **details})
+
+
+def _user(session: Session, user_id: int) -> User:
+    user = session.get(User, user_id)
+    if user is None:
+        raise UserError("no such user")
+    return user
+
+
+def create_grant(session: Session, actor: Principal, *, user_id: int,
+                 study_uid: str | None = None, patient_id: str | None = None,
+                 expires_at: datetime | None = None, reason: str = "",
+                 break_glass: bool = False) -> Grant:
+    """Give a user access to one study or to every study of one patient."""
+    user = _user(session, user_id)
+    if bool(study_uid) == bool(patient_id):
+        raise UserError("a grant covers either one study or one patient")
+    reason = reason.strip()[:1000]
+    now = utcnow()
+    if expires_at is not None and expires_at <= now:
+        raise UserError("the expiry must be in the future")
+    if break_glass:
+        if len(reason) < 10:
+            raise UserError("emergency access needs a written reason (at least 10 characters)")
+        expires_at = min(expires_at or now + BREAK_GLASS_DEFAULT, now + BREAK_GLASS_MAX)
+    patient_fk, study_text, patient_text = None, "", ""
+    if study_uid:
+        study = session.scalars(select(Study).where(Study.study_instance_uid == study_uid)).first()
+        if study is None:
+            raise UserError("no such study")
+        study_text, patient_text = study.study_instance_uid, study.patient.patient_id
+    else:
+        patients = list(session.scalars(select(Patient).where(Patient.patient_id == patient_id)))
+        if len(patients) != 1:
+            raise UserError("no such patient" if not patients else
+                            "several patients have this ID; grant a study instead")
+        patient_fk, patient_text = patients[0].id, patients[0].patient_id
+    grant = Grant(user_fk=user.id, study_instance_uid=study_uid or None, patient_fk=patient_fk,
+                  reason=reason, break_glass=break_glass, granted_by=actor.audit_name,
+                  created_at=now, expires_at=expires_at)
+    session.add(grant)
+    session.flush()
+    details = {"grant": grant.id, "to": f"{user.issuer}|{user.subject}",
+               "expires": expires_at.isoformat() if expires_at else None, "reason": reason}
+    if break_glass:
+        audit.append(session, audit.EMERGENCY_OVERRIDE, action="E",
+                     outcome=audit.OUTCOME_SUCCESS, who=actor.audit_name,
+                     study_instance_uid=study_text, patient_id=patient_text, details=details)
+    else:
+        _audit_change(session, actor, audit.OBJECT_SECURITY_CHANGED, details, study_text,
+                      patient_text)
+    return grant
+
+
+def revoke_grants(session: Session, actor: Principal, grant_ids: Sequence[int]) -> int:
+    """Revoke several grants at once; if any id is unknown nothing changes."""
+    grants = list(session.scalars(select(Grant).where(Grant.id.in_(list(grant_ids)))))
+    if len(grants) != len(set(grant_ids)):
+        raise UserError("unknown grant in the request; nothing was revoked")
+    now = utcnow()
+    for grant in grants:
+        if grant.revoked_at is None:
+            grant.revoked_at, grant.revoked_by = now, actor.audit_name
+            _audit_change(session, actor, audit.OBJECT_SECURITY_CHANGED,
+                          {"grant": grant.id, "revoked": True},
+                          grant.study_instance_uid or "")
+    return len(grants)
+
+
+def grant_state(grant: Grant, now: datetime | None = None) -> str:
+    """active, expired or revoked."""
+    now = now or utcnow()
+    if grant.revoked_at is not None:
+        return "revoked"
+    if grant.expires_at is not None and grant.expires_at <= now:
+        return "expired"
+    return "active"
+
+
+def link_identifier(session: Session, actor: Principal, user_id: int,
+                    text: str) -> ReferrerIdentifier:
+    """Link a physician to an identifier studies use for him (NPI, ID or name)."""
+    user = _user(session, user_id)
+    try:
+        key = parse_key(text)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    existing = session.scalars(select(ReferrerIdentifier).where(
+        ReferrerIdentifier.key == key)).first()
+    if existing is not None:
+        raise UserError("this identifier is already linked to someone")
+    row = ReferrerIdentifier(user_fk=user.id, key=key, created_by=actor.audit_name,
+                             created_at=utcnow())
+    session.add(row)
+    session.flush()
+    _audit_change(session, actor, audit.USER_SECURITY_CHANGED,
+                  {"user": f"{user.issuer}|{user.subject}", "identifier": key})
+    return row
+
+
+def unlink_identifier(session: Session, actor: Principal, identifier_id: int) -> None:
+    """Remove an identifier link."""
+    row = session.get(ReferrerIdentifier, identifier_id)
+    if row is None:
+        raise UserError("no such identifier")
+    _audit_change(session, actor, audit.USER_SECURITY_CHANGED,
+                  {"identifier": row.key, "removed": True, "user_id": row.user_fk})
+    session.delete(row)
+
+
+def unmatched_referrers(session: Session, limit: int = 50) -> list[tuple[str, int]]:
+    """Referrer keys found in studies that nobody is linked to, most frequent first."""
+    linked = select(ReferrerIdentifier.key)
+    rows = session.execute(
+        select(StudyReferrer.key, func.count(StudyReferrer.id))
+        .where(StudyReferrer.key.not_in(linked)).group_by(StudyReferrer.key)
+        .order_by(func.count(StudyReferrer.id).desc(), StudyReferrer.key).limit(limit))
+    return [(key, count) for key, count in rows]
+
+
+def update_user(session: Session, actor: Principal, user_id: int, *,
+                roles: list[str] | None = None, practice: str | None = None,
+                active: bool | None = None) -> User:
+    """Change roles, practice or activation of a user (sessions end on any of these)."""
+    user = _user(session, user_id)
+    changes: dict[str, Any] = {}
+    if roles is not None and sorted(set(roles)) != sorted(user.roles):
+        set_roles(session, user, roles)
+        changes["roles"] = user.roles
+    if practice is not None:
+        new_practice = get_or_create_practice(session, practice) if practice.strip() else None
+        new_id = new_practice.id if new_practice else None
+        if new_id != user.practice_fk:
+            user.practice_fk = new_id
+            user.security_epoch += 1
+            changes["practice"] = practice.strip()
+    if active is not None and active != user.active:
+        if not active and actor.kind == "user" and actor.id == user.id:
+            raise UserError("you cannot deactivate yourself")
+        set_active(session, user, active)
+        changes["active"] = active
+    if changes:
+        _audit_change(session, actor, audit.USER_SECURITY_CHANGED,
+                      {"user": f"{user.issuer}|{user.subject}", **changes})
+    return user
+
+
+def link_patient(session: Session, actor: Principal, user_id: int, patient_id: str) -> None:
+    """Let a patient account see the studies of one patient record."""
+    user = _user(session, user_id)
+    patients = list(session.scalars(select(Patient).where(Patient.patient_id == patient_id)))
+    if len(patients) != 1:
+        raise UserError("no such patient" if not patients else "several patients have this ID")
+    session.add(PatientLink(user_fk=user.id, patient_fk=patients[0].id))
+    _audit_change(session, actor, audit.USER_SECURITY_CHANGED,
+                  {"user": f"{user.issuer}|{user.subject}", "patient_link": True},
+                  patient=patient_id)

@@ -1,0 +1,1 @@
+"""The office-manager console."""

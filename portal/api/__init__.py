@@ -1,0 +1,1 @@
+"""The JSON API for the portal's own actions, described by /api/openapi.json."""

@@ -1,0 +1,183 @@
+"""``/api``: people, referrer identifiers, grants and the audit trail as JSON.
+
+The console's pages and this API call the same service functions. Callers: a signed-in office
+manager (session + CSRF token) or a script with an office manager's bearer token.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+from sqlalchemy import select
+
+from portal.access import audit
+from portal.access.grants import (create_grant, grant_state, link_identifier, revoke_grants,
+                                  unlink_identifier, unmatched_referrers, update_user)
+from portal.access.models import Grant, ReferrerIdentifier, User
+from portal.access.policy import public, require_role
+from portal.access.principal import Principal, current_principal
+from portal.access.users import UserError
+from portal.api.openapi import OPENAPI
+from portal.db import db
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+
+def _manager() -> Principal:
+    return require_role(current_principal(), "office_manager")
+
+
+@bp.errorhandler(UserError)
+def _user_error(exc: UserError) -> tuple[Response, int]:
+    db.session.rollback()
+    return jsonify(error=str(exc), status=400), 400
+
+
+def _body() -> dict[str, Any]:
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise UserError("send a JSON object (Content-Type: application/json)")
+    return data
+
+
+def _user_json(user: User) -> dict[str, Any]:
+    return {"id": user.id, "issuer": user.issuer, "subject": user.subject, "email": user.email,
+            "name": user.display_name, "roles": user.roles, "practice_id": user.practice_fk,
+            "active": user.active}
+
+
+def _grant_json(grant: Grant) -> dict[str, Any]:
+    return {"id": grant.id, "user_id": grant.user_fk, "study_uid": grant.study_instance_uid,
+            "patient_record": grant.patient_fk, "break_glass": grant.break_glass,
+            "reason": grant.reason, "state": grant_state(grant),
+            "expires_at": grant.expires_at.isoformat() if grant.expires_at else None,
+            "created_at": grant.created_at.isoformat() if grant.created_at else None}
+
+
+@bp.get("/openapi.json")
+@public
+def openapi() -> Response:
+    """The OpenAPI 3.1 description of this API."""
+    return jsonify(OPENAPI)
+
+
+@bp.get("/users")
+def list_users() -> Response:
+    """Everybody who has signed in."""
+    _manager()
+    return jsonify([_user_json(u) for u in db.session.scalars(select(User).order_by(User.id))])
+
+
+@bp.patch("/users/<int:user_id>")
+def patch_user(user_id: int) -> Response:
+    """Change roles, practice or activation."""
+    body = _body()
+    roles = body.get("roles")
+    if roles is not None and not (isinstance(roles, list) and all(isinstance(r, str)
+                                                                 for r in roles)):
+        raise UserError("roles must be a list of names")
+    active = body.get("active")
+    if active is not None and not isinstance(active, bool):
+        raise UserError("active must be true or false")
+    user = update_user(db.session, _manager(), user_id, roles=roles,
+                       practice=body.get("practice"), active=active)
+    db.session.commit()
+    return jsonify(_user_json(user))
+
+
+@bp.get("/identifiers")
+def list_identifiers() -> Response:
+    """Linked identifiers and unmatched suggestions."""
+    _manager()
+    linked = [{"id": i.id, "user_id": i.user_fk, "key": i.key}
+              for i in db.session.scalars(select(ReferrerIdentifier).order_by(
+                  ReferrerIdentifier.id))]
+    return jsonify(linked=linked, suggestions=[{"key": k, "studies": n}
+                                               for k, n in unmatched_referrers(db.session)])
+
+
+@bp.post("/identifiers")
+def add_identifier() -> tuple[Response, int]:
+    """Link a physician to an identifier."""
+    body = _body()
+    row = link_identifier(db.session, _manager(), int(body.get("user_id", 0)),
+                          str(body.get("key", "")))
+    db.session.commit()
+    return jsonify(id=row.id, user_id=row.user_fk, key=row.key), 201
+
+
+@bp.delete("/identifiers/<int:identifier_id>")
+def delete_identifier(identifier_id: int) -> tuple[str, int]:
+    """Unlink an identifier."""
+    unlink_identifier(db.session, _manager(), identifier_id)
+    db.session.commit()
+    return "", 204
+
+
+@bp.get("/grants")
+def list_grants() -> Response:
+    """Every grant, newest first."""
+    _manager()
+    return jsonify([_grant_json(g) for g in db.session.scalars(
+        select(Grant).order_by(Grant.id.desc()).limit(1000))])
+
+
+@bp.post("/grants")
+def add_grant() -> tuple[Response, int]:
+    """Grant access to a study or a patient (``break_glass`` with a reason for emergencies)."""
+    body = _body()
+    expires = body.get("expires_at")
+    try:
+        expires_at = datetime.fromisoformat(expires) if expires else None
+    except (TypeError, ValueError) as exc:
+        raise UserError("expires_at must be an ISO 8601 date-time with a time zone") from exc
+    if expires_at is not None and expires_at.tzinfo is None:
+        raise UserError("expires_at must carry a time zone")
+    grant = create_grant(db.session, _manager(), user_id=int(body.get("user_id", 0)),
+                         study_uid=body.get("study_uid"), patient_id=body.get("patient_id"),
+                         expires_at=expires_at, reason=str(body.get("reason", "")),
+                         break_glass=bool(body.get("break_glass", False)))
+    db.session.commit()
+    return jsonify(_grant_json(grant)), 201
+
+
+@bp.post("/grants/revoke")
+def revoke() -> Response:
+    """Revoke several grants; if one id is unknown, nothing changes (403)."""
+    ids = _body().get("ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+        raise UserError("ids must be a non-empty list of grant ids")
+    principal = _manager()
+    try:
+        count = revoke_grants(db.session, principal, ids)
+    except UserError as exc:
+        db.session.rollback()
+        return Response(status=403, response=f'{{"error": "{exc}"}}',
+                        mimetype="application/json")
+    db.session.commit()
+    return jsonify(revoked=count)
+
+
+@bp.get("/audit")
+def audit_events() -> Response:
+    """The audit trail, newest first (reading it is itself audited)."""
+    principal = _manager()
+    args = request.args
+    try:
+        limit = min(int(args.get("limit", "100")), 1000)
+        offset = int(args.get("offset", "0"))
+    except ValueError as exc:
+        raise UserError("limit and offset are numbers") from exc
+    rows = list(audit.iter_events(db.session, who=args.get("who", "")[:200],
+                                  study=args.get("study", "")[:64],
+                                  event_id=args.get("event", "")[:16], limit=limit,
+                                  offset=offset))
+    audit.record(db, audit.AUDIT_LOG_USED, action="R", outcome=audit.OUTCOME_SUCCESS,
+                 who=principal.audit_name, source_address=request.remote_addr or "")
+    return jsonify([{"id": r.id, "time": r.occurred_at.isoformat(), "event_id": r.event_id,
+                     "event": r.event_name, "action": r.action, "outcome": r.outcome,
+                     "who": r.who, "source": r.source_address,
+                     "study_uid": r.study_instance_uid, "patient_id": r.patient_id,
+                     "details": r.details, "hash": r.record_hash} for r in rows])
