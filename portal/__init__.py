@@ -34,10 +34,9 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
 
     from portal import archive, errors, health, log, security
     from portal.access import policy
-    from portal.db import Database
-
     from portal.auth import oidc
     from portal.auth.sessions import DatabaseSessionInterface
+    from portal.db import Database
 
     log.init_app(app)
     security.init_app(app)
@@ -51,11 +50,11 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     policy.init_app(app)
 
     from portal.access.cli import audit_cli, clients_cli, users_cli
-    from portal.archive.cli import archive_cli, dimse_cli
-    from portal.cli import db_cli, demo_command
     from portal.admin.routes import bp as admin_bp
     from portal.api.routes import bp as api_bp
+    from portal.archive.cli import archive_cli, dimse_cli
     from portal.auth.routes import bp as auth_bp
+    from portal.cli import db_cli, demo_command
     from portal.dicomweb.routes import bp as dicomweb_bp
     from portal.studies.routes import bp as studies_bp
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from flask import Flask, current_app
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
-from sqlalchemy.types import TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmaker
 from sqlalchemy.pool import NullPool
+from sqlalchemy.types import TypeDecorator
 from werkzeug.local import LocalProxy
 
 NAMING_CONVENTION = {

@@ -617,21 +617,21 @@ def _paint_lungs(
         sl.paint(shape, density, within=cavity)
     # Vessels: discs where the tree crosses this slice, painted only inside aerated lung.
     vessels = phantom.lung_vessels
-    dz = np.abs(vessels[:, 2] - level)
-    hits = vessels[dz < vessels[:, 3] + thickness / 2.0]
-    for x, y, z, r in hits:
-        centre = sl.window(float(x), float(x), float(y), float(y))
-        if centre is None or sl.hu[centre[0].start, min(centre[1].start, sl.size - 1)] > -600.0:
-            continue  # this part of the tree runs through the mediastinum, not the lung
-        in_plane = float(r) if abs(z - level) < thickness / 2.0 else math.sqrt(max(r * r - (abs(z - level) - thickness / 2.0) ** 2, 0.0))
-        if in_plane < 0.25:
-            continue
-        shape = sl.ellipse_mask(float(x), float(y), max(in_plane, 0.5), max(in_plane, 0.5))
+    beyond = np.maximum(np.abs(vessels[:, 2] - level) - thickness / 2.0, 0.0)  # distance outside the slab
+    in_plane = np.sqrt(np.maximum(vessels[:, 3] ** 2 - beyond**2, 0.0))
+    hits = vessels[in_plane >= 0.25]
+    in_plane = in_plane[in_plane >= 0.25]
+    # Skip the parts of the tree that run through the mediastinum rather than the lung.
+    col = np.clip(np.rint((hits[:, 0] - sl.origin) / sl.spacing).astype(int), 0, sl.size - 1)
+    row = np.clip(np.rint((hits[:, 1] - sl.origin) / sl.spacing).astype(int), 0, sl.size - 1)
+    aerated = sl.hu[row, col] < -600.0
+    for (x, y, _z, _r), radius in zip(hits[aerated], in_plane[aerated]):
+        shape = sl.ellipse_mask(float(x), float(y), max(float(radius), 0.5), max(float(radius), 0.5))
         if shape is None:
             continue
         (rows, cols), mask = shape
         lung = sl.hu[rows, cols] < -600.0
-        partial = min(1.0, in_plane / (0.9 * sl.spacing))
+        partial = min(1.0, float(radius) / (0.9 * sl.spacing))
         sl.hu[rows, cols][mask & lung] = -850.0 + 960.0 * partial
 
 
@@ -829,29 +829,24 @@ def _paint_ribs(sl: _AxialSlice, level: float, rho: FloatArray, cy: float, rx: f
     if level > 330.0:
         return
     ring_width = 9.0 / (0.5 * (rx + ry))
-    rows = np.nonzero(((rho > 1.0) & (rho < 1.0 + ring_width)).any(axis=1))[0]
+    rows, cols = np.nonzero((rho > 1.0) & (rho < 1.0 + ring_width))  # only the ring can hold ribs
     if rows.size == 0:
         return
-    band = slice(rows[0], rows[-1] + 1)
-    r = rho[band]
-    ring = (r > 1.0) & (r < 1.0 + ring_width)
-    x = sl.coords[None, :]
-    y = sl.coords[band][:, None] - cy
-    phi = np.abs(np.arctan2(x, y))  # 0 at the spine, pi at the sternum
+    r = rho[rows, cols]
+    phi = np.abs(np.arctan2(sl.coords[cols], sl.coords[rows] - cy))  # 0 at the spine, pi at the sternum
     # Ribs slope steeply downward from the spine, so each crosses a slice as a short arc.
     phase = (level + 8.0 - 150.0 * (phi / math.pi) ** 1.5) / 23.0
     index = np.floor(phase + 0.5)
     offset = np.abs(phase - index) * 23.0
-    in_rib = ring & (offset < 4.6) & (index >= 0) & (index < 12) & (phi > 0.28)
+    in_rib = (offset < 4.6) & (index >= 0) & (index < 12) & (phi > 0.28)
     # Floating ribs (11, 12) end laterally; the others continue as cartilage.
     anterior_end = np.where(index >= 10, 1.7, np.where(index >= 8, 2.35, 2.6))
     bone = in_rib & (phi < anterior_end)
     cartilage = in_rib & (phi >= anterior_end) & (phi < 2.95) & (index < 10)
     radial = (r - 1.0) / ring_width
     cortex = (radial < 0.25) | (radial > 0.72) | (offset > 3.4)
-    target = sl.hu[band]
-    target[bone] = np.where(cortex[bone], 820.0, 330.0)
-    target[cartilage] = 130.0
+    sl.hu[rows[bone], cols[bone]] = np.where(cortex[bone], 820.0, 330.0)
+    sl.hu[rows[cartilage], cols[cartilage]] = 130.0
 
 
 def _render_body_ct(slices: int, size: int, seed: str) -> tuple[np.ndarray, float, np.ndarray, float]:
@@ -860,18 +855,33 @@ def _render_body_ct(slices: int, size: int, seed: str) -> tuple[np.ndarray, floa
     slice_spacing = _BODY_COVERAGE_MM / slices
     levels = _BODY_FIRST_LEVEL_MM + np.arange(slices) * slice_spacing
     phantom = _body_phantom()
+    noise = _NoiseBank(size, 13.0, _rng(seed, "noise"))
     volume = np.empty((slices, size, size), np.int16)
     for index, level in enumerate(levels):
         sl = _AxialSlice(size, pixel_spacing, -1000.0)
         _paint_torso(sl, float(level), slice_spacing, phantom)
-        volume[index] = _finish_ct_slice(sl.hu, _rng(seed, "noise", index), 13.0)
+        volume[index] = _finish_ct_slice(sl.hu, noise.slice_noise(index))
     return volume, pixel_spacing, levels, slice_spacing
 
 
-def _finish_ct_slice(hu: FloatArray, rng: np.random.Generator, sigma: float) -> np.ndarray:
+class _NoiseBank:
+    """Correlated CT noise images, drawn once and reused shifted (fast, still looks random)."""
+
+    def __init__(self, size: int, sigma: float, rng: np.random.Generator, count: int = 6) -> None:
+        """Draw ``count`` noise images with standard deviation ~``sigma`` HU."""
+        self.size = size
+        white = rng.standard_normal((count, size, size), dtype=np.float32) * np.float32(sigma * 1.6)
+        self.images = [0.45 * w + 0.55 * _box3(w) * 2.2 for w in white]
+
+    def slice_noise(self, index: int) -> FloatArray:
+        """Noise for slice ``index``: a bank image rolled by a pseudo-random offset."""
+        image = self.images[index % len(self.images)]
+        shift = (index * 7919) % self.size, (index * 104729) % self.size
+        return np.roll(image, shift, axis=(0, 1))
+
+
+def _finish_ct_slice(hu: FloatArray, noise: FloatArray) -> np.ndarray:
     """Blur like a soft reconstruction kernel and add grainy quantum noise."""
-    noise = rng.standard_normal(hu.shape, dtype=np.float32) * np.float32(sigma * 1.6)
-    noise = 0.45 * noise + 0.55 * _box3(noise) * 2.2
     return np.clip(np.rint(_box3(hu) + noise), -1024, 3071).astype(np.int16)
 
 
@@ -1030,10 +1040,15 @@ def _ellipsoid_distance(
 
 
 def _inside(x: FloatArray, y: FloatArray, z: FloatArray, centre: Sequence[float], radii: Sequence[float]) -> np.ndarray:
-    """Boolean mask of points inside an axis-aligned ellipsoid."""
-    return (
+    """Boolean mask of points inside an axis-aligned ellipsoid (broadcast over x, y, z)."""
+    shape = np.broadcast_shapes(np.shape(x), np.shape(y), np.shape(z))
+    for value, c, r in zip((x, y, z), centre, radii, strict=True):
+        if np.size(value) == 1 and abs(float(np.ravel(value)[0]) - c) > r:
+            return np.zeros(shape, bool)  # the image plane misses this ellipsoid entirely
+    inside = (
         ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((z - centre[2]) / radii[2]) ** 2
     ) <= 1.0
+    return np.broadcast_to(inside, shape)
 
 
 # Gyral pattern: a random field over surface direction (azimuth, elevation); its zero set
@@ -1063,17 +1078,18 @@ def _fold_cortex(labels: np.ndarray, x: FloatArray, y: FloatArray, z: FloatArray
 
 def _head_labels(x: FloatArray, y: FloatArray, z: FloatArray) -> np.ndarray:
     """Tissue labels of the head phantom at patient coordinates (mm, LPS, brain centre at 0)."""
+    px, py, pz = x, y, z  # un-broadcast: cheaper arithmetic, and lets _inside skip whole planes
     x, y, z = np.broadcast_arrays(x, y, z)
     labels = np.zeros(x.shape, np.uint8)
     lower = z < 5.0
     cranium = np.minimum.reduce([
-        _ellipsoid_distance(x, y, z, (0, 0, 5), (68, 86, 70)) * ~lower
-        + _ellipsoid_distance(x, y, z, (0, 0, 5), (68, 86, 50)) * lower,
-        _ellipsoid_distance(x, y, z, (0, 40, -38), (54, 38, 26)),  # posterior fossa
-        _ellipsoid_distance(x, y, z, (-42, -6, -30), (22, 36, 20)),  # middle cranial fossae
-        _ellipsoid_distance(x, y, z, (42, -6, -30), (22, 36, 20)),
+        _ellipsoid_distance(px, py, pz, (0, 0, 5), (68, 86, 70)) * ~lower
+        + _ellipsoid_distance(px, py, pz, (0, 0, 5), (68, 86, 50)) * lower,
+        _ellipsoid_distance(px, py, pz, (0, 40, -38), (54, 38, 26)),  # posterior fossa
+        _ellipsoid_distance(px, py, pz, (-42, -6, -30), (22, 36, 20)),  # middle cranial fossae
+        _ellipsoid_distance(px, py, pz, (42, -6, -30), (22, 36, 20)),
     ])
-    face = _ellipsoid_distance(x, y, z, (0, -56, -52), (54, 42, 38))
+    face = _ellipsoid_distance(px, py, pz, (0, -56, -52), (54, 42, 38))
     neck = (z < -40) & ((x / 50.0) ** 2 + ((y - 14.0) / 54.0) ** 2 <= 1.0)
     temporal = (np.abs(x) > 48) & (z > -25) & (z < 40)
     scalp_outer = np.where(temporal, 15.0, 12.5)
@@ -1090,27 +1106,27 @@ def _head_labels(x: FloatArray, y: FloatArray, z: FloatArray) -> np.ndarray:
     labels[(cranium > 8.5) & (cranium < 10.5)] = _FAT
     labels[temporal & (cranium > 7.0) & (cranium < 13.5)] = _MUSCLE
     for side in (-1.0, 1.0):  # ears
-        labels[_inside(x, y, z, (side * 74, 8, -30), (7, 14, 20))] = _SOFT
+        labels[_inside(px, py, pz, (side * 74, 8, -30), (7, 14, 20))] = _SOFT
     labels[(cranium > 0) & (cranium < 7)] = _BONE
     labels[(cranium > 2.2) & (cranium < 4.8)] = _DIPLOE
     # Skull base and face.
     for side in (-1.0, 1.0):
-        orbit = _ellipsoid_distance(x, y, z, (side * 31, -66, -30), (19, 21, 18))
+        orbit = _ellipsoid_distance(px, py, pz, (side * 31, -66, -30), (19, 21, 18))
         labels[(orbit > -1.8) & (orbit < 0) & (y > -84)] = _BONE
         labels[orbit < -1.8] = _FAT
-        labels[_inside(x, y, z, (side * 31, -72, -30), (12, 12, 12))] = _VITREOUS
-        labels[_inside(x, y, z, (side * 31, -83.5, -30), (4.5, 2.0, 4.5))] = _LENS
+        labels[_inside(px, py, pz, (side * 31, -72, -30), (12, 12, 12))] = _VITREOUS
+        labels[_inside(px, py, pz, (side * 31, -83.5, -30), (4.5, 2.0, 4.5))] = _LENS
         petrous = (x * side * 0.707 + (y - 8) * 0.707, -x * side * 0.707 + (y - 8) * 0.707)
         labels[((petrous[0] - 32) / 8) ** 2 + (petrous[1] / 24) ** 2 + ((z + 40) / 7) ** 2 <= 1] = _DENSE_BONE
-        mastoid = _inside(x, y, z, (side * 56, 22, -44), (11, 13, 12))
+        mastoid = _inside(px, py, pz, (side * 56, 22, -44), (11, 13, 12))
         cells = np.sin(x[mastoid] * 1.7) * np.sin(y[mastoid] * 1.9) * np.sin(z[mastoid] * 1.5) > 0.1
         labels[mastoid] = np.where(cells, _SINUS, _BONE)
         labels[(np.abs(z + 36) < 3.5) & (np.abs(np.abs(x) - 62) < 4.5) & (y > -62) & (y < -2) & (side * x > 0)] = _BONE
-    nasal = _inside(x, y, z, (0, -64, -38), (15, 24, 22))
+    nasal = _inside(px, py, pz, (0, -64, -38), (15, 24, 22))
     labels[nasal] = np.where(np.abs(x[nasal]) < 1.2, _BONE, _SINUS)
-    labels[_ellipsoid_distance(x, y, z, (0, -24, -44), (15, 12, 10)) < 1.8] = _BONE
-    labels[_inside(x, y, z, (0, -24, -44), (13.2, 10.2, 8.2))] = _SINUS
-    labels[_inside(x, y, z, (0, -85, 16), (16, 5, 12))] = _SINUS  # frontal sinus
+    labels[_ellipsoid_distance(px, py, pz, (0, -24, -44), (15, 12, 10)) < 1.8] = _BONE
+    labels[_inside(px, py, pz, (0, -24, -44), (13.2, 10.2, 8.2))] = _SINUS
+    labels[_inside(px, py, pz, (0, -85, 16), (16, 5, 12))] = _SINUS  # frontal sinus
 
     brain = cranium < 0
     labels[brain] = _WHITE
@@ -1124,26 +1140,26 @@ def _head_labels(x: FloatArray, y: FloatArray, z: FloatArray) -> np.ndarray:
     bend = y + 5.0 - 0.35 * (np.abs(x) - 40.0) + 0.03 * (np.abs(x) - 62.0) ** 2
     labels[sylvian & (np.abs(bend) < 1.0 + 0.1 * (18.0 - depth))] = _CSF
     # Corpus callosum: a white arch over the lateral ventricles (visible on midline sagittal).
-    callosum = _inside(x, y, z, (0, 0, 14), (9, 38, 16)) & ~_inside(x, y, z, (0, 0, 14), (9, 34, 11))
+    callosum = _inside(px, py, pz, (0, 0, 14), (9, 38, 16)) & ~_inside(px, py, pz, (0, 0, 14), (9, 34, 11))
     labels[callosum & (z > 10)] = _WHITE
     for side in (-1.0, 1.0):  # deep grey nuclei
-        labels[_inside(x, y, z, (side * 13, -15, 12), (6, 10, 8))] = _GREY
-        labels[_inside(x, y, z, (side * 23, -3, 1), (6.5, 15, 10))] = _GREY
-        labels[_inside(x, y, z, (side * 10, 9, 2), (8, 12, 9))] = _GREY
+        labels[_inside(px, py, pz, (side * 13, -15, 12), (6, 10, 8))] = _GREY
+        labels[_inside(px, py, pz, (side * 23, -3, 1), (6.5, 15, 10))] = _GREY
+        labels[_inside(px, py, pz, (side * 10, 9, 2), (8, 12, 9))] = _GREY
         # Lateral ventricles diverge posteriorly: a butterfly on axial slices.
         vx = side * (8.0 + 0.13 * (y + 12))
         labels[brain & (((x - vx) / 5.5) ** 2 + ((y + 1) / 31) ** 2 + ((z - 15) / 9) ** 2 <= 1)] = _CSF
-    labels[_inside(x, y, z, (0, 6, -2), (2.6, 13, 8))] = _CSF  # third ventricle
+    labels[_inside(px, py, pz, (0, 6, -2), (2.6, 13, 8))] = _CSF  # third ventricle
     # Posterior fossa: cerebellum with folia, brainstem with its cisterns.
-    cerebellum = _inside(x, y, z, (0, 44, -40), (50, 30, 20)) & brain
+    cerebellum = _inside(px, py, pz, (0, 44, -40), (50, 30, 20)) & brain
     cx, cy, cz = x[cerebellum], y[cerebellum], z[cerebellum]
     arcs = np.sqrt((cx / 50.0) ** 2 + ((cy - 18.0) / 56.0) ** 2)  # folia curve around the fourth ventricle
     core = ((cx / 22.0) ** 2 + ((cy - 40.0) / 14.0) ** 2 + ((cz + 42.0) / 9.0) ** 2) < 1.0
     folia = np.sin(arcs * 75.0 + cz * 0.9 + np.sin(cx * 0.15) * 2.0) > 0.7
     labels[cerebellum] = np.where(core | folia, _WHITE, _GREY)
-    labels[_inside(x, y, z, (0, 12, -22), (17, 16, 10)) & brain] = _CSF
-    labels[_inside(x, y, z, (0, 14, -28), (14, 12, 30))] = _WHITE
-    labels[_inside(x, y, z, (0, 30, -42), (6, 4, 6))] = _CSF  # fourth ventricle
+    labels[_inside(px, py, pz, (0, 12, -22), (17, 16, 10)) & brain] = _CSF
+    labels[_inside(px, py, pz, (0, 14, -28), (14, 12, 30))] = _WHITE
+    labels[_inside(px, py, pz, (0, 30, -42), (6, 4, 6))] = _CSF  # fourth ventricle
     return labels
 
 
@@ -1162,10 +1178,11 @@ def _render_head_ct(slices: int, seed: str) -> tuple[np.ndarray, float, np.ndarr
     z_positions = -50.0 + 3.0 * np.arange(slices)
     volume = np.empty((slices, size, size), np.int16)
     holder = _head_holder(x, y)
+    noise = _NoiseBank(size, 3.5, _rng(seed, "noise"))
     for index, z in enumerate(z_positions):
         labels = _head_labels(x, y, np.float32(z))
         labels[holder & (labels == _AIR)] = _HOLDER
-        volume[index] = _finish_ct_slice(_HEAD_CT_HU[labels], _rng(seed, "noise", index), 3.5)
+        volume[index] = _finish_ct_slice(_HEAD_CT_HU[labels], noise.slice_noise(index))
     return volume, spacing, z_positions
 
 

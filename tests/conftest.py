@@ -322,8 +322,9 @@ def oidc_app(tmp_path: Path, idp: IdentityProvider) -> Iterator[Flask]:
 def sign_in(client: FlaskClient, idp: IdentityProvider, sub: str,
             next_path: str = "/studies") -> Any:
     """Walk the real code flow: portal -> provider (choose the user) -> callback."""
-    import requests
     from urllib.parse import urlsplit
+
+    import requests
 
     start = client.get("/auth/login", query_string={"next": next_path})
     assert start.status_code == 302, start.data
@@ -333,3 +334,34 @@ def sign_in(client: FlaskClient, idp: IdentityProvider, sub: str,
     assert chosen.status_code in (302, 303), chosen.text[:500]
     callback = urlsplit(chosen.headers["Location"])
     return client.get(f"{callback.path}?{callback.query}")
+
+
+def add_person(app: Flask, idp: IdentityProvider, sub: str, roles: list[str],
+               practice: str | None = None, name: str = "") -> int:
+    """Register a person as an office manager would (roles, practice); return the user id."""
+    from portal.access.models import User
+    from portal.access.users import get_or_create_practice
+
+    idp.set_user(sub, email=f"{sub}@demo.example", name=name or sub)
+    with app.extensions["db"].write_transaction() as session:
+        user = User(issuer=idp.issuer, subject=sub, email=f"{sub}@demo.example",
+                    display_name=name or sub, roles=roles, active=True, security_epoch=0)
+        if practice:
+            user.practice_fk = get_or_create_practice(session, practice).id
+        session.add(user)
+        session.flush()
+        return user.id
+
+
+def signed_in(app: Flask, idp: IdentityProvider, sub: str) -> FlaskClient:
+    """A browser signed in as ``sub`` through the real provider."""
+    client = app.test_client()
+    assert sign_in(client, idp, sub).status_code == 302
+    return client
+
+
+def csrf_of(client: FlaskClient) -> str:
+    """The CSRF token of a signed-in browser's session."""
+    client.get("/studies")
+    with client.session_transaction() as session:
+        return str(session.get("csrf") or "")

@@ -11,14 +11,30 @@ import io
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from flask import (Blueprint, Response, current_app, flash, redirect, render_template, request,
-                   session, url_for)
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from sqlalchemy import select
 
 from portal.access import audit
-from portal.access.grants import (create_grant, grant_state, link_identifier, link_patient,
-                                  revoke_grants, unlink_identifier, unmatched_referrers,
-                                  update_user)
+from portal.access.grants import (
+    create_grant,
+    grant_state,
+    link_identifier,
+    link_patient,
+    revoke_grants,
+    unlink_identifier,
+    unmatched_referrers,
+    update_user,
+)
 from portal.access.models import Grant, Practice, ReferrerIdentifier, User
 from portal.access.policy import require_role
 from portal.access.principal import Principal, current_principal

@@ -13,8 +13,15 @@ from flask import Blueprint, Response, jsonify, request
 from sqlalchemy import select
 
 from portal.access import audit
-from portal.access.grants import (create_grant, grant_state, link_identifier, revoke_grants,
-                                  unlink_identifier, unmatched_referrers, update_user)
+from portal.access.grants import (
+    create_grant,
+    grant_state,
+    link_identifier,
+    revoke_grants,
+    unlink_identifier,
+    unmatched_referrers,
+    update_user,
+)
 from portal.access.models import Grant, ReferrerIdentifier, User
 from portal.access.policy import public, require_role
 from portal.access.principal import Principal, current_principal
