@@ -41,9 +41,19 @@ def parse_peers(peers: list[str]) -> set[tuple[str, str]]:
     return pairs
 
 
+def _calling_ae_title(event: evt.Event) -> str:
+    # EVT_REQUESTED fires before pynetdicom copies the title onto ``requestor.ae_title``:
+    # read it from the A-ASSOCIATE-RQ primitive itself.
+    primitive = event.assoc.requestor.primitive
+    title = getattr(primitive, "calling_ae_title", None) if primitive is not None else None
+    if isinstance(title, bytes):
+        title = title.decode("ascii", "replace")
+    return str(title or event.assoc.requestor.ae_title or "").strip()
+
+
 def _on_requested(event: evt.Event, allowed: set[tuple[str, str]]) -> None:
     requestor = event.assoc.requestor
-    calling = str(requestor.ae_title).strip()
+    calling = _calling_ae_title(event)
     if (calling, requestor.address) not in allowed:
         log.warning("association refused: calling AE title %r from %s is not configured",
                     calling, requestor.address)

@@ -1,0 +1,179 @@
+"""The office-manager console and /api: guarded, CSRF-proof, recent sign-in, audited."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from flask import Flask
+from flask.testing import FlaskClient
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select, text, update
+
+from portal.access.audit import verify_chain
+from portal.access.models import AuditEvent, Grant, ReferrerIdentifier, User
+from portal.archive import current_archive
+from portal.auth.models import UserSession
+from portal.db import utcnow
+from tests.conftest import IdentityProvider, add_person, csrf_of, signed_in
+from tests.factories import make_instance
+
+
+def setup(app: Flask, idp: IdentityProvider) -> tuple[FlaskClient, int, str]:
+    suffix = generate_uid()[-6:]
+    add_person(app, idp, f"om-{suffix}", ["office_manager"], "Clinic")
+    doctor = add_person(app, idp, f"doc-{suffix}", ["physician"], "Clinic")
+    study = generate_uid()
+    with app.app_context():
+        current_archive().ingest(make_instance(study=study, ReferringPhysicianName="Doc^Who"),
+                                 who="test")
+    return signed_in(app, idp, f"om-{suffix}"), doctor, study
+
+
+def count(app: Flask, model: type) -> int:
+    with app.extensions["db"].new_session() as session:
+        return session.scalar(select(func.count()).select_from(model)) or 0
+
+
+def test_console_is_for_office_managers_only(oidc_app: Flask, idp: IdentityProvider) -> None:
+    manager, _doctor, _study = setup(oidc_app, idp)
+    for page in ("/admin/", "/admin/users", "/admin/identifiers", "/admin/grants",
+                 "/admin/audit"):
+        assert manager.get(page).status_code == 200, page
+    add_person(oidc_app, idp, "plain-doc", ["physician"])
+    doctor = signed_in(oidc_app, idp, "plain-doc")
+    assert doctor.get("/admin/users").status_code == 403
+    assert doctor.get("/api/users").status_code == 403
+
+
+def test_grant_from_the_console_with_csrf(oidc_app: Flask, idp: IdentityProvider) -> None:
+    manager, doctor, study = setup(oidc_app, idp)
+    form = {"user_id": doctor, "study_uid": study, "reason": "second opinion"}
+    assert manager.post("/admin/grants", data=form).status_code == 403  # no token
+    other = signed_in(oidc_app, idp, "plain-other")
+    form_other = {**form, "csrf_token": csrf_of(other)}
+    assert manager.post("/admin/grants", data=form_other).status_code == 403
+    cross = manager.post("/admin/grants", data={**form, "csrf_token": csrf_of(manager)},
+                         headers={"Sec-Fetch-Site": "cross-site"})
+    assert cross.status_code == 403
+    evil = manager.post("/admin/grants", data={**form, "csrf_token": csrf_of(manager)},
+                        headers={"Origin": "https://evil.test"})
+    assert evil.status_code == 403
+    assert count(oidc_app, Grant) == 0
+    ok = manager.post("/admin/grants", data={**form, "csrf_token": csrf_of(manager)})
+    assert ok.status_code == 302
+    assert count(oidc_app, Grant) == 1
+    assert manager.get("/admin/grants/1/revoke").status_code == 405
+
+
+def test_changes_need_a_recent_sign_in(oidc_app: Flask, idp: IdentityProvider) -> None:
+    manager, doctor, study = setup(oidc_app, idp)
+    with oidc_app.extensions["db"].write_transaction() as session:
+        session.execute(update(UserSession).values(auth_time=utcnow() - timedelta(hours=1)))
+    response = manager.post("/admin/grants", data={
+        "user_id": doctor, "study_uid": study, "csrf_token": csrf_of(manager)},
+        headers={"Referer": "http://localhost/admin/grants"})
+    assert response.status_code == 302
+    assert "/auth/login?reauth=1" in response.headers["Location"]
+    assert count(oidc_app, Grant) == 0
+
+
+def test_identifiers_with_suggestions(oidc_app: Flask, idp: IdentityProvider) -> None:
+    manager, doctor, _study = setup(oidc_app, idp)
+    page = manager.get("/admin/identifiers")
+    assert b"name:DOC^WHO" in page.data  # seen in a study, linked to nobody yet
+    manager.post("/admin/identifiers", data={"user_id": doctor, "key": "name:Doc^Who",
+                                             "csrf_token": csrf_of(manager)})
+    assert count(oidc_app, ReferrerIdentifier) == 1
+    assert b"Every referrer in the archive is linked" in manager.get("/admin/identifiers").data
+
+
+def test_api_with_openapi_and_all_or_nothing_bulk_revoke(oidc_app: Flask,
+                                                         idp: IdentityProvider) -> None:
+    manager, doctor, study = setup(oidc_app, idp)
+    spec = oidc_app.test_client().get("/api/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.") and "/api/grants" in spec["paths"]
+    headers = {"X-CSRF-Token": csrf_of(manager)}
+    created = manager.post("/api/grants", json={"user_id": doctor, "study_uid": study},
+                           headers=headers)
+    assert created.status_code == 201, created.data
+    grant_id = created.get_json()["id"]
+    bad = manager.post("/api/grants", json={"user_id": doctor}, headers=headers)
+    assert bad.status_code == 400 and "either one study or one patient" in bad.get_json()["error"]
+    refused = manager.post("/api/grants/revoke", json={"ids": [grant_id, 999]}, headers=headers)
+    assert refused.status_code == 403
+    with oidc_app.extensions["db"].new_session() as session:
+        assert session.get(Grant, grant_id).revoked_at is None
+    assert manager.post("/api/grants/revoke", json={"ids": [grant_id]},
+                        headers=headers).status_code == 200
+    users = manager.get("/api/users").get_json()
+    assert {u["subject"] for u in users} >= {"doc-" + users[1]["subject"][-6:]}
+    patched = manager.patch(f"/api/users/{doctor}", json={"roles": ["physician", "staff"]},
+                            headers=headers)
+    assert patched.get_json()["roles"] == ["physician", "staff"]
+    nope = manager.patch(f"/api/users/{doctor}", json={"roles": ["god"]}, headers=headers)
+    assert nope.status_code == 400
+
+
+def test_break_glass_needs_a_reason_is_time_limited_and_audited(oidc_app: Flask,
+                                                                idp: IdentityProvider) -> None:
+    manager, doctor, study = setup(oidc_app, idp)
+    headers = {"X-CSRF-Token": csrf_of(manager)}
+    short = manager.post("/api/grants", json={"user_id": doctor, "study_uid": study,
+                                              "break_glass": True, "reason": "urgent"},
+                         headers=headers)
+    assert short.status_code == 400
+    ok = manager.post("/api/grants", json={
+        "user_id": doctor, "study_uid": study, "break_glass": True,
+        "reason": "patient unconscious in the ED, referrer unreachable",
+        "expires_at": (utcnow() + timedelta(days=30)).isoformat()}, headers=headers)
+    assert ok.status_code == 201
+    grant = ok.get_json()
+    from datetime import datetime
+
+    assert datetime.fromisoformat(grant["expires_at"]) <= utcnow() + timedelta(hours=24)
+    with oidc_app.extensions["db"].new_session() as session:
+        assert session.scalars(select(AuditEvent).where(AuditEvent.event_id == "110127")).one()
+
+
+def test_audit_trail_is_chained_exported_and_tamper_evident(oidc_app: Flask,
+                                                            idp: IdentityProvider) -> None:
+    manager, doctor, study = setup(oidc_app, idp)
+    manager.post("/api/grants", json={"user_id": doctor, "study_uid": study},
+                 headers={"X-CSRF-Token": csrf_of(manager)})
+    csv = manager.get("/admin/audit.csv")
+    assert csv.status_code == 200 and csv.mimetype == "text/csv"
+    assert "attachment" in csv.headers["Content-Disposition"]
+    assert b"110113" in csv.data and b"110114" in csv.data
+    with oidc_app.extensions["db"].new_session() as session:
+        checked, bad = verify_chain(session)
+        assert bad is None and checked >= 4
+        assert session.scalars(select(AuditEvent).where(AuditEvent.event_id == "110101")
+                               ).first() is not None  # reading the trail is audited
+    runner = oidc_app.test_cli_runner()
+    assert runner.invoke(args=["audit", "verify"]).exit_code == 0
+    with oidc_app.extensions["db"].write_transaction() as session:
+        session.execute(update(AuditEvent).where(AuditEvent.id == 2).values(who="someone else"))
+    broken = runner.invoke(args=["audit", "verify"])
+    assert broken.exit_code == 1 and "record 2 was altered" in broken.output
+
+
+def test_phi_is_not_served_when_the_audit_cannot_be_written(oidc_app: Flask,
+                                                           idp: IdentityProvider) -> None:
+    manager, doctor, study = setup(oidc_app, idp)
+    with oidc_app.extensions["db"].write_transaction() as session:
+        session.execute(update(User).where(User.id == doctor).values(roles=["physician"]))
+    manager.post("/api/grants", json={"user_id": doctor, "study_uid": study},
+                 headers={"X-CSRF-Token": csrf_of(manager)})
+    from portal.access.models import User as UserModel
+
+    with oidc_app.extensions["db"].new_session() as session:
+        subject = session.get(UserModel, doctor).subject
+    viewer = signed_in(oidc_app, idp, subject)
+    assert viewer.get(f"/studies/{study}").status_code == 200
+    with oidc_app.extensions["db"].write_transaction() as session:
+        session.execute(text("CREATE TRIGGER audit_full BEFORE INSERT ON audit_event "
+                             "BEGIN SELECT RAISE(ABORT, 'audit store unavailable'); END"))
+    oidc_app.config["PROPAGATE_EXCEPTIONS"] = False
+    refused = viewer.get(f"/studies/{study}")
+    assert refused.status_code >= 500
+    assert b"Test" not in refused.data and study.encode() not in refused.data
