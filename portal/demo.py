@@ -8,6 +8,7 @@ The pictures are analytic phantoms, not patient data; every instance carries
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import logging
@@ -266,6 +267,25 @@ def _set_monochrome_pixels(ds: Dataset, pixels: np.ndarray, bits_stored: int, ph
     ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
 
 
+def _run_writes(
+    write: Callable[[int], pathlib.Path], count: int, progress: Progress | None, transfer_syntax_uid: str
+) -> list[pathlib.Path]:
+    """Run ``write(0..count-1)``, reporting progress from the calling thread.
+
+    Only the DCMTK path uses threads (its work happens in child processes); the pylibjpeg
+    and pyjpegls encoders are not safe to call concurrently (they crashed in testing).
+    """
+    paths = []
+    threaded = transfer_syntax_uid == JPEGLosslessSV1 and shutil.which("dcmcjpeg") is not None
+    workers = max(1, min(4, os.cpu_count() or 1)) if threaded else 1
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        for path in pool.map(write, range(count)):
+            paths.append(path)
+            if progress is not None:
+                progress(1)
+    return paths
+
+
 _PYDICOM_ENCODERS = frozenset({RLELossless, JPEG2000Lossless, JPEGLSLossless})
 _NATIVE_SYNTAXES = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
 _dcmcjpeg_warned = False
@@ -282,20 +302,25 @@ def _file_meta(ds: Dataset, transfer_syntax_uid: str) -> FileMetaDataset:
     return meta
 
 
-def _write_part10(ds: Dataset, path: pathlib.Path, transfer_syntax_uid: str) -> pathlib.Path:
-    """Encode ``ds`` (native pixels, or already encapsulated for JPEG Baseline) and write it."""
+def _write_part10(
+    ds: Dataset, path: pathlib.Path, transfer_syntax_uid: str, *, encapsulated: bool = False
+) -> pathlib.Path:
+    """Encode ``ds`` into ``transfer_syntax_uid`` and write it as a DICOM Part 10 file.
+
+    ``encapsulated`` means the pixel data is already compressed in that transfer syntax.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.preamble = bytes(128)
     uid = pydicom.uid.UID(transfer_syntax_uid)
-    if uid == JPEGLosslessSV1:
+    if uid == JPEGLosslessSV1 and not encapsulated:
         if _write_with_dcmcjpeg(ds, path):
             return path
         uid = ExplicitVRLittleEndian
-    if uid in _NATIVE_SYNTAXES or uid == JPEGBaseline8Bit:
+    if encapsulated or uid in _NATIVE_SYNTAXES:
         ds.file_meta = _file_meta(ds, uid)
     elif uid in _PYDICOM_ENCODERS:
         ds.file_meta = _file_meta(ds, ExplicitVRLittleEndian)
-        ds.compress(uid)
+        ds.compress(uid, generate_instance_uid=False)  # keep our deterministic UID
     else:
         raise ValueError(f"demo generator cannot encode transfer syntax {uid}")
     ds.save_as(path, enforce_file_format=True)
@@ -667,8 +692,8 @@ def _paint_mediastinum(sl: _AxialSlice, level: float, vb_y: float, cavity: np.nd
     if 80.0 <= level < 104.0:  # pulmonary trunk and its bifurcation
         sl.paint(sl.ellipse_mask(22.0, -34.0, 14.0, 14.0), 220.0)
         if level > 93.0:
-            sl.paint(sl.capsule_mask((22.0, -30.0), (-38.0, 0.0), 9.0), 220.0)
-            sl.paint(sl.capsule_mask((22.0, -30.0), (52.0, 4.0), 9.0), 220.0)
+            sl.paint(sl.capsule_mask((22.0, -30.0), (-30.0, -2.0), 8.0), 220.0)  # right PA behind the aorta
+            sl.paint(sl.capsule_mask((22.0, -30.0), (38.0, 0.0), 8.0), 220.0)
     if 58.0 <= level < 330.0:  # descending -> abdominal aorta
         drift = _smoothstep(level, 200.0, 250.0)
         r = _lerp(12.5, 10.0, drift)
@@ -967,13 +992,15 @@ def _write_ct_volume(
     progress: Progress | None = None,
 ) -> list[pathlib.Path]:
     """Write each slice of ``volume`` as one CT instance."""
-    paths = []
-    for index, (hu, z) in enumerate(zip(volume, z_positions, strict=True)):
-        ds = _ct_dataset(series, index, hu, pixel_spacing, float(z), thickness, kernel, windows)
-        paths.append(_write_part10(ds, out_dir / f"IM{index + 1:04d}.dcm", transfer_syntax_uid))
-        if progress is not None:
-            progress(1)
-    return paths
+
+    def write(index: int) -> pathlib.Path:
+        ds = _ct_dataset(series, index, volume[index], pixel_spacing, float(z_positions[index]), thickness,
+                         kernel, windows)
+        return _write_part10(ds, out_dir / f"IM{index + 1:04d}.dcm", transfer_syntax_uid)
+
+    if len(z_positions) != len(volume):
+        raise ValueError("one z position per slice is required")
+    return _run_writes(write, len(volume), progress, transfer_syntax_uid)
 
 
 def write_ct_series(
@@ -1007,6 +1034,8 @@ def write_ct_series(
     """
     if slices < 1 or size < 16:
         raise ValueError("slices must be >= 1 and size >= 16")
+    if transfer_syntax_uid not in _NATIVE_SYNTAXES | _PYDICOM_ENCODERS | {JPEGLosslessSV1}:
+        raise ValueError(f"demo generator cannot encode transfer syntax {transfer_syntax_uid}")
     study = _CT_BODY_STUDY if uid_seed == _CT_BODY_STUDY.key else dataclasses.replace(_CT_BODY_STUDY, key=uid_seed)
     volume, pixel_spacing, levels, spacing = _render_body_ct(slices, size, uid_seed)
     series = _ct_body_series(study, 2, f"AXIAL {_ds_number(spacing)}MM SOFT TISSUE", "STANDARD")
@@ -1401,7 +1430,7 @@ def _chest_pa(heart_scale: float = 1.0) -> _Radiograph:
     s = heart_scale
     heart = np.maximum.reduce([
         xr.ellipse(26.0 * s, 258.0, 60.0 * s, 50.0, 22.0),  # ventricles
-        xr.ellipse(-26.0 - 6.0 * (s - 1.0) * 60.0, 244.0, 26.0 * s, 36.0),  # right atrium border
+        xr.ellipse(-26.0 - 30.0 * (s - 1.0), 244.0, 26.0 * s, 36.0),  # right atrium border
         xr.ellipse(62.0 * s, 276.0, 40.0 * s, 34.0, 30.0),  # left ventricular apex
         xr.ellipse(34.0, 206.0, 16.0, 18.0),  # pulmonary trunk / left atrial appendage
     ])
@@ -1567,14 +1596,15 @@ def _dx_dataset(series: _Series, instance: int, pixels: np.ndarray, view: str) -
 
 
 def _write_chest_radiographs(
-    out_dir: pathlib.Path, study: _Study, views: Sequence[str], transfer_syntax_uid: str, progress: Progress | None
+    out_dir: pathlib.Path, study: _Study, views: Sequence[str], transfer_syntax_uid: str,
+    progress: Progress | None, heart_scale: float = 1.0,
 ) -> list[pathlib.Path]:
     """Write a chest radiograph series with one instance per view."""
     series = _Series(study, 1, "DX", "CHEST " + "/".join(views), DigitalXRayImageStorageForPresentation,
                      "DemoMed", "SynthDR 43", study.time)
     paths = []
     for instance, view in enumerate(views, start=1):
-        xr = _chest_pa() if view == "PA" else _chest_lateral()
+        xr = _chest_pa(heart_scale) if view == "PA" else _chest_lateral()
         ds = _dx_dataset(series, instance, xr.detector_image(f"{study.key}-{view}"), view)
         paths.append(_write_part10(ds, out_dir / f"IM{instance:04d}.dcm", transfer_syntax_uid))
         if progress is not None:
@@ -1648,7 +1678,7 @@ def _us_portal_flow(x: FloatArray, y: FloatArray, beam_x: FloatArray, beam_y: Fl
         offset = 0.0 if p0 == _PORTAL_VEIN[0] else math.hypot(*np.subtract(_PORTAL_VEIN[1], _PORTAL_VEIN[0]))
         bolus = 0.35 + 0.65 * np.exp(-(((along + offset - centre) / 16.0) ** 2))
         local = radius * (1.0 - 0.4 * np.clip(along / length, 0.0, 1.0))
-        speed = 24.0 * np.clip(1.0 - (distance / local) ** 2, 0.0, 1.0) * bolus * pulse
+        speed = 42.0 * np.clip(1.0 - (distance / local) ** 2, 0.0, 1.0) * bolus * pulse
         toward = ux * beam_x + uy * beam_y  # flow runs end -> start, up toward the probe
         velocity = np.where(distance < local, speed * toward, velocity)
     return velocity
@@ -1818,7 +1848,7 @@ def _write_us_cine(out_dir: pathlib.Path, study: _Study, progress: Progress | No
     ds.PixelData = encapsulate(encoded)
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
-    path = _write_part10(ds, out_dir / "IM0001.dcm", JPEGBaseline8Bit)
+    path = _write_part10(ds, out_dir / "IM0001.dcm", JPEGBaseline8Bit, encapsulated=True)
     if progress is not None:
         progress(1)
     return [path]
@@ -1855,6 +1885,47 @@ _MR_PROTOCOLS = (
 )
 
 
+def _mr_dataset(series: _Series, protocol: _MRProtocol, index: int, pixels: np.ndarray, position: float) -> Dataset:
+    """Build one MR image of a 2-D spin-echo series with full geometry."""
+    ds = _base_dataset(series, index + 1)
+    spacing = protocol.fov / _MR_SIZE
+    corner = -(_MR_SIZE - 1) / 2.0 * spacing
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
+    ds.ScanningSequence = "SE"
+    ds.SequenceVariant = protocol.variant
+    ds.ScanOptions = ""
+    ds.MRAcquisitionType = "2D"
+    ds.SequenceName = "tse2d" if protocol.echo_train > 1 else "se2d"
+    ds.SliceThickness = _ds_number(protocol.thickness)
+    ds.RepetitionTime = _ds_number(protocol.tr)
+    ds.EchoTime = _ds_number(protocol.te)
+    ds.NumberOfAverages = "2"
+    ds.ImagingFrequency = "63.87"
+    ds.ImagedNucleus = "1H"
+    ds.MagneticFieldStrength = "1.5"
+    ds.SpacingBetweenSlices = _ds_number(protocol.step)
+    ds.EchoTrainLength = protocol.echo_train
+    ds.FlipAngle = _ds_number(protocol.flip)
+    ds.PixelBandwidth = "190"
+    ds.ReceiveCoilName = "HEAD 16"
+    ds.AcquisitionMatrix = [0, _MR_SIZE, _MR_SIZE, 0]
+    ds.PatientPosition = "HFS"
+    if protocol.plane == "axial":
+        ds.ImagePositionPatient = [_ds_number(corner), _ds_number(corner), _ds_number(position)]
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+    else:  # sagittal: rows run anterior -> posterior, columns head -> feet
+        ds.ImagePositionPatient = [_ds_number(position), _ds_number(corner), _ds_number(-corner)]
+        ds.ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]
+    ds.SliceLocation = _ds_number(position)
+    ds.FrameOfReferenceUID = _uid(series.study.key, "frame-of-reference")
+    ds.PositionReferenceIndicator = ""
+    ds.PixelSpacing = [_ds_number(spacing), _ds_number(spacing)]
+    _set_monochrome_pixels(ds, pixels, 12, "MONOCHROME2")
+    ds.WindowCenter = "900" if protocol.plane == "axial" else "700"
+    ds.WindowWidth = "1900" if protocol.plane == "axial" else "1400"
+    return ds
+
+
 def _write_mr_series(
     out_dir: pathlib.Path, study: _Study, number: int, protocol: _MRProtocol,
     transfer_syntax_uid: str, progress: Progress | None,
@@ -1863,48 +1934,12 @@ def _write_mr_series(
     series = _Series(study, number, "MR", protocol.description, MRImageStorage, "DemoMed", "SynthMR 1.5T", study.time)
     positions = [protocol.first + i * protocol.step for i in range(protocol.slices)]
     images = _render_mr(protocol.plane, positions, _MR_SIZE, protocol.fov, protocol.table, f"{study.key}-{number}")
-    spacing = protocol.fov / _MR_SIZE
-    corner = -(_MR_SIZE - 1) / 2.0 * spacing
-    paths = []
-    for index, (pixels, position) in enumerate(zip(images, positions)):
-        ds = _base_dataset(series, index + 1)
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
-        ds.ScanningSequence = "SE"
-        ds.SequenceVariant = protocol.variant
-        ds.ScanOptions = ""
-        ds.MRAcquisitionType = "2D"
-        ds.SequenceName = "tse2d" if protocol.echo_train > 1 else "se2d"
-        ds.SliceThickness = _ds_number(protocol.thickness)
-        ds.RepetitionTime = _ds_number(protocol.tr)
-        ds.EchoTime = _ds_number(protocol.te)
-        ds.NumberOfAverages = "2"
-        ds.ImagingFrequency = "63.87"
-        ds.ImagedNucleus = "1H"
-        ds.MagneticFieldStrength = "1.5"
-        ds.SpacingBetweenSlices = _ds_number(protocol.step)
-        ds.EchoTrainLength = protocol.echo_train
-        ds.FlipAngle = _ds_number(protocol.flip)
-        ds.PixelBandwidth = "190"
-        ds.ReceiveCoilName = "HEAD 16"
-        ds.AcquisitionMatrix = [0, _MR_SIZE, _MR_SIZE, 0]
-        ds.PatientPosition = "HFS"
-        if protocol.plane == "axial":
-            ds.ImagePositionPatient = [_ds_number(corner), _ds_number(corner), _ds_number(position)]
-            ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        else:
-            ds.ImagePositionPatient = [_ds_number(position), _ds_number(corner), _ds_number(-corner)]
-            ds.ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]
-        ds.SliceLocation = _ds_number(position)
-        ds.FrameOfReferenceUID = _uid(study.key, "frame-of-reference")
-        ds.PositionReferenceIndicator = ""
-        ds.PixelSpacing = [_ds_number(spacing), _ds_number(spacing)]
-        _set_monochrome_pixels(ds, pixels, 12, "MONOCHROME2")
-        ds.WindowCenter = "900" if protocol.plane == "axial" else "700"
-        ds.WindowWidth = "1900" if protocol.plane == "axial" else "1400"
-        paths.append(_write_part10(ds, out_dir / f"S{number:03d}" / f"IM{index + 1:04d}.dcm", transfer_syntax_uid))
-        if progress is not None:
-            progress(1)
-    return paths
+
+    def write(index: int) -> pathlib.Path:
+        ds = _mr_dataset(series, protocol, index, images[index], positions[index])
+        return _write_part10(ds, out_dir / f"S{number:03d}" / f"IM{index + 1:04d}.dcm", transfer_syntax_uid)
+
+    return _run_writes(write, len(positions), progress, transfer_syntax_uid)
 
 
 def _write_head_ct(
@@ -1969,7 +2004,8 @@ def generate_demo_set(out_dir: pathlib.Path, progress: Callable[[int], None] | N
         out_dir / _XR_CHEST_STUDY.key / "S001", _XR_CHEST_STUDY, ("PA", "LL"), JPEGLSLossless, progress
     )
     paths += _write_chest_radiographs(
-        out_dir / _XR_CHEST_PA_STUDY.key / "S001", _XR_CHEST_PA_STUDY, ("PA",), JPEG2000Lossless, progress
+        out_dir / _XR_CHEST_PA_STUDY.key / "S001", _XR_CHEST_PA_STUDY, ("PA",), JPEG2000Lossless, progress,
+        heart_scale=1.3,  # this patient has an enlarged heart, so the two radiographs differ
     )
     for number, protocol in enumerate(_MR_PROTOCOLS, start=1):
         paths += _write_mr_series(out_dir / _MR_BRAIN_STUDY.key, _MR_BRAIN_STUDY, number, protocol,

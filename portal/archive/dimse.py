@@ -7,6 +7,7 @@ the C-STORE response is sent only after the file is durable and its index row co
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -59,6 +60,18 @@ def _on_requested(event: evt.Event, allowed: set[tuple[str, str]]) -> None:
                     calling, requestor.address)
         # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling AE title not recognised
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        _wait_until_sent(event)
+
+
+def _wait_until_sent(event: evt.Event, timeout: float = 2.0) -> None:
+    # send_reject only queues the A-ASSOCIATE-RJ for the DUL thread, and pynetdicom closes
+    # the socket as soon as this handler returns: without waiting, the peer sees the
+    # connection drop instead of the rejection and its reason. The DUL reaches Sta13 right
+    # after the PDU is written to the socket.
+    deadline = time.monotonic() + timeout
+    while (event.assoc.dul.state_machine.current_state != "Sta13"
+           and time.monotonic() < deadline):
+        time.sleep(0.005)
 
 
 def _on_store(event: evt.Event, archive: Archive) -> int:

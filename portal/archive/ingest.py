@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from sqlalchemy import select
+import pydicom
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -27,7 +29,7 @@ from portal.archive.validate import (
 )
 from portal.db import Database
 from portal.index.models import Instance, Series, Study
-from portal.index.service import IndexConflict, add_instance
+from portal.index.service import IndexConflict, add_instance, header_json
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +74,11 @@ class Archive:
 
     def _ingest(self, data: bytes, who: str, source_address: str,
                 expected_study_uid: str | None) -> Stored:
-        known = self._identical(data)
+        digest = hashlib.sha256(data).hexdigest()
+        known = self._identical(digest)
         if known is not None and expected_study_uid in (None, known.study_instance_uid):
             return known
-        valid = validate_part10(data, self.limits)
+        valid = validate_part10(data, self.limits, digest)
         if expected_study_uid is not None and valid.study_instance_uid != expected_study_uid:
             raise Rejected("the instance belongs to a different study than the URL names",
                            DATA_SET_DOES_NOT_MATCH, 409, valid.sop_class_uid,
@@ -130,9 +133,8 @@ class Archive:
                           valid.study_instance_uid, valid.series_instance_uid)
         raise ArchiveUnavailable("too much contention storing this instance; retry")
 
-    def _identical(self, data: bytes) -> Stored | None:
+    def _identical(self, digest: str) -> Stored | None:
         """Exactly these bytes were validated and stored before: answer without parsing."""
-        digest = hashlib.sha256(data).hexdigest()
         with self.database.new_session() as session:
             row = session.execute(
                 select(Instance.sop_class_uid, Instance.sop_instance_uid,
@@ -220,6 +222,31 @@ class Archive:
                 orphans += 1
         return temps, orphans
 
+
+    def header(self, sop_instance_uid: str) -> dict[str, Any]:
+        """The instance's header as DICOM JSON, made from the file once and then kept."""
+        with self.database.new_session() as session:
+            instance = session.scalars(select(Instance).where(
+                Instance.sop_instance_uid == sop_instance_uid)).first()
+            if instance is None:
+                raise KeyError(sop_instance_uid)
+            if instance.header is not None:
+                return instance.header
+        data = self.read(sop_instance_uid)
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        header = header_json(ds)
+        with self.database.write_transaction() as session:
+            session.execute(update(Instance).where(
+                Instance.sop_instance_uid == sop_instance_uid).values(header=header))
+        return header
+
+    def headers(self, sop_instance_uids: list[str]) -> list[dict[str, Any]]:
+        """Headers of several instances (made and kept where missing)."""
+        with self.database.new_session() as session:
+            known = dict(session.execute(select(Instance.sop_instance_uid, Instance.header)
+                                         .where(Instance.sop_instance_uid.in_(
+                                             sop_instance_uids))).all())
+        return [known.get(uid) or self.header(uid) for uid in sop_instance_uids]
 
     def verify(self) -> Iterator[tuple[str, str | None]]:
         """Check every stored file: yield (SOP Instance UID, problem or None)."""

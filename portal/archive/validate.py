@@ -280,17 +280,19 @@ def _check_pixels(ds: Dataset, syntax: str, limits: Limits) -> None:
         raise Rejected(f"Number of Frames {frames} is outside 1..{limits.max_frames}",
                        DATA_SET_DOES_NOT_MATCH)
     expected = (rows * columns * frames * samples * bits + 7) // 8
-    if expected > limits.max_pixel_bytes:
-        raise Rejected(f"pixel data of {rows}x{columns}x{frames} would need "
-                       f"{expected >> 20} MiB, over the {limits.max_pixel_bytes >> 20} MiB limit",
-                       OUT_OF_RESOURCES, 413)
     value = ds[tag].value
     if syntax in NATIVE_TRANSFER_SYNTAXES:
+        # Compare with the bytes actually present first: a tiny file that claims a huge
+        # image is malformed (A900), not a reason to retry later (A700).
         actual = len(value) if value is not None else 0
         if actual < expected:
             raise Rejected(f"pixel data has {actual} bytes but {rows}x{columns}x{frames} "
                            f"needs {expected}", DATA_SET_DOES_NOT_MATCH)
-    else:
+    if expected > limits.max_pixel_bytes:
+        raise Rejected(f"pixel data of {rows}x{columns}x{frames} would need "
+                       f"{expected >> 20} MiB, over the {limits.max_pixel_bytes >> 20} MiB limit",
+                       OUT_OF_RESOURCES, 413)
+    if syntax not in NATIVE_TRANSFER_SYNTAXES:
         if not ds[tag].is_undefined_length:
             raise Rejected("compressed pixel data is not encapsulated", DATA_SET_DOES_NOT_MATCH)
         from pydicom.encaps import parse_basic_offsets, parse_fragments
@@ -328,18 +330,23 @@ def _parse(data: bytes, syntax: str, body_start: int, limits: Limits) -> Dataset
         raise Rejected(f"not a readable DICOM file: {exc}") from exc
 
 
-def validate_part10(data: bytes, limits: Limits) -> ValidInstance:
-    """Accept a DICOM Part 10 file or raise ``Rejected`` with a clear reason and status."""
+def validate_part10(data: bytes, limits: Limits, digest: str | None = None) -> ValidInstance:
+    """Accept a DICOM Part 10 file or raise ``Rejected`` with a clear reason and status.
+
+    ``digest`` is the SHA-256 of ``data`` when the caller has computed it already.
+    """
     if len(data) > limits.max_instance_bytes:
         raise Rejected(f"file is larger than {limits.max_instance_bytes >> 20} MiB",
                        OUT_OF_RESOURCES, 413)
+    original_sha256 = digest or hashlib.sha256(data).hexdigest()
+    prefixed = False
     if data[:2] == b"\x02\x00" and data[4:6].isalpha() and data[4:6].isupper():
         # File Meta without the preamble and prefix, as pydicom.dcmwrite (and so
         # dicomweb-client) writes a data set made in memory: give it the standard header.
         data = bytes(128) + b"DICM" + data
+        prefixed = True
     if len(data) < 132 or data[128:132] != b"DICM":
         raise Rejected("not a DICOM Part 10 file (no 'DICM' prefix after the preamble)")
-    original_sha256 = hashlib.sha256(data).hexdigest()
     preamble_zeroed = False
     if any(data[:128]) and not data.startswith(_TIFF_PREAMBLES):
         # An executable preamble turns the file into a polyglot (CVE-2019-11687); zero it.
@@ -379,7 +386,7 @@ def validate_part10(data: bytes, limits: Limits) -> ValidInstance:
         exc.sop_class_uid, exc.sop_instance_uid = sop_class, sop_instance
         raise
     return ValidInstance(
-        data=data, sha256=hashlib.sha256(data).hexdigest() if preamble_zeroed
+        data=data, sha256=hashlib.sha256(data).hexdigest() if preamble_zeroed or prefixed
         else original_sha256, original_sha256=original_sha256, preamble_zeroed=preamble_zeroed,
         dataset=ds, transfer_syntax_uid=syntax, sop_class_uid=sop_class,
         sop_instance_uid=sop_instance, study_instance_uid=study, series_instance_uid=series)

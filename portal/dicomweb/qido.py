@@ -293,15 +293,15 @@ def to_json(level: Level, rows: Sequence[Any], query: Query, url_for_row: Callab
     return results
 
 
-def first_instance_header(session: Session, level: Level, row: Any) -> Mapping[str, Any]:
-    """The stored header of the first instance under a result row."""
+def first_instance_uid(session: Session, level: Level, row: Any) -> str:
+    """The SOP Instance UID of the first instance under a result row."""
     if level == "instance":
-        header: Mapping[str, Any] = row[0].header
-        return header
-    stmt = select(Instance.header).join(Series, Instance.series_fk == Series.id)
+        uid: str = row[0].sop_instance_uid
+        return uid
+    stmt = select(Instance.sop_instance_uid).join(Series, Instance.series_fk == Series.id)
     if level == "series":
         stmt = stmt.where(Series.id == row[0].id)
     else:
         stmt = stmt.where(Series.study_fk == row[0].id)
     found = session.scalars(stmt.order_by(Instance.id).limit(1)).first()
-    return found or {}
+    return found or ""

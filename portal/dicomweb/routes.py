@@ -60,8 +60,11 @@ def _search(level: qido.Level, scope: list[Any]) -> Response:
                        series=row[1].series_instance_uid, instance=row[0].sop_instance_uid,
                        _external=True)
 
-    payload = qido.to_json(level, rows, query, retrieve_url,
-                           lambda row: qido.first_instance_header(session, level, row))
+    def representative(row: Any) -> dict[str, Any]:
+        uid = qido.first_instance_uid(session, level, row)
+        return current_archive().header(uid) if uid else {}
+
+    payload = qido.to_json(level, rows, query, retrieve_url, representative)
     if not payload and not query.warnings:
         return Response(status=204)
     return _json(payload, warnings=query.warnings)
@@ -197,8 +200,9 @@ def retrieve_instance(study: str, series: str, instance: str) -> Response:
 
 
 def _metadata(instances: list[Instance]) -> Response:
-    payload = [{tag: element for tag, element in i.header.items()
-                if "BulkDataURI" not in element} for i in instances]
+    headers = current_archive().headers([i.sop_instance_uid for i in instances])
+    payload = [{tag: element for tag, element in header.items()
+                if "BulkDataURI" not in element} for header in headers]
     return _json(payload)
 
 

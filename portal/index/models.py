@@ -95,7 +95,9 @@ class Instance(Base):
     image_orientation_patient: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
     pixel_spacing: Mapped[list[float] | None] = mapped_column(JSON, nullable=True)
     slice_thickness: Mapped[float | None] = mapped_column(nullable=True)
-    header: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # DICOM JSON of the header, made on first use (metadata, includefield): converting every
+    # element at ingest would cost more than storing the instance itself.
+    header: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime,
                                                  server_default=func.now())
 

@@ -156,7 +156,7 @@ def add_instance(session: Session, ds: Dataset, *, sop_class_uid: str, sop_insta
         image_orientation_patient=_floats(ds, "ImageOrientationPatient"),
         pixel_spacing=_floats(ds, "PixelSpacing"),
         slice_thickness=(_floats(ds, "SliceThickness") or [None])[0],
-        header=header_json(ds))
+        header=None)
     session.add(instance)
     session.flush()
     # Counters move with SQL increments so concurrent writers never lose one.

@@ -43,7 +43,7 @@ from portal.archive import current_archive
 from portal.archive.dimse import serve
 from portal.archive.ingest import Archive
 from portal.archive.models import StoredObject
-from portal.archive.validate import DATA_SET_DOES_NOT_MATCH, OUT_OF_RESOURCES
+from portal.archive.validate import DATA_SET_DOES_NOT_MATCH
 from tests.conftest import free_port, make_app, sample_paths
 from tests.factories import make_dataset, to_bytes
 
@@ -329,7 +329,7 @@ def _short_pixels() -> Dataset:
 
 BAD = {
     "no-study-uid": (_without_study, DATA_SET_DOES_NOT_MATCH),
-    "65535x65535-with-10-bytes": (_pixel_bomb, OUT_OF_RESOURCES),
+    "65535x65535-with-10-bytes": (_pixel_bomb, DATA_SET_DOES_NOT_MATCH),
     "100x100-with-10-bytes": (_short_pixels, DATA_SET_DOES_NOT_MATCH),
 }
 

@@ -54,8 +54,12 @@ def test_store_writes_a_file_and_index_rows(any_db_app: Flask) -> None:
         study = session.scalars(select(Study)).one()
         assert study.number_of_instances == 1 and study.modalities_in_study == "CT"
         instance = session.scalars(select(Instance)).one()
-        assert "7FE00010" not in instance.header
-        assert instance.header["00100010"]["Value"] == [{"Alphabetic": "Doe^Jane"}]
+        assert instance.header is None  # made on first use, not at ingest
+    header = archive.header(result.sop_instance_uid)
+    assert "7FE00010" not in header
+    assert header["00100010"]["Value"] == [{"Alphabetic": "Doe^Jane"}]
+    with any_db_app.extensions["db"].new_session() as session:
+        assert session.scalars(select(Instance)).one().header == header
 
 
 def test_same_bytes_again_is_already_stored(any_db_app: Flask) -> None:

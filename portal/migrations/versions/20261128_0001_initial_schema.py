@@ -2,7 +2,7 @@
 
 Revision ID: 20261128_0001
 Revises:
-Create Date: 2026-11-28 12:42:52.410050
+Create Date: 2026-11-28 12:53:30.340466
 """
 from alembic import op
 import sqlalchemy as sa
@@ -261,7 +261,7 @@ def upgrade() -> None:
     sa.Column('image_orientation_patient', sa.JSON(), nullable=True),
     sa.Column('pixel_spacing', sa.JSON(), nullable=True),
     sa.Column('slice_thickness', sa.Double(), nullable=True),
-    sa.Column('header', sa.JSON(), nullable=False),
+    sa.Column('header', sa.JSON(), nullable=True),
     sa.Column('created_at', portal.db.UTCDateTime(timezone=True), server_default=sa.text('(CURRENT_TIMESTAMP)'), nullable=False),
     sa.ForeignKeyConstraint(['series_fk'], ['series.id'], name=op.f('fk_instance_series_fk_series')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_instance')),
