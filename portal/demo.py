@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import io
+import itertools
 import logging
 import math
 import os
@@ -21,9 +23,10 @@ import tempfile
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import pydicom
-import pydicom.uid
 import pydicom.tag
+import pydicom.uid
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
@@ -55,6 +58,7 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 FloatArray = np.ndarray
+Coordinate = FloatArray | np.float32 | float  # a grid axis, or one plane position
 Progress = Callable[[int], None]
 
 
@@ -135,28 +139,70 @@ class _Series:
 
 
 _CT_BODY_STUDY = _Study(
-    "ct", DEMO_PATIENTS[0], DEMO_PHYSICIANS[0], "20241118", "094210", "DEMO24CT0117",
-    "4117", "CT CHEST ABDOMEN PELVIS WITH IV CONTRAST", "CHEST",
+    "ct",
+    DEMO_PATIENTS[0],
+    DEMO_PHYSICIANS[0],
+    "20241118",
+    "094210",
+    "DEMO24CT0117",
+    "4117",
+    "CT CHEST ABDOMEN PELVIS WITH IV CONTRAST",
+    "CHEST",
 )
 _XR_CHEST_STUDY = _Study(
-    "xr-chest", DEMO_PATIENTS[0], DEMO_PHYSICIANS[0], "20250304", "081530", "DEMO25DX0042",
-    "5042", "XR CHEST 2 VIEWS PA AND LATERAL", "CHEST",
+    "xr-chest",
+    DEMO_PATIENTS[0],
+    DEMO_PHYSICIANS[0],
+    "20250304",
+    "081530",
+    "DEMO25DX0042",
+    "5042",
+    "XR CHEST 2 VIEWS PA AND LATERAL",
+    "CHEST",
 )
 _MR_BRAIN_STUDY = _Study(
-    "mr-brain", DEMO_PATIENTS[1], DEMO_PHYSICIANS[1], "20230621", "141005", "DEMO23MR0388",
-    "3388", "MRI BRAIN WITHOUT CONTRAST", "HEAD",
+    "mr-brain",
+    DEMO_PATIENTS[1],
+    DEMO_PHYSICIANS[1],
+    "20230621",
+    "141005",
+    "DEMO23MR0388",
+    "3388",
+    "MRI BRAIN WITHOUT CONTRAST",
+    "HEAD",
 )
 _US_LIVER_STUDY = _Study(
-    "us-liver", DEMO_PATIENTS[2], DEMO_PHYSICIANS[2], "20250512", "103344", "DEMO25US0210",
-    "5210", "US ABDOMEN LIMITED LIVER WITH DOPPLER", "ABDOMEN",
+    "us-liver",
+    DEMO_PATIENTS[2],
+    DEMO_PHYSICIANS[2],
+    "20250512",
+    "103344",
+    "DEMO25US0210",
+    "5210",
+    "US ABDOMEN LIMITED LIVER WITH DOPPLER",
+    "ABDOMEN",
 )
 _CT_HEAD_STUDY = _Study(
-    "ct-head", DEMO_PATIENTS[3], DEMO_PHYSICIANS[3], "20220930", "223917", "DEMO22CT0951",
-    "2951", "CT HEAD WITHOUT CONTRAST", "HEAD",
+    "ct-head",
+    DEMO_PATIENTS[3],
+    DEMO_PHYSICIANS[3],
+    "20220930",
+    "223917",
+    "DEMO22CT0951",
+    "2951",
+    "CT HEAD WITHOUT CONTRAST",
+    "HEAD",
 )
 _XR_CHEST_PA_STUDY = _Study(
-    "xr-chest-pa", DEMO_PATIENTS[4], DEMO_PHYSICIANS[1], "20211207", "160248", "DEMO21DX0733",
-    "1733", "XR CHEST 1 VIEW PA", "CHEST",
+    "xr-chest-pa",
+    DEMO_PATIENTS[4],
+    DEMO_PHYSICIANS[1],
+    "20211207",
+    "160248",
+    "DEMO21DX0733",
+    "1733",
+    "XR CHEST 1 VIEW PA",
+    "CHEST",
 )
 
 _INSTITUTION = "Demo General Hospital"
@@ -171,7 +217,7 @@ def _uid(*parts: object) -> str:
     return pydicom.uid.generate_uid(entropy_srcs=[_UID_NAMESPACE, *map(str, parts)])
 
 
-_IMPLEMENTATION_CLASS_UID = _uid("implementation-class")
+_IMPLEMENTATION_CLASS_UID = pydicom.uid.UID(_uid("implementation-class"))
 
 
 # --------------------------------------------------------------------------------------
@@ -255,7 +301,9 @@ def _base_dataset(series: _Series, instance_number: int) -> Dataset:
     return ds
 
 
-def _set_monochrome_pixels(ds: Dataset, pixels: np.ndarray, bits_stored: int, photometric: str) -> None:
+def _set_monochrome_pixels(
+    ds: Dataset, pixels: np.ndarray, bits_stored: int, photometric: str
+) -> None:
     """Store an unsigned 16-bit greyscale image as native pixel data."""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
@@ -268,7 +316,10 @@ def _set_monochrome_pixels(ds: Dataset, pixels: np.ndarray, bits_stored: int, ph
 
 
 def _run_writes(
-    write: Callable[[int], pathlib.Path], count: int, progress: Progress | None, transfer_syntax_uid: str
+    write: Callable[[int], pathlib.Path],
+    count: int,
+    progress: Progress | None,
+    transfer_syntax_uid: str,
 ) -> list[pathlib.Path]:
     """Run ``write(0..count-1)``, reporting progress from the calling thread.
 
@@ -294,9 +345,9 @@ _dcmcjpeg_warned = False
 def _file_meta(ds: Dataset, transfer_syntax_uid: str) -> FileMetaDataset:
     """Return complete File Meta Information for ``ds``."""
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    meta.TransferSyntaxUID = transfer_syntax_uid
+    meta.MediaStorageSOPClassUID = pydicom.uid.UID(ds.SOPClassUID)
+    meta.MediaStorageSOPInstanceUID = pydicom.uid.UID(ds.SOPInstanceUID)
+    meta.TransferSyntaxUID = pydicom.uid.UID(transfer_syntax_uid)
     meta.ImplementationClassUID = _IMPLEMENTATION_CLASS_UID
     meta.ImplementationVersionName = "PORTAL_DEMO_1"
     return meta
@@ -345,7 +396,9 @@ def _write_with_dcmcjpeg(ds: Dataset, path: pathlib.Path) -> bool:
         # +e1: lossless process 14 selection value 1; +un: keep our deterministic SOP UID.
         subprocess.run(
             [executable, "+e1", "+un", str(tmp), str(path)],
-            check=True, capture_output=True, timeout=120,
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
     finally:
         tmp.unlink(missing_ok=True)
@@ -357,11 +410,16 @@ def _write_with_dcmcjpeg(ds: Dataset, path: pathlib.Path) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def _smoothstep(x: float | FloatArray, edge0: float, edge1: float) -> float | FloatArray:
-    """Hermite step from 0 at ``edge0`` to 1 at ``edge1``."""
+def _ramp(level: float, edge0: float, edge1: float) -> float:
+    """Hermite step from 0 at ``edge0`` to 1 at ``edge1`` (scalar)."""
+    t = min(max((level - edge0) / (edge1 - edge0), 0.0), 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _smoothstep(x: FloatArray, edge0: float, edge1: float) -> FloatArray:
+    """Hermite step from 0 at ``edge0`` to 1 at ``edge1`` (element-wise)."""
     t = np.clip((np.asarray(x, dtype=np.float32) - edge0) / (edge1 - edge0), 0.0, 1.0)
-    result = t * t * (3.0 - 2.0 * t)
-    return float(result) if np.ndim(result) == 0 else result
+    return np.asarray(t * t * (3.0 - 2.0 * t), np.float32)
 
 
 def _profile(level: float, start: float, end: float) -> float:
@@ -381,7 +439,8 @@ def _box3(image: FloatArray) -> FloatArray:
     """3x3 mean filter; mimics the reconstruction kernel's partial-volume blur."""
     padded = np.pad(image, 1, mode="edge")
     rows = padded[:-2] + padded[1:-1] + padded[2:]
-    return (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) / np.float32(9.0)
+    blurred: FloatArray = (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) / np.float32(9.0)
+    return blurred
 
 
 def _box_blur(image: FloatArray, radius: int, passes: int = 3) -> FloatArray:
@@ -450,7 +509,9 @@ class _AxialSlice:
         if rx <= 0.0 or ry <= 0.0:
             return None
         reach = max(rx, ry) if angle_deg else None
-        win = self.window(cx - (reach or rx), cx + (reach or rx), cy - (reach or ry), cy + (reach or ry))
+        win = self.window(
+            cx - (reach or rx), cx + (reach or rx), cy - (reach or ry), cy + (reach or ry)
+        )
         if win is None:
             return None
         dx = self.coords[win[1]][None, :] - cx
@@ -471,8 +532,10 @@ class _AxialSlice:
         if radius <= 0.0:
             return None
         win = self.window(
-            min(p0[0], p1[0]) - radius, max(p0[0], p1[0]) + radius,
-            min(p0[1], p1[1]) - radius, max(p0[1], p1[1]) + radius,
+            min(p0[0], p1[0]) - radius,
+            max(p0[0], p1[0]) + radius,
+            min(p0[1], p1[1]) - radius,
+            max(p0[1], p1[1]) + radius,
         )
         if win is None:
             return None
@@ -502,11 +565,14 @@ class _AxialSlice:
         else:
             target[mask] = value
 
-    def full_superellipse(self, cx: float, cy: float, rx: float, ry: float, power: float) -> FloatArray:
+    def full_superellipse(
+        self, cx: float, cy: float, rx: float, ry: float, power: float
+    ) -> FloatArray:
         """Normalised superellipse radius for every pixel (1.0 on the outline)."""
         dx = np.abs(self.coords[None, :] - cx) / rx
         dy = np.abs(self.coords[:, None] - cy) / ry
-        return (dx**power + dy**power) ** (1.0 / power)
+        radius: FloatArray = (dx**power + dy**power) ** (1.0 / power)
+        return radius
 
 
 # Anatomical levels are millimetres below the lung apices (L); the scan spans L -20..355.
@@ -528,7 +594,9 @@ def _lung_vessel_points(rng: np.random.Generator) -> FloatArray:
     """Sample points of two branching pulmonary vessel trees starting at the hila."""
     points: list[FloatArray] = []
 
-    def grow(start: FloatArray, direction: FloatArray, length: float, radius: float, depth: int) -> None:
+    def grow(
+        start: FloatArray, direction: FloatArray, length: float, radius: float, depth: int
+    ) -> None:
         end = start + direction * length
         count = max(2, int(length / max(1.0, radius)))
         t = np.linspace(0.0, 1.0, count, dtype=np.float32)[:, None]
@@ -542,10 +610,18 @@ def _lung_vessel_points(rng: np.random.Generator) -> FloatArray:
 
     for side in (-1.0, 1.0):
         hilum = np.array([side * 42.0, 8.0, 100.0])
-        for d in ((0.35, 0.1, -1.0), (0.6, -0.5, -0.8), (1.0, -0.35, -0.2), (0.8, 0.5, 0.1),
-                  (0.8, 0.4, 0.6), (0.45, 0.3, 1.0), (0.6, -0.7, 0.5), (0.3, 0.7, 0.9)):
+        for d in (
+            (0.35, 0.1, -1.0),
+            (0.6, -0.5, -0.8),
+            (1.0, -0.35, -0.2),
+            (0.8, 0.5, 0.1),
+            (0.8, 0.4, 0.6),
+            (0.45, 0.3, 1.0),
+            (0.6, -0.7, 0.5),
+            (0.3, 0.7, 0.9),
+        ):
             direction = np.array([side * d[0], d[1], d[2]])
-            grow(hilum, direction / np.linalg.norm(direction), 30.0, 4.5, 7)
+            grow(hilum, direction / np.linalg.norm(direction), 30.0, 3.8, 7)
     return np.concatenate(points).astype(np.float32)
 
 
@@ -560,6 +636,7 @@ def _bowel_loop_spheres(rng: np.random.Generator) -> FloatArray:
     return np.column_stack([x, y, level, radius, content]).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=1)
 def _body_phantom() -> _BodyPhantom:
     """Return the fixed random structures of the torso phantom."""
     return _BodyPhantom(
@@ -570,13 +647,13 @@ def _body_phantom() -> _BodyPhantom:
 
 def _paint_torso(sl: _AxialSlice, level: float, thickness: float, phantom: _BodyPhantom) -> None:
     """Paint a contrast-enhanced chest/abdomen cross-section at anatomical ``level`` (mm)."""
-    abdomen = _smoothstep(level, 185.0, 250.0)
-    shoulders = 1.0 - _smoothstep(level, -10.0, 45.0)
+    abdomen = _ramp(level, 185.0, 250.0)
+    shoulders = 1.0 - _ramp(level, -10.0, 45.0)
     body_rx = _lerp(158.0, 150.0, abdomen) + 18.0 * shoulders
     body_ry = _lerp(106.0, 116.0, abdomen)
     fat = _lerp(11.0, 24.0, abdomen)
     vb_y = _lerp(42.0, 34.0, abdomen)  # vertebral body centre; lumbar lordosis moves it forward
-    vb_r = _lerp(16.0, 21.0, _smoothstep(level, 150.0, 300.0))
+    vb_r = _lerp(16.0, 21.0, _ramp(level, 150.0, 300.0))
 
     _paint_table(sl, body_ry)
     sl.paint(sl.ellipse_mask(0.0, 0.0, body_rx, body_ry, power=2.6), -105.0)
@@ -593,7 +670,7 @@ def _paint_torso(sl: _AxialSlice, level: float, thickness: float, phantom: _Body
     cavity = rho <= 1.0
     # Mediastinal/retroperitoneal fat fills what organs leave; above the lung apices the
     # thoracic inlet is mostly muscle, vessels and thyroid.
-    sl.hu[cavity] = _lerp(42.0, -88.0, _smoothstep(level, -5.0, 30.0))
+    sl.hu[cavity] = _lerp(42.0, -88.0, _ramp(level, -5.0, 30.0))
 
     _paint_lungs(sl, level, cavity, phantom, thickness)
     _paint_mediastinum(sl, level, vb_y, cavity)
@@ -601,7 +678,7 @@ def _paint_torso(sl: _AxialSlice, level: float, thickness: float, phantom: _Body
     _paint_spine(sl, level, vb_y, vb_r, abdomen)
     _paint_ribs(sl, level, rho, cav_cy, cav_rx, cav_ry)
     if 25.0 < level < 200.0:  # sternum: manubrium on top, body below
-        wide = 1.0 - _smoothstep(level, 50.0, 70.0)
+        wide = 1.0 - _ramp(level, 50.0, 70.0)
         y = cav_cy - cav_ry - 5.0
         sl.paint(sl.ellipse_mask(0.0, y, 15.0 + 9.0 * wide, 6.5), 700.0)
         sl.paint(sl.ellipse_mask(0.0, y, 12.0 + 9.0 * wide, 4.0), 260.0)
@@ -629,20 +706,28 @@ def _paint_lungs(
 ) -> None:
     """Paint both lungs with a dependent-density gradient and the pulmonary vessels."""
     grow = math.sqrt(min(max(level / 55.0, 0.0), 1.0))
-    shrink = 1.0 - _smoothstep(level, 195.0, 250.0)
+    shrink = 1.0 - _ramp(level, 195.0, 250.0)
     g = grow * math.sqrt(shrink)
     if g <= 0.02:
         return
     # Supine patients have denser (gravity-dependent) posterior lung.
-    density = (-885.0 + 95.0 * np.clip((sl.coords[:, None] + 70.0) / 160.0, 0.0, 1.0)).astype(np.float32)
+    density = (-885.0 + 95.0 * np.clip((sl.coords[:, None] + 70.0) / 160.0, 0.0, 1.0)).astype(
+        np.float32
+    )
     density = np.broadcast_to(density, sl.hu.shape)
-    for side, cx in ((-1.0, -66.0), (1.0, 70.0)):
-        posterior_bias = 14.0 * (1.0 - shrink)  # lung bases survive longest in the posterior recesses
-        shape = sl.ellipse_mask(cx, 8.0 + posterior_bias, 64.0 * g + 6.0 * (1 - grow), 86.0 * g, power=2.2)
+    for cx in (-66.0, 70.0):  # right lung (patient right is -x), left lung
+        posterior_bias = 14.0 * (
+            1.0 - shrink
+        )  # lung bases survive longest in the posterior recesses
+        shape = sl.ellipse_mask(
+            cx, 8.0 + posterior_bias, 64.0 * g + 6.0 * (1 - grow), 86.0 * g, power=2.2
+        )
         sl.paint(shape, density, within=cavity)
     # Vessels: discs where the tree crosses this slice, painted only inside aerated lung.
     vessels = phantom.lung_vessels
-    beyond = np.maximum(np.abs(vessels[:, 2] - level) - thickness / 2.0, 0.0)  # distance outside the slab
+    beyond = np.maximum(
+        np.abs(vessels[:, 2] - level) - thickness / 2.0, 0.0
+    )  # distance outside the slab
     in_plane = np.sqrt(np.maximum(vessels[:, 3] ** 2 - beyond**2, 0.0))
     hits = vessels[in_plane >= 0.25]
     in_plane = in_plane[in_plane >= 0.25]
@@ -650,8 +735,10 @@ def _paint_lungs(
     col = np.clip(np.rint((hits[:, 0] - sl.origin) / sl.spacing).astype(int), 0, sl.size - 1)
     row = np.clip(np.rint((hits[:, 1] - sl.origin) / sl.spacing).astype(int), 0, sl.size - 1)
     aerated = sl.hu[row, col] < -600.0
-    for (x, y, _z, _r), radius in zip(hits[aerated], in_plane[aerated]):
-        shape = sl.ellipse_mask(float(x), float(y), max(float(radius), 0.5), max(float(radius), 0.5))
+    for (x, y, _z, _r), radius in zip(hits[aerated], in_plane[aerated], strict=True):
+        shape = sl.ellipse_mask(
+            float(x), float(y), max(float(radius), 0.5), max(float(radius), 0.5)
+        )
         if shape is None:
             continue
         (rows, cols), mask = shape
@@ -677,11 +764,38 @@ def _paint_mediastinum(sl: _AxialSlice, level: float, vb_y: float, cavity: np.nd
         sl.paint(sl.ellipse_mask(9.0, vb_y - 19.0, 7.0, 6.0), 45.0)
         sl.paint(sl.ellipse_mask(9.0, vb_y - 19.0, 1.6, 1.4), -900.0)
 
+    # Heart first: the great vessels leave its base and are painted over it.
+    f = _profile(level, 98.0, 192.0)
+    if f > 0.0:  # heart: pericardial fat, myocardium, enhanced chambers
+        cx, cy = 18.0, -24.0
+        sl.paint(sl.ellipse_mask(cx, cy, 66.0 * f + 4.0, 52.0 * f + 4.0, -32.0), -75.0)
+        sl.paint(sl.ellipse_mask(cx, cy, 66.0 * f, 52.0 * f, -32.0), 95.0)
+        ventricles = _ramp(level, 120.0, 145.0)
+        atria = 1.0 - ventricles
+        sl.paint(
+            sl.ellipse_mask(
+                cx + 22.0, cy + 8.0, 24.0 * f * ventricles, 19.0 * f * ventricles, -32.0
+            ),
+            250.0,
+        )
+        sl.paint(
+            sl.ellipse_mask(
+                cx - 16.0, cy - 22.0, 26.0 * f * ventricles, 12.0 * f * ventricles, -32.0
+            ),
+            210.0,
+        )
+        sl.paint(
+            sl.ellipse_mask(cx - 42.0, cy + 10.0, 19.0 * f, 17.0 * f),
+            190.0 if ventricles < 0.9 else 95.0,
+        )
+        sl.paint(sl.ellipse_mask(cx + 2.0, cy + 30.0, 26.0 * f * atria, 13.0 * f * atria), 235.0)
+
     blood = 240.0
     if level < 45.0:  # arch branches
         for x, y, r in ((-12.0, -18.0, 6.5), (4.0, -12.0, 4.5), (16.0, -4.0, 5.0)):
             sl.paint(sl.ellipse_mask(x, y, r, r), blood)
-        sl.paint(sl.capsule_mask((-34.0, -28.0), (-20.0, -34.0), 7.0), 160.0)  # brachiocephalic vein
+        # Brachiocephalic veins joining toward the SVC.
+        sl.paint(sl.capsule_mask((-34.0, -28.0), (-20.0, -34.0), 7.0), 160.0)
         sl.paint(sl.capsule_mask((24.0, -38.0), (-20.0, -34.0), 6.0), 160.0)
     if 45.0 <= level < 62.0:  # aortic arch sweeping back to the left of the spine
         sl.paint(sl.capsule_mask((-8.0, -26.0), (22.0, vb_y - 18.0), 13.0), blood)
@@ -691,32 +805,29 @@ def _paint_mediastinum(sl: _AxialSlice, level: float, vb_y: float, cavity: np.nd
         sl.paint(sl.ellipse_mask(-34.0, -20.0, 10.0, 10.0), 300.0)  # SVC, dense inflow contrast
     if 80.0 <= level < 104.0:  # pulmonary trunk and its bifurcation
         sl.paint(sl.ellipse_mask(22.0, -34.0, 14.0, 14.0), 220.0)
-        if level > 93.0:
-            sl.paint(sl.capsule_mask((22.0, -30.0), (-30.0, -2.0), 8.0), 220.0)  # right PA behind the aorta
+        if level > 93.0:  # the right pulmonary artery passes behind the ascending aorta
+            sl.paint(sl.capsule_mask((22.0, -30.0), (-30.0, -2.0), 8.0), 220.0)
             sl.paint(sl.capsule_mask((22.0, -30.0), (38.0, 0.0), 8.0), 220.0)
     if 58.0 <= level < 330.0:  # descending -> abdominal aorta
-        drift = _smoothstep(level, 200.0, 250.0)
+        drift = _ramp(level, 200.0, 250.0)
         r = _lerp(12.5, 10.0, drift)
-        sl.paint(sl.ellipse_mask(_lerp(22.0, 6.0, drift), vb_y - _lerp(20.0, 27.0, drift), r, r), blood)
+        sl.paint(
+            sl.ellipse_mask(_lerp(22.0, 6.0, drift), vb_y - _lerp(20.0, 27.0, drift), r, r), blood
+        )
     elif level >= 330.0:  # common iliac arteries
         for side in (-1.0, 1.0):
-            sl.paint(sl.ellipse_mask(side * (14.0 + 0.4 * (level - 330.0)), vb_y - 24.0, 7.0, 7.0), blood)
-
-    f = _profile(level, 98.0, 192.0)
-    if f > 0.0:  # heart: pericardial fat, myocardium, enhanced chambers
-        cx, cy = 18.0, -24.0
-        sl.paint(sl.ellipse_mask(cx, cy, 66.0 * f + 4.0, 52.0 * f + 4.0, -32.0), -75.0)
-        sl.paint(sl.ellipse_mask(cx, cy, 66.0 * f, 52.0 * f, -32.0), 95.0)
-        ventricles = _smoothstep(level, 120.0, 145.0)
-        atria = 1.0 - ventricles
-        sl.paint(sl.ellipse_mask(cx + 22.0, cy + 8.0, 24.0 * f * ventricles, 19.0 * f * ventricles, -32.0), 250.0)
-        sl.paint(sl.ellipse_mask(cx - 16.0, cy - 22.0, 26.0 * f * ventricles, 12.0 * f * ventricles, -32.0), 210.0)
-        sl.paint(sl.ellipse_mask(cx - 42.0, cy + 10.0, 19.0 * f, 17.0 * f), 190.0 if ventricles < 0.9 else 95.0)
-        sl.paint(sl.ellipse_mask(cx + 2.0, cy + 30.0, 26.0 * f * atria, 13.0 * f * atria), 235.0)
+            sl.paint(
+                sl.ellipse_mask(side * (14.0 + 0.4 * (level - 330.0)), vb_y - 24.0, 7.0, 7.0), blood
+            )
 
 
 def _paint_abdomen(
-    sl: _AxialSlice, level: float, vb_y: float, cavity: np.ndarray, phantom: _BodyPhantom, thickness: float
+    sl: _AxialSlice,
+    level: float,
+    vb_y: float,
+    cavity: np.ndarray,
+    phantom: _BodyPhantom,
+    thickness: float,
 ) -> None:
     """Paint liver, spleen, stomach, pancreas, kidneys, bowel, muscles and pelvis."""
     if level < 170.0:
@@ -725,10 +836,14 @@ def _paint_abdomen(
     left_dome = math.sqrt(min(max((level - 188.0) / 50.0, 0.0), 1.0))
     sl.paint(sl.ellipse_mask(58.0, 8.0, 92.0 * left_dome, 78.0 * left_dome), 40.0, within=cavity)
     grow = math.sqrt(min(max((level - 172.0) / 45.0, 0.0), 1.0))
-    liver = grow * (1.0 - _smoothstep(level, 245.0, 300.0)) ** 0.5
+    liver = grow * (1.0 - _ramp(level, 245.0, 300.0)) ** 0.5
     sl.paint(sl.ellipse_mask(-48.0, 2.0, 92.0 * liver, 80.0 * liver, 15.0), 112.0, within=cavity)
     left_lobe = _profile(level, 188.0, 262.0)
-    sl.paint(sl.ellipse_mask(12.0, -46.0, 52.0 * left_lobe, 26.0 * left_lobe, -12.0), 112.0, within=cavity)
+    sl.paint(
+        sl.ellipse_mask(12.0, -46.0, 52.0 * left_lobe, 26.0 * left_lobe, -12.0),
+        112.0,
+        within=cavity,
+    )
     if 182.0 < level < 222.0 and liver > 0.3:  # hepatic veins converging on the IVC
         for end in ((-86.0, -38.0), (-42.0, -64.0), (6.0, -52.0)):
             sl.paint(sl.capsule_mask((-24.0, vb_y - 22.0), end, 4.0), 165.0, within=cavity)
@@ -755,25 +870,42 @@ def _paint_abdomen(
     pancreas = _profile(level, 246.0, 278.0)
     if pancreas > 0.0:
         sl.paint(sl.capsule_mask((-14.0, vb_y - 44.0), (58.0, vb_y - 30.0), 11.0 * pancreas), 98.0)
-        sl.paint(sl.capsule_mask((-16.0, vb_y - 36.0), (40.0, vb_y - 34.0), 4.5 * pancreas), 170.0)  # splenic vein
+        sl.paint(
+            sl.capsule_mask((-16.0, vb_y - 36.0), (40.0, vb_y - 34.0), 4.5 * pancreas), 170.0
+        )  # splenic vein
 
     for side, top, bottom in ((1.0, 232.0, 318.0), (-1.0, 244.0, 330.0)):
         k = _profile(level, top, bottom)
         if k <= 0.0:
             continue
         cx, cy, angle = side * 70.0, vb_y + 10.0, side * 28.0
-        sl.paint(sl.ellipse_mask(cx, cy, 30.0 * k + 6.0, 40.0 * k + 6.0, angle), -95.0)  # perirenal fat
+        sl.paint(
+            sl.ellipse_mask(cx, cy, 30.0 * k + 6.0, 40.0 * k + 6.0, angle), -95.0
+        )  # perirenal fat
         sl.paint(sl.ellipse_mask(cx, cy, 27.0 * k, 37.0 * k, angle), 190.0)
         for pyramid in (-0.55, 0.0, 0.55):  # medullary pyramids enhance later than the cortex
-            sl.paint(sl.ellipse_mask(cx + side * 8.0 * k, cy + pyramid * 30.0 * k, 7.0 * k, 8.0 * k, angle), 150.0)
+            sl.paint(
+                sl.ellipse_mask(
+                    cx + side * 8.0 * k, cy + pyramid * 30.0 * k, 7.0 * k, 8.0 * k, angle
+                ),
+                150.0,
+            )
         if k > 0.6:  # renal sinus fat and pelvis open toward the hilum (anteromedial)
             sl.paint(sl.ellipse_mask(cx - side * 11.0, cy - 7.0, 8.0 * k, 13.0 * k, angle), -70.0)
-            sl.paint(sl.capsule_mask((cx - side * 12.0, cy - 8.0), (side * 18.0, vb_y - 22.0), 3.5 * k), 150.0)
+            sl.paint(
+                sl.capsule_mask((cx - side * 12.0, cy - 8.0), (side * 18.0, vb_y - 22.0), 3.5 * k),
+                150.0,
+            )
 
     if level > 252.0:
-        psoas = 5.0 + 17.0 * _smoothstep(level, 252.0, 350.0)
+        psoas = 5.0 + 17.0 * _ramp(level, 252.0, 350.0)
         for side in (-1.0, 1.0):
-            sl.paint(sl.ellipse_mask(side * (vb_y * 0.1 + 24.0 + psoas * 0.8), vb_y + 4.0, psoas, psoas * 1.15), 52.0)
+            sl.paint(
+                sl.ellipse_mask(
+                    side * (vb_y * 0.1 + 24.0 + psoas * 0.8), vb_y + 4.0, psoas, psoas * 1.15
+                ),
+                52.0,
+            )
         _paint_colon_and_bowel(sl, level, cavity, phantom, thickness)
     if level > 318.0:
         _paint_pelvis(sl, level, vb_y)
@@ -786,7 +918,7 @@ def _paint_colon_and_bowel(
     if 262.0 < level < 286.0:  # transverse colon sagging forward across the abdomen
         path = [(-92.0, -30.0), (-40.0, -62.0), (30.0, -66.0), (92.0, -40.0)]
         for radius, value in ((17.0, 80.0), (14.0, -1000.0)):
-            for p0, p1 in zip(path[:-1], path[1:]):
+            for p0, p1 in itertools.pairwise(path):
                 sl.paint(sl.capsule_mask(p0, p1, radius), value, within=cavity)
         sl.paint(sl.ellipse_mask(-30.0, -56.0, 12.0, 7.0), -150.0, within=cavity)
     if level > 270.0:
@@ -802,21 +934,28 @@ def _paint_colon_and_bowel(
         if rr < 3.0:
             continue
         sl.paint(sl.ellipse_mask(float(x), float(y), rr, rr * 0.9), 95.0, within=cavity)
-        sl.paint(sl.ellipse_mask(float(x), float(y), rr - 2.5, rr * 0.9 - 2.5), float(content), within=cavity)
+        sl.paint(
+            sl.ellipse_mask(float(x), float(y), rr - 2.5, rr * 0.9 - 2.5),
+            float(content),
+            within=cavity,
+        )
 
 
 def _paint_pelvis(sl: _AxialSlice, level: float, vb_y: float) -> None:
     """Paint iliac wings, sacrum and gluteal muscles."""
-    t = _smoothstep(level, 318.0, 370.0)
+    t = _ramp(level, 318.0, 370.0)
     for side in (-1.0, 1.0):
         sl.paint(sl.ellipse_mask(side * 82.0, vb_y + 52.0, 48.0 * t, 26.0 * t), 50.0)  # gluteus
         # The iliac wing is a curved plate, concave toward the abdomen.
-        wing = [(side * (44.0 - 6.0 * t), vb_y + 24.0), (side * (86.0 + 4.0 * t), vb_y + 8.0),
-                (side * (110.0 + 12.0 * t), vb_y - 40.0 + 8.0 * t)]
+        wing = [
+            (side * (44.0 - 6.0 * t), vb_y + 24.0),
+            (side * (86.0 + 4.0 * t), vb_y + 8.0),
+            (side * (110.0 + 12.0 * t), vb_y - 40.0 + 8.0 * t),
+        ]
         width = 3.0 + 5.0 * t
-        for p0, p1 in zip(wing[:-1], wing[1:]):
+        for p0, p1 in itertools.pairwise(wing):
             sl.paint(sl.capsule_mask(p0, p1, width), 850.0)
-        for p0, p1 in zip(wing[:-1], wing[1:]):
+        for p0, p1 in itertools.pairwise(wing):
             sl.paint(sl.capsule_mask(p0, p1, width - 2.2), 240.0)
     if level > 335.0:
         sl.paint(sl.ellipse_mask(0.0, vb_y + 14.0, 34.0 + 10.0 * t, 20.0), 820.0)
@@ -845,11 +984,18 @@ def _paint_spine(sl: _AxialSlice, level: float, vb_y: float, vb_r: float, abdome
         if 10.0 < phase < 21.0:
             reach = _lerp(30.0, 40.0, abdomen)
             for side in (-1.0, 1.0):
-                sl.paint(sl.capsule_mask((side * 8.0, canal_y - 2.0), (side * reach, canal_y + 3.0), 4.5), 620.0)
+                sl.paint(
+                    sl.capsule_mask(
+                        (side * 8.0, canal_y - 2.0), (side * reach, canal_y + 3.0), 4.5
+                    ),
+                    620.0,
+                )
     sl.paint(sl.ellipse_mask(cx, canal_y, 8.5, 7.5), 25.0)  # thecal sac
 
 
-def _paint_ribs(sl: _AxialSlice, level: float, rho: FloatArray, cy: float, rx: float, ry: float) -> None:
+def _paint_ribs(
+    sl: _AxialSlice, level: float, rho: FloatArray, cy: float, rx: float, ry: float
+) -> None:
     """Paint obliquely cut ribs and costal cartilage in a ring around the cavity."""
     if level > 330.0:
         return
@@ -858,7 +1004,9 @@ def _paint_ribs(sl: _AxialSlice, level: float, rho: FloatArray, cy: float, rx: f
     if rows.size == 0:
         return
     r = rho[rows, cols]
-    phi = np.abs(np.arctan2(sl.coords[cols], sl.coords[rows] - cy))  # 0 at the spine, pi at the sternum
+    phi = np.abs(
+        np.arctan2(sl.coords[cols], sl.coords[rows] - cy)
+    )  # 0 at the spine, pi at the sternum
     # Ribs slope steeply downward from the spine, so each crosses a slice as a short arc.
     phase = (level + 8.0 - 150.0 * (phi / math.pi) ** 1.5) / 23.0
     index = np.floor(phase + 0.5)
@@ -874,7 +1022,9 @@ def _paint_ribs(sl: _AxialSlice, level: float, rho: FloatArray, cy: float, rx: f
     sl.hu[rows[cartilage], cols[cartilage]] = 130.0
 
 
-def _render_body_ct(slices: int, size: int, seed: str) -> tuple[np.ndarray, float, np.ndarray, float]:
+def _render_body_ct(
+    slices: int, size: int, seed: str
+) -> tuple[np.ndarray, float, np.ndarray, float]:
     """Render the torso phantom; returns (HU volume int16, pixel spacing, levels, spacing)."""
     pixel_spacing = _CT_FOV_MM / size
     slice_spacing = _BODY_COVERAGE_MM / slices
@@ -907,7 +1057,8 @@ class _NoiseBank:
 
 def _finish_ct_slice(hu: FloatArray, noise: FloatArray) -> np.ndarray:
     """Blur like a soft reconstruction kernel and add grainy quantum noise."""
-    return np.clip(np.rint(_box3(hu) + noise), -1024, 3071).astype(np.int16)
+    stored: np.ndarray = np.clip(np.rint(_box3(hu) + noise), -1024, 3071).astype(np.int16)
+    return stored
 
 
 # --------------------------------------------------------------------------------------
@@ -969,9 +1120,9 @@ def _ct_dataset(
     return ds
 
 
-def _ct_body_series(study: _Study, number: int, description: str, kernel: str) -> _Series:
+def _ct_body_series(study: _Study, number: int, description: str, time: str = "094630") -> _Series:
     """Series descriptor for a body CT reconstruction."""
-    return _Series(study, number, "CT", description, CTImageStorage, "DemoMed", "SynthCT 128", "094630")
+    return _Series(study, number, "CT", description, CTImageStorage, "DemoMed", "SynthCT 128", time)
 
 
 def _z_for_level(level: float) -> float:
@@ -994,8 +1145,16 @@ def _write_ct_volume(
     """Write each slice of ``volume`` as one CT instance."""
 
     def write(index: int) -> pathlib.Path:
-        ds = _ct_dataset(series, index, volume[index], pixel_spacing, float(z_positions[index]), thickness,
-                         kernel, windows)
+        ds = _ct_dataset(
+            series,
+            index,
+            volume[index],
+            pixel_spacing,
+            float(z_positions[index]),
+            thickness,
+            kernel,
+            windows,
+        )
         return _write_part10(ds, out_dir / f"IM{index + 1:04d}.dcm", transfer_syntax_uid)
 
     if len(z_positions) != len(volume):
@@ -1036,12 +1195,23 @@ def write_ct_series(
         raise ValueError("slices must be >= 1 and size >= 16")
     if transfer_syntax_uid not in _NATIVE_SYNTAXES | _PYDICOM_ENCODERS | {JPEGLosslessSV1}:
         raise ValueError(f"demo generator cannot encode transfer syntax {transfer_syntax_uid}")
-    study = _CT_BODY_STUDY if uid_seed == _CT_BODY_STUDY.key else dataclasses.replace(_CT_BODY_STUDY, key=uid_seed)
+    study = (
+        _CT_BODY_STUDY
+        if uid_seed == _CT_BODY_STUDY.key
+        else dataclasses.replace(_CT_BODY_STUDY, key=uid_seed)
+    )
     volume, pixel_spacing, levels, spacing = _render_body_ct(slices, size, uid_seed)
-    series = _ct_body_series(study, 2, f"AXIAL {_ds_number(spacing)}MM SOFT TISSUE", "STANDARD")
+    series = _ct_body_series(study, 2, f"AXIAL {_ds_number(spacing)}MM SOFT TISSUE")
     return _write_ct_volume(
-        pathlib.Path(out_dir), series, volume, pixel_spacing, [_z_for_level(v) for v in levels],
-        spacing, "STANDARD", _CT_BODY_WINDOWS, transfer_syntax_uid,
+        pathlib.Path(out_dir),
+        series,
+        volume,
+        pixel_spacing,
+        [_z_for_level(v) for v in levels],
+        spacing,
+        "STANDARD",
+        _CT_BODY_WINDOWS,
+        transfer_syntax_uid,
     )
 
 
@@ -1049,49 +1219,77 @@ def write_ct_series(
 # Head phantom (CT head and MR brain share one labelled anatomy)
 # --------------------------------------------------------------------------------------
 
-(_AIR, _SOFT, _FAT, _BONE, _DIPLOE, _CSF, _GREY, _WHITE, _VITREOUS, _LENS, _MUSCLE, _SINUS,
- _DENSE_BONE, _HOLDER) = range(14)
+(
+    _AIR,
+    _SOFT,
+    _FAT,
+    _BONE,
+    _DIPLOE,
+    _CSF,
+    _GREY,
+    _WHITE,
+    _VITREOUS,
+    _LENS,
+    _MUSCLE,
+    _SINUS,
+    _DENSE_BONE,
+    _HOLDER,
+) = range(14)
 
 # Tissue value tables indexed by label: CT in HU, MR in arbitrary 12-bit signal.
-_HEAD_CT_HU = np.array([-1000, 45, -90, 1500, 650, 6, 40, 27, 12, 100, 52, -950, 2000, 120], np.float32)
+_HEAD_CT_HU = np.array(
+    [-1000, 45, -90, 1500, 650, 6, 40, 27, 12, 100, 52, -950, 2000, 120], np.float32
+)
 _HEAD_T2 = np.array([0, 380, 820, 25, 420, 1900, 1020, 690, 1850, 260, 300, 0, 10, 0], np.float32)
 _HEAD_T1 = np.array([0, 560, 1450, 25, 1150, 190, 560, 820, 150, 720, 470, 0, 10, 0], np.float32)
 
 
 def _ellipsoid_distance(
-    x: FloatArray, y: FloatArray, z: FloatArray, centre: Sequence[float], radii: Sequence[float]
+    x: Coordinate, y: Coordinate, z: Coordinate, centre: Sequence[float], radii: Sequence[float]
 ) -> FloatArray:
     """Approximate signed distance (mm) to an ellipsoid surface; negative inside."""
     dx, dy, dz = (x - centre[0]) / radii[0], (y - centre[1]) / radii[1], (z - centre[2]) / radii[2]
     q = np.sqrt(dx * dx + dy * dy + dz * dz) + 1e-6
-    gradient = np.sqrt((dx / radii[0]) ** 2 + (dy / radii[1]) ** 2 + (dz / radii[2]) ** 2) / q + 1e-6
+    gradient = (
+        np.sqrt((dx / radii[0]) ** 2 + (dy / radii[1]) ** 2 + (dz / radii[2]) ** 2) / q + 1e-6
+    )
     return (q - 1.0) / gradient
 
 
-def _inside(x: FloatArray, y: FloatArray, z: FloatArray, centre: Sequence[float], radii: Sequence[float]) -> np.ndarray:
+def _inside(
+    x: Coordinate, y: Coordinate, z: Coordinate, centre: Sequence[float], radii: Sequence[float]
+) -> np.ndarray:
     """Boolean mask of points inside an axis-aligned ellipsoid (broadcast over x, y, z)."""
     shape = np.broadcast_shapes(np.shape(x), np.shape(y), np.shape(z))
     for value, c, r in zip((x, y, z), centre, radii, strict=True):
         if np.size(value) == 1 and abs(float(np.ravel(value)[0]) - c) > r:
             return np.zeros(shape, bool)  # the image plane misses this ellipsoid entirely
     inside = (
-        ((x - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2 + ((z - centre[2]) / radii[2]) ** 2
+        ((x - centre[0]) / radii[0]) ** 2
+        + ((y - centre[1]) / radii[1]) ** 2
+        + ((z - centre[2]) / radii[2]) ** 2
     ) <= 1.0
     return np.broadcast_to(inside, shape)
 
 
 # Gyral pattern: a random field over surface direction (azimuth, elevation); its zero set
 # marks sulci, which are extruded radially inward so they run perpendicular to the cortex.
-_GYRI_FREQUENCIES = np.random.default_rng(31).uniform(5.0, 11.0, size=(7, 2)) * np.random.default_rng(33).choice([-1, 1], size=(7, 2))
+_GYRI_FREQUENCIES = np.random.default_rng(31).uniform(
+    5.0, 11.0, size=(7, 2)
+) * np.random.default_rng(33).choice([-1, 1], size=(7, 2))
 _GYRI_PHASES = np.random.default_rng(32).uniform(0, 2 * np.pi, 7)
 
 
-def _fold_cortex(labels: np.ndarray, x: FloatArray, y: FloatArray, z: FloatArray, depth: FloatArray) -> np.ndarray:
+def _fold_cortex(
+    labels: np.ndarray, x: FloatArray, y: FloatArray, z: FloatArray, depth: FloatArray
+) -> np.ndarray:
     """Carve sulci (CSF lined by grey matter) into the outer shell of the brain."""
     azimuth = np.arctan2(y, x)
     elevation = np.arctan2(z - 5.0, np.hypot(x, y))
     # Warping the direction with depth bends sulci instead of drawing straight spokes.
-    warp = 0.09 * np.sin(depth * 0.32 + elevation * 4.0) + 0.05 * np.sin(azimuth * 9.0 + depth * 0.2)
+    warp = 0.09 * np.sin(depth * 0.32 + elevation * 4.0) + 0.05 * np.sin(
+        azimuth * 9.0 + depth * 0.2
+    )
     phase = (
         (azimuth + warp)[:, None] * np.round(_GYRI_FREQUENCIES[:, 0]).astype(np.float32)
         + (elevation - warp)[:, None] * _GYRI_FREQUENCIES[:, 1].astype(np.float32)
@@ -1105,19 +1303,21 @@ def _fold_cortex(labels: np.ndarray, x: FloatArray, y: FloatArray, z: FloatArray
     return labels
 
 
-def _head_labels(x: FloatArray, y: FloatArray, z: FloatArray) -> np.ndarray:
+def _head_labels(x: Coordinate, y: Coordinate, z: Coordinate) -> np.ndarray:
     """Tissue labels of the head phantom at patient coordinates (mm, LPS, brain centre at 0)."""
     px, py, pz = x, y, z  # un-broadcast: cheaper arithmetic, and lets _inside skip whole planes
     x, y, z = np.broadcast_arrays(x, y, z)
     labels = np.zeros(x.shape, np.uint8)
     lower = z < 5.0
-    cranium = np.minimum.reduce([
-        _ellipsoid_distance(px, py, pz, (0, 0, 5), (68, 86, 70)) * ~lower
-        + _ellipsoid_distance(px, py, pz, (0, 0, 5), (68, 86, 50)) * lower,
-        _ellipsoid_distance(px, py, pz, (0, 40, -38), (54, 38, 26)),  # posterior fossa
-        _ellipsoid_distance(px, py, pz, (-42, -6, -30), (22, 36, 20)),  # middle cranial fossae
-        _ellipsoid_distance(px, py, pz, (42, -6, -30), (22, 36, 20)),
-    ])
+    cranium = np.minimum.reduce(
+        [
+            _ellipsoid_distance(px, py, pz, (0, 0, 5), (68, 86, 70)) * ~lower
+            + _ellipsoid_distance(px, py, pz, (0, 0, 5), (68, 86, 50)) * lower,
+            _ellipsoid_distance(px, py, pz, (0, 40, -38), (54, 38, 26)),  # posterior fossa
+            _ellipsoid_distance(px, py, pz, (-42, -6, -30), (22, 36, 20)),  # middle cranial fossae
+            _ellipsoid_distance(px, py, pz, (42, -6, -30), (22, 36, 20)),
+        ]
+    )
     face = _ellipsoid_distance(px, py, pz, (0, -56, -52), (54, 42, 38))
     neck = (z < -40) & ((x / 50.0) ** 2 + ((y - 14.0) / 54.0) ** 2 <= 1.0)
     temporal = (np.abs(x) > 48) & (z > -25) & (z < 40)
@@ -1128,7 +1328,11 @@ def _head_labels(x: FloatArray, y: FloatArray, z: FloatArray) -> np.ndarray:
     vertebra = np.mod(z, 17.0) > 4.0  # x, y, z are full arrays after broadcasting
     body = cervical & ((x / 11.0) ** 2 + ((y - 6.0) / 9.0) ** 2 <= 1.0)
     labels[body] = np.where(vertebra[body], _DIPLOE, _SOFT)  # cancellous body or disc
-    labels[cervical & ((x / 12.0) ** 2 + ((y - 26.0) / 10.0) ** 2 <= 1.0) & (np.abs(x) + np.abs(y - 26.0) > 9.0)] = _BONE
+    labels[
+        cervical
+        & ((x / 12.0) ** 2 + ((y - 26.0) / 10.0) ** 2 <= 1.0)
+        & (np.abs(x) + np.abs(y - 26.0) > 9.0)
+    ] = _BONE
     labels[cervical & (((x / 7.0) ** 2 + ((y - 25.0) / 6.5) ** 2) <= 1.0)] = _CSF
     labels[(z < -45) & ((x / 4.5) ** 2 + ((y - 25.0) / 4.0) ** 2 <= 1.0)] = _WHITE  # spinal cord
     labels[cervical & ((x / 11.0) ** 2 + ((y + 10.0) / 5.0) ** 2 <= 1.0)] = _SINUS  # pharynx
@@ -1146,11 +1350,19 @@ def _head_labels(x: FloatArray, y: FloatArray, z: FloatArray) -> np.ndarray:
         labels[_inside(px, py, pz, (side * 31, -72, -30), (12, 12, 12))] = _VITREOUS
         labels[_inside(px, py, pz, (side * 31, -83.5, -30), (4.5, 2.0, 4.5))] = _LENS
         petrous = (x * side * 0.707 + (y - 8) * 0.707, -x * side * 0.707 + (y - 8) * 0.707)
-        labels[((petrous[0] - 32) / 8) ** 2 + (petrous[1] / 24) ** 2 + ((z + 40) / 7) ** 2 <= 1] = _DENSE_BONE
+        labels[((petrous[0] - 32) / 8) ** 2 + (petrous[1] / 24) ** 2 + ((z + 40) / 7) ** 2 <= 1] = (
+            _DENSE_BONE
+        )
         mastoid = _inside(px, py, pz, (side * 56, 22, -44), (11, 13, 12))
         cells = np.sin(x[mastoid] * 1.7) * np.sin(y[mastoid] * 1.9) * np.sin(z[mastoid] * 1.5) > 0.1
         labels[mastoid] = np.where(cells, _SINUS, _BONE)
-        labels[(np.abs(z + 36) < 3.5) & (np.abs(np.abs(x) - 62) < 4.5) & (y > -62) & (y < -2) & (side * x > 0)] = _BONE
+        labels[
+            (np.abs(z + 36) < 3.5)
+            & (np.abs(np.abs(x) - 62) < 4.5)
+            & (y > -62)
+            & (y < -2)
+            & (side * x > 0)
+        ] = _BONE
     nasal = _inside(px, py, pz, (0, -64, -38), (15, 24, 22))
     labels[nasal] = np.where(np.abs(x[nasal]) < 1.2, _BONE, _SINUS)
     labels[_ellipsoid_distance(px, py, pz, (0, -24, -44), (15, 12, 10)) < 1.8] = _BONE
@@ -1169,7 +1381,9 @@ def _head_labels(x: FloatArray, y: FloatArray, z: FloatArray) -> np.ndarray:
     bend = y + 5.0 - 0.35 * (np.abs(x) - 40.0) + 0.03 * (np.abs(x) - 62.0) ** 2
     labels[sylvian & (np.abs(bend) < 1.0 + 0.1 * (18.0 - depth))] = _CSF
     # Corpus callosum: a white arch over the lateral ventricles (visible on midline sagittal).
-    callosum = _inside(px, py, pz, (0, 0, 14), (9, 38, 16)) & ~_inside(px, py, pz, (0, 0, 14), (9, 34, 11))
+    callosum = _inside(px, py, pz, (0, 0, 14), (9, 38, 16)) & ~_inside(
+        px, py, pz, (0, 0, 14), (9, 34, 11)
+    )
     labels[callosum & (z > 10)] = _WHITE
     for side in (-1.0, 1.0):  # deep grey nuclei
         labels[_inside(px, py, pz, (side * 13, -15, 12), (6, 10, 8))] = _GREY
@@ -1177,12 +1391,16 @@ def _head_labels(x: FloatArray, y: FloatArray, z: FloatArray) -> np.ndarray:
         labels[_inside(px, py, pz, (side * 10, 9, 2), (8, 12, 9))] = _GREY
         # Lateral ventricles diverge posteriorly: a butterfly on axial slices.
         vx = side * (8.0 + 0.13 * (y + 12))
-        labels[brain & (((x - vx) / 5.5) ** 2 + ((y + 1) / 31) ** 2 + ((z - 15) / 9) ** 2 <= 1)] = _CSF
+        labels[brain & (((x - vx) / 5.5) ** 2 + ((y + 1) / 31) ** 2 + ((z - 15) / 9) ** 2 <= 1)] = (
+            _CSF
+        )
     labels[_inside(px, py, pz, (0, 6, -2), (2.6, 13, 8))] = _CSF  # third ventricle
     # Posterior fossa: cerebellum with folia, brainstem with its cisterns.
     cerebellum = _inside(px, py, pz, (0, 44, -40), (50, 30, 20)) & brain
     cx, cy, cz = x[cerebellum], y[cerebellum], z[cerebellum]
-    arcs = np.sqrt((cx / 50.0) ** 2 + ((cy - 18.0) / 56.0) ** 2)  # folia curve around the fourth ventricle
+    arcs = np.sqrt(
+        (cx / 50.0) ** 2 + ((cy - 18.0) / 56.0) ** 2
+    )  # folia curve around the fourth ventricle
     core = ((cx / 22.0) ** 2 + ((cy - 40.0) / 14.0) ** 2 + ((cz + 42.0) / 9.0) ** 2) < 1.0
     folia = np.sin(arcs * 75.0 + cz * 0.9 + np.sin(cx * 0.15) * 2.0) > 0.7
     labels[cerebellum] = np.where(core | folia, _WHITE, _GREY)
@@ -1221,6 +1439,9 @@ def _render_mr(
     """Render MR slices of the head phantom (blurred, coil shading, Rician noise)."""
     coords = (-(size - 1) / 2.0 * fov / size + np.arange(size) * fov / size).astype(np.float32)
     out = np.empty((len(positions), size, size), np.uint16)
+    x: Coordinate
+    y: Coordinate
+    z: Coordinate
     for index, position in enumerate(positions):
         if plane == "axial":
             x, y, z = coords[None, :], coords[:, None], np.float32(position)
@@ -1262,7 +1483,7 @@ def _tube_chord(d2: FloatArray, radius: float, cortex: float, marrow: float) -> 
 
 
 class _Radiograph:
-    """Attenuation line integrals of a projection radiograph being composed (u right, v down, mm)."""
+    """Attenuation line integrals of a projection radiograph (u to the right, v down, in mm)."""
 
     def __init__(self) -> None:
         """Create a blank detector: coarse smooth layer, fine bone and vessel layers."""
@@ -1286,8 +1507,14 @@ class _Radiograph:
         return v / _XR_PIXEL_MM - 0.5
 
     def add_tube(
-        self, layer: FloatArray, points: Sequence[tuple[float, float]] | FloatArray,
-        radius: float, cortex: float, mu: float, marrow: float = 0.35, overlap: bool = True,
+        self,
+        layer: FloatArray,
+        points: npt.ArrayLike,
+        radius: float,
+        cortex: float,
+        mu: float,
+        marrow: float = 0.35,
+        overlap: bool = True,
     ) -> None:
         """Add a tubular structure (rib, clavicle, vessel) along a polyline at full resolution.
 
@@ -1303,7 +1530,7 @@ class _Radiograph:
             return
         # Minimum distance to the polyline, so joints between segments are not counted twice.
         d2 = np.full((r1 - r0, c1 - c0), np.inf, np.float32)
-        segments = zip(pts[:-1], pts[1:]) if len(pts) > 1 else [(pts[0], pts[0])]
+        segments = list(itertools.pairwise(pts)) if len(pts) > 1 else [(pts[0], pts[0])]
         for (u0, v0), (u1, v1) in segments:
             sc0 = max(int(self._col(min(u0, u1) - radius)), c0)
             sc1 = min(int(self._col(max(u0, u1) + radius)) + 2, c1)
@@ -1311,7 +1538,9 @@ class _Radiograph:
             sr1 = min(int(self._row(max(v0, v1) + radius)) + 2, r1)
             if sc0 >= sc1 or sr0 >= sr1:
                 continue
-            pu = ((np.arange(sc0, sc1) - (_XR_COLS - 1) / 2.0) * _XR_PIXEL_MM - u0).astype(np.float32)[None, :]
+            pu = ((np.arange(sc0, sc1) - (_XR_COLS - 1) / 2.0) * _XR_PIXEL_MM - u0).astype(
+                np.float32
+            )[None, :]
             pv = ((np.arange(sr0, sr1) + 0.5) * _XR_PIXEL_MM - v0).astype(np.float32)[:, None]
             su, sv = float(u1 - u0), float(v1 - v0)
             t = np.clip((pu * su + pv * sv) / max(su * su + sv * sv, 1e-6), 0.0, 1.0)
@@ -1324,14 +1553,18 @@ class _Radiograph:
         else:
             np.maximum(layer[r0:r1, c0:c1], chord, out=layer[r0:r1, c0:c1])
 
-    def ellipse(self, cu: float, cv: float, ru: float, rv: float, angle_deg: float = 0.0) -> FloatArray:
+    def ellipse(
+        self, cu: float, cv: float, ru: float, rv: float, angle_deg: float = 0.0
+    ) -> FloatArray:
         """Soft-edged ellipse mask on the coarse grid."""
         c, s = math.cos(math.radians(angle_deg)), math.sin(math.radians(angle_deg))
         du, dv = self.u - cu, self.v - cv
         q = np.sqrt(((du * c + dv * s) / ru) ** 2 + ((dv * c - du * s) / rv) ** 2)
         return _soft_step((1.0 - q) * min(ru, rv))
 
-    def capsule(self, p0: tuple[float, float], p1: tuple[float, float], radius: float) -> FloatArray:
+    def capsule(
+        self, p0: tuple[float, float], p1: tuple[float, float], radius: float
+    ) -> FloatArray:
         """Soft-edged capsule mask on the coarse grid."""
         su, sv = p1[0] - p0[0], p1[1] - p0[1]
         pu, pv = self.u - p0[0], self.v - p0[1]
@@ -1339,25 +1572,40 @@ class _Radiograph:
         return _soft_step(radius - np.sqrt((pu - t * su) ** 2 + (pv - t * sv) ** 2))
 
     def add_vessel_tree(
-        self, hilum: tuple[float, float], angles: Sequence[float], rng: np.random.Generator, radius: float = 3.4
+        self,
+        hilum: tuple[float, float],
+        angles: Sequence[float],
+        rng: np.random.Generator,
+        radius: float = 3.4,
     ) -> None:
         """Branching pulmonary vessels radiating from a hilum, tapering to the periphery."""
 
-        def branch(start: FloatArray, angle: float, length: float, radius: float, depth: int) -> None:
+        def branch(
+            start: FloatArray, angle: float, length: float, radius: float, depth: int
+        ) -> None:
             bend = rng.normal(0.0, 0.2)
             points = [start]
             for step in range(1, 5):  # gently curving vessel
                 heading = angle + bend * step / 4.0
-                points.append(points[-1] + 0.25 * length * np.array([math.cos(heading), math.sin(heading)]))
+                points.append(
+                    points[-1] + 0.25 * length * np.array([math.cos(heading), math.sin(heading)])
+                )
             end = points[-1]
             self.add_tube(self.vessels, points, radius, radius, _MU_SOFT * 2.5, 1.0, overlap=False)
             if depth:
                 for turn in (-1.0, 1.0):
-                    branch(end, angle + bend + turn * rng.uniform(0.2, 0.5), length * rng.uniform(0.7, 0.85),
-                           radius * 0.76, depth - 1)
+                    branch(
+                        end,
+                        angle + bend + turn * rng.uniform(0.2, 0.5),
+                        length * rng.uniform(0.7, 0.85),
+                        radius * 0.76,
+                        depth - 1,
+                    )
 
         for angle in angles:
-            start = np.array(hilum, np.float64) + 10.0 * np.array([math.cos(angle), math.sin(angle)])
+            start = np.array(hilum, np.float64) + 10.0 * np.array(
+                [math.cos(angle), math.sin(angle)]
+            )
             branch(start, angle, 32.0, radius, 5)
 
     def add_marker(self, letter: str, u: float, v: float) -> None:
@@ -1384,12 +1632,16 @@ class _Radiograph:
         margin_rows, margin_cols = int(8 / _XR_PIXEL_MM), int(6 / _XR_PIXEL_MM)
         pixels[:margin_rows] = pixels[-margin_rows:] = 180.0
         pixels[:, :margin_cols] = pixels[:, -margin_cols:] = 180.0
-        return np.clip(np.rint(pixels), 0, 4095).astype(np.uint16)
+        stored: np.ndarray = np.clip(np.rint(pixels), 0, 4095).astype(np.uint16)
+        return stored
 
 
 def _lung_lateral_edge(v: FloatArray | float) -> FloatArray:
     """Distance (mm) of the lateral lung margin from the midline at height ``v`` (PA view)."""
-    return 60.0 + 84.0 * np.sqrt(np.clip((np.asarray(v, np.float32) - 40.0) / 230.0, 0.0, 1.0))
+    edge: FloatArray = 60.0 + 84.0 * np.sqrt(
+        np.clip((np.asarray(v, np.float32) - 40.0) / 230.0, 0.0, 1.0)
+    )
+    return edge
 
 
 def _add_lung_texture(xr: _Radiograph, lung: FloatArray, seed: int, amount: float) -> None:
@@ -1410,7 +1662,11 @@ def _chest_pa(heart_scale: float = 1.0) -> _Radiograph:
     half_width = 60.0 + 106.0 * _smoothstep(v, 28.0, 100.0) - 12.0 * _smoothstep(v, 340.0, 437.0)
     depth = 120.0 + 110.0 * _smoothstep(v, 25.0, 110.0) + 15.0 * _smoothstep(v, 300.0, 420.0)
     xr.soft += _MU_SOFT * depth * np.sqrt(np.clip(1.0 - (u / half_width) ** 2, 0.0, 1.0))
-    arms = 80.0 * np.sqrt(np.clip(1.0 - ((au - 196.0) / 34.0) ** 2, 0.0, 1.0)) * _smoothstep(v, 50.0, 110.0)
+    arms = (
+        80.0
+        * np.sqrt(np.clip(1.0 - ((au - 196.0) / 34.0) ** 2, 0.0, 1.0))
+        * _smoothstep(v, 50.0, 110.0)
+    )
     xr.soft += _MU_SOFT * arms
 
     lung = np.zeros_like(xr.soft)
@@ -1420,20 +1676,35 @@ def _chest_pa(heart_scale: float = 1.0) -> _Radiograph:
         apex = 40.0 + 0.012 * (su - 62.0) ** 2
         medial = 16.0 + 12.0 * _smoothstep(v, 60.0, 200.0)
         dome = dome_top + 0.009 * (u - dome_u) ** 2
-        inside = _soft_step(v - apex) * _soft_step(lateral - su) * _soft_step(su - medial) * _soft_step(dome - v, 1.0)
+        inside = (
+            _soft_step(v - apex)
+            * _soft_step(lateral - su)
+            * _soft_step(su - medial)
+            * _soft_step(dome - v, 1.0)
+        )
         centre, width = (lateral + medial) / 2.0, np.maximum((lateral - medial) / 2.0, 1.0)
         across = np.sqrt(np.clip(1.0 - ((su - centre) / (width * 1.15)) ** 2, 0.0, 1.0))
-        vertical = np.sqrt(np.clip((v - apex) / 80.0, 0.0, 1.0)) * (0.5 + 0.5 * np.clip((dome - v) / 70.0, 0.0, 1.0))
+        vertical = np.sqrt(np.clip((v - apex) / 80.0, 0.0, 1.0)) * (
+            0.5 + 0.5 * np.clip((dome - v) / 70.0, 0.0, 1.0)
+        )
         lung += inside * 170.0 * across * vertical
         # Posterior costophrenic recess: a little aerated lung projects below the dome.
-        lung += 25.0 * _soft_step(v - dome) * _soft_step(dome + 30.0 - v, 6.0) * _soft_step(lateral - su) * _soft_step(su - 40.0)
+        lung += (
+            25.0
+            * _soft_step(v - dome)
+            * _soft_step(dome + 30.0 - v, 6.0)
+            * _soft_step(lateral - su)
+            * _soft_step(su - 40.0)
+        )
     s = heart_scale
-    heart = np.maximum.reduce([
-        xr.ellipse(26.0 * s, 258.0, 60.0 * s, 50.0, 22.0),  # ventricles
-        xr.ellipse(-26.0 - 30.0 * (s - 1.0), 244.0, 26.0 * s, 36.0),  # right atrium border
-        xr.ellipse(62.0 * s, 276.0, 40.0 * s, 34.0, 30.0),  # left ventricular apex
-        xr.ellipse(34.0, 206.0, 16.0, 18.0),  # pulmonary trunk / left atrial appendage
-    ])
+    heart = np.maximum.reduce(
+        [
+            xr.ellipse(26.0 * s, 258.0, 60.0 * s, 50.0, 22.0),  # ventricles
+            xr.ellipse(-26.0 - 30.0 * (s - 1.0), 244.0, 26.0 * s, 36.0),  # right atrium border
+            xr.ellipse(62.0 * s, 276.0, 40.0 * s, 34.0, 30.0),  # left ventricular apex
+            xr.ellipse(34.0, 206.0, 16.0, 18.0),  # pulmonary trunk / left atrial appendage
+        ]
+    )
     knob = xr.ellipse(30.0, 168.0, 16.0, 16.0)
     hila = xr.ellipse(-44.0, 205.0, 16.0, 24.0) + xr.ellipse(46.0, 198.0, 16.0, 24.0)
     lung *= (1.0 - 0.82 * heart) * (1.0 - 0.7 * knob) * (1.0 - 0.2 * hila)
@@ -1441,11 +1712,13 @@ def _chest_pa(heart_scale: float = 1.0) -> _Radiograph:
     xr.lung = np.clip(lung / 60.0, 0.0, 1.0)
     _add_lung_texture(xr, lung, 11, 0.035)
 
-    airway = np.maximum.reduce([
-        xr.capsule((0.0, -10.0), (2.0, 178.0), 8.5),
-        xr.capsule((2.0, 178.0), (-30.0, 210.0), 6.0),
-        xr.capsule((2.0, 178.0), (32.0, 204.0), 5.5),
-    ])
+    airway = np.maximum.reduce(
+        [
+            xr.capsule((0.0, -10.0), (2.0, 178.0), 8.5),
+            xr.capsule((2.0, 178.0), (-30.0, 210.0), 6.0),
+            xr.capsule((2.0, 178.0), (32.0, 204.0), 5.5),
+        ]
+    )
     xr.soft -= _MU_SOFT * 0.9 * 16.0 * airway
     xr.soft -= _MU_SOFT * 0.9 * 30.0 * xr.ellipse(70.0, 316.0, 26.0, 11.0)  # gastric bubble
 
@@ -1475,11 +1748,24 @@ def _chest_pa(heart_scale: float = 1.0) -> _Radiograph:
                 xr.add_tube(xr.bone, np.column_stack([side * ua, va]), 5.5, 0.9, _MU_BONE * 0.5)
         us = np.linspace(14.0, 150.0, 30)  # clavicle: gentle S from sternum to acromion
         t = (us - 14.0) / 136.0
-        xr.add_tube(xr.bone, np.column_stack([side * us, 84.0 - 30.0 * t + 9.0 * np.sin(2 * np.pi * t)]),
-                    7.5, 2.2, _MU_BONE * 1.1)
+        xr.add_tube(
+            xr.bone,
+            np.column_stack([side * us, 84.0 - 30.0 * t + 9.0 * np.sin(2 * np.pi * t)]),
+            7.5,
+            2.2,
+            _MU_BONE * 1.1,
+        )
         vs = np.linspace(72.0, 215.0, 16)  # medial border of the scapula
-        xr.add_tube(xr.bone, np.column_stack([side * (118.0 + 0.1 * (vs - 72.0)), vs]), 2.5, 1.2, _MU_BONE * 0.6)
-        xr.add_tube(xr.bone, [(side * 184.0, 96.0)], 27.0, 2.5, _MU_BONE * 0.8, 0.45)  # humeral head
+        xr.add_tube(
+            xr.bone,
+            np.column_stack([side * (118.0 + 0.1 * (vs - 72.0)), vs]),
+            2.5,
+            1.2,
+            _MU_BONE * 0.6,
+        )
+        xr.add_tube(
+            xr.bone, [(side * 184.0, 96.0)], 27.0, 2.5, _MU_BONE * 0.8, 0.45
+        )  # humeral head
     rng = np.random.default_rng(4)
     fan = (-1.35, -0.95, -0.55, -0.15, 0.25, 0.65, 1.05, 1.4)
     xr.add_vessel_tree((-44.0, 205.0), [math.pi - a for a in fan], rng)
@@ -1503,20 +1789,33 @@ def _chest_lateral() -> _Radiograph:
         posterior = 90.0 - 0.02 * np.abs(v - 220.0)
         apex = 40.0 + 0.01 * (u - 10.0) ** 2
         # Domes peak in the anterior third and sweep down into the deep posterior sulcus.
-        dome = 258.0 + dome_shift + np.where(
-            u > -45.0, 88.0 * ((u + 45.0) / 135.0) ** 2, 14.0 * ((u + 45.0) / 55.0) ** 2
+        dome = (
+            258.0
+            + dome_shift
+            + np.where(u > -45.0, 88.0 * ((u + 45.0) / 135.0) ** 2, 14.0 * ((u + 45.0) / 55.0) ** 2)
         )
-        inside = _soft_step(v - apex) * _soft_step(u - anterior) * _soft_step(posterior - u) * _soft_step(dome - v, 1.0)
-        vertical = np.sqrt(np.clip((v - apex) / 80.0, 0.0, 1.0)) * (0.5 + 0.5 * np.clip((dome - v) / 50.0, 0.0, 1.0))
+        inside = (
+            _soft_step(v - apex)
+            * _soft_step(u - anterior)
+            * _soft_step(posterior - u)
+            * _soft_step(dome - v, 1.0)
+        )
+        vertical = np.sqrt(np.clip((v - apex) / 80.0, 0.0, 1.0)) * (
+            0.5 + 0.5 * np.clip((dome - v) / 50.0, 0.0, 1.0)
+        )
         across = np.sqrt(np.clip(1.0 - ((u + 5.0) / 110.0) ** 2, 0.15, 1.0))
         lung += inside * 105.0 * vertical * across
-    heart = np.maximum(xr.ellipse(-42.0, 264.0, 56.0, 62.0, -15.0), xr.ellipse(-8.0, 236.0, 30.0, 30.0))
-    aorta = np.maximum.reduce([
-        xr.capsule((-38.0, 205.0), (-24.0, 158.0), 12.0),
-        xr.capsule((-24.0, 158.0), (8.0, 146.0), 11.0),
-        xr.capsule((8.0, 146.0), (30.0, 176.0), 10.5),
-        xr.capsule((30.0, 176.0), (32.0, 300.0), 10.0),
-    ])
+    heart = np.maximum(
+        xr.ellipse(-42.0, 264.0, 56.0, 62.0, -15.0), xr.ellipse(-8.0, 236.0, 30.0, 30.0)
+    )
+    aorta = np.maximum.reduce(
+        [
+            xr.capsule((-38.0, 205.0), (-24.0, 158.0), 12.0),
+            xr.capsule((-24.0, 158.0), (8.0, 146.0), 11.0),
+            xr.capsule((8.0, 146.0), (30.0, 176.0), 10.5),
+            xr.capsule((30.0, 176.0), (32.0, 300.0), 10.0),
+        ]
+    )
     hilum = xr.ellipse(4.0, 200.0, 20.0, 24.0)
     lung *= (1.0 - 0.78 * heart) * (1.0 - 0.15 * aorta) * (1.0 - 0.25 * hilum)
     xr.soft -= _MU_SOFT * 0.82 * lung
@@ -1596,12 +1895,24 @@ def _dx_dataset(series: _Series, instance: int, pixels: np.ndarray, view: str) -
 
 
 def _write_chest_radiographs(
-    out_dir: pathlib.Path, study: _Study, views: Sequence[str], transfer_syntax_uid: str,
-    progress: Progress | None, heart_scale: float = 1.0,
+    out_dir: pathlib.Path,
+    study: _Study,
+    views: Sequence[str],
+    transfer_syntax_uid: str,
+    progress: Progress | None,
+    heart_scale: float = 1.0,
 ) -> list[pathlib.Path]:
     """Write a chest radiograph series with one instance per view."""
-    series = _Series(study, 1, "DX", "CHEST " + "/".join(views), DigitalXRayImageStorageForPresentation,
-                     "DemoMed", "SynthDR 43", study.time)
+    series = _Series(
+        study,
+        1,
+        "DX",
+        "CHEST " + "/".join(views),
+        DigitalXRayImageStorageForPresentation,
+        "DemoMed",
+        "SynthDR 43",
+        study.time,
+    )
     paths = []
     for instance, view in enumerate(views, start=1):
         xr = _chest_pa(heart_scale) if view == "PA" else _chest_lateral()
@@ -1645,17 +1956,29 @@ def _us_tissue(x: FloatArray, y: FloatArray, depth: FloatArray) -> FloatArray:
     """Echogenicity of a liver scan (tissue mm: x lateral, y below the skin; polar grid)."""
     echo = np.full(np.broadcast_shapes(x.shape, y.shape), 0.8, np.float32)
     echo = np.where(depth < 1.5, 1.6, echo)  # skin
-    echo = np.where((depth >= 1.5) & (depth < 12.0), 0.35 + 0.5 * (np.sin(depth * 1.3 + np.sin(x * 0.08) * 3.0) > 0.95), echo)
-    echo = np.where((depth >= 12.0) & (depth < 24.0), 0.55 + 0.22 * np.sin(depth * 3.0 + x * 0.05), echo)
+    echo = np.where(
+        (depth >= 1.5) & (depth < 12.0),
+        0.35 + 0.5 * (np.sin(depth * 1.3 + np.sin(x * 0.08) * 3.0) > 0.95),
+        echo,
+    )
+    echo = np.where(
+        (depth >= 12.0) & (depth < 24.0), 0.55 + 0.22 * np.sin(depth * 3.0 + x * 0.05), echo
+    )
     echo = np.where((depth >= 24.0) & (depth < 25.6), 1.8, echo)  # liver capsule
     diaphragm = 140.0 - 0.004 * x * x
     echo = np.where(np.abs(y - diaphragm) < 1.6, 2.3, echo)
     echo = np.where(y > diaphragm + 1.6, 0.55, echo)  # mirror-image artefact beyond it
     lumen = np.zeros(echo.shape, bool)
-    for (p0, p1, radius), wall in ((_PORTAL_VEIN, True), (_PORTAL_BRANCH, True), (_HEPATIC_VEIN, False)):
+    for (p0, p1, radius), wall in (
+        (_PORTAL_VEIN, True),
+        (_PORTAL_BRANCH, True),
+        (_HEPATIC_VEIN, False),
+    ):
         distance, along = _segment_distance(x, y, p0, p1)
         # Veins taper toward the periphery (their end point).
-        local = radius * (1.0 - 0.4 * np.clip(along / math.hypot(p1[0] - p0[0], p1[1] - p0[1]), 0.0, 1.0))
+        local = radius * (
+            1.0 - 0.4 * np.clip(along / math.hypot(p1[0] - p0[0], p1[1] - p0[1]), 0.0, 1.0)
+        )
         if wall:  # portal veins have echogenic walls, hepatic veins do not
             echo = np.where(np.abs(distance - local - 0.9) < 0.9, 1.9, echo)
         lumen |= distance < local
@@ -1666,7 +1989,9 @@ def _us_tissue(x: FloatArray, y: FloatArray, depth: FloatArray) -> FloatArray:
     return echo * (1.0 - 0.002 * depth)  # imperfect depth gain compensation
 
 
-def _us_portal_flow(x: FloatArray, y: FloatArray, beam_x: FloatArray, beam_y: FloatArray, frame: int) -> FloatArray:
+def _us_portal_flow(
+    x: FloatArray, y: FloatArray, beam_x: FloatArray, beam_y: FloatArray, frame: int
+) -> FloatArray:
     """Doppler velocity toward the probe (cm/s) in the portal vein; a bolus travels along it."""
     velocity = np.zeros(np.broadcast_shapes(x.shape, y.shape), np.float32)
     centre = 110.0 - 4.0 * (frame % 30)  # the bolus moves along the vein, frame by frame
@@ -1675,7 +2000,11 @@ def _us_portal_flow(x: FloatArray, y: FloatArray, beam_x: FloatArray, beam_y: Fl
         distance, along = _segment_distance(x, y, p0, p1)
         length = math.hypot(p1[0] - p0[0], p1[1] - p0[1])
         ux, uy = (p1[0] - p0[0]) / length, (p1[1] - p0[1]) / length
-        offset = 0.0 if p0 == _PORTAL_VEIN[0] else math.hypot(*np.subtract(_PORTAL_VEIN[1], _PORTAL_VEIN[0]))
+        offset = (
+            0.0
+            if p0 == _PORTAL_VEIN[0]
+            else math.hypot(*np.subtract(_PORTAL_VEIN[1], _PORTAL_VEIN[0]))
+        )
         bolus = 0.35 + 0.65 * np.exp(-(((along + offset - centre) / 16.0) ** 2))
         local = radius * (1.0 - 0.4 * np.clip(along / length, 0.0, 1.0))
         speed = 42.0 * np.clip(1.0 - (distance / local) ** 2, 0.0, 1.0) * bolus * pulse
@@ -1698,16 +2027,18 @@ def _us_overlay() -> tuple[np.ndarray, np.ndarray]:
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default(size=13)
     text_colour = (215, 215, 215)
-    for row, text in enumerate(("DEMO GENERAL HOSPITAL", "C5-1  Abdomen", "Liver  Color", "4.0 MHz  D 16 cm")):
+    for row, text in enumerate(
+        ("DEMO GENERAL HOSPITAL", "C5-1  Abdomen", "Liver  Color", "4.0 MHz  D 16 cm")
+    ):
         draw.text((8, 6 + 16 * row), text, fill=text_colour, font=font)
     for row, text in enumerate(("FR 20 Hz", "Gn 52", "CF 62%  PRF 1.5k", "MI 1.1  TIS 0.4")):
         draw.text((8, 400 + 16 * row), text, fill=text_colour, font=font)
     for cm in range(17):  # depth scale beside the sector, one tick per centimetre
-        row = _US_APEX[1] + _US_FOOTPRINT_PX + cm * 10.0 / _US_MM_PER_PX
+        tick = _US_APEX[1] + _US_FOOTPRINT_PX + cm * 10.0 / _US_MM_PER_PX
         size = 4 if cm % 5 == 0 else 2
-        draw.rectangle((582, row - size / 2, 582 + size, row + size / 2), fill=text_colour)
+        draw.rectangle((582, tick - size / 2, 582 + size, tick + size / 2), fill=text_colour)
         if cm % 5 == 0 and cm:
-            draw.text((592, row - 7), str(cm), fill=text_colour, font=font)
+            draw.text((592, tick - 7), str(cm), fill=text_colour, font=font)
     bar = _doppler_colour(np.linspace(20.0, -20.0, 100)).astype(np.uint8)
     bar[48:52] = 0  # no colour around zero velocity (wall filter)
     for i, colour in enumerate(bar):
@@ -1716,7 +2047,7 @@ def _us_overlay() -> tuple[np.ndarray, np.ndarray]:
     draw.text((606, 174), "-20", fill=text_colour, font=font)
     draw.text((598, 190), "cm/s", fill=text_colour, font=font)
     rgb = np.asarray(image, np.uint8)
-    return rgb, rgb.any(axis=-1)
+    return rgb, np.asarray(rgb.any(axis=-1), bool)
 
 
 def _render_us_cine(seed: str) -> np.ndarray:
@@ -1731,8 +2062,9 @@ def _render_us_cine(seed: str) -> np.ndarray:
             field = field + np.roll(field, shift, axis=0)
         for _ in range(2):
             field = field + np.roll(field, 1, axis=1) + np.roll(field, -1, axis=1)
-        amplitude = np.hypot(field[..., 0], field[..., 1])
-        return amplitude / amplitude.mean()
+        amplitude: FloatArray = np.hypot(field[..., 0], field[..., 1])
+        normalised: FloatArray = amplitude / amplitude.mean()
+        return normalised
 
     speckle, drift = speckle_field(), speckle_field()
     radius = (_US_FOOTPRINT_PX + np.arange(_US_DEPTH_PX, dtype=np.float32))[:, None]
@@ -1747,7 +2079,8 @@ def _render_us_cine(seed: str) -> np.ndarray:
     pix_r = np.hypot(rows, cols)
     pix_theta = np.arctan2(cols, rows)
     sector = (
-        (pix_r >= _US_FOOTPRINT_PX) & (pix_r < _US_FOOTPRINT_PX + _US_DEPTH_PX - 1)
+        (pix_r >= _US_FOOTPRINT_PX)
+        & (pix_r < _US_FOOTPRINT_PX + _US_DEPTH_PX - 1)
         & (np.abs(pix_theta) <= _US_HALF_ANGLE)
     )
     beam = (pix_theta + _US_HALF_ANGLE) / (2 * _US_HALF_ANGLE) * (_US_BEAMS - 1)
@@ -1764,16 +2097,20 @@ def _render_us_cine(seed: str) -> np.ndarray:
     in_depth = (pix_r > box_r[0]) & (pix_r < box_r[1])
     in_box = in_theta & in_depth & sector
     arcs = (np.minimum(np.abs(pix_r - box_r[0]), np.abs(pix_r - box_r[1])) < 0.7) & in_theta
-    edges = (np.minimum(np.abs(pix_theta - box_theta[0]), np.abs(pix_theta - box_theta[1])) * pix_r < 0.7) & in_depth
+    edges = (
+        np.minimum(np.abs(pix_theta - box_theta[0]), np.abs(pix_theta - box_theta[1])) * pix_r < 0.7
+    ) & in_depth
     outline = (arcs | edges) & sector
     overlay, overlay_mask = _us_overlay()
 
     frames = np.zeros((_US_FRAMES, _US_ROWS, _US_COLS, 3), np.uint8)
     for frame in range(_US_FRAMES):
         breath = 5.0 * math.sin(2 * math.pi * frame / _US_FRAMES)  # liver slides with respiration
-        shift = int(round(breath / _US_MM_PER_PX))
+        shift = round(breath / _US_MM_PER_PX)
         mix = 0.3 * math.sin(math.pi * frame / _US_FRAMES)  # slow speckle decorrelation
-        scatter = (1 - mix) * speckle[margin - shift : margin - shift + _US_DEPTH_PX] + mix * drift[margin:-margin]
+        scatter = (1 - mix) * speckle[margin - shift : margin - shift + _US_DEPTH_PX] + mix * drift[
+            margin:-margin
+        ]
         signal = _us_tissue(x_mm, y_mm - breath, depth_mm) * scatter
         grey = np.clip((20.0 * np.log10(signal + 1e-3) + 34.0) / 46.0, 0.0, 1.0) * 240.0
         grey = grey[r_idx, b0] * (1 - wb) + grey[r_idx, b0 + 1] * wb
@@ -1796,7 +2133,7 @@ def _us_regions() -> DicomSequence:
     outer = _US_FOOTPRINT_PX + _US_DEPTH_PX
     region.RegionLocationMinX0 = int(_US_APEX[0] - math.sin(_US_HALF_ANGLE) * outer)
     region.RegionLocationMinY0 = int(_US_APEX[1] + math.cos(_US_HALF_ANGLE) * _US_FOOTPRINT_PX)
-    region.RegionLocationMaxX1 = int(math.ceil(_US_APEX[0] + math.sin(_US_HALF_ANGLE) * outer))
+    region.RegionLocationMaxX1 = math.ceil(_US_APEX[0] + math.sin(_US_HALF_ANGLE) * outer)
     region.RegionLocationMaxY1 = int(_US_APEX[1] + outer)
     region.PhysicalUnitsXDirection = 3  # cm
     region.PhysicalUnitsYDirection = 3
@@ -1815,10 +2152,20 @@ def _jpeg_baseline_frames(frames: np.ndarray) -> list[bytes]:
     return encoded
 
 
-def _write_us_cine(out_dir: pathlib.Path, study: _Study, progress: Progress | None) -> list[pathlib.Path]:
+def _write_us_cine(
+    out_dir: pathlib.Path, study: _Study, progress: Progress | None
+) -> list[pathlib.Path]:
     """Write the colour Doppler liver cine as one JPEG Baseline multi-frame instance."""
-    series = _Series(study, 1, "US", "LIVER COLOR DOPPLER CINE", UltrasoundMultiFrameImageStorage,
-                     "DemoMed", "SynthUS 5", study.time)
+    series = _Series(
+        study,
+        1,
+        "US",
+        "LIVER COLOR DOPPLER CINE",
+        UltrasoundMultiFrameImageStorage,
+        "DemoMed",
+        "SynthUS 5",
+        study.time,
+    )
     frames = _render_us_cine(study.key)
     encoded = _jpeg_baseline_frames(frames)
     ds = _base_dataset(series, 1)
@@ -1880,12 +2227,18 @@ class _MRProtocol:
 
 _MR_SIZE = 256
 _MR_PROTOCOLS = (
-    _MRProtocol("AX T2 TSE", "axial", 24, -60.0, 6.0, 5.0, 230.0, _HEAD_T2, 4200.0, 98.0, 150.0, 15, "SK"),
-    _MRProtocol("SAG T1 SE", "sagittal", 20, -47.5, 5.0, 4.0, 240.0, _HEAD_T1, 520.0, 12.0, 90.0, 1, "SP"),
+    _MRProtocol(
+        "AX T2 TSE", "axial", 24, -60.0, 6.0, 5.0, 230.0, _HEAD_T2, 4200.0, 98.0, 150.0, 15, "SK"
+    ),
+    _MRProtocol(
+        "SAG T1 SE", "sagittal", 20, -47.5, 5.0, 4.0, 240.0, _HEAD_T1, 520.0, 12.0, 90.0, 1, "SP"
+    ),
 )
 
 
-def _mr_dataset(series: _Series, protocol: _MRProtocol, index: int, pixels: np.ndarray, position: float) -> Dataset:
+def _mr_dataset(
+    series: _Series, protocol: _MRProtocol, index: int, pixels: np.ndarray, position: float
+) -> Dataset:
     """Build one MR image of a 2-D spin-echo series with full geometry."""
     ds = _base_dataset(series, index + 1)
     spacing = protocol.fov / _MR_SIZE
@@ -1927,53 +2280,107 @@ def _mr_dataset(series: _Series, protocol: _MRProtocol, index: int, pixels: np.n
 
 
 def _write_mr_series(
-    out_dir: pathlib.Path, study: _Study, number: int, protocol: _MRProtocol,
-    transfer_syntax_uid: str, progress: Progress | None,
+    out_dir: pathlib.Path,
+    study: _Study,
+    number: int,
+    protocol: _MRProtocol,
+    transfer_syntax_uid: str,
+    progress: Progress | None,
 ) -> list[pathlib.Path]:
     """Render and write one MR brain series."""
-    series = _Series(study, number, "MR", protocol.description, MRImageStorage, "DemoMed", "SynthMR 1.5T", study.time)
+    series = _Series(
+        study,
+        number,
+        "MR",
+        protocol.description,
+        MRImageStorage,
+        "DemoMed",
+        "SynthMR 1.5T",
+        study.time,
+    )
     positions = [protocol.first + i * protocol.step for i in range(protocol.slices)]
-    images = _render_mr(protocol.plane, positions, _MR_SIZE, protocol.fov, protocol.table, f"{study.key}-{number}")
+    images = _render_mr(
+        protocol.plane, positions, _MR_SIZE, protocol.fov, protocol.table, f"{study.key}-{number}"
+    )
 
     def write(index: int) -> pathlib.Path:
         ds = _mr_dataset(series, protocol, index, images[index], positions[index])
-        return _write_part10(ds, out_dir / f"S{number:03d}" / f"IM{index + 1:04d}.dcm", transfer_syntax_uid)
+        return _write_part10(
+            ds, out_dir / f"S{number:03d}" / f"IM{index + 1:04d}.dcm", transfer_syntax_uid
+        )
 
     return _run_writes(write, len(positions), progress, transfer_syntax_uid)
 
 
 def _write_head_ct(
-    out_dir: pathlib.Path, study: _Study, slices: int, transfer_syntax_uid: str, progress: Progress | None
+    out_dir: pathlib.Path,
+    study: _Study,
+    slices: int,
+    transfer_syntax_uid: str,
+    progress: Progress | None,
 ) -> list[pathlib.Path]:
     """Render and write a non-contrast head CT series (3 mm axial)."""
     volume, spacing, z_positions = _render_head_ct(slices, study.key)
-    series = _Series(study, 2, "CT", "AXIAL 3MM BRAIN", CTImageStorage, "DemoMed", "SynthCT 128", study.time)
+    series = _Series(
+        study, 2, "CT", "AXIAL 3MM BRAIN", CTImageStorage, "DemoMed", "SynthCT 128", study.time
+    )
     return _write_ct_volume(
-        out_dir, series, volume, spacing, list(z_positions), 3.0, "H30s", _CT_HEAD_WINDOWS,
-        transfer_syntax_uid, progress,
+        out_dir,
+        series,
+        volume,
+        spacing,
+        list(z_positions),
+        3.0,
+        "H30s",
+        _CT_HEAD_WINDOWS,
+        transfer_syntax_uid,
+        progress,
     )
 
 
-def _write_body_ct_study(out_dir: pathlib.Path, study: _Study, progress: Progress | None) -> list[pathlib.Path]:
-    """Write the chest/abdomen CT: 2.5 mm soft-tissue series plus a 5 mm lung-kernel series in RLE."""
+def _write_body_ct_study(
+    out_dir: pathlib.Path, study: _Study, progress: Progress | None
+) -> list[pathlib.Path]:
+    """Write the body CT: a 2.5 mm soft-tissue series plus a 5 mm lung-kernel series (RLE)."""
     slices = 150
     volume, pixel_spacing, levels, spacing = _render_body_ct(slices, 512, study.key)
     z = [_z_for_level(level) for level in levels]
-    soft = _ct_body_series(study, 2, "AXIAL 2.5MM SOFT TISSUE", "STANDARD")
+    soft = _ct_body_series(study, 2, "AXIAL 2.5MM SOFT TISSUE")
     paths = _write_ct_volume(
-        out_dir / "S002", soft, volume, pixel_spacing, z, spacing, "STANDARD", _CT_BODY_WINDOWS,
-        ExplicitVRLittleEndian, progress,
+        out_dir / "S002",
+        soft,
+        volume,
+        pixel_spacing,
+        z,
+        spacing,
+        "STANDARD",
+        _CT_BODY_WINDOWS,
+        ExplicitVRLittleEndian,
+        progress,
     )
     # Thick slabs: average neighbouring slices, then sharpen like a lung reconstruction kernel.
-    pairs = volume[: slices // 2 * 2].reshape(slices // 2, 2, *volume.shape[1:]).astype(np.float32).mean(axis=1)
+    pairs = (
+        volume[: slices // 2 * 2]
+        .reshape(slices // 2, 2, *volume.shape[1:])
+        .astype(np.float32)
+        .mean(axis=1)
+    )
     sharp = np.stack([slab + 0.8 * (slab - _box3(slab)) for slab in pairs])
     thick = np.clip(np.rint(sharp), -1024, 3071).astype(np.int16)
     lung_windows = (_CT_BODY_WINDOWS[1], _CT_BODY_WINDOWS[0], _CT_BODY_WINDOWS[2])
-    lung = _ct_body_series(study, 3, "AXIAL 5MM LUNG", "LUNG")
+    lung = _ct_body_series(study, 3, "AXIAL 5MM LUNG", "094712")
     thick_z = [(z[2 * i] + z[2 * i + 1]) / 2.0 for i in range(len(thick))]
     paths += _write_ct_volume(
-        out_dir / "S003", lung, thick, pixel_spacing, thick_z, 2 * spacing, "LUNG", lung_windows,
-        RLELossless, progress,
+        out_dir / "S003",
+        lung,
+        thick,
+        pixel_spacing,
+        thick_z,
+        2 * spacing,
+        "LUNG",
+        lung_windows,
+        RLELossless,
+        progress,
     )
     return paths
 
@@ -1983,7 +2390,9 @@ def _write_body_ct_study(out_dir: pathlib.Path, study: _Study, progress: Progres
 # --------------------------------------------------------------------------------------
 
 
-def generate_demo_set(out_dir: pathlib.Path, progress: Callable[[int], None] | None = None) -> list[pathlib.Path]:
+def generate_demo_set(
+    out_dir: pathlib.Path, progress: Callable[[int], None] | None = None
+) -> list[pathlib.Path]:
     """Write the whole demo set into ``out_dir`` and return the file paths.
 
     Parameters
@@ -2001,30 +2410,48 @@ def generate_demo_set(out_dir: pathlib.Path, progress: Callable[[int], None] | N
     out_dir = pathlib.Path(out_dir)
     paths = _write_body_ct_study(out_dir / _CT_BODY_STUDY.key, _CT_BODY_STUDY, progress)
     paths += _write_chest_radiographs(
-        out_dir / _XR_CHEST_STUDY.key / "S001", _XR_CHEST_STUDY, ("PA", "LL"), JPEGLSLossless, progress
+        out_dir / _XR_CHEST_STUDY.key / "S001",
+        _XR_CHEST_STUDY,
+        ("PA", "LL"),
+        JPEGLSLossless,
+        progress,
     )
     paths += _write_chest_radiographs(
-        out_dir / _XR_CHEST_PA_STUDY.key / "S001", _XR_CHEST_PA_STUDY, ("PA",), JPEG2000Lossless, progress,
+        out_dir / _XR_CHEST_PA_STUDY.key / "S001",
+        _XR_CHEST_PA_STUDY,
+        ("PA",),
+        JPEG2000Lossless,
+        progress,
         heart_scale=1.3,  # this patient has an enlarged heart, so the two radiographs differ
     )
     for number, protocol in enumerate(_MR_PROTOCOLS, start=1):
-        paths += _write_mr_series(out_dir / _MR_BRAIN_STUDY.key, _MR_BRAIN_STUDY, number, protocol,
-                                  JPEG2000Lossless, progress)
+        paths += _write_mr_series(
+            out_dir / _MR_BRAIN_STUDY.key,
+            _MR_BRAIN_STUDY,
+            number,
+            protocol,
+            JPEG2000Lossless,
+            progress,
+        )
     paths += _write_us_cine(out_dir / _US_LIVER_STUDY.key / "S001", _US_LIVER_STUDY, progress)
-    paths += _write_head_ct(out_dir / _CT_HEAD_STUDY.key / "S002", _CT_HEAD_STUDY, 40, JPEGLosslessSV1, progress)
+    paths += _write_head_ct(
+        out_dir / _CT_HEAD_STUDY.key / "S002", _CT_HEAD_STUDY, 40, JPEGLosslessSV1, progress
+    )
     return paths
 
 
 def _candidate_sample_paths() -> Iterator[pathlib.Path]:
-    """Yield files shipped with pydicom and (if installed) the pydicom-data wheel."""
-    from pydicom.data import get_testdata_files
+    """Yield files shipped with pydicom and (if installed) the pydicom-data wheel.
 
-    yield from (pathlib.Path(name) for name in get_testdata_files())
+    The folders are listed directly: pydicom's ``get_testdata_files`` may try to download
+    missing files, and nothing here may reach beyond this machine.
+    """
+    yield from (pathlib.Path(pydicom.__file__).parent / "data" / "test_files").rglob("*")
     try:
         import data_store  # the pydicom-data wheel; pydicom also finds it via an entry point
     except ImportError:
         return
-    yield from pathlib.Path(data_store.__file__).parent.joinpath("data").glob("*")
+    yield from pathlib.Path(data_store.__file__).parent.rglob("*")
 
 
 def sample_files() -> list[pathlib.Path]:

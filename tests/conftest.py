@@ -252,19 +252,9 @@ def live_server(app: Flask) -> Iterator[LiveServer]:
 
 def sample_paths() -> list[Path]:
     """Part 10 sample files shipped inside the pydicom and pydicom-data wheels (offline)."""
-    import data_store
-    import pydicom
+    from portal.demo import sample_files
 
-    roots = [Path(pydicom.__file__).parent / "data" / "test_files",
-             Path(data_store.__file__).parent]
-    found = []
-    for root in roots:
-        for path in sorted(root.rglob("*")):
-            if path.is_file():
-                with path.open("rb") as fh:
-                    if fh.read(132)[128:132] == b"DICM":
-                        found.append(path)
-    return found
+    return sample_files()
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> bool:

@@ -30,7 +30,10 @@ from pydicom.uid import (
 from portal import demo
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-_REGENERATE = "import pathlib, sys; from portal.demo import generate_demo_set; generate_demo_set(pathlib.Path(sys.argv[1]))"
+_REGENERATE = (
+    "import pathlib, sys; from portal.demo import generate_demo_set; "
+    "generate_demo_set(pathlib.Path(sys.argv[1]))"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +46,18 @@ class GeneratedSet:
     datasets: dict[pathlib.Path, Dataset]
     second_root: pathlib.Path
 
-    def series(self, predicate: collections.abc.Callable[[Dataset], bool]) -> dict[str, list[Dataset]]:
-        """Datasets matching ``predicate``, grouped by SeriesInstanceUID and sorted by InstanceNumber."""
+    def series(
+        self, predicate: collections.abc.Callable[[Dataset], bool]
+    ) -> dict[str, list[Dataset]]:
+        """Datasets matching ``predicate`` grouped by series, each sorted by InstanceNumber."""
         grouped: dict[str, list[Dataset]] = collections.defaultdict(list)
         for ds in self.datasets.values():
             if predicate(ds):
                 grouped[ds.SeriesInstanceUID].append(ds)
-        return {uid: sorted(items, key=lambda d: int(d.InstanceNumber)) for uid, items in grouped.items()}
+        return {
+            uid: sorted(items, key=lambda d: int(d.InstanceNumber))
+            for uid, items in grouped.items()
+        }
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +68,10 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> GeneratedSet:
     # Running the second generation in parallel keeps the suite fast on two cores.
     child = subprocess.Popen(
         [sys.executable, "-c", _REGENERATE, str(second)],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     calls: list[int] = []
     try:
@@ -68,7 +79,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> GeneratedSet:
     finally:
         _out, err = child.communicate(timeout=600)
     assert child.returncode == 0, err
-    datasets = {path: pydicom.dcmread(path) for path in paths}
+    datasets: dict[pathlib.Path, Dataset] = {path: pydicom.dcmread(path) for path in paths}
     return GeneratedSet(first, paths, calls, datasets, second)
 
 
@@ -126,11 +137,17 @@ def test_large_axial_ct_series_has_real_geometry(generated: GeneratedSet) -> Non
         assert float(first.RescaleSlope) == 1.0
     z = [float(ds.ImagePositionPatient[2]) for ds in slices]
     steps = np.diff(z)
-    assert np.all(steps < 0) or np.all(steps > 0), "ImagePositionPatient z is not strictly monotonic"
+    assert np.all(steps < 0) or np.all(steps > 0), (
+        "ImagePositionPatient z is not strictly monotonic"
+    )
     assert np.allclose(np.abs(steps), float(first.SliceThickness), atol=1e-3)
-    assert all([float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0] for ds in slices)
+    assert all(
+        [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0] for ds in slices
+    )
     assert len({ds.FrameOfReferenceUID for ds in slices}) == 1
-    assert all(float(ds.SliceLocation) == pytest.approx(float(ds.ImagePositionPatient[2])) for ds in slices)
+    assert all(
+        float(ds.SliceLocation) == pytest.approx(float(ds.ImagePositionPatient[2])) for ds in slices
+    )
     assert len({tuple(float(v) for v in ds.PixelSpacing) for ds in slices}) == 1
     centres = [float(c) for c in first.WindowCenter]
     widths = [float(w) for w in first.WindowWidth]
@@ -143,7 +160,9 @@ def test_ct_pixels_look_like_a_chest(generated: GeneratedSet) -> None:
     series = generated.series(lambda d: d.SOPClassUID == CTImageStorage)
     slices = next(items for items in series.values() if len(items) >= 150)
     chest = slices[len(slices) // 3]
-    hu = chest.pixel_array.astype(np.float32) * float(chest.RescaleSlope) + float(chest.RescaleIntercept)
+    hu = chest.pixel_array.astype(np.float32) * float(chest.RescaleSlope) + float(
+        chest.RescaleIntercept
+    )
     total = hu.size
     assert (hu < -950).sum() > 0.2 * total, "expected air around the patient"
     assert (hu < -700).sum() - (hu < -950).sum() > 0.05 * total, "expected aerated lung"
@@ -167,14 +186,20 @@ def test_chest_radiograph_two_views(generated: GeneratedSet) -> None:
     # MONOCHROME1: the well-exposed lungs have higher values than the mediastinum and abdomen.
     right_lung = pa[int(rows * 0.35) : int(rows * 0.45), int(cols * 0.22) : int(cols * 0.32)].mean()
     left_lung = pa[int(rows * 0.35) : int(rows * 0.45), int(cols * 0.68) : int(cols * 0.78)].mean()
-    mediastinum = pa[int(rows * 0.35) : int(rows * 0.45), int(cols * 0.48) : int(cols * 0.52)].mean()
+    mediastinum = pa[
+        int(rows * 0.35) : int(rows * 0.45), int(cols * 0.48) : int(cols * 0.52)
+    ].mean()
     abdomen = pa[int(rows * 0.85) : int(rows * 0.92), int(cols * 0.3) : int(cols * 0.7)].mean()
     assert right_lung > mediastinum + 300 and left_lung > mediastinum + 300
     assert right_lung > abdomen + 300
 
 
 def test_colour_ultrasound_cine(generated: GeneratedSet) -> None:
-    cines = [ds for ds in generated.datasets.values() if ds.SOPClassUID == UltrasoundMultiFrameImageStorage]
+    cines = [
+        ds
+        for ds in generated.datasets.values()
+        if ds.SOPClassUID == UltrasoundMultiFrameImageStorage
+    ]
     assert cines
     ds = cines[0]
     assert int(ds.NumberOfFrames) >= 30
@@ -277,10 +302,12 @@ def test_demo_people() -> None:
 
 
 def test_write_ct_series_is_deterministic_and_configurable(tmp_path: pathlib.Path) -> None:
-    first = demo.write_ct_series(tmp_path / "a", slices=4, size=64, transfer_syntax_uid=JPEGLSLossless,
-                                 uid_seed="bench")
-    again = demo.write_ct_series(tmp_path / "b", slices=4, size=64, transfer_syntax_uid=JPEGLSLossless,
-                                 uid_seed="bench")
+    first = demo.write_ct_series(
+        tmp_path / "a", slices=4, size=64, transfer_syntax_uid=JPEGLSLossless, uid_seed="bench"
+    )
+    again = demo.write_ct_series(
+        tmp_path / "b", slices=4, size=64, transfer_syntax_uid=JPEGLSLossless, uid_seed="bench"
+    )
     other = demo.write_ct_series(tmp_path / "c", slices=4, size=64, uid_seed="other")
     assert len(first) == 4
     read = [pydicom.dcmread(p) for p in first]
@@ -293,11 +320,15 @@ def test_write_ct_series_is_deterministic_and_configurable(tmp_path: pathlib.Pat
 def test_jpeg_lossless_falls_back_without_dcmtk(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(demo.shutil, "which", lambda _name: None)
+    monkeypatch.setattr(shutil, "which", lambda _name: None)
     monkeypatch.setattr(demo, "_dcmcjpeg_warned", False)
     with caplog.at_level(logging.WARNING, logger="portal.demo"):
-        paths = demo.write_ct_series(tmp_path, slices=2, size=32, transfer_syntax_uid=JPEGLosslessSV1)
-    assert [pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in paths] == [ExplicitVRLittleEndian] * 2
+        paths = demo.write_ct_series(
+            tmp_path, slices=2, size=32, transfer_syntax_uid=JPEGLosslessSV1
+        )
+    assert [pydicom.dcmread(p).file_meta.TransferSyntaxUID for p in paths] == [
+        ExplicitVRLittleEndian
+    ] * 2
     assert "dcmcjpeg" in caplog.text
 
 
@@ -309,12 +340,16 @@ def test_jpeg_lossless_with_dcmtk(tmp_path: pathlib.Path) -> None:
         ds = pydicom.dcmread(compressed)
         assert ds.file_meta.TransferSyntaxUID == JPEGLosslessSV1
         assert ds.SOPInstanceUID == pydicom.dcmread(reference).SOPInstanceUID
-        assert np.array_equal(ds.pixel_array, pydicom.dcmread(reference).pixel_array)  # truly lossless
+        assert np.array_equal(
+            ds.pixel_array, pydicom.dcmread(reference).pixel_array
+        )  # truly lossless
 
 
 def test_unsupported_transfer_syntax_is_rejected(tmp_path: pathlib.Path) -> None:
     with pytest.raises(ValueError, match="transfer syntax"):
-        demo.write_ct_series(tmp_path, slices=1, size=32, transfer_syntax_uid="1.2.840.10008.1.2.4.50")
+        demo.write_ct_series(
+            tmp_path, slices=1, size=32, transfer_syntax_uid="1.2.840.10008.1.2.4.50"
+        )
 
 
 def test_sample_files() -> None:

@@ -84,9 +84,6 @@ class Archive:
                            DATA_SET_DOES_NOT_MATCH, 409, valid.sop_class_uid,
                            valid.sop_instance_uid)
         for _attempt in range(_ATTEMPTS):
-            existing = self._existing(valid)
-            if existing is not None:
-                return self._already(valid, existing, who, source_address)
             try:
                 key = self.store.write(valid.data, valid.sha256)
             except (OSError, StorageFull) as exc:
@@ -96,9 +93,10 @@ class Archive:
                                valid.sop_instance_uid) from exc
             try:
                 with self.database.write_transaction() as session:
-                    if session.scalars(select(StoredObject.id).where(
-                            StoredObject.sop_instance_uid == valid.sop_instance_uid)).first():
-                        raise _LostRace
+                    existing = session.scalars(select(StoredObject).where(
+                        StoredObject.sop_instance_uid == valid.sop_instance_uid)).first()
+                    if existing is not None:
+                        raise _AlreadyStored(existing.sha256)
                     add_instance(session, valid.dataset, sop_class_uid=valid.sop_class_uid,
                                  sop_instance_uid=valid.sop_instance_uid,
                                  study_uid=valid.study_instance_uid,
@@ -118,7 +116,11 @@ class Archive:
                                      "sop_instance_uid": valid.sop_instance_uid,
                                      "original_sha256": valid.original_sha256,
                                      "stored_sha256": valid.sha256})
-            except (_LostRace, IntegrityError):
+            except _AlreadyStored as exc:
+                if exc.sha256 != valid.sha256:
+                    self._forget(key, valid)
+                return self._already(valid, exc.sha256, who, source_address)
+            except IntegrityError:
                 continue  # another writer stored it (or its study) first: look again
             except IndexConflict as exc:
                 self._forget(key, valid)
@@ -147,14 +149,9 @@ class Archive:
             return None
         return Stored("already_stored", *row)
 
-    def _existing(self, valid: ValidInstance) -> StoredObject | None:
-        with self.database.new_session() as session:
-            return session.scalars(select(StoredObject).where(
-                StoredObject.sop_instance_uid == valid.sop_instance_uid)).first()
-
-    def _already(self, valid: ValidInstance, existing: StoredObject, who: str,
+    def _already(self, valid: ValidInstance, stored_sha256: str, who: str,
                  source_address: str) -> Stored:
-        if existing.sha256 != valid.sha256:
+        if stored_sha256 != valid.sha256:
             reason = "SOP Instance UID already stored with different content"
             self._alert(valid, reason, who, source_address)
             raise Rejected(reason, DUPLICATE_CONFLICT, 409, valid.sop_class_uid,
@@ -264,5 +261,7 @@ class Archive:
                 yield uid, "file missing"
 
 
-class _LostRace(Exception):
-    pass
+class _AlreadyStored(Exception):
+    def __init__(self, sha256: str) -> None:
+        super().__init__(sha256)
+        self.sha256 = sha256

@@ -44,11 +44,13 @@ class EmbeddedStore:
         self.root = root
         self.objects = root / "objects"
         self.tmp = root / "tmp"
+        self._ready = False
 
     def ensure(self) -> None:
         """Create the folders (private to the service user)."""
         for folder in (self.root, self.objects, self.tmp):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._ready = True
 
     @staticmethod
     def key_for(sha256: str) -> str:
@@ -70,7 +72,8 @@ class EmbeddedStore:
         final = self.objects / key
         if final.is_file() and final.stat().st_size == len(data):
             return key
-        self.ensure()
+        if not self._ready:
+            self.ensure()
         temp = self.tmp / f"{uuid.uuid4().hex}.part"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

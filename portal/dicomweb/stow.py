@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from flask import Response, abort, request, url_for
@@ -11,11 +12,12 @@ from werkzeug.http import parse_options_header
 from portal.access import policy
 from portal.access.principal import Principal
 from portal.archive import current_archive
-from portal.archive.ingest import ArchiveUnavailable, Stored
+from portal.archive.ingest import Stored
 from portal.archive.validate import CANNOT_UNDERSTAND, Rejected
-from portal.dicomweb.multipart import MultipartError, split_parts
+from portal.dicomweb.multipart import MultipartError, Part, split_parts
 
 _UI, _US, _UR, _SQ = "UI", "US", "UR", "SQ"
+_PARALLEL_PARTS = 4
 
 
 def _value(vr: str, value: Any) -> dict[str, Any]:
@@ -48,24 +50,30 @@ def store_request(principal: Principal, study_uid: str | None) -> Response:
     if not parts:
         abort(400, "the request holds no parts")
     archive = current_archive()
-    stored: list[Stored] = []
-    failed: list[tuple[Rejected, int]] = []
-    already = 0
-    for number, part in enumerate(parts, start=1):
+    who, address = principal.audit_name, request.remote_addr or ""
+
+    def store(part: Part) -> Stored | Rejected:
         try:
             if part.content_type not in ("", "application/dicom"):
                 raise Rejected(f"part type {part.content_type[:64]} is not application/dicom",
                                CANNOT_UNDERSTAND)
-            result = archive.ingest(bytes(part.payload), who=principal.audit_name,
-                                    source_address=request.remote_addr or "",
-                                    expected_study_uid=study_uid)
+            result: Stored = archive.ingest(bytes(part.payload), who=who,
+                                            source_address=address,
+                                            expected_study_uid=study_uid)
+            return result
         except Rejected as exc:
-            failed.append((exc, number))
-            continue
-        except ArchiveUnavailable:
-            raise
-        stored.append(result)
-        already += result.outcome == "already_stored"
+            return exc
+
+    # A few parts at once: while one waits for its fsync, another is parsed. Each part is
+    # still acknowledged only after its own file and index row are durable.
+    if len(parts) == 1:
+        results = [store(parts[0])]
+    else:
+        with ThreadPoolExecutor(max_workers=_PARALLEL_PARTS) as pool:
+            results = list(pool.map(store, parts))
+    stored = [r for r in results if isinstance(r, Stored)]
+    failed = [(r, n) for n, r in enumerate(results, start=1) if isinstance(r, Rejected)]
+    already = sum(r.outcome == "already_stored" for r in stored)
     return _answer(stored, failed, already, study_uid)
 
 

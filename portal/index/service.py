@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import func, select, update
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from portal.index.models import Instance, Patient, Series, Study, StudyReferrer
@@ -138,13 +138,38 @@ def _get_series(session: Session, ds: Dataset, study: Study, series_uid: str) ->
     return series
 
 
+def _known_series(session: Session, ds: Dataset, study_uid: str,
+                  series_uid: str) -> tuple[int, int] | None:
+    """(series id, study id) when the series exists already, checking it fits (one query)."""
+    row = session.execute(
+        select(Series.id, Study.id, Study.study_instance_uid, Patient.patient_id,
+               Patient.issuer_of_patient_id)
+        .join(Study, Series.study_fk == Study.id).join(Patient, Study.patient_fk == Patient.id)
+        .where(Series.series_instance_uid == series_uid)).first()
+    if row is None:
+        return None
+    series_id, study_id, known_study_uid, patient_id, issuer = row
+    if known_study_uid != study_uid:
+        raise IndexConflict("series already belongs to a different study")
+    wanted_id = _text(ds, "PatientID", 64)
+    wanted_issuer = _text(ds, "IssuerOfPatientID", 64) if wanted_id else f"~{study_uid}"
+    if (patient_id, issuer) != (wanted_id, wanted_issuer):
+        raise IndexConflict("study already belongs to a different patient")
+    return series_id, study_id
+
+
 def add_instance(session: Session, ds: Dataset, *, sop_class_uid: str, sop_instance_uid: str,
-                 study_uid: str, series_uid: str, transfer_syntax_uid: str) -> Instance:
+                 study_uid: str, series_uid: str, transfer_syntax_uid: str) -> None:
     """Add one instance and the rows above it; the caller commits."""
-    study = _get_study(session, ds, study_uid)
-    series = _get_series(session, ds, study, series_uid)
-    instance = Instance(
-        sop_instance_uid=sop_instance_uid, series_fk=series.id, sop_class_uid=sop_class_uid,
+    known = _known_series(session, ds, study_uid, series_uid)
+    if known is None:
+        study = _get_study(session, ds, study_uid)
+        series = _get_series(session, ds, study, series_uid)
+        series_id, study_id = series.id, study.id
+    else:
+        series_id, study_id = known
+    session.execute(insert(Instance).values(
+        sop_instance_uid=sop_instance_uid, series_fk=series_id, sop_class_uid=sop_class_uid,
         transfer_syntax_uid=transfer_syntax_uid,
         instance_number=_int(ds, "InstanceNumber"),
         number_of_frames=_int(ds, "NumberOfFrames") or 1,
@@ -156,14 +181,11 @@ def add_instance(session: Session, ds: Dataset, *, sop_class_uid: str, sop_insta
         image_orientation_patient=_floats(ds, "ImageOrientationPatient"),
         pixel_spacing=_floats(ds, "PixelSpacing"),
         slice_thickness=(_floats(ds, "SliceThickness") or [None])[0],
-        header=None)
-    session.add(instance)
-    session.flush()
+        header=None))
     # Counters move with SQL increments so concurrent writers never lose one.
-    session.execute(update(Series).where(Series.id == series.id)
+    session.execute(update(Series).where(Series.id == series_id)
                     .values(number_of_instances=Series.number_of_instances + 1))
-    session.execute(update(Study).where(Study.id == study.id)
+    session.execute(update(Study).where(Study.id == study_id)
                     .values(number_of_instances=Study.number_of_instances + 1,
                             updated_at=func.now()))
-    return instance
 
