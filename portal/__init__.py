@@ -54,7 +54,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     from portal.api.routes import bp as api_bp
     from portal.archive.cli import archive_cli, dimse_cli
     from portal.auth.routes import bp as auth_bp
-    from portal.cli import db_cli, demo_command
+    from portal.cli import db_cli, demo_command, demo_idp_command
     from portal.dicomweb.routes import bp as dicomweb_bp
     from portal.studies.routes import bp as studies_bp
 
@@ -65,6 +65,6 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(dicomweb_bp)
     app.register_blueprint(studies_bp)
     for command in (archive_cli, audit_cli, clients_cli, db_cli, dimse_cli, demo_command,
-                    users_cli):
+                    demo_idp_command, users_cli):
         app.cli.add_command(command)
     return app

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import click
 from flask import current_app
 from flask.cli import with_appcontext
 
+from portal.db import db
 from portal.migrate import upgrade_database
 
 
@@ -51,5 +53,33 @@ def demo_command(samples: bool) -> None:
     paths = [target]
     if samples:
         paths.extend(demo.sample_files())
-    summary = import_paths(paths, who="cli:demo", strict=False)
-    click.echo(summary.describe())
+    # pydicom's samples reuse UIDs on purpose; their security alerts are expected here.
+    alerts = logging.getLogger("portal.access.audit")
+    level = alerts.level
+    alerts.setLevel(logging.ERROR)
+    try:
+        summary = import_paths(paths, who="cli:demo", strict=False)
+    finally:
+        alerts.setLevel(level)
+    click.echo(f"stored: {summary.counts['stored']}, already stored: "
+               f"{summary.counts['already_stored']}, refused: {len(summary.rejected)} "
+               "(some pydicom samples are deliberately broken or share UIDs)")
+    from portal.demo_people import demo_config, register_demo_people
+
+    if demo_config(Path(current_app.instance_path)):
+        click.echo("wrote instance/config.toml: sign-in through the demo provider")
+    with db.write_transaction() as session:
+        created = register_demo_people(session)
+    if created:
+        click.echo(f"registered {created} demo people (physicians, an office manager, "
+                   "a newcomer, a patient)")
+
+
+@click.command("demo-idp")
+@click.option("--port", default=5001, show_default=True)
+def demo_idp_command(port: int) -> None:
+    """Run the demo identity provider on localhost (it lets anyone sign in: demo only)."""
+    from portal.demo_people import run_identity_provider
+
+    click.echo(f"demo identity provider on http://localhost:{port} (Ctrl-C stops it)")
+    run_identity_provider(port)

@@ -139,70 +139,70 @@ class _Series:
 
 
 _CT_BODY_STUDY = _Study(
-    "ct",
-    DEMO_PATIENTS[0],
-    DEMO_PHYSICIANS[0],
-    "20241118",
-    "094210",
-    "DEMO24CT0117",
-    "4117",
-    "CT CHEST ABDOMEN PELVIS WITH IV CONTRAST",
-    "CHEST",
+    key="ct",
+    patient=DEMO_PATIENTS[0],
+    physician=DEMO_PHYSICIANS[0],
+    date="20241118",
+    time="094210",
+    accession="DEMO24CT0117",
+    study_id="4117",
+    description="CT CHEST ABDOMEN PELVIS WITH IV CONTRAST",
+    body_part="CHESTABDPELVIS",
 )
 _XR_CHEST_STUDY = _Study(
-    "xr-chest",
-    DEMO_PATIENTS[0],
-    DEMO_PHYSICIANS[0],
-    "20250304",
-    "081530",
-    "DEMO25DX0042",
-    "5042",
-    "XR CHEST 2 VIEWS PA AND LATERAL",
-    "CHEST",
+    key="xr-chest",
+    patient=DEMO_PATIENTS[0],
+    physician=DEMO_PHYSICIANS[0],
+    date="20250304",
+    time="081530",
+    accession="DEMO25DX0042",
+    study_id="5042",
+    description="XR CHEST 2 VIEWS PA AND LATERAL",
+    body_part="CHEST",
 )
 _MR_BRAIN_STUDY = _Study(
-    "mr-brain",
-    DEMO_PATIENTS[1],
-    DEMO_PHYSICIANS[1],
-    "20230621",
-    "141005",
-    "DEMO23MR0388",
-    "3388",
-    "MRI BRAIN WITHOUT CONTRAST",
-    "HEAD",
+    key="mr-brain",
+    patient=DEMO_PATIENTS[1],
+    physician=DEMO_PHYSICIANS[1],
+    date="20230621",
+    time="141005",
+    accession="DEMO23MR0388",
+    study_id="3388",
+    description="MRI BRAIN WITHOUT CONTRAST",
+    body_part="HEAD",
 )
 _US_LIVER_STUDY = _Study(
-    "us-liver",
-    DEMO_PATIENTS[2],
-    DEMO_PHYSICIANS[2],
-    "20250512",
-    "103344",
-    "DEMO25US0210",
-    "5210",
-    "US ABDOMEN LIMITED LIVER WITH DOPPLER",
-    "ABDOMEN",
+    key="us-liver",
+    patient=DEMO_PATIENTS[2],
+    physician=DEMO_PHYSICIANS[2],
+    date="20250512",
+    time="103344",
+    accession="DEMO25US0210",
+    study_id="5210",
+    description="US ABDOMEN LIMITED LIVER WITH DOPPLER",
+    body_part="ABDOMEN",
 )
 _CT_HEAD_STUDY = _Study(
-    "ct-head",
-    DEMO_PATIENTS[3],
-    DEMO_PHYSICIANS[3],
-    "20220930",
-    "223917",
-    "DEMO22CT0951",
-    "2951",
-    "CT HEAD WITHOUT CONTRAST",
-    "HEAD",
+    key="ct-head",
+    patient=DEMO_PATIENTS[3],
+    physician=DEMO_PHYSICIANS[3],
+    date="20220930",
+    time="223917",
+    accession="DEMO22CT0951",
+    study_id="2951",
+    description="CT HEAD WITHOUT CONTRAST",
+    body_part="HEAD",
 )
 _XR_CHEST_PA_STUDY = _Study(
-    "xr-chest-pa",
-    DEMO_PATIENTS[4],
-    DEMO_PHYSICIANS[1],
-    "20211207",
-    "160248",
-    "DEMO21DX0733",
-    "1733",
-    "XR CHEST 1 VIEW PA",
-    "CHEST",
+    key="xr-chest-pa",
+    patient=DEMO_PATIENTS[4],
+    physician=DEMO_PHYSICIANS[1],
+    date="20211207",
+    time="160248",
+    accession="DEMO21DX0733",
+    study_id="1733",
+    description="XR CHEST 1 VIEW PA",
+    body_part="CHEST",
 )
 
 _INSTITUTION = "Demo General Hospital"
@@ -469,7 +469,7 @@ def _resize(image: FloatArray, shape: tuple[int, int]) -> FloatArray:
 
 
 def _rng(*parts: object) -> np.random.Generator:
-    """A numpy generator seeded from text, so pixel data is reproducible too."""
+    """Return a numpy generator seeded from text, so pixel data is reproducible too."""
     seed = int.from_bytes(_uid(*parts).encode()[-16:], "little") % (2**63)
     return np.random.default_rng(seed)
 
@@ -674,7 +674,7 @@ def _paint_torso(sl: _AxialSlice, level: float, thickness: float, phantom: _Body
 
     _paint_lungs(sl, level, cavity, phantom, thickness)
     _paint_mediastinum(sl, level, vb_y, cavity)
-    _paint_abdomen(sl, level, vb_y, cavity, phantom, thickness)
+    _paint_abdomen(sl, level, vb_y, cavity, phantom)
     _paint_spine(sl, level, vb_y, vb_r, abdomen)
     _paint_ribs(sl, level, rho, cav_cy, cav_rx, cav_ry)
     if 25.0 < level < 200.0:  # sternum: manubrium on top, body below
@@ -716,18 +716,16 @@ def _paint_lungs(
     )
     density = np.broadcast_to(density, sl.hu.shape)
     for cx in (-66.0, 70.0):  # right lung (patient right is -x), left lung
-        posterior_bias = 14.0 * (
-            1.0 - shrink
-        )  # lung bases survive longest in the posterior recesses
+        # Lung bases survive longest in the posterior recesses.
+        posterior_bias = 14.0 * (1.0 - shrink)
         shape = sl.ellipse_mask(
             cx, 8.0 + posterior_bias, 64.0 * g + 6.0 * (1 - grow), 86.0 * g, power=2.2
         )
         sl.paint(shape, density, within=cavity)
     # Vessels: discs where the tree crosses this slice, painted only inside aerated lung.
     vessels = phantom.lung_vessels
-    beyond = np.maximum(
-        np.abs(vessels[:, 2] - level) - thickness / 2.0, 0.0
-    )  # distance outside the slab
+    # Distance of each sample point outside the slab, then its cross-section radius in it.
+    beyond = np.maximum(np.abs(vessels[:, 2] - level) - thickness / 2.0, 0.0)
     in_plane = np.sqrt(np.maximum(vessels[:, 3] ** 2 - beyond**2, 0.0))
     hits = vessels[in_plane >= 0.25]
     in_plane = in_plane[in_plane >= 0.25]
@@ -827,7 +825,6 @@ def _paint_abdomen(
     vb_y: float,
     cavity: np.ndarray,
     phantom: _BodyPhantom,
-    thickness: float,
 ) -> None:
     """Paint liver, spleen, stomach, pancreas, kidneys, bowel, muscles and pelvis."""
     if level < 170.0:
@@ -870,18 +867,16 @@ def _paint_abdomen(
     pancreas = _profile(level, 246.0, 278.0)
     if pancreas > 0.0:
         sl.paint(sl.capsule_mask((-14.0, vb_y - 44.0), (58.0, vb_y - 30.0), 11.0 * pancreas), 98.0)
-        sl.paint(
-            sl.capsule_mask((-16.0, vb_y - 36.0), (40.0, vb_y - 34.0), 4.5 * pancreas), 170.0
-        )  # splenic vein
+        splenic_vein = sl.capsule_mask((-16.0, vb_y - 36.0), (40.0, vb_y - 34.0), 4.5 * pancreas)
+        sl.paint(splenic_vein, 170.0)
 
     for side, top, bottom in ((1.0, 232.0, 318.0), (-1.0, 244.0, 330.0)):
         k = _profile(level, top, bottom)
         if k <= 0.0:
             continue
         cx, cy, angle = side * 70.0, vb_y + 10.0, side * 28.0
-        sl.paint(
-            sl.ellipse_mask(cx, cy, 30.0 * k + 6.0, 40.0 * k + 6.0, angle), -95.0
-        )  # perirenal fat
+        perirenal_fat = sl.ellipse_mask(cx, cy, 30.0 * k + 6.0, 40.0 * k + 6.0, angle)
+        sl.paint(perirenal_fat, -95.0)
         sl.paint(sl.ellipse_mask(cx, cy, 27.0 * k, 37.0 * k, angle), 190.0)
         for pyramid in (-0.55, 0.0, 0.55):  # medullary pyramids enhance later than the cortex
             sl.paint(
@@ -906,13 +901,13 @@ def _paint_abdomen(
                 ),
                 52.0,
             )
-        _paint_colon_and_bowel(sl, level, cavity, phantom, thickness)
+        _paint_colon_and_bowel(sl, level, cavity, phantom)
     if level > 318.0:
         _paint_pelvis(sl, level, vb_y)
 
 
 def _paint_colon_and_bowel(
-    sl: _AxialSlice, level: float, cavity: np.ndarray, phantom: _BodyPhantom, thickness: float
+    sl: _AxialSlice, level: float, cavity: np.ndarray, phantom: _BodyPhantom
 ) -> None:
     """Paint colon (gas and stool) and small-bowel loops."""
     if 262.0 < level < 286.0:  # transverse colon sagging forward across the abdomen
@@ -1004,9 +999,8 @@ def _paint_ribs(
     if rows.size == 0:
         return
     r = rho[rows, cols]
-    phi = np.abs(
-        np.arctan2(sl.coords[cols], sl.coords[rows] - cy)
-    )  # 0 at the spine, pi at the sternum
+    # Angle around the body: 0 at the spine, pi at the sternum.
+    phi = np.abs(np.arctan2(sl.coords[cols], sl.coords[rows] - cy))
     # Ribs slope steeply downward from the spine, so each crosses a slice as a short arc.
     phase = (level + 8.0 - 150.0 * (phi / math.pi) ** 1.5) / 23.0
     index = np.floor(phase + 0.5)
@@ -1398,9 +1392,8 @@ def _head_labels(x: Coordinate, y: Coordinate, z: Coordinate) -> np.ndarray:
     # Posterior fossa: cerebellum with folia, brainstem with its cisterns.
     cerebellum = _inside(px, py, pz, (0, 44, -40), (50, 30, 20)) & brain
     cx, cy, cz = x[cerebellum], y[cerebellum], z[cerebellum]
-    arcs = np.sqrt(
-        (cx / 50.0) ** 2 + ((cy - 18.0) / 56.0) ** 2
-    )  # folia curve around the fourth ventricle
+    # Folia curve around the fourth ventricle.
+    arcs = np.sqrt((cx / 50.0) ** 2 + ((cy - 18.0) / 56.0) ** 2)
     core = ((cx / 22.0) ** 2 + ((cy - 40.0) / 14.0) ** 2 + ((cz + 42.0) / 9.0) ** 2) < 1.0
     folia = np.sin(arcs * 75.0 + cz * 0.9 + np.sin(cx * 0.15) * 2.0) > 0.7
     labels[cerebellum] = np.where(core | folia, _WHITE, _GREY)
@@ -1763,9 +1756,8 @@ def _chest_pa(heart_scale: float = 1.0) -> _Radiograph:
             1.2,
             _MU_BONE * 0.6,
         )
-        xr.add_tube(
-            xr.bone, [(side * 184.0, 96.0)], 27.0, 2.5, _MU_BONE * 0.8, 0.45
-        )  # humeral head
+        humeral_head = [(side * 184.0, 96.0)]
+        xr.add_tube(xr.bone, humeral_head, 27.0, 2.5, _MU_BONE * 0.8, 0.45)
     rng = np.random.default_rng(4)
     fan = (-1.35, -0.95, -0.55, -0.15, 0.25, 0.65, 1.05, 1.4)
     xr.add_vessel_tree((-44.0, 205.0), [math.pi - a for a in fan], rng)

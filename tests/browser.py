@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
-from playwright.sync_api import Browser, Playwright, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Playwright, Route, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -23,6 +24,20 @@ def chromium() -> Iterator[tuple[Playwright, Browser]]:
             yield playwright, browser
         finally:
             browser.close()
+
+
+def loopback_only(context: BrowserContext) -> None:
+    """Abort every request that would leave this machine (e.g. a CDN stylesheet)."""
+
+    def handle(route: Route) -> None:
+        host = urlsplit(route.request.url).hostname or ""
+        if route.request.url.startswith(("data:", "blob:")) or host in ("127.0.0.1",
+                                                                         "localhost", "::1"):
+            route.continue_()
+        else:
+            route.abort()
+
+    context.route("**/*", handle)
 
 
 def phone(playwright: Playwright, name: str) -> dict[str, Any]:

@@ -337,12 +337,10 @@ def test_jpeg_lossless_with_dcmtk(tmp_path: pathlib.Path) -> None:
     paths = demo.write_ct_series(tmp_path, slices=2, size=64, transfer_syntax_uid=JPEGLosslessSV1)
     plain = demo.write_ct_series(tmp_path / "plain", slices=2, size=64)
     for compressed, reference in zip(paths, plain, strict=True):
-        ds = pydicom.dcmread(compressed)
+        ds, original = pydicom.dcmread(compressed), pydicom.dcmread(reference)
         assert ds.file_meta.TransferSyntaxUID == JPEGLosslessSV1
-        assert ds.SOPInstanceUID == pydicom.dcmread(reference).SOPInstanceUID
-        assert np.array_equal(
-            ds.pixel_array, pydicom.dcmread(reference).pixel_array
-        )  # truly lossless
+        assert ds.SOPInstanceUID == original.SOPInstanceUID
+        assert np.array_equal(ds.pixel_array, original.pixel_array)  # truly lossless
 
 
 def test_unsupported_transfer_syntax_is_rejected(tmp_path: pathlib.Path) -> None:

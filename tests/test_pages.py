@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser import PHONES, chromium, phone
+from tests.browser import PHONES, chromium, loopback_only, phone
 from tests.conftest import LiveServer
 
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "instance" / "screenshots"
@@ -17,6 +17,7 @@ SCREENSHOTS = Path(__file__).resolve().parent.parent / "instance" / "screenshots
 def test_pages_fit_a_phone(live_server: LiveServer, device: str, path: str) -> None:
     with chromium() as (playwright, browser):
         context = browser.new_context(**phone(playwright, device))
+        loopback_only(context)
         page = context.new_page()
         problems: list[str] = []
         page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)

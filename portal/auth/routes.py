@@ -41,7 +41,8 @@ def _address() -> str:
 def login() -> Response:
     """Send the browser to the identity provider (PKCE S256, state, nonce)."""
     force = request.args.get("reauth") == "1"
-    session["next"] = safe_next(request.args.get("next"))
+    wanted = request.args.get("next")
+    session["next"] = safe_next(wanted) if wanted else url_for("studies.study_list")
     try:
         response: Response = oidc.authorization_redirect(
             url_for("auth.callback", _external=True), secrets.token_urlsafe(24),
