@@ -16,6 +16,14 @@ def csp_nonce() -> str:
     return nonce
 
 
+def dicom_date(value: str | None) -> str:
+    """A DICOM DA value (YYYYMMDD) as YYYY-MM-DD for people; anything else unchanged."""
+    text = (value or "").strip()
+    if len(text) == 8 and text.isdigit():
+        return f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    return text
+
+
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -57,6 +65,7 @@ def init_app(app: Flask) -> None:
     """Register the header and CSRF hooks; expose ``csp_nonce`` and ``csrf_token``."""
     app.jinja_env.globals["csp_nonce"] = csp_nonce
     app.jinja_env.globals["csrf_token"] = csrf_token
+    app.jinja_env.filters["dicom_date"] = dicom_date
     app.before_request(check_csrf)
 
     @app.after_request
