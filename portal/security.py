@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, g, request, session
 
@@ -61,12 +62,22 @@ def check_csrf() -> None:
         abort(403, "the form has expired or did not come from this portal; please try again")
 
 
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 def init_app(app: Flask) -> None:
     """Register the header and CSRF hooks; expose ``csp_nonce`` and ``csrf_token``."""
     app.jinja_env.globals["csp_nonce"] = csp_nonce
     app.jinja_env.globals["csrf_token"] = csrf_token
     app.jinja_env.filters["dicom_date"] = dicom_date
     app.before_request(check_csrf)
+
+    issuer = app.config["PORTAL"]["OIDC_ISSUER"]
+    # Sign-out is a form POST that ends in a redirect to the provider's logout page;
+    # form-action also governs such redirects, so the provider's origin is allowed there.
+    form_targets = "'self'" + (f" {_origin(issuer)}" if issuer else "")
 
     @app.after_request
     def _headers(response: Response) -> Response:
@@ -75,7 +86,7 @@ def init_app(app: Flask) -> None:
         headers["Content-Security-Policy"] = (
             f"default-src 'self'; script-src 'self' 'nonce-{nonce}'; "
             f"style-src 'self' 'nonce-{nonce}'; img-src 'self' data: blob:; "
-            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
+            f"connect-src 'self'; object-src 'none'; base-uri 'none'; form-action {form_targets}; "
             "frame-ancestors 'none'")
         headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
         headers["X-Content-Type-Options"] = "nosniff"
