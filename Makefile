@@ -22,6 +22,7 @@ system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" \
 	    || missing="$$missing $$p"; done; \
+	command -v node >/dev/null || missing="$$missing nodejs npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "Installing system packages:$$missing"; \
 	  $(SUDO) apt-get update -qq && \
@@ -38,7 +39,10 @@ demo: install
 serve: install
 	$(BIN)/gunicorn -c python:portal.gunicorn_config app:app
 
-test: system-deps install
+tests/support/oidc-provider/node_modules/.package-lock.json: tests/support/oidc-provider/package-lock.json
+	cd tests/support/oidc-provider && npm ci --no-audit --no-fund --loglevel=error
+
+test: system-deps install tests/support/oidc-provider/node_modules/.package-lock.json
 	$(BIN)/python -m pytest
 
 lint: install

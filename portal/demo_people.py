@@ -43,7 +43,7 @@ def demo_people() -> list[DemoPerson]:
     """Physicians from the demo studies, an office manager, a newcomer and a patient."""
     people = []
     for physician in DEMO_PHYSICIANS:
-        family, given = (physician.name.split("^") + [""])[:2]
+        family, given = [*physician.name.split("^"), ""][:2]
         people.append(DemoPerson(subject=physician.email.split("@")[0],
                                  name=f"Dr {given} {family}", email=physician.email,
                                  roles=("physician",), npi=physician.npi,

@@ -40,8 +40,10 @@ def test_sign_in_see_studies_and_sign_out(oidc_app: Flask, idp: IdentityProvider
         page.screenshot(path=str(SCREENSHOTS / f"console-{device.replace(' ', '_')}.png"),
                         full_page=True)
         page.get_by_role("button", name="Sign out").click()
-        page.wait_for_url(f"{idp.issuer}/**", wait_until="commit")  # RP-initiated logout at the provider
+        # RP-initiated logout continues at the provider ...
+        page.wait_for_url(f"{idp.issuer}/**", wait_until="commit")
         page.goto(server.url + "/studies")
-        page.wait_for_url(f"{idp.issuer}/**", wait_until="commit")  # signed out here: sent to sign in again
+        # ... and here the session is gone: the portal sends the browser to sign in again.
+        page.wait_for_url(f"{idp.issuer}/**", wait_until="commit")
         assert errors == []
         context.close()

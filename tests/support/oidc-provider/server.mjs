@@ -1,0 +1,73 @@
+// A real OpenID provider (npm oidc-provider) with a username/password login form, for one
+// complete browser sign-in test. Configured by environment; binds 127.0.0.1 only.
+import { generateKeyPair, exportJWK } from 'jose';
+import Provider from 'oidc-provider';
+
+const port = Number(process.env.PORT);
+const issuer = `http://localhost:${port}`;
+const users = JSON.parse(process.env.USERS); // {sub: {password, email, name}}
+const { privateKey } = await generateKeyPair('RS256', { extractable: true });
+const jwk = { ...(await exportJWK(privateKey)), kid: 'test-key', alg: 'RS256', use: 'sig' };
+
+const provider = new Provider(issuer, {
+  clients: [{
+    client_id: process.env.CLIENT_ID,
+    client_secret: process.env.CLIENT_SECRET,
+    redirect_uris: [process.env.REDIRECT_URI],
+    post_logout_redirect_uris: [process.env.POST_LOGOUT_URI],
+    response_types: ['code'],
+    grant_types: ['authorization_code'],
+  }],
+  jwks: { keys: [jwk] },
+  cookies: { keys: ['test-only-cookie-key'] },
+  claims: { openid: ['sub'], email: ['email'], profile: ['name'] },
+  conformIdTokenClaims: false, // put profile claims in the ID token itself
+  features: { devInteractions: { enabled: false }, rpInitiatedLogout: { enabled: true } },
+  interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
+  async findAccount(ctx, sub) {
+    const user = users[sub];
+    if (!user) return undefined;
+    return { accountId: sub, claims: async () => ({ sub, email: user.email, name: user.name }) };
+  },
+});
+
+const escape = (s) => String(s).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+const page = (uid, error) => `<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>Sign in</title></head>
+<body><h1>Hospital sign-in</h1>${error ? `<p role="alert">${escape(error)}</p>` : ''}
+<form method="post" action="/interaction/${escape(uid)}/login">
+<label>User name <input name="username" autocomplete="username" required></label>
+<label>Password <input name="password" type="password" autocomplete="current-password" required></label>
+<button type="submit">Sign in</button></form></body></html>`;
+
+async function formBody(req) {
+  let raw = '';
+  for await (const chunk of req) { raw += chunk; if (raw.length > 10000) break; }
+  return Object.fromEntries(new URLSearchParams(raw));
+}
+
+provider.use(async (ctx, next) => {
+  const match = ctx.path.match(/^\/interaction\/([^/]+)(\/login)?$/);
+  if (!match) return next();
+  const details = await provider.interactionDetails(ctx.req, ctx.res);
+  const { prompt, params } = details;
+  if (prompt.name === 'consent') {
+    const grant = new provider.Grant({ accountId: details.session.accountId,
+                                       clientId: params.client_id });
+    grant.addOIDCScope(params.scope);
+    const grantId = await grant.save();
+    return provider.interactionFinished(ctx.req, ctx.res, { consent: { grantId } },
+                                        { mergeWithLastSubmission: true });
+  }
+  if (ctx.method === 'GET') { ctx.type = 'html'; ctx.body = page(details.uid); return; }
+  const form = await formBody(ctx.req);
+  const user = users[form.username];
+  if (!user || user.password !== form.password) {
+    ctx.type = 'html'; ctx.status = 401; ctx.body = page(details.uid, 'Wrong user name or password.');
+    return;
+  }
+  return provider.interactionFinished(ctx.req, ctx.res, { login: { accountId: form.username } },
+                                      { mergeWithLastSubmission: false });
+});
+
+provider.listen(port, '127.0.0.1', () => console.log(`ready ${issuer}`));
