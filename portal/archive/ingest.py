@@ -6,7 +6,8 @@ import hashlib
 import io
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,6 +35,7 @@ from portal.index.service import IndexConflict, add_instance, header_json
 log = logging.getLogger(__name__)
 
 _ATTEMPTS = 5
+_BATCH = 32  # index rows committed together in one STOW-RS request
 
 
 class ArchiveUnavailable(Exception):
@@ -67,13 +69,49 @@ class Archive:
         study before anything is written.
         """
         try:
-            return self._ingest(data, who, source_address, expected_study_uid)
+            prepared = self._prepare(data, expected_study_uid)
+            if isinstance(prepared, Stored):
+                return prepared
+            return self._commit_one(prepared, who, source_address)
         except OperationalError as exc:
             log.error("index unavailable: %s", exc.__class__.__name__)
             raise ArchiveUnavailable("the index database is unavailable") from exc
 
-    def _ingest(self, data: bytes, who: str, source_address: str,
-                expected_study_uid: str | None) -> Stored:
+    def ingest_many(self, items: Sequence[bytes], *, who: str, source_address: str = "",
+                    expected_study_uid: str | None = None,
+                    workers: int = 4) -> list[Stored | Rejected]:
+        """Store several files (one STOW-RS request): the same checks and durability as
+        ``ingest``, with files written in parallel and index rows committed in batches.
+
+        Each answer is given only after that instance's file is durable and its row committed.
+        """
+        def prepare(data: bytes) -> Stored | Rejected | _Prepared:
+            try:
+                return self._prepare(data, expected_study_uid)
+            except Rejected as exc:
+                return exc
+
+        try:
+            if len(items) == 1:
+                prepared = [prepare(items[0])]
+            else:
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    prepared = list(pool.map(prepare, items))
+            results: list[Stored | Rejected | _Prepared] = list(prepared)
+            pending = [i for i, p in enumerate(prepared) if isinstance(p, _Prepared)]
+            for chunk_start in range(0, len(pending), _BATCH):
+                chunk = pending[chunk_start:chunk_start + _BATCH]
+                batch = [prepared[i] for i in chunk]
+                for index, answer in zip(chunk, self._commit_batch(
+                        batch, who, source_address), strict=True):  # type: ignore[arg-type]
+                    results[index] = answer
+        except OperationalError as exc:
+            log.error("index unavailable: %s", exc.__class__.__name__)
+            raise ArchiveUnavailable("the index database is unavailable") from exc
+        return [r for r in results if not isinstance(r, _Prepared)]
+
+    def _prepare(self, data: bytes, expected_study_uid: str | None) -> Stored | _Prepared:
+        """Validate and durably write the file; answer at once when it is already stored."""
         digest = hashlib.sha256(data).hexdigest()
         known = self._identical(digest)
         if known is not None and expected_study_uid in (None, known.study_instance_uid):
@@ -83,39 +121,76 @@ class Archive:
             raise Rejected("the instance belongs to a different study than the URL names",
                            DATA_SET_DOES_NOT_MATCH, 409, valid.sop_class_uid,
                            valid.sop_instance_uid)
-        for _attempt in range(_ATTEMPTS):
+        try:
+            key = self.store.write(valid.data, valid.sha256)
+        except (OSError, StorageFull) as exc:
+            log.error("archive write failed: %s", exc.__class__.__name__)
+            raise Rejected("the archive has no room for this instance now",
+                           OUT_OF_RESOURCES, 507, valid.sop_class_uid,
+                           valid.sop_instance_uid) from exc
+        return _Prepared(valid, key)
+
+    def _index(self, session: Session, item: _Prepared, who: str, source_address: str) -> None:
+        """Add the index rows of one written file inside the caller's transaction."""
+        valid = item.valid
+        add_instance(session, valid.dataset, sop_class_uid=valid.sop_class_uid,
+                     sop_instance_uid=valid.sop_instance_uid,
+                     study_uid=valid.study_instance_uid, series_uid=valid.series_instance_uid,
+                     transfer_syntax_uid=valid.transfer_syntax_uid)
+        session.add(StoredObject(sop_instance_uid=valid.sop_instance_uid,
+                                 storage_key=item.key, size=len(valid.data),
+                                 sha256=valid.sha256, original_sha256=valid.original_sha256))
+        if valid.preamble_zeroed:
+            audit.append(session, audit.SECURITY_ALERT, action="C",
+                         outcome=audit.OUTCOME_MINOR_FAILURE, who=who,
+                         source_address=source_address,
+                         study_instance_uid=valid.study_instance_uid,
+                         details={"reason": "non-zero preamble zeroed",
+                                  "sop_instance_uid": valid.sop_instance_uid,
+                                  "original_sha256": valid.original_sha256,
+                                  "stored_sha256": valid.sha256})
+
+    @staticmethod
+    def _stored(item: _Prepared) -> Stored:
+        valid = item.valid
+        return Stored("stored", valid.sop_class_uid, valid.sop_instance_uid,
+                      valid.study_instance_uid, valid.series_instance_uid)
+
+    def _commit_batch(self, batch: list[_Prepared], who: str,
+                      source_address: str) -> list[Stored | Rejected]:
+        """Index a batch in one transaction; anything unusual falls back to one by one."""
+        if len(batch) > 1:
             try:
-                key = self.store.write(valid.data, valid.sha256)
-            except (OSError, StorageFull) as exc:
-                log.error("archive write failed: %s", exc.__class__.__name__)
-                raise Rejected("the archive has no room for this instance now",
-                               OUT_OF_RESOURCES, 507, valid.sop_class_uid,
-                               valid.sop_instance_uid) from exc
+                with self.database.write_transaction() as session:
+                    uids = [item.valid.sop_instance_uid for item in batch]
+                    if len(set(uids)) != len(uids) or session.scalars(
+                            select(StoredObject.id).where(
+                                StoredObject.sop_instance_uid.in_(uids))).first():
+                        raise _Fallback
+                    for item in batch:
+                        self._index(session, item, who, source_address)
+                return [self._stored(item) for item in batch]
+            except (_Fallback, IntegrityError, IndexConflict):
+                pass  # rolled back: settle each instance on its own, with exact answers
+        answers: list[Stored | Rejected] = []
+        for item in batch:
+            try:
+                answers.append(self._commit_one(item, who, source_address))
+            except Rejected as exc:
+                answers.append(exc)
+        return answers
+
+    def _commit_one(self, item: _Prepared, who: str, source_address: str) -> Stored:
+        """Index one written file; its answer is final once this returns or raises."""
+        valid, key = item.valid, item.key
+        for _attempt in range(_ATTEMPTS):
             try:
                 with self.database.write_transaction() as session:
                     existing = session.scalars(select(StoredObject).where(
                         StoredObject.sop_instance_uid == valid.sop_instance_uid)).first()
                     if existing is not None:
                         raise _AlreadyStored(existing.sha256)
-                    add_instance(session, valid.dataset, sop_class_uid=valid.sop_class_uid,
-                                 sop_instance_uid=valid.sop_instance_uid,
-                                 study_uid=valid.study_instance_uid,
-                                 series_uid=valid.series_instance_uid,
-                                 transfer_syntax_uid=valid.transfer_syntax_uid)
-                    session.add(StoredObject(
-                        sop_instance_uid=valid.sop_instance_uid, storage_key=key,
-                        size=len(valid.data), sha256=valid.sha256,
-                        original_sha256=valid.original_sha256))
-                    if valid.preamble_zeroed:
-                        audit.record_event(
-                            session, audit.SECURITY_ALERT, action="C",
-                            outcome=audit.OUTCOME_MINOR_FAILURE, who=who,
-                            source_address=source_address,
-                            study_instance_uid=valid.study_instance_uid,
-                            details={"reason": "non-zero preamble zeroed",
-                                     "sop_instance_uid": valid.sop_instance_uid,
-                                     "original_sha256": valid.original_sha256,
-                                     "stored_sha256": valid.sha256})
+                    self._index(session, item, who, source_address)
             except _AlreadyStored as exc:
                 if exc.sha256 != valid.sha256:
                     self._forget(key, valid)
@@ -131,8 +206,7 @@ class Archive:
                 self._forget(key, valid)
                 log.error("index unavailable: %s", exc.__class__.__name__)
                 raise ArchiveUnavailable("the index database is unavailable") from exc
-            return Stored("stored", valid.sop_class_uid, valid.sop_instance_uid,
-                          valid.study_instance_uid, valid.series_instance_uid)
+            return self._stored(item)
         raise ArchiveUnavailable("too much contention storing this instance; retry")
 
     def _identical(self, digest: str) -> Stored | None:
@@ -259,6 +333,18 @@ class Archive:
                 yield uid, "SHA-256 mismatch"
             except FileNotFoundError:
                 yield uid, "file missing"
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A validated instance whose file is written and durable, its row not yet committed."""
+
+    valid: ValidInstance
+    key: str
+
+
+class _Fallback(Exception):
+    pass
 
 
 class _AlreadyStored(Exception):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from flask import Response, abort, request, url_for
@@ -14,10 +13,9 @@ from portal.access.principal import Principal
 from portal.archive import current_archive
 from portal.archive.ingest import Stored
 from portal.archive.validate import CANNOT_UNDERSTAND, Rejected
-from portal.dicomweb.multipart import MultipartError, Part, split_parts
+from portal.dicomweb.multipart import MultipartError, split_parts
 
 _UI, _US, _UR, _SQ = "UI", "US", "UR", "SQ"
-_PARALLEL_PARTS = 4
 
 
 def _value(vr: str, value: Any) -> dict[str, Any]:
@@ -50,27 +48,21 @@ def store_request(principal: Principal, study_uid: str | None) -> Response:
     if not parts:
         abort(400, "the request holds no parts")
     archive = current_archive()
-    who, address = principal.audit_name, request.remote_addr or ""
-
-    def store(part: Part) -> Stored | Rejected:
-        try:
-            if part.content_type not in ("", "application/dicom"):
-                raise Rejected(f"part type {part.content_type[:64]} is not application/dicom",
-                               CANNOT_UNDERSTAND)
-            result: Stored = archive.ingest(bytes(part.payload), who=who,
-                                            source_address=address,
-                                            expected_study_uid=study_uid)
-            return result
-        except Rejected as exc:
-            return exc
-
-    # A few parts at once: while one waits for its fsync, another is parsed. Each part is
-    # still acknowledged only after its own file and index row are durable.
-    if len(parts) == 1:
-        results = [store(parts[0])]
-    else:
-        with ThreadPoolExecutor(max_workers=_PARALLEL_PARTS) as pool:
-            results = list(pool.map(store, parts))
+    results: list[Stored | Rejected | None] = [None] * len(parts)
+    dicom = []
+    for index, part in enumerate(parts):
+        if part.content_type in ("", "application/dicom"):
+            dicom.append(index)
+        else:
+            results[index] = Rejected(
+                f"part type {part.content_type[:64]} is not application/dicom",
+                CANNOT_UNDERSTAND)
+    answers = archive.ingest_many([bytes(parts[i].payload) for i in dicom],
+                                  who=principal.audit_name,
+                                  source_address=request.remote_addr or "",
+                                  expected_study_uid=study_uid)
+    for index, answer in zip(dicom, answers, strict=True):
+        results[index] = answer
     stored = [r for r in results if isinstance(r, Stored)]
     failed = [(r, n) for n, r in enumerate(results, start=1) if isinstance(r, Rejected)]
     already = sum(r.outcome == "already_stored" for r in stored)

@@ -193,3 +193,29 @@ def test_disk_full_is_a_clear_failure_and_nothing_is_indexed(app: Flask,
     assert counts(app)["instance"] == 0
     assert not files_on_disk(archive)
     assert not list(archive.store.tmp.glob("*"))
+
+
+def test_a_batch_gives_each_instance_its_own_exact_answer(any_db_app: Flask) -> None:
+    archive = archive_of(any_db_app)
+    study, series = generate_uid(), generate_uid()
+    kept = make_instance(study=study, series=series, value=1)
+    archive.ingest(kept, who="test")
+    import pydicom
+
+    kept_uid = pydicom.dcmread(__import__("io").BytesIO(kept)).SOPInstanceUID
+    batch = [make_instance(study=study, series=series, value=i + 10) for i in range(40)]
+    batch += [kept,  # already stored, identical
+              make_instance(sop=kept_uid, study=study, series=series, value=99),  # conflict
+              b"not dicom",
+              make_instance(study=study, patient_id="SOMEONE-ELSE")]  # other patient
+    answers = archive.ingest_many(batch, who="batch")
+    assert [a.outcome for a in answers[:40]] == ["stored"] * 40  # type: ignore[union-attr]
+    assert answers[40].outcome == "already_stored"  # type: ignore[union-attr]
+    assert isinstance(answers[41], Rejected) and answers[41].status == DUPLICATE_CONFLICT
+    assert isinstance(answers[42], Rejected)
+    assert isinstance(answers[43], Rejected) and "different patient" in answers[43].reason
+    assert counts(any_db_app)["instance"] == 41
+    assert len(files_on_disk(archive)) == 41
+    assert archive.read(kept_uid) == kept
+    with any_db_app.extensions["db"].new_session() as session:
+        assert session.scalars(select(Study)).one().number_of_instances == 41
