@@ -125,3 +125,38 @@ def iter_events(session: Session, *, who: str = "", study: str = "", event_id: s
     if event_id:
         stmt = stmt.where(AuditEvent.event_id == event_id)
     yield from session.scalars(stmt.order_by(AuditEvent.id.desc()).limit(limit).offset(offset))
+
+
+# Who has already been recorded reading which study, for principals without a browser
+# session (scripts, viewers with bearer tokens, machine clients): (who, study) -> until.
+_recent_reads: dict[tuple[str, str], float] = {}
+_READ_WINDOW = 600.0
+
+
+def record_study_read(database: Database, *, who: str, study_instance_uid: str,
+                      patient_id: str, source_address: str, seen: set[str] | None,
+                      what: str) -> None:
+    """One 110103 record per study per session (or per ten minutes without a session).
+
+    ``seen`` is the session's set of studies already recorded; None for sessionless callers.
+    Raises when the record cannot be written, so the caller serves nothing (fail closed).
+    """
+    import time
+
+    if seen is not None:
+        if study_instance_uid in seen:
+            return
+    else:
+        now = time.monotonic()
+        key = (who, study_instance_uid)
+        if _recent_reads.get(key, 0.0) > now:
+            return
+    record(database, INSTANCES_ACCESSED, action="R", outcome=OUTCOME_SUCCESS, who=who,
+           source_address=source_address, study_instance_uid=study_instance_uid,
+           patient_id=patient_id, details={"what": what})
+    if seen is not None:
+        seen.add(study_instance_uid)
+    else:
+        if len(_recent_reads) > 50_000:
+            _recent_reads.clear()
+        _recent_reads[key] = time.monotonic() + _READ_WINDOW

@@ -15,7 +15,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from portal.archive.ingest import Archive, ArchiveUnavailable
+from portal.archive.ingest import Archive, ArchiveUnavailable, Stored, record_ingest
 from portal.archive.validate import (
     ACCEPTED_TRANSFER_SYNTAXES,
     DUPLICATE_CONFLICT,
@@ -74,7 +74,7 @@ def _wait_until_sent(event: evt.Event, timeout: float = 2.0) -> None:
         time.sleep(0.005)
 
 
-def _on_store(event: evt.Event, archive: Archive) -> int:
+def _on_store(event: evt.Event, archive: Archive, received: dict[int, list[Stored]]) -> int:
     requestor = event.assoc.requestor
     try:
         data = event.encoded_dataset(include_meta=True)
@@ -90,7 +90,20 @@ def _on_store(event: evt.Event, archive: Archive) -> int:
         log.exception("C-STORE failed")
         return 0xC000
     log.debug("C-STORE %s", result.outcome)
+    if result.outcome == "stored":
+        received.setdefault(id(event.assoc), []).append(result)
     return SUCCESS
+
+
+def _on_end(event: evt.Event, archive: Archive, received: dict[int, list[Stored]]) -> None:
+    """When an association ends: one audit record per study it delivered."""
+    stored = received.pop(id(event.assoc), [])
+    if stored:
+        try:
+            record_ingest(archive.database, stored, source_address=event.assoc.requestor.address,
+                          who=f"dimse:{str(event.assoc.requestor.ae_title).strip()}")
+        except Exception:  # the instances are stored and acknowledged; the gap is logged
+            log.exception("could not record the audit of a C-STORE association")
 
 
 def make_ae(settings: dict[str, Any]) -> AE:
@@ -111,8 +124,11 @@ def serve(archive: Archive, settings: dict[str, Any],
     """Start the SCP on the configured address; block until interrupted unless told not to."""
     ae = make_ae(settings)
     allowed = parse_peers(settings["DIMSE_ALLOWED_PEERS"])
+    received: dict[int, list[Stored]] = {}
     handlers = [(evt.EVT_REQUESTED, _on_requested, [allowed]),
-                (evt.EVT_C_STORE, _on_store, [archive])]
+                (evt.EVT_C_STORE, _on_store, [archive, received]),
+                (evt.EVT_RELEASED, _on_end, [archive, received]),
+                (evt.EVT_ABORTED, _on_end, [archive, received])]
     address = (settings["DIMSE_HOST"], settings["DIMSE_PORT"])
     server: ThreadedAssociationServer | None = ae.start_server(
         address, block=block, evt_handlers=handlers)

@@ -335,6 +335,18 @@ class Archive:
                 yield uid, "file missing"
 
 
+def record_ingest(database: Database, stored: Sequence[Stored], *, who: str,
+                  source_address: str) -> None:
+    """One 110104 (DICOM Instances Transferred, action C) record per study received."""
+    per_study: dict[str, int] = {}
+    for item in stored:
+        per_study[item.study_instance_uid] = per_study.get(item.study_instance_uid, 0) + 1
+    for study, count in per_study.items():
+        audit.record(database, audit.INSTANCES_TRANSFERRED, action="C",
+                     outcome=audit.OUTCOME_SUCCESS, who=who, source_address=source_address,
+                     study_instance_uid=study, details={"instances": count})
+
+
 @dataclass(frozen=True)
 class _Prepared:
     """A validated instance whose file is written and durable, its row not yet committed."""

@@ -7,10 +7,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from flask import Blueprint, Response, abort, request, stream_with_context, url_for
+from flask import session as browser_session
 from sqlalchemy import select
 from werkzeug.http import parse_options_header
 
-from portal.access import policy
+from portal.access import audit, policy
 from portal.access.principal import Principal, current_principal
 from portal.archive import current_archive
 from portal.archive.store import CorruptObject
@@ -48,6 +49,11 @@ def _search(level: qido.Level, scope: list[Any]) -> Response:
         abort(400, str(exc))
     session = db.session
     rows = session.execute(stmt).all()
+    audit.record(db, audit.QUERY, action="E", outcome=audit.OUTCOME_SUCCESS,
+                 who=principal.audit_name, source_address=request.remote_addr or "",
+                 details={"level": level, "results": len(rows),
+                          "keys": sorted(k for k in request.args if k not in (
+                              "limit", "offset", "includefield"))[:20]})
 
     def retrieve_url(row: Any) -> str:
         if level == "study":
@@ -112,16 +118,35 @@ def search_instances(study: str, series: str) -> Response:
 
 # -- WADO-RS ---------------------------------------------------------------------------------
 
+def _audit_read(study: Study, what: str) -> None:
+    """Record the read before anything is served (one record per study per session)."""
+    principal = _principal()
+    seen: set[str] | None = None
+    if principal.via == "session":
+        seen = set(browser_session.get("audited_studies", []))
+    audit.record_study_read(db, who=principal.audit_name,
+                            study_instance_uid=study.study_instance_uid,
+                            patient_id=study.patient.patient_id,
+                            source_address=request.remote_addr or "", seen=seen, what=what)
+    if seen is not None and study.study_instance_uid not in browser_session.get(
+            "audited_studies", []):
+        browser_session["audited_studies"] = sorted(seen)[-500:]
+
+
 def _instances_of(study: str, series: str | None = None,
                   instance: str | None = None) -> list[Instance]:
     session, principal = db.session, _principal()
     if instance is not None and series is not None:
-        return [policy.require_instance(session, principal, study, series, instance)]
+        found_instance = policy.require_instance(session, principal, study, series, instance)
+        _audit_read(found_instance.series.study, "instance")
+        return [found_instance]
     if series is not None:
         found = policy.require_series(session, principal, study, series)
+        _audit_read(found.study, "series")
         stmt = select(Instance).where(Instance.series_fk == found.id)
     else:
         found_study = policy.require_study(session, principal, study)
+        _audit_read(found_study, "study")
         stmt = (select(Instance).join(Series, Instance.series_fk == Series.id)
                 .where(Series.study_fk == found_study.id))
     return list(session.scalars(stmt.order_by(Instance.series_fk, Instance.instance_number,

@@ -11,7 +11,7 @@ from werkzeug.http import parse_options_header
 from portal.access import policy
 from portal.access.principal import Principal
 from portal.archive import current_archive
-from portal.archive.ingest import Stored
+from portal.archive.ingest import Stored, record_ingest
 from portal.archive.validate import CANNOT_UNDERSTAND, Rejected
 from portal.dicomweb.multipart import MultipartError, split_parts
 
@@ -64,6 +64,8 @@ def store_request(principal: Principal, study_uid: str | None) -> Response:
     for index, answer in zip(dicom, answers, strict=True):
         results[index] = answer
     stored = [r for r in results if isinstance(r, Stored)]
+    record_ingest(archive.database, [r for r in stored if r.outcome == "stored"],
+                  who=principal.audit_name, source_address=request.remote_addr or "")
     failed = [(r, n) for n, r in enumerate(results, start=1) if isinstance(r, Rejected)]
     already = sum(r.outcome == "already_stored" for r in stored)
     return _answer(stored, failed, already, study_uid)

@@ -177,3 +177,27 @@ def test_phi_is_not_served_when_the_audit_cannot_be_written(oidc_app: Flask,
     refused = viewer.get(f"/studies/{study}")
     assert refused.status_code >= 500
     assert b"Test" not in refused.data and study.encode() not in refused.data
+
+
+def test_reads_are_audited_once_per_study_per_session(oidc_app: Flask,
+                                                      idp: IdentityProvider) -> None:
+    manager, doctor, study = setup(oidc_app, idp)
+    manager.post("/api/grants", json={"user_id": doctor, "study_uid": study},
+                 headers={"X-CSRF-Token": csrf_of(manager)})
+    with oidc_app.extensions["db"].new_session() as session:
+        subject = session.get(User, doctor).subject
+    viewer = signed_in(oidc_app, idp, subject)
+    base = f"/dicomweb/studies/{study}"
+    for path in (base, f"{base}/metadata", base, f"{base}/series"):
+        assert viewer.get(path).status_code == 200, path
+    assert viewer.get("/dicomweb/studies?PatientID=*").status_code == 200
+
+    def events(event_id: str) -> list[AuditEvent]:
+        with oidc_app.extensions["db"].new_session() as session:
+            return list(session.scalars(select(AuditEvent).where(
+                AuditEvent.event_id == event_id, AuditEvent.who.contains(subject))))
+
+    reads = events("110103")
+    assert len(reads) == 1 and reads[0].study_instance_uid == study
+    assert reads[0].action == "R" and reads[0].occurred_at.tzinfo is not None
+    assert len(events("110112")) == 2  # the series search and the study search
