@@ -38,7 +38,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 class EmbeddedStore:
-    """Content-addressed files under ``root``: ``objects/ab/cd/<sha256>.dcm`` and ``tmp/``."""
+    """Content-addressed files under ``root``: ``objects/ab/<sha256>.dcm`` and ``tmp/``.
+
+    The 256 fan-out folders are made (and made durable) once, so a write touches only its
+    file and one folder: no mkdir, no stat, two fsyncs.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -47,9 +51,18 @@ class EmbeddedStore:
         self._ready = False
 
     def ensure(self) -> None:
-        """Create the folders (private to the service user)."""
+        """Create the folders (private to the service user) and make their entries durable."""
         for folder in (self.root, self.objects, self.tmp):
             folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        made = False
+        for number in range(256):
+            fan = self.objects / f"{number:02x}"
+            if not fan.is_dir():
+                fan.mkdir(mode=0o700, exist_ok=True)
+                made = True
+        if made:
+            _fsync_dir(self.objects)
+            _fsync_dir(self.root)
         self._ready = True
 
     @staticmethod
@@ -57,7 +70,7 @@ class EmbeddedStore:
         """The storage key of content with this hash (a relative path we generate)."""
         if len(sha256) != 64 or not set(sha256) <= _HEX:
             raise ValueError("not a SHA-256 hex digest")
-        return f"{sha256[:2]}/{sha256[2:4]}/{sha256}.dcm"
+        return f"{sha256[:2]}/{sha256}.dcm"
 
     def path_of(self, key: str) -> Path:
         """Absolute path of a key; keys are only ever made by ``key_for``."""
@@ -70,8 +83,6 @@ class EmbeddedStore:
         """Durably write ``data`` and return its key; an existing identical file is kept."""
         key = self.key_for(sha256)
         final = self.objects / key
-        if final.is_file() and final.stat().st_size == len(data):
-            return key
         if not self._ready:
             self.ensure()
         temp = self.tmp / f"{uuid.uuid4().hex}.part"
@@ -86,7 +97,6 @@ class EmbeddedStore:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            final.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.replace(temp, final)
             _fsync_dir(final.parent)
         except OSError as exc:
@@ -126,5 +136,5 @@ class EmbeddedStore:
         """Every key present on disk."""
         if not self.objects.is_dir():
             return
-        for path in self.objects.glob("??/??/*.dcm"):
+        for path in self.objects.glob("??/*.dcm"):
             yield path.relative_to(self.objects).as_posix()
