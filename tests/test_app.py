@@ -11,7 +11,7 @@ from flask.testing import FlaskClient
 from portal import create_app
 
 PUBLIC = {"health.healthz", "health.readyz", "studies.home", "static", "auth.login",
-          "auth.callback", "auth.logout", "api.openapi"}
+          "auth.callback", "auth.logout", "auth.invitation", "api.openapi"}
 
 
 def test_health_and_readiness(client: FlaskClient) -> None:

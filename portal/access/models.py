@@ -150,3 +150,20 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     last_hash: Mapped[str] = mapped_column(String(64), default="")
     count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Invitation(Base):
+    """A one-time link an office manager sends; whoever signs in through it gets its roles."""
+
+    __tablename__ = "invitation"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    email: Mapped[str] = mapped_column(String(256), default="")
+    roles: Mapped[list[str]] = mapped_column(JSON, default=list)
+    practice_fk: Mapped[int | None] = mapped_column(ForeignKey("practice.id"), nullable=True)
+    created_by: Mapped[str] = mapped_column(String(256), default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    used_by_fk: Mapped[int | None] = mapped_column(ForeignKey("portal_user.id"), nullable=True)

@@ -35,6 +35,7 @@ from portal.access.grants import (
     unmatched_referrers,
     update_user,
 )
+from portal.access.invitations import create_invitation
 from portal.access.models import Grant, Practice, ReferrerIdentifier, User
 from portal.access.policy import require_role
 from portal.access.principal import Principal, current_principal
@@ -104,6 +105,21 @@ def change_user(user_id: int) -> Response:
     except UserError as exc:
         return _failed(exc, "admin.users")
     return _done("Saved. The user's open sessions have ended.", "admin.users")
+
+
+@bp.post("/invitations")
+def invite() -> Response:
+    """Make a one-time invitation link and show it once."""
+    form = request.form
+    try:
+        token = create_invitation(db.session, _manager(), email=form.get("email", ""),
+                                  roles=[r for r in ROLES if form.get(f"role_{r}")],
+                                  practice=form.get("practice", ""))
+    except UserError as exc:
+        return _failed(exc, "admin.users")
+    link = url_for("auth.invitation", t=token, _external=True)
+    return _done(f"Send this link to {form.get('email', '') or 'the person'} (it works once, "
+                 f"for 7 days, and is not shown again): {link}", "admin.users")
 
 
 @bp.get("/identifiers")

@@ -41,6 +41,9 @@ OPENAPI: dict[str, Any] = {
                                       "parameters": [{"name": "id", "in": "path",
                                                       "required": True,
                                                       "schema": {"type": "integer"}}]}},
+        "/api/invitations": {"post": _op("Make a one-time invitation link",
+                                         {"201": {"description": "The link, shown once"},
+                                          "400": _ERROR}, "InvitationNew")},
         "/api/identifiers": {
             "get": _op("Linked identifiers and suggestions", {"200": {"description": "OK"}}),
             "post": _op("Link a physician to an identifier",
@@ -101,6 +104,9 @@ OPENAPI: dict[str, Any] = {
                 "patient_id": {"type": "string"},
                 "expires_at": {"type": "string", "format": "date-time"},
                 "reason": {"type": "string"}, "break_glass": {"type": "boolean"}}},
+            "InvitationNew": {"type": "object", "required": ["roles"], "properties": {
+                "email": {"type": "string"}, "practice": {"type": "string"},
+                "roles": {"type": "array", "items": {"type": "string"}}}},
             "RevokeRequest": {"type": "object", "required": ["ids"], "properties": {
                 "ids": {"type": "array", "items": {"type": "integer"}}}},
         },

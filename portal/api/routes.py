@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, jsonify, request, url_for
 from sqlalchemy import select
 
 from portal.access import audit
@@ -22,6 +22,7 @@ from portal.access.grants import (
     unmatched_referrers,
     update_user,
 )
+from portal.access.invitations import create_invitation
 from portal.access.models import Grant, ReferrerIdentifier, User
 from portal.access.policy import public, require_role
 from portal.access.principal import Principal, current_principal
@@ -92,6 +93,19 @@ def patch_user(user_id: int) -> Response:
                        practice=body.get("practice"), active=active)
     db.session.commit()
     return jsonify(_user_json(user))
+
+
+@bp.post("/invitations")
+def add_invitation() -> tuple[Response, int]:
+    """Make a one-time invitation link (returned once)."""
+    body = _body()
+    roles = body.get("roles")
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise UserError("roles must be a list of names")
+    token = create_invitation(db.session, _manager(), email=str(body.get("email", "")),
+                              roles=roles, practice=str(body.get("practice", "")))
+    db.session.commit()
+    return jsonify(link=url_for("auth.invitation", t=token, _external=True)), 201
 
 
 @bp.get("/identifiers")

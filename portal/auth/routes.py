@@ -5,10 +5,21 @@ from __future__ import annotations
 import secrets
 from urllib.parse import unquote, urlsplit
 
-from flask import Blueprint, Response, current_app, redirect, request, session, url_for
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from werkzeug.exceptions import BadRequest
 
 from portal.access import audit
+from portal.access.invitations import redeem_invitation
 from portal.access.policy import public
 from portal.access.principal import current_principal
 from portal.access.users import sign_in_user
@@ -68,12 +79,22 @@ def callback() -> Response:
         raise BadRequest(f"Sign-in failed: {exc}") from exc
     user = sign_in_user(db.session, issuer=identity.issuer, subject=identity.subject,
                         email=identity.email, name=identity.name, idp_roles=identity.roles)
+    invited = session.get("invitation")
+    if invited and user.active:
+        if redeem_invitation(db.session, invited, user):
+            flash("Welcome: your invitation has been accepted.")
+        else:
+            flash("That invitation was already used or has expired; ask for a new one.",
+                  "error")
     db.session.commit()
     destination = session.get("next", "/")
+    messages = session.get("_flashes", [])
     if not user.active:
         session.destroy()  # type: ignore[attr-defined]
         raise BadRequest("This account has been deactivated. Ask your office manager.")
     session.clear()
+    if messages:
+        session["_flashes"] = messages
     session["id_token"] = identity.id_token
     session.user_fk = user.id  # type: ignore[attr-defined]
     session.security_epoch = user.security_epoch  # type: ignore[attr-defined]
@@ -83,6 +104,17 @@ def callback() -> Response:
                  who=f"user:{user.issuer}|{user.subject}", source_address=_address(),
                  details={"type": audit.LOGIN})
     return redirect(safe_next(destination))
+
+
+@bp.get("/invitation")
+@public
+def invitation() -> str:
+    """Landing page of an invitation link; nothing is used up until the person signs in."""
+    token = request.args.get("t", "")
+    valid = 20 <= len(token) <= 100 and all(c.isalnum() or c in "-_" for c in token)
+    if valid:
+        session["invitation"] = token
+    return render_template("auth/invitation.html", valid=valid)
 
 
 @bp.post("/logout")

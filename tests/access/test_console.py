@@ -201,3 +201,32 @@ def test_reads_are_audited_once_per_study_per_session(oidc_app: Flask,
     assert len(reads) == 1 and reads[0].study_instance_uid == study
     assert reads[0].action == "R" and reads[0].occurred_at.tzinfo is not None
     assert len(events("110112")) == 2  # the series search and the study search
+
+
+def test_an_invitation_gives_its_roles_once(oidc_app: Flask, idp: IdentityProvider) -> None:
+    from tests.conftest import sign_in
+
+    manager, _doctor, _study = setup(oidc_app, idp)
+    made = manager.post("/api/invitations", json={"email": "new@demo.example",
+                                                  "roles": ["physician"], "practice": "Clinic"},
+                        headers={"X-CSRF-Token": csrf_of(manager)})
+    assert made.status_code == 201
+    link = made.get_json()["link"]
+    path = link[link.index("/auth/invitation"):]
+    invitee = oidc_app.test_client()
+    assert b"You have been invited" in invitee.get(path).data
+    idp.set_user("invited-person", email="whatever@elsewhere.example")
+    sign_in(invitee, idp, "invited-person")
+    page = invitee.get("/studies")
+    assert b"invitation has been accepted" in page.data
+    with oidc_app.extensions["db"].new_session() as session:
+        user = session.scalars(select(User).where(User.subject == "invited-person")).one()
+        assert user.roles == ["physician"] and user.practice_fk is not None
+    second = oidc_app.test_client()
+    second.get(path)
+    idp.set_user("second-person")
+    sign_in(second, idp, "second-person")
+    assert b"already used or has expired" in second.get("/studies").data
+    with oidc_app.extensions["db"].new_session() as session:
+        other = session.scalars(select(User).where(User.subject == "second-person")).one()
+        assert other.roles == []

@@ -72,3 +72,34 @@ def test_forgeries_are_refused_quickly_and_audited(forge_app: Flask, forger: For
         failure = session.scalars(select(AuditEvent).where(AuditEvent.event_id == "110114")
                                   ).one()
     assert failure.outcome == 4 and failure.details["type"] == "110122"
+
+
+@pytest.mark.parametrize(("change", "accepted"), [
+    ({}, True), ({"aud": "another-api"}, False), ({"iss": "http://127.0.0.1:1/evil"}, False),
+    ({"exp": 1}, False), ({"sign_with_other_key": True}, False), ({"alg": "none"}, False)])
+def test_bearer_jwts_are_verified_against_the_issuer(forge_app: Flask, forger: ForgingProvider,
+                                                     change: dict[str, object],
+                                                     accepted: bool) -> None:
+    from joserfc import jwt
+
+    from portal.auth.bearer import forget_cached_tokens
+
+    now = int(time.time())
+    claims = {"iss": forger.issuer, "sub": "script", "aud": CLIENT_ID, "iat": now,
+              "exp": now + 300}
+    claims.update({k: v for k, v in change.items() if k in ("aud", "iss", "exp")})
+    if change.get("alg") == "none":
+        import base64
+        import json
+
+        def b64(value: dict[str, object]) -> str:
+            return base64.urlsafe_b64encode(json.dumps(value).encode()).rstrip(b"=").decode()
+
+        token = f"{b64({'alg': 'none'})}.{b64(claims)}."
+    else:
+        key = forger.other_key if change.get("sign_with_other_key") else forger.key
+        token = jwt.encode({"alg": "RS256", "kid": "good"}, claims, key, algorithms=["RS256"])
+    forget_cached_tokens()
+    response = forge_app.test_client().get("/dicomweb/studies",
+                                           headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == (204 if accepted else 401)

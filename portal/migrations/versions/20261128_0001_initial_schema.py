@@ -2,7 +2,7 @@
 
 Revision ID: 20261128_0001
 Revises:
-Create Date: 2026-11-28 12:53:30.340466
+Create Date: 2026-11-28 13:22:54.162880
 """
 from alembic import op
 import sqlalchemy as sa
@@ -170,6 +170,22 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_delegation_from_user_fk'), ['from_user_fk'], unique=False)
         batch_op.create_index(batch_op.f('ix_delegation_to_user_fk'), ['to_user_fk'], unique=False)
 
+    op.create_table('invitation',
+    sa.Column('id', sa.Integer(), nullable=False),
+    sa.Column('token_sha256', sa.String(length=64), nullable=False),
+    sa.Column('email', sa.String(length=256), nullable=False),
+    sa.Column('roles', sa.JSON(), nullable=False),
+    sa.Column('practice_fk', sa.Integer(), nullable=True),
+    sa.Column('created_by', sa.String(length=256), nullable=False),
+    sa.Column('created_at', portal.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('expires_at', portal.db.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('used_at', portal.db.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('used_by_fk', sa.Integer(), nullable=True),
+    sa.ForeignKeyConstraint(['practice_fk'], ['practice.id'], name=op.f('fk_invitation_practice_fk_practice')),
+    sa.ForeignKeyConstraint(['used_by_fk'], ['portal_user.id'], name=op.f('fk_invitation_used_by_fk_portal_user')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_invitation')),
+    sa.UniqueConstraint('token_sha256', name=op.f('uq_invitation_token_sha256'))
+    )
     op.create_table('patient_link',
     sa.Column('id', sa.Integer(), nullable=False),
     sa.Column('user_fk', sa.Integer(), nullable=False),
@@ -302,6 +318,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_patient_link_patient_fk'))
 
     op.drop_table('patient_link')
+    op.drop_table('invitation')
     with op.batch_alter_table('delegation', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_delegation_to_user_fk'))
         batch_op.drop_index(batch_op.f('ix_delegation_from_user_fk'))

@@ -1,0 +1,67 @@
+"""Invitations: a one-time link that gives roles to whoever signs in through it.
+
+The e-mail address only labels the invitation for the office manager; the account that
+redeems it is still the (issuer, subject) the identity provider proves. Only the SHA-256 of
+the token is stored; it works once and for seven days.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from portal.access import audit
+from portal.access.models import Invitation, User
+from portal.access.principal import Principal
+from portal.access.users import UserError, check_role, get_or_create_practice
+from portal.db import utcnow
+
+LIFETIME = timedelta(days=7)
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode("ascii", "replace")).hexdigest()
+
+
+def create_invitation(session: Session, actor: Principal, *, email: str, roles: list[str],
+                      practice: str = "") -> str:
+    """Make an invitation and return its token (shown once, never stored)."""
+    if not roles:
+        raise UserError("an invitation gives at least one role")
+    token = secrets.token_urlsafe(32)
+    now = utcnow()
+    invitation = Invitation(
+        token_sha256=_digest(token), email=email.strip()[:256],
+        roles=sorted({check_role(r) for r in roles}),
+        practice_fk=get_or_create_practice(session, practice).id if practice.strip() else None,
+        created_by=actor.audit_name, created_at=now, expires_at=now + LIFETIME)
+    session.add(invitation)
+    session.flush()
+    audit.append(session, audit.SECURITY_ALERT, action="C", outcome=audit.OUTCOME_SUCCESS,
+                 who=actor.audit_name, details={"type": audit.USER_SECURITY_CHANGED,
+                                                "invitation": invitation.id,
+                                                "roles": invitation.roles})
+    return token
+
+
+def redeem_invitation(session: Session, token: str, user: User) -> bool:
+    """Give the invitation's roles and practice to ``user``; False if unusable."""
+    if not token or len(token) > 100:
+        return False
+    invitation = session.scalars(select(Invitation).where(
+        Invitation.token_sha256 == _digest(token)).with_for_update()).first()
+    if invitation is None or invitation.used_at is not None or invitation.expires_at <= utcnow():
+        return False
+    invitation.used_at, invitation.used_by_fk = utcnow(), user.id
+    user.roles = sorted(set(user.roles) | set(invitation.roles))
+    if invitation.practice_fk is not None:
+        user.practice_fk = invitation.practice_fk
+    audit.append(session, audit.SECURITY_ALERT, action="U", outcome=audit.OUTCOME_SUCCESS,
+                 who=f"user:{user.issuer}|{user.subject}",
+                 details={"type": audit.USER_SECURITY_CHANGED, "invitation": invitation.id,
+                          "roles": user.roles})
+    return True
