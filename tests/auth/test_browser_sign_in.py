@@ -34,11 +34,17 @@ def test_sign_in_see_studies_and_sign_out(oidc_app: Flask, idp: IdentityProvider
         cookies = {c["name"]: c for c in context.cookies()}
         assert cookies["portal"]["httpOnly"] and cookies["portal"]["sameSite"] == "Lax"
         page.get_by_role("link", name="Console").click()
-        page.get_by_role("link", name="Grants").first.click()
-        assert page.locator("h1").inner_text() == "Grants"
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENSHOTS / f"console-{device.replace(' ', '_')}.png"),
-                        full_page=True)
+        for tab, heading in (("People", "People"), ("Referrer identifiers",
+                                                    "Referrer identifiers"),
+                             ("Grants", "Grants"), ("Audit trail", "Audit trail")):
+            page.locator("nav.tabs").get_by_role("link", name=tab).click()
+            assert page.locator("h1").inner_text() == heading
+            # Every console page fits the phone's width: no sideways scrolling.
+            assert page.evaluate(
+                "document.documentElement.scrollWidth - window.innerWidth") <= 0, tab
+            name = f"console-{tab.split()[0].lower()}-{device.replace(' ', '_')}.png"
+            page.screenshot(path=str(SCREENSHOTS / name), full_page=True)
         page.get_by_role("button", name="Sign out").click()
         # RP-initiated logout continues at the provider ...
         page.wait_for_url(f"{idp.issuer}/**", wait_until="commit")
