@@ -37,6 +37,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     from portal.auth import oidc
     from portal.auth.sessions import DatabaseSessionInterface
     from portal.db import Database
+    from portal.imaging import cache as imaging_cache
 
     log.init_app(app)
     security.init_app(app)
@@ -46,6 +47,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         absolute=timedelta(hours=settings["SESSION_ABSOLUTE_HOURS"]))
     oidc.init_app(app)
     archive.init_app(app)
+    imaging_cache.init_app(app)
     errors.register_error_handlers(app)
     policy.init_app(app)
 

@@ -261,6 +261,15 @@ class Archive:
                                     "sop_instance_uid": valid.sop_instance_uid,
                                     "received_sha256": valid.sha256})
 
+    def sha256_of(self, sop_instance_uid: str) -> str:
+        """The SHA-256 of an instance's stored bytes (names its content in cache keys)."""
+        with self.database.new_session() as session:
+            digest = session.scalars(select(StoredObject.sha256).where(
+                StoredObject.sop_instance_uid == sop_instance_uid)).first()
+        if digest is None:
+            raise KeyError(sop_instance_uid)
+        return digest
+
     def read(self, sop_instance_uid: str) -> bytes:
         """The stored bytes of one instance, hash-verified."""
         with self.database.new_session() as session:

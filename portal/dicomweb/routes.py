@@ -17,6 +17,9 @@ from portal.archive import current_archive
 from portal.archive.store import CorruptObject
 from portal.db import db
 from portal.dicomweb import frames, multipart, qido, stow
+from portal.imaging.cache import render_cache
+from portal.imaging.render import FrameNotFound, RenderRefused, render_frame
+from portal.imaging.rendition import InvalidRendition, parse_rendition
 from portal.index.models import Instance, Series, Study
 
 bp = Blueprint("dicomweb", __name__, url_prefix="/dicomweb")
@@ -283,3 +286,84 @@ def store_instances() -> Response:
 def store_study_instances(study: str) -> Response:
     """STOW-RS: store instances that must belong to the named study."""
     return stow.store_request(_principal(), study)
+
+
+# -- rendered and thumbnail (PS3.18 8.3.5, 8.3.8) -------------------------------------------
+
+def _middle_instance(study: str, series: str | None) -> Instance:
+    instances = _instances_of(study, series)
+    if not instances:
+        abort(404, "no instances")
+    images = [i for i in instances if i.rows] or instances
+    return images[len(images) // 2]
+
+
+def _render(instance: Instance, frame: int, *, thumbnail: bool) -> Response:
+    try:
+        rendition = parse_rendition(request.args, request.headers.get("Accept", ""),
+                                    thumbnail=thumbnail)
+    except InvalidRendition as exc:
+        abort(400, str(exc))
+    if not 1 <= frame <= instance.number_of_frames:
+        abort(404, f"frame {frame} is outside 1..{instance.number_of_frames}")
+    archive = current_archive()
+    key = rendition.cache_key(archive.sha256_of(instance.sop_instance_uid), frame)
+    etag = key[-32:]
+    headers = {"Cache-Control": "private, max-age=86400", "Vary": "Accept"}
+    if request.if_none_match.contains(etag):
+        response = Response(status=304, headers=headers)
+        response.set_etag(etag)
+        return response
+    cache = render_cache()
+    body = cache.get(key)
+    if body is None:
+        try:
+            body = render_frame(archive.read(instance.sop_instance_uid), frame - 1, rendition)
+        except FrameNotFound as exc:
+            abort(404, str(exc))
+        except RenderRefused as exc:
+            abort(422, str(exc))
+        cache.put(key, body)
+    response = Response(body, mimetype=rendition.media_type, headers=headers)
+    response.set_etag(etag)
+    return response
+
+
+@bp.get("/studies/<study>/series/<series>/instances/<instance>/rendered")
+def rendered_instance(study: str, series: str, instance: str) -> Response:
+    """WADO-RS rendered: the instance's first frame as JPEG, PNG or WebP."""
+    return _render(_instances_of(study, series, instance)[0], 1, thumbnail=False)
+
+
+@bp.get("/studies/<study>/series/<series>/instances/<instance>/frames/<int:frame>/rendered")
+def rendered_frame(study: str, series: str, instance: str, frame: int) -> Response:
+    """WADO-RS rendered: one frame."""
+    return _render(_instances_of(study, series, instance)[0], frame, thumbnail=False)
+
+
+@bp.get("/studies/<study>/series/<series>/instances/<instance>/thumbnail")
+def instance_thumbnail(study: str, series: str, instance: str) -> Response:
+    """WADO-RS thumbnail of an instance."""
+    return _render(_instances_of(study, series, instance)[0], 1, thumbnail=True)
+
+
+@bp.get("/studies/<study>/series/<series>/instances/<instance>/frames/<int:frame>/thumbnail")
+def frame_thumbnail(study: str, series: str, instance: str, frame: int) -> Response:
+    """WADO-RS thumbnail of a frame."""
+    return _render(_instances_of(study, series, instance)[0], frame, thumbnail=True)
+
+
+@bp.get("/studies/<study>/series/<series>/thumbnail")
+def series_thumbnail(study: str, series: str) -> Response:
+    """WADO-RS thumbnail of a series: its middle image."""
+    return _render(_middle_instance(study, series), 1, thumbnail=True)
+
+
+@bp.get("/studies/<study>/thumbnail")
+def study_thumbnail(study: str) -> Response:
+    """WADO-RS thumbnail of a study: the middle image of its first series."""
+    first = _instances_of(study)
+    if not first:
+        abort(404, "no instances")
+    return _render(_middle_instance(study, first[0].series.series_instance_uid), 1,
+                   thumbnail=True)

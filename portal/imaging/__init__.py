@@ -1,0 +1,1 @@
+"""④⑤ Imaging: renditions, pure rendering, and the cache of rendered bytes."""

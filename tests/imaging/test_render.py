@@ -1,0 +1,168 @@
+"""Rendering: the pure pipeline against independent references, DCMTK, and the HTTP rules."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from PIL import Image
+from pydicom.uid import RLELossless, generate_uid
+
+from portal.archive import current_archive
+from portal.archive.validate import Rejected
+from portal.imaging.render import render_frame, window_to_8bit
+from portal.imaging.rendition import InvalidRendition, Rendition, Window, parse_rendition
+from tests.conftest import sample_paths
+from tests.factories import make_dataset, make_instance, to_bytes
+
+
+def test_linear_window_follows_ps3_3() -> None:
+    # PS3.3 C.11.2.1.2.1: below c - 0.5 - (w-1)/2 -> 0, above c - 0.5 + (w-1)/2 -> max.
+    values = np.array([-1000, -161, 40, 239, 240, 3000], dtype=np.float32)
+    out = window_to_8bit(values, Window(40.0, 400.0))
+    reference = np.clip(((values - 39.5) / 399.0 + 0.5) * 255.0, 0, 255).astype(np.uint8)
+    assert out.tolist() == reference.tolist()
+    assert out[0] == 0 and out[-1] == 255
+    sigmoid = window_to_8bit(np.array([40.0]), Window(40.0, 400.0, "sigmoid"))
+    assert abs(int(sigmoid[0]) - 127) <= 1
+
+
+@pytest.mark.parametrize(("args", "accept", "message"), [
+    ({"window": "40,0"}, "", "greater than 0"), ({"window": "40,-5"}, "", "greater than 0"),
+    ({"window": "a,b"}, "", "numbers"), ({"window": "1,2,cubic"}, "", "function"),
+    ({"width": "333"}, "", "width must be"), ({"quality": "0"}, "", "quality"),
+    ({"viewport": "0,10"}, "", "viewport"), ({}, "image/gif", "image/jpeg"),
+    ({"preset": "mystery"}, "", "preset")])
+def test_renditions_outside_the_allow_list_are_refused(args: dict[str, str], accept: str,
+                                                       message: str) -> None:
+    with pytest.raises(InvalidRendition, match=message):
+        parse_rendition(args, accept)
+
+
+def test_monochrome1_is_inverted_and_rescale_applied() -> None:
+    ds = make_dataset(rows=4, columns=4)
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.PixelData = np.full((4, 4), 1024 + 40, dtype=np.uint16).tobytes()  # 40 HU after rescale
+    png = render_frame(to_bytes(ds), 0, Rendition(format="png", window=Window(40, 400)))
+    grey = np.asarray(Image.open(io.BytesIO(png)))
+    expected = 255 - int(((40 - 39.5) / 399 + 0.5) * 255)
+    assert np.all(grey == expected)
+
+
+def test_pixel_aspect_ratio_is_honoured() -> None:
+    ds = make_dataset(rows=100, columns=100, PixelSpacing=[2.0, 1.0])
+    png = render_frame(to_bytes(ds), 0, Rendition(format="png"))
+    assert Image.open(io.BytesIO(png)).size == (100, 200)
+
+
+def test_ct_matches_dcmtk_within_two_grey_levels(tmp_path: Path) -> None:
+    source = next(p for p in sample_paths() if p.name == "CT_small.dcm")
+    ours = np.asarray(Image.open(io.BytesIO(render_frame(
+        source.read_bytes(), 0, Rendition(format="png", window=Window(40, 400)))))).astype(int)
+    pgm = tmp_path / "ct.pgm"
+    subprocess.run(["/usr/bin/dcmj2pnm", "+Ww", "40", "400", "+on", str(source), str(pgm)],
+                   check=True, capture_output=True, timeout=60)
+    theirs = np.asarray(Image.open(pgm)).astype(int)
+    assert theirs.shape == ours.shape
+    difference = np.abs(theirs - ours)
+    assert difference.max() <= 2, difference.max()
+    mse = float(np.mean(difference.astype(float) ** 2))
+    psnr = 99.0 if mse == 0 else 10 * np.log10(255**2 / mse)
+    assert psnr > 40
+
+
+def store(app: Flask, data: bytes) -> pydicom.Dataset:
+    with app.app_context():
+        current_archive().ingest(data, who="test")
+    return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+
+
+def url(ds: pydicom.Dataset, tail: str) -> str:
+    return (f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}/{tail}")
+
+
+def test_rendered_with_etag_cache_and_formats(app: Flask, client: FlaskClient,
+                                              auth: dict[str, str]) -> None:
+    ds = store(app, make_instance(rows=600, columns=600))
+    first = client.get(url(ds, "rendered?window=40,400&viewport=512,512"), headers=auth)
+    assert first.status_code == 200 and first.mimetype == "image/jpeg"
+    assert "private" in first.headers["Cache-Control"] and "max-age" in first.headers[
+        "Cache-Control"]
+    assert Image.open(io.BytesIO(first.data)).size == (512, 512)
+    again = client.get(url(ds, "rendered?window=40,400&viewport=512,512"),
+                       headers={**auth, "If-None-Match": first.headers["ETag"]})
+    assert again.status_code == 304 and not again.data
+    webp = client.get(url(ds, "rendered"), headers={**auth, "Accept": "image/webp"})
+    assert webp.mimetype == "image/webp" and Image.open(io.BytesIO(webp.data)).format == "WEBP"
+    thumb = client.get(url(ds, "thumbnail"), headers=auth)
+    assert max(Image.open(io.BytesIO(thumb.data)).size) == 128
+    series = client.get(f"/dicomweb/studies/{ds.StudyInstanceUID}/series/"
+                        f"{ds.SeriesInstanceUID}/thumbnail", headers=auth)
+    assert series.status_code == 200
+    study = client.get(f"/dicomweb/studies/{ds.StudyInstanceUID}/thumbnail", headers=auth)
+    assert study.status_code == 200
+
+
+def test_bad_requests_get_clear_errors(app: Flask, client: FlaskClient,
+                                       auth: dict[str, str]) -> None:
+    ds = store(app, make_instance())
+    assert client.get(url(ds, "frames/2/rendered"), headers=auth).status_code == 404
+    assert client.get(url(ds, "rendered?window=40,0"), headers=auth).status_code == 400
+    gif = client.get(url(ds, "rendered"), headers={**auth, "Accept": "image/gif"})
+    assert gif.status_code == 400 and "image/jpeg" in gif.get_json()["error"]
+    other = client.get(f"/dicomweb/studies/{generate_uid()}/series/{ds.SeriesInstanceUID}"
+                       f"/instances/{ds.SOPInstanceUID}/rendered", headers=auth)
+    assert other.status_code == 404
+
+
+def test_corrupt_and_oversized_compressed_frames_fail_one_request(
+        app: Flask, client: FlaskClient, auth: dict[str, str]) -> None:
+    ds = make_dataset(rows=64, columns=64)
+    ds.compress(RLELossless, generate_instance_uid=False)
+    data = bytearray(to_bytes(ds))
+    # Scribble over the RLE segment offsets in the frame's header: the decoder must fail.
+    header = data.index(b"\xfe\xff\x00\xe0", data.index(b"\xe0\x7f\x10\x00") + 12 + 8)
+    data[header + 8:header + 72] = b"\xff" * 64
+    corrupt = store(app, bytes(data))
+    broken = client.get(url(corrupt, "rendered"), headers=auth)
+    assert broken.status_code == 422 and "cannot be decoded" in broken.get_json()["error"]
+    big = make_dataset(rows=8, columns=8)
+    big.BitsAllocated, big.BitsStored, big.HighBit = 8, 8, 7
+    big.PixelData = bytes(64)
+    big.compress(RLELossless, generate_instance_uid=False)
+    big.Rows = big.Columns = 30000
+    huge = store(app, to_bytes(big))
+    refused = client.get(url(huge, "rendered"), headers=auth)
+    assert refused.status_code == 422 and "too large" in refused.get_json()["error"]
+    assert client.get(url(huge, "metadata"), headers=auth).status_code == 200  # still serving
+
+
+def test_every_shipped_sample_renders_or_is_refused_with_a_reason(
+        app: Flask, client: FlaskClient, auth: dict[str, str]) -> None:
+    rendered = refused = 0
+    for path in sample_paths():
+        data = path.read_bytes()
+        try:
+            with app.app_context():
+                current_archive().ingest(data, who="test")
+        except Rejected:
+            continue
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        if "Rows" not in ds:
+            continue
+        response = client.get(url(ds, "rendered?viewport=512,512"), headers=auth)
+        if response.status_code == 200:
+            Image.open(io.BytesIO(response.data)).verify()
+            rendered += 1
+        else:
+            assert response.status_code in (404, 422), (path.name, response.status_code)
+            assert response.get_json()["error"], path.name
+            refused += 1
+    assert rendered >= 80 and refused <= 5, (rendered, refused)
