@@ -355,3 +355,33 @@ def csrf_of(client: FlaskClient) -> str:
     client.get("/studies")
     with client.session_transaction() as session:
         return str(session.get("csrf") or "")
+
+
+# -- a real Redis (Debian redis-server) -------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A throwaway redis-server on 127.0.0.1, stopped after the session."""
+    executable = shutil.which("redis-server") or "/usr/bin/redis-server"
+    port = free_port()
+    server = subprocess.Popen([executable, "--port", str(port), "--bind", "127.0.0.1",
+                               "--save", "", "--appendonly", "no", "--maxmemory", "64mb",
+                               "--maxmemory-policy", "allkeys-lru"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        import redis
+
+        client = redis.Redis.from_url(url)
+
+        def ready() -> bool:
+            try:
+                return bool(client.ping())
+            except redis.ConnectionError:
+                return False
+
+        assert wait_for(ready, timeout=10), "redis-server did not start"
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)

@@ -166,3 +166,22 @@ def test_every_shipped_sample_renders_or_is_refused_with_a_reason(
             assert response.get_json()["error"], path.name
             refused += 1
     assert rendered >= 80 and refused <= 5, (rendered, refused)
+
+
+def test_renditions_are_cached_in_a_real_redis(tmp_path: Path, redis_url: str) -> None:
+    import redis
+
+    from tests.conftest import basic_auth, make_app, make_client
+
+    app = make_app(tmp_path / "instance", REDIS_URL=redis_url)
+    auth = basic_auth(*make_client(app, "redis-reader"))
+    ds = store(app, make_instance(rows=64, columns=64))
+    client = app.test_client()
+    first = client.get(url(ds, "rendered?quality=70"), headers=auth)
+    assert first.status_code == 200
+    keys = [k.decode() for k in redis.Redis.from_url(redis_url).keys("render:*")]
+    assert len(keys) >= 1
+    assert all(ds.SOPInstanceUID not in k and "Doe" not in k for k in keys)  # no PHI in keys
+    assert first.data in [redis.Redis.from_url(redis_url).get(k) for k in keys]
+    redis.Redis.from_url(redis_url).flushall()
+    assert client.get(url(ds, "rendered?quality=70"), headers=auth).data == first.data
