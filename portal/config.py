@@ -76,6 +76,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MAX_FRAMES", int, 10_000, "most frames in one instance"),
     Setting("MAX_ZIP_ENTRIES", int, 100_000, "most entries in an imported zip"),
     Setting("MAX_ZIP_RATIO", int, 200, "largest compression ratio of a zip entry"),
+    Setting("RENDER_ISOLATION", _as_bool, True, "decode in capped child processes"),
+    Setting("RENDER_WORKERS", int, 2, "render processes per web worker"),
+    Setting("RENDER_MEMORY_MB", int, 2048, "address-space cap of a render process"),
+    Setting("RENDER_TIMEOUT_SECONDS", int, 30, "longest a render may take"),
+    Setting("MAX_RENDER_PIXELS", int, 64_000_000, "largest frame (rows x columns) rendered"),
     Setting("DIMSE_HOST", str, "127.0.0.1", "address the C-STORE SCP binds"),
     Setting("DIMSE_PORT", int, 11112, "port the C-STORE SCP binds"),
     Setting("DIMSE_AE_TITLE", str, "PORTAL", "AE title of the C-STORE SCP"),
@@ -158,7 +163,8 @@ def validate(config: dict[str, Any]) -> None:
     for key in ("SESSION_IDLE_MINUTES", "SESSION_ABSOLUTE_HOURS", "RECENT_AUTH_MINUTES",
                 "MAX_REQUEST_BYTES", "MAX_INSTANCE_BYTES", "MAX_INFLATED_BYTES",
                 "MAX_PIXEL_BYTES", "MAX_FRAMES", "MAX_ZIP_ENTRIES", "MAX_ZIP_RATIO",
-                "DIMSE_MAX_PDU"):
+                "DIMSE_MAX_PDU", "RENDER_WORKERS", "RENDER_MEMORY_MB",
+                "RENDER_TIMEOUT_SECONDS", "MAX_RENDER_PIXELS"):
         if config[key] <= 0:
             raise ConfigError(f"{key}: must be positive")
     if not 0 < config["DIMSE_PORT"] < 65536:

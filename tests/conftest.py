@@ -157,6 +157,14 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return cluster.new_database()
 
 
+def close_app(app: Flask) -> None:
+    """Release what an app holds: database connections and render processes."""
+    app.extensions["db"].dispose()
+    pool = app.extensions.get("render_pool")
+    if pool is not None:
+        pool.close()
+
+
 def make_app(instance: Path, database_url: str | None = None, **overrides: Any) -> Flask:
     """An app on its own instance folder with the schema created."""
     settings = {"INSTANCE_PATH": str(instance), "ENV": "test",
@@ -175,7 +183,7 @@ def app(tmp_path: Path) -> Iterator[Flask]:
     """The app on SQLite in a fresh instance folder."""
     application = make_app(tmp_path / "instance")
     yield application
-    application.extensions["db"].dispose()
+    close_app(application)
 
 
 @pytest.fixture
@@ -183,7 +191,7 @@ def any_db_app(tmp_path: Path, database_url: str) -> Iterator[Flask]:
     """The app, once on SQLite and once on PostgreSQL."""
     application = make_app(tmp_path / "instance", database_url)
     yield application
-    application.extensions["db"].dispose()
+    close_app(application)
 
 
 @pytest.fixture
@@ -306,7 +314,7 @@ def oidc_app(tmp_path: Path, idp: IdentityProvider) -> Iterator[Flask]:
     """The app configured to sign people in at the mock provider."""
     application = make_app(tmp_path / "instance", OIDC_ISSUER=idp.issuer, **OIDC_SETTINGS)
     yield application
-    application.extensions["db"].dispose()
+    close_app(application)
 
 
 def sign_in(client: FlaskClient, idp: IdentityProvider, sub: str,

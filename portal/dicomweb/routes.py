@@ -17,8 +17,8 @@ from portal.archive import current_archive
 from portal.archive.store import CorruptObject
 from portal.db import db
 from portal.dicomweb import frames, multipart, qido, stow
-from portal.imaging.cache import render_cache
-from portal.imaging.render import FrameNotFound, RenderRefused, render_frame
+from portal.imaging.cache import render, render_cache
+from portal.imaging.render import FrameNotFound, RenderRefused
 from portal.imaging.rendition import InvalidRendition, parse_rendition
 from portal.index.models import Instance, Series, Study
 
@@ -318,7 +318,7 @@ def _render(instance: Instance, frame: int, *, thumbnail: bool) -> Response:
     body = cache.get(key)
     if body is None:
         try:
-            body = render_frame(archive.read(instance.sop_instance_uid), frame - 1, rendition)
+            body = render(archive.read(instance.sop_instance_uid), frame - 1, rendition)
         except FrameNotFound as exc:
             abort(404, str(exc))
         except RenderRefused as exc:

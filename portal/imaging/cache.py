@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from typing import Protocol
+from typing import Any, Protocol
 
 from flask import Flask, current_app
 
@@ -94,8 +94,27 @@ def make_cache(redis_url: str | None) -> RenderCache:
 
 
 def init_app(app: Flask) -> None:
-    """Attach the cache the configuration asks for."""
-    app.extensions["render_cache"] = make_cache(app.config["PORTAL"]["REDIS_URL"])
+    """Attach the cache and, when isolation is on, the pool of render processes."""
+    from portal.imaging.isolation import RenderPool
+
+    settings = app.config["PORTAL"]
+    app.extensions["render_cache"] = make_cache(settings["REDIS_URL"])
+    app.extensions["render_pool"] = RenderPool(
+        workers=settings["RENDER_WORKERS"], memory_bytes=settings["RENDER_MEMORY_MB"] << 20,
+        timeout_seconds=float(settings["RENDER_TIMEOUT_SECONDS"])
+    ) if settings["RENDER_ISOLATION"] else None
+
+
+def render(data: bytes, index: int, rendition: Any) -> bytes:
+    """Render through the isolated pool when configured, else in this process."""
+    from portal.imaging.render import render_frame
+
+    pool = current_app.extensions.get("render_pool")
+    max_pixels = current_app.config["PORTAL"]["MAX_RENDER_PIXELS"]
+    if pool is not None:
+        result: bytes = pool.render(data, index, rendition, max_pixels)
+        return result
+    return render_frame(data, index, rendition, max_pixels)
 
 
 def render_cache() -> RenderCache:

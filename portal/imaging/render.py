@@ -112,6 +112,8 @@ def decode_frame(data: bytes, index: int,
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pixels = pixel_array(io.BytesIO(data), index=index if frames > 1 else None)
+    except MemoryError:
+        raise  # the render process's memory cap: reported as such by the caller
     except Exception as exc:  # every decoder has its own errors: all mean "cannot decode"
         raise RenderRefused(f"the image data cannot be decoded: {exc.__class__.__name__}"
                             ) from exc

@@ -185,3 +185,24 @@ def test_renditions_are_cached_in_a_real_redis(tmp_path: Path, redis_url: str) -
     assert first.data in [redis.Redis.from_url(redis_url).get(k) for k in keys]
     redis.Redis.from_url(redis_url).flushall()
     assert client.get(url(ds, "rendered?quality=70"), headers=auth).data == first.data
+
+
+def test_a_frame_that_needs_too_much_memory_fails_alone(tmp_path: Path) -> None:
+    """Decoding runs in capped processes: the big frame gets a 422, the next one renders."""
+    from tests.conftest import basic_auth, close_app, make_app, make_client
+
+    app = make_app(tmp_path / "instance", RENDER_MEMORY_MB=400, RENDER_WORKERS=1)
+    try:
+        auth = basic_auth(*make_client(app, "mem"))
+        big = make_dataset(rows=7000, columns=7000)
+        big.PixelData = np.zeros((7000, 7000), dtype=np.uint16).tobytes()
+        huge = store(app, to_bytes(big))
+        del big
+        small = store(app, make_instance(rows=32, columns=32))
+        client = app.test_client()
+        refused = client.get(url(huge, "rendered"), headers=auth)
+        assert refused.status_code == 422
+        assert "memory" in refused.get_json()["error"]
+        assert client.get(url(small, "rendered"), headers=auth).status_code == 200
+    finally:
+        close_app(app)

@@ -1,0 +1,940 @@
+"""Rendering speed, portal vs Orthanc, side by side in one run.
+
+Generates a synthetic CT series (default 150 slices of 512x512, portal.demo) and one large
+synthetic radiograph (default 2500 wide x 3000 high, 16-bit MONOCHROME2, uncompressed),
+starts a throwaway Orthanc with the DICOMweb plugin (tests/support/orthanc.py) and the
+portal (gunicorn) on 127.0.0.1, stores the same files in both (STOW-RS), and measures
+
+* a) cold renders of CT slices as JPEG at their native size, every request a different
+     (slice, window centre) pair so no render cache can answer,
+* b) one fixed URL repeated: a render-cache hit on the portal, a fresh render on Orthanc,
+* c) cold renders of the radiograph to a 1024-wide JPEG (ms per image, one connection),
+* d) bytes per image (JPEG and WebP) at the default quality,
+
+for 1 and 8 keep-alive connections, with wrk (or a Python load generator when wrk is
+missing). Orthanc is asked through its DICOMweb plugin (same URLs as the portal) and through
+its own REST API. See benchmarks/README.md.
+
+    .venv/bin/python benchmarks/render.py [--seconds 10] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import base64
+import http.client
+import io
+import json
+import math
+import os
+import platform
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+for _entry in (REPO_ROOT, BENCH_DIR):  # import portal.*, tests.* and the ingest benchmark
+    if str(_entry) not in sys.path:
+        sys.path.insert(0, str(_entry))
+
+import numpy as np  # noqa: E402
+import requests  # noqa: E402
+from ingest import (  # noqa: E402
+    ProcessGroup,
+    Series,
+    Target,
+    _terminate_on_signal,
+    load_generator,
+    log,
+    make_series,
+    orthanc_target,
+    portal_target,
+    stow_bulk,
+    verify,
+    working_directory,
+)
+from PIL import Image  # noqa: E402
+from pydicom import dcmread  # noqa: E402
+from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
+
+APIS = ("portal", "orthanc-dicomweb", "orthanc-rest")
+SCENARIOS = ("a", "b", "c", "d")
+WRK = shutil.which("wrk")
+QUALITY = 90  # asked of both servers in a)-c): Orthanc's default, the portal's is 85
+CT_WINDOW = (40.0, 400.0)  # soft tissue; also the first window stored in the demo CT files
+CT_CENTRE_STEP = 0.001  # HU per pass over the slices in a)
+XR_CENTRE_STEP = 0.1  # stored value per request in c)
+XR_TARGET_WIDTH = 1024
+BLOCK = 150_000  # request numbers reserved per load-generator thread and run
+RUN_PAUSE_S = 1.0
+HTTP_TIMEOUT_S = 60.0
+
+
+# --------------------------------------------------------------------------- data
+
+
+def write_radiograph(path: Path, *, columns: int, rows: int, seed: str) -> Path:
+    """A synthetic 12-bit chest-like radiograph, Explicit VR Little Endian, uncompressed.
+
+    Smooth anatomy (body, lungs, ribs) plus Gaussian quantum noise, so JPEG sizes and
+    encode times are in the range of a real radiograph rather than of a flat image.
+    """
+    rng = np.random.default_rng(int.from_bytes(seed.encode()[:8].ljust(8, b"\0"), "little"))
+    y = np.linspace(-1.0, 1.0, rows, dtype=np.float32)[:, None]
+    x = np.linspace(-1.0, 1.0, columns, dtype=np.float32)[None, :]
+    image = 2400.0 - 900.0 * x**2 - 300.0 * y
+    body = (x / 0.85) ** 2 + (y / 1.1) ** 2 < 1.0
+    image = np.where(body, image + 600.0, image)
+    for cx in (-0.38, 0.38):
+        lung = ((x - cx) / 0.3) ** 2 + ((y + 0.1) / 0.6) ** 2 < 1.0
+        image = np.where(lung, image - 900.0, image)
+    for k in range(12):
+        rib = np.abs(y + 0.7 - k * 0.12 - 0.15 * np.abs(x)) < 0.02
+        image = np.where(rib & body, image + 250.0, image)
+    image = image + rng.normal(0.0, 20.0, image.shape).astype(np.float32)
+    pixels = np.clip(image, 0, 4095).astype(np.uint16)
+
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # Computed Radiography Image Storage
+    ds.SOPInstanceUID = generate_uid(entropy_srcs=[seed, "sop"])
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=[seed, "study"])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=[seed, "series"])
+    ds.PatientName = "Bench^Radiograph"
+    ds.PatientID = "BENCH-XR"
+    ds.PatientBirthDate = "19700101"
+    ds.PatientSex = "O"
+    ds.StudyDate = ds.SeriesDate = "20240101"
+    ds.StudyTime = ds.SeriesTime = "120000"
+    ds.AccessionNumber = "BENCHXR1"
+    ds.StudyID = "1"
+    ds.Modality = "CR"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = 1
+    ds.Rows, ds.Columns = rows, columns
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = ["0.14", "0.14"]
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.PixelData = pixels.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@dataclass(frozen=True)
+class Image3:
+    """The UIDs of one stored image and its Orthanc id."""
+
+    study: str
+    series: str
+    sop: str
+    orthanc_id: str = ""
+
+
+def image_uids(path: Path) -> Image3:
+    ds = dcmread(path, stop_before_pixels=True)
+    return Image3(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+
+
+# --------------------------------------------------------------------------- endpoints
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """How to reach one API: base URL (scheme, host, port) and credentials."""
+
+    name: str  # one of APIS
+    base: str  # e.g. http://127.0.0.1:8042
+    auth: tuple[str, str]
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        parts = urlsplit(self.base)
+        return parts.hostname or "127.0.0.1", parts.port or 80
+
+    @property
+    def authorization(self) -> str:
+        token = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()
+        return f"Basic {token}"
+
+
+def rendered_path(api: str, root: str, image: Image3) -> str:
+    """The path (without query) of an instance's rendered resource on one API."""
+    if api == "orthanc-rest":
+        return f"/instances/{image.orthanc_id}/rendered"
+    return (f"{root}/studies/{image.study}/series/{image.series}/instances/{image.sop}"
+            "/rendered")
+
+
+def frame_path(api: str, root: str, image: Image3) -> str:
+    """The path of the first frame's rendered resource (c): Orthanc REST counts from 0."""
+    if api == "orthanc-rest":
+        return f"/instances/{image.orthanc_id}/frames/0/rendered"
+    return rendered_path(api, root, image)
+
+
+def window_query(api: str, width: float, *, quality: int | None,
+                 viewport: tuple[int, int] | None = None) -> str:
+    """Query string with a ``{c}`` placeholder for the window centre.
+
+    Orthanc's DICOMweb plugin wants the function (3 values) and does not decode %2C, so
+    commas go raw to every API. Orthanc REST has its own names; ``width=`` there keeps the
+    aspect ratio, as the portal's viewport does.
+    """
+    if api == "orthanc-rest":
+        parts = ["window-center={c}", f"window-width={width:g}"]
+        if viewport:
+            parts.insert(0, f"width={viewport[0]}")
+    else:
+        parts = [f"window={{c}},{width:g},linear"]
+        if viewport:
+            parts.insert(0, f"viewport={viewport[0]},{viewport[1]}")
+    if quality is not None:
+        parts.append(f"quality={quality}")
+    return "?" + "&".join(parts)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """The sequence of request paths of one load run.
+
+    Request number ``j`` asks for image ``paths[j % len(paths)]`` with window centre
+    ``centre + (j // len(paths)) * step`` (``fmt``-formatted) when ``vary``; otherwise every
+    request is the same (``paths[0]``, centre ``centre``). Each load-generator thread ``t``
+    of a run numbers its requests ``base + t * BLOCK + k``, so no request repeats within a
+    run, and every run gets a fresh ``base``.
+    """
+
+    paths: tuple[str, ...]
+    query: str  # contains {c}
+    centre: float
+    step: float
+    fmt: str  # printf format of the centre, e.g. %.3f
+    vary: bool
+
+    def path(self, j: int) -> str:
+        if not self.vary:
+            return self.paths[0] + self.query.format(c=self.fmt % self.centre)
+        n = len(self.paths)
+        centre = self.centre + (j // n) * self.step
+        return self.paths[j % n] + self.query.format(c=self.fmt % centre)
+
+    def lua(self, *, base: int, headers: dict[str, str]) -> str:
+        """A wrk script issuing exactly the requests ``path`` describes."""
+        quoted = ",\n  ".join(json.dumps(p) for p in self.paths)
+        lua_query = json.dumps(self.query.replace("{c}", "%s"))  # no other % in queries
+        header_lines = "\n".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}"
+                                 for k, v in headers.items())
+        vary = "true" if self.vary else "false"
+        return f"""-- generated by benchmarks/render.py
+local paths = {{
+  {quoted}
+}}
+local query = {lua_query}
+local centre0, step, fmt, vary = {self.centre!r}, {self.step!r}, {json.dumps(self.fmt)}, {vary}
+local base, block = {base}, {BLOCK}
+{header_lines}
+local counter = 0
+function setup(thread)
+  thread:set("tid", counter)
+  counter = counter + 1
+end
+local k = 0
+local fixed = nil
+function request()
+  if not vary then
+    if fixed == nil then
+      fixed = wrk.format("GET", paths[1] .. string.format(query, string.format(fmt, centre0)))
+    end
+    return fixed
+  end
+  local j = base + tid * block + k
+  k = k + 1
+  local n = #paths
+  local centre = centre0 + math.floor(j / n) * step
+  return wrk.format("GET", paths[(j % n) + 1] .. string.format(query, string.format(fmt, centre)))
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {{"requests": %d, "duration_us": %d, "bytes": %d, "connect": %d, "read": %d, ' ..
+    '"write": %d, "status": %d, "timeout": %d, "p50_us": %d, "p90_us": %d, "p99_us": %d, ' ..
+    '"mean_us": %.1f, "max_us": %d}}\\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status,
+    e.timeout, latency:percentile(50), latency:percentile(90), latency:percentile(99),
+    latency.mean, latency.max))
+end
+"""
+
+
+# --------------------------------------------------------------------------- load generators
+
+
+@dataclass
+class LoadResult:
+    requests: int
+    seconds: float
+    bytes: int
+    errors: dict[str, int]
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    max_ms: float
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+
+def run_wrk(endpoint: Endpoint, pattern: Pattern, *, base: int, connections: int,
+            seconds: float, accept: str, script_dir: Path) -> LoadResult:
+    threads = min(connections, os.cpu_count() or 1)
+    script = script_dir / f"wrk-{secrets.token_hex(4)}.lua"
+    script.write_text(pattern.lua(base=base, headers={
+        "Authorization": endpoint.authorization, "Accept": accept}))
+    script.chmod(0o600)  # holds credentials
+    argv = [WRK or "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s",
+            "--timeout", f"{HTTP_TIMEOUT_S:g}s", "-s", str(script), endpoint.base]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120)
+    finally:
+        script.unlink()
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("WRKJSON ")), None)
+    if done.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout[-800:]}"
+                           f"{done.stderr[-800:]}")
+    raw = json.loads(line[len("WRKJSON "):])
+    return LoadResult(
+        requests=raw["requests"], seconds=raw["duration_us"] / 1e6, bytes=raw["bytes"],
+        errors={k: raw[k] for k in ("connect", "read", "write", "status", "timeout") if raw[k]},
+        p50_ms=raw["p50_us"] / 1e3, p90_ms=raw["p90_us"] / 1e3, p99_ms=raw["p99_us"] / 1e3,
+        mean_ms=raw["mean_us"] / 1e3, max_ms=raw["max_us"] / 1e3,
+    )
+
+
+def run_python(endpoint: Endpoint, pattern: Pattern, *, base: int, connections: int,
+               seconds: float, accept: str, script_dir: Path) -> LoadResult:
+    """Fallback without wrk: one thread per keep-alive connection (http.client).
+
+    Slower than wrk and it competes with the servers for the GIL-free CPU less well, so
+    its numbers are lower bounds; the report says which client ran.
+    """
+    del script_dir
+    host, port = endpoint.host_port
+    headers = {"Authorization": endpoint.authorization, "Accept": accept}
+    latencies: list[list[float]] = [[] for _ in range(connections)]
+    received = [0] * connections
+    errors: dict[str, int] = {}
+    lock = threading.Lock()
+    start = time.perf_counter()
+    deadline = start + seconds
+    max_requests = 1_000_000  # per connection, a hard bound besides the deadline
+
+    def worker(tid: int) -> None:
+        conn = http.client.HTTPConnection(host, port, timeout=HTTP_TIMEOUT_S)
+        try:
+            for k in range(max_requests):
+                if time.perf_counter() >= deadline:
+                    break
+                path = pattern.path(base + tid * BLOCK + k)
+                t0 = time.perf_counter()
+                try:
+                    conn.request("GET", path, headers=headers)
+                    response = conn.getresponse()
+                    body = response.read()
+                except (OSError, http.client.HTTPException):
+                    with lock:
+                        errors["read"] = errors.get("read", 0) + 1
+                    conn.close()
+                    conn = http.client.HTTPConnection(host, port, timeout=HTTP_TIMEOUT_S)
+                    continue
+                latencies[tid].append(time.perf_counter() - t0)
+                received[tid] += len(body)
+                if response.status > 399:
+                    with lock:
+                        errors["status"] = errors.get("status", 0) + 1
+        finally:
+            conn.close()
+
+    workers = [threading.Thread(target=worker, args=(t,), daemon=True)
+               for t in range(connections)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=seconds + HTTP_TIMEOUT_S + 10)
+    elapsed = time.perf_counter() - start
+    all_ms = sorted(x * 1e3 for lat in latencies for x in lat)
+    if not all_ms:
+        raise RuntimeError("no request completed")
+
+    def pct(p: float) -> float:
+        return all_ms[min(len(all_ms) - 1, max(0, math.ceil(p / 100 * len(all_ms)) - 1))]
+
+    return LoadResult(requests=len(all_ms), seconds=elapsed, bytes=sum(received),
+                      errors=errors, p50_ms=pct(50), p90_ms=pct(90), p99_ms=pct(99),
+                      mean_ms=statistics.fmean(all_ms), max_ms=all_ms[-1])
+
+
+# --------------------------------------------------------------------------- checks
+
+
+class CheckFailed(RuntimeError):
+    """A response was not a 200 with a decodable image of the expected kind and size."""
+
+
+@dataclass
+class Sample:
+    url: str
+    status: int
+    content_type: str
+    nbytes: int
+    size: tuple[int, int] | None
+    image_format: str | None
+
+
+def fetch_image(session: requests.Session, endpoint: Endpoint, path: str, *, accept: str,
+                expect_format: str, expect_size: tuple[int, int] | None) -> Sample:
+    """GET one rendition and insist on 200 + a decodable image; CheckFailed says why."""
+    url = endpoint.base + path
+    response = session.get(url, auth=endpoint.auth, headers={"Accept": accept},
+                           timeout=HTTP_TIMEOUT_S)
+    sample = Sample(url, response.status_code, response.headers.get("Content-Type", ""),
+                    len(response.content), None, None)
+    if response.status_code != 200:
+        raise CheckFailed(f"GET {url} (Accept: {accept}) -> HTTP {response.status_code} "
+                          f"{sample.content_type}: {response.text[:500]!r}")
+    try:
+        with Image.open(io.BytesIO(response.content)) as image:
+            image.load()
+            sample.size, sample.image_format = image.size, image.format
+    except Exception as exc:  # any decoder error: the body is not an image
+        raise CheckFailed(f"GET {url} -> 200 {sample.content_type}, {sample.nbytes} bytes, "
+                          f"not decodable: {exc}; first bytes {response.content[:64]!r}"
+                          ) from exc
+    if sample.image_format != expect_format:
+        raise CheckFailed(f"GET {url} -> {sample.image_format}, expected {expect_format}")
+    if expect_size is not None and sample.size != expect_size:
+        raise CheckFailed(f"GET {url} -> {sample.size[0]}x{sample.size[1]}, expected "
+                          f"{expect_size[0]}x{expect_size[1]}")
+    return sample
+
+
+# --------------------------------------------------------------------------- cells
+
+
+@dataclass
+class Cell:
+    """One measured (scenario, connections, API) combination."""
+
+    scenario: str
+    connections: int
+    api: str
+    requests: int = 0
+    seconds: float = 0.0
+    rps: float = 0.0
+    p50_ms: float = 0.0
+    p90_ms: float = 0.0
+    p99_ms: float = 0.0
+    mean_ms: float = 0.0
+    max_ms: float = 0.0
+    mean_response_bytes: float = 0.0  # wrk: includes HTTP headers
+    sample_image_bytes: float = 0.0
+    example_url: str = ""
+    error: str | None = None
+
+
+@dataclass
+class Bytes:
+    """Mean encoded size of one kind of image on one API (scenario d)."""
+
+    image: str  # ct | xr
+    format: str  # jpeg | webp
+    quality: str  # "default" or a number
+    api: str
+    mean_bytes: float | None
+    images: int
+    size: tuple[int, int] | None = None
+    note: str = ""
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    workdir: Path
+    endpoints: dict[str, Endpoint]
+    ct: list[Image3]
+    xr: Image3
+    xr_size: tuple[int, int]  # output of c): (width, height)
+    next_base: dict[str, int] = field(default_factory=dict)
+
+    def allocate(self, api: str, connections: int) -> int:
+        """A fresh range of request numbers for one run on one API."""
+        base = self.next_base.get(api, 0)
+        self.next_base[api] = base + max(connections, os.cpu_count() or 1) * BLOCK
+        return base
+
+    def root(self, api: str) -> str:
+        return {"portal": "/dicomweb", "orthanc-dicomweb": "/dicom-web"}.get(api, "")
+
+    def ct_pattern(self, api: str, *, vary: bool) -> Pattern:
+        paths = [rendered_path(api, self.root(api), im) for im in self.ct]
+        if not vary:  # b): the middle slice, always the same URL
+            paths = [paths[len(paths) // 2]]
+        return Pattern(tuple(paths), window_query(api, CT_WINDOW[1], quality=QUALITY),
+                       CT_WINDOW[0], CT_CENTRE_STEP, "%.3f", vary)
+
+    def xr_pattern(self, api: str) -> Pattern:
+        return Pattern((frame_path(api, self.root(api), self.xr),),
+                       window_query(api, 4096, quality=QUALITY, viewport=self.xr_size),
+                       2048.0, XR_CENTRE_STEP, "%.1f", True)
+
+
+def load(bench: Bench, api: str, pattern: Pattern, *, connections: int, seconds: float,
+         base: int) -> LoadResult:
+    client = run_wrk if bench.args.client == "wrk" else run_python
+    return client(bench.endpoints[api], pattern, base=base, connections=connections,
+                  seconds=seconds, accept="image/jpeg", script_dir=bench.workdir)
+
+
+def measure_cell(bench: Bench, scenario: str, connections: int, api: str, pattern: Pattern,
+                 expect_size: tuple[int, int], *, warm_connections: int) -> Cell:
+    """Check samples, warm up (unmeasured), load for --seconds, check again."""
+    cell = Cell(scenario, connections, api)
+    endpoint = bench.endpoints[api]
+    seconds = bench.args.seconds
+    try:
+        with requests.Session() as session:
+            # Samples come from their own request numbers: they must not warm the cache for
+            # the measured requests of a cold scenario.
+            sample_base = bench.allocate(api, 1)
+            samples = [fetch_image(session, endpoint, pattern.path(sample_base + k),
+                                   accept="image/jpeg", expect_format="JPEG",
+                                   expect_size=expect_size) for k in range(3)]
+            cell.sample_image_bytes = statistics.fmean(s.nbytes for s in samples)
+            cell.example_url = samples[0].url
+            if warm_connections and bench.args.warmup > 0:
+                warmup = load(bench, api, pattern, connections=warm_connections,
+                              seconds=bench.args.warmup,
+                              base=bench.allocate(api, warm_connections))
+                if warmup.error_count:
+                    raise CheckFailed(f"warm-up errors {warmup.errors}")
+            time.sleep(RUN_PAUSE_S)
+            base = bench.allocate(api, connections)
+            result = load(bench, api, pattern, connections=connections, seconds=seconds,
+                          base=base)
+            # After the run: still healthy, and what was served looked like the samples.
+            fetch_image(session, endpoint, pattern.path(bench.allocate(api, 1)),
+                        accept="image/jpeg", expect_format="JPEG", expect_size=expect_size)
+        if result.error_count:
+            raise CheckFailed(f"{result.error_count} failed requests during the run "
+                              f"({result.errors}); sample {cell.example_url}")
+        if result.requests == 0:
+            raise CheckFailed("no request completed")
+        if pattern.vary and result.requests >= BLOCK:
+            raise CheckFailed("more requests than reserved numbers: cache hits possible")
+        cell.mean_response_bytes = result.bytes / result.requests
+        # wrk counts headers too (a few hundred bytes); a body far smaller than the samples
+        # would mean errors or empty answers were being counted as renders.
+        if cell.mean_response_bytes < 0.7 * cell.sample_image_bytes:
+            raise CheckFailed(f"responses averaged {cell.mean_response_bytes:.0f} bytes, "
+                              f"samples {cell.sample_image_bytes:.0f}")
+        cell.requests, cell.seconds, cell.rps = result.requests, result.seconds, result.rps
+        cell.p50_ms, cell.p90_ms, cell.p99_ms = result.p50_ms, result.p90_ms, result.p99_ms
+        cell.mean_ms, cell.max_ms = result.mean_ms, result.max_ms
+        log(f"  {scenario}) {api:<17} c={connections}: {cell.rps:8.1f} req/s  "
+            f"p50 {cell.p50_ms:7.1f} ms  p99 {cell.p99_ms:7.1f} ms  ({cell.requests} requests)")
+    except (CheckFailed, RuntimeError, requests.RequestException) as exc:
+        cell.error = str(exc)
+        log(f"  {scenario}) {api} c={connections}: FAILED: {exc}")
+    return cell
+
+
+def measure_bytes(bench: Bench) -> list[Bytes]:
+    """d): mean encoded size over a spread of CT slices and of the radiograph."""
+    step = max(1, len(bench.ct) // 15)
+    ct_images = bench.ct[::step][:15]
+    out: list[Bytes] = []
+    with requests.Session() as session:
+        for image_kind, images, query_for, size in (
+            ("ct", ct_images, lambda api, q: window_query(api, CT_WINDOW[1], quality=q),
+             None),
+            ("xr", [bench.xr], lambda api, q: window_query(api, 4096, quality=q,
+                                                           viewport=bench.xr_size),
+             bench.xr_size),
+        ):
+            centre = CT_WINDOW[0] if image_kind == "ct" else 2048.0
+            for fmt, accept, pil in (("jpeg", "image/jpeg", "JPEG"), ("webp", "image/webp",
+                                                                      "WEBP")):
+                for quality in (None, QUALITY):
+                    for api in bench.endpoints:
+                        label = "default" if quality is None else str(quality)
+                        query = query_for(api, quality).format(c=f"{centre:g}")
+                        sizes, dims = [], None
+                        try:
+                            for im in images:
+                                path = (frame_path if image_kind == "xr" else rendered_path)(
+                                    api, bench.root(api), im)
+                                sample = fetch_image(session, bench.endpoints[api],
+                                                     path + query, accept=accept,
+                                                     expect_format=pil, expect_size=size)
+                                sizes.append(sample.nbytes)
+                                dims = sample.size
+                        except (CheckFailed, requests.RequestException) as exc:
+                            # Orthanc 1.10 renders JPEG and PNG only: expected, not a failure.
+                            expected = fmt == "webp" and api != "portal"
+                            note = (f"not offered: {str(exc)[:160]}" if expected
+                                    else f"FAILED: {exc}")
+                            out.append(Bytes(image_kind, fmt, label, api, None, 0, note=note))
+                            if not expected:
+                                log(f"  d) {image_kind} {fmt} q={label} {api}: FAILED: {exc}")
+                            continue
+                        out.append(Bytes(image_kind, fmt, label, api,
+                                         statistics.fmean(sizes), len(sizes), dims))
+    return out
+
+
+# --------------------------------------------------------------------------- set-up
+
+
+def orthanc_ids(base: str, auth: tuple[str, str], images: list[Image3]) -> list[Image3]:
+    out = []
+    with requests.Session() as session:
+        session.auth = auth
+        for im in images:
+            found = session.post(f"{base}/tools/lookup", data=im.sop, timeout=30)
+            found.raise_for_status()
+            ids = [x["ID"] for x in found.json() if x.get("Type") == "Instance"]
+            if len(ids) != 1:
+                raise RuntimeError(f"Orthanc lookup of {im.sop}: {found.text[:300]}")
+            out.append(Image3(im.study, im.series, im.sop, ids[0]))
+    return out
+
+
+PORTAL_RENDER_KEYS = ("REDIS_URL", "RENDER_ISOLATION", "RENDER_WORKERS", "RENDER_MEMORY_MB",
+                      "RENDER_TIMEOUT_SECONDS", "MAX_RENDER_PIXELS")
+
+
+def portal_render_settings() -> dict[str, Any]:
+    """Render-related settings the portal started with: defaults, overridden by PORTAL_*."""
+    from portal import config, gunicorn_config
+
+    known = {s.key: s.default for s in config.SETTINGS}
+    settings: dict[str, Any] = {
+        "gunicorn": f"{gunicorn_config.workers} workers x {gunicorn_config.threads} threads "
+                    f"({gunicorn_config.worker_class})",
+    }
+    for key in PORTAL_RENDER_KEYS:
+        if key in known:
+            settings[key] = os.environ.get(f"PORTAL_{key}", known[key])
+    settings["render cache"] = ("Redis" if settings.get("REDIS_URL")
+                                else "in-process LRU per gunicorn worker")
+    return settings
+
+
+def git_state() -> str:
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "portal"], cwd=REPO_ROOT,
+                           capture_output=True, text=True).stdout.strip()
+    return f"{head or 'unknown'}{' + uncommitted changes under portal/' if dirty else ''}"
+
+
+def set_up(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
+           ) -> tuple[Bench, dict[str, Any]]:
+    tag = secrets.token_hex(4)
+    log(f"generating {args.slices} CT slices 512x512 and a {args.xr[0]}x{args.xr[1]} "
+        "radiograph ...")
+    ct = make_series(load_generator(), workdir / "data" / "ct", slices=args.slices, size=512,
+                     seed=f"render-bench-{tag}-ct")
+    xr_file = write_radiograph(workdir / "data" / "xr" / "XR0001.dcm", columns=args.xr[0],
+                               rows=args.xr[1], seed=f"render-bench-{tag}-xr")
+    xr = Series([xr_file], [xr_file.read_bytes()], image_uids(xr_file).study)
+
+    log("starting Orthanc ...")
+    orthanc = orthanc_target(workdir, procs, nodelay=False, paths=())
+    for item in args.portal_env:
+        key, _, value = item.partition("=")
+        os.environ[key] = value  # portal_target passes os.environ to gunicorn
+    log("starting portal (gunicorn) ...")
+    portal = portal_target(workdir, procs, paths=())
+    targets: list[Target] = [orthanc, portal]
+    for target in targets:
+        for series in (ct, xr):
+            log(f"  storing {len(series.payloads)} instance(s) in {target.name} (STOW-RS) ...")
+            stow_bulk(target, series)
+            verify(target, series)
+
+    orthanc_base = orthanc.dicomweb.removesuffix("/dicom-web")
+    portal_base = portal.dicomweb.removesuffix("/dicomweb")
+    endpoints = {
+        "portal": Endpoint("portal", portal_base, portal.auth),
+        "orthanc-dicomweb": Endpoint("orthanc-dicomweb", orthanc_base, orthanc.auth),
+        "orthanc-rest": Endpoint("orthanc-rest", orthanc_base, orthanc.auth),
+    }
+    endpoints = {k: v for k, v in endpoints.items() if k in args.apis}
+    ct_images = orthanc_ids(orthanc_base, orthanc.auth, [image_uids(f) for f in ct.files])
+    xr_image = orthanc_ids(orthanc_base, orthanc.auth, [image_uids(xr_file)])[0]
+    xr_size = (XR_TARGET_WIDTH, round(XR_TARGET_WIDTH * args.xr[1] / args.xr[0]))
+    bench = Bench(args, workdir, endpoints, ct_images, xr_image, xr_size)
+    with requests.Session() as session:
+        plugin = session.get(f"{orthanc_base}/plugins/dicom-web", auth=orthanc.auth,
+                             timeout=10).json()
+    config = {
+        "seconds": args.seconds, "warmup_seconds": args.warmup,
+        "connections": args.connections, "client": args.client,
+        "client_version": _wrk_version() if args.client == "wrk" else "python http.client",
+        "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
+        "python": platform.python_version(), "platform": platform.platform(),
+        "portal_code": git_state(),
+        "ct": {"slices": args.slices, "size": "512x512", "bits": 16,
+               "transfer_syntax": "Explicit VR Little Endian",
+               "bytes_per_file": round(ct.nbytes / len(ct.payloads))},
+        "radiograph": {"columns": args.xr[0], "rows": args.xr[1], "bits_stored": 12,
+                       "photometric": "MONOCHROME2",
+                       "transfer_syntax": "Explicit VR Little Endian",
+                       "bytes": len(xr.payloads[0]), "rendered_to": f"{xr_size[0]}x{xr_size[1]}"},
+        "settings": {
+            "portal": {**portal.settings, **portal_render_settings(),
+                       "portal_env": list(args.portal_env)},
+            "orthanc": {**orthanc.settings, "dicomweb_plugin": plugin.get("Version"),
+                        "MaximumStorageCacheSize": "default (128 MB of DICOM files)"},
+        },
+        "varied": {
+            "a": f"slice (cycled over {args.slices}) and window centre: request j gets slice "
+                 f"j mod {args.slices} and centre {CT_WINDOW[0]:g} + floor(j/{args.slices}) "
+                 f"x {CT_CENTRE_STEP} HU (width {CT_WINDOW[1]:g}, linear, quality {QUALITY})",
+            "b": f"nothing: slice {args.slices // 2 + 1}, window "
+                 f"{CT_WINDOW[0]:g}/{CT_WINDOW[1]:g}, quality {QUALITY}",
+            "c": f"window centre 2048 + j x {XR_CENTRE_STEP} (width 4096, quality {QUALITY})",
+        },
+    }
+    return bench, config
+
+
+def _wrk_version() -> str:
+    done = subprocess.run([WRK or "wrk", "--version"], capture_output=True, text=True)
+    return (done.stdout or done.stderr).splitlines()[0] if (done.stdout or done.stderr) else ""
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
+                  ) -> dict[str, Any]:
+    bench, config = set_up(args, workdir, procs)
+    apis = list(bench.endpoints)
+    cells: list[Cell] = []
+    plan: list[tuple[str, int]] = []
+    for scenario in ("a", "b"):
+        if scenario in args.scenarios:
+            plan += [(scenario, c) for c in args.connections]
+    if "c" in args.scenarios:
+        plan.append(("c", 1))
+    ct_size = (512, 512)
+    for i, (scenario, connections) in enumerate(plan):
+        # Rotate who goes first so no API always gets the calmer machine.
+        order = apis[i % len(apis):] + apis[:i % len(apis)]
+        log(f"[{i + 1}/{len(plan)}] scenario {scenario}, {connections} connection(s) ...")
+        # Warm up (unmeasured) before the first cell of each scenario, with as many
+        # connections as that scenario will use: render processes, caches, connections.
+        first_of_scenario = i == 0 or plan[i - 1][0] != scenario
+        warm = max(c for s, c in plan if s == scenario) if first_of_scenario else 0
+        for api in order:
+            if scenario == "c":
+                pattern, size = bench.xr_pattern(api), bench.xr_size
+            else:
+                pattern, size = bench.ct_pattern(api, vary=scenario == "a"), ct_size
+            cells.append(measure_cell(bench, scenario, connections, api, pattern, size,
+                                      warm_connections=warm))
+    sizes: list[Bytes] = []
+    if "d" in args.scenarios:
+        log("d) bytes per image ...")
+        sizes = measure_bytes(bench)
+    config["loadavg_after"] = os.getloadavg()
+    return {
+        "config": config,
+        "cells": [asdict(c) for c in cells],
+        "bytes": [asdict(b) for b in sizes],
+        "failures": [asdict(c) for c in cells if c.error]
+        + [asdict(b) for b in sizes if b.note.startswith("FAILED")],
+    }
+
+
+# --------------------------------------------------------------------------- report
+
+SCENARIO_TITLES = {
+    "a": "a) CT 512x512 JPEG, cold (varied)",
+    "b": "b) CT 512x512 JPEG, one URL (portal cached)",
+    "c": "c) radiograph -> {w}x{h} JPEG, cold",
+}
+
+
+def _fmt(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    cfg = result["config"]
+    apis = [a for a in APIS if any(c["api"] == a for c in result["cells"])
+            or any(b["api"] == a for b in result["bytes"])]
+    others = [a for a in apis if a != "portal"]
+    short = {"orthanc-dicomweb": "orthanc-dw", "orthanc-rest": "orthanc-rest"}
+    header = f"{'':<46}{'metric':<11}{'portal':>10}"
+    for api in others:
+        header += f"{short[api]:>14}{'ratio':>7}"
+    xr = cfg["radiograph"]
+    lines = [
+        f"Rendering, portal vs Orthanc {cfg['settings']['orthanc']['version']} "
+        f"(DICOMweb plugin {cfg['settings']['orthanc']['dicomweb_plugin']}); "
+        f"{cfg['seconds']:g} s per cell after {cfg['warmup_seconds']:g} s warm-up; "
+        f"client {cfg['client_version']}; {cfg['cpus']} CPUs; load average before "
+        f"{cfg['loadavg_before'][0]:.2f}, after {cfg['loadavg_after'][0]:.2f}",
+        header,
+    ]
+
+    def row(label: str, metric: str, values: dict[str, float | None], digits: int) -> None:
+        text = f"{label:<46}{metric:<11}{_fmt(values.get('portal'), digits):>10}"
+        for api in others:
+            other, mine = values.get(api), values.get("portal")
+            ratio = f"{mine / other:.2f}" if mine is not None and other else "-"
+            text += f"{_fmt(other, digits):>14}{ratio:>7}"
+        lines.append(text)
+
+    by_key: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for cell in result["cells"]:
+        by_key.setdefault((cell["scenario"], cell["connections"]), {})[cell["api"]] = cell
+    for (scenario, connections), group in by_key.items():
+        title = SCENARIO_TITLES[scenario].format(
+            w=xr["rendered_to"].split("x")[0], h=xr["rendered_to"].split("x")[1])
+        label = f"{title}, {connections} conn"
+
+        def pick(metric: str, group: dict[str, dict[str, Any]] = group
+                 ) -> dict[str, float | None]:
+            return {api: (None if c["error"] else c[metric]) for api, c in group.items()}
+
+        row(label, "req/s", pick("rps"), 1)
+        if scenario == "c":
+            row("", "ms/image", pick("mean_ms"), 1)
+        row("", "p50 ms", pick("p50_ms"), 1)
+        row("", "p99 ms", pick("p99_ms"), 1)
+    groups: dict[tuple[str, str, str], dict[str, float | None]] = {}
+    for entry in result["bytes"]:
+        groups.setdefault((entry["image"], entry["format"], entry["quality"]),
+                          {})[entry["api"]] = entry["mean_bytes"]
+    for (image, fmt, quality), values in groups.items():
+        what = ("CT 512x512" if image == "ct" else f"radiograph {xr['rendered_to']}")
+        q = ("default q (portal 85, Orthanc 90)" if quality == "default" and fmt == "jpeg"
+             else "default q (85)" if quality == "default" else f"quality={quality}")
+        row(f"d) {what} {fmt.upper()}, {q}", "bytes", values, 0)
+    lines.append("ratio = portal / Orthanc: for req/s above 1 means the portal is faster; for "
+                 "ms and bytes above 1 means the portal is slower / larger.")
+    for failure in result["failures"]:
+        what = failure.get("error") or failure.get("note")
+        lines.append(f"FAILED {failure.get('scenario', 'd')} {failure['api']}: {what}")
+    lines.append("varied: " + "; ".join(f"{k}) {v}" for k, v in cfg["varied"].items()))
+    for name, settings in cfg["settings"].items():
+        lines.append(f"{name}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    lines.append(f"portal code: {cfg['portal_code']}")
+    return "\n".join(lines)
+
+
+def _connections(text: str) -> list[int]:
+    values = [int(x) for x in text.split(",") if x.strip()]
+    if not values or min(values) < 1 or max(values) > 256:
+        raise argparse.ArgumentTypeError("connections are 1..256, comma separated")
+    return values
+
+
+def _size(text: str) -> tuple[int, int]:
+    cols, _, rows = text.lower().partition("x")
+    size = (int(cols), int(rows))
+    if min(size) < 64 or size[0] * size[1] > 50_000_000:
+        raise argparse.ArgumentTypeError("WIDTHxHEIGHT, each at least 64, at most 50 Mpixel")
+    return size
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0,
+                        help="measured duration of each cell (default 10)")
+    parser.add_argument("--warmup", type=float, default=2.0,
+                        help="unmeasured load before the first cell of each scenario and API")
+    parser.add_argument("--connections", type=_connections, default=[1, 8],
+                        help="keep-alive connections for a) and b) (default 1,8)")
+    parser.add_argument("--slices", type=int, default=150, help="CT slices cycled over in a)")
+    parser.add_argument("--xr", type=_size, default=(2500, 3000),
+                        help="radiograph WIDTHxHEIGHT (default 2500x3000)")
+    parser.add_argument("--scenarios", type=lambda s: s.split(","), default=list(SCENARIOS),
+                        help="comma-separated subset of a,b,c,d")
+    parser.add_argument("--apis", type=lambda s: s.split(","), default=list(APIS),
+                        help=f"comma-separated subset of {','.join(APIS)}")
+    parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto",
+                        help="load generator (auto: wrk when installed)")
+    parser.add_argument("--portal-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for the portal, e.g. "
+                             "PORTAL_RENDER_ISOLATION=0 (repeatable)")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument("--workdir", type=Path,
+                        help="keep servers' state and logs here instead of a deleted temp dir")
+    args = parser.parse_args(argv)
+    if not set(args.scenarios) <= set(SCENARIOS) or not args.scenarios:
+        parser.error(f"--scenarios must be a subset of {','.join(SCENARIOS)}")
+    if not set(args.apis) <= set(APIS) or "portal" not in args.apis:
+        parser.error(f"--apis must be a subset of {','.join(APIS)} including portal")
+    if not 1 <= args.seconds <= 600 or not 0 <= args.warmup <= 60:
+        parser.error("--seconds is 1..600 and --warmup 0..60")
+    if args.slices < 1:
+        parser.error("--slices must be at least 1")
+    if any("=" not in item or not item.startswith("PORTAL_") for item in args.portal_env):
+        parser.error("--portal-env takes PORTAL_KEY=VALUE")
+    if args.client == "auto":
+        args.client = "wrk" if WRK else "python"
+    elif args.client == "wrk" and not WRK:
+        parser.error("wrk is not installed (apt-get install wrk), use --client python")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate_on_signal)
+    procs = ProcessGroup()
+    atexit.register(procs.stop_all)  # idempotent; covers exits that bypass the finally
+    with working_directory(args.workdir) as workdir:
+        try:
+            result = run_benchmark(args, workdir, procs)
+        finally:
+            log("stopping servers ...")
+            procs.stop_all()
+    print(format_table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        log(f"wrote {args.json}")
+    return 1 if result["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
