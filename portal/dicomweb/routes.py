@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -17,9 +18,10 @@ from portal.archive import current_archive
 from portal.archive.store import CorruptObject
 from portal.db import db
 from portal.dicomweb import frames, multipart, qido, stow
-from portal.imaging.cache import render, render_cache
+from portal.imaging.cache import render, render_cache, render_volume
 from portal.imaging.render import FrameNotFound, RenderRefused
 from portal.imaging.rendition import InvalidRendition, parse_rendition
+from portal.imaging.volume import VIEWS, NotAVolume
 from portal.index.models import Instance, Series, Study
 
 bp = Blueprint("dicomweb", __name__, url_prefix="/dicomweb")
@@ -367,3 +369,48 @@ def study_thumbnail(study: str) -> Response:
         abort(404, "no instances")
     return _render(_middle_instance(study, first[0].series.series_instance_uid), 1,
                    thumbnail=True)
+
+
+@bp.get("/studies/<study>/series/<series>/volume/<kind>")
+def volume_view(study: str, series: str, kind: str) -> Response:
+    """Portal extension: sagittal, coronal or axial reformat, or a MIP turned by ``angle``.
+
+    ``position`` (0..1) picks the plane; ``angle`` (degrees, multiples of 5) turns the MIP
+    about the patient's vertical axis. The rendition parameters are those of /rendered.
+    """
+    if kind not in VIEWS:
+        abort(404, f"views are {', '.join(VIEWS)}")
+    try:
+        rendition = parse_rendition(request.args, request.headers.get("Accept", ""))
+        position = float(request.args.get("position", "0.5"))
+        angle = float(request.args.get("angle", "0"))
+    except (InvalidRendition, ValueError) as exc:
+        abort(400, str(exc) if isinstance(exc, InvalidRendition) else "position and angle "
+              "are numbers")
+    if not 0.0 <= position <= 1.0 or angle % 5 != 0 or not 0 <= angle < 360:
+        abort(400, "position is 0..1; angle is 0..355 in steps of 5")
+    instances = [i for i in _instances_of(study, series) if i.rows]
+    archive = current_archive()
+    content = hashlib.sha256("".join(sorted(
+        archive.sha256_of(i.sop_instance_uid) for i in instances)).encode()).hexdigest()
+    key = rendition.cache_key(content, 0) + f":{kind}:{position:g}:{angle:g}"
+    etag = hashlib.sha256(key.encode()).hexdigest()[:32]
+    headers = {"Cache-Control": "private, max-age=86400", "Vary": "Accept"}
+    if request.if_none_match.contains(etag):
+        response = Response(status=304, headers=headers)
+        response.set_etag(etag)
+        return response
+    cache = render_cache()
+    body = cache.get(key)
+    if body is None:
+        try:
+            body = render_volume([archive.read(i.sop_instance_uid) for i in instances], kind,
+                                 position, angle, rendition)
+        except NotAVolume as exc:
+            abort(422, str(exc))
+        except RenderRefused as exc:
+            abort(422, str(exc))
+        cache.put(key, body)
+    response = Response(body, mimetype=rendition.media_type, headers=headers)
+    response.set_etag(etag)
+    return response

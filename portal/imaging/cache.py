@@ -117,6 +117,18 @@ def render(data: bytes, index: int, rendition: Any) -> bytes:
     return render_frame(data, index, rendition, max_pixels)
 
 
+def render_volume(files: list[bytes], kind: str, position: float, angle: float,
+                  rendition: Any) -> bytes:
+    """A reformat or MIP, through the isolated pool when configured."""
+    from portal.imaging.volume import render_view
+
+    pool = current_app.extensions.get("render_pool")
+    if pool is not None:
+        result: bytes = pool.run(render_view, files, kind, position, angle, rendition)
+        return result
+    return render_view(files, kind, position, angle, rendition)
+
+
 def render_cache() -> RenderCache:
     """The running app's render cache."""
     cache: RenderCache = current_app.extensions["render_cache"]

@@ -12,12 +12,15 @@ import logging
 import multiprocessing
 import resource
 import threading
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 from portal.imaging.render import FrameNotFound, RenderRefused, render_frame
 from portal.imaging.rendition import Rendition
+from portal.imaging.volume import NotAVolume
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +63,16 @@ class RenderPool:
 
     def render(self, data: bytes, index: int, rendition: Rendition, max_pixels: int) -> bytes:
         """Render one frame in a child process."""
+        return self.run(render_frame, data, index, rendition, max_pixels)
+
+    def run(self, function: Callable[..., bytes], *args: Any) -> bytes:
+        """Run a rendering function (a module-level one) in a child process."""
         executor = self._pool()
-        future = executor.submit(render_frame, data, index, rendition, max_pixels)
+        future = executor.submit(function, *args)
         try:
             result: bytes = future.result(timeout=self.timeout)
             return result
-        except (RenderRefused, FrameNotFound):
+        except (RenderRefused, FrameNotFound, NotAVolume):
             raise
         except MemoryError as exc:
             raise RenderRefused("the image needs more memory than rendering may use") from exc

@@ -206,3 +206,35 @@ def test_a_frame_that_needs_too_much_memory_fails_alone(tmp_path: Path) -> None:
         assert client.get(url(small, "rendered"), headers=auth).status_code == 200
     finally:
         close_app(app)
+
+
+def test_reformats_and_a_turning_mip_from_a_ct_series(app: Flask, client: FlaskClient,
+                                                      auth: dict[str, str],
+                                                      tmp_path: Path) -> None:
+    from portal.demo import write_ct_series
+
+    paths = write_ct_series(tmp_path / "ct", slices=40, size=128, uid_seed="volume-test")
+    first = None
+    for path in paths:
+        first = first or store(app, path.read_bytes())
+        if first is not None and path != paths[0]:
+            store(app, path.read_bytes())
+    assert first is not None
+    base = (f"/dicomweb/studies/{first.StudyInstanceUID}/series/{first.SeriesInstanceUID}"
+            "/volume")
+    images = {}
+    for view in ("sagittal", "coronal", "axial", "mip?angle=0", "mip?angle=90"):
+        response = client.get(f"{base}/{view}", headers={**auth, "Accept": "image/png"})
+        assert response.status_code == 200, (view, response.data[:200])
+        images[view] = np.asarray(Image.open(io.BytesIO(response.data)))
+    # 40 slices of 375 mm over a 400 mm field: the reformat is about 0.94 times as tall as wide.
+    height, width = images["sagittal"].shape
+    assert abs(height / width - 375 / 400) < 0.1
+    assert images["mip?angle=0"].mean() > images["coronal"].mean()  # projection >= a slice
+    assert not np.array_equal(images["mip?angle=0"], images["mip?angle=90"])
+    assert client.get(f"{base}/mip?angle=7", headers=auth).status_code == 400
+    assert client.get(f"{base}/oblique", headers=auth).status_code == 404
+    single = store(app, make_instance())
+    flat = client.get(f"/dicomweb/studies/{single.StudyInstanceUID}/series/"
+                      f"{single.SeriesInstanceUID}/volume/sagittal", headers=auth)
+    assert flat.status_code == 422 and "three slices" in flat.get_json()["error"]
