@@ -24,6 +24,9 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, p
 from portal.imaging.rendition import Rendition, Window
 
 MAX_RENDER_PIXELS = 64_000_000  # one frame; larger frames are refused before decoding
+# Decoders measured fastest here for a syntax (JPEG-LS: pyjpegls about 1.5-2x pylibjpeg);
+# the others use pydicom's default order.
+PREFERRED_DECODERS = {"1.2.840.10008.1.2.4.80": "pyjpegls", "1.2.840.10008.1.2.4.81": "pyjpegls"}
 
 
 class RenderRefused(ValueError):
@@ -96,6 +99,16 @@ def _aspect(ds: Dataset, index: int) -> float:
     return 1.0
 
 
+def _decode(data: bytes, index: int | None, plugin: str) -> np.ndarray:
+    """Decode with the preferred plugin, falling back to pydicom's own choice."""
+    try:
+        return pixel_array(io.BytesIO(data), index=index, decoding_plugin=plugin)
+    except (RuntimeError, ValueError):
+        if not plugin:
+            raise
+        return pixel_array(io.BytesIO(data), index=index)
+
+
 def decode_frame(data: bytes, index: int,
                  max_pixels: int = MAX_RENDER_PIXELS) -> tuple[Frame, Dataset]:
     """Decode one frame (0-based), after checking its size, and say how to display it."""
@@ -108,10 +121,11 @@ def decode_frame(data: bytes, index: int,
         raise RenderRefused(f"a {columns}x{rows} frame is too large to render")
     if not 0 <= index < frames:
         raise FrameNotFound(f"frame {index + 1} is outside 1..{frames}")
+    plugin = PREFERRED_DECODERS.get(str(ds.file_meta.get("TransferSyntaxUID", "")), "")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pixels = pixel_array(io.BytesIO(data), index=index if frames > 1 else None)
+            pixels = _decode(data, index if frames > 1 else None, plugin)
     except MemoryError:
         raise  # the render process's memory cap: reported as such by the caller
     except Exception as exc:  # every decoder has its own errors: all mean "cannot decode"
@@ -208,10 +222,33 @@ def encode(pixels: np.ndarray, aspect: float, rendition: Rendition) -> bytes:
     return buffer.getvalue()
 
 
+def prereduce(pixels: np.ndarray, aspect: float, rendition: Rendition) -> np.ndarray:
+    """Average blocks of pixels when the output is at most half the size.
+
+    The window is a monotonic point operation, so averaging first and windowing after is
+    close to the reverse order (within a grey level or two on smooth images) and much faster
+    for a 3000-pixel radiograph shown 1024 wide.
+    """
+    rows, columns = pixels.shape[:2]
+    width, height = _target_size(columns, rows, aspect, rendition)
+    factor = min(columns // max(width, 1), int(rows * aspect) // max(height, 1))
+    if factor < 2:
+        return pixels
+    rows_out, columns_out = rows // factor, columns // factor
+    trimmed = pixels[:rows_out * factor, :columns_out * factor]
+    shape = (rows_out, factor, columns_out, factor, *pixels.shape[2:])
+    reduced = trimmed.reshape(shape).mean(axis=(1, 3), dtype=np.float32)
+    return reduced.astype(pixels.dtype) if pixels.dtype == np.uint8 else reduced
+
+
 def render_frame(data: bytes, index: int, rendition: Rendition,
                  max_pixels: int = MAX_RENDER_PIXELS) -> bytes:
     """One stored instance's frame (0-based) as an encoded web image."""
     frame, ds = decode_frame(data, index, max_pixels)
     if frame.pixels.ndim == 3 and frame.photometric.startswith("MONOCHROME"):
         raise RenderRefused("unexpected multi-sample monochrome data")
+    lookup_tables = "ModalityLUTSequence" in ds or "VOILUTSequence" in ds
+    if not lookup_tables:  # tables index by stored value: averaged values would not fit
+        frame = Frame(prereduce(frame.pixels, frame.aspect, rendition), frame.photometric,
+                      frame.rescale, frame.window, frame.aspect)
     return encode(to_display(frame, ds, rendition), frame.aspect, rendition)

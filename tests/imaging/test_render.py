@@ -61,13 +61,18 @@ def test_pixel_aspect_ratio_is_honoured() -> None:
     assert Image.open(io.BytesIO(png)).size == (100, 200)
 
 
-def test_ct_matches_dcmtk_within_two_grey_levels(tmp_path: Path) -> None:
-    source = next(p for p in sample_paths() if p.name == "CT_small.dcm")
+@pytest.mark.parametrize(("name", "center", "width"), [
+    ("CT_small.dcm", 40, 400), ("CT_small.dcm", -600, 1500), ("MR_small.dcm", 600, 1200),
+    ("MR_small_RLE.dcm", 600, 1200), ("JPEG-LL.dcm", 600, 1200)])
+def test_renders_match_dcmtk_within_two_grey_levels(tmp_path: Path, name: str, center: int,
+                                                    width: int) -> None:
+    source = next(p for p in sample_paths() if p.name == name)
     ours = np.asarray(Image.open(io.BytesIO(render_frame(
-        source.read_bytes(), 0, Rendition(format="png", window=Window(40, 400)))))).astype(int)
-    pgm = tmp_path / "ct.pgm"
-    subprocess.run(["/usr/bin/dcmj2pnm", "+Ww", "40", "400", "+on", str(source), str(pgm)],
-                   check=True, capture_output=True, timeout=60)
+        source.read_bytes(), 0, Rendition(format="png", window=Window(center, width)))))
+    ).astype(int)
+    pgm = tmp_path / "out.pgm"
+    subprocess.run(["/usr/bin/dcmj2pnm", "+Ww", str(center), str(width), "+on", str(source),
+                    str(pgm)], check=True, capture_output=True, timeout=60)
     theirs = np.asarray(Image.open(pgm)).astype(int)
     assert theirs.shape == ours.shape
     difference = np.abs(theirs - ours)
@@ -238,3 +243,21 @@ def test_reformats_and_a_turning_mip_from_a_ct_series(app: Flask, client: FlaskC
     flat = client.get(f"/dicomweb/studies/{single.StudyInstanceUID}/series/"
                       f"{single.SeriesInstanceUID}/volume/sagittal", headers=auth)
     assert flat.status_code == 422 and "three slices" in flat.get_json()["error"]
+
+
+def test_large_images_reduced_before_the_window_stay_faithful() -> None:
+    """3000x2500 shown 1024 wide: block-averaging first stays within a couple of levels."""
+    rng = np.random.default_rng(7)
+    y, x = np.mgrid[0:2500, 0:3000]
+    smooth = (2000 + 1200 * np.sin(x / 300.0) * np.cos(y / 250.0)).astype(np.uint16)
+    pixels = smooth + rng.integers(0, 20, smooth.shape, dtype=np.uint16)
+    ds = make_dataset(rows=2500, columns=3000, RescaleIntercept=0)
+    ds.PixelData = pixels.tobytes()
+    window = Window(2000, 2400)
+    ours = np.asarray(Image.open(io.BytesIO(render_frame(
+        to_bytes(ds), 0, Rendition(width=1024, format="png", window=window))))).astype(float)
+    reference = Image.fromarray(window_to_8bit(pixels.astype(np.float32), window)).resize(
+        (ours.shape[1], ours.shape[0]), Image.Resampling.BOX)
+    difference = np.abs(ours - np.asarray(reference).astype(float))
+    assert ours.shape == (853, 1024)
+    assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 3
