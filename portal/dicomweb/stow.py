@@ -14,6 +14,7 @@ from portal.archive import current_archive
 from portal.archive.ingest import Stored, record_ingest
 from portal.archive.validate import CANNOT_UNDERSTAND, Rejected
 from portal.dicomweb.multipart import MultipartError, split_parts
+from portal.imaging.prerender import prerender
 
 _UI, _US, _UR, _SQ = "UI", "US", "UR", "SQ"
 
@@ -64,8 +65,10 @@ def store_request(principal: Principal, study_uid: str | None) -> Response:
     for index, answer in zip(dicom, answers, strict=True):
         results[index] = answer
     stored = [r for r in results if isinstance(r, Stored)]
-    record_ingest(archive.database, [r for r in stored if r.outcome == "stored"],
-                  who=principal.audit_name, source_address=request.remote_addr or "")
+    new = [r for r in stored if r.outcome == "stored"]
+    record_ingest(archive.database, new, who=principal.audit_name,
+                  source_address=request.remote_addr or "")
+    prerender(r.series_instance_uid for r in new)
     failed = [(r, n) for n, r in enumerate(results, start=1) if isinstance(r, Rejected)]
     already = sum(r.outcome == "already_stored" for r in stored)
     return _answer(stored, failed, already, study_uid)

@@ -261,3 +261,25 @@ def test_large_images_reduced_before_the_window_stay_faithful() -> None:
     difference = np.abs(ours - np.asarray(reference).astype(float))
     assert ours.shape == (853, 1024)
     assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 3
+
+
+def test_new_series_are_prerendered_after_stow(app: Flask, client: FlaskClient,
+                                               auth: dict[str, str]) -> None:
+    from portal.imaging.cache import render_cache
+    from portal.imaging.rendition import parse_rendition
+    from tests.conftest import wait_for
+    from tests.dicomweb.test_stow import headers, multipart
+
+    study, series = generate_uid(), generate_uid()
+    files = [make_instance(study=study, series=series, InstanceNumber=i + 1, value=i)
+             for i in range(3)]
+    assert client.post("/dicomweb/studies", data=multipart(*files),
+                       headers=headers(auth)).status_code == 200
+    middle = pydicom.dcmread(io.BytesIO(files[1]), stop_before_pixels=True)
+    with app.app_context():
+        key = parse_rendition({}, "", thumbnail=True).cache_key(
+            current_archive().sha256_of(middle.SOPInstanceUID), 1)
+        assert wait_for(lambda: render_cache().get(key) is not None, timeout=30)
+        cached = render_cache().get(key)
+    thumbnail = client.get(f"/dicomweb/studies/{study}/series/{series}/thumbnail", headers=auth)
+    assert thumbnail.status_code == 200 and thumbnail.data == cached
