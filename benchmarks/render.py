@@ -74,10 +74,13 @@ SCENARIOS = ("a", "b", "c", "d")
 WRK = shutil.which("wrk")
 QUALITY = 90  # asked of both servers in a)-c): Orthanc's default, the portal's is 85
 CT_WINDOW = (40.0, 400.0)  # soft tissue; also the first window stored in the demo CT files
-CT_CENTRE_STEP = 0.001  # HU per pass over the slices in a)
-XR_CENTRE_STEP = 0.1  # stored value per request in c)
+XR_WINDOW = (2048.0, 4096.0)  # the radiograph's own window (the full 12-bit range)
+# Cold requests differ in window centre (per request) and width (per run). The steps keep
+# every value within 6 significant digits: the portal's cache key formats them with {:g}.
+CT_STEPS = (0.001, 0.01)  # centre step per pass over the slices, width step per run (HU)
+XR_STEPS = (0.1, 0.1)  # centre step per request, width step per run (stored values)
 XR_TARGET_WIDTH = 1024
-BLOCK = 150_000  # request numbers reserved per load-generator thread and run
+BLOCK = 100_000  # request numbers reserved per load-generator thread within one run
 RUN_PAUSE_S = 1.0
 HTTP_TIMEOUT_S = 60.0
 
@@ -190,20 +193,21 @@ def frame_path(api: str, root: str, image: Image3) -> str:
     return rendered_path(api, root, image)
 
 
-def window_query(api: str, width: float, *, quality: int | None,
+def window_query(api: str, *, quality: int | None,
                  viewport: tuple[int, int] | None = None) -> str:
-    """Query string with a ``{c}`` placeholder for the window centre.
+    """Query string with ``{c}`` and ``{w}`` placeholders for the window centre and width.
 
     Orthanc's DICOMweb plugin wants the function (3 values) and does not decode %2C, so
     commas go raw to every API. Orthanc REST has its own names; ``width=`` there keeps the
-    aspect ratio, as the portal's viewport does.
+    aspect ratio, as the portal's viewport does (the plugin's viewport stretches to exactly
+    the size given, so the caller passes one with the image's aspect ratio).
     """
     if api == "orthanc-rest":
-        parts = ["window-center={c}", f"window-width={width:g}"]
+        parts = ["window-center={c}", "window-width={w}"]
         if viewport:
             parts.insert(0, f"width={viewport[0]}")
     else:
-        parts = [f"window={{c}},{width:g},linear"]
+        parts = ["window={c},{w},linear"]
         if viewport:
             parts.insert(0, f"viewport={viewport[0]},{viewport[1]}")
     if quality is not None:
@@ -213,33 +217,47 @@ def window_query(api: str, width: float, *, quality: int | None,
 
 @dataclass(frozen=True)
 class Pattern:
-    """The sequence of request paths of one load run.
+    """The request paths of one load run.
 
-    Request number ``j`` asks for image ``paths[j % len(paths)]`` with window centre
-    ``centre + (j // len(paths)) * step`` (``fmt``-formatted) when ``vary``; otherwise every
-    request is the same (``paths[0]``, centre ``centre``). Each load-generator thread ``t``
-    of a run numbers its requests ``base + t * BLOCK + k``, so no request repeats within a
-    run, and every run gets a fresh ``base``.
+    With ``vary``, request number ``j`` of run ``run`` asks for image
+    ``paths[j % len(paths)]`` with window centre ``centre + (j // len(paths)) * centre_step``
+    and width ``width + run * width_step``: no two requests of a run are alike (thread ``t``
+    numbers its requests ``t * BLOCK + k``) and no two runs share a width, so a render cache
+    never answers. Without ``vary`` every request is ``paths[0]`` at ``centre``/``width``.
     """
 
     paths: tuple[str, ...]
-    query: str  # contains {c}
+    query: str  # contains {c} and {w}
     centre: float
-    step: float
-    fmt: str  # printf format of the centre, e.g. %.3f
+    width: float
+    centre_step: float
+    width_step: float
     vary: bool
 
-    def path(self, j: int) -> str:
-        if not self.vary:
-            return self.paths[0] + self.query.format(c=self.fmt % self.centre)
-        n = len(self.paths)
-        centre = self.centre + (j // n) * self.step
-        return self.paths[j % n] + self.query.format(c=self.fmt % centre)
+    @staticmethod
+    def _digits(step: float) -> int:
+        return max(0, -math.floor(math.log10(step) + 1e-9))
 
-    def lua(self, *, base: int, headers: dict[str, str]) -> str:
-        """A wrk script issuing exactly the requests ``path`` describes."""
+    def _width_text(self, run: int) -> str:
+        width = self.width + run * self.width_step if self.vary else self.width
+        return f"{width:.{self._digits(self.width_step)}f}"
+
+    def _centre_fmt(self) -> str:
+        return f"%.{self._digits(self.centre_step)}f"
+
+    def path(self, run: int, j: int) -> str:
+        query = self.query.replace("{w}", self._width_text(run))
+        if not self.vary:
+            return self.paths[0] + query.replace("{c}", self._centre_fmt() % self.centre)
+        n = len(self.paths)
+        centre = self.centre + (j // n) * self.centre_step
+        return self.paths[j % n] + query.replace("{c}", self._centre_fmt() % centre)
+
+    def lua(self, *, run: int, headers: dict[str, str]) -> str:
+        """A wrk script issuing exactly the requests ``path(run, j)`` describes."""
         quoted = ",\n  ".join(json.dumps(p) for p in self.paths)
-        lua_query = json.dumps(self.query.replace("{c}", "%s"))  # no other % in queries
+        # No other % in these queries: commas are sent raw, nothing is percent-encoded.
+        query = self.query.replace("{w}", self._width_text(run)).replace("{c}", "%s")
         header_lines = "\n".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v)}"
                                  for k, v in headers.items())
         vary = "true" if self.vary else "false"
@@ -247,9 +265,10 @@ class Pattern:
 local paths = {{
   {quoted}
 }}
-local query = {lua_query}
-local centre0, step, fmt, vary = {self.centre!r}, {self.step!r}, {json.dumps(self.fmt)}, {vary}
-local base, block = {base}, {BLOCK}
+local query = {json.dumps(query)}
+local centre0, step, fmt, vary = {self.centre!r}, {self.centre_step!r}, {
+            json.dumps(self._centre_fmt())}, {vary}
+local block = {BLOCK}
 {header_lines}
 local counter = 0
 function setup(thread)
@@ -265,7 +284,7 @@ function request()
     end
     return fixed
   end
-  local j = base + tid * block + k
+  local j = tid * block + k
   k = k + 1
   local n = #paths
   local centre = centre0 + math.floor(j / n) * step
@@ -308,11 +327,11 @@ class LoadResult:
         return sum(self.errors.values())
 
 
-def run_wrk(endpoint: Endpoint, pattern: Pattern, *, base: int, connections: int,
+def run_wrk(endpoint: Endpoint, pattern: Pattern, *, run: int, connections: int,
             seconds: float, accept: str, script_dir: Path) -> LoadResult:
     threads = min(connections, os.cpu_count() or 1)
     script = script_dir / f"wrk-{secrets.token_hex(4)}.lua"
-    script.write_text(pattern.lua(base=base, headers={
+    script.write_text(pattern.lua(run=run, headers={
         "Authorization": endpoint.authorization, "Accept": accept}))
     script.chmod(0o600)  # holds credentials
     argv = [WRK or "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s",
@@ -334,7 +353,7 @@ def run_wrk(endpoint: Endpoint, pattern: Pattern, *, base: int, connections: int
     )
 
 
-def run_python(endpoint: Endpoint, pattern: Pattern, *, base: int, connections: int,
+def run_python(endpoint: Endpoint, pattern: Pattern, *, run: int, connections: int,
                seconds: float, accept: str, script_dir: Path) -> LoadResult:
     """Fallback without wrk: one thread per keep-alive connection (http.client).
 
@@ -358,7 +377,7 @@ def run_python(endpoint: Endpoint, pattern: Pattern, *, base: int, connections: 
             for k in range(max_requests):
                 if time.perf_counter() >= deadline:
                     break
-                path = pattern.path(base + tid * BLOCK + k)
+                path = pattern.path(run, tid * BLOCK + k)
                 t0 = time.perf_counter()
                 try:
                     conn.request("GET", path, headers=headers)
@@ -487,13 +506,12 @@ class Bench:
     ct: list[Image3]
     xr: Image3
     xr_size: tuple[int, int]  # output of c): (width, height)
-    next_base: dict[str, int] = field(default_factory=dict)
+    runs: dict[str, int] = field(default_factory=dict)
 
-    def allocate(self, api: str, connections: int) -> int:
-        """A fresh range of request numbers for one run on one API."""
-        base = self.next_base.get(api, 0)
-        self.next_base[api] = base + max(connections, os.cpu_count() or 1) * BLOCK
-        return base
+    def new_run(self, api: str) -> int:
+        """A fresh run number on one API (1, 2, ...): cold runs never repeat a request."""
+        self.runs[api] = self.runs.get(api, 0) + 1
+        return self.runs[api]
 
     def root(self, api: str) -> str:
         return {"portal": "/dicomweb", "orthanc-dicomweb": "/dicom-web"}.get(api, "")
@@ -502,19 +520,19 @@ class Bench:
         paths = [rendered_path(api, self.root(api), im) for im in self.ct]
         if not vary:  # b): the middle slice, always the same URL
             paths = [paths[len(paths) // 2]]
-        return Pattern(tuple(paths), window_query(api, CT_WINDOW[1], quality=QUALITY),
-                       CT_WINDOW[0], CT_CENTRE_STEP, "%.3f", vary)
+        return Pattern(tuple(paths), window_query(api, quality=QUALITY), *CT_WINDOW, *CT_STEPS,
+                       vary)
 
     def xr_pattern(self, api: str) -> Pattern:
         return Pattern((frame_path(api, self.root(api), self.xr),),
-                       window_query(api, 4096, quality=QUALITY, viewport=self.xr_size),
-                       2048.0, XR_CENTRE_STEP, "%.1f", True)
+                       window_query(api, quality=QUALITY, viewport=self.xr_size), *XR_WINDOW,
+                       *XR_STEPS, True)
 
 
 def load(bench: Bench, api: str, pattern: Pattern, *, connections: int, seconds: float,
-         base: int) -> LoadResult:
+         run: int) -> LoadResult:
     client = run_wrk if bench.args.client == "wrk" else run_python
-    return client(bench.endpoints[api], pattern, base=base, connections=connections,
+    return client(bench.endpoints[api], pattern, run=run, connections=connections,
                   seconds=seconds, accept="image/jpeg", script_dir=bench.workdir)
 
 
@@ -528,8 +546,8 @@ def measure_cell(bench: Bench, scenario: str, connections: int, api: str, patter
         with requests.Session() as session:
             # Samples come from their own request numbers: they must not warm the cache for
             # the measured requests of a cold scenario.
-            sample_base = bench.allocate(api, 1)
-            samples = [fetch_image(session, endpoint, pattern.path(sample_base + k),
+            sample_run = bench.new_run(api)
+            samples = [fetch_image(session, endpoint, pattern.path(sample_run, k),
                                    accept="image/jpeg", expect_format="JPEG",
                                    expect_size=expect_size) for k in range(3)]
             cell.sample_image_bytes = statistics.fmean(s.nbytes for s in samples)
@@ -537,15 +555,14 @@ def measure_cell(bench: Bench, scenario: str, connections: int, api: str, patter
             if warm_connections and bench.args.warmup > 0:
                 warmup = load(bench, api, pattern, connections=warm_connections,
                               seconds=bench.args.warmup,
-                              base=bench.allocate(api, warm_connections))
+                              run=bench.new_run(api))
                 if warmup.error_count:
                     raise CheckFailed(f"warm-up errors {warmup.errors}")
             time.sleep(RUN_PAUSE_S)
-            base = bench.allocate(api, connections)
             result = load(bench, api, pattern, connections=connections, seconds=seconds,
-                          base=base)
+                          run=bench.new_run(api))
             # After the run: still healthy, and what was served looked like the samples.
-            fetch_image(session, endpoint, pattern.path(bench.allocate(api, 1)),
+            fetch_image(session, endpoint, pattern.path(bench.new_run(api), 0),
                         accept="image/jpeg", expect_format="JPEG", expect_size=expect_size)
         if result.error_count:
             raise CheckFailed(f"{result.error_count} failed requests during the run "
@@ -572,46 +589,47 @@ def measure_cell(bench: Bench, scenario: str, connections: int, api: str, patter
 
 
 def measure_bytes(bench: Bench) -> list[Bytes]:
-    """d): mean encoded size over a spread of CT slices and of the radiograph."""
+    """d): mean encoded size over a spread of CT slices, and of the radiograph.
+
+    The window is the files' own (CT 40/400, radiograph 2048/4096), asked explicitly so
+    every API applies the same one; quality is left to each server's default, then 90.
+    """
     step = max(1, len(bench.ct) // 15)
-    ct_images = bench.ct[::step][:15]
+    kinds = (("ct", bench.ct[::step][:15], CT_WINDOW, None, None),
+             ("xr", [bench.xr], XR_WINDOW, bench.xr_size, bench.xr_size))
     out: list[Bytes] = []
     with requests.Session() as session:
-        for image_kind, images, query_for, size in (
-            ("ct", ct_images, lambda api, q: window_query(api, CT_WINDOW[1], quality=q),
-             None),
-            ("xr", [bench.xr], lambda api, q: window_query(api, 4096, quality=q,
-                                                           viewport=bench.xr_size),
-             bench.xr_size),
-        ):
-            centre = CT_WINDOW[0] if image_kind == "ct" else 2048.0
-            for fmt, accept, pil in (("jpeg", "image/jpeg", "JPEG"), ("webp", "image/webp",
-                                                                      "WEBP")):
+        for kind, images, window, viewport, expect_size in kinds:
+            for fmt, accept, pil in (("jpeg", "image/jpeg", "JPEG"),
+                                     ("webp", "image/webp", "WEBP")):
                 for quality in (None, QUALITY):
+                    label = "default" if quality is None else str(quality)
                     for api in bench.endpoints:
-                        label = "default" if quality is None else str(quality)
-                        query = query_for(api, quality).format(c=f"{centre:g}")
-                        sizes, dims = [], None
+                        to_path = frame_path if kind == "xr" else rendered_path
+                        query = window_query(api, quality=quality, viewport=viewport)
+                        sizes: list[int] = []
+                        dims = None
                         try:
                             for im in images:
-                                path = (frame_path if image_kind == "xr" else rendered_path)(
-                                    api, bench.root(api), im)
+                                fixed = Pattern((to_path(api, bench.root(api), im),), query,
+                                                *window, 1.0, 1.0, vary=False)
                                 sample = fetch_image(session, bench.endpoints[api],
-                                                     path + query, accept=accept,
-                                                     expect_format=pil, expect_size=size)
+                                                     fixed.path(0, 0), accept=accept,
+                                                     expect_format=pil,
+                                                     expect_size=expect_size)
                                 sizes.append(sample.nbytes)
                                 dims = sample.size
                         except (CheckFailed, requests.RequestException) as exc:
                             # Orthanc 1.10 renders JPEG and PNG only: expected, not a failure.
                             expected = fmt == "webp" and api != "portal"
-                            note = (f"not offered: {str(exc)[:160]}" if expected
+                            note = (f"not offered: {str(exc)[:200]}" if expected
                                     else f"FAILED: {exc}")
-                            out.append(Bytes(image_kind, fmt, label, api, None, 0, note=note))
+                            out.append(Bytes(kind, fmt, label, api, None, 0, note=note))
                             if not expected:
-                                log(f"  d) {image_kind} {fmt} q={label} {api}: FAILED: {exc}")
+                                log(f"  d) {kind} {fmt} q={label} {api}: FAILED: {exc}")
                             continue
-                        out.append(Bytes(image_kind, fmt, label, api,
-                                         statistics.fmean(sizes), len(sizes), dims))
+                        out.append(Bytes(kind, fmt, label, api, statistics.fmean(sizes),
+                                         len(sizes), dims))
     return out
 
 
@@ -722,12 +740,15 @@ def set_up(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
                         "MaximumStorageCacheSize": "default (128 MB of DICOM files)"},
         },
         "varied": {
-            "a": f"slice (cycled over {args.slices}) and window centre: request j gets slice "
-                 f"j mod {args.slices} and centre {CT_WINDOW[0]:g} + floor(j/{args.slices}) "
-                 f"x {CT_CENTRE_STEP} HU (width {CT_WINDOW[1]:g}, linear, quality {QUALITY})",
+            "a": f"request j of run r: slice j mod {args.slices} (all {args.slices} cycled), "
+                 f"window centre {CT_WINDOW[0]:g} + floor(j/{args.slices}) x {CT_STEPS[0]} HU, "
+                 f"width {CT_WINDOW[1]:g} + r x {CT_STEPS[1]} HU; linear, quality {QUALITY}, "
+                 "native 512x512",
             "b": f"nothing: slice {args.slices // 2 + 1}, window "
-                 f"{CT_WINDOW[0]:g}/{CT_WINDOW[1]:g}, quality {QUALITY}",
-            "c": f"window centre 2048 + j x {XR_CENTRE_STEP} (width 4096, quality {QUALITY})",
+                 f"{CT_WINDOW[0]:g}/{CT_WINDOW[1]:g} linear, quality {QUALITY}",
+            "c": f"request j of run r: window centre {XR_WINDOW[0]:g} + j x {XR_STEPS[0]}, "
+                 f"width {XR_WINDOW[1]:g} + r x {XR_STEPS[1]}; linear, quality {QUALITY}, "
+                 f"{xr_size[0]}x{xr_size[1]}",
         },
     }
     return bench, config
@@ -735,7 +756,8 @@ def set_up(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
 
 def _wrk_version() -> str:
     done = subprocess.run([WRK or "wrk", "--version"], capture_output=True, text=True)
-    return (done.stdout or done.stderr).splitlines()[0] if (done.stdout or done.stderr) else ""
+    text = (done.stdout or done.stderr or "wrk").splitlines()[0]
+    return text.split(" Copyright")[0]
 
 
 # --------------------------------------------------------------------------- run
@@ -786,9 +808,10 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
 
 SCENARIO_TITLES = {
     "a": "a) CT 512x512 JPEG, cold (varied)",
-    "b": "b) CT 512x512 JPEG, one URL (portal cached)",
+    "b": "b) CT 512x512 JPEG, same URL (portal cache hit)",
     "c": "c) radiograph -> {w}x{h} JPEG, cold",
 }
+LABEL_WIDTH = 58
 
 
 def _fmt(value: float | None, digits: int) -> str:
@@ -801,7 +824,7 @@ def format_table(result: dict[str, Any]) -> str:
             or any(b["api"] == a for b in result["bytes"])]
     others = [a for a in apis if a != "portal"]
     short = {"orthanc-dicomweb": "orthanc-dw", "orthanc-rest": "orthanc-rest"}
-    header = f"{'':<46}{'metric':<11}{'portal':>10}"
+    header = f"{'':<{LABEL_WIDTH}}{'metric':<9}{'portal':>10}"
     for api in others:
         header += f"{short[api]:>14}{'ratio':>7}"
     xr = cfg["radiograph"]
@@ -815,7 +838,7 @@ def format_table(result: dict[str, Any]) -> str:
     ]
 
     def row(label: str, metric: str, values: dict[str, float | None], digits: int) -> None:
-        text = f"{label:<46}{metric:<11}{_fmt(values.get('portal'), digits):>10}"
+        text = f"{label:<{LABEL_WIDTH}}{metric:<9}{_fmt(values.get('portal'), digits):>10}"
         for api in others:
             other, mine = values.get(api), values.get("portal")
             ratio = f"{mine / other:.2f}" if mine is not None and other else "-"
@@ -844,9 +867,9 @@ def format_table(result: dict[str, Any]) -> str:
         groups.setdefault((entry["image"], entry["format"], entry["quality"]),
                           {})[entry["api"]] = entry["mean_bytes"]
     for (image, fmt, quality), values in groups.items():
-        what = ("CT 512x512" if image == "ct" else f"radiograph {xr['rendered_to']}")
-        q = ("default q (portal 85, Orthanc 90)" if quality == "default" and fmt == "jpeg"
-             else "default q (85)" if quality == "default" else f"quality={quality}")
+        what = "CT 512x512" if image == "ct" else f"radiograph {xr['rendered_to']}"
+        q = ("default quality (portal 85, Orthanc 90)" if quality == "default"
+             else f"quality={quality}")
         row(f"d) {what} {fmt.upper()}, {q}", "bytes", values, 0)
     lines.append("ratio = portal / Orthanc: for req/s above 1 means the portal is faster; for "
                  "ms and bytes above 1 means the portal is slower / larger.")

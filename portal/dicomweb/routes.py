@@ -20,7 +20,7 @@ from portal.db import db
 from portal.dicomweb import frames, multipart, qido, stow
 from portal.imaging.cache import render, render_cache, render_volume
 from portal.imaging.render import FrameNotFound, RenderRefused
-from portal.imaging.rendition import InvalidRendition, parse_rendition
+from portal.imaging.rendition import InvalidRendition, Rendition, parse_rendition
 from portal.imaging.volume import VIEWS, NotAVolume
 from portal.index.models import Instance, Series, Study
 
@@ -300,22 +300,22 @@ def _middle_instance(study: str, series: str | None) -> Instance:
     return images[len(images) // 2]
 
 
-def _render(instance: Instance, frame: int, *, thumbnail: bool) -> Response:
+def _rendition(thumbnail: bool) -> Rendition:
+    accept = request.headers.get("Accept", "")
+    # A multipart Accept names the image type in its "type" parameter.
+    accept = ",".join(parse_options_header(r.strip())[1].get("type", r)
+                      if r.strip().lower().startswith("multipart/related") else r
+                      for r in accept.split(",")) if accept else accept
     try:
-        rendition = parse_rendition(request.args, request.headers.get("Accept", ""),
-                                    thumbnail=thumbnail)
+        return parse_rendition(request.args, accept, thumbnail=thumbnail)
     except InvalidRendition as exc:
         abort(400, str(exc))
-    if not 1 <= frame <= instance.number_of_frames:
-        abort(404, f"frame {frame} is outside 1..{instance.number_of_frames}")
+
+
+def _rendered_bytes(instance: Instance, frame: int, rendition: Rendition) -> tuple[bytes, str]:
+    """The encoded image (from the cache when possible) and its cache key."""
     archive = current_archive()
     key = rendition.cache_key(archive.sha256_of(instance.sop_instance_uid), frame)
-    etag = key[-32:]
-    headers = {"Cache-Control": "private, max-age=86400", "Vary": "Accept"}
-    if request.if_none_match.contains(etag):
-        response = Response(status=304, headers=headers)
-        response.set_etag(etag)
-        return response
     cache = render_cache()
     body = cache.get(key)
     if body is None:
@@ -326,6 +326,50 @@ def _render(instance: Instance, frame: int, *, thumbnail: bool) -> Response:
         except RenderRefused as exc:
             abort(422, str(exc))
         cache.put(key, body)
+    return body, key
+
+
+def _render_many(instances: list[Instance]) -> Response:
+    """PS3.18 rendered study or series: every image as multipart/related when the client asks
+    for multipart, else one representative (middle) image, as many clients expect."""
+    images = [i for i in instances if i.rows][:500]
+    if not images:
+        abort(404, "no images")
+    if "multipart/related" not in request.headers.get("Accept", "").lower():
+        return _render(images[len(images) // 2], 1, thumbnail=False)
+    rendition = _rendition(thumbnail=False)
+    parts = [(rendition.media_type, _rendered_bytes(i, 1, rendition)[0]) for i in images]
+    boundary = multipart.new_boundary()
+    return Response(b"".join(multipart.stream_parts(parts, boundary)), headers={
+        "Content-Type": f'multipart/related; type="{rendition.media_type}"; '
+                        f"boundary={boundary}",
+        "Cache-Control": "private, max-age=86400"})
+
+
+@bp.get("/studies/<study>/rendered")
+def rendered_study(study: str) -> Response:
+    """WADO-RS rendered study: each image's first frame (at most 500), multipart."""
+    return _render_many(_instances_of(study))
+
+
+@bp.get("/studies/<study>/series/<series>/rendered")
+def rendered_series(study: str, series: str) -> Response:
+    """WADO-RS rendered series: each image's first frame (at most 500), multipart."""
+    return _render_many(_instances_of(study, series))
+
+
+def _render(instance: Instance, frame: int, *, thumbnail: bool) -> Response:
+    rendition = _rendition(thumbnail)
+    if not 1 <= frame <= instance.number_of_frames:
+        abort(404, f"frame {frame} is outside 1..{instance.number_of_frames}")
+    key = rendition.cache_key(current_archive().sha256_of(instance.sop_instance_uid), frame)
+    etag = key[-32:]
+    headers = {"Cache-Control": "private, max-age=86400", "Vary": "Accept"}
+    if request.if_none_match.contains(etag):
+        response = Response(status=304, headers=headers)
+        response.set_etag(etag)
+        return response
+    body, _key = _rendered_bytes(instance, frame, rendition)
     response = Response(body, mimetype=rendition.media_type, headers=headers)
     response.set_etag(etag)
     return response

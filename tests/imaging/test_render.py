@@ -283,3 +283,30 @@ def test_new_series_are_prerendered_after_stow(app: Flask, client: FlaskClient,
         cached = render_cache().get(key)
     thumbnail = client.get(f"/dicomweb/studies/{study}/series/{series}/thumbnail", headers=auth)
     assert thumbnail.status_code == 200 and thumbnail.data == cached
+
+
+def test_rendered_series_and_study_are_multipart(app: Flask, live_server: object,
+                                                 auth: dict[str, str]) -> None:
+    from dicomweb_client.api import DICOMwebClient
+
+    from tests.conftest import make_client
+
+    study, series = generate_uid(), generate_uid()
+    for i in range(3):
+        store(app, make_instance(study=study, series=series, InstanceNumber=i + 1, value=i))
+    import requests
+
+    session = requests.Session()
+    session.auth = make_client(app, "rendering-client")
+    web = DICOMwebClient(url=f"{live_server.url}/dicomweb", session=session)  # type: ignore[attr-defined]
+    single = web.retrieve_series_rendered(study, series, media_types=("image/png",))
+    assert Image.open(io.BytesIO(single)).format == "PNG"  # one representative image
+    study_image = session.get(f"{live_server.url}/dicomweb/studies/{study}/rendered",  # type: ignore[attr-defined]
+                              timeout=30)
+    assert Image.open(io.BytesIO(study_image.content)).format == "JPEG"
+    response = session.get(f"{live_server.url}/dicomweb/studies/{study}/series/{series}"  # type: ignore[attr-defined]
+                           "/rendered", headers={"Accept": 'multipart/related; type="image/png"'},
+                           timeout=30)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith('multipart/related; type="image/png"')
+    assert response.content.count(b"\x89PNG") == 3
