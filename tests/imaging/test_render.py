@@ -310,3 +310,26 @@ def test_rendered_series_and_study_are_multipart(app: Flask, live_server: object
     assert response.status_code == 200
     assert response.headers["Content-Type"].startswith('multipart/related; type="image/png"')
     assert response.content.count(b"\x89PNG") == 3
+
+
+def test_every_demo_series_renders(app: Flask, client: FlaskClient, auth: dict[str, str],
+                                   tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The demo set (CT, MONOCHROME1 radiographs, colour US cine, MR; RLE, JPEG-LS, JPEG 2000,
+    JPEG lossless, JPEG baseline): the middle image of every series, and every cine frame."""
+    from portal.demo import generate_demo_set
+
+    paths = generate_demo_set(tmp_path_factory.mktemp("demo"))
+    by_series: dict[str, list[pydicom.Dataset]] = {}
+    for path in paths:
+        by_series.setdefault(path.parent.as_posix(), []).append(store(app, path.read_bytes()))
+    assert len(by_series) >= 7
+    for items in by_series.values():
+        items.sort(key=lambda d: int(d.InstanceNumber))
+        middle = items[len(items) // 2]
+        frames = int(middle.get("NumberOfFrames") or 1)
+        for frame in range(1, frames + 1, max(1, frames // 8)):
+            response = client.get(url(middle, f"frames/{frame}/rendered?viewport=512,512"),
+                                  headers=auth)
+            assert response.status_code == 200, (middle.SeriesDescription, frame)
+            image = Image.open(io.BytesIO(response.data))
+            assert max(image.size) <= 512 and image.getextrema() != (0, 0)
