@@ -49,7 +49,9 @@ lint: install
 	$(BIN)/ruff check portal tests benchmarks app.py
 
 bench: system-deps install
+	@command -v wrk >/dev/null || ($(SUDO) apt-get install -y -qq wrk || true)
 	$(BIN)/python benchmarks/ingest.py
+	$(BIN)/python benchmarks/render.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -68,7 +68,13 @@ class RenderPool:
     def run(self, function: Callable[..., bytes], *args: Any) -> bytes:
         """Run a rendering function (a module-level one) in a child process."""
         executor = self._pool()
-        future = executor.submit(function, *args)
+        try:
+            future = executor.submit(function, *args)
+        except BrokenProcessPool:
+            # A child died while idle (killed, or out of memory elsewhere): start afresh.
+            self._reset(executor)
+            executor = self._pool()
+            future = executor.submit(function, *args)
         try:
             result: bytes = future.result(timeout=self.timeout)
             return result

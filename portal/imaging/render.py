@@ -236,9 +236,13 @@ def prereduce(pixels: np.ndarray, aspect: float, rendition: Rendition) -> np.nda
         return pixels
     rows_out, columns_out = rows // factor, columns // factor
     trimmed = pixels[:rows_out * factor, :columns_out * factor]
-    shape = (rows_out, factor, columns_out, factor, *pixels.shape[2:])
-    reduced = trimmed.reshape(shape).mean(axis=(1, 3), dtype=np.float32)
-    return reduced.astype(pixels.dtype) if pixels.dtype == np.uint8 else reduced
+    # Summing strided views is several times faster than reshape(...).mean() here.
+    total = np.zeros((rows_out, columns_out, *pixels.shape[2:]), dtype=np.float32)
+    for i in range(factor):
+        for j in range(factor):
+            total += trimmed[i::factor, j::factor]
+    total /= factor * factor
+    return total.astype(np.uint8) if pixels.dtype == np.uint8 else total
 
 
 def render_frame(data: bytes, index: int, rendition: Rendition,

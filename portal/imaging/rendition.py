@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-RENDER_VERSION = 1
+RENDER_VERSION = 2
 WIDTHS = (64, 128, 256, 512, 1024, 2048)
 THUMBNAIL_WIDTH = 128
 FORMATS: dict[str, str] = {"image/jpeg": "jpeg", "image/png": "png", "image/webp": "webp",
@@ -57,7 +57,7 @@ class Rendition:
 
     def cache_key(self, sha256: str, frame: int) -> str:
         """A key naming the content and the rendition, never a person."""
-        window = (f"{self.window.center:g},{self.window.width:g},{self.window.function}"
+        window = (f"{self.window.center!r},{self.window.width!r},{self.window.function}"
                   if self.window else self.preset)
         raw = (f"v{RENDER_VERSION}:{sha256}:{frame}:{self.width}:{self.height}:{self.format}:"
                f"{self.quality}:{window}")

@@ -333,3 +333,27 @@ def test_every_demo_series_renders(app: Flask, client: FlaskClient, auth: dict[s
             assert response.status_code == 200, (middle.SeriesDescription, frame)
             image = Image.open(io.BytesIO(response.data))
             assert max(image.size) <= 512 and image.getextrema() != (0, 0)
+
+
+def test_the_render_pool_recovers_when_a_child_dies(app: Flask, client: FlaskClient,
+                                                    auth: dict[str, str]) -> None:
+    import os
+    import signal
+
+    ds = store(app, make_instance(rows=32, columns=32))
+    assert client.get(url(ds, "rendered?quality=50"), headers=auth).status_code == 200
+    pool = app.extensions["render_pool"]
+    for process in list(pool._executor._processes.values()):
+        os.kill(process.pid, signal.SIGKILL)  # a decoder crash, or the kernel's OOM killer
+    from tests.conftest import wait_for
+
+    assert wait_for(lambda: all(not p.is_alive()
+                                for p in pool._executor._processes.values()), timeout=10)
+    assert client.get(url(ds, "rendered?quality=60"), headers=auth).status_code in (200, 422)
+    assert client.get(url(ds, "rendered?quality=70"), headers=auth).status_code == 200
+
+
+def test_nearby_windows_do_not_share_a_cache_entry() -> None:
+    a = Rendition(window=Window(2000.0, 400.0)).cache_key("0" * 64, 1)
+    b = Rendition(window=Window(2000.001, 400.0)).cache_key("0" * 64, 1)
+    assert a != b
