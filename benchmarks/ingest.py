@@ -626,23 +626,29 @@ def working_directory(keep: Path | None) -> Iterator[Path]:
             yield Path(tmp)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def run_main(args: argparse.Namespace,
+             run: Callable[[argparse.Namespace, Path, ProcessGroup], dict[str, Any]],
+             table: Callable[[dict[str, Any]], str]) -> int:
+    """Run a benchmark with its servers, always stop them, print and save the result."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate_on_signal)
     procs = ProcessGroup()
     atexit.register(procs.stop_all)  # idempotent; covers exits that bypass the finally
     with working_directory(args.workdir) as workdir:
         try:
-            result = run_benchmark(args, workdir, procs)
+            result = run(args, workdir, procs)
         finally:
             log("stopping servers ...")
             procs.stop_all()
-    print(format_table(result))
+    print(table(result))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
         log(f"wrote {args.json}")
     return 1 if result["failures"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(parse_args(argv), run_benchmark, format_table)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ its own REST API. See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import atexit
 import base64
 import http.client
 import io
@@ -31,7 +30,6 @@ import os
 import platform
 import secrets
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,15 +52,14 @@ from ingest import (  # noqa: E402
     ProcessGroup,
     Series,
     Target,
-    _terminate_on_signal,
     load_generator,
     log,
     make_series,
     orthanc_target,
     portal_target,
+    run_main,
     stow_bulk,
     verify,
-    working_directory,
 )
 from PIL import Image  # noqa: E402
 from pydicom import dcmread  # noqa: E402
@@ -943,22 +940,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _terminate_on_signal)
-    procs = ProcessGroup()
-    atexit.register(procs.stop_all)  # idempotent; covers exits that bypass the finally
-    with working_directory(args.workdir) as workdir:
-        try:
-            result = run_benchmark(args, workdir, procs)
-        finally:
-            log("stopping servers ...")
-            procs.stop_all()
-    print(format_table(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
-        log(f"wrote {args.json}")
-    return 1 if result["failures"] else 0
+    return run_main(parse_args(argv), run_benchmark, format_table)
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def demo_command(samples: bool) -> None:
     level = alerts.level
     alerts.setLevel(logging.ERROR)
     try:
-        summary = import_paths(paths, who="cli:demo", strict=False)
+        summary = import_paths(paths, who="cli:demo")
     finally:
         alerts.setLevel(level)
     click.echo(f"stored: {summary.counts['stored']}, already stored: "

@@ -136,11 +136,6 @@ class Database:
         """A session outside the request scope (close it, e.g. with ``with``)."""
         return self._make_session()
 
-    def create_all(self) -> None:
-        """Create tables directly (tests); deployments use ``flask db upgrade``."""
-        assert self.engine is not None
-        Base.metadata.create_all(self.engine)
-
     def dispose(self) -> None:
         """Close pooled connections (after fork, or at shutdown)."""
         if self.engine is not None:

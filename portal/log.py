@@ -22,13 +22,13 @@ class _RequestContext(logging.Filter):
 def init_app(app: Flask) -> None:
     """Configure the portal's logger and give each request an id."""
     logger = logging.getLogger("portal")
-    if not any(isinstance(f, _RequestContext) for f in logger.filters):
+    # A handler filter (not a logger filter) so records of child loggers pass through it too.
+    if not any(isinstance(f, _RequestContext) for h in logger.handlers for f in h.filters):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter(
             "%(asctime)s %(levelname)s [%(request_id)s] %(name)s: %(message)s"))
         handler.addFilter(_RequestContext())
         logger.addHandler(handler)
-        logger.addFilter(_RequestContext())
         logger.propagate = False
     logger.setLevel(app.config["PORTAL"]["LOG_LEVEL"])
 

@@ -9,6 +9,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from portal import create_app
+from tests.conftest import basic_auth
 
 PUBLIC = {"health.healthz", "health.readyz", "studies.home", "static", "auth.login",
           "auth.callback", "auth.logout", "auth.invitation", "api.openapi"}
@@ -46,6 +47,7 @@ def test_security_headers_on_every_kind_of_response(client: FlaskClient,
         assert response.headers["Strict-Transport-Security"].startswith("max-age=31536000")
         assert response.headers["Referrer-Policy"] == "no-referrer"
         assert response.headers["Cross-Origin-Opener-Policy"] == "same-origin"
+        assert response.headers["Cross-Origin-Resource-Policy"] == "same-origin"
         assert "no-store" in response.headers["Cache-Control"]
     assert len(nonces) == 5  # a fresh nonce per response
 
@@ -87,3 +89,83 @@ def test_every_route_is_public_by_choice_or_needs_a_principal(app: Flask,
 
 def test_trace_is_not_allowed(client: FlaskClient) -> None:
     assert client.open("/", method="TRACE").status_code == 405
+
+
+def test_log_lines_cannot_be_forged_with_line_breaks(app: Flask) -> None:
+    """SECURITY.md 43: values with CR/LF (e.g. from DICOM or a caller) stay on one line."""
+    import logging
+
+    logger = logging.getLogger("portal.archive")
+    handler = next(h for h in logging.getLogger("portal").handlers if h.filters)
+    record = logger.makeRecord("portal.archive", logging.WARNING, __file__, 1,
+                               "refused from %s", ("A\r\n2026-01-01 INFO login ok user=admin",),
+                               None)
+    assert handler.filter(record)
+    line = handler.format(record)
+    assert "\n" not in line and "\r" not in line
+    assert "A\\r\\n2026-01-01 INFO login ok" in line
+
+
+def test_a_chunked_body_over_the_limit_is_refused(tmp_path: Path) -> None:
+    """SECURITY.md 29: a stream without Content-Length is bounded too (413), under gunicorn."""
+    import http.client
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, free_port, wait_for
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_")}
+    env.update(PORTAL_INSTANCE_PATH=str(tmp_path / "instance"), PORTAL_ENV="test",
+               PORTAL_MAX_REQUEST_BYTES="4096", PORTAL_BIND=f"127.0.0.1:{port}",
+               PORTAL_WORKERS="1")
+    made = subprocess.run([sys.executable, "-m", "flask", "--app", "app", "clients", "create",
+                           "chunky"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60, check=True)
+    secret = made.stdout.split("secret: ", 1)[1].split()[0]
+    server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c",
+                               "python:portal.gunicorn_config", "app:app"], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def ready() -> bool:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                connection.request("GET", "/healthz")
+                return connection.getresponse().status == 200
+            except OSError:
+                return False
+
+        assert wait_for(ready, timeout=30)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.putrequest("POST", "/dicomweb/studies")
+        connection.putheader("Authorization", basic_auth("chunky", secret)["Authorization"])
+        connection.putheader("Content-Type",
+                             'multipart/related; type="application/dicom"; boundary=b')
+        connection.putheader("Transfer-Encoding", "chunked")
+        connection.endheaders()
+        chunk = b"x" * 1024
+        for _ in range(16):
+            connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        connection.send(b"0\r\n\r\n")
+        assert connection.getresponse().status == 413
+        connection.close()
+        # A chunked upload within the limit is stored (clients that stream do work).
+        from tests.dicomweb.test_stow import multipart
+        from tests.factories import make_instance
+
+        body = multipart(make_instance(rows=8, columns=8)).replace(b"test-boundary-1234", b"b")
+        assert len(body) < 4096
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.putrequest("POST", "/dicomweb/studies")
+        connection.putheader("Authorization", basic_auth("chunky", secret)["Authorization"])
+        connection.putheader("Content-Type",
+                             'multipart/related; type="application/dicom"; boundary=b')
+        connection.putheader("Transfer-Encoding", "chunked")
+        connection.endheaders()
+        connection.send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        assert connection.getresponse().status == 200
+        connection.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -86,9 +86,6 @@ def append(session: Session, event: tuple[str, str], *, action: str, outcome: in
     return row
 
 
-record_event = append  # the name ingest used first
-
-
 def record(database: Database, event: tuple[str, str], **fields: Any) -> None:
     """Append one record in its own committed transaction (raises when it cannot)."""
     for _attempt in range(3):

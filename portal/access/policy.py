@@ -134,7 +134,7 @@ def require_role(principal: Principal | None, role: str) -> Principal:
     if principal is None:
         abort(401)
     if not principal.has_role(role):
-        abort(403, "this page is for office managers")
+        abort(403, f"this needs the {role.replace('_', ' ')} role")
     return principal
 
 

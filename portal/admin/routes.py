@@ -10,6 +10,7 @@ import csv
 import io
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from flask import (
     Blueprint,
@@ -58,10 +59,10 @@ def _guard() -> Response | None:
         auth_time = getattr(session, "auth_time", None)
         if auth_time is None or utcnow() - auth_time > timedelta(minutes=minutes):
             flash("For this change, please confirm who you are by signing in again.")
-            target = request.referrer if request.referrer and request.referrer.startswith(
-                request.host_url) else url_for("admin.index")
-            path = target[len(request.host_url) - 1:] if target.startswith(
-                request.host_url) else target
+            # Come back to the page the form was on (the login route keeps only local paths).
+            back = urlsplit(request.referrer or "")
+            same_site = back.netloc == request.host
+            path = back.path if same_site and back.path else url_for("admin.index")
             return redirect(url_for("auth.login", reauth="1", next=path))
     return None
 

@@ -175,8 +175,9 @@ def revoke() -> Response:
         count = revoke_grants(db.session, principal, ids)
     except UserError as exc:
         db.session.rollback()
-        return Response(status=403, response=f'{{"error": "{exc}"}}',
-                        mimetype="application/json")
+        response = jsonify(error=str(exc), status=403)
+        response.status_code = 403
+        return response
     db.session.commit()
     return jsonify(revoked=count)
 

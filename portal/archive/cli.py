@@ -14,7 +14,7 @@ from portal.archive.importer import ImportSummary, expand, import_sources
 from portal.migrate import upgrade_database
 
 
-def import_paths(paths: list[Path], *, who: str, strict: bool = True) -> ImportSummary:
+def import_paths(paths: list[Path], *, who: str) -> ImportSummary:
     """Import files, folders and zips with a progress bar; used by the CLI and the demo."""
     archive = current_archive()
     settings = current_app.config["PORTAL"]

@@ -253,7 +253,7 @@ class Archive:
     @staticmethod
     def _record_alert(session: Session, valid: ValidInstance, reason: str, who: str,
                       source_address: str) -> None:
-        audit.record_event(session, audit.SECURITY_ALERT, action="C",
+        audit.append(session, audit.SECURITY_ALERT, action="C",
                            outcome=audit.OUTCOME_SERIOUS_FAILURE, who=who,
                            source_address=source_address,
                            study_instance_uid=valid.study_instance_uid,
@@ -269,6 +269,13 @@ class Archive:
         if digest is None:
             raise KeyError(sop_instance_uid)
         return digest
+
+    def sha256s(self, sop_instance_uids: list[str]) -> dict[str, str]:
+        """SHA-256 of several instances in one query."""
+        with self.database.new_session() as session:
+            return dict(session.execute(
+                select(StoredObject.sop_instance_uid, StoredObject.sha256)
+                .where(StoredObject.sop_instance_uid.in_(sop_instance_uids))).all())
 
     def read(self, sop_instance_uid: str) -> bytes:
         """The stored bytes of one instance, hash-verified."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from flask import Blueprint, Response, abort, request, stream_with_context, url_for
@@ -312,21 +312,39 @@ def _rendition(thumbnail: bool) -> Rendition:
         abort(400, str(exc))
 
 
-def _rendered_bytes(instance: Instance, frame: int, rendition: Rendition) -> tuple[bytes, str]:
-    """The encoded image (from the cache when possible) and its cache key."""
-    archive = current_archive()
-    key = rendition.cache_key(archive.sha256_of(instance.sop_instance_uid), frame)
+def _cached_bytes(key: str, produce: Callable[[], bytes]) -> bytes:
+    """The render cache, else ``produce`` (its refusals become 404 or 422 with the reason)."""
     cache = render_cache()
     body = cache.get(key)
     if body is None:
         try:
-            body = render(archive.read(instance.sop_instance_uid), frame - 1, rendition)
+            body = produce()
         except FrameNotFound as exc:
             abort(404, str(exc))
-        except RenderRefused as exc:
+        except (RenderRefused, NotAVolume) as exc:
             abort(422, str(exc))
         cache.put(key, body)
-    return body, key
+    return body
+
+
+def _image_response(key: str, media_type: str, produce: Callable[[], bytes]) -> Response:
+    """A rendered image with a strong ETag, 304 on a match, private caching."""
+    etag = hashlib.sha256(key.encode()).hexdigest()[:32]
+    headers = {"Cache-Control": "private, max-age=86400", "Vary": "Accept"}
+    if request.if_none_match.contains(etag):
+        response = Response(status=304, headers=headers)
+    else:
+        response = Response(_cached_bytes(key, produce), mimetype=media_type, headers=headers)
+    response.set_etag(etag)
+    return response
+
+
+def _frame_image(instance: Instance, frame: int,
+                 rendition: Rendition) -> tuple[str, Callable[[], bytes]]:
+    """The cache key of a frame's rendition and how to produce it."""
+    archive = current_archive()
+    key = rendition.cache_key(archive.sha256_of(instance.sop_instance_uid), frame)
+    return key, lambda: render(archive.read(instance.sop_instance_uid), frame - 1, rendition)
 
 
 def _render_many(instances: list[Instance]) -> Response:
@@ -338,7 +356,8 @@ def _render_many(instances: list[Instance]) -> Response:
     if "multipart/related" not in request.headers.get("Accept", "").lower():
         return _render(images[len(images) // 2], 1, thumbnail=False)
     rendition = _rendition(thumbnail=False)
-    parts = [(rendition.media_type, _rendered_bytes(i, 1, rendition)[0]) for i in images]
+    parts = [(rendition.media_type, _cached_bytes(*_frame_image(i, 1, rendition)))
+             for i in images]
     boundary = multipart.new_boundary()
     return Response(b"".join(multipart.stream_parts(parts, boundary)), headers={
         "Content-Type": f'multipart/related; type="{rendition.media_type}"; '
@@ -362,17 +381,8 @@ def _render(instance: Instance, frame: int, *, thumbnail: bool) -> Response:
     rendition = _rendition(thumbnail)
     if not 1 <= frame <= instance.number_of_frames:
         abort(404, f"frame {frame} is outside 1..{instance.number_of_frames}")
-    key = rendition.cache_key(current_archive().sha256_of(instance.sop_instance_uid), frame)
-    etag = key[-32:]
-    headers = {"Cache-Control": "private, max-age=86400", "Vary": "Accept"}
-    if request.if_none_match.contains(etag):
-        response = Response(status=304, headers=headers)
-        response.set_etag(etag)
-        return response
-    body, _key = _rendered_bytes(instance, frame, rendition)
-    response = Response(body, mimetype=rendition.media_type, headers=headers)
-    response.set_etag(etag)
-    return response
+    key, produce = _frame_image(instance, frame, rendition)
+    return _image_response(key, rendition.media_type, produce)
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<instance>/rendered")
@@ -424,37 +434,19 @@ def volume_view(study: str, series: str, kind: str) -> Response:
     """
     if kind not in VIEWS:
         abort(404, f"views are {', '.join(VIEWS)}")
+    rendition = _rendition(thumbnail=False)
     try:
-        rendition = parse_rendition(request.args, request.headers.get("Accept", ""))
         position = float(request.args.get("position", "0.5"))
         angle = float(request.args.get("angle", "0"))
-    except (InvalidRendition, ValueError) as exc:
-        abort(400, str(exc) if isinstance(exc, InvalidRendition) else "position and angle "
-              "are numbers")
+    except ValueError:
+        abort(400, "position and angle are numbers")
     if not 0.0 <= position <= 1.0 or angle % 5 != 0 or not 0 <= angle < 360:
         abort(400, "position is 0..1; angle is 0..355 in steps of 5")
     instances = [i for i in _instances_of(study, series) if i.rows]
     archive = current_archive()
-    content = hashlib.sha256("".join(sorted(
-        archive.sha256_of(i.sop_instance_uid) for i in instances)).encode()).hexdigest()
-    key = rendition.cache_key(content, 0) + f":{kind}:{position:g}:{angle:g}"
-    etag = hashlib.sha256(key.encode()).hexdigest()[:32]
-    headers = {"Cache-Control": "private, max-age=86400", "Vary": "Accept"}
-    if request.if_none_match.contains(etag):
-        response = Response(status=304, headers=headers)
-        response.set_etag(etag)
-        return response
-    cache = render_cache()
-    body = cache.get(key)
-    if body is None:
-        try:
-            body = render_volume([archive.read(i.sop_instance_uid) for i in instances], kind,
-                                 position, angle, rendition)
-        except NotAVolume as exc:
-            abort(422, str(exc))
-        except RenderRefused as exc:
-            abort(422, str(exc))
-        cache.put(key, body)
-    response = Response(body, mimetype=rendition.media_type, headers=headers)
-    response.set_etag(etag)
-    return response
+    digests = archive.sha256s([i.sop_instance_uid for i in instances])
+    content = hashlib.sha256("".join(sorted(digests.values())).encode()).hexdigest()
+    key = rendition.cache_key(content, 0) + f":{kind}:{position!r}:{angle!r}"
+    return _image_response(key, rendition.media_type, lambda: render_volume(
+        [archive.read(i.sop_instance_uid) for i in instances], kind, position, angle,
+        rendition))

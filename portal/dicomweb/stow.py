@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Response, abort, request, url_for
+from flask import Response, abort, current_app, request, url_for
 from werkzeug.http import parse_options_header
 
 from portal.access import policy
@@ -27,7 +27,19 @@ def _read_body() -> bytes:
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         abort(415, "compressed request bodies (Content-Encoding) are not accepted")
-    # Flask enforces MAX_CONTENT_LENGTH here, both for a declared length and a chunked stream.
+    limit = current_app.config["MAX_CONTENT_LENGTH"]
+    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+    if request.content_length is None and chunked:
+        # gunicorn terminates a chunked stream but does not tell Werkzeug so, which then
+        # hands out an empty body: read it here, never more than the limit.
+        stream = request.environ["wsgi.input"]
+        body = bytearray()
+        while piece := stream.read(min(1 << 20, limit + 1 - len(body))):
+            body += piece
+            if len(body) > limit:
+                abort(413, f"the request is larger than {limit} bytes")
+        return bytes(body)
+    # Flask enforces MAX_CONTENT_LENGTH here for a declared length.
     return request.get_data(cache=False)
 
 

@@ -42,7 +42,6 @@ class Study(Base):
     accession_number: Mapped[str] = mapped_column(String(64), default="", index=True)
     modalities_in_study: Mapped[str] = mapped_column(String(128), default="")
     referring_physician_name: Mapped[str] = mapped_column(String(324), default="")
-    referring_physician_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
     institution_name: Mapped[str] = mapped_column(String(64), default="")
     number_of_series: Mapped[int] = mapped_column(Integer, default=0)
     number_of_instances: Mapped[int] = mapped_column(Integer, default=0)

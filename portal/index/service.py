@@ -62,18 +62,6 @@ def header_json(ds: Dataset) -> dict[str, Any]:
     return result
 
 
-def referring_physician_ids(ds: Dataset) -> list[str]:
-    """Identifiers of the referring physician (NPI and others, PS3.3 C.7.2.1 / 10.1)."""
-    ids: list[str] = []
-    for person in ds.get("ReferringPhysicianIdentificationSequence") or []:
-        for code in person.get("PersonIdentificationCodeSequence") or []:
-            value = str(code.get("CodeValue", "")).strip()
-            scheme = str(code.get("CodingSchemeDesignator", "")).strip()
-            if value:
-                ids.append(f"{scheme}:{value}" if scheme else value)
-    return ids[:16]
-
-
 def _get_patient(session: Session, ds: Dataset, study_uid: str) -> Patient:
     patient_id = _text(ds, "PatientID", 64)
     issuer = _text(ds, "IssuerOfPatientID", 64)
@@ -104,7 +92,6 @@ def _get_study(session: Session, ds: Dataset, study_uid: str) -> Study:
             study_description=_text(ds, "StudyDescription", 64),
             accession_number=_text(ds, "AccessionNumber", 64),
             referring_physician_name=_text(ds, "ReferringPhysicianName", 324),
-            referring_physician_ids=referring_physician_ids(ds),
             institution_name=_text(ds, "InstitutionName", 64),
             modalities_in_study="", number_of_series=0, number_of_instances=0)
         session.add(study)

@@ -2,7 +2,7 @@
 
 Revision ID: 20261128_0001
 Revises:
-Create Date: 2026-11-28 13:22:54.162880
+Create Date: 2026-11-28 14:31:03.802558
 """
 from alembic import op
 import sqlalchemy as sa
@@ -119,7 +119,6 @@ def upgrade() -> None:
     sa.Column('accession_number', sa.String(length=64), nullable=False),
     sa.Column('modalities_in_study', sa.String(length=128), nullable=False),
     sa.Column('referring_physician_name', sa.String(length=324), nullable=False),
-    sa.Column('referring_physician_ids', sa.JSON(), nullable=False),
     sa.Column('institution_name', sa.String(length=64), nullable=False),
     sa.Column('number_of_series', sa.Integer(), nullable=False),
     sa.Column('number_of_instances', sa.Integer(), nullable=False),
