@@ -137,35 +137,31 @@ def test_a_chunked_body_over_the_limit_is_refused(tmp_path: Path) -> None:
                 return False
 
         assert wait_for(ready, timeout=30)
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        connection.putrequest("POST", "/dicomweb/studies")
-        connection.putheader("Authorization", basic_auth("chunky", secret)["Authorization"])
-        connection.putheader("Content-Type",
-                             'multipart/related; type="application/dicom"; boundary=b')
-        connection.putheader("Transfer-Encoding", "chunked")
-        connection.endheaders()
-        chunk = b"x" * 1024
-        for _ in range(16):
-            connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-        connection.send(b"0\r\n\r\n")
-        assert connection.getresponse().status == 413
-        connection.close()
+
+        def post_chunked(chunks: list[bytes]) -> int:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.putrequest("POST", "/dicomweb/studies")
+            connection.putheader("Authorization",
+                                 basic_auth("chunky", secret)["Authorization"])
+            connection.putheader("Content-Type",
+                                 'multipart/related; type="application/dicom"; boundary=b')
+            connection.putheader("Transfer-Encoding", "chunked")
+            connection.endheaders()
+            for chunk in chunks:
+                connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            connection.send(b"0\r\n\r\n")
+            status = connection.getresponse().status
+            connection.close()
+            return status
+
+        assert post_chunked([b"x" * 1024] * 16) == 413
         # A chunked upload within the limit is stored (clients that stream do work).
         from tests.dicomweb.test_stow import multipart
         from tests.factories import make_instance
 
         body = multipart(make_instance(rows=8, columns=8)).replace(b"test-boundary-1234", b"b")
         assert len(body) < 4096
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        connection.putrequest("POST", "/dicomweb/studies")
-        connection.putheader("Authorization", basic_auth("chunky", secret)["Authorization"])
-        connection.putheader("Content-Type",
-                             'multipart/related; type="application/dicom"; boundary=b')
-        connection.putheader("Transfer-Encoding", "chunked")
-        connection.endheaders()
-        connection.send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
-        assert connection.getresponse().status == 200
-        connection.close()
+        assert post_chunked([body]) == 200
     finally:
         server.terminate()
         server.wait(timeout=30)
