@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 from flask import Flask, Response, abort, current_app, redirect, request, url_for
 from sqlalchemy import Select, exists, false, or_, select, true
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, contains_eager, joinedload
 from sqlalchemy.sql.elements import ColumnElement
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Unauthorized
@@ -95,6 +95,7 @@ def visible_studies(principal: Principal) -> Select[tuple[Study]]:
 def require_study(session: Session, principal: Principal, study_uid: str) -> Study:
     """Load a study the principal may see, or answer 404."""
     study = session.scalars(visible_studies(principal)
+                            .options(joinedload(Study.patient))
                             .where(Study.study_instance_uid == study_uid)).first()
     if study is None:
         abort(404, "no such study")
@@ -103,10 +104,15 @@ def require_study(session: Session, principal: Principal, study_uid: str) -> Stu
 
 def require_series(session: Session, principal: Principal, study_uid: str,
                    series_uid: str) -> Series:
-    """Load a series that belongs to the named, visible study, or answer 404."""
-    study = require_study(session, principal, study_uid)
-    series = session.scalars(select(Series).where(
-        Series.series_instance_uid == series_uid, Series.study_fk == study.id)).first()
+    """Load a series that belongs to the named, visible study, or answer 404.
+
+    One query: the series, its study and patient, and the access condition together.
+    """
+    series = session.scalars(
+        select(Series).join(Series.study).join(Study.patient)
+        .options(contains_eager(Series.study).contains_eager(Study.patient))
+        .where(Series.series_instance_uid == series_uid,
+               Study.study_instance_uid == study_uid, study_filter(principal))).first()
     if series is None:
         abort(404, "no such series")
     return series
@@ -114,10 +120,14 @@ def require_series(session: Session, principal: Principal, study_uid: str,
 
 def require_instance(session: Session, principal: Principal, study_uid: str, series_uid: str,
                      sop_uid: str) -> Instance:
-    """Load an instance of the named series and study, or answer 404."""
-    series = require_series(session, principal, study_uid, series_uid)
-    instance = session.scalars(select(Instance).where(
-        Instance.sop_instance_uid == sop_uid, Instance.series_fk == series.id)).first()
+    """Load an instance of the named series and study, or answer 404 (one query)."""
+    instance = session.scalars(
+        select(Instance).join(Instance.series).join(Series.study).join(Study.patient)
+        .options(contains_eager(Instance.series).contains_eager(Series.study)
+                 .contains_eager(Study.patient))
+        .where(Instance.sop_instance_uid == sop_uid,
+               Series.series_instance_uid == series_uid,
+               Study.study_instance_uid == study_uid, study_filter(principal))).first()
     if instance is None:
         abort(404, "no such instance")
     return instance

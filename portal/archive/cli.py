@@ -11,6 +11,7 @@ from flask.cli import with_appcontext
 
 from portal.archive import current_archive
 from portal.archive.importer import ImportSummary, expand, import_sources
+from portal.imaging.prerender import prerender, shared_cache
 from portal.migrate import upgrade_database
 
 
@@ -41,6 +42,9 @@ def import_command(paths: tuple[Path, ...]) -> None:
     upgrade_database(current_app)
     summary = import_paths(list(paths), who="cli:import")
     click.echo(summary.describe())
+    if summary.new_series and shared_cache(current_app):
+        click.echo(f"pre-rendering {len(summary.new_series)} new series", err=True)
+        prerender(summary.new_series, wait=True)
     if summary.rejected:
         sys.exit(1)
 
@@ -90,4 +94,6 @@ def serve_command() -> None:
                    "rejected", err=True)
     click.echo(f"C-STORE SCP {settings['DIMSE_AE_TITLE']} listening on "
                f"{settings['DIMSE_HOST']}:{settings['DIMSE_PORT']}", err=True)
-    serve(current_archive(), settings)
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    serve(current_archive(), settings, on_stored=(
+        (lambda series: prerender(series, app)) if shared_cache(app) else None))

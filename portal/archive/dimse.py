@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -95,9 +96,16 @@ def _on_store(event: evt.Event, archive: Archive, received: dict[int, list[Store
     return SUCCESS
 
 
-def _on_end(event: evt.Event, archive: Archive, received: dict[int, list[Stored]]) -> None:
-    """When an association ends: one audit record per study it delivered."""
+def _on_end(event: evt.Event, archive: Archive, received: dict[int, list[Stored]],
+            on_stored: Callable[[set[str]], None] | None) -> None:
+    """When an association ends: one audit record per study it delivered, then the
+    ``on_stored`` hook with the new series (pre-rendering)."""
     stored = received.pop(id(event.assoc), [])
+    if stored and on_stored is not None:
+        try:
+            on_stored({s.series_instance_uid for s in stored if s.outcome == "stored"})
+        except Exception:  # a warm-up never disturbs storage
+            log.exception("could not queue pre-rendering")
     if stored:
         try:
             record_ingest(archive.database, stored, source_address=event.assoc.requestor.address,
@@ -119,16 +127,20 @@ def make_ae(settings: dict[str, Any]) -> AE:
     return ae
 
 
-def serve(archive: Archive, settings: dict[str, Any],
-          block: bool = True) -> ThreadedAssociationServer | None:
-    """Start the SCP on the configured address; block until interrupted unless told not to."""
+def serve(archive: Archive, settings: dict[str, Any], block: bool = True,
+          on_stored: Callable[[set[str]], None] | None = None
+          ) -> ThreadedAssociationServer | None:
+    """Start the SCP on the configured address; block until interrupted unless told not to.
+
+    ``on_stored`` gets the UIDs of the series each association added.
+    """
     ae = make_ae(settings)
     allowed = parse_peers(settings["DIMSE_ALLOWED_PEERS"])
     received: dict[int, list[Stored]] = {}
     handlers = [(evt.EVT_REQUESTED, _on_requested, [allowed]),
                 (evt.EVT_C_STORE, _on_store, [archive, received]),
-                (evt.EVT_RELEASED, _on_end, [archive, received]),
-                (evt.EVT_ABORTED, _on_end, [archive, received])]
+                (evt.EVT_RELEASED, _on_end, [archive, received, on_stored]),
+                (evt.EVT_ABORTED, _on_end, [archive, received, on_stored])]
     address = (settings["DIMSE_HOST"], settings["DIMSE_PORT"])
     server: ThreadedAssociationServer | None = ae.start_server(
         address, block=block, evt_handlers=handlers)

@@ -22,6 +22,7 @@ class ImportSummary:
 
     counts: Counter[str] = field(default_factory=Counter)
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    new_series: set[str] = field(default_factory=set)
 
     def describe(self) -> str:
         """A short report for people."""
@@ -140,6 +141,8 @@ def import_sources(archive: Archive, sources: list[Source], who: str,
                 raise Rejected("file is larger than the instance size limit", http_status=413)
             result = archive.ingest(data, who=who, source_address="cli")
             summary.counts[result.outcome] += 1
+            if result.outcome == "stored":
+                summary.new_series.add(result.series_instance_uid)
         except Rejected as exc:
             summary.rejected.append((source.label, exc.reason))
         except OSError as exc:

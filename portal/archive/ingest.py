@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from portal.access import audit
 from portal.archive.models import StoredObject
-from portal.archive.store import CorruptObject, EmbeddedStore, StorageFull
+from portal.archive.store import CorruptObject, EmbeddedStore, StorageFull, StoredFile
 from portal.archive.validate import (
     DATA_SET_DOES_NOT_MATCH,
     DUPLICATE_CONFLICT,
@@ -261,14 +261,15 @@ class Archive:
                                     "sop_instance_uid": valid.sop_instance_uid,
                                     "received_sha256": valid.sha256})
 
-    def sha256_of(self, sop_instance_uid: str) -> str:
-        """The SHA-256 of an instance's stored bytes (names its content in cache keys)."""
+    def locate(self, sop_instance_uid: str) -> StoredFile:
+        """Where an instance's bytes are and their SHA-256 (which names the content in cache
+        keys); KeyError when it is not stored."""
         with self.database.new_session() as session:
-            digest = session.scalars(select(StoredObject.sha256).where(
+            row = session.execute(select(StoredObject.storage_key, StoredObject.sha256).where(
                 StoredObject.sop_instance_uid == sop_instance_uid)).first()
-        if digest is None:
+        if row is None:
             raise KeyError(sop_instance_uid)
-        return digest
+        return self.store.locate(row.storage_key, row.sha256)
 
     def sha256s(self, sop_instance_uids: list[str]) -> dict[str, str]:
         """SHA-256 of several instances in one query."""
@@ -279,12 +280,7 @@ class Archive:
 
     def read(self, sop_instance_uid: str) -> bytes:
         """The stored bytes of one instance, hash-verified."""
-        with self.database.new_session() as session:
-            row = session.scalars(select(StoredObject).where(
-                StoredObject.sop_instance_uid == sop_instance_uid)).first()
-        if row is None:
-            raise KeyError(sop_instance_uid)
-        return self.store.read(row.storage_key, row.sha256)
+        return self.locate(sop_instance_uid).read()
 
     def reap(self, older_than: float = 300.0) -> tuple[int, int]:
         """Remove crash leftovers: temp files, and files that no index row references.

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +28,22 @@ class StorageFull(Exception):
 
 class CorruptObject(Exception):
     """A stored file no longer matches the SHA-256 recorded when it was stored."""
+
+
+class StoredFile(NamedTuple):
+    """Where one object's bytes are and the SHA-256 they must have (picklable, so a render
+    process can read the file itself instead of receiving the bytes through a pipe)."""
+
+    path: str
+    sha256: str
+
+    def read(self) -> bytes:
+        """The bytes, hash-verified; CorruptObject when they differ."""
+        data = Path(self.path).read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.sha256:
+            log.error("stored object %s fails its SHA-256 check", Path(self.path).name)
+            raise CorruptObject(Path(self.path).name)
+        return data
 
 
 def _fsync_dir(path: Path) -> None:
@@ -108,11 +125,11 @@ class EmbeddedStore:
 
     def read(self, key: str, sha256: str) -> bytes:
         """Read a stored file and verify its hash; raise CorruptObject when it differs."""
-        data = self.path_of(key).read_bytes()
-        if hashlib.sha256(data).hexdigest() != sha256:
-            log.error("stored object %s fails its SHA-256 check", key)
-            raise CorruptObject(key)
-        return data
+        return self.locate(key, sha256).read()
+
+    def locate(self, key: str, sha256: str) -> StoredFile:
+        """The file of a key and the hash its bytes must have."""
+        return StoredFile(str(self.path_of(key)), sha256)
 
     def delete(self, key: str) -> None:
         """Remove a stored file (used when its index row could not be committed)."""

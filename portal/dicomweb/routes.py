@@ -18,11 +18,12 @@ from portal.archive import current_archive
 from portal.archive.store import CorruptObject
 from portal.db import db
 from portal.dicomweb import frames, multipart, qido, stow
-from portal.imaging.cache import render, render_cache, render_volume
+from portal.imaging.cache import render, render_cache, render_volume, series_window
 from portal.imaging.render import FrameNotFound, RenderRefused
 from portal.imaging.rendition import InvalidRendition, Rendition, parse_rendition
 from portal.imaging.volume import VIEWS, NotAVolume
 from portal.index.models import Instance, Series, Study
+from portal.index.service import middle_image
 
 bp = Blueprint("dicomweb", __name__, url_prefix="/dicomweb")
 
@@ -343,8 +344,17 @@ def _frame_image(instance: Instance, frame: int,
                  rendition: Rendition) -> tuple[str, Callable[[], bytes]]:
     """The cache key of a frame's rendition and how to produce it."""
     archive = current_archive()
-    key = rendition.cache_key(archive.sha256_of(instance.sop_instance_uid), frame)
-    return key, lambda: render(archive.read(instance.sop_instance_uid), frame - 1, rendition)
+    stored = archive.locate(instance.sop_instance_uid)
+
+    def produce() -> bytes:
+        fallback = None
+        if rendition.window is None and rendition.preset == "auto" and \
+                instance.photometric_interpretation.startswith("MONOCHROME"):
+            middle = middle_image(db.session, instance.series_fk)
+            fallback = series_window(archive.locate(middle) if middle else None)
+        return render(stored, frame - 1, rendition, fallback)
+
+    return rendition.cache_key(stored.sha256, frame), produce
 
 
 def _render_many(instances: list[Instance]) -> Response:

@@ -13,6 +13,10 @@ from typing import Any, Protocol
 
 from flask import Flask, current_app
 
+from portal.archive.store import StoredFile
+from portal.imaging.render import FrameNotFound, RenderRefused
+from portal.imaging.rendition import RENDER_VERSION, Rendition, Window
+
 log = logging.getLogger(__name__)
 
 
@@ -105,16 +109,45 @@ def init_app(app: Flask) -> None:
     ) if settings["RENDER_ISOLATION"] else None
 
 
-def render(data: bytes, index: int, rendition: Any) -> bytes:
-    """Render through the isolated pool when configured, else in this process."""
-    from portal.imaging.render import render_frame
+def render(source: Any, index: int, rendition: Rendition,
+           fallback: Window | None = None) -> bytes:
+    """Render bytes or a stored file through the isolated pool when configured, else here.
+
+    ``fallback`` is the window for images that carry none (``series_window``).
+    """
+    from portal.imaging.isolation import render_source
 
     pool = current_app.extensions.get("render_pool")
     max_pixels = current_app.config["PORTAL"]["MAX_RENDER_PIXELS"]
     if pool is not None:
-        result: bytes = pool.render(data, index, rendition, max_pixels)
+        result: bytes = pool.run(render_source, source, index, rendition, max_pixels, fallback)
         return result
-    return render_frame(data, index, rendition, max_pixels)
+    return render_source(source, index, rendition, max_pixels, fallback)
+
+
+def series_window(middle: StoredFile | None) -> Window | None:
+    """The default window of a series without windows in its files: robust percentiles of its
+    middle image, so every slice of a scroll shares one window (cached like an image)."""
+    from portal.imaging.isolation import default_window_of
+
+    if middle is None:
+        return None
+    cache = render_cache()
+    key = f"window:v{RENDER_VERSION}:{middle.sha256}"
+    cached = cache.get(key)
+    if cached is not None:
+        center, _, width = cached.decode().partition(",")
+        return Window(float(center), float(width)) if width else None
+    pool = current_app.extensions.get("render_pool")
+    max_pixels = current_app.config["PORTAL"]["MAX_RENDER_PIXELS"]
+    try:
+        window = (pool.run(default_window_of, middle, max_pixels) if pool is not None
+                  else default_window_of(middle, max_pixels))
+    except (RenderRefused, FrameNotFound):
+        window = None  # the frame itself will say why it cannot be shown
+    cache.put(key, f"{float(window.center)!r},{float(window.width)!r}".encode() if window
+              else b"-")
+    return window
 
 
 def render_volume(files: list[bytes], kind: str, position: float, angle: float,

@@ -4,6 +4,7 @@ first look at a study is a cache hit (a worker thread here; Redis shares the res
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +12,8 @@ from flask import Flask, current_app
 from sqlalchemy import select
 
 from portal.imaging.rendition import parse_rendition
-from portal.index.models import Instance, Series
+from portal.index.models import Series
+from portal.index.service import middle_image
 
 log = logging.getLogger(__name__)
 
@@ -20,34 +22,45 @@ _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prerender")
 
 def _warm(app: Flask, series_uids: list[str]) -> None:
     from portal.archive import current_archive
-    from portal.imaging.cache import render, render_cache
+    from portal.imaging.cache import render, render_cache, series_window
 
     with app.app_context():
         archive, cache = current_archive(), render_cache()
         renditions = [parse_rendition({}, "", thumbnail=True), parse_rendition({}, "")]
         for series_uid in series_uids:
             with archive.database.new_session() as session:
-                uids = list(session.scalars(
-                    select(Instance.sop_instance_uid).join(Series, Instance.series_fk ==
-                                                           Series.id)
-                    .where(Series.series_instance_uid == series_uid, Instance.rows.is_not(None))
-                    .order_by(Instance.instance_number, Instance.id)))
-            if not uids:
+                series_id = session.scalars(select(Series.id).where(
+                    Series.series_instance_uid == series_uid)).first()
+                middle = middle_image(session, series_id) if series_id else None
+            if middle is None:
                 continue
-            middle = uids[len(uids) // 2]
             try:
-                digest, data = archive.sha256_of(middle), archive.read(middle)
+                stored = archive.locate(middle)
+                fallback = series_window(stored)
                 for rendition in renditions:
-                    key = rendition.cache_key(digest, 1)
+                    key = rendition.cache_key(stored.sha256, 1)
                     if cache.get(key) is None:
-                        cache.put(key, render(data, 0, rendition))
+                        cache.put(key, render(stored, 0, rendition, fallback))
             except Exception:  # a background warm-up never fails anyone's request
-                log.info("pre-rendering a series failed; it will render on first view")
+                if not sys.is_finalizing():
+                    log.info("pre-rendering a series failed; it will render on first view")
 
 
-def prerender(series_uids: Iterable[str]) -> None:
-    """Queue the warm-up of these series (returns at once)."""
+def prerender(series_uids: Iterable[str], app: Flask | None = None, *,
+              wait: bool = False) -> None:
+    """Queue the warm-up of these series (returns at once unless ``wait``).
+
+    ``app`` is needed where no application context is active (DIMSE handler threads).
+    """
     uids = sorted(set(series_uids))
     if uids:
-        app = current_app._get_current_object()  # type: ignore[attr-defined]
-        _executor.submit(_warm, app, uids)
+        app = app or current_app._get_current_object()  # type: ignore[attr-defined]
+        future = _executor.submit(_warm, app, uids)
+        if wait:
+            future.result()
+
+
+def shared_cache(app: Flask) -> bool:
+    """True when rendered images are shared between processes (Redis): only then is it
+    worth pre-rendering in a process that does not serve them (DIMSE, the CLI)."""
+    return bool(app.config["PORTAL"]["REDIS_URL"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,10 +110,49 @@ def _decode(data: bytes, index: int | None, plugin: str) -> np.ndarray:
         return pixel_array(io.BytesIO(data), index=index)
 
 
+_NATIVE = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}  # syntax: explicit VR
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+
+
+def _native_frame(data: bytes, offset: int, ds: Dataset, index: int) -> np.ndarray | None:
+    """One frame of uncompressed little-endian greyscale data as a view of ``data``.
+
+    ``offset`` is where the Pixel Data element starts (pydicom stops there when reading the
+    header). Saves parsing the file a second time; None whenever the layout is not the plain
+    case, and pydicom's decoder takes over.
+    """
+    explicit = _NATIVE.get(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    allocated = int(ds.get("BitsAllocated") or 0)
+    if explicit is None or allocated not in (8, 16) or int(ds.get("SamplesPerPixel") or 1) != 1 \
+            or data[offset:offset + 4] != _PIXEL_DATA_TAG:
+        return None
+    if explicit:
+        if data[offset + 4:offset + 6] not in (b"OW", b"OB"):
+            return None
+        length, start = int.from_bytes(data[offset + 8:offset + 12], "little"), offset + 12
+    else:
+        length, start = int.from_bytes(data[offset + 4:offset + 8], "little"), offset + 8
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    frame_bytes = rows * columns * allocated // 8
+    if length == 0xFFFFFFFF or length < frame_bytes * (index + 1) or \
+            len(data) < start + frame_bytes * (index + 1):
+        return None
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    pixels = np.frombuffer(data, dtype, count=rows * columns,
+                           offset=start + index * frame_bytes).reshape(rows, columns)
+    stored = int(ds.get("BitsStored") or allocated)
+    if 0 < stored < allocated:  # PS3.5 8.1.1: bits above Bits Stored are not pixel data
+        unused = allocated - stored
+        pixels = (pixels << unused) >> unused if signed else pixels & ((1 << stored) - 1)
+    return pixels
+
+
 def decode_frame(data: bytes, index: int,
                  max_pixels: int = MAX_RENDER_PIXELS) -> tuple[Frame, Dataset]:
     """Decode one frame (0-based), after checking its size, and say how to display it."""
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    source = io.BytesIO(data)
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     frames = int(ds.get("NumberOfFrames") or 1)
     if rows <= 0 or columns <= 0:
@@ -125,7 +165,9 @@ def decode_frame(data: bytes, index: int,
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pixels = _decode(data, index if frames > 1 else None, plugin)
+            pixels = _native_frame(data, source.tell(), ds, index)
+            if pixels is None:
+                pixels = _decode(data, index if frames > 1 else None, plugin)
     except MemoryError:
         raise  # the render process's memory cap: reported as such by the caller
     except Exception as exc:  # every decoder has its own errors: all mean "cannot decode"
@@ -166,32 +208,109 @@ def robust_window(values: np.ndarray) -> Window:
         low, high = float(np.min(sample)), float(np.max(sample))
         if high <= low:
             high = low + 1.0
-    return Window((low + high) / 2.0, high - low + 1.0, "linear")
+    return Window(float(low + high) / 2.0, float(high - low) + 1.0, "linear")
 
 
-def to_display(frame: Frame, ds: Dataset, rendition: Rendition) -> np.ndarray:
-    """Grey or RGB 8-bit pixels ready to resize and encode."""
+_TABLES: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+
+
+def _window_table(dtype: np.dtype[Any], slope: float, intercept: float, window: Window,
+                  invert: bool) -> np.ndarray:
+    """A 256- or 65536-entry table from every stored value to its display grey level.
+
+    Indexing a table with the stored values applies the modality rescale and the window in
+    one pass, with no floating-point copy of the frame; tables are reused while the same
+    window is asked for (scrolling through a series).
+    """
+    key = (dtype.str, slope, intercept, window, invert)
+    table = _TABLES.get(key)
+    if table is None:
+        unsigned = np.dtype(f"u{dtype.itemsize}")
+        stored = np.arange(1 << (8 * dtype.itemsize), dtype=unsigned).view(dtype)
+        table = window_to_8bit(stored.astype(np.float32) * slope + intercept, window)
+        if invert:
+            table = 255 - table
+        _TABLES[key] = table
+        if len(_TABLES) > 64:
+            _TABLES.popitem(last=False)
+    return table
+
+
+def _rescale(frame: Frame, ds: Dataset) -> tuple[float, float] | None:
+    """Linear modality rescale (slope, intercept), or None when a Modality LUT applies."""
+    if frame.rescale is not None:
+        return frame.rescale
+    if "ModalityLUTSequence" in ds:
+        return None
+    try:
+        return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError):
+        return 1.0, 0.0
+
+
+def frame_window(frame: Frame, ds: Dataset, rendition: Rendition,
+                 fallback: Window | None = None) -> Window | None:
+    """The window to show: asked for, else the frame's own, else the series default
+    (``fallback``); None when a VOI LUT sequence or per-frame percentiles must decide."""
+    if rendition.window is not None:
+        return rendition.window
+    if rendition.preset != "auto":
+        return None
+    if frame.window is not None:
+        return frame.window
+    return None if "VOILUTSequence" in ds else fallback
+
+
+def to_display(frame: Frame, ds: Dataset, rendition: Rendition,
+               fallback: Window | None = None) -> np.ndarray:
+    """Grey or RGB 8-bit pixels ready to resize and encode.
+
+    ``fallback`` is the window for images that carry none (a series-wide default).
+    """
     pixels = frame.pixels
     if frame.photometric in ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_RCT", "YBR_ICT"):
         if pixels.dtype != np.uint8:
             top = float(2 ** int(ds.get("BitsStored", 8)) - 1)
             pixels = np.clip(pixels.astype(np.float32) / top * 255.0, 0, 255).astype(np.uint8)
         return pixels
-    if frame.rescale is not None:
-        values = pixels.astype(np.float32) * frame.rescale[0] + frame.rescale[1]
+    invert = frame.photometric == "MONOCHROME1"
+    window = frame_window(frame, ds, rendition, fallback)
+    rescale = _rescale(frame, ds)
+    if window is not None and rescale is not None and pixels.dtype.kind in "iu" \
+            and pixels.dtype.itemsize <= 2:
+        table = _window_table(pixels.dtype, rescale[0], rescale[1], window, invert)
+        return table[pixels.view(f"u{pixels.dtype.itemsize}")]
+    if rescale is not None:
+        values = pixels.astype(np.float32) * rescale[0] + rescale[1]
     else:
         values = apply_modality_lut(pixels, ds)
-    window = rendition.window
-    if window is None and rendition.preset == "auto":
-        window = frame.window
-        if window is None and "VOILUTSequence" in ds:
-            lut = apply_voi_lut(values, ds, index=0)
-            top = float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
-            out = np.clip(lut.astype(np.float32) / max(top, 1.0) * 255.0, 0, 255)
-            grey = out.astype(np.uint8)
-            return 255 - grey if frame.photometric == "MONOCHROME1" else grey
+    if window is None and rendition.window is None and rendition.preset == "auto" \
+            and "VOILUTSequence" in ds:
+        lut = apply_voi_lut(values, ds, index=0)
+        top = float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+        out = np.clip(lut.astype(np.float32) / max(top, 1.0) * 255.0, 0, 255)
+        grey = out.astype(np.uint8)
+        return 255 - grey if invert else grey
     grey = window_to_8bit(values, window or robust_window(values))
-    return 255 - grey if frame.photometric == "MONOCHROME1" else grey
+    return 255 - grey if invert else grey
+
+
+def default_window(data: bytes, max_pixels: int = MAX_RENDER_PIXELS) -> Window | None:
+    """A robust window (percentiles) for a series, from one representative image; None for
+    colour images and for images that bring their own window or VOI LUT."""
+    frames = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+    frames = max(int(header.get("NumberOfFrames") or 1), 1)
+    frame, ds = decode_frame(data, frames // 2, max_pixels)
+    if not frame.photometric.startswith("MONOCHROME") or frame.window is not None \
+            or "VOILUTSequence" in ds:
+        return None
+    rescale = _rescale(frame, ds)
+    values = (frame.pixels.astype(np.float32) * rescale[0] + rescale[1] if rescale
+              else apply_modality_lut(frame.pixels, ds))
+    return robust_window(values)
 
 
 def _target_size(width: int, height: int, aspect: float, rendition: Rendition
@@ -246,8 +365,11 @@ def prereduce(pixels: np.ndarray, aspect: float, rendition: Rendition) -> np.nda
 
 
 def render_frame(data: bytes, index: int, rendition: Rendition,
-                 max_pixels: int = MAX_RENDER_PIXELS) -> bytes:
-    """One stored instance's frame (0-based) as an encoded web image."""
+                 max_pixels: int = MAX_RENDER_PIXELS, fallback: Window | None = None) -> bytes:
+    """One stored instance's frame (0-based) as an encoded web image.
+
+    ``fallback`` is the series' default window for images without their own.
+    """
     frame, ds = decode_frame(data, index, max_pixels)
     if frame.pixels.ndim == 3 and frame.photometric.startswith("MONOCHROME"):
         raise RenderRefused("unexpected multi-sample monochrome data")
@@ -255,4 +377,4 @@ def render_frame(data: bytes, index: int, rendition: Rendition,
     if not lookup_tables:  # tables index by stored value: averaged values would not fit
         frame = Frame(prereduce(frame.pixels, frame.aspect, rendition), frame.photometric,
                       frame.rescale, frame.window, frame.aspect)
-    return encode(to_display(frame, ds, rendition), frame.aspect, rendition)
+    return encode(to_display(frame, ds, rendition, fallback), frame.aspect, rendition)

@@ -176,3 +176,15 @@ def add_instance(session: Session, ds: Dataset, *, sop_class_uid: str, sop_insta
                     .values(number_of_instances=Study.number_of_instances + 1,
                             updated_at=func.now()))
 
+
+
+def middle_image(session: Session, series_id: int) -> str | None:
+    """The SOP Instance UID of a series' middle image (by instance number), or None.
+
+    The series thumbnail, the pre-rendered image and the series' default window all use it.
+    """
+    uids = list(session.scalars(
+        select(Instance.sop_instance_uid)
+        .where(Instance.series_fk == series_id, Instance.rows.is_not(None))
+        .order_by(Instance.instance_number, Instance.id)))
+    return uids[len(uids) // 2] if uids else None

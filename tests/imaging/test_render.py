@@ -278,7 +278,7 @@ def test_new_series_are_prerendered_after_stow(app: Flask, client: FlaskClient,
     middle = pydicom.dcmread(io.BytesIO(files[1]), stop_before_pixels=True)
     with app.app_context():
         key = parse_rendition({}, "", thumbnail=True).cache_key(
-            current_archive().sha256_of(middle.SOPInstanceUID), 1)
+            current_archive().locate(middle.SOPInstanceUID).sha256, 1)
         assert wait_for(lambda: render_cache().get(key) is not None, timeout=30)
         cached = render_cache().get(key)
     thumbnail = client.get(f"/dicomweb/studies/{study}/series/{series}/thumbnail", headers=auth)
@@ -357,3 +357,96 @@ def test_nearby_windows_do_not_share_a_cache_entry() -> None:
     a = Rendition(window=Window(2000.0, 400.0)).cache_key("0" * 64, 1)
     b = Rendition(window=Window(2000.001, 400.0)).cache_key("0" * 64, 1)
     assert a != b
+
+
+def test_images_without_a_window_share_the_series_default(app: Flask, client: FlaskClient,
+                                                          auth: dict[str, str]) -> None:
+    # Three slices without a window: the faint first slice (values 0..99) must be shown with
+    # the window of the series (percentiles of its middle slice, values 0..999), not
+    # stretched to full contrast on its own, so scrolling does not flicker.
+    study, series = generate_uid(), generate_uid()
+    datasets = []
+    for number, top in enumerate((100, 1000, 1000), start=1):
+        ds = make_dataset(study=study, series=series, rows=64, columns=64,
+                          InstanceNumber=number)
+        ds.RescaleIntercept = 0
+        ramp = (np.arange(64 * 64) * top // (64 * 64)).astype(np.uint16).reshape(64, 64)
+        ds.PixelData = ramp.tobytes()
+        store(app, to_bytes(ds))
+        datasets.append(ds)
+    faint = client.get(url(datasets[0], "rendered") + "?quality=100", headers={
+        **auth, "Accept": "image/png"})
+    assert faint.status_code == 200, faint.data
+    grey = np.asarray(Image.open(io.BytesIO(faint.data)))
+    # Series window from the middle slice: about 0..999, so 99 maps to about 25.
+    assert 15 <= int(grey.max()) <= 35
+    middle = np.asarray(Image.open(io.BytesIO(client.get(
+        url(datasets[1], "rendered"), headers={**auth, "Accept": "image/png"}).data)))
+    assert int(middle.max()) >= 250
+    # An explicit window still wins.
+    explicit = np.asarray(Image.open(io.BytesIO(client.get(
+        url(datasets[0], "rendered") + "?window=50,100", headers={
+            **auth, "Accept": "image/png"}).data)))
+    assert int(explicit.max()) >= 250
+
+
+def _thumbnail_key(app: Flask, sop_instance_uid: str) -> str:
+    from portal.imaging.rendition import parse_rendition
+
+    with app.app_context():
+        return parse_rendition({}, "", thumbnail=True).cache_key(
+            current_archive().locate(sop_instance_uid).sha256, 1)
+
+
+def test_cli_import_prerenders_into_a_shared_cache(tmp_path: Path, redis_url: str) -> None:
+    import redis
+
+    from tests.conftest import make_app
+
+    app = make_app(tmp_path / "instance", REDIS_URL=redis_url)
+    study, series = generate_uid(), generate_uid()
+    datasets = [make_dataset(study=study, series=series, InstanceNumber=i + 1, value=i * 7)
+                for i in range(3)]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for number, ds in enumerate(datasets):
+        (folder / f"{number}.dcm").write_bytes(to_bytes(ds))
+    result = app.test_cli_runner().invoke(args=["archive", "import", str(folder)])
+    assert result.exit_code == 0, result.output
+    assert "pre-rendering 1 new series" in result.output
+    key = _thumbnail_key(app, datasets[1].SOPInstanceUID)
+    assert redis.Redis.from_url(redis_url).get(key) is not None
+
+
+def test_c_store_prerenders_new_series_into_a_shared_cache(tmp_path: Path,
+                                                           redis_url: str) -> None:
+    import redis
+    from pynetdicom import AE
+
+    from portal.archive.dimse import serve
+    from portal.imaging.prerender import prerender
+    from tests.conftest import free_port, make_app, wait_for
+
+    port = free_port()
+    app = make_app(tmp_path / "instance", REDIS_URL=redis_url, DIMSE_PORT=port,
+                   DIMSE_HOST="127.0.0.1", DIMSE_ALLOWED_PEERS=["MODALITY@127.0.0.1"])
+    with app.app_context():
+        server = serve(current_archive(), app.config["PORTAL"], block=False,
+                       on_stored=lambda series: prerender(series, app))
+    assert server is not None
+    try:
+        study, series = generate_uid(), generate_uid()
+        datasets = [make_dataset(study=study, series=series, InstanceNumber=i + 1)
+                    for i in range(3)]
+        ae = AE(ae_title="MODALITY")
+        ae.add_requested_context(datasets[0].SOPClassUID, datasets[0].file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title=app.config["PORTAL"]["DIMSE_AE_TITLE"])
+        assert assoc.is_established
+        for ds in datasets:
+            assert assoc.send_c_store(ds).Status == 0
+        assoc.release()
+        key = _thumbnail_key(app, datasets[1].SOPInstanceUID)
+        assert wait_for(lambda: redis.Redis.from_url(redis_url).get(key) is not None,
+                        timeout=30)
+    finally:
+        server.shutdown()
