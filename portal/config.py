@@ -80,6 +80,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RENDER_WORKERS", int, 2, "render processes per web worker"),
     Setting("RENDER_MEMORY_MB", int, 2048, "address-space cap of a render process"),
     Setting("RENDER_TIMEOUT_SECONDS", int, 30, "longest a render may take"),
+    Setting("RENDER_FRAME_CACHE_MB", int, 64,
+            "decoded frames kept per render process for window changes (0: none)"),
     Setting("MAX_RENDER_PIXELS", int, 64_000_000, "largest frame (rows x columns) rendered"),
     Setting("DIMSE_HOST", str, "127.0.0.1", "address the C-STORE SCP binds"),
     Setting("DIMSE_PORT", int, 11112, "port the C-STORE SCP binds"),
@@ -167,6 +169,8 @@ def validate(config: dict[str, Any]) -> None:
                 "RENDER_TIMEOUT_SECONDS", "MAX_RENDER_PIXELS"):
         if config[key] <= 0:
             raise ConfigError(f"{key}: must be positive")
+    if config["RENDER_FRAME_CACHE_MB"] < 0:
+        raise ConfigError("RENDER_FRAME_CACHE_MB: must be 0 or more")
     if not 0 < config["DIMSE_PORT"] < 65536:
         raise ConfigError("DIMSE_PORT: must be a TCP port")
     if not 0 < len(config["DIMSE_AE_TITLE"]) <= 16:

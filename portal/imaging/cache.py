@@ -99,14 +99,17 @@ def make_cache(redis_url: str | None) -> RenderCache:
 
 def init_app(app: Flask) -> None:
     """Attach the cache and, when isolation is on, the pool of render processes."""
-    from portal.imaging.isolation import RenderPool
+    from portal.imaging.isolation import RenderPool, use_frame_cache
 
     settings = app.config["PORTAL"]
     app.extensions["render_cache"] = make_cache(settings["REDIS_URL"])
+    frame_cache_bytes = settings["RENDER_FRAME_CACHE_MB"] << 20
     app.extensions["render_pool"] = RenderPool(
         workers=settings["RENDER_WORKERS"], memory_bytes=settings["RENDER_MEMORY_MB"] << 20,
-        timeout_seconds=float(settings["RENDER_TIMEOUT_SECONDS"])
-    ) if settings["RENDER_ISOLATION"] else None
+        timeout_seconds=float(settings["RENDER_TIMEOUT_SECONDS"]),
+        frame_cache_bytes=frame_cache_bytes) if settings["RENDER_ISOLATION"] else None
+    if not settings["RENDER_ISOLATION"]:
+        use_frame_cache(frame_cache_bytes)
 
 
 def render(source: Any, index: int, rendition: Rendition,

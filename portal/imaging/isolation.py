@@ -21,7 +21,15 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from portal.archive.store import StoredFile
-from portal.imaging.render import FrameNotFound, RenderRefused, default_window, render_frame
+from portal.imaging.render import (
+    FrameCache,
+    FrameNotFound,
+    RenderRefused,
+    default_window,
+    finish_frame,
+    prepare_frame,
+    render_frame,
+)
 from portal.imaging.rendition import Rendition, Window
 from portal.imaging.volume import NotAVolume
 
@@ -30,16 +38,43 @@ log = logging.getLogger(__name__)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 
+_frames: FrameCache | None = None
+
+
+def use_frame_cache(max_bytes: int) -> None:
+    """Keep up to ``max_bytes`` of prepared frames in this process (0: none)."""
+    global _frames
+    _frames = FrameCache(max_bytes) if max_bytes > 0 else None
+
+
 def render_source(source: bytes | StoredFile, index: int, rendition: Rendition,
                   max_pixels: int, fallback: Window | None = None) -> bytes:
-    """Render a frame of bytes or of a stored file (read and hash-checked here)."""
-    data = source if isinstance(source, bytes) else source.read()
-    return render_frame(data, index, rendition, max_pixels, fallback)
+    """Render a frame of bytes or of a stored file (read and hash-checked here).
+
+    A stored file's prepared frame is kept in the frame cache, keyed by its SHA-256, the
+    frame and the output size, so the next window on the same image skips reading,
+    verifying and decoding.
+    """
+    if isinstance(source, bytes):
+        return render_frame(source, index, rendition, max_pixels, fallback)
+    key = (source.sha256, index, rendition.width, rendition.height)
+    prepared = _frames.get(key) if _frames is not None else None
+    if prepared is None:
+        prepared = prepare_frame(source.read(), index, rendition, max_pixels)
+        if _frames is not None:
+            prepared = _frames.put(key, prepared)
+    return finish_frame(prepared, rendition, fallback)
 
 
 def default_window_of(source: bytes | StoredFile, max_pixels: int) -> Window | None:
     """``render.default_window`` of bytes or a stored file."""
     return default_window(source if isinstance(source, bytes) else source.read(), max_pixels)
+
+
+def _start_child(memory_bytes: int, frame_cache_bytes: int) -> None:
+    """Runs first in every render process."""
+    _limit_memory(memory_bytes)
+    use_frame_cache(frame_cache_bytes)
 
 
 def _limit_memory(memory_bytes: int) -> None:
@@ -59,9 +94,10 @@ class RenderPool:
     """Renders frames in capped child processes; ``render`` raises RenderRefused on failure."""
 
     def __init__(self, workers: int = 2, memory_bytes: int = 2 << 30,
-                 timeout_seconds: float = 30.0) -> None:
+                 timeout_seconds: float = 30.0, frame_cache_bytes: int = 0) -> None:
         self.workers = workers
         self.memory_bytes = memory_bytes
+        self.frame_cache_bytes = frame_cache_bytes
         self.timeout = timeout_seconds
         self._executor: ProcessPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -75,7 +111,8 @@ class RenderPool:
                 context = multiprocessing.get_context("spawn")
                 self._executor = ProcessPoolExecutor(
                     max_workers=self.workers, mp_context=context,
-                    initializer=_limit_memory, initargs=(self.memory_bytes,))
+                    initializer=_start_child,
+                    initargs=(self.memory_bytes, self.frame_cache_bytes))
             return self._executor
 
     def _reset(self, executor: ProcessPoolExecutor) -> None:

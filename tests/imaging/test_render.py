@@ -450,3 +450,40 @@ def test_c_store_prerenders_new_series_into_a_shared_cache(tmp_path: Path,
                         timeout=30)
     finally:
         server.shutdown()
+
+
+def test_a_new_window_on_the_same_image_reuses_the_decoded_frame(tmp_path: Path) -> None:
+    import hashlib
+
+    from portal.archive.store import StoredFile
+    from portal.imaging import isolation
+
+    data = make_instance(rows=256, columns=256)
+    path = tmp_path / "one.dcm"
+    path.write_bytes(data)
+    stored = StoredFile(str(path), hashlib.sha256(data).hexdigest())
+    narrow, wide = Rendition(window=Window(40, 400)), Rendition(window=Window(1000, 3000))
+    isolation.use_frame_cache(8 << 20)
+    try:
+        first = isolation.render_source(stored, 0, narrow, 10**8)
+        assert first == render_frame(data, 0, narrow)
+        path.unlink()  # the next window must come from the kept frame, not the file
+        second = isolation.render_source(stored, 0, wide, 10**8)
+        assert second == render_frame(data, 0, wide) and second != first
+        with pytest.raises(FileNotFoundError):  # another size is another prepared frame
+            isolation.render_source(stored, 0, Rendition(width=64, window=Window(40, 400)),
+                                    10**8)
+    finally:
+        isolation.use_frame_cache(0)
+
+
+def test_the_frame_cache_stays_within_its_bound() -> None:
+    from portal.imaging.render import FrameCache, prepare_frame
+
+    cache = FrameCache(max_bytes=4 * 128 * 128 * 2)
+    for number in range(10):
+        data = make_instance(rows=128, columns=128, value=number)
+        cache.put((str(number),), prepare_frame(data, 0, Rendition()))
+    kept = [n for n in range(10) if cache.get((str(n),)) is not None]
+    assert kept == [6, 7, 8, 9]
+    assert all(cache.get((str(n),)).frame.pixels.base is None for n in kept)  # private copies
