@@ -67,7 +67,7 @@ from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 APIS = ("portal", "orthanc-dicomweb", "orthanc-rest")
-SCENARIOS = ("a", "b", "c", "d")
+SCENARIOS = ("a", "b", "c", "d", "e")
 WRK = shutil.which("wrk")
 QUALITY = 90  # asked of both servers in a)-c): Orthanc's default, the portal's is 85
 CT_WINDOW = (40.0, 400.0)  # soft tissue; also the first window stored in the demo CT files
@@ -630,6 +630,88 @@ def measure_bytes(bench: Bench) -> list[Bytes]:
     return out
 
 
+# --------------------------------------------------------------------------- memory
+
+
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found, frontier = [], [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        found += children
+        frontier += children
+    return found
+
+
+def _peak_mb(pid: int) -> float | None:
+    """VmHWM (peak resident memory) of a process in MB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+def measure_memory(bench: Bench) -> dict[str, Any]:
+    """e): peak resident memory (VmHWM) after rendering the largest file at full size.
+
+    The radiograph (the largest file) is asked for at its original size as PNG and JPEG
+    and at 1024 wide, with a window no earlier request used. Then the peak of every
+    process is read from /proc: the portal's gunicorn workers (which never decode when
+    render isolation is on), its render processes, and Orthanc (one process doing both).
+    """
+    sizes = (None, None, bench.xr_size)
+    with requests.Session() as session:
+        for api in bench.endpoints:
+            if api == "orthanc-dicomweb":
+                continue  # the same process as orthanc-rest
+            for number, (fmt, accept) in enumerate((("PNG", "image/png"),
+                                                    ("JPEG", "image/jpeg"),
+                                                    ("JPEG", "image/jpeg"))):
+                viewport = sizes[number]
+                query = window_query(api, quality=None, viewport=viewport)
+                fixed = Pattern((frame_path(api, bench.root(api), bench.xr),), query,
+                                XR_WINDOW[0] + 7.0 + number, XR_WINDOW[1] + 7.0, 1.0, 1.0,
+                                vary=False)
+                fetch_image(session, bench.endpoints[api], fixed.path(0, 0), accept=accept,
+                            expect_format=fmt, expect_size=viewport or bench.args.xr)
+    workers, render, orthanc = [], [], []
+    for pid in _descendants(os.getpid()):
+        command, peak = _cmdline(pid), _peak_mb(pid)
+        if peak is None:
+            continue
+        if "Orthanc" in command:
+            orthanc.append(peak)
+        elif "gunicorn" in command and "portal.gunicorn_config" in command:
+            workers.append(peak)  # the master too; it never serves requests
+        elif "multiprocessing.spawn" in command and "resource_tracker" not in command:
+            render.append(peak)
+    return {"portal_web_worker_peak_mb": max(workers, default=None),
+            "portal_render_process_peak_mb": max(render, default=None),
+            "orthanc_peak_mb": max(orthanc, default=None),
+            "processes": {"gunicorn": len(workers), "render": len(render),
+                          "orthanc": len(orthanc)}}
+
+
 # --------------------------------------------------------------------------- set-up
 
 
@@ -648,7 +730,8 @@ def orthanc_ids(base: str, auth: tuple[str, str], images: list[Image3]) -> list[
 
 
 PORTAL_RENDER_KEYS = ("REDIS_URL", "RENDER_ISOLATION", "RENDER_WORKERS", "RENDER_MEMORY_MB",
-                      "RENDER_TIMEOUT_SECONDS", "MAX_RENDER_PIXELS")
+                      "RENDER_TIMEOUT_SECONDS", "RENDER_CACHE_MB", "RENDER_FRAME_CACHE_MB",
+                      "MAX_RENDER_PIXELS")
 
 
 def portal_render_settings() -> dict[str, Any]:
@@ -793,11 +876,20 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
     if "d" in args.scenarios:
         log("d) bytes per image ...")
         sizes = measure_bytes(bench)
+    memory: dict[str, Any] = {}
+    if "e" in args.scenarios:
+        log("e) peak memory after rendering the largest file ...")
+        try:
+            memory = measure_memory(bench)
+        except (CheckFailed, requests.RequestException) as exc:
+            memory = {"error": str(exc)}
+            log(f"  e) FAILED: {exc}")
     config["loadavg_after"] = os.getloadavg()
     return {
         "config": config,
         "cells": [asdict(c) for c in cells],
         "bytes": [asdict(b) for b in sizes],
+        "memory": memory,
         "failures": [asdict(c) for c in cells if c.error]
         + [asdict(b) for b in sizes if b.note.startswith("FAILED")],
     }
@@ -871,6 +963,15 @@ def format_table(result: dict[str, Any]) -> str:
         if quality == "default":
             q = "default quality (" + ("portal 85, Orthanc 90)" if fmt == "jpeg" else "85)")
         row(f"d) {what} {fmt.upper()}, {q}", "bytes", values, 0)
+    memory = result.get("memory") or {}
+    if memory.get("error"):
+        lines.append(f"FAILED e: {memory['error']}")
+    elif memory:
+        lines.append(
+            "e) peak resident memory (VmHWM) after rendering the radiograph at full size: "
+            f"portal web worker {_fmt(memory['portal_web_worker_peak_mb'], 0)} MB, portal "
+            f"render process {_fmt(memory['portal_render_process_peak_mb'], 0)} MB, Orthanc "
+            f"{_fmt(memory['orthanc_peak_mb'], 0)} MB (one process)")
     lines.append("ratio = portal / Orthanc: for req/s above 1 means the portal is faster; for "
                  "ms and bytes above 1 means the portal is slower / larger.")
     for failure in result["failures"]:
@@ -910,7 +1011,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--xr", type=_size, default=(2500, 3000),
                         help="radiograph WIDTHxHEIGHT (default 2500x3000)")
     parser.add_argument("--scenarios", type=lambda s: s.split(","), default=list(SCENARIOS),
-                        help="comma-separated subset of a,b,c,d")
+                        help="comma-separated subset of a,b,c,d,e")
     parser.add_argument("--apis", type=lambda s: s.split(","), default=list(APIS),
                         help=f"comma-separated subset of {','.join(APIS)}")
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto",

@@ -80,6 +80,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RENDER_WORKERS", int, 2, "render processes per web worker"),
     Setting("RENDER_MEMORY_MB", int, 2048, "address-space cap of a render process"),
     Setting("RENDER_TIMEOUT_SECONDS", int, 30, "longest a render may take"),
+    Setting("RENDER_CACHE_MB", int, 128,
+            "rendered images kept in memory per web worker when REDIS_URL is unset"),
     Setting("RENDER_FRAME_CACHE_MB", int, 64,
             "decoded frames kept per render process for window changes (0: none)"),
     Setting("MAX_RENDER_PIXELS", int, 64_000_000, "largest frame (rows x columns) rendered"),
@@ -89,6 +91,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DIMSE_ALLOWED_PEERS", _as_list, [], "accepted callers as AETITLE@address"),
     Setting("DIMSE_MAX_PDU", int, 262_144, "largest PDU the SCP accepts"),
     Setting("TRUSTED_PROXIES", int, 0, "number of reverse proxies in front (ProxyFix hops)"),
+    # Share links (SECURITY.md 13-22): lifetimes can be lowered here, never raised past 30 days.
+    Setting("SHARE_DEFAULT_DAYS", int, 7, "lifetime of a share link unless the sender picks one"),
+    Setting("SHARE_MAX_DAYS", int, 30, "longest lifetime a sender may pick (at most 30)"),
+    Setting("SHARE_PIN_DIGITS", int, 6, "digits of a share-link PIN (6 to 10)"),
+    Setting("SHARE_MAX_FAILED_PINS", int, 10, "wrong PINs in a row that lock a link (1 to 10)"),
+    Setting("SHARE_SESSION_IDLE_MINUTES", int, 15, "share sessions end after this idle time"),
+    Setting("SHARE_SESSION_ABSOLUTE_MINUTES", int, 60, "share sessions end this long after"),
+    Setting("SHARE_STATE_CACHE_SECONDS", int, 2, "how long a link's state is cached (max 10)"),
+    Setting("SHARE_CREATE_PER_HOUR", int, 30, "share links one person may create per hour"),
+    Setting("SHARE_ATTEMPTS_PER_ADDRESS", int, 20, "link openings per address per 10 minutes"),
+    Setting("SHARE_PIN_PEPPER", _as_optional_str, None, "PIN pepper; default from SECRET_KEY"),
+    Setting("SMTP_URL", _as_optional_str, None, "smtp://, smtp+starttls:// or smtps:// URL"),
+    Setting("SMTP_FROM", str, "portal@localhost", "sender address of the portal's e-mail"),
+    Setting("SMS_WEBHOOK_URL", _as_optional_str, None, "JSON webhook that sends text messages"),
+    Setting("SMS_WEBHOOK_TOKEN", _as_optional_str, None, "bearer token for the SMS webhook"),
     Setting("LOG_LEVEL", str, "INFO", "logging level"),
 )
 
@@ -152,6 +169,26 @@ def _check_peers(peers: list[str]) -> None:
             raise ConfigError(f"DIMSE_ALLOWED_PEERS: {peer!r} is not AETITLE@address")
 
 
+def _check_sharing(config: dict[str, Any]) -> None:
+    if not 1 <= config["SHARE_MAX_DAYS"] <= 30:
+        raise ConfigError("SHARE_MAX_DAYS: 1 to 30 days")
+    if not 1 <= config["SHARE_DEFAULT_DAYS"] <= config["SHARE_MAX_DAYS"]:
+        raise ConfigError("SHARE_DEFAULT_DAYS: 1 day up to SHARE_MAX_DAYS")
+    bounds = {"SHARE_PIN_DIGITS": (6, 10), "SHARE_MAX_FAILED_PINS": (1, 10),
+              "SHARE_SESSION_IDLE_MINUTES": (1, 15), "SHARE_SESSION_ABSOLUTE_MINUTES": (1, 60),
+              "SHARE_STATE_CACHE_SECONDS": (0, 10), "SHARE_CREATE_PER_HOUR": (1, 100_000),
+              "SHARE_ATTEMPTS_PER_ADDRESS": (1, 100_000)}
+    for key, (low, high) in bounds.items():
+        if not low <= config[key] <= high:
+            raise ConfigError(f"{key}: {low} to {high}")
+    smtp = config["SMTP_URL"]
+    if smtp and not smtp.startswith(("smtp://", "smtps://", "smtp+starttls://")):
+        raise ConfigError("SMTP_URL: must be an smtp://, smtp+starttls:// or smtps:// URL")
+    sms = config["SMS_WEBHOOK_URL"]
+    if sms and not sms.startswith(("http://", "https://")):
+        raise ConfigError("SMS_WEBHOOK_URL: must be an http(s) URL")
+
+
 def validate(config: dict[str, Any]) -> None:
     """Raise ConfigError naming the first invalid setting."""
     if config["ENV"] not in {"development", "production", "test"}:
@@ -166,7 +203,7 @@ def validate(config: dict[str, Any]) -> None:
                 "MAX_REQUEST_BYTES", "MAX_INSTANCE_BYTES", "MAX_INFLATED_BYTES",
                 "MAX_PIXEL_BYTES", "MAX_FRAMES", "MAX_ZIP_ENTRIES", "MAX_ZIP_RATIO",
                 "DIMSE_MAX_PDU", "RENDER_WORKERS", "RENDER_MEMORY_MB",
-                "RENDER_TIMEOUT_SECONDS", "MAX_RENDER_PIXELS"):
+                "RENDER_TIMEOUT_SECONDS", "RENDER_CACHE_MB", "MAX_RENDER_PIXELS"):
         if config[key] <= 0:
             raise ConfigError(f"{key}: must be positive")
     if config["RENDER_FRAME_CACHE_MB"] < 0:
@@ -176,6 +213,7 @@ def validate(config: dict[str, Any]) -> None:
     if not 0 < len(config["DIMSE_AE_TITLE"]) <= 16:
         raise ConfigError("DIMSE_AE_TITLE: 1 to 16 characters")
     _check_peers(config["DIMSE_ALLOWED_PEERS"])
+    _check_sharing(config)
     for key in ("ARCHIVE_URL", "PUBLIC_URL", "OIDC_ISSUER"):
         value = config[key]
         if value and not value.startswith(("http://", "https://")):

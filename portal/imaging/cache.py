@@ -92,9 +92,9 @@ class RedisCache:
             log.warning("render cache unavailable; result not kept")
 
 
-def make_cache(redis_url: str | None) -> RenderCache:
-    """Redis when a URL is configured, otherwise the in-process cache."""
-    return RedisCache(redis_url) if redis_url else MemoryCache()
+def make_cache(redis_url: str | None, memory_bytes: int = 128 << 20) -> RenderCache:
+    """Redis when a URL is configured, otherwise an in-process cache of ``memory_bytes``."""
+    return RedisCache(redis_url) if redis_url else MemoryCache(memory_bytes)
 
 
 def init_app(app: Flask) -> None:
@@ -102,7 +102,8 @@ def init_app(app: Flask) -> None:
     from portal.imaging.isolation import RenderPool, use_frame_cache
 
     settings = app.config["PORTAL"]
-    app.extensions["render_cache"] = make_cache(settings["REDIS_URL"])
+    app.extensions["render_cache"] = make_cache(settings["REDIS_URL"],
+                                                settings["RENDER_CACHE_MB"] << 20)
     frame_cache_bytes = settings["RENDER_FRAME_CACHE_MB"] << 20
     app.extensions["render_pool"] = RenderPool(
         workers=settings["RENDER_WORKERS"], memory_bytes=settings["RENDER_MEMORY_MB"] << 20,
