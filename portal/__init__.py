@@ -49,6 +49,9 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     archive.init_app(app)
     imaging_cache.init_app(app)
     errors.register_error_handlers(app)
+    from portal.sharing import routes as sharing_routes
+
+    sharing_routes.init_app(app)  # before the policy hook: ended share sessions get a page
     policy.init_app(app)
 
     from portal.access.cli import audit_cli, clients_cli, users_cli
@@ -66,6 +69,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(api_bp)
     app.register_blueprint(dicomweb_bp)
     app.register_blueprint(studies_bp)
+    app.register_blueprint(sharing_routes.bp)
     for command in (archive_cli, audit_cli, clients_cli, db_cli, dimse_cli, demo_command,
                     demo_idp_command, users_cli):
         app.cli.add_command(command)

@@ -12,7 +12,11 @@ from portal import create_app
 from tests.conftest import basic_auth
 
 PUBLIC = {"health.healthz", "health.readyz", "studies.home", "static", "auth.login",
-          "auth.callback", "auth.logout", "auth.invitation", "api.openapi"}
+          "auth.callback", "auth.logout", "auth.invitation", "api.openapi",
+          # share links: the landing page, the exchange, the visitor's pages (they check the
+          # share session themselves and show a plain "ended" page without one)
+          "sharing.landing", "sharing.exchange", "sharing.shared_home",
+          "sharing.shared_accesses", "sharing.close"}
 
 
 def test_health_and_readiness(client: FlaskClient) -> None:

@@ -1,7 +1,8 @@
 """③ The one place that decides who may see what. Everything else asks it.
 
 A denied object answers 404, exactly like a missing one, so nobody learns what exists.
-Routes are default-deny: a view is reachable without a principal only when marked ``@public``.
+Routes are default-deny: a view is reachable without a principal only when marked ``@public``,
+and by a share-link visitor only when marked ``@share_visible`` (or listed below).
 """
 
 from __future__ import annotations
@@ -28,6 +29,31 @@ def public(view: F) -> F:
     """Mark a view as reachable without signing in (an explicit allow-list)."""
     view.portal_public = True  # type: ignore[attr-defined]
     return view
+
+
+def share_visible(view: F) -> F:
+    """Mark a view as reachable by a share-link visitor (another explicit allow-list)."""
+    view.portal_share_visible = True  # type: ignore[attr-defined]
+    return view
+
+
+# Views of other packages a share-link visitor may reach: the study page and DICOMweb reads.
+SHARE_ENDPOINTS = frozenset({"studies.study_page", "studies.viewer", "studies.download_study"})
+# Whole original files: only for links made with the download permission.
+DOWNLOAD_ENDPOINTS = frozenset({"dicomweb.retrieve_study", "dicomweb.retrieve_series",
+                                "dicomweb.retrieve_instance", "studies.download_study"})
+
+
+def _share_may_reach(principal: Principal, endpoint: str) -> None:
+    """A share visitor reaches only marked views; other pages do not exist for him."""
+    view = current_app.view_functions.get(endpoint)
+    reads = request.method in ("GET", "HEAD")
+    if endpoint in DOWNLOAD_ENDPOINTS and not principal.can_download:
+        abort(403, "this link allows viewing only, not downloading")
+    if getattr(view, "portal_share_visible", False) or endpoint in SHARE_ENDPOINTS or (
+            reads and endpoint.startswith("dicomweb.")):
+        return
+    abort(404)
 
 
 def is_public(endpoint: str | None) -> bool:
@@ -68,6 +94,9 @@ def study_filter(principal: Principal) -> ColumnElement[bool]:
     """
     if principal.kind == "machine":
         return true() if principal.can_read_all else false()
+    if principal.kind == "share":  # exactly the link's studies, fixed when it was made
+        return Study.study_instance_uid.in_(sorted(principal.share_studies)) \
+            if principal.share_studies else false()
     me = principal.id
     conditions: list[ColumnElement[bool]] = [_grants_of([me], personal=True)]
     if principal.has_role("physician"):
@@ -159,7 +188,10 @@ def init_app(app: Flask) -> None:
     def _default_deny() -> Response | None:
         if is_public(request.endpoint):
             return None
-        if current_principal() is not None:
+        principal = current_principal()
+        if principal is not None:
+            if principal.kind == "share":
+                _share_may_reach(principal, str(request.endpoint))
             return None
         if request.path.startswith(("/dicomweb", "/api", "/fhir")) or \
                 request.headers.get("Authorization"):

@@ -1,7 +1,8 @@
 """Who is asking: ``current_principal()`` is the one answer for every route.
 
 A principal comes from exactly one of: HTTP Basic credentials of a machine client, an
-``Authorization: Bearer`` access token from the configured issuer, or the browser session.
+``Authorization: Bearer`` access token from the configured issuer, a share session (a patient
+or colleague who opened a share link), or the browser session.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from portal.db import db
 class Principal:
     """An authenticated caller and the rights the portal itself gave it."""
 
-    kind: Literal["machine", "user"]
+    kind: Literal["machine", "user", "share"]
     id: int
     name: str
     can_read_all: bool = False
@@ -31,13 +32,19 @@ class Principal:
     practice_id: int | None = None
     issuer: str = ""
     subject: str = ""
-    via: Literal["basic", "bearer", "session"] = "session"
+    via: Literal["basic", "bearer", "session", "share"] = "session"
+    # A share-link visitor: the link's public id, the studies it opens, whether to download.
+    share_id: str = ""
+    share_studies: frozenset[str] = field(default_factory=frozenset)
+    can_download: bool = True
 
     @property
     def audit_name(self) -> str:
         """How the audit trail names this caller: (issuer, subject) for people."""
         if self.kind == "machine":
             return f"machine:{self.name}"
+        if self.kind == "share":
+            return f"share:{self.share_id}"
         return f"user:{self.issuer}|{self.subject}"
 
     def has_role(self, role: str) -> bool:
@@ -96,7 +103,9 @@ def load_principal() -> Principal | None:
 
         user = bearer.user_for_token(value)
         return user_principal(user, "bearer") if user is not None else None
-    return _from_session()
+    from portal.sharing.sessions import share_principal
+
+    return share_principal() or _from_session()
 
 
 def current_principal() -> Principal | None:

@@ -201,6 +201,15 @@ def revoke_grant(grant_id: int) -> Response:
     return _done("Access revoked.", "admin.grants")
 
 
+@bp.get("/shares")
+def shares() -> str:
+    """Every share link with its state, uses and last use (revoking goes through /shares)."""
+    from portal.sharing.service import link_state, list_links
+
+    return render_template("admin/shares.html", links=list_links(db.session, _manager()),
+                           state=link_state, now=utcnow())
+
+
 def _audit_rows() -> list[Any]:
     args = request.args
     principal = _manager()

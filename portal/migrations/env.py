@@ -6,7 +6,8 @@ from alembic import context
 
 import portal.access.models
 import portal.archive.models
-import portal.index.models  # noqa: F401  (register every table)
+import portal.index.models
+import portal.sharing.models  # noqa: F401  (register every table)
 from portal.db import Base, make_engine
 
 target_metadata = Base.metadata

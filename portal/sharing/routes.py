@@ -1,0 +1,474 @@
+"""Share-link pages: the landing page and exchange, the visitor's pages, the sender's pages.
+
+The link is ``/s#<token>``: the token sits in the fragment, which browsers never send, so it
+reaches no access log and no Referer. The landing page has no side effects; its form POSTs
+the token (and PIN) to ``/s/exchange``, which sets the share cookie and redirects to a URL
+without the token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from datetime import timedelta
+from urllib.parse import urlsplit
+
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    abort,
+    current_app,
+    flash,
+    g,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from sqlalchemy import select
+from sqlalchemy.orm import selectinload
+
+from portal.access import audit
+from portal.access.policy import public, require_study, share_visible, visible_studies
+from portal.access.principal import Principal, current_principal
+from portal.db import db, utcnow
+from portal.index.models import Study
+from portal.sharing import delivery, service
+from portal.sharing.limits import init_app as init_limits
+from portal.sharing.limits import rate_limiter
+from portal.sharing.models import ShareLink
+from portal.sharing.sessions import (
+    clear_share_cookie,
+    cookie_name,
+    current_visit,
+    forget_cached_visits,
+    set_share_cookie,
+)
+
+bp = Blueprint("sharing", __name__)
+
+PORTAL_NAME = "the referrer portal"
+_NOINDEX_ENDPOINTS = ("sharing.", "studies.study_page", "dicomweb.")
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+def share_policy() -> service.SharePolicy:
+    """The configured limits of share links (cached per app)."""
+    policy: service.SharePolicy | None = current_app.extensions.get("share_policy")
+    if policy is None:
+        policy = service.SharePolicy.from_settings(current_app.config["PORTAL"],
+                                                   current_app.config["SECRET_KEY"])
+        current_app.extensions["share_policy"] = policy
+    return policy
+
+
+def share_url(token: str) -> str:
+    """The link to hand out: the landing page with the token in the fragment."""
+    base = current_app.config["PORTAL"]["PUBLIC_URL"]
+    landing = (base.rstrip("/") + url_for("sharing.landing")) if base \
+        else url_for("sharing.landing", _external=True)
+    return f"{landing}#{token}"
+
+
+def _address() -> str:
+    return request.remote_addr or ""
+
+
+def _user() -> Principal:
+    principal = current_principal()
+    if principal is None or principal.kind != "user":
+        abort(404)
+    return principal
+
+
+def _visitor() -> Principal | None:
+    principal = current_principal()
+    return principal if principal is not None and principal.kind == "share" else None
+
+
+def _recent_sign_in() -> Response | None:
+    """Creating and revoking links need a sign-in within RECENT_AUTH_MINUTES (SECURITY.md 8)."""
+    minutes = current_app.config["PORTAL"]["RECENT_AUTH_MINUTES"]
+    auth_time = getattr(session, "auth_time", None)
+    if current_principal() is not None and getattr(current_principal(), "via", "") == "bearer":
+        return None  # a bearer token is as fresh as the provider made it
+    if auth_time is None or utcnow() - auth_time > timedelta(minutes=minutes):
+        flash("For this change, please confirm who you are by signing in again.")
+        back = urlsplit(request.referrer or "")
+        path = back.path if back.netloc == request.host and back.path else url_for(
+            "sharing.my_links")
+        return redirect(url_for("auth.login", reauth="1", next=path))
+    return None
+
+
+def unavailable() -> Response:
+    """The one answer for unknown, expired, revoked and locked links (SECURITY.md 16)."""
+    return Response(render_template("sharing/unavailable.html"), status=404,
+                    mimetype="text/html")
+
+
+def too_many() -> Response:
+    """Per-address or per-sender limit reached."""
+    return Response(render_template("sharing/too_many.html"), status=429,
+                    mimetype="text/html", headers={"Retry-After": "600"})
+
+
+def _notify_sender(exchanged: service.Exchanged) -> None:
+    """E-mail the sender once, on the first use, if he asked for it (in the background)."""
+    if not (exchanged.first_use and exchanged.notify_sender):
+        return
+    settings = dict(current_app.config["PORTAL"])
+    if not settings["SMTP_URL"]:
+        return
+    link = db.session.scalars(select(ShareLink).where(
+        ShareLink.public_id == exchanged.public_id)).first()
+    to = service.sender_email(db.session, link) if link is not None else ""
+    if not to:
+        return
+    manage = url_for("sharing.link_detail", public_id=exchanged.public_id, _external=True)
+    subject, body = delivery.first_use_email(PORTAL_NAME, manage)
+
+    def send() -> None:
+        with contextlib.suppress(delivery.DeliveryFailed):  # logged; a notice is best effort
+            delivery.send_email(settings, to, subject, body)
+
+    threading.Thread(target=send, name="share-first-use-notice", daemon=True).start()
+
+
+# -- the landing page and the exchange -------------------------------------------------------
+
+@bp.get("/s")
+@public
+def landing() -> str:
+    """The link's page: explains, asks for the PIN, changes nothing (preview bots)."""
+    return render_template("sharing/landing.html", message="", token="")
+
+
+@bp.post("/s/exchange")
+@public
+def exchange() -> Response:
+    """Exchange the token (and PIN) for a share session, then leave the token behind."""
+    settings = current_app.config["PORTAL"]
+    if not rate_limiter().hit(f"share-exchange:{_address()}",
+                              limit=settings["SHARE_ATTEMPTS_PER_ADDRESS"], window=600):
+        return too_many()
+    token = request.form.get("token", "").strip()[:200]
+    pin = request.form.get("pin", "")[:32]
+    device = delivery.device_class(request.headers.get("User-Agent", ""))
+    try:
+        exchanged = service.exchange(db, share_policy(), token=token, pin=pin,
+                                     address=_address(), device=device)
+    except service.LinkUnavailable:
+        return unavailable()
+    except service.PinRequired:
+        return Response(render_template("sharing/landing.html", token=token,
+                                        message="Please enter the PIN you were given."),
+                        status=401)
+    except service.WrongPin as wrong:
+        text = (f"That PIN is not right. You can try {wrong.remaining} more "
+                f"time{'s' if wrong.remaining != 1 else ''}.")
+        return Response(render_template("sharing/landing.html", token=token, message=text),
+                        status=401)
+    except service.LinkLocked:
+        return Response(render_template("sharing/locked.html"), status=403)
+    _notify_sender(exchanged)
+    if exchanged.purpose == "claim":
+        target = url_for("sharing.claim")
+    elif len(exchanged.study_uids) == 1:
+        target = url_for("studies.study_page", study_uid=exchanged.study_uids[0])
+    else:
+        target = url_for("sharing.shared_home")
+    response = redirect(target, code=303)
+    set_share_cookie(response, exchanged.session_token, share_policy().session_absolute)
+    return response
+
+
+# -- the visitor's pages ---------------------------------------------------------------------
+
+@bp.get("/shared")
+@share_visible
+@public
+def shared_home() -> Response | str:
+    """What the link opens: its studies, how long it lasts, who opened them."""
+    visitor = _visitor()
+    if visitor is None:
+        return _ended()
+    link = db.session.get(ShareLink, visitor.id)
+    if link is None:
+        return _ended()
+    studies = db.session.scalars(visible_studies(visitor).options(
+        selectinload(Study.patient)).order_by(Study.study_date.desc())).all()
+    return render_template("sharing/shared_home.html", link=link, studies=studies)
+
+
+@bp.get("/shared/accesses")
+@share_visible
+@public
+def shared_accesses() -> Response | str:
+    """Who opened my images: every access to the shared studies, from the audit trail."""
+    visitor = _visitor()
+    link = db.session.get(ShareLink, visitor.id) if visitor is not None else None
+    if visitor is None or link is None:
+        return _ended()
+    rows = service.accesses(db.session, link)
+    audit.record(db, audit.AUDIT_LOG_USED, action="R", outcome=audit.OUTCOME_SUCCESS,
+                 who=visitor.audit_name, source_address=_address(),
+                 details={"share": link.public_id})
+    return render_template("sharing/accesses.html", rows=rows, link=link)
+
+
+@bp.post("/shared/close")
+@share_visible
+@public
+def close() -> Response:
+    """End the share session on this device (the link itself still works)."""
+    token = request.cookies.get(cookie_name(current_app), "")
+    if token:
+        service.end_share_session(db, token)
+    response = redirect(url_for("sharing.landing"), code=303)
+    clear_share_cookie(response)
+    return response
+
+
+def _ended() -> Response:
+    response = Response(render_template("sharing/ended.html"), status=401,
+                        mimetype="text/html")
+    clear_share_cookie(response)
+    return response
+
+
+@bp.get("/shared/claim")
+def claim() -> Response | str:
+    """A colleague link that asks for sign-in: confirm to get access under one's own name."""
+    _user()
+    if current_visit("claim") is None:
+        return unavailable()
+    return render_template("sharing/claim.html")
+
+
+@bp.post("/shared/claim")
+def accept_claim() -> Response:
+    """Give the signed-in colleague a grant on the link's studies (audited)."""
+    user = _user()
+    visit = current_visit("claim")
+    if visit is None:
+        return unavailable()
+    try:
+        uids = service.claim_for_colleague(db.session, user, visit.link_id)
+    except service.LinkUnavailable:
+        db.session.rollback()
+        return unavailable()
+    db.session.commit()
+    forget_cached_visits()
+    flash("The study has been added to your studies.")
+    response = redirect(url_for("studies.study_page", study_uid=uids[0]), code=303)
+    clear_share_cookie(response)
+    return response
+
+
+# -- the sender's pages ----------------------------------------------------------------------
+
+def _form_days() -> int | None:
+    text = request.form.get("days", "").strip()
+    if not text:
+        return None
+    try:
+        return int(text)
+    except ValueError as exc:
+        raise service.ShareError("the number of days is a whole number") from exc
+
+
+@bp.get("/studies/<study_uid>/share")
+def share_form(study_uid: str) -> str:
+    """The form to share one study (or every study of its patient)."""
+    principal = _user()
+    study = require_study(db.session, principal, study_uid)
+    links = service.list_links(db.session, principal, study_uid=study_uid, limit=50)
+    return render_template("sharing/share_form.html", study=study, policy=share_policy(),
+                           links=links, now=utcnow(), state=service.link_state,
+                           may_share=any(principal.has_role(r) for r in service.SHARING_ROLES))
+
+
+@bp.post("/studies/<study_uid>/share")
+def create(study_uid: str) -> Response | str:
+    """Make the link and show it (with its PIN and QR code) once."""
+    principal = _user()
+    require_study(db.session, principal, study_uid)
+    again = _recent_sign_in()
+    if again is not None:
+        return again
+    if not rate_limiter().hit(f"share-create:{principal.id}",
+                              limit=current_app.config["PORTAL"]["SHARE_CREATE_PER_HOUR"],
+                              window=3600):
+        return too_many()
+    form = request.form
+    audience = "physician" if form.get("audience") == "physician" else "patient"
+    try:
+        made = service.create_share(
+            db.session, principal, share_policy(), study_uid=study_uid,
+            whole_patient=form.get("scope") == "patient", audience=audience,
+            requires_sign_in=audience == "physician" and form.get("colleague") == "sign_in",
+            can_download=form.get("download") == "on", with_pin=form.get("pin") == "on",
+            days=_form_days(), note=form.get("note", ""),
+            notify_sender=form.get("notify") == "on")
+    except service.ShareError as exc:
+        db.session.rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("sharing.share_form", study_uid=study_uid))
+    db.session.commit()
+    return _created_page(made.link, made.token, made.pin)
+
+
+def _created_page(link: ShareLink, token: str, pin: str | None, status: int = 201) -> Response:
+    url = share_url(token)
+    return Response(render_template("sharing/created.html", link=link, url=url, token=token,
+                                    pin=pin, qr=delivery.qr_data_uri(url),
+                                    email_ready=bool(current_app.config["PORTAL"]["SMTP_URL"]),
+                                    sms_ready=bool(
+                                        current_app.config["PORTAL"]["SMS_WEBHOOK_URL"])),
+                    status=status)
+
+
+def deliver(link: ShareLink, *, token: str, pin: str | None, channel: str, to: str,
+            what: str) -> None:
+    """Send the link (e-mail or SMS) or the PIN (SMS, never by the link's own channel)."""
+    settings = current_app.config["PORTAL"]
+    service.check_own_secret(link, token, pin if what == "pin" else None, share_policy())
+    days_left = max(1, (link.expires_at - utcnow()).days)
+    if what == "pin":
+        if not pin or channel != "sms":
+            raise service.ShareError("a PIN goes by text message, apart from the link")
+        digest = delivery.address_digest(delivery.clean_phone(to))
+        if any(d.get("what") == "link" and d.get("to_sha256") == digest
+               for d in link.deliveries):
+            raise service.ShareError("the PIN must not go to where the link went; "
+                                     "print it or send it to another number")
+        delivery.send_sms(settings, to, delivery.pin_sms(PORTAL_NAME, pin), "share_pin")
+    elif channel == "email":
+        digest = delivery.address_digest(delivery.clean_email(to))
+        subject, body = delivery.link_email(PORTAL_NAME, share_url(token), days_left,
+                                            bool(link.pin_hash))
+        delivery.send_email(settings, to, subject, body)
+    elif channel == "sms":
+        digest = delivery.address_digest(delivery.clean_phone(to))
+        delivery.send_sms(settings, to, delivery.link_sms(PORTAL_NAME, share_url(token)),
+                          "share_link")
+    else:
+        raise service.ShareError("choose e-mail or text message")
+    service.record_delivery(link, what, channel, digest)
+
+
+@bp.post("/shares/<public_id>/send")
+def send(public_id: str) -> Response:
+    """Send a link just made by e-mail or SMS, or its PIN by SMS; then show the page again."""
+    principal = _user()
+    form = request.form
+    pin = form.get("pin") or None
+    try:
+        link = service.get_link(db.session, principal, public_id)
+        deliver(link, token=form.get("token", ""), pin=pin, channel=form.get("channel", ""),
+                to=form.get("to", ""), what="pin" if form.get("what") == "pin" else "link")
+    except (service.ShareError, delivery.DeliveryFailed) as exc:
+        db.session.rollback()
+        flash(str(exc), "error")
+        link = service.get_link(db.session, principal, public_id)
+        return _created_page(link, form.get("token", ""), pin, status=400)
+    db.session.commit()
+    flash("The PIN was sent." if form.get("what") == "pin" else "The link was sent.")
+    return _created_page(link, form.get("token", ""), pin, status=200)
+
+
+@bp.get("/shares")
+def my_links() -> str:
+    """The links I made (an office manager sees every link)."""
+    principal = _user()
+    links = service.list_links(db.session, principal)
+    return render_template("sharing/links.html", links=links, now=utcnow(),
+                           state=service.link_state)
+
+
+@bp.get("/shares/<public_id>")
+def link_detail(public_id: str) -> str:
+    """One link: its state, uses and every access."""
+    principal = _user()
+    try:
+        link = service.get_link(db.session, principal, public_id)
+    except service.ShareError:
+        abort(404)
+    return render_template("sharing/link.html", link=link, state=service.link_state(link),
+                           rows=service.accesses(db.session, link))
+
+
+@bp.post("/shares/<public_id>/revoke")
+def revoke(public_id: str) -> Response:
+    """Revoke one link; open share sessions end at once."""
+    principal = _user()
+    again = _recent_sign_in()
+    if again is not None:
+        return again
+    try:
+        service.revoke_link(db.session, principal, public_id)
+    except service.ShareError:
+        abort(404)
+    db.session.commit()
+    flash("The link has been revoked. Anyone viewing through it is cut off.")
+    return redirect(_back_or(url_for("sharing.link_detail", public_id=public_id)))
+
+
+@bp.post("/shares/revoke-all")
+def revoke_all() -> Response:
+    """Revoke every link of a study, or of the study's patient."""
+    principal = _user()
+    again = _recent_sign_in()
+    if again is not None:
+        return again
+    study_uid = request.form.get("study_uid", "")[:64]
+    require_study(db.session, principal, study_uid)
+    if request.form.get("scope") == "patient":
+        count = service.revoke_links_of_patient(db.session, principal, study_uid)
+    else:
+        count = service.revoke_links_of_study(db.session, principal, study_uid)
+    db.session.commit()
+    flash(f"{count} link{'s' if count != 1 else ''} revoked.")
+    return redirect(_back_or(url_for("sharing.share_form", study_uid=study_uid)))
+
+
+def _back_or(default: str) -> str:
+    back = urlsplit(request.referrer or "")
+    if back.netloc == request.host and back.path.startswith(("/shares", "/admin/shares",
+                                                             "/studies/")):
+        return back.path
+    return default
+
+
+# -- wiring ----------------------------------------------------------------------------------
+
+def _ended_share_pages() -> Response | None:
+    """A patient whose share session ended sees a plain page, not a staff sign-in."""
+    name = cookie_name(current_app)
+    if name not in request.cookies or request.method != "GET":
+        return None
+    if request.path.startswith(("/dicomweb", "/api", "/static")) or request.endpoint in (
+            None, "static") or (request.endpoint or "").startswith("sharing."):
+        return None
+    if any(c in request.cookies for c in ("__Host-portal", "portal")):
+        return None
+    if current_visit("view") is None and current_visit("claim") is None:
+        return _ended()
+    return None
+
+
+def _noindex(response: Response) -> Response:
+    if (request.endpoint or "").startswith(_NOINDEX_ENDPOINTS) or g.get("share_visit"):
+        response.headers["X-Robots-Tag"] = "noindex, nofollow"
+    return response
+
+
+def init_app(app: Flask) -> None:
+    """Rate limiter, the ended-session page and the noindex header (before the policy hook)."""
+    init_limits(app)
+    app.before_request(_ended_share_pages)
+    app.after_request(_noindex)

@@ -1,0 +1,524 @@
+"""Share links: create, exchange for a share session, revoke, and tell who used them.
+
+Services take plain arguments and never read ``request``. Creating and revoking only flush
+(the handler commits); exchanging a link runs its own short write transactions, because the
+count of wrong PINs must be committed even when the request then fails (SECURITY.md 20).
+"""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import case, delete, func, literal, or_, select, update
+from sqlalchemy.orm import Session, selectinload
+
+from portal.access import audit
+from portal.access.grants import create_grant
+from portal.access.models import User
+from portal.access.policy import visible_studies
+from portal.access.principal import Principal
+from portal.db import Database, UTCDateTime, utcnow
+from portal.index.models import Study
+from portal.sharing.models import ShareLink, ShareLinkStudy, ShareSession
+from portal.sharing.tokens import (
+    hash_pin,
+    looks_like_token,
+    new_pin,
+    new_token,
+    pepper_from_secret,
+    token_digest,
+    verify_pin,
+)
+
+Audience = Literal["patient", "physician"]
+LinkState = Literal["active", "pending", "expired", "revoked", "locked"]
+SHARING_ROLES = ("physician", "office_manager")
+
+
+class ShareError(Exception):
+    """A share cannot be made or changed as asked; the message says why (HTTP 400)."""
+
+
+class LinkUnavailable(Exception):
+    """Unknown, expired, not yet valid, revoked or locked: one answer for all (SECURITY.md 16)."""
+
+
+class PinRequired(Exception):
+    """The link has a PIN and none was sent (not counted as a failed attempt)."""
+
+
+class WrongPin(Exception):
+    """The PIN did not match; ``remaining`` attempts are left before the link locks."""
+
+    def __init__(self, remaining: int) -> None:
+        super().__init__("wrong PIN")
+        self.remaining = remaining
+
+
+class LinkLocked(Exception):
+    """This wrong PIN was the last one allowed: the link is locked from now on."""
+
+
+@dataclass(frozen=True)
+class SharePolicy:
+    """The limits of share links, from configuration (SECURITY.md policies)."""
+
+    default_days: int = 7
+    max_days: int = 30
+    pin_digits: int = 6
+    max_failed_pins: int = 10
+    session_idle: timedelta = timedelta(minutes=15)
+    session_absolute: timedelta = timedelta(hours=1)
+    pepper: bytes = field(default=b"", repr=False)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any], secret_key: str) -> SharePolicy:
+        """The policy of a configured app."""
+        pepper_text = settings["SHARE_PIN_PEPPER"]
+        return cls(default_days=settings["SHARE_DEFAULT_DAYS"],
+                   max_days=settings["SHARE_MAX_DAYS"],
+                   pin_digits=settings["SHARE_PIN_DIGITS"],
+                   max_failed_pins=settings["SHARE_MAX_FAILED_PINS"],
+                   session_idle=timedelta(minutes=settings["SHARE_SESSION_IDLE_MINUTES"]),
+                   session_absolute=timedelta(
+                       minutes=settings["SHARE_SESSION_ABSOLUTE_MINUTES"]),
+                   pepper=pepper_text.encode("utf-8") if pepper_text
+                   else pepper_from_secret(secret_key))
+
+
+@dataclass(frozen=True)
+class NewShare:
+    """A link just made: its token and PIN exist only here and are shown once."""
+
+    link: ShareLink
+    token: str
+    pin: str | None
+
+
+@dataclass(frozen=True)
+class Exchanged:
+    """A link exchanged for a share session (the cookie value is ``session_token``)."""
+
+    session_token: str
+    public_id: str
+    study_uids: tuple[str, ...]
+    purpose: Literal["view", "claim"]
+    first_use: bool
+    notify_sender: bool
+    created_by_fk: int | None
+
+
+def share_who(public_id: str) -> str:
+    """How the audit trail names the visitor of a link."""
+    return f"share:{public_id}"
+
+
+def link_state(link: ShareLink, now: datetime | None = None) -> LinkState:
+    """active, pending (before ``not_before``), expired, revoked or locked."""
+    now = now or utcnow()
+    if link.revoked_at is not None:
+        return "revoked"
+    if link.locked_at is not None:
+        return "locked"
+    if link.expires_at <= now:
+        return "expired"
+    if link.not_before > now:
+        return "pending"
+    return "active"
+
+
+def _active_conditions(now: datetime) -> list[Any]:
+    return [ShareLink.revoked_at.is_(None), ShareLink.locked_at.is_(None),
+            ShareLink.expires_at > now, ShareLink.not_before <= now]
+
+
+# -- creating --------------------------------------------------------------------------------
+
+def _check_sender(actor: Principal) -> None:
+    if actor.kind != "user" or not any(actor.has_role(r) for r in SHARING_ROLES):
+        raise ShareError("only physicians and office managers share studies")
+
+
+def _expiry(policy: SharePolicy, now: datetime, days: int | None,
+            expires_at: datetime | None) -> datetime:
+    if expires_at is None:
+        days = policy.default_days if days is None else days
+        if not 1 <= days <= policy.max_days:
+            raise ShareError(f"a link lasts 1 to {policy.max_days} days")
+        return now + timedelta(days=days)
+    if expires_at.tzinfo is None:
+        raise ShareError("the expiry must carry a time zone")
+    if expires_at <= now + timedelta(minutes=5):
+        raise ShareError("the expiry must be at least 5 minutes ahead")
+    if expires_at > now + timedelta(days=policy.max_days, minutes=1):
+        raise ShareError(f"a link lasts at most {policy.max_days} days")
+    return expires_at
+
+
+def create_share(session: Session, actor: Principal, policy: SharePolicy, *, study_uid: str,
+                 whole_patient: bool = False, audience: Audience = "patient",
+                 requires_sign_in: bool = False, can_download: bool = False,
+                 with_pin: bool = True, days: int | None = None,
+                 expires_at: datetime | None = None, not_before: datetime | None = None,
+                 note: str = "", notify_sender: bool = False) -> NewShare:
+    """Make a link to one study, or to every study of its patient the sender may see.
+
+    The caller has already checked that ``actor`` may see ``study_uid`` (``require_study``);
+    the scope is re-read through the policy here, so a link never opens more than its
+    sender sees. Audited as 110113 / 110135 in the same transaction.
+    """
+    _check_sender(actor)
+    if audience not in ("patient", "physician"):
+        raise ShareError("the audience is a patient or a physician")
+    if requires_sign_in and audience != "physician":
+        raise ShareError("only a link for a colleague can ask him to sign in")
+    now = utcnow()
+    expiry = _expiry(policy, now, days, expires_at)
+    start = now if not_before is None else not_before
+    if start.tzinfo is None or start >= expiry:
+        raise ShareError("the link must start (with a time zone) before it ends")
+    study = session.scalars(visible_studies(actor).where(
+        Study.study_instance_uid == study_uid)).first()
+    if study is None:
+        raise ShareError("no such study")
+    studies = [study]
+    if whole_patient:
+        studies = list(session.scalars(visible_studies(actor).where(
+            Study.patient_fk == study.patient_fk).order_by(Study.study_date, Study.id)))
+    token = new_token()
+    pin = new_pin(policy.pin_digits) if with_pin else None
+    link = ShareLink(public_id=str(uuid.uuid4()), token_sha256=token_digest(token),
+                     audience=audience, requires_sign_in=requires_sign_in,
+                     can_download=can_download, note=note.strip()[:500],
+                     patient_fk=study.patient_fk if whole_patient else None,
+                     created_by=actor.audit_name, created_by_fk=actor.id, created_at=now,
+                     not_before=start, expires_at=expiry,
+                     pin_hash=hash_pin(pin, policy.pepper) if pin else "",
+                     notify_sender=notify_sender, deliveries=[],
+                     studies=[ShareLinkStudy(study_instance_uid=s.study_instance_uid)
+                              for s in studies])
+    session.add(link)
+    session.flush()
+    audit.append(session, audit.SECURITY_ALERT, action="C", outcome=audit.OUTCOME_SUCCESS,
+                 who=actor.audit_name, study_instance_uid=study.study_instance_uid,
+                 patient_id=study.patient.patient_id,
+                 details={"type": audit.OBJECT_SECURITY_CHANGED, "share": link.public_id,
+                          "studies": [s.study_instance_uid for s in studies],
+                          "audience": audience, "pin": bool(pin),
+                          "download": can_download, "sign_in": requires_sign_in,
+                          "expires": expiry.isoformat()})
+    return NewShare(link, token, pin)
+
+
+def check_own_secret(link: ShareLink, token: str, pin: str | None,
+                     policy: SharePolicy) -> None:
+    """The sender sends a link (or PIN) after creating it: prove he holds the real one."""
+    if not secrets.compare_digest(token_digest(token), link.token_sha256):
+        raise ShareError("this is not the link that was made; make a new one")
+    if pin is not None and not (link.pin_hash and verify_pin(pin, link.pin_hash,
+                                                             policy.pepper)):
+        raise ShareError("this is not the PIN that was made; make a new link")
+
+
+# -- who may manage which links -----------------------------------------------------------------
+
+def manageable_links(actor: Principal) -> Any:
+    """Links the actor may see and revoke: his own; every link for office managers."""
+    stmt = select(ShareLink).options(selectinload(ShareLink.studies))
+    if actor.kind == "user" and actor.has_role("office_manager"):
+        return stmt
+    if actor.kind != "user":
+        return stmt.where(ShareLink.id.is_(None))
+    return stmt.where(ShareLink.created_by_fk == actor.id)
+
+
+def get_link(session: Session, actor: Principal, public_id: str) -> ShareLink:
+    """One link the actor may manage, or ShareError("no such link")."""
+    link = session.scalars(manageable_links(actor).where(
+        ShareLink.public_id == public_id)).first()
+    if link is None:
+        raise ShareError("no such link")
+    return link
+
+
+def list_links(session: Session, actor: Principal, *, study_uid: str = "",
+               limit: int = 500) -> list[ShareLink]:
+    """Manageable links, newest first, optionally of one study."""
+    stmt = manageable_links(actor)
+    if study_uid:
+        stmt = stmt.where(ShareLink.id.in_(select(ShareLinkStudy.share_fk).where(
+            ShareLinkStudy.study_instance_uid == study_uid)))
+    return list(session.scalars(stmt.order_by(ShareLink.id.desc()).limit(limit)))
+
+
+# -- revoking --------------------------------------------------------------------------------
+
+def _revoke(session: Session, actor: Principal, links: Iterable[ShareLink], why: str) -> int:
+    now, count = utcnow(), 0
+    for link in links:
+        if link.revoked_at is not None:
+            continue
+        link.revoked_at, link.revoked_by = now, actor.audit_name
+        session.execute(delete(ShareSession).where(ShareSession.share_fk == link.id))
+        audit.append(session, audit.SECURITY_ALERT, action="U", outcome=audit.OUTCOME_SUCCESS,
+                     who=actor.audit_name,
+                     study_instance_uid=link.studies[0].study_instance_uid
+                     if link.studies else "",
+                     details={"type": audit.OBJECT_SECURITY_CHANGED, "share": link.public_id,
+                              "revoked": True, "why": why})
+        count += 1
+    session.flush()
+    from portal.sharing.sessions import forget_cached_visits
+
+    forget_cached_visits()
+    return count
+
+
+def revoke_link(session: Session, actor: Principal, public_id: str) -> ShareLink:
+    """Revoke one link; its open share sessions end at once."""
+    link = get_link(session, actor, public_id)
+    _revoke(session, actor, [link], "one link")
+    return link
+
+
+def revoke_links_of_study(session: Session, actor: Principal, study_uid: str) -> int:
+    """Revoke every manageable link that opens this study."""
+    return _revoke(session, actor, list_links(session, actor, study_uid=study_uid,
+                                              limit=100_000), "every link of a study")
+
+
+def revoke_links_of_patient(session: Session, actor: Principal, study_uid: str) -> int:
+    """Revoke every manageable link that opens any study of this study's patient."""
+    patient_fk = session.scalar(select(Study.patient_fk).where(
+        Study.study_instance_uid == study_uid))
+    if patient_fk is None:
+        raise ShareError("no such study")
+    uids = select(Study.study_instance_uid).where(Study.patient_fk == patient_fk)
+    stmt = manageable_links(actor).where(or_(
+        ShareLink.patient_fk == patient_fk,
+        ShareLink.id.in_(select(ShareLinkStudy.share_fk).where(
+            ShareLinkStudy.study_instance_uid.in_(uids)))))
+    return _revoke(session, actor, list(session.scalars(stmt)), "every link of a patient")
+
+
+# -- exchanging ------------------------------------------------------------------------------
+
+def _record_failure(database: Database, who: str, address: str, reason: str,
+                    device: str) -> None:
+    audit.record(database, audit.USER_AUTHENTICATION, action="E",
+                 outcome=audit.OUTCOME_MINOR_FAILURE, who=who, source_address=address,
+                 details={"type": audit.LOGIN, "share_exchange": True, "reason": reason,
+                          "device": device})
+
+
+def _count_wrong_pin(database: Database, link: ShareLink, policy: SharePolicy,
+                     address: str, device: str) -> tuple[int, bool] | None:
+    """Add one failed attempt atomically; lock at the limit. None if it was already locked."""
+    now = utcnow()
+    with database.write_transaction() as session:
+        row = session.execute(
+            update(ShareLink).where(ShareLink.id == link.id, ShareLink.locked_at.is_(None))
+            .values(failed_attempts=ShareLink.failed_attempts + 1,
+                    locked_at=case((ShareLink.failed_attempts + 1 >= policy.max_failed_pins,
+                                    literal(now, UTCDateTime())),
+                                   else_=ShareLink.locked_at))
+            .returning(ShareLink.failed_attempts)).first()
+        if row is None:
+            return None
+        failed = int(row[0])
+        locked = failed >= policy.max_failed_pins
+        who = share_who(link.public_id)
+        audit.append(session, audit.USER_AUTHENTICATION, action="E",
+                     outcome=audit.OUTCOME_MINOR_FAILURE, who=who, source_address=address,
+                     details={"type": audit.LOGIN, "share_exchange": True,
+                              "reason": "wrong PIN", "failed": failed, "device": device})
+        if locked:
+            audit.append(session, audit.SECURITY_ALERT, action="E",
+                         outcome=audit.OUTCOME_SERIOUS_FAILURE, who=who,
+                         source_address=address,
+                         study_instance_uid=link.studies[0].study_instance_uid
+                         if link.studies else "",
+                         details={"type": audit.OBJECT_SECURITY_CHANGED,
+                                  "share": link.public_id,
+                                  "reason": f"link locked after {failed} wrong PINs"})
+    return failed, locked
+
+
+def find_link(database: Database, token: str) -> ShareLink | None:
+    """The link with this token (studies loaded), or None; reads only."""
+    if not looks_like_token(token):
+        return None
+    with database.new_session() as session:
+        return session.scalars(select(ShareLink).options(selectinload(ShareLink.studies))
+                               .where(ShareLink.token_sha256 == token_digest(token))).first()
+
+
+def exchange(database: Database, policy: SharePolicy, *, token: str, pin: str,
+             address: str, device: str) -> Exchanged:
+    """Exchange a link (and its PIN) for a share session.
+
+    Raises LinkUnavailable (unknown, expired, pending, revoked, locked: one answer),
+    PinRequired, WrongPin or LinkLocked. The PIN is checked outside any transaction (scrypt
+    is slow); the counter is one atomic UPDATE that never counts past the lock, and the
+    success is a second atomic UPDATE that fails if the link locked meanwhile.
+    """
+    link = find_link(database, token)
+    now = utcnow()
+    if link is None or link_state(link, now) != "active":
+        who = share_who(link.public_id) if link is not None else "share:unknown"
+        _record_failure(database, who, address,
+                        link_state(link, now) if link is not None else "unknown link", device)
+        raise LinkUnavailable
+    if link.pin_hash:
+        if not pin.strip():
+            raise PinRequired
+        if not verify_pin(pin.strip(), link.pin_hash, policy.pepper):
+            counted = _count_wrong_pin(database, link, policy, address, device)
+            if counted is None:
+                raise LinkUnavailable
+            failed, locked = counted
+            if locked:
+                raise LinkLocked
+            raise WrongPin(policy.max_failed_pins - failed)
+    purpose: Literal["view", "claim"] = "claim" if link.requires_sign_in else "view"
+    session_token = secrets.token_urlsafe(32)
+    with database.write_transaction() as session:
+        row = session.execute(
+            update(ShareLink).where(ShareLink.id == link.id, *_active_conditions(now))
+            .values(failed_attempts=0, use_count=ShareLink.use_count + 1, last_used_at=now,
+                    first_used_at=func.coalesce(ShareLink.first_used_at, now))
+            .returning(ShareLink.use_count)).first()
+        if row is None:
+            raise LinkUnavailable  # locked, revoked or expired since it was read
+        session.add(ShareSession(token_sha256=token_digest(session_token), share_fk=link.id,
+                                 purpose=purpose, created_at=now, last_seen_at=now,
+                                 expires_at=min(now + policy.session_absolute,
+                                                link.expires_at),
+                                 source_address=address[:64], device_class=device[:16]))
+        audit.append(session, audit.USER_AUTHENTICATION, action="E",
+                     outcome=audit.OUTCOME_SUCCESS, who=share_who(link.public_id),
+                     source_address=address,
+                     study_instance_uid=link.studies[0].study_instance_uid
+                     if link.studies else "",
+                     details={"type": audit.LOGIN, "share_exchange": True,
+                              "share": link.public_id, "device": device,
+                              "purpose": purpose})
+    return Exchanged(session_token=session_token, public_id=link.public_id,
+                     study_uids=tuple(s.study_instance_uid for s in link.studies),
+                     purpose=purpose, first_use=int(row[0]) == 1,
+                     notify_sender=link.notify_sender, created_by_fk=link.created_by_fk)
+
+
+def end_share_session(database: Database, session_token: str) -> None:
+    """Forget a share session (the visitor closed it)."""
+    with database.write_transaction() as session:
+        session.execute(delete(ShareSession).where(
+            ShareSession.token_sha256 == token_digest(session_token)))
+    from portal.sharing.sessions import forget_cached_visits
+
+    forget_cached_visits()
+
+
+def claim_for_colleague(session: Session, user: Principal, link_id: int) -> list[str]:
+    """A colleague who signed in through a sign-in link gets a grant on its studies.
+
+    The link works once: it is revoked by the claim. Each grant is audited (110135) by
+    ``create_grant`` with the link as the actor.
+    """
+    link = session.scalars(select(ShareLink).options(selectinload(ShareLink.studies))
+                           .where(ShareLink.id == link_id).with_for_update()).first()
+    if link is None or link_state(link) != "active" or not link.requires_sign_in:
+        raise LinkUnavailable
+    if user.kind != "user":
+        raise ShareError("sign in to accept this link")
+    actor = Principal("share", link.id, "share link", share_id=link.public_id, via="share")
+    uids = [s.study_instance_uid for s in link.studies]
+    for uid in uids:
+        create_grant(session, actor, user_id=user.id, study_uid=uid, expires_at=None,
+                     reason=f"colleague share link {link.public_id}")
+    link.revoked_at, link.revoked_by = utcnow(), f"claimed by {user.audit_name}"
+    session.execute(delete(ShareSession).where(ShareSession.share_fk == link.id))
+    return uids
+
+
+def record_delivery(link: ShareLink, what: str, channel: str, to_digest: str) -> None:
+    """Remember that the link or its PIN went out by a channel (no address is stored)."""
+    link.deliveries = [*link.deliveries, {"what": what, "channel": channel,
+                                          "to_sha256": to_digest,
+                                          "at": utcnow().isoformat(timespec="seconds")}]
+
+
+def sender_email(session: Session, link: ShareLink) -> str:
+    """The e-mail address of the person who made the link ("" if unknown)."""
+    if link.created_by_fk is None:
+        return ""
+    user = session.get(User, link.created_by_fk)
+    return user.email if user is not None else ""
+
+
+# -- who opened the images -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Access:
+    """One access to a shared study, as the audit trail recorded it."""
+
+    at: datetime
+    what: str
+    who: str
+    address: str
+    device: str
+    outcome: int
+
+
+_EVENT_WORDS = {audit.INSTANCES_ACCESSED[0]: "looked at the images",
+                audit.INSTANCES_TRANSFERRED[0]: "downloaded the images",
+                audit.EXPORT[0]: "downloaded the images",
+                audit.USER_AUTHENTICATION[0]: "opened the link"}
+
+
+def _who_label(who: str, own: str, names: Mapping[str, str]) -> str:
+    if who == own:
+        return "You (with this link)"
+    if who.startswith("share:"):
+        return "Someone with another share link"
+    if who.startswith("machine:"):
+        return "An imaging system"
+    if who.startswith("user:"):
+        return names.get(who, "A portal user")
+    return "Someone"
+
+
+def accesses(session: Session, link: ShareLink, limit: int = 200) -> list[Access]:
+    """Each view and download of the link's studies and each opening of the link, newest
+    first (from the audit trail; the patient's "Who opened my images")."""
+    own = share_who(link.public_id)
+    rows: dict[int, Any] = {}
+    for event in (audit.INSTANCES_ACCESSED[0], audit.INSTANCES_TRANSFERRED[0],
+                  audit.EXPORT[0]):
+        for shared in link.studies:
+            for row in audit.iter_events(session, study=shared.study_instance_uid,
+                                         event_id=event, limit=limit):
+                rows[row.id] = row
+    for row in audit.iter_events(session, who=own, event_id=audit.USER_AUTHENTICATION[0],
+                                 limit=limit):
+        if row.who == own:
+            rows[row.id] = row
+    user_keys = {r.who for r in rows.values() if r.who.startswith("user:")}
+    subjects = sorted({key.partition("|")[2] for key in user_keys})
+    people: dict[str, str] = {}
+    for user in session.scalars(select(User).where(User.subject.in_(subjects))):
+        key = f"user:{user.issuer}|{user.subject}"
+        if key in user_keys:
+            people[key] = user.display_name or user.email or "A portal user"
+    out = []
+    for row in sorted(rows.values(), key=lambda r: r.id, reverse=True)[:limit]:
+        out.append(Access(at=row.occurred_at, what=_EVENT_WORDS.get(row.event_id, "used"),
+                          who=_who_label(row.who, own, people), address=row.source_address,
+                          device=str((row.details or {}).get("device", "")),
+                          outcome=row.outcome))
+    return out
