@@ -29,11 +29,15 @@ def _one(schema: str, description: str = "OK") -> dict[str, Any]:
         "$ref": f"#/components/schemas/{schema}"}}}}
 
 
+_SHARE_ID = {"name": "id", "in": "path", "required": True,
+             "schema": {"type": "string", "format": "uuid"}}
+
 OPENAPI: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {"title": "Referrer portal API", "version": "1",
              "description": "Office-manager actions: people, referrer identifiers, grants, "
-                            "audit trail. DICOMweb lives under /dicomweb (PS3.18)."},
+                            "audit trail; share links for physicians and office managers. "
+                            "DICOMweb lives under /dicomweb (PS3.18)."},
     "paths": {
         "/api/users": {"get": _op("List people", {"200": _list_of("User")})},
         "/api/users/{id}": {"patch": {**_op("Change roles, practice or activation",
@@ -60,6 +64,24 @@ OPENAPI: dict[str, Any] = {
         "/api/grants/revoke": {"post": _op("Revoke grants, all or nothing",
                                            {"200": {"description": "Revoked"},
                                             "400": _ERROR}, "RevokeRequest")},
+        "/api/shares": {
+            "get": {**_op("Share links I may manage (office managers: all)",
+                          {"200": _list_of("Share")}),
+                    "parameters": [{"name": "study", "in": "query",
+                                    "schema": {"type": "string"}}]},
+            "post": _op("Make a share link (the link and PIN are returned once)",
+                        {"201": _one("ShareCreated", "Made"), "400": _ERROR,
+                         "404": {"description": "No such study, or not visible to the caller"},
+                         "429": {"description": "Too many links this hour"}}, "ShareNew")},
+        "/api/shares/{id}": {"get": {**_op("One link with each access",
+                                           {"200": _one("Share"), "404": _ERROR}),
+                                     "parameters": [_SHARE_ID]}},
+        "/api/shares/{id}/revoke": {"post": {**_op("Revoke one link (open sessions end)",
+                                                   {"200": _one("Share"), "404": _ERROR}),
+                                             "parameters": [_SHARE_ID]}},
+        "/api/shares/revoke": {"post": _op("Revoke every link of a study or of its patient",
+                                           {"200": {"description": "How many were revoked"},
+                                            "400": _ERROR}, "ShareRevokeAll")},
         "/api/audit": {"get": {**_op("Read the audit trail", {"200": {"description": "OK"}}),
                                "parameters": [{"name": n, "in": "query", "schema": {
                                    "type": "integer" if n in ("limit", "offset")
@@ -109,6 +131,39 @@ OPENAPI: dict[str, Any] = {
                 "roles": {"type": "array", "items": {"type": "string"}}}},
             "RevokeRequest": {"type": "object", "required": ["ids"], "properties": {
                 "ids": {"type": "array", "items": {"type": "integer"}}}},
+            "Share": {"type": "object", "properties": {
+                "id": {"type": "string", "format": "uuid"},
+                "state": {"type": "string", "enum": ["active", "pending", "expired",
+                                                     "revoked", "locked"]},
+                "audience": {"type": "string", "enum": ["patient", "physician"]},
+                "requires_sign_in": {"type": "boolean"}, "download": {"type": "boolean"},
+                "pin": {"type": "boolean"}, "note": {"type": "string"},
+                "study_uids": {"type": "array", "items": {"type": "string"}},
+                "created_by": {"type": "string"},
+                "created_at": {"type": "string", "format": "date-time"},
+                "not_before": {"type": "string", "format": "date-time"},
+                "expires_at": {"type": "string", "format": "date-time"},
+                "revoked_at": {"type": ["string", "null"], "format": "date-time"},
+                "uses": {"type": "integer"}, "failed_attempts": {"type": "integer"},
+                "last_used_at": {"type": ["string", "null"], "format": "date-time"},
+                "accesses": {"type": "array", "items": {"type": "object"}}}},
+            "ShareCreated": {"allOf": [{"$ref": "#/components/schemas/Share"}, {
+                "type": "object", "properties": {
+                    "link": {"type": "string", "description": "/s#<token>: shown once"},
+                    "pin_code": {"type": ["string", "null"],
+                                 "description": "shown once; deliver apart from the link"}}}]},
+            "ShareNew": {"type": "object", "required": ["study_uid"], "properties": {
+                "study_uid": {"type": "string"}, "whole_patient": {"type": "boolean"},
+                "audience": {"type": "string", "enum": ["patient", "physician"]},
+                "requires_sign_in": {"type": "boolean"}, "download": {"type": "boolean"},
+                "pin": {"type": "boolean", "default": True},
+                "days": {"type": "integer", "minimum": 1, "maximum": 30, "default": 7},
+                "expires_at": {"type": "string", "format": "date-time"},
+                "not_before": {"type": "string", "format": "date-time"},
+                "note": {"type": "string"}, "notify_sender": {"type": "boolean"}}},
+            "ShareRevokeAll": {"type": "object", "required": ["study_uid"], "properties": {
+                "study_uid": {"type": "string"},
+                "scope": {"type": "string", "enum": ["study", "patient"]}}},
         },
     },
 }

@@ -7,9 +7,9 @@ manager (session + CSRF token) or a script with an office manager's bearer token
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
-from flask import Blueprint, Response, jsonify, request, url_for
+from flask import Blueprint, Response, abort, jsonify, request, url_for
 from sqlalchemy import select
 
 from portal.access import audit
@@ -24,7 +24,7 @@ from portal.access.grants import (
 )
 from portal.access.invitations import create_invitation
 from portal.access.models import Grant, ReferrerIdentifier, User
-from portal.access.policy import public, require_role
+from portal.access.policy import public, require_role, require_study
 from portal.access.principal import Principal, current_principal
 from portal.access.users import UserError
 from portal.api.openapi import OPENAPI
@@ -203,3 +203,132 @@ def audit_events() -> Response:
                      "who": r.who, "source": r.source_address,
                      "study_uid": r.study_instance_uid, "patient_id": r.patient_id,
                      "details": r.details, "hash": r.record_hash} for r in rows])
+
+
+# -- share links (the same services as the /shares pages) ----------------------------------
+
+def _sender() -> Principal:
+    principal = current_principal()
+    if principal is None or principal.kind != "user":
+        raise UserError("share links are made and managed by people")
+    return principal
+
+
+def _share_json(link: Any) -> dict[str, Any]:
+    from portal.sharing.service import link_state
+
+    return {"id": link.public_id, "state": link_state(link), "audience": link.audience,
+            "requires_sign_in": link.requires_sign_in, "download": link.can_download,
+            "pin": bool(link.pin_hash), "note": link.note,
+            "study_uids": [s.study_instance_uid for s in link.studies],
+            "created_by": link.created_by, "created_at": link.created_at.isoformat(),
+            "not_before": link.not_before.isoformat(), "expires_at": link.expires_at.isoformat(),
+            "revoked_at": link.revoked_at.isoformat() if link.revoked_at else None,
+            "uses": link.use_count, "failed_attempts": link.failed_attempts,
+            "last_used_at": link.last_used_at.isoformat() if link.last_used_at else None}
+
+
+def _when(body: dict[str, Any], key: str) -> datetime | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(str(value))
+    except ValueError as exc:
+        raise UserError(f"{key} must be an ISO 8601 date-time with a time zone") from exc
+    if parsed.tzinfo is None:
+        raise UserError(f"{key} must carry a time zone")
+    return parsed
+
+
+def _audience(text: str) -> Literal["patient", "physician"]:
+    if text not in ("patient", "physician"):
+        raise UserError("audience is patient or physician")
+    return "physician" if text == "physician" else "patient"
+
+
+@bp.get("/shares")
+def list_shares() -> Response:
+    """Share links the caller may manage (his own; every link for office managers)."""
+    from portal.sharing.service import list_links
+
+    links = list_links(db.session, _sender(), study_uid=request.args.get("study", "")[:64])
+    return jsonify([_share_json(link) for link in links])
+
+
+@bp.post("/shares")
+def add_share() -> Response | tuple[Response, int]:
+    """Make a share link; the link and PIN are in this answer only."""
+    from portal.sharing import routes as sharing
+    from portal.sharing.service import ShareError, create_share
+
+    principal, body = _sender(), _body()
+    study_uid = str(body.get("study_uid", ""))[:64]
+    require_study(db.session, principal, study_uid)
+    if principal.via == "session":
+        again = sharing._recent_sign_in()
+        if again is not None:
+            return jsonify(error="sign in again first (recent sign-in needed)",
+                           status=401, login=again.headers["Location"]), 401
+    days = body.get("days")
+    if days is not None and not isinstance(days, int):
+        raise UserError("days must be a whole number")
+    audience = str(body.get("audience", "patient"))
+    try:
+        made = create_share(
+            db.session, principal, sharing.share_policy(), study_uid=study_uid,
+            whole_patient=bool(body.get("whole_patient", False)),
+            audience=_audience(audience),
+            requires_sign_in=bool(body.get("requires_sign_in", False)),
+            can_download=bool(body.get("download", False)), with_pin=bool(body.get("pin", True)),
+            days=days, expires_at=_when(body, "expires_at"), not_before=_when(body, "not_before"),
+            note=str(body.get("note", "")), notify_sender=bool(body.get("notify_sender", False)))
+    except ShareError as exc:
+        raise UserError(str(exc)) from exc
+    if not sharing.within_creation_limit(principal):
+        db.session.rollback()
+        return jsonify(error="too many share links this hour", status=429), 429
+    db.session.commit()
+    return jsonify({**_share_json(made.link), "link": sharing.share_url(made.token),
+                    "pin_code": made.pin}), 201
+
+
+@bp.get("/shares/<public_id>")
+def get_share(public_id: str) -> Response:
+    """One link with each access."""
+    from portal.sharing.service import ShareError, accesses, get_link
+
+    try:
+        link = get_link(db.session, _sender(), public_id)
+    except ShareError:
+        abort(404)
+    return jsonify({**_share_json(link), "accesses": [
+        {"at": a.at.isoformat(), "what": a.what, "who": a.who, "address": a.address,
+         "device": a.device, "outcome": a.outcome} for a in accesses(db.session, link)]})
+
+
+@bp.post("/shares/<public_id>/revoke")
+def revoke_share(public_id: str) -> Response:
+    """Revoke one link; its open share sessions end at once."""
+    from portal.sharing.service import ShareError, revoke_link
+
+    try:
+        link = revoke_link(db.session, _sender(), public_id)
+    except ShareError:
+        abort(404)
+    db.session.commit()
+    return jsonify(_share_json(link))
+
+
+@bp.post("/shares/revoke")
+def revoke_shares() -> Response:
+    """Revoke every link of a study (``scope: study``) or of its patient (``scope: patient``)."""
+    from portal.sharing.service import revoke_links_of_patient, revoke_links_of_study
+
+    principal, body = _sender(), _body()
+    study_uid = str(body.get("study_uid", ""))[:64]
+    require_study(db.session, principal, study_uid)
+    revoke = revoke_links_of_patient if body.get("scope") == "patient" else revoke_links_of_study
+    count = revoke(db.session, principal, study_uid)
+    db.session.commit()
+    return jsonify(revoked=count)

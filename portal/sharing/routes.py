@@ -104,6 +104,13 @@ def _recent_sign_in() -> Response | None:
     return None
 
 
+def within_creation_limit(principal: Principal) -> bool:
+    """Count one new link of this person; False past SHARE_CREATE_PER_HOUR (SECURITY.md 22)."""
+    return rate_limiter().hit(f"share-create:{principal.id}",
+                              limit=current_app.config["PORTAL"]["SHARE_CREATE_PER_HOUR"],
+                              window=3600)
+
+
 def unavailable() -> Response:
     """The one answer for unknown, expired, revoked and locked links (SECURITY.md 16)."""
     return Response(render_template("sharing/unavailable.html"), status=404,
@@ -300,10 +307,6 @@ def create(study_uid: str) -> Response | str:
     again = _recent_sign_in()
     if again is not None:
         return again
-    if not rate_limiter().hit(f"share-create:{principal.id}",
-                              limit=current_app.config["PORTAL"]["SHARE_CREATE_PER_HOUR"],
-                              window=3600):
-        return too_many()
     form = request.form
     audience = "physician" if form.get("audience") == "physician" else "patient"
     try:
@@ -318,6 +321,9 @@ def create(study_uid: str) -> Response | str:
         db.session.rollback()
         flash(str(exc), "error")
         return redirect(url_for("sharing.share_form", study_uid=study_uid))
+    if not within_creation_limit(principal):
+        db.session.rollback()
+        return too_many()
     db.session.commit()
     return _created_page(made.link, made.token, made.pin)
 
