@@ -7,6 +7,7 @@ from alembic import context
 import portal.access.models
 import portal.archive.models
 import portal.index.models
+import portal.reports.models
 import portal.sharing.models  # noqa: F401  (register every table)
 from portal.db import Base, make_engine
 

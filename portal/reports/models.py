@@ -1,0 +1,103 @@
+"""Radiology reports with their versions, orders and appointments, and patient release rules.
+
+A report or an order names its study by Study Instance UID when the sender knows it, else by
+accession number and patient ID; it is matched to the index when it is read, so one that
+arrives before its images is kept unmatched and found as soon as the study is there.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import ForeignKey, Integer, LargeBinary, String, Text, UniqueConstraint, func
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from portal.db import Base, UTCDateTime
+
+REPORT_STATUSES = ("preliminary", "final", "amended", "cancelled")
+ORDER_STATUSES = ("ordered", "scheduled", "performed", "reported", "cancelled")
+
+
+class Report(Base):
+    """The current state of one report; every received version is kept in ReportVersion."""
+
+    __tablename__ = "report"
+    __table_args__ = (UniqueConstraint("source", "source_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    source: Mapped[str] = mapped_column(String(8))  # hl7 | fhir | sr | pdf
+    source_id: Mapped[str] = mapped_column(String(128))  # filler order no., FHIR id, SOP UID
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    accession_number: Mapped[str] = mapped_column(String(64), default="", index=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    status: Mapped[str] = mapped_column(String(16))
+    title: Mapped[str] = mapped_column(String(128), default="")
+    findings: Mapped[str] = mapped_column(Text, default="")
+    impression: Mapped[str] = mapped_column(Text, default="")
+    author: Mapped[str] = mapped_column(String(324), default="")
+    signed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    final_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    pdf: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())
+
+    versions: Mapped[list[ReportVersion]] = relationship(
+        back_populates="report", order_by="ReportVersion.version")
+
+
+class ReportVersion(Base):
+    """One received version of a report, never changed afterwards."""
+
+    __tablename__ = "report_version"
+    __table_args__ = (UniqueConstraint("report_fk", "version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    report_fk: Mapped[int] = mapped_column(ForeignKey("report.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    findings: Mapped[str] = mapped_column(Text, default="")
+    impression: Mapped[str] = mapped_column(Text, default="")
+    author: Mapped[str] = mapped_column(String(324), default="")
+    signed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())
+
+    report: Mapped[Report] = relationship(back_populates="versions")
+
+
+class Order(Base):
+    """An imaging order from the RIS: ordered -> scheduled -> performed -> reported."""
+
+    __tablename__ = "imaging_order"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    placer_order_number: Mapped[str] = mapped_column(String(64), default="")
+    filler_order_number: Mapped[str] = mapped_column(String(64), default="", index=True)
+    accession_number: Mapped[str] = mapped_column(String(64), default="", index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="", index=True)
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    procedure: Mapped[str] = mapped_column(String(128), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    ordering_provider: Mapped[str] = mapped_column(String(324), default="")
+    # The referrer-matching key of the ordering provider (portal.index.referrers), so the
+    # access policy can match the order's study to the physician who asked for it.
+    ordering_provider_key: Mapped[str] = mapped_column(String(128), default="", index=True)
+    status: Mapped[str] = mapped_column(String(16), default="ordered")
+    scheduled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    location: Mapped[str] = mapped_column(String(128), default="")
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())
+
+
+class ReleaseRule(Base):
+    """How long after a report is final a patient may read it, for a practice and/or a
+    modality (empty: any); the longest matching rule applies, else PORTAL_REPORT_PATIENT_DELAY_HOURS."""
+
+    __tablename__ = "report_release_rule"
+    __table_args__ = (UniqueConstraint("practice_fk", "modality"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    practice_fk: Mapped[int | None] = mapped_column(ForeignKey("practice.id"), nullable=True)
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    delay_hours: Mapped[int] = mapped_column(Integer)
