@@ -1,16 +1,36 @@
-"""The start page, the study list and a plain study page (the viewer issue makes them rich)."""
+"""The start page, the study list, the study page, the viewer and the study download."""
 
 from __future__ import annotations
 
 import re
 
-from flask import Blueprint, abort, current_app, render_template, request
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    render_template,
+    request,
+    stream_with_context,
+)
 
 from portal.access import audit
-from portal.access.policy import public, require_study
+from portal.access.policy import public, require_series, require_study
 from portal.access.principal import Principal, current_principal
+from portal.archive import current_archive
 from portal.db import db
-from portal.studies.service import StudySearch, search_studies, study_series
+from portal.imaging.cache import series_window
+from portal.studies import export
+from portal.studies.service import (
+    MODALITIES,
+    StudySearch,
+    patient_history,
+    search_studies,
+    series_images,
+    study_instances,
+    study_series,
+)
+from portal.studies.viewer import describe_series, file_windows
 
 bp = Blueprint("studies", __name__)
 
@@ -52,17 +72,72 @@ def study_list() -> str:
                  who=principal.audit_name, source_address=request.remote_addr or "",
                  details={"results": len(rows), "page": page})
     return render_template("studies/list.html", rows=rows, search=search, more=more,
-                           principal=principal)
+                           principal=principal, modalities=MODALITIES)
+
+
+def _audit_view(principal: Principal, study_uid: str, patient_id: str, view: str) -> None:
+    audit.record(db, audit.INSTANCES_ACCESSED, action="R", outcome=audit.OUTCOME_SUCCESS,
+                 who=principal.audit_name, source_address=request.remote_addr or "",
+                 study_instance_uid=study_uid, patient_id=patient_id, details={"view": view})
 
 
 @bp.get("/studies/<study_uid>")
 def study_page(study_uid: str) -> str:
-    """One study: patient, study details and series."""
+    """One study: report slot, series strip, actions and the patient's other studies."""
     principal = _principal()
     study = require_study(db.session, principal, study_uid)
-    audit.record(db, audit.INSTANCES_ACCESSED, action="R", outcome=audit.OUTCOME_SUCCESS,
+    _audit_view(principal, study.study_instance_uid, study.patient.patient_id, "study page")
+    return render_template("studies/study.html", study=study,
+                           series=study_series(db.session, study),
+                           history=patient_history(db.session, principal, study),
+                           principal=principal)
+
+
+@bp.get("/studies/<study_uid>/view/<series_uid>")
+def viewer(study_uid: str, series_uid: str) -> str:
+    """The full-screen image viewer for one series (images come from /dicomweb renditions)."""
+    principal = _principal()
+    series = require_series(db.session, principal, study_uid, series_uid)
+    study = series.study
+    images = series_images(db.session, series)
+    if not images:
+        abort(404, "this series has no images to show")
+    archive = current_archive()
+    middle = images[len(images) // 2]
+    header = archive.header(middle.sop_instance_uid)
+    default = None
+    if not file_windows(header) and middle.photometric_interpretation.startswith("MONOCHROME"):
+        # The same window /rendered applies to a series whose files carry none.
+        found = series_window(archive.locate(middle.sop_instance_uid))
+        default = (found.center, found.width) if found else None
+    _audit_view(principal, study.study_instance_uid, study.patient.patient_id, "viewer")
+    return render_template("studies/viewer.html", study=study, series=series,
+                           description=describe_series(study, series, images, header, default))
+
+
+@bp.get("/studies/<study_uid>/download.zip")
+def download_study(study_uid: str) -> Response:
+    """The study as a ZIP of its DICOM files with a DICOMDIR (audited as an export)."""
+    principal = _principal()
+    study = require_study(db.session, principal, study_uid)
+    instances = study_instances(db.session, study)
+    if not instances:
+        abort(404, "this study has no files")
+    archive = current_archive()
+    headers = archive.headers([i.sop_instance_uid for i in instances])
+    entries = export.study_entries(instances, headers, archive.locate)
+    try:
+        length = export.check_size(entries)
+    except export.ExportTooLarge as exc:
+        abort(413, str(exc))
+    audit.record(db, audit.EXPORT, action="R", outcome=audit.OUTCOME_SUCCESS,
                  who=principal.audit_name, source_address=request.remote_addr or "",
                  study_instance_uid=study.study_instance_uid,
-                 patient_id=study.patient.patient_id, details={"view": "study page"})
-    return render_template("studies/study.html", study=study,
-                           series=study_series(db.session, study), principal=principal)
+                 patient_id=study.patient.patient_id,
+                 details={"what": "study zip", "files": len(instances)})
+    name = export.download_name(study)
+    return Response(stream_with_context(export.stream_zip(entries)), headers={
+        "Content-Type": "application/zip", "Content-Length": str(length),
+        "Content-Disposition": f'attachment; filename="{name}"',
+        "X-Content-Type-Options": "nosniff", "Cache-Control": "private, no-store"})
+

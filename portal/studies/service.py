@@ -1,4 +1,4 @@
-"""Study list queries for people (the viewer issue builds the study page on top)."""
+"""Study list, study page and viewer queries for people (access is decided by ``access``)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,34 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from portal.access.policy import study_filter
+from portal.access.policy import study_filter, visible_studies
 from portal.access.principal import Principal
-from portal.index.models import Patient, Series, Study
+from portal.index.models import Instance, Patient, Series, Study
 
 PAGE_SIZE = 25
+HISTORY_LIMIT = 50
+# Modalities offered in the search form; any other code still works when typed in a URL.
+MODALITIES = ("CT", "MR", "CR", "DX", "US", "MG", "PT", "NM", "XA", "RF", "OT")
 
 
 @dataclass(frozen=True)
 class StudySearch:
-    """What a person typed into the study search."""
+    """What a person typed into the study search.
+
+    A "new report" filter belongs here once reports exist (the reports issue): it becomes one
+    more field and one more condition in ``search_studies``.
+    """
 
     text: str = ""
     date_from: str = ""
     date_to: str = ""
     modality: str = ""
     page: int = 1
+
+    @property
+    def narrowed(self) -> bool:
+        """True when anything beyond paging was asked."""
+        return bool(self.text or self.date_from or self.date_to or self.modality)
 
 
 def _like(text: str) -> str:
@@ -60,3 +72,27 @@ def study_series(session: Session, study: Study) -> list[Series]:
     """The series of a study in series-number order."""
     return list(session.scalars(select(Series).where(Series.study_fk == study.id)
                                 .order_by(Series.series_number, Series.id)))
+
+
+def patient_history(session: Session, principal: Principal, study: Study) -> list[Study]:
+    """The patient's other studies that this principal may see, newest first."""
+    return list(session.scalars(
+        visible_studies(principal)
+        .where(Study.patient_fk == study.patient_fk, Study.id != study.id)
+        .order_by(Study.study_date.desc(), Study.study_time.desc(), Study.id.desc())
+        .limit(HISTORY_LIMIT)))
+
+
+def series_images(session: Session, series: Series) -> list[Instance]:
+    """The image instances of a series in instance-number order (non-images left out)."""
+    return list(session.scalars(
+        select(Instance).where(Instance.series_fk == series.id, Instance.rows.is_not(None))
+        .order_by(Instance.instance_number, Instance.id)))
+
+
+def study_instances(session: Session, study: Study) -> list[Instance]:
+    """Every instance of a study, series by series, in instance-number order."""
+    return list(session.scalars(
+        select(Instance).join(Series, Instance.series_fk == Series.id)
+        .where(Series.study_fk == study.id)
+        .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)))

@@ -1,0 +1,697 @@
+// The full-screen viewer: server renditions on a canvas, gestures, windowing, reformats,
+// measurements. Data about the series comes inline (#viewer-data); images from /dicomweb.
+import { attachGestures } from './viewer/gestures.js';
+import { ImageStore } from './viewer/loader.js';
+import { clamp, lengthMm, markers, pickWidth, windowMap } from './viewer/geometry.js';
+
+/** @typedef {{center: number, width: number}} Win */
+
+const data = JSON.parse(/** @type {HTMLElement} */ (document.getElementById('viewer-data')).textContent || '{}');
+const root = /** @type {HTMLElement} */ (document.getElementById('viewer'));
+const $ = (/** @type {string} */ s) => /** @type {HTMLElement} */ (root.querySelector(s));
+const stage = $('.stage');
+const canvas = /** @type {HTMLCanvasElement} */ ($('canvas'));
+const ctx = /** @type {CanvasRenderingContext2D} */ (canvas.getContext('2d'));
+const svg = $('svg.marks');
+const status = $('.status');
+const reduceMotion = matchMedia('(prefers-reduced-motion: reduce)').matches;
+const SVGNS = 'http://www.w3.org/2000/svg';
+const VOLUME_STEPS = 64;
+const MIP_STEP = 5;
+
+const base = `/dicomweb/studies/${encodeURIComponent(data.study)}/series/${encodeURIComponent(data.series)}`;
+const frames = /** @type {[string, number][]} */ (data.frames);
+const defaultWindow = /** @type {Win | null} */ (data.window);
+
+const state = {
+  view: 'stack', index: 0, angle: 0,
+  /** @type {Record<string, number>} */ positions: { axial: 0.5, coronal: 0.5, sagittal: 0.5 },
+  zoom: 1, panX: 0, panY: 0,
+  /** @type {Win | null} */ window: defaultWindow ? { ...defaultWindow } : null,
+  invert: false, tool: 'scroll', info: true, playing: false, fps: data.fps || 10,
+  /** @type {{key: string, a: {x: number, y: number}, b: {x: number, y: number}}[]} */ measures: [],
+  /** @type {{key: string, a: {x: number, y: number}, b: {x: number, y: number}} | null} */ draft: null,
+  adjusting: false,
+};
+
+/** What each loaded URL shows: the frame key, the window it was rendered with, its width. */
+/** @type {Map<string, {url: string, window: Win | null, width: number}[]>} */
+const loaded = new Map();
+const store = new ImageStore({ concurrency: 6, onLoad });
+
+// -- what to ask for ------------------------------------------------------------------------
+
+const round = (/** @type {number} */ v) => (Math.abs(v) >= 10 ? Math.round(v) : Math.round(v * 10) / 10);
+const winKey = (/** @type {Win | null} */ w) => (w ? `${round(w.center)},${round(w.width)}` : 'auto');
+const isDefault = (/** @type {Win | null} */ w) => !w || winKey(w) === winKey(defaultWindow);
+
+/** The key of what is on screen now (a slice, a reformat plane or a MIP angle). */
+function currentKey() {
+  if (state.view === 'stack') return `s${state.index}`;
+  if (state.view === 'mip') return `mip${state.angle}`;
+  return `${state.view}${Math.round(state.positions[state.view] * (VOLUME_STEPS - 1))}`;
+}
+
+function nativeWidth() {
+  return state.view === 'stack' ? data.columns || 512 : 256; // reformats are built <= 256 wide
+}
+
+/** The width to ask for at the current screen size and zoom (never above 2048). */
+function wantedWidth(zoom = 1) {
+  const box = stage.getBoundingClientRect();
+  const ar = aspect();
+  const css = Math.min(box.width, box.height / ar) * zoom;
+  return pickWidth(css * (window.devicePixelRatio || 1), nativeWidth(), data.widths);
+}
+
+/**
+ * @param {string} key
+ * @param {'thumb' | 'full'} kind
+ * @param {number} width
+ * @param {Win | null} win
+ */
+function urlFor(key, kind, width, win) {
+  const params = new URLSearchParams();
+  let path;
+  if (key.startsWith('s')) {
+    const [sop, frame] = frames[Number(key.slice(1))];
+    path = `${base}/instances/${encodeURIComponent(sop)}/frames/${frame}/${kind === 'thumb' ? 'thumbnail' : 'rendered'}`;
+    if (kind === 'thumb') return path;
+    params.set('width', String(width));
+    if (!isDefault(win) && win) params.set('window', `${round(win.center)},${round(win.width)},linear`);
+  } else {
+    const mip = key.startsWith('mip');
+    const kindName = mip ? 'mip' : key.replace(/\d+$/, '');
+    path = `${base}/volume/${kindName}`;
+    if (mip) params.set('angle', key.slice(3));
+    else params.set('position', (Number(key.replace(/^\D+/, '')) / (VOLUME_STEPS - 1)).toFixed(4));
+    params.set('width', String(width));
+    if (win) params.set('window', `${round(win.center)},${round(win.width)},linear`);
+  }
+  // Commas stay literal (as PS3.18 writes them); URLSearchParams would encode them.
+  return `${path}?${params.toString().replace(/%2C/g, ',')}`;
+}
+
+/** @type {Map<string, {key: string, window: Win | null, width: number}>} */
+const meaning = new Map();
+
+/**
+ * @param {{url: string, priority: number}[]} wants
+ * @param {string} key @param {'thumb' | 'full'} kind @param {number} width
+ * @param {Win | null} win @param {number} priority
+ */
+function want(wants, key, kind, width, win, priority) {
+  const url = urlFor(key, kind, width, win);
+  if (!meaning.has(url)) {
+    meaning.set(url, { key, window: kind === 'thumb' || isDefault(win) ? defaultWindow : win,
+      width: kind === 'thumb' ? 128 : width });
+  }
+  wants.push({ url, priority });
+}
+
+let direction = 1;
+
+/** Tell the loader what to fetch now: on screen first, then around it, then previews. */
+function plan() {
+  /** @type {{url: string, priority: number}[]} */
+  const wants = [];
+  const width = wantedWidth();
+  const win = state.adjusting ? null : state.window;
+  const live = state.adjusting ? lastExactWindow : state.window;
+  if (state.view === 'stack') {
+    const n = frames.length;
+    const key = currentKey();
+    if (!bestFor(key)) want(wants, key, 'thumb', 128, null, 0);
+    want(wants, key, 'full', width, live, 1);
+    const zoomed = wantedWidth(state.zoom);
+    if (zoomed > width) want(wants, key, 'full', zoomed, live, 1.5);
+    const ahead = 30;
+    const behind = 10;
+    for (let d = 1; d <= ahead; d += 1) {
+      for (const s of [direction, -direction]) {
+        const i = state.index + s * d;
+        if (i < 0 || i >= n || (s !== direction && d > behind)) continue;
+        want(wants, `s${i}`, 'full', width, live, d <= 3 ? 2 + d : 12 + d * (s === direction ? 1 : 2));
+      }
+    }
+    for (let i = 0; i < n; i += 1) {
+      want(wants, `s${i}`, 'thumb', 128, null, 10 + Math.abs(i - state.index) / n);
+      // Small series load whole in the background, so every slice scrolls at full size.
+      if (n <= 400 && isDefault(live)) want(wants, `s${i}`, 'full', width, live, 100 + Math.abs(i - state.index));
+    }
+  } else if (state.view === 'mip') {
+    for (let d = 0; d <= 3; d += 1) {
+      for (const s of d ? [1, -1] : [1]) {
+        const angle = (state.angle + s * d * MIP_STEP + 360) % 360;
+        want(wants, `mip${angle}`, 'full', width, live || win, d === 0 ? 0 : 2 + d);
+      }
+    }
+  } else {
+    const step = Math.round(state.positions[state.view] * (VOLUME_STEPS - 1));
+    for (let d = 0; d <= 2; d += 1) {
+      for (const s of d ? [1, -1] : [1]) {
+        const k = step + s * d * 2;
+        if (k < 0 || k >= VOLUME_STEPS) continue;
+        want(wants, `${state.view}${k}`, 'full', width, live || win, d === 0 ? 0 : 2 + d);
+      }
+    }
+  }
+  store.plan(wants);
+}
+let lastExactWindow = state.window;
+
+/** @param {string} url @param {boolean} ok */
+function onLoad(url, ok) {
+  const info = meaning.get(url);
+  if (!info) return;
+  if (!ok) {
+    if (info.key === currentKey()) {
+      say(state.view === 'stack' ? 'This image could not be shown.'
+        : 'This series cannot be shown as a reformat: its slices do not form a volume.');
+      if (state.view !== 'stack') setView('stack');
+    }
+    return;
+  }
+  const list = loaded.get(info.key) || [];
+  list.push({ url, window: info.window, width: info.width });
+  loaded.set(info.key, list);
+  if (info.key === currentKey()) invalidate();
+  progress();
+}
+
+/**
+ * The best loaded image for a key: the current window first, then the widest.
+ * @param {string} key
+ */
+function bestFor(key) {
+  const list = loaded.get(key);
+  if (!list) return null;
+  let best = null;
+  let score = -1;
+  for (const entry of list) {
+    const img = store.get(entry.url);
+    if (!img) continue;
+    const exact = winKey(entry.window) === winKey(state.window) ? 10000 : 0;
+    const s = exact + entry.width;
+    if (s > score) { best = { img, ...entry, exact: exact > 0 }; score = s; }
+  }
+  return best;
+}
+
+// -- drawing ----------------------------------------------------------------------------------
+
+function aspect() {
+  const shown = bestFor(currentKey());
+  if (shown) return shown.img.naturalHeight / shown.img.naturalWidth;
+  if (state.view === 'stack' && data.rows && data.columns) return data.rows / data.columns;
+  return 1;
+}
+
+function layout() {
+  const box = stage.getBoundingClientRect();
+  const ar = aspect();
+  const fit = Math.min(box.width, box.height / ar) * 0.98;
+  return { w: box.width, h: box.height, ar, scale: fit * state.zoom, fit };
+}
+
+/** @param {number} sx @param {number} sy */
+function toImage(sx, sy) {
+  const l = layout();
+  return { x: (sx - l.w / 2 - state.panX) / l.scale + 0.5, y: (sy - l.h / 2 - state.panY) / l.scale + l.ar / 2 };
+}
+
+/** @param {{x: number, y: number}} p */
+function toScreen(p) {
+  const l = layout();
+  return { x: (p.x - 0.5) * l.scale + l.w / 2 + state.panX, y: (p.y - l.ar / 2) * l.scale + l.h / 2 + state.panY };
+}
+
+let frameRequest = 0;
+function invalidate() {
+  if (!frameRequest) frameRequest = requestAnimationFrame(draw);
+}
+
+const filterFuncs = [...document.querySelectorAll('#wl-filter feFuncR, #wl-filter feFuncG, #wl-filter feFuncB')];
+
+function draw() {
+  frameRequest = 0;
+  const dpr = window.devicePixelRatio || 1;
+  const box = stage.getBoundingClientRect();
+  const cw = Math.round(box.width * dpr);
+  const ch = Math.round(box.height * dpr);
+  if (canvas.width !== cw || canvas.height !== ch) { canvas.width = cw; canvas.height = ch; }
+  ctx.setTransform(1, 0, 0, 1, 0, 0);
+  ctx.fillStyle = '#000';
+  ctx.fillRect(0, 0, cw, ch);
+  const shown = bestFor(currentKey());
+  root.dataset.quality = shown ? (shown.width > 128 ? 'full' : 'preview') : 'none';
+  if (shown) {
+    const l = layout();
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx.imageSmoothingEnabled = true;
+    ctx.imageSmoothingQuality = 'high';
+    const x = l.w / 2 + state.panX - l.scale / 2;
+    const y = l.h / 2 + state.panY - (l.scale * l.ar) / 2;
+    ctx.drawImage(shown.img, x, y, l.scale, l.scale * l.ar);
+    applyFilter(shown.window);
+  }
+  drawMarks();
+  overlay(shown);
+}
+
+/** Exact pixels need no filter; another window is approximated until the server answers. */
+/** @param {Win | null} from */
+function applyFilter(from) {
+  const same = !from || !state.window || winKey(from) === winKey(state.window);
+  if (same) {
+    canvas.style.filter = state.invert ? 'invert(1)' : '';
+    return;
+  }
+  const m = windowMap(/** @type {Win} */ (from), /** @type {Win} */ (state.window), state.invert);
+  for (const f of filterFuncs) {
+    f.setAttribute('slope', m.slope.toFixed(4));
+    f.setAttribute('intercept', m.intercept.toFixed(4));
+  }
+  canvas.style.filter = 'url(#wl-filter)';
+}
+
+/** mm per image-space unit across and down, or null without pixel spacing. */
+function field() {
+  if (!data.spacing) return null;
+  const [rowSp, colSp] = data.spacing;
+  const ar = aspect();
+  if (state.view === 'stack') return { across: data.columns * colSp, down: (data.rows * rowSp) / ar };
+  const across = state.view === 'sagittal' ? data.rows * rowSp : data.columns * colSp;
+  return { across, down: across };
+}
+
+/** @param {{x: number, y: number}} a @param {{x: number, y: number}} b */
+function label(a, b) {
+  const mm = lengthMm(a, b, field());
+  if (mm === null) {
+    const px = Math.hypot((b.x - a.x) * (data.columns || 1), (b.y - a.y) * (data.columns || 1));
+    return `${px.toFixed(0)} px (no pixel spacing)`;
+  }
+  const approx = data.spacingSource === 'detector' && state.view === 'stack';
+  return `${approx ? '≈ ' : ''}${mm.toFixed(1)} mm${approx ? ' (approx., at detector)' : ''}`;
+}
+
+function drawMarks() {
+  while (svg.firstChild) svg.removeChild(svg.firstChild);
+  const key = currentKey();
+  const list = state.measures.filter((m) => m.key === key);
+  if (state.draft) list.push(state.draft);
+  for (const m of list) {
+    const a = toScreen(m.a);
+    const b = toScreen(m.b);
+    const line = document.createElementNS(SVGNS, 'line');
+    line.setAttribute('x1', String(a.x)); line.setAttribute('y1', String(a.y));
+    line.setAttribute('x2', String(b.x)); line.setAttribute('y2', String(b.y));
+    svg.appendChild(line);
+    for (const p of [a, b]) {
+      const dot = document.createElementNS(SVGNS, 'circle');
+      dot.setAttribute('cx', String(p.x)); dot.setAttribute('cy', String(p.y)); dot.setAttribute('r', '4');
+      svg.appendChild(dot);
+    }
+    const text = document.createElementNS(SVGNS, 'text');
+    text.setAttribute('x', String(b.x + 8)); text.setAttribute('y', String(b.y - 8));
+    text.textContent = label(m.a, m.b);
+    svg.appendChild(text);
+  }
+}
+
+const views = { stack: 'Slices', axial: 'Axial', coronal: 'Coronal', sagittal: 'Sagittal', mip: '3D MIP' };
+
+/** @param {{width: number, exact: boolean} | null} shown */
+function overlay(shown) {
+  const n = frames.length;
+  let where;
+  if (state.view === 'stack') where = `Image ${state.index + 1} / ${n}`;
+  else if (state.view === 'mip') where = `3D MIP · ${state.angle}°`;
+  else where = `${views[/** @type {'axial'} */ (state.view)]} · ${Math.round(state.positions[state.view] * 100)} %`;
+  $('.slice').textContent = where;
+  $('.wl').textContent = state.window ? `W ${round(state.window.width)} L ${round(state.window.center)}${shown && !shown.exact ? ' …' : ''}` : '';
+  $('.zoom').textContent = `${state.zoom.toFixed(state.zoom < 10 ? 1 : 0)}×${shown && shown.width === 128 ? ' · preview' : ''}`;
+  const m = markers(data.orientation, state.view, state.angle);
+  for (const side of /** @type {const} */ (['top', 'right', 'bottom', 'left'])) $(`.om-${side}`).textContent = m[side];
+  root.dataset.frame = String(state.index + 1);
+  root.dataset.view = state.view;
+  root.dataset.zoom = state.zoom.toFixed(3);
+  root.dataset.window = winKey(state.window);
+  const bar = $('.scroll');
+  const value = state.view === 'stack' ? state.index / Math.max(n - 1, 1)
+    : state.view === 'mip' ? state.angle / 355 : state.positions[state.view];
+  bar.setAttribute('aria-valuenow', String(state.view === 'stack' ? state.index + 1 : Math.round(value * 100)));
+  bar.setAttribute('aria-valuemax', String(state.view === 'stack' ? n : 100));
+  bar.setAttribute('aria-valuetext', where);
+  const knob = $('.knob');
+  knob.style.transform = `translateY(${value * (bar.clientHeight - knob.offsetHeight)}px)`;
+}
+
+function progress() {
+  if (state.view !== 'stack') return;
+  let full = 0;
+  let any = 0;
+  for (let i = 0; i < frames.length; i += 1) {
+    const list = loaded.get(`s${i}`);
+    if (list && list.length) any += 1;
+    if (list && list.some((e) => e.width > 128)) full += 1;
+  }
+  root.dataset.loaded = String(any);
+  root.dataset.loadedFull = String(full);
+  $('.loaded').textContent = full < frames.length ? `${full} / ${frames.length} loaded` : '';
+}
+
+/** @param {string} text */
+let sayTimer = 0;
+function say(text) {
+  status.textContent = text;
+  clearTimeout(sayTimer);
+  sayTimer = window.setTimeout(() => { status.textContent = ''; }, 5000);
+}
+
+// -- actions ----------------------------------------------------------------------------------
+
+/** @param {number} index */
+function goTo(index) {
+  const next = clamp(Math.round(index), 0, frames.length - 1);
+  if (next === state.index) return;
+  direction = next > state.index ? 1 : -1;
+  state.index = next;
+  schedulePlan();
+  invalidate();
+}
+
+/** @param {number} steps */
+function step(steps) {
+  if (state.view === 'stack') goTo(state.index + steps);
+  else if (state.view === 'mip') {
+    state.angle = (((state.angle + steps * MIP_STEP) % 360) + 360) % 360;
+    schedulePlan(); invalidate();
+  } else {
+    const k = clamp(Math.round(state.positions[state.view] * (VOLUME_STEPS - 1)) + steps, 0, VOLUME_STEPS - 1);
+    state.positions[state.view] = k / (VOLUME_STEPS - 1);
+    schedulePlan(); invalidate();
+  }
+}
+
+let planTimer = 0;
+function schedulePlan() {
+  if (planTimer) return;
+  planTimer = window.setTimeout(() => { planTimer = 0; plan(); }, 30);
+}
+
+/** @param {number} factor @param {number} x @param {number} y */
+function zoomAt(factor, x, y) {
+  const box = stage.getBoundingClientRect();
+  const next = clamp(state.zoom * factor, 0.5, 40);
+  const f = next / state.zoom;
+  const px = x - box.width / 2;
+  const py = y - box.height / 2;
+  state.panX = px - (px - state.panX) * f;
+  state.panY = py - (py - state.panY) * f;
+  state.zoom = next;
+  invalidate();
+  zoomSettled();
+}
+
+let zoomTimer = 0;
+function zoomSettled() {
+  clearTimeout(zoomTimer);
+  zoomTimer = window.setTimeout(plan, 250); // a sharper image for the zoomed slice only
+}
+
+/** @param {string} view */
+function setView(view) {
+  state.view = view;
+  state.zoom = 1; state.panX = 0; state.panY = 0;
+  /** @type {HTMLSelectElement} */ ($('select[name=view]')).value = view;
+  plan();
+  invalidate();
+}
+
+/** @param {Win | null} win */
+function setWindow(win) {
+  state.window = win ? { center: win.center, width: win.width } : null;
+  lastExactWindow = state.window;
+  plan();
+  invalidate();
+}
+
+function reset() {
+  state.zoom = 1; state.panX = 0; state.panY = 0; state.invert = false;
+  state.measures = []; state.draft = null; state.angle = 0;
+  stopCine();
+  setPressed('invert', false);
+  /** @type {HTMLSelectElement} */ ($('select[name=preset]')).value = 'default';
+  setWindow(defaultWindow);
+  say('View reset.');
+}
+
+/** @param {string} name @param {boolean} on */
+function setPressed(name, on) {
+  $(`button[data-action=${name}]`)?.setAttribute('aria-pressed', String(on));
+}
+
+/** @param {string} tool */
+function setTool(tool) {
+  state.tool = tool;
+  for (const b of root.querySelectorAll('button[data-tool]')) {
+    b.setAttribute('aria-pressed', String(/** @type {HTMLElement} */ (b).dataset.tool === tool));
+  }
+  root.dataset.tool = tool;
+}
+
+let cineHandle = 0;
+let cineLast = 0;
+let cineCarry = 0;
+function cineTick(/** @type {number} */ t) {
+  if (!state.playing) return;
+  if (cineLast) {
+    cineCarry += ((t - cineLast) / 1000) * state.fps;
+    const whole = Math.floor(cineCarry);
+    if (whole) {
+      cineCarry -= whole;
+      state.index = (state.index + whole) % frames.length;
+      schedulePlan();
+      invalidate();
+    }
+  }
+  cineLast = t;
+  cineHandle = requestAnimationFrame(cineTick);
+}
+function startCine() {
+  if (state.view !== 'stack' || frames.length < 2) return;
+  state.playing = true; cineLast = 0; cineCarry = 0;
+  const b = $('button[data-action=play]');
+  b.setAttribute('aria-pressed', 'true'); b.textContent = 'Pause';
+  cineHandle = requestAnimationFrame(cineTick);
+}
+function stopCine() {
+  if (!state.playing) return;
+  state.playing = false;
+  cancelAnimationFrame(cineHandle);
+  const b = $('button[data-action=play]');
+  b.setAttribute('aria-pressed', 'false'); b.textContent = 'Play';
+}
+
+async function saveJpeg() {
+  const shown = bestFor(currentKey());
+  if (!shown) return;
+  const out = document.createElement('canvas');
+  out.width = canvas.width; out.height = canvas.height;
+  const c = /** @type {CanvasRenderingContext2D} */ (out.getContext('2d'));
+  c.drawImage(canvas, 0, 0);
+  if (canvas.style.filter) { // the on-screen filter is CSS: bake it into the pixels
+    const pixels = c.getImageData(0, 0, out.width, out.height);
+    const m = shown.window && state.window && winKey(shown.window) !== winKey(state.window)
+      ? windowMap(shown.window, state.window, state.invert) : { slope: state.invert ? -1 : 1, intercept: state.invert ? 1 : 0 };
+    const d = pixels.data;
+    for (let i = 0; i < d.length; i += 4) {
+      for (let k = 0; k < 3; k += 1) d[i + k] = clamp(d[i + k] * m.slope + m.intercept * 255, 0, 255);
+    }
+    c.putImageData(pixels, 0, 0);
+  }
+  const dpr = window.devicePixelRatio || 1;
+  c.scale(dpr, dpr);
+  c.strokeStyle = '#ffd400'; c.fillStyle = '#ffd400'; c.lineWidth = 2; c.font = '14px system-ui, sans-serif';
+  for (const m of state.measures.filter((x) => x.key === currentKey())) {
+    const a = toScreen(m.a); const b = toScreen(m.b);
+    c.beginPath(); c.moveTo(a.x, a.y); c.lineTo(b.x, b.y); c.stroke();
+    c.fillText(label(m.a, m.b), b.x + 8, b.y - 8);
+  }
+  const blob = await new Promise((resolve) => out.toBlob(resolve, 'image/jpeg', 0.92));
+  if (!blob) return;
+  const link = document.createElement('a');
+  link.href = URL.createObjectURL(/** @type {Blob} */ (blob));
+  link.download = `image-${data.number ?? 'series'}-${currentKey()}.jpg`;
+  document.body.appendChild(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(link.href), 10000);
+  say('Image saved as JPEG.');
+}
+
+// -- gestures ---------------------------------------------------------------------------------
+
+let carry = 0;
+let mode = '';
+let fling = 0;
+
+function stepPixels() {
+  const box = stage.getBoundingClientRect();
+  const count = state.view === 'stack' ? frames.length : state.view === 'mip' ? 72 : VOLUME_STEPS;
+  return clamp((box.height * 1.5) / count, 3, 24);
+}
+
+attachGestures(stage, {
+  dragStart(x, y, e) {
+    cancelAnimationFrame(fling);
+    stopCine();
+    carry = 0;
+    mode = e.shiftKey || (e.pointerType === 'mouse' && e.altKey) ? 'pan' : state.tool;
+    if (mode === 'measure') state.draft = { key: currentKey(), a: toImage(x, y), b: toImage(x, y) };
+    if (mode === 'window' && state.window) state.adjusting = true;
+  },
+  drag(dx, dy, x, y) {
+    if (mode === 'pan') { state.panX += dx; state.panY += dy; invalidate(); return; }
+    if (mode === 'measure' && state.draft) { state.draft.b = toImage(x, y); invalidate(); return; }
+    if (mode === 'window' && state.window) {
+      const w = state.window;
+      state.window = { width: Math.max(1, w.width + (dx * w.width) / 200), center: w.center + (dy * w.width) / 400 };
+      invalidate();
+      return;
+    }
+    carry += state.view === 'mip' ? dx : -dy; // finger up: onwards, as a page scrolls
+    const s = Math.trunc(carry / stepPixels());
+    if (s) { carry -= s * stepPixels(); step(s); }
+  },
+  dragEnd(vx, vy) {
+    if (mode === 'measure' && state.draft) {
+      const d = state.draft;
+      state.draft = null;
+      const far = toScreen(d.a);
+      const near = toScreen(d.b);
+      if (Math.hypot(far.x - near.x, far.y - near.y) > 8) {
+        state.measures.push(d);
+        say(`Length ${label(d.a, d.b)}`);
+      }
+      invalidate();
+    } else if (mode === 'window' && state.adjusting) {
+      state.adjusting = false;
+      /** @type {HTMLSelectElement} */ ($('select[name=preset]')).value = 'custom';
+      setWindow(state.window);
+    } else if ((mode === 'scroll') && !reduceMotion) {
+      let v = state.view === 'mip' ? vx : -vy; // px per ms
+      if (Math.abs(v) > 0.6) {
+        let last = performance.now();
+        const glide = (/** @type {number} */ t) => {
+          const dt = t - last; last = t;
+          carry += v * dt;
+          const s = Math.trunc(carry / stepPixels());
+          if (s) { carry -= s * stepPixels(); step(s); }
+          v *= Math.pow(0.995, dt);
+          if (Math.abs(v) > 0.05) fling = requestAnimationFrame(glide);
+        };
+        fling = requestAnimationFrame(glide);
+      }
+    }
+    mode = '';
+  },
+  cancel() {
+    state.draft = null;
+    if (state.adjusting) { state.adjusting = false; setWindow(state.window); }
+    mode = '';
+  },
+  pinch(factor, cx, cy, dx, dy) {
+    state.panX += dx; state.panY += dy;
+    zoomAt(factor, cx, cy);
+  },
+  doubleTap(x, y) {
+    if (state.tool === 'measure') return;
+    const l = layout();
+    const oneToOne = nativeWidth() / (l.fit * (window.devicePixelRatio || 1));
+    if (Math.abs(state.zoom - 1) < 0.05) zoomAt(oneToOne / state.zoom, x, y);
+    else { state.zoom = 1; state.panX = 0; state.panY = 0; invalidate(); }
+  },
+  wheelSlices(steps) { stopCine(); step(steps); },
+  wheelZoom(factor, x, y) { zoomAt(factor, x, y); },
+});
+
+// The scrollbar: drag or tap to jump; it is also a keyboard slider.
+const bar = $('.scroll');
+const fromBar = (/** @type {PointerEvent} */ e) => {
+  const box = bar.getBoundingClientRect();
+  const f = clamp((e.clientY - box.top) / box.height, 0, 1);
+  if (state.view === 'stack') goTo(f * (frames.length - 1));
+  else if (state.view === 'mip') { state.angle = Math.round((f * 355) / MIP_STEP) * MIP_STEP; schedulePlan(); invalidate(); }
+  else { state.positions[state.view] = Math.round(f * (VOLUME_STEPS - 1)) / (VOLUME_STEPS - 1); schedulePlan(); invalidate(); }
+};
+bar.addEventListener('pointerdown', (e) => { bar.setPointerCapture(e.pointerId); stopCine(); fromBar(e); e.preventDefault(); });
+bar.addEventListener('pointermove', (e) => { if (bar.hasPointerCapture(e.pointerId)) fromBar(e); });
+
+// -- toolbar and keyboard ---------------------------------------------------------------------
+
+root.addEventListener('click', (e) => {
+  const button = /** @type {HTMLElement | null} */ (/** @type {HTMLElement} */ (e.target).closest('button'));
+  if (!button) return;
+  if (button.dataset.tool) setTool(button.dataset.tool);
+  const action = button.dataset.action;
+  if (action === 'invert') { state.invert = !state.invert; setPressed('invert', state.invert); invalidate(); }
+  else if (action === 'reset') reset();
+  else if (action === 'info') { state.info = !state.info; root.classList.toggle('noinfo', !state.info); setPressed('info', state.info); }
+  else if (action === 'play') (state.playing ? stopCine() : startCine());
+  else if (action === 'save') saveJpeg();
+});
+
+const presetSelect = /** @type {HTMLSelectElement} */ ($('select[name=preset]'));
+const presets = [...(data.fileWindows || []), ...(data.presets || [])];
+presets.forEach((p, i) => presetSelect.add(new Option(`${p.name} (${round(p.width)}/${round(p.center)})`, String(i))));
+presetSelect.disabled = !state.window;
+presetSelect.addEventListener('change', () => {
+  const v = presetSelect.value;
+  if (v === 'default') setWindow(defaultWindow);
+  else if (v !== 'custom') setWindow(presets[Number(v)]);
+});
+
+const viewSelect = /** @type {HTMLSelectElement} */ ($('select[name=view]'));
+if (!data.volume) for (const o of [...viewSelect.options]) if (o.value !== 'stack') o.remove();
+viewSelect.disabled = viewSelect.options.length < 2;
+viewSelect.addEventListener('change', () => { stopCine(); setView(viewSelect.value); });
+
+const speed = /** @type {HTMLSelectElement | null} */ (root.querySelector('select[name=speed]'));
+if (speed) {
+  if (![...speed.options].some((o) => Number(o.value) === Math.round(state.fps))) speed.add(new Option(`${Math.round(state.fps)} / s`, String(Math.round(state.fps)), true, true));
+  speed.value = String(Math.round(state.fps));
+  speed.addEventListener('change', () => { state.fps = Number(speed.value); });
+}
+
+document.addEventListener('keydown', (e) => {
+  const target = /** @type {HTMLElement} */ (e.target);
+  if (target.closest('select, input, textarea') || e.altKey || e.metaKey) return;
+  if (target.closest('button') && (e.key === ' ' || e.key === 'Enter')) return;
+  const keys = /** @type {Record<string, () => void>} */ ({
+    ArrowDown: () => step(1), ArrowRight: () => step(1), ArrowUp: () => step(-1), ArrowLeft: () => step(-1),
+    PageDown: () => step(10), PageUp: () => step(-10),
+    Home: () => step(-frames.length), End: () => step(frames.length),
+    '+': () => zoomAt(1.25, stage.clientWidth / 2, stage.clientHeight / 2),
+    '=': () => zoomAt(1.25, stage.clientWidth / 2, stage.clientHeight / 2),
+    '-': () => zoomAt(0.8, stage.clientWidth / 2, stage.clientHeight / 2),
+    i: () => /** @type {HTMLElement} */ ($('button[data-action=invert]')).click(),
+    r: () => reset(),
+    h: () => /** @type {HTMLElement} */ ($('button[data-action=info]')).click(),
+    s: () => setTool('scroll'), w: () => setTool('window'), m: () => setTool('measure'),
+    ' ': () => (data.cine ? $('button[data-action=play]').click() : step(1)),
+  });
+  const run = keys[e.key];
+  if (!run || e.ctrlKey) return;
+  e.preventDefault();
+  if (!e.key.startsWith('Arrow') && !e.key.startsWith('Page')) stopCine();
+  run();
+});
+
+new ResizeObserver(() => { invalidate(); schedulePlan(); }).observe(stage);
+setTool('scroll');
+root.classList.add('ready');
+plan();
+invalidate();

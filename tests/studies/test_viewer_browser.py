@@ -1,0 +1,198 @@
+"""The phone viewer in a real Chromium (iPhone 13, Pixel 7, desktop): sign in, search, open a
+study, swipe through slices, pinch-zoom, window, reformat, measure. Screenshots go to
+tests/artifacts/."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from playwright.sync_api import BrowserContext, CDPSession, Page
+
+from tests.browser import PHONES, chromium, loopback_only, phone
+from tests.conftest import IdentityProvider, LiveServer, close_app
+from tests.studies.support import CtSite, build_ct_site, shot, sign_in_browser
+
+DEVICES = (*PHONES, "desktop")
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, idp: IdentityProvider) -> Iterator[Any]:
+    """One portal with the 150-slice demo CT for every device of this module."""
+    ct = build_ct_site(tmp_path_factory.mktemp("viewer"), idp)
+    with LiveServer(ct.app) as server:
+        yield ct, server
+    close_app(ct.app)
+
+
+def _context(playwright: Any, browser: Any, device: str) -> BrowserContext:
+    if device == "desktop":
+        context = browser.new_context(viewport={"width": 1366, "height": 860})
+    else:
+        context = browser.new_context(**phone(playwright, device))
+    loopback_only(context)
+    return context
+
+
+def _touch(cdp: CDPSession, kind: str, points: list[tuple[float, float]]) -> None:
+    cdp.send("Input.dispatchTouchEvent", {
+        "type": kind, "touchPoints": [{"x": x, "y": y, "id": i} for i, (x, y) in
+                                      enumerate(points)]})
+
+
+def _swipe(page: Page, cdp: CDPSession | None, box: dict[str, float], dy: float) -> None:
+    """One finger (or the mouse) dragged vertically over the middle of the image."""
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2 - dy / 2
+    if cdp is None:
+        page.mouse.move(x, y)
+        page.mouse.down()
+        for i in range(1, 11):
+            page.mouse.move(x, y + dy * i / 10)
+        page.mouse.up()
+        return
+    _touch(cdp, "touchStart", [(x, y)])
+    for i in range(1, 11):
+        _touch(cdp, "touchMove", [(x, y + dy * i / 10)])
+        time.sleep(0.016)
+    time.sleep(0.15)  # hold still: no fling, so the test knows where it stops
+    _touch(cdp, "touchEnd", [])
+
+
+def _pinch(cdp: CDPSession, box: dict[str, float], spread: float) -> None:
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    _touch(cdp, "touchStart", [(cx - 40, cy), (cx + 40, cy)])
+    for i in range(1, 11):
+        d = 40 + spread * i / 10
+        _touch(cdp, "touchMove", [(cx - d, cy), (cx + d, cy)])
+        time.sleep(0.016)
+    _touch(cdp, "touchEnd", [])
+
+
+def _data(page: Page, key: str) -> str:
+    return str(page.eval_on_selector("#viewer", f"v => v.dataset.{key} || ''"))
+
+
+def _wait_full(page: Page, timeout: float = 30_000) -> None:
+    page.wait_for_function("() => document.querySelector('#viewer').dataset.quality === 'full'",
+                           timeout=timeout)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_find_read_scroll_zoom_window_reformat_measure(site: tuple[CtSite, LiveServer],
+                                                       device: str) -> None:
+    ct, server = site
+    tag = device.replace(" ", "_")
+    with chromium() as (playwright, browser):
+        context = _context(playwright, browser, device)
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        sign_in_browser(page, server.url)
+        shot(page, f"{tag}-1-list")
+
+        # Search by patient name, then open the study.
+        page.get_by_label("Patient name, ID or accession").fill("doe")
+        page.get_by_role("button", name="Search").click()
+        page.wait_for_url("**/studies?q=doe**")
+        rows = page.locator("a.study")
+        assert rows.count() == 2  # the CT and the earlier study of the same patient
+        assert "2024-11-18" in rows.first.inner_text()  # newest first
+        rows.first.click()
+        page.wait_for_url(f"**/studies/{ct.study}")
+        assert page.get_by_role("heading", name="Report").is_visible()
+        assert "2019-03-04" in page.locator("#history-heading + ul").inner_text()
+        page.wait_for_function("() => [...document.querySelectorAll('img.thumb')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+        assert page.evaluate("document.documentElement.scrollWidth - window.innerWidth") <= 0
+        shot(page, f"{tag}-2-study")
+
+        page.locator("a.series-card").first.click()
+        page.wait_for_url(f"**/view/{ct.series}")
+        _wait_full(page)
+        assert _data(page, "frame") == "1"
+        shot(page, f"{tag}-3-viewer")
+        stage = page.locator(".stage")
+        box = stage.bounding_box()
+        assert box is not None and box["height"] > 200
+        cdp = context.new_cdp_session(page) if device != "desktop" else None
+
+        # Swipe up through slices: the frame shown changes.
+        _swipe(page, cdp, box, -box["height"] * 0.4)
+        frame = int(_data(page, "frame"))
+        assert frame > 5, frame
+        _wait_full(page)
+        shot(page, f"{tag}-4-swiped")
+
+        # Pinch to zoom (phones: two touch points through CDP; desktop: Ctrl+wheel and keys).
+        if cdp is not None:
+            _pinch(cdp, box, 90)
+        else:
+            page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.keyboard.down("Control")
+            page.mouse.wheel(0, -200)
+            page.keyboard.up("Control")
+        page.wait_for_function("() => +document.querySelector('#viewer').dataset.zoom > 1.3")
+        assert _data(page, "frame") == str(frame)  # zooming does not move through slices
+        shot(page, f"{tag}-5-zoomed")
+
+        # Window: a preset, then the exact server rendering replaces the approximation.
+        page.locator("select[name=preset]").select_option(label="Lung (1500/-600)")
+        assert _data(page, "window") == "-600,1500"
+        page.wait_for_timeout(300)
+        _wait_full(page)
+        page.wait_for_function("() => !document.querySelector('.wl').textContent.includes('…')",
+                               timeout=30_000)
+        shot(page, f"{tag}-6-lung-window")
+        # ... and a W/L drag.
+        page.get_by_role("button", name="Window", exact=True).click()
+        _swipe(page, cdp, box, 80)
+        assert _data(page, "window") != "-600,1500"
+        page.keyboard.press("r")
+        page.wait_for_function("() => +document.querySelector('#viewer').dataset.zoom === 1")
+
+        # Measure a length: the label is in millimetres (CT pixel spacing is in the patient).
+        page.get_by_role("button", name="Measure").click()
+        x0, y0 = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5
+        if cdp is None:
+            page.mouse.move(x0, y0)
+            page.mouse.down()
+            page.mouse.move(x0 + box["width"] * 0.4, y0, steps=8)
+            page.mouse.up()
+        else:
+            _touch(cdp, "touchStart", [(x0, y0)])
+            for i in range(1, 9):
+                _touch(cdp, "touchMove", [(x0 + box["width"] * 0.4 * i / 8, y0)])
+            _touch(cdp, "touchEnd", [])
+        label = page.locator("svg.marks text").first.text_content() or ""
+        assert label.endswith(" mm") and "approx" not in label, label
+        assert 20 < float(label.split()[0]) < 400
+        assert "Length" in (page.locator(".status").text_content() or "")
+        shot(page, f"{tag}-7-measure")
+
+        # A reformat: coronal, from the volume endpoint.
+        page.get_by_role("button", name="Slices").click()
+        page.locator("select[name=view]").select_option("coronal")
+        assert _data(page, "view") == "coronal"
+        _wait_full(page, 60_000)
+        shot(page, f"{tag}-8-coronal")
+        page.locator("select[name=view]").select_option("mip")
+        _wait_full(page, 60_000)
+        before = page.locator(".slice").text_content()
+        if cdp is None:
+            page.keyboard.press("ArrowRight")
+        else:
+            x, y = box["x"] + box["width"] / 2 - 60, box["y"] + box["height"] / 2
+            _touch(cdp, "touchStart", [(x, y)])
+            for i in range(1, 9):
+                _touch(cdp, "touchMove", [(x + 15 * i, y)])
+                time.sleep(0.016)
+            time.sleep(0.15)
+            _touch(cdp, "touchEnd", [])
+        assert page.locator(".slice").text_content() != before
+        _wait_full(page, 60_000)
+        shot(page, f"{tag}-9-mip")
+        assert errors == []
+        context.close()
