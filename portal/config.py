@@ -60,6 +60,27 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DATABASE_URL", _as_optional_str, None, "SQLAlchemy URL; default SQLite in instance"),
     Setting("REDIS_URL", _as_optional_str, None, "unset: in-process cache"),
     Setting("ARCHIVE_URL", _as_optional_str, None, "unset: embedded archive"),
+    # An external DICOMweb archive (issue 8): authentication, bounds, cache and sync.
+    Setting("ARCHIVE_AUTH", str, "", "none, basic, bearer or oauth (default: from what is set)"),
+    Setting("ARCHIVE_USERNAME", _as_optional_str, None, "HTTP Basic user of the archive"),
+    Setting("ARCHIVE_PASSWORD", _as_optional_str, None, "HTTP Basic password of the archive"),
+    Setting("ARCHIVE_TOKEN", _as_optional_str, None, "static Bearer token for the archive"),
+    Setting("ARCHIVE_TOKEN_URL", _as_optional_str, None, "OAuth token endpoint (client creds)"),
+    Setting("ARCHIVE_CLIENT_ID", _as_optional_str, None, "OAuth client id for the archive"),
+    Setting("ARCHIVE_CLIENT_SECRET", _as_optional_str, None, "OAuth client secret"),
+    Setting("ARCHIVE_SCOPE", _as_optional_str, None, "OAuth scope requested for the archive"),
+    Setting("ARCHIVE_CONNECT_TIMEOUT_SECONDS", float, 3.0, "connect timeout to the archive"),
+    Setting("ARCHIVE_TIMEOUT_SECONDS", float, 20.0, "longest one archive request may take"),
+    Setting("ARCHIVE_RETRIES", int, 2, "retries of an idempotent request after a network error"),
+    Setting("ARCHIVE_BREAKER_FAILURES", int, 5, "failures in a row that open the breaker"),
+    Setting("ARCHIVE_BREAKER_RESET_SECONDS", float, 30.0, "how long the breaker stays open"),
+    Setting("ARCHIVE_CACHE_MB", int, 10_240, "local copies of external instances kept (LRU)"),
+    Setting("ARCHIVE_SYNC_INTERVAL_SECONDS", int, 300, "period of `archive sync --watch`"),
+    Setting("ARCHIVE_SYNC_PAGE_SIZE", int, 100, "studies asked per QIDO-RS page"),
+    Setting("ARCHIVE_SYNC_LOOKBACK_DAYS", int, 7, "incremental sync: study dates this far back"),
+    Setting("ARCHIVE_SYNC_FULL_EVERY", int, 12, "`--watch`: every Nth run walks every study"),
+    Setting("ARCHIVE_DIMSE_PEER", _as_optional_str, None, "DIMSE archive as AETITLE@host:port"),
+    Setting("ARCHIVE_DIMSE_TIMEOUT_SECONDS", float, 30.0, "DIMSE network and response timeout"),
     Setting("PUBLIC_URL", _as_optional_str, None, "external base URL, e.g. https://portal.example"),
     Setting("OIDC_ISSUER", _as_optional_str, None, "OpenID Connect issuer URL"),
     Setting("OIDC_CLIENT_ID", _as_optional_str, None, "OpenID Connect client id"),
@@ -91,6 +112,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DIMSE_ALLOWED_PEERS", _as_list, [], "accepted callers as AETITLE@address"),
     Setting("DIMSE_MAX_PDU", int, 262_144, "largest PDU the SCP accepts"),
     Setting("TRUSTED_PROXIES", int, 0, "number of reverse proxies in front (ProxyFix hops)"),
+    # Reports from the RIS.
+    Setting("HL7_HOST", str, "127.0.0.1", "address the HL7 MLLP listener binds"),
+    Setting("HL7_PORT", int, 2575, "port the HL7 MLLP listener binds"),
+    Setting("HL7_ALLOWED_SENDERS", _as_list, [],
+            "accepted senders as APPLICATION@address (MSH-3 and peer IP)"),
+    Setting("HL7_MAX_BYTES", int, 1 << 20, "largest HL7 message accepted"),
+    Setting("REPORT_PATIENT_DELAY_HOURS", int, 0,
+            "hours after a report is final before patients may read it (rules may add)"),
     # Share links (SECURITY.md 13-22): lifetimes can be lowered here, never raised past 30 days.
     Setting("SHARE_DEFAULT_DAYS", int, 7, "lifetime of a share link unless the sender picks one"),
     Setting("SHARE_MAX_DAYS", int, 30, "longest lifetime a sender may pick (at most 30)"),
@@ -189,6 +218,35 @@ def _check_sharing(config: dict[str, Any]) -> None:
         raise ConfigError("SMS_WEBHOOK_URL: must be an http(s) URL")
 
 
+def _check_archive(config: dict[str, Any]) -> None:
+    auth = config["ARCHIVE_AUTH"].strip().lower()
+    if auth not in {"", "none", "basic", "bearer", "oauth"}:
+        raise ConfigError("ARCHIVE_AUTH: none, basic, bearer or oauth")
+    needs = {"basic": ("ARCHIVE_USERNAME", "ARCHIVE_PASSWORD"), "bearer": ("ARCHIVE_TOKEN",),
+             "oauth": ("ARCHIVE_TOKEN_URL", "ARCHIVE_CLIENT_ID", "ARCHIVE_CLIENT_SECRET")}
+    for key in needs.get(auth, ()):
+        if not config[key]:
+            raise ConfigError(f"{key}: required with ARCHIVE_AUTH={auth}")
+    token_url = config["ARCHIVE_TOKEN_URL"]
+    if token_url and not token_url.startswith(("http://", "https://")):
+        raise ConfigError("ARCHIVE_TOKEN_URL: must be an http(s) URL")
+    for key in ("ARCHIVE_CONNECT_TIMEOUT_SECONDS", "ARCHIVE_TIMEOUT_SECONDS",
+                "ARCHIVE_BREAKER_FAILURES", "ARCHIVE_BREAKER_RESET_SECONDS", "ARCHIVE_CACHE_MB",
+                "ARCHIVE_SYNC_INTERVAL_SECONDS", "ARCHIVE_SYNC_PAGE_SIZE",
+                "ARCHIVE_SYNC_FULL_EVERY",
+                "ARCHIVE_DIMSE_TIMEOUT_SECONDS"):
+        if config[key] <= 0:
+            raise ConfigError(f"{key}: must be positive")
+    if config["ARCHIVE_RETRIES"] < 0 or config["ARCHIVE_SYNC_LOOKBACK_DAYS"] < 0:
+        raise ConfigError("ARCHIVE_RETRIES: must be 0 or more (and ARCHIVE_SYNC_LOOKBACK_DAYS)")
+    peer = config["ARCHIVE_DIMSE_PEER"]
+    if peer:
+        aet, at, address = peer.partition("@")
+        host, colon, port = address.rpartition(":")
+        if not at or not aet or len(aet) > 16 or not colon or not host or not port.isdigit():
+            raise ConfigError(f"ARCHIVE_DIMSE_PEER: {peer!r} is not AETITLE@host:port")
+
+
 def validate(config: dict[str, Any]) -> None:
     """Raise ConfigError naming the first invalid setting."""
     if config["ENV"] not in {"development", "production", "test"}:
@@ -203,16 +261,25 @@ def validate(config: dict[str, Any]) -> None:
                 "MAX_REQUEST_BYTES", "MAX_INSTANCE_BYTES", "MAX_INFLATED_BYTES",
                 "MAX_PIXEL_BYTES", "MAX_FRAMES", "MAX_ZIP_ENTRIES", "MAX_ZIP_RATIO",
                 "DIMSE_MAX_PDU", "RENDER_WORKERS", "RENDER_MEMORY_MB",
-                "RENDER_TIMEOUT_SECONDS", "RENDER_CACHE_MB", "MAX_RENDER_PIXELS"):
+                "RENDER_TIMEOUT_SECONDS", "RENDER_CACHE_MB", "MAX_RENDER_PIXELS",
+                "HL7_MAX_BYTES"):
         if config[key] <= 0:
             raise ConfigError(f"{key}: must be positive")
     if config["RENDER_FRAME_CACHE_MB"] < 0:
         raise ConfigError("RENDER_FRAME_CACHE_MB: must be 0 or more")
+    if config["REPORT_PATIENT_DELAY_HOURS"] < 0:
+        raise ConfigError("REPORT_PATIENT_DELAY_HOURS: must be 0 or more")
+    if not 0 < config["HL7_PORT"] < 65536:
+        raise ConfigError("HL7_PORT: must be a TCP port")
+    for sender in config["HL7_ALLOWED_SENDERS"]:
+        if "@" not in sender:
+            raise ConfigError(f"HL7_ALLOWED_SENDERS: {sender!r} is not APPLICATION@address")
     if not 0 < config["DIMSE_PORT"] < 65536:
         raise ConfigError("DIMSE_PORT: must be a TCP port")
     if not 0 < len(config["DIMSE_AE_TITLE"]) <= 16:
         raise ConfigError("DIMSE_AE_TITLE: 1 to 16 characters")
     _check_peers(config["DIMSE_ALLOWED_PEERS"])
+    _check_archive(config)
     _check_sharing(config)
     for key in ("ARCHIVE_URL", "PUBLIC_URL", "OIDC_ISSUER"):
         value = config[key]

@@ -20,7 +20,8 @@ from werkzeug.exceptions import Unauthorized
 from portal.access.models import Delegation, Grant, PatientLink, ReferrerIdentifier, User
 from portal.access.principal import Principal, current_principal
 from portal.db import utcnow
-from portal.index.models import Instance, Series, Study, StudyReferrer
+from portal.index.models import Instance, Patient, Series, Study, StudyReferrer
+from portal.reports.models import Order
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -78,11 +79,22 @@ def _grants_of(user_ids: Any, *, personal: bool) -> ColumnElement[bool]:
 
 
 def _referred_by(user_ids: Any) -> ColumnElement[bool]:
-    """The study names one of these users as its referrer (linked identifiers)."""
-    return exists(select(StudyReferrer.id)
-                  .join(ReferrerIdentifier, ReferrerIdentifier.key == StudyReferrer.key)
-                  .where(StudyReferrer.study_fk == Study.id,
-                         ReferrerIdentifier.user_fk.in_(user_ids)))
+    """The study names one of these users as its referrer (linked identifiers), or the RIS
+    order it was made for (same accession number and patient) names one as ordering provider.
+    """
+    named = exists(select(StudyReferrer.id)
+                   .join(ReferrerIdentifier, ReferrerIdentifier.key == StudyReferrer.key)
+                   .where(StudyReferrer.study_fk == Study.id,
+                          ReferrerIdentifier.user_fk.in_(user_ids)))
+    ordered = exists(select(Order.id)
+                     .join(ReferrerIdentifier,
+                           ReferrerIdentifier.key == Order.ordering_provider_key)
+                     .join(Patient, Patient.id == Study.patient_fk)
+                     .where(Study.accession_number != "",
+                            Order.accession_number == Study.accession_number,
+                            Order.patient_id == Patient.patient_id,
+                            ReferrerIdentifier.user_fk.in_(user_ids)))
+    return or_(named, ordered)
 
 
 def study_filter(principal: Principal) -> ColumnElement[bool]:

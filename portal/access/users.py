@@ -8,7 +8,8 @@ from sqlalchemy.orm import Session
 from portal.access.models import Practice, User
 from portal.db import utcnow
 
-ROLES = ("office_manager", "physician", "staff", "patient")
+# report_sender: a RIS or reporting system that may post reports (FHIR DiagnosticReport).
+ROLES = ("office_manager", "physician", "staff", "patient", "report_sender")
 
 
 class UserError(ValueError):

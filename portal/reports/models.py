@@ -92,7 +92,8 @@ class Order(Base):
 
 class ReleaseRule(Base):
     """How long after a report is final a patient may read it, for a practice and/or a
-    modality (empty: any); the longest matching rule applies, else PORTAL_REPORT_PATIENT_DELAY_HOURS."""
+    modality (empty: any); the longest matching rule and PORTAL_REPORT_PATIENT_DELAY_HOURS
+    apply."""
 
     __tablename__ = "report_release_rule"
     __table_args__ = (UniqueConstraint("practice_fk", "modality"),)

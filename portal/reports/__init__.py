@@ -1,0 +1,1 @@
+"""Radiology reports, orders and appointments from the RIS."""

@@ -1,0 +1,264 @@
+"""HL7 v2 messages: parse, decode escapes, and build acknowledgements (HL7 v2.5.1 ch. 2).
+
+A message is a list of segments split on CR; the MSH segment declares the field separator
+(MSH-1) and the encoding characters (MSH-2: component, repetition, escape, subcomponent).
+Only what the portal reads is modelled: ``Message.field("OBR", 25)`` gives a field's text,
+``components`` its parts. Nothing here touches the database.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+# HL7 character sets (MSH-18) we decode; an empty MSH-18 means the sender's default, which
+# we take to be UTF-8 (ASCII is a subset).
+CHARSETS = {"": "utf-8", "ASCII": "ascii", "UNICODE UTF-8": "utf-8", "8859/1": "latin-1",
+            "8859/15": "iso8859-15", "UNICODE": "utf-8"}
+
+
+class MessageRejected(ValueError):
+    """The message cannot be read at all (answer AR with ``reason``)."""
+
+    def __init__(self, reason: str, control_id: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.control_id = control_id
+
+
+@dataclass(frozen=True)
+class Delimiters:
+    """MSH-1 and MSH-2."""
+
+    field: str = "|"
+    component: str = "^"
+    repetition: str = "~"
+    escape: str = "\\"
+    subcomponent: str = "&"
+
+
+def _delimiters(header: str) -> Delimiters:
+    if not header.startswith("MSH") or len(header) < 8:
+        raise MessageRejected("the message does not start with an MSH segment")
+    field = header[3]
+    encoding = header[4:8]
+    chosen = field + encoding
+    # After the four encoding characters comes MSH-3's separator (or, from v2.7, a fifth
+    # "truncation" character and then the separator).
+    follows = header[8:9] == field or (header[8:9] not in ("", field) and header[9:10] == field)
+    if field.isalnum() or field in " \r\n" or len(set(chosen)) != 5 or not follows \
+            or any(c.isalnum() or c in " \r\n" for c in encoding):
+        raise MessageRejected("MSH-1 and MSH-2 do not declare valid, distinct delimiters")
+    return Delimiters(field, encoding[0], encoding[1], encoding[2], encoding[3])
+
+
+def _charset(raw: bytes, field: str) -> str:
+    """The Python codec named by MSH-18 (read from the ASCII header)."""
+    first = raw.split(b"\r", 1)[0].decode("ascii", errors="replace")
+    parts = first.split(field)
+    declared = parts[17].split("~")[0].strip().upper() if len(parts) > 17 else ""
+    if declared not in CHARSETS:
+        raise MessageRejected(f"character set {declared[:20]!r} in MSH-18 is not supported")
+    return CHARSETS[declared]
+
+
+class Message:
+    """A parsed HL7 v2 message."""
+
+    def __init__(self, text: str, delimiters: Delimiters) -> None:
+        self.delimiters = delimiters
+        self.segments: list[list[str]] = []
+        for line in re.split(r"\r\n|\r|\n", text):
+            if not line.strip():
+                continue
+            if line.startswith("MSH"):
+                # MSH-1 is the separator itself: keep numbering as the standard does.
+                fields = ["MSH", delimiters.field, *line[4:].split(delimiters.field)]
+                fields[2] = fields[2] if len(fields) > 2 else ""
+            else:
+                fields = line.split(delimiters.field)
+            self.segments.append(fields)
+
+    def all(self, name: str) -> list[list[str]]:
+        """Every segment with this name, in order."""
+        return [s for s in self.segments if s[0] == name]
+
+    def first(self, name: str) -> list[str] | None:
+        """The first segment with this name, or None."""
+        found = self.all(name)
+        return found[0] if found else None
+
+    @staticmethod
+    def raw(segment: list[str] | None, number: int) -> str:
+        """Field ``number`` (1-based, as in the standard) of a segment, unparsed."""
+        if segment is None or number >= len(segment):
+            return ""
+        return segment[number]
+
+    def components(self, segment: list[str] | None, number: int,
+                   repetition: int = 0) -> list[str]:
+        """The components of one repetition of a field, unescaped."""
+        value = self.raw(segment, number)
+        if segment is not None and segment[0] == "MSH" and number in (1, 2):
+            return [value]
+        repetitions = value.split(self.delimiters.repetition)
+        if repetition >= len(repetitions):
+            return []
+        return [self.unescape(c) for c in repetitions[repetition].split(
+            self.delimiters.component)]
+
+    def text(self, segment: list[str] | None, number: int, component: int = 1) -> str:
+        """One component (1-based) of a field's first repetition, unescaped."""
+        parts = self.components(segment, number)
+        text = parts[component - 1] if component - 1 < len(parts) else ""
+        return text.split(self.delimiters.subcomponent)[0] if component > 0 else text
+
+    def repetitions(self, segment: list[str] | None, number: int) -> list[str]:
+        """Every repetition of a field as unescaped text (components joined by spaces)."""
+        value = self.raw(segment, number)
+        out = []
+        for repetition in value.split(self.delimiters.repetition) if value else []:
+            out.append(self.unescape(repetition))
+        return out
+
+    def unescape(self, value: str) -> str:
+        """Decode HL7 escape sequences (v2.5.1 2.7): \\F\\ \\S\\ \\T\\ \\R\\ \\E\\, \\.br\\,
+        \\Xhh..\\ (hex bytes as UTF-8); formatting commands and unknown ones are dropped."""
+        d = self.delimiters
+        if d.escape not in value:
+            return value
+        out: list[str] = []
+        i = 0
+        while i < len(value):
+            char = value[i]
+            if char != d.escape:
+                out.append(char)
+                i += 1
+                continue
+            end = value.find(d.escape, i + 1)
+            if end < 0:
+                out.append(value[i:])
+                break
+            code = value[i + 1:end]
+            i = end + 1
+            simple = {"F": d.field, "S": d.component, "T": d.subcomponent,
+                      "R": d.repetition, "E": d.escape, ".br": "\n"}
+            if code in simple:
+                out.append(simple[code])
+            elif code.startswith("X") and re.fullmatch(r"X([0-9A-Fa-f]{2})+", code):
+                out.append(bytes.fromhex(code[1:]).decode("utf-8", errors="replace"))
+            # \.sp\, \.in\, \H\, \N\, \Zxx\ and the like: formatting, not text.
+        return "".join(out)
+
+    # -- the header ------------------------------------------------------------------------
+
+    @property
+    def msh(self) -> list[str]:
+        """The MSH segment."""
+        header = self.first("MSH")
+        assert header is not None
+        return header
+
+    @property
+    def message_type(self) -> tuple[str, str]:
+        """(type, trigger event) from MSH-9, e.g. ("ORU", "R01")."""
+        parts = [*self.components(self.msh, 9), "", ""]
+        return parts[0].upper(), parts[1].upper()
+
+    @property
+    def control_id(self) -> str:
+        """MSH-10."""
+        return self.text(self.msh, 10)[:64]
+
+    @property
+    def sending_application(self) -> str:
+        """MSH-3, first component."""
+        return self.text(self.msh, 3)
+
+    @property
+    def version(self) -> str:
+        """MSH-12."""
+        return self.text(self.msh, 12) or "2.5.1"
+
+
+def parse(raw: bytes) -> Message:
+    """Parse a message (the bytes between MLLP framing); MessageRejected when unreadable."""
+    if not raw.lstrip().startswith(b"MSH"):
+        raise MessageRejected("the message does not start with an MSH segment")
+    raw = raw.lstrip()
+    delimiters = _delimiters(raw[:10].decode("ascii", errors="replace"))
+    control = raw.split(b"\r", 1)[0].decode("ascii", errors="replace").split(
+        delimiters.field)
+    control_id = control[9][:64] if len(control) > 9 else ""
+    try:
+        codec = _charset(raw, delimiters.field)
+        text = raw.decode(codec)
+    except MessageRejected as exc:
+        exc.control_id = control_id
+        raise
+    except UnicodeDecodeError as exc:
+        raise MessageRejected(
+            f"the text is not valid {codec.upper()} (byte {exc.start}); declare the "
+            "character set in MSH-18", control_id) from None
+    message = Message(text, delimiters)
+    if not message.segments or message.segments[0][0] != "MSH":
+        raise MessageRejected("the message does not start with an MSH segment", control_id)
+    return message
+
+
+def parse_timestamp(value: str) -> datetime | None:
+    """An HL7 DTM (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]) as an aware datetime, or None."""
+    match = re.fullmatch(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?"
+                         r"([+-]\d{4})?", value.strip())
+    if not match:
+        return None
+    year, month, day, hour, minute, second, zone = match.groups()
+    try:
+        moment = datetime(int(year), int(month or 1), int(day or 1), int(hour or 0),
+                          int(minute or 0), int(second or 0), tzinfo=UTC)
+    except ValueError:
+        return None
+    if zone:
+        sign = 1 if zone[0] == "+" else -1
+        moment -= timedelta(minutes=sign * (int(zone[1:3]) * 60 + int(zone[3:5])))
+    return moment
+
+
+def acknowledgement(message: Message | None, code: str, text: str = "",
+                    control_id: str = "", error_code: str = "") -> bytes:
+    """An ACK (MSA-1 AA, AE or AR) for a message; ``message`` is None when it was unreadable.
+
+    ``error_code`` is from HL7 table 0357 (e.g. 100 segment sequence error, 200 unsupported
+    message type, 207 application internal error).
+    """
+    d = message.delimiters if message is not None else Delimiters()
+    now = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+
+    def escape(value: str) -> str:
+        value = value.replace(d.escape, f"{d.escape}E{d.escape}")
+        for char, code_ in ((d.field, "F"), (d.component, "S"), (d.subcomponent, "T"),
+                            (d.repetition, "R")):
+            value = value.replace(char, f"{d.escape}{code_}{d.escape}")
+        return re.sub(r"[\r\n]+", " ", value)[:200]
+
+    if message is not None:
+        sender_app, sender_fac = message.raw(message.msh, 3), message.raw(message.msh, 4)
+        receiver_app, receiver_fac = message.raw(message.msh, 5), message.raw(message.msh, 6)
+        trigger = message.message_type[1]
+        version = message.raw(message.msh, 12) or "2.5.1"
+        control_id = control_id or message.control_id
+    else:
+        sender_app = sender_fac = receiver_app = receiver_fac = trigger = ""
+        version = "2.5.1"
+    encoding = d.component + d.repetition + d.escape + d.subcomponent
+    msh = d.field.join(["MSH", encoding, receiver_app or "PORTAL", receiver_fac, sender_app,
+                        sender_fac, now, "", f"ACK{d.component}{trigger}{d.component}ACK",
+                        f"ACK{secrets.token_hex(6)}", "P", version])
+    segments = [msh, d.field.join(["MSA", code, escape(control_id), escape(text)])]
+    if code != "AA":
+        segments.append(d.field.join(
+            ["ERR", "", "", f"{error_code or '207'}{d.component}{escape(text)}"
+                            f"{d.component}HL70357", "E"]))
+    return ("\r".join(segments) + "\r").encode("utf-8")

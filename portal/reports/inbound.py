@@ -1,0 +1,251 @@
+"""What an HL7 v2 message means to the portal: ORU^R01 reports, ORM^O01 / OMI^O23 orders,
+SIU^S12-S15 appointments. ``handle`` returns the ACK to send; it never raises.
+
+Fields read (HL7 v2.5.1 with IHE Radiology conventions): PID-3 patient ID, PID-5 name;
+ORC-1 order control, ORC-5 order status, ORC-2/3 and OBR-2/3 placer and filler order
+numbers; OBR-4 procedure, OBR-16 ordering provider (XCN: id, family, given, ..., id type in
+component 13), OBR-18 or IPC-1 accession number, OBR-24 modality, OBR-25 result status,
+OBR-32 principal result interpreter; ZDS-1 or IPC-3 Study Instance UID; OBX-2 value type
+(TX, FT, ST, ED for a PDF), OBX-3 what the text is (impression or findings), OBX-5 value,
+OBX-11 status; SCH-11/TQ1-7/AIS-4 appointment start, SCH-26/27 order numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Callable
+from datetime import datetime
+
+from portal.db import Database
+from portal.index.referrers import identifier_key, name_key
+from portal.reports import hl7
+from portal.reports.service import (
+    IncomingOrder,
+    IncomingReport,
+    ReportError,
+    receive_order,
+    receive_report,
+)
+
+log = logging.getLogger(__name__)
+
+# OBR-25 / OBX-11 result status (HL7 table 0123 / 0085) -> ours.
+RESULT_STATUS = {"F": "final", "C": "amended", "A": "preliminary", "P": "preliminary",
+                 "R": "preliminary", "S": "preliminary", "I": "preliminary",
+                 "X": "cancelled", "D": "cancelled", "W": "cancelled"}
+# ORC-5 order status (table 0038) -> ours.
+ORDER_STATUS = {"SC": "scheduled", "IP": "performed", "CM": "performed", "CA": "cancelled",
+                "DC": "cancelled", "A": "performed", "HD": "ordered"}
+IMPRESSION_CODES = {"IMP", "&IMP", "19005-8", "IMPRESSION"}
+
+
+def _accession(message: hl7.Message, obr: list[str] | None) -> str:
+    ipc = message.first("IPC")
+    return (message.text(obr, 18) or message.text(ipc, 1) or "")[:64]
+
+
+def _study_uid(message: hl7.Message) -> str:
+    zds, ipc = message.first("ZDS"), message.first("IPC")
+    return (message.text(zds, 1) or message.text(ipc, 3))[:64]
+
+
+def _person(parts: list[str]) -> str:
+    """An XCN as a DICOM-style name, FAMILY^GIVEN."""
+    family, given = ([*parts, "", "", ""])[1:3]
+    return "^".join(p for p in (family, given) if p)
+
+
+def _provider_key(parts: list[str]) -> str:
+    """The referrer-matching key of an XCN: NPI or id with its assigning authority, else name."""
+    identifier = parts[0] if parts else ""
+    id_type = parts[12] if len(parts) > 12 else ""
+    authority = parts[8] if len(parts) > 8 else ""
+    if identifier:
+        scheme = "NPI" if id_type.upper() == "NPI" or authority.upper() in ("NPI", "US-NPI") \
+            else (authority.split("&")[0] or id_type)
+        key = identifier_key(scheme, identifier)
+        if key:
+            return key
+    return name_key(_person(parts)) or ""
+
+
+def report_from_oru(message: hl7.Message) -> list[IncomingReport]:
+    """One report per OBR of an ORU^R01, with the text of its OBX segments."""
+    pid = message.first("PID")
+    patient_id = message.text(pid, 3)[:64]
+    reports: list[IncomingReport] = []
+    current: IncomingReport | None = None
+    sections: dict[str, list[str]] = {}
+
+    def close() -> None:
+        if current is not None:
+            current.impression = "\n".join(sections.get("impression", []))
+            current.findings = "\n".join(sections.get("findings", []))
+            reports.append(current)
+
+    for segment in message.segments:
+        if segment[0] == "OBR":
+            close()
+            sections = {}
+            status = RESULT_STATUS.get(message.text(segment, 25).upper(), "")
+            filler = message.text(segment, 3) or message.text(message.first("ORC"), 3)
+            accession = _accession(message, segment)
+            current = IncomingReport(
+                source="hl7", source_id=(filler or accession)[:128], status=status,
+                study_instance_uid=_study_uid(message), accession_number=accession,
+                patient_id=patient_id, title=message.text(segment, 4, 2)
+                or message.text(segment, 4, 1),
+                author=_person(message.components(segment, 32)[0].split(
+                    message.delimiters.subcomponent)) if message.raw(segment, 32) else "",
+                signed_at=hl7.parse_timestamp(message.text(segment, 22)))
+        elif segment[0] == "OBX" and current is not None:
+            kind = message.text(segment, 2).upper()
+            what = {c.upper() for c in message.components(segment, 3)[:1]}
+            if kind == "ED":
+                current.pdf = _pdf(message, segment)
+                continue
+            lines = message.repetitions(segment, 5)
+            section = "impression" if what & IMPRESSION_CODES else "findings"
+            sections.setdefault(section, []).extend(lines)
+            if not current.status:
+                current.status = RESULT_STATUS.get(message.text(segment, 11).upper(), "")
+    close()
+    for report in reports:
+        if not report.status:
+            raise ReportError("the result status (OBR-25 or OBX-11) is missing or unknown")
+    return reports
+
+
+def _pdf(message: hl7.Message, obx: list[str]) -> bytes:
+    """An ED value ^application^pdf^Base64^data as PDF bytes."""
+    parts = message.components(obx, 5)
+    if len(parts) < 5 or parts[3].upper() != "BASE64" or parts[2].upper() not in ("PDF",):
+        raise ReportError("OBX-5 of type ED must be ^application^pdf^Base64^<data>")
+    try:
+        return base64.b64decode(parts[4], validate=False)
+    except (binascii.Error, ValueError):
+        raise ReportError("the Base64 data in OBX-5 cannot be decoded") from None
+
+
+def order_from_message(message: hl7.Message) -> IncomingOrder:
+    """An order update from ORM^O01 / OMI^O23, or an appointment from SIU^S12-S15."""
+    kind, trigger = message.message_type
+    pid, orc, obr = message.first("PID"), message.first("ORC"), message.first("OBR")
+    order = IncomingOrder(
+        patient_id=message.text(pid, 3)[:64], patient_name=_person(
+            ["", *message.components(pid, 5)]),
+        accession_number=_accession(message, obr), study_instance_uid=_study_uid(message))
+    if kind == "SIU":
+        sch = message.first("SCH")
+        ais = message.first("AIS")
+        order.placer_order_number = message.text(sch, 26) or message.text(sch, 1)
+        order.filler_order_number = message.text(sch, 27) or message.text(sch, 2)
+        order.procedure = message.text(ais, 3, 2) or message.text(ais, 3, 1)
+        start = (message.text(sch, 11, 4) or message.text(message.first("TQ1"), 7)
+                 or message.text(ais, 4))
+        when = hl7.parse_timestamp(start)
+        if trigger == "S15":
+            order.status, order.clear_schedule = "ordered", True
+        else:
+            if when is None:
+                raise ReportError("the appointment has no start time (SCH-11.4, TQ1-7 or "
+                                  "AIS-4)")
+            order.status, order.scheduled_at = "scheduled", when
+        order.location = message.text(message.first("AIL"), 3)
+        return order
+    control = message.text(orc, 1).upper()
+    order.placer_order_number = message.text(orc, 2) or message.text(obr, 2)
+    order.filler_order_number = message.text(orc, 3) or message.text(obr, 3)
+    order.procedure = message.text(obr, 4, 2) or message.text(obr, 4, 1)
+    order.modality = message.text(obr, 24)[:16]
+    provider = (message.components(obr, 16) if message.raw(obr, 16)
+                else message.components(orc, 12))
+    if any(provider):
+        order.ordering_provider = _person(provider)
+        order.ordering_provider_key = _provider_key(provider)
+    when = hl7.parse_timestamp(message.text(message.first("TQ1"), 7)
+                               or message.text(obr, 27, 4) or message.text(obr, 36))
+    if control in ("CA", "OC", "DC"):
+        order.status = "cancelled"
+    else:
+        order.status = ORDER_STATUS.get(message.text(orc, 5).upper()) or (
+            "scheduled" if when else "ordered" if control == "NW" else None)
+    order.scheduled_at = when
+    return order
+
+
+Notify = Callable[[int], None]
+
+
+def handle(raw: bytes, database: Database, *, peer_address: str, allowed: set[tuple[str, str]],
+           max_bytes: int, oversized: bool = False, notify: Notify | None = None) -> bytes:
+    """Process one framed message and return its acknowledgement (AA, AE or AR)."""
+    if oversized or len(raw) > max_bytes:
+        return hl7.acknowledgement(None, "AR", f"the message is larger than {max_bytes} bytes",
+                                   _control_id_of(raw), "100")
+    try:
+        message = hl7.parse(raw)
+    except hl7.MessageRejected as exc:
+        return hl7.acknowledgement(None, "AR", exc.reason, exc.control_id, "102")
+    sender = message.sending_application
+    if allowed and (sender.upper(), peer_address) not in allowed:
+        log.warning("HL7 message from %s@%s refused: not an allowed sender", sender[:32],
+                    peer_address)
+        return hl7.acknowledgement(message, "AR", "this sender is not allowed", error_code="207")
+    kind, trigger = message.message_type
+    try:
+        with database.write_transaction() as session:
+            if (kind, trigger) == ("ORU", "R01"):
+                reports = report_from_oru(message)
+                if not reports:
+                    raise ReportError("the ORU^R01 has no OBR segment")
+                ready = []
+                for incoming in reports:
+                    report, newly_final = receive_report(session, incoming)
+                    if newly_final:
+                        ready.append(report.id)
+            elif (kind, trigger) in (("ORM", "O01"), ("OMI", "O23")) or (
+                    kind == "SIU" and trigger in ("S12", "S13", "S14", "S15")):
+                receive_order(session, order_from_message(message))
+                ready = []
+            else:
+                return hl7.acknowledgement(
+                    message, "AR", f"message type {kind}^{trigger} is not supported",
+                    error_code="200")
+    except ReportError as exc:
+        return hl7.acknowledgement(message, "AE", str(exc), error_code="207")
+    except Exception:
+        log.exception("HL7 message %s could not be stored", message.control_id)
+        return hl7.acknowledgement(message, "AE", "the message could not be stored; resend it",
+                                   error_code="207")
+    for report_id in ready:
+        if notify is not None:
+            try:
+                notify(report_id)
+            except Exception:  # the report is stored; a failed notice is logged, not lost data
+                log.exception("report-ready notification failed")
+    return hl7.acknowledgement(message, "AA")
+
+
+def _control_id_of(raw: bytes) -> str:
+    head = raw[:4096].split(b"\r", 1)[0].decode("ascii", errors="replace")
+    if not head.startswith("MSH") or len(head) < 4:
+        return ""
+    fields = head.split(head[3])
+    return fields[9][:64] if len(fields) > 9 else ""
+
+
+def parse_senders(senders: list[str]) -> set[tuple[str, str]]:
+    """``APPLICATION@address`` entries (MSH-3 and the peer's IP) as a set."""
+    out = set()
+    for entry in senders:
+        application, _, address = entry.rpartition("@")
+        out.add((application.upper(), address))
+    return out
+
+
+def timestamp(value: datetime | None) -> str:
+    """For display: an aware datetime as ISO text."""
+    return value.isoformat() if value else ""

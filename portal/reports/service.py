@@ -1,0 +1,267 @@
+"""Reports and orders: store what arrives (keeping every version), match it to studies, and
+decide what each reader may see (release rules).
+
+Every way in (HL7 ORU over MLLP, FHIR DiagnosticReport, DICOM SR, encapsulated PDF) builds
+an ``IncomingReport`` and calls ``receive_report``; HL7 ORM/OMI/SIU build an ``IncomingOrder``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from flask import current_app
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from portal.access.models import ReferrerIdentifier, User
+from portal.access.principal import Principal
+from portal.db import utcnow
+from portal.index.models import Study, StudyReferrer
+from portal.reports.models import ORDER_STATUSES, Order, ReleaseRule, Report, ReportVersion
+
+MAX_TEXT = 200_000  # characters of one report section
+MAX_PDF_BYTES = 20 << 20
+
+
+class ReportError(ValueError):
+    """A report or order that cannot be accepted (the reason is for the sender)."""
+
+
+@dataclass
+class IncomingReport:
+    """One received report version, whatever protocol it came by."""
+
+    source: str
+    source_id: str
+    status: str  # preliminary | final | amended | cancelled
+    study_instance_uid: str = ""
+    accession_number: str = ""
+    patient_id: str = ""
+    title: str = ""
+    findings: str = ""
+    impression: str = ""
+    author: str = ""
+    signed_at: datetime | None = None
+    pdf: bytes | None = None
+
+
+@dataclass
+class IncomingOrder:
+    """An order or appointment update from the RIS."""
+
+    placer_order_number: str = ""
+    filler_order_number: str = ""
+    accession_number: str = ""
+    study_instance_uid: str = ""
+    patient_id: str = ""
+    patient_name: str = ""
+    procedure: str = ""
+    modality: str = ""
+    ordering_provider: str = ""
+    ordering_provider_key: str = ""
+    status: str | None = None
+    scheduled_at: datetime | None = None
+    clear_schedule: bool = False
+    location: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def _check(incoming: IncomingReport) -> None:
+    if incoming.status not in ("preliminary", "final", "amended", "cancelled"):
+        raise ReportError(f"unknown report status {incoming.status!r}")
+    if not incoming.source_id:
+        raise ReportError("the report has no identifier (order number, accession or id)")
+    if not (incoming.study_instance_uid or incoming.accession_number):
+        raise ReportError("the report names neither a study instance UID nor an accession "
+                          "number")
+    if max(len(incoming.findings), len(incoming.impression)) > MAX_TEXT:
+        raise ReportError(f"report text is longer than {MAX_TEXT} characters")
+    if incoming.pdf is not None and (len(incoming.pdf) > MAX_PDF_BYTES
+                                     or not incoming.pdf.startswith(b"%PDF-")):
+        raise ReportError("the attachment is not a PDF of at most 20 MB")
+
+
+def receive_report(session: Session, incoming: IncomingReport) -> tuple[Report, bool]:
+    """Store a report version; returns the report and whether it just became readable as
+    final (for "report ready" notifications). A repeat of the current version changes nothing.
+    """
+    _check(incoming)
+    report = session.scalars(select(Report).where(
+        Report.source == incoming.source, Report.source_id == incoming.source_id[:128])
+        .with_for_update()).first()
+    now = utcnow()
+    status = incoming.status
+    if report is None:
+        report = Report(source=incoming.source, source_id=incoming.source_id[:128],
+                        version=0, status=status, received_at=now)
+        session.add(report)
+    else:
+        same = (report.status == status and report.findings == incoming.findings
+                and report.impression == incoming.impression
+                and report.author == incoming.author[:324] and report.pdf == incoming.pdf)
+        if same:
+            return report, False
+        if report.final_at is not None and status == "final":
+            status = "amended"  # a final report sent again with other content is an amendment
+    was_final = report.final_at is not None
+    report.status = status
+    report.study_instance_uid = incoming.study_instance_uid[:64] or report.study_instance_uid
+    report.accession_number = incoming.accession_number[:64] or report.accession_number
+    report.patient_id = incoming.patient_id[:64] or report.patient_id
+    report.title = incoming.title[:128] or report.title
+    report.findings, report.impression = incoming.findings, incoming.impression
+    report.author = incoming.author[:324]
+    report.signed_at = incoming.signed_at
+    if incoming.pdf is not None:
+        report.pdf = incoming.pdf
+    if status in ("final", "amended") and report.final_at is None:
+        report.final_at = now
+    report.version += 1
+    report.updated_at = now
+    session.flush()
+    session.add(ReportVersion(report_fk=report.id, version=report.version, status=status,
+                              findings=incoming.findings, impression=incoming.impression,
+                              author=incoming.author[:324], signed_at=incoming.signed_at,
+                              received_at=now))
+    session.flush()
+    return report, (not was_final and report.final_at is not None) or status == "amended"
+
+
+def receive_order(session: Session, incoming: IncomingOrder) -> Order:
+    """Create or update an order (matched by filler, then placer order number, then
+    accession number)."""
+    keys = [(Order.filler_order_number, incoming.filler_order_number),
+            (Order.placer_order_number, incoming.placer_order_number),
+            (Order.accession_number, incoming.accession_number)]
+    order = None
+    for column, value in keys:
+        if value:
+            order = session.scalars(select(Order).where(column == value[:64])).first()
+            if order is not None:
+                break
+    if order is None:
+        if not any(value for _, value in keys):
+            raise ReportError("the order has no order number or accession number")
+        order = Order()
+        session.add(order)
+    for name in ("placer_order_number", "filler_order_number", "accession_number",
+                 "study_instance_uid", "patient_id", "patient_name", "procedure", "modality",
+                 "ordering_provider", "ordering_provider_key", "location"):
+        value = getattr(incoming, name)
+        if value:
+            limit = Order.__table__.c[name].type.length or 64
+            setattr(order, name, value[:limit])
+    if incoming.status is not None:
+        if incoming.status not in ORDER_STATUSES:
+            raise ReportError(f"unknown order status {incoming.status!r}")
+        order.status = incoming.status
+    if incoming.scheduled_at is not None:
+        order.scheduled_at = incoming.scheduled_at
+    if incoming.clear_schedule:
+        order.scheduled_at = None
+    order.updated_at = utcnow()
+    session.flush()
+    return order
+
+
+# -- reading --------------------------------------------------------------------------------
+
+def _matches(study: Study) -> list[object]:
+    conditions: list[object] = [Report.study_instance_uid == study.study_instance_uid]
+    if study.accession_number:
+        conditions.append((Report.accession_number == study.accession_number)
+                          & or_(Report.patient_id == "",
+                                Report.patient_id == study.patient.patient_id)
+                          & or_(Report.study_instance_uid == "",
+                                Report.study_instance_uid == study.study_instance_uid))
+    return conditions
+
+
+def reports_of(session: Session, study: Study) -> list[Report]:
+    """Every report of a study (by UID, or by accession number and patient), newest first."""
+    return list(session.scalars(select(Report).where(or_(*_matches(study)))  # type: ignore[arg-type]
+                                .order_by(Report.updated_at.desc(), Report.id.desc())))
+
+
+def orders_of(session: Session, study: Study) -> list[Order]:
+    """The orders that led to a study."""
+    conditions = [Order.study_instance_uid == study.study_instance_uid]
+    if study.accession_number:
+        conditions.append((Order.accession_number == study.accession_number)
+                          & or_(Order.patient_id == "",
+                                Order.patient_id == study.patient.patient_id))
+    return list(session.scalars(select(Order).where(or_(*conditions))))
+
+
+def effective_status(session: Session, order: Order) -> str:
+    """ordered -> scheduled -> performed (its study arrived) -> reported (a final report)."""
+    if order.status == "cancelled":
+        return "cancelled"
+    study = None
+    if order.study_instance_uid:
+        study = session.scalars(select(Study).where(
+            Study.study_instance_uid == order.study_instance_uid)).first()
+    if study is None and order.accession_number:
+        study = session.scalars(select(Study).where(
+            Study.accession_number == order.accession_number)).first()
+    if study is not None:
+        if any(r.final_at is not None for r in reports_of(session, study)):
+            return "reported"
+        return "performed"
+    if order.status == "reported" or order.status == "performed":
+        return order.status
+    return "scheduled" if order.scheduled_at is not None else order.status
+
+
+def _patient_delay(session: Session, study: Study) -> timedelta:
+    """The longest release rule matching the study's modalities and referrers' practices."""
+    default = timedelta(hours=current_app.config["PORTAL"]["REPORT_PATIENT_DELAY_HOURS"])
+    modalities = [m for m in study.modalities_in_study.split("\\") if m]
+    practices = (select(User.practice_fk)
+                 .join(ReferrerIdentifier, ReferrerIdentifier.user_fk == User.id)
+                 .join(StudyReferrer, StudyReferrer.key == ReferrerIdentifier.key)
+                 .where(StudyReferrer.study_fk == study.id, User.practice_fk.is_not(None)))
+    rules = session.scalars(select(ReleaseRule).where(
+        or_(ReleaseRule.practice_fk.is_(None), ReleaseRule.practice_fk.in_(practices)),
+        or_(ReleaseRule.modality == "", ReleaseRule.modality.in_(modalities)))).all()
+    hours = [r.delay_hours for r in rules]
+    return max([default, *(timedelta(hours=h) for h in hours)])
+
+
+def is_patient(principal: Principal) -> bool:
+    """Patients (signed in as such, or any share-link visitor not known as a physician)
+    read under the release rules; everyone else who may see the study reads at once."""
+    clinical = any(principal.has_role(r) for r in ("physician", "office_manager", "staff"))
+    if principal.kind == "user":
+        return principal.has_role("patient") and not clinical
+    return principal.kind == "share" and not clinical
+
+
+@dataclass(frozen=True)
+class ReportView:
+    """What one reader is shown of a report."""
+
+    report: Report
+    preliminary: bool
+    amended: bool
+    changes: list[ReportVersion]
+
+
+def readable_reports(session: Session, principal: Principal, study: Study) -> list[ReportView]:
+    """The reports of a study this principal may read now (access to the study itself is
+    the caller's check): patients only final ones after the release delay."""
+    views = []
+    patient = is_patient(principal)
+    delay = _patient_delay(session, study) if patient else timedelta(0)
+    now = utcnow()
+    for report in reports_of(session, study):
+        if report.status == "cancelled":
+            continue
+        if patient and (report.final_at is None or report.final_at + delay > now):
+            continue
+        history = [v for v in report.versions if v.status in ("final", "amended")]
+        views.append(ReportView(report, preliminary=report.status == "preliminary",
+                                amended=report.status == "amended",
+                                changes=history[:-1] if report.status == "amended" else []))
+    return views

@@ -1,0 +1,328 @@
+"""Reports and orders from a RIS over HL7 v2 MLLP, sent by a separate process with the PyPI
+``hl7`` package's MLLP client, against ``flask --app app hl7 serve``-style listening.
+
+The listener runs in this process (the same ``MllpServer`` and ``inbound.handle`` the CLI
+wires), on 127.0.0.1; every message goes through a real TCP connection.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+import pytest
+from flask import Flask
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from portal.access.grants import link_identifier, link_patient
+from portal.access.models import User
+from portal.access.principal import Principal
+from portal.archive import current_archive
+from portal.reports import inbound
+from portal.reports.mllp import MllpServer
+from portal.reports.models import Order, Report, ReportVersion
+from tests.conftest import IdentityProvider, add_person, signed_in
+from tests.factories import make_dataset, to_bytes
+
+ADMIN = Principal("user", 0, "test", roles=frozenset({"office_manager"}), issuer="test",
+                  subject="setup")
+CR = "\r"
+
+
+@dataclass
+class Ris:
+    app: Flask
+    port: int
+    server: MllpServer
+
+
+@pytest.fixture
+def ris(oidc_app: Flask) -> Iterator[Ris]:
+    database = oidc_app.extensions["db"]
+    allowed = inbound.parse_senders(["RIS@127.0.0.1"])
+
+    def on_message(raw: bytes, peer: str, oversized: bool) -> bytes:
+        with oidc_app.app_context():
+            return inbound.handle(raw, database, peer_address=peer, allowed=allowed,
+                                  max_bytes=1 << 20, oversized=oversized)
+
+    server = MllpServer(("127.0.0.1", 0), on_message, 1 << 20)
+    server.start()
+    try:
+        yield Ris(oidc_app, server.server_address[1], server)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def send(port: int, *messages: str) -> list[str]:
+    """Send messages from another process with hl7.client.MLLPClient; return the ACKs."""
+    script = textwrap.dedent("""
+        import json, sys
+        import hl7.client
+        messages = json.load(sys.stdin)
+        answers = []
+        with hl7.client.MLLPClient("127.0.0.1", int(sys.argv[1])) as client:
+            for message in messages:
+                answers.append(str(client.send_message(message.encode("utf-8")), "utf-8"))
+        json.dump(answers, sys.stdout)
+    """)
+    import json
+
+    done = subprocess.run([sys.executable, "-c", script, str(port)],
+                          input=json.dumps(list(messages)), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return list(json.loads(done.stdout))
+
+
+def msa(ack: str) -> tuple[str, str]:
+    segment = next(s for s in ack.strip("\x0b\x1c\r").split("\r") if s.startswith("MSA"))
+    fields = segment.split("|")
+    return fields[1], fields[3] if len(fields) > 3 else ""
+
+
+def oru(accession: str, status: str, *lines: str, control: str = "", patient: str = "P-R",
+        study_uid: str = "", charset: str = "") -> str:
+    control = control or generate_uid()[-12:]
+    segments = [f"MSH|^~\\&|RIS|HOSP|PORTAL|HOSP|20260301101500||ORU^R01|{control}|P|2.5.1"
+                f"||||||{charset}",
+                f"PID|||{patient}^^^HOSP^MR||Roe^Richard||19600101|M",
+                f"OBR|1|PL{accession}|FI{accession}|CTCHEST^CT chest^L|||20260301100000|||||"
+                f"||||^House^Gregory||{accession}|||20260301101000||CT|{status}|||||||"
+                "1234^Chase^Robert"]
+    if study_uid:
+        segments.append(f"ZDS|{study_uid}^HOSP^Application^DICOM")
+    for number, line in enumerate(lines, start=1):
+        kind = "&IMP" if line.startswith("IMP:") else "&GDT"
+        segments.append(f"OBX|{number}|TX|{kind}||{line.removeprefix('IMP:')}||||||{status}")
+    return CR.join(segments) + CR
+
+
+def store_study(app: Flask, accession: str, patient: str = "P-R",
+                referrer: str = "Wilson^James") -> str:
+    study = generate_uid()
+    ds = make_dataset(study=study, patient_id=patient, patient_name="Roe^Richard",
+                      AccessionNumber=accession, ReferringPhysicianName=referrer)
+    with app.app_context():
+        current_archive().ingest(to_bytes(ds), who="test")
+    return study
+
+
+def people(app: Flask, idp: IdentityProvider) -> dict[str, str]:
+    prefix = generate_uid()[-8:]
+    subjects = {"doctor": f"wilson-{prefix}", "patient": f"roe-{prefix}",
+                "other": f"cuddy-{prefix}"}
+    ids = {"doctor": add_person(app, idp, subjects["doctor"], ["physician"]),
+           "patient": add_person(app, idp, subjects["patient"], ["patient"]),
+           "other": add_person(app, idp, subjects["other"], ["physician"])}
+    with app.extensions["db"].write_transaction() as session:
+        link_identifier(session, ADMIN, ids["doctor"], "Wilson^James")
+        link_identifier(session, ADMIN, ids["other"], "Cuddy^Lisa")
+    return subjects
+
+
+def test_oru_report_appears_first_for_the_physician_and_later_for_the_patient(
+        ris: Ris, idp: IdentityProvider) -> None:
+    app = ris.app
+    subjects = people(app, idp)
+    accession = "A" + generate_uid()[-8:]
+    study = store_study(app, accession)
+    with app.extensions["db"].write_transaction() as session:
+        user_id = session.scalars(select(User.id).where(
+            User.subject == subjects["patient"])).one()
+        link_patient(session, ADMIN, user_id, "P-R")
+    app.config["PORTAL"]["REPORT_PATIENT_DELAY_HOURS"] = 48
+
+    (ack,) = send(ris.port, oru(accession, "F", "Lungs are clear.", "IMP:No acute disease."))
+    assert msa(ack) == ("AA", "")
+    doctor = signed_in(app, idp, subjects["doctor"])
+    page = doctor.get(f"/studies/{study}").get_data(as_text=True)
+    assert "No acute disease." in page and "Lungs are clear." in page
+    assert page.index("No acute disease.") < page.index('id="series-heading"')  # report first
+    patient = signed_in(app, idp, subjects["patient"])
+    assert patient.get(f"/studies/{study}").status_code == 200
+    assert "No acute disease." not in patient.get(f"/studies/{study}").get_data(as_text=True)
+    # Two days later the patient may read it.
+    with app.extensions["db"].write_transaction() as session:
+        for report in session.scalars(select(Report)):
+            report.final_at = report.final_at - timedelta(hours=49)
+    assert "No acute disease." in patient.get(f"/studies/{study}").get_data(as_text=True)
+    # A physician who did not refer the patient sees neither study nor report.
+    other = signed_in(app, idp, subjects["other"])
+    assert other.get(f"/studies/{study}").status_code == 404
+
+
+def test_preliminary_then_amended_keeps_history_and_marks_the_status(
+        ris: Ris, idp: IdentityProvider) -> None:
+    app = ris.app
+    subjects = people(app, idp)
+    accession = "B" + generate_uid()[-8:]
+    study = store_study(app, accession)
+    acks = send(ris.port, oru(accession, "P", "IMP:Probable nodule."),
+                oru(accession, "F", "IMP:Nodule 6 mm."),
+                oru(accession, "C", "IMP:Nodule 8 mm (corrected)."),
+                oru(accession, "C", "IMP:Nodule 8 mm (corrected)."))  # a resend: no new version
+    assert [msa(a)[0] for a in acks] == ["AA"] * 4
+    with app.extensions["db"].new_session() as session:
+        report = session.scalars(select(Report).where(
+            Report.accession_number == accession)).one()
+        versions = session.scalars(select(ReportVersion).where(
+            ReportVersion.report_fk == report.id).order_by(ReportVersion.version)).all()
+    assert report.status == "amended" and report.version == 3
+    assert [v.status for v in versions] == ["preliminary", "final", "amended"]
+    assert [v.impression for v in versions][:2] == ["Probable nodule.", "Nodule 6 mm."]
+    page = signed_in(app, idp, subjects["doctor"]).get(f"/studies/{study}").get_data(
+        as_text=True)
+    assert "Amended" in page and "Nodule 8 mm (corrected)." in page
+    assert "Nodule 6 mm." in page  # the earlier final version, under "Earlier versions"
+
+
+def test_unmatched_report_is_kept_and_found_when_the_study_arrives(
+        ris: Ris, idp: IdentityProvider) -> None:
+    app = ris.app
+    subjects = people(app, idp)
+    accession = "C" + generate_uid()[-8:]
+    (ack,) = send(ris.port, oru(accession, "F", "IMP:Report before images."))
+    assert msa(ack)[0] == "AA"
+    study = store_study(app, accession)
+    page = signed_in(app, idp, subjects["doctor"]).get(f"/studies/{study}").get_data(
+        as_text=True)
+    assert "Report before images." in page
+
+
+def test_markup_and_escapes_in_report_text_are_shown_as_text(
+        ris: Ris, idp: IdentityProvider) -> None:
+    app = ris.app
+    subjects = people(app, idp)
+    accession = "D" + generate_uid()[-8:]
+    study = store_study(app, accession)
+    (ack,) = send(ris.port, oru(accession, "F", "<script>alert(1)</script><b>bold</b>",
+                                "IMP:Left \\F\\ right\\.br\\second line \\T\\ more"))
+    assert msa(ack)[0] == "AA"
+    page = signed_in(app, idp, subjects["doctor"]).get(f"/studies/{study}").get_data(
+        as_text=True)
+    assert "<script>alert(1)</script>" not in page and "<b>bold</b>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "Left | right\nsecond line &amp; more" in page
+
+
+def raw_exchange(port: int, payload: bytes) -> bytes:
+    """Send bytes exactly as given inside one MLLP frame; return the answer frame."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"\x0b" + payload + b"\x1c\r")
+        answer = b""
+        while not answer.endswith(b"\x1c\r"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b"PID|||P1\r", "does not start with an MSH"),
+    (b"MSH|^^\\&|RIS|HOSP|PORTAL|HOSP|2026||ORU^R01|9|P|2.5\r", "delimiters"),
+    (b"MSH|^~\\&|RIS|HOSP|PORTAL|HOSP|2026||ORU^R01|77|P|2.5\rOBX|1|TX|||caf\xe9 au lait\r",
+     "not valid UTF-8"),
+    (b"MSH|^~\\&|RIS|HOSP|PORTAL|HOSP|2026||ADT^A01|78|P|2.5\rPID|||P1\r",
+     "ADT\\S\\A01 is not supported"),
+    (b"MSH|^~\\&|OTHER|HOSP|PORTAL|HOSP|2026||ORU^R01|79|P|2.5\rPID|||P1\r",
+     "not allowed"),
+    (b"MSH|^~\\&|RIS|HOSP|PORTAL|HOSP|2026||ORU^R01|80|P|2.5\rOBX|1|TX|GDT||"
+     + b"x" * (10 << 20) + b"\r", "larger than"),
+])
+def test_bad_messages_are_refused_with_a_reason_and_nothing_is_stored(
+        ris: Ris, payload: bytes, reason: str) -> None:
+    answer = raw_exchange(ris.port, payload).decode("utf-8")
+    code, text = msa(answer)
+    assert code == "AR" and reason in text, answer
+    with ris.app.extensions["db"].new_session() as session:
+        assert session.scalars(select(Report)).first() is None
+    # The listener keeps working after each refusal.
+    (ack,) = send(ris.port, oru("OK" + generate_uid()[-6:], "F", "IMP:fine"))
+    assert msa(ack)[0] == "AA"
+
+
+def test_latin1_declared_in_msh18_is_decoded(ris: Ris) -> None:
+    accession = "E" + generate_uid()[-8:]
+    message = oru(accession, "F", "IMP:Caf\u00e9 normal", charset="8859/1")
+    answer = raw_exchange(ris.port, message.encode("latin-1"))
+    assert msa(answer.decode("latin-1"))[0] == "AA"
+    with ris.app.extensions["db"].new_session() as session:
+        report = session.scalars(select(Report).where(
+            Report.accession_number == accession)).one()
+    assert report.impression == "Caf\u00e9 normal"
+
+
+def test_a_report_without_status_gets_an_application_error(ris: Ris) -> None:
+    (ack,) = send(ris.port, oru("F" + generate_uid()[-8:], "", "IMP:no status"))
+    assert msa(ack) == ("AE", "the result status (OBR-25 or OBX-11) is missing or unknown")
+
+
+def segment(name: str, fields: dict[int, str]) -> str:
+    """A segment with the given fields (1-based, as numbered in the standard)."""
+    values = [""] * max(fields)
+    for number, value in fields.items():
+        values[number - 1] = value
+    return "|".join([name, *values])
+
+
+def orm(accession: str, control: str, status: str, provider: str, when: str = "") -> str:
+    return CR.join([
+        f"MSH|^~\\&|RIS|HOSP|PORTAL|HOSP|20260301090000||ORM^O01|{generate_uid()[-10:]}|P|2.3.1",
+        "PID|||P-R^^^HOSP^MR||Roe^Richard||19600101|M",
+        segment("ORC", {1: control, 2: f"PL{accession}", 3: f"FI{accession}", 5: status,
+                        12: provider}),
+        segment("OBR", {1: "1", 2: f"PL{accession}", 3: f"FI{accession}",
+                        4: "CTCHEST^CT chest^L", 16: provider, 18: accession, 24: "CT",
+                        27: f"^^^{when}"})]) + CR
+
+
+def siu(accession: str, trigger: str, start: str) -> str:
+    return CR.join([
+        f"MSH|^~\\&|RIS|HOSP|PORTAL|HOSP|20260301090000||SIU^{trigger}|{generate_uid()[-10:]}"
+        "|P|2.5.1",
+        segment("SCH", {1: f"APT{accession}", 2: f"FAPT{accession}", 11: f"^^^{start}",
+                        26: f"PL{accession}", 27: f"FI{accession}"}),
+        "PID|||P-R^^^HOSP^MR||Roe^Richard", "AIS|1||CTCHEST^CT chest"]) + CR
+
+
+def test_orders_and_appointments_follow_the_study_and_match_the_ordering_physician(
+        ris: Ris, idp: IdentityProvider) -> None:
+    from portal.reports.service import effective_status
+
+    app = ris.app
+    prefix = generate_uid()[-8:]
+    foreman_sub = f"foreman-{prefix}"
+    foreman = add_person(app, idp, foreman_sub, ["physician"])
+    with app.extensions["db"].write_transaction() as session:
+        link_identifier(session, ADMIN, foreman, "npi:1999999999")
+    accession = "G" + generate_uid()[-8:]
+    provider = "1999999999^Foreman^Eric^^^^^^NPI^^^^NPI"
+    acks = send(ris.port, orm(accession, "NW", "", provider),
+                siu(accession, "S12", "202603051030"))
+    assert [msa(a)[0] for a in acks] == ["AA", "AA"]
+
+    def status() -> tuple[str, object]:
+        with app.extensions["db"].new_session() as session:
+            order = session.scalars(select(Order).where(
+                Order.accession_number == accession)).one()
+            return effective_status(session, order), order.scheduled_at
+
+    state, when = status()
+    assert state == "scheduled" and when is not None and when.hour == 10
+    # The study arrives naming another referrer: the ordering physician still sees it.
+    study = store_study(app, accession, referrer="Somebody^Else")
+    assert status()[0] == "performed"
+    assert signed_in(app, idp, foreman_sub).get(f"/studies/{study}").status_code == 200
+    send(ris.port, oru(accession, "F", "IMP:Done."))
+    assert status()[0] == "reported"
+    (cancel,) = send(ris.port, siu(accession, "S15", "202603051030"))
+    assert msa(cancel)[0] == "AA"
