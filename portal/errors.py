@@ -46,7 +46,8 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(ArchiveUnavailable)
     def _unavailable(exc: ArchiveUnavailable) -> Response:
-        return error_response(503, str(exc), {"Retry-After": "5"})
+        retry_after = max(1, round(getattr(exc, "retry_after", 5)))
+        return error_response(503, str(exc), {"Retry-After": str(retry_after)})
 
     @app.errorhandler(OperationalError)
     def _database(exc: OperationalError) -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy import text
@@ -10,6 +11,9 @@ from sqlalchemy import text
 from portal.access.policy import public
 from portal.archive import current_archive
 from portal.db import db
+
+if TYPE_CHECKING:
+    from portal.archive.copies import RemoteCopies
 
 bp = Blueprint("health", __name__)
 
@@ -24,7 +28,7 @@ def healthz() -> Response:
 @bp.get("/readyz")
 @public
 def readyz() -> tuple[Response, int]:
-    """Database and archive are reachable."""
+    """Database and archive are reachable (and the external archive's state, if any)."""
     checks: dict[str, str] = {}
     try:
         with db.new_session() as session:
@@ -41,4 +45,36 @@ def readyz() -> tuple[Response, int]:
         checks["archive"] = "unavailable"
     checks["cache"] = "in-process" if not current_app.config["PORTAL"]["REDIS_URL"] else "ok"
     ready = all(v in ("ok", "in-process") for v in checks.values())
-    return jsonify(status="ready" if ready else "not ready", checks=checks), (200 if ready else 503)
+    body: dict[str, object] = {"status": "ready" if ready else "not ready", "checks": checks}
+    remote = current_archive().remote
+    if remote is not None:
+        # An external PACS that is down degrades the portal but does not make it unready:
+        # the index, reports and cached images still serve, and viewers get a clear 503.
+        # Taking every worker out of the load balancer would hide all of that.
+        body["external_archive"] = external = _external_state(remote)
+        checks["external_archive"] = str(external["state"])
+        if ready and external["state"] != "ok":
+            body["status"] = "degraded"
+    return jsonify(body), (200 if ready else 503)
+
+
+def _external_state(remote: RemoteCopies) -> dict[str, object]:
+    """The breaker's state, and a bounded QIDO-RS probe unless the breaker is open."""
+    from portal.archive.external import ExternalUnavailable
+
+    client = remote.client
+    status = client.breaker.status()
+    state = "ok"
+    if status.state == "open":
+        state = "unavailable"
+    else:
+        try:
+            client.ping()
+        except ExternalUnavailable:
+            state = "unavailable"
+        status = client.breaker.status()
+    count, size = remote.usage()
+    return {"state": state, "source": client.source, "breaker": status.state,
+            "consecutive_failures": status.consecutive_failures,
+            "retry_after_seconds": round(status.retry_after),
+            "cached_copies": count, "cached_bytes": size, "cache_limit_bytes": remote.cache_bytes}

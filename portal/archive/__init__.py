@@ -12,11 +12,22 @@ from portal.archive.validate import Limits
 
 
 def init_app(app: Flask) -> None:
-    """Attach the embedded archive under the instance folder."""
+    """Attach the embedded archive under the instance folder, and the external archive
+    (``PORTAL_ARCHIVE_URL``) whose instances it fetches on first use. No network call here."""
     settings = app.config["PORTAL"]
     store = EmbeddedStore(Path(settings["INSTANCE_PATH"]).resolve() / "archive")
-    app.extensions["archive"] = Archive(store=store, database=app.extensions["db"],
-                                        limits=Limits.from_config(settings))
+    database = app.extensions["db"]
+    limits = Limits.from_config(settings)
+    remote = None
+    if settings["ARCHIVE_URL"]:
+        from portal.archive.copies import RemoteCopies
+        from portal.archive.external import DicomWebArchive, ExternalSettings
+
+        client = DicomWebArchive(ExternalSettings.from_config(settings))
+        remote = RemoteCopies(store, database, limits, client,
+                              cache_bytes=settings["ARCHIVE_CACHE_MB"] << 20)
+    app.extensions["archive"] = Archive(store=store, database=database, limits=limits,
+                                        remote=remote)
 
 
 def current_archive() -> Archive:

@@ -76,6 +76,64 @@ def verify_command() -> None:
         sys.exit(1)
 
 
+def _remote():  # type: ignore[no-untyped-def]
+    remote = current_archive().remote
+    if remote is None:
+        raise click.ClickException("PORTAL_ARCHIVE_URL is not set: there is no external archive")
+    return remote
+
+
+@archive_cli.command("sync")
+@click.option("--full", is_flag=True, help="Walk every study, not only recent study dates.")
+@click.option("--watch", is_flag=True,
+              help="Keep running: sync every ARCHIVE_SYNC_INTERVAL_SECONDS until interrupted.")
+@with_appcontext
+def sync_command(full: bool, watch: bool) -> None:
+    """Bring the index in step with the external archive (QIDO-RS, WADO-RS metadata)."""
+    import time
+
+    from portal.archive.external import ExternalUnavailable
+    from portal.archive.sync import sync_index
+
+    upgrade_database(current_app)
+    remote = _remote()
+    settings = current_app.config["PORTAL"]
+    runs = 0
+    while True:
+        # Study dates only catch new studies; a full walk (cheap: QIDO pages and instance
+        # counts) now and then catches new images in old studies.
+        full_walk = full or (watch and runs % settings["ARCHIVE_SYNC_FULL_EVERY"] == 0)
+        runs += 1
+        try:
+            report = sync_index(
+                current_archive(), remote.client, full=full_walk,
+                page_size=settings["ARCHIVE_SYNC_PAGE_SIZE"],
+                lookback_days=settings["ARCHIVE_SYNC_LOOKBACK_DAYS"],
+                progress=lambda r: click.echo(f"  {r.describe()}", err=True))
+            click.echo(report.describe())
+        except ExternalUnavailable as exc:
+            click.echo(f"sync interrupted: {exc}; the next run resumes", err=True)
+            if not watch:
+                sys.exit(1)
+        if not watch:
+            return
+        time.sleep(settings["ARCHIVE_SYNC_INTERVAL_SECONDS"])
+
+
+@archive_cli.command("cache")
+@click.option("--evict", is_flag=True, help="Evict least recently used copies down to the "
+              "configured size now.")
+@with_appcontext
+def cache_command(evict: bool) -> None:
+    """Show (and trim) the local copies of external instances."""
+    remote = _remote()
+    if evict:
+        click.echo(f"evicted {remote.evict()} cached copies")
+    count, size = remote.usage()
+    click.echo(f"{count} cached copies, {size / 1048576:.1f} MiB of "
+               f"{remote.cache_bytes / 1048576:.0f} MiB")
+
+
 @click.group("dimse", help="DICOM network services.")
 def dimse_cli() -> None:
     """DIMSE commands."""

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pydicom
 from sqlalchemy import select, update
@@ -31,6 +31,9 @@ from portal.archive.validate import (
 from portal.db import Database
 from portal.index.models import Instance, Series, Study
 from portal.index.service import IndexConflict, add_instance, header_json
+
+if TYPE_CHECKING:
+    from portal.archive.copies import RemoteCopies
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +58,16 @@ class Stored:
 
 @dataclass(frozen=True)
 class Archive:
-    """The embedded archive: where bytes go, where the index lives, and the bounds."""
+    """The embedded archive: where bytes go, where the index lives, and the bounds.
+
+    With an external archive configured, ``remote`` fetches the instances the index knows
+    only from it on first use (``locate``, ``read``, ``sha256s``, ``header``).
+    """
 
     store: EmbeddedStore
     database: Database
     limits: Limits
+    remote: RemoteCopies | None = None
 
     def ingest(self, data: bytes, *, who: str, source_address: str = "",
                expected_study_uid: str | None = None) -> Stored:
@@ -263,7 +271,10 @@ class Archive:
 
     def locate(self, sop_instance_uid: str) -> StoredFile:
         """Where an instance's bytes are and their SHA-256 (which names the content in cache
-        keys); KeyError when it is not stored."""
+        keys); KeyError when it is not stored. An instance known only from the external
+        archive is fetched first (``ArchiveUnavailable`` when that fails)."""
+        if self.remote is not None:
+            return self._locate_or_fetch(sop_instance_uid, self.remote)
         with self.database.new_session() as session:
             row = session.execute(select(StoredObject.storage_key, StoredObject.sha256).where(
                 StoredObject.sop_instance_uid == sop_instance_uid)).first()
@@ -271,12 +282,36 @@ class Archive:
             raise KeyError(sop_instance_uid)
         return self.store.locate(row.storage_key, row.sha256)
 
-    def sha256s(self, sop_instance_uids: list[str]) -> dict[str, str]:
-        """SHA-256 of several instances in one query."""
+    def _locate_or_fetch(self, sop_instance_uid: str, remote: RemoteCopies) -> StoredFile:
+        from portal.archive.models import CachedCopy
+
         with self.database.new_session() as session:
-            return dict(session.execute(
+            row = session.execute(
+                select(StoredObject.storage_key, StoredObject.sha256, CachedCopy.last_used_at)
+                .outerjoin(CachedCopy,
+                           CachedCopy.sop_instance_uid == StoredObject.sop_instance_uid)
+                .where(StoredObject.sop_instance_uid == sop_instance_uid)).first()
+        if row is None:
+            return remote.fetch(sop_instance_uid)
+        if row.last_used_at is not None and (
+                time.time() - row.last_used_at.timestamp() > remote.touch_interval):
+            remote.touch(sop_instance_uid)
+        return self.store.locate(row.storage_key, row.sha256)
+
+    def sha256s(self, sop_instance_uids: list[str]) -> dict[str, str]:
+        """SHA-256 of several instances in one query (fetching external ones first)."""
+        with self.database.new_session() as session:
+            found = dict(session.execute(
                 select(StoredObject.sop_instance_uid, StoredObject.sha256)
                 .where(StoredObject.sop_instance_uid.in_(sop_instance_uids))).all())
+        missing = set(sop_instance_uids) - set(found)
+        if missing and self.remote is not None:
+            self.remote.fetch_many(missing)
+            with self.database.new_session() as session:
+                found.update(session.execute(
+                    select(StoredObject.sop_instance_uid, StoredObject.sha256)
+                    .where(StoredObject.sop_instance_uid.in_(missing))).all())
+        return found
 
     def read(self, sop_instance_uid: str) -> bytes:
         """The stored bytes of one instance, hash-verified."""
