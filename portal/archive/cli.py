@@ -155,3 +155,44 @@ def serve_command() -> None:
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     serve(current_archive(), settings, on_stored=(
         (lambda series: prerender(series, app)) if shared_cache(app) else None))
+
+
+@dimse_cli.command("find")
+@click.option("--level", type=click.Choice(["STUDY", "SERIES", "IMAGE"]), default="STUDY",
+              show_default=True)
+@click.argument("keys", nargs=-1)
+@with_appcontext
+def find_command(level: str, keys: tuple[str, ...]) -> None:
+    """C-FIND at the DIMSE archive (ARCHIVE_DIMSE_PEER), e.g. ``PatientID=123``."""
+    from portal.archive.dimse_pull import RETURN_KEYS, find
+
+    query = dict(key.split("=", 1) for key in keys if "=" in key)
+    for match in find(current_app.config["PORTAL"], level, query):  # type: ignore[arg-type]
+        click.echo("\t".join(str(match.get(k, "")) for k in RETURN_KEYS[level]))
+
+
+@dimse_cli.command("pull")
+@click.argument("study_uids", nargs=-1, required=True)
+@click.option("--with-scp", is_flag=True,
+              help="Run our C-STORE SCP in this process while pulling (else `dimse serve` "
+              "must be running).")
+@with_appcontext
+def pull_command(study_uids: tuple[str, ...], with_scp: bool) -> None:
+    """C-MOVE studies from the DIMSE archive to our SCP; exit 1 if any sub-operation failed."""
+    from portal.archive.dimse import serve
+    from portal.archive.dimse_pull import move
+
+    upgrade_database(current_app)
+    settings = current_app.config["PORTAL"]
+    server = serve(current_archive(), settings, block=False) if with_scp else None
+    failed = 0
+    try:
+        for uid in study_uids:
+            result = move(settings, uid)
+            failed += result.failed + (0 if result.ok else 1)
+            click.echo(f"{uid}: {result.completed} received, {result.failed} failed")
+    finally:
+        if server is not None:
+            server.shutdown()
+    if failed:
+        sys.exit(1)

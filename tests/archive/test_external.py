@@ -506,3 +506,54 @@ def test_stored_file_and_pydicom_agree(portal: Flask, orthanc: OrthancServer) ->
         ds = pydicom.dcmread(io.BytesIO(current_archive().read(uid)))
     assert ds.InstanceNumber == 7 and ds.PatientID == "PIDX"
     assert ds.PixelData == pydicom.dcmread(io.BytesIO(data)).PixelData
+
+
+def test_dimse_find_and_move_from_orthanc(tmp_path: Path) -> None:
+    """C-FIND at study, series and image level, then C-MOVE into our C-STORE SCP."""
+    from portal.archive.dimse import serve
+    from portal.archive.dimse_pull import find, move
+    from tests.conftest import free_port
+
+    scp_port = free_port()
+    orthanc = start_orthanc(tmp_path / "orthanc",
+                            dicom_peers={"portal": ("PORTAL", "127.0.0.1", scp_port)})
+    app = make_app(tmp_path / "instance", DIMSE_PORT=scp_port, DIMSE_AE_TITLE="PORTAL",
+                   DIMSE_ALLOWED_PEERS=[f"{orthanc.aet}@127.0.0.1"],
+                   ARCHIVE_DIMSE_PEER=f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
+                   ARCHIVE_DIMSE_TIMEOUT_SECONDS=10, RENDER_ISOLATION=False)
+    server = None
+    try:
+        first, second = load_studies(orthanc, 2, instances=3)
+        settings = app.config["PORTAL"]
+        studies = find(settings, "STUDY", {"PatientID": first.patient_id})
+        assert [str(s.StudyInstanceUID) for s in studies] == [first.study_uid]
+        assert int(studies[0].NumberOfStudyRelatedInstances) == 3
+        series = find(settings, "SERIES", {"StudyInstanceUID": second.study_uid})
+        assert [str(s.SeriesInstanceUID) for s in series] == [second.series_uid]
+        images = find(settings, "IMAGE", {"StudyInstanceUID": second.study_uid,
+                                          "SeriesInstanceUID": second.series_uid})
+        assert len(images) == 3
+
+        with app.app_context():
+            server = serve(current_archive(), settings, block=False)
+        result = move(settings, first.study_uid)
+        assert result.ok and (result.completed, result.failed) == (3, 0)
+        assert count(app, StoredObject) == count(app, Instance) == 3
+        with app.extensions["db"].new_session() as session:
+            assert session.scalars(select(Study.study_instance_uid)).all() == [first.study_uid]
+        # Moving again stores nothing twice.
+        assert move(settings, first.study_uid).ok
+        assert count(app, StoredObject) == 3
+        # Through the CLI, with the SCP run by the command itself.
+        server.shutdown()
+        server = None
+        result_cli = app.test_cli_runner().invoke(
+            args=["dimse", "pull", "--with-scp", second.study_uid])
+        assert result_cli.exit_code == 0, result_cli.output
+        assert "3 received, 0 failed" in result_cli.output
+        assert count(app, StoredObject) == 6
+    finally:
+        if server is not None:
+            server.shutdown()
+        close_app(app)
+        orthanc.stop()
