@@ -13,9 +13,10 @@ from sqlalchemy import select
 
 from portal.access import audit, policy
 from portal.access.principal import Principal, current_principal
+from portal.archive import current_archive
 from portal.db import db
 from portal.index.models import Patient, Study
-from portal.reports import fhir
+from portal.reports import dicom, fhir
 from portal.reports.models import Report
 from portal.reports.notify import notifier
 from portal.reports.pdf import report_pdf
@@ -44,7 +45,7 @@ def report_pdf_view(study_uid: str, report_id: int) -> Response:
     """The report as PDF: the original when the RIS sent one, else one made from the text."""
     principal = _principal()
     study = policy.require_study(db.session, principal, study_uid)
-    views = [v for v in readable_reports(db.session, principal, study)
+    views = [v for v in _readable(principal, study)
              if v.report.id == report_id]
     if not views:
         abort(404, "no such report")
@@ -68,7 +69,20 @@ def init_app(app: Flask) -> None:
         principal = current_principal()
         if principal is None:
             return []
+        return _readable(principal, study)
+
+
+def _readable(principal: Principal, study: Study) -> list[Any]:
+    """The reports this principal may read, after turning any new SR or PDF objects of the
+    study into reports."""
+    pending = dicom.pending_report_objects(db.session, study)
+    if not pending:
         return readable_reports(db.session, principal, study)
+    with db.write_transaction() as session:
+        dicom.import_report_objects(session, pending, current_archive().read)
+    # The request's own transaction may predate the import (SQLite snapshots): read afresh.
+    with db.new_session() as session:
+        return readable_reports(session, principal, session.merge(study, load=False))
 
 
 # -- FHIR R4 ---------------------------------------------------------------------------------
@@ -97,6 +111,9 @@ def fhir_create_report() -> Response:
         with db.write_transaction() as session:
             report, newly_final = receive_report(session, incoming)
             report_id = report.id
+            location = url_for("reports.fhir_read_report", report_id=report_id,
+                               _external=True)
+            answer = fhir.report_resource(report, location)
     except (ValueError, ReportError) as exc:
         return _outcome(422 if isinstance(exc, ReportError) else 400, str(exc)[:500])
     audit.record(db, audit.INSTANCES_TRANSFERRED, action="C", outcome=audit.OUTCOME_SUCCESS,
@@ -105,11 +122,8 @@ def fhir_create_report() -> Response:
                  patient_id=incoming.patient_id, details={"report": report_id, "via": "fhir"})
     if newly_final:
         notifier(current_app._get_current_object())(report_id)  # type: ignore[attr-defined]
-    stored = db.session.get(Report, report_id)
-    assert stored is not None
-    location = url_for("reports.fhir_read_report", report_id=report_id, _external=True)
-    return Response(json.dumps(fhir.report_resource(stored, location)), status=201,
-                    mimetype=FHIR_JSON, headers={"Location": location})
+    return Response(json.dumps(answer), status=201, mimetype=FHIR_JSON,
+                    headers={"Location": location})
 
 
 def _visible_studies(principal: Principal) -> Any:
@@ -133,7 +147,7 @@ def fhir_search_reports() -> Response:
     principal = _principal()
     entries = []
     for study in db.session.scalars(_visible_studies(principal)):
-        for view in readable_reports(db.session, principal, study):
+        for view in _readable(principal, study):
             location = url_for("reports.fhir_read_report", report_id=view.report.id,
                                _external=True)
             entries.append(fhir.report_resource(view.report, location, study))
@@ -152,7 +166,7 @@ def fhir_read_report(report_id: int) -> Response:
                 (Study.study_instance_uid == report.study_instance_uid)
                 | (Study.accession_number == report.accession_number))
         for study in db.session.scalars(candidates.where(policy.study_filter(principal))):
-            for view in readable_reports(db.session, principal, study):
+            for view in _readable(principal, study):
                 if view.report.id == report_id:
                     location = url_for("reports.fhir_read_report", report_id=report_id,
                                        _external=True)

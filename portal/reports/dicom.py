@@ -1,0 +1,160 @@
+"""Reports that arrive as DICOM objects in the archive: Structured Reports (Basic, Enhanced and
+Comprehensive Text SR, PS3.3 A.35) and Encapsulated PDF (PS3.3 A.45.1).
+
+An SR's content tree is walked from the document root: each CONTAINER whose concept name says
+"Impression" or "Conclusion" feeds the impression, the others the findings (with their names
+as headings); TEXT, CODE, NUM, PNAME, DATE and the like give their values as text. Markup in
+a TEXT value stays text: the page escapes it like everything else.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from portal.index.models import Instance, Series, Study
+from portal.reports.models import Report
+from portal.reports.service import IncomingReport, ReportError, receive_report
+
+log = logging.getLogger(__name__)
+
+SR_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+    "1.2.840.10008.5.1.4.1.1.88.35",  # Extensible SR
+})
+ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
+REPORT_CLASSES = SR_CLASSES | {ENCAPSULATED_PDF}
+MAX_ITEMS = 10_000  # content items walked in one SR
+
+
+def _meaning(item: Dataset) -> str:
+    names = item.get("ConceptNameCodeSequence") or []
+    return str(names[0].get("CodeMeaning", "")).strip() if names else ""
+
+
+def _value(item: Dataset) -> str:
+    kind = str(item.get("ValueType", "")).upper()
+    if kind == "TEXT":
+        return str(item.get("TextValue", ""))
+    if kind == "CODE":
+        codes = item.get("ConceptCodeSequence") or []
+        return str(codes[0].get("CodeMeaning", "")) if codes else ""
+    if kind == "NUM":
+        measured = item.get("MeasuredValueSequence") or []
+        if not measured:
+            return ""
+        units = measured[0].get("MeasurementUnitsCodeSequence") or []
+        unit = str(units[0].get("CodeValue", "")) if units else ""
+        return f"{measured[0].get('NumericValue', '')} {unit}".strip()
+    if kind == "PNAME":
+        return str(item.get("PersonName", "")).replace("^", " ").strip()
+    if kind in ("DATE", "TIME", "DATETIME", "UIDREF"):
+        key = {"DATE": "Date", "TIME": "Time", "DATETIME": "DateTime", "UIDREF": "UID"}[kind]
+        return str(item.get(key, ""))
+    return ""
+
+
+def _walk(items: list[Dataset], section: str, out: dict[str, list[str]],
+          budget: list[int]) -> None:
+    for item in items:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return
+        kind = str(item.get("ValueType", "")).upper()
+        name = _meaning(item)
+        if kind == "CONTAINER":
+            lowered = name.lower()
+            child = ("impression" if "impression" in lowered or "conclusion" in lowered
+                     else "findings")
+            if child == "findings" and name and name.lower() not in ("findings", "finding"):
+                out.setdefault("findings", []).append(f"{name}:")
+            _walk(list(item.get("ContentSequence") or []), child, out, budget)
+            continue
+        value = _value(item).strip()
+        if value:
+            label = f"{name}: " if name and kind != "TEXT" else ""
+            out.setdefault(section, []).append(label + value)
+        if item.get("ContentSequence"):
+            _walk(list(item.ContentSequence), section, out, budget)
+
+
+def _verified(ds: Dataset) -> tuple[str, str, datetime | None]:
+    """Status, verifying observer and time (PS3.3 C.17.2)."""
+    final = str(ds.get("VerificationFlag", "")).upper() == "VERIFIED" and str(
+        ds.get("CompletionFlag", "COMPLETE")).upper() == "COMPLETE"
+    observers = ds.get("VerifyingObserverSequence") or []
+    author = str(observers[0].get("VerifyingObserverName", "")) if observers else ""
+    when = None
+    stamp = str(observers[0].get("VerificationDateTime", "")) if observers else ""
+    if len(stamp) >= 8:
+        try:
+            when = datetime.strptime(stamp[:14].ljust(14, "0"), "%Y%m%d%H%M%S").replace(
+                tzinfo=UTC)
+        except ValueError:
+            when = None
+    return ("final" if final else "preliminary"), author, when
+
+
+def report_from_dataset(ds: Dataset) -> IncomingReport:
+    """An IncomingReport from an SR or an Encapsulated PDF; ReportError otherwise."""
+    sop_class = str(ds.get("SOPClassUID", ""))
+    common = {"source_id": str(ds.get("SOPInstanceUID", "")),
+              "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
+              "accession_number": str(ds.get("AccessionNumber", "")),
+              "patient_id": str(ds.get("PatientID", ""))}
+    if sop_class == ENCAPSULATED_PDF:
+        if str(ds.get("MIMETypeOfEncapsulatedDocument", "")).lower() != "application/pdf":
+            raise ReportError("the encapsulated document is not a PDF")
+        data = bytes(ds.get("EncapsulatedDocument", b""))
+        length = int(ds.get("EncapsulatedDocumentLength") or 0)
+        data = data[:length] if 0 < length <= len(data) else data.rstrip(b"\0")
+        status = "preliminary" if str(ds.get("VerificationFlag", "")).upper() == \
+            "UNVERIFIED" else "final"
+        return IncomingReport(source="pdf", status=status, pdf=data,
+                              title=str(ds.get("DocumentTitle", "")) or "Report (PDF)",
+                              **common)
+    if sop_class not in SR_CLASSES:
+        raise ReportError("not a text structured report or an encapsulated PDF")
+    sections: dict[str, list[str]] = {}
+    _walk(list(ds.get("ContentSequence") or []), "findings", sections, [MAX_ITEMS])
+    status, author, when = _verified(ds)
+    return IncomingReport(source="sr", status=status, title=_meaning(ds) or "Structured report",
+                          findings="\n".join(sections.get("findings", [])),
+                          impression="\n".join(sections.get("impression", [])),
+                          author=author, signed_at=when, **common)
+
+
+def pending_report_objects(session: Session, study: Study) -> list[str]:
+    """SOP Instance UIDs of the study's SR and PDF objects that are not reports yet."""
+    known = select(Report.source_id).where(Report.source.in_(("sr", "pdf")))
+    return list(session.scalars(
+        select(Instance.sop_instance_uid).join(Series, Instance.series_fk == Series.id)
+        .where(Series.study_fk == study.id, Instance.sop_class_uid.in_(REPORT_CLASSES),
+               Instance.sop_instance_uid.not_in(known)).limit(50)))
+
+
+def import_report_objects(session: Session, uids: list[str],
+                          read: Callable[[str], bytes]) -> int:
+    """Turn SR and PDF objects into reports; ``read(uid)`` gives an object's bytes.
+
+    A file that cannot be read or understood is logged and skipped (the images still show).
+    """
+    added = 0
+    for uid in uids:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(read(uid)))
+            receive_report(session, report_from_dataset(ds))
+            added += 1
+        except (ReportError, KeyError, OSError, ValueError, AttributeError) as exc:
+            log.warning("report object %s not read: %s", uid, str(exc)[:200])
+    return added
