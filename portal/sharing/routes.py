@@ -31,9 +31,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from portal.access import audit
+from portal.access.policy import is_public as policy_is_public
 from portal.access.policy import public, require_study, share_visible, visible_studies
 from portal.access.principal import Principal, current_principal
 from portal.db import db, utcnow
+from portal.errors import error_response
 from portal.index.models import Study
 from portal.sharing import delivery, service
 from portal.sharing.limits import init_app as init_limits
@@ -453,18 +455,22 @@ def _back_or(default: str) -> str:
 # -- wiring ----------------------------------------------------------------------------------
 
 def _ended_share_pages() -> Response | None:
-    """A patient whose share session ended sees a plain page, not a staff sign-in."""
+    """A patient whose share session ended sees a plain page, not a staff sign-in; his
+    viewer's image requests get a 401 without a Basic challenge (no password dialog)."""
     name = cookie_name(current_app)
-    if name not in request.cookies or request.method != "GET":
+    if name not in request.cookies or request.headers.get("Authorization"):
         return None
-    if request.path.startswith(("/dicomweb", "/api", "/static")) or request.endpoint in (
-            None, "static") or (request.endpoint or "").startswith("sharing."):
+    if request.endpoint in (None, "static") or (request.endpoint or "").startswith("sharing.") \
+            or policy_is_public(request.endpoint):
         return None
     if any(c in request.cookies for c in ("__Host-portal", "portal")):
         return None
-    if current_visit("view") is None and current_visit("claim") is None:
-        return _ended()
-    return None
+    if current_visit("view") is not None or current_visit("claim") is not None:
+        return None
+    if request.path.startswith(("/dicomweb", "/api")):
+        # The cookie stays until a page says why the images stopped (``_ended`` clears it).
+        return error_response(401, "the shared view has ended; open the link again")
+    return _ended() if request.method == "GET" else None
 
 
 def _noindex(response: Response) -> Response:
