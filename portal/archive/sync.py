@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 _STUDY_UID = "0020000D"
 _RELATED_INSTANCES = "00201208"
 _PATIENT_ID = "00100020"
+_PARALLEL_METADATA = 4
 # QIDO-RS keys a search that found nothing locally may forward to the archive: selective ones
 # only, so an empty broad search never turns into a walk of the whole archive.
 ON_DEMAND_KEYS = ("StudyInstanceUID", "AccessionNumber", "PatientID", "0020000D",
@@ -93,6 +95,11 @@ def sync_study(archive: Archive, client: DicomWebArchive, study_uid: str) -> int
         metadata = client.study_metadata(study_uid)
     except ExternalNotFound:
         return 0
+    return index_study(archive, study_uid, metadata)
+
+
+def index_study(archive: Archive, study_uid: str, metadata: list[dict[str, Any]]) -> int:
+    """Index one study's instances from its WADO-RS metadata (see ``sync_study``)."""
     datasets: list[Dataset] = []
     patients: set[tuple[str, str]] = set()
     for item in metadata:
@@ -164,6 +171,7 @@ def _sync_listed(archive: Archive, client: DicomWebArchive, items: list[dict[str
         local = dict(session.execute(select(Study.study_instance_uid, Study.number_of_instances)
                                      .where(Study.study_instance_uid.in_(uids))).all())
     refused: set[str] = set()
+    wanted: list[str] = []
     for item, uid in zip(items, uids, strict=True):
         report.studies_seen += 1
         if not is_valid_uid(uid) or uid in refused:
@@ -182,14 +190,33 @@ def _sync_listed(archive: Archive, client: DicomWebArchive, items: list[dict[str
                 continue  # already complete
         except (TypeError, ValueError):
             pass
+        if uid not in wanted:
+            wanted.append(uid)
+    # Metadata of a page's studies comes in parallel (the archive's latency dominates); the
+    # index writes stay one study per transaction, in order.
+    with ThreadPoolExecutor(max_workers=_PARALLEL_METADATA,
+                            thread_name_prefix="sync-metadata") as pool:
+        for uid, metadata in zip(wanted, pool.map(_metadata_or_none(client), wanted),
+                                 strict=True):
+            if metadata is None:
+                continue
+            try:
+                added = index_study(archive, uid, metadata)
+            except _Refused:
+                report.studies_refused += 1
+                continue
+            if added:
+                report.studies_synced += 1
+                report.instances_added += added
+
+
+def _metadata_or_none(client: DicomWebArchive) -> Callable[[str], list[dict[str, Any]] | None]:
+    def fetch(uid: str) -> list[dict[str, Any]] | None:
         try:
-            added = sync_study(archive, client, uid)
-        except _Refused:
-            report.studies_refused += 1
-            continue
-        if added:
-            report.studies_synced += 1
-            report.instances_added += added
+            return client.study_metadata(uid)
+        except ExternalNotFound:
+            return None
+    return fetch
 
 
 def _state(archive: Archive, source: str) -> SyncState:
