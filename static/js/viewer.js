@@ -425,6 +425,15 @@ function zoomSettled() {
 function setView(view) {
   state.view = view;
   state.zoom = 1; state.panX = 0; state.panY = 0;
+  if (view === 'mip' && data.modality === 'CT' && isDefault(state.window)) {
+    // A soft-tissue MIP is white everywhere: show contrast and bone, as MIPs are read.
+    const bone = presets.findIndex((p) => p.name === 'Bone');
+    if (bone >= 0) {
+      state.window = { center: presets[bone].center, width: presets[bone].width };
+      lastExactWindow = state.window;
+      presetSelect.value = String(bone);
+    }
+  }
   /** @type {HTMLSelectElement} */ ($('select[name=view]')).value = view;
   plan();
   invalidate();
@@ -537,6 +546,7 @@ async function saveJpeg() {
 let carry = 0;
 let mode = '';
 let fling = 0;
+let touching = false;
 
 function stepPixels() {
   const box = stage.getBoundingClientRect();
@@ -550,6 +560,7 @@ attachGestures(stage, {
     stopCine();
     carry = 0;
     mode = e.shiftKey || (e.pointerType === 'mouse' && e.altKey) ? 'pan' : state.tool;
+    touching = e.pointerType === 'touch';
     if (mode === 'measure') state.draft = { key: currentKey(), a: toImage(x, y), b: toImage(x, y) };
     if (mode === 'window' && state.window) state.adjusting = true;
   },
@@ -581,7 +592,7 @@ attachGestures(stage, {
       state.adjusting = false;
       /** @type {HTMLSelectElement} */ ($('select[name=preset]')).value = 'custom';
       setWindow(state.window);
-    } else if ((mode === 'scroll') && !reduceMotion) {
+    } else if (mode === 'scroll' && touching && !reduceMotion) { // a flick glides on
       let v = state.view === 'mip' ? vx : -vy; // px per ms
       if (Math.abs(v) > 0.6) {
         let last = performance.now();

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from playwright.sync_api import BrowserContext, CDPSession, Page
+from playwright.sync_api import BrowserContext, CDPSession, Page, expect
 
 from tests.browser import PHONES, chromium, loopback_only, phone
 from tests.conftest import IdentityProvider, LiveServer, close_app
@@ -89,8 +89,10 @@ def test_find_read_scroll_zoom_window_reformat_measure(site: tuple[CtSite, LiveS
         page = context.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        sign_in_browser(page, server.url)
+        sign_in_browser(page, server.url)  # (the provider's page asks a CDN; that may fail)
+        page.on("console", lambda m: errors.append(f"{m.text} {m.location}")
+                if m.type == "error" else None)
+        page.on("requestfailed", lambda r: errors.append(f"{r.url} {r.failure}"))
         shot(page, f"{tag}-1-list")
 
         # Search by patient name, then open the study.
@@ -102,7 +104,7 @@ def test_find_read_scroll_zoom_window_reformat_measure(site: tuple[CtSite, LiveS
         assert "2024-11-18" in rows.first.inner_text()  # newest first
         rows.first.click()
         page.wait_for_url(f"**/studies/{ct.study}")
-        assert page.get_by_role("heading", name="Report").is_visible()
+        expect(page.get_by_role("heading", name="Report")).to_be_visible()
         assert "2019-03-04" in page.locator("#history-heading + ul").inner_text()
         page.wait_for_function("() => [...document.querySelectorAll('img.thumb')]"
                                ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
@@ -181,10 +183,13 @@ def test_find_read_scroll_zoom_window_reformat_measure(site: tuple[CtSite, LiveS
         page.locator("select[name=view]").select_option("mip")
         _wait_full(page, 60_000)
         before = page.locator(".slice").text_content()
-        if cdp is None:
-            page.keyboard.press("ArrowRight")
+        x, y = box["x"] + box["width"] / 2 - 60, box["y"] + box["height"] / 2
+        if cdp is None:  # a mouse drag sideways turns the MIP too
+            page.mouse.move(x, y)
+            page.mouse.down()
+            page.mouse.move(x + 120, y, steps=8)
+            page.mouse.up()
         else:
-            x, y = box["x"] + box["width"] / 2 - 60, box["y"] + box["height"] / 2
             _touch(cdp, "touchStart", [(x, y)])
             for i in range(1, 9):
                 _touch(cdp, "touchMove", [(x + 15 * i, y)])
