@@ -33,7 +33,8 @@ demo: install
 	$(BIN)/flask --app app demo
 	@echo "Portal: http://127.0.0.1:5000 - sign in as a demo user (Ctrl-C stops everything)"
 	$(BIN)/flask --app app demo-idp & idp=$$!; \
-	trap 'kill $$idp 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/flask --app app hl7 serve & hl7=$$!; \
+	trap 'kill $$idp $$hl7 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/gunicorn -c python:portal.gunicorn_config app:app
 
 serve: install

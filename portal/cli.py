@@ -73,6 +73,10 @@ def demo_command(samples: bool) -> None:
     if created:
         click.echo(f"registered {created} demo people (physicians, an office manager, "
                    "a newcomer, a patient)")
+    from portal.reports.demo import seed_reports
+
+    sent = seed_reports(db._get_current_object())  # type: ignore[attr-defined]
+    click.echo(f"sent {sent} demo report messages (HL7 ORU^R01) through the RIS path")
 
 
 @click.command("demo-idp")
