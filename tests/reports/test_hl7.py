@@ -27,12 +27,16 @@ from portal.archive import current_archive
 from portal.reports import inbound
 from portal.reports.mllp import MllpServer
 from portal.reports.models import Order, Report, ReportVersion
+from portal.reports.notify import notifier
 from tests.conftest import IdentityProvider, add_person, signed_in
 from tests.factories import make_dataset, to_bytes
+from tests.sharing import test_delivery
+from tests.sharing.test_delivery import Mailbox
 
 ADMIN = Principal("user", 0, "test", roles=frozenset({"office_manager"}), issuer="test",
                   subject="setup")
 CR = "\r"
+mailbox = test_delivery.mailbox  # the real SMTP server fixture (aiosmtpd on 127.0.0.1)
 
 
 @dataclass
@@ -47,10 +51,12 @@ def ris(oidc_app: Flask) -> Iterator[Ris]:
     database = oidc_app.extensions["db"]
     allowed = inbound.parse_senders(["RIS@127.0.0.1"])
 
+    notify = notifier(oidc_app)  # as `flask hl7 serve` wires it
+
     def on_message(raw: bytes, peer: str, oversized: bool) -> bytes:
         with oidc_app.app_context():
             return inbound.handle(raw, database, peer_address=peer, allowed=allowed,
-                                  max_bytes=1 << 20, oversized=oversized)
+                                  max_bytes=1 << 20, oversized=oversized, notify=notify)
 
     server = MllpServer(("127.0.0.1", 0), on_message, 1 << 20)
     server.start()
@@ -326,3 +332,24 @@ def test_orders_and_appointments_follow_the_study_and_match_the_ordering_physici
     assert status()[0] == "reported"
     (cancel,) = send(ris.port, siu(accession, "S15", "202603051030"))
     assert msa(cancel)[0] == "AA"
+
+
+def test_report_ready_mail_goes_to_the_referrer_without_patient_data(
+        ris: Ris, idp: IdentityProvider, mailbox: tuple[Mailbox, int]) -> None:
+    box, port = mailbox
+    app = ris.app
+    app.config["PORTAL"]["SMTP_URL"] = f"smtp://127.0.0.1:{port}"
+    subjects = people(app, idp)
+    accession = "M" + generate_uid()[-8:]
+    store_study(app, accession)
+    send(ris.port, oru(accession, "P", "IMP:Preliminary read."))
+    assert box.messages == []  # preliminary: no notice
+    send(ris.port, oru(accession, "F", "IMP:Final read."))
+    assert len(box.messages) == 1
+    mail = box.messages[0]
+    assert mail["To"] == f"{subjects['doctor']}@demo.example"
+    assert mail["Subject"] == "A report is ready"
+    body = mail.get_payload()
+    assert "Roe" not in body and accession not in body and "Final read" not in body
+    send(ris.port, oru(accession, "F", "IMP:Final read."))  # a resend: no second notice
+    assert len(box.messages) == 1
