@@ -293,3 +293,16 @@ def sync_matching(archive: Archive, client: DicomWebArchive,
     report = SyncReport()
     _sync_listed(archive, client, client.search_studies(filters, limit=limit), report)
     return report.studies_synced
+
+
+def sync_on_miss(archive: Archive, query: Mapping[str, list[str]]) -> int:
+    """A local study search found nothing: ask the external archive (if any) with the
+    search's selective keys and index what it has. Never fails the search: an unreachable
+    archive just leaves the answer empty (and is logged)."""
+    if archive.remote is None:
+        return 0
+    try:
+        return sync_matching(archive, archive.remote.client, query)
+    except ExternalUnavailable as exc:
+        log.warning("search miss not forwarded to the external archive: %s", exc)
+        return 0

@@ -55,6 +55,12 @@ def _search(level: qido.Level, scope: list[Any]) -> Response:
         abort(400, str(exc))
     session = db.session
     rows = session.execute(stmt).all()
+    if not rows and level == "study" and current_archive().remote is not None:
+        from portal.archive.sync import sync_on_miss
+
+        if sync_on_miss(current_archive(), request.args.to_dict(flat=False)):
+            session.rollback()  # read-only so far: end the snapshot to see the new rows
+            rows = session.execute(stmt).all()
     audit.record(db, audit.QUERY, action="E", outcome=audit.OUTCOME_SUCCESS,
                  who=principal.audit_name, source_address=request.remote_addr or "",
                  details={"level": level, "results": len(rows),

@@ -557,3 +557,22 @@ def test_dimse_find_and_move_from_orthanc(tmp_path: Path) -> None:
             server.shutdown()
         close_app(app)
         orthanc.stop()
+
+
+def test_a_search_that_misses_the_index_asks_the_archive(portal: Flask,
+                                                         orthanc: OrthancServer) -> None:
+    first, _second = load_studies(orthanc, 2, instances=2)
+    headers = basic_auth(*make_client(portal, "reader"))
+    client = portal.test_client()
+    broad = client.get("/dicomweb/studies", query_string={"PatientName": "*"}, headers=headers)
+    assert broad.status_code == 204  # broad searches are never forwarded
+    assert count(portal, Study) == 0
+    found = client.get("/dicomweb/studies", query_string={"StudyInstanceUID": first.study_uid},
+                       headers=headers)
+    assert found.status_code == 200
+    assert [i["0020000D"]["Value"][0] for i in found.json] == [first.study_uid]
+    assert count(portal, Study) == 1 and count(portal, ExternalInstance) == 2
+    orthanc.stop()  # an unreachable archive leaves a miss empty, never a failed search
+    missing = client.get("/dicomweb/studies", query_string={"PatientID": "NOBODY"},
+                         headers=headers)
+    assert missing.status_code == 204
