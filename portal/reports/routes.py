@@ -8,7 +8,16 @@ import json
 import re
 from typing import Any
 
-from flask import Blueprint, Flask, Response, abort, current_app, request, url_for
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    abort,
+    current_app,
+    render_template,
+    request,
+    url_for,
+)
 from sqlalchemy import select
 
 from portal.access import audit, policy
@@ -20,7 +29,13 @@ from portal.reports import dicom, fhir
 from portal.reports.models import Report
 from portal.reports.notify import notifier
 from portal.reports.pdf import report_pdf
-from portal.reports.service import ReportError, readable_reports, receive_report
+from portal.reports.service import (
+    ReportError,
+    effective_status,
+    orders_for,
+    readable_reports,
+    receive_report,
+)
 
 bp = Blueprint("reports", __name__)
 
@@ -83,6 +98,17 @@ def _readable(principal: Principal, study: Study) -> list[Any]:
     # The request's own transaction may predate the import (SQLite snapshots): read afresh.
     with db.new_session() as session:
         return readable_reports(session, principal, session.merge(study, load=False))
+
+
+@bp.get("/orders")
+def order_list() -> str:
+    """The physician's (or practice's) imaging orders with appointment and status."""
+    principal = _principal()
+    if principal.kind != "user":
+        abort(404)
+    orders = orders_for(db.session, principal)
+    rows = [(order, effective_status(db.session, order)) for order in orders]
+    return render_template("reports/orders.html", rows=rows)
 
 
 # -- FHIR R4 ---------------------------------------------------------------------------------

@@ -265,3 +265,21 @@ def readable_reports(session: Session, principal: Principal, study: Study) -> li
                                 amended=report.status == "amended",
                                 changes=history[:-1] if report.status == "amended" else []))
     return views
+
+
+def orders_for(session: Session, principal: Principal, limit: int = 200) -> list[Order]:
+    """Orders this person placed (their identifiers as ordering provider), or, for office
+    managers and staff, that their practice's physicians placed; newest first."""
+    if principal.kind != "user":
+        return []
+    people = select(User.id).where(User.id == principal.id)
+    if (principal.has_role("office_manager") or principal.has_role("staff")) \
+            and principal.practice_id is not None:
+        people = select(User.id).where(or_(User.id == principal.id,
+                                           User.practice_fk == principal.practice_id))
+    elif not principal.has_role("physician"):
+        return []
+    keys = select(ReferrerIdentifier.key).where(ReferrerIdentifier.user_fk.in_(people))
+    return list(session.scalars(select(Order).where(Order.ordering_provider_key.in_(keys))
+                                .order_by(Order.updated_at.desc(), Order.id.desc())
+                                .limit(limit)))

@@ -327,7 +327,10 @@ def test_orders_and_appointments_follow_the_study_and_match_the_ordering_physici
     # The study arrives naming another referrer: the ordering physician still sees it.
     study = store_study(app, accession, referrer="Somebody^Else")
     assert status()[0] == "performed"
-    assert signed_in(app, idp, foreman_sub).get(f"/studies/{study}").status_code == 200
+    browser = signed_in(app, idp, foreman_sub)
+    assert browser.get(f"/studies/{study}").status_code == 200
+    orders = browser.get("/orders").get_data(as_text=True)
+    assert accession in orders and "performed" in orders and "CT chest" in orders
     send(ris.port, oru(accession, "F", "IMP:Done."))
     assert status()[0] == "reported"
     (cancel,) = send(ris.port, siu(accession, "S15", "202603051030"))
