@@ -201,3 +201,66 @@ def test_find_read_scroll_zoom_window_reformat_measure(site: tuple[CtSite, LiveS
         shot(page, f"{tag}-9-mip")
         assert errors == []
         context.close()
+
+
+PAGES = {"home": "/", "list": "/studies", "study": "/studies/{study}",
+         "viewer": "/studies/{study}/view/{series}", "missing": "/studies/1.2.3.404"}
+
+
+@pytest.mark.parametrize("device", ("iPhone 13", "desktop"))
+def test_axe_finds_no_serious_violation(site: tuple[CtSite, LiveServer], device: str) -> None:
+    """WCAG 2.1 AA (axe-core, bundled with axe-playwright-python): nothing serious or critical."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    ct, server = site
+    axe = Axe()
+    with chromium() as (playwright, browser):
+        context = _context(playwright, browser, device)
+        page = context.new_page()
+        sign_in_browser(page, server.url)
+        found = {}
+        for name, path in PAGES.items():
+            page.goto(server.url + path.format(study=ct.study, series=ct.series))
+            if name == "viewer":
+                _wait_full(page)
+            results = axe.run(page, options={"runOnly": {"type": "tag", "values": [
+                "wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]}})
+            assert len(results.response["passes"]) > 10, name  # axe really ran its rules
+            bad = [(v["id"], v["impact"], [n["target"] for n in v["nodes"]][:3])
+                   for v in results.response["violations"]
+                   if v["impact"] in ("serious", "critical")]
+            if bad:
+                found[name] = bad
+            shot(page, f"{device.replace(' ', '_')}-axe-{name}")
+        assert found == {}
+        context.close()
+
+
+def test_every_slice_scrolls_at_full_size_once_loaded(site: tuple[CtSite, LiveServer]) -> None:
+    """The 150-slice CT: once loaded, stepping one slice per animation frame shows each at
+    full size, at well over 20 slices per second (phone profile)."""
+    ct, server = site
+    with chromium() as (playwright, browser):
+        context = _context(playwright, browser, "Pixel 7")
+        page = context.new_page()
+        sign_in_browser(page, server.url, next_path=f"/studies/{ct.study}/view/{ct.series}")
+        page.wait_for_function(
+            f"() => +document.querySelector('#viewer').dataset.loadedFull === {ct.slices}",
+            timeout=120_000)
+        result = page.evaluate("""async (count) => {
+            const viewer = document.querySelector('#viewer');
+            const frame = () => new Promise(r => requestAnimationFrame(r));
+            let full = 0; const seen = new Set();
+            const start = performance.now();
+            for (let i = 0; i < count - 1; i++) {
+                document.querySelector('.stage').dispatchEvent(
+                    new KeyboardEvent('keydown', {key: 'ArrowDown', bubbles: true}));
+                await frame(); await frame();
+                if (viewer.dataset.quality === 'full') full++;
+                seen.add(viewer.dataset.frame);
+            }
+            return {seconds: (performance.now() - start) / 1000, full, seen: seen.size};
+        }""", ct.slices)
+        assert result["seen"] == ct.slices - 1 and result["full"] == ct.slices - 1, result
+        assert (ct.slices - 1) / result["seconds"] >= 20, result
+        context.close()
