@@ -260,7 +260,9 @@ def readable_reports(session: Session, principal: Principal, study: Study) -> li
             continue
         if patient and (report.final_at is None or report.final_at + delay > now):
             continue
-        history = [v for v in report.versions if v.status in ("final", "amended")]
+        # Patients see the versions they could have read (final ones); others every one.
+        history = [v for v in report.versions
+                   if not patient or v.status in ("final", "amended")]
         views.append(ReportView(report, preliminary=report.status == "preliminary",
                                 amended=report.status == "amended",
                                 changes=history[:-1] if report.status == "amended" else []))
