@@ -6,6 +6,7 @@ from alembic import context
 
 import portal.access.models
 import portal.archive.models
+import portal.auth.models
 import portal.index.models
 import portal.reports.models
 import portal.sharing.models  # noqa: F401  (register every table)
