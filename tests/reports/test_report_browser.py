@@ -10,7 +10,7 @@ from pydicom.uid import generate_uid
 
 from tests.browser import PHONES, chromium, loopback_only, phone
 from tests.conftest import IdentityProvider, LiveServer
-from tests.reports.test_hl7 import Ris, oru, people, send, siu, store_study
+from tests.reports.test_hl7 import Ris, orm, oru, people, send, siu, store_study
 from tests.reports.test_hl7 import ris as ris
 from tests.studies.support import shot, sign_in_browser
 
@@ -25,6 +25,7 @@ def test_physician_reads_the_report_first_on_a_phone(ris: Ris, idp: IdentityProv
     send(ris.port, oru(accession, "P", "IMP:Probable small effusion."),
          oru(accession, "C", "Small left pleural effusion. <b>No</b> pneumothorax.",
              "IMP:Small left pleural effusion."),
+         orm("N" + accession, "NW", "", "^Wilson^James"),
          siu("N" + accession, "S12", "202612011030"))
     with LiveServer(app) as server, chromium() as (playwright, browser):
         context = browser.new_context(**phone(playwright, device))
@@ -45,6 +46,8 @@ def test_physician_reads_the_report_first_on_a_phone(ris: Ris, idp: IdentityProv
         assert card.get_by_text("Probable small effusion.").is_visible()
         page.goto(f"{server.url}/orders")
         assert page.locator("h1").inner_text() == "Orders and appointments"
+        order = page.locator("li.order").filter(has_text="N" + accession)
+        assert "scheduled" in order.inner_text() and "2026-12-01 10:30" in order.inner_text()
         assert page.evaluate("document.documentElement.scrollWidth - window.innerWidth") <= 0
         shot(page, f"orders-{device.replace(' ', '_')}")
         assert errors == []
