@@ -102,3 +102,16 @@ class ReleaseRule(Base):
     practice_fk: Mapped[int | None] = mapped_column(ForeignKey("practice.id"), nullable=True)
     modality: Mapped[str] = mapped_column(String(16), default="")
     delay_hours: Mapped[int] = mapped_column(Integer)
+
+
+class ReportRead(Base):
+    """A person has read a report up to a version (for "new report" badges and filters)."""
+
+    __tablename__ = "report_read"
+    __table_args__ = (UniqueConstraint("user_fk", "report_fk"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_fk: Mapped[int] = mapped_column(ForeignKey("portal_user.id"), index=True)
+    report_fk: Mapped[int] = mapped_column(ForeignKey("report.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    read_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())

@@ -32,6 +32,7 @@ from portal.reports.pdf import report_pdf
 from portal.reports.service import (
     ReportError,
     effective_status,
+    mark_read,
     orders_for,
     readable_reports,
     receive_report,
@@ -84,7 +85,12 @@ def init_app(app: Flask) -> None:
         principal = current_principal()
         if principal is None:
             return []
-        return _readable(principal, study)
+        views = _readable(principal, study)
+        fresh = [v for v in views if v.report.status in ("final", "amended")]
+        if fresh and principal.kind == "user":
+            with db.write_transaction() as session:
+                mark_read(session, principal, fresh)
+        return views
 
 
 def _readable(principal: Principal, study: Study) -> list[Any]:

@@ -11,14 +11,22 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from flask import current_app
-from sqlalchemy import or_, select
+from sqlalchemy import and_, exists, false, or_, select
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from portal.access.models import ReferrerIdentifier, User
 from portal.access.principal import Principal
 from portal.db import utcnow
-from portal.index.models import Study, StudyReferrer
-from portal.reports.models import ORDER_STATUSES, Order, ReleaseRule, Report, ReportVersion
+from portal.index.models import Patient, Study, StudyReferrer
+from portal.reports.models import (
+    ORDER_STATUSES,
+    Order,
+    ReleaseRule,
+    Report,
+    ReportRead,
+    ReportVersion,
+)
 
 MAX_TEXT = 200_000  # characters of one report section
 MAX_PDF_BYTES = 20 << 20
@@ -285,3 +293,51 @@ def orders_for(session: Session, principal: Principal, limit: int = 200) -> list
     return list(session.scalars(select(Order).where(Order.ordering_provider_key.in_(keys))
                                 .order_by(Order.updated_at.desc(), Order.id.desc())
                                 .limit(limit)))
+
+
+def _report_of_study() -> ColumnElement[bool]:
+    """SQL: the Report row belongs to the (outer) Study row, as ``reports_of`` decides."""
+    patient_id = select(Patient.patient_id).where(Patient.id == Study.patient_fk) \
+        .scalar_subquery()
+    return or_(Report.study_instance_uid == Study.study_instance_uid,
+               and_(Study.accession_number != "",
+                    Report.accession_number == Study.accession_number,
+                    or_(Report.patient_id == "", Report.patient_id == patient_id),
+                    or_(Report.study_instance_uid == "",
+                        Report.study_instance_uid == Study.study_instance_uid)))
+
+
+def unread_report_condition(principal: Principal) -> ColumnElement[bool]:
+    """SQL on Study: it has a final or amended report this person has not read in that
+    version (clinicians only; patients read under release rules and get no badge)."""
+    if principal.kind != "user" or is_patient(principal):
+        return false()
+    read = select(ReportRead.id).where(ReportRead.user_fk == principal.id,
+                                       ReportRead.report_fk == Report.id,
+                                       ReportRead.version >= Report.version)
+    return exists(select(Report.id).where(_report_of_study(),
+                                          Report.status.in_(("final", "amended")),
+                                          ~exists(read)))
+
+
+def unread_studies(session: Session, principal: Principal, study_ids: list[int]) -> set[int]:
+    """Which of these studies have a report the person has not read yet."""
+    if not study_ids:
+        return set()
+    return set(session.scalars(select(Study.id).where(
+        Study.id.in_(study_ids), unread_report_condition(principal))))
+
+
+def mark_read(session: Session, principal: Principal, views: list[ReportView]) -> None:
+    """Remember that a person has seen these reports in their current versions."""
+    if principal.kind != "user":
+        return
+    for view in views:
+        row = session.scalars(select(ReportRead).where(
+            ReportRead.user_fk == principal.id,
+            ReportRead.report_fk == view.report.id)).first()
+        if row is None:
+            session.add(ReportRead(user_fk=principal.id, report_fk=view.report.id,
+                                   version=view.report.version, read_at=utcnow()))
+        elif row.version < view.report.version:
+            row.version, row.read_at = view.report.version, utcnow()

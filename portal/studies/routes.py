@@ -20,6 +20,7 @@ from portal.access.principal import Principal, current_principal
 from portal.archive import current_archive
 from portal.db import db
 from portal.imaging.cache import series_window
+from portal.reports.service import unread_studies
 from portal.studies import export
 from portal.studies.service import (
     MODALITIES,
@@ -66,13 +67,15 @@ def study_list() -> str:
     except ValueError:
         abort(400, "page must be a number")
     search = StudySearch(text=args.get("q", "")[:64], date_from=dates[0], date_to=dates[1],
-                         modality=args.get("modality", "")[:16], page=page)
+                         modality=args.get("modality", "")[:16],
+                         new_report=args.get("report") == "new", page=page)
     rows, more = search_studies(db.session, principal, search)
+    unread = unread_studies(db.session, principal, [study.id for study, _patient in rows])
     audit.record(db, audit.QUERY, action="E", outcome=audit.OUTCOME_SUCCESS,
                  who=principal.audit_name, source_address=request.remote_addr or "",
                  details={"results": len(rows), "page": page})
     return render_template("studies/list.html", rows=rows, search=search, more=more,
-                           principal=principal, modalities=MODALITIES)
+                           principal=principal, modalities=MODALITIES, unread=unread)
 
 
 def _audit_view(principal: Principal, study_uid: str, patient_id: str, view: str) -> None:

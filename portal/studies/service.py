@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from portal.access.policy import study_filter, visible_studies
 from portal.access.principal import Principal
 from portal.index.models import Instance, Patient, Series, Study
+from portal.reports.service import unread_report_condition
 
 PAGE_SIZE = 25
 HISTORY_LIMIT = 50
@@ -20,22 +21,21 @@ MODALITIES = ("CT", "MR", "CR", "DX", "US", "MG", "PT", "NM", "XA", "RF", "OT")
 
 @dataclass(frozen=True)
 class StudySearch:
-    """What a person typed into the study search.
-
-    A "new report" filter belongs here once reports exist (the reports issue): it becomes one
-    more field and one more condition in ``search_studies``.
-    """
+    """What a person typed into the study search (``new_report``: only studies with a
+    report this person has not read)."""
 
     text: str = ""
     date_from: str = ""
     date_to: str = ""
     modality: str = ""
+    new_report: bool = False
     page: int = 1
 
     @property
     def narrowed(self) -> bool:
         """True when anything beyond paging was asked."""
-        return bool(self.text or self.date_from or self.date_to or self.modality)
+        return bool(self.text or self.date_from or self.date_to or self.modality
+                    or self.new_report)
 
 
 def _like(text: str) -> str:
@@ -61,6 +61,8 @@ def search_studies(session: Session, principal: Principal,
     if search.modality:
         stmt = stmt.where(Study.id.in_(select(Series.study_fk).where(
             Series.modality == search.modality.upper()[:16])))
+    if search.new_report:
+        stmt = stmt.where(unread_report_condition(principal))
     offset = (max(search.page, 1) - 1) * PAGE_SIZE
     rows = list(session.execute(stmt.order_by(Study.study_date.desc(), Study.study_time.desc(),
                                               Study.id.desc())

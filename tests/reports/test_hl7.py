@@ -356,3 +356,20 @@ def test_report_ready_mail_goes_to_the_referrer_without_patient_data(
     assert "Roe" not in body and accession not in body and "Final read" not in body
     send(ris.port, oru(accession, "F", "IMP:Final read."))  # a resend: no second notice
     assert len(box.messages) == 1
+
+
+def test_new_reports_are_badged_and_filtered_until_read(ris: Ris, idp: IdentityProvider) -> None:
+    app = ris.app
+    subjects = people(app, idp)
+    accession = "N" + generate_uid()[-8:]
+    study = store_study(app, accession)
+    quiet = store_study(app, "Q" + generate_uid()[-8:])
+    doctor = signed_in(app, idp, subjects["doctor"])
+    assert study not in doctor.get("/studies?report=new").get_data(as_text=True)
+    send(ris.port, oru(accession, "F", "IMP:Read me."))
+    listing = doctor.get("/studies?report=new").get_data(as_text=True)
+    assert study in listing and quiet not in listing and "New report" in listing
+    assert "Read me." in doctor.get(f"/studies/{study}").get_data(as_text=True)
+    assert study not in doctor.get("/studies?report=new").get_data(as_text=True)
+    send(ris.port, oru(accession, "C", "IMP:Read me again."))  # an amendment is new again
+    assert study in doctor.get("/studies?report=new").get_data(as_text=True)
