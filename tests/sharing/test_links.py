@@ -196,6 +196,14 @@ def test_download_only_with_the_permission(app: Flask, world: World) -> None:
                           f"{world.sop}",
                           headers={"Accept": DICOM_ACCEPT})
     assert response.status_code == 200 and b"DICM" in response.data
+    assert "Download study" in client.get(f"/studies/{world.study}").get_data(as_text=True)
+    # A view-only link shows no download button (the endpoint says 403 anyway).
+    viewer = app.test_client()
+    view_only = make_share(world, can_download=False)
+    open_link(viewer, view_only.token, view_only.pin)
+    assert viewer.get(f"/studies/{world.study}").status_code == 200
+    assert "Download study" not in viewer.get(f"/studies/{world.study}").get_data(as_text=True)
+    assert viewer.get(f"/studies/{world.study}/download.zip").status_code == 403
 
 
 def test_whole_patient_link_opens_every_study_of_that_patient_the_sender_sees(
