@@ -177,3 +177,30 @@ def test_study_list_pages_for_infinite_scroll(oidc_app: Flask, idp: IdentityProv
     assert only_mr.count('class="study"') == 13
     dated = client.get("/studies?from=2025-12-01&to=2025-12-31").get_data(as_text=True)
     assert dated.count('class="study"') == 2  # n = 11 and 23
+
+
+def test_detector_spacing_is_marked_approximate_and_multiframe_plays() -> None:
+    """A radiograph measured with ImagerPixelSpacing is approximate (PS3.3 C.8.11.4.1.1);
+    a multi-frame series offers cine at the file's rate."""
+    from portal.index.models import Instance, Series, Study
+    from portal.studies.viewer import describe_series, spacing_of
+
+    radiograph = Instance(sop_instance_uid="1.2.3", number_of_frames=1, rows=100, columns=80,
+                          photometric_interpretation="MONOCHROME1", pixel_spacing=None,
+                          image_orientation_patient=None)
+    header = {"00181164": {"vr": "DS", "Value": [0.15, 0.15]}}
+    assert spacing_of(radiograph, header) == ([0.15, 0.15], "detector")
+    radiograph.pixel_spacing = [0.14, 0.14]
+    assert spacing_of(radiograph, header) == ([0.14, 0.14], "detector")
+    header["00280A02"] = {"vr": "CS", "Value": ["GEOMETRY"]}
+    assert spacing_of(radiograph, header) == ([0.14, 0.14], "patient")
+
+    cine = Instance(sop_instance_uid="1.2.4", number_of_frames=30, rows=64, columns=64,
+                    photometric_interpretation="YBR_FULL_422", pixel_spacing=None,
+                    image_orientation_patient=None, image_position_patient=None)
+    data = describe_series(Study(study_instance_uid="1.2"), Series(
+        series_instance_uid="1.2.5", modality="US", series_number=1, series_description=""),
+        [cine], {"00181063": {"vr": "DS", "Value": [40.0]}}, None)
+    assert data["cine"] is True and data["fps"] == 25.0 and len(data["frames"]) == 30
+    assert data["frames"][-1] == ["1.2.4", 30]
+    assert data["window"] is None and data["presets"] == [] and data["volume"] is False

@@ -264,3 +264,90 @@ def test_every_slice_scrolls_at_full_size_once_loaded(site: tuple[CtSite, LiveSe
         assert result["seen"] == ct.slices - 1 and result["full"] == ct.slices - 1, result
         assert (ct.slices - 1) / result["seconds"] >= 20, result
         context.close()
+
+
+def test_desktop_keys_invert_save_jpeg_and_landscape(site: tuple[CtSite, LiveServer]) -> None:
+    """Keyboard on a desktop (arrows, Page Down, +/-, i, r), the current view saved as a
+    JPEG, and a phone turned sideways keeps the image and the tools on screen."""
+    ct, server = site
+    with chromium() as (playwright, browser):
+        context = browser.new_context(viewport={"width": 1280, "height": 800},
+                                      accept_downloads=True)
+        loopback_only(context)
+        page = context.new_page()
+        sign_in_browser(page, server.url, next_path=f"/studies/{ct.study}/view/{ct.series}")
+        _wait_full(page)
+        page.locator(".stage").focus()
+        page.keyboard.press("ArrowDown")
+        page.keyboard.press("PageDown")
+        assert _data(page, "frame") == "12"
+        page.keyboard.press("+")
+        assert float(_data(page, "zoom")) > 1.2
+        page.keyboard.press("i")
+        assert page.get_by_role("button", name="Invert").get_attribute("aria-pressed") == "true"
+        page.mouse.move(640, 400)
+        page.mouse.wheel(0, 300)
+        assert int(_data(page, "frame")) > 12
+        _wait_full(page)
+        with page.expect_download() as info:
+            page.get_by_role("button", name="Save JPEG").click()
+        download = info.value
+        assert download.suggested_filename.endswith(".jpg")
+        assert download.path().read_bytes()[:3] == b"\xff\xd8\xff"  # a JPEG
+        page.keyboard.press("r")
+        assert _data(page, "zoom") == "1.000"
+        assert page.get_by_role("button", name="Invert").get_attribute("aria-pressed") == "false"
+        context.close()
+
+        context = browser.new_context(**{**phone(playwright, "Pixel 7"),
+                                         "viewport": {"width": 915, "height": 412}})
+        loopback_only(context)
+        page = context.new_page()
+        sign_in_browser(page, server.url, next_path=f"/studies/{ct.study}/view/{ct.series}")
+        _wait_full(page)
+        stage = page.locator(".stage").bounding_box()
+        tools = page.locator(".toolbar").bounding_box()
+        assert stage and tools and stage["height"] > 300 and tools["x"] >= stage["width"] - 1
+        shot(page, "Pixel_7-landscape")
+        context.close()
+
+
+def test_study_list_loads_older_studies_while_scrolling(oidc_app: Any,
+                                                          idp: IdentityProvider) -> None:
+    """Without a click, the next page's rows join the list as it scrolls (the "Older" link
+    remains the way without JavaScript)."""
+    from pydicom.uid import generate_uid
+
+    from portal.access.grants import create_grant
+    from portal.access.principal import Principal
+    from portal.archive import current_archive
+    from tests.conftest import add_person
+    from tests.factories import make_instance
+
+    user = add_person(oidc_app, idp, "viewer-doc", ["physician"])
+    admin = Principal("user", 0, "t", roles=frozenset({"office_manager"}), issuer="t",
+                      subject="t")
+    uids = [generate_uid() for _ in range(60)]
+    with oidc_app.app_context():
+        for n, uid in enumerate(uids):
+            current_archive().ingest(make_instance(
+                study=uid, patient_id=f"S{n}", patient_name=f"Scroll^{n:02d}",
+                StudyDate=f"2024{n % 12 + 1:02d}{n % 28 + 1:02d}"), who="test")
+    with oidc_app.extensions["db"].write_transaction() as session:
+        for uid in uids:
+            create_grant(session, admin, user_id=user, study_uid=uid)
+    with LiveServer(oidc_app) as server, chromium() as (playwright, browser):
+        context = _context(playwright, browser, "iPhone 13")
+        page = context.new_page()
+        sign_in_browser(page, server.url)
+        assert page.locator("a.study").count() == 25
+        for expected in (50, 60):
+            page.mouse.wheel(0, 20_000)
+            page.wait_for_function(
+                f"() => document.querySelectorAll('a.study').length === {expected}")
+        assert page.locator("a[rel=next]").count() == 0
+        assert page.locator("#study-rows > li").count() == 60
+        names = page.locator("a.study .who").all_inner_texts()
+        assert len(set(names)) == 60  # no page twice
+        shot(page, "iPhone_13-list-scrolled")
+        context.close()
