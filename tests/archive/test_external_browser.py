@@ -1,5 +1,5 @@
 """Issue 8's "done when": with PORTAL_ARCHIVE_URL pointing at a real Orthanc that holds a CT,
-a physician signs in on a phone-sized Debian Chromium, finds the study and sees its images,
+the demo's Dr House signs in on a phone-sized Debian Chromium, finds the study and sees its images,
 fetched from Orthanc on first view. Screenshots go to tests/artifacts/."""
 
 from __future__ import annotations
@@ -10,15 +10,12 @@ from pathlib import Path
 import pydicom
 from flask import Flask
 
-from portal.access.grants import create_grant
-from portal.access.principal import Principal
 from portal.demo import write_ct_series
+from portal.demo_people import register_demo_people
 from tests.archive.test_external import portal_for, start_pacs, sync, upload
 from tests.browser import chromium, loopback_only, phone
-from tests.conftest import OIDC_SETTINGS, IdentityProvider, LiveServer, add_person, close_app
+from tests.conftest import OIDC_SETTINGS, IdentityProvider, LiveServer, close_app
 from tests.studies.support import shot, sign_in_browser
-
-ADMIN = Principal("user", 0, "t", roles=frozenset({"office_manager"}), issuer="t", subject="t")
 
 
 def test_physician_views_a_study_that_lives_in_orthanc_on_a_phone(
@@ -32,16 +29,16 @@ def test_physician_views_a_study_that_lives_in_orthanc_on_a_phone(
         header = pydicom.dcmread(io.BytesIO(files[0].read_bytes()), stop_before_pixels=True)
         app = portal_for(tmp_path, pacs.dicomweb_url, OIDC_ISSUER=idp.issuer, **OIDC_SETTINGS)
         sync(app)
-        user = add_person(app, idp, "pacs-doc", ["physician"])
         with app.extensions["db"].write_transaction() as session:
-            create_grant(session, ADMIN, user_id=user, study_uid=str(header.StudyInstanceUID))
+            # The demo's people: Dr House is the demo CT's referrer (name and NPI).
+            register_demo_people(session, issuer=idp.issuer)
         with LiveServer(app) as server, chromium() as (playwright, browser):
             context = browser.new_context(**phone(playwright, "iPhone 13"))
             loopback_only(context)
             page = context.new_page()
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
-            sign_in_browser(page, server.url, "pacs-doc")
+            sign_in_browser(page, server.url, "house")
             page.locator("a.study").first.click()
             page.wait_for_url(f"**/studies/{header.StudyInstanceUID}")
             thumb = page.locator("img.thumb").first
