@@ -358,6 +358,33 @@ def signed_in(app: Flask, idp: IdentityProvider, sub: str) -> FlaskClient:
     return client
 
 
+def access_token(app: Flask, idp: IdentityProvider, sub: str) -> str:
+    """An access token for ``sub`` as a script with its own client would get one: the code
+    flow with PKCE at the provider, then its token endpoint."""
+    import base64
+    import hashlib
+    import secrets
+    from urllib.parse import parse_qs, urlsplit
+
+    import requests
+
+    start = app.test_client().get("/auth/login")
+    redirect_uri = parse_qs(urlsplit(start.headers["Location"]).query)["redirect_uri"][0]
+    verifier = secrets.token_urlsafe(48)
+    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()
+                                         ).rstrip(b"=").decode()
+    params = {"client_id": "portal-test", "redirect_uri": redirect_uri,
+              "response_type": "code", "scope": "openid email", "state": "s", "nonce": "n",
+              "code_challenge": challenge, "code_challenge_method": "S256"}
+    chosen = requests.post(f"{idp.issuer}/oauth2/authorize", params=params,
+                           data={"sub": sub}, allow_redirects=False, timeout=10)
+    code = parse_qs(urlsplit(chosen.headers["Location"]).query)["code"][0]
+    answer = requests.post(f"{idp.issuer}/oauth2/token", data={
+        "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+        "code_verifier": verifier}, auth=("portal-test", "portal-test-secret"), timeout=10)
+    return str(answer.json()["access_token"])
+
+
 def csrf_of(client: FlaskClient) -> str:
     """The CSRF token of a signed-in browser's session."""
     client.get("/studies")

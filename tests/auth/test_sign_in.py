@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from portal.access.models import AuditEvent, User
 from portal.auth.models import UserSession
 from portal.db import utcnow
-from tests.conftest import IdentityProvider, sign_in
+from tests.conftest import IdentityProvider, access_token, sign_in
 
 
 def cookie(client: object) -> str | None:
@@ -167,26 +167,7 @@ def test_deactivation_ends_every_session_at_once(oidc_app: Flask, idp: IdentityP
 
 def test_bearer_access_tokens_from_the_issuer_work_for_dicomweb(
         oidc_app: Flask, idp: IdentityProvider) -> None:
-    start = oidc_app.test_client().get("/auth/login")
-    query = parse_qs(urlsplit(start.headers["Location"]).query)
-    # Act as a script with its own client: code flow at the provider, then the token endpoint.
-    import base64
-    import hashlib
-    import secrets
-
-    verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()
-                                         ).rstrip(b"=").decode()
-    params = {"client_id": "portal-test", "redirect_uri": query["redirect_uri"][0],
-              "response_type": "code", "scope": "openid email", "state": "s", "nonce": "n",
-              "code_challenge": challenge, "code_challenge_method": "S256"}
-    chosen = requests.post(f"{idp.issuer}/oauth2/authorize", params=params,
-                           data={"sub": "script-user"}, allow_redirects=False, timeout=10)
-    code = parse_qs(urlsplit(chosen.headers["Location"]).query)["code"][0]
-    token = requests.post(f"{idp.issuer}/oauth2/token", data={
-        "grant_type": "authorization_code", "code": code,
-        "redirect_uri": query["redirect_uri"][0], "code_verifier": verifier},
-        auth=("portal-test", "portal-test-secret"), timeout=10).json()["access_token"]
+    token = access_token(oidc_app, idp, "script-user")
     client = oidc_app.test_client()
     ok = client.get("/dicomweb/studies", headers={"Authorization": f"Bearer {token}"})
     assert ok.status_code == 204  # signed in, nothing visible yet

@@ -211,3 +211,28 @@ def test_fhir_diagnostic_report_in_and_out(oidc_app: Flask, idp: IdentityProvide
     # The generated PDF opens as a PDF.
     pdf = browser.get(f"/studies/{study}/reports/{back.id}.pdf")
     assert pdf.status_code == 200 and pdf.data.startswith(b"%PDF-")
+
+
+def test_fhir_reports_from_a_bearer_token_need_the_report_sender_role(
+        oidc_app: Flask, idp: IdentityProvider, doctor: str) -> None:
+    from sqlalchemy import select
+
+    from portal.access.models import User
+    from tests.conftest import access_token
+
+    study, accession = generate_uid(), "BT" + generate_uid()[-6:]
+    ingest(oidc_app, to_bytes(make_dataset(study=study, patient_id="P-F",
+                                           AccessionNumber=accession,
+                                           ReferringPhysicianName="Wilson^James")))
+    token = access_token(oidc_app, idp, "ris-service")
+    client = oidc_app.test_client()
+    body = fhir_report(study, accession, "final", "From the RIS service.")
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}
+    assert client.post("/fhir/DiagnosticReport", json=body, headers=headers).status_code == 403
+    with oidc_app.extensions["db"].write_transaction() as session:
+        service = session.scalars(select(User).where(User.subject == "ris-service")).one()
+        service.roles = ["report_sender"]
+    created = client.post("/fhir/DiagnosticReport", json=body, headers=headers)
+    assert created.status_code == 201, created.data
+    page = signed_in(oidc_app, idp, doctor).get(f"/studies/{study}").get_data(as_text=True)
+    assert "From the RIS service." in page
