@@ -134,7 +134,9 @@ function plan() {
         want(wants, `s${i}`, 'full', width, live, d <= 3 ? 2 + d : 12 + d * (s === direction ? 1 : 2));
       }
     }
-    for (let i = 0; i < n; i += 1) {
+    // Previews make every slice scrollable at once; a very long series gets them nearby only.
+    const reach = n <= 1000 ? n : 150;
+    for (let i = Math.max(0, state.index - reach); i < Math.min(n, state.index + reach + 1); i += 1) {
       want(wants, `s${i}`, 'thumb', 128, null, 10 + Math.abs(i - state.index) / n);
       // Small series load whole in the background, so every slice scrolls at full size.
       if (n <= 400 && isDefault(live)) want(wants, `s${i}`, 'full', width, live, 100 + Math.abs(i - state.index));

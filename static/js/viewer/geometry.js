@@ -56,7 +56,9 @@ export function markers(orientation, view, angle = 0) {
     top: directionLetters(negate(down)), bottom: directionLetters(down),
     left: directionLetters(negate(across)), right: directionLetters(across),
   };
-  if (view === 'mip' && angle % 180 !== 0) {
+  if (view === 'mip' && angle === 180) {
+    [out.left, out.right] = [out.right, out.left]; // seen from behind
+  } else if (view === 'mip' && angle % 180 !== 0) {
     out.left = '';
     out.right = '';
   }
