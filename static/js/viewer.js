@@ -35,7 +35,7 @@ const state = {
 };
 
 /** What each loaded URL shows: the frame key, the window it was rendered with, its width. */
-/** @type {Map<string, {url: string, window: Win | null, width: number}[]>} */
+/** @type {Map<string, {url: string, window: Win | null, width: number, full: boolean}[]>} */
 const loaded = new Map();
 const store = new ImageStore({ concurrency: 6, onLoad });
 
@@ -92,7 +92,7 @@ function urlFor(key, kind, width, win) {
   return `${path}?${params.toString().replace(/%2C/g, ',')}`;
 }
 
-/** @type {Map<string, {key: string, window: Win | null, width: number}>} */
+/** @type {Map<string, {key: string, window: Win | null, width: number, full: boolean}>} */
 const meaning = new Map();
 
 /**
@@ -104,7 +104,7 @@ function want(wants, key, kind, width, win, priority) {
   const url = urlFor(key, kind, width, win);
   if (!meaning.has(url)) {
     meaning.set(url, { key, window: kind === 'thumb' || isDefault(win) ? defaultWindow : win,
-      width: kind === 'thumb' ? 128 : width });
+      width: kind === 'thumb' ? 128 : width, full: kind === 'full' });
   }
   wants.push({ url, priority });
 }
@@ -175,7 +175,7 @@ function onLoad(url, ok) {
     return;
   }
   const list = loaded.get(info.key) || [];
-  list.push({ url, window: info.window, width: info.width });
+  list.push({ url, window: info.window, width: info.width, full: info.full });
   loaded.set(info.key, list);
   if (info.key === currentKey()) invalidate();
   progress();
@@ -194,7 +194,7 @@ function bestFor(key) {
     const img = store.get(entry.url);
     if (!img) continue;
     const exact = winKey(entry.window) === winKey(state.window) ? 10000 : 0;
-    const s = exact + entry.width;
+    const s = exact + (entry.full ? 5000 : 0) + entry.width;
     if (s > score) { best = { img, ...entry, exact: exact > 0 }; score = s; }
   }
   return best;
@@ -246,7 +246,7 @@ function draw() {
   ctx.fillStyle = '#000';
   ctx.fillRect(0, 0, cw, ch);
   const shown = bestFor(currentKey());
-  root.dataset.quality = shown ? (shown.width > 128 ? 'full' : 'preview') : 'none';
+  root.dataset.quality = shown ? (shown.full ? 'full' : 'preview') : 'none';
   if (shown) {
     const l = layout();
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
@@ -324,7 +324,7 @@ function drawMarks() {
 
 const views = { stack: 'Slices', axial: 'Axial', coronal: 'Coronal', sagittal: 'Sagittal', mip: '3D MIP' };
 
-/** @param {{width: number, exact: boolean} | null} shown */
+/** @param {{full: boolean, exact: boolean} | null} shown */
 function overlay(shown) {
   const n = frames.length;
   let where;
@@ -333,7 +333,7 @@ function overlay(shown) {
   else where = `${views[/** @type {'axial'} */ (state.view)]} · ${Math.round(state.positions[state.view] * 100)} %`;
   $('.slice').textContent = where;
   $('.wl').textContent = state.window ? `W ${round(state.window.width)} L ${round(state.window.center)}${shown && !shown.exact ? ' …' : ''}` : '';
-  $('.zoom').textContent = `${state.zoom.toFixed(state.zoom < 10 ? 1 : 0)}×${shown && shown.width === 128 ? ' · preview' : ''}`;
+  $('.zoom').textContent = `${state.zoom.toFixed(state.zoom < 10 ? 1 : 0)}×${shown && !shown.full ? ' · preview' : ''}`;
   const m = markers(data.orientation, state.view, state.angle);
   for (const side of /** @type {const} */ (['top', 'right', 'bottom', 'left'])) $(`.om-${side}`).textContent = m[side];
   root.dataset.frame = String(state.index + 1);
@@ -357,7 +357,7 @@ function progress() {
   for (let i = 0; i < frames.length; i += 1) {
     const list = loaded.get(`s${i}`);
     if (list && list.length) any += 1;
-    if (list && list.some((e) => e.width > 128)) full += 1;
+    if (list && list.some((e) => e.full)) full += 1;
   }
   root.dataset.loaded = String(any);
   root.dataset.loadedFull = String(full);

@@ -351,3 +351,49 @@ def test_study_list_loads_older_studies_while_scrolling(oidc_app: Any,
         assert len(set(names)) == 60  # no page twice
         shot(page, "iPhone_13-list-scrolled")
         context.close()
+
+
+def test_cine_plays_a_multiframe_series_at_the_chosen_speed(oidc_app: Any,
+                                                              idp: IdentityProvider) -> None:
+    """A multi-frame ultrasound clip: Play runs through its frames, Pause stops them."""
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    from portal.access.grants import create_grant
+    from portal.access.principal import Principal
+    from portal.archive import current_archive
+    from tests.conftest import add_person
+    from tests.factories import make_dataset, to_bytes
+
+    study, series = generate_uid(), generate_uid()
+    ds = make_dataset(study=study, series=series, rows=64, columns=64, modality="US",
+                      SOPClassUID="1.2.840.10008.5.1.4.1.1.3.1")
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.NumberOfFrames, ds.FrameTime = 24, 100.0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    del ds.RescaleIntercept, ds.RescaleSlope
+    ds.PixelData = (np.arange(24 * 64 * 64) // 97 % 256).astype(np.uint8).tobytes()
+    with oidc_app.app_context():
+        current_archive().ingest(to_bytes(ds), who="test")
+    user = add_person(oidc_app, idp, "viewer-doc", ["physician"])
+    admin = Principal("user", 0, "t", roles=frozenset({"office_manager"}), issuer="t",
+                      subject="t")
+    with oidc_app.extensions["db"].write_transaction() as session:
+        create_grant(session, admin, user_id=user, study_uid=study)
+    with LiveServer(oidc_app) as server, chromium() as (playwright, browser):
+        context = _context(playwright, browser, "Pixel 7")
+        page = context.new_page()
+        sign_in_browser(page, server.url, next_path=f"/studies/{study}/view/{series}")
+        page.wait_for_function(
+            "() => +document.querySelector('#viewer').dataset.loadedFull === 24")
+        assert page.locator("select[name=speed]").input_value() == "10"  # FrameTime 100 ms
+        page.locator("select[name=speed]").select_option("25")
+        play = page.get_by_role("button", name="Play")
+        play.click()
+        page.wait_for_function("() => +document.querySelector('#viewer').dataset.frame > 12")
+        shot(page, "Pixel_7-cine")
+        page.get_by_role("button", name="Pause").click()
+        stopped = _data(page, "frame")
+        page.wait_for_timeout(300)
+        assert _data(page, "frame") == stopped
+        context.close()
