@@ -393,6 +393,7 @@ def test_cine_plays_a_multiframe_series_at_the_chosen_speed(oidc_app: Any,
         page.wait_for_function("() => +document.querySelector('#viewer').dataset.frame > 12")
         shot(page, "Pixel_7-cine")
         page.get_by_role("button", name="Pause").click()
+        page.wait_for_timeout(100)  # the frame already advanced is drawn on the next paint
         stopped = _data(page, "frame")
         page.wait_for_timeout(300)
         assert _data(page, "frame") == stopped
