@@ -6,7 +6,7 @@ import hashlib
 import io
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -298,20 +298,27 @@ class Archive:
             remote.touch(sop_instance_uid)
         return self.store.locate(row.storage_key, row.sha256)
 
-    def sha256s(self, sop_instance_uids: list[str]) -> dict[str, str]:
-        """SHA-256 of several instances in one query (fetching external ones first)."""
-        with self.database.new_session() as session:
-            found = dict(session.execute(
-                select(StoredObject.sop_instance_uid, StoredObject.sha256)
-                .where(StoredObject.sop_instance_uid.in_(sop_instance_uids))).all())
+    def locate_many(self, sop_instance_uids: list[str]) -> dict[str, StoredFile]:
+        """Where several instances are, in one query (fetching external ones first)."""
+
+        def query(uids: Collection[str]) -> dict[str, StoredFile]:
+            with self.database.new_session() as session:
+                rows = session.execute(
+                    select(StoredObject.sop_instance_uid, StoredObject.storage_key,
+                           StoredObject.sha256)
+                    .where(StoredObject.sop_instance_uid.in_(uids))).all()
+            return {uid: self.store.locate(key, sha) for uid, key, sha in rows}
+
+        found = query(sop_instance_uids)
         missing = set(sop_instance_uids) - set(found)
         if missing and self.remote is not None:
             self.remote.fetch_many(missing)
-            with self.database.new_session() as session:
-                found.update(session.execute(
-                    select(StoredObject.sop_instance_uid, StoredObject.sha256)
-                    .where(StoredObject.sop_instance_uid.in_(missing))).all())
+            found.update(query(missing))
         return found
+
+    def sha256s(self, sop_instance_uids: list[str]) -> dict[str, str]:
+        """SHA-256 of several instances in one query (fetching external ones first)."""
+        return {uid: f.sha256 for uid, f in self.locate_many(sop_instance_uids).items()}
 
     def read(self, sop_instance_uid: str) -> bytes:
         """The stored bytes of one instance, hash-verified."""

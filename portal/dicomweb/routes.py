@@ -461,10 +461,12 @@ def volume_view(study: str, series: str, kind: str) -> Response:
     if not 0.0 <= position <= 1.0 or angle % 5 != 0 or not 0 <= angle < 360:
         abort(400, "position is 0..1; angle is 0..355 in steps of 5")
     instances = [i for i in _instances_of(study, series) if i.rows]
-    archive = current_archive()
-    digests = archive.sha256s([i.sop_instance_uid for i in instances])
-    content = hashlib.sha256("".join(sorted(digests.values())).encode()).hexdigest()
+    stored = current_archive().locate_many([i.sop_instance_uid for i in instances])
+    if len(stored) != len(instances):
+        abort(503, "some images of this series are not available right now")
+    content = hashlib.sha256("".join(sorted(f.sha256 for f in stored.values())).encode()
+                             ).hexdigest()
     key = rendition.cache_key(content, 0) + f":{kind}:{position!r}:{angle!r}"
+    files = [stored[i.sop_instance_uid] for i in instances]
     return _image_response(key, rendition.media_type, lambda: render_volume(
-        [archive.read(i.sop_instance_uid) for i in instances], kind, position, angle,
-        rendition))
+        content, files, kind, position, angle, rendition))

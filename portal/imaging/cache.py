@@ -154,16 +154,18 @@ def series_window(middle: StoredFile | None) -> Window | None:
     return window
 
 
-def render_volume(files: list[bytes], kind: str, position: float, angle: float,
-                  rendition: Any) -> bytes:
-    """A reformat or MIP, through the isolated pool when configured."""
-    from portal.imaging.volume import render_view
+def render_volume(key: str, sources: list[Any], kind: str, position: float, angle: float,
+                  rendition: Rendition) -> bytes:
+    """A reformat or MIP of bytes or stored files, through the isolated pool when configured
+    (``key`` names the series' content; render processes keep recent volumes by it)."""
+    from portal.imaging.isolation import render_volume_source
 
     pool = current_app.extensions.get("render_pool")
     if pool is not None:
-        result: bytes = pool.run(render_view, files, kind, position, angle, rendition)
+        result: bytes = pool.run(render_volume_source, key, sources, kind, position, angle,
+                                 rendition)
         return result
-    return render_view(files, kind, position, angle, rendition)
+    return render_volume_source(key, sources, kind, position, angle, rendition)
 
 
 def render_cache() -> RenderCache:

@@ -119,10 +119,15 @@ def view(volume: Volume, kind: str, *, position: float = 0.5,
     raise NotAVolume(f"unknown view {kind!r}")
 
 
-def render_view(files: Sequence[bytes], kind: str, position: float, angle: float,
-                rendition: Rendition) -> bytes:
-    """Build the volume, cut or project it, window and encode."""
-    volume = build_volume(files)
+def render_volume_view(volume: Volume, kind: str, position: float, angle: float,
+                       rendition: Rendition) -> bytes:
+    """Cut or project a built volume, window and encode."""
     image, aspect = view(volume, kind, position=position, angle=angle)
     window = rendition.window or volume.window or robust_window(image)
     return encode(window_to_8bit(image, window), aspect, rendition)
+
+
+def render_view(files: Sequence[bytes], kind: str, position: float, angle: float,
+                rendition: Rendition) -> bytes:
+    """Build the volume, cut or project it, window and encode."""
+    return render_volume_view(build_volume(files), kind, position, angle, rendition)

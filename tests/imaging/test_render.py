@@ -487,3 +487,29 @@ def test_the_frame_cache_stays_within_its_bound() -> None:
     kept = [n for n in range(10) if cache.get((str(n),)) is not None]
     assert kept == [6, 7, 8, 9]
     assert all(cache.get((str(n),)).frame.pixels.base is None for n in kept)  # private copies
+
+
+def test_the_next_cut_of_a_series_reuses_its_built_volume(tmp_path: Path) -> None:
+    import hashlib
+
+    from portal.archive.store import StoredFile
+    from portal.demo import write_ct_series
+    from portal.imaging import isolation
+
+    paths = write_ct_series(tmp_path / "ct", slices=12, size=64, uid_seed="kept-volume")
+    files = [StoredFile(str(p), hashlib.sha256(p.read_bytes()).hexdigest()) for p in paths]
+    rendition = Rendition(format="png", window=Window(40, 400))
+    isolation.use_frame_cache(8 << 20)
+    try:
+        coronal = isolation.render_volume_source("series-a", files, "coronal", 0.5, 0, rendition)
+        for path in paths:
+            path.unlink()  # further cuts must come from the kept volume
+        sagittal = isolation.render_volume_source("series-a", files, "sagittal", 0.3, 0,
+                                                  rendition)
+        turned = isolation.render_volume_source("series-a", files, "mip", 0.5, 45, rendition)
+        assert len({coronal, sagittal, turned}) == 3
+        with pytest.raises(FileNotFoundError):  # another series is built from its files
+            isolation.render_volume_source("series-b", files, "coronal", 0.5, 0, rendition)
+    finally:
+        isolation.use_frame_cache(0)
+        isolation._volumes.clear()
