@@ -21,7 +21,7 @@ VOI_FUNCTIONS = ("linear", "linear_exact", "sigmoid")
 # Named presets (centre, width) in Hounsfield units for CT; "auto" uses the file's own window
 # or, without one, robust percentiles of the pixel values.
 PRESETS: dict[str, tuple[float, float]] = {
-    "soft_tissue": (40.0, 400.0), "lung": (-600.0, 1500.0), "bone": (400.0, 1800.0),
+    "soft_tissue": (40.0, 400.0), "lung": (-600.0, 1500.0), "bone": (300.0, 1500.0),
     "brain": (40.0, 80.0), "abdomen": (60.0, 400.0), "mediastinum": (50.0, 350.0),
 }
 
