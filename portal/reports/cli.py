@@ -54,7 +54,7 @@ def serve_command() -> None:
         server.server_close()
 
 
-@click.group("reports", help="Report release rules.")
+@click.group("reports", help="Report release rules and the daily digest.")
 def reports_cli() -> None:
     """Report commands."""
 
@@ -88,3 +88,18 @@ def release_rule_command(practice: str, modality: str, hours: int) -> None:
         rule.delay_hours = hours
     click.echo(f"patients of {practice or 'every practice'} read {modality.upper() or 'every'}"
                f" report {hours} h after it is final")
+
+
+@reports_cli.command("digest")
+@with_appcontext
+def digest_command() -> None:
+    """E-mail each physician with unread reports how many there are (run it daily)."""
+    from portal.reports.notify import send_digest
+    from portal.sharing.delivery import DeliveryFailed
+
+    try:
+        sent = send_digest(current_app._get_current_object())  # type: ignore[attr-defined]
+    except DeliveryFailed as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    click.echo(f"sent {sent} digest e-mail(s)")

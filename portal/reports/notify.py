@@ -75,3 +75,39 @@ def notifier(app: Flask) -> Callable[[int], None]:
                 report.notified_at = utcnow()
 
     return notify
+
+
+def send_digest(app: Flask) -> int:
+    """E-mail every active physician who has unread final reports how many (no patient data);
+    returns how many e-mails went out. Meant for a daily timer (``reports digest``)."""
+    from sqlalchemy import func
+
+    from portal.access.policy import study_filter
+    from portal.access.principal import user_principal
+    from portal.reports.service import unread_report_condition
+    from portal.sharing.delivery import DeliveryFailed, send_email
+
+    settings = app.config["PORTAL"]
+    if not settings["SMTP_URL"]:
+        raise DeliveryFailed("e-mail is not configured on this portal (PORTAL_SMTP_URL)")
+    link = (settings["PUBLIC_URL"] or "").rstrip("/") + "/studies?report=new"
+    sent = 0
+    with app.extensions["db"].new_session() as session:
+        users = list(session.scalars(select(User).where(User.active.is_(True),
+                                                        User.email != "")))
+        for user in users:
+            if "physician" not in user.roles:
+                continue
+            principal = user_principal(user, "session")
+            count = session.scalar(select(func.count(Study.id)).where(
+                study_filter(principal), unread_report_condition(principal))) or 0
+            if not count:
+                continue
+            body = (f"Hello,\n\n{count} stud{'y has' if count == 1 else 'ies have'} a new "
+                    f"report in the referrer portal.\n\nSign in to read them:\n{link}\n")
+            try:
+                send_email(settings, user.email, "New reports", body)
+                sent += 1
+            except DeliveryFailed:
+                log.warning("digest e-mail to user %s failed", user.id)
+    return sent

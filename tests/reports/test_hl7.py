@@ -373,3 +373,26 @@ def test_new_reports_are_badged_and_filtered_until_read(ris: Ris, idp: IdentityP
     assert study not in doctor.get("/studies?report=new").get_data(as_text=True)
     send(ris.port, oru(accession, "C", "IMP:Read me again."))  # an amendment is new again
     assert study in doctor.get("/studies?report=new").get_data(as_text=True)
+
+
+def test_daily_digest_counts_unread_reports_per_physician(
+        ris: Ris, idp: IdentityProvider, mailbox: tuple[Mailbox, int]) -> None:
+    box, port = mailbox
+    app = ris.app
+    subjects = people(app, idp)
+    first, second = "DA" + generate_uid()[-6:], "DB" + generate_uid()[-6:]
+    study = store_study(app, first)
+    store_study(app, second)
+    send(ris.port, oru(first, "F", "IMP:One."), oru(second, "F", "IMP:Two."))
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["reports", "digest"]).exit_code == 1  # no SMTP configured
+    app.config["PORTAL"]["SMTP_URL"] = f"smtp://127.0.0.1:{port}"
+    result = runner.invoke(args=["reports", "digest"])
+    assert result.exit_code == 0 and "sent 1 digest" in result.output, result.output
+    mail = box.messages[-1]
+    assert mail["To"] == f"{subjects['doctor']}@demo.example"
+    assert "2 studies have a new report" in mail.get_payload()
+    assert first not in mail.get_payload() and "Roe" not in mail.get_payload()
+    signed_in(app, idp, subjects["doctor"]).get(f"/studies/{study}")  # reads one
+    runner.invoke(args=["reports", "digest"])
+    assert "1 study has a new report" in box.messages[-1].get_payload()
