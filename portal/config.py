@@ -90,6 +90,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SESSION_IDLE_MINUTES", int, 15, "staff sessions end after this much inactivity"),
     Setting("SESSION_ABSOLUTE_HOURS", int, 12, "staff sessions end this long after sign-in"),
     Setting("RECENT_AUTH_MINUTES", int, 15, "grants and revocations need a sign-in this recent"),
+    Setting("OIDC_MFA_VALUES", _as_list, [],
+            "acr or amr values that count as multi-factor; set: changes need one of them"),
     Setting("MAX_REQUEST_BYTES", int, 1 << 30, "largest HTTP request body accepted"),
     Setting("MAX_INSTANCE_BYTES", int, 512 << 20, "largest single DICOM file accepted"),
     Setting("MAX_INFLATED_BYTES", int, 64 << 20, "cap when inflating deflated data sets"),

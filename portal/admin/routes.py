@@ -8,19 +8,16 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 from flask import (
     Blueprint,
     Response,
-    current_app,
     flash,
     redirect,
     render_template,
     request,
-    session,
     url_for,
 )
 from sqlalchemy import select
@@ -41,6 +38,7 @@ from portal.access.models import Grant, Practice, ReferrerIdentifier, User
 from portal.access.policy import require_role
 from portal.access.principal import Principal, current_principal
 from portal.access.users import ROLES, UserError
+from portal.auth.recent import require_recent_sign_in
 from portal.db import db, utcnow
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -55,15 +53,7 @@ def _guard() -> Response | None:
     """Office managers only; changes need a sign-in within the configured minutes."""
     _manager()
     if request.method == "POST":
-        minutes = current_app.config["PORTAL"]["RECENT_AUTH_MINUTES"]
-        auth_time = getattr(session, "auth_time", None)
-        if auth_time is None or utcnow() - auth_time > timedelta(minutes=minutes):
-            flash("For this change, please confirm who you are by signing in again.")
-            # Come back to the page the form was on (the login route keeps only local paths).
-            back = urlsplit(request.referrer or "")
-            same_site = back.netloc == request.host
-            path = back.path if same_site and back.path else url_for("admin.index")
-            return redirect(url_for("auth.login", reauth="1", next=path))
+        return require_recent_sign_in("admin.index")
     return None
 
 

@@ -34,6 +34,7 @@ class Identity:
     roles: tuple[str, ...]
     auth_time: datetime
     id_token: str
+    mfa: bool = False  # the ID token's acr or amr names one of OIDC_MFA_VALUES
 
 
 def init_app(app: Flask) -> None:
@@ -78,11 +79,18 @@ def metadata() -> dict[str, Any]:
 
 
 def authorization_redirect(redirect_uri: str, nonce: str, *, force_login: bool) -> Any:
-    """Redirect the browser to the provider (state, nonce and PKCE kept in the session)."""
+    """Redirect the browser to the provider (state, nonce and PKCE kept in the session).
+
+    A forced sign-in (before a change) asks for a fresh login and, when multi-factor values
+    are configured, for one of them as ``acr_values`` (OpenID Connect Core 3.1.2.1).
+    """
     metadata()
     extra: dict[str, Any] = {"nonce": nonce}
     if force_login:
         extra.update(prompt="login", max_age=0)
+        wanted = current_app.config["PORTAL"]["OIDC_MFA_VALUES"]
+        if wanted:
+            extra["acr_values"] = " ".join(wanted)
     return provider().authorize_redirect(redirect_uri, **extra)
 
 
@@ -117,11 +125,15 @@ def complete_sign_in(roles_claim: str | None) -> Identity:
     auth_time = claims.get("auth_time")
     when = (datetime.fromtimestamp(int(auth_time), UTC) if isinstance(auth_time, int | float)
             else datetime.now(UTC))
+    wanted = set(current_app.config["PORTAL"]["OIDC_MFA_VALUES"])
+    methods = claims.get("amr") if isinstance(claims.get("amr"), list) else []
+    mfa = bool(wanted) and (str(claims.get("acr", "")) in wanted
+                            or bool(wanted & {str(m) for m in methods}))
     return Identity(issuer=str(claims["iss"]), subject=str(claims["sub"])[:256],
                     email=str(claims.get("email", ""))[:256],
                     name=str(claims.get("name") or claims.get("preferred_username") or "")[:256],
                     roles=tuple(str(r) for r in raw_roles if isinstance(r, str))[:16],
-                    auth_time=when, id_token=str(token["id_token"]))
+                    auth_time=when, id_token=str(token["id_token"]), mfa=mfa)
 
 
 def logout_url(id_token: str | None, return_to: str) -> str | None:

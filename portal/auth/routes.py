@@ -98,7 +98,10 @@ def callback() -> Response:
     session["id_token"] = identity.id_token
     session.user_fk = user.id  # type: ignore[attr-defined]
     session.security_epoch = user.security_epoch  # type: ignore[attr-defined]
-    session.auth_time = identity.auth_time  # type: ignore[attr-defined]
+    # A sign-in only counts as a recent strong one (for changes) when it met the
+    # multi-factor requirement, if there is one (SECURITY.md 8).
+    strong = identity.mfa or not settings["OIDC_MFA_VALUES"]
+    session.auth_time = identity.auth_time if strong else None  # type: ignore[attr-defined]
     session.regenerate()  # type: ignore[attr-defined]
     audit.record(db, audit.USER_AUTHENTICATION, action="E", outcome=audit.OUTCOME_SUCCESS,
                  who=f"user:{user.issuer}|{user.subject}", source_address=_address(),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from datetime import timedelta
 from urllib.parse import urlsplit
 
 from flask import (
@@ -24,7 +23,6 @@ from flask import (
     redirect,
     render_template,
     request,
-    session,
     url_for,
 )
 from sqlalchemy import select
@@ -34,6 +32,7 @@ from portal.access import audit
 from portal.access.policy import is_public as policy_is_public
 from portal.access.policy import public, require_study, share_visible, visible_studies
 from portal.access.principal import Principal, current_principal
+from portal.auth.recent import require_recent_sign_in
 from portal.db import db, utcnow
 from portal.errors import error_response
 from portal.index.models import Study
@@ -92,18 +91,8 @@ def _visitor() -> Principal | None:
 
 
 def _recent_sign_in() -> Response | None:
-    """Creating and revoking links need a sign-in within RECENT_AUTH_MINUTES (SECURITY.md 8)."""
-    minutes = current_app.config["PORTAL"]["RECENT_AUTH_MINUTES"]
-    auth_time = getattr(session, "auth_time", None)
-    if current_principal() is not None and getattr(current_principal(), "via", "") == "bearer":
-        return None  # a bearer token is as fresh as the provider made it
-    if auth_time is None or utcnow() - auth_time > timedelta(minutes=minutes):
-        flash("For this change, please confirm who you are by signing in again.")
-        back = urlsplit(request.referrer or "")
-        path = back.path if back.netloc == request.host and back.path else url_for(
-            "sharing.my_links")
-        return redirect(url_for("auth.login", reauth="1", next=path))
-    return None
+    """Creating and revoking links need a recent, strong sign-in (SECURITY.md 8)."""
+    return require_recent_sign_in("sharing.my_links")
 
 
 def within_creation_limit(principal: Principal) -> bool:
