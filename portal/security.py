@@ -36,6 +36,11 @@ def csrf_token() -> str:
     return token
 
 
+def has_session_cookie() -> bool:
+    """True when the request carries the portal's session cookie (then forms need the token)."""
+    return any(name in request.cookies for name in ("__Host-portal", "portal"))
+
+
 def _same_origin(origin: str) -> bool:
     return origin == f"{request.scheme}://{request.host}"
 
@@ -53,8 +58,7 @@ def check_csrf() -> None:
     origin = request.headers.get("Origin")
     if origin is not None and origin != "null" and not _same_origin(origin):
         abort(403, "requests from another origin cannot change anything here")
-    has_cookie = any(name in request.cookies for name in ("__Host-portal", "portal"))
-    if not has_cookie:
+    if not has_session_cookie():
         return  # no session to ride on: the request acts as nobody, or as its credentials
     sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token", "")
     expected = session.get("csrf")
@@ -71,6 +75,7 @@ def init_app(app: Flask) -> None:
     """Register the header and CSRF hooks; expose ``csp_nonce`` and ``csrf_token``."""
     app.jinja_env.globals["csp_nonce"] = csp_nonce
     app.jinja_env.globals["csrf_token"] = csrf_token
+    app.jinja_env.globals["has_session_cookie"] = has_session_cookie
     app.jinja_env.filters["dicom_date"] = dicom_date
     app.before_request(check_csrf)
 

@@ -1,0 +1,88 @@
+"""Security review of share links: attacks and patient paths that the first tests missed."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from flask import Flask
+from pydicom.uid import generate_uid
+
+from portal.access.grants import create_grant
+from portal.access.principal import Principal
+from portal.archive import current_archive
+from tests.conftest import (
+    OIDC_SETTINGS,
+    IdentityProvider,
+    add_person,
+    close_app,
+    csrf_of,
+    make_app,
+    signed_in,
+)
+from tests.factories import make_instance
+
+
+@pytest.fixture
+def portal(tmp_path: Path, idp: IdentityProvider) -> Iterator[Flask]:
+    """Sign-in at the mock provider."""
+    application = make_app(tmp_path / "instance", OIDC_ISSUER=idp.issuer, **OIDC_SETTINGS)
+    yield application
+    close_app(application)
+
+
+def _doctor_with_study(app: Flask, idp: IdentityProvider, sub: str) -> tuple[int, str]:
+    user_id = add_person(app, idp, sub, ["physician"], "Clinic", name=f"Dr {sub}")
+    study = generate_uid()
+    with app.app_context():
+        current_archive().ingest(make_instance(study=study, patient_id="PAT-R"), who="test")
+    with app.extensions["db"].write_transaction() as session:
+        create_grant(session, Principal("user", 0, "setup"), user_id=user_id, study_uid=study)
+    return user_id, study
+
+
+def _hidden_fields(html: str, action: str = "/s/exchange") -> dict[str, str]:
+    """The hidden inputs of the form that posts to ``action``, as a browser sends them."""
+    form = html.split(f'action="{action}"', 1)[1].split("</form>", 1)[0]
+    return dict(re.findall(r'<input type="hidden" name="([^"]+)"[^>]*value="([^"]*)"', form))
+
+
+# -- a colleague who is already signed in opens a link -------------------------------------
+
+def test_signed_in_colleague_can_open_and_close_a_link(portal: Flask,
+                                                       idp: IdentityProvider) -> None:
+    """The landing and shared pages' forms carry the CSRF token when a portal session exists:
+    a physician who is signed in (the usual case on his phone) can open a link and close it."""
+    _user_id, study = _doctor_with_study(portal, idp, "cameron")
+    sender = signed_in(portal, idp, "cameron")
+    made = sender.post("/api/shares", json={"study_uid": study, "audience": "physician",
+                                            "pin": False},
+                       headers={"X-CSRF-Token": csrf_of(sender)}).get_json()
+    token = made["link"].split("#", 1)[1]
+    add_person(portal, idp, "foreman", ["physician"], "Other clinic", name="Dr Foreman")
+    colleague = signed_in(portal, idp, "foreman")
+    # The browser submits the landing page's form as it is (the script fills in the token).
+    landing = colleague.get("/s")
+    assert landing.status_code == 200
+    opened = colleague.post("/s/exchange", data={**_hidden_fields(landing.get_data(
+        as_text=True)), "token": token, "pin": ""})
+    assert opened.status_code == 303, opened.get_data(as_text=True)[:300]
+    page = colleague.get(f"/studies/{study}")
+    assert page.status_code == 200
+    closed = colleague.post("/shared/close", data=_hidden_fields(
+        page.get_data(as_text=True), "/shared/close"))
+    assert closed.status_code == 303, closed.get_data(as_text=True)[:300]
+    # Back to his own account.
+    assert colleague.get("/studies").status_code == 200
+
+
+def test_landing_page_makes_no_session_for_anonymous_visitors(app: Flask) -> None:
+    """The CSRF field must not give preview bots a server-side session (no side effects)."""
+    page = app.test_client().get("/s")
+    assert page.status_code == 200
+    assert "Set-Cookie" not in page.headers
+    assert 'name="csrf_token"' not in page.get_data(as_text=True)
+
+
