@@ -113,6 +113,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DIMSE_AE_TITLE", str, "PORTAL", "AE title of the C-STORE SCP"),
     Setting("DIMSE_ALLOWED_PEERS", _as_list, [], "accepted callers as AETITLE@address"),
     Setting("DIMSE_MAX_PDU", int, 262_144, "largest PDU the SCP accepts"),
+    Setting("DIMSE_TLS_CERT", _as_optional_str, None,
+            "PEM certificate (chain) of the SCP: set with DIMSE_TLS_KEY, the SCP speaks only "
+            "TLS 1.2+ (PS3.15 B.12; port 2762 by convention)"),
+    Setting("DIMSE_TLS_KEY", _as_optional_str, None, "PEM private key of the SCP"),
+    Setting("DIMSE_TLS_CA", _as_optional_str, None,
+            "PEM CA bundle: when set, callers must present a certificate it signed"),
     Setting("TRUSTED_PROXIES", int, 0, "number of reverse proxies in front (ProxyFix hops)"),
     # Reports from the RIS.
     Setting("HL7_HOST", str, "127.0.0.1", "address the HL7 MLLP listener binds"),
@@ -281,6 +287,11 @@ def validate(config: dict[str, Any]) -> None:
     if not 0 < len(config["DIMSE_AE_TITLE"]) <= 16:
         raise ConfigError("DIMSE_AE_TITLE: 1 to 16 characters")
     _check_peers(config["DIMSE_ALLOWED_PEERS"])
+    if bool(config["DIMSE_TLS_CERT"]) != bool(config["DIMSE_TLS_KEY"]):
+        raise ConfigError("DIMSE_TLS_CERT: set it together with DIMSE_TLS_KEY")
+    for key in ("DIMSE_TLS_CERT", "DIMSE_TLS_KEY", "DIMSE_TLS_CA"):
+        if config[key] and not Path(config[key]).is_file():
+            raise ConfigError(f"{key}: no such file {config[key]!r}")
     _check_archive(config)
     _check_sharing(config)
     for key in ("ARCHIVE_URL", "PUBLIC_URL", "OIDC_ISSUER"):

@@ -150,8 +150,9 @@ def serve_command() -> None:
     if not settings["DIMSE_ALLOWED_PEERS"]:
         click.echo("warning: DIMSE_ALLOWED_PEERS is empty; every association will be "
                    "rejected", err=True)
+    secure = " (TLS 1.2+)" if settings["DIMSE_TLS_CERT"] else ""
     click.echo(f"C-STORE SCP {settings['DIMSE_AE_TITLE']} listening on "
-               f"{settings['DIMSE_HOST']}:{settings['DIMSE_PORT']}", err=True)
+               f"{settings['DIMSE_HOST']}:{settings['DIMSE_PORT']}{secure}", err=True)
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     serve(current_archive(), settings, on_stored=(
         (lambda series: prerender(series, app)) if shared_cache(app) else None))
