@@ -21,7 +21,9 @@ from portal.access.models import Delegation, Grant, PatientLink, ReferrerIdentif
 from portal.access.principal import Principal, current_principal
 from portal.db import utcnow
 from portal.index.models import Instance, Patient, Series, Study, StudyReferrer
+from portal.reports.dicom import REPORT_CLASSES
 from portal.reports.models import Order
+from portal.reports.service import is_patient
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -128,6 +130,14 @@ def study_filter(principal: Principal) -> ColumnElement[bool]:
     return or_(*conditions)
 
 
+def instance_filter(principal: Principal) -> ColumnElement[bool]:
+    """A SQL condition on ``Instance`` within a visible study: report objects (SR, encapsulated
+    PDF) reach patients and share-link visitors only as reports, under the release rules."""
+    if is_patient(principal):
+        return Instance.sop_class_uid.not_in(sorted(REPORT_CLASSES))
+    return true()
+
+
 def visible_studies(principal: Principal) -> Select[tuple[Study]]:
     """The studies this principal may see, as a query to refine."""
     return select(Study).where(study_filter(principal))
@@ -168,7 +178,8 @@ def require_instance(session: Session, principal: Principal, study_uid: str, ser
                  .contains_eager(Study.patient))
         .where(Instance.sop_instance_uid == sop_uid,
                Series.series_instance_uid == series_uid,
-               Study.study_instance_uid == study_uid, study_filter(principal))).first()
+               Study.study_instance_uid == study_uid, study_filter(principal),
+               instance_filter(principal))).first()
     if instance is None:
         abort(404, "no such instance")
     return instance

@@ -293,12 +293,15 @@ def to_json(level: Level, rows: Sequence[Any], query: Query, url_for_row: Callab
     return results
 
 
-def first_instance_uid(session: Session, level: Level, row: Any) -> str:
-    """The SOP Instance UID of the first instance under a result row."""
+def first_instance_uid(session: Session, level: Level, row: Any,
+                       visible: ColumnElement[bool] | None = None) -> str:
+    """The SOP Instance UID of the first instance under a result row (among ``visible``)."""
     if level == "instance":
         uid: str = row[0].sop_instance_uid
         return uid
     stmt = select(Instance.sop_instance_uid).join(Series, Instance.series_fk == Series.id)
+    if visible is not None:
+        stmt = stmt.where(visible)
     if level == "series":
         stmt = stmt.where(Series.id == row[0].id)
     else:

@@ -50,6 +50,8 @@ def _search(level: qido.Level, scope: list[Any]) -> Response:
     principal = _principal()
     try:
         query = qido.parse_query(request.args.to_dict(flat=False), level)
+        if level == "instance":
+            scope = [*scope, policy.instance_filter(principal)]
         stmt = qido.build_select(level, query, policy.study_filter(principal), scope)
     except qido.QueryError as exc:
         abort(400, str(exc))
@@ -79,7 +81,7 @@ def _search(level: qido.Level, scope: list[Any]) -> Response:
                        _external=True)
 
     def representative(row: Any) -> dict[str, Any]:
-        uid = qido.first_instance_uid(session, level, row)
+        uid = qido.first_instance_uid(session, level, row, policy.instance_filter(principal))
         return current_archive().header(uid) if uid else {}
 
     payload = qido.to_json(level, rows, query, retrieve_url, representative)
@@ -161,8 +163,9 @@ def _instances_of(study: str, series: str | None = None,
         _audit_read(found_study, "study")
         stmt = (select(Instance).join(Series, Instance.series_fk == Series.id)
                 .where(Series.study_fk == found_study.id))
-    return list(session.scalars(stmt.order_by(Instance.series_fk, Instance.instance_number,
-                                              Instance.id)))
+    return list(session.scalars(stmt.where(policy.instance_filter(principal))
+                                .order_by(Instance.series_fk, Instance.instance_number,
+                                          Instance.id)))
 
 
 def _accepts_dicom(instances: list[Instance]) -> None:

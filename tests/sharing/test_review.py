@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 from flask import Flask
 from pydicom.uid import generate_uid
@@ -22,7 +24,9 @@ from tests.conftest import (
     make_app,
     signed_in,
 )
-from tests.factories import make_instance
+from tests.factories import make_instance, to_bytes
+from tests.reports.test_sources import sr_document
+from tests.sharing.conftest import World, make_share, open_link
 
 
 @pytest.fixture
@@ -85,4 +89,36 @@ def test_landing_page_makes_no_session_for_anonymous_visitors(app: Flask) -> Non
     assert "Set-Cookie" not in page.headers
     assert 'name="csrf_token"' not in page.get_data(as_text=True)
 
+
+# -- report release rules reach the DICOM report objects too --------------------------------
+
+def test_patient_visitor_cannot_read_an_unreleased_sr_through_dicomweb(app: Flask,
+                                                                       world: World) -> None:
+    """An unverified SR (a preliminary report) in the shared study is hidden from the report
+    card; its text must not come out of /metadata or QIDO either."""
+    with app.app_context():
+        unverified = pydicom.dcmread(io.BytesIO(sr_document(world.study, "", verified=False)))
+        unverified.PatientID = "PAT-1"
+        current_archive().ingest(to_bytes(unverified), who="test")
+    made = make_share(world)
+    client = app.test_client()
+    assert open_link(client, made.token, made.pin).status_code == 303
+    page = client.get(f"/studies/{world.study}").get_data(as_text=True)
+    assert "No focal lesion." not in page  # the release rules hide it here
+    for path in (f"/dicomweb/studies/{world.study}/metadata",
+                 f"/dicomweb/studies/{world.study}/instances?includefield=all",
+                 "/dicomweb/instances?includefield=all&Modality=SR"):
+        answer = client.get(path)
+        assert answer.status_code in (200, 204), path
+        assert b"No focal lesion." not in answer.data, path
+        assert b"1.2.840.10008.5.1.4.1.1.88.33" not in answer.data, path
+    series = client.get(f"/dicomweb/studies/{world.study}/series").get_json()
+    sr_series = [s["0020000E"]["Value"][0] for s in series
+                 if s.get("00080060", {}).get("Value") == ["SR"]]
+    assert sr_series
+    for uid in sr_series:
+        for path in (f"/dicomweb/studies/{world.study}/series/{uid}/metadata",
+                     f"/dicomweb/studies/{world.study}/series?includefield=0040A730",
+                     f"/dicomweb/studies?includefield=0040A730&StudyInstanceUID={world.study}"):
+            assert b"No focal lesion." not in client.get(path).data, path
 
