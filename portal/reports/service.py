@@ -266,8 +266,9 @@ def readable_reports(session: Session, principal: Principal, study: Study) -> li
     for report in reports_of(session, study):
         if report.status == "cancelled":
             continue
-        if patient and (report.final_at is None or report.final_at + delay > now):
-            continue
+        if patient and (report.status not in ("final", "amended") or report.final_at is None
+                        or report.final_at + delay > now):
+            continue  # a report reopened after its release is a draft again: not for patients
         # Patients see the versions they could have read (final ones); others every one.
         history = [v for v in report.versions
                    if not patient or v.status in ("final", "amended")]

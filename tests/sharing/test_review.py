@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pydicom
@@ -15,6 +16,8 @@ from pydicom.uid import generate_uid
 from portal.access.grants import create_grant
 from portal.access.principal import Principal
 from portal.archive import current_archive
+from portal.db import utcnow
+from portal.reports.service import IncomingReport, receive_report
 from tests.conftest import (
     OIDC_SETTINGS,
     IdentityProvider,
@@ -26,7 +29,7 @@ from tests.conftest import (
 )
 from tests.factories import make_instance, to_bytes
 from tests.reports.test_sources import sr_document
-from tests.sharing.conftest import World, make_share, open_link
+from tests.sharing.conftest import World, link_row, make_share, open_link
 
 
 @pytest.fixture
@@ -122,3 +125,27 @@ def test_patient_visitor_cannot_read_an_unreleased_sr_through_dicomweb(app: Flas
                      f"/dicomweb/studies?includefield=0040A730&StudyInstanceUID={world.study}"):
             assert b"No focal lesion." not in client.get(path).data, path
 
+
+def _report(app: Flask, study: str, status: str, text: str, final_days_ago: int = 0) -> None:
+    with app.app_context(), app.extensions["db"].write_transaction() as session:
+        report, _ = receive_report(session, IncomingReport(
+            source="hl7", source_id="ORD-1", status=status, study_instance_uid=study,
+            findings=text, impression=text))
+        if final_days_ago and report.final_at is not None:
+            report.final_at = utcnow() - timedelta(days=final_days_ago)
+
+
+def test_report_reopened_as_preliminary_is_not_shown_to_a_patient(app: Flask,
+                                                                  world: World) -> None:
+    """A final report released long ago that comes back as preliminary (reopened in the RIS)
+    shows the patient neither the new preliminary text nor a 'preliminary' report."""
+    _report(app, world.study, "final", "Released final text", final_days_ago=30)
+    made = make_share(world)
+    client = app.test_client()
+    open_link(client, made.token, made.pin)
+    assert "Released final text" in client.get(f"/studies/{world.study}").get_data(
+        as_text=True)
+    _report(app, world.study, "preliminary", "Draft not for the patient")
+    page = client.get(f"/studies/{world.study}").get_data(as_text=True)
+    assert "Draft not for the patient" not in page
+    assert link_row(app, made.link.public_id).revoked_at is None
