@@ -52,6 +52,8 @@ def clean_email(text: str) -> str:
 def clean_phone(text: str) -> str:
     """A phone number in international form (+ and digits), or DeliveryFailed."""
     text = re.sub(r"[\s().-]", "", text.strip())
+    if text.startswith("00"):
+        text = "+" + text[2:]  # one number, one form: 0049... is +49...
     if not _PHONE.match(text):
         raise DeliveryFailed("write the phone number with its country code, e.g. +4917012345678")
     return text

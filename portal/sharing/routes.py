@@ -351,6 +351,10 @@ def deliver(link: ShareLink, *, token: str, pin: str | None, channel: str, to: s
         delivery.send_email(settings, to, subject, body)
     elif channel == "sms":
         digest = delivery.address_digest(delivery.clean_phone(to))
+        if any(d.get("what") == "pin" and d.get("to_sha256") == digest
+               for d in link.deliveries):
+            raise service.ShareError("the link must not go to where the PIN went; "
+                                     "send it by e-mail or to another number")
         delivery.send_sms(settings, to, delivery.link_sms(PORTAL_NAME, share_url(token)),
                           "share_link")
     else:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import re
+import threading
 from collections.abc import Iterator
 from datetime import timedelta
+from http.server import ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -30,6 +33,8 @@ from tests.conftest import (
 from tests.factories import make_instance, to_bytes
 from tests.reports.test_sources import sr_document
 from tests.sharing.conftest import World, link_row, make_share, open_link
+from tests.sharing.test_delivery import SmsReceiver, _make, _send
+from tests.sharing.test_delivery import _doctor_with_study as _delivery_doctor
 
 
 @pytest.fixture
@@ -149,3 +154,43 @@ def test_report_reopened_as_preliminary_is_not_shown_to_a_patient(app: Flask,
     page = client.get(f"/studies/{world.study}").get_data(as_text=True)
     assert "Draft not for the patient" not in page
     assert link_row(app, made.link.public_id).revoked_at is None
+
+
+# -- a link and its PIN never reach the same phone ------------------------------------------
+
+@pytest.fixture
+def sms() -> Iterator[tuple[list[dict[str, Any]], int]]:
+    """A local HTTP receiver standing in for an SMS gateway."""
+    SmsReceiver.calls = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), SmsReceiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield SmsReceiver.calls, server.server_port
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def sms_portal(tmp_path: Path, idp: IdentityProvider,
+               sms: tuple[list[dict[str, Any]], int]) -> Iterator[Flask]:
+    """Sign-in and text messages through a local webhook receiver."""
+    application = make_app(tmp_path / "instance", OIDC_ISSUER=idp.issuer,
+                           SMS_WEBHOOK_URL=f"http://127.0.0.1:{sms[1]}/send", **OIDC_SETTINGS)
+    yield application
+    close_app(application)
+
+
+@pytest.mark.parametrize(("pin_to", "link_to"), [("+491700000001", "+49 170 0000001"),
+                                                 ("0049 170 0000001", "+491700000001")])
+def test_pin_first_then_link_to_the_same_phone_is_refused(
+        sms_portal: Flask, idp: IdentityProvider, sms: tuple[list[dict[str, Any]], int],
+        pin_to: str, link_to: str) -> None:
+    doctor, study = _delivery_doctor(sms_portal, idp)
+    token, pin, public_id, _url = _make(doctor, study)
+    assert _send(doctor, public_id, token=token, pin=pin, what="pin", channel="sms",
+                 to=pin_to).status_code == 200
+    same = _send(doctor, public_id, token=token, pin=pin, what="link", channel="sms",
+                 to=link_to)
+    assert same.status_code == 400 and len(sms[0]) == 1
+    assert _send(doctor, public_id, token=token, pin=pin, what="link", channel="sms",
+                 to="+491700000002").status_code == 200
