@@ -143,6 +143,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SMTP_FROM", str, "portal@localhost", "sender address of the portal's e-mail"),
     Setting("SMS_WEBHOOK_URL", _as_optional_str, None, "JSON webhook that sends text messages"),
     Setting("SMS_WEBHOOK_TOKEN", _as_optional_str, None, "bearer token for the SMS webhook"),
+    Setting("AUDIT_SYSLOG_URL", _as_optional_str, None,
+            "audit repository as tcp://host:port or tls://host:port (RFC 5424/5425)"),
+    Setting("AUDIT_SYSLOG_CA", _as_optional_str, None, "PEM CA bundle for a tls:// repository"),
     Setting("LOG_LEVEL", str, "INFO", "logging level"),
 )
 
@@ -287,6 +290,9 @@ def validate(config: dict[str, Any]) -> None:
     if not 0 < len(config["DIMSE_AE_TITLE"]) <= 16:
         raise ConfigError("DIMSE_AE_TITLE: 1 to 16 characters")
     _check_peers(config["DIMSE_ALLOWED_PEERS"])
+    syslog = config["AUDIT_SYSLOG_URL"]
+    if syslog and not syslog.startswith(("tcp://", "tls://")):
+        raise ConfigError("AUDIT_SYSLOG_URL: must be tcp://host:port or tls://host:port")
     if bool(config["DIMSE_TLS_CERT"]) != bool(config["DIMSE_TLS_KEY"]):
         raise ConfigError("DIMSE_TLS_CERT: set it together with DIMSE_TLS_KEY")
     for key in ("DIMSE_TLS_CERT", "DIMSE_TLS_KEY", "DIMSE_TLS_CA"):

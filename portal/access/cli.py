@@ -131,3 +131,47 @@ def verify_audit_command() -> None:
     where = "records were removed from the end" if bad == -1 else f"record {bad} was altered"
     click.echo(f"audit trail BROKEN after {checked} good records: {where}")
     sys.exit(1)
+
+
+@audit_cli.command("forward")
+@click.option("--watch", type=click.IntRange(0, 86400), default=0,
+              help="keep forwarding every this many seconds (0: once)")
+@with_appcontext
+def forward_audit_command(watch: int) -> None:
+    """Send new audit records to AUDIT_SYSLOG_URL; what cannot be sent waits for next time."""
+    import time
+
+    from portal.access.audit_forward import ForwardFailed, forward
+
+    settings = current_app.config["PORTAL"]
+    if not settings["AUDIT_SYSLOG_URL"]:
+        click.echo("AUDIT_SYSLOG_URL is not set", err=True)
+        sys.exit(1)
+    database = db._get_current_object()  # type: ignore[attr-defined]
+    while True:
+        try:
+            sent = forward(database, settings["AUDIT_SYSLOG_URL"],
+                           ca_file=settings["AUDIT_SYSLOG_CA"])
+            click.echo(f"forwarded {sent} audit record(s)")
+        except ForwardFailed as exc:
+            click.echo(f"{exc}; the records wait for the next run", err=True)
+            if not watch:
+                sys.exit(1)
+        if not watch:
+            return
+        time.sleep(watch)
+
+
+@audit_cli.command("protect")
+@click.argument("role")
+@with_appcontext
+def protect_audit_command(role: str) -> None:
+    """PostgreSQL: let ROLE (the portal's database user) only add and read audit records."""
+    from portal.access.audit_forward import protect_table
+
+    try:
+        protect_table(db._get_current_object(), role)  # type: ignore[attr-defined]
+    except ValueError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(1)
+    click.echo(f"{role} may now only insert and read audit records")

@@ -152,6 +152,16 @@ class AuditHead(Base):
     count: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class AuditForward(Base):
+    """How far the audit trail has been sent to the separate repository (one row)."""
+
+    __tablename__ = "audit_forward"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    last_id: Mapped[int] = mapped_column(Integer, default=0)
+    forwarded_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
 class Invitation(Base):
     """A one-time link an office manager sends; whoever signs in through it gets its roles."""
 
