@@ -41,10 +41,13 @@ def share_visible(view: F) -> F:
 
 
 # Views of other packages a share-link visitor may reach: the study page and DICOMweb reads.
-SHARE_ENDPOINTS = frozenset({"studies.study_page", "studies.viewer", "studies.download_study"})
-# Whole original files: only for links made with the download permission.
+SHARE_ENDPOINTS = frozenset({"studies.study_page", "studies.viewer", "studies.download_study",
+                             "reports.report_pdf_view"})
+# Whole original files (and the report as a file): only for links made with the download
+# permission.
 DOWNLOAD_ENDPOINTS = frozenset({"dicomweb.retrieve_study", "dicomweb.retrieve_series",
-                                "dicomweb.retrieve_instance", "studies.download_study"})
+                                "dicomweb.retrieve_instance", "studies.download_study",
+                                "reports.report_pdf_view"})
 
 
 def _share_may_reach(principal: Principal, endpoint: str) -> None:

@@ -194,3 +194,29 @@ def test_pin_first_then_link_to_the_same_phone_is_refused(
     assert same.status_code == 400 and len(sms[0]) == 1
     assert _send(doctor, public_id, token=token, pin=pin, what="link", channel="sms",
                  to="+491700000002").status_code == 200
+
+
+# -- the report PDF button on a shared study page ---------------------------------------------
+
+def test_report_pdf_for_share_visitors_follows_the_download_permission(app: Flask,
+                                                                       world: World) -> None:
+    """The report card's PDF button works for a link with the download permission (under
+    the release rules) and is not offered, and refused, on a view-only link."""
+    _report(app, world.study, "final", "Released final text", final_days_ago=30)
+    downloads = make_share(world, can_download=True)
+    client = app.test_client()
+    open_link(client, downloads.token, downloads.pin)
+    page = client.get(f"/studies/{world.study}").get_data(as_text=True)
+    pdf_path = re.search(r'href="(/studies/[^"]+/reports/\d+\.pdf)"', page)
+    assert pdf_path is not None
+    pdf = client.get(pdf_path.group(1))
+    assert pdf.status_code == 200 and pdf.data.startswith(b"%PDF-")
+    view_only = make_share(world, can_download=False)
+    viewer = app.test_client()
+    open_link(viewer, view_only.token, view_only.pin)
+    page = viewer.get(f"/studies/{world.study}").get_data(as_text=True)
+    assert "Released final text" in page and ".pdf" not in page
+    assert viewer.get(pdf_path.group(1)).status_code == 403
+    # A draft is not released as a PDF either.
+    _report(app, world.study, "preliminary", "Draft not for the patient")
+    assert client.get(pdf_path.group(1)).status_code == 404
