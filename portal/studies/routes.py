@@ -123,7 +123,7 @@ def download_study(study_uid: str) -> Response:
     """The study as a ZIP of its DICOM files with a DICOMDIR (audited as an export)."""
     principal = _principal()
     study = require_study(db.session, principal, study_uid)
-    instances = study_instances(db.session, study)
+    instances = study_instances(db.session, principal, study)
     if not instances:
         abort(404, "this study has no files")
     archive = current_archive()

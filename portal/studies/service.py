@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from portal.access.policy import study_filter, visible_studies
+from portal.access.policy import instance_filter, study_filter, visible_studies
 from portal.access.principal import Principal
 from portal.index.models import Instance, Patient, Series, Study
 from portal.reports.service import unread_report_condition
@@ -92,9 +92,10 @@ def series_images(session: Session, series: Series) -> list[Instance]:
         .order_by(Instance.instance_number, Instance.id)))
 
 
-def study_instances(session: Session, study: Study) -> list[Instance]:
-    """Every instance of a study, series by series, in instance-number order."""
+def study_instances(session: Session, principal: Principal, study: Study) -> list[Instance]:
+    """Every instance of a study this principal may have, series by series, in
+    instance-number order (report objects only for those who read reports unreleased)."""
     return list(session.scalars(
         select(Instance).join(Series, Instance.series_fk == Series.id)
-        .where(Series.study_fk == study.id)
+        .where(Series.study_fk == study.id, instance_filter(principal))
         .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)))

@@ -40,7 +40,7 @@ def _item(kind: str, meaning: str, **values: object) -> Dataset:
     return item
 
 
-def _document(study: str, accession: str, sop_class: str) -> Dataset:
+def _document(study: str, accession: str, sop_class: str, patient_id: str = "P-S") -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -49,15 +49,16 @@ def _document(study: str, accession: str, sop_class: str) -> Dataset:
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
-    ds.PatientID, ds.PatientName = "P-S", "Sr^Patient"
+    ds.PatientID, ds.PatientName = patient_id, "Sr^Patient"
     ds.AccessionNumber, ds.StudyDate, ds.ReferringPhysicianName = accession, "20260301", \
         "Wilson^James"
     ds.SeriesNumber, ds.InstanceNumber = 99, 1
     return ds
 
 
-def sr_document(study: str, accession: str, verified: bool = True) -> bytes:
-    ds = _document(study, accession, "1.2.840.10008.5.1.4.1.1.88.33")
+def sr_document(study: str, accession: str, verified: bool = True,
+                patient_id: str = "P-S") -> bytes:
+    ds = _document(study, accession, "1.2.840.10008.5.1.4.1.1.88.33", patient_id)
     ds.Modality = "SR"
     ds.ValueType = "CONTAINER"
     ds.ContinuityOfContent = "SEPARATE"
@@ -236,3 +237,34 @@ def test_fhir_reports_from_a_bearer_token_need_the_report_sender_role(
     assert created.status_code == 201, created.data
     page = signed_in(oidc_app, idp, doctor).get(f"/studies/{study}").get_data(as_text=True)
     assert "From the RIS service." in page
+
+
+def test_report_objects_leave_in_a_study_zip_only_for_clinicians(
+        oidc_app: Flask, idp: IdentityProvider, doctor: str) -> None:
+    import io
+    import zipfile
+
+    from sqlalchemy import select
+
+    from portal.access.grants import link_patient
+    from portal.access.models import User
+
+    study, accession = generate_uid(), "Z" + generate_uid()[-7:]
+    ingest(oidc_app, to_bytes(make_dataset(study=study, patient_id="P-Z",
+                                           AccessionNumber=accession,
+                                           ReferringPhysicianName="Wilson^James")))
+    ingest(oidc_app, sr_document(study, accession, verified=False, patient_id="P-Z"))
+    patient_sub = "zip-patient-" + generate_uid()[-6:]
+    add_person(oidc_app, idp, patient_sub, ["patient"])
+    with oidc_app.extensions["db"].write_transaction() as session:
+        user = session.scalars(select(User).where(User.subject == patient_sub)).one()
+        link_patient(session, ADMIN, user.id, "P-Z")
+
+    def members(subject: str) -> int:
+        answer = signed_in(oidc_app, idp, subject).get(f"/studies/{study}/download.zip")
+        assert answer.status_code == 200
+        return len([n for n in zipfile.ZipFile(io.BytesIO(answer.data)).namelist()
+                    if n != "DICOMDIR"])
+
+    assert members(doctor) == 2  # the image and the draft report
+    assert members(patient_sub) == 1  # the image only
