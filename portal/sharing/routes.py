@@ -211,7 +211,7 @@ def shared_accesses() -> Response | str:
     link = db.session.get(ShareLink, visitor.id) if visitor is not None else None
     if visitor is None or link is None:
         return _ended()
-    rows = service.accesses(db.session, link)
+    rows = service.accesses(db.session, link, others_addresses=False)
     audit.record(db, audit.AUDIT_LOG_USED, action="R", outcome=audit.OUTCOME_SUCCESS,
                  who=visitor.audit_name, source_address=_address(),
                  details={"share": link.public_id})

@@ -425,7 +425,8 @@ def end_share_session(database: Database, session_token: str) -> None:
 
 
 def claim_for_colleague(session: Session, user: Principal, link_id: int) -> list[str]:
-    """A colleague who signed in through a sign-in link gets a grant on its studies.
+    """A colleague who signed in through a sign-in link gets a grant on its studies, until
+    the link's own expiry.
 
     The link works once: it is revoked by the claim. Each grant is audited (110135) by
     ``create_grant`` with the link as the actor.
@@ -439,7 +440,9 @@ def claim_for_colleague(session: Session, user: Principal, link_id: int) -> list
     actor = Principal("share", link.id, "share link", share_id=link.public_id, via="share")
     uids = [s.study_instance_uid for s in link.studies]
     for uid in uids:
-        create_grant(session, actor, user_id=user.id, study_uid=uid, expires_at=None,
+        # The grant lasts as long as the sender meant the link to (SECURITY.md 15).
+        create_grant(session, actor, user_id=user.id, study_uid=uid,
+                     expires_at=link.expires_at,
                      reason=f"colleague share link {link.public_id}")
     link.revoked_at, link.revoked_by = utcnow(), f"claimed by {user.audit_name}"
     session.execute(delete(ShareSession).where(ShareSession.share_fk == link.id))
@@ -493,9 +496,14 @@ def _who_label(who: str, own: str, names: Mapping[str, str]) -> str:
     return "Someone"
 
 
-def accesses(session: Session, link: ShareLink, limit: int = 200) -> list[Access]:
+def accesses(session: Session, link: ShareLink, limit: int = 200, *,
+             others_addresses: bool = True) -> list[Access]:
     """Each view and download of the link's studies and each opening of the link, newest
-    first (from the audit trail; the patient's "Who opened my images")."""
+    first (from the audit trail; the patient's "Who opened my images").
+
+    ``others_addresses=False`` (the visitor's own page) keeps the network address only of
+    this link's own uses: staff and other link holders are named, not located.
+    """
     own = share_who(link.public_id)
     rows: dict[int, Any] = {}
     for event in (audit.INSTANCES_ACCESSED[0], audit.INSTANCES_TRANSFERRED[0],
@@ -518,7 +526,9 @@ def accesses(session: Session, link: ShareLink, limit: int = 200) -> list[Access
     out = []
     for row in sorted(rows.values(), key=lambda r: r.id, reverse=True)[:limit]:
         out.append(Access(at=row.occurred_at, what=_EVENT_WORDS.get(row.event_id, "used"),
-                          who=_who_label(row.who, own, people), address=row.source_address,
+                          who=_who_label(row.who, own, people),
+                          address=row.source_address
+                          if others_addresses or row.who == own else "",
                           device=str((row.details or {}).get("device", "")),
                           outcome=row.outcome))
     return out

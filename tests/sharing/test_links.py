@@ -16,6 +16,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import select, update
 
+from portal.access import audit
 from portal.access.models import AuditEvent
 from portal.db import utcnow
 from portal.sharing import service, sessions, tokens
@@ -410,6 +411,13 @@ def test_accesses_are_audited_and_shown(app: Flask, world: World) -> None:
     page = second.get("/shared/accesses").get_data(as_text=True)
     assert page.count("opened the link") == 2 and "looked at the images" in page
     assert "Dr House" not in page  # he has not looked yet
+    # Once the doctor looks, the visitor sees that he did, but not from where.
+    with app.test_request_context():
+        audit.record(app.extensions["db"], audit.INSTANCES_ACCESSED, action="R",
+                     outcome=audit.OUTCOME_SUCCESS, who="machine:ward-viewer",
+                     source_address="10.9.8.7", study_instance_uid=world.study)
+    page = second.get("/shared/accesses").get_data(as_text=True)
+    assert "An imaging system looked at the images" in page and "10.9.8.7" not in page
     with app.test_request_context(), app.extensions["db"].new_session() as session:
         link = session.scalars(select(ShareLink).where(ShareLink.id == made.link.id)).one()
         listed = service.accesses(session, link)

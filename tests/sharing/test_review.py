@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import io
 import re
-import threading
 from collections.abc import Iterator
 from datetime import timedelta
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +30,16 @@ from tests.conftest import (
 )
 from tests.factories import make_instance, to_bytes
 from tests.reports.test_sources import sr_document
+from tests.sharing import test_delivery
 from tests.sharing.conftest import World, link_row, make_share, open_link
-from tests.sharing.test_delivery import SmsReceiver, _make, _send
 from tests.sharing.test_delivery import _doctor_with_study as _delivery_doctor
+from tests.sharing.test_delivery import _make, _send
 
 
 @pytest.fixture
-def portal(tmp_path: Path, idp: IdentityProvider) -> Iterator[Flask]:
+def portal(oidc_app: Flask) -> Flask:
     """Sign-in at the mock provider."""
-    application = make_app(tmp_path / "instance", OIDC_ISSUER=idp.issuer, **OIDC_SETTINGS)
-    yield application
-    close_app(application)
+    return oidc_app
 
 
 def _doctor_with_study(app: Flask, idp: IdentityProvider, sub: str) -> tuple[int, str]:
@@ -158,16 +155,7 @@ def test_report_reopened_as_preliminary_is_not_shown_to_a_patient(app: Flask,
 
 # -- a link and its PIN never reach the same phone ------------------------------------------
 
-@pytest.fixture
-def sms() -> Iterator[tuple[list[dict[str, Any]], int]]:
-    """A local HTTP receiver standing in for an SMS gateway."""
-    SmsReceiver.calls = []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), SmsReceiver)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield SmsReceiver.calls, server.server_port
-    server.shutdown()
-    thread.join(timeout=10)
+sms = test_delivery.sms  # the local SMS webhook receiver fixture
 
 
 @pytest.fixture

@@ -233,6 +233,7 @@ def test_colleague_link_asks_for_sign_in_and_gives_a_grant(portal: Flask,
             AuditEvent.who == f"share:{made['id']}", AuditEvent.event_id == "110113")))
     assert [g.study_instance_uid for g in grants] == [study]
     assert grants[0].granted_by == f"share:{made['id']}"
+    assert grants[0].expires_at == link_row(portal, made["id"]).expires_at  # not for ever
     assert audit_rows and audit_rows[0].details["grant"] == grants[0].id
     assert link_row(portal, made["id"]).revoked_at is not None  # one-time
     assert open_link(portal.test_client(), token, "").status_code == 404
