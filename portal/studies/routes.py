@@ -25,6 +25,7 @@ from portal.studies import export
 from portal.studies.service import (
     MODALITIES,
     StudySearch,
+    key_images,
     patient_history,
     search_studies,
     series_images,
@@ -92,6 +93,8 @@ def study_page(study_uid: str) -> str:
     _audit_view(principal, study.study_instance_uid, study.patient.patient_id, "study page")
     return render_template("studies/study.html", study=study,
                            series=study_series(db.session, study),
+                           key_images=key_images(db.session, principal, study,
+                                                 current_archive().read),
                            history=patient_history(db.session, principal, study),
                            principal=principal)
 

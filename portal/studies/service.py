@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
@@ -99,3 +103,45 @@ def study_instances(session: Session, principal: Principal, study: Study) -> lis
         select(Instance).join(Series, Instance.series_fk == Series.id)
         .where(Series.study_fk == study.id, instance_filter(principal))
         .order_by(Series.series_number, Series.id, Instance.instance_number, Instance.id)))
+
+
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"  # PS3.3 A.35.4
+MAX_KEY_IMAGES = 24
+
+
+def _referenced_uids(ds: Dataset) -> list[str]:
+    """SOP Instance UIDs a Key Object Selection document names (its evidence, PS3.3
+    C.17.2.2, then any IMAGE content items), in document order."""
+    found: list[str] = []
+    for study in ds.get("CurrentRequestedProcedureEvidenceSequence") or []:
+        for series in study.get("ReferencedSeriesSequence") or []:
+            for item in series.get("ReferencedSOPSequence") or []:
+                found.append(str(item.get("ReferencedSOPInstanceUID", "")))
+    for item in ds.get("ContentSequence") or []:
+        for ref in item.get("ReferencedSOPSequence") or []:
+            found.append(str(ref.get("ReferencedSOPInstanceUID", "")))
+    return list(dict.fromkeys(uid for uid in found if uid))
+
+
+def key_images(session: Session, principal: Principal, study: Study,
+               read: Callable[[str], bytes]) -> list[tuple[Instance, Series]]:
+    """The images the study's Key Object Selection documents flag, as (instance, series),
+    limited to images of this study the principal may see."""
+    documents = list(session.scalars(
+        select(Instance.sop_instance_uid).join(Series, Instance.series_fk == Series.id)
+        .where(Series.study_fk == study.id,
+               Instance.sop_class_uid == KEY_OBJECT_SELECTION).limit(5)))
+    wanted: list[str] = []
+    for uid in documents:
+        try:
+            wanted += _referenced_uids(dcmread(io.BytesIO(read(uid)), stop_before_pixels=True))
+        except (OSError, KeyError, ValueError, AttributeError):
+            continue  # an unreadable document hides its flags, never the study
+    if not wanted:
+        return []
+    rows = session.execute(
+        select(Instance, Series).join(Series, Instance.series_fk == Series.id)
+        .where(Series.study_fk == study.id, Instance.sop_instance_uid.in_(wanted[:500]),
+               Instance.rows.is_not(None), instance_filter(principal))).all()
+    by_uid = {instance.sop_instance_uid: (instance, series) for instance, series in rows}
+    return [by_uid[uid] for uid in wanted if uid in by_uid][:MAX_KEY_IMAGES]

@@ -23,8 +23,12 @@ const base = `/dicomweb/studies/${encodeURIComponent(data.study)}/series/${encod
 const frames = /** @type {[string, number][]} */ (data.frames);
 const defaultWindow = /** @type {Win | null} */ (data.window);
 
+// A key image link names its instance: start there (else at the first image).
+const startUid = new URLSearchParams(window.location.search).get('image');
+const startIndex = Math.max(0, startUid ? frames.findIndex((f) => f[0] === startUid) : 0);
+
 const state = {
-  view: 'stack', index: 0, angle: 0,
+  view: 'stack', index: startIndex, angle: 0,
   /** @type {Record<string, number>} */ positions: { axial: 0.5, coronal: 0.5, sagittal: 0.5 },
   zoom: 1, panX: 0, panY: 0,
   /** @type {Win | null} */ window: defaultWindow ? { ...defaultWindow } : null,
