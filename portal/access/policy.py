@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from flask import Flask, Response, abort, current_app, redirect, request, url_for
-from sqlalchemy import Select, exists, false, or_, select, true
+from sqlalchemy import Select, and_, exists, false, or_, select, true
 from sqlalchemy.orm import Session, contains_eager, joinedload
 from sqlalchemy.sql.elements import ColumnElement
 from werkzeug.datastructures import WWWAuthenticate
@@ -133,12 +133,25 @@ def study_filter(principal: Principal) -> ColumnElement[bool]:
     return or_(*conditions)
 
 
+def series_filter(principal: Principal) -> ColumnElement[bool]:
+    """A SQL condition on ``Series`` within a visible study: a share link made for selected
+    series opens only those."""
+    if principal.kind == "share" and principal.share_series:
+        return Series.series_instance_uid.in_(sorted(principal.share_series))
+    return true()
+
+
 def instance_filter(principal: Principal) -> ColumnElement[bool]:
     """A SQL condition on ``Instance`` within a visible study: report objects (SR, encapsulated
-    PDF) reach patients and share-link visitors only as reports, under the release rules."""
+    PDF) reach patients and share-link visitors only as reports, under the release rules, and
+    a link made for selected series opens only their instances."""
+    conditions: list[ColumnElement[bool]] = []
     if is_patient(principal):
-        return Instance.sop_class_uid.not_in(sorted(REPORT_CLASSES))
-    return true()
+        conditions.append(Instance.sop_class_uid.not_in(sorted(REPORT_CLASSES)))
+    if principal.kind == "share" and principal.share_series:
+        conditions.append(Instance.series_fk.in_(select(Series.id).where(
+            series_filter(principal))))
+    return and_(*conditions) if conditions else true()
 
 
 def visible_studies(principal: Principal) -> Select[tuple[Study]]:
@@ -166,7 +179,8 @@ def require_series(session: Session, principal: Principal, study_uid: str,
         select(Series).join(Series.study).join(Study.patient)
         .options(contains_eager(Series.study).contains_eager(Study.patient))
         .where(Series.series_instance_uid == series_uid,
-               Study.study_instance_uid == study_uid, study_filter(principal))).first()
+               Study.study_instance_uid == study_uid, study_filter(principal),
+               series_filter(principal))).first()
     if series is None:
         abort(404, "no such series")
     return series
@@ -182,7 +196,7 @@ def require_instance(session: Session, principal: Principal, study_uid: str, ser
         .where(Instance.sop_instance_uid == sop_uid,
                Series.series_instance_uid == series_uid,
                Study.study_instance_uid == study_uid, study_filter(principal),
-               instance_filter(principal))).first()
+               series_filter(principal), instance_filter(principal))).first()
     if instance is None:
         abort(404, "no such instance")
     return instance

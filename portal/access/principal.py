@@ -36,6 +36,8 @@ class Principal:
     # A share-link visitor: the link's public id, the studies it opens, whether to download.
     share_id: str = ""
     share_studies: frozenset[str] = field(default_factory=frozenset)
+    # Series the link is limited to (empty: every series of its studies).
+    share_series: frozenset[str] = field(default_factory=frozenset)
     can_download: bool = True
 
     @property

@@ -154,6 +154,8 @@ OPENAPI: dict[str, Any] = {
                                  "description": "shown once; deliver apart from the link"}}}]},
             "ShareNew": {"type": "object", "required": ["study_uid"], "properties": {
                 "study_uid": {"type": "string"}, "whole_patient": {"type": "boolean"},
+                "series": {"type": "array", "items": {"type": "string"},
+                           "description": "only these Series Instance UIDs of the study"},
                 "audience": {"type": "string", "enum": ["patient", "physician"]},
                 "requires_sign_in": {"type": "boolean"}, "download": {"type": "boolean"},
                 "pin": {"type": "boolean", "default": True},

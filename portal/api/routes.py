@@ -282,7 +282,8 @@ def add_share() -> Response | tuple[Response, int]:
             requires_sign_in=bool(body.get("requires_sign_in", False)),
             can_download=bool(body.get("download", False)), with_pin=bool(body.get("pin", True)),
             days=days, expires_at=_when(body, "expires_at"), not_before=_when(body, "not_before"),
-            note=str(body.get("note", "")), notify_sender=bool(body.get("notify_sender", False)))
+            note=str(body.get("note", "")), notify_sender=bool(body.get("notify_sender", False)),
+            series_uids=_series_list(body.get("series")))
     except ShareError as exc:
         raise UserError(str(exc)) from exc
     if not sharing.within_creation_limit(principal):
@@ -291,6 +292,15 @@ def add_share() -> Response | tuple[Response, int]:
     db.session.commit()
     return jsonify({**_share_json(made.link), "link": sharing.share_url(made.token),
                     "pin_code": made.pin}), 201
+
+
+def _series_list(value: object) -> list[str]:
+    """The optional ``series`` of a share: a list of Series Instance UIDs."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise UserError("series is a list of Series Instance UIDs")
+    return value
 
 
 @bp.get("/shares/<public_id>")

@@ -50,6 +50,8 @@ def _search(level: qido.Level, scope: list[Any]) -> Response:
     principal = _principal()
     try:
         query = qido.parse_query(request.args.to_dict(flat=False), level)
+        if level != "study":
+            scope = [*scope, policy.series_filter(principal)]
         if level == "instance":
             scope = [*scope, policy.instance_filter(principal)]
         stmt = qido.build_select(level, query, policy.study_filter(principal), scope)

@@ -59,6 +59,8 @@ class ShareLinkStudy(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     share_fk: Mapped[int] = mapped_column(ForeignKey("share_link.id"), index=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    # Series Instance UIDs the link opens in this study; empty: the whole study.
+    series_uids: Mapped[list[str]] = mapped_column(JSON, default=list)
 
     link: Mapped[ShareLink] = relationship(back_populates="studies")
 

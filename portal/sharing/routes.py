@@ -47,6 +47,7 @@ from portal.sharing.sessions import (
     forget_cached_visits,
     set_share_cookie,
 )
+from portal.studies.service import study_series
 
 bp = Blueprint("sharing", __name__)
 
@@ -286,6 +287,7 @@ def share_form(study_uid: str) -> str:
     study = require_study(db.session, principal, study_uid)
     links = service.list_links(db.session, principal, study_uid=study_uid, limit=50)
     return render_template("sharing/share_form.html", study=study, policy=share_policy(),
+                           series=study_series(db.session, principal, study),
                            links=links, now=utcnow(), state=service.link_state,
                            may_share=any(principal.has_role(r) for r in service.SHARING_ROLES))
 
@@ -307,7 +309,8 @@ def create(study_uid: str) -> Response | str:
             requires_sign_in=audience == "physician" and form.get("colleague") == "sign_in",
             can_download=form.get("download") == "on", with_pin=form.get("pin") == "on",
             days=_form_days(), note=form.get("note", ""),
-            notify_sender=form.get("notify") == "on")
+            notify_sender=form.get("notify") == "on",
+            series_uids=form.getlist("series") if form.get("scope") == "series" else ())
     except service.ShareError as exc:
         db.session.rollback()
         flash(str(exc), "error")

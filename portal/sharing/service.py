@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -23,7 +23,7 @@ from portal.access.models import User
 from portal.access.policy import visible_studies
 from portal.access.principal import Principal
 from portal.db import Database, UTCDateTime, utcnow
-from portal.index.models import Study
+from portal.index.models import Series, Study
 from portal.sharing.models import ShareLink, ShareLinkStudy, ShareSession
 from portal.sharing.tokens import (
     hash_pin,
@@ -165,8 +165,10 @@ def create_share(session: Session, actor: Principal, policy: SharePolicy, *, stu
                  requires_sign_in: bool = False, can_download: bool = False,
                  with_pin: bool = True, days: int | None = None,
                  expires_at: datetime | None = None, not_before: datetime | None = None,
-                 note: str = "", notify_sender: bool = False) -> NewShare:
-    """Make a link to one study, or to every study of its patient the sender may see.
+                 note: str = "", notify_sender: bool = False,
+                 series_uids: Sequence[str] = ()) -> NewShare:
+    """Make a link to one study (or to selected series of it), or to every study of its
+    patient the sender may see.
 
     The caller has already checked that ``actor`` may see ``study_uid`` (``require_study``);
     the scope is re-read through the policy here, so a link never opens more than its
@@ -186,6 +188,14 @@ def create_share(session: Session, actor: Principal, policy: SharePolicy, *, stu
         Study.study_instance_uid == study_uid)).first()
     if study is None:
         raise ShareError("no such study")
+    series = sorted(set(series_uids))
+    if series:
+        if whole_patient or requires_sign_in:
+            raise ShareError("selected series can be shared with one study's view link only")
+        known = set(session.scalars(select(Series.series_instance_uid).where(
+            Series.study_fk == study.id, Series.series_instance_uid.in_(series))))
+        if known != set(series) or len(series) > 500:
+            raise ShareError("a selected series is not part of this study")
     studies = [study]
     if whole_patient:
         studies = list(session.scalars(visible_studies(actor).where(
@@ -200,7 +210,8 @@ def create_share(session: Session, actor: Principal, policy: SharePolicy, *, stu
                      not_before=start, expires_at=expiry,
                      pin_hash=hash_pin(pin, policy.pepper) if pin else "",
                      notify_sender=notify_sender, deliveries=[],
-                     studies=[ShareLinkStudy(study_instance_uid=s.study_instance_uid)
+                     studies=[ShareLinkStudy(study_instance_uid=s.study_instance_uid,
+                                             series_uids=series)
                               for s in studies])
     session.add(link)
     session.flush()
@@ -209,6 +220,7 @@ def create_share(session: Session, actor: Principal, policy: SharePolicy, *, stu
                  patient_id=study.patient.patient_id,
                  details={"type": audit.OBJECT_SECURITY_CHANGED, "share": link.public_id,
                           "studies": [s.study_instance_uid for s in studies],
+                          "series": series,
                           "audience": audience, "pin": bool(pin),
                           "download": can_download, "sign_in": requires_sign_in,
                           "expires": expiry.isoformat()})

@@ -35,6 +35,7 @@ class ShareVisit:
     public_id: str
     purpose: str
     studies: frozenset[str]
+    series: frozenset[str]  # empty: every series of the studies
     can_download: bool
     last_seen_at: datetime
     expires_at: datetime
@@ -108,10 +109,13 @@ def _load(database: Database, digest: str) -> ShareVisit | None:
         row, link = found
         if link_state(link) != "active":
             return None
-        studies = frozenset(session.scalars(select(ShareLinkStudy.study_instance_uid).where(
-            ShareLinkStudy.share_fk == link.id)))
+        scope = session.execute(select(ShareLinkStudy.study_instance_uid,
+                                       ShareLinkStudy.series_uids).where(
+            ShareLinkStudy.share_fk == link.id)).all()
+        studies = frozenset(uid for uid, _series in scope)
+        series = frozenset(uid for _study, uids in scope for uid in (uids or []))
         return ShareVisit(session_id=row.id, link_id=link.id, public_id=link.public_id,
-                          purpose=row.purpose, studies=studies,
+                          purpose=row.purpose, studies=studies, series=series,
                           can_download=link.can_download, last_seen_at=row.last_seen_at,
                           expires_at=row.expires_at, link_expires_at=link.expires_at)
 
@@ -166,5 +170,6 @@ def share_principal() -> Principal | None:
     if visit is None:
         return None
     return Principal("share", visit.link_id, "share link", share_id=visit.public_id,
-                     share_studies=visit.studies, can_download=visit.can_download,
+                     share_studies=visit.studies, share_series=visit.series,
+                     can_download=visit.can_download,
                      via="share")

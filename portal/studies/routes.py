@@ -92,7 +92,7 @@ def study_page(study_uid: str) -> str:
     study = require_study(db.session, principal, study_uid)
     _audit_view(principal, study.study_instance_uid, study.patient.patient_id, "study page")
     return render_template("studies/study.html", study=study,
-                           series=study_series(db.session, study),
+                           series=study_series(db.session, principal, study),
                            key_images=key_images(db.session, principal, study,
                                                  current_archive().read),
                            history=patient_history(db.session, principal, study),

@@ -12,7 +12,12 @@ from pydicom.dataset import Dataset
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from portal.access.policy import instance_filter, study_filter, visible_studies
+from portal.access.policy import (
+    instance_filter,
+    series_filter,
+    study_filter,
+    visible_studies,
+)
 from portal.access.principal import Principal
 from portal.index.models import Instance, Patient, Series, Study
 from portal.reports.service import unread_report_condition
@@ -74,9 +79,10 @@ def search_studies(session: Session, principal: Principal,
     return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
 
 
-def study_series(session: Session, study: Study) -> list[Series]:
-    """The series of a study in series-number order."""
-    return list(session.scalars(select(Series).where(Series.study_fk == study.id)
+def study_series(session: Session, principal: Principal, study: Study) -> list[Series]:
+    """The series of a study this principal may see, in series-number order."""
+    return list(session.scalars(select(Series).where(Series.study_fk == study.id,
+                                                     series_filter(principal))
                                 .order_by(Series.series_number, Series.id)))
 
 
