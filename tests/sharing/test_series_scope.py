@@ -12,6 +12,7 @@ from pydicom.uid import generate_uid
 
 from portal.archive import current_archive
 from portal.sharing import service
+from tests.conftest import IdentityProvider
 from tests.factories import make_instance
 from tests.sharing.conftest import World, make_share, open_link
 
@@ -61,3 +62,45 @@ def test_selected_series_must_belong_to_the_study_and_stay_a_view_link(world: Wo
     with pytest.raises(service.ShareError, match="view link only"):
         make_share(world, series_uids=[world.series], audience="physician",
                    requires_sign_in=True)
+
+
+def test_a_physician_shares_one_series_from_a_phone(oidc_app: Flask,
+                                                    idp: IdentityProvider) -> None:
+    from sqlalchemy import select
+
+    from portal.access.grants import create_grant
+    from portal.access.principal import Principal
+    from portal.sharing.models import ShareLinkStudy
+    from tests.browser import chromium, loopback_only, phone
+    from tests.conftest import LiveServer, add_person
+    from tests.studies.support import shot, sign_in_browser
+
+    study, first, second = generate_uid(), generate_uid(), generate_uid()
+    with oidc_app.app_context():
+        for number, series in ((1, first), (2, second)):
+            current_archive().ingest(make_instance(study=study, series=series,
+                                                   SeriesNumber=number,
+                                                   SeriesDescription=f"Part {number}"),
+                                     who="test")
+    user = add_person(oidc_app, idp, "series-doc", ["physician"])
+    admin = Principal("user", 0, "t", roles=frozenset({"office_manager"}), issuer="t",
+                      subject="t")
+    with oidc_app.extensions["db"].write_transaction() as session:
+        create_grant(session, admin, user_id=user, study_uid=study)
+    with LiveServer(oidc_app) as server, chromium() as (playwright, browser):
+        context = browser.new_context(**phone(playwright, "iPhone 13"))
+        loopback_only(context)
+        page = context.new_page()
+        sign_in_browser(page, server.url, "series-doc", f"/studies/{study}/share")
+        page.get_by_label("Only these series of this study:").check()
+        page.get_by_label("2 · CT · Part 2", exact=False).check()
+        assert page.evaluate("document.documentElement.scrollWidth - window.innerWidth") <= 0
+        shot(page, "share-series-form-iPhone_13")
+        page.get_by_role("button", name="Make the link").click()
+        page.locator("#share-url").wait_for()
+        assert "/s#" in page.locator("#share-url").input_value()
+        shot(page, "share-series-created-iPhone_13")
+        context.close()
+    with oidc_app.extensions["db"].new_session() as session:
+        rows = list(session.scalars(select(ShareLinkStudy)))
+    assert [(r.study_instance_uid, r.series_uids) for r in rows] == [(study, [second])]
