@@ -123,6 +123,14 @@ def link_email(portal_name: str, link: str, days_left: int, has_pin: bool) -> tu
     return "Images shared with you", body
 
 
+def locked_email(portal_name: str, manage_url: str) -> tuple[str, str]:
+    """The note to a sender whose link locked after too many wrong PINs (no patient data)."""
+    body = (f"Hello,\n\na share link you made in {portal_name} was locked after too many "
+            "wrong PINs. Nobody can open it any more. If the person you shared it with "
+            f"still needs the images, make a new link.\n\nSee its history:\n{manage_url}\n")
+    return "Your share link was locked", body
+
+
 def first_use_email(portal_name: str, manage_url: str) -> tuple[str, str]:
     """The note to a sender whose link was opened for the first time (no patient data)."""
     body = (f"Hello,\n\na share link you made in {portal_name} was opened for the first "

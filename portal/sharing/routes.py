@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from flask import (
@@ -115,26 +116,30 @@ def too_many() -> Response:
                     mimetype="text/html", headers={"Retry-After": "600"})
 
 
-def _notify_sender(exchanged: service.Exchanged) -> None:
-    """E-mail the sender once, on the first use, if he asked for it (in the background)."""
-    if not (exchanged.first_use and exchanged.notify_sender):
-        return
+def _tell_sender(public_id: str, message: Callable[[str, str], tuple[str, str]]) -> None:
+    """E-mail the link's sender a notice (in the background; best effort, no patient data)."""
     settings = dict(current_app.config["PORTAL"])
     if not settings["SMTP_URL"]:
         return
     link = db.session.scalars(select(ShareLink).where(
-        ShareLink.public_id == exchanged.public_id)).first()
+        ShareLink.public_id == public_id)).first()
     to = service.sender_email(db.session, link) if link is not None else ""
     if not to:
         return
-    manage = url_for("sharing.link_detail", public_id=exchanged.public_id, _external=True)
-    subject, body = delivery.first_use_email(PORTAL_NAME, manage)
+    manage = url_for("sharing.link_detail", public_id=public_id, _external=True)
+    subject, body = message(PORTAL_NAME, manage)
 
     def send() -> None:
         with contextlib.suppress(delivery.DeliveryFailed):  # logged; a notice is best effort
             delivery.send_email(settings, to, subject, body)
 
-    threading.Thread(target=send, name="share-first-use-notice", daemon=True).start()
+    threading.Thread(target=send, name="share-notice", daemon=True).start()
+
+
+def _notify_sender(exchanged: service.Exchanged) -> None:
+    """Tell the sender once, on the first use, if he asked for it."""
+    if exchanged.first_use and exchanged.notify_sender:
+        _tell_sender(exchanged.public_id, delivery.first_use_email)
 
 
 # -- the landing page and the exchange -------------------------------------------------------
@@ -172,6 +177,10 @@ def exchange() -> Response:
         return Response(render_template("sharing/landing.html", token=token, message=text),
                         status=401)
     except service.LinkLocked:
+        # This attempt locked the link: its sender hears of it (SECURITY.md 20).
+        locked = service.find_link(db, token)
+        if locked is not None:
+            _tell_sender(locked.public_id, delivery.locked_email)
         return Response(render_template("sharing/locked.html"), status=403)
     _notify_sender(exchanged)
     if exchanged.purpose == "claim":

@@ -234,3 +234,22 @@ def test_qr_code_is_an_inline_svg_of_the_link() -> None:
     ("", "unknown")])
 def test_device_classes(agent: str, expected: str) -> None:
     assert delivery.device_class(agent) == expected
+
+
+def test_sender_is_told_when_wrong_pins_lock_the_link(portal: Flask, idp: IdentityProvider,
+                                                      mailbox: tuple[Mailbox, int]) -> None:
+    doctor, study = _doctor_with_study(portal, idp)
+    token, pin, public_id, _url = _make(doctor, study)
+    wrong = "0" * len(pin) if pin != "0" * len(pin) else "1" * len(pin)
+    visitor = portal.test_client()
+    answers = [open_link(visitor, token, wrong).status_code for _ in range(10)]
+    assert answers[-1] == 403 and answers[:-1] == [401] * 9
+    assert wait_for(lambda: len(mailbox[0].messages) == 1)
+    notice = mailbox[0].messages[0]
+    assert notice["Subject"] == "Your share link was locked"
+    text = notice.get_payload(decode=True).decode()
+    assert f"/shares/{public_id}" in text and token not in text and pin not in text
+    for word in PHI:
+        assert word not in text
+    assert open_link(visitor, token, wrong).status_code == 404  # locked: the uniform answer
+    assert not wait_for(lambda: len(mailbox[0].messages) > 1, timeout=1.0)
