@@ -36,6 +36,7 @@ from portal.reports.service import (
     orders_for,
     readable_reports,
     receive_report,
+    unread_views,
 )
 
 bp = Blueprint("reports", __name__)
@@ -86,8 +87,9 @@ def init_app(app: Flask) -> None:
         if principal is None:
             return []
         views = _readable(principal, study)
-        fresh = [v for v in views if v.report.status in ("final", "amended")]
-        if fresh and principal.kind == "user":
+        final = [v for v in views if v.report.status in ("final", "amended")]
+        fresh = unread_views(db.session, principal, final)  # write only when news were read
+        if fresh:
             with db.write_transaction() as session:
                 mark_read(session, principal, fresh)
         return views

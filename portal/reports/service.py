@@ -329,6 +329,17 @@ def unread_studies(session: Session, principal: Principal, study_ids: list[int])
         Study.id.in_(study_ids), unread_report_condition(principal))))
 
 
+def unread_views(session: Session, principal: Principal,
+                 views: list[ReportView]) -> list[ReportView]:
+    """The views whose current version this person has not read yet (a read, no write)."""
+    if principal.kind != "user" or not views:
+        return []
+    seen = dict(session.execute(select(ReportRead.report_fk, ReportRead.version).where(
+        ReportRead.user_fk == principal.id,
+        ReportRead.report_fk.in_([v.report.id for v in views]))).all())
+    return [v for v in views if seen.get(v.report.id, 0) < v.report.version]
+
+
 def mark_read(session: Session, principal: Principal, views: list[ReportView]) -> None:
     """Remember that a person has seen these reports in their current versions."""
     if principal.kind != "user":
