@@ -298,8 +298,9 @@ def orders_for(session: Session, principal: Principal, limit: int = 200) -> list
 
 def _report_of_study() -> ColumnElement[bool]:
     """SQL: the Report row belongs to the (outer) Study row, as ``reports_of`` decides."""
+    # correlate_except: the outer Study row, even two subqueries deep.
     patient_id = select(Patient.patient_id).where(Patient.id == Study.patient_fk) \
-        .scalar_subquery()
+        .correlate_except(Patient).scalar_subquery()
     return or_(Report.study_instance_uid == Study.study_instance_uid,
                and_(Study.accession_number != "",
                     Report.accession_number == Study.accession_number,

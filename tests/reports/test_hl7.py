@@ -361,6 +361,7 @@ def test_report_ready_mail_goes_to_the_referrer_without_patient_data(
 def test_new_reports_are_badged_and_filtered_until_read(ris: Ris, idp: IdentityProvider) -> None:
     app = ris.app
     subjects = people(app, idp)
+    store_study(app, "O" + generate_uid()[-8:], patient="P-OTHER")  # another patient first
     accession = "N" + generate_uid()[-8:]
     study = store_study(app, accession)
     quiet = store_study(app, "Q" + generate_uid()[-8:])
