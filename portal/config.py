@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -258,6 +259,36 @@ def _check_archive(config: dict[str, Any]) -> None:
             raise ConfigError(f"ARCHIVE_DIMSE_PEER: {peer!r} is not AETITLE@host:port")
 
 
+def _loopback(host: str | None) -> bool:
+    return host in ("localhost", "127.0.0.1", "::1") or (host or "").startswith("127.")
+
+
+def _check_back_channels(config: dict[str, Any]) -> None:
+    """Production talks to other machines only over TLS (SECURITY.md 46): https for the
+    identity provider and the archive, rediss:// for Redis, sslmode=require or stronger for
+    PostgreSQL, tls:// for the audit repository. Loopback addresses are exempt."""
+    for key in ("OIDC_ISSUER", "ARCHIVE_URL", "PUBLIC_URL"):
+        value = config[key]
+        if value and value.startswith("http://") and not _loopback(urlsplit(value).hostname):
+            raise ConfigError(f"{key}: must use https:// in production")
+    redis_url = config["REDIS_URL"]
+    if redis_url and not redis_url.startswith(("rediss://", "unix://")) \
+            and not _loopback(urlsplit(redis_url).hostname):
+        raise ConfigError("REDIS_URL: must use rediss:// (TLS) in production")
+    if redis_url and redis_url.startswith("rediss://") and not urlsplit(redis_url).password:
+        raise ConfigError("REDIS_URL: Redis must require a password (or ACL user) in production")
+    database = config["DATABASE_URL"] or ""
+    if database.startswith("postgresql"):
+        parts = urlsplit(database)
+        modes = parse_qs(parts.query).get("sslmode", [""])
+        if not _loopback(parts.hostname) and parts.hostname and \
+                modes[-1] not in ("require", "verify-ca", "verify-full"):
+            raise ConfigError("DATABASE_URL: add sslmode=require (or verify-full) in production")
+    syslog = config["AUDIT_SYSLOG_URL"]
+    if syslog and syslog.startswith("tcp://") and not _loopback(urlsplit(syslog).hostname):
+        raise ConfigError("AUDIT_SYSLOG_URL: must use tls:// in production")
+
+
 def validate(config: dict[str, Any]) -> None:
     """Raise ConfigError naming the first invalid setting."""
     if config["ENV"] not in {"development", "production", "test"}:
@@ -266,6 +297,8 @@ def validate(config: dict[str, Any]) -> None:
         key = config["SECRET_KEY"]
         if not key or len(key) < 32:
             raise ConfigError("SECRET_KEY: required in production (at least 32 characters)")
+    if config["ENV"] == "production":
+        _check_back_channels(config)
     if config["OIDC_ISSUER"] and not (config["OIDC_CLIENT_ID"] and config["OIDC_CLIENT_SECRET"]):
         raise ConfigError("OIDC_CLIENT_ID: required with OIDC_ISSUER (and OIDC_CLIENT_SECRET)")
     for key in ("SESSION_IDLE_MINUTES", "SESSION_ABSOLUTE_HOURS", "RECENT_AUTH_MINUTES",

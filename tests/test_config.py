@@ -65,3 +65,37 @@ def test_start_up_stops_with_one_line(tmp_path: Path) -> None:
     assert done.stderr.strip().splitlines()[-1] == (
         "configuration error: SECRET_KEY: required in production (at least 32 characters)")
     assert "Traceback" not in done.stderr
+
+
+KEY = "k" * 40
+
+
+@pytest.mark.parametrize(("environ", "named"), [
+    ({"PORTAL_OIDC_ISSUER": "http://idp.hospital.example", "PORTAL_OIDC_CLIENT_ID": "c",
+      "PORTAL_OIDC_CLIENT_SECRET": "s"}, "OIDC_ISSUER"),
+    ({"PORTAL_ARCHIVE_URL": "http://pacs.hospital.example/dicom-web"}, "ARCHIVE_URL"),
+    ({"PORTAL_REDIS_URL": "redis://cache.hospital.example:6379/0"}, "REDIS_URL"),
+    ({"PORTAL_REDIS_URL": "rediss://cache.hospital.example:6380/0"}, "REDIS_URL"),
+    ({"PORTAL_DATABASE_URL": "postgresql+psycopg://portal@db.hospital.example/portal"},
+     "DATABASE_URL"),
+    ({"PORTAL_AUDIT_SYSLOG_URL": "tcp://siem.hospital.example:6514"}, "AUDIT_SYSLOG_URL"),
+])
+def test_production_refuses_plain_back_channels(tmp_path: Path, environ: dict[str, str],
+                                                named: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config({"INSTANCE_PATH": str(tmp_path)},
+                    environ={"PORTAL_ENV": "production", "PORTAL_SECRET_KEY": KEY, **environ})
+    assert str(info.value).startswith(named)
+
+
+def test_production_accepts_tls_back_channels_and_loopback(tmp_path: Path) -> None:
+    config = load_config({"INSTANCE_PATH": str(tmp_path)}, environ={
+        "PORTAL_ENV": "production", "PORTAL_SECRET_KEY": KEY,
+        "PORTAL_OIDC_ISSUER": "https://idp.hospital.example", "PORTAL_OIDC_CLIENT_ID": "c",
+        "PORTAL_OIDC_CLIENT_SECRET": "s",
+        "PORTAL_REDIS_URL": "rediss://:secret@cache.hospital.example:6380/0",
+        "PORTAL_DATABASE_URL":
+            "postgresql+psycopg://portal@db.hospital.example/portal?sslmode=verify-full",
+        "PORTAL_ARCHIVE_URL": "http://127.0.0.1:8042/dicom-web",
+        "PORTAL_AUDIT_SYSLOG_URL": "tls://siem.hospital.example:6514"})
+    assert config["REDIS_URL"].startswith("rediss://")
