@@ -45,9 +45,10 @@ SHARE_ENDPOINTS = frozenset({"studies.study_page", "studies.viewer", "studies.do
                              "reports.report_pdf_view"})
 # Whole original files (and the report as a file): only for links made with the download
 # permission.
+# Raw pixel data (frames) is a download too: the viewer only needs rendered images.
 DOWNLOAD_ENDPOINTS = frozenset({"dicomweb.retrieve_study", "dicomweb.retrieve_series",
-                                "dicomweb.retrieve_instance", "studies.download_study",
-                                "reports.report_pdf_view"})
+                                "dicomweb.retrieve_instance", "dicomweb.retrieve_frames",
+                                "studies.download_study", "reports.report_pdf_view"})
 
 
 def _share_may_reach(principal: Principal, endpoint: str) -> None:

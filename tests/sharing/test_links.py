@@ -185,6 +185,10 @@ def test_visitor_sees_only_the_shared_study(app: Flask, world: World) -> None:
     assert image.status_code == 200 and image.data[:2] == b"\xff\xd8"
     assert client.get(f"/dicomweb/studies/{world.study}",
                       headers={"Accept": DICOM_ACCEPT}).status_code == 403
+    frames = client.get(f"/dicomweb/studies/{world.study}/series/{world.series}/instances/"
+                        f"{world.sop}/frames/1",
+                        headers={"Accept": 'multipart/related; type="application/octet-stream"'})
+    assert frames.status_code == 403  # raw pixels are a download
     page = client.get(f"/studies/{world.study}").get_data(as_text=True)
     assert world.other not in page and world.sibling not in page
 
