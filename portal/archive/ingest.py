@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import pydicom
@@ -68,6 +68,9 @@ class Archive:
     database: Database
     limits: Limits
     remote: RemoteCopies | None = None
+    # SOP Instance UID -> stored file, for the embedded store only: a stored instance's
+    # content never changes (the same UID with other bytes is refused), so this is exact.
+    _located: dict[str, StoredFile] = field(default_factory=dict, compare=False, repr=False)
 
     def ingest(self, data: bytes, *, who: str, source_address: str = "",
                expected_study_uid: str | None = None) -> Stored:
@@ -275,12 +278,19 @@ class Archive:
         archive is fetched first (``ArchiveUnavailable`` when that fails)."""
         if self.remote is not None:
             return self._locate_or_fetch(sop_instance_uid, self.remote)
+        known = self._located.get(sop_instance_uid)
+        if known is not None:
+            return known
         with self.database.new_session() as session:
             row = session.execute(select(StoredObject.storage_key, StoredObject.sha256).where(
                 StoredObject.sop_instance_uid == sop_instance_uid)).first()
         if row is None:
             raise KeyError(sop_instance_uid)
-        return self.store.locate(row.storage_key, row.sha256)
+        found = self.store.locate(row.storage_key, row.sha256)
+        if len(self._located) >= 200_000:
+            self._located.clear()
+        self._located[sop_instance_uid] = found
+        return found
 
     def _locate_or_fetch(self, sop_instance_uid: str, remote: RemoteCopies) -> StoredFile:
         from portal.archive.models import CachedCopy
