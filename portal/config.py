@@ -203,11 +203,20 @@ def load_config(
     return raw
 
 
-def _check_peers(peers: list[str]) -> None:
-    for peer in peers:
-        aet, sep, address = peer.partition("@")
-        if not sep or not aet or not address or len(aet) > 16:
-            raise ConfigError(f"DIMSE_ALLOWED_PEERS: {peer!r} is not AETITLE@address")
+def name_at_address(entries: list[str]) -> set[tuple[str, str]]:
+    """``NAME@address`` entries (allowed DIMSE peers, HL7 senders) as (name, address) pairs."""
+    pairs = set()
+    for entry in entries:
+        name, _, address = entry.rpartition("@")
+        pairs.add((name.strip(), address.strip()))
+    return pairs
+
+
+def _check_peers(key: str, entries: list[str], what: str, longest: int) -> None:
+    for entry in entries:
+        name, sep, address = entry.rpartition("@")
+        if not sep or not name.strip() or not address.strip() or len(name.strip()) > longest:
+            raise ConfigError(f"{key}: {entry!r} is not {what}@address")
 
 
 def _check_sharing(config: dict[str, Any]) -> None:
@@ -315,14 +324,12 @@ def validate(config: dict[str, Any]) -> None:
         raise ConfigError("REPORT_PATIENT_DELAY_HOURS: must be 0 or more")
     if not 0 < config["HL7_PORT"] < 65536:
         raise ConfigError("HL7_PORT: must be a TCP port")
-    for sender in config["HL7_ALLOWED_SENDERS"]:
-        if "@" not in sender:
-            raise ConfigError(f"HL7_ALLOWED_SENDERS: {sender!r} is not APPLICATION@address")
+    _check_peers("HL7_ALLOWED_SENDERS", config["HL7_ALLOWED_SENDERS"], "APPLICATION", 180)
     if not 0 < config["DIMSE_PORT"] < 65536:
         raise ConfigError("DIMSE_PORT: must be a TCP port")
     if not 0 < len(config["DIMSE_AE_TITLE"]) <= 16:
         raise ConfigError("DIMSE_AE_TITLE: 1 to 16 characters")
-    _check_peers(config["DIMSE_ALLOWED_PEERS"])
+    _check_peers("DIMSE_ALLOWED_PEERS", config["DIMSE_ALLOWED_PEERS"], "AETITLE", 16)
     syslog = config["AUDIT_SYSLOG_URL"]
     if syslog and not syslog.startswith(("tcp://", "tls://")):
         raise ConfigError("AUDIT_SYSLOG_URL: must be tcp://host:port or tls://host:port")

@@ -6,7 +6,7 @@ import hmac
 import secrets
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, abort, g, request, session
+from flask import Flask, Response, abort, current_app, g, request, session
 
 
 def csp_nonce() -> str:
@@ -39,6 +39,30 @@ def csrf_token() -> str:
 def has_session_cookie() -> bool:
     """True when the request carries the portal's session cookie (then forms need the token)."""
     return any(name in request.cookies for name in ("__Host-portal", "portal"))
+
+
+def read_body(limit: int | None = None) -> bytes:
+    """The request body, never more than ``limit`` bytes (default MAX_CONTENT_LENGTH): 413
+    above it, 415 for a compressed body, also when it arrives chunked without a length
+    (gunicorn ends a chunked stream but does not tell Werkzeug, which would hand out an empty
+    body)."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        abort(415, "compressed request bodies (Content-Encoding) are not accepted")
+    limit = limit if limit is not None else current_app.config["MAX_CONTENT_LENGTH"]
+    if request.content_length is not None and request.content_length > limit:
+        abort(413, f"the request is larger than {limit} bytes")
+    if request.content_length is None and \
+            "chunked" in request.headers.get("Transfer-Encoding", "").lower():
+        stream = request.environ["wsgi.input"]
+        body = bytearray()
+        while piece := stream.read(min(1 << 20, limit + 1 - len(body))):
+            body += piece
+            if len(body) > limit:
+                abort(413, f"the request is larger than {limit} bytes")
+        return bytes(body)
+    # Flask also enforces MAX_CONTENT_LENGTH here for a declared length.
+    return request.get_data(cache=False)
 
 
 def _same_origin(origin: str) -> bool:

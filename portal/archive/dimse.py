@@ -24,6 +24,7 @@ from portal.archive.validate import (
     OUT_OF_RESOURCES,
     Rejected,
 )
+from portal.config import name_at_address
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +34,6 @@ _CSTORE_CONFLICT = 0xC111
 # Preferred order when a peer proposes several transfer syntaxes: keep compressed data as sent.
 _SYNTAXES = sorted(ACCEPTED_TRANSFER_SYNTAXES,
                    key=lambda uid: (uid.startswith("1.2.840.10008.1.2.1"), uid))
-
-
-def parse_peers(peers: list[str]) -> set[tuple[str, str]]:
-    """``AETITLE@address`` strings as a set of (AE title, address) pairs."""
-    pairs = set()
-    for peer in peers:
-        aet, _, address = peer.partition("@")
-        pairs.add((aet.strip(), address.strip()))
-    return pairs
 
 
 def _calling_ae_title(event: evt.Event) -> str:
@@ -136,7 +128,7 @@ def serve(archive: Archive, settings: dict[str, Any], block: bool = True,
     ``on_stored`` gets the UIDs of the series each association added.
     """
     ae = make_ae(settings)
-    allowed = parse_peers(settings["DIMSE_ALLOWED_PEERS"])
+    allowed = name_at_address(settings["DIMSE_ALLOWED_PEERS"])
     received: dict[int, list[Stored]] = {}
     handlers = [(evt.EVT_REQUESTED, _on_requested, [allowed]),
                 (evt.EVT_C_STORE, _on_store, [archive, received]),

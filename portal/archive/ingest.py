@@ -61,7 +61,7 @@ class Archive:
     """The embedded archive: where bytes go, where the index lives, and the bounds.
 
     With an external archive configured, ``remote`` fetches the instances the index knows
-    only from it on first use (``locate``, ``read``, ``sha256s``, ``header``).
+    only from it on first use (``locate``, ``locate_many``, ``read``, ``header``).
     """
 
     store: EmbeddedStore
@@ -325,10 +325,6 @@ class Archive:
             self.remote.fetch_many(missing)
             found.update(query(missing))
         return found
-
-    def sha256s(self, sop_instance_uids: list[str]) -> dict[str, str]:
-        """SHA-256 of several instances in one query (fetching external ones first)."""
-        return {uid: f.sha256 for uid, f in self.locate_many(sop_instance_uids).items()}
 
     def read(self, sop_instance_uid: str) -> bytes:
         """The stored bytes of one instance, hash-verified."""

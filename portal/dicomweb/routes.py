@@ -196,7 +196,7 @@ def _retrieve(instances: list[Instance]) -> Response:
     archive = current_archive()
     uids = [i.sop_instance_uid for i in instances]
     if archive.remote is not None:
-        archive.sha256s(uids)  # fetch external instances before answering: never a cut stream
+        archive.locate_many(uids)  # fetch external instances before answering: never a cut stream
     boundary = multipart.new_boundary()
 
     def parts() -> Iterator[tuple[str, bytes]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from flask import Response, abort, current_app, request, url_for
+from flask import Response, abort, request, url_for
 from werkzeug.http import parse_options_header
 
 from portal.access import policy
@@ -15,32 +15,13 @@ from portal.archive.ingest import Stored, record_ingest
 from portal.archive.validate import CANNOT_UNDERSTAND, Rejected
 from portal.dicomweb.multipart import MultipartError, split_parts
 from portal.imaging.prerender import prerender
+from portal.security import read_body
 
 _UI, _US, _UR, _SQ = "UI", "US", "UR", "SQ"
 
 
 def _value(vr: str, value: Any) -> dict[str, Any]:
     return {"vr": vr, "Value": [value]} if value not in (None, "") else {"vr": vr}
-
-
-def _read_body() -> bytes:
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        abort(415, "compressed request bodies (Content-Encoding) are not accepted")
-    limit = current_app.config["MAX_CONTENT_LENGTH"]
-    chunked = "chunked" in request.headers.get("Transfer-Encoding", "").lower()
-    if request.content_length is None and chunked:
-        # gunicorn terminates a chunked stream but does not tell Werkzeug so, which then
-        # hands out an empty body: read it here, never more than the limit.
-        stream = request.environ["wsgi.input"]
-        body = bytearray()
-        while piece := stream.read(min(1 << 20, limit + 1 - len(body))):
-            body += piece
-            if len(body) > limit:
-                abort(413, f"the request is larger than {limit} bytes")
-        return bytes(body)
-    # Flask enforces MAX_CONTENT_LENGTH here for a declared length.
-    return request.get_data(cache=False)
 
 
 def store_request(principal: Principal, study_uid: str | None) -> Response:
@@ -53,7 +34,7 @@ def store_request(principal: Principal, study_uid: str | None) -> Response:
     if part_type != "application/dicom":
         abort(415, f"parts of type {part_type[:64]} are not accepted; "
                    "send application/dicom (Part 10 files)")
-    body = _read_body()
+    body = read_body()
     try:
         parts = split_parts(body, params.get("boundary", ""))
     except MultipartError as exc:

@@ -126,8 +126,3 @@ def render_volume_view(volume: Volume, kind: str, position: float, angle: float,
     window = rendition.window or volume.window or robust_window(image)
     return encode(window_to_8bit(image, window), aspect, rendition)
 
-
-def render_view(files: Sequence[bytes], kind: str, position: float, angle: float,
-                rendition: Rendition) -> bytes:
-    """Build the volume, cut or project it, window and encode."""
-    return render_volume_view(build_volume(files), kind, position, angle, rendition)

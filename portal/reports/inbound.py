@@ -16,8 +16,11 @@ import base64
 import binascii
 import logging
 from collections.abc import Callable
-from datetime import datetime
 
+from sqlalchemy.orm import Session
+
+from portal.access import audit
+from portal.config import name_at_address
 from portal.db import Database
 from portal.index.referrers import identifier_key, name_key
 from portal.reports import hl7
@@ -179,6 +182,18 @@ def order_from_message(message: hl7.Message) -> IncomingOrder:
 Notify = Callable[[int], None]
 
 
+def _audit_received(session: Session, message: hl7.Message, peer_address: str,
+                    study_uid: str, patient_id: str, what: dict[str, int]) -> None:
+    """One 110104 (create) record per stored report or order, in the same transaction."""
+    kind, trigger = message.message_type
+    audit.append(session, audit.INSTANCES_TRANSFERRED, action="C",
+                 outcome=audit.OUTCOME_SUCCESS,
+                 who=f"hl7:{message.sending_application[:64]}", source_address=peer_address,
+                 study_instance_uid=study_uid, patient_id=patient_id,
+                 details={**what, "via": f"hl7 {kind}^{trigger}",
+                          "message": message.control_id})
+
+
 def handle(raw: bytes, database: Database, *, peer_address: str, allowed: set[tuple[str, str]],
            max_bytes: int, oversized: bool = False, notify: Notify | None = None) -> bytes:
     """Process one framed message and return its acknowledgement (AA, AE or AR)."""
@@ -204,11 +219,15 @@ def handle(raw: bytes, database: Database, *, peer_address: str, allowed: set[tu
                 ready = []
                 for incoming in reports:
                     report, newly_final = receive_report(session, incoming)
+                    _audit_received(session, message, peer_address, report.study_instance_uid,
+                                    report.patient_id, {"report": report.id})
                     if newly_final:
                         ready.append(report.id)
             elif (kind, trigger) in (("ORM", "O01"), ("OMI", "O23")) or (
                     kind == "SIU" and trigger in ("S12", "S13", "S14", "S15")):
-                receive_order(session, order_from_message(message))
+                order = receive_order(session, order_from_message(message))
+                _audit_received(session, message, peer_address, order.study_instance_uid,
+                                order.patient_id, {"order": order.id})
                 ready = []
             else:
                 return hl7.acknowledgement(
@@ -238,14 +257,6 @@ def _control_id_of(raw: bytes) -> str:
 
 
 def parse_senders(senders: list[str]) -> set[tuple[str, str]]:
-    """``APPLICATION@address`` entries (MSH-3 and the peer's IP) as a set."""
-    out = set()
-    for entry in senders:
-        application, _, address = entry.rpartition("@")
-        out.add((application.upper(), address))
-    return out
+    """``APPLICATION@address`` entries (MSH-3, compared without case, and the peer's IP)."""
+    return {(name.upper(), address) for name, address in name_at_address(senders)}
 
-
-def timestamp(value: datetime | None) -> str:
-    """For display: an aware datetime as ISO text."""
-    return value.isoformat() if value else ""

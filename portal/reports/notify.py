@@ -14,20 +14,9 @@ from portal.access.models import ReferrerIdentifier, User
 from portal.db import utcnow
 from portal.index.models import Study, StudyReferrer
 from portal.reports.models import Report
+from portal.reports.service import study_of_report
 
 log = logging.getLogger(__name__)
-
-
-def _study_of(session: Session, report: Report) -> Study | None:
-    if report.study_instance_uid:
-        found = session.scalars(select(Study).where(
-            Study.study_instance_uid == report.study_instance_uid)).first()
-        if found is not None:
-            return found
-    if report.accession_number:
-        return session.scalars(select(Study).where(
-            Study.accession_number == report.accession_number)).first()
-    return None
 
 
 def recipients(session: Session, study: Study) -> list[User]:
@@ -58,7 +47,7 @@ def notifier(app: Flask) -> Callable[[int], None]:
             report = session.get(Report, report_id)
             if report is None:
                 return
-            study = _study_of(session, report)
+            study = study_of_report(session, report)
             if study is None:
                 return  # unmatched: the notice goes when the study arrives and is read
             subject, body = message(settings["PUBLIC_URL"] or "")

@@ -18,7 +18,7 @@ from flask import (
     request,
     url_for,
 )
-from sqlalchemy import select
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from portal.access import audit, policy
 from portal.access.principal import Principal, current_principal
@@ -36,8 +36,10 @@ from portal.reports.service import (
     orders_for,
     readable_reports,
     receive_report,
+    study_of_report,
     unread_views,
 )
+from portal.security import read_body
 
 bp = Blueprint("reports", __name__)
 
@@ -116,7 +118,15 @@ def order_list() -> str:
         abort(404)
     orders = orders_for(db.session, principal)
     rows = [(order, effective_status(db.session, order)) for order in orders]
+    _audit_query(principal, {"orders": len(rows)})
     return render_template("reports/orders.html", rows=rows)
+
+
+def _audit_query(principal: Principal, details: dict[str, Any]) -> None:
+    """A 110112 query record for a list of patient data (orders, FHIR searches)."""
+    audit.record(db, audit.QUERY, action="E", outcome=audit.OUTCOME_SUCCESS,
+                 who=principal.audit_name, source_address=request.remote_addr or "",
+                 details=details)
 
 
 # -- FHIR R4 ---------------------------------------------------------------------------------
@@ -137,10 +147,12 @@ def fhir_create_report() -> Response:
     mimetype = (request.mimetype or "").lower()
     if mimetype not in (FHIR_JSON, "application/json"):
         return _outcome(415, "send application/fhir+json")
-    if (request.content_length or 0) > MAX_FHIR_BYTES:
+    try:
+        raw = read_body(MAX_FHIR_BYTES)
+    except RequestEntityTooLarge:
         return _outcome(413, "the resource is larger than 30 MB", "too-costly")
     try:
-        resource = json.loads(request.get_data(cache=False))
+        resource = json.loads(raw)
         incoming = fhir.report_from_resource(resource)
         with db.write_transaction() as session:
             report, newly_final = receive_report(session, incoming)
@@ -185,6 +197,7 @@ def fhir_search_reports() -> Response:
             location = url_for("reports.fhir_read_report", report_id=view.report.id,
                                _external=True)
             entries.append(fhir.report_resource(view.report, location, study))
+    _audit_query(principal, {"resource": "DiagnosticReport", "results": len(entries)})
     return Response(json.dumps(fhir.bundle(entries)), mimetype=FHIR_JSON)
 
 
@@ -193,19 +206,21 @@ def fhir_read_report(report_id: int) -> Response:
     """One report, when the caller may read it (404 otherwise, as for a missing one)."""
     principal = _principal()
     report = db.session.get(Report, report_id)
-    if report is not None:
-        candidates = select(Study).where(Study.study_instance_uid == report.study_instance_uid)
-        if report.accession_number:
-            candidates = select(Study).where(
-                (Study.study_instance_uid == report.study_instance_uid)
-                | (Study.accession_number == report.accession_number))
-        for study in db.session.scalars(candidates.where(policy.study_filter(principal))):
-            for view in _readable(principal, study):
-                if view.report.id == report_id:
-                    location = url_for("reports.fhir_read_report", report_id=report_id,
-                                       _external=True)
-                    return Response(json.dumps(fhir.report_resource(report, location, study)),
-                                    mimetype=FHIR_JSON)
+    study = study_of_report(db.session, report) if report is not None else None
+    if study is not None and db.session.scalars(policy.visible_studies(principal).where(
+            Study.id == study.id)).first() is not None:
+        for view in _readable(principal, study):
+            if view.report.id == report_id:
+                location = url_for("reports.fhir_read_report", report_id=report_id,
+                                   _external=True)
+                audit.record(db, audit.INSTANCES_ACCESSED, action="R",
+                             outcome=audit.OUTCOME_SUCCESS, who=principal.audit_name,
+                             source_address=request.remote_addr or "",
+                             study_instance_uid=study.study_instance_uid,
+                             patient_id=study.patient.patient_id,
+                             details={"report": report_id, "via": "fhir"})
+                return Response(json.dumps(fhir.report_resource(view.report, location, study)),
+                                mimetype=FHIR_JSON)
     return _outcome(404, "no such DiagnosticReport", "not-found")
 
 
@@ -215,4 +230,5 @@ def fhir_search_studies() -> Response:
     principal = _principal()
     entries = [fhir.imaging_study(study, url_for("dicomweb.search_studies", _external=True))
                for study in db.session.scalars(_visible_studies(principal))]
+    _audit_query(principal, {"resource": "ImagingStudy", "results": len(entries)})
     return Response(json.dumps(fhir.bundle(entries)), mimetype=FHIR_JSON)

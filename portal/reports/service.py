@@ -7,7 +7,7 @@ an ``IncomingReport`` and calls ``receive_report``; HL7 ORM/OMI/SIU build an ``I
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from flask import current_app
@@ -72,7 +72,6 @@ class IncomingOrder:
     scheduled_at: datetime | None = None
     clear_schedule: bool = False
     location: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def _check(incoming: IncomingReport) -> None:
@@ -175,31 +174,32 @@ def receive_order(session: Session, incoming: IncomingOrder) -> Order:
 
 # -- reading --------------------------------------------------------------------------------
 
-def _matches(study: Study) -> list[object]:
-    conditions: list[object] = [Report.study_instance_uid == study.study_instance_uid]
-    if study.accession_number:
-        conditions.append((Report.accession_number == study.accession_number)
-                          & or_(Report.patient_id == "",
-                                Report.patient_id == study.patient.patient_id)
-                          & or_(Report.study_instance_uid == "",
-                                Report.study_instance_uid == study.study_instance_uid))
-    return conditions
+def _report_of_study() -> ColumnElement[bool]:
+    """SQL: the Report row belongs to the Study row: the same Study Instance UID, or the same
+    accession number and patient (and no other study UID). The one rule for matching."""
+    # correlate_except: the outer Study row, even two subqueries deep.
+    patient_id = select(Patient.patient_id).where(Patient.id == Study.patient_fk) \
+        .correlate_except(Patient).scalar_subquery()
+    return or_(Report.study_instance_uid == Study.study_instance_uid,
+               and_(Study.accession_number != "",
+                    Report.accession_number == Study.accession_number,
+                    or_(Report.patient_id == "", Report.patient_id == patient_id),
+                    or_(Report.study_instance_uid == "",
+                        Report.study_instance_uid == Study.study_instance_uid)))
 
 
 def reports_of(session: Session, study: Study) -> list[Report]:
-    """Every report of a study (by UID, or by accession number and patient), newest first."""
-    return list(session.scalars(select(Report).where(or_(*_matches(study)))  # type: ignore[arg-type]
+    """Every report of a study, newest first (a report that came first is found as soon as
+    its study is indexed)."""
+    return list(session.scalars(select(Report).join(Study, _report_of_study())
+                                .where(Study.id == study.id)
                                 .order_by(Report.updated_at.desc(), Report.id.desc())))
 
 
-def orders_of(session: Session, study: Study) -> list[Order]:
-    """The orders that led to a study."""
-    conditions = [Order.study_instance_uid == study.study_instance_uid]
-    if study.accession_number:
-        conditions.append((Order.accession_number == study.accession_number)
-                          & or_(Order.patient_id == "",
-                                Order.patient_id == study.patient.patient_id))
-    return list(session.scalars(select(Order).where(or_(*conditions))))
+def study_of_report(session: Session, report: Report) -> Study | None:
+    """The indexed study a report belongs to, or None while it waits for its images."""
+    return session.scalars(select(Study).join(Report, _report_of_study())
+                           .where(Report.id == report.id).order_by(Study.id)).first()
 
 
 def effective_status(session: Session, order: Order) -> str:
@@ -294,19 +294,6 @@ def orders_for(session: Session, principal: Principal, limit: int = 200) -> list
     return list(session.scalars(select(Order).where(Order.ordering_provider_key.in_(keys))
                                 .order_by(Order.updated_at.desc(), Order.id.desc())
                                 .limit(limit)))
-
-
-def _report_of_study() -> ColumnElement[bool]:
-    """SQL: the Report row belongs to the (outer) Study row, as ``reports_of`` decides."""
-    # correlate_except: the outer Study row, even two subqueries deep.
-    patient_id = select(Patient.patient_id).where(Patient.id == Study.patient_fk) \
-        .correlate_except(Patient).scalar_subquery()
-    return or_(Report.study_instance_uid == Study.study_instance_uid,
-               and_(Study.accession_number != "",
-                    Report.accession_number == Study.accession_number,
-                    or_(Report.patient_id == "", Report.patient_id == patient_id),
-                    or_(Report.study_instance_uid == "",
-                        Report.study_instance_uid == Study.study_instance_uid)))
 
 
 def unread_report_condition(principal: Principal) -> ColumnElement[bool]:

@@ -397,3 +397,31 @@ def test_daily_digest_counts_unread_reports_per_physician(
     signed_in(app, idp, subjects["doctor"]).get(f"/studies/{study}")  # reads one
     runner.invoke(args=["reports", "digest"])
     assert "1 study has a new report" in box.messages[-1].get_payload()
+
+
+def test_received_reports_orders_and_reads_are_audited(ris: Ris, idp: IdentityProvider) -> None:
+    from portal.access.models import AuditEvent
+
+    app = ris.app
+    subjects = people(app, idp)
+    accession = "AU" + generate_uid()[-7:]
+    study = store_study(app, accession)
+    send(ris.port, oru(accession, "F", "IMP:Audited."), orm(accession, "NW", "", "^Wilson^James"))
+    doctor = signed_in(app, idp, subjects["doctor"])
+    assert doctor.get("/orders").status_code == 200
+    bundle = doctor.get("/fhir/DiagnosticReport").get_json()
+    report_id = bundle["entry"][0]["resource"]["id"]
+    assert doctor.get(f"/fhir/DiagnosticReport/{report_id}").status_code == 200
+    with app.extensions["db"].new_session() as session:
+        rows = list(session.scalars(select(AuditEvent).order_by(AuditEvent.id)))
+    received = [r for r in rows if r.who == "hl7:RIS" and r.event_id == "110104"]
+    assert [sorted(r.details) for r in received] == [["message", "report", "via"],
+                                                     ["message", "order", "via"]]
+    assert received[0].patient_id == "P-R" and received[1].patient_id == "P-R"
+    doctor_rows = [r for r in rows if r.who.endswith(subjects["doctor"])]
+    queries = [r.details for r in doctor_rows if r.event_id == "110112"]
+    assert {"orders": 1} in queries
+    assert {"resource": "DiagnosticReport", "results": 1} in queries
+    reads = [r for r in doctor_rows if r.event_id == "110103"
+             and r.details.get("via") == "fhir"]
+    assert reads and reads[0].study_instance_uid == study

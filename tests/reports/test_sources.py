@@ -268,3 +268,15 @@ def test_report_objects_leave_in_a_study_zip_only_for_clinicians(
 
     assert members(doctor) == 2  # the image and the draft report
     assert members(patient_sub) == 1  # the image only
+
+
+def test_fhir_bodies_are_bounded(oidc_app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    from portal.reports import routes
+
+    monkeypatch.setattr(routes, "MAX_FHIR_BYTES", 1000)
+    ris = basic_auth(*make_client(oidc_app, "ris-big", can_read=False, can_store=True))
+    answer = oidc_app.test_client().post(
+        "/fhir/DiagnosticReport", data=b'{"resourceType": "DiagnosticReport", "x": "'
+        + b"a" * 2000 + b'"}', headers={**ris, "Content-Type": "application/fhir+json"})
+    assert answer.status_code == 413
+    assert answer.get_json()["issue"][0]["code"] == "too-costly"
