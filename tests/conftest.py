@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flask import Flask
+from flask import Flask, has_app_context
 from flask.testing import FlaskClient
 from werkzeug.serving import BaseWSGIServer, make_server
 
@@ -420,3 +420,18 @@ def redis_url() -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_flask_context(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fail a test that leaves a Flask context pushed.
+
+    A streamed response (WADO-RS, ZIP) that a test does not read keeps its request context
+    pushed until the garbage collector closes the generator; meanwhile every later CLI
+    command runs against that stale app. Read or close every streamed response.
+    """
+    yield
+    if has_app_context():
+        pytest.fail(f"{request.node.nodeid} left a Flask context pushed "
+                    "(a streamed response not read or closed)", pytrace=False)

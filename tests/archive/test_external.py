@@ -340,7 +340,7 @@ def test_view_of_an_instance_only_in_orthanc_fetches_and_caches_it(
     # Orthanc gone: the cached instance still serves, the other one answers 503.
     orthanc.stop()
     wado = client.get(instance_url(study, uid), headers={**headers, "Accept": "*/*"})
-    assert wado.status_code == 200
+    assert wado.status_code == 200 and Path(stored.path).read_bytes() in wado.data
     again = client.get(instance_url(study, uid, "/rendered"),
                        headers={**headers, "Accept": "image/jpeg"})
     assert again.status_code == 200 and again.data == rendered.data
