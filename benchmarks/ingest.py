@@ -317,7 +317,7 @@ def load_generator() -> Callable[..., list[Path]]:
 # --------------------------------------------------------------------------- ingest paths
 
 
-def _multipart(parts: list[bytes]) -> tuple[bytes, str]:
+def multipart_body(parts: list[bytes]) -> tuple[bytes, str]:
     boundary = secrets.token_hex(16)  # 128 random bits: will not occur inside the data
     chunks: list[bytes] = []
     for part in parts:
@@ -339,7 +339,7 @@ def _check_stow(response: requests.Response) -> None:
 
 
 def stow_bulk(target: Target, series: Series) -> float:
-    body, content_type = _multipart(series.payloads)  # built before the clock starts
+    body, content_type = multipart_body(series.payloads)  # built before the clock starts
     headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}
     with requests.Session() as session:
         session.auth = target.auth
@@ -352,7 +352,7 @@ def stow_bulk(target: Target, series: Series) -> float:
 
 
 def stow_single(target: Target, series: Series) -> float:
-    requests_ = [_multipart([payload]) for payload in series.payloads]
+    requests_ = [multipart_body([payload]) for payload in series.payloads]
     with requests.Session() as session:
         session.auth = target.auth
         start = time.perf_counter()

@@ -10,12 +10,17 @@ portal (gunicorn) on 127.0.0.1, stores the same files in both (STOW-RS), and mea
 * b) one fixed URL repeated: a render-cache hit on the portal, a fresh render on Orthanc,
 * c) cold renders of the radiograph to a 1024-wide JPEG (ms per image, one connection),
 * d) bytes per image (JPEG and WebP) at the default quality,
+* e) peak memory while rendering the largest file,
+* f) with ``--files``: your own DICOM files (any modality and transfer syntax): the first
+     view of each file and its repeat, one at a time, then cold and cached load over all
+     of them,
 
 for 1 and 8 keep-alive connections, with wrk (or a Python load generator when wrk is
 missing). Orthanc is asked through its DICOMweb plugin (same URLs as the portal) and through
 its own REST API. See benchmarks/README.md.
 
     .venv/bin/python benchmarks/render.py [--seconds 10] [--json out.json]
+    .venv/bin/python benchmarks/render.py --files DIR_OR_FILE ... [--scenarios f,a]
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from ingest import (  # noqa: E402
     load_generator,
     log,
     make_series,
+    multipart_body,
     orthanc_target,
     portal_target,
     run_main,
@@ -68,7 +74,8 @@ from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 APIS = ("portal", "orthanc-dicomweb", "orthanc-rest")
-SCENARIOS = ("a", "b", "c", "d", "e")
+SCENARIOS = ("a", "b", "c", "d", "e", "f")
+SYNTHETIC = ("a", "b", "c", "d", "e")  # scenarios that need the generated CT and radiograph
 WRK = shutil.which("wrk")
 QUALITY = 90  # asked of both servers in a)-c): Orthanc's default, the portal's is 85
 CT_WINDOW = (40.0, 400.0)  # soft tissue; also the first window stored in the demo CT files
@@ -429,16 +436,19 @@ class Sample:
     nbytes: int
     size: tuple[int, int] | None
     image_format: str | None
+    elapsed_ms: float = 0.0  # request sent to last byte received, before any check
 
 
 def fetch_image(session: requests.Session, endpoint: Endpoint, path: str, *, accept: str,
                 expect_format: str, expect_size: tuple[int, int] | None) -> Sample:
     """GET one rendition and insist on 200 + a decodable image; CheckFailed says why."""
     url = endpoint.base + path
+    start = time.perf_counter()
     response = session.get(url, auth=endpoint.auth, headers={"Accept": accept},
-                           timeout=HTTP_TIMEOUT_S)
+                           timeout=HTTP_TIMEOUT_S)  # reads the whole body
+    elapsed_ms = (time.perf_counter() - start) * 1000
     sample = Sample(url, response.status_code, response.headers.get("Content-Type", ""),
-                    len(response.content), None, None)
+                    len(response.content), None, None, elapsed_ms)
     if response.status_code != 200:
         raise CheckFailed(f"GET {url} (Accept: {accept}) -> HTTP {response.status_code} "
                           f"{sample.content_type}: {response.text[:500]!r}")
@@ -501,9 +511,10 @@ class Bench:
     args: argparse.Namespace
     workdir: Path
     endpoints: dict[str, Endpoint]
-    ct: list[Image3]
-    xr: Image3
+    ct: list[Image3]  # empty when only f) runs
+    xr: Image3 | None
     xr_size: tuple[int, int]  # output of c): (width, height)
+    files: list[UserFile] = field(default_factory=list)  # f): stored in every API
     runs: dict[str, int] = field(default_factory=dict)
 
     def new_run(self, api: str) -> int:
@@ -535,8 +546,12 @@ def load(bench: Bench, api: str, pattern: Pattern, *, connections: int, seconds:
 
 
 def measure_cell(bench: Bench, scenario: str, connections: int, api: str, pattern: Pattern,
-                 expect_size: tuple[int, int], *, warm_connections: int) -> Cell:
-    """Check samples, warm up (unmeasured), load for --seconds, check again."""
+                 expect_size: tuple[int, int] | None, *, warm_connections: int) -> Cell:
+    """Check samples, warm up (unmeasured), load for --seconds, check again.
+
+    ``expect_size`` None: images of many sizes (f), so the check that bodies were as large as
+    the samples is left to wrk's count of non-2xx answers.
+    """
     cell = Cell(scenario, connections, api)
     endpoint = bench.endpoints[api]
     seconds = bench.args.seconds
@@ -572,7 +587,7 @@ def measure_cell(bench: Bench, scenario: str, connections: int, api: str, patter
         cell.mean_response_bytes = result.bytes / result.requests
         # wrk counts headers too (a few hundred bytes); a body far smaller than the samples
         # would mean errors or empty answers were being counted as renders.
-        if cell.mean_response_bytes < 0.7 * cell.sample_image_bytes:
+        if expect_size and cell.mean_response_bytes < 0.7 * cell.sample_image_bytes:
             raise CheckFailed(f"responses averaged {cell.mean_response_bytes:.0f} bytes, "
                               f"samples {cell.sample_image_bytes:.0f}")
         cell.requests, cell.seconds, cell.rps = result.requests, result.seconds, result.rps
@@ -629,6 +644,214 @@ def measure_bytes(bench: Bench) -> list[Bytes]:
                         out.append(Bytes(kind, fmt, label, api, statistics.fmean(sizes),
                                          len(sizes), dims))
     return out
+
+
+# --------------------------------------------------------------------------- your files (f)
+
+FILES_MAX = 5000
+FILES_VIEW_WIDTH = 1024  # f): wider images are asked at this width (aspect kept), as on a phone
+STOW_BATCH_BYTES = 64 << 20
+
+
+@dataclass
+class UserFile:
+    """One of the files given with --files, and what became of it."""
+
+    path: str
+    image: Image3
+    transfer_syntax: str
+    modality: str
+    photometric: str
+    columns: int
+    rows: int
+    frames: int
+    nbytes: int
+    refused: dict[str, str] = field(default_factory=dict)  # api -> why it was not stored
+    first_ms: dict[str, float] = field(default_factory=dict)  # f) first view, per API
+    repeat_ms: dict[str, float] = field(default_factory=dict)  # f) the same URL again
+    failed: dict[str, str] = field(default_factory=dict)  # api -> why it did not render
+
+    @property
+    def viewport(self) -> tuple[int, int] | None:
+        """The size asked: the original, or FILES_VIEW_WIDTH wide when wider."""
+        if self.columns <= FILES_VIEW_WIDTH:
+            return None
+        return FILES_VIEW_WIDTH, max(1, round(FILES_VIEW_WIDTH * self.rows / self.columns))
+
+
+def collect_files(paths: list[Path]) -> tuple[list[tuple[UserFile, Path]], list[str]]:
+    """Every DICOM file with pixel data under ``paths`` (files or directories, recursive).
+
+    Returns the images (one per SOP Instance UID) and a line for each file left out.
+    """
+    from pydicom.errors import InvalidDicomError
+
+    candidates: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            candidates += sorted(p for p in path.rglob("*") if p.is_file())
+        elif path.is_file():
+            candidates.append(path)
+        else:
+            raise SystemExit(f"--files: {path} is neither a file nor a directory")
+    found: list[tuple[UserFile, Path]] = []
+    skipped: list[str] = []
+    seen: set[str] = set()
+    for path in candidates:
+        if len(found) >= FILES_MAX:
+            skipped.append(f"{path}: more than {FILES_MAX} images given; the rest left out")
+            break
+        try:
+            ds = dcmread(path, defer_size=1024)
+            if "PixelData" not in ds and "FloatPixelData" not in ds:
+                skipped.append(f"{path}: no pixel data")
+                continue
+            sop = str(ds.SOPInstanceUID)
+            image = Image3(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), sop)
+            if "PixelData" not in ds:
+                skipped.append(f"{path}: float pixel data (neither server renders it)")
+                continue
+            user = UserFile(str(path), image, str(ds.file_meta.TransferSyntaxUID),
+                            str(ds.get("Modality", "")), str(ds.get("PhotometricInterpretation",
+                                                                   "")),
+                            int(ds.Columns), int(ds.Rows), int(ds.get("NumberOfFrames") or 1),
+                            path.stat().st_size)
+        except (InvalidDicomError, AttributeError, KeyError, ValueError, TypeError,
+                OSError) as exc:
+            skipped.append(f"{path}: not a DICOM image ({type(exc).__name__}: "
+                           f"{str(exc)[:120]})")
+            continue
+        if sop in seen:
+            skipped.append(f"{path}: SOP Instance UID {sop} given twice")
+            continue
+        seen.add(sop)
+        found.append((user, path))
+    return found, skipped
+
+
+def _stow_files(target: Target, files: list[tuple[UserFile, Path]]) -> dict[str, str]:
+    """STOW-RS the files in batches; SOP Instance UID -> why it was refused (if it was)."""
+    refused: dict[str, str] = {}
+    batches: list[list[tuple[UserFile, bytes]]] = [[]]
+    size = 0
+    for user, path in files:
+        payload = path.read_bytes()
+        if batches[-1] and size + len(payload) > STOW_BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append((user, payload))
+        size += len(payload)
+    with requests.Session() as session:
+        session.auth = target.auth
+        for batch in batches:
+            body, content_type = multipart_body([payload for _user, payload in batch])
+            response = session.post(f"{target.dicomweb}/studies", data=body, timeout=600,
+                                    headers={"Content-Type": content_type,
+                                             "Accept": "application/dicom+json"})
+            stored: set[str] = set()
+            failed: dict[str, str] = {}
+            with contextlib.suppress(ValueError):
+                answer = response.json()
+                if isinstance(answer, dict):
+                    for item in answer.get("00081199", {}).get("Value") or []:
+                        stored.update(item.get("00081155", {}).get("Value") or [])
+                    for item in answer.get("00081198", {}).get("Value") or []:
+                        uid = (item.get("00081155", {}).get("Value") or [""])[0]
+                        reason = (item.get("00081197", {}).get("Value") or ["?"])[0]
+                        failed[uid] = f"STOW failure reason {reason}"
+            for user, _payload in batch:
+                sop = user.image.sop
+                if sop not in stored:
+                    refused[sop] = failed.get(sop) or (
+                        f"STOW-RS HTTP {response.status_code}: {response.text[:200]!r}")
+    return refused
+
+
+def store_files(targets: list[Target], files: list[tuple[UserFile, Path]]) -> None:
+    """Store the given files in every target; note on each file who refused it."""
+    for target in targets:
+        log(f"  storing {len(files)} file(s) in {target.name} (STOW-RS) ...")
+        api = "portal" if target.name == "portal" else "orthanc"
+        for sop, why in _stow_files(target, files).items():
+            user = next(u for u, _p in files if u.image.sop == sop)
+            user.refused[api] = why
+
+
+def _files_query(api: str, user: UserFile) -> str:
+    """f) first view: each server's own default window, JPEG quality 90, phone-sized."""
+    viewport = user.viewport
+    if api == "orthanc-rest":
+        parts = [f"width={viewport[0]}"] if viewport else []
+    else:
+        parts = [f"viewport={viewport[0]},{viewport[1]}"] if viewport else []
+    return "?" + "&".join([*parts, f"quality={QUALITY}"])
+
+
+def measure_file_views(bench: Bench) -> None:
+    """f) one file at a time: the first view on each API, then the same URL again.
+
+    The APIs take turns going first. Only a 200 with a decodable JPEG counts.
+    """
+    apis = list(bench.endpoints)
+    with requests.Session() as session:
+        for number, user in enumerate(bench.files):
+            order = apis[number % len(apis):] + apis[:number % len(apis)]
+            for api in order:
+                path = rendered_path(api, bench.root(api), user.image) + _files_query(api, user)
+                for record in (user.first_ms, user.repeat_ms):
+                    try:
+                        sample = fetch_image(session, bench.endpoints[api], path,
+                                             accept="image/jpeg", expect_format="JPEG",
+                                             expect_size=None)
+                    except (CheckFailed, requests.RequestException) as exc:
+                        user.failed[api] = str(exc)[:300]
+                        break
+                    record[api] = sample.elapsed_ms
+            if (number + 1) % 50 == 0:
+                log(f"  f) {number + 1}/{len(bench.files)} files viewed")
+
+
+def files_pattern(bench: Bench, api: str, *, vary: bool) -> Pattern:
+    """f) load over every file all APIs rendered, at their original size, with an explicit
+    window varied per request (cold) or the middle file again and again (cached)."""
+    usable = [u for u in bench.files if not u.failed]
+    paths = [rendered_path(api, bench.root(api), u.image) for u in usable]
+    if not vary:
+        paths = [paths[len(paths) // 2]]
+    return Pattern(tuple(paths), window_query(api, quality=QUALITY), *CT_WINDOW, *CT_STEPS,
+                   vary)
+
+
+def summarize_files(files: list[UserFile], apis: list[str]) -> dict[str, Any]:
+    """Medians and means of f) per API, over all files and per transfer syntax."""
+    def stats(group: list[UserFile], attr: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for api in apis:
+            values = [getattr(u, attr)[api] for u in group if api in getattr(u, attr)]
+            out[api] = ({"median_ms": statistics.median(values),
+                         "mean_ms": statistics.fmean(values), "files": len(values)}
+                        if values else None)
+        return out
+
+    both = [u for u in files if all(a in u.first_ms for a in apis)]
+    by_syntax: dict[str, list[UserFile]] = {}
+    for user in both:
+        by_syntax.setdefault(user.transfer_syntax, []).append(user)
+    return {
+        "files": len(files),
+        "rendered_by_all": len(both),
+        "first_view": stats(both, "first_ms"),
+        "repeat_view": stats(both, "repeat_ms"),
+        "first_view_by_transfer_syntax": {ts: stats(group, "first_ms")
+                                          for ts, group in sorted(by_syntax.items())},
+        "portal_only_failures": [
+            {"path": u.path, "why": u.failed.get("portal") or u.refused.get("portal")}
+            for u in files if ("portal" in u.failed or "portal" in u.refused)],
+        "other_failures": [
+            {"path": u.path, "api": api, "why": why}
+            for u in files for api, why in {**u.refused, **u.failed}.items()
+            if api != "portal"],
+    }
 
 
 # --------------------------------------------------------------------------- memory
@@ -767,13 +990,24 @@ def git_state() -> str:
 def set_up(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
            ) -> tuple[Bench, dict[str, Any]]:
     tag = secrets.token_hex(4)
-    log(f"generating {args.slices} CT slices 512x512 and a {args.xr[0]}x{args.xr[1]} "
-        "radiograph ...")
-    ct = make_series(load_generator(), workdir / "data" / "ct", slices=args.slices, size=512,
-                     seed=f"render-bench-{tag}-ct")
-    xr_file = write_radiograph(workdir / "data" / "xr" / "XR0001.dcm", columns=args.xr[0],
-                               rows=args.xr[1], seed=f"render-bench-{tag}-xr")
-    xr = Series([xr_file], [xr_file.read_bytes()], image_uids(xr_file).study)
+    synthetic = bool(set(args.scenarios) & set(SYNTHETIC))
+    series: list[Series] = []
+    if synthetic:
+        log(f"generating {args.slices} CT slices 512x512 and a {args.xr[0]}x{args.xr[1]} "
+            "radiograph ...")
+        ct = make_series(load_generator(), workdir / "data" / "ct", slices=args.slices,
+                         size=512, seed=f"render-bench-{tag}-ct")
+        xr_file = write_radiograph(workdir / "data" / "xr" / "XR0001.dcm", columns=args.xr[0],
+                                   rows=args.xr[1], seed=f"render-bench-{tag}-xr")
+        xr = Series([xr_file], [xr_file.read_bytes()], image_uids(xr_file).study)
+        series = [ct, xr]
+    given: list[tuple[UserFile, Path]] = []
+    skipped: list[str] = []
+    if "f" in args.scenarios:
+        given, skipped = collect_files(args.files)
+        log(f"--files: {len(given)} image(s), {len(skipped)} file(s) left out")
+        if not given:
+            raise SystemExit("--files: no DICOM file with pixel data found")
 
     log("starting Orthanc ...")
     orthanc = orthanc_target(workdir, procs, nodelay=False, paths=())
@@ -784,10 +1018,12 @@ def set_up(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
     portal = portal_target(workdir, procs, paths=())
     targets: list[Target] = [orthanc, portal]
     for target in targets:
-        for series in (ct, xr):
-            log(f"  storing {len(series.payloads)} instance(s) in {target.name} (STOW-RS) ...")
-            stow_bulk(target, series)
-            verify(target, series)
+        for one in series:
+            log(f"  storing {len(one.payloads)} instance(s) in {target.name} (STOW-RS) ...")
+            stow_bulk(target, one)
+            verify(target, one)
+    if given:
+        store_files(targets, given)
     time.sleep(3.0)  # the portal pre-renders a thumbnail and middle image after STOW: let it end
 
     orthanc_base = orthanc.dicomweb.removesuffix("/dicom-web")
@@ -798,10 +1034,17 @@ def set_up(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
         "orthanc-rest": Endpoint("orthanc-rest", orthanc_base, orthanc.auth),
     }
     endpoints = {k: v for k, v in endpoints.items() if k in args.apis}
-    ct_images = orthanc_ids(orthanc_base, orthanc.auth, [image_uids(f) for f in ct.files])
-    xr_image = orthanc_ids(orthanc_base, orthanc.auth, [image_uids(xr_file)])[0]
+    ct_images: list[Image3] = []
+    xr_image: Image3 | None = None
+    if synthetic:
+        ct_images = orthanc_ids(orthanc_base, orthanc.auth, [image_uids(f) for f in ct.files])
+        xr_image = orthanc_ids(orthanc_base, orthanc.auth, [image_uids(xr_file)])[0]
+    stored = [user for user, _path in given if not user.refused]
+    for user, found in zip(stored, orthanc_ids(orthanc_base, orthanc.auth,
+                                               [u.image for u in stored]), strict=True):
+        user.image = found
     xr_size = (XR_TARGET_WIDTH, round(XR_TARGET_WIDTH * args.xr[1] / args.xr[0]))
-    bench = Bench(args, workdir, endpoints, ct_images, xr_image, xr_size)
+    bench = Bench(args, workdir, endpoints, ct_images, xr_image, xr_size, stored)
     with requests.Session() as session:
         plugin = session.get(f"{orthanc_base}/plugins/dicom-web", auth=orthanc.auth,
                              timeout=10).json()
@@ -812,13 +1055,6 @@ def set_up(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
         "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(),
         "python": platform.python_version(), "platform": platform.platform(),
         "portal_code": git_state(),
-        "ct": {"slices": args.slices, "size": "512x512", "bits": 16,
-               "transfer_syntax": "Explicit VR Little Endian",
-               "bytes_per_file": round(ct.nbytes / len(ct.payloads))},
-        "radiograph": {"columns": args.xr[0], "rows": args.xr[1], "bits_stored": 12,
-                       "photometric": "MONOCHROME2",
-                       "transfer_syntax": "Explicit VR Little Endian",
-                       "bytes": len(xr.payloads[0]), "rendered_to": f"{xr_size[0]}x{xr_size[1]}"},
         "settings": {
             "portal": {**portal_render_settings(), "portal_env": list(args.portal_env)},
             "orthanc": {"version": orthanc.settings.get("version"),
@@ -826,18 +1062,35 @@ def set_up(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
                         "HttpThreadsCount": "default (50)",
                         "MaximumStorageCacheSize": "default (128 MB of DICOM files)"},
         },
-        "varied": {
-            "a": f"request j of run r: slice j mod {args.slices} (all {args.slices} cycled), "
-                 f"window centre {CT_WINDOW[0]:g} + floor(j/{args.slices}) x {CT_STEPS[0]} HU, "
-                 f"width {CT_WINDOW[1]:g} + r x {CT_STEPS[1]} HU; linear, quality {QUALITY}, "
-                 "native 512x512",
-            "b": f"nothing: slice {args.slices // 2 + 1}, window "
-                 f"{CT_WINDOW[0]:g}/{CT_WINDOW[1]:g} linear, quality {QUALITY}",
-            "c": f"request j of run r: window centre {XR_WINDOW[0]:g} + j x {XR_STEPS[0]}, "
-                 f"width {XR_WINDOW[1]:g} + r x {XR_STEPS[1]}; linear, quality {QUALITY}, "
-                 f"{xr_size[0]}x{xr_size[1]}",
-        },
     }
+    if synthetic:
+        config["ct"] = {"slices": args.slices, "size": "512x512", "bits": 16,
+                        "transfer_syntax": "Explicit VR Little Endian",
+                        "bytes_per_file": round(ct.nbytes / len(ct.payloads))}
+        config["radiograph"] = {
+            "columns": args.xr[0], "rows": args.xr[1], "bits_stored": 12,
+            "photometric": "MONOCHROME2", "transfer_syntax": "Explicit VR Little Endian",
+            "bytes": len(xr.payloads[0]), "rendered_to": f"{xr_size[0]}x{xr_size[1]}"}
+    config["varied"] = {
+        "a": f"request j of run r: slice j mod {args.slices} (all {args.slices} cycled), "
+             f"window centre {CT_WINDOW[0]:g} + floor(j/{args.slices}) x {CT_STEPS[0]} HU, "
+             f"width {CT_WINDOW[1]:g} + r x {CT_STEPS[1]} HU; linear, quality {QUALITY}, "
+             "native 512x512",
+        "b": f"nothing: slice {args.slices // 2 + 1}, window "
+             f"{CT_WINDOW[0]:g}/{CT_WINDOW[1]:g} linear, quality {QUALITY}",
+        "c": f"request j of run r: window centre {XR_WINDOW[0]:g} + j x {XR_STEPS[0]}, "
+             f"width {XR_WINDOW[1]:g} + r x {XR_STEPS[1]}; linear, quality {QUALITY}, "
+             f"{xr_size[0]}x{xr_size[1]}",
+        "f": f"first view: each file once per API at the server's default window, JPEG "
+             f"quality {QUALITY}, original size or {FILES_VIEW_WIDTH} wide (aspect kept), "
+             "then the same URL again; load: like a) and b) over the files rendered by "
+             "every API, at their original size",
+    }
+    config["varied"] = {k: v for k, v in config["varied"].items() if k in args.scenarios}
+    if "f" in args.scenarios:
+        config["files"] = {"given": [str(p) for p in args.files], "images": len(given),
+                           "stored_in_all": len(stored), "left_out": skipped,
+                           "refused": {u.path: u.refused for u, _p in given if u.refused}}
     return bench, config
 
 
@@ -861,6 +1114,16 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
             plan += [(scenario, c) for c in args.connections]
     if "c" in args.scenarios:
         plan.append(("c", 1))
+    files: dict[str, Any] = {}
+    if "f" in args.scenarios:
+        log(f"f) first and repeated view of {len(bench.files)} file(s), one at a time ...")
+        measure_file_views(bench)
+        files = summarize_files(bench.files, apis)
+        if files["rendered_by_all"]:
+            for scenario in ("f-cold", "f-cached"):
+                plan += [(scenario, c) for c in args.connections]
+        else:
+            log("  f) no file rendered on every API: no load cells")
     ct_size = (512, 512)
     for i, (scenario, connections) in enumerate(plan):
         # Rotate who goes first so no API always gets the calmer machine.
@@ -873,6 +1136,8 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
         for api in order:
             if scenario == "c":
                 pattern, size = bench.xr_pattern(api), bench.xr_size
+            elif scenario.startswith("f-"):
+                pattern, size = files_pattern(bench, api, vary=scenario == "f-cold"), None
             else:
                 pattern, size = bench.ct_pattern(api, vary=scenario == "a"), ct_size
             cells.append(measure_cell(bench, scenario, connections, api, pattern, size,
@@ -895,8 +1160,12 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
         "cells": [asdict(c) for c in cells],
         "bytes": [asdict(b) for b in sizes],
         "memory": memory,
+        "files": files,
+        "file_results": [asdict(u) for u in bench.files],
         "failures": [asdict(c) for c in cells if c.error]
-        + [asdict(b) for b in sizes if b.note.startswith("FAILED")],
+        + [asdict(b) for b in sizes if b.note.startswith("FAILED")]
+        + [{"scenario": "f", "api": "portal", "error": f["why"], "path": f["path"]}
+           for f in files.get("portal_only_failures", [])],
     }
 
 
@@ -906,6 +1175,8 @@ SCENARIO_TITLES = {
     "a": "a) CT 512x512 JPEG, cold (varied)",
     "b": "b) CT 512x512 JPEG, same URL (portal cache hit)",
     "c": "c) radiograph -> {w}x{h} JPEG, cold",
+    "f-cold": "f) your files, original size JPEG, cold (varied)",
+    "f-cached": "f) your files, the middle one again (portal cache hit)",
 }
 LABEL_WIDTH = 71
 
@@ -916,14 +1187,16 @@ def _fmt(value: float | None, digits: int) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     cfg = result["config"]
+    files = result.get("files") or {}
     apis = [a for a in APIS if any(c["api"] == a for c in result["cells"])
-            or any(b["api"] == a for b in result["bytes"])]
+            or any(b["api"] == a for b in result["bytes"])
+            or (files.get("first_view") or {}).get(a)]
     others = [a for a in apis if a != "portal"]
     short = {"orthanc-dicomweb": "orthanc-dw", "orthanc-rest": "orthanc-rest"}
     header = f"{'':<{LABEL_WIDTH}}{'metric':<9}{'portal':>10}"
     for api in others:
         header += f"{short[api]:>14}{'ratio':>7}"
-    xr = cfg["radiograph"]
+    xr = cfg.get("radiograph") or {"rendered_to": "-x-"}
     lines = [
         f"Rendering, portal vs Orthanc {cfg['settings']['orthanc']['version']} "
         f"(DICOMweb plugin {cfg['settings']['orthanc']['dicomweb_plugin']}); "
@@ -968,6 +1241,26 @@ def format_table(result: dict[str, Any]) -> str:
         if quality == "default":
             q = "default quality (" + ("portal 85, Orthanc 90)" if fmt == "jpeg" else "85)")
         row(f"d) {what} {fmt.upper()}, {q}", "bytes", values, 0)
+    if files:
+        lines.append(f"f) your files: {files['files']} image(s) stored in every server, "
+                     f"{files['rendered_by_all']} rendered by every API; per file, one at a "
+                     "time (median ms):")
+
+        def medians(stats: dict[str, Any]) -> dict[str, float | None]:
+            return {api: (v or {}).get("median_ms") for api, v in stats.items()}
+
+        row("f) first view (server's default window, JPEG q90)", "p50 ms",
+            medians(files["first_view"]), 1)
+        row("f) the same URL again", "p50 ms", medians(files["repeat_view"]), 1)
+        for syntax, stats in files["first_view_by_transfer_syntax"].items():
+            count = max((v or {}).get("files", 0) for v in stats.values())
+            row(f"f) first view, {syntax} ({count} file(s))", "p50 ms", medians(stats), 1)
+        for failure in files["portal_only_failures"]:
+            lines.append(f"FAILED f portal: {failure['path']}: {failure['why']}")
+        for failure in files["other_failures"]:
+            lines.append(f"note f {failure['api']}: {failure['path']}: {failure['why']}")
+        for skipped in cfg.get("files", {}).get("left_out", [])[:20]:
+            lines.append(f"left out: {skipped}")
     memory = result.get("memory") or {}
     if memory.get("error"):
         lines.append(f"FAILED e: {memory['error']}")
@@ -1016,8 +1309,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--slices", type=int, default=150, help="CT slices cycled over in a)")
     parser.add_argument("--xr", type=_size, default=(2500, 3000),
                         help="radiograph WIDTHxHEIGHT (default 2500x3000)")
-    parser.add_argument("--scenarios", type=lambda s: s.split(","), default=list(SCENARIOS),
-                        help="comma-separated subset of a,b,c,d,e")
+    parser.add_argument("--scenarios", type=lambda s: s.split(","), default=None,
+                        help="comma-separated subset of a,b,c,d,e,f (default a-e, or f "
+                             "with --files)")
     parser.add_argument("--apis", type=lambda s: s.split(","), default=list(APIS),
                         help=f"comma-separated subset of {','.join(APIS)}")
     parser.add_argument("--client", choices=("auto", "wrk", "python"), default="auto",
@@ -1025,10 +1319,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--portal-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for the portal, e.g. "
                              "PORTAL_RENDER_ISOLATION=0 (repeatable)")
+    parser.add_argument("--files", type=Path, nargs="+", default=[], metavar="PATH",
+                        help="your own DICOM files or directories (recursive) for f); "
+                             "alone, only f) runs unless --scenarios says otherwise")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--workdir", type=Path,
                         help="keep servers' state and logs here instead of a deleted temp dir")
     args = parser.parse_args(argv)
+    if args.scenarios is None:
+        args.scenarios = ["f"] if args.files else list(SYNTHETIC)
+    if "f" in args.scenarios and not args.files:
+        parser.error("scenario f needs --files PATH ...")
     if not set(args.scenarios) <= set(SCENARIOS) or not args.scenarios:
         parser.error(f"--scenarios must be a subset of {','.join(SCENARIOS)}")
     if not set(args.apis) <= set(APIS) or "portal" not in args.apis:
