@@ -28,13 +28,31 @@ from portal.access.policy import public, require_role, require_study
 from portal.access.principal import Principal, current_principal
 from portal.access.users import UserError
 from portal.api.openapi import OPENAPI
+from portal.auth.recent import require_recent_sign_in
 from portal.db import db
+from portal.security import UNSAFE_METHODS
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
 
 def _manager() -> Principal:
     return require_role(current_principal(), "office_manager")
+
+
+@bp.before_request
+def _recent_sign_in_for_changes() -> Response | None:
+    """Changes from a browser session need a recent, strong sign-in, as on the console's
+    pages (SECURITY.md 8); the answer names where to sign in again."""
+    principal = current_principal()
+    if request.method not in UNSAFE_METHODS or principal is None or principal.via != "session":
+        return None
+    again = require_recent_sign_in("sharing.my_links")
+    if again is None:
+        return None
+    response = jsonify(error="sign in again first (recent sign-in needed)", status=401,
+                       login=again.headers["Location"])
+    response.status_code = 401
+    return response
 
 
 @bp.errorhandler(UserError)
@@ -265,11 +283,6 @@ def add_share() -> Response | tuple[Response, int]:
     principal, body = _sender(), _body()
     study_uid = str(body.get("study_uid", ""))[:64]
     require_study(db.session, principal, study_uid)
-    if principal.via == "session":
-        again = sharing._recent_sign_in()
-        if again is not None:
-            return jsonify(error="sign in again first (recent sign-in needed)",
-                           status=401, login=again.headers["Location"]), 401
     days = body.get("days")
     if days is not None and not isinstance(days, int):
         raise UserError("days must be a whole number")
