@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hmac
 import secrets
+from typing import Any
 from urllib.parse import urlsplit
 
 from flask import Flask, Response, abort, current_app, g, request, session
+from flask.json.provider import DefaultJSONProvider
 
 
 def csp_nonce() -> str:
@@ -90,6 +92,50 @@ def check_csrf() -> None:
         abort(403, "the form has expired or did not come from this portal; please try again")
 
 
+def _has_nul(value: Any) -> bool:
+    """True when a parsed JSON value holds a NUL character in any string or key."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+class StrictJSONProvider(DefaultJSONProvider):
+    """Request JSON that is too deeply nested, or carries NUL characters (which no database
+    column takes), is malformed: a ValueError, so callers answer 400 instead of failing."""
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        try:
+            value = super().loads(s, **kwargs)
+        except RecursionError:
+            raise ValueError("the JSON is nested too deeply") from None
+        if _has_nul(value):
+            raise ValueError("the JSON holds a NUL character")
+        return value
+
+
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def reject_nul_characters() -> None:
+    """A NUL in the path, the query or a form field is never meaningful here, and a database
+    refuses it in a query (PostgreSQL): answer 400 before anything looks it up."""
+    if "\x00" in request.path or "%00" in request.query_string.decode("latin-1"):
+        abort(400, "the address holds a NUL character")
+    if request.method in UNSAFE_METHODS and request.mimetype in _FORM_TYPES:
+        values = request.form.to_dict(flat=False)
+        if any("\x00" in k or any("\x00" in v for v in vs) for k, vs in values.items()):
+            abort(400, "the form holds a NUL character")
+
+
 def _origin(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.scheme}://{parts.netloc}"
@@ -101,6 +147,8 @@ def init_app(app: Flask) -> None:
     app.jinja_env.globals["csrf_token"] = csrf_token
     app.jinja_env.globals["has_session_cookie"] = has_session_cookie
     app.jinja_env.filters["dicom_date"] = dicom_date
+    app.json = StrictJSONProvider(app)
+    app.before_request(reject_nul_characters)
     app.before_request(check_csrf)
 
     issuer = app.config["PORTAL"]["OIDC_ISSUER"]

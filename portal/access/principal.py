@@ -75,7 +75,7 @@ def _basic_credentials(value: str) -> tuple[str, str] | None:
     except (binascii.Error, UnicodeDecodeError):
         return None
     name, sep, secret = decoded.partition(":")
-    return (name, secret) if sep else None
+    return (name, secret) if sep and "\x00" not in decoded else None
 
 
 def _from_session() -> Principal | None:

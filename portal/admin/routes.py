@@ -227,9 +227,10 @@ def audit_csv() -> Response:
                      "source", "study_instance_uid", "patient_id", "details", "hash"])
     for row in _audit_rows():
         writer.writerow([row.id, row.occurred_at.isoformat(), row.event_id, row.event_name,
-                         row.action, row.outcome, _csv_safe(row.who), row.source_address,
-                         row.study_instance_uid, _csv_safe(row.patient_id),
-                         _csv_safe(str(row.details)), row.record_hash])
+                         row.action, row.outcome, _csv_safe(row.who),
+                         _csv_safe(row.source_address), _csv_safe(row.study_instance_uid),
+                         _csv_safe(row.patient_id), _csv_safe(str(row.details)),
+                         row.record_hash])
     return Response(buffer.getvalue(), mimetype="text/csv", headers={
         "Content-Disposition": 'attachment; filename="audit.csv"'})
 

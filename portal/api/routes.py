@@ -68,6 +68,22 @@ def _body() -> dict[str, Any]:
     return data
 
 
+def _id(body: dict[str, Any], key: str) -> int:
+    """A whole-number id from the body (UserError, a 400, for anything else)."""
+    value = body.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{key} must be a whole number")
+    return value
+
+
+def _text(body: dict[str, Any], key: str) -> str | None:
+    """An optional text value from the body (UserError, a 400, for anything else)."""
+    value = body.get(key)
+    if value is not None and not isinstance(value, str):
+        raise UserError(f"{key} must be text")
+    return value
+
+
 def _user_json(user: User) -> dict[str, Any]:
     return {"id": user.id, "issuer": user.issuer, "subject": user.subject, "email": user.email,
             "name": user.display_name, "roles": user.roles, "practice_id": user.practice_fk,
@@ -108,7 +124,7 @@ def patch_user(user_id: int) -> Response:
     if active is not None and not isinstance(active, bool):
         raise UserError("active must be true or false")
     user = update_user(db.session, _manager(), user_id, roles=roles,
-                       practice=body.get("practice"), active=active)
+                       practice=_text(body, "practice"), active=active)
     db.session.commit()
     return jsonify(_user_json(user))
 
@@ -120,8 +136,8 @@ def add_invitation() -> tuple[Response, int]:
     roles = body.get("roles")
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         raise UserError("roles must be a list of names")
-    token = create_invitation(db.session, _manager(), email=str(body.get("email", "")),
-                              roles=roles, practice=str(body.get("practice", "")))
+    token = create_invitation(db.session, _manager(), email=_text(body, "email") or "",
+                              roles=roles, practice=_text(body, "practice") or "")
     db.session.commit()
     return jsonify(link=url_for("auth.invitation", t=token, _external=True)), 201
 
@@ -141,8 +157,8 @@ def list_identifiers() -> Response:
 def add_identifier() -> tuple[Response, int]:
     """Link a physician to an identifier."""
     body = _body()
-    row = link_identifier(db.session, _manager(), int(body.get("user_id", 0)),
-                          str(body.get("key", "")))
+    row = link_identifier(db.session, _manager(), _id(body, "user_id"),
+                          _text(body, "key") or "")
     db.session.commit()
     return jsonify(id=row.id, user_id=row.user_fk, key=row.key), 201
 
@@ -174,9 +190,10 @@ def add_grant() -> tuple[Response, int]:
         raise UserError("expires_at must be an ISO 8601 date-time with a time zone") from exc
     if expires_at is not None and expires_at.tzinfo is None:
         raise UserError("expires_at must carry a time zone")
-    grant = create_grant(db.session, _manager(), user_id=int(body.get("user_id", 0)),
-                         study_uid=body.get("study_uid"), patient_id=body.get("patient_id"),
-                         expires_at=expires_at, reason=str(body.get("reason", "")),
+    grant = create_grant(db.session, _manager(), user_id=_id(body, "user_id"),
+                         study_uid=_text(body, "study_uid"),
+                         patient_id=_text(body, "patient_id"),
+                         expires_at=expires_at, reason=_text(body, "reason") or "",
                          break_glass=bool(body.get("break_glass", False)))
     db.session.commit()
     return jsonify(_grant_json(grant)), 201
@@ -210,6 +227,8 @@ def audit_events() -> Response:
         offset = int(args.get("offset", "0"))
     except ValueError as exc:
         raise UserError("limit and offset are numbers") from exc
+    if limit < 1 or offset < 0:
+        raise UserError("limit is at least 1 and offset at least 0")
     rows = list(audit.iter_events(db.session, who=args.get("who", "")[:200],
                                   study=args.get("study", "")[:64],
                                   event_id=args.get("event", "")[:16], limit=limit,

@@ -152,7 +152,7 @@ def fhir_create_report() -> Response:
     except RequestEntityTooLarge:
         return _outcome(413, "the resource is larger than 30 MB", "too-costly")
     try:
-        resource = json.loads(raw)
+        resource = current_app.json.loads(raw)
         incoming = fhir.report_from_resource(resource)
         with db.write_transaction() as session:
             report, newly_final = receive_report(session, incoming)
