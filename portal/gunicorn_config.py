@@ -36,3 +36,10 @@ def on_starting(server: Any) -> None:
         temps, orphans = current_archive().reap()
         if temps or orphans:
             server.log.info("reaped %d temp and %d unreferenced file(s)", temps, orphans)
+
+
+def post_worker_init(worker: Any) -> None:
+    """In each web worker, start its render processes before the first request."""
+    pool = getattr(worker.wsgi, "extensions", {}).get("render_pool")
+    if pool is not None:
+        pool.start()

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from sqlalchemy import select
@@ -128,32 +129,51 @@ def iter_events(session: Session, *, who: str = "", study: str = "", event_id: s
 # session (scripts, viewers with bearer tokens, machine clients): (who, study) -> until.
 _recent_reads: dict[tuple[str, str], float] = {}
 _READ_WINDOW = 600.0
+# Writes the read records while the request goes on rendering or reading the images.
+_read_writer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="audit-read")
+_pending_reads: dict[tuple[str, str], Future[None]] = {}
 
 
 def record_study_read(database: Database, *, who: str, study_instance_uid: str,
                       patient_id: str, source_address: str, seen: set[str] | None,
-                      what: str) -> None:
-    """One 110103 record per study per session (or per ten minutes without a session).
+                      what: str) -> Future[None] | None:
+    """Start writing one 110103 record per study per session (or per ten minutes without a
+    session); None when this read is already recorded.
 
-    ``seen`` is the session's set of studies already recorded; None for sessionless callers.
-    Raises when the record cannot be written, so the caller serves nothing (fail closed).
+    The write (one durable commit) runs beside whatever the caller does next; the caller
+    must wait for the returned future before it sends anything, and serve nothing when it
+    raises (fail closed). ``seen`` is the session's set of studies already recorded (None
+    for sessionless callers); the study is added to it at once and must be taken out again
+    if the write fails.
     """
     import time
 
     if seen is not None:
         if study_instance_uid in seen:
-            return
-    else:
-        now = time.monotonic()
-        key = (who, study_instance_uid)
-        if _recent_reads.get(key, 0.0) > now:
-            return
-    record(database, INSTANCES_ACCESSED, action="R", outcome=OUTCOME_SUCCESS, who=who,
-           source_address=source_address, study_instance_uid=study_instance_uid,
-           patient_id=patient_id, details={"what": what})
-    if seen is not None:
+            return None
         seen.add(study_instance_uid)
-    else:
-        if len(_recent_reads) > 50_000:
-            _recent_reads.clear()
-        _recent_reads[key] = time.monotonic() + _READ_WINDOW
+    # The write runs in another thread: resolve a request-bound proxy (portal.db.db) here.
+    database = getattr(database, "_get_current_object", lambda: database)()
+    key = (who, study_instance_uid)
+    if seen is None:
+        pending = _pending_reads.get(key)
+        if pending is not None:
+            return pending  # a parallel request's write: this one waits for it too
+        if _recent_reads.get(key, 0.0) > time.monotonic():
+            return None
+
+    def write() -> None:
+        record(database, INSTANCES_ACCESSED, action="R", outcome=OUTCOME_SUCCESS, who=who,
+               source_address=source_address, study_instance_uid=study_instance_uid,
+               patient_id=patient_id, details={"what": what})
+        if seen is None:
+            if len(_recent_reads) > 50_000:
+                _recent_reads.clear()
+            _recent_reads[key] = time.monotonic() + _READ_WINDOW
+
+    future = _read_writer.submit(write)
+    if seen is None:
+        _pending_reads[key] = future
+        future.add_done_callback(lambda done: _pending_reads.pop(key, None)
+                                 if _pending_reads.get(key) is done else None)
+    return future

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Blueprint, Response, abort, request, stream_with_context, url_for
+from flask import Blueprint, Response, abort, g, request, stream_with_context, url_for
 from flask import session as browser_session
 from sqlalchemy import select
 from werkzeug.http import parse_options_header
@@ -18,6 +19,7 @@ from portal.archive import current_archive
 from portal.archive.store import CorruptObject
 from portal.db import db
 from portal.dicomweb import frames, multipart, qido, stow
+from portal.errors import error_response
 from portal.imaging.cache import render, render_cache, render_volume, series_window
 from portal.imaging.render import FrameNotFound, RenderRefused
 from portal.imaging.rendition import InvalidRendition, Rendition, parse_rendition
@@ -26,6 +28,7 @@ from portal.index.models import Instance, Series, Study
 from portal.index.service import middle_image
 
 bp = Blueprint("dicomweb", __name__, url_prefix="/dicomweb")
+log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
 
@@ -135,18 +138,51 @@ def search_instances(study: str, series: str) -> Response:
 # -- WADO-RS ---------------------------------------------------------------------------------
 
 def _audit_read(study: Study, what: str) -> None:
-    """Record the read before anything is served (one record per study per session)."""
+    """Start recording the read (one record per study per session); ``_reads_recorded``
+    waits for the record before anything is sent."""
     principal = _principal()
     seen: set[str] | None = None
     if principal.via == "session":
         seen = set(browser_session.get("audited_studies", []))
-    audit.record_study_read(db, who=principal.audit_name,
-                            study_instance_uid=study.study_instance_uid,
-                            patient_id=study.patient.patient_id,
-                            source_address=request.remote_addr or "", seen=seen, what=what)
-    if seen is not None and study.study_instance_uid not in browser_session.get(
-            "audited_studies", []):
+    pending = audit.record_study_read(db, who=principal.audit_name,
+                                      study_instance_uid=study.study_instance_uid,
+                                      patient_id=study.patient.patient_id,
+                                      source_address=request.remote_addr or "", seen=seen,
+                                      what=what)
+    if pending is None:
+        return
+    g.setdefault("audit_writes", []).append(
+        (pending, study.study_instance_uid if seen is not None else None))
+    if seen is not None:
         browser_session["audited_studies"] = sorted(seen)[-500:]
+
+
+AUDIT_WAIT_SECONDS = 30.0
+
+
+@bp.after_request
+def _reads_recorded(response: Response) -> Response:
+    """Fail closed: nothing leaves before its read record is committed (SECURITY.md 12, 40).
+
+    The record is written while the images are read or rendered; here the answer waits for
+    it, and becomes a 503 without any patient data when it could not be written.
+    """
+    failed = False
+    for pending, study_uid in g.pop("audit_writes", []):
+        try:
+            pending.result(timeout=AUDIT_WAIT_SECONDS)
+        except Exception:  # any failure to record means serving nothing
+            log.exception("the read could not be recorded in the audit trail")
+            failed = True
+            if study_uid is not None:
+                browser_session["audited_studies"] = [
+                    uid for uid in browser_session.get("audited_studies", [])
+                    if uid != study_uid]
+    if not failed:
+        return response
+    response.close()  # a streamed body is never started
+    return error_response(503, "the audit trail is unavailable; try again shortly",
+                          {"Retry-After": "5"})
 
 
 def _instances_of(study: str, series: str | None = None,

@@ -30,6 +30,7 @@ from portal.imaging.render import (
     finish_frame,
     prepare_frame,
     render_frame,
+    warm_up,
 )
 from portal.imaging.rendition import Rendition, Window
 from portal.imaging.volume import NotAVolume, Volume, build_volume, render_volume_view
@@ -99,6 +100,12 @@ def _start_child(memory_bytes: int, frame_cache_bytes: int) -> None:
     """Runs first in every render process."""
     _limit_memory(memory_bytes)
     use_frame_cache(frame_cache_bytes)
+    warm_up()
+
+
+def _ready() -> bool:
+    """A task that only proves a render process has started."""
+    return True
 
 
 def _limit_memory(memory_bytes: int) -> None:
@@ -138,6 +145,13 @@ class RenderPool:
                     initializer=_start_child,
                     initargs=(self.memory_bytes, self.frame_cache_bytes))
             return self._executor
+
+    def start(self) -> None:
+        """Start the render processes now (they load every decoder as they start), so the
+        first images a web worker serves do not wait for that."""
+        executor = self._pool()
+        for _ in range(self.workers):
+            executor.submit(_ready)
 
     def _reset(self, executor: ProcessPoolExecutor) -> None:
         with self._lock:

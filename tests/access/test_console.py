@@ -14,7 +14,14 @@ from portal.access.models import AuditEvent, Grant, ReferrerIdentifier, User
 from portal.archive import current_archive
 from portal.auth.models import UserSession
 from portal.db import utcnow
-from tests.conftest import IdentityProvider, add_person, csrf_of, signed_in
+from tests.conftest import (
+    IdentityProvider,
+    add_person,
+    basic_auth,
+    csrf_of,
+    make_client,
+    signed_in,
+)
 from tests.factories import make_instance
 
 
@@ -201,6 +208,53 @@ def test_reads_are_audited_once_per_study_per_session(oidc_app: Flask,
     assert len(reads) == 1 and reads[0].study_instance_uid == study
     assert reads[0].action == "R" and reads[0].occurred_at.tzinfo is not None
     assert len(events("110112")) == 2  # the series search and the study search
+
+
+
+def test_no_image_leaves_before_its_read_is_recorded(oidc_app: Flask,
+                                                     idp: IdentityProvider) -> None:
+    """The read record is written beside the rendering; a failed write still means a 503
+    without the image, and the next request records the read again."""
+    manager, doctor, study = setup(oidc_app, idp)
+    manager.post("/api/grants", json={"user_id": doctor, "study_uid": study},
+                 headers={"X-CSRF-Token": csrf_of(manager)})
+    with oidc_app.extensions["db"].new_session() as session:
+        subject = session.get(User, doctor).subject
+    viewer = signed_in(oidc_app, idp, subject)
+    rendered = viewer.get(f"/dicomweb/studies/{study}/series").get_json()
+    series = rendered[0]["0020000E"]["Value"][0]
+    instances = viewer.get(f"/dicomweb/studies/{study}/series/{series}/instances").get_json()
+    sop = instances[0]["00080018"]["Value"][0]
+    image = f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/rendered"
+    raw = f"/dicomweb/studies/{study}/series/{series}/instances/{sop}"
+
+    def reads() -> int:
+        with oidc_app.extensions["db"].new_session() as session:
+            return len(session.scalars(select(AuditEvent).where(
+                AuditEvent.event_id == "110103", AuditEvent.study_instance_uid == study)).all())
+
+    with oidc_app.extensions["db"].write_transaction() as session:
+        session.execute(text("CREATE TRIGGER audit_full BEFORE INSERT ON audit_event "
+                             "BEGIN SELECT RAISE(ABORT, 'audit store unavailable'); END"))
+    machine = basic_auth(*make_client(oidc_app, "reader"))  # a sessionless principal
+    for path, headers in ((image, {}), (raw, {}), (image, machine)):
+        # a rendered image, a streamed WADO-RS retrieve, an image for a machine client
+        accept = "image/jpeg" if path == image else "multipart/related; type=application/dicom"
+        client = oidc_app.test_client() if headers else viewer
+        refused = client.get(path, headers={"Accept": accept, **headers})
+        assert refused.status_code == 503, path
+        assert refused.headers["Retry-After"] and refused.is_json
+        assert b"\xff\xd8" not in refused.data and b"DICM" not in refused.data
+    assert reads() == 0
+    with oidc_app.extensions["db"].write_transaction() as session:
+        session.execute(text("DROP TRIGGER audit_full"))
+    served = viewer.get(image, headers={"Accept": "image/jpeg"})
+    assert served.status_code == 200 and served.data.startswith(b"\xff\xd8")
+    assert reads() == 1
+    viewer.get(image, headers={"Accept": "image/jpeg"})
+    assert reads() == 1  # once per study per session
+    again = oidc_app.test_client().get(image, headers={"Accept": "image/jpeg", **machine})
+    assert again.status_code == 200 and reads() == 2  # the machine client's failed read
 
 
 def test_an_invitation_gives_its_roles_once(oidc_app: Flask, idp: IdentityProvider) -> None:
