@@ -15,9 +15,9 @@ from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from werkzeug.http import parse_options_header
 
 from portal.archive.validate import NATIVE_TRANSFER_SYNTAXES
+from portal.dicomweb.accept import parse_accept
 
 OCTET = "application/octet-stream"
 _MEDIA_BY_SYNTAX = {
@@ -61,16 +61,16 @@ def _choose(accept: str, stored_syntax: str) -> tuple[str, bool]:
     stored_media = _MEDIA_BY_SYNTAX.get(stored_syntax)
     native_le = stored_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
     stored_type = stored_media or f"{OCTET}; transfer-syntax={ExplicitVRLittleEndian}"
-    if not accept.strip():
+    ranges = parse_accept(accept)
+    if not ranges:
         return stored_type, True
-    for media_range in accept.split(","):
-        mimetype, params = parse_options_header(media_range.strip())
-        mimetype = mimetype.lower()
+    for media_range in ranges:
+        mimetype = media_range.media_type
         if mimetype == "multipart/related":
-            mimetype = params.get("type", OCTET).lower()
+            mimetype = media_range.part_type or OCTET
         if mimetype in ("*/*", "multipart/*"):
             return stored_type, stored_media is not None or native_le
-        syntax = params.get("transfer-syntax", "")
+        syntax = media_range.transfer_syntax
         if stored_media and mimetype == stored_media and syntax in ("", "*", stored_syntax):
             return stored_media, True
         if stored_media and mimetype == OCTET and syntax in ("*", stored_syntax):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from sqlalchemy import Select, and_, exists, func, select
+from sqlalchemy import Select, and_, exists, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -34,12 +34,12 @@ class Key:
     tag: str
     vr: str
     column: Any
-    match: Literal["text", "pn", "date", "uid", "int", "modality"]
+    match: Literal["text", "pn", "date", "time", "uid", "int", "modality"]
 
 
 STUDY_KEYS: tuple[Key, ...] = (
     Key("00080020", "DA", Study.study_date, "date"),
-    Key("00080030", "TM", Study.study_time, "text"),
+    Key("00080030", "TM", Study.study_time, "time"),
     Key("00080050", "SH", Study.accession_number, "text"),
     Key("00080061", "CS", Study.modalities_in_study, "modality"),
     Key("00080090", "PN", Study.referring_physician_name, "pn"),
@@ -83,6 +83,16 @@ RETURN_KEYS: dict[Level, tuple[Key, ...]] = {
     "series": (*SERIES_KEYS, STUDY_KEYS[10]),
     "instance": (*INSTANCE_KEYS, SERIES_KEYS[4], STUDY_KEYS[10]),
 }
+# Attributes of one image or one series that a representative instance's header holds but
+# that do not describe a whole study or series: never returned above their level.
+_INSTANCE_LEVEL = frozenset({
+    "00080008", "00080012", "00080013", "00080014", "00080016", "00080018", "00080022",
+    "00080023", "00080032", "00080033", "0008002A", "00080100", "00089007", "00089205",
+})
+_SERIES_LEVEL = frozenset({
+    "00080021", "00080031", "00080060", "00080064", "00080068", "00080070", "00081010",
+    "00081040", "0008103E", "00081090", "00081111", "00081140", "00081250",
+})
 _CONTROL_PARAMS = frozenset({"limit", "offset", "includefield", "fuzzymatching"})
 
 
@@ -100,6 +110,27 @@ def parse_tag(name: str) -> str:
 def _like_pattern(value: str) -> str:
     escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     return escaped.replace("*", "%").replace("?", "_")
+
+
+def _pn_match(column: Any, value: str, fuzzy: bool) -> ColumnElement[bool]:
+    """Person names: case-insensitive; trailing empty components do not count (PS3.5 6.2).
+
+    With ``fuzzymatching=true`` every word of the query must begin a word of the name, in any
+    order and any component ("anna" and "alph" both find "Alpha^Anna").
+    """
+    name = func.rtrim(func.lower(column), "^= ")
+    if not fuzzy:
+        return _text_match(name, value.rstrip("^= ").lower(), insensitive=False)
+    words = [w for w in value.lower().replace("^", " ").replace("=", " ").replace(",", " ")
+             .split() if w.strip("*")]
+    if not words:
+        return _text_match(name, value.lower(), insensitive=False)
+    conditions = []
+    for word in words:
+        pattern = _like_pattern(word.rstrip("*"))
+        conditions.append(or_(*(name.like(f"{start}{pattern}%", escape="\\")
+                                for start in ("", "%^", "% ", "%=", "%-"))))
+    return and_(*conditions)
 
 
 def _text_match(column: Any, value: str, insensitive: bool) -> ColumnElement[bool]:
@@ -126,15 +157,36 @@ def _date_match(column: Any, value: str) -> ColumnElement[bool]:
     return and_(*conditions)
 
 
+def _time_match(column: Any, value: str) -> ColumnElement[bool]:
+    """TM: a single value, or a range ``A-B``, ``-B``, ``A-`` (PS3.4 C.2.2.2.5)."""
+    value = value.replace(":", "")
+    if "-" not in value:
+        return _text_match(column, value, insensitive=False)
+    low, _, high = value.partition("-")
+    for part in (low, high):
+        digits = part.split(".")[0]
+        if part and not (digits.isdigit() and len(digits) in (2, 4, 6)):
+            raise QueryError(f"invalid time range {value!r}")
+    conditions = [column != ""]
+    if low:
+        conditions.append(column >= low)
+    if high:
+        # "-1100" includes 11:00:59.99: the bound is as precise as the query.
+        conditions.append(column <= high + ("" if "." in high else "~"))
+    return and_(*conditions)
+
+
 def _uid_list(value: str) -> list[str]:
     return [v.strip() for v in value.replace(",", "\\").split("\\") if v.strip()]
 
 
-def _condition(key: Key, value: str) -> ColumnElement[bool]:
+def _condition(key: Key, value: str, fuzzy: bool = False) -> ColumnElement[bool]:
     if key.match == "pn":
-        return _text_match(key.column, value, insensitive=True)
+        return _pn_match(key.column, value, fuzzy)
     if key.match == "date":
         return _date_match(key.column, value)
+    if key.match == "time":
+        return _time_match(key.column, value)
     if key.match == "uid":
         return key.column.in_(_uid_list(value))  # type: ignore[no-any-return]
     if key.match == "int":
@@ -144,6 +196,9 @@ def _condition(key: Key, value: str) -> ColumnElement[bool]:
             raise QueryError(f"{value!r} is not a number") from exc
     if key.match == "modality":
         wanted = _uid_list(value)
+        if len(wanted) == 1 and ("*" in value or "?" in value):
+            return exists().where(Series.study_fk == Study.id,  # type: ignore[no-any-return]
+                                  _text_match(Series.modality, wanted[0], insensitive=False))
         return exists().where(Series.study_fk == Study.id,  # type: ignore[no-any-return]
                               Series.modality.in_(wanted))
     return _text_match(key.column, value, insensitive=False)
@@ -159,12 +214,24 @@ class Query:
     limit: int
     offset: int
     warnings: list[str]
+    fuzzy: bool = False
+    capped: bool = True  # no limit, or one above the server's maximum: warn when cut
+
+    def trim(self, rows: list[Any]) -> list[Any]:
+        """The rows to answer; warn when the server's maximum cut the results short
+        (PS3.18 8.3.4.4: the client can ask for the rest with ``offset``)."""
+        if self.capped and len(rows) > self.limit:
+            self.warnings.append("The number of results exceeded the maximum supported by "
+                                 "the server. Additional results can be requested.")
+            return rows[:self.limit]
+        return rows
 
 
 def parse_query(args: Mapping[str, Sequence[str]], level: Level) -> Query:
     """Read the query parameters of a QIDO-RS request."""
     keys = {k.tag: k for k in LEVEL_KEYS[level]}
     query = Query([], set(), False, MAX_RESULTS, 0, [])
+    query.fuzzy = any(v.lower() == "true" for v in args.get("fuzzymatching", [])[-1:])
     for name, values in args.items():
         if name in ("limit", "offset"):
             try:
@@ -174,6 +241,7 @@ def parse_query(args: Mapping[str, Sequence[str]], level: Level) -> Query:
             if number < 0:
                 raise QueryError(f"{name} must not be negative")
             if name == "limit":
+                query.capped = not number or number > MAX_RESULTS
                 query.limit = min(number, MAX_RESULTS) if number else MAX_RESULTS
             else:
                 query.offset = number
@@ -187,8 +255,8 @@ def parse_query(args: Mapping[str, Sequence[str]], level: Level) -> Query:
                         query.include.add(parse_tag(item))
             continue
         if name == "fuzzymatching":
-            if values[-1].lower() == "true":
-                query.warnings.append("fuzzymatching is not supported; exact matching used")
+            if values[-1].lower() not in ("true", "false"):
+                raise QueryError("fuzzymatching is true or false")
             continue
         tag = parse_tag(name.split(".")[0])
         key = keys.get(tag)
@@ -222,8 +290,9 @@ def build_select(level: Level, query: Query, visible: ColumnElement[bool],
         order = [Series.id, Instance.instance_number, Instance.id]
     stmt = stmt.where(visible, *scope)
     for key, value in query.filters:
-        stmt = stmt.where(_condition(key, value))
-    return stmt.order_by(*order).limit(query.limit).offset(query.offset)
+        stmt = stmt.where(_condition(key, value, query.fuzzy))
+    limit = query.limit + 1 if query.capped else query.limit
+    return stmt.order_by(*order).limit(limit).offset(query.offset)
 
 
 def _json_value(vr: str, value: Any) -> dict[str, Any]:
@@ -281,8 +350,10 @@ def to_json(level: Level, rows: Sequence[Any], query: Query, url_for_row: Callab
         if wanted or query.include_all:
             header = representative(row)
         if query.include_all:
+            above = (set() if level == "instance" else
+                     _INSTANCE_LEVEL | (_SERIES_LEVEL if level == "study" else set()))
             for tag, element in header.items():
-                if (tag not in item and "BulkDataURI" not in element
+                if (tag not in item and tag not in above and "BulkDataURI" not in element
                         and (level == "instance" or tag.startswith(("0010", "0008")))):
                     item[tag] = element
         for tag in wanted:

@@ -11,18 +11,18 @@ from typing import Any
 from flask import Blueprint, Response, abort, g, request, stream_with_context, url_for
 from flask import session as browser_session
 from sqlalchemy import select
-from werkzeug.http import parse_options_header
 
 from portal.access import audit, policy
 from portal.access.principal import Principal, current_principal
 from portal.archive import current_archive
 from portal.archive.store import CorruptObject
 from portal.db import db
-from portal.dicomweb import frames, multipart, qido, stow
+from portal.dicomweb import bulkdata, frames, multipart, qido, stow
+from portal.dicomweb.accept import parse_accept
 from portal.errors import error_response
 from portal.imaging.cache import render, render_cache, render_volume, series_window
 from portal.imaging.render import FrameNotFound, RenderRefused
-from portal.imaging.rendition import InvalidRendition, Rendition, parse_rendition
+from portal.imaging.rendition import FORMATS, InvalidRendition, Rendition, parse_rendition
 from portal.imaging.volume import VIEWS, NotAVolume
 from portal.index.models import Instance, Series, Study
 from portal.index.service import middle_image
@@ -47,10 +47,21 @@ def _json(payload: Any, status: int = 200, warnings: list[str] | None = None) ->
     return response
 
 
+_JSON_TYPES = frozenset({"*/*", "application/*", DICOM_JSON, "application/json"})
+
+
+def _accepts_json() -> None:
+    """406 unless the Accept header allows DICOM JSON (the only encoding offered here)."""
+    ranges = parse_accept(request.headers.get("Accept", ""))
+    if ranges and not any(r.media_type in _JSON_TYPES for r in ranges):
+        abort(406, f"this resource is available as {DICOM_JSON} only")
+
+
 # -- QIDO-RS ---------------------------------------------------------------------------------
 
 def _search(level: qido.Level, scope: list[Any]) -> Response:
     principal = _principal()
+    _accepts_json()
     try:
         query = qido.parse_query(request.args.to_dict(flat=False), level)
         if level != "study":
@@ -61,13 +72,13 @@ def _search(level: qido.Level, scope: list[Any]) -> Response:
     except qido.QueryError as exc:
         abort(400, str(exc))
     session = db.session
-    rows = session.execute(stmt).all()
+    rows = query.trim(session.execute(stmt).all())
     if not rows and level == "study" and current_archive().remote is not None:
         from portal.archive.sync import sync_on_miss
 
         if sync_on_miss(current_archive(), request.args.to_dict(flat=False)):
             session.rollback()  # read-only so far: end the snapshot to see the new rows
-            rows = session.execute(stmt).all()
+            rows = query.trim(session.execute(stmt).all())
     audit.record(db, audit.QUERY, action="E", outcome=audit.OUTCOME_SUCCESS,
                  who=principal.audit_name, source_address=request.remote_addr or "",
                  details={"level": level, "results": len(rows),
@@ -208,19 +219,17 @@ def _instances_of(study: str, series: str | None = None,
 
 def _accepts_dicom(instances: list[Instance]) -> None:
     """Check the Accept header allows application/dicom as stored (PS3.18 8.7.3)."""
-    header = request.headers.get("Accept", "")
-    if not header.strip():
+    ranges = parse_accept(request.headers.get("Accept", ""))
+    if not ranges:
         return
-    for media_range in header.split(","):
-        mimetype, params = parse_options_header(media_range.strip())
-        mimetype = mimetype.lower()
-        if mimetype in ("*/*", "multipart/*"):
+    for media_range in ranges:
+        if media_range.media_type in ("*/*", "multipart/*") and not media_range.part_type:
             return
-        if mimetype in ("multipart/related", "application/dicom"):
-            kind = params.get("type", "application/dicom").lower()
-            if mimetype == "multipart/related" and kind != "application/dicom":
+        if media_range.media_type in ("multipart/related", "multipart/*",
+                                      "application/dicom"):
+            if media_range.part_type not in ("", "application/dicom"):
                 continue
-            syntax = params.get("transfer-syntax", "*")
+            syntax = media_range.transfer_syntax or "*"
             if syntax == "*" or all(i.transfer_syntax_uid == syntax for i in instances):
                 return
     abort(406, "instances are available as multipart/related; type=\"application/dicom\" "
@@ -280,9 +289,15 @@ def retrieve_instance(study: str, series: str, instance: str) -> Response:
 
 
 def _metadata(instances: list[Instance]) -> Response:
+    _accepts_json()
     headers = current_archive().headers([i.sop_instance_uid for i in instances])
-    payload = [{tag: element for tag, element in header.items()
-                if "BulkDataURI" not in element} for header in headers]
+    payload = []
+    for instance, header in zip(instances, headers, strict=True):
+        base = url_for("dicomweb.retrieve_instance",
+                       study=instance.series.study.study_instance_uid,
+                       series=instance.series.series_instance_uid,
+                       instance=instance.sop_instance_uid, _external=True) + "/bulkdata/"
+        payload.append(bulkdata.with_bulkdata_uris(header, base, instance))
     return _json(payload)
 
 
@@ -326,6 +341,33 @@ def retrieve_frames(study: str, series: str, instance: str, frame_list: str) -> 
         "Cache-Control": "private, no-store"})
 
 
+@bp.get("/studies/<study>/series/<series>/instances/<instance>/bulkdata/<path:tag_path>")
+def retrieve_bulkdata(study: str, series: str, instance: str, tag_path: str) -> Response:
+    """WADO-RS bulkdata: the value a metadata BulkDataURI names (pixel data as frames)."""
+    found = _instances_of(study, series, instance)[0]
+    try:
+        path = bulkdata.parse_path(tag_path)
+    except ValueError as exc:
+        abort(404, str(exc))
+    data = current_archive().read(found.sop_instance_uid)
+    try:
+        parts = bulkdata.extract(data, path, request.headers.get("Accept", ""))
+    except KeyError as exc:
+        abort(404, str(exc.args[0]) if exc.args else "no such bulk data")
+    except frames.NotAcceptable as exc:
+        abort(406, str(exc))
+    if parts.single:
+        content_type, payload = parts.items[0]
+        return Response(payload, headers={"Content-Type": content_type,
+                                          "Cache-Control": "private, no-store"})
+    boundary = multipart.new_boundary()
+    body = b"".join(multipart.stream_parts(parts.items, boundary))
+    return Response(body, headers={
+        "Content-Type": f'multipart/related; type="{parts.items[0][0].split(";")[0]}"; '
+                        f"boundary={boundary}",
+        "Cache-Control": "private, no-store"})
+
+
 # -- STOW-RS ---------------------------------------------------------------------------------
 
 @bp.post("/studies")
@@ -351,13 +393,14 @@ def _middle_instance(study: str, series: str | None) -> Instance:
 
 
 def _rendition(thumbnail: bool) -> Rendition:
-    accept = request.headers.get("Accept", "")
+    ranges = parse_accept(request.headers.get("Accept", ""))
     # A multipart Accept names the image type in its "type" parameter.
-    accept = ",".join(parse_options_header(r.strip())[1].get("type", r)
-                      if r.strip().lower().startswith("multipart/related") else r
-                      for r in accept.split(",")) if accept else accept
+    offered = [r.part_type or ("image/jpeg" if r.media_type.startswith("multipart/")
+                               else r.media_type) for r in ranges]
+    if ranges and not any(media in FORMATS for media in offered):
+        abort(406, "rendered images are available as image/jpeg, image/png or image/webp")
     try:
-        return parse_rendition(request.args, accept, thumbnail=thumbnail)
+        return parse_rendition(request.args, ",".join(offered), thumbnail=thumbnail)
     except InvalidRendition as exc:
         abort(400, str(exc))
 
