@@ -7,8 +7,9 @@ and by a share-link visitor only when marked ``@share_visible`` (or listed below
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from flask import Flask, Response, abort, current_app, redirect, request, url_for
 from sqlalchemy import Select, and_, exists, false, or_, select, true
@@ -17,9 +18,10 @@ from sqlalchemy.sql.elements import ColumnElement
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Unauthorized
 
+from portal.access import audit
 from portal.access.models import Delegation, Grant, PatientLink, ReferrerIdentifier, User
 from portal.access.principal import Principal, current_principal
-from portal.db import utcnow
+from portal.db import db, utcnow
 from portal.index.models import Instance, Patient, Series, Study, StudyReferrer
 from portal.reports.dicom import REPORT_CLASSES
 from portal.reports.models import Order
@@ -45,10 +47,9 @@ SHARE_ENDPOINTS = frozenset({"studies.study_page", "studies.viewer", "studies.do
                              "reports.report_pdf_view"})
 # Whole original files (and the report as a file): only for links made with the download
 # permission.
-# Raw pixel data (frames, bulk data) is a download too: the viewer only needs rendered images.
+# Raw pixel data (frames) is a download too: the viewer only needs rendered images.
 DOWNLOAD_ENDPOINTS = frozenset({"dicomweb.retrieve_study", "dicomweb.retrieve_series",
                                 "dicomweb.retrieve_instance", "dicomweb.retrieve_frames",
-                                "dicomweb.retrieve_bulkdata",
                                 "studies.download_study", "reports.report_pdf_view"})
 
 
@@ -56,12 +57,15 @@ def _share_may_reach(principal: Principal, endpoint: str) -> None:
     """A share visitor reaches only marked views; other pages do not exist for him."""
     view = current_app.view_functions.get(endpoint)
     reads = request.method in ("GET", "HEAD")
+    study_uid = str((request.view_args or {}).get("study_uid")
+                    or (request.view_args or {}).get("study") or "")
     if endpoint in DOWNLOAD_ENDPOINTS and not principal.can_download:
-        abort(403, "this link allows viewing only, not downloading")
+        deny(principal, "download", study_uid, status=403,
+             reason="this link allows viewing only, not downloading")
     if getattr(view, "portal_share_visible", False) or endpoint in SHARE_ENDPOINTS or (
             reads and endpoint.startswith("dicomweb.")):
         return
-    abort(404)
+    deny(principal, "page", study_uid)
 
 
 def is_public(endpoint: str | None) -> bool:
@@ -161,13 +165,40 @@ def visible_studies(principal: Principal) -> Select[tuple[Study]]:
     return select(Study).where(study_filter(principal))
 
 
+_UID = re.compile(r"[0-9.]{1,64}")
+
+
+def record_refusal(principal: Principal | None, what: str, study_uid: str = "") -> None:
+    """Record a refused access in the audit trail (SECURITY.md 40).
+
+    A missing object is recorded like a forbidden one, so neither the answer nor its timing
+    tells them apart. The requested UID is kept only when it has the form of a UID; the rest
+    of what the caller sent stays out of the trail.
+    """
+    audit.record(db, audit.INSTANCES_ACCESSED, action="R",
+                 outcome=audit.OUTCOME_MINOR_FAILURE,
+                 who=principal.audit_name if principal is not None else "unknown",
+                 source_address=request.remote_addr or "",
+                 study_instance_uid=study_uid if _UID.fullmatch(study_uid or "") else "",
+                 details={"refused": what, "endpoint": str(request.endpoint or "")[:64]})
+
+
+def deny(principal: Principal | None, what: str, study_uid: str = "", *, status: int = 404,
+         reason: str | None = None) -> NoReturn:
+    """Record the refusal, then answer ``status`` (404 unless said otherwise)."""
+    record_refusal(principal, what, study_uid)
+    if reason is None:
+        abort(status)
+    abort(status, reason)
+
+
 def require_study(session: Session, principal: Principal, study_uid: str) -> Study:
     """Load a study the principal may see, or answer 404."""
     study = session.scalars(visible_studies(principal)
                             .options(joinedload(Study.patient))
                             .where(Study.study_instance_uid == study_uid)).first()
     if study is None:
-        abort(404, "no such study")
+        deny(principal, "study", study_uid, reason="no such study")
     return study
 
 
@@ -184,7 +215,7 @@ def require_series(session: Session, principal: Principal, study_uid: str,
                Study.study_instance_uid == study_uid, study_filter(principal),
                series_filter(principal))).first()
     if series is None:
-        abort(404, "no such series")
+        deny(principal, "series", study_uid, reason="no such series")
     return series
 
 
@@ -200,7 +231,7 @@ def require_instance(session: Session, principal: Principal, study_uid: str, ser
                Study.study_instance_uid == study_uid, study_filter(principal),
                series_filter(principal), instance_filter(principal))).first()
     if instance is None:
-        abort(404, "no such instance")
+        deny(principal, "instance", study_uid, reason="no such instance")
     return instance
 
 
@@ -235,6 +266,14 @@ def init_app(app: Flask) -> None:
             if principal.kind == "share":
                 _share_may_reach(principal, str(request.endpoint))
             return None
+        if request.headers.get("Authorization"):
+            # Credentials were sent and refused: a failed authentication (SECURITY.md 2, 40).
+            scheme = request.headers["Authorization"].partition(" ")[0].lower()[:16]
+            audit.record(db, audit.USER_AUTHENTICATION, action="E",
+                         outcome=audit.OUTCOME_MINOR_FAILURE, who="unknown",
+                         source_address=request.remote_addr or "",
+                         details={"type": audit.LOGIN, "reason": "credentials refused",
+                                  "scheme": scheme if scheme in ("basic", "bearer") else "other"})
         if request.path.startswith(("/dicomweb", "/api", "/fhir")) or \
                 request.headers.get("Authorization"):
             raise Unauthorized(

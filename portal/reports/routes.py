@@ -67,7 +67,7 @@ def report_pdf_view(study_uid: str, report_id: int) -> Response:
     views = [v for v in _readable(principal, study)
              if v.report.id == report_id]
     if not views:
-        abort(404, "no such report")
+        policy.deny(principal, "report", study_uid, reason="no such report")
     report = views[0].report
     audit.record(db, audit.EXPORT, action="R", outcome=audit.OUTCOME_SUCCESS,
                  who=principal.audit_name, source_address=request.remote_addr or "",
@@ -221,6 +221,7 @@ def fhir_read_report(report_id: int) -> Response:
                              details={"report": report_id, "via": "fhir"})
                 return Response(json.dumps(fhir.report_resource(view.report, location, study)),
                                 mimetype=FHIR_JSON)
+    policy.record_refusal(principal, "report")
     return _outcome(404, "no such DiagnosticReport", "not-found")
 
 
