@@ -48,6 +48,17 @@ def _split(text: str, separator: str) -> list[str]:
     return items
 
 
+def parse_media_type(header: str) -> MediaRange:
+    """A Content-Type value, read as leniently as the Accept header (``type`` unquoted)."""
+    pieces = _split(header[:4096], ";")
+    params = {}
+    for piece in pieces[1:]:
+        name, sep, value = piece.partition("=")
+        if sep:
+            params[name.strip().lower()] = value.strip().strip('"')
+    return MediaRange(pieces[0].strip().lower(), params)
+
+
 def parse_accept(header: str) -> list[MediaRange]:
     """The media ranges of an Accept header, most preferred first (an empty header: none)."""
     ranked: list[tuple[float, int, MediaRange]] = []

@@ -6,13 +6,13 @@ import json
 from typing import Any
 
 from flask import Response, abort, request, url_for
-from werkzeug.http import parse_options_header
 
 from portal.access import policy
 from portal.access.principal import Principal
 from portal.archive import current_archive
 from portal.archive.ingest import Stored, record_ingest
 from portal.archive.validate import CANNOT_UNDERSTAND, Rejected
+from portal.dicomweb.accept import parse_media_type
 from portal.dicomweb.multipart import MultipartError, split_parts
 from portal.imaging.prerender import prerender
 from portal.security import read_body
@@ -27,8 +27,9 @@ def _value(vr: str, value: Any) -> dict[str, Any]:
 def store_request(principal: Principal, study_uid: str | None) -> Response:
     """Store every part of a STOW-RS request; 200, 202 (some failed) or 409 (none stored)."""
     policy.require_store(principal)
-    mimetype, params = parse_options_header(request.headers.get("Content-Type", ""))
-    if mimetype.lower() != "multipart/related":
+    content_type = parse_media_type(request.headers.get("Content-Type", ""))
+    params = content_type.params
+    if content_type.media_type != "multipart/related":
         abort(415, 'send multipart/related; type="application/dicom"')
     part_type = params.get("type", "application/dicom").lower()
     if part_type != "application/dicom":

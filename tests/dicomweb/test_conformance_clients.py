@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 
 from portal.dicomweb import qido
 from tests.conftest import LiveServer, make_client, sample_paths
-from tests.factories import make_dataset
+from tests.factories import make_dataset, to_bytes
 from tests.sharing.conftest import World, build_world, make_share, open_link
 
 # What Cornerstone's WADO-RS image loader (OHIF v3) hard-codes: the type is not quoted.
@@ -320,3 +320,20 @@ def test_frames_of_a_compressed_instance_as_ohif_asks(portal: Portal) -> None:
     assert np.array_equal(np.frombuffer(raw, dtype=expected.dtype).reshape(expected.shape),
                           expected)
     assert compressed != raw
+
+
+def test_stow_with_an_unquoted_part_type(portal: Portal) -> None:
+    """dicomweb-client (JS) with OHIF's omitQuotationForMultipartRequest stores like this."""
+    ds = make_dataset()
+    body = (b"--judge\r\nContent-Type: application/dicom\r\n\r\n" + to_bytes(ds)
+            + b"\r\n--judge--\r\n")
+    response = portal.http.post(f"{portal.base}/studies", data=body, timeout=30, headers={
+        "Content-Type": "multipart/related; type=application/dicom; boundary=judge",
+        "Accept": "application/dicom+json"})
+    assert response.status_code == 200, response.text
+    [stored] = response.json()["00081199"]["Value"]
+    assert stored["00081155"]["Value"] == [ds.SOPInstanceUID]
+    # Another unquoted part type is still refused as unsupported.
+    other = portal.http.post(f"{portal.base}/studies", data=body, timeout=30, headers={
+        "Content-Type": "multipart/related; type=application/dicom+json; boundary=judge"})
+    assert other.status_code == 415
