@@ -20,7 +20,7 @@ from portal.db import db
 from portal.dicomweb import bulkdata, frames, multipart, qido, stow
 from portal.dicomweb.accept import parse_accept
 from portal.errors import error_response
-from portal.imaging.cache import render, render_cache, render_volume, series_window
+from portal.imaging.cache import render, render_cache, render_in_series, render_volume
 from portal.imaging.render import FrameNotFound, RenderRefused
 from portal.imaging.rendition import FORMATS, InvalidRendition, Rendition, parse_rendition
 from portal.imaging.volume import VIEWS, NotAVolume
@@ -439,12 +439,12 @@ def _frame_image(instance: Instance, frame: int,
     stored = archive.locate(instance.sop_instance_uid)
 
     def produce() -> bytes:
-        fallback = None
         if rendition.window is None and rendition.preset == "auto" and \
                 instance.photometric_interpretation.startswith("MONOCHROME"):
             middle = middle_image(db.session, instance.series_fk)
-            fallback = series_window(archive.locate(middle) if middle else None)
-        return render(stored, frame - 1, rendition, fallback)
+            return render_in_series(stored, frame - 1, rendition,
+                                    archive.locate(middle) if middle else None)
+        return render(stored, frame - 1, rendition)
 
     return rendition.cache_key(stored.sha256, frame), produce
 

@@ -129,6 +129,21 @@ def render(source: Any, index: int, rendition: Rendition,
     return render_source(source, index, rendition, max_pixels, fallback)
 
 
+def _known_series_window(middle: StoredFile) -> tuple[bool, Window | None]:
+    """(True, the window) when the series' default window is cached, else (False, None)."""
+    cached = render_cache().get(f"window:v{RENDER_VERSION}:{middle.sha256}")
+    if cached is None:
+        return False, None
+    center, _, width = cached.decode().partition(",")
+    return True, (Window(float(center), float(width)) if width else None)
+
+
+def _remember_series_window(middle: StoredFile, window: Window | None) -> None:
+    render_cache().put(f"window:v{RENDER_VERSION}:{middle.sha256}",
+                       f"{float(window.center)!r},{float(window.width)!r}".encode()
+                       if window else b"-")
+
+
 def series_window(middle: StoredFile | None) -> Window | None:
     """The default window of a series without windows in its files: robust percentiles of its
     middle image, so every slice of a scroll shares one window (cached like an image)."""
@@ -136,12 +151,9 @@ def series_window(middle: StoredFile | None) -> Window | None:
 
     if middle is None:
         return None
-    cache = render_cache()
-    key = f"window:v{RENDER_VERSION}:{middle.sha256}"
-    cached = cache.get(key)
-    if cached is not None:
-        center, _, width = cached.decode().partition(",")
-        return Window(float(center), float(width)) if width else None
+    known, window = _known_series_window(middle)
+    if known:
+        return window
     pool = current_app.extensions.get("render_pool")
     max_pixels = current_app.config["PORTAL"]["MAX_RENDER_PIXELS"]
     try:
@@ -149,9 +161,28 @@ def series_window(middle: StoredFile | None) -> Window | None:
                   else default_window_of(middle, max_pixels))
     except (RenderRefused, FrameNotFound):
         window = None  # the frame itself will say why it cannot be shown
-    cache.put(key, f"{float(window.center)!r},{float(window.width)!r}".encode() if window
-              else b"-")
+    _remember_series_window(middle, window)
     return window
+
+
+def render_in_series(stored: StoredFile, index: int, rendition: Rendition,
+                     middle: StoredFile | None) -> bytes:
+    """Render a frame that shows with its series' default window when it has none of its
+    own; when that window is not known yet, the same render call works it out."""
+    from portal.imaging.isolation import render_with_window
+
+    if middle is None:
+        return render(stored, index, rendition)
+    known, window = _known_series_window(middle)
+    if known:
+        return render(stored, index, rendition, window)
+    pool = current_app.extensions.get("render_pool")
+    max_pixels = current_app.config["PORTAL"]["MAX_RENDER_PIXELS"]
+    body, window = (pool.run(render_with_window, stored, index, rendition, max_pixels, middle)
+                    if pool is not None
+                    else render_with_window(stored, index, rendition, max_pixels, middle))
+    _remember_series_window(middle, window)
+    return body
 
 
 def render_volume(key: str, sources: list[Any], kind: str, position: float, angle: float,

@@ -26,11 +26,15 @@ from portal.imaging.render import (
     FrameCache,
     FrameNotFound,
     RenderRefused,
+    decode_frame,
     default_window,
     finish_frame,
+    is_window_frame,
+    prepare_decoded,
     prepare_frame,
     render_frame,
     warm_up,
+    window_of_decoded,
 )
 from portal.imaging.rendition import Rendition, Window
 from portal.imaging.volume import NotAVolume, Volume, build_volume, render_volume_view
@@ -94,6 +98,30 @@ def render_volume_source(key: str, sources: list[bytes | StoredFile], kind: str,
 def default_window_of(source: bytes | StoredFile, max_pixels: int) -> Window | None:
     """``render.default_window`` of bytes or a stored file."""
     return default_window(source if isinstance(source, bytes) else source.read(), max_pixels)
+
+
+def render_with_window(source: StoredFile, index: int, rendition: Rendition, max_pixels: int,
+                       middle: StoredFile) -> tuple[bytes, Window | None]:
+    """Render a frame of an image without its own window, and work out its series' default
+    window (from the series' middle image) in the same call.
+
+    When the frame is the one the series' window comes from (the middle image of the
+    series, e.g. the only image of a radiograph's series), it is decoded once for both.
+    """
+    key = (source.sha256, index, rendition.width, rendition.height)
+    if middle.sha256 == source.sha256 and (_frames is None or _frames.get(key) is None):
+        frame, ds = decode_frame(source.read(), index, max_pixels)
+        if is_window_frame(ds, index):
+            window = window_of_decoded(frame, ds)
+            prepared = prepare_decoded(frame, ds, rendition)
+            if _frames is not None:
+                prepared = _frames.put(key, prepared)
+            return finish_frame(prepared, rendition, window), window
+    try:
+        window = default_window_of(middle, max_pixels)
+    except (RenderRefused, FrameNotFound):
+        window = None  # the frame itself will say why it cannot be shown
+    return render_source(source, index, rendition, max_pixels, window), window
 
 
 def _start_child(memory_bytes: int, frame_cache_bytes: int) -> None:

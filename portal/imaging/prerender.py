@@ -22,7 +22,7 @@ _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prerender")
 
 def _warm(app: Flask, series_uids: list[str]) -> None:
     from portal.archive import current_archive
-    from portal.imaging.cache import render, render_cache, series_window
+    from portal.imaging.cache import render_cache, render_in_series
 
     with app.app_context():
         archive, cache = current_archive(), render_cache()
@@ -36,11 +36,10 @@ def _warm(app: Flask, series_uids: list[str]) -> None:
                 continue
             try:
                 stored = archive.locate(middle)
-                fallback = series_window(stored)
                 for rendition in renditions:
                     key = rendition.cache_key(stored.sha256, 1)
                     if cache.get(key) is None:
-                        cache.put(key, render(stored, 0, rendition, fallback))
+                        cache.put(key, render_in_series(stored, 0, rendition, stored))
             except Exception:  # a background warm-up never fails anyone's request
                 if not sys.is_finalizing():
                     log.info("pre-rendering a series failed; it will render on first view")

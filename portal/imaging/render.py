@@ -322,12 +322,20 @@ def to_display(frame: Frame, ds: Dataset, rendition: Rendition,
 def default_window(data: bytes, max_pixels: int = MAX_RENDER_PIXELS) -> Window | None:
     """A robust window (percentiles) for a series, from one representative image; None for
     colour images and for images that bring their own window or VOI LUT."""
-    frames = 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
     frames = max(int(header.get("NumberOfFrames") or 1), 1)
-    frame, ds = decode_frame(data, frames // 2, max_pixels)
+    return window_of_decoded(*decode_frame(data, frames // 2, max_pixels))
+
+
+def is_window_frame(ds: Dataset, index: int) -> bool:
+    """Whether frame ``index`` (0-based) is the one ``default_window`` uses for its image."""
+    return index == max(int(ds.get("NumberOfFrames") or 1), 1) // 2
+
+
+def window_of_decoded(frame: Frame, ds: Dataset) -> Window | None:
+    """``default_window`` of a frame already decoded (the representative one)."""
     if not frame.photometric.startswith("MONOCHROME") or frame.window is not None \
             or "VOILUTSequence" in ds:
         return None
@@ -412,7 +420,11 @@ class Prepared:
 def prepare_frame(data: bytes, index: int, rendition: Rendition,
                   max_pixels: int = MAX_RENDER_PIXELS) -> Prepared:
     """Decode one frame (0-based) and reduce it towards the rendition's size."""
-    frame, ds = decode_frame(data, index, max_pixels)
+    return prepare_decoded(*decode_frame(data, index, max_pixels), rendition)
+
+
+def prepare_decoded(frame: Frame, ds: Dataset, rendition: Rendition) -> Prepared:
+    """Reduce a decoded frame towards the rendition's size."""
     if frame.pixels.ndim == 3 and frame.photometric.startswith("MONOCHROME"):
         raise RenderRefused("unexpected multi-sample monochrome data")
     lookup_tables = "ModalityLUTSequence" in ds or "VOILUTSequence" in ds

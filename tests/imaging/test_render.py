@@ -390,6 +390,48 @@ def test_images_without_a_window_share_the_series_default(app: Flask, client: Fl
     assert int(explicit.max()) >= 250
 
 
+
+def test_a_single_image_series_is_decoded_once_for_its_window_and_its_image(
+        app: Flask, client: FlaskClient, auth: dict[str, str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A radiograph without a window is its series' middle image: its first view works out
+    the series window from the same decode, and shows exactly what two passes would."""
+    import portal.imaging.isolation as isolation
+    import portal.imaging.render as render_module
+    from portal.imaging.cache import series_window
+    from portal.imaging.render import default_window
+
+    ds = make_dataset(rows=96, columns=80)
+    ds.RescaleIntercept = 0
+    ramp = (np.arange(96 * 80) * 999 // (96 * 80)).astype(np.uint16).reshape(96, 80)
+    ramp[0, :16] = 4000  # a few outliers the percentiles leave out
+    ds.PixelData = ramp.tobytes()
+    data = to_bytes(ds)
+    store(app, data)
+    window = default_window(data)
+    assert window is not None and window.width < 2000
+    expected = render_frame(data, 0, Rendition(format="png", quality=100), fallback=window)
+    shown = client.get(url(ds, "rendered") + "?quality=100",
+                       headers={**auth, "Accept": "image/png"})
+    assert shown.status_code == 200 and shown.data == expected
+    with app.app_context():
+        stored = current_archive().locate(str(ds.SOPInstanceUID))
+        assert series_window(stored) == window  # remembered by the first view
+
+    decodes: list[int] = []
+    original = render_module.decode_frame
+
+    def counted(*args: object, **kwargs: object) -> object:
+        decodes.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(isolation, "decode_frame", counted)
+    monkeypatch.setattr(render_module, "decode_frame", counted)
+    body, found = isolation.render_with_window(stored, 0, Rendition(format="png", quality=100),
+                                               64_000_000, stored)
+    assert (body, found) == (expected, window) and len(decodes) == 1
+
+
 def _thumbnail_key(app: Flask, sop_instance_uid: str) -> str:
     from portal.imaging.rendition import parse_rendition
 
