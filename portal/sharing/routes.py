@@ -68,12 +68,17 @@ def share_policy() -> service.SharePolicy:
     return policy
 
 
+def external_url(endpoint: str, **values: str) -> str:
+    """An absolute URL for a message that leaves the portal: on PUBLIC_URL when it is set,
+    never on whatever Host header the request that caused the message carried."""
+    base = current_app.config["PORTAL"]["PUBLIC_URL"]
+    return (base.rstrip("/") + url_for(endpoint, **values)) if base \
+        else url_for(endpoint, _external=True, **values)
+
+
 def share_url(token: str) -> str:
     """The link to hand out: the landing page with the token in the fragment."""
-    base = current_app.config["PORTAL"]["PUBLIC_URL"]
-    landing = (base.rstrip("/") + url_for("sharing.landing")) if base \
-        else url_for("sharing.landing", _external=True)
-    return f"{landing}#{token}"
+    return f"{external_url('sharing.landing')}#{token}"
 
 
 def _address() -> str:
@@ -126,7 +131,7 @@ def _tell_sender(public_id: str, message: Callable[[str, str], tuple[str, str]])
     to = service.sender_email(db.session, link) if link is not None else ""
     if not to:
         return
-    manage = url_for("sharing.link_detail", public_id=public_id, _external=True)
+    manage = external_url("sharing.link_detail", public_id=public_id)
     subject, body = message(PORTAL_NAME, manage)
 
     def send() -> None:
@@ -209,6 +214,9 @@ def shared_home() -> Response | str:
         return _ended()
     studies = db.session.scalars(visible_studies(visitor).options(
         selectinload(Study.patient)).order_by(Study.study_date.desc())).all()
+    audit.record(db, audit.QUERY, action="E", outcome=audit.OUTCOME_SUCCESS,
+                 who=visitor.audit_name, source_address=_address(),
+                 details={"share": link.public_id, "results": len(studies)})
     return render_template("sharing/shared_home.html", link=link, studies=studies)
 
 
@@ -294,6 +302,10 @@ def share_form(study_uid: str) -> str:
     """The form to share one study (or every study of its patient)."""
     principal = _user()
     study = require_study(db.session, principal, study_uid)
+    audit.record(db, audit.INSTANCES_ACCESSED, action="R", outcome=audit.OUTCOME_SUCCESS,
+                 who=principal.audit_name, source_address=_address(),
+                 study_instance_uid=study.study_instance_uid,
+                 patient_id=study.patient.patient_id, details={"view": "share form"})
     links = service.list_links(db.session, principal, study_uid=study_uid, limit=50)
     return render_template("sharing/share_form.html", study=study, policy=share_policy(),
                            series=study_series(db.session, principal, study),
