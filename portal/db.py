@@ -83,12 +83,15 @@ def make_engine(url: str) -> Engine:
         # A small pool: opening a connection costs the pragmas, and closing the last one
         # checkpoints the WAL, both far more than the statements of one ingest.
         engine = create_engine(url, pool_size=5, max_overflow=20, pool_pre_ping=False,
-                               connect_args={"timeout": 30, "check_same_thread": False})
+                               connect_args={"timeout": 30, "check_same_thread": False},
+                               hide_parameters=True)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
+    # hide_parameters: an error message (and so a logged traceback) never carries the values
+    # of a statement: patient names, birth dates, token digests (SECURITY.md 43).
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
-                         pool_timeout=10)
+                         pool_timeout=10, hide_parameters=True)
 
 
 class Database:

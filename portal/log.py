@@ -7,16 +7,33 @@ import secrets
 
 from flask import Flask, Response, g, has_request_context
 
+# Every character a log reader could take as the end of a line (str.splitlines breaks at
+# all of these), or a terminal as a command: C0 controls but the tab, DEL, NEL and the
+# Unicode line and paragraph separators.
+_UNSAFE = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x09), *range(0x0A, 0x20), 0x7F, 0x85]}
+_UNSAFE.update({0x0D: "\\r", 0x0A: "\\n", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def _escaped(value: object) -> object:
+    """Strings (and exceptions, whose text may carry caller data) with line breaks and other
+    control characters written as escapes; anything else unchanged."""
+    if isinstance(value, str):
+        return value.translate(_UNSAFE)
+    if isinstance(value, BaseException):
+        return str(value).translate(_UNSAFE)
+    return value
+
 
 class _RequestContext(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = g.get("request_id", "-") if has_request_context() else "-"
         # Control characters in values (e.g. DICOM strings) must not forge log lines.
         if isinstance(record.msg, str):
-            record.msg = record.msg.replace("\r", "\\r").replace("\n", "\\n")
-        if record.args and isinstance(record.args, tuple):
-            record.args = tuple(a.replace("\r", "\\r").replace("\n", "\\n")
-                                if isinstance(a, str) else a for a in record.args)
+            record.msg = record.msg.translate(_UNSAFE)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_escaped(a) for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {k: _escaped(v) for k, v in record.args.items()}
         return True
 
 def init_app(app: Flask) -> None:
