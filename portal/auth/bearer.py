@@ -56,6 +56,11 @@ def forget_cached_tokens() -> None:
         _cache.clear()
 
 
+# Claims OpenID Connect defines for ID tokens only (Core 2, 3.1.3.6, 3.3.2.11); the portal
+# always sends a nonce, so every ID token it receives carries one.
+ID_TOKEN_CLAIMS = frozenset({"nonce", "at_hash", "c_hash"})
+
+
 def _verify_jwt(token: str, meta: dict[str, Any]) -> dict[str, Any] | None:
     settings = current_app.config["PORTAL"]
     client = oidc.provider()
@@ -76,6 +81,11 @@ def _verify_jwt(token: str, meta: dict[str, Any]) -> dict[str, Any] | None:
         registry.validate(decoded.claims)
     except (JoseError, ValueError, KeyError) as exc:
         log.info("bearer JWT refused: %s", exc.__class__.__name__)
+        return None
+    if ID_TOKEN_CLAIMS & decoded.claims.keys():
+        # An ID token proves a sign-in to this portal; it is no access token. It also travels
+        # in the provider's logout URL (id_token_hint), where history and logs keep it.
+        log.info("bearer JWT refused: an ID token")
         return None
     return dict(decoded.claims)
 
