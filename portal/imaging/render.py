@@ -124,8 +124,25 @@ def _aspect(ds: Dataset, index: int) -> float:
     return 1.0
 
 
-def _decode(data: bytes, index: int | None, plugin: str) -> np.ndarray:
+DEFLATED = "1.2.840.10008.1.2.1.99"
+
+
+def _inflated(data: bytes) -> bytes:
+    """A Deflated Explicit VR Little Endian file re-written as plain Explicit VR Little Endian
+    (pydicom's pixel decoders read the file themselves and do not inflate)."""
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def _decode(data: bytes, index: int | None, plugin: str, syntax: str = "") -> np.ndarray:
     """Decode with the preferred plugin, falling back to pydicom's own choice."""
+    if syntax == DEFLATED:
+        data = _inflated(data)
     try:
         return pixel_array(io.BytesIO(data), index=index, decoding_plugin=plugin)
     except (RuntimeError, ValueError):
@@ -185,18 +202,20 @@ def decode_frame(data: bytes, index: int,
         raise RenderRefused(f"a {columns}x{rows} frame is too large to render")
     if not 0 <= index < frames:
         raise FrameNotFound(f"frame {index + 1} is outside 1..{frames}")
-    plugin = PREFERRED_DECODERS.get(str(ds.file_meta.get("TransferSyntaxUID", "")), "")
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    plugin = PREFERRED_DECODERS.get(syntax, "")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pixels = _native_frame(data, source.tell(), ds, index)
             if pixels is None:
-                pixels = _decode(data, index if frames > 1 else None, plugin)
+                pixels = _decode(data, index if frames > 1 else None, plugin, syntax)
     except MemoryError:
         raise  # the render process's memory cap: reported as such by the caller
     except Exception as exc:  # every decoder has its own errors: all mean "cannot decode"
-        raise RenderRefused(f"the image data cannot be decoded: {exc.__class__.__name__}"
-                            ) from exc
+        name = pydicom.uid.UID(syntax).name if syntax else "unknown transfer syntax"
+        raise RenderRefused(f"the image data ({name}) cannot be decoded: "
+                            f"{exc.__class__.__name__}") from exc
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric == "PALETTE COLOR":
         full = pydicom.dcmread(io.BytesIO(data))

@@ -121,7 +121,7 @@ def test_bad_requests_get_clear_errors(app: Flask, client: FlaskClient,
     assert client.get(url(ds, "frames/2/rendered"), headers=auth).status_code == 404
     assert client.get(url(ds, "rendered?window=40,0"), headers=auth).status_code == 400
     gif = client.get(url(ds, "rendered"), headers={**auth, "Accept": "image/gif"})
-    assert gif.status_code == 400 and "image/jpeg" in gif.get_json()["error"]
+    assert gif.status_code == 406 and "image/jpeg" in gif.get_json()["error"]  # PS3.18 8.7.4
     other = client.get(f"/dicomweb/studies/{generate_uid()}/series/{ds.SeriesInstanceUID}"
                        f"/instances/{ds.SOPInstanceUID}/rendered", headers=auth)
     assert other.status_code == 404
@@ -151,7 +151,7 @@ def test_corrupt_and_oversized_compressed_frames_fail_one_request(
 
 def test_every_shipped_sample_renders_or_is_refused_with_a_reason(
         app: Flask, client: FlaskClient, auth: dict[str, str]) -> None:
-    rendered = refused = 0
+    rendered, refused = 0, []
     for path in sample_paths():
         data = path.read_bytes()
         try:
@@ -169,8 +169,12 @@ def test_every_shipped_sample_renders_or_is_refused_with_a_reason(
         else:
             assert response.status_code in (404, 422), (path.name, response.status_code)
             assert response.get_json()["error"], path.name
-            refused += 1
-    assert rendered >= 80 and refused <= 5, (rendered, refused)
+            refused.append(f"{path.name}: {response.get_json()['error']}")
+    assert rendered >= 80, rendered
+    # The one sample no decoder here reads: a 12-bit JPEG Extended stream with a misplaced
+    # marker (libjpeg stops at it, Pillow has no 12-bit JPEG; DCMTK reads it).
+    assert refused == ["JPEG-lossy.dcm: the image data (JPEG Extended (Process 2 and 4)) "
+                       "cannot be decoded: RuntimeError"], refused
 
 
 def test_renditions_are_cached_in_a_real_redis(tmp_path: Path, redis_url: str) -> None:
