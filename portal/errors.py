@@ -12,7 +12,7 @@ from portal.archive.ingest import ArchiveUnavailable
 
 log = logging.getLogger(__name__)
 
-_MACHINE_PREFIXES = ("/dicomweb", "/api", "/healthz", "/readyz")
+_MACHINE_PREFIXES = ("/dicomweb", "/api", "/fhir", "/healthz", "/readyz")
 
 
 def _wants_json() -> bool:

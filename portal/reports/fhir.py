@@ -36,18 +36,29 @@ def _text_of_html(markup: str) -> str:
     return html.unescape(_TAGS.sub("", markup)).strip()
 
 
+def _object(value: Any) -> dict[str, Any]:
+    """A JSON object from the resource, or an empty one when the sender put anything else
+    there (a wrong type is missing data, not a server error)."""
+    return value if isinstance(value, dict) else {}
+
+
+def _array(value: Any) -> list[Any]:
+    """A JSON array from the resource, or an empty one for anything else."""
+    return value if isinstance(value, list) else []
+
+
 def _uid_of(reference: dict[str, Any]) -> str:
     text = str(reference.get("reference", ""))
     if text.startswith("ImagingStudy/"):
         return text.removeprefix("ImagingStudy/")[:64]
-    identifier = reference.get("identifier") or {}
+    identifier = _object(reference.get("identifier"))
     value = str(identifier.get("value", ""))
     return value.removeprefix("urn:oid:")[:64]
 
 
 def _accession(identifiers: list[dict[str, Any]]) -> str:
     for identifier in identifiers:
-        codings = (identifier.get("type") or {}).get("coding") or []
+        codings = _array(_object(identifier.get("type")).get("coding"))
         if any(c.get("code") == "ACSN" for c in codings if isinstance(c, dict)):
             return str(identifier.get("value", ""))[:64]
     return ""
@@ -69,17 +80,15 @@ def report_from_resource(resource: Any) -> IncomingReport:
     status = STATUS_IN.get(str(resource.get("status", "")))
     if status is None:
         raise ValueError(f"status must be one of {', '.join(STATUS_IN)}")
-    identifiers = [i for i in resource.get("identifier") or [] if isinstance(i, dict)]
+    identifiers = [i for i in _array(resource.get("identifier")) if isinstance(i, dict)]
     accession = _accession(identifiers)
     own = [i for i in identifiers if i.get("value") and str(i.get("value")) != accession]
     source_id = str((own[0].get("value") if own else "") or resource.get("id") or accession)
-    studies = [_uid_of(r) for r in resource.get("imagingStudy") or [] if isinstance(r, dict)]
-    subject = resource.get("subject") or {}
-    patient_id = str((subject.get("identifier") or {}).get("value", "")) if isinstance(
-        subject, dict) else ""
+    studies = [_uid_of(r) for r in _array(resource.get("imagingStudy")) if isinstance(r, dict)]
+    patient_id = str(_object(_object(resource.get("subject")).get("identifier")).get("value", ""))
     findings: list[str] = []
     pdf = None
-    for form in resource.get("presentedForm") or []:
+    for form in _array(resource.get("presentedForm")):
         if not isinstance(form, dict):
             continue
         kind = str(form.get("contentType", "")).split(";")[0].strip().lower()
@@ -98,7 +107,7 @@ def report_from_resource(resource: Any) -> IncomingReport:
         else:
             raise ValueError(f"presentedForm of type {kind[:40]!r} is not supported "
                              "(text/plain, text/html, application/pdf)")
-    interpreters = [str(r.get("display", "")) for r in resource.get("resultsInterpreter") or []
+    interpreters = [str(r.get("display", "")) for r in _array(resource.get("resultsInterpreter"))
                     if isinstance(r, dict)]
     code = resource.get("code") or {}
     return IncomingReport(

@@ -133,3 +133,21 @@ def test_audit_export_neutralises_formulas_in_every_text_column(
         assert cell[:1] not in ("=", "+", "-", "@"), rows[0]
     with oidc_app.extensions["db"].new_session() as session:
         assert session.query(AuditEvent).filter(AuditEvent.who == "probe").count() == 1
+
+
+def test_fhir_reports_with_fields_of_the_wrong_type_are_refused_with_a_reason(
+        app: Flask) -> None:
+    ris = basic_auth(*make_client(app, "ris", can_read=True, can_store=True))
+    client = app.test_client()
+    base = {"resourceType": "DiagnosticReport", "status": "final"}
+    for wrong in ({"subject": {"identifier": "P-1"}}, {"subject": {"identifier": 7}},
+                  {"identifier": [{"type": "ACSN", "value": "1"}]},
+                  {"identifier": [{"type": {"coding": 5}, "value": "1"}]},
+                  {"identifier": 5}, {"imagingStudy": [{"identifier": "1.2.3"}]},
+                  {"imagingStudy": 5}, {"presentedForm": 5}, {"resultsInterpreter": 5}):
+        answer = client.post("/fhir/DiagnosticReport", json={**base, **wrong}, headers=ris)
+        assert 400 <= answer.status_code < 500, (wrong, answer.status_code)
+        assert answer.get_json()["resourceType"] == "OperationOutcome"
+    # Errors under /fhir are JSON for the machine that called, not an HTML page.
+    missing = client.get("/fhir/DiagnosticReport/abc", headers=ris)
+    assert missing.status_code == 404 and missing.is_json
