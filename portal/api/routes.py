@@ -84,6 +84,15 @@ def _text(body: dict[str, Any], key: str) -> str | None:
     return value
 
 
+def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
+    """A true/false choice from the body: JSON true or false only, so that "false" (a string,
+    which Python would count as true) never widens a share or opens emergency access."""
+    value = body.get(key, default)
+    if not isinstance(value, bool):
+        raise UserError(f"{key} must be true or false")
+    return value
+
+
 def _user_json(user: User) -> dict[str, Any]:
     return {"id": user.id, "issuer": user.issuer, "subject": user.subject, "email": user.email,
             "name": user.display_name, "roles": user.roles, "practice_id": user.practice_fk,
@@ -194,7 +203,7 @@ def add_grant() -> tuple[Response, int]:
                          study_uid=_text(body, "study_uid"),
                          patient_id=_text(body, "patient_id"),
                          expires_at=expires_at, reason=_text(body, "reason") or "",
-                         break_glass=bool(body.get("break_glass", False)))
+                         break_glass=_flag(body, "break_glass", False))
     db.session.commit()
     return jsonify(_grant_json(grant)), 201
 
@@ -303,18 +312,18 @@ def add_share() -> Response | tuple[Response, int]:
     study_uid = str(body.get("study_uid", ""))[:64]
     require_study(db.session, principal, study_uid)
     days = body.get("days")
-    if days is not None and not isinstance(days, int):
+    if days is not None and (isinstance(days, bool) or not isinstance(days, int)):
         raise UserError("days must be a whole number")
     audience = str(body.get("audience", "patient"))
     try:
         made = create_share(
             db.session, principal, sharing.share_policy(), study_uid=study_uid,
-            whole_patient=bool(body.get("whole_patient", False)),
+            whole_patient=_flag(body, "whole_patient", False),
             audience=_audience(audience),
-            requires_sign_in=bool(body.get("requires_sign_in", False)),
-            can_download=bool(body.get("download", False)), with_pin=bool(body.get("pin", True)),
+            requires_sign_in=_flag(body, "requires_sign_in", False),
+            can_download=_flag(body, "download", False), with_pin=_flag(body, "pin", True),
             days=days, expires_at=_when(body, "expires_at"), not_before=_when(body, "not_before"),
-            note=str(body.get("note", "")), notify_sender=bool(body.get("notify_sender", False)),
+            note=_text(body, "note") or "", notify_sender=_flag(body, "notify_sender", False),
             series_uids=_series_list(body.get("series")))
     except ShareError as exc:
         raise UserError(str(exc)) from exc

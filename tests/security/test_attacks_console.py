@@ -68,3 +68,31 @@ def test_api_share_revocation_from_a_browser_needs_a_recent_sign_in(
     every = manager.post("/api/shares/revoke", json={"study_uid": study}, headers=headers)
     assert one.status_code == 401 and every.status_code == 401
     assert manager.get(f"/api/shares/{public_id}").get_json()["state"] == "active"
+
+
+def test_api_choices_are_json_booleans_never_truthy_strings(oidc_app: Flask,
+                                                           idp: IdentityProvider) -> None:
+    """"false" as a string is true in Python: it must not widen a share (download, whole
+    patient) or open emergency access."""
+    manager, doctor, study = setup(oidc_app, idp)
+    headers = {"X-CSRF-Token": csrf_of(manager)}
+    with oidc_app.extensions["db"].new_session() as session:
+        me = session.scalars(select(User).where(User.subject.like("om-%"))).one().id
+    assert manager.post("/api/grants", json={"user_id": me, "study_uid": study},
+                        headers=headers).status_code == 201
+    for key in ("download", "whole_patient", "requires_sign_in", "pin", "notify_sender"):
+        for value in ("false", 0, 1, None, "no"):
+            answer = manager.post("/api/shares", json={"study_uid": study, key: value},
+                                  headers=headers)
+            assert answer.status_code == 400, (key, value, answer.data)
+    assert manager.post("/api/shares", json={"study_uid": study, "days": True},
+                        headers=headers).status_code == 400
+    assert manager.get("/api/shares").get_json() == []
+    glass = manager.post("/api/grants", json={
+        "user_id": doctor, "study_uid": study, "break_glass": "false",
+        "reason": "a routine grant, not an emergency"}, headers=headers)
+    assert glass.status_code == 400
+    assert count(oidc_app, Grant) == 1
+    made = manager.post("/api/shares", json={"study_uid": study, "download": False,
+                                             "pin": True}, headers=headers)
+    assert made.status_code == 201 and made.get_json()["download"] is False
