@@ -246,6 +246,9 @@ def close() -> Response:
         service.end_share_session(db, token)
     response = redirect(url_for("sharing.landing"), code=303)
     clear_share_cookie(response)
+    # Images the browser kept (rendered frames are cached privately) leave with the session:
+    # a phone or a family computer is often shared (SECURITY.md 5).
+    response.headers["Clear-Site-Data"] = '"cache", "cookies", "storage"'
     return response
 
 

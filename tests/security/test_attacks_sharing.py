@@ -90,3 +90,20 @@ def test_the_share_form_is_audited_as_a_study_view(public_portal: Flask,
     views = [e for e in _events(public_portal, "110103") if e.details.get("view") == "share form"]
     assert len(views) == 1
     assert views[0].study_instance_uid == study and views[0].patient_id == "PAT-SECRET-9"
+
+
+def test_closing_a_shared_view_clears_the_browser_and_ends_the_session(app: Flask) -> None:
+    world = build_world(app)
+    made = make_share(world)
+    visitor = app.test_client()
+    assert open_link(visitor, made.token, made.pin).status_code == 303
+    cookie = visitor.get_cookie("share")
+    assert cookie is not None
+    assert visitor.get(f"/studies/{world.study}").status_code == 200
+    closed = visitor.post("/shared/close")
+    assert closed.status_code == 303
+    assert closed.headers["Clear-Site-Data"] == '"cache", "cookies", "storage"'
+    replay = app.test_client()
+    replay.set_cookie("share", cookie.value)
+    assert replay.get(f"/studies/{world.study}").status_code == 401
+    assert replay.get(f"/dicomweb/studies/{world.study}/metadata").status_code == 401
