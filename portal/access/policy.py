@@ -47,9 +47,10 @@ SHARE_ENDPOINTS = frozenset({"studies.study_page", "studies.viewer", "studies.do
                              "reports.report_pdf_view"})
 # Whole original files (and the report as a file): only for links made with the download
 # permission.
-# Raw pixel data (frames) is a download too: the viewer only needs rendered images.
+# Raw pixel data (frames, bulk data) is a download too: the viewer only needs rendered images.
 DOWNLOAD_ENDPOINTS = frozenset({"dicomweb.retrieve_study", "dicomweb.retrieve_series",
                                 "dicomweb.retrieve_instance", "dicomweb.retrieve_frames",
+                                "dicomweb.retrieve_bulkdata",
                                 "studies.download_study", "reports.report_pdf_view"})
 
 
