@@ -28,7 +28,11 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         # Secure cookies everywhere except plain-HTTP development on this machine.
         SESSION_COOKIE_SECURE=settings["ENV"] == "production"
         or (settings["PUBLIC_URL"] or "").startswith("https://"))
-    if settings["TRUSTED_PROXIES"]:
+    if settings["PUBLIC_URL"]:
+        from portal.security import PublicHost
+
+        app.wsgi_app = PublicHost(app.wsgi_app, settings["PUBLIC_URL"])  # type: ignore[method-assign]
+    if settings["TRUSTED_PROXIES"]:  # outermost: the client address, then the public host
         hops = settings["TRUSTED_PROXIES"]
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
 

@@ -141,6 +141,24 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+class PublicHost:
+    """WSGI middleware: every request is taken to have come to ``PUBLIC_URL``'s scheme and
+    host, whatever Host header it carried, so no absolute URL the portal builds (DICOMweb
+    RetrieveURL and BulkDataURI, STOW answers, sign-in redirect, invitation and share
+    links) can be steered elsewhere by a forged Host header, and the Origin check compares
+    with the public origin."""
+
+    def __init__(self, wsgi_app: Any, public_url: str) -> None:
+        parts = urlsplit(public_url)
+        self.wsgi_app, self.scheme, self.host = wsgi_app, parts.scheme, parts.netloc
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        environ["HTTP_HOST"] = self.host
+        environ["wsgi.url_scheme"] = self.scheme
+        environ.pop("HTTP_X_FORWARDED_HOST", None)
+        return self.wsgi_app(environ, start_response)
+
+
 def init_app(app: Flask) -> None:
     """Register the header and CSRF hooks; expose ``csp_nonce`` and ``csrf_token``."""
     app.jinja_env.globals["csp_nonce"] = csp_nonce

@@ -169,3 +169,33 @@ def test_a_chunked_body_over_the_limit_is_refused(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_public_url_pins_every_absolute_link_whatever_the_host_header(tmp_path: Path) -> None:
+    from pydicom.uid import generate_uid
+
+    from portal.archive import current_archive
+    from tests.conftest import close_app, make_app, make_client
+    from tests.factories import make_instance
+
+    app = make_app(tmp_path / "i", PUBLIC_URL="https://portal.example")
+    try:
+        study = generate_uid()
+        with app.app_context():
+            current_archive().ingest(make_instance(study=study), who="test")
+        auth = basic_auth(*make_client(app, "reader"))
+        client = app.test_client()
+        for host in ("evil.example", "127.0.0.1:5", "portal.example"):
+            found = client.get("/dicomweb/studies", headers={**auth, "Host": host})
+            assert found.status_code == 200, host
+            retrieve = found.get_json()[0]["00081190"]["Value"][0]
+            assert retrieve == f"https://portal.example/dicomweb/studies/{study}", host
+        # A cross-site form cannot pass the Origin check by forging Host as well.
+        forged = client.post("/dicomweb/studies", headers={
+            **auth, "Host": "evil.example", "Origin": "http://evil.example",
+            "Content-Type": "multipart/related; type=\"application/dicom\"; boundary=x"},
+            data=b"--x--")
+        assert forged.status_code == 403
+    finally:
+        close_app(app)
+

@@ -223,7 +223,8 @@ def _accepts_dicom(instances: list[Instance]) -> None:
     if not ranges:
         return
     for media_range in ranges:
-        if media_range.media_type in ("*/*", "multipart/*") and not media_range.part_type:
+        if media_range.media_type == "*/*" or (media_range.media_type == "multipart/*"
+                                               and not media_range.part_type):
             return
         if media_range.media_type in ("multipart/related", "multipart/*",
                                       "application/dicom"):

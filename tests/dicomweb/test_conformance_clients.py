@@ -205,6 +205,9 @@ def test_unsupported_accept_answers_406(portal: Portal, multiframe: Dataset) -> 
     png = portal.get(path + "/frames/2/rendered", 'multipart/related; type=image/png')
     assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
     assert portal.get(path + "/frames/1", "image/png;q=0, */*").status_code == 200
+    for anything in ("*/*", "multipart/*", "text/html, */*;q=0.1"):  # any type: DICOM as stored
+        whole = portal.get(path, anything)
+        assert whole.status_code == 200 and b"DICM" in whole.content, anything
 
 
 # -- QIDO-RS matching (PS3.4 C.2.2.2) -------------------------------------------------------------
