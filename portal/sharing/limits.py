@@ -63,6 +63,22 @@ def init_app(app: Flask) -> None:
     app.extensions["rate_limiter"] = RateLimiter(app.config["PORTAL"]["REDIS_URL"])
 
 
+def address_key(address: str) -> str:
+    """What a per-address limit counts: an IPv4 address, or the /64 network of an IPv6 one
+    (one subscriber usually holds a whole /64 and could otherwise rotate addresses)."""
+    import ipaddress
+
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address[:64]
+    if isinstance(parsed, ipaddress.IPv6Address):
+        if parsed.ipv4_mapped is not None:
+            return str(parsed.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{parsed}/64", strict=False))
+    return str(parsed)
+
+
 def rate_limiter() -> RateLimiter:
     """The app's limiter."""
     limiter: RateLimiter = current_app.extensions["rate_limiter"]

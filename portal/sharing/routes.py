@@ -38,8 +38,8 @@ from portal.db import db, utcnow
 from portal.errors import error_response
 from portal.index.models import Study
 from portal.sharing import delivery, service
+from portal.sharing.limits import address_key, rate_limiter
 from portal.sharing.limits import init_app as init_limits
-from portal.sharing.limits import rate_limiter
 from portal.sharing.models import ShareLink
 from portal.sharing.sessions import (
     clear_share_cookie,
@@ -161,7 +161,7 @@ def landing() -> str:
 def exchange() -> Response:
     """Exchange the token (and PIN) for a share session, then leave the token behind."""
     settings = current_app.config["PORTAL"]
-    if not rate_limiter().hit(f"share-exchange:{_address()}",
+    if not rate_limiter().hit(f"share-exchange:{address_key(_address())}",
                               limit=settings["SHARE_ATTEMPTS_PER_ADDRESS"], window=600):
         return too_many()
     token = request.form.get("token", "").strip()[:200]

@@ -99,6 +99,19 @@ def test_address_limit_falls_back_to_this_process_without_redis(app: Flask) -> N
     assert other.status_code == 404
 
 
+
+def test_address_limit_counts_an_ipv6_subscriber_as_one(app: Flask) -> None:
+    """Rotating through the addresses of one /64 does not reset the count."""
+    client = app.test_client()
+    statuses = [client.post("/s/exchange", data={"token": "x" * 43},
+                            environ_base={"REMOTE_ADDR": f"2001:db8:5:7::{n:x}"}).status_code
+                for n in range(1, 22)]
+    assert statuses[:20] == [404] * 20 and statuses[20] == 429
+    elsewhere = client.post("/s/exchange", data={"token": "x" * 43},
+                            environ_base={"REMOTE_ADDR": "2001:db8:5:8::1"})
+    assert elsewhere.status_code == 404
+
+
 def test_revocation_stops_an_open_viewer_within_ten_seconds(tmp_path: Path) -> None:
     """A viewer fetches images in a loop; another process of the portal revokes the link."""
     app = make_app(tmp_path / "revoke")
