@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import TYPE_CHECKING
 
 from flask import Blueprint, Response, current_app, jsonify
@@ -58,8 +59,15 @@ def readyz() -> tuple[Response, int]:
     return jsonify(body), (200 if ready else 503)
 
 
+# /readyz is public: a probe of the external archive runs at most this often per process, so
+# anonymous calls cannot turn into a stream of queries against the hospital's PACS.
+PROBE_INTERVAL_SECONDS = 5.0
+_last_probe: dict[int, tuple[float, bool]] = {}
+
+
 def _external_state(remote: RemoteCopies) -> dict[str, object]:
-    """The breaker's state, and a bounded QIDO-RS probe unless the breaker is open."""
+    """The breaker's state, and a bounded QIDO-RS probe (at most every few seconds) unless
+    the breaker is open. The archive's address is not shown: this page is public."""
     from portal.archive.external import ExternalUnavailable
 
     client = remote.client
@@ -68,13 +76,21 @@ def _external_state(remote: RemoteCopies) -> dict[str, object]:
     if status.state == "open":
         state = "unavailable"
     else:
-        try:
-            client.ping()
-        except ExternalUnavailable:
-            state = "unavailable"
+        now = time.monotonic()
+        last = _last_probe.get(id(client))
+        if last is not None and now - last[0] < PROBE_INTERVAL_SECONDS:
+            reachable = last[1]
+        else:
+            try:
+                client.ping()
+                reachable = True
+            except ExternalUnavailable:
+                reachable = False
+            _last_probe[id(client)] = (now, reachable)
+        state = "ok" if reachable else "unavailable"
         status = client.breaker.status()
     count, size = remote.usage()
-    return {"state": state, "source": client.source, "breaker": status.state,
+    return {"state": state, "breaker": status.state,
             "consecutive_failures": status.consecutive_failures,
             "retry_after_seconds": round(status.retry_after),
             "cached_copies": count, "cached_bytes": size, "cache_limit_bytes": remote.cache_bytes}
