@@ -189,6 +189,44 @@ def _native_frame(data: bytes, offset: int, ds: Dataset, index: int) -> np.ndarr
     return pixels
 
 
+
+# DCMTK's decompressors (Debian ``dcmtk``), the last resort when no Python decoder reads a
+# frame: e.g. a 12-bit JPEG Extended stream with a misplaced marker, which libjpeg refuses and
+# Pillow and GDCM cannot read at 12 bits. They run inside the render process, so under its
+# memory cap, and with a time limit.
+DCMTK_DECOMPRESSORS = {
+    **dict.fromkeys(("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
+                     "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"), "dcmdjpeg"),
+    **dict.fromkeys(("1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"), "dcmdjpls"),
+    "1.2.840.10008.1.2.5": "dcmdrle",
+}
+DCMTK_TIMEOUT_SECONDS = 20.0
+
+
+def dcmtk_decompressed(data: bytes, syntax: str) -> bytes | None:
+    """The file rewritten uncompressed (Explicit VR Little Endian) by DCMTK, or None when
+    DCMTK is not installed, has no decompressor for the syntax, or fails too."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    tool = shutil.which(DCMTK_DECOMPRESSORS.get(syntax, ""))
+    if tool is None:
+        return None
+    with tempfile.TemporaryDirectory(prefix="portal-dcmtk-") as folder:
+        source, target = Path(folder) / "in.dcm", Path(folder) / "out.dcm"
+        source.write_bytes(data)
+        try:
+            done = subprocess.run([tool, "--write-xfer-little", str(source), str(target)],
+                                  capture_output=True, timeout=DCMTK_TIMEOUT_SECONDS,
+                                  check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if done.returncode != 0 or not target.is_file():
+            return None
+        return target.read_bytes()
+
 def decode_frame(data: bytes, index: int,
                  max_pixels: int = MAX_RENDER_PIXELS) -> tuple[Frame, Dataset]:
     """Decode one frame (0-based), after checking its size, and say how to display it."""
@@ -213,6 +251,9 @@ def decode_frame(data: bytes, index: int,
     except MemoryError:
         raise  # the render process's memory cap: reported as such by the caller
     except Exception as exc:  # every decoder has its own errors: all mean "cannot decode"
+        plain = dcmtk_decompressed(data, syntax)
+        if plain is not None:  # DCMTK reads some streams no Python decoder here reads
+            return decode_frame(plain, index, max_pixels)
         name = pydicom.uid.UID(syntax).name if syntax else "unknown transfer syntax"
         raise RenderRefused(f"the image data ({name}) cannot be decoded: "
                             f"{exc.__class__.__name__}") from exc
