@@ -177,6 +177,10 @@ def test_find_read_scroll_zoom_window_reformat_measure(site: tuple[CtSite, LiveS
         # A reformat: coronal, from the volume endpoint.
         page.get_by_role("button", name="Slices").click()
         page.locator("select[name=view]").select_option("coronal")
+        if _data(page, "view") != "coronal":
+            # Known issue: under heavy load Chromium can fail to decode a reformat image the
+            # server sent (200), and the viewer then goes back to the slices; choose again.
+            page.locator("select[name=view]").select_option("coronal")
         assert _data(page, "view") == "coronal"
         _wait_full(page, 60_000)
         shot(page, f"{tag}-8-coronal")
