@@ -111,17 +111,21 @@ def render_with_window(source: StoredFile, index: int, rendition: Rendition, max
     key = (source.sha256, index, rendition.width, rendition.height)
     if middle.sha256 == source.sha256 and (_frames is None or _frames.get(key) is None):
         frame, ds = decode_frame(source.read(), index, max_pixels)
-        if is_window_frame(ds, index):
-            window = window_of_decoded(frame, ds)
-            prepared = prepare_decoded(frame, ds, rendition)
-            if _frames is not None:
-                prepared = _frames.put(key, prepared)
-            return finish_frame(prepared, rendition, window), window
-    try:
-        window = default_window_of(middle, max_pixels)
-    except (RenderRefused, FrameNotFound):
-        window = None  # the frame itself will say why it cannot be shown
+        window = (window_of_decoded(frame, ds) if is_window_frame(ds, index)
+                  else _series_default(middle, max_pixels))
+        prepared = prepare_decoded(frame, ds, rendition)
+        if _frames is not None:
+            prepared = _frames.put(key, prepared)
+        return finish_frame(prepared, rendition, window), window
+    window = _series_default(middle, max_pixels)
     return render_source(source, index, rendition, max_pixels, window), window
+
+
+def _series_default(middle: StoredFile, max_pixels: int) -> Window | None:
+    try:
+        return default_window_of(middle, max_pixels)
+    except (RenderRefused, FrameNotFound):
+        return None  # the frame itself will say why it cannot be shown
 
 
 def _start_child(memory_bytes: int, frame_cache_bytes: int) -> None:
