@@ -142,8 +142,8 @@ def _origin(url: str) -> str:
 
 
 class PublicHost:
-    """WSGI middleware: every request is taken to have come to ``PUBLIC_URL``'s scheme and
-    host, whatever Host header it carried, so no absolute URL the portal builds (DICOMweb
+    """WSGI middleware: every request is taken to have come to ``PUBLIC_URL``'s scheme, host
+    and path prefix, whatever Host header it carried, so no absolute URL the portal builds (DICOMweb
     RetrieveURL and BulkDataURI, STOW answers, sign-in redirect, invitation and share
     links) can be steered elsewhere by a forged Host header, and the Origin check compares
     with the public origin."""
@@ -151,10 +151,13 @@ class PublicHost:
     def __init__(self, wsgi_app: Any, public_url: str) -> None:
         parts = urlsplit(public_url)
         self.wsgi_app, self.scheme, self.host = wsgi_app, parts.scheme, parts.netloc
+        self.prefix = parts.path.rstrip("/")  # a proxy that serves the portal below a path
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         environ["HTTP_HOST"] = self.host
         environ["wsgi.url_scheme"] = self.scheme
+        if self.prefix:
+            environ["SCRIPT_NAME"] = self.prefix
         environ.pop("HTTP_X_FORWARDED_HOST", None)
         return self.wsgi_app(environ, start_response)
 

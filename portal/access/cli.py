@@ -139,27 +139,21 @@ def verify_audit_command() -> None:
 @with_appcontext
 def forward_audit_command(watch: int) -> None:
     """Send new audit records to AUDIT_SYSLOG_URL; what cannot be sent waits for next time."""
-    import time
-
     from portal.access.audit_forward import ForwardFailed, forward
+    from portal.cli import run_repeatedly
 
     settings = current_app.config["PORTAL"]
     if not settings["AUDIT_SYSLOG_URL"]:
         click.echo("AUDIT_SYSLOG_URL is not set", err=True)
         sys.exit(1)
     database = db._get_current_object()  # type: ignore[attr-defined]
-    while True:
-        try:
-            sent = forward(database, settings["AUDIT_SYSLOG_URL"],
-                           ca_file=settings["AUDIT_SYSLOG_CA"])
-            click.echo(f"forwarded {sent} audit record(s)")
-        except ForwardFailed as exc:
-            click.echo(f"{exc}; the records wait for the next run", err=True)
-            if not watch:
-                sys.exit(1)
-        if not watch:
-            return
-        time.sleep(watch)
+
+    def step() -> None:
+        sent = forward(database, settings["AUDIT_SYSLOG_URL"], ca_file=settings["AUDIT_SYSLOG_CA"])
+        click.echo(f"forwarded {sent} audit record(s)")
+
+    run_repeatedly(step, ForwardFailed, every_seconds=watch, watch=bool(watch),
+                   failure="{}; the records wait for the next run")
 
 
 @audit_cli.command("protect")

@@ -90,34 +90,31 @@ def _remote():  # type: ignore[no-untyped-def]
 @with_appcontext
 def sync_command(full: bool, watch: bool) -> None:
     """Bring the index in step with the external archive (QIDO-RS, WADO-RS metadata)."""
-    import time
-
     from portal.archive.external import ExternalUnavailable
     from portal.archive.sync import sync_index
+    from portal.cli import run_repeatedly
 
     upgrade_database(current_app)
     remote = _remote()
     settings = current_app.config["PORTAL"]
     runs = 0
-    while True:
+
+    def step() -> None:
+        nonlocal runs
         # Study dates only catch new studies; a full walk (cheap: QIDO pages and instance
         # counts) now and then catches new images in old studies.
         full_walk = full or (watch and runs % settings["ARCHIVE_SYNC_FULL_EVERY"] == 0)
         runs += 1
-        try:
-            report = sync_index(
-                current_archive(), remote.client, full=full_walk,
-                page_size=settings["ARCHIVE_SYNC_PAGE_SIZE"],
-                lookback_days=settings["ARCHIVE_SYNC_LOOKBACK_DAYS"],
-                progress=lambda r: click.echo(f"  {r.describe()}", err=True))
-            click.echo(report.describe())
-        except ExternalUnavailable as exc:
-            click.echo(f"sync interrupted: {exc}; the next run resumes", err=True)
-            if not watch:
-                sys.exit(1)
-        if not watch:
-            return
-        time.sleep(settings["ARCHIVE_SYNC_INTERVAL_SECONDS"])
+        report = sync_index(
+            current_archive(), remote.client, full=full_walk,
+            page_size=settings["ARCHIVE_SYNC_PAGE_SIZE"],
+            lookback_days=settings["ARCHIVE_SYNC_LOOKBACK_DAYS"],
+            progress=lambda r: click.echo(f"  {r.describe()}", err=True))
+        click.echo(report.describe())
+
+    run_repeatedly(step, ExternalUnavailable, watch=watch,
+                   every_seconds=settings["ARCHIVE_SYNC_INTERVAL_SECONDS"],
+                   failure="sync interrupted: {}; the next run resumes")
 
 
 @archive_cli.command("cache")

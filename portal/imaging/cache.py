@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from flask import Flask, current_app
@@ -113,6 +114,16 @@ def init_app(app: Flask) -> None:
         use_frame_cache(frame_cache_bytes)
 
 
+def _isolated(function: Callable[..., Any], *args: Any) -> Any:
+    """Run a rendering function in the isolated pool when configured, else here."""
+    pool = current_app.extensions.get("render_pool")
+    return pool.run(function, *args) if pool is not None else function(*args)
+
+
+def _max_pixels() -> int:
+    return int(current_app.config["PORTAL"]["MAX_RENDER_PIXELS"])
+
+
 def render(source: Any, index: int, rendition: Rendition,
            fallback: Window | None = None) -> bytes:
     """Render bytes or a stored file through the isolated pool when configured, else here.
@@ -121,13 +132,8 @@ def render(source: Any, index: int, rendition: Rendition,
     """
     from portal.imaging.isolation import render_source
 
-    pool = current_app.extensions.get("render_pool")
-    max_pixels = current_app.config["PORTAL"]["MAX_RENDER_PIXELS"]
-    if pool is not None:
-        result: bytes = pool.run(render_source, source, index, rendition, max_pixels, fallback)
-        return result
-    return render_source(source, index, rendition, max_pixels, fallback)
-
+    result: bytes = _isolated(render_source, source, index, rendition, _max_pixels(), fallback)
+    return result
 
 def _known_series_window(middle: StoredFile) -> tuple[bool, Window | None]:
     """(True, the window) when the series' default window is cached, else (False, None)."""
@@ -154,11 +160,8 @@ def series_window(middle: StoredFile | None) -> Window | None:
     known, window = _known_series_window(middle)
     if known:
         return window
-    pool = current_app.extensions.get("render_pool")
-    max_pixels = current_app.config["PORTAL"]["MAX_RENDER_PIXELS"]
     try:
-        window = (pool.run(default_window_of, middle, max_pixels) if pool is not None
-                  else default_window_of(middle, max_pixels))
+        window = _isolated(default_window_of, middle, _max_pixels())
     except (RenderRefused, FrameNotFound):
         window = None  # the frame itself will say why it cannot be shown
     _remember_series_window(middle, window)
@@ -176,11 +179,8 @@ def render_in_series(stored: StoredFile, index: int, rendition: Rendition,
     known, window = _known_series_window(middle)
     if known:
         return render(stored, index, rendition, window)
-    pool = current_app.extensions.get("render_pool")
-    max_pixels = current_app.config["PORTAL"]["MAX_RENDER_PIXELS"]
-    body, window = (pool.run(render_with_window, stored, index, rendition, max_pixels, middle)
-                    if pool is not None
-                    else render_with_window(stored, index, rendition, max_pixels, middle))
+    body, window = _isolated(render_with_window, stored, index, rendition, _max_pixels(),
+                             middle)
     _remember_series_window(middle, window)
     return body
 
@@ -191,12 +191,9 @@ def render_volume(key: str, sources: list[Any], kind: str, position: float, angl
     (``key`` names the series' content; render processes keep recent volumes by it)."""
     from portal.imaging.isolation import render_volume_source
 
-    pool = current_app.extensions.get("render_pool")
-    if pool is not None:
-        result: bytes = pool.run(render_volume_source, key, sources, kind, position, angle,
-                                 rendition)
-        return result
-    return render_volume_source(key, sources, kind, position, angle, rendition)
+    result: bytes = _isolated(render_volume_source, key, sources, kind, position, angle,
+                              rendition)
+    return result
 
 
 def render_cache() -> RenderCache:

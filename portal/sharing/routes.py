@@ -68,17 +68,10 @@ def share_policy() -> service.SharePolicy:
     return policy
 
 
-def external_url(endpoint: str, **values: str) -> str:
-    """An absolute URL for a message that leaves the portal: on PUBLIC_URL when it is set,
-    never on whatever Host header the request that caused the message carried."""
-    base = current_app.config["PORTAL"]["PUBLIC_URL"]
-    return (base.rstrip("/") + url_for(endpoint, **values)) if base \
-        else url_for(endpoint, _external=True, **values)
-
-
 def share_url(token: str) -> str:
     """The link to hand out: the landing page with the token in the fragment."""
-    return f"{external_url('sharing.landing')}#{token}"
+    # Absolute URLs follow PUBLIC_URL when it is set (portal.security.PublicHost).
+    return f"{url_for('sharing.landing', _external=True)}#{token}"
 
 
 def _address() -> str:
@@ -131,7 +124,7 @@ def _tell_sender(public_id: str, message: Callable[[str, str], tuple[str, str]])
     to = service.sender_email(db.session, link) if link is not None else ""
     if not to:
         return
-    manage = external_url("sharing.link_detail", public_id=public_id)
+    manage = url_for("sharing.link_detail", public_id=public_id, _external=True)
     subject, body = message(PORTAL_NAME, manage)
 
     def send() -> None:

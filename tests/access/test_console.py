@@ -36,6 +36,16 @@ def setup(app: Flask, idp: IdentityProvider) -> tuple[FlaskClient, int, str]:
     return signed_in(app, idp, f"om-{suffix}"), doctor, study
 
 
+
+def granted_viewer(app: Flask, idp: IdentityProvider) -> tuple[FlaskClient, str, str]:
+    """A physician given one study by the office manager, signed in: (client, subject, study)."""
+    manager, doctor, study = setup(app, idp)
+    manager.post("/api/grants", json={"user_id": doctor, "study_uid": study},
+                 headers={"X-CSRF-Token": csrf_of(manager)})
+    with app.extensions["db"].new_session() as session:
+        subject = session.get(User, doctor).subject
+    return signed_in(app, idp, subject), subject, study
+
 def count(app: Flask, model: type) -> int:
     with app.extensions["db"].new_session() as session:
         return session.scalar(select(func.count()).select_from(model)) or 0
@@ -188,12 +198,7 @@ def test_phi_is_not_served_when_the_audit_cannot_be_written(oidc_app: Flask,
 
 def test_reads_are_audited_once_per_study_per_session(oidc_app: Flask,
                                                       idp: IdentityProvider) -> None:
-    manager, doctor, study = setup(oidc_app, idp)
-    manager.post("/api/grants", json={"user_id": doctor, "study_uid": study},
-                 headers={"X-CSRF-Token": csrf_of(manager)})
-    with oidc_app.extensions["db"].new_session() as session:
-        subject = session.get(User, doctor).subject
-    viewer = signed_in(oidc_app, idp, subject)
+    viewer, subject, study = granted_viewer(oidc_app, idp)
     base = f"/dicomweb/studies/{study}"
     for path in (base, f"{base}/metadata", base, f"{base}/series"):
         assert viewer.get(path).status_code == 200, path
@@ -215,12 +220,7 @@ def test_no_image_leaves_before_its_read_is_recorded(oidc_app: Flask,
                                                      idp: IdentityProvider) -> None:
     """The read record is written beside the rendering; a failed write still means a 503
     without the image, and the next request records the read again."""
-    manager, doctor, study = setup(oidc_app, idp)
-    manager.post("/api/grants", json={"user_id": doctor, "study_uid": study},
-                 headers={"X-CSRF-Token": csrf_of(manager)})
-    with oidc_app.extensions["db"].new_session() as session:
-        subject = session.get(User, doctor).subject
-    viewer = signed_in(oidc_app, idp, subject)
+    viewer, _subject, study = granted_viewer(oidc_app, idp)
     rendered = viewer.get(f"/dicomweb/studies/{study}/series").get_json()
     series = rendered[0]["0020000E"]["Value"][0]
     instances = viewer.get(f"/dicomweb/studies/{study}/series/{series}/instances").get_json()
