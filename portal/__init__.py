@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from flask import Flask
-from werkzeug.middleware.proxy_fix import ProxyFix
 
 from portal import config as config_module
 from portal.config import REPO_ROOT
@@ -33,8 +32,10 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
 
         app.wsgi_app = PublicHost(app.wsgi_app, settings["PUBLIC_URL"])  # type: ignore[method-assign]
     if settings["TRUSTED_PROXIES"]:  # outermost: the client address, then the public host
-        hops = settings["TRUSTED_PROXIES"]
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops)  # type: ignore[method-assign]
+        from portal.security import TrustedProxies
+
+        app.wsgi_app = TrustedProxies(  # type: ignore[method-assign]
+            app.wsgi_app, settings["TRUSTED_PROXIES"], settings["TRUSTED_PROXY_ADDRESSES"])
 
     from portal import archive, errors, health, log, security
     from portal.access import policy

@@ -6,6 +6,7 @@ merges the sources and ``validate`` stops start-up with one line naming a bad se
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import tomllib
@@ -121,6 +122,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DIMSE_TLS_CA", _as_optional_str, None,
             "PEM CA bundle: when set, callers must present a certificate it signed"),
     Setting("TRUSTED_PROXIES", int, 0, "number of reverse proxies in front (ProxyFix hops)"),
+    Setting("TRUSTED_PROXY_ADDRESSES", _as_list, ["127.0.0.1", "::1"],
+            "addresses or networks of the nearest proxy: X-Forwarded-* headers are read only "
+            "from a peer among them"),
     # Reports from the RIS.
     Setting("HL7_HOST", str, "127.0.0.1", "address the HL7 MLLP listener binds"),
     Setting("HL7_PORT", int, 2575, "port the HL7 MLLP listener binds"),
@@ -322,6 +326,14 @@ def validate(config: dict[str, Any]) -> None:
         raise ConfigError("RENDER_FRAME_CACHE_MB: must be 0 or more")
     if config["REPORT_PATIENT_DELAY_HOURS"] < 0:
         raise ConfigError("REPORT_PATIENT_DELAY_HOURS: must be 0 or more")
+    if config["TRUSTED_PROXIES"] < 0:
+        raise ConfigError("TRUSTED_PROXIES: must be 0 or more")
+    for entry in config["TRUSTED_PROXY_ADDRESSES"]:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(f"TRUSTED_PROXY_ADDRESSES: {entry!r} is not an address or "
+                              "network") from None
     if not 0 < config["HL7_PORT"] < 65536:
         raise ConfigError("HL7_PORT: must be a TCP port")
     _check_peers("HL7_ALLOWED_SENDERS", config["HL7_ALLOWED_SENDERS"], "APPLICATION", 180)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import secrets
 from typing import Any
 from urllib.parse import urlsplit
@@ -159,6 +160,40 @@ class PublicHost:
         if self.prefix:
             environ["SCRIPT_NAME"] = self.prefix
         environ.pop("HTTP_X_FORWARDED_HOST", None)
+        return self.wsgi_app(environ, start_response)
+
+
+class TrustedProxies:
+    """WSGI middleware: ``X-Forwarded-For``, ``-Proto`` and ``-Host`` are believed
+    (through werkzeug's ProxyFix, ``hops`` deep) only when the connection comes from one of the
+    configured proxy addresses; from anyone else they are dropped, so a client that reaches the
+    portal around its proxy cannot choose the address that is logged, audited and rate-limited
+    (SECURITY.md 45)."""
+
+    _HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO", "HTTP_X_FORWARDED_HOST",
+                "HTTP_X_FORWARDED_PORT", "HTTP_X_FORWARDED_PREFIX")
+
+    def __init__(self, wsgi_app: Any, hops: int, proxies: list[str]) -> None:
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        self.wsgi_app = wsgi_app
+        self.behind_proxy = ProxyFix(wsgi_app, x_for=hops, x_proto=hops, x_host=hops)
+        self.proxies = [ipaddress.ip_network(p, strict=False) for p in proxies]
+
+    def _from_proxy(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.proxies)
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        if self._from_proxy(environ.get("REMOTE_ADDR") or ""):
+            return self.behind_proxy(environ, start_response)
+        for header in self._HEADERS:
+            environ.pop(header, None)
         return self.wsgi_app(environ, start_response)
 
 

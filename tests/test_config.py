@@ -42,6 +42,7 @@ def test_default_database_is_sqlite_in_the_instance(tmp_path: Path) -> None:
     ({"PORTAL_ARCHIVE_URL": "ftp://pacs"}, "ARCHIVE_URL"),
     ({"PORTAL_DIMSE_ALLOWED_PEERS": "no-at-sign"}, "DIMSE_ALLOWED_PEERS"),
     ({"PORTAL_MAX_REQUEST_BYTES": "-1"}, "MAX_REQUEST_BYTES"),
+    ({"PORTAL_TRUSTED_PROXY_ADDRESSES": "10.0.0.1,proxy.local"}, "TRUSTED_PROXY_ADDRESSES"),
 ])
 def test_bad_settings_name_themselves(tmp_path: Path, environ: dict[str, str],
                                       named: str) -> None:

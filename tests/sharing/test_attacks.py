@@ -112,6 +112,30 @@ def test_address_limit_counts_an_ipv6_subscriber_as_one(app: Flask) -> None:
     assert elsewhere.status_code == 404
 
 
+def test_forwarded_for_is_believed_only_from_the_configured_proxy(tmp_path: Path) -> None:
+    """SECURITY.md 45: a client that reaches the portal around its proxy cannot pick a fresh
+    X-Forwarded-For per guess; behind the proxy, each real client has its own count."""
+    app = make_app(tmp_path / "proxy", TRUSTED_PROXIES=1,
+                   TRUSTED_PROXY_ADDRESSES=["10.8.0.0/24"], SHARE_ATTEMPTS_PER_ADDRESS=3)
+    try:
+        client = app.test_client()
+
+        def attempt(peer: str, forwarded: str) -> int:
+            return client.post("/s/exchange", data={"token": "x" * 43},
+                               headers={"X-Forwarded-For": forwarded},
+                               environ_base={"REMOTE_ADDR": peer}).status_code
+
+        direct = [attempt("192.0.2.7", f"198.51.100.{n}") for n in range(1, 6)]
+        assert direct == [404, 404, 404, 429, 429]
+        through_proxy = [attempt("10.8.0.5", f"198.51.100.{n}") for n in range(1, 6)]
+        assert through_proxy == [404] * 5  # five clients, one attempt each
+        # The proxy's own address is not a client: one spoofed hop more is not believed.
+        assert [attempt("10.8.0.5", "203.0.113.9, 198.51.100.1") for _ in range(3)] == [404,
+                                                                                           404, 429]
+    finally:
+        close_app(app)
+
+
 def test_revocation_stops_an_open_viewer_within_ten_seconds(tmp_path: Path) -> None:
     """A viewer fetches images in a loop; another process of the portal revokes the link."""
     app = make_app(tmp_path / "revoke")
