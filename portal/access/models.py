@@ -69,6 +69,9 @@ class User(Base):
     email: Mapped[str] = mapped_column(String(256), default="", index=True)
     display_name: Mapped[str] = mapped_column(String(256), default="")
     roles: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # The roles the identity provider asserted at the last sign-in (a subset of ``roles``): the
+    # ones it takes away again by no longer asserting them.
+    idp_roles: Mapped[list[str]] = mapped_column(JSON, default=list)
     practice_fk: Mapped[int | None] = mapped_column(ForeignKey("practice.id"), nullable=True)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     # Bumped on deactivation and role changes: sessions made before it are dead.

@@ -24,22 +24,41 @@ def check_role(role: str) -> str:
 
 
 def sign_in_user(session: Session, *, issuer: str, subject: str, email: str, name: str,
-                 idp_roles: tuple[str, ...]) -> User:
+                 idp_roles: tuple[str, ...] | None) -> User:
     """Find or create the user for (issuer, subject); refresh the profile from the token.
 
-    Roles the provider asserts (in the configured claim) are added; roles given in the portal
-    stay. The e-mail is kept for display only and never used to match an account.
+    ``idp_roles`` are the roles the provider asserts in the configured claim (None when no
+    claim is configured, or for a bearer token, which asserts none). They are added; a role the
+    provider asserted at an earlier sign-in and no longer asserts is taken away (the hospital
+    removed it), with a 110137 record; roles given in the portal stay. The e-mail is kept for
+    display only and never used to match an account.
     """
+    from portal.access import audit
+
     user = session.scalars(select(User).where(User.issuer == issuer,
                                               User.subject == subject)).first()
     if user is None:
-        user = User(issuer=issuer, subject=subject, roles=[], active=True, security_epoch=0)
+        user = User(issuer=issuer, subject=subject, roles=[], idp_roles=[], active=True,
+                    security_epoch=0)
         session.add(user)
     user.email = email
     user.display_name = name
-    known = [r for r in idp_roles if r in ROLES]
-    if any(r not in user.roles for r in known):
-        user.roles = sorted(set(user.roles) | set(known))
+    if idp_roles is not None:
+        asserted = {r for r in idp_roles if r in ROLES}
+        withdrawn = set(user.idp_roles or ()) - asserted
+        roles = (set(user.roles) - withdrawn) | asserted
+        if roles != set(user.roles):
+            before, user.roles = user.roles, sorted(roles)
+            if withdrawn & set(before):
+                user.security_epoch += 1  # the person's other sessions end
+            if user.id is not None:
+                audit.append(session, audit.SECURITY_ALERT, action="U",
+                             outcome=audit.OUTCOME_SUCCESS, who=f"idp:{issuer}",
+                             details={"type": audit.USER_SECURITY_CHANGED,
+                                      "user": f"{issuer}|{subject}", "roles": user.roles,
+                                      "by": "identity provider"})
+        if sorted(asserted) != sorted(user.idp_roles or ()):
+            user.idp_roles = sorted(asserted)
     user.last_login_at = utcnow()
     session.flush()
     return user
@@ -54,6 +73,8 @@ def find_users(session: Session, who: str) -> list[User]:
 def set_roles(session: Session, user: User, roles: list[str]) -> None:
     """Replace a user's roles; existing sessions must re-check (security epoch moves on)."""
     user.roles = sorted({check_role(r) for r in roles})
+    # A role an office manager takes away is no longer the provider's to take away again.
+    user.idp_roles = [r for r in user.idp_roles or () if r in user.roles]
     user.security_epoch += 1
 
 

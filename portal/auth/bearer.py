@@ -123,6 +123,6 @@ def user_for_token(token: str) -> User | None:
     if user is None:
         user = sign_in_user(db.session, issuer=issuer, subject=subject,
                             email=str(claims.get("email", ""))[:256],
-                            name=str(claims.get("name", ""))[:256], idp_roles=())
+                            name=str(claims.get("name", ""))[:256], idp_roles=None)
         db.session.commit()
     return user if user.active else None

@@ -78,7 +78,8 @@ def callback() -> Response:
         session.destroy()  # type: ignore[attr-defined]
         raise BadRequest(f"Sign-in failed: {exc}") from exc
     user = sign_in_user(db.session, issuer=identity.issuer, subject=identity.subject,
-                        email=identity.email, name=identity.name, idp_roles=identity.roles)
+                        email=identity.email, name=identity.name,
+                        idp_roles=identity.roles if settings["OIDC_ROLES_CLAIM"] else None)
     invited = session.get("invitation")
     if invited and user.active:
         if redeem_invitation(db.session, invited, user):

@@ -53,6 +53,43 @@ def test_sign_in_creates_a_user_keyed_by_issuer_and_subject(oidc_app: Flask,
                for e in events)
 
 
+def test_a_role_the_provider_stops_asserting_is_taken_away(oidc_app: Flask,
+                                                           idp: IdentityProvider) -> None:
+    """The hospital removes a role in its identity provider: the next sign-in takes it away,
+    ends the person's other sessions and is audited; roles given in the portal stay."""
+    from portal.access.users import set_roles
+
+    idp.set_user("dr-moved", email="moved@demo.example",
+                 portal_roles=["physician", "office_manager"])
+    first = oidc_app.test_client()
+    sign_in(first, idp, "dr-moved")
+    assert first.get("/admin/users").status_code == 200
+    with oidc_app.extensions["db"].write_transaction() as session:
+        user = session.scalars(select(User).where(User.subject == "dr-moved")).one()
+        assert user.roles == ["office_manager", "physician"]
+        set_roles(session, user, [*user.roles, "staff"])  # given in the portal
+    sign_in(first, idp, "dr-moved")
+
+    idp.set_user("dr-moved", email="moved@demo.example", portal_roles=["physician"])
+    second = oidc_app.test_client()
+    sign_in(second, idp, "dr-moved")
+    [user] = [u for u in users(oidc_app) if u.subject == "dr-moved"]
+    assert user.roles == ["physician", "staff"]
+    assert second.get("/admin/users").status_code == 403
+    assert second.get("/studies").status_code == 200
+    assert first.get("/studies").status_code == 302  # the older session has ended
+    with oidc_app.extensions["db"].new_session() as session:
+        changes = [e.details for e in session.scalars(select(AuditEvent))
+                   if e.details.get("type") == "110137" and "dr-moved" in str(e.details)]
+    assert changes and changes[-1]["roles"] == ["physician", "staff"], changes
+
+    # A provider that asserts no role at all (the claim left out) takes away the rest of its.
+    idp.set_user("dr-moved", email="moved@demo.example")
+    sign_in(oidc_app.test_client(), idp, "dr-moved")
+    [user] = [u for u in users(oidc_app) if u.subject == "dr-moved"]
+    assert user.roles == ["staff"]
+
+
 def test_same_email_two_subjects_are_two_people(oidc_app: Flask, idp: IdentityProvider) -> None:
     idp.set_user("sub-a", email="shared@demo.example")
     idp.set_user("sub-b", email="shared@demo.example")
