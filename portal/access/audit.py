@@ -34,6 +34,7 @@ QUERY = ("110112", "Query")
 SECURITY_ALERT = ("110113", "Security Alert")
 USER_AUTHENTICATION = ("110114", "User Authentication")
 EMERGENCY_OVERRIDE = ("110127", "Emergency Override Started")
+EMERGENCY_OVERRIDE_STOPPED = ("110138", "Emergency Override Stopped")
 # Event type codes carried in details["type"].
 LOGIN, LOGOUT = "110122", "110123"
 OBJECT_SECURITY_CHANGED, USER_SECURITY_CHANGED = "110135", "110137"

@@ -92,10 +92,17 @@ def revoke_grants(session: Session, actor: Principal, grant_ids: Sequence[int]) 
     now = utcnow()
     for grant in grants:
         if grant.revoked_at is None:
+            running = grant_state(grant, now) == "active"
             grant.revoked_at, grant.revoked_by = now, actor.audit_name
-            _audit_change(session, actor, audit.OBJECT_SECURITY_CHANGED,
-                          {"grant": grant.id, "revoked": True},
-                          grant.study_instance_uid or "")
+            if grant.break_glass and running:
+                audit.append(session, audit.EMERGENCY_OVERRIDE_STOPPED, action="E",
+                             outcome=audit.OUTCOME_SUCCESS, who=actor.audit_name,
+                             study_instance_uid=grant.study_instance_uid or "",
+                             details={"grant": grant.id, "revoked": True})
+            else:
+                _audit_change(session, actor, audit.OBJECT_SECURITY_CHANGED,
+                              {"grant": grant.id, "revoked": True},
+                              grant.study_instance_uid or "")
     return len(grants)
 
 

@@ -150,6 +150,12 @@ def test_break_glass_needs_a_reason_is_time_limited_and_audited(oidc_app: Flask,
     assert datetime.fromisoformat(grant["expires_at"]) <= utcnow() + timedelta(hours=24)
     with oidc_app.extensions["db"].new_session() as session:
         assert session.scalars(select(AuditEvent).where(AuditEvent.event_id == "110127")).one()
+    # Ending the emergency access early is recorded as the override stopping.
+    ended = manager.post("/api/grants/revoke", json={"ids": [grant["id"]]}, headers=headers)
+    assert ended.status_code == 200
+    with oidc_app.extensions["db"].new_session() as session:
+        stopped = session.scalars(select(AuditEvent).where(AuditEvent.event_id == "110138")).one()
+        assert stopped.study_instance_uid == study and stopped.details["grant"] == grant["id"]
 
 
 def test_audit_trail_is_chained_exported_and_tamper_evident(oidc_app: Flask,
