@@ -23,7 +23,8 @@ from portal.db import utcnow
 LIFETIME = timedelta(days=7)
 
 
-def _digest(token: str) -> str:
+def invitation_digest(token: str) -> str:
+    """What is stored (and kept in the browser's session until sign-in) instead of the token."""
     return hashlib.sha256(token.encode("ascii", "replace")).hexdigest()
 
 
@@ -35,7 +36,7 @@ def create_invitation(session: Session, actor: Principal, *, email: str, roles: 
     token = secrets.token_urlsafe(32)
     now = utcnow()
     invitation = Invitation(
-        token_sha256=_digest(token), email=email.strip()[:256],
+        token_sha256=invitation_digest(token), email=email.strip()[:256],
         roles=sorted({check_role(r) for r in roles}),
         practice_fk=get_or_create_practice(session, practice).id if practice.strip() else None,
         created_by=actor.audit_name, created_at=now, expires_at=now + LIFETIME)
@@ -48,12 +49,13 @@ def create_invitation(session: Session, actor: Principal, *, email: str, roles: 
     return token
 
 
-def redeem_invitation(session: Session, token: str, user: User) -> bool:
-    """Give the invitation's roles and practice to ``user``; False if unusable."""
-    if not token or len(token) > 100:
+def redeem_invitation(session: Session, digest: str, user: User) -> bool:
+    """Give the roles and practice of the invitation whose token has this
+    :func:`invitation_digest` to ``user``; False if unusable."""
+    if len(digest) != 64:
         return False
     invitation = session.scalars(select(Invitation).where(
-        Invitation.token_sha256 == _digest(token)).with_for_update()).first()
+        Invitation.token_sha256 == digest).with_for_update()).first()
     if invitation is None or invitation.used_at is not None or invitation.expires_at <= utcnow():
         return False
     invitation.used_at, invitation.used_by_fk = utcnow(), user.id

@@ -19,7 +19,7 @@ from flask import (
 from werkzeug.exceptions import BadRequest
 
 from portal.access import audit
-from portal.access.invitations import redeem_invitation
+from portal.access.invitations import invitation_digest, redeem_invitation
 from portal.access.policy import public
 from portal.access.principal import current_principal
 from portal.access.users import sign_in_user
@@ -117,7 +117,7 @@ def invitation() -> str:
     token = request.args.get("t", "")
     valid = 20 <= len(token) <= 100 and all(c.isalnum() or c in "-_" for c in token)
     if valid:
-        session["invitation"] = token
+        session["invitation"] = invitation_digest(token)  # the session row never holds it
     return render_template("auth/invitation.html", valid=valid)
 
 
