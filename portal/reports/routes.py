@@ -31,7 +31,7 @@ from portal.reports.notify import notifier
 from portal.reports.pdf import report_pdf
 from portal.reports.service import (
     ReportError,
-    effective_status,
+    effective_statuses,
     mark_read,
     orders_for,
     readable_reports,
@@ -117,7 +117,7 @@ def order_list() -> str:
     if principal.kind != "user":
         abort(404)
     orders = orders_for(db.session, principal)
-    rows = [(order, effective_status(db.session, order)) for order in orders]
+    rows = list(zip(orders, effective_statuses(db.session, orders), strict=True))
     _audit_query(principal, {"orders": len(rows)})
     return render_template("reports/orders.html", rows=rows)
 

@@ -7,6 +7,7 @@ an ``IncomingReport`` and calls ``receive_report``; HL7 ORM/OMI/SIU build an ``I
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -204,22 +205,42 @@ def study_of_report(session: Session, report: Report) -> Study | None:
 
 def effective_status(session: Session, order: Order) -> str:
     """ordered -> scheduled -> performed (its study arrived) -> reported (a final report)."""
-    if order.status == "cancelled":
-        return "cancelled"
-    study = None
-    if order.study_instance_uid:
-        study = session.scalars(select(Study).where(
-            Study.study_instance_uid == order.study_instance_uid)).first()
-    if study is None and order.accession_number:
-        study = session.scalars(select(Study).where(
-            Study.accession_number == order.accession_number)).first()
-    if study is not None:
-        if any(r.final_at is not None for r in reports_of(session, study)):
-            return "reported"
-        return "performed"
-    if order.status == "reported" or order.status == "performed":
-        return order.status
-    return "scheduled" if order.scheduled_at is not None else order.status
+    return effective_statuses(session, [order])[0]
+
+
+def effective_statuses(session: Session, orders: Sequence[Order]) -> list[str]:
+    """:func:`effective_status` of each order, in two queries however many orders there are."""
+    uids = {o.study_instance_uid for o in orders if o.study_instance_uid}
+    accessions = {o.accession_number for o in orders if o.accession_number}
+    by_uid: dict[str, int] = {}
+    by_accession: dict[str, int] = {}
+    if uids or accessions:
+        for study_id, uid, accession in session.execute(
+                select(Study.id, Study.study_instance_uid, Study.accession_number)
+                .where(or_(Study.study_instance_uid.in_(uids),
+                           Study.accession_number.in_(accessions)))
+                .order_by(Study.id)):
+            by_uid.setdefault(uid, study_id)
+            if accession:
+                by_accession.setdefault(accession, study_id)
+    found = set(by_uid.values()) | set(by_accession.values())
+    reported = set(session.scalars(
+        select(Study.id).join(Report, _report_of_study())
+        .where(Study.id.in_(found), Report.final_at.is_not(None)))) if found else set()
+    statuses = []
+    for order in orders:
+        study = by_uid.get(order.study_instance_uid or "")
+        if study is None and order.accession_number:
+            study = by_accession.get(order.accession_number)
+        if order.status == "cancelled":
+            statuses.append("cancelled")
+        elif study is not None:
+            statuses.append("reported" if study in reported else "performed")
+        elif order.status in ("reported", "performed"):
+            statuses.append(order.status)
+        else:
+            statuses.append("scheduled" if order.scheduled_at is not None else order.status)
+    return statuses
 
 
 def _patient_delay(session: Session, study: Study) -> timedelta:

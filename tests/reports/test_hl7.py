@@ -337,6 +337,60 @@ def test_orders_and_appointments_follow_the_study_and_match_the_ordering_physici
     assert msa(cancel)[0] == "AA"
 
 
+def test_the_orders_page_asks_the_database_a_fixed_number_of_times(ris: Ris,
+                                                                   idp: IdentityProvider) -> None:
+    """Many orders (scheduled, performed, reported, cancelled) cost no more queries than a
+    few, and each still shows its own status."""
+    from sqlalchemy import event
+
+    from portal.reports.service import effective_statuses
+
+    app = ris.app
+    sub = f"busy-{generate_uid()[-8:]}"
+    doctor = add_person(app, idp, sub, ["physician"])
+    with app.extensions["db"].write_transaction() as session:
+        key = link_identifier(session, ADMIN, doctor, "npi:1777777777").key
+    browser = signed_in(app, idp, sub)
+
+    def add_orders(count: int) -> list[str]:
+        accessions = []
+        for _ in range(count):
+            accession = "Q" + generate_uid()[-9:]
+            accessions.append(accession)
+            with app.extensions["db"].write_transaction() as session:
+                session.add(Order(accession_number=accession, procedure="CT chest",
+                                  ordering_provider_key=key, status="ordered"))
+        return accessions
+
+    def queries_of_the_page() -> int:
+        engine = app.extensions["db"].engine
+        seen: list[str] = []
+
+        def count(*args: object) -> None:
+            seen.append(str(args[2]))
+
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            assert browser.get("/orders").status_code == 200
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+        return len(seen)
+
+    first = add_orders(4)
+    store_study(app, first[1])
+    store_study(app, first[2])
+    send(ris.port, oru(first[2], "F", "IMP:Done."))
+    queries_of_the_page()  # (the first visit also refreshes the session)
+    few = queries_of_the_page()
+    add_orders(40)
+    assert queries_of_the_page() == few
+    with app.extensions["db"].new_session() as session:
+        orders = {o.accession_number: o for o in session.scalars(
+            select(Order).where(Order.accession_number.in_(first)))}
+        assert effective_statuses(session, [orders[a] for a in first]) == [
+            "ordered", "performed", "reported", "ordered"]
+
+
 def test_report_ready_mail_goes_to_the_referrer_without_patient_data(
         ris: Ris, idp: IdentityProvider, mailbox: tuple[Mailbox, int]) -> None:
     box, port = mailbox
