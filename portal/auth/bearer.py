@@ -1,9 +1,13 @@
 """``Authorization: Bearer`` access tokens from the configured issuer, for /dicomweb and /api.
 
 A JWT is verified against the issuer's JWKS (allow-listed algorithm, exact issuer, audience,
-expiry). An opaque token (as many providers issue) is resolved through the issuer's userinfo
-endpoint. Either answer is cached for at most a minute, keyed by the token's SHA-256, so a
-revoked token stops working within that minute.
+expiry). An opaque token (as many providers issue) is checked by RFC 7662 introspection when
+the provider offers it: it must be active and meant for this portal (its ``aud``, or without
+one its ``client_id``, among the accepted audiences), so a token another application of the
+same provider received cannot be replayed here. A provider without introspection is asked
+through its userinfo endpoint, which proves only that the token is live. Either answer is
+cached for at most a minute, keyed by the token's SHA-256, so a revoked token stops working
+within that minute.
 """
 
 from __future__ import annotations
@@ -61,12 +65,16 @@ def forget_cached_tokens() -> None:
 ID_TOKEN_CLAIMS = frozenset({"nonce", "at_hash", "c_hash"})
 
 
+def _audiences() -> list[str]:
+    settings = current_app.config["PORTAL"]
+    return [a for a in (settings["OIDC_AUDIENCE"] or settings["OIDC_CLIENT_ID"]).split(",") if a]
+
+
 def _verify_jwt(token: str, meta: dict[str, Any]) -> dict[str, Any] | None:
     settings = current_app.config["PORTAL"]
     client = oidc.provider()
     algorithms = meta["id_token_signing_alg_values_supported"] or ["RS256"]
-    audiences = [a for a in (settings["OIDC_AUDIENCE"] or settings["OIDC_CLIENT_ID"]).split(",")
-                 if a]
+    audiences = _audiences()
     try:
         keys = KeySet.import_key_set(client.fetch_jwk_set())
         try:
@@ -88,6 +96,40 @@ def _verify_jwt(token: str, meta: dict[str, Any]) -> dict[str, Any] | None:
         log.info("bearer JWT refused: an ID token")
         return None
     return dict(decoded.claims)
+
+
+def _introspect(token: str, endpoint: str) -> dict[str, Any] | None:
+    """RFC 7662: the token's claims when it is active and meant for this portal, else None."""
+    import requests
+
+    settings = current_app.config["PORTAL"]
+    try:
+        response = requests.post(
+            endpoint, data={"token": token, "token_type_hint": "access_token"},
+            auth=(settings["OIDC_CLIENT_ID"], settings["OIDC_CLIENT_SECRET"]),
+            headers={"Accept": "application/json"}, timeout=oidc.HTTP_TIMEOUT,
+            allow_redirects=False)
+        response.raise_for_status()
+        answer = response.json()
+    except (requests.RequestException, ValueError):
+        log.warning("token introspection failed; the bearer token is refused")
+        return None
+    if not isinstance(answer, dict) or answer.get("active") is not True \
+            or not isinstance(answer.get("sub"), str) or not answer["sub"]:
+        return None
+    aud = answer.get("aud")
+    meant_for = set(aud if isinstance(aud, list) else [aud]) if aud else {answer.get("client_id")}
+    if not meant_for & set(_audiences()):
+        log.info("bearer token refused: issued to another application")
+        return None
+    if answer.get("iss") not in (None, settings["OIDC_ISSUER"]):
+        return None
+    claims = {"sub": answer["sub"], "iss": settings["OIDC_ISSUER"]}
+    profile = _userinfo(token) or {}  # e-mail and name for a first visit, when it tells
+    for key in ("email", "name"):
+        if profile.get("sub") == answer["sub"] and isinstance(profile.get(key), str):
+            claims[key] = profile[key]
+    return claims
 
 
 def _userinfo(token: str) -> dict[str, Any] | None:
@@ -113,7 +155,12 @@ def user_for_token(token: str) -> User | None:
             meta = oidc.metadata()
         except oidc.SignInFailed:
             return None  # provider unreachable: not cached, so it recovers by itself
-        claims = _verify_jwt(token, meta) if token.count(".") == 2 else _userinfo(token)
+        if token.count(".") == 2:
+            claims = _verify_jwt(token, meta)
+        elif meta.get("introspection_endpoint"):
+            claims = _introspect(token, str(meta["introspection_endpoint"]))
+        else:
+            claims = _userinfo(token)
         _remember(digest, claims)
     if claims is None:
         return None

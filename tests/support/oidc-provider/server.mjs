@@ -9,20 +9,32 @@ const users = JSON.parse(process.env.USERS); // {sub: {password, email, name}}
 const { privateKey } = await generateKeyPair('RS256', { extractable: true });
 const jwk = { ...(await exportJWK(privateKey)), kid: 'test-key', alg: 'RS256', use: 'sig' };
 
-const provider = new Provider(issuer, {
-  clients: [{
-    client_id: process.env.CLIENT_ID,
-    client_secret: process.env.CLIENT_SECRET,
-    redirect_uris: [process.env.REDIRECT_URI],
-    post_logout_redirect_uris: [process.env.POST_LOGOUT_URI],
+const clients = [{
+  client_id: process.env.CLIENT_ID,
+  client_secret: process.env.CLIENT_SECRET,
+  redirect_uris: [process.env.REDIRECT_URI],
+  post_logout_redirect_uris: [process.env.POST_LOGOUT_URI],
+  response_types: ['code'],
+  grant_types: ['authorization_code'],
+}];
+if (process.env.OTHER_CLIENT_ID) { // another application of the same hospital
+  clients.push({
+    client_id: process.env.OTHER_CLIENT_ID,
+    client_secret: process.env.OTHER_CLIENT_SECRET,
+    redirect_uris: [process.env.OTHER_REDIRECT_URI],
     response_types: ['code'],
     grant_types: ['authorization_code'],
-  }],
+  });
+}
+
+const provider = new Provider(issuer, {
+  clients,
   jwks: { keys: [jwk] },
   cookies: { keys: ['test-only-cookie-key'] },
   claims: { openid: ['sub'], email: ['email'], profile: ['name'] },
   conformIdTokenClaims: false, // put profile claims in the ID token itself
-  features: { devInteractions: { enabled: false }, rpInitiatedLogout: { enabled: true } },
+  features: { devInteractions: { enabled: false }, rpInitiatedLogout: { enabled: true },
+              introspection: { enabled: true } }, // RFC 7662, for opaque access tokens
   interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
   async findAccount(ctx, sub) {
     const user = users[sub];
