@@ -2,7 +2,9 @@
 
 The ZIP is written by hand, uncompressed ("stored": DICOM pixels barely compress and phones
 unpack faster), so its exact length is known before the first byte and the browser shows
-progress; entries are streamed one file at a time, so memory stays at one instance.
+progress; entries are streamed one file at a time, so memory stays at one instance. A study
+of 4 GB or more, or of 65,535 files or more, gets ZIP64 records (APPNOTE.TXT 6.3.x) where a
+plain field would overflow; smaller studies get a plain ZIP without them.
 """
 
 from __future__ import annotations
@@ -21,9 +23,28 @@ from pydicom.fileset import FileSet
 
 from portal.index.models import Instance, Study
 
-ZIP_LIMIT = (1 << 32) - 1  # no ZIP64 here: a larger study is refused with a clear message
-MAX_ENTRIES = 65_000
+_MARK32, _MARK16 = 0xFFFF_FFFF, 0xFFFF  # "the value is in the ZIP64 record" (APPNOTE 4.4.1.4)
+_END64_LENGTH, _LOCATOR_LENGTH = 56, 20  # APPNOTE 4.3.14 (no extensible data), 4.3.15
+ZIP64_MAX = (1 << 64) - 1  # the largest length or count a ZIP64 file can describe
 _DOS_DATE = (2000 - 1980) << 9 | 1 << 5 | 1  # 2000-01-01: no time of day leaks from files
+
+
+@dataclass(frozen=True)
+class Zip64Threshold:
+    """From which value a size or offset (``size``) or the entry count (``entries``) is
+    written in ZIP64 records (APPNOTE 6.3.x, 4.5.3 and 4.3.14) instead of the plain fields.
+
+    The defaults are the format's own limits: 0xFFFFFFFF and 0xFFFF are the markers that
+    send a reader to the ZIP64 record, so a value equal to them already needs one. Tests
+    lower them to exercise ZIP64 without writing 4 GB.
+    """
+
+    size: int = _MARK32
+    entries: int = _MARK16
+
+
+# What the download route uses; tests may lower it.
+ZIP64_THRESHOLD = Zip64Threshold()
 
 
 class ExportTooLarge(ValueError):
@@ -84,49 +105,150 @@ def dicomdir_entries(instances: list[Instance], headers: list[dict[str, Any]]
     return dicomdir, ids
 
 
-def _local_header(name: bytes, crc: int, size: int) -> bytes:
-    return struct.pack("<IHHHHHIIIHH", 0x04034B50, 20, 0, 0, 0, _DOS_DATE, crc, size, size,
-                       len(name), 0) + name
+@dataclass(frozen=True)
+class _Slot:
+    """Where one entry's local header starts and which of its fields go to ZIP64 records."""
+
+    name: bytes
+    size: int
+    offset: int
+    big_size: bool
+    big_offset: bool
+
+    @property
+    def version(self) -> int:
+        # "Version needed to extract" 4.5 marks ZIP64 extensions (APPNOTE 4.4.3.2); plain
+        # entries keep 2.0 so a study below the threshold is the same ZIP as before ZIP64.
+        return 45 if self.big_size or self.big_offset else 20
+
+    def local_extra(self) -> bytes:
+        # APPNOTE 4.5.3: a local header with ZIP64 sizes carries both of them, never an offset.
+        return _zip64_extra([self.size, self.size] if self.big_size else [])
+
+    def central_extra(self) -> bytes:
+        return _zip64_extra(([self.size, self.size] if self.big_size else [])
+                            + ([self.offset] if self.big_offset else []))
+
+    def local_length(self) -> int:
+        return 30 + len(self.name) + (4 + 16 if self.big_size else 0)
+
+    def central_length(self) -> int:
+        fields = (2 if self.big_size else 0) + (1 if self.big_offset else 0)
+        return 46 + len(self.name) + (4 + 8 * fields if fields else 0)
 
 
-def _central_header(name: bytes, crc: int, size: int, offset: int) -> bytes:
-    return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, _DOS_DATE, crc, size,
-                       size, len(name), 0, 0, 0, 0, 0, offset) + name
+def _zip64_extra(values: list[int]) -> bytes:
+    """The ZIP64 extended information extra field 0x0001 (APPNOTE 4.5.3), empty if no values.
+
+    Its fields keep a fixed order (original size, compressed size, local header offset) and
+    appear only for the header fields that hold the 0xFFFFFFFF marker.
+    """
+    if not values:
+        return b""
+    return struct.pack(f"<HH{len(values)}Q", 0x0001, 8 * len(values), *values)
 
 
-def zip_length(entries: list[Entry]) -> int:
-    """The exact length of the ZIP ``stream_zip`` writes for these entries."""
-    names = sum(len(e.name.encode()) for e in entries)
-    return sum(30 + 46 + e.size for e in entries) + 2 * names + 22
+def _local_header(slot: _Slot, crc: int) -> bytes:
+    extra = slot.local_extra()
+    size = _MARK32 if slot.big_size else slot.size
+    return struct.pack("<IHHHHHIIIHH", 0x04034B50, slot.version, 0, 0, 0, _DOS_DATE, crc,
+                       size, size, len(slot.name), len(extra)) + slot.name + extra
 
 
-def check_size(entries: list[Entry]) -> int:
-    """The ZIP length, or ExportTooLarge beyond what a plain (non-ZIP64) ZIP can hold."""
-    length = zip_length(entries)
-    if len(entries) > MAX_ENTRIES or length > ZIP_LIMIT:
-        raise ExportTooLarge("this study is larger than one download can hold (4 GB or "
-                             f"{MAX_ENTRIES} files); download its series one by one")
+def _central_header(slot: _Slot, crc: int) -> bytes:
+    extra = slot.central_extra()
+    size = _MARK32 if slot.big_size else slot.size
+    offset = _MARK32 if slot.big_offset else slot.offset
+    return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, slot.version, slot.version, 0, 0, 0,
+                       _DOS_DATE, crc, size, size, len(slot.name), len(extra), 0, 0, 0, 0,
+                       offset) + slot.name + extra
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Every entry's slot, where the central directory starts and how long it is."""
+
+    slots: list[_Slot]
+    start: int
+    size: int
+    threshold: Zip64Threshold
+
+    @property
+    def zip64_end(self) -> bool:
+        """Whether the end needs the ZIP64 end of central directory record and locator."""
+        return (len(self.slots) >= self.threshold.entries or self.start >= self.threshold.size
+                or self.size >= self.threshold.size)
+
+    @property
+    def length(self) -> int:
+        end = 22 + (_END64_LENGTH + _LOCATOR_LENGTH if self.zip64_end else 0)
+        return self.start + self.size + end
+
+    def end_records(self) -> bytes:
+        """The end of central directory record, after the ZIP64 record and locator if needed.
+
+        APPNOTE 4.3.14-4.3.16 and 4.4.1.4: a field too small for its value holds 0xFFFF or
+        0xFFFFFFFF and readers take the value from the ZIP64 end of central directory record.
+        """
+        count, limit = len(self.slots), self.threshold
+        records = b""
+        if self.zip64_end:
+            records = struct.pack("<IQHHIIQQQQ", 0x06064B50, _END64_LENGTH - 12, 45, 45, 0, 0,
+                                  count, count, self.size, self.start)
+            records += struct.pack("<IIQI", 0x07064B50, 0, self.start + self.size, 1)
+        count16 = _MARK16 if count >= limit.entries else count
+        return records + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count16, count16,
+                                     _MARK32 if self.size >= limit.size else self.size,
+                                     _MARK32 if self.start >= limit.size else self.start, 0)
+
+
+def _layout(entries: list[Entry], threshold: Zip64Threshold) -> _Layout:
+    """Place the entries; ``zip_length`` and ``stream_zip`` both use this, so the
+    Content-Length and the bytes sent cannot disagree."""
+    slots: list[_Slot] = []
+    offset = directory = 0
+    for entry in entries:
+        slot = _Slot(entry.name.encode(), entry.size, offset, entry.size >= threshold.size,
+                     offset >= threshold.size)
+        slots.append(slot)
+        offset += slot.local_length() + entry.size
+        directory += slot.central_length()
+    return _Layout(slots, offset, directory, threshold)
+
+
+def zip_length(entries: list[Entry], threshold: Zip64Threshold = ZIP64_THRESHOLD) -> int:
+    """The exact length of the ZIP ``stream_zip`` writes for these entries and threshold."""
+    return _layout(entries, threshold).length
+
+
+def check_size(entries: list[Entry], threshold: Zip64Threshold = ZIP64_THRESHOLD) -> int:
+    """The ZIP length, or ExportTooLarge beyond what even a ZIP64 file can describe."""
+    length = zip_length(entries, threshold)
+    if len(entries) > ZIP64_MAX or length > ZIP64_MAX:
+        raise ExportTooLarge("this study is larger than one ZIP file can hold; download its "
+                             "series one by one")
     return length
 
 
-def stream_zip(entries: list[Entry]) -> Iterator[bytes]:
-    """The ZIP, one entry at a time (each file read, CRC-32 computed, then sent)."""
-    central, offset = [], 0
-    for entry in entries:
+def stream_zip(entries: list[Entry], threshold: Zip64Threshold = ZIP64_THRESHOLD
+               ) -> Iterator[bytes]:
+    """The ZIP, one entry at a time (each file read, CRC-32 computed, then sent).
+
+    ZIP64 records are written only where a size, an offset or the entry count reaches
+    ``threshold``; below it the bytes are those of a plain ZIP.
+    """
+    layout = _layout(entries, threshold)
+    central = []
+    for entry, slot in zip(entries, layout.slots, strict=True):
         data = entry.read()
         if len(data) != entry.size:
             raise RuntimeError("a stored file changed size during the download")
-        name = entry.name.encode()
         crc = zlib.crc32(data)
-        header = _local_header(name, crc, len(data))
-        yield header
+        yield _local_header(slot, crc)
         yield data
-        central.append(_central_header(name, crc, len(data), offset))
-        offset += len(header) + len(data)
-    directory = b"".join(central)
-    yield directory
-    yield struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries),
-                      len(directory), offset, 0)
+        central.append(_central_header(slot, crc))
+    yield b"".join(central)
+    yield layout.end_records()
 
 
 def study_entries(instances: list[Instance], headers: list[dict[str, Any]],
