@@ -132,8 +132,9 @@ def download_study(study_uid: str) -> Response:
     archive = current_archive()
     headers = archive.headers([i.sop_instance_uid for i in instances])
     entries = export.study_entries(instances, headers, archive.locate)
+    threshold = export.ZIP64_THRESHOLD  # read once: the length and the stream must agree
     try:
-        length = export.check_size(entries)
+        length = export.check_size(entries, threshold)
     except export.ExportTooLarge as exc:
         abort(413, str(exc))
     audit.record(db, audit.EXPORT, action="R", outcome=audit.OUTCOME_SUCCESS,
@@ -142,7 +143,7 @@ def download_study(study_uid: str) -> Response:
                  patient_id=study.patient.patient_id,
                  details={"what": "study zip", "files": len(instances)})
     name = export.download_name(study)
-    return Response(stream_with_context(export.stream_zip(entries)), headers={
+    return Response(stream_with_context(export.stream_zip(entries, threshold)), headers={
         "Content-Type": "application/zip", "Content-Length": str(length),
         "Content-Disposition": f'attachment; filename="{name}"',
         "X-Content-Type-Options": "nosniff", "Cache-Control": "private, no-store"})
