@@ -20,6 +20,7 @@ from portal.access.users import UserError, get_or_create_practice, set_active, s
 from portal.db import utcnow
 from portal.index.models import Patient, Study, StudyReferrer
 from portal.index.referrers import parse_key
+from portal.sharing.delivery import DeliveryFailed, clean_phone
 
 BREAK_GLASS_MAX = timedelta(hours=24)
 BREAK_GLASS_DEFAULT = timedelta(hours=4)
@@ -157,12 +158,33 @@ def unmatched_referrers(session: Session, limit: int = 50) -> list[tuple[str, in
     return [(key, count) for key, count in rows]
 
 
+def _masked(phone: str) -> str:
+    """What the audit trail keeps of a mobile number: its last three digits."""
+    return f"…{phone[-3:]}" if phone else ""
+
+
 def update_user(session: Session, actor: Principal, user_id: int, *,
                 roles: list[str] | None = None, practice: str | None = None,
-                active: bool | None = None) -> User:
-    """Change roles, practice or activation of a user (sessions end on any of these)."""
+                active: bool | None = None, phone_number: str | None = None,
+                notify_by_sms: bool | None = None) -> User:
+    """Change roles, practice or activation of a user (sessions end on any of these), or the
+    mobile number and whether report-ready notices also go there by text message ("" clears
+    the number; neither ends a session)."""
     user = _user(session, user_id)
     changes: dict[str, Any] = {}
+    if phone_number is not None:
+        try:
+            phone = clean_phone(phone_number) if phone_number.strip() else ""
+        except DeliveryFailed as exc:
+            raise UserError(str(exc)) from exc
+        if phone != user.phone_number:
+            user.phone_number = phone
+            changes["phone_number"] = _masked(phone)
+    if notify_by_sms is not None and notify_by_sms != user.notify_by_sms:
+        user.notify_by_sms = notify_by_sms
+        changes["notify_by_sms"] = notify_by_sms
+    if user.notify_by_sms and not user.phone_number:
+        raise UserError("text-message notices need a mobile number")
     if roles is not None and sorted(set(roles)) != sorted(user.roles):
         set_roles(session, user, roles)
         changes["roles"] = user.roles

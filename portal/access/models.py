@@ -73,6 +73,11 @@ class User(Base):
     # ones it takes away again by no longer asserting them.
     idp_roles: Mapped[list[str]] = mapped_column(JSON, default=list)
     practice_fk: Mapped[int | None] = mapped_column(ForeignKey("practice.id"), nullable=True)
+    # A mobile number for notices, in international form (``delivery.clean_phone``): from the
+    # provider's verified ``phone_number`` claim at sign-in, or set by an office manager.
+    phone_number: Mapped[str] = mapped_column(String(32), default="")
+    # "Report ready" notices also by text message (SMS webhook); off unless chosen.
+    notify_by_sms: Mapped[bool] = mapped_column(Boolean, default=False)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     # Bumped on deactivation and role changes: sessions made before it are dead.
     security_epoch: Mapped[int] = mapped_column(Integer, default=0)

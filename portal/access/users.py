@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from contextlib import suppress
+
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from portal.access.models import Practice, User
 from portal.db import utcnow
+from portal.sharing.delivery import DeliveryFailed, clean_phone
 
 # report_sender: a RIS or reporting system that may post reports (FHIR DiagnosticReport).
 ROLES = ("office_manager", "physician", "staff", "patient", "report_sender")
@@ -24,14 +27,16 @@ def check_role(role: str) -> str:
 
 
 def sign_in_user(session: Session, *, issuer: str, subject: str, email: str, name: str,
-                 idp_roles: tuple[str, ...] | None) -> User:
+                 idp_roles: tuple[str, ...] | None, phone_number: str = "") -> User:
     """Find or create the user for (issuer, subject); refresh the profile from the token.
 
     ``idp_roles`` are the roles the provider asserts in the configured claim (None when no
     claim is configured, or for a bearer token, which asserts none). They are added; a role the
     provider asserted at an earlier sign-in and no longer asserts is taken away (the hospital
     removed it), with a 110137 record; roles given in the portal stay. The e-mail is kept for
-    display only and never used to match an account.
+    display only and never used to match an account. ``phone_number`` is a number the provider
+    marked verified: it replaces the mobile number for notices when it is one (international
+    form); without one, the number an office manager set stays.
     """
     from portal.access import audit
 
@@ -43,6 +48,10 @@ def sign_in_user(session: Session, *, issuer: str, subject: str, email: str, nam
         session.add(user)
     user.email = email
     user.display_name = name
+    if phone_number:
+        # Without a country code, or not a phone number: not one a text message can reach.
+        with suppress(DeliveryFailed):
+            user.phone_number = clean_phone(phone_number)
     if idp_roles is not None:
         asserted = {r for r in idp_roles if r in ROLES}
         withdrawn = set(user.idp_roles or ()) - asserted

@@ -85,17 +85,24 @@ def users() -> str:
 
 @bp.post("/users/<int:user_id>")
 def change_user(user_id: int) -> Response:
-    """Change a user's roles, practice or activation."""
+    """Change a user's roles, practice, activation, mobile number or text-message notices."""
     form = request.form
+    before = db.session.get(User, user_id)
+    epoch = before.security_epoch if before else None
     try:
-        update_user(db.session, _manager(), user_id,
-                    roles=[r for r in ROLES if form.get(f"role_{r}")],
-                    practice=form.get("practice", ""), active=form.get("active") == "on")
+        user = update_user(db.session, _manager(), user_id,
+                           roles=[r for r in ROLES if form.get(f"role_{r}")],
+                           practice=form.get("practice", ""),
+                           active=form.get("active") == "on",
+                           phone_number=form.get("phone_number"),
+                           notify_by_sms=form.get("notify_by_sms") == "on")
         if form.get("patient_id", "").strip():
             link_patient(db.session, _manager(), user_id, form["patient_id"].strip())
     except UserError as exc:
         return _failed(exc, "admin.users")
-    return _done("Saved. The user's open sessions have ended.", "admin.users")
+    if user.security_epoch != epoch:
+        return _done("Saved. The user's open sessions have ended.", "admin.users")
+    return _done("Saved.", "admin.users")
 
 
 @bp.post("/invitations")

@@ -40,7 +40,7 @@ OPENAPI: dict[str, Any] = {
                             "DICOMweb lives under /dicomweb (PS3.18)."},
     "paths": {
         "/api/users": {"get": _op("List people", {"200": _list_of("User")})},
-        "/api/users/{id}": {"patch": {**_op("Change roles, practice or activation",
+        "/api/users/{id}": {"patch": {**_op("Change roles, practice, activation or notices",
                                             {"200": _one("User"), "400": _ERROR}, "UserPatch"),
                                       "parameters": [{"name": "id", "in": "path",
                                                       "required": True,
@@ -103,10 +103,16 @@ OPENAPI: dict[str, Any] = {
                 "name": {"type": "string"}, "roles": {"type": "array", "items": {
                     "type": "string", "enum": ["office_manager", "physician", "staff",
                                                "patient"]}},
-                "practice_id": {"type": ["integer", "null"]}, "active": {"type": "boolean"}}},
+                "practice_id": {"type": ["integer", "null"]}, "active": {"type": "boolean"},
+                "phone_number": {"type": "string"}, "notify_by_sms": {"type": "boolean"}}},
             "UserPatch": {"type": "object", "properties": {
                 "roles": {"type": "array", "items": {"type": "string"}},
-                "practice": {"type": "string"}, "active": {"type": "boolean"}}},
+                "practice": {"type": "string"}, "active": {"type": "boolean"},
+                "phone_number": {"type": "string", "description":
+                                 "mobile number with country code, e.g. +4917012345678; "
+                                 "empty clears it"},
+                "notify_by_sms": {"type": "boolean", "description":
+                                  "report-ready notices also by text message"}}},
             "Identifier": {"type": "object", "properties": {
                 "id": {"type": "integer"}, "user_id": {"type": "integer"},
                 "key": {"type": "string"}}},

@@ -96,7 +96,8 @@ def _flag(body: dict[str, Any], key: str, default: bool) -> bool:
 def _user_json(user: User) -> dict[str, Any]:
     return {"id": user.id, "issuer": user.issuer, "subject": user.subject, "email": user.email,
             "name": user.display_name, "roles": user.roles, "practice_id": user.practice_fk,
-            "active": user.active}
+            "active": user.active, "phone_number": user.phone_number,
+            "notify_by_sms": user.notify_by_sms}
 
 
 def _grant_json(grant: Grant) -> dict[str, Any]:
@@ -123,7 +124,7 @@ def list_users() -> Response:
 
 @bp.patch("/users/<int:user_id>")
 def patch_user(user_id: int) -> Response:
-    """Change roles, practice or activation."""
+    """Change roles, practice, activation, mobile number or text-message notices."""
     body = _body()
     roles = body.get("roles")
     if roles is not None and not (isinstance(roles, list) and all(isinstance(r, str)
@@ -132,8 +133,12 @@ def patch_user(user_id: int) -> Response:
     active = body.get("active")
     if active is not None and not isinstance(active, bool):
         raise UserError("active must be true or false")
+    sms = body.get("notify_by_sms")
+    if sms is not None and not isinstance(sms, bool):
+        raise UserError("notify_by_sms must be true or false")
     user = update_user(db.session, _manager(), user_id, roles=roles,
-                       practice=_text(body, "practice"), active=active)
+                       practice=_text(body, "practice"), active=active,
+                       phone_number=_text(body, "phone_number"), notify_by_sms=sms)
     db.session.commit()
     return jsonify(_user_json(user))
 

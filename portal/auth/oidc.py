@@ -17,6 +17,7 @@ from flask import Flask, current_app
 ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
                                 "ES256", "ES384", "ES512", "EdDSA"})
 HTTP_TIMEOUT = 10
+SCOPES = "openid email profile"
 
 
 class SignInFailed(Exception):
@@ -35,6 +36,7 @@ class Identity:
     auth_time: datetime
     id_token: str
     mfa: bool = False  # the ID token's acr or amr names one of OIDC_MFA_VALUES
+    phone_number: str = ""  # only one the provider marks phone_number_verified
 
 
 def init_app(app: Flask) -> None:
@@ -49,7 +51,7 @@ def init_app(app: Flask) -> None:
         client_secret=settings["OIDC_CLIENT_SECRET"],
         server_metadata_url=settings["OIDC_ISSUER"].rstrip("/")
         + "/.well-known/openid-configuration",
-        client_kwargs={"scope": "openid email profile", "code_challenge_method": "S256",
+        client_kwargs={"scope": SCOPES, "code_challenge_method": "S256",
                        "timeout": HTTP_TIMEOUT})
 
 
@@ -84,8 +86,12 @@ def authorization_redirect(redirect_uri: str, nonce: str, *, force_login: bool) 
     A forced sign-in (before a change) asks for a fresh login and, when multi-factor values
     are configured, for one of them as ``acr_values`` (OpenID Connect Core 3.1.2.1).
     """
-    metadata()
+    meta = metadata()
     extra: dict[str, Any] = {"nonce": nonce}
+    # The standard "phone" scope (phone_number, phone_number_verified) only from a provider
+    # that offers it: some refuse a scope they do not know, and sign-in must not break.
+    if "phone" in (meta.get("scopes_supported") or ()):
+        extra["scope"] = f"{SCOPES} phone"
     if force_login:
         extra.update(prompt="login", max_age=0)
         wanted = current_app.config["PORTAL"]["OIDC_MFA_VALUES"]
@@ -129,11 +135,14 @@ def complete_sign_in(roles_claim: str | None) -> Identity:
     methods = claims.get("amr") if isinstance(claims.get("amr"), list) else []
     mfa = bool(wanted) and (str(claims.get("acr", "")) in wanted
                             or bool(wanted & {str(m) for m in methods}))
+    phone = claims.get("phone_number")
+    verified = claims.get("phone_number_verified") is True
     return Identity(issuer=str(claims["iss"]), subject=str(claims["sub"])[:256],
                     email=str(claims.get("email", ""))[:256],
                     name=str(claims.get("name") or claims.get("preferred_username") or "")[:256],
                     roles=tuple(str(r) for r in raw_roles if isinstance(r, str))[:16],
-                    auth_time=when, id_token=str(token["id_token"]), mfa=mfa)
+                    auth_time=when, id_token=str(token["id_token"]), mfa=mfa,
+                    phone_number=phone[:32] if verified and isinstance(phone, str) else "")
 
 
 def logout_url(id_token: str | None, return_to: str) -> str | None:

@@ -79,7 +79,8 @@ def callback() -> Response:
         raise BadRequest(f"Sign-in failed: {exc}") from exc
     user = sign_in_user(db.session, issuer=identity.issuer, subject=identity.subject,
                         email=identity.email, name=identity.name,
-                        idp_roles=identity.roles if settings["OIDC_ROLES_CLAIM"] else None)
+                        idp_roles=identity.roles if settings["OIDC_ROLES_CLAIM"] else None,
+                        phone_number=identity.phone_number)
     invited = session.get("invitation")
     if invited and user.active:
         if redeem_invitation(db.session, invited, user):

@@ -17,6 +17,7 @@ from portal.reports.models import Report
 from portal.reports.service import study_of_report
 
 log = logging.getLogger(__name__)
+PORTAL_NAME = "The referrer portal"
 
 
 def recipients(session: Session, study: Study) -> list[User]:
@@ -27,41 +28,65 @@ def recipients(session: Session, study: Study) -> list[User]:
         .where(StudyReferrer.study_fk == study.id, User.active.is_(True)).distinct()))
 
 
+def report_link(public_url: str) -> str:
+    """Where a notice sends its reader: sign in, then the studies with new reports."""
+    return (public_url or "").rstrip("/") + "/studies?report=new"
+
+
 def message(public_url: str) -> tuple[str, str]:
     """Subject and body: no name, no study, no finding; just where to sign in."""
-    link = (public_url or "").rstrip("/") + "/studies?report=new"
+    link = report_link(public_url)
     return ("A report is ready", "Hello,\n\na radiology report for one of your patients is "
             f"ready in the referrer portal.\n\nSign in to read it:\n{link}\n")
 
 
+def sms_text(public_url: str) -> str:
+    """The text message: as neutral as the e-mail, the same link."""
+    return f"{PORTAL_NAME}: a new report is ready. Sign in to read it: {report_link(public_url)}"
+
+
 def notifier(app: Flask) -> Callable[[int], None]:
-    """A function that sends the notices for a report id (used by every way in)."""
-    from portal.sharing.delivery import DeliveryFailed, send_email
+    """A function that sends the notices for a report id (used by every way in): an e-mail to
+    each recipient with an address, and a text message to each who chose one and has a
+    number. One failed message is logged and loses neither the others nor the report."""
+    from portal.sharing.delivery import DeliveryFailed, send_email, send_sms
 
     def notify(report_id: int) -> None:
         settings = app.config["PORTAL"]
-        if not settings["SMTP_URL"]:
+        if not settings["SMTP_URL"] and not settings["SMS_WEBHOOK_URL"]:
             return
         database = app.extensions["db"]
-        with database.write_transaction() as session:
+        # Who, read first: no transaction stays open while mail and gateway answer.
+        with database.new_session() as session:
             report = session.get(Report, report_id)
             if report is None:
                 return
             study = study_of_report(session, report)
             if study is None:
                 return  # unmatched: the notice goes when the study arrives and is read
-            subject, body = message(settings["PUBLIC_URL"] or "")
-            sent = False
-            for user in recipients(session, study):
-                if not user.email:
-                    continue
+            people = [(u.id, u.email, u.phone_number if u.notify_by_sms else "")
+                      for u in recipients(session, study)]
+        subject, body = message(settings["PUBLIC_URL"] or "")
+        text = sms_text(settings["PUBLIC_URL"] or "")
+        sent = False
+        for user_id, email, phone in people:
+            if email and settings["SMTP_URL"]:
                 try:
-                    send_email(settings, user.email, subject, body)
+                    send_email(settings, email, subject, body)
                     sent = True
                 except DeliveryFailed:
-                    log.warning("report-ready e-mail to user %s failed", user.id)
-            if sent:
-                report.notified_at = utcnow()
+                    log.warning("report-ready e-mail to user %s failed", user_id)
+            if phone and settings["SMS_WEBHOOK_URL"]:
+                try:
+                    send_sms(settings, phone, text, "notice")
+                    sent = True
+                except DeliveryFailed:
+                    log.warning("report-ready text message to user %s failed", user_id)
+        if sent:
+            with database.write_transaction() as session:
+                report = session.get(Report, report_id)
+                if report is not None:
+                    report.notified_at = utcnow()
 
     return notify
 
@@ -79,7 +104,7 @@ def send_digest(app: Flask) -> int:
     settings = app.config["PORTAL"]
     if not settings["SMTP_URL"]:
         raise DeliveryFailed("e-mail is not configured on this portal (PORTAL_SMTP_URL)")
-    link = (settings["PUBLIC_URL"] or "").rstrip("/") + "/studies?report=new"
+    link = report_link(settings["PUBLIC_URL"] or "")
     sent = 0
     with app.extensions["db"].new_session() as session:
         users = list(session.scalars(select(User).where(User.active.is_(True),
