@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-RENDER_VERSION = 2
+RENDER_VERSION = 3
 WIDTHS = (64, 128, 256, 512, 1024, 2048)
 THUMBNAIL_WIDTH = 128
 FORMATS: dict[str, str] = {"image/jpeg": "jpeg", "image/png": "png", "image/webp": "webp",
