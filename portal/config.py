@@ -312,6 +312,10 @@ def validate(config: dict[str, Any]) -> None:
             raise ConfigError("SECRET_KEY: required in production (at least 32 characters)")
     if config["ENV"] == "production":
         _check_back_channels(config)
+        if (config["SMTP_URL"] or config["SMS_WEBHOOK_URL"]) and not config["PUBLIC_URL"]:
+            # Report-ready notices leave outside any request: only this gives their link a host.
+            raise ConfigError("PUBLIC_URL: required in production with SMTP_URL or "
+                              "SMS_WEBHOOK_URL (the links in notices need the portal's address)")
     if config["OIDC_ISSUER"] and not (config["OIDC_CLIENT_ID"] and config["OIDC_CLIENT_SECRET"]):
         raise ConfigError("OIDC_CLIENT_ID: required with OIDC_ISSUER (and OIDC_CLIENT_SECRET)")
     for key in ("SESSION_IDLE_MINUTES", "SESSION_ABSOLUTE_HOURS", "RECENT_AUTH_MINUTES",

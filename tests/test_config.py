@@ -80,6 +80,7 @@ KEY = "k" * 40
     ({"PORTAL_DATABASE_URL": "postgresql+psycopg://portal@db.hospital.example/portal"},
      "DATABASE_URL"),
     ({"PORTAL_AUDIT_SYSLOG_URL": "tcp://siem.hospital.example:6514"}, "AUDIT_SYSLOG_URL"),
+    ({"PORTAL_SMTP_URL": "smtps://mail.hospital.example"}, "PUBLIC_URL"),
 ])
 def test_production_refuses_plain_back_channels(tmp_path: Path, environ: dict[str, str],
                                                 named: str) -> None:
