@@ -16,7 +16,7 @@ from pydicom.uid import RLELossless, generate_uid
 
 from portal.archive import current_archive
 from portal.archive.validate import Rejected
-from portal.imaging.render import render_frame, window_to_8bit
+from portal.imaging.render import RenderRefused, render_frame, window_to_8bit
 from portal.imaging.rendition import InvalidRendition, Rendition, Window, parse_rendition
 from tests.conftest import sample_paths
 from tests.factories import make_dataset, make_instance, to_bytes
@@ -347,14 +347,48 @@ def test_the_render_pool_recovers_when_a_child_dies(app: Flask, client: FlaskCli
     ds = store(app, make_instance(rows=32, columns=32))
     assert client.get(url(ds, "rendered?quality=50"), headers=auth).status_code == 200
     pool = app.extensions["render_pool"]
-    for process in list(pool._executor._processes.values()):
+    killed = pool.processes()
+    assert killed
+    for process in killed:
         os.kill(process.pid, signal.SIGKILL)  # a decoder crash, or the kernel's OOM killer
     from tests.conftest import wait_for
 
-    assert wait_for(lambda: all(not p.is_alive()
-                                for p in pool._executor._processes.values()), timeout=10)
-    assert client.get(url(ds, "rendered?quality=60"), headers=auth).status_code in (200, 422)
+    assert wait_for(lambda: all(not p.is_alive() for p in killed), timeout=10)
+    assert client.get(url(ds, "rendered?quality=60"), headers=auth).status_code == 200
     assert client.get(url(ds, "rendered?quality=70"), headers=auth).status_code == 200
+    assert not {p.pid for p in killed} & {p.pid for p in pool.processes()}
+
+
+def test_a_render_that_outlives_its_time_is_stopped_and_the_pool_goes_on() -> None:
+    """SECURITY.md 32: a call past the wall-clock limit fails alone, its process is killed
+    and replaced; the other process of the pool was never disturbed."""
+    import threading
+    import time
+
+    from portal.imaging.isolation import RenderPool, _ready
+
+    pool = RenderPool(workers=2, memory_bytes=1 << 30, timeout_seconds=1.5)
+    try:
+        pool.start()
+        assert pool.run(_ready) is True
+        others: list[object] = []
+        worker = threading.Thread(target=lambda: others.append(pool.run(sum, [1, 2, 3])))
+        started = time.monotonic()
+        with pytest.raises(RenderRefused, match="too long"):
+            worker.start()
+            pool.run(time.sleep, 120)
+        assert time.monotonic() - started < 60  # (a process may still be starting up)
+        worker.join(timeout=30)
+        assert others == [6]
+        assert pool.failures == 1
+        assert pool.run(pow, 2, 10) == 1024  # a fresh process took the stopped one's place
+        assert len(pool.processes()) == 2 and all(p.is_alive() for p in pool.processes())
+        with pytest.raises(ZeroDivisionError):  # an error in the call is the caller's
+            pool.run(divmod, 1, 0)
+        assert pool.failures == 1
+    finally:
+        pool.close()
+    assert not pool.processes()
 
 
 def test_nearby_windows_do_not_share_a_cache_entry() -> None:
