@@ -14,10 +14,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from flask import Flask, current_app
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 from werkzeug.local import LocalProxy
+
+# Longest a PostgreSQL statement waits for a lock before it fails (then 503 with Retry-After).
+PG_LOCK_TIMEOUT = "5s"
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -90,8 +93,14 @@ def make_engine(url: str) -> Engine:
         return engine
     # hide_parameters: an error message (and so a logged traceback) never carries the values
     # of a statement: patient names, birth dates, token digests (SECURITY.md 43).
+    # A lock held by a stuck transaction (the audit chain's head, a share link's row) makes
+    # a waiting request fail after PG_LOCK_TIMEOUT with 503 (OperationalError), instead of
+    # wedging a worker without bound (SECURITY.md (c) "DB locked / slow"). Options given in
+    # the URL are left as they are.
+    connect_args = {} if "options" in make_url(url).query else {
+        "options": f"-c lock_timeout={PG_LOCK_TIMEOUT}"}
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
-                         pool_timeout=10, hide_parameters=True)
+                         pool_timeout=10, hide_parameters=True, connect_args=connect_args)
 
 
 class Database:

@@ -51,8 +51,11 @@ def init_app(app: Flask) -> None:
         client_secret=settings["OIDC_CLIENT_SECRET"],
         server_metadata_url=settings["OIDC_ISSUER"].rstrip("/")
         + "/.well-known/openid-configuration",
+        # authlib's requests session takes its bound as ``default_timeout``; a plain
+        # ``timeout`` here is silently dropped, and a provider that accepts the connection
+        # but never answers would hold the sign-in request for ever ((c) OIDC provider down).
         client_kwargs={"scope": SCOPES, "code_challenge_method": "S256",
-                       "timeout": HTTP_TIMEOUT})
+                       "default_timeout": HTTP_TIMEOUT})
 
 
 def provider() -> Any:

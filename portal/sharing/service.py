@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import case, delete, func, literal, or_, select, update
+from sqlalchemy import delete, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from portal.access import audit
@@ -22,7 +22,7 @@ from portal.access.grants import create_grant
 from portal.access.models import User
 from portal.access.policy import visible_studies
 from portal.access.principal import Principal
-from portal.db import Database, UTCDateTime, utcnow
+from portal.db import Database, utcnow
 from portal.index.models import Series, Study
 from portal.sharing.models import ShareLink, ShareLinkStudy, ShareSession
 from portal.sharing.tokens import (
@@ -328,22 +328,31 @@ def _record_failure(database: Database, who: str, address: str, reason: str,
                           "device": device})
 
 
-def _count_wrong_pin(database: Database, link: ShareLink, policy: SharePolicy,
-                     address: str, device: str) -> tuple[int, bool] | None:
-    """Add one failed attempt atomically; lock at the limit. None if it was already locked."""
-    now = utcnow()
+def _reserve_attempt(database: Database, link: ShareLink,
+                     policy: SharePolicy) -> int | None:
+    """Count one PIN attempt *before* the PIN is checked: one atomic UPDATE that never goes
+    past the limit. None if the link is locked or its last allowed attempts are being checked
+    right now, so however many guesses arrive at once, at most ``max_failed_pins`` of them
+    are ever compared with the PIN (SECURITY.md 20, (b) 6). A right PIN resets the count."""
     with database.write_transaction() as session:
         row = session.execute(
-            update(ShareLink).where(ShareLink.id == link.id, ShareLink.locked_at.is_(None))
-            .values(failed_attempts=ShareLink.failed_attempts + 1,
-                    locked_at=case((ShareLink.failed_attempts + 1 >= policy.max_failed_pins,
-                                    literal(now, UTCDateTime())),
-                                   else_=ShareLink.locked_at))
+            update(ShareLink).where(ShareLink.id == link.id, ShareLink.locked_at.is_(None),
+                                    ShareLink.failed_attempts < policy.max_failed_pins)
+            .values(failed_attempts=ShareLink.failed_attempts + 1)
             .returning(ShareLink.failed_attempts)).first()
-        if row is None:
-            return None
-        failed = int(row[0])
-        locked = failed >= policy.max_failed_pins
+    return int(row[0]) if row is not None else None
+
+
+def _count_wrong_pin(database: Database, link: ShareLink, policy: SharePolicy, failed: int,
+                     address: str, device: str) -> bool:
+    """Record the wrong PIN of attempt number ``failed`` (already counted); lock the link when
+    the count has reached the limit. True when this attempt locked it."""
+    now = utcnow()
+    with database.write_transaction() as session:
+        locked = session.execute(
+            update(ShareLink).where(ShareLink.id == link.id, ShareLink.locked_at.is_(None),
+                                    ShareLink.failed_attempts >= policy.max_failed_pins)
+            .values(locked_at=now).returning(ShareLink.id)).first() is not None
         who = share_who(link.public_id)
         audit.append(session, audit.USER_AUTHENTICATION, action="E",
                      outcome=audit.OUTCOME_MINOR_FAILURE, who=who, source_address=address,
@@ -358,7 +367,7 @@ def _count_wrong_pin(database: Database, link: ShareLink, policy: SharePolicy,
                          details={"type": audit.OBJECT_SECURITY_CHANGED,
                                   "share": link.public_id,
                                   "reason": f"link locked after {failed} wrong PINs"})
-    return failed, locked
+    return locked
 
 
 def find_link(database: Database, token: str) -> ShareLink | None:
@@ -375,9 +384,10 @@ def exchange(database: Database, policy: SharePolicy, *, token: str, pin: str,
     """Exchange a link (and its PIN) for a share session.
 
     Raises LinkUnavailable (unknown, expired, pending, revoked, locked: one answer),
-    PinRequired, WrongPin or LinkLocked. The PIN is checked outside any transaction (scrypt
-    is slow); the counter is one atomic UPDATE that never counts past the lock, and the
-    success is a second atomic UPDATE that fails if the link locked meanwhile.
+    PinRequired, WrongPin or LinkLocked. Each attempt is counted by an atomic UPDATE before
+    the PIN is checked (outside any transaction: scrypt is slow), so parallel guesses never
+    get more checks than the limit; the success is a second atomic UPDATE that resets the
+    count and fails if the link locked meanwhile.
     """
     link = find_link(database, token)
     now = utcnow()
@@ -389,14 +399,15 @@ def exchange(database: Database, policy: SharePolicy, *, token: str, pin: str,
     if link.pin_hash:
         if not pin.strip():
             raise PinRequired
+        failed = _reserve_attempt(database, link, policy)
+        if failed is None:
+            _record_failure(database, share_who(link.public_id), address,
+                            "no attempt left", device)
+            raise LinkUnavailable
         if not verify_pin(pin.strip(), link.pin_hash, policy.pepper):
-            counted = _count_wrong_pin(database, link, policy, address, device)
-            if counted is None:
-                raise LinkUnavailable
-            failed, locked = counted
-            if locked:
+            if _count_wrong_pin(database, link, policy, failed, address, device):
                 raise LinkLocked
-            raise WrongPin(policy.max_failed_pins - failed)
+            raise WrongPin(max(1, policy.max_failed_pins - failed))
     purpose: Literal["view", "claim"] = "claim" if link.requires_sign_in else "view"
     session_token = secrets.token_urlsafe(32)
     with database.write_transaction() as session:
