@@ -143,6 +143,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SHARE_STATE_CACHE_SECONDS", int, 2, "how long a link's state is cached (max 10)"),
     Setting("SHARE_CREATE_PER_HOUR", int, 30, "share links one person may create per hour"),
     Setting("SHARE_ATTEMPTS_PER_ADDRESS", int, 20, "link openings per address per 10 minutes"),
+    Setting("SHARE_FAILED_OPENINGS", int, 600,
+            "openings of unknown or ended links from all addresses together per 10 minutes; "
+            "above it every opening waits (429) and a security alert is recorded"),
     Setting("SHARE_PIN_PEPPER", _as_optional_str, None, "PIN pepper; default from SECRET_KEY"),
     Setting("SMTP_URL", _as_optional_str, None, "smtp://, smtp+starttls:// or smtps:// URL"),
     Setting("SMTP_FROM", str, "portal@localhost", "sender address of the portal's e-mail"),
@@ -231,7 +234,7 @@ def _check_sharing(config: dict[str, Any]) -> None:
     bounds = {"SHARE_PIN_DIGITS": (6, 10), "SHARE_MAX_FAILED_PINS": (1, 10),
               "SHARE_SESSION_IDLE_MINUTES": (1, 15), "SHARE_SESSION_ABSOLUTE_MINUTES": (1, 60),
               "SHARE_STATE_CACHE_SECONDS": (0, 10), "SHARE_CREATE_PER_HOUR": (1, 100_000),
-              "SHARE_ATTEMPTS_PER_ADDRESS": (1, 100_000)}
+              "SHARE_ATTEMPTS_PER_ADDRESS": (1, 100_000), "SHARE_FAILED_OPENINGS": (1, 10**7)}
     for key, (low, high) in bounds.items():
         if not low <= config[key] <= high:
             raise ConfigError(f"{key}: {low} to {high}")

@@ -29,7 +29,7 @@ class RateLimiter:
         self._counts: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
 
-    def _local(self, key: str, window: int) -> int:
+    def _local(self, key: str, window: int, add: int) -> int:
         now = time.monotonic()
         with self._lock:
             if len(self._counts) > 100_000:
@@ -37,25 +37,29 @@ class RateLimiter:
             until, count = self._counts.get(key, (0.0, 0))
             if until <= now:
                 until, count = now + window, 0
-            count += 1
+            count += add
             self._counts[key] = (until, count)
             return count
 
-    def hit(self, key: str, *, limit: int, window: int) -> bool:
-        """Count one hit; False when the key went over ``limit`` in this ``window`` (seconds)."""
+    def count(self, key: str, *, window: int, add: int = 1) -> int:
+        """Add ``add`` hits (0: only look) to the key's count in this ``window`` (seconds)
+        and return the count."""
         name = f"ratelimit:v1:{key}:{int(time.time()) // window}"
         if self._client is not None:
             import redis
 
             try:
                 pipe = self._client.pipeline()
-                pipe.incr(name)
+                pipe.incrby(name, add)
                 pipe.expire(name, window + 1)
-                count = int(pipe.execute()[0])
-                return count <= limit
+                return int(pipe.execute()[0])
             except redis.RedisError:
                 log.warning("rate limits fall back to this process: Redis unavailable")
-        return self._local(name, window) <= limit
+        return self._local(name, window, add)
+
+    def hit(self, key: str, *, limit: int, window: int) -> bool:
+        """Count one hit; False when the key went over ``limit`` in this ``window`` (seconds)."""
+        return self.count(key, window=window) <= limit
 
 
 def init_app(app: Flask) -> None:

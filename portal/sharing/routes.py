@@ -9,6 +9,7 @@ without the token.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
 from urllib.parse import urlsplit
@@ -51,6 +52,7 @@ from portal.sharing.sessions import (
 from portal.studies.service import study_series
 
 bp = Blueprint("sharing", __name__)
+log = logging.getLogger(__name__)
 
 PORTAL_NAME = "the referrer portal"
 _NOINDEX_ENDPOINTS = ("sharing.", "studies.study_page", "dicomweb.")
@@ -149,13 +151,29 @@ def landing() -> str:
     return render_template("sharing/landing.html", message="", token="")
 
 
+FAILED_OPENINGS = "share-exchange-failed:all"  # one count for every address
+
+
+def _guessing_alert(what: str) -> None:
+    """A security alert (110113) when share links look guessed: once per window and scope."""
+    log.warning("share links may be being guessed: %s", what)
+    audit.record(db, audit.SECURITY_ALERT, action="E", outcome=audit.OUTCOME_MINOR_FAILURE,
+                 who="anonymous", source_address=_address(),
+                 details={"type": "share link guessing", "reason": what})
+
+
 @bp.post("/s/exchange")
 @public
 def exchange() -> Response:
     """Exchange the token (and PIN) for a share session, then leave the token behind."""
     settings = current_app.config["PORTAL"]
-    if not rate_limiter().hit(f"share-exchange:{address_key(_address())}",
-                              limit=settings["SHARE_ATTEMPTS_PER_ADDRESS"], window=600):
+    limiter, everyone = rate_limiter(), settings["SHARE_FAILED_OPENINGS"]
+    if limiter.count(FAILED_OPENINGS, window=600, add=0) > everyone:
+        return too_many()  # links are being guessed from many addresses: everyone waits
+    mine = limiter.count(f"share-exchange:{address_key(_address())}", window=600)
+    if mine > settings["SHARE_ATTEMPTS_PER_ADDRESS"]:
+        if mine == settings["SHARE_ATTEMPTS_PER_ADDRESS"] + 1:
+            _guessing_alert("one address reached its limit of link openings")
         return too_many()
     token = request.form.get("token", "").strip()[:200]
     pin = request.form.get("pin", "")[:32]
@@ -164,6 +182,8 @@ def exchange() -> Response:
         exchanged = service.exchange(db, share_policy(), token=token, pin=pin,
                                      address=_address(), device=device)
     except service.LinkUnavailable:
+        if limiter.count(FAILED_OPENINGS, window=600) == everyone + 1:
+            _guessing_alert("unknown or ended links were opened from many addresses")
         return unavailable()
     except service.PinRequired:
         return Response(render_template("sharing/landing.html", token=token,

@@ -112,6 +112,53 @@ def test_address_limit_counts_an_ipv6_subscriber_as_one(app: Flask) -> None:
     assert elsewhere.status_code == 404
 
 
+@pytest.mark.parametrize("with_redis", [False, True], ids=["in-process", "redis"])
+def test_guessing_from_many_addresses_meets_a_global_limit_and_an_alert(
+        tmp_path: Path, request: pytest.FixtureRequest, with_redis: bool) -> None:
+    """SECURITY.md (b) 5: random tokens spread over many addresses stay under each address's
+    limit, but all failed openings together meet a global one (429 for everyone until the
+    window ends) and raise one security alert; one address over its own limit raises one too."""
+    from sqlalchemy import select
+
+    from portal.access.models import AuditEvent
+
+    extra = {"REDIS_URL": request.getfixturevalue("redis_url")} if with_redis else {}
+    if with_redis:
+        redis.Redis.from_url(extra["REDIS_URL"]).flushall()
+    app = make_app(tmp_path / "global", SHARE_FAILED_OPENINGS=8, SHARE_ATTEMPTS_PER_ADDRESS=3,
+                   **extra)
+    try:
+        world = build_world(app)
+        made = make_share(world)
+        client = app.test_client()
+
+        def attempt(address: str, token: str, pin: str = "") -> int:
+            return client.post("/s/exchange", data={"token": token, "pin": pin},
+                               environ_base={"REMOTE_ADDR": address}).status_code
+
+        def alerts() -> list[str]:
+            with app.extensions["db"].new_session() as session:
+                return [e.details["reason"] for e in session.scalars(
+                    select(AuditEvent).where(AuditEvent.event_id == "110113"))
+                        if e.details.get("type") == "share link guessing"]
+
+        # One address over its own limit: 429, and one alert however often it goes on.
+        assert [attempt("192.0.2.1", "y" * 43) for _ in range(6)] == [404] * 3 + [429] * 3
+        assert alerts() == ["one address reached its limit of link openings"]
+        # Guesses from many addresses, one each: 404 while all failures together (these 5
+        # and the 3 above) are within 8...
+        assert [attempt(f"198.51.100.{n}", "z" * 43) for n in range(1, 6)] == [404] * 5
+        assert attempt("203.0.113.7", made.token, made.pin or "") == 303  # a real visitor
+        assert attempt("198.51.100.6", "z" * 43) == 404  # the ninth failure: the alert
+        # ...then every opening waits, even a right one from a fresh address.
+        assert attempt("198.51.100.7", "z" * 43) == 429
+        assert attempt("203.0.113.8", made.token, made.pin or "") == 429
+        assert alerts() == ["one address reached its limit of link openings",
+                            "unknown or ended links were opened from many addresses"]
+    finally:
+        close_app(app)
+
+
 def test_forwarded_for_is_believed_only_from_the_configured_proxy(tmp_path: Path) -> None:
     """SECURITY.md 45: a client that reaches the portal around its proxy cannot pick a fresh
     X-Forwarded-For per guess; behind the proxy, each real client has its own count."""
