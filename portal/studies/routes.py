@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import re
+import secrets
+from typing import Any
 
 from flask import (
     Blueprint,
     Response,
     abort,
     current_app,
+    redirect,
     render_template,
     request,
+    session,
     stream_with_context,
+    url_for,
 )
 
 from portal.access import audit
@@ -55,11 +60,34 @@ def home() -> str:
                            sign_in_configured=bool(current_app.config["PORTAL"]["OIDC_ISSUER"]))
 
 
-@bp.get("/studies")
-def study_list() -> str:
+SEARCHES_KEPT = 8  # recent search texts kept in the (server-side) session
+
+
+def _search_redirect(text: str, source: Any) -> Response:
+    """Keep the search text (a patient's name, ID or accession number) in the session and
+    send the browser to a URL that names it only by an opaque key, so it is in no address
+    bar, history, bookmark, Referer or proxy log (SECURITY.md 28)."""
+    params = {k: source.get(k) for k in ("from", "to", "modality", "report") if source.get(k)}
+    text = text.strip()[:64]
+    if text:
+        kept = dict(session.get("searches") or {})
+        key = next((k for k, v in kept.items() if v == text), None) or secrets.token_urlsafe(6)
+        kept.pop(key, None)
+        kept[key] = text
+        session["searches"] = dict(list(kept.items())[-SEARCHES_KEPT:])
+        params["s"] = key
+    return redirect(url_for("studies.study_list", **params), 303)
+
+
+@bp.route("/studies", methods=["GET", "POST"])
+def study_list() -> str | Response:
     """The studies this person may see, newest first, with search."""
     principal = _principal()
+    if request.method == "POST":
+        return _search_redirect(request.form.get("q", ""), request.form)
     args = request.args
+    if "q" in args:  # an old link or bookmark: take the text out of the address
+        return _search_redirect(args.get("q", ""), args)
     dates = [args.get("from", ""), args.get("to", "")]
     if any(d and not _DATE.match(d) for d in dates):
         abort(400, "dates are written YYYY-MM-DD")
@@ -67,7 +95,8 @@ def study_list() -> str:
         page = max(1, min(int(args.get("page", "1")), 10_000))
     except ValueError:
         abort(400, "page must be a number")
-    search = StudySearch(text=args.get("q", "")[:64], date_from=dates[0], date_to=dates[1],
+    text = (session.get("searches") or {}).get(args.get("s", ""), "")
+    search = StudySearch(text=text, date_from=dates[0], date_to=dates[1],
                          modality=args.get("modality", "")[:16],
                          new_report=args.get("report") == "new", page=page)
     rows, more = search_studies(db.session, principal, search)
@@ -76,7 +105,8 @@ def study_list() -> str:
                  who=principal.audit_name, source_address=request.remote_addr or "",
                  details={"results": len(rows), "page": page})
     return render_template("studies/list.html", rows=rows, search=search, more=more,
-                           principal=principal, modalities=MODALITIES, unread=unread)
+                           principal=principal, modalities=MODALITIES, unread=unread,
+                           search_key=args.get("s", "") if text else "")
 
 
 def _audit_view(principal: Principal, study_uid: str, patient_id: str, view: str) -> None:

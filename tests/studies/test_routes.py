@@ -169,7 +169,7 @@ def test_study_list_pages_for_infinite_scroll(oidc_app: Flask, idp: IdentityProv
     client = signed_in(oidc_app, idp, "list-doc")
     first = client.get("/studies").get_data(as_text=True)
     assert first.count('class="study"') == 25
-    assert 'rel="next" href="?q=&amp;from=&amp;to=&amp;modality=&amp;page=2"' in first
+    assert 'rel="next" href="?s=&amp;from=&amp;to=&amp;modality=&amp;page=2"' in first
     assert 'id="study-rows"' in first and "js/studylist.js" in first
     second = client.get("/studies?page=2").get_data(as_text=True)
     assert second.count('class="study"') == 2 and 'rel="next"' not in second
@@ -204,3 +204,38 @@ def test_detector_spacing_is_marked_approximate_and_multiframe_plays() -> None:
     assert data["cine"] is True and data["fps"] == 25.0 and len(data["frames"]) == 30
     assert data["frames"][-1] == ["1.2.4", 30]
     assert data["window"] is None and data["presets"] == [] and data["volume"] is False
+
+
+def test_a_searched_name_is_never_in_a_url(oidc_app: Flask, idp: IdentityProvider) -> None:
+    """SECURITY.md 28: the study search posts the text (a name, an ID, an accession number);
+    the list it leads to, and its next pages, name it only by an opaque key of the session."""
+    user = add_person(oidc_app, idp, "search-doc", ["physician"])
+    uids = {name: generate_uid() for name in ("Smith^Anna", "Jones^Bob")}
+    with oidc_app.app_context():
+        for n, (name, uid) in enumerate(uids.items()):
+            current_archive().ingest(make_instance(study=uid, patient_id=f"S{n}",
+                                                   patient_name=name), who="test")
+    with oidc_app.extensions["db"].write_transaction() as session:
+        for uid in uids.values():
+            create_grant(session, ADMIN, user_id=user, study_uid=uid)
+    client = signed_in(oidc_app, idp, "search-doc")
+    page = client.get("/studies").get_data(as_text=True)
+    assert 'method="post"' in page and 'name="csrf_token"' in page
+    token = page.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+    found = client.post("/studies", data={"q": "smith", "modality": "CT",
+                                          "csrf_token": token})
+    assert found.status_code == 303
+    where = found.headers["Location"]
+    assert "smith" not in where.lower() and "s=" in where and "modality=CT" in where
+    listing = client.get(where).get_data(as_text=True)
+    assert uids["Smith^Anna"] in listing and uids["Jones^Bob"] not in listing
+    assert 'value="smith"' in listing  # the box still shows what was typed
+    # An old link with the text in it is moved out of the address at once.
+    moved = client.get("/studies?q=jones")
+    assert moved.status_code == 303 and "jones" not in moved.headers["Location"].lower()
+    assert uids["Jones^Bob"] in client.get(moved.headers["Location"]).get_data(as_text=True)
+    # Another browser cannot use the key; without its session it searches nothing.
+    other = signed_in(oidc_app, idp, "search-doc")
+    unfiltered = other.get(where).get_data(as_text=True)
+    assert uids["Smith^Anna"] in unfiltered and uids["Jones^Bob"] in unfiltered
+    assert client.post("/studies", data={"q": "smith"}).status_code == 403  # no CSRF token
