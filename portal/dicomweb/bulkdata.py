@@ -3,8 +3,8 @@
 The metadata of an instance names every large binary value (pixel data, encapsulated
 documents, overlays, LUTs) by a BulkDataURI under the instance's ``/bulkdata/`` resource:
 ``bulkdata/7FE00010`` for a top-level value, ``bulkdata/00540016/0/00181072`` for one inside
-a sequence item (tag, item index, tag, ...). Pixel data comes back as its frames would: as
-stored when the client accepts that media type, else as native little endian bytes.
+a sequence item (tag, item index, tag, ...). Pixel data comes back as its frames would
+(``frames.choose``): native little endian bytes by default, as stored when asked for.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pydicom.dataset import Dataset
 
 from portal.archive.validate import NATIVE_TRANSFER_SYNTAXES
 from portal.dicomweb.accept import parse_accept
-from portal.dicomweb.frames import OCTET, NotAcceptable, negotiate_and_extract
+from portal.dicomweb.frames import OCTET, Decoder, NotAcceptable, negotiate_and_extract
 from portal.index.models import Instance
 
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
@@ -109,11 +109,12 @@ def _element(ds: Dataset, path: list[tuple[int, int | None]]) -> Any:
     raise KeyError("no such bulk data")
 
 
-def extract(data: bytes, path: list[tuple[int, int | None]], accept: str) -> BulkParts:
+def extract(data: bytes, path: list[tuple[int, int | None]], accept: str,
+            decode: Decoder) -> BulkParts:
     """The value at ``path`` of a stored instance, negotiated against ``accept``.
 
     KeyError when there is no such binary value; NotAcceptable when no accepted media type
-    can carry it.
+    can carry it. ``decode`` decodes pixel data frames (see ``frames.negotiate_and_extract``).
     """
     single = _wants_single_part(accept)
     ds = pydicom.dcmread(io.BytesIO(data))
@@ -121,7 +122,8 @@ def extract(data: bytes, path: list[tuple[int, int | None]], accept: str) -> Bul
         if "PixelData" not in ds:
             raise KeyError("this instance has no pixel data")
         count = int(ds.get("NumberOfFrames") or 1)
-        content_type, payloads = negotiate_and_extract(data, range(1, count + 1), accept)
+        content_type, payloads = negotiate_and_extract(data, range(1, count + 1), accept,
+                                                        decode)
         if content_type.startswith(OCTET):
             items = [(content_type, b"".join(payloads))]
         else:

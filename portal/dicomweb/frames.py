@@ -1,23 +1,27 @@
-"""WADO-RS frame retrieval (PS3.18 8.7.3.4): pick a media type the client accepts and cut frames.
+"""WADO-RS frame retrieval (PS3.18 8.7.3.3): pick a media type the client accepts and cut frames.
 
-Compressed frames are sent as stored when the client accepts their media type (PS3.18 Table
-8.7.3-5); otherwise they are decoded to native little endian bytes (application/octet-stream).
+Media ranges are tried in order of preference (8.7.8.1). ``application/octet-stream``
+without a ``transfer-syntax`` parameter, or with Explicit VR Little Endian, means native
+little endian bytes (Table 8.7.3-4): compressed frames are decoded for it, in the isolated
+render processes. With ``transfer-syntax=*`` (what OHIF / Cornerstone send) or the stored
+syntax itself, frames go as stored, undecoded. A compressed media type (``image/jls`` ...)
+takes the stored frames when its ``transfer-syntax`` is ``*`` or the stored one, or, without
+the parameter, when the stored syntax is that media type's default (Table 8.7.3-5) or a lossy
+one (8.7.3.3: the server then has the pixel data only in that form). A wildcard range means
+the default: native bytes. Every part names the transfer syntax it is in.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
-import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
-from pydicom.pixels import pixel_array
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from portal.archive.validate import NATIVE_TRANSFER_SYNTAXES
-from portal.dicomweb.accept import parse_accept
+from portal.dicomweb.accept import MediaRange, parse_accept
+from portal.dicomweb.transcode import DEFLATED, EXPLICIT_LE, IMPLICIT_LE
 
 OCTET = "application/octet-stream"
 _MEDIA_BY_SYNTAX = {
@@ -34,6 +38,21 @@ _MEDIA_BY_SYNTAX = {
     "1.2.840.10008.1.2.4.203": "image/jphc",
     "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
+# PS3.18 Table 8.7.3-5: the transfer syntax a compressed media type means without the parameter.
+_DEFAULT_BY_MEDIA = {
+    "image/jpeg": "1.2.840.10008.1.2.4.70",
+    "image/jls": "1.2.840.10008.1.2.4.80",
+    "image/jp2": "1.2.840.10008.1.2.4.90",
+    "image/jphc": "1.2.840.10008.1.2.4.201",
+    "image/dicom-rle": "1.2.840.10008.1.2.5",
+}
+LOSSY_SYNTAXES = frozenset({"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51",
+                            "1.2.840.10008.1.2.4.81", "1.2.840.10008.1.2.4.91",
+                            "1.2.840.10008.1.2.4.203"})
+# Pixel data that is little endian native bytes once read (a deflated file is inflated).
+_NATIVE_LE = frozenset({EXPLICIT_LE, IMPLICIT_LE, DEFLATED})
+_WILDCARDS = frozenset({"*/*", "multipart/*", "application/*"})
+Decoder = Callable[[list[int]], list[bytes]]
 MAX_FRAMES_PER_REQUEST = 1000
 
 
@@ -56,29 +75,39 @@ def parse_frame_list(text: str, number_of_frames: int) -> list[int]:
     return numbers
 
 
-def _choose(accept: str, stored_syntax: str) -> tuple[str, bool]:
-    """Return (part content type, send as stored?) for the first acceptable media range."""
-    stored_media = _MEDIA_BY_SYNTAX.get(stored_syntax)
-    native_le = stored_syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-    stored_type = stored_media or f"{OCTET}; transfer-syntax={ExplicitVRLittleEndian}"
-    ranges = parse_accept(accept)
-    if not ranges:
-        return stored_type, True
-    for media_range in ranges:
-        mimetype = media_range.media_type
-        if mimetype == "multipart/related":
-            mimetype = media_range.part_type or OCTET
-        if mimetype in ("*/*", "multipart/*"):
-            return stored_type, stored_media is not None or native_le
-        syntax = media_range.transfer_syntax
-        if stored_media and mimetype == stored_media and syntax in ("", "*", stored_syntax):
-            return stored_media, True
-        if stored_media and mimetype == OCTET and syntax in ("*", stored_syntax):
-            return f"{OCTET}; transfer-syntax={stored_syntax}", True
-        if mimetype == OCTET and syntax in ("", "*", ExplicitVRLittleEndian):
-            return f"{OCTET}; transfer-syntax={ExplicitVRLittleEndian}", native_le
-    raise NotAcceptable("frames can be sent as application/octet-stream (explicit VR little "
-                        f"endian){' or ' + stored_media if stored_media else ''}")
+def _stored_acceptable(media_range: MediaRange, stored: str) -> bool:
+    """Whether a compressed media type's range takes frames stored in ``stored``."""
+    asked = media_range.transfer_syntax
+    if asked in ("*", stored):
+        return True
+    media = _MEDIA_BY_SYNTAX[stored]
+    return asked == "" and (_DEFAULT_BY_MEDIA.get(media) == stored or stored in LOSSY_SYNTAXES)
+
+
+def choose(accept: str, stored: str) -> tuple[str, bool]:
+    """(part content type, send as stored?) for the most preferred range that can carry
+    frames stored in ``stored`` (PS3.18 8.7.8); NotAcceptable when none can."""
+    stored_media = _MEDIA_BY_SYNTAX.get(stored)
+    native = (f"{OCTET}; transfer-syntax={EXPLICIT_LE}", stored in _NATIVE_LE)
+    for media_range in parse_accept(accept) or [MediaRange("*/*")]:
+        media, asked = media_range.media_type, media_range.transfer_syntax
+        if media == "multipart/related":
+            media = media_range.part_type or OCTET
+        if media in _WILDCARDS and asked == "*" and stored_media:
+            return f"{stored_media}; transfer-syntax={stored}", True
+        if media in _WILDCARDS or media == OCTET:
+            if asked in ("", EXPLICIT_LE) or (asked == "*" and not stored_media):
+                return native
+            if stored_media and asked in ("*", stored):
+                return f"{OCTET}; transfer-syntax={stored}", True
+            continue
+        if stored_media and media in (stored_media, "image/*") and \
+                _stored_acceptable(media_range, stored):
+            return f"{stored_media}; transfer-syntax={stored}", True
+    stored_form = f" or as stored ({stored_media}; transfer-syntax={stored})" \
+        if stored_media else ""
+    raise NotAcceptable(f"frames are available as {OCTET} (transfer-syntax={EXPLICIT_LE}, "
+                        f"the default){stored_form}")
 
 
 def _native_frames(ds: Dataset, numbers: Sequence[int]) -> list[bytes]:
@@ -89,24 +118,20 @@ def _native_frames(ds: Dataset, numbers: Sequence[int]) -> list[bytes]:
     return [bytes(data[(n - 1) * size:n * size]) for n in numbers]
 
 
-def _decoded_frames(data: bytes, numbers: Sequence[int]) -> list[bytes]:
-    out = []
-    for n in numbers:
-        array = pixel_array(io.BytesIO(data), index=n - 1, raw=True)
-        out.append(np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"))).tobytes())
-    return out
+def negotiate_and_extract(data: bytes, numbers: Sequence[int], accept: str,
+                          decode: Decoder) -> tuple[str, list[bytes]]:
+    """Frames of one stored instance in the media type the client asked for.
 
-
-def negotiate_and_extract(data: bytes, numbers: Sequence[int],
-                          accept: str) -> tuple[str, list[bytes]]:
-    """Frames of one stored instance in the media type the client asked for."""
+    ``decode`` turns frame numbers into native little endian bytes (in the render processes);
+    it is called only when the frames cannot be sent as they are stored.
+    """
     ds = pydicom.dcmread(io.BytesIO(data))
     syntax = str(ds.file_meta.TransferSyntaxUID)
-    content_type, as_stored = _choose(accept, syntax)
-    if as_stored and syntax not in NATIVE_TRANSFER_SYNTAXES:
+    content_type, as_stored = choose(accept, syntax)
+    if as_stored and syntax in _MEDIA_BY_SYNTAX:
         count = int(ds.get("NumberOfFrames") or 1)
         frames = list(generate_frames(ds.PixelData, number_of_frames=count))
         return content_type, [frames[n - 1] for n in numbers]
     if as_stored and int(ds.BitsAllocated) % 8 == 0:
         return content_type, _native_frames(ds, numbers)
-    return content_type, _decoded_frames(data, numbers)
+    return content_type, decode(list(numbers))

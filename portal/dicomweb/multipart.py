@@ -5,6 +5,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from werkzeug.http import parse_options_header
 
@@ -69,11 +70,39 @@ def new_boundary() -> str:
     return "portal-" + secrets.token_hex(16)
 
 
-def stream_parts(parts: Iterable[tuple[str, bytes]], boundary: str) -> Iterator[bytes]:
+@dataclass(frozen=True)
+class FilePart:
+    """A part's payload kept in a file of ``size`` bytes: streamed in chunks, then deleted."""
+
+    path: str
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+    def chunks(self, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The file's bytes; the file is gone once they are read (or the reading stops)."""
+        try:
+            with open(self.path, "rb") as handle:
+                while chunk := handle.read(chunk_size):
+                    yield chunk
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        """Delete the file (again, harmlessly)."""
+        Path(self.path).unlink(missing_ok=True)
+
+
+def stream_parts(parts: Iterable[tuple[str, bytes | FilePart]], boundary: str
+                 ) -> Iterator[bytes]:
     """Yield a multipart/related body part by part (content type, payload)."""
     for content_type, payload in parts:
         yield (f"--{boundary}\r\nContent-Type: {content_type}\r\n"
                f"Content-Length: {len(payload)}\r\n\r\n").encode("latin-1")
-        yield payload
+        if isinstance(payload, FilePart):
+            yield from payload.chunks()
+        else:
+            yield payload
         yield b"\r\n"
     yield f"--{boundary}--\r\n".encode("latin-1")

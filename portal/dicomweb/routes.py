@@ -6,18 +6,29 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
-from flask import Blueprint, Response, abort, g, request, stream_with_context, url_for
+from flask import (
+    Blueprint,
+    Response,
+    abort,
+    current_app,
+    g,
+    request,
+    stream_with_context,
+    url_for,
+)
 from flask import session as browser_session
 from sqlalchemy import select
 
 from portal.access import audit, policy
 from portal.access.principal import Principal, current_principal
 from portal.archive import current_archive
+from portal.archive.ingest import Archive
 from portal.archive.store import CorruptObject
 from portal.db import db
-from portal.dicomweb import bulkdata, frames, multipart, qido, stow
+from portal.dicomweb import bulkdata, frames, multipart, qido, stow, transcode, transfer
 from portal.dicomweb.accept import parse_accept
 from portal.errors import error_response
 from portal.imaging.cache import render, render_cache, render_in_series, render_volume
@@ -217,44 +228,87 @@ def _instances_of(study: str, series: str | None = None,
                                           Instance.id)))
 
 
-def _accepts_dicom(instances: list[Instance]) -> None:
-    """Check the Accept header allows application/dicom as stored (PS3.18 8.7.3)."""
+SPILL_OVER = 32 << 20  # a re-encoded instance larger than this comes back through a file
+
+
+def _in_render_process(function: Callable[..., Any], *args: Any) -> Any:
+    """Run a decoding function in the isolated render processes when configured, else here
+    (as ``portal.imaging.cache`` does for rendering)."""
+    pool = current_app.extensions.get("render_pool")
+    return pool.run(function, *args) if pool is not None else function(*args)
+
+
+class _NotConverted(Exception):
+    """An instance asked for in Explicit VR Little Endian could not be re-encoded."""
+
+
+def _representations(instances: list[Instance]) -> list[transfer.Representation]:
+    """The transfer syntax of each instance (PS3.18 8.7.8); 406 with the reason when the
+    Accept header leaves one of them without any."""
     ranges = parse_accept(request.headers.get("Accept", ""))
-    if not ranges:
-        return
-    for media_range in ranges:
-        if media_range.media_type == "*/*" or (media_range.media_type == "multipart/*"
-                                               and not media_range.part_type):
-            return
-        if media_range.media_type in ("multipart/related", "multipart/*",
-                                      "application/dicom"):
-            if media_range.part_type not in ("", "application/dicom"):
-                continue
-            syntax = media_range.transfer_syntax or "*"
-            if syntax == "*" or all(i.transfer_syntax_uid == syntax for i in instances):
-                return
-    abort(406, "instances are available as multipart/related; type=\"application/dicom\" "
-               "in their stored transfer syntax (ask with transfer-syntax=*)")
+    chosen = []
+    for instance in instances:
+        found = transfer.representation(ranges, instance)
+        if found is None:
+            abort(406, transfer.refusal(ranges, instance))
+        chosen.append(found)
+    return chosen
+
+
+def _instance_part(archive: Archive, instance: Instance, chosen: transfer.Representation,
+                   ) -> tuple[str, bytes | multipart.FilePart]:
+    """One instance as a part in its chosen transfer syntax, named in its Content-Type."""
+    uid = instance.sop_instance_uid
+    if chosen.convert:
+        try:
+            done: transcode.Transcoded = _in_render_process(
+                transcode.explicit_little_endian, archive.locate(uid), str(archive.store.tmp),
+                SPILL_OVER)
+        except RenderRefused as exc:
+            if chosen.strict:
+                raise _NotConverted(str(exc)) from exc
+            # By default the instance still goes, as stored; its part says in which syntax.
+            log.warning("an instance is sent as stored (%s): %s",
+                        instance.transfer_syntax_uid, exc)
+            chosen = transfer.Representation(instance.transfer_syntax_uid)
+        else:
+            payload = multipart.FilePart(done.path, done.size) if done.path else done.data
+            return f"{transfer.DICOM}; transfer-syntax={chosen.syntax}", payload
+    return f"{transfer.DICOM}; transfer-syntax={chosen.syntax}", archive.read(uid)
+
+
+def _one_syntax(chosen: list[transfer.Representation], first: str) -> str | None:
+    """The transfer syntax of every part, when it is known before they are all made."""
+    if len(chosen) == 1:
+        return first.partition("transfer-syntax=")[2]
+    syntaxes = {c.syntax for c in chosen}
+    if len(syntaxes) == 1 and not any(c.convert and not c.strict for c in chosen):
+        return syntaxes.pop()
+    return None
 
 
 def _retrieve(instances: list[Instance]) -> Response:
-    _accepts_dicom(instances)
+    chosen = _representations(instances)
     archive = current_archive()
     uids = [i.sop_instance_uid for i in instances]
     if archive.remote is not None:
         archive.locate_many(uids)  # fetch external instances before answering: never a cut stream
     boundary = multipart.new_boundary()
+    spilled: list[multipart.FilePart] = []
 
-    def parts() -> Iterator[tuple[str, bytes]]:
-        for uid in uids:
+    def parts() -> Iterator[tuple[str, bytes | multipart.FilePart]]:
+        for instance, representation in zip(instances, chosen, strict=True):
             try:
-                yield "application/dicom", archive.read(uid)
+                part = _instance_part(archive, instance, representation)
             except CorruptObject:
                 # Never serve a file that fails its hash; cut the response short.
                 raise RuntimeError("stored object failed its integrity check") from None
+            if isinstance(part[1], multipart.FilePart):
+                spilled.append(part[1])
+            yield part
 
-    # Read the first object before answering, so a failure there is a clean error.
-    first: list[tuple[str, bytes]] = []
+    # Make the first part before answering, so a failure there is a clean error.
+    first: list[tuple[str, bytes | multipart.FilePart]] = []
     iterator = parts()
     try:
         first.append(next(iterator))
@@ -262,13 +316,26 @@ def _retrieve(instances: list[Instance]) -> Response:
         abort(404, "no instances")
     except RuntimeError:
         abort(500, "a stored object failed its integrity check; it has been reported")
+    except _NotConverted as exc:
+        abort(406, f"the instance cannot be sent as {transcode.EXPLICIT_LE} ({exc}); ask "
+                   "with transfer-syntax=* for it as stored")
 
     def body() -> Iterator[bytes]:
         yield from multipart.stream_parts([*first, *iterator], boundary)
 
-    return Response(stream_with_context(body()), status=200, headers={
-        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+    syntax = _one_syntax(chosen, first[0][0])
+    response = Response(stream_with_context(body()), status=200, headers={
+        "Content-Type": f'multipart/related; type="{transfer.DICOM}"'
+                        + (f"; transfer-syntax={syntax}" if syntax else "")
+                        + f"; boundary={boundary}",
         "Cache-Control": "private, no-store"})
+
+    def discard_spilled() -> None:
+        for part in spilled:  # a re-encoded instance kept in a file, however the answer ends
+            part.discard()
+
+    response.call_on_close(discard_spilled)
+    return response
 
 
 @bp.get("/studies/<study>")
@@ -328,18 +395,29 @@ def retrieve_frames(study: str, series: str, instance: str, frame_list: str) -> 
         numbers = frames.parse_frame_list(frame_list, found.number_of_frames)
     except ValueError as exc:
         abort(400, str(exc))
-    data = current_archive().read(found.sop_instance_uid)
+    stored = current_archive().locate(found.sop_instance_uid)
     try:
         content_type, payloads = frames.negotiate_and_extract(
-            data, numbers, request.headers.get("Accept", ""))
+            stored.read(), numbers, request.headers.get("Accept", ""),
+            partial(_in_render_process, transcode.native_frames, stored))
     except frames.NotAcceptable as exc:
         abort(406, str(exc))
+    except RenderRefused as exc:
+        abort(406, f"the frames cannot be decoded ({exc}); ask with transfer-syntax=* for "
+                   "them as stored")
     boundary = multipart.new_boundary()
     body = b"".join(multipart.stream_parts([(content_type, p) for p in payloads], boundary))
     return Response(body, headers={
-        "Content-Type": f'multipart/related; type="{content_type.split(";")[0]}"; '
-                        f"boundary={boundary}",
+        "Content-Type": _multipart_type(content_type, boundary),
         "Cache-Control": "private, no-store"})
+
+
+def _multipart_type(part_type: str, boundary: str) -> str:
+    """``multipart/related`` of parts of ``part_type``, its transfer syntax named too."""
+    media, _, parameters = part_type.partition(";")
+    syntax = parameters.strip()
+    return (f'multipart/related; type="{media}"' + (f"; {syntax}" if syntax else "")
+            + f"; boundary={boundary}")
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<instance>/bulkdata/<path:tag_path>")
@@ -350,13 +428,17 @@ def retrieve_bulkdata(study: str, series: str, instance: str, tag_path: str) -> 
         path = bulkdata.parse_path(tag_path)
     except ValueError as exc:
         abort(404, str(exc))
-    data = current_archive().read(found.sop_instance_uid)
+    stored = current_archive().locate(found.sop_instance_uid)
     try:
-        parts = bulkdata.extract(data, path, request.headers.get("Accept", ""))
+        parts = bulkdata.extract(stored.read(), path, request.headers.get("Accept", ""),
+                                 partial(_in_render_process, transcode.native_frames, stored))
     except KeyError as exc:
         abort(404, str(exc.args[0]) if exc.args else "no such bulk data")
     except frames.NotAcceptable as exc:
         abort(406, str(exc))
+    except RenderRefused as exc:
+        abort(406, f"the pixel data cannot be decoded ({exc}); ask with transfer-syntax=* for "
+                   "it as stored")
     if parts.single:
         content_type, payload = parts.items[0]
         return Response(payload, headers={"Content-Type": content_type,
@@ -364,8 +446,7 @@ def retrieve_bulkdata(study: str, series: str, instance: str, tag_path: str) -> 
     boundary = multipart.new_boundary()
     body = b"".join(multipart.stream_parts(parts.items, boundary))
     return Response(body, headers={
-        "Content-Type": f'multipart/related; type="{parts.items[0][0].split(";")[0]}"; '
-                        f"boundary={boundary}",
+        "Content-Type": _multipart_type(parts.items[0][0], boundary),
         "Cache-Control": "private, no-store"})
 
 
