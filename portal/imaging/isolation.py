@@ -16,6 +16,7 @@ import multiprocessing
 import queue
 import resource
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -166,12 +167,21 @@ class _Child:
         self.process.start()
         theirs.close()
         self.ready = False  # it says so once its decoders are loaded
+        self._stopped = False
+        self._stop_lock = threading.Lock()
 
     def stop(self) -> None:
-        """Kill the process (a looping decoder does not stop on its own) and reap it."""
+        """Kill the process (a looping decoder does not stop on its own), reap it and close
+        the pipe; only the thread using the child (or the pool, for an idle one) calls this,
+        and a second call does nothing."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
         self.process.kill()
         self.process.join(timeout=5)
-        self.conn.close()
+        with contextlib.suppress(OSError):
+            self.conn.close()
 
 
 def _serve(conn: Any, memory_bytes: int, frame_cache_bytes: int) -> None:
@@ -262,14 +272,23 @@ class RenderPool:
             except queue.Empty:
                 if self._grow():
                     continue
-                try:
-                    child = self._idle.get(timeout=self.timeout)
-                except queue.Empty:
-                    raise RenderRefused("the image renderers are busy; try again") from None
+                child = self._wait_for_idle()
             if child.process.is_alive():
                 return child
             # It died while idle (killed, or out of memory elsewhere): replace it.
             self._drop(child)
+
+    def _wait_for_idle(self) -> _Child:
+        """The next process another call gives back, within the call timeout (looking in
+        short steps, so a pool being closed lets its waiting callers go at once)."""
+        deadline = time.monotonic() + self.timeout
+        while not self._closed:
+            try:
+                return self._idle.get(timeout=min(0.25, max(deadline - time.monotonic(), 0)))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    raise RenderRefused("the image renderers are busy; try again") from None
+        raise RenderRefused("the image renderers have stopped (shutting down)")
 
     def run(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run a rendering function (a module-level one) in a child process."""
@@ -277,6 +296,9 @@ class RenderPool:
         try:
             answer = self._call(child, function, args)
         except (EOFError, OSError):
+            if self._closed:  # the pool stopped its process under this call
+                child.stop()
+                raise RenderRefused("the image renderers have stopped (shutting down)") from None
             self.failures += 1
             log.error("a render process died (decoder crash); it was replaced")
             self._drop(child)
@@ -284,7 +306,10 @@ class RenderPool:
         except BaseException:
             self._drop(child)  # timed out, or arguments that cannot be pickled: a clean slate
             raise
-        self._idle.put(child)
+        if self._closed:
+            child.stop()
+        else:
+            self._idle.put(child)
         status, value = answer
         if status == "ok":
             return value
@@ -308,15 +333,20 @@ class RenderPool:
         return answer
 
     def close(self) -> None:
-        """Stop the child processes."""
+        """Stop the child processes: idle ones are asked to end, busy ones are killed and the
+        thread that was using each closes its pipe (never two threads on one pipe)."""
         with self._lock:
             self._closed = True
             children, self._children = self._children, []
+        idle: list[_Child] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                idle.append(self._idle.get_nowait())
         for child in children:
+            if child not in idle:
+                child.process.kill()
+                continue
             with contextlib.suppress(OSError):
                 child.conn.send(None)
             child.process.join(timeout=2)
-            if child.process.is_alive():
-                child.process.kill()
-                child.process.join(timeout=5)
-            child.conn.close()
+            child.stop()

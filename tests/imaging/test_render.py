@@ -391,6 +391,43 @@ def test_a_render_that_outlives_its_time_is_stopped_and_the_pool_goes_on() -> No
     assert not pool.processes()
 
 
+def test_closing_the_pool_under_running_calls_fails_them_cleanly() -> None:
+    """A web worker stopping (or a test tearing its app down) while background renders run:
+    each running call ends with RenderRefused, no pipe is closed twice, no process is left."""
+    import threading
+    import time
+
+    from portal.imaging.isolation import RenderPool
+
+    pool = RenderPool(workers=2, memory_bytes=1 << 30, timeout_seconds=30)
+    pool.start()
+    assert pool.run(pow, 3, 2) == 9
+    started = pool.processes()
+    outcomes: list[str] = []
+
+    def keep_rendering() -> None:
+        for _ in range(200):
+            try:
+                pool.run(time.sleep, 0.02)
+            except RenderRefused:
+                outcomes.append("refused")
+                return
+            except Exception as exc:  # anything else is the bug this test is about
+                outcomes.append(repr(exc))
+                return
+        outcomes.append("never stopped")
+
+    threads = [threading.Thread(target=keep_rendering) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    pool.close()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert outcomes == ["refused"] * 4
+    assert not any(p.is_alive() for p in started) and not pool.processes()
+
+
 def test_nearby_windows_do_not_share_a_cache_entry() -> None:
     a = Rendition(window=Window(2000.0, 400.0)).cache_key("0" * 64, 1)
     b = Rendition(window=Window(2000.001, 400.0)).cache_key("0" * 64, 1)
