@@ -13,10 +13,10 @@ import ctypes
 import ctypes.util
 import logging
 import multiprocessing
-import queue
 import resource
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -206,24 +206,39 @@ def _serve(conn: Any, memory_bytes: int, frame_cache_bytes: int) -> None:
             conn.send(("error", RenderRefused(f"the render failed ({exc.__class__.__name__})")))
 
 
+def _affinity(args: tuple[Any, ...]) -> str | None:
+    """What a call is about, so the same image (or series volume) goes to the same process
+    and finds its decoded frame (or built volume) there: a stored file's digest, or the
+    volume key a reformat names first."""
+    if not args:
+        return None
+    first = args[0]
+    if isinstance(first, StoredFile):
+        return first.sha256
+    return first if isinstance(first, str) else None
+
+
 class RenderPool:
     """Renders frames in capped child processes; ``run`` raises RenderRefused on failure.
 
-    Each process is reached through its own pipe, checked out by one request thread for one
-    call: a round trip costs about 0.09 ms here, a third of what a ProcessPoolExecutor's
-    queues and helper threads cost. A call that outlives ``timeout_seconds`` or whose process
-    dies gets its process killed and replaced; the other processes keep working.
+    Each process sits in a slot and is reached through its own pipe, held by one request
+    thread for one call: a round trip costs about 0.06-0.09 ms here, a third of what a
+    ProcessPoolExecutor's queues and helper threads cost. A call about a stored image goes to
+    the slot its digest picks when that one is free, so window changes and rescrolls find the
+    decoded frame, and the processes' frame caches add up instead of holding the same frames.
+    A call that outlives ``timeout_seconds`` or whose process dies has that process killed
+    and replaced; the other processes keep working.
     """
 
     def __init__(self, workers: int = 2, memory_bytes: int = 2 << 30,
                  timeout_seconds: float = 30.0, frame_cache_bytes: int = 0) -> None:
-        self.workers = workers
+        self.workers = max(1, workers)
         self.memory_bytes = memory_bytes
         self.frame_cache_bytes = frame_cache_bytes
         self.timeout = timeout_seconds
-        self._idle: queue.LifoQueue[_Child] = queue.LifoQueue()
-        self._children: list[_Child] = []
-        self._lock = threading.Lock()
+        self._slots: list[_Child | None] = [None] * self.workers
+        self._busy: set[int] = set()
+        self._free = threading.Condition()
         self._closed = False
         self.failures = 0
 
@@ -233,83 +248,77 @@ class RenderPool:
         return _Child(multiprocessing.get_context("spawn"), self.memory_bytes,
                       self.frame_cache_bytes)
 
-    def _grow(self) -> bool:
-        """Start one more process if the pool is below its size; True if it did."""
-        with self._lock:
-            if self._closed or len(self._children) >= self.workers:
-                return False
-            child = self._new_child()
-            self._children.append(child)
-        self._idle.put(child)
-        return True
-
-    def _drop(self, child: _Child) -> None:
-        """Kill a process that failed and start its replacement (it loads its decoders
-        while the pool goes on)."""
-        with self._lock:
-            if child in self._children:
-                self._children.remove(child)
-        child.stop()
-        self._grow()
-
     def processes(self) -> list[Any]:
         """The render processes now in the pool (multiprocessing.Process objects)."""
-        with self._lock:
-            return [child.process for child in self._children]
+        with self._free:
+            return [child.process for child in self._slots if child is not None]
 
     def start(self) -> None:
         """Start the render processes now (they load every decoder as they start), so the
         first images a web worker serves do not wait for that."""
-        while self._grow():
-            pass
+        with self._free:
+            for slot, child in enumerate(self._slots):
+                if child is None and slot not in self._busy and not self._closed:
+                    self._slots[slot] = self._new_child()
 
-    def _checkout(self) -> _Child:
-        while True:
-            if self._closed:
-                raise RenderRefused("the image renderers have stopped (shutting down)")
-            try:
-                child = self._idle.get_nowait()
-            except queue.Empty:
-                if self._grow():
-                    continue
-                child = self._wait_for_idle()
-            if child.process.is_alive():
-                return child
-            # It died while idle (killed, or out of memory elsewhere): replace it.
-            self._drop(child)
-
-    def _wait_for_idle(self) -> _Child:
-        """The next process another call gives back, within the call timeout (looking in
-        short steps, so a pool being closed lets its waiting callers go at once)."""
+    def _checkout(self, key: str | None) -> tuple[int, _Child]:
+        """A free slot (the key's own when it is free) with a live process in it."""
+        wanted = zlib.crc32(key.encode()) % self.workers if key else None
         deadline = time.monotonic() + self.timeout
-        while not self._closed:
-            try:
-                return self._idle.get(timeout=min(0.25, max(deadline - time.monotonic(), 0)))
-            except queue.Empty:
-                if time.monotonic() >= deadline:
-                    raise RenderRefused("the image renderers are busy; try again") from None
-        raise RenderRefused("the image renderers have stopped (shutting down)")
+        with self._free:
+            while True:
+                if self._closed:
+                    raise RenderRefused("the image renderers have stopped (shutting down)")
+                free = [i for i in range(self.workers) if i not in self._busy]
+                if free:
+                    slot = wanted if wanted in free else free[-1]
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RenderRefused("the image renderers are busy; try again")
+                self._free.wait(timeout=min(left, 0.25))
+            self._busy.add(slot)
+            child = self._slots[slot]
+        if child is None or not child.process.is_alive():
+            if child is not None:  # it died while idle (killed, or out of memory elsewhere)
+                child.stop()
+            child = self._new_child()
+            with self._free:
+                if not self._closed:
+                    self._slots[slot] = child
+            if self._closed:  # closed meanwhile: this process would outlive the pool
+                self._checkin(slot, child, failed=True)
+                raise RenderRefused("the image renderers have stopped (shutting down)")
+        return slot, child
+
+    def _checkin(self, slot: int, child: _Child, *, failed: bool = False) -> None:
+        """Give the slot back; a failed process is killed and replaced at once (the new
+        one loads its decoders while the pool goes on)."""
+        if failed or self._closed:
+            child.stop()
+        with self._free:
+            if failed and not self._closed and self._slots[slot] is child:
+                self._slots[slot] = self._new_child()
+            self._busy.discard(slot)
+            self._free.notify()
 
     def run(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run a rendering function (a module-level one) in a child process."""
-        child = self._checkout()
+        slot, child = self._checkout(_affinity(args))
         try:
             answer = self._call(child, function, args)
         except (EOFError, OSError):
-            if self._closed:  # the pool stopped its process under this call
-                child.stop()
+            closing = self._closed
+            self._checkin(slot, child, failed=True)
+            if closing:  # the pool stopped its process under this call
                 raise RenderRefused("the image renderers have stopped (shutting down)") from None
             self.failures += 1
             log.error("a render process died (decoder crash); it was replaced")
-            self._drop(child)
             raise RenderRefused("the image could not be decoded (the decoder failed)") from None
         except BaseException:
-            self._drop(child)  # timed out, or arguments that cannot be pickled: a clean slate
-            raise
-        if self._closed:
-            child.stop()
-        else:
-            self._idle.put(child)
+            self._checkin(slot, child, failed=True)  # timed out, or arguments that cannot
+            raise                                    # be pickled: a clean slate
+        self._checkin(slot, child)
         status, value = answer
         if status == "ok":
             return value
@@ -335,15 +344,14 @@ class RenderPool:
     def close(self) -> None:
         """Stop the child processes: idle ones are asked to end, busy ones are killed and the
         thread that was using each closes its pipe (never two threads on one pipe)."""
-        with self._lock:
+        with self._free:
             self._closed = True
-            children, self._children = self._children, []
-        idle: list[_Child] = []
-        with contextlib.suppress(queue.Empty):
-            while True:
-                idle.append(self._idle.get_nowait())
-        for child in children:
-            if child not in idle:
+            slots = [(slot in self._busy, child) for slot, child in enumerate(self._slots)
+                     if child is not None]
+            self._slots = [None] * self.workers
+            self._free.notify_all()
+        for busy, child in slots:
+            if busy:
                 child.process.kill()
                 continue
             with contextlib.suppress(OSError):

@@ -391,6 +391,33 @@ def test_a_render_that_outlives_its_time_is_stopped_and_the_pool_goes_on() -> No
     assert not pool.processes()
 
 
+def _process_of(_stored: object) -> int:
+    """(Runs in a render process.) Which process took the call."""
+    import os
+
+    return os.getpid()
+
+
+def test_calls_about_one_image_go_to_one_process() -> None:
+    """The same stored image (its digest) goes to the same render process while that one is
+    free, so a window drag finds its decoded frame; different images spread over the pool."""
+    from portal.archive.store import StoredFile
+    from portal.imaging.isolation import RenderPool
+
+    pool = RenderPool(workers=3, memory_bytes=1 << 30, timeout_seconds=60)
+    try:
+        import hashlib
+
+        images = [StoredFile(f"/nonexistent/{n}", hashlib.sha256(bytes([n])).hexdigest())
+                  for n in range(30)]
+        first = {image.sha256: pool.run(_process_of, image) for image in images}
+        again = {image.sha256: pool.run(_process_of, image) for image in reversed(images)}
+        assert again == first
+        assert len(set(first.values())) == 3
+    finally:
+        pool.close()
+
+
 def test_closing_the_pool_under_running_calls_fails_them_cleanly() -> None:
     """A web worker stopping (or a test tearing its app down) while background renders run:
     each running call ends with RenderRefused, no pipe is closed twice, no process is left."""
