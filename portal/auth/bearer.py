@@ -124,12 +124,7 @@ def _introspect(token: str, endpoint: str) -> dict[str, Any] | None:
         return None
     if answer.get("iss") not in (None, settings["OIDC_ISSUER"]):
         return None
-    claims = {"sub": answer["sub"], "iss": settings["OIDC_ISSUER"]}
-    profile = _userinfo(token) or {}  # e-mail and name for a first visit, when it tells
-    for key in ("email", "name"):
-        if profile.get("sub") == answer["sub"] and isinstance(profile.get(key), str):
-            claims[key] = profile[key]
-    return claims
+    return {"sub": answer["sub"], "iss": settings["OIDC_ISSUER"]}
 
 
 def _userinfo(token: str) -> dict[str, Any] | None:
@@ -168,8 +163,15 @@ def user_for_token(token: str) -> User | None:
     user = db.session.scalars(select(User).where(User.issuer == issuer,
                                                  User.subject == subject)).first()
     if user is None:
+        profile = dict(claims)
+        if "email" not in profile and token.count(".") != 2:
+            # An introspected token tells who, not what the person is called: ask userinfo
+            # once, for the new account's e-mail and name.
+            info = _userinfo(token) or {}
+            if info.get("sub") == claims["sub"]:
+                profile.update((k, v) for k, v in info.items() if k in ("email", "name"))
         user = sign_in_user(db.session, issuer=issuer, subject=subject,
-                            email=str(claims.get("email", ""))[:256],
-                            name=str(claims.get("name", ""))[:256], idp_roles=None)
+                            email=str(profile.get("email") or "")[:256],
+                            name=str(profile.get("name") or "")[:256], idp_roles=None)
         db.session.commit()
     return user if user.active else None
