@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from portal.archive.validate import NATIVE_TRANSFER_SYNTAXES
 from portal.dicomweb.accept import parse_accept
 from portal.dicomweb.frames import OCTET, Decoder, NotAcceptable, negotiate_and_extract
+from portal.dicomweb.transcode import EXPLICIT_LE
 from portal.index.models import Instance
 
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
@@ -91,7 +92,7 @@ def _accepts_octets(accept: str) -> bool:
     return not ranges or any(
         (r.part_type or r.media_type) in (OCTET, "*/*", "application/*", "multipart/related",
                                           "multipart/*")
-        and r.transfer_syntax in ("", "*", "1.2.840.10008.1.2.1")
+        and r.transfer_syntax in ("", "*", EXPLICIT_LE)
         for r in ranges)
 
 

@@ -13,7 +13,6 @@ from flask import (
     Blueprint,
     Response,
     abort,
-    current_app,
     g,
     request,
     stream_with_context,
@@ -31,7 +30,13 @@ from portal.db import db
 from portal.dicomweb import bulkdata, frames, multipart, qido, stow, transcode, transfer
 from portal.dicomweb.accept import parse_accept
 from portal.errors import error_response
-from portal.imaging.cache import render, render_cache, render_in_series, render_volume
+from portal.imaging.cache import (
+    render,
+    render_cache,
+    render_in_series,
+    render_volume,
+    run_isolated,
+)
 from portal.imaging.render import FrameNotFound, RenderRefused
 from portal.imaging.rendition import FORMATS, InvalidRendition, Rendition, parse_rendition
 from portal.imaging.volume import VIEWS, NotAVolume
@@ -231,13 +236,6 @@ def _instances_of(study: str, series: str | None = None,
 SPILL_OVER = 32 << 20  # a re-encoded instance larger than this comes back through a file
 
 
-def _in_render_process(function: Callable[..., Any], *args: Any) -> Any:
-    """Run a decoding function in the isolated render processes when configured, else here
-    (as ``portal.imaging.cache`` does for rendering)."""
-    pool = current_app.extensions.get("render_pool")
-    return pool.run(function, *args) if pool is not None else function(*args)
-
-
 class _NotConverted(Exception):
     """An instance asked for in Explicit VR Little Endian could not be re-encoded."""
 
@@ -261,7 +259,7 @@ def _instance_part(archive: Archive, instance: Instance, chosen: transfer.Repres
     uid = instance.sop_instance_uid
     if chosen.convert:
         try:
-            done: transcode.Transcoded = _in_render_process(
+            done: transcode.Transcoded = run_isolated(
                 transcode.explicit_little_endian, archive.locate(uid), str(archive.store.tmp),
                 SPILL_OVER)
         except RenderRefused as exc:
@@ -399,7 +397,7 @@ def retrieve_frames(study: str, series: str, instance: str, frame_list: str) -> 
     try:
         content_type, payloads = frames.negotiate_and_extract(
             stored.read(), numbers, request.headers.get("Accept", ""),
-            partial(_in_render_process, transcode.native_frames, stored))
+            partial(run_isolated, transcode.native_frames, stored))
     except frames.NotAcceptable as exc:
         abort(406, str(exc))
     except RenderRefused as exc:
@@ -431,7 +429,7 @@ def retrieve_bulkdata(study: str, series: str, instance: str, tag_path: str) -> 
     stored = current_archive().locate(found.sop_instance_uid)
     try:
         parts = bulkdata.extract(stored.read(), path, request.headers.get("Accept", ""),
-                                 partial(_in_render_process, transcode.native_frames, stored))
+                                 partial(run_isolated, transcode.native_frames, stored))
     except KeyError as exc:
         abort(404, str(exc.args[0]) if exc.args else "no such bulk data")
     except frames.NotAcceptable as exc:

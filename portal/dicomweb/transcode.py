@@ -31,15 +31,19 @@ from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_dataset
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import pack_bits
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from portal.archive.store import StoredFile
 from portal.imaging.render import PREFERRED_DECODERS, RenderRefused, dcmtk_decompressed
 
-EXPLICIT_LE = "1.2.840.10008.1.2.1"
-IMPLICIT_LE = "1.2.840.10008.1.2"
-EXPLICIT_BE = "1.2.840.10008.1.2.2"
-DEFLATED = "1.2.840.10008.1.2.1.99"
+EXPLICIT_LE, IMPLICIT_LE = ExplicitVRLittleEndian, ImplicitVRLittleEndian
+EXPLICIT_BE, DEFLATED = ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian
 MAX_VALUE_LENGTH = 0xFFFFFFFE  # PS3.5 7.1.1: the largest even 32-bit value length
 PIXEL_DATA = 0x7FE00010
 _PIXEL_TAG = struct.pack("<HH", 0x7FE0, 0x0010)

@@ -114,8 +114,9 @@ def init_app(app: Flask) -> None:
         use_frame_cache(frame_cache_bytes)
 
 
-def _isolated(function: Callable[..., Any], *args: Any) -> Any:
-    """Run a rendering function in the isolated pool when configured, else here."""
+def run_isolated(function: Callable[..., Any], *args: Any) -> Any:
+    """Run a rendering or decoding function (a module-level one) in the isolated render
+    processes when configured, else here."""
     pool = current_app.extensions.get("render_pool")
     return pool.run(function, *args) if pool is not None else function(*args)
 
@@ -132,7 +133,7 @@ def render(source: Any, index: int, rendition: Rendition,
     """
     from portal.imaging.isolation import render_source
 
-    result: bytes = _isolated(render_source, source, index, rendition, _max_pixels(), fallback)
+    result: bytes = run_isolated(render_source, source, index, rendition, _max_pixels(), fallback)
     return result
 
 def _known_series_window(middle: StoredFile) -> tuple[bool, Window | None]:
@@ -161,7 +162,7 @@ def series_window(middle: StoredFile | None) -> Window | None:
     if known:
         return window
     try:
-        window = _isolated(default_window_of, middle, _max_pixels())
+        window = run_isolated(default_window_of, middle, _max_pixels())
     except (RenderRefused, FrameNotFound):
         window = None  # the frame itself will say why it cannot be shown
     _remember_series_window(middle, window)
@@ -179,7 +180,7 @@ def render_in_series(stored: StoredFile, index: int, rendition: Rendition,
     known, window = _known_series_window(middle)
     if known:
         return render(stored, index, rendition, window)
-    body, window = _isolated(render_with_window, stored, index, rendition, _max_pixels(),
+    body, window = run_isolated(render_with_window, stored, index, rendition, _max_pixels(),
                              middle)
     _remember_series_window(middle, window)
     return body
@@ -191,7 +192,7 @@ def render_volume(key: str, sources: list[Any], kind: str, position: float, angl
     (``key`` names the series' content; render processes keep recent volumes by it)."""
     from portal.imaging.isolation import render_volume_source
 
-    result: bytes = _isolated(render_volume_source, key, sources, kind, position, angle,
+    result: bytes = run_isolated(render_volume_source, key, sources, kind, position, angle,
                               rendition)
     return result
 

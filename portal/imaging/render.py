@@ -124,7 +124,7 @@ def _aspect(ds: Dataset, index: int) -> float:
     return 1.0
 
 
-DEFLATED = "1.2.840.10008.1.2.1.99"
+DEFLATED = pydicom.uid.DeflatedExplicitVRLittleEndian
 
 
 def _inflated(data: bytes) -> bytes:
