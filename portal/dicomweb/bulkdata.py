@@ -123,8 +123,9 @@ def extract(data: bytes, path: list[tuple[int, int | None]], accept: str,
         if "PixelData" not in ds:
             raise KeyError("this instance has no pixel data")
         count = int(ds.get("NumberOfFrames") or 1)
-        content_type, payloads = negotiate_and_extract(data, range(1, count + 1), accept,
-                                                        decode)
+        content_type, payloads = negotiate_and_extract(
+            lambda: ds, str(ds.file_meta.TransferSyntaxUID), range(1, count + 1), accept,
+            decode)
         if content_type.startswith(OCTET):
             items = [(content_type, b"".join(payloads))]
         else:

@@ -118,20 +118,28 @@ def _native_frames(ds: Dataset, numbers: Sequence[int]) -> list[bytes]:
     return [bytes(data[(n - 1) * size:n * size]) for n in numbers]
 
 
-def negotiate_and_extract(data: bytes, numbers: Sequence[int], accept: str,
-                          decode: Decoder) -> tuple[str, list[bytes]]:
-    """Frames of one stored instance in the media type the client asked for.
+def read_dataset(data: bytes) -> Dataset:
+    """A stored instance, parsed whole."""
+    return pydicom.dcmread(io.BytesIO(data))
 
-    ``decode`` turns frame numbers into native little endian bytes (in the render processes);
-    it is called only when the frames cannot be sent as they are stored.
+
+def negotiate_and_extract(load: Callable[[], Dataset], syntax: str, numbers: Sequence[int],
+                          accept: str, decode: Decoder) -> tuple[str, list[bytes]]:
+    """Frames of one stored instance (stored in ``syntax``) in the media type the client
+    asked for.
+
+    ``decode`` turns frame numbers into native little endian bytes (in the render processes,
+    which read the file themselves); ``load`` gives the parsed instance and is called only
+    when the frames go as they are stored, so a decoded answer reads the file once.
     """
-    ds = pydicom.dcmread(io.BytesIO(data))
-    syntax = str(ds.file_meta.TransferSyntaxUID)
     content_type, as_stored = choose(accept, syntax)
-    if as_stored and syntax in _MEDIA_BY_SYNTAX:
+    if not as_stored:
+        return content_type, decode(list(numbers))
+    ds = load()
+    if syntax in _MEDIA_BY_SYNTAX:
         count = int(ds.get("NumberOfFrames") or 1)
         frames = list(generate_frames(ds.PixelData, number_of_frames=count))
         return content_type, [frames[n - 1] for n in numbers]
-    if as_stored and int(ds.BitsAllocated) % 8 == 0:
+    if int(ds.BitsAllocated) % 8 == 0:
         return content_type, _native_frames(ds, numbers)
     return content_type, decode(list(numbers))

@@ -394,9 +394,15 @@ def retrieve_frames(study: str, series: str, instance: str, frame_list: str) -> 
     except ValueError as exc:
         abort(400, str(exc))
     stored = current_archive().locate(found.sop_instance_uid)
+    syntax = found.transfer_syntax_uid  # as indexed at ingest: no read to negotiate
+    parsed = None if syntax else frames.read_dataset(stored.read())
+    if parsed is not None:  # known only from an external archive's listing until now
+        syntax = str(parsed.file_meta.TransferSyntaxUID)
     try:
         content_type, payloads = frames.negotiate_and_extract(
-            stored.read(), numbers, request.headers.get("Accept", ""),
+            lambda: parsed if parsed is not None else frames.read_dataset(stored.read()),
+            syntax, numbers,
+            request.headers.get("Accept", ""),
             partial(run_isolated, transcode.native_frames, stored))
     except frames.NotAcceptable as exc:
         abort(406, str(exc))
