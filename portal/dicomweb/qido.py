@@ -141,20 +141,27 @@ def _text_match(column: Any, value: str, insensitive: bool) -> ColumnElement[boo
     return target == needle  # type: ignore[no-any-return]
 
 
-def _date_match(column: Any, value: str) -> ColumnElement[bool]:
-    value = value.replace(".", "")
-    if "-" not in value:
-        return column == value  # type: ignore[no-any-return]
+def _range(column: Any, value: str, valid: Callable[[str], bool], what: str,
+           high_suffix: Callable[[str], str]) -> ColumnElement[bool]:
+    """``A-B``, ``-B`` or ``A-`` of a DA or TM attribute (PS3.4 C.2.2.2.5): empty values never
+    match a range; ``high_suffix`` widens the upper bound to the query's precision."""
     low, _, high = value.partition("-")
     for part in (low, high):
-        if part and not (len(part) == 8 and part.isdigit()):
-            raise QueryError(f"invalid date range {value!r}")
+        if part and not valid(part):
+            raise QueryError(f"invalid {what} range {value!r}")
     conditions = [column != ""]
     if low:
         conditions.append(column >= low)
     if high:
-        conditions.append(column <= high)
+        conditions.append(column <= high + high_suffix(high))
     return and_(*conditions)
+
+
+def _date_match(column: Any, value: str) -> ColumnElement[bool]:
+    value = value.replace(".", "")
+    if "-" not in value:
+        return column == value  # type: ignore[no-any-return]
+    return _range(column, value, lambda p: len(p) == 8 and p.isdigit(), "date", lambda h: "")
 
 
 def _time_match(column: Any, value: str) -> ColumnElement[bool]:
@@ -162,18 +169,13 @@ def _time_match(column: Any, value: str) -> ColumnElement[bool]:
     value = value.replace(":", "")
     if "-" not in value:
         return _text_match(column, value, insensitive=False)
-    low, _, high = value.partition("-")
-    for part in (low, high):
+
+    def valid(part: str) -> bool:
         digits = part.split(".")[0]
-        if part and not (digits.isdigit() and len(digits) in (2, 4, 6)):
-            raise QueryError(f"invalid time range {value!r}")
-    conditions = [column != ""]
-    if low:
-        conditions.append(column >= low)
-    if high:
-        # "-1100" includes 11:00:59.99: the bound is as precise as the query.
-        conditions.append(column <= high + ("" if "." in high else "~"))
-    return and_(*conditions)
+        return digits.isdigit() and len(digits) in (2, 4, 6)
+
+    # "-1100" includes 11:00:59.99: the bound is as precise as the query.
+    return _range(column, value, valid, "time", lambda h: "" if "." in h else "~")
 
 
 def _uid_list(value: str) -> list[str]:
