@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import math
+import shutil
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -203,17 +204,36 @@ DCMTK_DECOMPRESSORS = {
 DCMTK_TIMEOUT_SECONDS = 20.0
 
 
+_DCMTK_KEPT: OrderedDict[str, bytes | None] = OrderedDict()  # the last few files, per process
+
+
 def dcmtk_decompressed(data: bytes, syntax: str) -> bytes | None:
     """The file rewritten uncompressed (Explicit VR Little Endian) by DCMTK, or None when
-    DCMTK is not installed, has no decompressor for the syntax, or fails too."""
-    import shutil
-    import subprocess
-    import tempfile
-    from pathlib import Path
+    DCMTK is not installed, has no decompressor for the syntax, or fails too.
+
+    The last two answers are kept (by the file's digest), so the other frames of a
+    multi-frame file that only DCMTK reads do not run it again, nor a failing run twice.
+    """
+    import hashlib
 
     tool = shutil.which(DCMTK_DECOMPRESSORS.get(syntax, ""))
     if tool is None:
         return None
+    key = hashlib.sha256(data).hexdigest()
+    if key in _DCMTK_KEPT:
+        _DCMTK_KEPT.move_to_end(key)
+        return _DCMTK_KEPT[key]
+    _DCMTK_KEPT[key] = plain = _run_dcmtk(tool, data)
+    while len(_DCMTK_KEPT) > 2:
+        _DCMTK_KEPT.popitem(last=False)
+    return plain
+
+
+def _run_dcmtk(tool: str, data: bytes) -> bytes | None:
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
     with tempfile.TemporaryDirectory(prefix="portal-dcmtk-") as folder:
         source, target = Path(folder) / "in.dcm", Path(folder) / "out.dcm"
         source.write_bytes(data)
@@ -226,6 +246,7 @@ def dcmtk_decompressed(data: bytes, syntax: str) -> bytes | None:
         if done.returncode != 0 or not target.is_file():
             return None
         return target.read_bytes()
+
 
 def decode_frame(data: bytes, index: int,
                  max_pixels: int = MAX_RENDER_PIXELS) -> tuple[Frame, Dataset]:

@@ -391,6 +391,32 @@ def test_a_render_that_outlives_its_time_is_stopped_and_the_pool_goes_on() -> No
     assert not pool.processes()
 
 
+def test_dcmtk_runs_once_for_the_frames_of_one_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last resort is slow (a process per call): a file it decoded is not handed to it
+    again, nor a file it failed on."""
+    from pydicom.data import get_testdata_file
+
+    import portal.imaging.render as render_module
+
+    data = Path(str(get_testdata_file("JPEG-lossy.dcm"))).read_bytes()  # only DCMTK reads it
+    runs: list[int] = []
+    real = render_module._run_dcmtk
+
+    def counted(tool: str, payload: bytes) -> bytes | None:
+        runs.append(len(payload))
+        return real(tool, payload)
+
+    monkeypatch.setattr(render_module, "_run_dcmtk", counted)
+    monkeypatch.setattr(render_module, "_DCMTK_KEPT", type(render_module._DCMTK_KEPT)())
+    syntax = "1.2.840.10008.1.2.4.51"
+    first = render_module.dcmtk_decompressed(data, syntax)
+    assert first is not None and render_module.dcmtk_decompressed(data, syntax) == first
+    broken = data[:-4000]
+    assert render_module.dcmtk_decompressed(broken, syntax) is None
+    assert render_module.dcmtk_decompressed(broken, syntax) is None
+    assert runs == [len(data), len(broken)]
+
+
 def _process_of(_stored: object) -> int:
     """(Runs in a render process.) Which process took the call."""
     import os
