@@ -36,24 +36,37 @@ _SYNTAXES = sorted(ACCEPTED_TRANSFER_SYNTAXES,
                    key=lambda uid: (uid.startswith("1.2.840.10008.1.2.1"), uid))
 
 
-def _calling_ae_title(event: evt.Event) -> str:
-    # EVT_REQUESTED fires before pynetdicom copies the title onto ``requestor.ae_title``:
-    # read it from the A-ASSOCIATE-RQ primitive itself.
+def _requested_title(event: evt.Event, field: str) -> str:
+    """The calling or called AE title of the A-ASSOCIATE-RQ being answered."""
+    # EVT_REQUESTED fires before pynetdicom copies the titles onto the association:
+    # read them from the A-ASSOCIATE-RQ primitive itself.
     primitive = event.assoc.requestor.primitive
-    title = getattr(primitive, "calling_ae_title", None) if primitive is not None else None
+    title = getattr(primitive, field, None) if primitive is not None else None
     if isinstance(title, bytes):
         title = title.decode("ascii", "replace")
-    return str(title or event.assoc.requestor.ae_title or "").strip()
+    return str(title or "").strip()
 
 
-def _on_requested(event: evt.Event, allowed: set[tuple[str, str]]) -> None:
+def _on_requested(event: evt.Event, allowed: set[tuple[str, str]], own_title: str) -> None:
+    """Refuse an association unless its caller is configured and it calls this AE title."""
     requestor = event.assoc.requestor
-    calling = _calling_ae_title(event)
+    calling = _requested_title(event, "calling_ae_title") or str(
+        requestor.ae_title or "").strip()
     if (calling, requestor.address) not in allowed:
         log.warning("association refused: calling AE title %r from %s is not configured",
                     calling, requestor.address)
         # A-ASSOCIATE-RJ: rejected-permanent, service-user, calling AE title not recognised
         event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        _wait_until_sent(event)
+        return
+    called = _requested_title(event, "called_ae_title")
+    if called != own_title:
+        # A peer that may send to us but addresses another AE (a misrouted modality, or one
+        # probing which titles a host answers to) is refused as PS3.8 9.3.4 says.
+        log.warning("association refused: %r from %s called AE title %r, not %r",
+                    calling, requestor.address, called, own_title)
+        # A-ASSOCIATE-RJ: rejected-permanent, service-user, called AE title not recognised
+        event.assoc.acse.send_reject(0x01, 0x01, 0x07)
         _wait_until_sent(event)
 
 
@@ -112,6 +125,9 @@ def make_ae(settings: dict[str, Any]) -> AE:
     ae = AE(ae_title=settings["DIMSE_AE_TITLE"])
     ae.maximum_pdu_size = settings["DIMSE_MAX_PDU"]
     ae.network_timeout = 60
+    # Also checked (with a log line) in EVT_REQUESTED; this keeps the SCP closed should a
+    # handler ever be left out.
+    ae.require_called_aet = True
     ae.acse_timeout = 30
     ae.dimse_timeout = 60
     for context in AllStoragePresentationContexts:
@@ -130,7 +146,7 @@ def serve(archive: Archive, settings: dict[str, Any], block: bool = True,
     ae = make_ae(settings)
     allowed = name_at_address(settings["DIMSE_ALLOWED_PEERS"])
     received: dict[int, list[Stored]] = {}
-    handlers = [(evt.EVT_REQUESTED, _on_requested, [allowed]),
+    handlers = [(evt.EVT_REQUESTED, _on_requested, [allowed, ae.ae_title.strip()]),
                 (evt.EVT_C_STORE, _on_store, [archive, received]),
                 (evt.EVT_RELEASED, _on_end, [archive, received, on_stored]),
                 (evt.EVT_ABORTED, _on_end, [archive, received, on_stored])]
