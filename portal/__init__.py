@@ -37,7 +37,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         app.wsgi_app = TrustedProxies(  # type: ignore[method-assign]
             app.wsgi_app, settings["TRUSTED_PROXIES"], settings["TRUSTED_PROXY_ADDRESSES"])
 
-    from portal import archive, errors, health, log, security
+    from portal import archive, errors, health, log, numbers, security
     from portal.access import policy
     from portal.auth import oidc
     from portal.auth.sessions import DatabaseSessionInterface
@@ -54,6 +54,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     archive.init_app(app)
     imaging_cache.init_app(app)
     errors.register_error_handlers(app)
+    numbers.init_app(app)  # bounded <int:...> ids: before any blueprint adds a rule
     from portal.sharing import routes as sharing_routes
 
     sharing_routes.init_app(app)  # before the policy hook: ended share sessions get a page

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify, render_template, request
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from portal.archive.ingest import ArchiveUnavailable
@@ -54,6 +54,22 @@ def register_error_handlers(app: Flask) -> None:
         log.error("database unavailable: %s", exc.__class__.__name__)
         return error_response(503, "the database is unavailable; try again shortly",
                               {"Retry-After": "5"})
+
+    @app.errorhandler(DataError)
+    @app.errorhandler(OverflowError)
+    def _out_of_range(exc: Exception) -> Response:
+        """A value the database cannot hold (PostgreSQL "integer out of range", SQLite's
+        OverflowError for ints past 64 bits) is the request's fault: 400, nothing stored.
+        Routes bound their numbers (portal.numbers); this is the net under them."""
+        from portal.db import db
+
+        log.warning("a request value is out of range: %s", exc.__class__.__name__)
+        try:
+            db.session.rollback()
+        except Exception:  # the session may be gone already; the answer is the same
+            log.debug("no session to roll back")
+        return error_response(400, "a value in the request is out of the range this portal "
+                                   "stores")
 
     @app.errorhandler(InternalServerError)
     def _internal(exc: InternalServerError) -> Response:

@@ -40,6 +40,7 @@ from portal.access.principal import Principal, current_principal
 from portal.access.users import ROLES, UserError
 from portal.auth.recent import require_recent_sign_in
 from portal.db import db, utcnow
+from portal.numbers import bounded_int
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -135,9 +136,10 @@ def identifiers() -> str:
 def add_identifier() -> Response:
     """Link a physician to an identifier."""
     try:
-        link_identifier(db.session, _manager(), int(request.form.get("user_id", "0")),
+        link_identifier(db.session, _manager(),
+                        bounded_int(request.form.get("user_id", "0"), "user_id"),
                         request.form.get("key", ""))
-    except (UserError, ValueError) as exc:
+    except UserError as exc:
         return _failed(UserError(str(exc)), "admin.identifiers")
     return _done("Identifier linked.", "admin.identifiers")
 
@@ -178,7 +180,8 @@ def add_grant() -> Response:
     """Create a grant, or open emergency access with a written reason."""
     form = request.form
     try:
-        create_grant(db.session, _manager(), user_id=int(form.get("user_id", "0") or 0),
+        create_grant(db.session, _manager(),
+                     user_id=bounded_int(form.get("user_id", "") or "0", "user_id"),
                      study_uid=form.get("study_uid", "").strip() or None,
                      patient_id=form.get("patient_id", "").strip() or None,
                      expires_at=_parse_expiry(form.get("expires_at", "")),

@@ -30,6 +30,7 @@ from portal.access.users import UserError
 from portal.api.openapi import OPENAPI
 from portal.auth.recent import require_recent_sign_in
 from portal.db import db
+from portal.numbers import bounded_int
 from portal.security import UNSAFE_METHODS
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -69,11 +70,8 @@ def _body() -> dict[str, Any]:
 
 
 def _id(body: dict[str, Any], key: str) -> int:
-    """A whole-number id from the body (UserError, a 400, for anything else)."""
-    value = body.get(key, 0)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"{key} must be a whole number")
-    return value
+    """A whole-number id from the body (a 400 naming the bounds for anything else)."""
+    return bounded_int(body.get(key, 0), key)
 
 
 def _text(body: dict[str, Any], key: str) -> str | None:
@@ -217,8 +215,9 @@ def add_grant() -> tuple[Response, int]:
 def revoke() -> Response:
     """Revoke several grants; if one id is unknown, nothing changes (403)."""
     ids = _body().get("ids")
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
+    if not isinstance(ids, list) or not ids:
         raise UserError("ids must be a non-empty list of grant ids")
+    ids = [bounded_int(i, "each of ids") for i in ids]
     principal = _manager()
     try:
         count = revoke_grants(db.session, principal, ids)
@@ -236,13 +235,8 @@ def audit_events() -> Response:
     """The audit trail, newest first (reading it is itself audited)."""
     principal = _manager()
     args = request.args
-    try:
-        limit = min(int(args.get("limit", "100")), 1000)
-        offset = int(args.get("offset", "0"))
-    except ValueError as exc:
-        raise UserError("limit and offset are numbers") from exc
-    if limit < 1 or offset < 0:
-        raise UserError("limit is at least 1 and offset at least 0")
+    limit = min(bounded_int(args.get("limit", "100"), "limit", low=1), 1000)
+    offset = bounded_int(args.get("offset", "0"), "offset")
     rows = list(audit.iter_events(db.session, who=args.get("who", "")[:200],
                                   study=args.get("study", "")[:64],
                                   event_id=args.get("event", "")[:16], limit=limit,

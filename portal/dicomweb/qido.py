@@ -18,6 +18,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from portal.index.models import Instance, Patient, Series, Study
+from portal.numbers import DB_INT_MIN, NumberError, bounded_int
 
 Level = Literal["study", "series", "instance"]
 MAX_RESULTS = 10_000
@@ -192,10 +193,13 @@ def _condition(key: Key, value: str, fuzzy: bool = False) -> ColumnElement[bool]
     if key.match == "uid":
         return key.column.in_(_uid_list(value))  # type: ignore[no-any-return]
     if key.match == "int":
+        # IS and US values fit 32 bits (PS3.5 6.2); a bigger one would overflow the query.
         try:
-            return key.column == int(value)  # type: ignore[no-any-return]
-        except ValueError as exc:
-            raise QueryError(f"{value!r} is not a number") from exc
+            number = bounded_int(value, keyword_for_tag(int(key.tag, 16)) or key.tag,
+                                 low=DB_INT_MIN)
+        except NumberError as exc:
+            raise QueryError(exc.description) from exc
+        return key.column == number  # type: ignore[no-any-return]
     if key.match == "modality":
         wanted = _uid_list(value)
         if len(wanted) == 1 and ("*" in value or "?" in value):
@@ -237,11 +241,9 @@ def parse_query(args: Mapping[str, Sequence[str]], level: Level) -> Query:
     for name, values in args.items():
         if name in ("limit", "offset"):
             try:
-                number = int(values[-1])
-            except ValueError as exc:
-                raise QueryError(f"{name} must be a whole number") from exc
-            if number < 0:
-                raise QueryError(f"{name} must not be negative")
+                number = bounded_int(values[-1], name)
+            except NumberError as exc:
+                raise QueryError(exc.description) from exc
             if name == "limit":
                 query.capped = not number or number > MAX_RESULTS
                 query.limit = min(number, MAX_RESULTS) if number else MAX_RESULTS

@@ -59,7 +59,7 @@ def _json(payload: Any, status: int = 200, warnings: list[str] | None = None) ->
     response = Response(json.dumps(payload, separators=(",", ":")), status=status,
                         mimetype=DICOM_JSON)
     for text in warnings or []:
-        response.headers.add("Warning", f'299 portal "{text}"')
+        stow.add_warning(response, text)
     return response
 
 

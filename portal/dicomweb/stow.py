@@ -97,9 +97,17 @@ def _answer(stored: list[Stored], failed: list[tuple[Rejected, int]], already: i
     response = Response(json.dumps(payload, separators=(",", ":")), status=status,
                         mimetype="application/dicom+json")
     for exc, number in failed[:50]:
-        reason = exc.reason.replace('"', "'")[:200]
-        response.headers.add("Warning", f'299 portal "part {number}: {reason}"')
+        add_warning(response, f"part {number}: {exc.reason}")
     if already:
-        response.headers.add("Warning", f'299 portal "{already} instance(s) were already '
-                                        'stored; kept one copy"')
+        add_warning(response, f"{already} instance(s) were already stored; kept one copy")
     return response
+
+
+def add_warning(response: Response, text: str) -> None:
+    """Add a ``Warning: 299 portal "..."`` header as PS3.18 answers use it."""
+    # The text often quotes the client (a part's Content-Type), so only printable ASCII goes
+    # in: a CR would split the header (werkzeug raises) and NUL, ESC or DEL make gunicorn
+    # fail the whole answer; quotes and backslashes would end or escape the quoted text.
+    safe = "".join(c if " " <= c <= "~" else "?" for c in text[:200])
+    safe = safe.replace("\\", "/").replace('"', "'")
+    response.headers.add("Warning", f'299 portal "{safe}"')

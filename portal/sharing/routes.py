@@ -410,6 +410,9 @@ def send(public_id: str) -> Response:
     pin = form.get("pin") or None
     try:
         link = service.get_link(db.session, principal, public_id)
+    except service.ShareError:
+        abort(404)  # missing, or a link this person may not manage: the same answer
+    try:
         deliver(link, token=form.get("token", ""), pin=pin, channel=form.get("channel", ""),
                 to=form.get("to", ""), what="pin" if form.get("what") == "pin" else "link")
     except (service.ShareError, delivery.DeliveryFailed) as exc:
