@@ -6,9 +6,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, ForeignKey, Integer, String, UniqueConstraint, func
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column, relationship, validates
 
 from portal.db import Base, UTCDateTime
+from portal.index.names import SEARCH_LENGTH, name_search_text
 
 
 class Patient(Base):
@@ -23,8 +24,16 @@ class Patient(Base):
     patient_name: Mapped[str] = mapped_column(String(324), default="", index=True)
     patient_birth_date: Mapped[str] = mapped_column(String(8), default="")
     patient_sex: Mapped[str] = mapped_column(String(16), default="")
+    # The name's words folded for search (see names.name_search_text), kept with the name.
+    name_search: Mapped[str] = mapped_column(String(SEARCH_LENGTH), default="")
 
     studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+    @validates("patient_name")
+    def _keep_name_search(self, _key: str, value: str) -> str:
+        """Whoever sets the name also sets what the study search matches."""
+        self.name_search = name_search_text(value)
+        return value
 
 
 class Study(Base):

@@ -12,6 +12,8 @@ import re
 
 from pydicom.dataset import Dataset
 
+from portal.index.names import person_name
+
 _SPACES = re.compile(r"\s+")
 
 
@@ -25,6 +27,15 @@ def name_key(person_name: str) -> str | None:
         return None
     given = given.split(" ")[0] if given else ""
     return f"name:{family}^{given}" if given else f"name:{family}"
+
+
+def key_label(key: str) -> str:
+    """A key as an office manager reads it: a name key as the name is written
+    ("name:HOUSE^GREGORY" -> "GREGORY HOUSE"), other keys unchanged."""
+    kind, sep, rest = key.partition(":")
+    if sep and kind == "name":
+        return person_name(rest) or key
+    return key
 
 
 def identifier_key(scheme: str, value: str) -> str | None:

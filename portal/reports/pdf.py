@@ -5,6 +5,7 @@ from __future__ import annotations
 from fpdf import FPDF
 
 from portal.index.models import Study
+from portal.index.names import person_name
 from portal.reports.models import Report
 
 
@@ -23,7 +24,7 @@ def report_pdf(report: Report, study: Study) -> bytes:
     pdf.multi_cell(0, 8, _latin(report.title or study.study_description
                                 or "Radiology report"), new_x="LMARGIN", new_y="NEXT")
     pdf.set_font("Helvetica", "", 10)
-    facts = [("Patient", f"{study.patient.patient_name.replace('^', ' ')} "
+    facts = [("Patient", f"{person_name(study.patient.patient_name)} "
                          f"({study.patient.patient_id})"),
              ("Study date", study.study_date), ("Accession", study.accession_number),
              ("Status", report.status + (f", version {report.version}"

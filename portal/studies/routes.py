@@ -25,6 +25,8 @@ from portal.access.principal import Principal, current_principal
 from portal.archive import current_archive
 from portal.db import db
 from portal.imaging.cache import series_window
+from portal.index.names import person_name
+from portal.index.referrers import key_label
 from portal.reports.service import unread_studies
 from portal.studies import export
 from portal.studies.service import (
@@ -40,6 +42,9 @@ from portal.studies.service import (
 from portal.studies.viewer import describe_series, file_windows
 
 bp = Blueprint("studies", __name__)
+# Every page shows DICOM person names through this one filter ("Dr Gregory House").
+bp.add_app_template_filter(person_name, "person_name")
+bp.add_app_template_filter(key_label, "referrer_key")
 
 _DATE = re.compile(r"^\d{4}-?\d{2}-?\d{2}$")
 

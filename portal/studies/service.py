@@ -9,7 +9,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from portal.access.policy import (
@@ -20,6 +20,7 @@ from portal.access.policy import (
 )
 from portal.access.principal import Principal
 from portal.index.models import Instance, Patient, Series, Study
+from portal.index.names import search_words
 from portal.reports.service import unread_report_condition
 
 PAGE_SIZE = 25
@@ -47,9 +48,29 @@ class StudySearch:
                     or self.new_report)
 
 
+MAX_WORDS = 8
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def _like(text: str) -> str:
-    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return f"%{escaped.lower()}%"
+    return f"%{_escape(text.lower())}%"
+
+
+def _text_condition(text: str) -> ColumnElement[bool]:
+    """A name whose words each begin with one of the query's words, in any order, ignoring
+    case and accents ("john doe", "Doe John", "muller" for "Doe^John", "Müller^Hans"); or a
+    patient ID or accession number containing the text."""
+    pattern = _like(text)
+    conditions = [func.lower(Patient.patient_id).like(pattern, escape="\\"),
+                  func.lower(Study.accession_number).like(pattern, escape="\\")]
+    words = search_words(text)[:MAX_WORDS]
+    if words:
+        conditions.append(and_(*(Patient.name_search.like(f"% {_escape(w)}%", escape="\\")
+                                 for w in words)))
+    return or_(*conditions)
 
 
 def search_studies(session: Session, principal: Principal,
@@ -58,10 +79,7 @@ def search_studies(session: Session, principal: Principal,
     stmt = (select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
             .where(study_filter(principal)))
     if search.text:
-        pattern = _like(search.text.strip()[:64])
-        stmt = stmt.where(or_(func.lower(Patient.patient_name).like(pattern, escape="\\"),
-                              func.lower(Patient.patient_id).like(pattern, escape="\\"),
-                              func.lower(Study.accession_number).like(pattern, escape="\\")))
+        stmt = stmt.where(_text_condition(search.text.strip()[:64]))
     if search.date_from:
         stmt = stmt.where(Study.study_date >= search.date_from.replace("-", ""))
     if search.date_to:
