@@ -88,6 +88,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("OIDC_CLIENT_ID", _as_optional_str, None, "OpenID Connect client id"),
     Setting("OIDC_CLIENT_SECRET", _as_optional_str, None, "OpenID Connect client secret"),
     Setting("OIDC_AUDIENCE", _as_optional_str, None, "accepted token audiences, comma list"),
+    Setting("OIDC_ACCEPT_UNPROVEN_AUDIENCE", _as_bool, False,
+            "accept opaque bearer tokens only userinfo can check (whose audience is unproven)"),
     Setting("OIDC_ROLES_CLAIM", _as_optional_str, None, "ID-token claim holding portal roles"),
     Setting("SESSION_IDLE_MINUTES", int, 15, "staff sessions end after this much inactivity"),
     Setting("SESSION_ABSOLUTE_HOURS", int, 12, "staff sessions end this long after sign-in"),

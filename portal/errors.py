@@ -40,9 +40,12 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
-        headers = dict(exc.get_headers()) if exc.response is None else {}
-        headers.pop("Content-Type", None)
-        return error_response(exc.code or 500, exc.description or exc.name, headers)
+        response = error_response(exc.code or 500, exc.description or exc.name)
+        # Added one by one: a 401 carries two WWW-Authenticate challenges (Bearer and Basic).
+        for key, value in exc.get_headers() if exc.response is None else []:
+            if key != "Content-Type":
+                response.headers.add(key, value)
+        return response
 
     @app.errorhandler(ArchiveUnavailable)
     def _unavailable(exc: ArchiveUnavailable) -> Response:

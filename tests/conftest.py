@@ -358,9 +358,11 @@ def signed_in(app: Flask, idp: IdentityProvider, sub: str) -> FlaskClient:
     return client
 
 
-def access_token(app: Flask, idp: IdentityProvider, sub: str) -> str:
+def access_token(app: Flask, idp: IdentityProvider, sub: str,
+                 client: tuple[str, str] = ("portal-test", "portal-test-secret")) -> str:
     """An access token for ``sub`` as a script with its own client would get one: the code
-    flow with PKCE at the provider, then its token endpoint."""
+    flow with PKCE at the provider, then its token endpoint (``client``: id and secret of
+    the application it is issued to)."""
     import base64
     import hashlib
     import secrets
@@ -373,7 +375,7 @@ def access_token(app: Flask, idp: IdentityProvider, sub: str) -> str:
     verifier = secrets.token_urlsafe(48)
     challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()
                                          ).rstrip(b"=").decode()
-    params = {"client_id": "portal-test", "redirect_uri": redirect_uri,
+    params = {"client_id": client[0], "redirect_uri": redirect_uri,
               "response_type": "code", "scope": "openid email", "state": "s", "nonce": "n",
               "code_challenge": challenge, "code_challenge_method": "S256"}
     chosen = requests.post(f"{idp.issuer}/oauth2/authorize", params=params,
@@ -381,7 +383,7 @@ def access_token(app: Flask, idp: IdentityProvider, sub: str) -> str:
     code = parse_qs(urlsplit(chosen.headers["Location"]).query)["code"][0]
     answer = requests.post(f"{idp.issuer}/oauth2/token", data={
         "grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
-        "code_verifier": verifier}, auth=("portal-test", "portal-test-secret"), timeout=10)
+        "code_verifier": verifier}, auth=client, timeout=10)
     return str(answer.json()["access_token"])
 
 

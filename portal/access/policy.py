@@ -277,10 +277,13 @@ def init_app(app: Flask) -> None:
                                   "scheme": scheme if scheme in ("basic", "bearer") else "other"})
         if request.path.startswith(("/dicomweb", "/api", "/fhir")) or \
                 request.headers.get("Authorization"):
+            from portal.auth.bearer import challenge
+
+            bearer = challenge()  # says why a bearer token was refused (RFC 6750)
             raise Unauthorized(
-                "sign in, or send a bearer token or a registered client's credentials",
-                www_authenticate=[WWWAuthenticate("bearer", {"realm": "portal"}),
-                                  WWWAuthenticate("basic", {"realm": "portal"})])
+                bearer.get("error_description")
+                or "sign in, or send a bearer token or a registered client's credentials",
+                www_authenticate=[bearer, WWWAuthenticate("basic", {"realm": "portal"})])
         if request.method == "GET":
             return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
         raise Unauthorized("please sign in again")

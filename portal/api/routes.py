@@ -42,14 +42,16 @@ def _manager() -> Principal:
 
 @bp.before_request
 def _recent_sign_in_for_changes() -> Response | None:
-    """Changes from a browser session need a recent, strong sign-in, as on the console's
-    pages (SECURITY.md 8); the answer names where to sign in again."""
+    """Changes from a browser session or a bearer token need a recent, strong sign-in, as on
+    the console's pages (SECURITY.md 8); the answer names where to sign in again (for a
+    token, RFC 9470's challenge). Machine clients (HTTP Basic) are no people: not asked."""
     principal = current_principal()
-    if request.method not in UNSAFE_METHODS or principal is None or principal.via != "session":
+    if request.method not in UNSAFE_METHODS or principal is None \
+            or principal.via not in ("session", "bearer"):
         return None
     again = require_recent_sign_in("sharing.my_links")
-    if again is None:
-        return None
+    if again is None or principal.via == "bearer":
+        return again
     response = jsonify(error="sign in again first (recent sign-in needed)", status=401,
                        login=again.headers["Location"])
     response.status_code = 401

@@ -7,6 +7,8 @@ with a public key) and keys from the issuer's JWKS, and an ID token with a subje
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -18,6 +20,8 @@ ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS
                                 "ES256", "ES384", "ES512", "EdDSA"})
 HTTP_TIMEOUT = 10
 SCOPES = "openid email profile"
+
+log = logging.getLogger(__name__)
 
 
 class SignInFailed(Exception):
@@ -56,6 +60,20 @@ def init_app(app: Flask) -> None:
         # but never answers would hold the sign-in request for ever ((c) OIDC provider down).
         client_kwargs={"scope": SCOPES, "code_challenge_method": "S256",
                        "default_timeout": HTTP_TIMEOUT})
+    if settings["OIDC_ACCEPT_UNPROVEN_AUDIENCE"]:
+        # Said once at start-up, without asking the provider anything: whoever runs the
+        # portal must know that tokens other applications received may be replayed here.
+        log.warning("PORTAL_OIDC_ACCEPT_UNPROVEN_AUDIENCE is on: an opaque bearer token the "
+                    "provider cannot introspect is accepted on its userinfo answer, so a token "
+                    "issued to another application of the same provider works here too")
+
+
+def multi_factor(claims: Mapping[str, Any]) -> bool:
+    """True when the claims' ``acr`` or ``amr`` names one of OIDC_MFA_VALUES (none set: False)."""
+    wanted = set(current_app.config["PORTAL"]["OIDC_MFA_VALUES"])
+    methods = claims.get("amr") if isinstance(claims.get("amr"), list) else []
+    return bool(wanted) and (str(claims.get("acr", "")) in wanted
+                             or bool(wanted & {str(m) for m in methods}))
 
 
 def provider() -> Any:
@@ -134,10 +152,7 @@ def complete_sign_in(roles_claim: str | None) -> Identity:
     auth_time = claims.get("auth_time")
     when = (datetime.fromtimestamp(int(auth_time), UTC) if isinstance(auth_time, int | float)
             else datetime.now(UTC))
-    wanted = set(current_app.config["PORTAL"]["OIDC_MFA_VALUES"])
-    methods = claims.get("amr") if isinstance(claims.get("amr"), list) else []
-    mfa = bool(wanted) and (str(claims.get("acr", "")) in wanted
-                            or bool(wanted & {str(m) for m in methods}))
+    mfa = multi_factor(claims)
     phone = claims.get("phone_number")
     verified = claims.get("phone_number_verified") is True
     return Identity(issuer=str(claims["iss"]), subject=str(claims["sub"])[:256],

@@ -204,6 +204,9 @@ def test_deactivation_ends_every_session_at_once(oidc_app: Flask, idp: IdentityP
 
 def test_bearer_access_tokens_from_the_issuer_work_for_dicomweb(
         oidc_app: Flask, idp: IdentityProvider) -> None:
+    # The mock provider offers no introspection: only an opt-in accepts its opaque tokens
+    # (tests/security/test_attacks_bearer.py shows they are refused by default).
+    oidc_app.config["PORTAL"]["OIDC_ACCEPT_UNPROVEN_AUDIENCE"] = True
     token = access_token(oidc_app, idp, "script-user")
     client = oidc_app.test_client()
     ok = client.get("/dicomweb/studies", headers={"Authorization": f"Bearer {token}"})

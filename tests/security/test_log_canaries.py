@@ -74,7 +74,7 @@ def test_no_secret_of_a_full_visit_reaches_any_log(tmp_path: Path,
            "PORTAL_SECRET_KEY": "test-secret-key-that-is-long-enough-123456",
            "PORTAL_BIND": f"127.0.0.1:{port}", "PORTAL_WORKERS": "1",
            "PORTAL_LOG_LEVEL": "DEBUG", "PORTAL_RENDER_ISOLATION": "false",
-           "PORTAL_OIDC_ISSUER": idp.issuer,
+           "PORTAL_OIDC_ISSUER": idp.issuer, "PORTAL_OIDC_ACCEPT_UNPROVEN_AUDIENCE": "true",
            **{f"PORTAL_{k}": v for k, v in OIDC_SETTINGS.items()}}
     with stderr_path.open("w") as stderr:
         server = subprocess.Popen(
