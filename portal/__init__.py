@@ -47,6 +47,9 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     log.init_app(app)
     security.init_app(app)
     Database().init_app(app, config_module.database_url(settings))
+    from portal.access import audit
+
+    audit.init_app(app)  # signed checkpoints of the audit trail's end, when configured
     app.session_interface = DatabaseSessionInterface(
         idle=timedelta(minutes=settings["SESSION_IDLE_MINUTES"]),
         absolute=timedelta(hours=settings["SESSION_ABSOLUTE_HOURS"]))

@@ -156,6 +156,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("AUDIT_SYSLOG_URL", _as_optional_str, None,
             "audit repository as tcp://host:port or tls://host:port (RFC 5424/5425)"),
     Setting("AUDIT_SYSLOG_CA", _as_optional_str, None, "PEM CA bundle for a tls:// repository"),
+    Setting("AUDIT_CHECKPOINT_KEY", _as_optional_str, None,
+            "HMAC key (32+ characters, never in the database) signing audit checkpoints"),
+    Setting("AUDIT_CHECKPOINT_FILE", _as_optional_str, None,
+            "append-only file of signed audit checkpoints; default in the instance folder"),
+    Setting("AUDIT_CHECKPOINT_EVERY", int, 100, "a signed checkpoint every this many records"),
     Setting("LOG_LEVEL", str, "INFO", "logging level"),
 )
 
@@ -354,6 +359,10 @@ def validate(config: dict[str, Any]) -> None:
     syslog = config["AUDIT_SYSLOG_URL"]
     if syslog and not syslog.startswith(("tcp://", "tls://")):
         raise ConfigError("AUDIT_SYSLOG_URL: must be tcp://host:port or tls://host:port")
+    if config["AUDIT_CHECKPOINT_KEY"] and len(config["AUDIT_CHECKPOINT_KEY"]) < 32:
+        raise ConfigError("AUDIT_CHECKPOINT_KEY: at least 32 characters (e.g. 64 hex digits)")
+    if not 1 <= config["AUDIT_CHECKPOINT_EVERY"] <= 1_000_000:
+        raise ConfigError("AUDIT_CHECKPOINT_EVERY: 1 to 1000000 records")
     if bool(config["DIMSE_TLS_CERT"]) != bool(config["DIMSE_TLS_KEY"]):
         raise ConfigError("DIMSE_TLS_CERT: set it together with DIMSE_TLS_KEY")
     for key in ("DIMSE_TLS_CERT", "DIMSE_TLS_KEY", "DIMSE_TLS_CA"):

@@ -4,20 +4,28 @@ octet-counted frames as RFC 5425 / RFC 6587 describe), and lock the table down o
 The audit table itself is the durable spool: ``forward`` sends every record after the last one
 the repository acknowledged (by TCP delivery) and moves that mark only after a batch is sent,
 so a repository that is down loses nothing: the next run sends what waited, once, in order.
+
+Every message carries the record's id (its sequence number) and hash, and forwarding ends
+with the newest signed checkpoint: what the repository holds anchors the end of the trail,
+and ``read_repository`` reads it back (one message a line, as syslog receivers write their
+log) for ``audit verify --repository``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from urllib.parse import urlsplit
 
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from portal.access.audit import Checkpoint, Checkpoints
 from portal.access.models import AuditEvent, AuditForward
 from portal.db import Database, utcnow
 
@@ -29,9 +37,19 @@ class ForwardFailed(Exception):
     """The audit repository could not be reached; nothing was marked as sent."""
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _sd_value(value: object) -> str:
-    """An RFC 5424 PARAM-VALUE: backslash, quote and bracket escaped."""
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+    """An RFC 5424 PARAM-VALUE: backslash, quote and bracket escaped; control characters
+    (a line break would split the message in the repository's log) shown as \\xNN."""
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _header(stamp: str, hostname: str, msgid: str) -> str:
+    priority = FACILITY_SECURITY * 8 + SEVERITY_NOTICE
+    return f"<{priority}>1 {stamp} {hostname[:255] or '-'} referrer-portal - {msgid}"
 
 
 def format_record(row: AuditEvent, hostname: str) -> bytes:
@@ -44,9 +62,43 @@ def format_record(row: AuditEvent, hostname: str) -> bytes:
     body = json.dumps({"event": [row.event_id, row.event_name], "details": row.details,
                        "patient": row.patient_id, "previous": row.previous_hash},
                       separators=(",", ":"), sort_keys=True, default=str)
-    priority = FACILITY_SECURITY * 8 + SEVERITY_NOTICE
-    header = f"<{priority}>1 {stamp} {hostname[:255] or '-'} referrer-portal - AUDIT"
+    header = _header(stamp, hostname, "AUDIT")
     return f"{header} [{ENTERPRISE} {data}] ".encode() + b"\xef\xbb\xbf" + body.encode()
+
+
+def format_checkpoint(checkpoint: Checkpoint, hostname: str) -> bytes:
+    """A signed checkpoint as an RFC 5424 message (MSGID CHECKPOINT, no body)."""
+    params = {"count": checkpoint.count, "id": checkpoint.record_id,
+              "hash": checkpoint.record_hash, "at": checkpoint.at, "mac": checkpoint.mac}
+    data = " ".join(f'{key}="{_sd_value(value)}"' for key, value in params.items())
+    stamp = checkpoint.at.replace("Z", ".000000Z")
+    return f"{_header(stamp, hostname, 'CHECKPOINT')} [{ENTERPRISE} {data}]".encode()
+
+
+_ELEMENT = re.compile(r"\[" + re.escape(ENTERPRISE) + r'((?: [A-Za-z]+="(?:[^"\\\]]|\\.)*")*)\]')
+_PARAM = re.compile(r'([A-Za-z]+)="((?:[^"\\\]]|\\.)*)"')
+
+
+def read_repository(path: Path) -> tuple[list[tuple[int, str]], list[Checkpoint]]:
+    """What the audit repository received, from its log file (one message a line, any
+    prefix the receiver adds): the (id, hash) of every record, and the checkpoints."""
+    records: list[tuple[int, str]] = []
+    checkpoints: list[Checkpoint] = []
+    with path.open("r", encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            element = _ELEMENT.search(line)
+            if element is None:
+                continue
+            params = {key: re.sub(r"\\(.)", r"\1", value)
+                      for key, value in _PARAM.findall(element.group(1))}
+            try:
+                if "mac" in params:
+                    checkpoints.append(Checkpoint.from_fields(params))
+                elif "id" in params and "hash" in params:
+                    records.append((int(params["id"]), params["hash"]))
+            except ValueError:
+                continue  # not one of ours
+    return records, checkpoints
 
 
 @contextmanager
@@ -80,10 +132,16 @@ def _mark(session: Session) -> AuditForward:
     return mark
 
 
+def _frame(message: bytes) -> bytes:
+    return f"{len(message)} ".encode() + message
+
+
 def forward(database: Database, url: str, *, ca_file: str | None = None,
-            batch: int = 500, timeout: float = 10.0) -> int:
-    """Send every record not yet forwarded; return how many were sent (ForwardFailed when
-    the repository cannot be reached: what was not sent stays waiting)."""
+            batch: int = 500, timeout: float = 10.0,
+            checkpoints: Checkpoints | None = None) -> int:
+    """Send every record not yet forwarded, then (when any was) the newest signed
+    checkpoint; return how many records were sent (ForwardFailed when the repository cannot
+    be reached: what was not sent stays waiting)."""
     hostname = socket.gethostname()
     sent = 0
     with _connection(url, ca_file, timeout) as sock:
@@ -94,12 +152,22 @@ def forward(database: Database, url: str, *, ca_file: str | None = None,
                                             .where(AuditEvent.id > mark.last_id)
                                             .order_by(AuditEvent.id).limit(batch)))
                 if not rows:
-                    return sent
+                    break
                 for row in rows:
-                    message = format_record(row, hostname)
-                    sock.sendall(f"{len(message)} ".encode() + message)
+                    sock.sendall(_frame(format_record(row, hostname)))
                 mark.last_id, mark.forwarded_at = rows[-1].id, utcnow()
                 sent += len(rows)
+        newest = checkpoints.newest() if checkpoints is not None and sent else None
+        if newest is not None:
+            sock.sendall(_frame(format_checkpoint(newest, hostname)))
+    return sent
+
+
+def send_checkpoint(url: str, checkpoint: Checkpoint, *, ca_file: str | None = None,
+                    timeout: float = 10.0) -> None:
+    """Send one checkpoint to the repository (ForwardFailed when it cannot be reached)."""
+    with _connection(url, ca_file, timeout) as sock:
+        sock.sendall(_frame(format_checkpoint(checkpoint, socket.gethostname())))
 
 
 PROTECT_SQL = ("REVOKE UPDATE, DELETE, TRUNCATE ON audit_event FROM {role}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 from flask import current_app
@@ -119,18 +120,71 @@ def audit_cli() -> None:
 
 
 @audit_cli.command("verify")
+@click.option("--repository", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="the audit repository's log (what AUDIT_SYSLOG_URL received): every record "
+                   "in it must still be in the database, unchanged")
 @with_appcontext
-def verify_audit_command() -> None:
-    """Recompute the hash chain; exit 1 if any record was changed or removed."""
-    from portal.access.audit import verify_chain
+def verify_audit_command(repository: Path | None) -> None:
+    """Recompute the hash chain and check its end against the signed checkpoints (and the
+    repository's log); exit 1 if any record was changed or removed."""
+    from portal.access.audit import checkpoints_from, verify_trail
+    from portal.access.audit_forward import read_repository
 
-    checked, bad = verify_chain(db.session)
-    if bad is None:
-        click.echo(f"audit trail intact: {checked} records")
-        return
-    where = "records were removed from the end" if bad == -1 else f"record {bad} was altered"
-    click.echo(f"audit trail BROKEN after {checked} good records: {where}")
-    sys.exit(1)
+    settings = current_app.config["PORTAL"]
+    received, received_checkpoints = read_repository(repository) if repository else (None, [])
+    verdict = verify_trail(db.session,
+                           checkpoints=checkpoints_from(settings, current_app.instance_path),
+                           received=received, received_checkpoints=received_checkpoints)
+    if repository is None and settings["AUDIT_SYSLOG_URL"]:
+        verdict.notes.append("pass --repository FILE (the repository's log) to compare the "
+                             "records with what AUDIT_SYSLOG_URL received")
+    if not verdict.problems:
+        click.echo(f"audit trail intact: {verdict.checked} records")
+    else:
+        click.echo(f"audit trail BROKEN ({verdict.checked} records in the database):")
+        for problem in verdict.problems:
+            click.echo(f"  - {problem}")
+    for note in verdict.notes:
+        click.echo(f"note: {note}", err=True)
+    if verdict.problems:
+        sys.exit(1)
+
+
+@audit_cli.command("checkpoint")
+@click.option("--watch", type=click.IntRange(0, 86400), default=0,
+              help="sign a checkpoint every this many seconds (0: once)")
+@with_appcontext
+def checkpoint_audit_command(watch: int) -> None:
+    """Sign the trail's current end with AUDIT_CHECKPOINT_KEY, append it to the checkpoint
+    file and send it to AUDIT_SYSLOG_URL when set."""
+    from portal.access.audit import CheckpointRefused, checkpoint_now, checkpoints_from
+    from portal.access.audit_forward import ForwardFailed, send_checkpoint
+    from portal.cli import run_repeatedly
+
+    settings = current_app.config["PORTAL"]
+    checkpoints = checkpoints_from(settings, current_app.instance_path)
+    if checkpoints is None:
+        click.echo("AUDIT_CHECKPOINT_KEY is not set", err=True)
+        sys.exit(1)
+    database = db._get_current_object()  # type: ignore[attr-defined]
+
+    def step() -> None:
+        try:
+            checkpoint = checkpoint_now(database, checkpoints)
+        except CheckpointRefused as exc:
+            click.echo(f"no checkpoint: {exc}", err=True)
+            sys.exit(1)
+        if checkpoint is None:
+            click.echo("the audit trail is empty: nothing to sign yet")
+            return
+        click.echo(f"checkpoint: {checkpoint.count} records, newest {checkpoint.record_id} "
+                   f"({checkpoint.at})")
+        if settings["AUDIT_SYSLOG_URL"]:
+            send_checkpoint(settings["AUDIT_SYSLOG_URL"], checkpoint,
+                            ca_file=settings["AUDIT_SYSLOG_CA"])
+
+    run_repeatedly(step, ForwardFailed, every_seconds=watch, watch=bool(watch),
+                   failure="{}; the checkpoint is in the file and goes with the next forward")
 
 
 @audit_cli.command("forward")
@@ -139,6 +193,7 @@ def verify_audit_command() -> None:
 @with_appcontext
 def forward_audit_command(watch: int) -> None:
     """Send new audit records to AUDIT_SYSLOG_URL; what cannot be sent waits for next time."""
+    from portal.access.audit import checkpoints_from
     from portal.access.audit_forward import ForwardFailed, forward
     from portal.cli import run_repeatedly
 
@@ -148,8 +203,11 @@ def forward_audit_command(watch: int) -> None:
         sys.exit(1)
     database = db._get_current_object()  # type: ignore[attr-defined]
 
+    checkpoints = checkpoints_from(settings, current_app.instance_path)
+
     def step() -> None:
-        sent = forward(database, settings["AUDIT_SYSLOG_URL"], ca_file=settings["AUDIT_SYSLOG_CA"])
+        sent = forward(database, settings["AUDIT_SYSLOG_URL"], ca_file=settings["AUDIT_SYSLOG_CA"],
+                       checkpoints=checkpoints)
         click.echo(f"forwarded {sent} audit record(s)")
 
     run_repeatedly(step, ForwardFailed, every_seconds=watch, watch=bool(watch),

@@ -136,9 +136,14 @@ def import_sources(archive: Archive, sources: list[Source], who: str,
     summary = ImportSummary()
     for source in sources:
         try:
-            data = source.read()
-            if len(data) > archive.limits.max_instance_bytes:
-                raise Rejected("file is larger than the instance size limit", http_status=413)
+            try:
+                data = source.read()
+                if len(data) > archive.limits.max_instance_bytes:
+                    raise Rejected("file is larger than the instance size limit",
+                                   http_status=413)
+            except Rejected as exc:  # refused before ingest, which audits its own refusals
+                archive.record_rejections([(exc, None)], who=who, source_address="cli")
+                raise
             result = archive.ingest(data, who=who, source_address="cli")
             summary.counts[result.outcome] += 1
             if result.outcome == "stored":

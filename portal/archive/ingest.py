@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import time
 from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _ATTEMPTS = 5
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BATCH = 32  # index rows committed together in one STOW-RS request
 
 
@@ -80,7 +82,11 @@ class Archive:
         study before anything is written.
         """
         try:
-            prepared = self._prepare(data, expected_study_uid)
+            try:
+                prepared = self._prepare(data, expected_study_uid)
+            except Rejected as exc:
+                self.record_rejections([(exc, data)], who=who, source_address=source_address)
+                raise
             if isinstance(prepared, Stored):
                 return prepared
             return self._commit_one(prepared, who, source_address)
@@ -108,6 +114,10 @@ class Archive:
             else:
                 with ThreadPoolExecutor(max_workers=workers) as pool:
                     prepared = list(pool.map(prepare, items))
+            # Conflicts found later, at commit, record their own security alert.
+            self.record_rejections([(p, data) for p, data in zip(prepared, items, strict=True)
+                                    if isinstance(p, Rejected)],
+                                   who=who, source_address=source_address)
             results: list[Stored | Rejected | _Prepared] = list(prepared)
             pending = [i for i, p in enumerate(prepared) if isinstance(p, _Prepared)]
             for chunk_start in range(0, len(pending), _BATCH):
@@ -253,6 +263,32 @@ class Archive:
                     self.store.delete(key)
         except OperationalError:
             pass  # the start-up reaper removes unreferenced files
+
+    def record_rejections(self, rejected: Sequence[tuple[Rejected, bytes | None]], *, who: str,
+                          source_address: str) -> None:
+        """One 110107 Import failure record per refused file, all in one transaction.
+
+        The record holds the reason without the quoted data after its colon (a parser's
+        message may quote header values), the UIDs the file named and its SHA-256.
+        """
+        if not rejected:
+            return
+        try:
+            with self.database.write_transaction() as session:
+                for exc, data in rejected:
+                    details: dict[str, Any] = {
+                        "reason": _CONTROL.sub(" ", exc.reason.split(": ", 1)[0])[:160],
+                        "status": f"0x{exc.status:04X}"}
+                    if exc.sop_instance_uid:
+                        details["sop_instance_uid"] = exc.sop_instance_uid[:64]
+                    if data is not None:
+                        details["received_sha256"] = hashlib.sha256(data).hexdigest()
+                        details["size"] = len(data)
+                    audit.append(session, audit.IMPORT, action="C",
+                                 outcome=audit.OUTCOME_MINOR_FAILURE, who=who,
+                                 source_address=source_address, details=details)
+        except OperationalError:
+            log.error("could not record %d rejected upload(s)", len(rejected))
 
     def _alert(self, valid: ValidInstance, reason: str, who: str, source_address: str) -> None:
         try:

@@ -52,6 +52,9 @@ def store_request(principal: Principal, study_uid: str | None) -> Response:
             results[index] = Rejected(
                 f"part type {part.content_type[:64]} is not application/dicom",
                 CANNOT_UNDERSTAND)
+    archive.record_rejections([(r, bytes(parts[i].payload)) for i, r in enumerate(results)
+                               if isinstance(r, Rejected)], who=principal.audit_name,
+                              source_address=request.remote_addr or "")
     answers = archive.ingest_many([bytes(parts[i].payload) for i in dicom],
                                   who=principal.audit_name,
                                   source_address=request.remote_addr or "",

@@ -4,6 +4,7 @@ then delivered once, in order; on PostgreSQL the portal's role may only add and 
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
@@ -13,16 +14,21 @@ from pathlib import Path
 import psycopg
 import pytest
 from flask import Flask
+from sqlalchemy import select
 
 from portal.access import audit
+from portal.access.audit_forward import read_repository
+from portal.access.models import AuditEvent
 from tests.conftest import PostgresCluster, close_app, free_port, make_app
 
 
 class SyslogReceiver:
-    """A TCP syslog server on 127.0.0.1 that keeps every octet-counted message."""
+    """A TCP syslog server on 127.0.0.1 that keeps every octet-counted message (and, given a
+    ``log`` path, writes each one as a line, as a syslog daemon writes its file)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, log: Path | None = None) -> None:
         self.messages: list[str] = []
+        self.log = log
         self.server = socket.create_server(("127.0.0.1", port))
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
@@ -41,8 +47,19 @@ class SyslogReceiver:
                         length, _, rest = buffer.partition(b" ")
                         if len(rest) < int(length):
                             break
-                        self.messages.append(rest[:int(length)].decode("utf-8"))
+                        message = rest[:int(length)].decode("utf-8")
+                        self.messages.append(message)
+                        if self.log is not None:
+                            with self.log.open("a", encoding="utf-8") as fh:
+                                fh.write(f"{message}\n")
                         buffer = rest[int(length):]
+
+    def wait_for(self, count: int) -> None:
+        """Wait (up to 5 s) until at least ``count`` messages arrived."""
+        for _ in range(100):
+            if len(self.messages) >= count:
+                return
+            threading.Event().wait(0.05)
 
     def close(self) -> None:
         self.server.close()
@@ -127,3 +144,35 @@ def test_the_portal_role_may_only_add_and_read_audit_records(
             close_app(app_as_role)
     finally:
         close_app(app)
+
+
+def test_the_repository_receives_each_records_id_and_hash_and_the_signed_checkpoint(
+        tmp_path: Path) -> None:
+    port = free_port()
+    app = make_app(tmp_path / "instance", AUDIT_SYSLOG_URL=f"tcp://127.0.0.1:{port}",
+                   AUDIT_CHECKPOINT_KEY="k" * 40, AUDIT_CHECKPOINT_EVERY=2)
+    receiver = SyslogReceiver(port, log=tmp_path / "repository.log")
+    try:
+        record(app, 3)
+        audit.record(app.extensions["db"], audit.QUERY, action="E",
+                     outcome=audit.OUTCOME_SUCCESS, who="user:a\nforged line]")
+        assert forward_cli(app) == (0, "forwarded 4 audit record(s)\n")
+        receiver.wait_for(5)
+    finally:
+        receiver.close()
+        close_app(app)
+    assert len(receiver.messages) == 5
+    # A line break in a field cannot split a message in the repository's log.
+    assert 'who="user:a\\x0aforged line\\]"' in receiver.messages[3]
+    assert re.match(r'<85>1 \S+ \S+ referrer-portal - CHECKPOINT \[portal@32473 count="4" '
+                    r'id="4" hash="[0-9a-f]{64}" at="\S+Z" mac="[0-9a-f]{64}"\]$',
+                    receiver.messages[4]), receiver.messages[4]
+    records, checkpoints = read_repository(tmp_path / "repository.log")
+    with app.extensions["db"].new_session() as session:
+        expected = [(row.id, row.record_hash) for row in session.scalars(
+            select(AuditEvent).order_by(AuditEvent.id))]
+    assert records == expected and len(records) == 4
+    assert [(c.count, c.record_id, c.record_hash) for c in checkpoints] == [(4, *expected[3])]
+    # The same checkpoint is in the file outside the database, with the one for 2 records.
+    lines = (tmp_path / "instance" / "audit-checkpoints.log").read_text().splitlines()
+    assert [json.loads(line)["count"] for line in lines] == [2, 4]

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 from flask import Flask
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
@@ -22,15 +23,17 @@ from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.test import TestResponse
 
 from portal.access.grants import create_grant
-from portal.access.models import Grant
+from portal.access.models import Grant, User
 from portal.access.principal import Principal
 from portal.archive import current_archive
 from portal.auth.bearer import forget_cached_tokens
 from portal.sharing.models import ShareLink
 from tests.auth.test_forged_tokens import forge_app, forger  # noqa: F401 (fixtures)
+from tests.auth.test_login_form import _access_token, portal_and_provider  # noqa: F401
 from tests.conftest import (
     OIDC_SETTINGS,
     IdentityProvider,
+    LiveServer,
     access_token,
     add_person,
     basic_auth,
@@ -44,9 +47,12 @@ from tests.support.forging_idp import CLIENT_ID, ForgingProvider
 OTHER_APP = ("other-app", "the-other-applications-secret")
 
 
-def bearer_challenge(response: TestResponse) -> dict[str, str]:
+def bearer_challenge(response: TestResponse | requests.Response) -> dict[str, str]:
     """The parameters of the ``Bearer`` challenge of a 401 (empty when there is none)."""
-    for header in response.headers.getlist("WWW-Authenticate"):
+    # requests joins repeated headers into one line; urllib3 keeps them apart.
+    headers = response.raw.headers if isinstance(response, requests.Response) \
+        else response.headers
+    for header in headers.getlist("WWW-Authenticate"):
         parsed = WWWAuthenticate.from_header(header)
         if parsed is not None and parsed.type == "bearer":
             return {k: v for k, v in parsed.parameters.items() if v is not None}
@@ -238,3 +244,34 @@ def test_share_pages_ask_a_bearer_token_for_a_recent_sign_in_too(
     assert answer.status_code == 401
     assert bearer_challenge(answer)["error"] == "insufficient_user_authentication"
     assert count(forge_app, ShareLink) == 0
+
+
+def test_an_introspected_token_brings_the_sign_in_behind_it(
+        portal_and_provider: tuple[LiveServer, str]) -> None:  # noqa: F811
+    """npm oidc-provider: an opaque token whose introspection answer carries ``auth_time``,
+    ``acr`` and ``amr`` of the person's sign-in at its login form."""
+    server, issuer = portal_and_provider
+    app = server.app
+    study = generate_uid()
+    with app.app_context():
+        current_archive().ingest(make_instance(study=study), who="test")
+    admin = Principal("user", 0, "setup", roles=frozenset({"office_manager"}))
+    with app.extensions["db"].write_transaction() as session:
+        doctor = session.scalars(select(User).where(User.subject == "dr-form")).one()
+        create_grant(session, admin, user_id=doctor.id, study_uid=study)
+    token = _access_token(issuer, ("portal-form",
+                                   "a-long-test-secret-for-the-form-provider-0123456789",
+                                   f"{server.url}/auth/callback"))
+    headers = {"Authorization": f"Bearer {token}"}
+    made = requests.post(f"{server.url}/api/shares", json={"study_uid": study},
+                         headers=headers, timeout=30)
+    assert made.status_code == 201, made.text[:300]  # signed in seconds ago
+    # The password-only sign-in is not the multi-factor one the portal now asks for.
+    app.config["PORTAL"]["OIDC_MFA_VALUES"] = ["otp"]
+    refused = requests.post(f"{server.url}/api/shares", json={"study_uid": study},
+                            headers=headers, timeout=30)
+    assert refused.status_code == 401
+    challenge = bearer_challenge(refused)
+    assert challenge["error"] == "insufficient_user_authentication"
+    assert challenge["acr_values"] == "otp"
+    assert count(app, ShareLink) == 1

@@ -35,6 +35,13 @@ const provider = new Provider(issuer, {
   conformIdTokenClaims: false, // put profile claims in the ID token itself
   features: { devInteractions: { enabled: false }, rpInitiatedLogout: { enabled: true },
               introspection: { enabled: true } }, // RFC 7662, for opaque access tokens
+  // When (and how) the person signed in travels with the access token and so in the
+  // introspection answer, as Keycloak and others do; the portal needs it before a change.
+  async extraTokenClaims(ctx, token) {
+    const code = ctx?.oidc?.entities?.AuthorizationCode;
+    if (token.kind !== 'AccessToken' || !code) return undefined;
+    return { auth_time: code.authTime, acr: code.acr, amr: code.amr };
+  },
   interactions: { url: (ctx, interaction) => `/interaction/${interaction.uid}` },
   async findAccount(ctx, sub) {
     const user = users[sub];
