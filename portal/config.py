@@ -133,6 +133,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("HL7_ALLOWED_SENDERS", _as_list, [],
             "accepted senders as APPLICATION@address (MSH-3 and peer IP)"),
     Setting("HL7_MAX_BYTES", int, 1 << 20, "largest HL7 message accepted"),
+    Setting("HL7_TLS_CERT", _as_optional_str, None,
+            "PEM certificate (chain) of the HL7 listener: set with HL7_TLS_KEY, MLLP only over "
+            "TLS 1.2+"),
+    Setting("HL7_TLS_KEY", _as_optional_str, None, "PEM private key of the HL7 listener"),
+    Setting("HL7_TLS_CA", _as_optional_str, None,
+            "PEM CA bundle: when set, HL7 senders must present a certificate it signed"),
     Setting("REPORT_PATIENT_DELAY_HOURS", int, 0,
             "hours after a report is final before patients may read it (rules may add)"),
     # Share links (SECURITY.md 13-22): lifetimes can be lowered here, never raised past 30 days.
@@ -365,7 +371,10 @@ def validate(config: dict[str, Any]) -> None:
         raise ConfigError("AUDIT_CHECKPOINT_EVERY: 1 to 1000000 records")
     if bool(config["DIMSE_TLS_CERT"]) != bool(config["DIMSE_TLS_KEY"]):
         raise ConfigError("DIMSE_TLS_CERT: set it together with DIMSE_TLS_KEY")
-    for key in ("DIMSE_TLS_CERT", "DIMSE_TLS_KEY", "DIMSE_TLS_CA"):
+    if bool(config["HL7_TLS_CERT"]) != bool(config["HL7_TLS_KEY"]):
+        raise ConfigError("HL7_TLS_CERT: set it together with HL7_TLS_KEY")
+    for key in ("DIMSE_TLS_CERT", "DIMSE_TLS_KEY", "DIMSE_TLS_CA", "HL7_TLS_CERT", "HL7_TLS_KEY",
+                "HL7_TLS_CA"):
         if config[key] and not Path(config[key]).is_file():
             raise ConfigError(f"{key}: no such file {config[key]!r}")
     _check_archive(config)

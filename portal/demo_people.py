@@ -59,9 +59,17 @@ def demo_people() -> list[DemoPerson]:
 
 
 def demo_config(instance: Path) -> bool:
-    """Write instance/config.toml pointing at the demo provider, unless one exists."""
+    """Write instance/config.toml pointing at the demo provider and listing the demo's RIS as
+    an HL7 sender, unless one exists (a demo-written one lacking the sender gets it added)."""
+    from portal.reports.demo import DEMO_SENDER
+
     path = instance / "config.toml"
+    # The HL7 listener refuses everyone until senders are listed: the demo lists its own.
+    hl7 = f'\n[hl7]\nallowed_senders = ["{DEMO_SENDER}"]\n'
     if path.exists():
+        text = path.read_text()
+        if text.startswith("# Written by `flask --app app demo`") and "[hl7]" not in text:
+            path.write_text(text + hl7)
         return False
     path.write_text(
         "# Written by `flask --app app demo`: sign-in through the local demo provider.\n"
@@ -69,7 +77,7 @@ def demo_config(instance: Path) -> bool:
         f'issuer = "{DEMO_ISSUER}"\n'
         f'client_id = "{DEMO_CLIENT_ID}"\n'
         f'client_secret = "{DEMO_CLIENT_SECRET}"\n'
-        'roles_claim = "portal_roles"\n')
+        'roles_claim = "portal_roles"\n' + hl7)
     return True
 
 

@@ -25,15 +25,17 @@ def serve_command() -> None:
     """Receive ORU^R01, ORM^O01, OMI^O23 and SIU^S12-S15 over MLLP until interrupted."""
     from portal.db import db
     from portal.reports import inbound
-    from portal.reports.mllp import MllpServer
+    from portal.reports.mllp import MllpServer, tls_context
     from portal.reports.notify import notifier
 
     upgrade_database(current_app)
     settings = current_app.config["PORTAL"]
     allowed = inbound.parse_senders(settings["HL7_ALLOWED_SENDERS"])
     if not allowed:
-        click.echo("warning: HL7_ALLOWED_SENDERS is empty; messages from any sender are "
-                   "accepted on this address", err=True)
+        # Closed by default, like the DIMSE SCP: nobody is trusted until listed.
+        click.echo("warning: HL7_ALLOWED_SENDERS is empty: every message will be refused (AR, "
+                   "sender not allowed) until senders are listed as APPLICATION@address",
+                   err=True)
     database = db._get_current_object()  # type: ignore[attr-defined]
     notify = notifier(current_app._get_current_object())  # type: ignore[attr-defined]
 
@@ -42,9 +44,12 @@ def serve_command() -> None:
                               max_bytes=settings["HL7_MAX_BYTES"], oversized=oversized,
                               notify=notify)
 
+    tls = tls_context(settings["HL7_TLS_CERT"], settings["HL7_TLS_KEY"], settings["HL7_TLS_CA"])
     server = MllpServer((settings["HL7_HOST"], settings["HL7_PORT"]), on_message,
-                        settings["HL7_MAX_BYTES"])
-    click.echo(f"HL7 MLLP listener on {settings['HL7_HOST']}:{server.server_address[1]}",
+                        settings["HL7_MAX_BYTES"], tls)
+    secure = "" if tls is None else (
+        " (TLS 1.2+, client certificates required)" if settings["HL7_TLS_CA"] else " (TLS 1.2+)")
+    click.echo(f"HL7 MLLP listener on {settings['HL7_HOST']}:{server.server_address[1]}{secure}",
                err=True)
     try:
         server.serve_forever()

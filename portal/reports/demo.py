@@ -9,6 +9,10 @@ from portal.db import Database
 from portal.index.models import Patient, Study
 from portal.reports import inbound
 
+# The demo's own RIS: seed_reports sends as it, and `flask --app app demo` lists it in
+# HL7_ALLOWED_SENDERS (instance/config.toml) so the listener `make demo` starts accepts it.
+DEMO_SENDER = "DEMO-RIS@127.0.0.1"
+
 # accession -> result status and lines (IMP: marks the impression).
 DEMO_REPORTS: dict[str, list[tuple[str, list[str]]]] = {
     "DEMO24CT0117": [("F", [
@@ -52,5 +56,6 @@ def seed_reports(database: Database) -> int:
         for status, lines in versions:
             number += 1
             inbound.handle(oru(accession, patient_id, status, lines, number), database,
-                           peer_address="127.0.0.1", allowed=set(), max_bytes=1 << 20)
+                           peer_address="127.0.0.1", allowed=inbound.parse_senders([DEMO_SENDER]),
+                           max_bytes=1 << 20)
     return number

@@ -17,13 +17,17 @@ import binascii
 import logging
 from collections.abc import Callable
 
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from portal.access import audit
+from portal.access.models import ReferrerIdentifier, User
 from portal.config import name_at_address
 from portal.db import Database
+from portal.index.models import Patient, Study
 from portal.index.referrers import identifier_key, name_key
 from portal.reports import hl7
+from portal.reports.models import Order
 from portal.reports.service import (
     IncomingOrder,
     IncomingReport,
@@ -194,9 +198,121 @@ def _audit_received(session: Session, message: hl7.Message, peer_address: str,
                           "message": message.control_id})
 
 
+def _limited(column: str, value: str) -> str:
+    """``value`` cut to the length of an Order column, as ``receive_order`` stores it."""
+    return value[:Order.__table__.c[column].type.length or 64]
+
+
+def _order_audience(session: Session, incoming: IncomingOrder) -> tuple[list[User], list[int]]:
+    """Who may come to see which studies through this order message: the people linked to
+    its ordering provider or to that of any order it may update, and the studies matching
+    any of their accession numbers and patients (a superset, checked before and after)."""
+    numbers = [(getattr(Order, name), _limited(name, getattr(incoming, name)))
+               for name in ("filler_order_number", "placer_order_number", "accession_number")]
+    matching = [column == value for column, value in numbers if value]
+    updated = list(session.scalars(select(Order).where(or_(*matching)))) if matching else []
+    keys = {o.ordering_provider_key for o in updated}
+    keys.add(_limited("ordering_provider_key", incoming.ordering_provider_key))
+    accessions = {o.accession_number for o in updated}
+    accessions.add(_limited("accession_number", incoming.accession_number))
+    patients = {o.patient_id for o in updated} | {_limited("patient_id", incoming.patient_id)}
+    keys.discard("")
+    accessions.discard("")
+    if not keys or not accessions:
+        return [], []
+    users = list(session.scalars(
+        select(User).join(ReferrerIdentifier, ReferrerIdentifier.user_fk == User.id)
+        .where(ReferrerIdentifier.key.in_(sorted(keys)), User.active.is_(True))
+        .order_by(User.id)).unique())
+    studies = list(session.scalars(
+        select(Study.id).join(Patient, Patient.id == Study.patient_fk)
+        .where(Study.accession_number.in_(sorted(accessions)),
+               Patient.patient_id.in_(sorted(patients))))) if users else []
+    return users, studies
+
+
+def _visible(session: Session, users: list[User], studies: list[int]) -> set[tuple[int, int]]:
+    """(user id, study id) pairs among these that the access policy lets the user see now."""
+    from portal.access.policy import study_filter  # the policy imports this package's models
+    from portal.access.principal import user_principal
+
+    if not studies:
+        return set()
+    seen: set[tuple[int, int]] = set()
+    for user in users:
+        principal = user_principal(user, "session")
+        seen.update((user.id, study_id) for study_id in session.scalars(
+            select(Study.id).where(Study.id.in_(studies), study_filter(principal))))
+    return seen
+
+
+def _audit_order_grants(session: Session, message: hl7.Message, peer_address: str,
+                        order: Order, users: list[User], gained: set[tuple[int, int]]) -> None:
+    """An order that lets a physician see a study he could not see before is a grant, made by
+    the sending system: audited as the console audits grants (110113 with 110135)."""
+    kind, trigger = message.message_type
+    people = {user.id: user for user in users}
+    for user_id, study_id in sorted(gained):
+        study = session.get(Study, study_id)
+        if study is None:
+            continue
+        user = people[user_id]
+        audit.append(session, audit.SECURITY_ALERT, action="U", outcome=audit.OUTCOME_SUCCESS,
+                     who=f"hl7:{message.sending_application[:64]}",
+                     source_address=peer_address, study_instance_uid=study.study_instance_uid,
+                     patient_id=study.patient.patient_id,
+                     details={"type": audit.OBJECT_SECURITY_CHANGED,
+                              "to": f"{user.issuer}|{user.subject}", "order": order.id,
+                              "reason": "named as ordering provider of the study's order",
+                              "via": f"hl7 {kind}^{trigger}", "message": message.control_id})
+
+
+def _receive_order(session: Session, message: hl7.Message, peer_address: str) -> Order:
+    """Store an order or appointment; audit it, and audit as a grant any study it opens."""
+    incoming = order_from_message(message)
+    users, studies = _order_audience(session, incoming)
+    before = _visible(session, users, studies)
+    order = receive_order(session, incoming)
+    _audit_received(session, message, peer_address, order.study_instance_uid,
+                    order.patient_id, {"order": order.id})
+    gained = _visible(session, users, studies) - before
+    if gained:
+        _audit_order_grants(session, message, peer_address, order, users, gained)
+    return order
+
+
+NOT_ALLOWED = "sender not allowed"
+
+
+def _refuse_sender(database: Database, message: hl7.Message | None, raw: bytes,
+                   peer_address: str) -> bytes:
+    """AR for a sender HL7_ALLOWED_SENDERS does not list, recorded as a security alert."""
+    header = _header_fields(raw)
+    sender = message.sending_application if message is not None else (
+        header[2].split(header[1][:1] or "^")[0] if len(header) > 2 else "")
+    control_id = message.control_id if message is not None else _control_id_of(raw)
+    log.warning("HL7 message from %r at %s refused: not an allowed sender", sender[:32],
+                peer_address)
+    try:
+        audit.record(database, audit.SECURITY_ALERT, action="E",
+                     outcome=audit.OUTCOME_MINOR_FAILURE, who=f"hl7:{sender[:64]}",
+                     source_address=peer_address,
+                     details={"type": "hl7 sender refused", "reason": NOT_ALLOWED,
+                              "message": control_id})
+    except Exception:  # the message is refused either way; the missing record is logged
+        log.exception("could not record a refused HL7 sender")
+    return hl7.acknowledgement(message, "AR", NOT_ALLOWED, control_id, "207")
+
+
 def handle(raw: bytes, database: Database, *, peer_address: str, allowed: set[tuple[str, str]],
            max_bytes: int, oversized: bool = False, notify: Notify | None = None) -> bytes:
-    """Process one framed message and return its acknowledgement (AA, AE or AR)."""
+    """Process one framed message and return its acknowledgement (AA, AE or AR).
+
+    Closed by default: with no allowed senders every message is refused, and a peer whose
+    address no entry names is refused before its message is even parsed.
+    """
+    if not any(address == peer_address for _, address in allowed):
+        return _refuse_sender(database, None, raw, peer_address)
     if oversized or len(raw) > max_bytes:
         return hl7.acknowledgement(None, "AR", f"the message is larger than {max_bytes} bytes",
                                    _control_id_of(raw), "100")
@@ -204,11 +320,8 @@ def handle(raw: bytes, database: Database, *, peer_address: str, allowed: set[tu
         message = hl7.parse(raw)
     except hl7.MessageRejected as exc:
         return hl7.acknowledgement(None, "AR", exc.reason, exc.control_id, "102")
-    sender = message.sending_application
-    if allowed and (sender.upper(), peer_address) not in allowed:
-        log.warning("HL7 message from %s@%s refused: not an allowed sender", sender[:32],
-                    peer_address)
-        return hl7.acknowledgement(message, "AR", "this sender is not allowed", error_code="207")
+    if (message.sending_application.upper(), peer_address) not in allowed:
+        return _refuse_sender(database, message, raw, peer_address)
     kind, trigger = message.message_type
     try:
         with database.write_transaction() as session:
@@ -225,9 +338,7 @@ def handle(raw: bytes, database: Database, *, peer_address: str, allowed: set[tu
                         ready.append(report.id)
             elif (kind, trigger) in (("ORM", "O01"), ("OMI", "O23")) or (
                     kind == "SIU" and trigger in ("S12", "S13", "S14", "S15")):
-                order = receive_order(session, order_from_message(message))
-                _audit_received(session, message, peer_address, order.study_instance_uid,
-                                order.patient_id, {"order": order.id})
+                _receive_order(session, message, peer_address)
                 ready = []
             else:
                 return hl7.acknowledgement(
@@ -248,11 +359,16 @@ def handle(raw: bytes, database: Database, *, peer_address: str, allowed: set[tu
     return hl7.acknowledgement(message, "AA")
 
 
-def _control_id_of(raw: bytes) -> str:
-    head = raw[:4096].split(b"\r", 1)[0].decode("ascii", errors="replace")
+def _header_fields(raw: bytes) -> list[str]:
+    """The MSH fields of an unparsed message, read leniently (["MSH", MSH-2, MSH-3, ...])."""
+    head = raw[:4096].lstrip().split(b"\r", 1)[0].decode("ascii", errors="replace")
     if not head.startswith("MSH") or len(head) < 4:
-        return ""
-    fields = head.split(head[3])
+        return []
+    return head.split(head[3])
+
+
+def _control_id_of(raw: bytes) -> str:
+    fields = _header_fields(raw)
     return fields[9][:64] if len(fields) > 9 else ""
 
 

@@ -2,7 +2,9 @@
 
 A threaded TCP server on the configured address. Each connection may carry many messages;
 a frame larger than the limit is read to its end without being kept, then answered AR; a
-peer that stays silent past the idle timeout is disconnected.
+peer that stays silent past the idle timeout is disconnected. With a TLS context every
+connection must complete a TLS 1.2+ handshake first (and, with a CA, show a certificate it
+signed); there is no plain fallback on that port.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import socketserver
+import ssl
 import threading
 from collections.abc import Callable
 
@@ -17,6 +20,7 @@ log = logging.getLogger(__name__)
 
 START, END = b"\x0b", b"\x1c\x0d"
 IDLE_TIMEOUT = 120.0
+HANDSHAKE_TIMEOUT = 30.0  # a peer that opens a connection and never finishes TLS is dropped
 
 Handler = Callable[[bytes, str, bool], bytes]
 
@@ -25,9 +29,28 @@ class _Connection(socketserver.BaseRequestHandler):
     server: MllpServer
 
     def handle(self) -> None:
+        """Handshake (with TLS), then answer each framed message until the peer leaves."""
         sock: socket.socket = self.request
-        sock.settimeout(IDLE_TIMEOUT)
         peer = self.client_address[0]
+        if self.server.tls is not None:
+            sock.settimeout(HANDSHAKE_TIMEOUT)
+            try:
+                # The handshake runs in this connection's thread, so a slow peer holds only it.
+                sock = self.server.tls.wrap_socket(sock, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("HL7 TLS handshake with %s failed: %s", peer,
+                            getattr(exc, "reason", None) or type(exc).__name__)
+                return
+            try:
+                self._serve(sock, peer)
+            finally:
+                sock.close()  # the wrapped socket: socketserver closes only the original
+            return
+        self._serve(sock, peer)
+
+    def _serve(self, sock: socket.socket, peer: str) -> None:
+        """Read MLLP frames and send one answer per frame."""
+        sock.settimeout(IDLE_TIMEOUT)
         buffer = b""
         in_frame, kept, overflow = False, bytearray(), False
         limit = self.server.max_bytes
@@ -75,9 +98,11 @@ class MllpServer(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], on_message: Handler, max_bytes: int) -> None:
+    def __init__(self, address: tuple[str, int], on_message: Handler, max_bytes: int,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.on_message = on_message
         self.max_bytes = max_bytes
+        self.tls = tls
         super().__init__(address, _Connection)
 
     def start(self) -> threading.Thread:
@@ -85,3 +110,20 @@ class MllpServer(socketserver.ThreadingTCPServer):
         thread = threading.Thread(target=self.serve_forever, name="mllp", daemon=True)
         thread.start()
         return thread
+
+
+def tls_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
+    """The listener's TLS context (TLS 1.2 or newer, no plain fallback), or None without a
+    certificate. With ``ca`` a sender must present a certificate signed by it (mutual TLS,
+    as for the DIMSE SCP); the sending-application and address checks still apply."""
+    if not cert:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    if ca:
+        context.load_verify_locations(ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    else:
+        context.verify_mode = ssl.CERT_NONE
+    return context

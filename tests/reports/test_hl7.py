@@ -14,6 +14,7 @@ import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from flask import Flask
@@ -479,3 +480,56 @@ def test_received_reports_orders_and_reads_are_audited(ris: Ris, idp: IdentityPr
     reads = [r for r in doctor_rows if r.event_id == "110103"
              and r.details.get("via") == "fhir"]
     assert reads and reads[0].study_instance_uid == study
+
+
+def test_an_empty_allow_list_refuses_every_message(ris: Ris) -> None:
+    """``handle`` with nobody listed (the default) refuses even a well-formed report from the
+    address the RIS normally uses, and stores nothing."""
+    accession = "Z" + generate_uid()[-8:]
+    answer = inbound.handle(oru(accession, "F", "IMP:Unlisted.").encode(),
+                            ris.app.extensions["db"], peer_address="127.0.0.1", allowed=set(),
+                            max_bytes=1 << 20)
+    assert msa(answer.decode()) == ("AR", "sender not allowed")
+    with ris.app.extensions["db"].new_session() as session:
+        assert session.scalars(select(Report).where(
+            Report.accession_number == accession)).first() is None
+
+
+def test_the_demo_lists_its_own_ris_and_its_reports_get_in(ris: Ris, tmp_path: Path) -> None:
+    """`flask --app app demo` writes HL7_ALLOWED_SENDERS for its RIS into config.toml (also
+    into a config.toml an earlier demo wrote), and its seeded reports pass the closed
+    listener's check."""
+    from portal.config import load_config
+    from portal.demo_people import demo_config
+    from portal.reports.demo import DEMO_SENDER, seed_reports
+
+    fresh, older = tmp_path / "fresh", tmp_path / "older"
+    fresh.mkdir()
+    older.mkdir()
+    (older / "config.toml").write_text(
+        "# Written by `flask --app app demo`: sign-in through the local demo provider.\n"
+        "[oidc]\nroles_claim = \"portal_roles\"\n")
+    assert demo_config(fresh) and not demo_config(older)
+    for instance in (fresh, older):
+        settings = load_config({"INSTANCE_PATH": str(instance)}, environ={})
+        assert settings["HL7_ALLOWED_SENDERS"] == [DEMO_SENDER] == ["DEMO-RIS@127.0.0.1"]
+    study = store_study(ris.app, "DEMO25DX0042", patient="DEMO-P")
+    assert seed_reports(ris.app.extensions["db"]) == 1
+    with ris.app.extensions["db"].new_session() as session:
+        report = session.scalars(select(Report).where(
+            Report.accession_number == "DEMO25DX0042")).one()
+    assert report.impression == "No acute disease." and report.study_instance_uid in ("", study)
+
+
+def test_hl7_tls_settings_must_come_in_pairs(tmp_path: Path) -> None:
+    from portal.config import ConfigError, load_config
+
+    cert = tmp_path / "listener.crt"
+    cert.write_text("not read at load time")
+    for environ, named in (({"PORTAL_HL7_TLS_CERT": str(cert)}, "HL7_TLS_CERT"),
+                           ({"PORTAL_HL7_TLS_CERT": str(cert),
+                             "PORTAL_HL7_TLS_KEY": str(tmp_path / "missing.key")},
+                            "HL7_TLS_KEY")):
+        with pytest.raises(ConfigError) as info:
+            load_config({"INSTANCE_PATH": str(tmp_path)}, environ=environ)
+        assert str(info.value).startswith(named)
