@@ -142,6 +142,15 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
+TRANSPORT_SCHEME = "portal.transport_scheme"  # the WSGI environ key PublicHost fills
+
+
+def arrived_over_https() -> bool:
+    """True when this request came over TLS: to gunicorn itself, or to the trusted proxy
+    that said so in X-Forwarded-Proto (PUBLIC_URL's scheme does not count)."""
+    return request.environ.get(TRANSPORT_SCHEME, request.scheme) == "https"
+
+
 class PublicHost:
     """WSGI middleware: every request is taken to have come to ``PUBLIC_URL``'s scheme, host
     and path prefix, whatever Host header it carried, so no absolute URL the portal builds (DICOMweb
@@ -155,6 +164,9 @@ class PublicHost:
         self.prefix = parts.path.rstrip("/")  # a proxy that serves the portal below a path
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
+        # How the request really arrived (after a trusted proxy's X-Forwarded-Proto): the
+        # public scheme below is for building URLs, not a claim that this hop was encrypted.
+        environ[TRANSPORT_SCHEME] = environ.get("wsgi.url_scheme", "http")
         environ["HTTP_HOST"] = self.host
         environ["wsgi.url_scheme"] = self.scheme
         if self.prefix:
@@ -221,7 +233,10 @@ def init_app(app: Flask) -> None:
             f"style-src 'self' 'nonce-{nonce}'; img-src 'self' data: blob:; "
             f"connect-src 'self'; object-src 'none'; base-uri 'none'; form-action {form_targets}; "
             "frame-ancestors 'none'")
-        headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
+        if arrived_over_https():
+            # RFC 6797 7.2: over secure transport only. A browser ignores it on plain HTTP
+            # (8.1), so sending it there would only make a plain-HTTP answer look protected.
+            headers["Strict-Transport-Security"] = "max-age=31536000; includeSubDomains"
         headers["X-Content-Type-Options"] = "nosniff"
         headers["Referrer-Policy"] = "no-referrer"
         headers["Cross-Origin-Opener-Policy"] = "same-origin"

@@ -40,7 +40,8 @@ def test_security_headers_on_every_kind_of_response(client: FlaskClient,
     nonces = set()
     for path, headers in (("/", {}), ("/healthz", {}), ("/no-such-page", {}),
                           ("/dicomweb/studies", {}), ("/dicomweb/studies", auth)):
-        response = client.get(path, headers=headers)
+        # Over https: HSTS is sent only there (tests/security/test_attacks_limits.py).
+        response = client.get(path, headers=headers, base_url="https://localhost")
         csp = response.headers["Content-Security-Policy"]
         for directive in ("object-src 'none'", "base-uri 'none'", "frame-ancestors 'none'"):
             assert directive in csp

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from portal.db import Base, UTCDateTime
@@ -80,3 +80,16 @@ class ShareSession(Base):
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     source_address: Mapped[str] = mapped_column(String(64), default="")
     device_class: Mapped[str] = mapped_column(String(16), default="")
+
+
+class RateLimitCount(Base):
+    """Hits of one rate-limit key in one fixed window, where every worker and node sees them
+    (when there is no Redis, or while it is down; SECURITY.md 51)."""
+
+    __tablename__ = "rate_limit_count"
+
+    # The limit's key and its window length, e.g. "share-exchange:192.0.2.7/600".
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    # Start of the window, in seconds since the epoch (a multiple of the window length).
+    window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True, index=True)
+    hits: Mapped[int] = mapped_column(Integer, default=0)

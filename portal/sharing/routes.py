@@ -99,9 +99,12 @@ def _recent_sign_in() -> Response | None:
 
 def within_creation_limit(principal: Principal) -> bool:
     """Count one new link of this person; False past SHARE_CREATE_PER_HOUR (SECURITY.md 22)."""
+    # Counted in the request's transaction when in the database: the new link's rows are
+    # already written there (a second SQLite writer would wait for it), and a refused or
+    # failed creation then takes its count back with it.
     return rate_limiter().hit(f"share-create:{principal.id}",
                               limit=current_app.config["PORTAL"]["SHARE_CREATE_PER_HOUR"],
-                              window=3600)
+                              window=3600, session=db.session())
 
 
 def unavailable() -> Response:
@@ -168,8 +171,10 @@ def exchange() -> Response:
     """Exchange the token (and PIN) for a share session, then leave the token behind."""
     settings = current_app.config["PORTAL"]
     limiter, everyone = rate_limiter(), settings["SHARE_FAILED_OPENINGS"]
-    if limiter.count(FAILED_OPENINGS, window=600, add=0) > everyone:
-        return too_many()  # links are being guessed from many addresses: everyone waits
+    # Links are being guessed from many addresses: openings that find no open link wait.
+    # A link that exists still reaches its PIN check (its own lock guards it), so guessers
+    # cannot lock every patient out (SECURITY.md 51).
+    crowded = limiter.count(FAILED_OPENINGS, window=600, add=0) > everyone
     mine = limiter.count(f"share-exchange:{address_key(_address())}", window=600)
     if mine > settings["SHARE_ATTEMPTS_PER_ADDRESS"]:
         if mine == settings["SHARE_ATTEMPTS_PER_ADDRESS"] + 1:
@@ -180,8 +185,11 @@ def exchange() -> Response:
     device = delivery.device_class(request.headers.get("User-Agent", ""))
     try:
         exchanged = service.exchange(db, share_policy(), token=token, pin=pin,
-                                     address=_address(), device=device)
+                                     address=_address(), device=device,
+                                     record_unavailable=not crowded)
     except service.LinkUnavailable:
+        if crowded:  # unknown and ended links alike (SECURITY.md 16)
+            return too_many()
         if limiter.count(FAILED_OPENINGS, window=600) == everyone + 1:
             _guessing_alert("unknown or ended links were opened from many addresses")
         return unavailable()

@@ -380,11 +380,13 @@ def find_link(database: Database, token: str) -> ShareLink | None:
 
 
 def exchange(database: Database, policy: SharePolicy, *, token: str, pin: str,
-             address: str, device: str) -> Exchanged:
+             address: str, device: str, record_unavailable: bool = True) -> Exchanged:
     """Exchange a link (and its PIN) for a share session.
 
     Raises LinkUnavailable (unknown, expired, pending, revoked, locked: one answer),
-    PinRequired, WrongPin or LinkLocked. Each attempt is counted by an atomic UPDATE before
+    PinRequired, WrongPin or LinkLocked. ``record_unavailable`` False: an unknown or ended
+    link is not audited (while guessing is refused wholesale, the alert already says so).
+    Each attempt is counted by an atomic UPDATE before
     the PIN is checked (outside any transaction: scrypt is slow), so parallel guesses never
     get more checks than the limit; the success is a second atomic UPDATE that resets the
     count and fails if the link locked meanwhile.
@@ -392,9 +394,11 @@ def exchange(database: Database, policy: SharePolicy, *, token: str, pin: str,
     link = find_link(database, token)
     now = utcnow()
     if link is None or link_state(link, now) != "active":
-        who = share_who(link.public_id) if link is not None else "share:unknown"
-        _record_failure(database, who, address,
-                        link_state(link, now) if link is not None else "unknown link", device)
+        if record_unavailable:
+            who = share_who(link.public_id) if link is not None else "share:unknown"
+            _record_failure(database, who, address,
+                            link_state(link, now) if link is not None else "unknown link",
+                            device)
         raise LinkUnavailable
     if link.pin_hash:
         if not pin.strip():
