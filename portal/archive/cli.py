@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from flask.cli import with_appcontext
 
 from portal.archive import current_archive
 from portal.archive.importer import ImportSummary, expand, import_sources
+from portal.archive.validate import Rejected
 from portal.imaging.prerender import prerender, shared_cache
 from portal.migrate import upgrade_database
 
@@ -25,6 +27,11 @@ def import_paths(paths: list[Path], *, who: str) -> ImportSummary:
     with click.progressbar(length=len(sources), label="Importing", show_pos=True,
                            show_percent=True, file=sys.stderr) as bar:
         summary = import_sources(archive, sources, who, progress=bar.update)
+    # Zips refused whole are audited too; entry names (which may name a patient) are not.
+    archive.record_rejections([(Rejected(re.sub(r"'[^']*'|\"[^\"]*\"", "(an entry)", reason)),
+                                None) for _label, reason in problems
+                               if not reason.startswith(("no such file", "cannot read"))],
+                              who=who, source_address="cli")
     summary.rejected[:0] = problems
     return summary
 

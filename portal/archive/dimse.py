@@ -95,6 +95,9 @@ def _on_store(event: evt.Event, archive: Archive, received: dict[int, list[Store
         return OUT_OF_RESOURCES
     except Exception:  # a failure status is always better than a dropped association
         log.exception("C-STORE failed")
+        archive.record_rejections([(Rejected("the instance could not be processed"), None)],
+                                  who=f"dimse:{str(requestor.ae_title).strip()}",
+                                  source_address=requestor.address)
         return 0xC000
     log.debug("C-STORE %s", result.outcome)
     if result.outcome == "stored":

@@ -7,6 +7,7 @@ record with a failed outcome, its reason without the file's content, nothing sto
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -192,12 +193,15 @@ def test_every_refused_imported_file_is_audited(tmp_path: Path) -> None:
         (tmp_path / "in" / "cut.dcm").write_bytes(make_instance()[:900])
         (tmp_path / "in" / "big.dcm").write_bytes(make_instance(rows=256, columns=256))
         (tmp_path / "in" / "good.dcm").write_bytes(make_instance())
+        with zipfile.ZipFile(tmp_path / "in" / "evil.zip", "w") as zf:
+            zf.writestr("../Doe^Jane/escape.dcm", make_instance())
         result = app.test_cli_runner().invoke(args=["archive", "import", str(tmp_path / "in")])
-        assert result.exit_code == 1 and "rejected: 3" in result.output
+        assert result.exit_code == 1 and "rejected: 4" in result.output
         rows = _failures(app, "110107")
         assert sorted(r.details["reason"] for r in rows) == [
             "file is larger than the instance size limit", "malformed DICOM",
-            "not a DICOM Part 10 file (no 'DICM' prefix after the preamble)"]
+            "not a DICOM Part 10 file (no 'DICM' prefix after the preamble)",
+            "unsafe entry name (an entry) (path traversal)"]
         assert all(r.who == "cli:import" and r.source_address == "cli" for r in rows)
         _without_phi(rows)  # the file's name (here a patient's) is not recorded either
         assert _stored(app) == 1
