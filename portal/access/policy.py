@@ -283,7 +283,7 @@ def init_app(app: Flask) -> None:
             raise Unauthorized(
                 bearer.get("error_description")
                 or "sign in, or send a bearer token or a registered client's credentials",
-                www_authenticate=[bearer, WWWAuthenticate("basic", {"realm": "portal"})])
+                www_authenticate=[WWWAuthenticate("basic", {"realm": "portal"}), bearer])
         if request.method == "GET":
             return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
         raise Unauthorized("please sign in again")
