@@ -107,6 +107,23 @@ def test_the_database_count_is_shared_and_atomic_on_each_database(tmp_path: Path
         close_app(second)
 
 
+def test_while_redis_is_down_the_limit_is_still_shared(tmp_path: Path) -> None:
+    """Redis configured but not answering: the count moves to the database, not into each
+    worker (SECURITY.md fault table, 51)."""
+    down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    url = f"sqlite:///{tmp_path / 'portal.db'}"
+    first = make_app(tmp_path / "one", url, REDIS_URL=down)
+    second = make_app(tmp_path / "two", url, REDIS_URL=down)
+    try:
+        apps = [first.test_client(), second.test_client()]
+        statuses = [apps[n % 2].post("/s/exchange", data={"token": UNKNOWN}).status_code
+                    for n in range(22)]
+        assert statuses == [404] * 20 + [429] * 2
+    finally:
+        close_app(first)
+        close_app(second)
+
+
 # -- the global limit never refuses a link that exists ---------------------------------------
 
 @pytest.fixture
