@@ -97,6 +97,8 @@ def test_a_token_issued_to_another_application_neither_reads_nor_shares(
     assert shared.status_code == 401
     assert bearer_challenge(shared)["error"] == "invalid_token"
     assert count(oidc_app, ShareLink) == 0
+    for path in ("/api/grants", "/api/shares", "/fhir/DiagnosticReport", f"/studies/{study}"):
+        assert client.get(path, headers=headers).status_code == 401, path  # every route
     # Closed by default: userinfo cannot prove the portal's own tokens either.
     own = access_token(oidc_app, idp, sub)
     assert client.get("/dicomweb/studies",
@@ -136,6 +138,19 @@ class _Issuer:
 
     def set_user(self, sub: str, **claims: object) -> None:
         """The provider signs whatever the test asks; nothing to register."""
+
+
+def api_changes(app: Flask) -> list[tuple[str, str]]:
+    """Every state-changing /api route as (method, path), with 1 for each parameter."""
+    changes = []
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith("/api/"):
+            continue
+        path = rule.build(dict.fromkeys(rule.arguments, 1))
+        assert path is not None
+        changes += [(method, path[1]) for method in sorted(rule.methods or ())
+                    if method in ("POST", "PUT", "PATCH", "DELETE")]
+    return changes
 
 
 def jwt_for(forger: ForgingProvider, sub: str, **claims: Any) -> str:  # noqa: F811
@@ -189,7 +204,11 @@ def test_changes_with_a_bearer_token_need_a_recent_sign_in(
     assert challenge["max_age"] == "900" and challenge["error_description"], name
     assert refused.get_json()["error"] == challenge["error_description"]
     assert count(forge_app, Grant) == 0
-    assert client.delete("/api/identifiers/1", headers=headers).status_code == 401
+    changes = api_changes(forge_app)
+    assert ("DELETE", "/api/identifiers/1") in changes and len(changes) >= 8
+    for method, path in changes:
+        answer = client.open(path, method=method, json={}, headers=headers)
+        assert answer.status_code == 401, (method, path)
     # Reading needs no recent sign-in.
     assert client.get("/api/grants", headers=headers).status_code == 200
 
