@@ -49,6 +49,17 @@ const round = (/** @type {number} */ v) => (Math.abs(v) >= 10 ? Math.round(v) : 
 const winKey = (/** @type {Win | null} */ w) => (w ? `${round(w.center)},${round(w.width)}` : 'auto');
 const isDefault = (/** @type {Win | null} */ w) => !w || winKey(w) === winKey(defaultWindow);
 
+/**
+ * What a key names: `s12` the 13th slice of the stack, `sagittal31` step 31 of a reformat
+ * plane, `mip45` the MIP turned 45°. Parsed whole: "sagittal" also begins with an "s".
+ * @param {string} key
+ */
+function parseKey(key) {
+  const found = /^(s|axial|coronal|sagittal|mip)(\d+)$/.exec(key);
+  if (!found) throw new Error(`unknown image key ${key}`);
+  return { kind: found[1], n: Number(found[2]) };
+}
+
 /** The key of what is on screen now (a slice, a reformat plane or a MIP angle). */
 function currentKey() {
   if (state.view === 'stack') return `s${state.index}`;
@@ -76,19 +87,18 @@ function wantedWidth(zoom = 1) {
  */
 function urlFor(key, kind, width, win) {
   const params = new URLSearchParams();
+  const { kind: what, n } = parseKey(key);
   let path;
-  if (key.startsWith('s')) {
-    const [sop, frame] = frames[Number(key.slice(1))];
+  if (what === 's') {
+    const [sop, frame] = frames[n];
     path = `${base}/instances/${encodeURIComponent(sop)}/frames/${frame}/${kind === 'thumb' ? 'thumbnail' : 'rendered'}`;
     if (kind === 'thumb') return path;
     params.set('width', String(width));
     if (!isDefault(win) && win) params.set('window', `${round(win.center)},${round(win.width)},linear`);
   } else {
-    const mip = key.startsWith('mip');
-    const kindName = mip ? 'mip' : key.replace(/\d+$/, '');
-    path = `${base}/volume/${kindName}`;
-    if (mip) params.set('angle', key.slice(3));
-    else params.set('position', (Number(key.replace(/^\D+/, '')) / (VOLUME_STEPS - 1)).toFixed(4));
+    path = `${base}/volume/${what}`;
+    if (what === 'mip') params.set('angle', String(n));
+    else params.set('position', (n / (VOLUME_STEPS - 1)).toFixed(4));
     params.set('width', String(width));
     if (win) params.set('window', `${round(win.center)},${round(win.width)},linear`);
   }
@@ -251,6 +261,7 @@ function draw() {
   ctx.fillRect(0, 0, cw, ch);
   const shown = bestFor(currentKey());
   root.dataset.quality = shown ? (shown.full ? 'full' : 'preview') : 'none';
+  root.dataset.src = shown ? shown.url : ''; // what is drawn (tests and support read it)
   if (shown) {
     const l = layout();
     ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
@@ -355,7 +366,7 @@ function overlay(shown) {
 }
 
 function progress() {
-  if (state.view !== 'stack') return;
+  if (state.view !== 'stack') { $('.loaded').textContent = ''; return; } // slices only
   let full = 0;
   let any = 0;
   for (let i = 0; i < frames.length; i += 1) {
@@ -442,6 +453,7 @@ function setView(view) {
   }
   /** @type {HTMLSelectElement} */ ($('select[name=view]')).value = view;
   plan();
+  progress();
   invalidate();
 }
 
@@ -649,17 +661,37 @@ bar.addEventListener('pointermove', (e) => { if (bar.hasPointerCapture(e.pointer
 
 // -- toolbar and keyboard ---------------------------------------------------------------------
 
+// On a phone the bar holds the drag tools and "More"; the other tools open in a sheet above
+// it, which closes again once one is used (wide screens lay the sheet out inside the bar).
+const moreButton = $('button[data-action=more]');
+const sheet = $('.sheet');
+/** @param {boolean} open @param {boolean} [focusInside] */
+function setMore(open, focusInside = false) {
+  const wasOpen = root.classList.contains('more-open');
+  root.classList.toggle('more-open', open);
+  moreButton.setAttribute('aria-expanded', String(open));
+  if (open && focusInside) {
+    /** @type {HTMLElement | null} */ (sheet.querySelector('select:enabled, button:enabled'))?.focus();
+  } else if (!open && wasOpen && sheet.contains(document.activeElement) && moreButton.offsetParent) {
+    moreButton.focus(); // what had focus is hidden now: keyboard users go on from "More"
+  }
+}
+
 root.addEventListener('click', (e) => {
   const button = /** @type {HTMLElement | null} */ (/** @type {HTMLElement} */ (e.target).closest('button'));
   if (!button) return;
   if (button.dataset.tool) setTool(button.dataset.tool);
   const action = button.dataset.action;
-  if (action === 'invert') { state.invert = !state.invert; setPressed('invert', state.invert); invalidate(); }
+  if (action === 'more') setMore(!root.classList.contains('more-open'), e.detail === 0);
+  else if (action === 'invert') { state.invert = !state.invert; setPressed('invert', state.invert); invalidate(); }
   else if (action === 'reset') reset();
   else if (action === 'info') { state.info = !state.info; root.classList.toggle('noinfo', !state.info); setPressed('info', state.info); }
   else if (action === 'play') (state.playing ? stopCine() : startCine());
   else if (action === 'save') saveJpeg();
+  if (sheet.contains(button)) setMore(false);
 });
+sheet.addEventListener('change', () => setMore(false));
+stage.addEventListener('pointerdown', () => setMore(false));
 
 const presetSelect = /** @type {HTMLSelectElement} */ ($('select[name=preset]'));
 const presets = [...(data.fileWindows || []), ...(data.presets || [])];
@@ -685,6 +717,7 @@ if (speed) {
 
 document.addEventListener('keydown', (e) => {
   const target = /** @type {HTMLElement} */ (e.target);
+  if (e.key === 'Escape' && root.classList.contains('more-open')) { setMore(false); moreButton.focus(); return; }
   if (target.closest('select, input, textarea') || e.altKey || e.metaKey) return;
   if (target.closest('button') && (e.key === ' ' || e.key === 'Enter')) return;
   const keys = /** @type {Record<string, () => void>} */ ({

@@ -84,6 +84,13 @@ def _until(page: Page, key: str, test: str, timeout: float = 10_000) -> str:
     return _data(page, key)
 
 
+def _more(page: Page) -> None:
+    """Open the "More" sheet when the bar has one (phones), where views and presets are."""
+    more = page.locator("button[data-action=more]")
+    if more.is_visible() and more.get_attribute("aria-expanded") != "true":
+        more.click()
+
+
 def _wait_full(page: Page, timeout: float = 30_000) -> None:
     page.wait_for_function("() => document.querySelector('#viewer').dataset.quality === 'full'",
                            timeout=timeout)
@@ -151,6 +158,7 @@ def test_find_read_scroll_zoom_window_reformat_measure(site: tuple[CtSite, LiveS
         shot(page, f"{tag}-5-zoomed")
 
         # Window: a preset, then the exact server rendering replaces the approximation.
+        _more(page)
         page.locator("select[name=preset]").select_option(label="Lung (1500/-600)")
         _until(page, "window", "v === '-600,1500'")
         page.wait_for_timeout(300)
@@ -186,16 +194,19 @@ def test_find_read_scroll_zoom_window_reformat_measure(site: tuple[CtSite, LiveS
 
         # A reformat: coronal, from the volume endpoint.
         page.get_by_role("button", name="Slices").click()
+        _more(page)
         page.locator("select[name=view]").select_option("coronal")
         try:
             _until(page, "view", "v === 'coronal'", 3_000)
         except PlaywrightError:
             # Known issue: under heavy load Chromium can fail to decode a reformat image the
             # server sent (200), and the viewer then goes back to the slices; choose again.
+            _more(page)
             page.locator("select[name=view]").select_option("coronal")
         _until(page, "view", "v === 'coronal'")
         _wait_full(page, 60_000)
         shot(page, f"{tag}-8-coronal")
+        _more(page)
         page.locator("select[name=view]").select_option("mip")
         _wait_full(page, 60_000)
         before = page.locator(".slice").text_content()
@@ -403,6 +414,16 @@ def test_cine_plays_a_multiframe_series_at_the_chosen_speed(oidc_app: Any,
         page.wait_for_function(
             "() => +document.querySelector('#viewer').dataset.loadedFull === 24")
         assert page.locator("select[name=speed]").input_value() == "10"  # FrameTime 100 ms
+        # With Play the bar holds five tools: on a 360 px screen each label still fits.
+        page.set_viewport_size({"width": 360, "height": 780})
+        assert page.locator(".toolbar > button").all_inner_texts() == [
+            "Slices", "Window", "Measure", "Play", "More"]
+        assert page.evaluate("document.documentElement.scrollWidth") <= 360
+        assert page.eval_on_selector_all(".toolbar > button", "bs => bs.every(b =>"
+                                         " b.scrollWidth <= b.clientWidth && b.offsetHeight >= 44"
+                                         " && b.getBoundingClientRect().right <= 360)")
+        page.set_viewport_size({"width": 412, "height": 915})
+        _more(page)
         page.locator("select[name=speed]").select_option("25")
         play = page.get_by_role("button", name="Play")
         play.click()
