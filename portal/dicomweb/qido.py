@@ -18,6 +18,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from portal.index.models import Instance, Patient, Series, Study
+from portal.index.names import search_words
 from portal.numbers import DB_INT_MIN, NumberError, bounded_int
 
 Level = Literal["study", "series", "instance"]
@@ -122,6 +123,11 @@ def _pn_match(column: Any, value: str, fuzzy: bool) -> ColumnElement[bool]:
     name = func.rtrim(func.lower(column), "^= ")
     if not fuzzy:
         return _text_match(name, value.rstrip("^= ").lower(), insensitive=False)
+    if column is Patient.patient_name:
+        # The index keeps the patient's name words folded: accents do not count either.
+        folded = [_like_pattern(w.rstrip("*")) for w in search_words(value) if w.strip("*")]
+        if folded:
+            return and_(*(Patient.name_search.like(f"% {w}%", escape="\\") for w in folded))
     words = [w for w in value.lower().replace("^", " ").replace("=", " ").replace(",", " ")
              .split() if w.strip("*")]
     if not words:

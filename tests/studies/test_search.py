@@ -77,3 +77,27 @@ def test_patients_from_before_the_column_are_filled_by_the_migration(database_ur
             "SELECT patient_id, name_search FROM patient ORDER BY patient_id")).all())
     engine.dispose()
     assert rows == {"OLD-0": " muller hans mueller", "OLD-1": " doe john", "OLD-2": ""}
+
+
+def test_qido_fuzzy_patient_names_ignore_accents(any_db_app: Flask) -> None:
+    """QIDO-RS ``fuzzymatching=true`` matches PatientName through the same folded words."""
+    from tests.conftest import basic_auth, make_client
+
+    with any_db_app.app_context():
+        for n, name in enumerate(("Müller^Hans", "Doe^John")):
+            current_archive().ingest(make_instance(study=generate_uid(), patient_id=f"Q-{n}",
+                                                   patient_name=name), who="test")
+    client = any_db_app.test_client()
+    headers = basic_auth(*make_client(any_db_app, "qido-reader"))
+
+    def names(**query: str) -> list[str]:
+        response = client.get("/dicomweb/studies", query_string=query, headers=headers)
+        assert response.status_code in (200, 204), response.get_data(as_text=True)
+        return sorted(s["00100010"]["Value"][0]["Alphabetic"]
+                      for s in (response.get_json() if response.status_code == 200 else []))
+
+    assert names(PatientName="muller", fuzzymatching="true") == ["Müller^Hans"]
+    assert names(PatientName="HANS MÜL*", fuzzymatching="true") == ["Müller^Hans"]
+    assert names(PatientName="john doe", fuzzymatching="true") == ["Doe^John"]
+    assert names(PatientName="muller") == []  # without fuzzy matching: the exact name
+    assert names(PatientName="müller^hans") == ["Müller^Hans"]
