@@ -16,8 +16,10 @@ from tests.conftest import IdentityProvider, LiveServer, close_app
 from tests.studies.support import CtSite, build_ct_site, shot, sign_in_browser
 
 VIEWS = ("axial", "sagittal", "coronal", "mip", "stack")
-# (device profile, viewport width): the profiles' own screens and the narrowest common phone.
-SCREENS = [(name, None) for name in PHONES] + [("Pixel 7", 360)]
+# (device profile, viewport): the profiles' own screens, the narrowest common phone, and a
+# phone turned sideways (the bar is then a column at the right, the sheet opens beside it).
+SCREENS: list[tuple[str, tuple[int, int] | None]] = [
+    *((name, None) for name in PHONES), ("Pixel 7", (360, 780)), ("Pixel 7", (915, 412))]
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +31,14 @@ def site(tmp_path_factory: pytest.TempPathFactory, idp: IdentityProvider) -> Ite
     close_app(ct.app)
 
 
-def _context(playwright: Any, browser: Any, device: str, width: int | None = None,
-             scheme: str = "light") -> BrowserContext:
+def _context(playwright: Any, browser: Any, device: str,
+             size: tuple[int, int] | None = None, scheme: str = "light") -> BrowserContext:
     if device == "desktop":
         options: dict[str, Any] = {"viewport": {"width": 1280, "height": 800}}
     else:
         options = phone(playwright, device)
-        if width:
-            options["viewport"] = {"width": width, "height": 780}
+        if size:
+            options["viewport"] = {"width": size[0], "height": size[1]}
     context = browser.new_context(**options, color_scheme=scheme, accept_downloads=True)
     loopback_only(context)
     return context
@@ -93,20 +95,20 @@ def test_every_view_draws_its_own_image(site: tuple[CtSite, LiveServer], device:
         context.close()
 
 
-@pytest.mark.parametrize(("device", "width"), SCREENS,
-                         ids=[f"{d}-{w or 'own'}" for d, w in SCREENS])
+@pytest.mark.parametrize(("device", "size"), SCREENS,
+                         ids=[f"{d}-{'x'.join(map(str, s)) if s else 'own'}" for d, s in SCREENS])
 def test_every_tool_is_reachable_on_a_phone(site: tuple[CtSite, LiveServer], device: str,
-                                            width: int | None) -> None:
+                                            size: tuple[int, int] | None) -> None:
     from axe_playwright_python.sync_playwright import Axe
 
     ct, server = site
-    tag = f"{device.replace(' ', '_')}-{width or 'own'}"
+    tag = f"{device.replace(' ', '_')}-{'x'.join(map(str, size)) if size else 'own'}"
     with chromium() as (playwright, browser):
-        context = _context(playwright, browser, device, width)
+        context = _context(playwright, browser, device, size)
         page = context.new_page()
         errors = _open_viewer(page, ct, server)
-        screen = page.evaluate("window.innerWidth")
-        assert screen == (width or screen) and screen <= 412
+        screen, height = page.evaluate("[window.innerWidth, window.innerHeight]")
+        assert screen == (size[0] if size else screen) and (screen <= 412 or height <= 412)
 
         def fits() -> None:
             assert page.evaluate("document.documentElement.scrollWidth") <= screen
@@ -121,6 +123,7 @@ def test_every_tool_is_reachable_on_a_phone(site: tuple[CtSite, LiveServer], dev
                 box = control.bounding_box()
                 assert box, selector
                 assert box["x"] >= 0 and box["x"] + box["width"] <= screen + 0.5, (selector, box)
+                assert box["y"] >= 0 and box["y"] + box["height"] <= height + 0.5, (selector, box)
                 assert box["width"] >= 44 and box["height"] >= 44, (selector, box)
 
         fits()
