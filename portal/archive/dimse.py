@@ -7,7 +7,6 @@ the C-STORE response is sent only after the file is durable and its index row co
 from __future__ import annotations
 
 import logging
-import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +24,7 @@ from portal.archive.validate import (
     Rejected,
 )
 from portal.config import name_at_address
+from portal.tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -155,24 +155,6 @@ def serve(archive: Archive, settings: dict[str, Any], block: bool = True,
                 (evt.EVT_ABORTED, _on_end, [archive, received, on_stored])]
     address = (settings["DIMSE_HOST"], settings["DIMSE_PORT"])
     server: ThreadedAssociationServer | None = ae.start_server(
-        address, block=block, evt_handlers=handlers, ssl_context=tls_context(settings))
+        address, block=block, evt_handlers=handlers, ssl_context=server_context(
+            settings["DIMSE_TLS_CERT"], settings["DIMSE_TLS_KEY"], settings["DIMSE_TLS_CA"]))
     return server
-
-
-def tls_context(settings: dict[str, Any]) -> ssl.SSLContext | None:
-    """The SCP's TLS context (PS3.15 B.12: TLS 1.2 or newer, no plain fallback), or None.
-
-    With DIMSE_TLS_CA the caller must present a certificate signed by it (mutual TLS, as the
-    secure transport connection profile intends); the AE title and address checks still apply.
-    """
-    if not settings["DIMSE_TLS_CERT"]:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(settings["DIMSE_TLS_CERT"], settings["DIMSE_TLS_KEY"])
-    if settings["DIMSE_TLS_CA"]:
-        context.load_verify_locations(settings["DIMSE_TLS_CA"])
-        context.verify_mode = ssl.CERT_REQUIRED
-    else:
-        context.verify_mode = ssl.CERT_NONE
-    return context

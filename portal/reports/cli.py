@@ -25,8 +25,9 @@ def serve_command() -> None:
     """Receive ORU^R01, ORM^O01, OMI^O23 and SIU^S12-S15 over MLLP until interrupted."""
     from portal.db import db
     from portal.reports import inbound
-    from portal.reports.mllp import MllpServer, tls_context
+    from portal.reports.mllp import MllpServer
     from portal.reports.notify import notifier
+    from portal.tls import server_context
 
     upgrade_database(current_app)
     settings = current_app.config["PORTAL"]
@@ -44,7 +45,7 @@ def serve_command() -> None:
                               max_bytes=settings["HL7_MAX_BYTES"], oversized=oversized,
                               notify=notify)
 
-    tls = tls_context(settings["HL7_TLS_CERT"], settings["HL7_TLS_KEY"], settings["HL7_TLS_CA"])
+    tls = server_context(settings["HL7_TLS_CERT"], settings["HL7_TLS_KEY"], settings["HL7_TLS_CA"])
     server = MllpServer((settings["HL7_HOST"], settings["HL7_PORT"]), on_message,
                         settings["HL7_MAX_BYTES"], tls)
     secure = "" if tls is None else (

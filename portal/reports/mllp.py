@@ -110,20 +110,3 @@ class MllpServer(socketserver.ThreadingTCPServer):
         thread = threading.Thread(target=self.serve_forever, name="mllp", daemon=True)
         thread.start()
         return thread
-
-
-def tls_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLContext | None:
-    """The listener's TLS context (TLS 1.2 or newer, no plain fallback), or None without a
-    certificate. With ``ca`` a sender must present a certificate signed by it (mutual TLS,
-    as for the DIMSE SCP); the sending-application and address checks still apply."""
-    if not cert:
-        return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    if ca:
-        context.load_verify_locations(ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    else:
-        context.verify_mode = ssl.CERT_NONE
-    return context
