@@ -89,7 +89,9 @@ def check_csrf() -> None:
         return  # no session to ride on: the request acts as nobody, or as its credentials
     sent = request.headers.get("X-CSRF-Token") or request.form.get("csrf_token", "")
     expected = session.get("csrf")
-    if not expected or not sent or not hmac.compare_digest(str(sent), str(expected)):
+    # Compared as bytes: compare_digest raises TypeError for text with non-ASCII characters.
+    if not expected or not sent or not hmac.compare_digest(str(sent).encode(),
+                                                           str(expected).encode()):
         abort(403, "the form has expired or did not come from this portal; please try again")
 
 

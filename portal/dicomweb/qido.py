@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from sqlalchemy import Select, and_, exists, func, or_, select
-from sqlalchemy.orm import InstrumentedAttribute, Session
+from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
 from portal.index.models import Instance, Patient, Series, Study
@@ -208,11 +208,14 @@ def _condition(key: Key, value: str, fuzzy: bool = False) -> ColumnElement[bool]
         return key.column == number  # type: ignore[no-any-return]
     if key.match == "modality":
         wanted = _uid_list(value)
+        # An alias of its own: at the series and instance levels the outer query holds Series
+        # too, which the subquery would otherwise correlate away (no FROM left, a 500).
+        other = aliased(Series)
         if len(wanted) == 1 and ("*" in value or "?" in value):
-            return exists().where(Series.study_fk == Study.id,  # type: ignore[no-any-return]
-                                  _text_match(Series.modality, wanted[0], insensitive=False))
-        return exists().where(Series.study_fk == Study.id,  # type: ignore[no-any-return]
-                              Series.modality.in_(wanted))
+            return exists().where(other.study_fk == Study.id,  # type: ignore[no-any-return]
+                                  _text_match(other.modality, wanted[0], insensitive=False))
+        return exists().where(other.study_fk == Study.id,  # type: ignore[no-any-return]
+                              other.modality.in_(wanted))
     return _text_match(key.column, value, insensitive=False)
 
 

@@ -18,7 +18,7 @@ from flask.testing import FlaskClient
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
-from portal.access.models import Grant, ReferrerIdentifier
+from portal.access.models import Grant, ReferrerIdentifier, User
 from portal.archive import current_archive
 from portal.index.models import Instance
 from tests.access.test_console import setup
@@ -234,3 +234,71 @@ def test_stow_part_headers_with_control_characters_in_process(client: FlaskClien
                                 f"boundary={BOUNDARY}", "Accept": "application/dicom+json"})
     _check_warnings(answer.status_code, answer.headers.getlist("Warning"))
     assert _count(app, Instance) == 0
+
+
+def test_a_csrf_token_with_non_ascii_characters_is_refused(oidc_app: Flask,
+                                                           idp: IdentityProvider) -> None:
+    """hmac.compare_digest raises TypeError for text with non-ASCII characters."""
+    manager, doctor, study = setup(oidc_app, idp)
+    csrf_of(manager)
+    for token in ("\x80", "é" * 43, "токен"):
+        form = manager.post("/admin/grants", data={"user_id": str(doctor), "study_uid": study,
+                                                   "csrf_token": token})
+        assert form.status_code == 403, (token, form.status_code)
+        api = manager.post("/api/grants", json={"user_id": doctor, "study_uid": study},
+                           headers={"X-CSRF-Token": token.encode().decode("latin-1")})
+        assert api.status_code == 403, (token, api.status_code)
+    assert _count(oidc_app, Grant) == 0
+
+
+def test_a_value_the_database_cannot_hold_is_a_bad_request(tmp_path: Path,
+                                                           database_url: str) -> None:
+    """The net under the bounded parsing: PostgreSQL's DataError ("bigint out of range") and
+    SQLite's OverflowError answer 400 with a reason, and the transaction is rolled back."""
+    from portal.access.policy import public
+    from portal.db import db
+
+    app = make_app(tmp_path / "instance", database_url)
+    try:
+        def unbounded() -> str:
+            """A route that forgot to bound its number."""
+            from flask import request
+
+            from portal.access.models import Practice
+
+            db.session.add(Practice(name="row-" + request.args["n"][:20]))
+            db.session.flush()
+            db.session.execute(select(User).offset(int(request.args["n"])))
+            db.session.commit()
+            return "ok"
+
+        app.add_url_rule("/unbounded", view_func=public(unbounded))
+        client = app.test_client()
+        assert client.get("/unbounded?n=1").status_code == 200
+        answer = client.get(f"/unbounded?n={HUGE}", headers={"Accept": "application/json"})
+        assert answer.status_code == 400, answer.data
+        assert "out of the range" in answer.get_json()["error"]
+        with app.extensions["db"].new_session() as session:
+            from portal.access.models import Practice
+
+            names = list(session.scalars(select(Practice.name)))
+        assert names == ["row-1"]  # nothing half-stored by the refused call
+    finally:
+        close_app(app)
+
+
+def test_modalities_in_study_matches_at_every_level(any_db_oidc_app: Flask) -> None:
+    """Found by the route walk: at the series and instance levels the study-level key's
+    subquery lost its FROM clause (a 500); it now matches the study's series."""
+    app = any_db_oidc_app
+    study = generate_uid()
+    with app.app_context():
+        current_archive().ingest(make_instance(study=study, modality="MR"), who="test")
+    reader = basic_auth(*make_client(app, "reader"))
+    client = app.test_client()
+    for level in ("studies", "series", "instances", f"studies/{study}/series",
+                  f"studies/{study}/instances"):
+        for value, found in (("MR", True), ("M*", True), ("CT\\MR", True), ("US", False)):
+            answer = client.get(f"/dicomweb/{level}?ModalitiesInStudy={value}",
+                                headers=reader)
+            assert answer.status_code == (200 if found else 204), (level, value, answer.data)
