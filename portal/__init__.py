@@ -37,7 +37,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         app.wsgi_app = TrustedProxies(  # type: ignore[method-assign]
             app.wsgi_app, settings["TRUSTED_PROXIES"], settings["TRUSTED_PROXY_ADDRESSES"])
 
-    from portal import archive, errors, health, log, numbers, security
+    from portal import archive, assets, errors, health, log, numbers, security
     from portal.access import policy
     from portal.auth import oidc
     from portal.auth.sessions import DatabaseSessionInterface
@@ -45,6 +45,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     from portal.imaging import cache as imaging_cache
 
     log.init_app(app)
+    assets.init_app(app)  # first: its compression then runs after every other answer hook
     security.init_app(app)
     Database().init_app(app, config_module.database_url(settings))
     from portal.access import audit

@@ -267,3 +267,34 @@ def study_entries(instances: list[Instance], headers: list[dict[str, Any]],
     return entries
 
 
+# What the ZIP adds to each file, about: its local and central headers and its DICOMDIR record.
+ENTRY_OVERHEAD = 512
+
+
+def study_zip_bytes(session: Any, principal: Any, study: Study) -> int | None:
+    """About how many bytes the study's ZIP has for this principal (from the stored sizes, one
+    query), or None when some of its files are only in an external archive (size unknown)."""
+    from sqlalchemy import func, select
+
+    from portal.access.policy import instance_filter
+    from portal.archive.models import StoredObject
+    from portal.index.models import Series
+
+    count, stored, total = session.execute(
+        select(func.count(Instance.id), func.count(StoredObject.id),
+               func.coalesce(func.sum(StoredObject.size), 0))
+        .select_from(Instance).join(Series, Instance.series_fk == Series.id)
+        .outerjoin(StoredObject, StoredObject.sop_instance_uid == Instance.sop_instance_uid)
+        .where(Series.study_fk == study.id, instance_filter(principal))).one()
+    if not count or stored < count:
+        return None
+    return int(total) + ENTRY_OVERHEAD * (int(count) + 1)
+
+
+def file_size(size: int) -> str:
+    """A size as phones show them (decimal units): '640 KB', '4.2 MB', '23 MB', '1.3 GB'."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{max(1, round(size / 1000))} KB"

@@ -49,6 +49,13 @@ bp.add_app_template_filter(key_label, "referrer_key")
 _DATE = re.compile(r"^\d{4}-?\d{2}-?\d{2}$")
 
 
+@bp.app_template_global("download_size")
+def download_size(study: Any, principal: Principal) -> str:
+    """The study ZIP's size for the download button ('23 MB'), or '' when it is not known."""
+    size = export.study_zip_bytes(db.session, principal, study)
+    return export.file_size(size) if size is not None else ""
+
+
 def _principal() -> Principal:
     principal = current_principal()
     assert principal is not None

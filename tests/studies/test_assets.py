@@ -53,4 +53,6 @@ def test_manifest_and_icons() -> None:
         with Image.open(path) as image:
             assert image.format == "PNG"
             assert f"{image.width}x{image.height}" == icon["sizes"]
-    assert not list(STATIC.rglob("*service*worker*")) and not list(STATIC.rglob("sw.js"))
+    # One service worker, the app shell's (tests/test_assets.py checks what it keeps).
+    assert [p.name for p in STATIC.rglob("*.js") if "serviceWorker" in p.read_text()] == [
+        "shell.js"]

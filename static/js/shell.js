@@ -1,0 +1,6 @@
+// Installs the app shell's service worker (static files and the offline page only).
+const script = document.currentScript;
+if ('serviceWorker' in navigator && script && window.isSecureContext) {
+  navigator.serviceWorker.register(script.dataset.worker, { scope: script.dataset.scope })
+    .catch(() => {}); // without it the portal works as before, only less well offline
+}
