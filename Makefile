@@ -47,7 +47,7 @@ test: system-deps install tests/support/oidc-provider/node_modules/.package-lock
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check portal tests benchmarks app.py
+	$(BIN)/ruff check portal demo tests benchmarks app.py
 
 bench: system-deps install
 	@command -v wrk >/dev/null || ($(SUDO) apt-get install -y -qq wrk || true)

@@ -1,4 +1,5 @@
-"""WSGI entry point: ``gunicorn app:app`` and ``flask --app app``."""
+"""WSGI entry point: ``gunicorn app:app`` and ``flask --app app`` (with the ``demo`` and
+``demo-idp`` commands in development)."""
 
 import sys
 
@@ -10,3 +11,10 @@ try:
 except ConfigError as exc:
     # One clear line naming the setting, instead of a traceback.
     sys.exit(f"configuration error: {exc}")
+
+if app.config["PORTAL"]["ENV"] == "development":
+    # The demo (its studies, people, reports and an identity provider that lets anyone in)
+    # is not part of the product: only a development checkout gets its commands.
+    from demo.cli import register as register_demo
+
+    register_demo(app)

@@ -36,11 +36,11 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from demo.studies import write_ct_series  # noqa: E402
 from portal import create_app  # noqa: E402
 from portal.access import clients  # noqa: E402
 from portal.archive import current_archive  # noqa: E402
 from portal.archive.sync import sync_index  # noqa: E402
-from portal.demo import write_ct_series  # noqa: E402
 from portal.migrate import upgrade_database  # noqa: E402
 from tests.support.orthanc import start_orthanc  # noqa: E402
 

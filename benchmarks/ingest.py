@@ -309,7 +309,7 @@ def make_series(
 
 
 def load_generator() -> Callable[..., list[Path]]:
-    from portal.demo import write_ct_series
+    from demo.studies import write_ct_series
 
     return write_ct_series
 

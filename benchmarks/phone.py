@@ -3,7 +3,7 @@ it took, and when every slice of the demo CT scrolls.
 
 Starts a throwaway portal (gunicorn, its documented entry point) and an OIDC provider
 (PyPI ``oidc-provider-mock``) on 127.0.0.1, stores the demo CT (150 slices of 512x512,
-``portal.demo.write_ct_series``) with STOW-RS, signs a physician in with Debian Chromium under
+``demo.studies.write_ct_series``) with STOW-RS, signs a physician in with Debian Chromium under
 a phone profile, then throttles the network through CDP (``Network.emulateNetworkConditions``:
 1.6 Mbps down, 750 kbps up, 150 ms round trip) and, with an empty browser cache each run,
 
@@ -126,7 +126,7 @@ def store_demo_ct(workdir: Path, base: str, env: dict[str, str]) -> tuple[str, s
     """STOW-RS the demo CT through a read/store machine client; returns (study, series)."""
     from pydicom import dcmread
 
-    from portal.demo import write_ct_series
+    from demo.studies import write_ct_series
 
     created = subprocess.run([sys.executable, "-m", "flask", "--app", "app", "clients", "create",
                               "phone-bench", "--read"], cwd=REPO_ROOT, env=env,

@@ -1,6 +1,6 @@
 """Rendering speed, portal vs Orthanc, side by side in one run.
 
-Generates a synthetic CT series (default 150 slices of 512x512, portal.demo) and one large
+Generates a synthetic CT series (default 150 slices of 512x512, demo.studies) and one large
 synthetic radiograph (default 2500 wide x 3000 high, 16-bit MONOCHROME2, uncompressed),
 starts a throwaway Orthanc with the DICOMweb plugin (tests/support/orthanc.py) and the
 portal (gunicorn) on 127.0.0.1, stores the same files in both (STOW-RS), and measures

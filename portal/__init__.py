@@ -69,7 +69,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     from portal.api.routes import bp as api_bp
     from portal.archive.cli import archive_cli, dimse_cli
     from portal.auth.routes import bp as auth_bp
-    from portal.cli import db_cli, demo_command, demo_idp_command
+    from portal.cli import db_cli
     from portal.dicomweb.routes import bp as dicomweb_bp
     from portal.reports.cli import hl7_cli, reports_cli
     from portal.reports.routes import bp as reports_bp
@@ -85,7 +85,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(sharing_routes.bp)
     app.register_blueprint(reports_bp)
     reports_routes_init(app)
-    for command in (archive_cli, audit_cli, clients_cli, db_cli, dimse_cli, demo_command,
-                    demo_idp_command, hl7_cli, reports_cli, users_cli):
+    for command in (archive_cli, audit_cli, clients_cli, db_cli, dimse_cli, hl7_cli, reports_cli,
+                    users_cli):
         app.cli.add_command(command)
     return app

@@ -260,7 +260,7 @@ def live_server(app: Flask) -> Iterator[LiveServer]:
 
 def sample_paths() -> list[Path]:
     """Part 10 sample files shipped inside the pydicom and pydicom-data wheels (offline)."""
-    from portal.demo import sample_files
+    from demo.studies import sample_files
 
     return sample_files()
 

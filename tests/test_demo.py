@@ -1,4 +1,4 @@
-"""Tests for the deterministic demo DICOM set generator (portal.demo)."""
+"""Tests for the deterministic demo DICOM set generator (demo.studies)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import collections
 import collections.abc
 import dataclasses
 import logging
+import os
 import pathlib
 import shutil
 import subprocess
@@ -27,11 +28,11 @@ from pydicom.uid import (
     UltrasoundMultiFrameImageStorage,
 )
 
-from portal import demo
+from demo import studies as demo
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 _REGENERATE = (
-    "import pathlib, sys; from portal.demo import generate_demo_set; "
+    "import pathlib, sys; from demo.studies import generate_demo_set; "
     "generate_demo_set(pathlib.Path(sys.argv[1]))"
 )
 
@@ -322,7 +323,7 @@ def test_jpeg_lossless_falls_back_without_dcmtk(
 ) -> None:
     monkeypatch.setattr(shutil, "which", lambda _name: None)
     monkeypatch.setattr(demo, "_dcmcjpeg_warned", False)
-    with caplog.at_level(logging.WARNING, logger="portal.demo"):
+    with caplog.at_level(logging.WARNING, logger="demo.studies"):
         paths = demo.write_ct_series(
             tmp_path, slices=2, size=32, transfer_syntax_uid=JPEGLosslessSV1
         )
@@ -358,3 +359,67 @@ def test_sample_files() -> None:
     for path in files:
         with path.open("rb") as handle:
             assert handle.read(132)[128:] == b"DICM", path
+
+
+# -- the demo is not the product -------------------------------------------------------------
+
+def _flask(instance: pathlib.Path, env_name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``flask --app app ARGS`` from the repository, as ``make demo`` runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_")}
+    env.update(PORTAL_INSTANCE_PATH=str(instance), PORTAL_ENV=env_name,
+               PORTAL_SECRET_KEY="k" * 40)
+    return subprocess.run([sys.executable, "-m", "flask", "--app", "app", *args], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_demo_commands_exist_only_in_development(tmp_path: pathlib.Path) -> None:
+    for env_name, present in (("development", True), ("test", False), ("production", False)):
+        listing = _flask(tmp_path / env_name, env_name, "--help")
+        assert listing.returncode == 0, listing.stderr
+        commands = {line.split()[0] for line in listing.stdout.split("Commands:")[1].splitlines()
+                    if line.strip()}
+        assert {"archive", "hl7", "db"} <= commands
+        assert ({"demo", "demo-idp"} <= commands) is present, (env_name, commands)
+    refused = _flask(tmp_path / "production", "production", "demo")
+    assert refused.returncode == 2 and "No such command 'demo'" in refused.stderr
+    refused = _flask(tmp_path / "production", "production", "demo-idp")
+    assert refused.returncode == 2 and "No such command 'demo-idp'" in refused.stderr
+
+
+def test_the_product_neither_ships_nor_imports_the_demo() -> None:
+    import tomllib
+
+    import setuptools
+
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    find = config["tool"]["setuptools"]["packages"]["find"]
+    # What `pip wheel .` packs: pyproject's packages.find (namespace packages by default).
+    shipped = setuptools.find_namespace_packages(
+        where=str(REPO_ROOT), include=find.get("include", ["*"]), exclude=find.get("exclude", ()))
+    assert {"portal", "portal.archive", "portal.reports"} <= set(shipped)
+    assert not [p for p in shipped if p.split(".")[0] != "portal"], shipped
+    modules = sorted((REPO_ROOT / "portal").rglob("*.py"))
+    assert not [m for m in modules if m.stem.startswith("demo")]
+    importing = [m for m in modules if any(
+        line.lstrip().startswith(("import demo", "from demo"))
+        for line in m.read_text().splitlines())]
+    assert importing == []
+
+
+def test_flask_demo_imports_the_set_and_adds_people_and_reports(
+        generated: GeneratedSet, tmp_path: pathlib.Path) -> None:
+    """`make demo`'s first step, `flask --app app demo`, on an already generated set."""
+    instance = tmp_path / "instance"
+    # Hard links: the generated set is about 120 MB and lives on the same file system.
+    shutil.copytree(generated.root, instance / "demo", copy_function=os.link)
+    (instance / "demo" / ".complete").touch()
+    done = _flask(instance, "development", "demo", "--no-samples")
+    assert done.returncode == 0, done.stderr
+    assert f"stored: {len(generated.paths)}, already stored: 0, refused: 0" in done.stdout
+    assert "wrote instance/config.toml" in done.stdout
+    assert "registered 7 demo people" in done.stdout
+    assert "sent 4 demo report messages" in done.stdout
+    again = _flask(instance, "development", "demo", "--no-samples")
+    assert again.returncode == 0, again.stderr
+    assert f"stored: 0, already stored: {len(generated.paths)}" in again.stdout
+    assert "registered" not in again.stdout

@@ -10,8 +10,8 @@ from pathlib import Path
 import pydicom
 from flask import Flask
 
-from portal.demo import write_ct_series
-from portal.demo_people import register_demo_people
+from demo.people import register_demo_people
+from demo.studies import write_ct_series
 from tests.archive.test_external import portal_for, start_pacs, sync, upload
 from tests.browser import chromium, loopback_only, phone
 from tests.conftest import OIDC_SETTINGS, IdentityProvider, LiveServer, close_app

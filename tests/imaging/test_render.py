@@ -220,7 +220,7 @@ def test_a_frame_that_needs_too_much_memory_fails_alone(tmp_path: Path) -> None:
 def test_reformats_and_a_turning_mip_from_a_ct_series(app: Flask, client: FlaskClient,
                                                       auth: dict[str, str],
                                                       tmp_path: Path) -> None:
-    from portal.demo import write_ct_series
+    from demo.studies import write_ct_series
 
     paths = write_ct_series(tmp_path / "ct", slices=40, size=128, uid_seed="volume-test")
     first = None
@@ -320,7 +320,7 @@ def test_every_demo_series_renders(app: Flask, client: FlaskClient, auth: dict[s
                                    tmp_path_factory: pytest.TempPathFactory) -> None:
     """The demo set (CT, MONOCHROME1 radiographs, colour US cine, MR; RLE, JPEG-LS, JPEG 2000,
     JPEG lossless, JPEG baseline): the middle image of every series, and every cine frame."""
-    from portal.demo import generate_demo_set
+    from demo.studies import generate_demo_set
 
     paths = generate_demo_set(tmp_path_factory.mktemp("demo"))
     by_series: dict[str, list[pydicom.Dataset]] = {}
@@ -662,8 +662,8 @@ def test_the_frame_cache_stays_within_its_bound() -> None:
 def test_the_next_cut_of_a_series_reuses_its_built_volume(tmp_path: Path) -> None:
     import hashlib
 
+    from demo.studies import write_ct_series
     from portal.archive.store import StoredFile
-    from portal.demo import write_ct_series
     from portal.imaging import isolation
 
     paths = write_ct_series(tmp_path / "ct", slices=12, size=64, uid_seed="kept-volume")

@@ -499,9 +499,9 @@ def test_the_demo_lists_its_own_ris_and_its_reports_get_in(ris: Ris, tmp_path: P
     """`flask --app app demo` writes HL7_ALLOWED_SENDERS for its RIS into config.toml (also
     into a config.toml an earlier demo wrote), and its seeded reports pass the closed
     listener's check."""
+    from demo.people import demo_config
+    from demo.reports import DEMO_SENDER, seed_reports
     from portal.config import load_config
-    from portal.demo_people import demo_config
-    from portal.reports.demo import DEMO_SENDER, seed_reports
 
     fresh, older = tmp_path / "fresh", tmp_path / "older"
     fresh.mkdir()

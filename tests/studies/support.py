@@ -11,10 +11,10 @@ from flask import Flask
 from playwright.sync_api import Page
 from pydicom import dcmread
 
+from demo.studies import write_ct_series
 from portal.access.grants import create_grant
 from portal.access.principal import Principal
 from portal.archive import current_archive
-from portal.demo import write_ct_series
 from tests.conftest import OIDC_SETTINGS, IdentityProvider, add_person, make_app
 from tests.factories import make_instance
 
@@ -35,7 +35,7 @@ class CtSite:
 
 def build_ct_site(folder: Path, idp: IdentityProvider, *, slices: int = 150,
                   size: int = 512) -> CtSite:
-    """Ingest a demo CT (``portal.demo.write_ct_series``) and an older study; grant both."""
+    """Ingest a demo CT (``demo.studies.write_ct_series``) and an older study; grant both."""
     app = make_app(folder / "instance", OIDC_ISSUER=idp.issuer, **OIDC_SETTINGS)
     with tempfile.TemporaryDirectory() as scratch:
         paths = write_ct_series(Path(scratch), slices=slices, size=size, uid_seed="viewer")

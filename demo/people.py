@@ -13,9 +13,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from demo.studies import DEMO_PATIENTS, DEMO_PHYSICIANS
 from portal.access.models import PatientLink, ReferrerIdentifier, User
 from portal.access.users import get_or_create_practice
-from portal.demo import DEMO_PATIENTS, DEMO_PHYSICIANS
 from portal.index.models import Patient
 from portal.index.referrers import identifier_key, name_key
 
@@ -61,7 +61,7 @@ def demo_people() -> list[DemoPerson]:
 def demo_config(instance: Path) -> bool:
     """Write instance/config.toml pointing at the demo provider and listing the demo's RIS as
     an HL7 sender, unless one exists (a demo-written one lacking the sender gets it added)."""
-    from portal.reports.demo import DEMO_SENDER
+    from demo.reports import DEMO_SENDER
 
     path = instance / "config.toml"
     # The HL7 listener refuses everyone until senders are listed: the demo lists its own.
