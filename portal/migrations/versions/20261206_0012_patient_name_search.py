@@ -1,7 +1,7 @@
 """a folded copy of each patient's name for searching (case, accents and word order ignored)
 
 Revision ID: 20261206_0012
-Revises: 20261206_0011
+Revises: 20261206_0010
 Create Date: 2026-12-06 10:00:00
 """
 from alembic import op
@@ -10,10 +10,7 @@ import sqlalchemy as sa
 from portal.index.names import name_search_text
 
 revision = '20261206_0012'
-# TEMP while 0010 and 0011 are being written: the newest revision below this one.
-import pathlib  # noqa: E402
-down_revision = sorted(p.name[:13] for p in pathlib.Path(__file__).parent.glob('2026*_*.py')
-                       if p.name[:13] < revision)[-1]
+down_revision = '20261206_0010'
 branch_labels = None
 depends_on = None
 
