@@ -16,7 +16,7 @@ PUBLIC = {"health.healthz", "health.readyz", "studies.home", "static", "auth.log
           # share links: the landing page, the exchange, the visitor's pages (they check the
           # share session themselves and show a plain "ended" page without one)
           "sharing.landing", "sharing.exchange", "sharing.shared_home",
-          "sharing.shared_accesses", "sharing.close"}
+          "sharing.shared_accesses", "sharing.close", "sharing.closed"}
 
 
 def test_health_and_readiness(client: FlaskClient) -> None:

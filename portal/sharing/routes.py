@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 from flask import (
@@ -265,7 +266,7 @@ def close() -> Response:
     token = request.cookies.get(cookie_name(current_app), "")
     if token:
         service.end_share_session(db, token)
-    response = redirect(url_for("sharing.landing"), code=303)
+    response = redirect(url_for("sharing.closed"), code=303)
     clear_share_cookie(response)
     # Images the browser kept (rendered frames are cached privately) leave with the session:
     # a phone or a family computer is often shared (SECURITY.md 5).
@@ -273,7 +274,24 @@ def close() -> Response:
     return response
 
 
+# The share cookie's value after "Close": no session, only a mark that this browser was a
+# visitor, so that Back to a shared page shows the closed page, not the practice's sign-in.
+CLOSED_MARK = "closed"
+
+
+@bp.get("/s/closed")
+@public
+def closed() -> Response:
+    """Where "Close" ends: says the images are closed and how to open them again."""
+    response = Response(render_template("sharing/closed.html"), mimetype="text/html")
+    set_share_cookie(response, CLOSED_MARK, timedelta(hours=12))
+    return response
+
+
 def _ended() -> Response:
+    if request.cookies.get(cookie_name(current_app)) == CLOSED_MARK:
+        return Response(render_template("sharing/closed.html"), status=401,
+                        mimetype="text/html")
     response = Response(render_template("sharing/ended.html"), status=401,
                         mimetype="text/html")
     clear_share_cookie(response)

@@ -92,7 +92,7 @@ def test_a_physician_shares_one_series_from_a_phone(oidc_app: Flask,
         loopback_only(context)
         page = context.new_page()
         sign_in_browser(page, server.url, "series-doc", f"/studies/{study}/share")
-        page.get_by_label("Only these series of this study:").check()
+        page.get_by_label("Only some series of this study").check()
         page.get_by_label("2 · CT · Part 2", exact=False).check()
         assert page.evaluate("document.documentElement.scrollWidth - window.innerWidth") <= 0
         shot(page, "share-series-form-iPhone_13")
