@@ -49,9 +49,12 @@ def import_command(paths: tuple[Path, ...]) -> None:
     upgrade_database(current_app)
     summary = import_paths(list(paths), who="cli:import")
     click.echo(summary.describe())
-    if summary.new_series and shared_cache(current_app):
-        click.echo(f"pre-rendering {len(summary.new_series)} new series", err=True)
-        prerender(summary.new_series, wait=True)
+    if summary.new_series:
+        # Built volumes are files every process shares; rendered images only through Redis.
+        images = shared_cache(current_app)
+        if images:
+            click.echo(f"pre-rendering {len(summary.new_series)} new series", err=True)
+        prerender(summary.new_series, wait=True, images=images)
     if summary.rejected:
         sys.exit(1)
 
@@ -158,8 +161,9 @@ def serve_command() -> None:
     click.echo(f"C-STORE SCP {settings['DIMSE_AE_TITLE']} listening on "
                f"{settings['DIMSE_HOST']}:{settings['DIMSE_PORT']}{secure}", err=True)
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    serve(current_archive(), settings, on_stored=(
-        (lambda series: prerender(series, app)) if shared_cache(app) else None))
+    images = shared_cache(app)
+    serve(current_archive(), settings,
+          on_stored=lambda series: prerender(series, app, images=images))
 
 
 @dimse_cli.command("find")

@@ -25,18 +25,22 @@ from portal.access import audit, policy
 from portal.access.principal import Principal, current_principal
 from portal.archive import current_archive
 from portal.archive.ingest import Archive
-from portal.archive.store import CorruptObject
+from portal.archive.store import CorruptObject, StoredFile
 from portal.db import db
 from portal.dicomweb import bulkdata, frames, multipart, qido, stow, transcode, transfer
 from portal.dicomweb.accept import parse_accept
 from portal.errors import error_response
 from portal.imaging.cache import (
+    prepare_volume,
     render,
     render_cache,
     render_in_series,
     render_volume,
     run_isolated,
+    volume_files,
+    volume_sources,
 )
+from portal.imaging.prerender import build_volume_soon, volume_failure
 from portal.imaging.render import FrameNotFound, RenderRefused
 from portal.imaging.rendition import FORMATS, InvalidRendition, Rendition, parse_rendition
 from portal.imaging.volume import VIEWS, NotAVolume
@@ -613,6 +617,49 @@ def study_thumbnail(study: str) -> Response:
                    thumbnail=True)
 
 
+def _volume_sources(study: str, series: str) -> tuple[str, list[StoredFile]]:
+    """The volume key and stored files of a series' images (access checked, read audited)."""
+    found = volume_sources([i.sop_instance_uid for i in _instances_of(study, series) if i.rows])
+    if found is None:
+        abort(503, "some images of this series are not available right now")
+    return found
+
+
+@bp.get("/studies/<study>/series/<series>/volume")
+def volume_state(study: str, series: str) -> Response:
+    """Portal extension: whether the series' volume (for reformats and MIPs) is built.
+
+    ``{"state": "ready", "mipWindow": {...}}``; ``"building"`` with ``progress`` (0..1) and
+    Retry-After, the build being started here when nobody is at it; 422 with the reason when
+    the slices form no volume.
+    """
+    content, files = _volume_sources(study, series)
+    state, progress, reason = volume_files().state(content)
+    if state == "missing":
+        failed = volume_failure(content)
+        if failed:
+            return error_response(422, f"the 3D view could not be built: {failed}")
+        build_volume_soon(content, files)
+        state, progress = "building", 0.0
+    if state == "refused":
+        return error_response(422, reason or "the slices do not form a volume")
+    body: dict[str, Any] = {"state": state, "progress": round(progress, 3)}
+    headers = {"Cache-Control": "no-store"}
+    if state == "ready":
+        try:
+            mip = prepare_volume(content, files)  # a load (or a kept volume) in a render process
+        except NotAVolume as exc:
+            return error_response(422, str(exc))
+        except RenderRefused as exc:
+            return error_response(422, f"the 3D view could not be built: {exc}")
+        if mip is not None:
+            body["mipWindow"] = {"center": round(mip.center, 1), "width": round(mip.width, 1)}
+    else:
+        headers["Retry-After"] = "1"
+    return Response(json.dumps(body), status=200 if state == "ready" else 202,
+                    mimetype="application/json", headers=headers)
+
+
 @bp.get("/studies/<study>/series/<series>/volume/<kind>")
 def volume_view(study: str, series: str, kind: str) -> Response:
     """Portal extension: sagittal, coronal or axial reformat, or a MIP turned by ``angle``.
@@ -630,13 +677,7 @@ def volume_view(study: str, series: str, kind: str) -> Response:
         abort(400, "position and angle are numbers")
     if not 0.0 <= position <= 1.0 or angle % 5 != 0 or not 0 <= angle < 360:
         abort(400, "position is 0..1; angle is 0..355 in steps of 5")
-    instances = [i for i in _instances_of(study, series) if i.rows]
-    stored = current_archive().locate_many([i.sop_instance_uid for i in instances])
-    if len(stored) != len(instances):
-        abort(503, "some images of this series are not available right now")
-    content = hashlib.sha256("".join(sorted(f.sha256 for f in stored.values())).encode()
-                             ).hexdigest()
-    key = rendition.cache_key(content, 0) + f":{kind}:{position!r}:{angle!r}"
-    files = [stored[i.sop_instance_uid] for i in instances]
+    content, files = _volume_sources(study, series)
+    key = rendition.cache_key(content, 0) + f":{kind}:{position!r}:{angle!r}:v2"
     return _image_response(key, rendition.media_type, lambda: render_volume(
         content, files, kind, position, angle, rendition))

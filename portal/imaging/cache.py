@@ -10,6 +10,7 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 from flask import Flask, current_app
@@ -17,6 +18,7 @@ from flask import Flask, current_app
 from portal.archive.store import StoredFile
 from portal.imaging.render import FrameNotFound, RenderRefused
 from portal.imaging.rendition import RENDER_VERSION, Rendition, Window
+from portal.imaging.volume_files import VolumeFiles
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,8 @@ def init_app(app: Flask) -> None:
         frame_cache_bytes=frame_cache_bytes) if settings["RENDER_ISOLATION"] else None
     if not settings["RENDER_ISOLATION"]:
         use_frame_cache(frame_cache_bytes)
+    app.extensions["volume_files"] = VolumeFiles(
+        Path(settings["INSTANCE_PATH"]).resolve() / "volumes")
 
 
 def run_isolated(function: Callable[..., Any], *args: Any) -> Any:
@@ -189,15 +193,45 @@ def render_in_series(stored: StoredFile, index: int, rendition: Rendition,
 def render_volume(key: str, sources: list[Any], kind: str, position: float, angle: float,
                   rendition: Rendition) -> bytes:
     """A reformat or MIP of bytes or stored files, through the isolated pool when configured
-    (``key`` names the series' content; render processes keep recent volumes by it)."""
+    (``key`` names the series' content; render processes keep recent volumes by it, and the
+    volume folder keeps them for every process)."""
     from portal.imaging.isolation import render_volume_source
 
     result: bytes = run_isolated(render_volume_source, key, sources, kind, position, angle,
-                              rendition)
+                                 rendition, volume_files())
     return result
+
+
+def prepare_volume(key: str, sources: list[Any]) -> Window | None:
+    """Build a series' volume into the volume folder now (in the isolated pool when
+    configured) unless it is there; its MIP window. NotAVolume when there is none."""
+    from portal.imaging import isolation
+
+    window: Window | None = run_isolated(isolation.prepare_volume, key, sources,
+                                         volume_files())
+    return window
+
+
+def volume_files() -> VolumeFiles:
+    """The running app's folder of built volumes."""
+    files: VolumeFiles = current_app.extensions["volume_files"]
+    return files
 
 
 def render_cache() -> RenderCache:
     """The running app's render cache."""
     cache: RenderCache = current_app.extensions["render_cache"]
     return cache
+
+
+def volume_sources(instance_uids: list[str]) -> tuple[str, list[StoredFile]] | None:
+    """The volume key (``volume.content_key``) and stored files of a series' images, in the
+    order given; None when some of them cannot be reached right now."""
+    from portal.archive import current_archive
+    from portal.imaging.volume import content_key
+
+    stored = current_archive().locate_many(instance_uids)
+    if len(stored) != len(set(instance_uids)):
+        return None
+    files = [stored[uid] for uid in instance_uids]
+    return content_key(f.sha256 for f in files), files

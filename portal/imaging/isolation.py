@@ -37,7 +37,8 @@ from portal.imaging.render import (
     window_of_decoded,
 )
 from portal.imaging.rendition import Rendition, Window
-from portal.imaging.volume import Volume, build_volume, render_volume_view
+from portal.imaging.volume import NotAVolume, Volume, build_volume, render_volume_view
+from portal.imaging.volume_files import VolumeFiles
 
 log = logging.getLogger(__name__)
 
@@ -74,25 +75,72 @@ def render_source(source: bytes | StoredFile, index: int, rendition: Rendition,
 
 _volumes: OrderedDict[str, Volume] = OrderedDict()
 KEPT_VOLUMES = 2  # per process; a 150-slice CT reduced to 256 wide is about 40 MB
+READ_SHARE, DECODED_SHARE = 0.3, 0.95  # of a volume build's progress; the rest is saving
+
+
+def _keep(key: str, volume: Volume) -> None:
+    if _frames is not None:
+        _volumes[key] = volume
+        while len(_volumes) > KEPT_VOLUMES:
+            _volumes.popitem(last=False)
+
+
+def _built(key: str, sources: list[bytes | StoredFile], files: VolumeFiles | None) -> Volume:
+    """Build a series' volume, telling ``files`` how far it got and keeping the result there
+    (or, when it forms no volume, why)."""
+    if files is None:
+        return build_volume([s if isinstance(s, bytes) else s.read() for s in sources])
+    files.start(key)
+    try:
+        data: list[bytes] = []
+        for count, source in enumerate(sources, start=1):
+            data.append(source if isinstance(source, bytes) else source.read())
+            if count % 8 == 0:  # reading takes about a third of a build
+                files.report(key, READ_SHARE * count / len(sources))
+        volume = build_volume(data, progress=lambda done: files.report(
+            key, READ_SHARE + (DECODED_SHARE - READ_SHARE) * done))
+    except NotAVolume as exc:
+        files.finish(key, refused=str(exc))
+        raise
+    except BaseException:
+        files.finish(key)
+        raise
+    files.save(key, volume)
+    files.finish(key)
+    return volume
 
 
 def render_volume_source(key: str, sources: list[bytes | StoredFile], kind: str,
-                         position: float, angle: float, rendition: Rendition) -> bytes:
+                         position: float, angle: float, rendition: Rendition,
+                         files: VolumeFiles | None = None) -> bytes:
     """A reformat or MIP of the series whose content digest is ``key``.
 
     The built volume is kept (when this process keeps frames at all), so the next position
-    or angle of the same series cuts it instead of reading and decoding every slice again.
+    or angle of the same series cuts it instead of reading and decoding every slice again;
+    with ``files`` it is loaded from (or, once built, written to) the volume folder.
     """
     volume = _volumes.get(key)
     if volume is None:
-        volume = build_volume([s if isinstance(s, bytes) else s.read() for s in sources])
-        if _frames is not None:
-            _volumes[key] = volume
-            while len(_volumes) > KEPT_VOLUMES:
-                _volumes.popitem(last=False)
+        volume = files.load(key) if files is not None else None
+        if volume is None:
+            volume = _built(key, sources, files)
+        _keep(key, volume)
     else:
         _volumes.move_to_end(key)
     return render_volume_view(volume, kind, position, angle, rendition)
+
+
+def prepare_volume(key: str, sources: list[bytes | StoredFile],
+                   files: VolumeFiles) -> Window | None:
+    """Build a series' volume into the volume folder unless it is there; its MIP window.
+
+    NotAVolume when the slices form none (the reason is kept for the viewer too).
+    """
+    volume = _volumes.get(key) or files.load(key)
+    if volume is None:
+        volume = _built(key, sources, files)
+    _keep(key, volume)
+    return volume.mip_window
 
 
 def default_window_of(source: bytes | StoredFile, max_pixels: int) -> Window | None:

@@ -1,23 +1,34 @@
 """Render each new series' thumbnail and middle image in the background after ingest, so the
-first look at a study is a cache hit (a worker thread here; Redis shares the results)."""
+first look at a study is a cache hit (a worker thread here; Redis shares the results), and
+build the volume of each new CT or MR series that forms one into the volume folder, so its
+first reformat is cut from a file in well under a second (every process shares the folder).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from flask import Flask, current_app
 from sqlalchemy import select
 
 from portal.imaging.rendition import parse_rendition
-from portal.index.models import Series
+from portal.index.models import Instance, Series
 from portal.index.service import middle_image
 
 log = logging.getLogger(__name__)
 
 _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prerender")
+# Volumes a viewer is waiting for: their own thread, so they never queue behind an ingest's.
+_on_demand = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volume")
+_building: set[str] = set()
+_failed: dict[str, str] = {}
+_building_lock = threading.Lock()
+VOLUME_MODALITIES = frozenset({"CT", "MR"})
 
 
 def _warm(app: Flask, series_uids: list[str]) -> None:
@@ -45,18 +56,103 @@ def _warm(app: Flask, series_uids: list[str]) -> None:
                     log.info("pre-rendering a series failed; it will render on first view")
 
 
+def volume_images(session: Any, series_id: int) -> list[str]:
+    """The SOP Instance UIDs of a series' images that may form a volume, in viewer order;
+    empty when they cannot (too few, multi-frame, no geometry: ``viewer.forms_volume``)."""
+    from portal.studies.viewer import forms_volume
+
+    images = [i for i in session.scalars(
+        select(Instance).where(Instance.series_fk == series_id)
+        .order_by(Instance.instance_number, Instance.id)) if i.rows]
+    return [i.sop_instance_uid for i in images] if forms_volume(images) else []
+
+
+def _build_volumes(app: Flask, series_uids: list[str]) -> None:
+    """Build the volume of every CT or MR series here that forms one and is not built yet."""
+    from portal.archive import current_archive
+    from portal.imaging.cache import prepare_volume, volume_files, volume_sources
+    from portal.imaging.volume import NotAVolume
+
+    with app.app_context():
+        database = current_archive().database
+        for series_uid in series_uids:
+            with database.new_session() as session:
+                series = session.scalars(select(Series).where(
+                    Series.series_instance_uid == series_uid)).first()
+                if series is None or series.modality not in VOLUME_MODALITIES:
+                    continue
+                uids = volume_images(session, series.id)
+            try:
+                found = volume_sources(uids) if uids else None
+                if found is None or volume_files().state(found[0])[0] in ("ready", "refused"):
+                    continue
+                prepare_volume(*found)
+            except NotAVolume:
+                continue  # kept as refused: the viewer says why
+            except Exception:  # a background build never fails anyone's request
+                if not sys.is_finalizing():
+                    log.info("building a series' volume failed; it is built on first view")
+
+
+def _warm_all(app: Flask, series_uids: list[str], images: bool) -> None:
+    if images:
+        _warm(app, series_uids)
+    _build_volumes(app, series_uids)
+
+
 def prerender(series_uids: Iterable[str], app: Flask | None = None, *,
-              wait: bool = False) -> None:
-    """Queue the warm-up of these series (returns at once unless ``wait``).
+              wait: bool = False, images: bool = True) -> None:
+    """Queue the warm-up of these series (returns at once unless ``wait``): their thumbnail
+    and middle image unless ``images`` is false, and the volume of a CT or MR series.
 
     ``app`` is needed where no application context is active (DIMSE handler threads).
     """
     uids = sorted(set(series_uids))
     if uids:
         app = app or current_app._get_current_object()  # type: ignore[attr-defined]
-        future = _executor.submit(_warm, app, uids)
+        future = _executor.submit(_warm_all, app, uids, images)
         if wait:
             future.result()
+
+
+def build_volume_soon(key: str, sources: list[Any]) -> None:
+    """Build a series' volume in the background for a viewer that waits for it (once per
+    process at a time; the volume folder tells the other processes it is under way)."""
+    from portal.imaging.cache import prepare_volume
+    from portal.imaging.volume import NotAVolume
+
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    with _building_lock:
+        if key in _building:
+            return
+        _building.add(key)
+    app.extensions["volume_files"].start(key)  # "building" for every worker from now on
+
+    def build() -> None:
+        try:
+            with app.app_context():
+                prepare_volume(key, sources)
+        except NotAVolume:
+            pass  # kept as refused in the volume folder: the viewer says why
+        except Exception as exc:  # told once to the viewer that waits; tried again after
+            with _building_lock:
+                _failed[key] = str(exc) or exc.__class__.__name__
+                while len(_failed) > 64:
+                    _failed.pop(next(iter(_failed)))
+            app.extensions["volume_files"].finish(key)
+            if not sys.is_finalizing():
+                log.info("building a series' volume failed: %s", exc.__class__.__name__)
+        finally:
+            with _building_lock:
+                _building.discard(key)
+
+    _on_demand.submit(build)
+
+
+def volume_failure(key: str) -> str | None:
+    """Why the last background build of this volume here failed (once), or None."""
+    with _building_lock:
+        return _failed.pop(key, None)
 
 
 def shared_cache(app: Flask) -> bool:

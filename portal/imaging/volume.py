@@ -8,16 +8,24 @@ Pure functions, no Flask: the caller checks access and caches the encoded result
 
 from __future__ import annotations
 
+import hashlib
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.pixels import apply_modality_lut, pixel_array
+from pydicom.pixels import apply_modality_lut
 
-from portal.imaging.render import encode, robust_window, window_to_8bit
+from portal.imaging.render import (
+    MAX_RENDER_PIXELS,
+    RenderRefused,
+    decode_frame,
+    encode,
+    robust_window,
+    window_to_8bit,
+)
 from portal.imaging.rendition import Rendition, Window
 
 MAX_VOXELS = 512 * 512 * 1200
@@ -37,10 +45,48 @@ class Volume:
     column_spacing: float
     slice_spacing: float
     window: Window | None
+    mip_window: Window | None = None  # what a MIP is shown with unless a window is asked for
 
 
-def build_volume(files: Sequence[bytes], max_side: int = 256) -> Volume:
-    """Decode and stack the slices; each is reduced to at most ``max_side`` pixels wide."""
+def content_key(digests: Iterable[str]) -> str:
+    """The name of a series' volume: a SHA-256 over its files' SHA-256s, in any order."""
+    return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()
+
+
+def mip_window(voxels: np.ndarray) -> Window:
+    """A window for maximum-intensity projections of these voxels.
+
+    A projection keeps the brightest voxel of every ray, so the window of a slice (e.g. soft
+    tissue on a CT) leaves it white; this one spans the projection's own values (front to
+    back, as the MIP first shows), from the darkest rays outside the body to the brightest.
+    """
+    projection = voxels.max(axis=1)
+    low, high = np.percentile(projection, [1.0, 99.8])
+    if not high > low:
+        return robust_window(projection)
+    return Window(float(low + high) / 2.0, float(high - low) + 1.0)
+
+
+def _reduce(values: np.ndarray, factor: int) -> np.ndarray:
+    """Average ``factor`` x ``factor`` blocks (less noise and aliasing than every n-th pixel)."""
+    if factor <= 1:
+        return values
+    rows, columns = values.shape[0] // factor, values.shape[1] // factor
+    trimmed = values[:rows * factor, :columns * factor]
+    out = np.zeros((rows, columns), np.float32)
+    for i in range(factor):
+        for j in range(factor):
+            out += trimmed[i::factor, j::factor]
+    out /= factor * factor
+    return out
+
+
+def build_volume(files: Sequence[bytes], max_side: int = 256,
+                 progress: Callable[[float], None] | None = None) -> Volume:
+    """Decode and stack the slices; each is reduced to at most ``max_side`` pixels wide.
+
+    ``progress`` hears the share of slices decoded so far (0..1), now and then.
+    """
     headers = [pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True) for data in files]
     if len(headers) < 3:
         raise NotAVolume("a volume needs at least three slices")
@@ -72,12 +118,17 @@ def build_volume(files: Sequence[bytes], max_side: int = 256) -> Volume:
         raise NotAVolume("the slices are not evenly spaced")
     factor = max(1, int(np.ceil(max(size) / max_side)))
     slices = []
-    for index in order:
-        pixels = pixel_array(io.BytesIO(files[index]))
-        values = apply_modality_lut(pixels, headers[index]).astype(np.float32)
-        if factor > 1:
-            values = values[::factor, ::factor]
-        slices.append(values)
+    for count, index in enumerate(order):
+        try:
+            frame, _ds = decode_frame(files[index], 0, MAX_RENDER_PIXELS)
+        except RenderRefused as exc:
+            raise NotAVolume(f"a slice cannot be decoded ({exc})") from exc
+        if frame.pixels.ndim != 2:
+            raise NotAVolume("colour series are shown slice by slice")
+        values = apply_modality_lut(frame.pixels, headers[index]).astype(np.float32)
+        slices.append(_reduce(values, factor))
+        if progress is not None and (count % 8 == 7 or count == len(order) - 1):
+            progress((count + 1) / len(order))
     first = headers[order[0]]
     center, width = first.get("WindowCenter"), first.get("WindowWidth")
     window = None
@@ -85,8 +136,9 @@ def build_volume(files: Sequence[bytes], max_side: int = 256) -> Volume:
         c = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
         w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
         window = Window(c, w) if w > 0 else None
-    return Volume(np.stack(slices), spacing[0] * factor, spacing[1] * factor,
-                  float(steps.mean()), window)
+    voxels = np.stack(slices)
+    return Volume(voxels, spacing[0] * factor, spacing[1] * factor, float(steps.mean()),
+                  window, mip_window(voxels))
 
 
 def view(volume: Volume, kind: str, *, position: float = 0.5,
@@ -123,6 +175,7 @@ def render_volume_view(volume: Volume, kind: str, position: float, angle: float,
                        rendition: Rendition) -> bytes:
     """Cut or project a built volume, window and encode."""
     image, aspect = view(volume, kind, position=position, angle=angle)
-    window = rendition.window or volume.window or robust_window(image)
+    default = volume.mip_window if kind == "mip" else volume.window
+    window = rendition.window or default or robust_window(image)
     return encode(window_to_8bit(image, window), aspect, rendition)
 

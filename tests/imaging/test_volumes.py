@@ -1,0 +1,164 @@
+"""Volumes for reformats: built after ingest into the volume folder (so the first reformat is
+cut from a file), their build state and progress for the viewer, the folder's bound, and a
+MIP shown with a window that suits a projection."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from PIL import Image
+
+from portal.archive import current_archive
+from portal.imaging.cache import volume_files, volume_sources
+from portal.imaging.volume import Volume, content_key
+from portal.imaging.volume_files import VolumeFiles
+from tests.conftest import wait_for
+from tests.dicomweb.test_stow import headers, multipart
+
+
+def _ct(folder: Path, slices: int = 40, size: int = 128, seed: str = "volumes") -> list[bytes]:
+    from demo.studies import write_ct_series
+
+    return [p.read_bytes() for p in write_ct_series(folder, slices=slices, size=size,
+                                                     uid_seed=seed)]
+
+
+def _base(files: list[bytes]) -> str:
+    ds = pydicom.dcmread(io.BytesIO(files[0]), stop_before_pixels=True)
+    return f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/volume"
+
+
+def _key(app: Flask, files: list[bytes]) -> str:
+    uids = [str(pydicom.dcmread(io.BytesIO(f), stop_before_pixels=True).SOPInstanceUID)
+            for f in files]
+    with app.app_context():
+        found = volume_sources(uids)
+    assert found is not None
+    return found[0]
+
+
+def test_a_stored_ct_has_its_volume_built_and_the_first_reformat_needs_no_slice(
+        app: Flask, client: FlaskClient, auth: dict[str, str], tmp_path: Path) -> None:
+    files = _ct(tmp_path / "ct")
+    assert client.post("/dicomweb/studies", data=multipart(*files),
+                       headers=headers(auth)).status_code == 200
+    key = _key(app, files)
+    with app.app_context():
+        kept = volume_files()
+        assert wait_for(lambda: kept.state(key)[0] == "ready", timeout=60)
+        stored = volume_sources([str(pydicom.dcmread(io.BytesIO(f)).SOPInstanceUID)
+                                 for f in files])
+    assert stored is not None
+    for source in stored[1]:  # the slices cannot be read any more: only the built volume helps
+        Path(source.path).write_bytes(b"gone")
+    state = client.get(_base(files), headers={**auth, "Accept": "application/json"})
+    assert state.status_code == 200 and state.get_json()["state"] == "ready"
+    started = time.monotonic()
+    sagittal = client.get(f"{_base(files)}/sagittal", headers={**auth, "Accept": "image/png"})
+    assert sagittal.status_code == 200, sagittal.data[:200]
+    assert time.monotonic() - started < 1.0
+    image = np.asarray(Image.open(io.BytesIO(sagittal.data)))
+    assert image.shape[0] > 50 and image.std() > 10  # a real cut, not an empty picture
+
+
+def test_the_viewer_is_told_the_build_progress_then_ready(app: Flask, client: FlaskClient,
+                                                          auth: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    files = _ct(tmp_path / "ct", slices=60, size=256, seed="progress")
+    with app.app_context():  # stored without the after-ingest build: nobody has built it
+        current_archive().ingest_many(files, who="test")
+    accept = {**auth, "Accept": "application/json"}
+    first = client.get(_base(files), headers=accept)
+    assert first.status_code == 202, first.data
+    assert first.headers["Retry-After"] == "1" and first.headers["Cache-Control"] == "no-store"
+    assert first.get_json()["state"] == "building"
+    seen = [first.get_json()["progress"]]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        answer = client.get(_base(files), headers=accept)
+        if answer.status_code == 200:
+            break
+        assert answer.status_code == 202 and answer.get_json()["state"] == "building"
+        seen.append(answer.get_json()["progress"])
+        time.sleep(0.02)
+    assert answer.status_code == 200, "the volume was not built within a minute"
+    body = answer.get_json()
+    assert body["state"] == "ready" and body["mipWindow"]["width"] > 400
+    assert seen == sorted(seen) and all(0 <= p < 1 for p in seen)
+    assert any(0 < p < 1 for p in seen)  # a share in between: the viewer shows it grow
+
+
+def test_a_build_reports_its_progress_to_every_worker(tmp_path: Path) -> None:
+    from portal.imaging import isolation
+
+    heard: list[float] = []
+
+    class Listening(VolumeFiles):
+        def report(self, key: str, done: float) -> None:
+            heard.append(done)
+            super().report(key, done)
+            assert self.state(key)[:2] == ("building", pytest.approx(done, abs=1e-3))
+
+    files = _ct(tmp_path / "ct", slices=30, size=64, seed="listen")
+    kept = Listening(tmp_path / "volumes")
+    key = content_key(str(i) for i in range(30))
+    isolation._built(key, list(files), kept)
+    assert heard[0] == 0 and heard[-1] == pytest.approx(0.95) and heard == sorted(heard)
+    assert len(heard) >= 4
+    assert kept.state(key) == ("ready", 1.0, "")
+    assert not (tmp_path / "volumes" / f"{key}.building").exists()
+
+
+def test_a_series_that_forms_no_volume_says_why(app: Flask, client: FlaskClient,
+                                               auth: dict[str, str], tmp_path: Path) -> None:
+    files = _ct(tmp_path / "ct", slices=12, size=64, seed="gap")
+    del files[5]  # a missing slice: uneven steps along the normal
+    with app.app_context():
+        current_archive().ingest_many(files, who="test")
+    accept = {**auth, "Accept": "application/json"}
+    deadline = time.monotonic() + 30
+    answer = client.get(_base(files), headers=accept)
+    while answer.status_code == 202 and time.monotonic() < deadline:
+        time.sleep(0.05)
+        answer = client.get(_base(files), headers=accept)
+    assert answer.status_code == 422
+    assert "evenly spaced" in answer.get_json()["error"]
+
+
+def test_kept_volumes_stay_within_their_bound_and_damaged_ones_are_rebuilt(
+        tmp_path: Path) -> None:
+    kept = VolumeFiles(tmp_path / "volumes", max_bytes=300_000)
+    volume = Volume(np.arange(20 * 64 * 64, dtype=np.float32).reshape(20, 64, 64) % 3000 - 1000,
+                    1.0, 1.0, 2.0, None)
+    keys = [content_key([str(i)]) for i in range(4)]
+    for key in keys:  # each about 160 kB as int16: only one fits beside the newest
+        kept.save(key, volume)
+        time.sleep(0.01)
+    assert [kept.state(k)[0] for k in keys] == ["missing", "missing", "missing", "ready"]
+    loaded = kept.load(keys[-1])
+    assert loaded is not None and np.array_equal(loaded.voxels, volume.voxels)
+    (tmp_path / "volumes" / f"{keys[-1]}.npz").write_bytes(b"not a volume")
+    assert kept.load(keys[-1]) is None and kept.state(keys[-1])[0] == "missing"
+    with pytest.raises(ValueError, match="SHA-256"):
+        kept.load("../../etc/passwd")
+
+
+def test_a_mip_without_a_window_is_not_white(app: Flask, client: FlaskClient,
+                                             auth: dict[str, str], tmp_path: Path) -> None:
+    files = _ct(tmp_path / "ct", seed="mip")
+    with app.app_context():
+        current_archive().ingest_many(files, who="test")
+    png = client.get(f"{_base(files)}/mip?angle=0", headers={**auth, "Accept": "image/png"})
+    assert png.status_code == 200
+    grey = np.asarray(Image.open(io.BytesIO(png.data))).astype(float)
+    body = grey[grey > 10]  # the patient, not the air around
+    # In the file's soft-tissue window nearly every ray of the body hits something brighter
+    # than 240 HU and shows white; a projection's own window leaves the body grey.
+    assert (body >= 250).mean() < 0.2 and body.std() > 20
