@@ -4,7 +4,8 @@ each of its methods is called with generated path values, query strings, headers
 a patient, a share-link visitor and a machine client. No answer may be a server error, and no
 response header may hold what gunicorn refuses to send (it would turn the answer into a 500).
 
-Bounded and derandomized (the same examples every run) so it stays well within CI's time."""
+Bounded (a few examples per route and caller) and seeded per route (the same examples on every
+run, so CI repeats what failed) so that it stays well within CI's time (about a minute)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 from werkzeug.routing import Rule
 
-from portal.access.grants import create_grant, link_identifier, link_patient
-from portal.access.models import User
+from portal.access.grants import create_grant, grant_state, link_identifier, link_patient
+from portal.access.models import Grant, User
 from portal.access.principal import Principal
 from portal.archive import current_archive
 from tests.conftest import (
@@ -44,7 +45,8 @@ from tests.conftest import (
 )
 from tests.factories import make_instance
 
-EXAMPLES_PER_CALLER = 6  # 86 rules x 6 callers x 4: about 2,000 requests, about a minute
+# 86 rules and methods x 6 callers x (6 generated + 1 to 4 edge examples): about 4,000 requests
+EXAMPLES_PER_CALLER = 6
 # In this order: what one caller's examples may end (a session, a share link, a role) is
 # only someone's who came before; the world is restored after each rule.
 ROLES = ("anonymous", "machine", "visitor", "patient", "physician", "manager")
@@ -68,6 +70,8 @@ class World:
     slots: dict[str, list[str]] = field(default_factory=dict)  # right values per path name
     share: dict[str, str] = field(default_factory=dict)
     basic: dict[str, str] = field(default_factory=dict)
+    study: str = ""
+    grant_id: int = 0
 
     def client(self, role: str) -> FlaskClient:
         """The client acting as ``role``."""
@@ -86,6 +90,8 @@ def world(tmp_path: Path, idp: IdentityProvider) -> Iterator[World]:
 
 
 def _build(app: Flask, idp: IdentityProvider) -> World:
+    """A study (with a report), a physician granted it, a patient linked to it, an office
+    manager, a machine client, and a share link of it opened by a visitor."""
     world = World(app, idp)
     suffix = generate_uid()[-6:]
     study, series, sop = generate_uid(), generate_uid(), generate_uid()
@@ -107,7 +113,8 @@ def _build(app: Flask, idp: IdentityProvider) -> World:
         identifier = link_identifier(session, SETUP, ids["physician"], "npi:1234567893")
         link_patient(session, SETUP, ids["patient"], "PAT-WALK")
         session.flush()
-        grant_id, identifier_id = grant.id, identifier.id
+        world.grant_id, identifier_id = grant.id, identifier.id
+    world.study = study
     name, secret = make_client(app, "walker")
     world.basic = basic_auth(name, secret)
     report = app.test_client().post("/fhir/DiagnosticReport", headers=world.basic, json={
@@ -121,17 +128,7 @@ def _build(app: Flask, idp: IdentityProvider) -> World:
     report_id = int(report.headers["Location"].rsplit("/", 1)[1])
     for role in people:
         _sign_in(world, role)
-    made = world.client("physician").post(f"/studies/{study}/share", data={
-        "csrf_token": csrf_of(world.client("physician")), "days": "5", "pin": "on"})
-    assert made.status_code == 201
-    html = made.get_data(as_text=True)
-    token = re.search(r'id="share-url"[^>]*value="[^"#]*#([^"]+)"', html)
-    pin = re.search(r'id="share-pin">(\d+)<', html)
-    public_id = re.search(r'/shares/([0-9a-f-]{36})"', html)
-    assert token and pin and public_id
-    world.share = {"token": token.group(1), "pin": pin.group(1), "id": public_id.group(1)}
-    world.clients["visitor"] = app.test_client()
-    _open_share(world)
+    assert _new_share(world)
     # Without cookies: a cookie one answer sets (the sign-in's state) would make the next
     # request a browser's, which needs the CSRF token, instead of a stranger's or a script's.
     world.clients["anonymous"] = app.test_client(use_cookies=False)
@@ -139,13 +136,13 @@ def _build(app: Flask, idp: IdentityProvider) -> World:
     world.known_text = [study, series, sop, world.share["id"], "PAT-WALK", "W1", "1", "1,2",
                         "7FE00010", "00540016/0/00181072", "axial", "mip", "css/portal.css",
                         "npi:1234567893", "physician", "patient", "ImagingStudy/" + study]
-    world.known_ints = [*ids.values(), grant_id, identifier_id, report_id, 0, 1, 2]
+    world.known_ints = [*ids.values(), world.grant_id, identifier_id, report_id, 0, 1, 2]
     users = [str(i) for i in ids.values()]
     world.slots = {"study": [study], "study_uid": [study], "series": [series],
                    "series_uid": [series], "instance": [sop], "public_id": [world.share["id"]],
                    "frame_list": ["1", "1,1"], "frame": ["1"], "tag_path": ["7FE00010"],
                    "kind": ["axial", "mip"], "filename": ["css/portal.css", "js/viewer.js"],
-                   "user_id": users, "grant_id": [str(grant_id)],
+                   "user_id": users, "grant_id": [str(world.grant_id)],
                    "identifier_id": [str(identifier_id)], "report_id": [str(report_id)]}
     return world
 
@@ -162,12 +159,31 @@ def _sign_in(world: World, role: str) -> None:
     world.clients[role] = client
 
 
-def _open_share(world: World) -> None:
+def _new_share(world: World) -> bool:
+    """The physician shares the study (again: the walk may have revoked the link), and the
+    visitor opens it; False when the physician cannot (then the visitor stays as he is)."""
+    made = world.client("physician").post(f"/studies/{world.study}/share", data={
+        "csrf_token": csrf_of(world.client("physician")), "days": "5", "pin": "on"})
+    html = made.get_data(as_text=True)
+    token = re.search(r'id="share-url"[^>]*value="[^"#]*#([^"]+)"', html)
+    pin = re.search(r'id="share-pin">(\d+)<', html)
+    public_id = re.search(r'/shares/([0-9a-f-]{36})"', html)
+    if made.status_code != 201 or not (token and pin and public_id):
+        return False
+    world.share = {"token": token.group(1), "pin": pin.group(1), "id": public_id.group(1)}
+    world.slots["public_id"] = [public_id.group(1)]
+    return _open_share(world)
+
+
+def _open_share(world: World) -> bool:
+    """Open the link as the visitor does (its form); False when it no longer opens."""
     client = world.app.test_client()
     answer = client.post("/s/exchange", data={"token": world.share["token"],
                                               "pin": world.share["pin"]})
-    if answer.status_code in (302, 303):  # revoked by the walk: then the visitor is nobody
-        world.clients["visitor"] = client
+    if answer.status_code not in (302, 303):
+        return False
+    world.clients["visitor"] = client
+    return True
 
 
 _CHECKS = {"physician": "/shares", "manager": "/api/grants", "patient": "/studies",
@@ -175,15 +191,24 @@ _CHECKS = {"physician": "/shares", "manager": "/api/grants", "patient": "/studie
 
 
 def _restore(world: World) -> None:
-    """Put back what the last rule's examples took away (a session, a role, the link)."""
-    for role, path in _CHECKS.items():
+    """Put back what the last rule's examples took away (a session, a role, the physician's
+    grant, the share link), so that every rule is walked as every kind of caller."""
+    with world.app.extensions["db"].write_transaction() as session:
+        grant = session.get(Grant, world.grant_id)
+        if grant is None or grant_state(grant) != "active":
+            physician = session.scalars(select(User.id).where(
+                User.subject == world.subjects["physician"])).one()
+            made = create_grant(session, SETUP, user_id=physician, study_uid=world.study)
+            session.flush()
+            world.grant_id = made.id
+    for role, path in _CHECKS.items():  # the visitor last: his link is the physician's
         answer = world.client(role).get(path, headers={"Accept": "application/json"})
         answer.close()
         if answer.status_code != 200:
-            if role == "visitor":
-                _open_share(world)
-            else:
+            if role != "visitor":
                 _sign_in(world, role)
+            elif not _open_share(world):
+                _new_share(world)
 
 
 # -- strategies ------------------------------------------------------------------------------
@@ -246,6 +271,7 @@ _CONTENT_TYPES = ["application/json", "application/x-www-form-urlencoded", "text
 
 
 def _json_value(world: World) -> st.SearchStrategy[Any]:
+    """Any JSON value, its leaves mostly ids, edge integers and the texts above."""
     leaf = st.one_of(_EDGE_INTS, st.sampled_from(world.known_ints), _text(world), st.none(),
                      st.booleans(), _INTS, st.floats(allow_nan=False))
     return st.recursive(leaf, lambda inner: st.one_of(
@@ -254,6 +280,7 @@ def _json_value(world: World) -> st.SearchStrategy[Any]:
 
 
 def _multipart(parts: list[tuple[bytes, bytes]]) -> bytes:
+    """A multipart body (boundary ``b``) of (Content-Type, payload) parts."""
     body = b"".join(b"--b\r\nContent-Type: " + kind + b"\r\n\r\n" + payload + b"\r\n"
                     for kind, payload in parts)
     return body + b"--b--\r\n"
@@ -325,17 +352,20 @@ class Call:
 def _path(rule: Rule, values: dict[str, str]) -> str:
     """The rule's path with these values, quoted as a client would."""
     def one(match: re.Match[str]) -> str:
+        """One variable's value, quoted (slashes kept for a ``path`` converter)."""
         safe = "/" if match.group("converter") == "path" else ""
         return quote(values[match.group("name")], safe=safe)
     return _VARIABLE.sub(one, rule.rule)
 
 
 def _calls(world: World, rule: Rule, method: str, role: str) -> st.SearchStrategy[Call]:
+    """Requests to ``rule`` by ``role``: path values, query, headers, body, CSRF token."""
     values = {m.group("name"): _path_value(world, m.group("name"),
                                            m.group("converter") or "default")
               for m in _VARIABLE.finditer(rule.rule)}
 
     def build(drawn: dict[str, str]) -> str:
+        """The path with the drawn values."""
         return _path(rule, drawn)
 
     query = st.one_of(st.just([]), st.lists(st.tuples(
@@ -414,12 +444,13 @@ def _send(world: World, call: Call) -> tuple[int, list[tuple[str, str]]]:
         response.close()
 
 
-def _walk_rule(world: World, rule: Rule, method: str, role: str, *,
-               shrink: bool = True) -> str | None:
+def _walk_rule(world: World, rule: Rule, method: str, role: str, *, shrink: bool = True,
+               examples_per_caller: int = EXAMPLES_PER_CALLER) -> str | None:
     """Run the examples of one rule, method and caller; the failure found, if any."""
     phases = [Phase.explicit, Phase.generate, *([Phase.shrink] if shrink else [])]
 
     def examples(call: Call) -> None:
+        """No 5xx, and only headers gunicorn sends."""
         try:
             status, headers = _send(world, call)
         except Exception as exc:  # the test client re-raises what the app did not handle
@@ -432,7 +463,7 @@ def _walk_rule(world: World, rule: Rule, method: str, role: str, *,
     test = given(call=_calls(world, rule, method, role))(examples)
     for call in _edge_calls(world, rule, method, role):
         test = example(call=call)(test)
-    test = settings(max_examples=EXAMPLES_PER_CALLER, deadline=None, database=None,
+    test = settings(max_examples=examples_per_caller, deadline=None, database=None,
                     suppress_health_check=list(HealthCheck), print_blob=False,
                     phases=phases)(test)
     # A fixed seed per rule, method and caller: the same examples on every run (CI repeats
@@ -446,6 +477,7 @@ def _walk_rule(world: World, rule: Rule, method: str, role: str, *,
 
 
 def _rules(app: Flask) -> list[tuple[Rule, str]]:
+    """Every rule with each of its methods (HEAD goes with GET; OPTIONS is Flask's)."""
     pairs = [(rule, method) for rule in app.url_map.iter_rules()
              for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"})]
     return sorted(pairs, key=lambda pair: (pair[0].rule, pair[1]))
@@ -463,18 +495,29 @@ def test_no_route_answers_a_server_error_to_anything(world: World) -> None:
 
 
 def test_the_walk_sees_a_server_error_when_there_is_one(world: World) -> None:
-    """The walk is not blind: a route that fails on some input is reported."""
-    def failing() -> str:
-        from flask import request
+    """The walk is not blind: a route that fails on some input, or that echoes it into a
+    header gunicorn would refuse, is reported."""
+    from flask import Response, request
 
+    from portal.access.policy import public
+
+    def failing() -> str:
+        """Fails when the query holds anything."""
         if request.args:
             raise RuntimeError("boom")
         return "ok"
 
-    from portal.access.policy import public
+    def echoing() -> Response:
+        """Echoes the query into a header, as the STOW warnings did."""
+        text = "".join(f"{k}{v}" for k, v in request.args.items())
+        return Response("ok", headers={"X-Echo": "".join(
+            c for c in text if c not in "\r\n" and ord(c) < 256)})
 
     app = world.app
-    app.view_functions["studies.home"] = public(failing)
-    rule = next(r for r in app.url_map.iter_rules() if r.endpoint == "studies.home")
-    failure = _walk_rule(world, rule, "GET", "anonymous", shrink=False)
-    assert failure and "boom" in failure
+    for endpoint, view, symptom in (("studies.home", failing, "boom"),
+                                    ("health.healthz", echoing, "gunicorn refuses")):
+        app.view_functions[endpoint] = public(view)
+        rule = next(r for r in app.url_map.iter_rules() if r.endpoint == endpoint)
+        failure = _walk_rule(world, rule, "GET", "anonymous", shrink=False,
+                             examples_per_caller=30)
+        assert failure and symptom in failure, (endpoint, failure)
