@@ -2,13 +2,15 @@
 
 The page carries it inline, so the first image can be asked for without another round trip:
 the frames in order, their geometry (PS3.3 C.7.6.2 Image Plane, C.8.11.4 DX detector), the
-windows the file offers (C.11.2.1.2) and the window the server applies by default.
+windows the file offers (C.11.2.1.2), the presets (``presets.presets_for``: those windows and
+the usual ones for the modality and body part, each once) and the default window.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from portal.imaging.presets import presets_for
 from portal.imaging.rendition import WIDTHS
 from portal.index.models import Instance, Series, Study
 
@@ -21,9 +23,6 @@ _TAGS = {
     "orientation": "00200037", "shared_groups": "52009229", "pixel_measures": "00289110",
     "plane_orientation": "00209116", "spacing_calibration": "00280A02",
 }
-# CT presets (centre, width in HU) offered for every CT series, as radiologists name them.
-CT_PRESETS = (("Soft tissue", 40.0, 400.0), ("Lung", -600.0, 1500.0),
-              ("Bone", 300.0, 1500.0), ("Brain", 40.0, 80.0))
 
 
 def _values(header: dict[str, Any], key: str) -> list[Any]:
@@ -116,8 +115,8 @@ def describe_series(study: Study, series: Series, images: list[Instance],
     monochrome = bool(middle and middle.photometric_interpretation.startswith("MONOCHROME"))
     if default_window is None and windows:
         default_window = (windows[0]["center"], windows[0]["width"])
-    presets = [{"name": n, "center": c, "width": w} for n, c, w in CT_PRESETS] \
-        if series.modality == "CT" else []
+    # One list: the file's windows and the usual ones for this modality and body part.
+    presets = presets_for(series.modality, series.body_part_examined, windows)
     frame_time = _numbers(header, "frame_time")
     rate = (_numbers(header, "cine_rate") or _numbers(header, "display_rate"))
     fps = rate[0] if rate else (1000.0 / frame_time[0] if frame_time and frame_time[0] else 10)

@@ -84,7 +84,8 @@ def test_viewer_page_describes_the_series(world: World) -> None:
     assert [f[0] for f in data["frames"]] == world.sops  # instance-number order
     assert data["spacing"] == [0.7, 0.7] and data["spacingSource"] == "patient"
     assert data["window"] == {"center": 40.0, "width": 400.0}
-    assert [p["name"] for p in data["presets"]] == ["Soft tissue", "Lung", "Bone", "Brain"]
+    # The file's unnamed 400/40 is the soft-tissue window; no brain window on a body CT.
+    assert [p["name"] for p in data["presets"]] == ["Soft tissue", "Lung", "Bone"]
     assert data["volume"] is True and data["cine"] is False
     # The patient's name is text in the page, never inside the JSON or a URL.
     assert "Evil&#34;; filename=evil.html^&lt;b&gt;x&lt;/b&gt;" in html
