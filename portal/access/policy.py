@@ -280,10 +280,17 @@ def init_app(app: Flask) -> None:
             from portal.auth.bearer import challenge
 
             bearer = challenge()  # says why a bearer token was refused (RFC 6750)
+            challenges = [WWWAuthenticate("basic", {"realm": "portal"}), bearer]
+            if request.headers.get("Sec-Fetch-Site") == "same-origin" \
+                    and not request.headers.get("Authorization"):
+                # The portal's own pages (the viewer's images after a session ended) get no
+                # Basic challenge: a browser would answer it with a password dialog; the
+                # page itself offers to sign in again.
+                challenges = [bearer]
             raise Unauthorized(
                 bearer.get("error_description")
                 or "sign in, or send a bearer token or a registered client's credentials",
-                www_authenticate=[WWWAuthenticate("basic", {"realm": "portal"}), bearer])
+                www_authenticate=challenges)
         if request.method == "GET":
             return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
         raise Unauthorized("please sign in again")

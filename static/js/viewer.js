@@ -3,6 +3,7 @@
 import { attachGestures } from './viewer/gestures.js';
 import { ImageStore } from './viewer/loader.js';
 import { clamp, lengthMm, markers, pickWidth, windowMap } from './viewer/geometry.js';
+import { sessionEnded, showSessionEnded } from './viewer/session.js';
 
 /** @typedef {{center: number, width: number}} Win */
 
@@ -23,9 +24,13 @@ const base = `/dicomweb/studies/${encodeURIComponent(data.study)}/series/${encod
 const frames = /** @type {[string, number][]} */ (data.frames);
 const defaultWindow = /** @type {Win | null} */ (data.window);
 
-// A key image link names its instance: start there (else at the first image).
-const startUid = new URLSearchParams(window.location.search).get('image');
-const startIndex = Math.max(0, startUid ? frames.findIndex((f) => f[0] === startUid) : 0);
+// A key image link names its instance (and a sign-in after an ended session also its frame
+// and view): start there (else at the first image).
+const startParams = new URLSearchParams(window.location.search);
+const startUid = startParams.get('image');
+const startFrame = Number(startParams.get('frame')) || 0;
+const startIndex = Math.max(0, startUid ? frames.findIndex((f) => f[0] === startUid
+  && (!startFrame || f[1] === startFrame)) : 0);
 
 const state = {
   view: 'stack', index: startIndex, angle: 0,
@@ -182,9 +187,15 @@ function onLoad(url, ok) {
   if (!info) return;
   if (!ok) {
     if (info.key === currentKey()) {
-      say(state.view === 'stack' ? 'This image could not be shown.'
-        : 'This series cannot be shown as a reformat: its slices do not form a volume.');
-      if (state.view !== 'stack') setView('stack');
+      // First ask whether the session has ended: then that is what the reader must hear.
+      const back = placeNow();
+      sessionEnded(url).then((ended) => {
+        if (ended) { stopCine(); showSessionEnded(back); return; }
+        if (info.key !== currentKey()) return;
+        say(state.view === 'stack' ? 'This image could not be shown.'
+          : 'This series cannot be shown as a reformat: its slices do not form a volume.');
+        if (state.view !== 'stack') setView('stack');
+      });
     }
     return;
   }
@@ -193,6 +204,15 @@ function onLoad(url, ok) {
   loaded.set(info.key, list);
   if (info.key === currentKey()) invalidate();
   progress();
+}
+
+/** This viewer's address for the image and view on screen (where a new sign-in returns). */
+function placeNow() {
+  const [sop, frame] = frames[state.index];
+  const params = new URLSearchParams({ image: sop });
+  if (frame > 1) params.set('frame', String(frame));
+  if (state.view !== 'stack') params.set('view', state.view);
+  return `${window.location.pathname}?${params}`;
 }
 
 /**
@@ -743,5 +763,7 @@ document.addEventListener('keydown', (e) => {
 new ResizeObserver(() => { invalidate(); schedulePlan(); }).observe(stage);
 setTool('scroll');
 root.classList.add('ready');
+const startView = startParams.get('view');
+if (startView && startView !== 'stack' && [...viewSelect.options].some((o) => o.value === startView)) setView(startView);
 plan();
 invalidate();
