@@ -74,6 +74,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     from portal.reports.cli import hl7_cli, reports_cli
     from portal.reports.routes import bp as reports_bp
     from portal.reports.routes import init_app as reports_routes_init
+    from portal.studies.patients import bp as patients_bp
     from portal.studies.routes import bp as studies_bp
 
     app.register_blueprint(health.bp)
@@ -82,6 +83,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(api_bp)
     app.register_blueprint(dicomweb_bp)
     app.register_blueprint(studies_bp)
+    app.register_blueprint(patients_bp)  # a signed-in patient's own pages
     app.register_blueprint(sharing_routes.bp)
     app.register_blueprint(reports_bp)
     reports_routes_init(app)

@@ -19,7 +19,14 @@ from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Unauthorized
 
 from portal.access import audit
-from portal.access.models import Delegation, Grant, PatientLink, ReferrerIdentifier, User
+from portal.access.models import (
+    AuditEvent,
+    Delegation,
+    Grant,
+    PatientLink,
+    ReferrerIdentifier,
+    User,
+)
 from portal.access.principal import Principal, current_principal
 from portal.db import db, utcnow
 from portal.index.models import Instance, Patient, Series, Study, StudyReferrer
@@ -164,6 +171,67 @@ def instance_filter(principal: Principal) -> ColumnElement[bool]:
 def visible_studies(principal: Principal) -> Select[tuple[Study]]:
     """The studies this principal may see, as a query to refine."""
     return select(Study).where(study_filter(principal))
+
+
+# -- patients: their own records, and sharing them ------------------------------------------
+
+CLINICAL_SHARERS = ("physician", "office_manager")
+
+
+def is_patient_user(principal: Principal | None) -> bool:
+    """A signed-in patient (no clinical role): he gets the patient pages, in plain words."""
+    return principal is not None and principal.kind == "user" and is_patient(principal)
+
+
+def own_studies_condition(principal: Principal) -> ColumnElement[bool]:
+    """SQL on ``Study``: studies of the patient records linked to this patient's account
+    (grants and referrals are not "his own")."""
+    if not is_patient_user(principal):
+        return false()
+    return Study.patient_fk.in_(select(PatientLink.patient_fk)
+                                .where(PatientLink.user_fk == principal.id))
+
+
+def share_audiences(principal: Principal | None) -> tuple[str, ...]:
+    """Whom this principal may share studies with: physicians and office managers with a
+    patient or a colleague; a patient only with a doctor (a second opinion); others nobody."""
+    if principal is None or principal.kind != "user":
+        return ()
+    if any(principal.has_role(r) for r in CLINICAL_SHARERS):
+        return ("patient", "physician")
+    if is_patient_user(principal):
+        return ("physician",)
+    return ()
+
+
+def shareable_studies(principal: Principal) -> Select[tuple[Study]]:
+    """The studies this principal may put in a share link: what a clinical sharer sees; a
+    patient's own studies only."""
+    if not share_audiences(principal):
+        return select(Study).where(false())
+    stmt = visible_studies(principal)
+    if is_patient_user(principal):
+        stmt = stmt.where(own_studies_condition(principal))
+    return stmt
+
+
+def readable_audit_condition(principal: Principal) -> ColumnElement[bool]:
+    """SQL on ``AuditEvent``: the records a patient may read on "Who opened my images",
+    those about his own studies; nothing for anyone else (staff read the console)."""
+    if not is_patient_user(principal):
+        return false()
+    own = select(Study.study_instance_uid).where(own_studies_condition(principal))
+    return and_(AuditEvent.study_instance_uid != "", AuditEvent.study_instance_uid.in_(own))
+
+
+def own_orders_condition(principal: Principal) -> ColumnElement[bool]:
+    """SQL on ``Order``: a patient's appointments and orders, those naming the patient ID
+    of a record linked to his account."""
+    if not is_patient_user(principal):
+        return false()
+    ids = select(Patient.patient_id).join(PatientLink, PatientLink.patient_fk == Patient.id) \
+        .where(PatientLink.user_fk == principal.id, Patient.patient_id != "")
+    return Order.patient_id.in_(ids)
 
 
 _UID = re.compile(r"[0-9.]{1,64}")

@@ -32,8 +32,15 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 
 from portal.access import audit
+from portal.access.policy import (
+    is_patient_user,
+    public,
+    require_study,
+    share_audiences,
+    share_visible,
+    visible_studies,
+)
 from portal.access.policy import is_public as policy_is_public
-from portal.access.policy import public, require_study, share_visible, visible_studies
 from portal.access.principal import Principal, current_principal
 from portal.auth.recent import require_recent_sign_in
 from portal.db import db, utcnow
@@ -349,10 +356,13 @@ def share_form(study_uid: str) -> str:
                  study_instance_uid=study.study_instance_uid,
                  patient_id=study.patient.patient_id, details={"view": "share form"})
     links = service.list_links(db.session, principal, study_uid=study_uid, limit=50)
-    return render_template("sharing/share_form.html", study=study, policy=share_policy(),
+    # A patient shares his own scan with a doctor: his own form, in plain words.
+    template = "patients/share.html" if is_patient_user(principal) \
+        else "sharing/share_form.html"
+    return render_template(template, study=study, policy=share_policy(),
                            series=study_series(db.session, principal, study),
                            links=links, now=utcnow(), state=service.link_state,
-                           may_share=any(principal.has_role(r) for r in service.SHARING_ROLES))
+                           may_share=bool(share_audiences(principal)))
 
 
 @bp.post("/studies/<study_uid>/share")
@@ -469,10 +479,12 @@ def link_detail(public_id: str) -> str:
     except service.ShareError:
         abort(404)
     return render_template("sharing/link.html", link=link, state=service.link_state(link),
-                           rows=service.accesses(db.session, link))
+                           rows=service.accesses(db.session, link,
+                                                 others_addresses=not is_patient_user(principal)))
 
 
 @bp.post("/shares/<public_id>/revoke")
+    # A patient is told who opened his link, not where from (as on the visitor's page).
 def revoke(public_id: str) -> Response:
     """Revoke one link; open share sessions end at once."""
     principal = _user()
@@ -509,7 +521,7 @@ def revoke_all() -> Response:
 def _back_or(default: str) -> str:
     back = urlsplit(request.referrer or "")
     if back.netloc == request.host and back.path.startswith(("/shares", "/admin/shares",
-                                                             "/studies/")):
+                                                             "/studies/", "/my/")):
         return back.path
     return default
 

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, selectinload
 from portal.access import audit
 from portal.access.grants import create_grant
 from portal.access.models import User
-from portal.access.policy import visible_studies
+from portal.access.policy import is_patient_user, share_audiences, shareable_studies
 from portal.access.principal import Principal
 from portal.db import Database, utcnow
 from portal.index.models import Series, Study
@@ -37,7 +37,6 @@ from portal.sharing.tokens import (
 
 Audience = Literal["patient", "physician"]
 LinkState = Literal["active", "pending", "expired", "revoked", "locked"]
-SHARING_ROLES = ("physician", "office_manager")
 
 
 class ShareError(Exception):
@@ -139,9 +138,19 @@ def _active_conditions(now: datetime) -> list[Any]:
 
 # -- creating --------------------------------------------------------------------------------
 
-def _check_sender(actor: Principal) -> None:
-    if actor.kind != "user" or not any(actor.has_role(r) for r in SHARING_ROLES):
-        raise ShareError("only physicians and office managers share studies")
+def _check_sender(actor: Principal, audience: str, requires_sign_in: bool) -> None:
+    """Who may share with whom is the access policy's answer (a patient: with a doctor)."""
+    audiences = share_audiences(actor)
+    if not audiences:
+        raise ShareError("only physicians, office managers and patients share studies")
+    if audience not in ("patient", "physician"):
+        raise ShareError("the audience is a patient or a physician")
+    if audience not in audiences:
+        raise ShareError("you can share your images with a doctor")
+    if requires_sign_in and is_patient_user(actor):
+        # The doctor a patient chooses opens the link without an account: a patient's link
+        # never turns into a lasting grant inside the portal.
+        raise ShareError("a link you make is opened without signing in")
 
 
 def _expiry(policy: SharePolicy, now: datetime, days: int | None,
@@ -168,15 +177,13 @@ def create_share(session: Session, actor: Principal, policy: SharePolicy, *, stu
                  note: str = "", notify_sender: bool = False,
                  series_uids: Sequence[str] = ()) -> NewShare:
     """Make a link to one study (or to selected series of it), or to every study of its
-    patient the sender may see.
+    patient the sender may see (a patient: his own studies, for a doctor).
 
     The caller has already checked that ``actor`` may see ``study_uid`` (``require_study``);
-    the scope is re-read through the policy here, so a link never opens more than its
-    sender sees. Audited as 110113 / 110135 in the same transaction.
+    who may share what with whom, and the scope, are read from the policy here, so a link
+    never opens more than its sender sees. Audited as 110113 / 110135 in the same transaction.
     """
-    _check_sender(actor)
-    if audience not in ("patient", "physician"):
-        raise ShareError("the audience is a patient or a physician")
+    _check_sender(actor, audience, requires_sign_in)
     if requires_sign_in and audience != "physician":
         raise ShareError("only a link for a colleague can ask him to sign in")
     now = utcnow()
@@ -184,7 +191,7 @@ def create_share(session: Session, actor: Principal, policy: SharePolicy, *, stu
     start = now if not_before is None else not_before
     if start.tzinfo is None or start >= expiry:
         raise ShareError("the link must start (with a time zone) before it ends")
-    study = session.scalars(visible_studies(actor).where(
+    study = session.scalars(shareable_studies(actor).where(
         Study.study_instance_uid == study_uid)).first()
     if study is None:
         raise ShareError("no such study")
@@ -198,7 +205,7 @@ def create_share(session: Session, actor: Principal, policy: SharePolicy, *, stu
             raise ShareError("a selected series is not part of this study")
     studies = [study]
     if whole_patient:
-        studies = list(session.scalars(visible_studies(actor).where(
+        studies = list(session.scalars(shareable_studies(actor).where(
             Study.patient_fk == study.patient_fk).order_by(Study.study_date, Study.id)))
     token = new_token()
     pin = new_pin(policy.pin_digits) if with_pin else None

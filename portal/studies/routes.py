@@ -20,7 +20,13 @@ from flask import (
 )
 
 from portal.access import audit
-from portal.access.policy import public, require_series, require_study
+from portal.access.policy import (
+    is_patient_user,
+    public,
+    require_series,
+    require_study,
+    share_audiences,
+)
 from portal.access.principal import Principal, current_principal
 from portal.archive import current_archive
 from portal.db import db
@@ -29,6 +35,7 @@ from portal.index.names import person_name
 from portal.index.referrers import key_label
 from portal.reports.service import unread_studies
 from portal.studies import export
+from portal.studies.patients import scans_page
 from portal.studies.service import (
     MODALITIES,
     StudySearch,
@@ -69,6 +76,7 @@ def home() -> str:
     principal = current_principal()
     signed_in = principal is not None and principal.kind == "user"
     return render_template("studies/home.html", signed_in=signed_in,
+                           patient=is_patient_user(principal),
                            sign_in_configured=bool(current_app.config["PORTAL"]["OIDC_ISSUER"]))
 
 
@@ -95,6 +103,8 @@ def _search_redirect(text: str, source: Any) -> Response:
 def study_list() -> str | Response:
     """The studies this person may see, newest first, with search."""
     principal = _principal()
+    if is_patient_user(principal):
+        return scans_page(principal)  # a patient's own list: no search, no codes
     if request.method == "POST":
         return _search_redirect(request.form.get("q", ""), request.form)
     args = request.args
@@ -138,7 +148,10 @@ def study_page(study_uid: str) -> str:
                            key_images=key_images(db.session, principal, study,
                                                  current_archive().read),
                            history=patient_history(db.session, principal, study),
-                           principal=principal)
+                           principal=principal,
+                           # A signed-in patient reads plain words (no DICOM terms).
+                           plain=is_patient_user(principal),
+                           may_share=bool(share_audiences(principal)))
 
 
 @bp.get("/studies/<study_uid>/view/<series_uid>")

@@ -151,7 +151,7 @@ def test_encapsulated_pdf_is_the_downloadable_report(
     answer = browser.get(url)
     assert answer.status_code == 200 and answer.data == original
     assert answer.headers["Content-Type"] == "application/pdf"
-    assert answer.headers["Content-Disposition"].startswith('attachment; filename="report-')
+    assert answer.headers["Content-Disposition"].startswith('inline; filename="report-')
     assert answer.headers["X-Content-Type-Options"] == "nosniff"
 
 
