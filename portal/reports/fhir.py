@@ -2,9 +2,15 @@
 
 In: ``status``; ``identifier`` (the report's id at the sender; an identifier whose type is
 ACSN is the accession number); ``imagingStudy`` references (``ImagingStudy/<Study UID>`` or
-a contained/identified study with ``urn:oid:`` + UID); ``subject`` with a Patient identifier;
-``conclusion`` (impression); ``presentedForm`` attachments (text/plain, text/html as text,
-application/pdf); ``resultsInterpreter`` display (author); ``issued`` (signing time).
+a contained/identified study with ``urn:oid:`` + UID); ``subject`` with a Patient identifier
+(required: its ``value``, its ``assigner.display`` as the issuer, and ``subject.display`` as
+the name are checked against the study's patient); ``conclusion`` (impression);
+``presentedForm`` attachments (text/plain, text/html as text, application/pdf);
+``resultsInterpreter`` display (author); ``issued`` (signing time; a version issued before
+the stored one is not applied).
+
+Out: a cancelled report stays visible with its status: ``entered-in-error`` once it had been
+released as final (withdrawn), else ``cancelled``.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from typing import Any
 
 from portal.index.models import Study
 from portal.reports.models import Report
-from portal.reports.service import IncomingReport
+from portal.reports.service import IncomingReport, ReportError
 
 STATUS_IN = {"final": "final", "amended": "amended", "corrected": "amended",
              "appended": "amended", "preliminary": "preliminary", "partial": "preliminary",
@@ -85,7 +91,13 @@ def report_from_resource(resource: Any) -> IncomingReport:
     own = [i for i in identifiers if i.get("value") and str(i.get("value")) != accession]
     source_id = str((own[0].get("value") if own else "") or resource.get("id") or accession)
     studies = [_uid_of(r) for r in _array(resource.get("imagingStudy")) if isinstance(r, dict)]
-    patient_id = str(_object(_object(resource.get("subject")).get("identifier")).get("value", ""))
+    subject = _object(resource.get("subject"))
+    identifier = _object(subject.get("identifier"))
+    patient_id = str(identifier.get("value", "")).strip()
+    if not patient_id:
+        raise ReportError("subject.identifier.value must name the patient: a report is "
+                          "accepted only for an identified patient")
+    issuer = str(_object(identifier.get("assigner")).get("display", "")).strip()
     findings: list[str] = []
     pdf = None
     for form in _array(resource.get("presentedForm")):
@@ -117,7 +129,19 @@ def report_from_resource(resource: Any) -> IncomingReport:
         if isinstance(code, dict) else "",
         findings="\n\n".join(findings), impression=str(resource.get("conclusion", "")),
         author=", ".join(i for i in interpreters if i)[:324],
-        signed_at=_issued(resource.get("issued")), pdf=pdf)
+        signed_at=_issued(resource.get("issued")), pdf=pdf,
+        patient_ids=[(patient_id[:64], issuer[:64])],
+        patient_name=str(subject.get("display", ""))[:324],
+        observed_at=_issued(resource.get("issued"))
+        or _issued(_object(resource.get("meta")).get("lastUpdated")))
+
+
+def _status_out(report: Report) -> str:
+    """The FHIR status: a cancelled report that had been final was withdrawn after release
+    (entered-in-error); one never final was cancelled before it was done."""
+    if report.status == "cancelled":
+        return "entered-in-error" if report.final_at is not None else "cancelled"
+    return STATUS_OUT.get(report.status, "unknown")
 
 
 def report_resource(report: Report, location: str, study: Study | None = None
@@ -127,7 +151,7 @@ def report_resource(report: Report, location: str, study: Study | None = None
         "resourceType": "DiagnosticReport", "id": str(report.id),
         "meta": {"versionId": str(report.version),
                  "lastUpdated": report.updated_at.isoformat()},
-        "status": STATUS_OUT.get(report.status, "unknown"),
+        "status": _status_out(report),
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
                                   "code": "RAD", "display": "Radiology"}]}],
         "code": {"text": report.title or "Radiology report"},
@@ -152,7 +176,7 @@ def report_resource(report: Report, location: str, study: Study | None = None
     if report.findings:
         forms.append({"contentType": "text/plain; charset=utf-8", "title": "Findings",
                       "data": base64.b64encode(report.findings.encode()).decode()})
-    if uid:
+    if uid and report.status != "cancelled":  # a withdrawn report has no PDF to offer
         base = location.split("/fhir/", 1)[0]
         forms.append({"contentType": "application/pdf", "title": "Report",
                       "url": f"{base}/studies/{uid}/reports/{report.id}.pdf"})

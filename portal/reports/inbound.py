@@ -1,19 +1,27 @@
 """What an HL7 v2 message means to the portal: ORU^R01 reports, ORM^O01 / OMI^O23 orders,
 SIU^S12-S15 appointments. ``handle`` returns the ACK to send; it never raises.
 
-Fields read (HL7 v2.5.1 with IHE Radiology conventions): PID-3 patient ID, PID-5 name;
+Fields read (HL7 v2.5.1 with IHE Radiology conventions): PID-3 patient identifiers (CX, every
+repetition: ID, assigning authority in component 4, type in 5), PID-5 name;
 ORC-1 order control, ORC-5 order status, ORC-2/3 and OBR-2/3 placer and filler order
 numbers; OBR-4 procedure, OBR-16 ordering provider (XCN: id, family, given, ..., id type in
 component 13), OBR-18 or IPC-1 accession number, OBR-24 modality, OBR-25 result status,
 OBR-32 principal result interpreter; ZDS-1 or IPC-3 Study Instance UID; OBX-2 value type
 (TX, FT, ST, ED for a PDF), OBX-3 what the text is (impression or findings), OBX-5 value,
 OBX-11 status; SCH-11/TQ1-7/AIS-4 appointment start, SCH-26/27 order numbers.
+
+Report identity: an ORU must name its patient in PID-3 (a name alone is not an identifier),
+and one of its identifiers (with the same assigning authority, when both sides give one) and
+PID-5 (folded words) must be those of the study it names, else AE and a security alert. A
+message already stored (same MSH-3, MSH-10 and content) is acknowledged again but not
+applied twice, and a version made (OBR-22, else MSH-7) before the stored one never replaces it.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import logging
 from collections.abc import Callable
 
@@ -27,13 +35,15 @@ from portal.db import Database
 from portal.index.models import Patient, Study
 from portal.index.referrers import identifier_key, name_key
 from portal.reports import hl7
-from portal.reports.models import Order
+from portal.reports.models import Order, ReceivedMessage
 from portal.reports.service import (
+    IdentityMismatch,
     IncomingOrder,
     IncomingReport,
     ReportError,
     receive_order,
-    receive_report,
+    record_identity_alert,
+    store_report,
 )
 
 log = logging.getLogger(__name__)
@@ -78,10 +88,36 @@ def _provider_key(parts: list[str]) -> str:
     return name_key(_person(parts)) or ""
 
 
+# PID-3.5 identifier types (HL7 table 0203) that name the patient's record at the sender.
+RECORD_NUMBER_TYPES = ("MR", "PI", "PT", "")
+
+
+def patient_identifiers(message: hl7.Message, pid: list[str] | None) -> list[tuple[str, str]]:
+    """Every PID-3 repetition as (ID, assigning authority), record numbers first."""
+    found: list[tuple[int, str, str]] = []
+    value = message.raw(pid, 3)
+    for number in range(len(value.split(message.delimiters.repetition)) if value else 0):
+        parts = [*message.components(pid, 3, number), "", "", "", "", ""]
+        identifier = parts[0].split(message.delimiters.subcomponent)[0].strip()
+        authority = parts[3].split(message.delimiters.subcomponent)[0].strip()
+        kind = parts[4].strip().upper()
+        if identifier:
+            rank = RECORD_NUMBER_TYPES.index(kind) if kind in RECORD_NUMBER_TYPES else 9
+            found.append((rank, identifier[:64], authority[:64]))
+    return [(identifier, authority) for _, identifier, authority in sorted(
+        found, key=lambda item: item[0])]
+
+
 def report_from_oru(message: hl7.Message) -> list[IncomingReport]:
     """One report per OBR of an ORU^R01, with the text of its OBX segments."""
     pid = message.first("PID")
-    patient_id = message.text(pid, 3)[:64]
+    identifiers = patient_identifiers(message, pid)
+    if not identifiers:
+        raise ReportError("PID-3 names no patient identifier: a report is accepted only for "
+                          "an identified patient (a name alone is not enough)")
+    patient_id = identifiers[0][0]
+    patient_name = "^".join(message.components(pid, 5)[:3]).strip("^")
+    sent_at = hl7.parse_timestamp(message.text(message.msh, 7))
     reports: list[IncomingReport] = []
     current: IncomingReport | None = None
     sections: dict[str, list[str]] = {}
@@ -106,7 +142,10 @@ def report_from_oru(message: hl7.Message) -> list[IncomingReport]:
                 or message.text(segment, 4, 1),
                 author=_person(message.components(segment, 32)[0].split(
                     message.delimiters.subcomponent)) if message.raw(segment, 32) else "",
-                signed_at=hl7.parse_timestamp(message.text(segment, 22)))
+                signed_at=hl7.parse_timestamp(message.text(segment, 22)),
+                patient_ids=identifiers, patient_name=patient_name,
+                observed_at=hl7.parse_timestamp(message.text(segment, 22)) or sent_at,
+                message_id=message.control_id)
         elif segment[0] == "OBX" and current is not None:
             kind = message.text(segment, 2).upper()
             what = {c.upper() for c in message.components(segment, 3)[:1]}
@@ -282,6 +321,7 @@ def _receive_order(session: Session, message: hl7.Message, peer_address: str) ->
 
 
 NOT_ALLOWED = "sender not allowed"
+SUPPORTED = {("ORU", "R01"), ("ORM", "O01"), ("OMI", "O23")}
 
 
 def _refuse_sender(database: Database, message: hl7.Message | None, raw: bytes,
@@ -304,6 +344,24 @@ def _refuse_sender(database: Database, message: hl7.Message | None, raw: bytes,
     return hl7.acknowledgement(message, "AR", NOT_ALLOWED, control_id, "207")
 
 
+def _digest(message: hl7.Message) -> str:
+    """SHA-256 of the message's segments with MSH-7 (the send time) left out."""
+    header = list(message.msh)
+    if len(header) > 7:
+        header[7] = ""
+    segments = [header, *message.segments[1:]]
+    text = "\r".join(message.delimiters.field.join(s) for s in segments)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _already_received(session: Session, message: hl7.Message, digest: str) -> bool:
+    """This message (sender, MSH-10 and content) was stored before: a retransmission."""
+    return session.scalars(select(ReceivedMessage.id).where(
+        ReceivedMessage.sender == message.sending_application.upper()[:64],
+        ReceivedMessage.control_id == message.control_id,
+        ReceivedMessage.digest == digest)).first() is not None
+
+
 def handle(raw: bytes, database: Database, *, peer_address: str, allowed: set[tuple[str, str]],
            max_bytes: int, oversized: bool = False, notify: Notify | None = None) -> bytes:
     """Process one framed message and return its acknowledgement (AA, AE or AR).
@@ -323,27 +381,53 @@ def handle(raw: bytes, database: Database, *, peer_address: str, allowed: set[tu
     if (message.sending_application.upper(), peer_address) not in allowed:
         return _refuse_sender(database, message, raw, peer_address)
     kind, trigger = message.message_type
+    digest = _digest(message)
+    note = ""
     try:
         with database.write_transaction() as session:
+            if (kind, trigger) not in SUPPORTED and not (
+                    kind == "SIU" and trigger in ("S12", "S13", "S14", "S15")):
+                return hl7.acknowledgement(
+                    message, "AR", f"message type {kind}^{trigger} is not supported",
+                    error_code="200")
+            if message.control_id and _already_received(session, message, digest):
+                # A retransmission (the sender missed our ACK): acknowledge it again, but a
+                # replayed older report must not come back over a later correction.
+                log.info("HL7 message %s received again; not applied twice",
+                         message.control_id)
+                return hl7.acknowledgement(message, "AA", "already received")
             if (kind, trigger) == ("ORU", "R01"):
                 reports = report_from_oru(message)
                 if not reports:
                     raise ReportError("the ORU^R01 has no OBR segment")
-                ready = []
+                ready, notes = [], []
                 for incoming in reports:
-                    report, newly_final = receive_report(session, incoming)
+                    received = store_report(session, incoming)
+                    report = received.report
+                    if not received.stored:
+                        notes.append(received.note)
+                        continue
                     _audit_received(session, message, peer_address, report.study_instance_uid,
                                     report.patient_id, {"report": report.id})
-                    if newly_final:
+                    if received.newly_final:
                         ready.append(report.id)
-            elif (kind, trigger) in (("ORM", "O01"), ("OMI", "O23")) or (
-                    kind == "SIU" and trigger in ("S12", "S13", "S14", "S15")):
+                if len(notes) == len(reports):  # nothing changed: say why
+                    note = "; ".join(dict.fromkeys(notes))
+            else:
                 _receive_order(session, message, peer_address)
                 ready = []
-            else:
-                return hl7.acknowledgement(
-                    message, "AR", f"message type {kind}^{trigger} is not supported",
-                    error_code="200")
+            if message.control_id:
+                session.add(ReceivedMessage(sender=message.sending_application.upper()[:64],
+                                            control_id=message.control_id, digest=digest))
+    except IdentityMismatch as exc:
+        log.warning("HL7 message %s refused: %s", message.control_id, exc)
+        try:
+            record_identity_alert(database, exc, who=f"hl7:{message.sending_application[:64]}",
+                                  source_address=peer_address, via=f"hl7 {kind}^{trigger}",
+                                  message=message.control_id)
+        except Exception:  # refused either way; the missing record is logged
+            log.exception("could not record a report refused for another patient")
+        return hl7.acknowledgement(message, "AE", str(exc), error_code="207")
     except ReportError as exc:
         return hl7.acknowledgement(message, "AE", str(exc), error_code="207")
     except Exception:
@@ -356,7 +440,7 @@ def handle(raw: bytes, database: Database, *, peer_address: str, allowed: set[tu
                 notify(report_id)
             except Exception:  # the report is stored; a failed notice is logged, not lost data
                 log.exception("report-ready notification failed")
-    return hl7.acknowledgement(message, "AA")
+    return hl7.acknowledgement(message, "AA", note)
 
 
 def _header_fields(raw: bytes) -> list[str]:

@@ -37,6 +37,9 @@ class Report(Base):
     author: Mapped[str] = mapped_column(String(324), default="")
     signed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     final_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # When the sender says the current version was made (HL7 OBR-22 or MSH-7, FHIR issued):
+    # a version made earlier never replaces it, however late it arrives.
+    observed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
     pdf: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
@@ -61,9 +64,28 @@ class ReportVersion(Base):
     impression: Mapped[str] = mapped_column(Text, default="")
     author: Mapped[str] = mapped_column(String(324), default="")
     signed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    observed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The message that brought this version (HL7 MSH-10), to trace it back to the sender.
+    message_id: Mapped[str] = mapped_column(String(64), default="")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())
 
     report: Mapped[Report] = relationship(back_populates="versions")
+
+
+class ReceivedMessage(Base):
+    """An HL7 message that was stored, by sender, control ID (MSH-10) and content, so that a
+    retransmission is acknowledged again without being applied a second time."""
+
+    __tablename__ = "hl7_received_message"
+    __table_args__ = (UniqueConstraint("sender", "control_id", "digest"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sender: Mapped[str] = mapped_column(String(64))  # MSH-3, upper case
+    control_id: Mapped[str] = mapped_column(String(64))
+    # SHA-256 of the message with MSH-7 blanked: a resend may carry a new send time, while
+    # another message under a reused control ID (a counter reset) is not taken for a resend.
+    digest: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())
 
 
 class Order(Base):

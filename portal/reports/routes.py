@@ -30,12 +30,14 @@ from portal.reports.models import Report
 from portal.reports.notify import notifier
 from portal.reports.pdf import report_pdf
 from portal.reports.service import (
+    IdentityMismatch,
     ReportError,
     effective_statuses,
     mark_read,
     orders_for,
     readable_reports,
     receive_report,
+    record_identity_alert,
     study_of_report,
     unread_views,
 )
@@ -99,17 +101,18 @@ def init_app(app: Flask) -> None:
         return views
 
 
-def _readable(principal: Principal, study: Study) -> list[Any]:
+def _readable(principal: Principal, study: Study, include_cancelled: bool = False) -> list[Any]:
     """The reports this principal may read, after turning any new SR or PDF objects of the
     study into reports."""
     pending = dicom.pending_report_objects(db.session, study)
     if not pending:
-        return readable_reports(db.session, principal, study)
+        return readable_reports(db.session, principal, study, include_cancelled)
     with db.write_transaction() as session:
         dicom.import_report_objects(session, pending, current_archive().read)
     # The request's own transaction may predate the import (SQLite snapshots): read afresh.
     with db.new_session() as session:
-        return readable_reports(session, principal, session.merge(study, load=False))
+        return readable_reports(session, principal, session.merge(study, load=False),
+                                include_cancelled)
 
 
 @bp.get("/orders")
@@ -163,6 +166,9 @@ def fhir_create_report() -> Response:
                                _external=True)
             answer = fhir.report_resource(report, location)
     except (ValueError, ReportError) as exc:
+        if isinstance(exc, IdentityMismatch):  # rolled back; the alert has its own transaction
+            record_identity_alert(db, exc, who=principal.audit_name, via="fhir",
+                                  source_address=request.remote_addr or "")
         return _outcome(422 if isinstance(exc, ReportError) else 400, str(exc)[:500])
     audit.record(db, audit.INSTANCES_TRANSFERRED, action="C", outcome=audit.OUTCOME_SUCCESS,
                  who=principal.audit_name, source_address=request.remote_addr or "",
@@ -195,7 +201,7 @@ def fhir_search_reports() -> Response:
     principal = _principal()
     entries = []
     for study in db.session.scalars(_visible_studies(principal)):
-        for view in _readable(principal, study):
+        for view in _readable(principal, study, include_cancelled=True):
             location = url_for("reports.fhir_read_report", report_id=view.report.id,
                                _external=True)
             entries.append(fhir.report_resource(view.report, location, study))
@@ -211,7 +217,7 @@ def fhir_read_report(report_id: int) -> Response:
     study = study_of_report(db.session, report) if report is not None else None
     if study is not None and db.session.scalars(policy.visible_studies(principal).where(
             Study.id == study.id)).first() is not None:
-        for view in _readable(principal, study):
+        for view in _readable(principal, study, include_cancelled=True):
             if view.report.id == report_id:
                 location = url_for("reports.fhir_read_report", report_id=report_id,
                                    _external=True)

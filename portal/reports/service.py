@@ -8,7 +8,7 @@ an ``IncomingReport`` and calls ``receive_report``; HL7 ORM/OMI/SIU build an ``I
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from flask import current_app
@@ -16,10 +16,12 @@ from sqlalchemy import and_, exists, false, or_, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
+from portal.access import audit
 from portal.access.models import ReferrerIdentifier, User
 from portal.access.principal import Principal
-from portal.db import utcnow
+from portal.db import Database, utcnow
 from portal.index.models import Patient, Study, StudyReferrer
+from portal.index.names import search_words
 from portal.reports.models import (
     ORDER_STATUSES,
     Order,
@@ -35,6 +37,17 @@ MAX_PDF_BYTES = 20 << 20
 
 class ReportError(ValueError):
     """A report or order that cannot be accepted (the reason is for the sender)."""
+
+
+class IdentityMismatch(ReportError):
+    """The report names a study of another patient, or continues a report received for
+    another patient or study: refused whole, and recorded as a security alert."""
+
+    def __init__(self, reason: str, study_instance_uid: str = "", patient_id: str = "") -> None:
+        super().__init__(reason)
+        # Whose record the report would have landed on (for the alert, never for the sender).
+        self.study_instance_uid = study_instance_uid
+        self.patient_id = patient_id
 
 
 @dataclass
@@ -53,6 +66,22 @@ class IncomingReport:
     author: str = ""
     signed_at: datetime | None = None
     pdf: bytes | None = None
+    # Every identifier the sender gives for the patient, as (value, issuer); HL7 PID-3 may
+    # repeat. Empty: ``patient_id`` alone, issuer unknown.
+    patient_ids: list[tuple[str, str]] = field(default_factory=list)
+    patient_name: str = ""  # as the sender wrote it (HL7 PID-5, FHIR subject.display)
+    observed_at: datetime | None = None  # when the sender made this version
+    message_id: str = ""  # HL7 MSH-10 of the message that brought it
+
+
+@dataclass(frozen=True)
+class Received:
+    """What ``store_report`` did with one incoming version."""
+
+    report: Report
+    newly_final: bool  # it just became readable as final (or was amended): notify
+    stored: bool  # a new version was stored
+    note: str = ""  # why nothing was stored, for the sender
 
 
 @dataclass
@@ -90,14 +119,111 @@ def _check(incoming: IncomingReport) -> None:
         raise ReportError("the attachment is not a PDF of at most 20 MB")
 
 
+def names_agree(sent: str, known: str) -> bool:
+    """Two spellings of one person's name: the folded words of one contain the other's (a
+    missing middle name or a different order does not count); an empty name says nothing."""
+    a, b = set(search_words(sent)), set(search_words(known))
+    return not a or not b or a <= b or b <= a
+
+
+def _identifiers(incoming: IncomingReport) -> list[tuple[str, str]]:
+    """The (value, issuer) pairs naming the report's patient, without empty values."""
+    pairs = incoming.patient_ids or [(incoming.patient_id, "")]
+    return [(value[:64], issuer) for value, issuer in pairs if value]
+
+
+def _is_patient(identifiers: list[tuple[str, str]], name: str, patient: Patient) -> str | None:
+    """The identifier by which these name this patient (None: another person). An issuer is
+    compared only when both sides give one; the name only when both have one."""
+    if not names_agree(name, patient.patient_name):
+        return None
+    if not identifiers:
+        return patient.patient_id
+    for value, issuer in identifiers:
+        known = patient.issuer_of_patient_id
+        if value == patient.patient_id and (
+                not issuer or not known or issuer.casefold() == known.casefold()):
+            return value
+    return None
+
+
+def _check_identity(session: Session, incoming: IncomingReport, report: Report | None) -> None:
+    """Refuse a report that would land on another patient: the study it names (by UID, else
+    every study with its accession number) must be of the patient it names, and a new version
+    must keep the patient and study of the versions before it."""
+    identifiers = _identifiers(incoming)
+    uid = incoming.study_instance_uid[:64]
+    if report is not None:
+        moved = ""
+        if report.patient_id and identifiers and report.patient_id not in {
+                value for value, _ in identifiers}:
+            moved = "patient"
+        elif report.study_instance_uid and uid and uid != report.study_instance_uid:
+            moved = "study"
+        if moved:
+            study = study_of_report(session, report)
+            raise IdentityMismatch(
+                f"report {incoming.source_id[:64]!r} was received for another {moved}; a report "
+                f"cannot move to another {moved} (cancel it and send a new one)",
+                study.study_instance_uid if study is not None else report.study_instance_uid,
+                report.patient_id)
+    if not identifiers and not incoming.patient_name:
+        return  # nothing to compare (the ways in that need a patient check for one)
+    if uid:
+        studies = list(session.scalars(select(Study).where(Study.study_instance_uid == uid)))
+    elif incoming.accession_number:
+        studies = list(session.scalars(select(Study).where(
+            Study.accession_number == incoming.accession_number[:64]).order_by(Study.id)))
+    else:
+        studies = []
+    if not studies:
+        return  # its images have not arrived: matched (on study and patient) when they do
+    for study in studies:
+        matched = _is_patient(identifiers, incoming.patient_name, study.patient)
+        if matched is not None:
+            if uid and incoming.accession_number and study.accession_number \
+                    and incoming.accession_number[:64] != study.accession_number:
+                raise IdentityMismatch(
+                    "the accession number does not match that of the study the report names",
+                    study.study_instance_uid, study.patient.patient_id)
+            incoming.patient_id = matched  # the identifier the archive knows the patient by
+            return
+    named = f"accession {incoming.accession_number[:64]}" if not uid else f"study {uid}"
+    raise IdentityMismatch(
+        f"the report names (by identifier or name) another patient than the one of {named}; "
+        "nothing was stored", studies[0].study_instance_uid, studies[0].patient.patient_id)
+
+
+def record_identity_alert(database: Database, exc: IdentityMismatch, *, who: str,
+                          source_address: str, via: str, message: str = "") -> None:
+    """A refused report that named another patient's study is a security alert (110113), in
+    its own transaction because the report's own was rolled back."""
+    details = {"type": "report for another patient", "reason": str(exc)[:300], "via": via}
+    if message:
+        details["message"] = message[:64]
+    audit.record(database, audit.SECURITY_ALERT, action="C",
+                 outcome=audit.OUTCOME_SERIOUS_FAILURE, who=who, source_address=source_address,
+                 study_instance_uid=exc.study_instance_uid, patient_id=exc.patient_id,
+                 details=details)
+
+
 def receive_report(session: Session, incoming: IncomingReport) -> tuple[Report, bool]:
     """Store a report version; returns the report and whether it just became readable as
-    final (for "report ready" notifications). A repeat of the current version changes nothing.
+    final (for "report ready" notifications). See ``store_report``."""
+    received = store_report(session, incoming)
+    return received.report, received.newly_final
+
+
+def store_report(session: Session, incoming: IncomingReport) -> Received:
+    """Store a report version after checking it names its study's patient (else
+    ``IdentityMismatch``, nothing written). A repeat of the current version, or a version the
+    sender made before the current one (a late or replayed message), changes nothing.
     """
     _check(incoming)
     report = session.scalars(select(Report).where(
         Report.source == incoming.source, Report.source_id == incoming.source_id[:128])
         .with_for_update()).first()
+    _check_identity(session, incoming, report)
     now = utcnow()
     status = incoming.status
     if report is None:
@@ -109,7 +235,11 @@ def receive_report(session: Session, incoming: IncomingReport) -> tuple[Report, 
                 and report.impression == incoming.impression
                 and report.author == incoming.author[:324] and report.pdf == incoming.pdf)
         if same:
-            return report, False
+            return Received(report, False, False, "this version is already stored")
+        if report.observed_at is not None and incoming.observed_at is not None \
+                and incoming.observed_at < report.observed_at:
+            return Received(report, False, False, "a newer version of this report is already "
+                            "stored; this older one was not applied")
         if report.final_at is not None and status == "final":
             status = "amended"  # a final report sent again with other content is an amendment
     was_final = report.final_at is not None
@@ -121,6 +251,7 @@ def receive_report(session: Session, incoming: IncomingReport) -> tuple[Report, 
     report.findings, report.impression = incoming.findings, incoming.impression
     report.author = incoming.author[:324]
     report.signed_at = incoming.signed_at
+    report.observed_at = incoming.observed_at or report.observed_at
     if incoming.pdf is not None:
         report.pdf = incoming.pdf
     if status in ("final", "amended") and report.final_at is None:
@@ -131,9 +262,11 @@ def receive_report(session: Session, incoming: IncomingReport) -> tuple[Report, 
     session.add(ReportVersion(report_fk=report.id, version=report.version, status=status,
                               findings=incoming.findings, impression=incoming.impression,
                               author=incoming.author[:324], signed_at=incoming.signed_at,
-                              received_at=now))
+                              observed_at=incoming.observed_at,
+                              message_id=incoming.message_id[:64], received_at=now))
     session.flush()
-    return report, (not was_final and report.final_at is not None) or status == "amended"
+    return Received(report, (not was_final and report.final_at is not None)
+                    or status == "amended", True)
 
 
 def receive_order(session: Session, incoming: IncomingOrder) -> Order:
@@ -176,17 +309,18 @@ def receive_order(session: Session, incoming: IncomingOrder) -> Order:
 # -- reading --------------------------------------------------------------------------------
 
 def _report_of_study() -> ColumnElement[bool]:
-    """SQL: the Report row belongs to the Study row: the same Study Instance UID, or the same
-    accession number and patient (and no other study UID). The one rule for matching."""
+    """SQL: the Report row belongs to the Study row: the same patient (when the report names
+    one), and the same Study Instance UID or the same accession number (and no other study
+    UID). The one rule for matching: a report that arrived before its images never lands on
+    another patient's study."""
     # correlate_except: the outer Study row, even two subqueries deep.
     patient_id = select(Patient.patient_id).where(Patient.id == Study.patient_fk) \
         .correlate_except(Patient).scalar_subquery()
-    return or_(Report.study_instance_uid == Study.study_instance_uid,
-               and_(Study.accession_number != "",
-                    Report.accession_number == Study.accession_number,
-                    or_(Report.patient_id == "", Report.patient_id == patient_id),
-                    or_(Report.study_instance_uid == "",
-                        Report.study_instance_uid == Study.study_instance_uid)))
+    return and_(or_(Report.patient_id == "", Report.patient_id == patient_id),
+                or_(Report.study_instance_uid == Study.study_instance_uid,
+                    and_(Study.accession_number != "",
+                         Report.accession_number == Study.accession_number,
+                         Report.study_instance_uid == "")))
 
 
 def reports_of(session: Session, study: Study) -> list[Report]:
@@ -277,15 +411,18 @@ class ReportView:
     changes: list[ReportVersion]
 
 
-def readable_reports(session: Session, principal: Principal, study: Study) -> list[ReportView]:
+def readable_reports(session: Session, principal: Principal, study: Study,
+                     include_cancelled: bool = False) -> list[ReportView]:
     """The reports of a study this principal may read now (access to the study itself is
-    the caller's check): patients only final ones after the release delay."""
+    the caller's check): patients only final ones after the release delay. Cancelled ones
+    only with ``include_cancelled`` and never for patients (FHIR shows them with their
+    status, so a system that kept the report learns it was withdrawn)."""
     views = []
     patient = is_patient(principal)
     delay = _patient_delay(session, study) if patient else timedelta(0)
     now = utcnow()
     for report in reports_of(session, study):
-        if report.status == "cancelled":
+        if report.status == "cancelled" and (patient or not include_cancelled):
             continue
         if patient and (report.status not in ("final", "amended") or report.final_at is None
                         or report.final_at + delay > now):
