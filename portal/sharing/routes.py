@@ -372,6 +372,11 @@ def create(study_uid: str) -> Response | str:
     require_study(db.session, principal, study_uid)
     again = _recent_sign_in()
     if again is not None:
+        if again.status_code == 302:
+            # Back to this form after the fresh sign-in (no Referer is ever sent to say so);
+            # static/js/share_form.js puts the choices back.
+            again.location = url_for("auth.login", reauth="1", next=url_for(
+                "sharing.share_form", study_uid=study_uid))
         return again
     form = request.form
     audience = "physician" if form.get("audience") == "physician" else "patient"

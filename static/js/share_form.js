@@ -60,8 +60,11 @@
         if (field) field.value = f[1];
         return;
       }
-      var box = /** @type {HTMLInputElement | null} */ (form.querySelector(selector + '[value="' + CSS.escape(f[1]) + '"]'));
-      if (box) box.checked = f[2];
+      // By the value property: a checkbox without a value attribute has the value "on".
+      form.querySelectorAll(selector).forEach(function (/** @type {Element} */ el) {
+        var box = /** @type {HTMLInputElement} */ (el);
+        if (box.value === f[1]) box.checked = /** @type {boolean} */ (f[2]);
+      });
     });
     var kept = document.getElementById('draft-kept');
     if (kept) kept.hidden = false;
