@@ -21,7 +21,6 @@ from portal.access.models import AuditEvent, User
 from portal.access.principal import user_principal
 from portal.archive import current_archive
 from portal.sharing.models import ShareLink
-from portal.studies.patients import image_openings
 from tests.browser import PHONES, chromium, loopback_only, phone
 from tests.conftest import IdentityProvider, LiveServer, csrf_of, signed_in
 from tests.factories import make_dataset, to_bytes
@@ -69,6 +68,8 @@ def world(ris: Ris, idp: IdentityProvider) -> dict[str, Any]:
 
 def test_patient_sees_only_records_about_his_own_studies_and_shares_with_a_doctor(
         ris: Ris, idp: IdentityProvider, world: dict[str, Any]) -> None:
+    from portal.studies.patients import image_openings
+
     app = ris.app
     subjects = world["subjects"]
     # The physician also opened another patient's study: that is not the patient's business.
