@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
+import pytest
 from playwright.sync_api import Browser, BrowserContext, Playwright, Route, sync_playwright
 
 CHROMIUM = "/usr/bin/chromium"
@@ -45,3 +46,11 @@ def phone(playwright: Playwright, name: str) -> dict[str, Any]:
     profile = dict(playwright.devices[name])
     profile.pop("default_browser_type", None)
     return profile
+
+
+@pytest.fixture(scope="session")
+def shared_browser() -> Iterator[tuple[Playwright, Browser]]:
+    """One Chromium for every test of the session that asks for it (each makes its own
+    contexts and closes them): starting a browser costs seconds on a loaded machine."""
+    with chromium() as launched:
+        yield launched
