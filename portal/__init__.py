@@ -87,6 +87,13 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(sharing_routes.bp)
     app.register_blueprint(reports_bp)
     reports_routes_init(app)
+    # The after-ingest steps of the packages above the archive (it added its own: audit,
+    # headers); every way in runs them all once its new instances are committed.
+    from portal.imaging import prerender
+    from portal.reports import dicom as report_objects
+
+    app.extensions["archive"].after.add("prerender", prerender.after_ingest)
+    app.extensions["archive"].after.add("reports", report_objects.after_ingest)
     for command in (archive_cli, audit_cli, clients_cli, db_cli, dimse_cli, hl7_cli, reports_cli,
                     users_cli):
         app.cli.add_command(command)

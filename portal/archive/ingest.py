@@ -1,4 +1,5 @@
-"""Ingest: validate -> store durably -> index -> acknowledge. Every way in calls ``ingest``."""
+"""Ingest: validate -> store durably -> index -> acknowledge. Every way in calls ``ingest``,
+then ``after_ingest`` once its new instances are committed."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from portal.index.models import Instance, Series, Study
 from portal.index.service import IndexConflict, add_instance, header_json
 
 if TYPE_CHECKING:
+    from portal.archive.after import AfterIngest, Via
     from portal.archive.copies import RemoteCopies
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,8 @@ class Archive:
     database: Database
     limits: Limits
     remote: RemoteCopies | None = None
+    # The steps every way in runs once its new instances are committed (after.py).
+    after: AfterIngest | None = field(default=None, compare=False, repr=False)
     # SOP Instance UID -> stored file, for the embedded store only: a stored instance's
     # content never changes (the same UID with other bytes is refused), so this is exact.
     _located: dict[str, StoredFile] = field(default_factory=dict, compare=False, repr=False)
@@ -130,6 +134,13 @@ class Archive:
             log.error("index unavailable: %s", exc.__class__.__name__)
             raise ArchiveUnavailable("the index database is unavailable") from exc
         return [r for r in results if not isinstance(r, _Prepared)]
+
+    def after_ingest(self, stored: Sequence[Stored], *, via: Via, who: str,
+                     source_address: str, wait: bool = False) -> None:
+        """Run the after-ingest steps for the newly stored ones among ``stored``; every way
+        in calls this once its instances are committed."""
+        if self.after is not None:
+            self.after.run(stored, via=via, who=who, source_address=source_address, wait=wait)
 
     def _prepare(self, data: bytes, expected_study_uid: str | None) -> Stored | _Prepared:
         """Validate and durably write the file; answer at once when it is already stored."""
@@ -429,18 +440,6 @@ class Archive:
                 yield uid, "SHA-256 mismatch"
             except FileNotFoundError:
                 yield uid, "file missing"
-
-
-def record_ingest(database: Database, stored: Sequence[Stored], *, who: str,
-                  source_address: str) -> None:
-    """One 110104 (DICOM Instances Transferred, action C) record per study received."""
-    per_study: dict[str, int] = {}
-    for item in stored:
-        per_study[item.study_instance_uid] = per_study.get(item.study_instance_uid, 0) + 1
-    for study, count in per_study.items():
-        audit.record(database, audit.INSTANCES_TRANSFERRED, action="C",
-                     outcome=audit.OUTCOME_SUCCESS, who=who, source_address=source_address,
-                     study_instance_uid=study, details={"instances": count})
 
 
 @dataclass(frozen=True)

@@ -136,9 +136,10 @@ def prepare_volume(key: str, sources: list[bytes | StoredFile],
 
     NotAVolume when the slices form none (the reason is kept for the viewer too).
     """
-    volume = _volumes.get(key) or files.load(key)
-    if volume is None:
-        volume = _built(key, sources, files)
+    volume = _volumes.get(key)
+    if volume is not None and files.state(key)[0] != "ready":
+        files.save(key, volume)  # pruned from the folder, still here: the others need it too
+    volume = volume or files.load(key) or _built(key, sources, files)
     _keep(key, volume)
     return volume.mip_window
 

@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app
 from sqlalchemy import select
@@ -19,6 +19,9 @@ from sqlalchemy import select
 from portal.imaging.rendition import parse_rendition
 from portal.index.models import Instance, Series
 from portal.index.service import middle_image
+
+if TYPE_CHECKING:
+    from portal.archive.after import Arrival
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +135,7 @@ def build_volume_soon(key: str, sources: list[Any]) -> None:
         try:
             with app.app_context():
                 prepare_volume(key, sources)
+            app.extensions["volume_files"].finish(key)  # also when it was built already
         except NotAVolume:
             pass  # kept as refused in the volume folder: the viewer says why
         except Exception as exc:  # told once to the viewer that waits; tried again after
@@ -159,3 +163,17 @@ def shared_cache(app: Flask) -> bool:
     """True when rendered images are shared between processes (Redis): only then is it
     worth pre-rendering in a process that does not serve them (DIMSE, the CLI)."""
     return bool(app.config["PORTAL"]["REDIS_URL"])
+
+
+def after_ingest(arrival: Arrival) -> None:
+    """The after-ingest step (``portal.archive.after``): queue the warm-up of the new series.
+
+    Rendered images go into this process's cache, so only a web worker (STOW-RS) or a shared
+    cache makes them worth it elsewhere; volumes are files every process shares. A synced
+    series is skipped: its bytes stay at the external archive until someone views it.
+    """
+    if arrival.via == "sync":
+        return
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    images = arrival.via == "stow" or shared_cache(app)
+    prerender(arrival.series, app, wait=arrival.wait, images=images)

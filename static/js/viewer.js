@@ -46,7 +46,7 @@ const state = {
 /** What each loaded URL shows: the frame key, the window it was rendered with, its width. */
 /** @type {Map<string, {url: string, window: Win | null, width: number, full: boolean}[]>} */
 const loaded = new Map();
-const store = new ImageStore({ concurrency: 6, onLoad });
+const store = new ImageStore({ concurrency: 6, onLoad, onTrouble: netState });
 
 // -- what to ask for ------------------------------------------------------------------------
 
@@ -160,6 +160,8 @@ function plan() {
       // Small series load whole in the background, so every slice scrolls at full size.
       if (n <= 400 && isDefault(live)) want(wants, `s${i}`, 'full', width, live, 100 + Math.abs(i - state.index));
     }
+  } else if (volume.state !== 'ready') {
+    checkVolume(); // reformats are cut once the volume is built; meanwhile its progress shows
   } else if (state.view === 'mip') {
     for (let d = 0; d <= 3; d += 1) {
       for (const s of d ? [1, -1] : [1]) {
@@ -204,6 +206,8 @@ function onLoad(url, ok) {
   loaded.set(info.key, list);
   if (info.key === currentKey()) invalidate();
   progress();
+  // Once the first slice is on screen, have the volume built for reformats (if it is not).
+  if (info.full && data.volume && volume.state === 'unknown') checkVolume();
 }
 
 /** This viewer's address for the image and view on screen (where a new sign-in returns). */
@@ -407,6 +411,116 @@ function say(text) {
   sayTimer = window.setTimeout(() => { status.textContent = ''; }, 5000);
 }
 
+// -- the volume behind reformats, and the network ---------------------------------------------
+
+/** The series' volume on the server: unknown, building (progress 0..1), ready or refused. */
+const volume = { state: 'unknown', progress: 0, /** @type {Win | null} */ mipWindow: null };
+let volumeTimer = 0;
+let volumeAsking = false;
+let volumeOffline = false;
+let volumeDelay = 1000;
+
+const building = document.createElement('div');
+building.className = 'building';
+building.hidden = true;
+building.setAttribute('role', 'progressbar');
+building.setAttribute('aria-label', 'Building 3D view');
+building.setAttribute('aria-valuemin', '0');
+building.setAttribute('aria-valuemax', '100');
+building.innerHTML = '<span class="building-text"></span><span class="building-bar"><span></span></span>';
+stage.appendChild(building);
+
+const netNotice = document.createElement('p');
+netNotice.className = 'netstate';
+netNotice.setAttribute('role', 'status');
+netNotice.setAttribute('aria-live', 'polite');
+root.appendChild(netNotice);
+
+/** @param {number | null} share the part of the build done, or null when none is shown */
+function showBuilding(share) {
+  building.hidden = share === null;
+  const percent = Math.round((share || 0) * 100);
+  root.dataset.building = share === null ? '' : String(percent);
+  if (share === null) return;
+  building.setAttribute('aria-valuenow', String(percent));
+  /** @type {HTMLElement} */ (building.querySelector('.building-text')).textContent = `Building 3D view… ${percent} %`;
+  /** @type {HTMLElement} */ (building.querySelector('.building-bar span')).style.transform = `scaleX(${Math.max(share || 0, 0.02)})`;
+}
+
+/** Say "Offline, retrying…" while the network is gone or loads wait for it; clear it after. */
+function netState() {
+  const off = !navigator.onLine || store.offline || volumeOffline;
+  netNotice.textContent = off ? 'Offline, retrying…' : '';
+  root.dataset.offline = off ? 'yes' : '';
+}
+
+/** @param {number} ms */
+function checkVolumeIn(ms) {
+  clearTimeout(volumeTimer);
+  volumeTimer = window.setTimeout(() => { volumeTimer = 0; if (state.view !== 'stack') checkVolume(); }, ms);
+}
+
+/** Ask whether the volume is built (which starts its build when nobody is at it). */
+async function checkVolume() {
+  if (volume.state === 'ready' || volume.state === 'refused' || volumeAsking || volumeTimer) return;
+  volumeAsking = true;
+  if (state.view !== 'stack') showBuilding(volume.progress);
+  let answer = null;
+  try {
+    answer = await fetch(`${base}/volume`, { headers: { Accept: 'application/json' }, cache: 'no-store', credentials: 'same-origin' });
+  } catch {
+    answer = null;
+  }
+  volumeAsking = false;
+  volumeOffline = !answer;
+  netState();
+  if (!answer) { // no network: the same growing pause as images
+    checkVolumeIn(volumeDelay);
+    volumeDelay = Math.min(volumeDelay * 2, 30000);
+    return;
+  }
+  volumeDelay = 1000;
+  const body = await answer.json().catch(() => ({}));
+  if (answer.status === 200) {
+    volume.state = 'ready';
+    volume.mipWindow = body.mipWindow || null;
+    if (volume.mipWindow && ![...presetSelect.options].some((o) => o.value === 'mip')) {
+      presetSelect.add(new Option(`3D MIP (${round(volume.mipWindow.width)}/${round(volume.mipWindow.center)})`, 'mip'));
+    }
+    showBuilding(null);
+    if (state.view === 'mip') useMipWindow();
+    if (state.view !== 'stack') { plan(); invalidate(); }
+    return;
+  }
+  if (answer.status === 202) {
+    volume.state = 'building';
+    volume.progress = Number(body.progress) || 0;
+    if (state.view !== 'stack') { showBuilding(volume.progress); checkVolumeIn(500); }
+    return;
+  }
+  showBuilding(null);
+  if (answer.status === 422) volume.state = 'refused';
+  if (state.view !== 'stack') {
+    say(`This series cannot be shown as a reformat: ${body.error || 'its slices do not form a volume'}.`);
+    setView('stack');
+  }
+}
+
+/** A MIP in a slice's window is white (its rays keep the brightest voxel): use its own. */
+function useMipWindow() {
+  if (!volume.mipWindow || !isDefault(state.window)) return;
+  state.window = { ...volume.mipWindow };
+  lastExactWindow = state.window;
+  presetSelect.value = 'mip';
+}
+
+window.addEventListener('offline', netState);
+window.addEventListener('online', () => {
+  store.retryNow();
+  if (volumeOffline) { volumeDelay = 1000; clearTimeout(volumeTimer); volumeTimer = 0; checkVolume(); }
+  netState();
+});
+
 // -- actions ----------------------------------------------------------------------------------
 
 /** @param {number} index */
@@ -462,16 +576,14 @@ function zoomSettled() {
 function setView(view) {
   state.view = view;
   state.zoom = 1; state.panX = 0; state.panY = 0;
-  if (view === 'mip' && data.modality === 'CT' && isDefault(state.window)) {
-    // A soft-tissue MIP is white everywhere: show contrast and bone, as MIPs are read.
-    const bone = presets.findIndex((p) => p.name === 'Bone');
-    if (bone >= 0) {
-      state.window = { center: presets[bone].center, width: presets[bone].width };
-      lastExactWindow = state.window;
-      presetSelect.value = String(bone);
-    }
+  if (view === 'mip') useMipWindow();
+  else if (presetSelect.value === 'mip') { // the MIP's own window suits only a MIP
+    state.window = defaultWindow ? { ...defaultWindow } : null;
+    lastExactWindow = state.window;
+    presetSelect.value = 'default';
   }
   /** @type {HTMLSelectElement} */ ($('select[name=view]')).value = view;
+  if (view === 'stack') showBuilding(null);
   plan();
   progress();
   invalidate();
@@ -714,12 +826,14 @@ sheet.addEventListener('change', () => setMore(false));
 stage.addEventListener('pointerdown', () => setMore(false));
 
 const presetSelect = /** @type {HTMLSelectElement} */ ($('select[name=preset]'));
-const presets = [...(data.fileWindows || []), ...(data.presets || [])];
+// One list from the server: the file's windows and the usual ones, each once (viewer.py).
+const presets = [...(data.presets || [])];
 presets.forEach((p, i) => presetSelect.add(new Option(`${p.name} (${round(p.width)}/${round(p.center)})`, String(i))));
 presetSelect.disabled = !state.window;
 presetSelect.addEventListener('change', () => {
   const v = presetSelect.value;
   if (v === 'default') setWindow(defaultWindow);
+  else if (v === 'mip') setWindow(volume.mipWindow);
   else if (v !== 'custom') setWindow(presets[Number(v)]);
 });
 

@@ -162,3 +162,21 @@ def test_a_mip_without_a_window_is_not_white(app: Flask, client: FlaskClient,
     # In the file's soft-tissue window nearly every ray of the body hits something brighter
     # than 240 HU and shows white; a projection's own window leaves the body grey.
     assert (body >= 250).mean() < 0.2 and body.std() > 20
+
+
+def test_a_volume_kept_in_memory_but_pruned_from_the_folder_is_written_again(
+        tmp_path: Path) -> None:
+    from portal.imaging import isolation
+
+    files = _ct(tmp_path / "ct", slices=12, size=64, seed="pruned")
+    kept = VolumeFiles(tmp_path / "volumes")
+    key = content_key(["pruned"])
+    isolation.use_frame_cache(8 << 20)  # a render process that keeps built volumes
+    try:
+        isolation.prepare_volume(key, list(files), kept)
+        (tmp_path / "volumes" / f"{key}.npz").unlink()  # pruned by another process
+        isolation.prepare_volume(key, [], kept)  # no slices needed: it is still in memory
+        assert kept.state(key)[0] == "ready"
+    finally:
+        isolation._volumes.clear()
+        isolation.use_frame_cache(0)
