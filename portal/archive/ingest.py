@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from portal.access import audit
 from portal.archive.models import StoredObject
+from portal.archive.same_instance import same_instance
 from portal.archive.store import CorruptObject, EmbeddedStore, StorageFull, StoredFile
 from portal.archive.validate import (
     DATA_SET_DOES_NOT_MATCH,
@@ -221,12 +222,13 @@ class Archive:
                     existing = session.scalars(select(StoredObject).where(
                         StoredObject.sop_instance_uid == valid.sop_instance_uid)).first()
                     if existing is not None:
-                        raise _AlreadyStored(existing.sha256)
+                        raise _AlreadyStored(existing.sha256, existing.storage_key)
                     self._index(session, item, who, source_address)
             except _AlreadyStored as exc:
                 if exc.sha256 != valid.sha256:
                     self._forget(key, valid)
-                return self._already(valid, exc.sha256, who, source_address)
+                return self._already(valid, exc.sha256, who, source_address,
+                                     exc.storage_key)
             except IntegrityError:
                 continue  # another writer stored it (or its study) first: look again
             except IndexConflict as exc:
@@ -256,14 +258,30 @@ class Archive:
         return Stored("already_stored", *row)
 
     def _already(self, valid: ValidInstance, stored_sha256: str, who: str,
-                 source_address: str) -> Stored:
-        if stored_sha256 != valid.sha256:
+                 source_address: str, storage_key: str = "") -> Stored:
+        """The answer for a SOP Instance UID already stored: success when it is the same
+        instance (equal bytes, or, compared only then, the same data set and decoded pixels
+        in another encoding), else a conflict with a security alert."""
+        if stored_sha256 != valid.sha256 and not self._same_content(
+                valid, stored_sha256, storage_key):
             reason = "SOP Instance UID already stored with different content"
             self._alert(valid, reason, who, source_address)
             raise Rejected(reason, DUPLICATE_CONFLICT, 409, valid.sop_class_uid,
                            valid.sop_instance_uid)
         return Stored("already_stored", valid.sop_class_uid, valid.sop_instance_uid,
                       valid.study_instance_uid, valid.series_instance_uid)
+
+    def _same_content(self, valid: ValidInstance, stored_sha256: str, storage_key: str) -> bool:
+        """Whether differing bytes still encode the stored instance (PS3.5 10: a lossless
+        change of transfer syntax or File Meta is the same instance); bounded by the size
+        limits the incoming file already passed."""
+        if not storage_key:
+            return False
+        try:
+            stored = self.store.read(storage_key, stored_sha256)
+        except (OSError, CorruptObject):
+            return False  # cannot be compared: the conflict stands
+        return same_instance(stored, valid.data)
 
     def _forget(self, key: str, valid: ValidInstance) -> None:
         """Remove a file whose index row was not committed, unless a row uses it."""
@@ -455,6 +473,7 @@ class _Fallback(Exception):
 
 
 class _AlreadyStored(Exception):
-    def __init__(self, sha256: str) -> None:
+    def __init__(self, sha256: str, storage_key: str = "") -> None:
         super().__init__(sha256)
         self.sha256 = sha256
+        self.storage_key = storage_key
