@@ -63,6 +63,21 @@ def _watch_refusals(page: Page) -> list[dict[str, str]]:
     return refusals
 
 
+def _accessible(page: Page, name: str) -> None:
+    """The dialog in light and dark: axe finds nothing serious; a screenshot of each."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    for scheme in ("light", "dark"):
+        page.emulate_media(color_scheme=scheme)
+        results = Axe().run(page, options={"runOnly": {"type": "tag", "values": [
+            "wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]}})
+        assert [(v["id"], [n["target"] for n in v["nodes"]][:3])
+                for v in results.response["violations"]
+                if v["impact"] in ("serious", "critical")] == [], (name, scheme)
+        shot(page, f"{name}-{scheme}")
+    page.emulate_media(color_scheme="light")
+
+
 @pytest.mark.parametrize("device", ["iPhone 13", "Pixel 7"])
 def test_an_ended_session_says_so_and_signing_in_returns_to_the_same_image(
         site: tuple[CtSite, LiveServer], device: str) -> None:
@@ -100,7 +115,7 @@ def test_an_ended_session_says_so_and_signing_in_returns_to_the_same_image(
         # No password dialog: the refused images carry no Basic challenge.
         assert refusals and all("basic" not in h.get("www-authenticate", "").lower()
                                 for h in refusals)
-        shot(page, f"session-ended-{tag}")
+        _accessible(page, f"session-ended-{tag}")
 
         again.click()
         page.fill("input[name=sub]", PHYSICIAN)
@@ -145,5 +160,5 @@ def test_a_share_visitor_hears_that_his_viewing_time_has_ended(
         expect(dialog).to_be_visible(timeout=15_000)
         expect(dialog).to_contain_text("open the link you received")
         expect(dialog.get_by_role("link", name="Sign in again")).to_have_count(0)
-        shot(page, "session-ended-share-iPhone_13")
+        _accessible(page, "session-ended-share-iPhone_13")
         context.close()
