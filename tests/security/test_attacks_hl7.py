@@ -130,7 +130,8 @@ class Victim:
 def victim_study(app: Flask) -> Victim:
     """A study referred by somebody else, with a final report a listed RIS sent."""
     accession, patient = "V" + generate_uid()[-8:], "P-VICTIM-" + generate_uid()[-6:]
-    ds = make_dataset(patient_id=patient, patient_name="Doe^Jane", AccessionNumber=accession,
+    # Roe^Richard: the PID-5 of test_hl7.oru (a report must name its study's patient).
+    ds = make_dataset(patient_id=patient, patient_name="Roe^Richard", AccessionNumber=accession,
                       ReferringPhysicianName="Somebody^Else")
     with app.app_context():
         current_archive().ingest(to_bytes(ds), who="test")
