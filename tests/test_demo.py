@@ -9,6 +9,7 @@ import logging
 import os
 import pathlib
 import shutil
+import sqlite3
 import subprocess
 import sys
 
@@ -419,6 +420,12 @@ def test_flask_demo_imports_the_set_and_adds_people_and_reports(
     assert "wrote instance/config.toml" in done.stdout
     assert "registered 7 demo people" in done.stdout
     assert "sent 4 demo report messages" in done.stdout
+    studies = {str(ds.StudyInstanceUID) for ds in generated.datasets.values()}
+    with sqlite3.connect(instance / "portal.db") as connection:
+        imported = connection.execute(
+            "SELECT study_instance_uid FROM audit_event WHERE event_id = '110107' "
+            "AND outcome = 0 AND who = 'cli:demo'").fetchall()
+    assert sorted(uid for (uid,) in imported) == sorted(studies)  # one record per study
     again = _flask(instance, "development", "demo", "--no-samples")
     assert again.returncode == 0, again.stderr
     assert f"stored: 0, already stored: {len(generated.paths)}" in again.stdout

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from flask import Flask, current_app
 
+from portal.archive.after import AfterIngest, audit_step, header_step
 from portal.archive.ingest import Archive
 from portal.archive.store import EmbeddedStore
 from portal.archive.validate import Limits
@@ -26,8 +27,12 @@ def init_app(app: Flask) -> None:
         client = DicomWebArchive(ExternalSettings.from_config(settings))
         remote = RemoteCopies(store, database, limits, client,
                               cache_bytes=settings["ARCHIVE_CACHE_MB"] << 20)
-    app.extensions["archive"] = Archive(store=store, database=database, limits=limits,
-                                        remote=remote)
+    after = AfterIngest(app)
+    archive = Archive(store=store, database=database, limits=limits, remote=remote, after=after)
+    # The archive's own after-ingest steps; create_app adds those of the packages above it.
+    after.add("audit", audit_step(archive), required=True)
+    after.add("headers", header_step(archive))
+    app.extensions["archive"] = archive
 
 
 def current_archive() -> Archive:

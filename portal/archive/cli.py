@@ -13,7 +13,6 @@ from flask.cli import with_appcontext
 from portal.archive import current_archive
 from portal.archive.importer import ImportSummary, expand, import_sources
 from portal.archive.validate import Rejected
-from portal.imaging.prerender import prerender, shared_cache
 from portal.migrate import upgrade_database
 
 
@@ -24,9 +23,17 @@ def import_paths(paths: list[Path], *, who: str) -> ImportSummary:
     sources, problems = expand(paths, max_entries=settings["MAX_ZIP_ENTRIES"],
                                max_ratio=settings["MAX_ZIP_RATIO"],
                                max_entry_bytes=settings["MAX_INSTANCE_BYTES"])
-    with click.progressbar(length=len(sources), label="Importing", show_pos=True,
-                           show_percent=True, file=sys.stderr) as bar:
-        summary = import_sources(archive, sources, who, progress=bar.update)
+    summary = ImportSummary()
+    try:
+        with click.progressbar(length=len(sources), label="Importing", show_pos=True,
+                               show_percent=True, file=sys.stderr) as bar:
+            import_sources(archive, sources, who, progress=bar.update, summary=summary)
+    finally:  # also for what was stored before the archive became unavailable
+        if summary.new_series and settings["REDIS_URL"]:  # rendered images shared: warm them
+            click.echo(f"pre-rendering {len(summary.new_series)} new series", err=True)
+        # The audit record, reports from SR and PDF files, pre-rendering: as for STOW-RS.
+        archive.after_ingest(summary.stored, via="import", who=who, source_address="cli",
+                             wait=True)
     # Zips refused whole are audited too; entry names (which may name a patient) are not.
     archive.record_rejections([(Rejected(re.sub(r"'[^']*'|\"[^\"]*\"", "(an entry)", reason)),
                                 None) for _label, reason in problems
@@ -49,12 +56,6 @@ def import_command(paths: tuple[Path, ...]) -> None:
     upgrade_database(current_app)
     summary = import_paths(list(paths), who="cli:import")
     click.echo(summary.describe())
-    if summary.new_series:
-        # Built volumes are files every process shares; rendered images only through Redis.
-        images = shared_cache(current_app)
-        if images:
-            click.echo(f"pre-rendering {len(summary.new_series)} new series", err=True)
-        prerender(summary.new_series, wait=True, images=images)
     if summary.rejected:
         sys.exit(1)
 
@@ -160,10 +161,7 @@ def serve_command() -> None:
     secure = " (TLS 1.2+)" if settings["DIMSE_TLS_CERT"] else ""
     click.echo(f"C-STORE SCP {settings['DIMSE_AE_TITLE']} listening on "
                f"{settings['DIMSE_HOST']}:{settings['DIMSE_PORT']}{secure}", err=True)
-    app = current_app._get_current_object()  # type: ignore[attr-defined]
-    images = shared_cache(app)
-    serve(current_archive(), settings,
-          on_stored=lambda series: prerender(series, app, images=images))
+    serve(current_archive(), settings)
 
 
 @dimse_cli.command("find")

@@ -1,14 +1,14 @@
 """DIMSE C-STORE and C-ECHO SCP (pynetdicom), accepting only configured (AE title, address) pairs.
 
 Every received instance goes through the same ``Archive.ingest`` as STOW-RS and the CLI, and
-the C-STORE response is sent only after the file is durable and its index row committed.
+the C-STORE response is sent only after the file is durable and its index row committed; the
+after-ingest steps run when the association ends.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -16,7 +16,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from portal.archive.ingest import Archive, ArchiveUnavailable, Stored, record_ingest
+from portal.archive.ingest import Archive, ArchiveUnavailable, Stored
 from portal.archive.validate import (
     ACCEPTED_TRANSFER_SYNTAXES,
     DUPLICATE_CONFLICT,
@@ -105,22 +105,17 @@ def _on_store(event: evt.Event, archive: Archive, received: dict[int, list[Store
     return SUCCESS
 
 
-def _on_end(event: evt.Event, archive: Archive, received: dict[int, list[Stored]],
-            on_stored: Callable[[set[str]], None] | None) -> None:
-    """When an association ends: one audit record per study it delivered, then the
-    ``on_stored`` hook with the new series (pre-rendering)."""
+def _on_end(event: evt.Event, archive: Archive, received: dict[int, list[Stored]]) -> None:
+    """When an association ends: the after-ingest steps for the instances it delivered (one
+    audit record per study, pre-rendering, reports from SR and PDF objects)."""
     stored = received.pop(id(event.assoc), [])
-    if stored and on_stored is not None:
-        try:
-            on_stored({s.series_instance_uid for s in stored if s.outcome == "stored"})
-        except Exception:  # a warm-up never disturbs storage
-            log.exception("could not queue pre-rendering")
-    if stored:
-        try:
-            record_ingest(archive.database, stored, source_address=event.assoc.requestor.address,
-                          who=f"dimse:{str(event.assoc.requestor.ae_title).strip()}")
-        except Exception:  # the instances are stored and acknowledged; the gap is logged
-            log.exception("could not record the audit of a C-STORE association")
+    if not stored:
+        return
+    try:
+        archive.after_ingest(stored, via="dimse", source_address=event.assoc.requestor.address,
+                             who=f"dimse:{str(event.assoc.requestor.ae_title).strip()}")
+    except Exception:  # the instances are stored and acknowledged; the gap is logged
+        log.exception("could not record the audit of a C-STORE association")
 
 
 def make_ae(settings: dict[str, Any]) -> AE:
@@ -139,20 +134,16 @@ def make_ae(settings: dict[str, Any]) -> AE:
     return ae
 
 
-def serve(archive: Archive, settings: dict[str, Any], block: bool = True,
-          on_stored: Callable[[set[str]], None] | None = None
+def serve(archive: Archive, settings: dict[str, Any], block: bool = True
           ) -> ThreadedAssociationServer | None:
-    """Start the SCP on the configured address; block until interrupted unless told not to.
-
-    ``on_stored`` gets the UIDs of the series each association added.
-    """
+    """Start the SCP on the configured address; block until interrupted unless told not to."""
     ae = make_ae(settings)
     allowed = name_at_address(settings["DIMSE_ALLOWED_PEERS"])
     received: dict[int, list[Stored]] = {}
     handlers = [(evt.EVT_REQUESTED, _on_requested, [allowed, ae.ae_title.strip()]),
                 (evt.EVT_C_STORE, _on_store, [archive, received]),
-                (evt.EVT_RELEASED, _on_end, [archive, received, on_stored]),
-                (evt.EVT_ABORTED, _on_end, [archive, received, on_stored])]
+                (evt.EVT_RELEASED, _on_end, [archive, received]),
+                (evt.EVT_ABORTED, _on_end, [archive, received])]
     address = (settings["DIMSE_HOST"], settings["DIMSE_PORT"])
     server: ThreadedAssociationServer | None = ae.start_server(
         address, block=block, evt_handlers=handlers, ssl_context=server_context(

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from portal.archive.ingest import Archive, ArchiveUnavailable
+from portal.archive.ingest import Archive, ArchiveUnavailable, Stored
 from portal.archive.validate import Rejected
 
 
@@ -23,6 +23,7 @@ class ImportSummary:
     counts: Counter[str] = field(default_factory=Counter)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     new_series: set[str] = field(default_factory=set)
+    stored: list[Stored] = field(default_factory=list)  # the new ones, for after_ingest
 
     def describe(self) -> str:
         """A short report for people."""
@@ -131,9 +132,14 @@ def expand(paths: list[Path], **zip_limits: int) -> tuple[list[Source], list[tup
 
 
 def import_sources(archive: Archive, sources: list[Source], who: str,
-                   progress: Callable[[int], None] | None = None) -> ImportSummary:
-    """Ingest each source, counting outcomes; stop only if the archive is unavailable."""
-    summary = ImportSummary()
+                   progress: Callable[[int], None] | None = None,
+                   summary: ImportSummary | None = None) -> ImportSummary:
+    """Ingest each source, counting outcomes into ``summary`` (kept by a caller that must
+    finish what was stored even when this raises); stop only if the archive is unavailable.
+
+    The caller runs ``archive.after_ingest`` for ``summary.stored`` afterwards.
+    """
+    summary = ImportSummary() if summary is None else summary
     for source in sources:
         try:
             try:
@@ -148,6 +154,7 @@ def import_sources(archive: Archive, sources: list[Source], who: str,
             summary.counts[result.outcome] += 1
             if result.outcome == "stored":
                 summary.new_series.add(result.series_instance_uid)
+                summary.stored.append(result)
         except Rejected as exc:
             summary.rejected.append((source.label, exc.reason))
         except OSError as exc:

@@ -31,7 +31,7 @@ from sqlalchemy import select, update
 
 from portal.access import audit
 from portal.archive.external import DicomWebArchive, ExternalNotFound, ExternalUnavailable
-from portal.archive.ingest import Archive
+from portal.archive.ingest import Archive, Stored
 from portal.archive.models import ExternalInstance, SyncState
 from portal.archive.validate import is_valid_uid
 from portal.db import utcnow
@@ -125,11 +125,11 @@ def index_study(archive: Archive, study_uid: str, metadata: list[dict[str, Any]]
         return 0
     if not datasets:
         return 0
+    added: list[Stored] = []
     try:
         with archive.database.write_transaction() as session:
             known = set(session.scalars(select(Instance.sop_instance_uid).where(
                 Instance.sop_instance_uid.in_([str(ds.SOPInstanceUID) for ds in datasets]))))
-            added = 0
             for ds in datasets:
                 uid = str(ds.SOPInstanceUID)
                 if uid in known:
@@ -145,11 +145,15 @@ def index_study(archive: Archive, study_uid: str, metadata: list[dict[str, Any]]
                                 .values(header=header_json(ds)))
                 session.add(ExternalInstance(sop_instance_uid=uid, study_instance_uid=study_uid,
                                              series_instance_uid=str(ds.SeriesInstanceUID)))
-                added += 1
+                added.append(Stored("stored", str(ds.SOPClassUID), uid, study_uid,
+                                    str(ds.SeriesInstanceUID)))
     except IndexConflict as exc:
         _refuse(archive, study_uid, f"external study contradicts the index: {exc}")
         return 0
-    return added
+    # Audited, and its SR and PDF objects made reports (fetched for that), like any ingest.
+    source = archive.remote.client.source[:64] if archive.remote is not None else ""
+    archive.after_ingest(added, via="sync", who="archive:sync", source_address=source)
+    return len(added)
 
 
 def _refuse(archive: Archive, study_uid: str, reason: str) -> None:

@@ -10,11 +10,10 @@ from flask import Response, abort, request, url_for
 from portal.access import policy
 from portal.access.principal import Principal
 from portal.archive import current_archive
-from portal.archive.ingest import Stored, record_ingest
+from portal.archive.ingest import Stored
 from portal.archive.validate import CANNOT_UNDERSTAND, Rejected
 from portal.dicomweb.accept import parse_media_type
 from portal.dicomweb.multipart import MultipartError, split_parts
-from portal.imaging.prerender import prerender
 from portal.security import read_body
 
 _UI, _US, _UR, _SQ = "UI", "US", "UR", "SQ"
@@ -62,10 +61,9 @@ def store_request(principal: Principal, study_uid: str | None) -> Response:
     for index, answer in zip(dicom, answers, strict=True):
         results[index] = answer
     stored = [r for r in results if isinstance(r, Stored)]
-    new = [r for r in stored if r.outcome == "stored"]
-    record_ingest(archive.database, new, who=principal.audit_name,
-                  source_address=request.remote_addr or "")
-    prerender(r.series_instance_uid for r in new)
+    # Audit, pre-rendering, reports from SR and PDF objects: the steps every way in runs.
+    archive.after_ingest(stored, via="stow", who=principal.audit_name,
+                         source_address=request.remote_addr or "")
     failed = [(r, n) for n, r in enumerate(results, start=1) if isinstance(r, Rejected)]
     already = sum(r.outcome == "already_stored" for r in stored)
     return _answer(stored, failed, already, study_uid)

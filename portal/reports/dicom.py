@@ -5,6 +5,10 @@ An SR's content tree is walked from the document root: each CONTAINER whose conc
 "Impression" or "Conclusion" feeds the impression, the others the findings (with their names
 as headings); TEXT, CODE, NUM, PNAME, DATE and the like give their values as text. Markup in
 a TEXT value stays text: the page escapes it like everything else.
+
+Such objects become reports as they arrive (``after_ingest``, a step every way into the
+archive runs), with the report-ready notice; opening a study still turns any that were
+stored before that step existed.
 """
 
 from __future__ import annotations
@@ -13,15 +17,23 @@ import io
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import pydicom
+from flask import current_app
 from pydicom.dataset import Dataset
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from portal.archive.ingest import ArchiveUnavailable
 from portal.index.models import Instance, Series, Study
 from portal.reports.models import Report
+from portal.reports.notify import notifier, waiting_notices
 from portal.reports.service import IncomingReport, ReportError, receive_report
+
+if TYPE_CHECKING:
+    from portal.archive.after import Arrival
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +153,44 @@ def pending_report_objects(session: Session, study: Study) -> list[str]:
         select(Instance.sop_instance_uid).join(Series, Instance.series_fk == Series.id)
         .where(Series.study_fk == study.id, Instance.sop_class_uid.in_(REPORT_CLASSES),
                Instance.sop_instance_uid.not_in(known)).limit(50)))
+
+
+def after_ingest(arrival: Arrival) -> None:
+    """The after-ingest step (``portal.archive.after``): the SR and PDF objects that just
+    arrived become reports at once, and the referrers of each that became final get the
+    report-ready notice (so the unread badge and the e-mail do not wait for anyone to open
+    the study), as do those of final reports that came before their study. One object that
+    cannot be read or understood is logged and skipped."""
+    uids = [s.sop_instance_uid for s in arrival.instances if s.sop_class_uid in REPORT_CLASSES]
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    archive = app.extensions["archive"]
+    ready: list[int] = []
+    for uid in uids:
+        try:
+            # Read before the write transaction: a synced object is fetched from the
+            # external archive first, which writes on its own.
+            incoming = report_from_dataset(pydicom.dcmread(io.BytesIO(archive.read(uid))))
+            with archive.database.write_transaction() as session:
+                report, newly_final = receive_report(session, incoming)
+                if newly_final:
+                    ready.append(report.id)
+        except IntegrityError:
+            continue  # someone opening the study turned it into a report at the same moment
+        except (ReportError, ArchiveUnavailable, KeyError, OSError, ValueError,
+                AttributeError) as exc:
+            log.warning("report object %s not read: %s", uid, str(exc)[:200])
+    settings = app.config["PORTAL"]
+    if settings["SMTP_URL"] or settings["SMS_WEBHOOK_URL"]:
+        # Reports that came before their study (HL7, FHIR) are announced now it is here.
+        with archive.database.new_session() as session:
+            ready += [i for i in waiting_notices(session, list(arrival.per_study()))
+                      if i not in ready]
+    notify = notifier(app)
+    for report_id in ready:
+        try:
+            notify(report_id)
+        except Exception:  # the report is stored; a failed notice is logged, not lost data
+            log.exception("report-ready notification failed")
 
 
 def import_report_objects(session: Session, uids: list[str],

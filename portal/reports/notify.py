@@ -63,7 +63,7 @@ def notifier(app: Flask) -> Callable[[int], None]:
                 return
             study = study_of_report(session, report)
             if study is None:
-                return  # unmatched: the notice goes when the study arrives and is read
+                return  # unmatched: the notice goes when the study arrives (waiting_notices)
             people = [(u.id, u.email, u.phone_number if u.notify_by_sms else "")
                       for u in recipients(session, study)]
         subject, body = message(settings["PUBLIC_URL"] or "")
@@ -89,6 +89,19 @@ def notifier(app: Flask) -> Callable[[int], None]:
                     report.notified_at = utcnow()
 
     return notify
+
+
+def waiting_notices(session: Session, study_uids: list[str]) -> list[int]:
+    """Final reports of these studies that no notice has announced yet: those that came
+    before their study (or before anyone could be told), for the after-ingest step."""
+    from portal.reports.service import reports_of
+
+    waiting = []
+    for study in session.scalars(select(Study).where(Study.study_instance_uid.in_(study_uids))):
+        waiting += [r.id for r in reports_of(session, study)
+                    if r.status in ("final", "amended") and r.final_at is not None
+                    and r.notified_at is None]
+    return waiting
 
 
 def send_digest(app: Flask) -> int:

@@ -594,15 +594,13 @@ def test_c_store_prerenders_new_series_into_a_shared_cache(tmp_path: Path,
     from pynetdicom import AE
 
     from portal.archive.dimse import serve
-    from portal.imaging.prerender import prerender
     from tests.conftest import free_port, make_app, wait_for
 
     port = free_port()
     app = make_app(tmp_path / "instance", REDIS_URL=redis_url, DIMSE_PORT=port,
                    DIMSE_HOST="127.0.0.1", DIMSE_ALLOWED_PEERS=["MODALITY@127.0.0.1"])
     with app.app_context():
-        server = serve(current_archive(), app.config["PORTAL"], block=False,
-                       on_stored=lambda series: prerender(series, app))
+        server = serve(current_archive(), app.config["PORTAL"], block=False)
     assert server is not None
     try:
         study, series = generate_uid(), generate_uid()

@@ -1,0 +1,139 @@
+"""After ingest: the one list of steps that runs once new instances are committed, whichever
+way they came in (STOW-RS, C-STORE, ``archive import``, the external archive's index sync).
+
+The archive owns the list and its own steps (the audit record, the header warm-up); packages
+above it add theirs at start-up (``create_app``: pre-rendering, reports from SR and PDF
+objects with their notices), so the archive imports nothing above it. A step sees the
+instances that are new (never the already stored ones) and runs in an application context,
+also in a C-STORE handler thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from flask import Flask, current_app, has_app_context
+from sqlalchemy import select
+
+from portal.access import audit
+from portal.index.models import Series
+from portal.index.service import middle_image
+
+if TYPE_CHECKING:
+    from portal.archive.ingest import Archive, Stored
+
+log = logging.getLogger(__name__)
+
+# How the instances came: "stow" (a web worker, which also serves the images), "dimse" (the
+# C-STORE SCP), "import" (the CLI, from files), "sync" (index rows from the external archive,
+# whose bytes stay there until first viewed).
+Via = Literal["stow", "dimse", "import", "sync"]
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """New instances one way in has just committed, and who sent them."""
+
+    instances: tuple[Stored, ...]
+    via: Via
+    who: str
+    source_address: str
+    # The caller ends soon after (the CLI): a step that queues work waits for it.
+    wait: bool = False
+
+    @property
+    def series(self) -> list[str]:
+        """The Series Instance UIDs that received instances, sorted."""
+        return sorted({s.series_instance_uid for s in self.instances})
+
+    def per_study(self) -> dict[str, int]:
+        """How many instances each study received."""
+        return dict(Counter(s.study_instance_uid for s in self.instances))
+
+
+Step = Callable[[Arrival], None]
+
+
+class AfterIngest:
+    """The ordered list of after-ingest steps of one app's archive."""
+
+    def __init__(self, app: Flask) -> None:
+        """An empty list; ``add`` fills it at start-up."""
+        self._app = app
+        self._steps: list[tuple[str, Step, bool]] = []
+
+    def add(self, name: str, step: Step, *, required: bool = False) -> None:
+        """Append a step. A ``required`` step's failure reaches the caller (after every other
+        step has run); any other step's failure is logged and disturbs nothing."""
+        if name in self.names:
+            raise ValueError(f"after-ingest step {name!r} is already registered")
+        self._steps.append((name, step, required))
+
+    @property
+    def names(self) -> list[str]:
+        """The steps in the order they run."""
+        return [name for name, _step, _required in self._steps]
+
+    def run(self, stored: Iterable[Stored], *, via: Via, who: str, source_address: str,
+            wait: bool = False) -> Arrival | None:
+        """Run every step for the newly stored ones among ``stored`` (None when none is new).
+
+        Called after the instances' commit, once per request, association, import or synced
+        study.
+        """
+        new = tuple(s for s in stored if s.outcome == "stored")
+        if not new:
+            return None
+        arrival = Arrival(new, via, who, source_address, wait)
+        if has_app_context() and current_app._get_current_object() is self._app:  # type: ignore[attr-defined]
+            self._run(arrival)
+        else:  # a C-STORE handler thread, or a caller holding only the archive
+            with self._app.app_context():
+                self._run(arrival)
+        return arrival
+
+    def _run(self, arrival: Arrival) -> None:
+        failure: Exception | None = None
+        for name, step, required in self._steps:
+            try:
+                step(arrival)
+            except Exception as exc:
+                if required:
+                    failure = failure or exc
+                log.exception("after-ingest step %r failed (%d new instances, via %s)",
+                              name, len(arrival.instances), arrival.via)
+        if failure is not None:
+            raise failure
+
+
+def audit_step(archive: Archive) -> Step:
+    """One audit record per study received: 110107 Import for files the CLI imported (the
+    event refused imports are recorded as), 110104 DICOM Instances Transferred otherwise."""
+
+    def record(arrival: Arrival) -> None:
+        event = audit.IMPORT if arrival.via == "import" else audit.INSTANCES_TRANSFERRED
+        for study, count in arrival.per_study().items():
+            audit.record(archive.database, event, action="C", outcome=audit.OUTCOME_SUCCESS,
+                         who=arrival.who, source_address=arrival.source_address,
+                         study_instance_uid=study, details={"instances": count})
+
+    return record
+
+
+def header_step(archive: Archive) -> Step:
+    """Make and keep the header of each new series' middle image, which the viewer reads
+    first (the others are made on first use, as before)."""
+
+    def warm(arrival: Arrival) -> None:
+        with archive.database.new_session() as session:
+            ids = session.scalars(select(Series.id).where(
+                Series.series_instance_uid.in_(arrival.series))).all()
+            middles = [uid for uid in (middle_image(session, i) for i in ids) if uid]
+        if middles:
+            archive.headers(middles)
+
+    return warm
