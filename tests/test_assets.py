@@ -150,7 +150,8 @@ def test_offline_the_shell_loads_and_no_patient_data_is_kept(oidc_app: Flask,
         page = context.new_page()
         sign_in_browser(page, server.url, sub="sw-doc")
         # The worker takes control (clients.claim) once it is active.
-        page.wait_for_function("navigator.serviceWorker.controller !== null", timeout=15000)
+        page.wait_for_function("() => navigator.serviceWorker.controller !== null",
+                               timeout=15000)
         for path in (f"/studies/{study}", f"/studies/{study}/view/{series}", "/studies"):
             page.goto(server.url + path, wait_until="networkidle")
         api = page.evaluate("fetch('/api/grants').then(r => r.status)")
