@@ -43,10 +43,11 @@ def _user(session: Session, user_id: int) -> User:
 def create_grant(session: Session, actor: Principal, *, user_id: int,
                  study_uid: str | None = None, patient_id: str | None = None,
                  expires_at: datetime | None = None, reason: str = "",
-                 break_glass: bool = False) -> Grant:
-    """Give a user access to one study or to every study of one patient."""
+                 break_glass: bool = False, patient_record: int | None = None) -> Grant:
+    """Give a user access to one study or to every study of one patient (by Patient ID, or
+    by the patient's record id when IDs repeat across issuers)."""
     user = _user(session, user_id)
-    if bool(study_uid) == bool(patient_id):
+    if sum(map(bool, (study_uid, patient_id, patient_record))) != 1:
         raise UserError("a grant covers either one study or one patient")
     reason = reason.strip()[:1000]
     now = utcnow()
@@ -62,6 +63,11 @@ def create_grant(session: Session, actor: Principal, *, user_id: int,
         if study is None:
             raise UserError("no such study")
         study_text, patient_text = study.study_instance_uid, study.patient.patient_id
+    elif patient_record:
+        record = session.get(Patient, patient_record)
+        if record is None:
+            raise UserError("no such patient")
+        patient_fk, patient_text = record.id, record.patient_id
     else:
         patients = list(session.scalars(select(Patient).where(Patient.patient_id == patient_id)))
         if len(patients) != 1:
@@ -216,3 +222,93 @@ def link_patient(session: Session, actor: Principal, user_id: int, patient_id: s
     _audit_change(session, actor, audit.USER_SECURITY_CHANGED,
                   {"user": f"{user.issuer}|{user.subject}", "patient_link": True},
                   patient=patient_id)
+
+
+# -- several at once (the console and /api) ------------------------------------------------
+
+MAX_BULK = 200
+
+
+def _visible_targets(session: Session, actor: Principal, study_uids: Sequence[str],
+                     patient_records: Sequence[int]) -> None:
+    """Refuse studies or patients the actor's practice may not see (the policy decides)."""
+    from portal.access.policy import study_filter
+
+    if study_uids:
+        seen = set(session.scalars(select(Study.study_instance_uid).where(
+            Study.study_instance_uid.in_(list(study_uids)), study_filter(actor))))
+        if seen != set(study_uids):
+            raise UserError("no such study (or not one your practice may see); "
+                            "nothing was granted")
+    if patient_records:
+        seen_patients = set(session.scalars(select(Study.patient_fk).where(
+            Study.patient_fk.in_(list(patient_records)), study_filter(actor))))
+        if seen_patients != set(patient_records):
+            raise UserError("no such patient (or not one your practice may see); "
+                            "nothing was granted")
+
+
+def grant_many(session: Session, actor: Principal, *, user_ids: Sequence[int],
+               study_uids: Sequence[str] = (), patient_records: Sequence[int] = (),
+               expires_at: datetime | None = None, reason: str = "") -> list[Grant]:
+    """Give each person access to each study and each patient's studies: one grant and one
+    audit record per pair; all or nothing. Emergency access is never given in bulk."""
+    user_ids = list(dict.fromkeys(user_ids))
+    study_uids = list(dict.fromkeys(u for u in study_uids if u))
+    patient_records = list(dict.fromkeys(patient_records))
+    if not user_ids:
+        raise UserError("choose at least one person")
+    if not study_uids and not patient_records:
+        raise UserError("choose at least one study or patient")
+    if len(user_ids) * (len(study_uids) + len(patient_records)) > MAX_BULK:
+        raise UserError(f"at most {MAX_BULK} grants at once")
+    _visible_targets(session, actor, study_uids, patient_records)
+    made = [create_grant(session, actor, user_id=user_id, study_uid=uid,
+                         expires_at=expires_at, reason=reason)
+            for user_id in user_ids for uid in study_uids]
+    made += [create_grant(session, actor, user_id=user_id, patient_record=record,
+                          expires_at=expires_at, reason=reason)
+             for user_id in user_ids for record in patient_records]
+    return made
+
+
+def live_grants_of(session: Session, user_id: int) -> list[Grant]:
+    """A person's grants that still give access (not revoked, not expired), newest first."""
+    now = utcnow()
+    return list(session.scalars(select(Grant).where(
+        Grant.user_fk == user_id, Grant.revoked_at.is_(None),
+        (Grant.expires_at.is_(None)) | (Grant.expires_at > now)).order_by(Grant.id.desc())))
+
+
+def revoke_everything_of(session: Session, actor: Principal, user_id: int) -> list[int]:
+    """Take away every live grant a person was given; the revoked grant ids (one audit
+    record each)."""
+    _user(session, user_id)
+    ids = [g.id for g in live_grants_of(session, user_id)]
+    if ids:
+        revoke_grants(session, actor, ids)
+    return ids
+
+
+def regrant(session: Session, actor: Principal, grant_ids: Sequence[int]) -> list[Grant]:
+    """Undo a revocation: a new grant like each revoked one (same person, target, expiry and
+    reason). Emergency access is not reopened this way: it needs a new written reason."""
+    grants = list(session.scalars(select(Grant).where(Grant.id.in_(list(grant_ids)))))
+    if len(grants) != len(set(grant_ids)) or not grants:
+        raise UserError("unknown grant in the request; nothing was given back")
+    now, made = utcnow(), []
+    for grant in grants:
+        if grant.revoked_at is None:
+            continue
+        if grant.break_glass:
+            raise UserError("emergency access is not given back with undo; open it again "
+                            "with a new reason")
+        expires = grant.expires_at if grant.expires_at and grant.expires_at > now else None
+        if grant.expires_at is not None and expires is None:
+            continue  # it would have ended by now anyway
+        made.append(create_grant(session, actor, user_id=grant.user_fk,
+                                 study_uid=grant.study_instance_uid or None,
+                                 patient_record=grant.patient_fk if not
+                                 grant.study_instance_uid else None,
+                                 expires_at=expires, reason=grant.reason))
+    return made

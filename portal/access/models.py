@@ -180,6 +180,8 @@ class Invitation(Base):
     email: Mapped[str] = mapped_column(String(256), default="")
     roles: Mapped[list[str]] = mapped_column(JSON, default=list)
     practice_fk: Mapped[int | None] = mapped_column(ForeignKey("practice.id"), nullable=True)
+    # Referrer identifier keys (normalised) linked to whoever redeems it (a new physician).
+    referrer_keys: Mapped[list[str]] = mapped_column(JSON, default=list)
     created_by: Mapped[str] = mapped_column(String(256), default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)

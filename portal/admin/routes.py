@@ -8,39 +8,48 @@ from __future__ import annotations
 
 import csv
 import io
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, time
 from typing import Any
 
 from flask import (
     Blueprint,
     Response,
+    abort,
     flash,
     redirect,
     render_template,
     request,
+    session,
     url_for,
 )
-from sqlalchemy import select
+from sqlalchemy import and_, select
 
 from portal.access import audit
 from portal.access.grants import (
     create_grant,
+    grant_many,
     grant_state,
     link_identifier,
     link_patient,
+    live_grants_of,
+    regrant,
+    revoke_everything_of,
     revoke_grants,
     unlink_identifier,
     unmatched_referrers,
     update_user,
 )
 from portal.access.invitations import create_invitation
-from portal.access.models import Grant, Practice, ReferrerIdentifier, User
+from portal.access.models import AuditEvent, Practice, ReferrerIdentifier, User
 from portal.access.policy import require_role
 from portal.access.principal import Principal, current_principal
 from portal.access.users import ROLES, UserError
+from portal.admin import console
 from portal.auth.recent import require_recent_sign_in
 from portal.db import db, utcnow
+from portal.index.models import Patient, Study
 from portal.numbers import bounded_int
+from portal.studies.service import MODALITIES, StudySearch
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
@@ -70,10 +79,210 @@ def _failed(exc: UserError, endpoint: str) -> Response:
     return redirect(url_for(endpoint))
 
 
+def _page() -> int:
+    return bounded_int(request.args.get("page", "1") or "1", "page", low=1, high=10_000)
+
+
+def _day(text: str, name: str) -> date | None:
+    """A date from a form (YYYY-MM-DD), None when empty; a 400 naming the field otherwise."""
+    if not text:
+        return None
+    try:
+        return date.fromisoformat(text[:10])
+    except ValueError:
+        abort(400, f"{name} is not a date (YYYY-MM-DD)")
+
+
+def _study_search() -> StudySearch:
+    args = request.args
+    return StudySearch(text=args.get("q", "")[:64], date_from=args.get("from", "")[:10],
+                       date_to=args.get("to", "")[:10], modality=args.get("modality", "")[:16],
+                       page=_page(), oldest_first=args.get("sort") == "oldest")
+
+
 @bp.get("/")
 def index() -> str:
-    """Overview of the console."""
-    return render_template("admin/index.html")
+    """What needs attention, one search box for studies, patients and people, and the tasks."""
+    principal = _manager()
+    search = _study_search()
+    rows, more, people = [], False, []
+    if search.text:
+        rows, more = console.find_studies(db.session, principal, search)
+        people = console.find_people(db.session, search.text)
+    return render_template("admin/index.html", q=search.text, rows=rows, more=more,
+                           patients=console.patients_in(rows), people=people,
+                           attention=console.attention(db.session, principal),
+                           month_from=console.month_start(utcnow().date()).isoformat(),
+                           today=utcnow().date().isoformat())
+
+
+def _chosen_people() -> list[User]:
+    ids = [bounded_int(v, "user") for v in request.values.getlist("user")[:50]]
+    return [u for u in db.session.scalars(select(User).where(User.id.in_(ids)))] if ids else []
+
+
+@bp.get("/give")
+def give() -> str:
+    """Give access: find the studies (or a patient's every study) and the people, pick them,
+    set until when and why. Nothing is chosen at first."""
+    principal = _manager()
+    search = _study_search()
+    rows, more = ([], False)
+    if search.text or search.date_from or search.date_to or search.modality:
+        rows, more = console.find_studies(db.session, principal, search)
+    uids = request.args.getlist("study")[:50]
+    chosen_studies = list(db.session.execute(
+        select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
+        .where(Study.study_instance_uid.in_(uids)))) if uids else []
+    records = [bounded_int(v, "patient") for v in request.args.getlist("patient")[:50]]
+    chosen_patients = [p for p in (console.visible_patient(db.session, principal, r)
+                                   for r in records) if p is not None]
+    who = request.args.get("who", "")[:100]
+    return render_template("admin/give.html", search=search, rows=rows, more=more,
+                           modalities=MODALITIES, who=who,
+                           people=console.find_people(db.session, who),
+                           chosen_people=_chosen_people(), chosen_studies=chosen_studies,
+                           chosen_patients=chosen_patients,
+                           emergency=request.args.get("emergency") == "1")
+
+
+def _until(text: str) -> datetime | None:
+    """The end of the chosen day (UTC), or None for no end."""
+    day = _day(text, "until")
+    if day is None:
+        return None
+    return datetime.combine(day, time(23, 59, 59), tzinfo=UTC)
+
+
+@bp.post("/give")
+def give_access() -> Response:
+    """Grant the chosen studies and patients to the chosen people (one grant and one audit
+    record each; all or nothing)."""
+    form = request.form
+    try:
+        made = grant_many(
+            db.session, _manager(),
+            user_ids=[bounded_int(v, "user") for v in form.getlist("user")[:50]],
+            study_uids=[v[:64] for v in form.getlist("study")[:100]],
+            patient_records=[bounded_int(v, "patient") for v in form.getlist("patient")[:50]],
+            expires_at=_until(form.get("until", "")), reason=form.get("reason", ""))
+    except UserError as exc:
+        db.session.rollback()
+        flash(str(exc), "error")
+        return redirect(url_for("admin.give", **{k: form.getlist(k) for k in
+                                                 ("user", "study", "patient")}))
+    people = {g.user_fk for g in made}
+    db.session.commit()
+    flash(f"Access given: {len(made)} grant{'s' if len(made) != 1 else ''} "
+          f"for {len(people)} {'person' if len(people) == 1 else 'people'}.")
+    if len(people) == 1:
+        return redirect(url_for("admin.person", user_id=people.pop()))
+    return redirect(url_for("admin.grants"))
+
+
+@bp.get("/people/<int:user_id>")
+def person(user_id: int) -> str:
+    """What one person was given, with a way to take all of it away."""
+    user = db.session.get(User, user_id) or abort(404)
+    rows, more = console.grant_list(db.session, user_id=user_id, state="live", page=_page())
+    return render_template("admin/person.html", user=user, more=more, page=_page(),
+                           rows=[(r, grant_state(r.grant)) for r in rows],
+                           live=len(live_grants_of(db.session, user_id)),
+                           undo=session.get("console_undo") or [])
+
+
+@bp.get("/people/<int:user_id>/take-away")
+def confirm_take_away(user_id: int) -> str:
+    """Say exactly what taking everything away will do, and ask once."""
+    user = db.session.get(User, user_id) or abort(404)
+    grants = live_grants_of(db.session, user_id)
+    rows = console.grant_rows(db.session, [(g, user) for g in grants])
+    return render_template("admin/take_away.html", user=user,
+                           rows=[(r, grant_state(r.grant)) for r in rows])
+
+
+@bp.post("/people/<int:user_id>/take-away")
+def take_away(user_id: int) -> Response:
+    """Revoke every live grant of a person (one audit record each); undo stays offered."""
+    try:
+        ids = revoke_everything_of(db.session, _manager(), user_id)
+    except UserError as exc:
+        return _failed(exc, "admin.index")
+    db.session.commit()
+    session["console_undo"] = ids
+    flash(f"Took away {len(ids)} grant{'s' if len(ids) != 1 else ''}.")
+    return redirect(url_for("admin.person", user_id=user_id))
+
+
+@bp.post("/grants/restore")
+def restore_grants() -> Response:
+    """Undo: give back revoked grants with one tap (not emergency access)."""
+    ids = [bounded_int(v, "grant") for v in request.form.getlist("grant")[:500]]
+    try:
+        made = regrant(db.session, _manager(), ids)
+    except UserError as exc:
+        return _failed(exc, "admin.grants")
+    db.session.commit()
+    session.pop("console_undo", None)
+    flash(f"Given back: {len(made)} grant{'s' if len(made) != 1 else ''}.")
+    back = request.form.get("back", "")
+    return redirect(back if back.startswith("/admin/") else url_for("admin.grants"))
+
+
+@bp.post("/grants/revoke")
+def revoke_selected() -> Response:
+    """Revoke the ticked grants in one step (one audit record each); undo stays offered."""
+    ids = [bounded_int(v, "grant") for v in request.form.getlist("grant")[:500]]
+    if not ids:
+        return _failed(UserError("tick at least one grant"), "admin.grants")
+    try:
+        revoke_grants(db.session, _manager(), ids)
+    except UserError as exc:
+        return _failed(exc, "admin.grants")
+    db.session.commit()
+    session["console_undo"] = ids
+    flash(f"Revoked {len(ids)} grant{'s' if len(ids) != 1 else ''}.")
+    return redirect(url_for("admin.grants"))
+
+
+@bp.get("/patients/<int:record>")
+def patient(record: int) -> str:
+    """One patient: his studies, who saw them, and the links that open them."""
+    principal = _manager()
+    found = console.visible_patient(db.session, principal, record) or abort(404)
+    return render_template("admin/patient.html", patient=found,
+                           studies=console.patient_studies(db.session, principal, found),
+                           links=console.open_links_of_patient(db.session, principal, found),
+                           month_from=console.month_start(utcnow().date()).isoformat(),
+                           today=utcnow().date().isoformat(), now=utcnow())
+
+
+@bp.post("/links/revoke")
+def revoke_links() -> Response:
+    """Revoke the ticked share links in one step (each ends its open sessions)."""
+    ids = [v[:36] for v in request.form.getlist("link")[:200]]
+    back = request.form.get("back", "")
+    target = back if back.startswith("/admin/") else url_for("admin.shares")
+    try:
+        count = console.revoke_links(db.session, _manager(), ids)
+    except UserError as exc:
+        db.session.rollback()
+        flash(str(exc), "error")
+        return redirect(target)
+    db.session.commit()
+    flash(f"Revoked {count} link{'s' if count != 1 else ''}; their open sessions have ended.")
+    return redirect(target)
+
+
+@bp.get("/invite")
+def invite_form() -> str:
+    """Invite a physician by e-mail and pick the referrer identifiers studies name him by."""
+    principal = _manager()
+    practice = db.session.get(Practice, principal.practice_id) \
+        if principal.practice_id is not None else None
+    return render_template("admin/invite.html", roles=ROLES,
+                           suggestions=unmatched_referrers(db.session),
+                           practice=practice.name if practice else "")
 
 
 @bp.get("/users")
@@ -113,12 +322,15 @@ def invite() -> Response:
     try:
         token = create_invitation(db.session, _manager(), email=form.get("email", ""),
                                   roles=[r for r in ROLES if form.get(f"role_{r}")],
-                                  practice=form.get("practice", ""))
+                                  practice=form.get("practice", ""),
+                                  referrer_keys=form.getlist("key")[:20])
     except UserError as exc:
-        return _failed(exc, "admin.users")
+        return _failed(exc, "admin.invite_form" if form.get("from") == "invite"
+                       else "admin.users")
     link = url_for("auth.invitation", t=token, _external=True)
     return _done(f"Send this link to {form.get('email', '') or 'the person'} (it works once, "
-                 f"for 7 days, and is not shown again): {link}", "admin.users")
+                 f"for 7 days, and is not shown again): {link}",
+                 "admin.invite_form" if form.get("from") == "invite" else "admin.users")
 
 
 @bp.get("/identifiers")
@@ -165,14 +377,18 @@ def _parse_expiry(text: str) -> datetime | None:
 
 @bp.get("/grants")
 def grants() -> str:
-    """Every grant with its state."""
-    rows = db.session.execute(select(Grant, User).join(User, Grant.user_fk == User.id)
-                              .order_by(Grant.id.desc()).limit(500)).all()
-    people = list(db.session.scalars(select(User).where(User.active.is_(True))
-                                     .order_by(User.display_name)))
+    """Grants as a person reads them (patient, study, date; the UID only in details), a page
+    at a time, newest or oldest first; tick several to revoke them at once."""
+    state = request.args.get("state", "")
+    rows, more = console.grant_list(db.session, state=state if state in ("live", "expiring")
+                                    else "", page=_page(),
+                                    oldest_first=request.args.get("sort") == "oldest")
     now = utcnow()
-    return render_template("admin/grants.html", rows=[(g, u, grant_state(g, now))
-                                                      for g, u in rows], people=people)
+    return render_template("admin/grants.html", rows=[(r, grant_state(r.grant, now))
+                                                      for r in rows],
+                           more=more, page=_page(), state=state,
+                           sort=request.args.get("sort", ""),
+                           undo=session.get("console_undo") or [])
 
 
 @bp.post("/grants")
@@ -203,29 +419,51 @@ def revoke_grant(grant_id: int) -> Response:
 
 @bp.get("/shares")
 def shares() -> str:
-    """Every share link with its state, uses and last use (revoking goes through /shares)."""
+    """Every share link with its state, uses and last use; ``show`` expiring (within 7 days)
+    or locked narrows the list (revoking goes through /shares)."""
     from portal.sharing.service import link_state, list_links
 
-    return render_template("admin/shares.html", links=list_links(db.session, _manager()),
-                           state=link_state, now=utcnow())
+    now, show = utcnow(), request.args.get("show", "")
+    links = list_links(db.session, _manager())
+    if show == "expiring":
+        links = [link for link in links if link_state(link, now) in ("active", "pending")
+                 and link.expires_at <= now + console.SOON]
+    elif show == "locked":
+        links = [link for link in links if link_state(link, now) == "locked"]
+    return render_template("admin/shares.html", links=links, state=link_state, now=now,
+                           show=show)
 
 
-def _audit_rows() -> list[Any]:
+def _audit_filter() -> tuple[Any, dict[str, Any]]:
+    """The records the console's filters ask for, and what to show about the filters."""
     args = request.args
     principal = _manager()
-    rows = list(audit.iter_events(db.session, who=args.get("who", "")[:200],
-                                  study=args.get("study", "")[:64],
-                                  event_id=args.get("event", "")[:16], limit=500))
+    patient = None
+    if args.get("patient"):
+        patient = console.visible_patient(
+            db.session, principal, bounded_int(args["patient"], "patient")) or abort(404)
+    condition = console.audit_condition(
+        db.session, patient=patient, date_from=_day(args.get("from", ""), "from"),
+        date_to=_day(args.get("to", ""), "to"), who=args.get("who", "")[:200],
+        event_id=args.get("event", "")[:16], failed=args.get("failed") == "1")
+    if args.get("study"):
+        condition = and_(condition, AuditEvent.study_instance_uid
+                                 == args["study"][:64])
     audit.record(db, audit.AUDIT_LOG_USED, action="R", outcome=audit.OUTCOME_SUCCESS,
                  who=principal.audit_name, source_address=request.remote_addr or "",
                  details={"filter": {k: v[:64] for k, v in args.items()}})
-    return rows
+    return condition, {"patient": patient}
 
 
 @bp.get("/audit")
 def audit_trail() -> str:
-    """The audit trail, newest first, with filters (reading it is itself audited)."""
-    return render_template("admin/audit.html", rows=_audit_rows(), args=request.args)
+    """The audit trail, newest first, a page at a time, filtered by patient, dates, who or
+    event (reading it is itself audited)."""
+    condition, shown = _audit_filter()
+    events, more = console.audit_page(db.session, condition, _page(),
+                                      oldest_first=request.args.get("sort") == "oldest")
+    return render_template("admin/audit.html", rows=console.audit_rows(db.session, events),
+                           more=more, page=_page(), args=request.args, **shown)
 
 
 @bp.get("/audit.csv")
@@ -235,7 +473,9 @@ def audit_csv() -> Response:
     writer = csv.writer(buffer)
     writer.writerow(["id", "time_utc", "event_id", "event", "action", "outcome", "who",
                      "source", "study_instance_uid", "patient_id", "details", "hash"])
-    for row in _audit_rows():
+    condition, _shown = _audit_filter()
+    for row in db.session.scalars(select(AuditEvent).where(condition)
+                                  .order_by(AuditEvent.id.desc()).limit(10_000)):
         writer.writerow([row.id, row.occurred_at.isoformat(), row.event_id, row.event_name,
                          row.action, row.outcome, _csv_safe(row.who),
                          _csv_safe(row.source_address), _csv_safe(row.study_instance_uid),

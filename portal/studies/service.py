@@ -40,6 +40,7 @@ class StudySearch:
     modality: str = ""
     new_report: bool = False
     page: int = 1
+    oldest_first: bool = False
 
     @property
     def narrowed(self) -> bool:
@@ -91,9 +92,10 @@ def search_studies(session: Session, principal: Principal,
     if search.new_report:
         stmt = stmt.where(unread_report_condition(principal))
     offset = (max(search.page, 1) - 1) * PAGE_SIZE
-    rows = list(session.execute(stmt.order_by(Study.study_date.desc(), Study.study_time.desc(),
-                                              Study.id.desc())
-                                .limit(PAGE_SIZE + 1).offset(offset)))
+    order = (Study.study_date.asc(), Study.study_time.asc(), Study.id.asc()) \
+        if search.oldest_first else (Study.study_date.desc(), Study.study_time.desc(),
+                                     Study.id.desc())
+    rows = list(session.execute(stmt.order_by(*order).limit(PAGE_SIZE + 1).offset(offset)))
     return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
 
 
