@@ -29,6 +29,10 @@ def _one(schema: str, description: str = "OK") -> dict[str, Any]:
         "$ref": f"#/components/schemas/{schema}"}}}}
 
 
+def _query(name: str, kind: str = "string") -> dict[str, Any]:
+    return {"name": name, "in": "query", "schema": {"type": kind}}
+
+
 _SHARE_ID = {"name": "id", "in": "path", "required": True,
              "schema": {"type": "string", "format": "uuid"}}
 
@@ -86,7 +90,42 @@ OPENAPI: dict[str, Any] = {
                                "parameters": [{"name": n, "in": "query", "schema": {
                                    "type": "integer" if n in ("limit", "offset")
                                    else "string"}} for n in ("who", "study", "event",
+                                                             "patient", "from", "to",
                                                              "limit", "offset")]}},
+        "/api/search/studies": {"get": {
+            **_op("Find studies the caller's practice may see (patient name as typed, patient "
+                  "ID, accession; date range, modality; newest or sort=oldest first)",
+                  {"200": {"description": "studies (patient name, description, date, UID), "
+                                          "more, page"}, "400": _ERROR}),
+            "parameters": [_query(n) for n in ("q", "from", "to", "modality", "sort")]
+            + [_query("page", "integer")]}},
+        "/api/search/people": {"get": {
+            **_op("Find active people by name or e-mail (nobody for an empty query)",
+                  {"200": {"description": "id, name, email, roles of each"}}),
+            "parameters": [_query("q"), _query("role")]}},
+        "/api/grants/bulk": {"post": _op(
+            "Give several people several studies or patients' every study (one grant and one "
+            "audit record each; all or nothing)",
+            {"201": _list_of("Grant"), "400": _ERROR}, "GrantBulk")},
+        "/api/grants/restore": {"post": _op("Undo revocations (not emergency access)",
+                                            {"201": _list_of("Grant"), "400": _ERROR},
+                                            "RevokeRequest")},
+        "/api/users/{id}/grants/revoke": {"post": {
+            **_op("Take away every live grant of a person",
+                  {"200": {"description": "revoked: the grant ids"}, "400": _ERROR}),
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "integer"}}]}},
+        "/api/patients/{id}/links": {"get": {
+            **_op("Share links still open for any study of a patient",
+                  {"200": _list_of("Share"), "404": {"description": "No such patient"}}),
+            "parameters": [{"name": "id", "in": "path", "required": True,
+                            "schema": {"type": "integer"}}]}},
+        "/api/shares/revoke-many": {"post": _op(
+            "Revoke several links in one step (all or nothing)",
+            {"200": {"description": "How many were revoked"}, "400": _ERROR},
+            "ShareRevokeMany")},
+        "/api/attention": {"get": _op("What needs attention (counts)",
+                                      {"200": {"description": "OK"}})},
     },
     "components": {
         "securitySchemes": {
@@ -172,6 +211,16 @@ OPENAPI: dict[str, Any] = {
             "ShareRevokeAll": {"type": "object", "required": ["study_uid"], "properties": {
                 "study_uid": {"type": "string"},
                 "scope": {"type": "string", "enum": ["study", "patient"]}}},
+            "ShareRevokeMany": {"type": "object", "required": ["ids"], "properties": {
+                "ids": {"type": "array", "items": {"type": "string", "format": "uuid"}}}},
+            "GrantBulk": {"type": "object", "required": ["user_ids"], "properties": {
+                "user_ids": {"type": "array", "items": {"type": "integer"}},
+                "study_uids": {"type": "array", "items": {"type": "string"}},
+                "patient_records": {"type": "array", "items": {"type": "integer"},
+                                    "description": "patient ids from /api/search/studies "
+                                                   "(patient_record)"},
+                "expires_at": {"type": "string", "format": "date-time"},
+                "reason": {"type": "string"}}},
         },
     },
 }

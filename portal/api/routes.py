@@ -232,6 +232,36 @@ def revoke() -> Response:
     return jsonify(revoked=count)
 
 
+def _audit_rows(principal: Principal, limit: int, offset: int) -> list[Any]:
+    """The audit records the query asks for: by who, study, event, and (as the console asks)
+    by patient record and a UTC date range."""
+    from datetime import date
+
+    from portal.access.models import AuditEvent
+    from portal.admin.console import audit_condition, visible_patient
+
+    args = request.args
+    patient = None
+    if args.get("patient"):
+        patient = visible_patient(db.session, principal,
+                                  bounded_int(args["patient"], "patient"))
+        if patient is None:
+            abort(404)
+    try:
+        start = date.fromisoformat(args["from"]) if args.get("from") else None
+        end = date.fromisoformat(args["to"]) if args.get("to") else None
+    except ValueError as exc:
+        raise UserError("from and to must be dates (YYYY-MM-DD)") from exc
+    condition = audit_condition(db.session, patient=patient, date_from=start, date_to=end,
+                                who=args.get("who", "")[:200],
+                                event_id=args.get("event", "")[:16])
+    if args.get("study"):
+        condition = condition & (AuditEvent.study_instance_uid == args["study"][:64])
+    return list(db.session.scalars(select(AuditEvent).where(condition)
+                                   .order_by(AuditEvent.id.desc()).limit(limit)
+                                   .offset(offset)))
+
+
 @bp.get("/audit")
 def audit_events() -> Response:
     """The audit trail, newest first (reading it is itself audited)."""
@@ -239,10 +269,7 @@ def audit_events() -> Response:
     args = request.args
     limit = min(bounded_int(args.get("limit", "100"), "limit", low=1), 1000)
     offset = bounded_int(args.get("offset", "0"), "offset")
-    rows = list(audit.iter_events(db.session, who=args.get("who", "")[:200],
-                                  study=args.get("study", "")[:64],
-                                  event_id=args.get("event", "")[:16], limit=limit,
-                                  offset=offset))
+    rows = _audit_rows(principal, limit, offset)
     audit.record(db, audit.AUDIT_LOG_USED, action="R", outcome=audit.OUTCOME_SUCCESS,
                  who=principal.audit_name, source_address=request.remote_addr or "")
     return jsonify([{"id": r.id, "time": r.occurred_at.isoformat(), "event_id": r.event_id,
@@ -384,3 +411,119 @@ def revoke_shares() -> Response:
     count = revoke(db.session, principal, study_uid)
     db.session.commit()
     return jsonify(revoked=count)
+
+
+# -- the console's searches and bulk actions (the same functions as /admin) -----------------
+
+def _ids(body: dict[str, Any], key: str) -> list[int]:
+    """A list of whole-number ids from the body (may be empty)."""
+    values = body.get(key, [])
+    if not isinstance(values, list) or len(values) > 500:
+        raise UserError(f"{key} must be a list of ids (at most 500)")
+    return [bounded_int(v, f"each of {key}") for v in values]
+
+
+def _uids(body: dict[str, Any], key: str) -> list[str]:
+    """A list of UIDs (text) from the body (may be empty)."""
+    values = body.get(key, [])
+    if not isinstance(values, list) or len(values) > 500 or not all(
+            isinstance(v, str) and 0 < len(v) <= 64 for v in values):
+        raise UserError(f"{key} must be a list of UIDs (at most 500)")
+    return values
+
+
+@bp.get("/search/studies")
+def search_studies() -> Response:
+    """Studies the caller's practice may see, by patient name (as typed), patient ID,
+    accession number, date range and modality; newest (or ``sort=oldest``) first."""
+    from portal.admin.console import find_studies, study_json
+    from portal.studies.service import StudySearch
+
+    args = request.args
+    page = bounded_int(args.get("page", "1") or "1", "page", low=1, high=10_000)
+    rows, more = find_studies(db.session, _manager(), StudySearch(
+        text=args.get("q", "")[:64], date_from=args.get("from", "")[:10],
+        date_to=args.get("to", "")[:10], modality=args.get("modality", "")[:16], page=page,
+        oldest_first=args.get("sort") == "oldest"))
+    return jsonify(studies=[study_json(s, p) for s, p in rows], more=more, page=page)
+
+
+@bp.get("/search/people")
+def search_people() -> Response:
+    """Active people by name or e-mail (``role`` narrows); nobody for an empty query."""
+    from portal.admin.console import find_people, user_json
+
+    _manager()
+    return jsonify([user_json(u) for u in find_people(
+        db.session, request.args.get("q", "")[:100], role=request.args.get("role", "")[:32])])
+
+
+@bp.post("/grants/bulk")
+def add_grants() -> tuple[Response, int]:
+    """Give several people several studies or patients' every study (one grant and one audit
+    record each; all or nothing)."""
+    from portal.access.grants import grant_many
+
+    body = _body()
+    grants = grant_many(db.session, _manager(), user_ids=_ids(body, "user_ids"),
+                        study_uids=_uids(body, "study_uids"),
+                        patient_records=_ids(body, "patient_records"),
+                        expires_at=_when(body, "expires_at"), reason=_text(body, "reason") or "")
+    db.session.commit()
+    return jsonify([_grant_json(g) for g in grants]), 201
+
+
+@bp.post("/users/<int:user_id>/grants/revoke")
+def revoke_everything(user_id: int) -> Response:
+    """Take away every live grant of a person; the revoked ids (for an undo)."""
+    from portal.access.grants import revoke_everything_of
+
+    ids = revoke_everything_of(db.session, _manager(), user_id)
+    db.session.commit()
+    return jsonify(revoked=ids)
+
+
+@bp.post("/grants/restore")
+def restore() -> tuple[Response, int]:
+    """Undo revocations: a new grant like each revoked one (never emergency access)."""
+    from portal.access.grants import regrant
+
+    grants = regrant(db.session, _manager(), _ids(_body(), "ids"))
+    db.session.commit()
+    return jsonify([_grant_json(g) for g in grants]), 201
+
+
+@bp.get("/patients/<int:record>/links")
+def patient_links(record: int) -> Response:
+    """Share links still open (or locked, or not yet open) for any study of a patient."""
+    from portal.admin.console import open_links_of_patient, visible_patient
+
+    principal = _manager()
+    patient = visible_patient(db.session, principal, record)
+    if patient is None:
+        abort(404)
+    return jsonify([_share_json(link) for link in open_links_of_patient(
+        db.session, principal, patient)])
+
+
+@bp.post("/shares/revoke-many")
+def revoke_many_shares() -> Response:
+    """Revoke several links by id in one step (each audited); if one is unknown, none."""
+    from portal.admin.console import revoke_links
+
+    ids = _body().get("ids")
+    if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+        raise UserError("ids must be a list of share link ids")
+    count = revoke_links(db.session, _manager(), [i[:36] for i in ids[:200]])
+    db.session.commit()
+    return jsonify(revoked=count)
+
+
+@bp.get("/attention")
+def needs_attention() -> Response:
+    """The console's "needs attention" counts."""
+    from dataclasses import asdict
+
+    from portal.admin.console import attention
+
+    return jsonify(asdict(attention(db.session, _manager())))

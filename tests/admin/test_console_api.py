@@ -1,0 +1,83 @@
+"""The console's searches and bulk actions through /api (the same functions as /admin)."""
+
+from __future__ import annotations
+
+import re
+
+from flask import Flask
+from sqlalchemy import select
+
+from portal.access.models import AuditEvent, Grant
+from portal.index.models import Patient
+from tests.admin.conftest import Practice
+from tests.conftest import IdentityProvider, csrf_of, signed_in
+
+
+def test_searches_stay_within_the_practice(practice: Practice, idp: IdentityProvider) -> None:
+    manager = signed_in(practice.app, idp, practice.manager)
+    found = manager.get("/api/search/studies?q=jane%20do").get_json()["studies"]
+    assert sorted(s["description"] for s in found) == ["CT chest", "MR knee"]
+    assert found[0]["patient_name"] == "Jane Doe"
+    assert [s["description"] for s in manager.get(
+        "/api/search/studies?q=jane&sort=oldest").get_json()["studies"]] == ["CT chest",
+                                                                             "MR knee"]
+    assert manager.get("/api/search/studies?q=ACC-D1").get_json()["studies"][0][
+        "description"] == "MR knee"
+    assert manager.get("/api/search/studies?q=olga").get_json()["studies"] == []  # not theirs
+    assert manager.get("/api/search/people?q=").get_json() == []  # nobody by default
+    people = manager.get("/api/search/people?q=nina").get_json()
+    assert [p["id"] for p in people] == [practice.newcomer]
+    spec = practice.app.test_client().get("/api/openapi.json").get_json()
+    assert {"/api/search/studies", "/api/search/people", "/api/grants/bulk",
+            "/api/shares/revoke-many", "/api/attention"} <= set(spec["paths"])
+
+
+def test_bulk_grant_is_one_record_per_grant_and_all_or_nothing(practice: Practice,
+                                                               idp: IdentityProvider) -> None:
+    manager = signed_in(practice.app, idp, practice.manager)
+    headers = {"X-CSRF-Token": csrf_of(manager)}
+    with practice.app.extensions["db"].new_session() as session:
+        olga = session.scalars(select(Patient).where(Patient.patient_id == "OTHER-1")).one()
+    refused = manager.post("/api/grants/bulk", headers=headers, json={
+        "user_ids": [practice.newcomer], "study_uids": practice.doe_studies,
+        "patient_records": [olga.id]})
+    assert refused.status_code == 400 and "nothing was granted" in refused.get_json()["error"]
+    made = manager.post("/api/grants/bulk", headers=headers, json={
+        "user_ids": [practice.newcomer, practice.house], "study_uids": practice.doe_studies,
+        "expires_at": "2099-01-01T00:00:00+00:00", "reason": "rota"})
+    assert made.status_code == 201 and len(made.get_json()) == 4
+    with practice.app.extensions["db"].new_session() as session:
+        records = [e for e in session.scalars(select(AuditEvent)) if
+                   isinstance(e.details, dict) and "grant" in e.details]
+    assert sorted(e.details["grant"] for e in records) == sorted(
+        g["id"] for g in made.get_json())
+
+    taken = manager.post(f"/api/users/{practice.newcomer}/grants/revoke", headers=headers)
+    assert len(taken.get_json()["revoked"]) == 2
+    back = manager.post("/api/grants/restore", headers=headers,
+                        json={"ids": taken.get_json()["revoked"]})
+    assert back.status_code == 201 and len(back.get_json()) == 2
+    with practice.app.extensions["db"].new_session() as session:
+        live = [g for g in session.scalars(select(Grant).where(
+            Grant.user_fk == practice.newcomer)) if g.revoked_at is None]
+    assert len(live) == 2 and all(g.reason == "rota" for g in live)
+
+
+def test_invitation_links_the_picked_identifiers(practice: Practice, idp: IdentityProvider,
+                                                 oidc_app: Flask) -> None:
+    manager = signed_in(practice.app, idp, practice.manager)
+    made = manager.post("/admin/invitations", data={
+        "email": "wilson@example.org", "role_physician": "on", "key": "name:WILSON^JAMES",
+        "from": "invite", "csrf_token": csrf_of(manager)})
+    assert made.status_code == 302 and made.headers["Location"].endswith("/admin/invite")
+    page = manager.get("/admin/invite").get_data(as_text=True)
+    link = re.search(r"/auth/invitation\?t=[A-Za-z0-9_-]+", page)
+    assert link is not None
+    idp.set_user("wilson-new", email="wilson@example.org", name="James Wilson")
+    newcomer = oidc_app.test_client()
+    assert newcomer.get(link.group(0)).status_code == 200
+    from tests.conftest import sign_in
+
+    sign_in(newcomer, idp, "wilson-new")
+    listed = newcomer.get("/studies").get_data(as_text=True)
+    assert "Olga Other" in listed  # the study that names him, now his
