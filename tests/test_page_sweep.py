@@ -94,6 +94,8 @@ class Site:
     colleague_token: str
     lock_tokens: list[str]
     invitation: str
+    doctor: int  # the physician's user id
+    record: int  # the patient's record (patient.id)
     rendered: set[str] = field(default_factory=set)
 
 
@@ -149,6 +151,12 @@ def site(tmp_path_factory: pytest.TempPathFactory, idp: IdentityProvider) -> Ite
                  for _ in PHONES]
         invitation = create_invitation(session, ADMIN, email="new@clinic.test",
                                        roles=["physician"], practice="Clinic")
+    from sqlalchemy import select
+
+    from portal.index.models import Patient
+
+    with app.extensions["db"].new_session() as session:
+        record = session.scalars(select(Patient.id).where(Patient.patient_id == "SWEEP-1")).one()
     rendered: set[str] = set()
 
     def note(sender: Flask, template: Any, context: dict[str, Any], **extra: Any) -> None:
@@ -157,7 +165,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, idp: IdentityProvider) -> Ite
     template_rendered.connect(note, app)
     with LiveServer(app) as server:
         yield Site(app, server, study, series[0], shared.token, shared.pin or "",
-                   colleague.token, locks, invitation, rendered)
+                   colleague.token, locks, invitation, doctor, record, rendered)
     template_rendered.disconnect(note, app)
     close_app(app)
 
@@ -197,6 +205,12 @@ def _visits(site: Site) -> dict[str, list[tuple[str, str, int]]]:
                            ("admin.grants", "/admin/grants", 200),
                            ("admin.shares", "/admin/shares", 200),
                            ("admin.audit_trail", "/admin/audit", 200),
+                           ("admin.give", "/admin/give", 200),
+                           ("admin.person", f"/admin/people/{site.doctor}", 200),
+                           ("admin.confirm_take_away",
+                            f"/admin/people/{site.doctor}/take-away", 200),
+                           ("admin.patient", f"/admin/patients/{site.record}", 200),
+                           ("admin.invite_form", "/admin/invite", 200),
                            ("studies.study_list", "/studies", 200)],
         "patient": [("studies.study_list", "/studies", 200),
                     ("studies.study_page", f"/studies/{s}", 200),
