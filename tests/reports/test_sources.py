@@ -125,7 +125,7 @@ def test_structured_report_in_the_archive_becomes_the_report_card(
     ingest(oidc_app, sr_document(study, accession))
     page = signed_in(oidc_app, idp, doctor).get(f"/studies/{study}").get_data(as_text=True)
     assert "No focal lesion." in page and "Diameter: 12 mm" in page
-    assert "Chase Robert" in page and "Preliminary" not in page
+    assert "Robert Chase" in page and "Preliminary" not in page
     assert "<script>x()</script>" not in page and "&lt;b&gt;Liver&lt;/b&gt;" in page
 
 
