@@ -427,7 +427,12 @@ building.setAttribute('role', 'progressbar');
 building.setAttribute('aria-label', 'Building 3D view');
 building.setAttribute('aria-valuemin', '0');
 building.setAttribute('aria-valuemax', '100');
-building.innerHTML = '<span class="building-text"></span><span class="building-bar"><span></span></span>';
+const buildingText = document.createElement('span');
+buildingText.className = 'building-text';
+const buildingBar = document.createElement('span');
+buildingBar.className = 'building-bar';
+buildingBar.appendChild(document.createElement('span'));
+building.append(buildingText, buildingBar);
 stage.appendChild(building);
 
 const netNotice = document.createElement('p');
