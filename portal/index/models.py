@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, ForeignKey, Integer, String, UniqueConstraint, func
+from sqlalchemy import JSON, ForeignKey, Index, Integer, String, UniqueConstraint, func
 from sqlalchemy.orm import Mapped, mapped_column, relationship, validates
 
 from portal.db import Base, UTCDateTime
@@ -16,7 +16,14 @@ class Patient(Base):
     """A patient as identified by the archive: Patient ID within its issuer."""
 
     __tablename__ = "patient"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),)
+    __table_args__ = (UniqueConstraint("patient_id", "issuer_of_patient_id"),
+                      # The study search's "contains" and word-start matches: trigram
+                      # indexes on PostgreSQL (pg_trgm); plain, unused B-trees on SQLite.
+                      Index("ix_patient_patient_id_trgm", "patient_id", postgresql_using="gin",
+                            postgresql_ops={"patient_id": "gin_trgm_ops"}),
+                      Index("ix_patient_name_search_trgm", "name_search",
+                            postgresql_using="gin",
+                            postgresql_ops={"name_search": "gin_trgm_ops"}))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(64))
@@ -40,6 +47,9 @@ class Study(Base):
     """One imaging study with what a study list needs."""
 
     __tablename__ = "study"
+    __table_args__ = (Index("ix_study_accession_number_trgm", "accession_number",
+                            postgresql_using="gin",
+                            postgresql_ops={"accession_number": "gin_trgm_ops"}),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
