@@ -63,11 +63,14 @@ def _like(text: str) -> str:
 # A text search that matches at most this many studies (before access) looks them up by id;
 # one that matches more finds its page sooner by walking the studies newest first.
 FEW_MATCHES = 1000
+# The text match's own FROMs, never correlated with the outer query's study and patient.
+_MATCH_PATIENT = aliased(Patient, name="match_patient")
+_MATCH_STUDY = aliased(Study, name="match_study")
 
 
 def _matching_patients(text: str, pattern: str) -> Select[int]:
     """Patients whose ID contains the text or whose name's words begin with its words."""
-    patient = aliased(Patient)  # its own FROM: never correlated with the outer query's
+    patient = _MATCH_PATIENT
     matches: list[ColumnElement[bool]] = [
         patient.patient_id.ilike(pattern, escape="\\")]
     words = search_words(text)[:MAX_WORDS]
@@ -88,10 +91,11 @@ def _text_condition(session: Session, text: str) -> ColumnElement[bool]:
     # checked for access and sorted; many are tested row by row while walking the date
     # order, which soon finds a page (PostgreSQL tests the cheap text match before the
     # access rules). Both conditions select exactly the same studies.
-    study = aliased(Study)
-    probe = union_all(select(study.id).where(study.patient_fk.in_(patients)),
-                      select(study.id).where(
-                          study.accession_number.ilike(pattern, escape="\\")))
+    study = _MATCH_STUDY
+    # Accession numbers first: when they match by the thousand ("1") the probe stops there.
+    probe = union_all(select(study.id).where(study.accession_number.ilike(pattern,
+                                                                          escape="\\")),
+                      select(study.id).where(study.patient_fk.in_(patients)))
     found = set(session.scalars(select(probe.subquery().c.id).limit(FEW_MATCHES + 1)))
     if len(found) <= FEW_MATCHES:
         return Study.id.in_(sorted(found)) if found else false()
