@@ -11,6 +11,10 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship, validates
 from portal.db import Base, UTCDateTime
 from portal.index.names import SEARCH_LENGTH, name_search_text
 
+# New rows go straight into the trigram indexes: GIN's pending list ("fastupdate") would
+# make every search scan the unsorted backlog until autovacuum merges it.
+TRIGRAM_INDEX_OPTIONS = {"fastupdate": "off"}
+
 
 class Patient(Base):
     """A patient as identified by the archive: Patient ID within its issuer."""
@@ -20,10 +24,12 @@ class Patient(Base):
                       # The study search's "contains" and word-start matches: trigram
                       # indexes on PostgreSQL (pg_trgm); plain, unused B-trees on SQLite.
                       Index("ix_patient_patient_id_trgm", "patient_id", postgresql_using="gin",
-                            postgresql_ops={"patient_id": "gin_trgm_ops"}),
+                            postgresql_ops={"patient_id": "gin_trgm_ops"},
+                            postgresql_with=TRIGRAM_INDEX_OPTIONS),
                       Index("ix_patient_name_search_trgm", "name_search",
                             postgresql_using="gin",
-                            postgresql_ops={"name_search": "gin_trgm_ops"}))
+                            postgresql_ops={"name_search": "gin_trgm_ops"},
+                            postgresql_with=TRIGRAM_INDEX_OPTIONS))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(64))
@@ -49,7 +55,8 @@ class Study(Base):
     __tablename__ = "study"
     __table_args__ = (Index("ix_study_accession_number_trgm", "accession_number",
                             postgresql_using="gin",
-                            postgresql_ops={"accession_number": "gin_trgm_ops"}),)
+                            postgresql_ops={"accession_number": "gin_trgm_ops"},
+                            postgresql_with=TRIGRAM_INDEX_OPTIONS),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
