@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 APT_PACKAGES := redis-server orthanc orthanc-dicomweb dcmtk chromium postgresql gcc unzip 7zip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo serve test lint bench clean
+.PHONY: install system-deps demo serve test check lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,8 +43,15 @@ serve: install
 tests/support/oidc-provider/node_modules/.package-lock.json: tests/support/oidc-provider/package-lock.json
 	cd tests/support/oidc-provider && npm ci --no-audit --no-fund --loglevel=error
 
-test: system-deps install tests/support/oidc-provider/node_modules/.package-lock.json
+test: system-deps install tests/support/oidc-provider/node_modules/.package-lock.json check
 	$(BIN)/python -m pytest
+
+# Checks that keep the code as designed, before any test runs: types (mypy strict), the
+# layer rules (import-linter contracts in pyproject.toml) and lint.
+check: install
+	$(BIN)/mypy portal demo app.py
+	$(BIN)/lint-imports --no-logo
+	$(BIN)/ruff check portal demo tests benchmarks app.py
 
 lint: install
 	$(BIN)/ruff check portal demo tests benchmarks app.py

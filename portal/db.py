@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from flask import Flask, current_app
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, make_url
@@ -109,11 +109,15 @@ class Database:
     def __init__(self) -> None:
         self.engine: Engine | None = None
         self._write_lock: threading.Lock | None = None
-        self._factory: sessionmaker[Session] | None = None
-        self.session: scoped_session[Session] = scoped_session(self._make_session)
+        # Bound to the engine by init_app; a session made before that has no engine to use.
+        self._factory: sessionmaker[Session] = sessionmaker(expire_on_commit=False)
+        # The registry stays private: callers see a Session (the scoped_session proxies every
+        # Session method to the current one), so type checks see what they really call.
+        self._scoped: scoped_session[Session] = scoped_session(self._factory)
+        self.session: Session = cast(Session, self._scoped)
 
     def _make_session(self) -> Session:
-        if self._factory is None:
+        if self.engine is None:
             raise RuntimeError("database not initialised")
         return self._factory()
 
@@ -123,19 +127,17 @@ class Database:
         # SQLite has one writer at a time; queueing this process's writers on a lock is far
         # faster than letting them poll the busy handler (which sleeps up to 100 ms a try).
         self._write_lock = threading.Lock() if url.startswith("sqlite") else None
-        self._factory = sessionmaker(bind=self.engine, expire_on_commit=False)
+        self._factory.configure(bind=self.engine)
         app.extensions["db"] = self
 
         @app.teardown_appcontext
         def _remove(_exc: BaseException | None) -> None:
-            self.session.remove()
+            self._scoped.remove()
 
     @contextmanager
     def write_transaction(self) -> Iterator[Session]:
         """A short write transaction in its own session, committed on success."""
-        if self._factory is None:
-            raise RuntimeError("database not initialised")
-        with self._write_lock or nullcontext(), self._factory() as session:
+        with self._write_lock or nullcontext(), self._make_session() as session:
             session.connection(execution_options={"write": True})
             try:
                 yield session

@@ -150,7 +150,8 @@ TRANSPORT_SCHEME = "portal.transport_scheme"  # the WSGI environ key PublicHost 
 def arrived_over_https() -> bool:
     """True when this request came over TLS: to gunicorn itself, or to the trusted proxy
     that said so in X-Forwarded-Proto (PUBLIC_URL's scheme does not count)."""
-    return request.environ.get(TRANSPORT_SCHEME, request.scheme) == "https"
+    scheme: str = request.environ.get(TRANSPORT_SCHEME, request.scheme)
+    return scheme == "https"
 
 
 class PublicHost:

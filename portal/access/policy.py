@@ -11,12 +11,13 @@ import re
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
-from flask import Flask, Response, abort, current_app, redirect, request, url_for
+from flask import Flask, abort, current_app, redirect, request, url_for
 from sqlalchemy import Select, and_, exists, false, or_, select, true
 from sqlalchemy.orm import Session, contains_eager, joinedload
 from sqlalchemy.sql.elements import ColumnElement
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Unauthorized
+from werkzeug.wrappers import Response as BaseResponse
 
 from portal.access import audit
 from portal.access.models import (
@@ -168,7 +169,7 @@ def instance_filter(principal: Principal) -> ColumnElement[bool]:
     return and_(*conditions) if conditions else true()
 
 
-def visible_studies(principal: Principal) -> Select[tuple[Study]]:
+def visible_studies(principal: Principal) -> Select[Study]:
     """The studies this principal may see, as a query to refine."""
     return select(Study).where(study_filter(principal))
 
@@ -204,7 +205,7 @@ def share_audiences(principal: Principal | None) -> tuple[str, ...]:
     return ()
 
 
-def shareable_studies(principal: Principal) -> Select[tuple[Study]]:
+def shareable_studies(principal: Principal) -> Select[Study]:
     """The studies this principal may put in a share link: what a clinical sharer sees; a
     patient's own studies only."""
     if not share_audiences(principal):
@@ -327,7 +328,7 @@ def init_app(app: Flask) -> None:
         return {"viewer": current_principal()}
 
     @app.before_request
-    def _default_deny() -> Response | None:
+    def _default_deny() -> BaseResponse | None:
         if is_public(request.endpoint):
             return None
         principal = current_principal()

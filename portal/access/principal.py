@@ -83,7 +83,9 @@ def _from_session() -> Principal | None:
     if user_fk is None:
         return None
     user = db.session.get(User, user_fk)
-    if user is None or not user.active or user.security_epoch != session.security_epoch:
+    # Flask types the session as its SessionMixin base; ours (auth.sessions) has the epoch.
+    epoch = getattr(session, "security_epoch", None)
+    if user is None or not user.active or user.security_epoch != epoch:
         # Deactivated or changed since this session began: it ends now.
         session.destroy()  # type: ignore[attr-defined]
         return None

@@ -7,6 +7,7 @@ practice may see) and changes go through ``portal.access.grants`` and the sharin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -113,7 +114,7 @@ class GrantRow:
     whole_patient: bool
 
 
-def grant_rows(session: Session, grants: list[tuple[Grant, User]]) -> list[GrantRow]:
+def grant_rows(session: Session, grants: Sequence[tuple[Grant, User]]) -> list[GrantRow]:
     """Name the patient and study of each grant (two queries for the whole page)."""
     uids = {g.study_instance_uid for g, _ in grants if g.study_instance_uid}
     studies = {s.study_instance_uid: (s, p) for s, p in session.execute(

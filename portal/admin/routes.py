@@ -23,6 +23,7 @@ from flask import (
     url_for,
 )
 from sqlalchemy import and_, select
+from werkzeug.wrappers import Response as BaseResponse
 
 from portal.access import audit
 from portal.access.grants import (
@@ -59,7 +60,7 @@ def _manager() -> Principal:
 
 
 @bp.before_request
-def _guard() -> Response | None:
+def _guard() -> BaseResponse | None:
     """Office managers only; changes need a sign-in within the configured minutes."""
     _manager()
     if request.method == "POST":
@@ -67,13 +68,13 @@ def _guard() -> Response | None:
     return None
 
 
-def _done(message: str, endpoint: str) -> Response:
+def _done(message: str, endpoint: str) -> BaseResponse:
     db.session.commit()
     flash(message)
     return redirect(url_for(endpoint))
 
 
-def _failed(exc: UserError, endpoint: str) -> Response:
+def _failed(exc: UserError, endpoint: str) -> BaseResponse:
     db.session.rollback()
     flash(str(exc), "error")
     return redirect(url_for(endpoint))
@@ -105,7 +106,9 @@ def index() -> str:
     """What needs attention, one search box for studies, patients and people, and the tasks."""
     principal = _manager()
     search = _study_search()
-    rows, more, people = [], False, []
+    rows: list[Any] = []
+    more = False
+    people: list[User] = []
     if search.text:
         rows, more = console.find_studies(db.session, principal, search)
         people = console.find_people(db.session, search.text)
@@ -127,7 +130,8 @@ def give() -> str:
     set until when and why. Nothing is chosen at first."""
     principal = _manager()
     search = _study_search()
-    rows, more = ([], False)
+    rows: list[Any] = []
+    more = False
     if search.text or search.date_from or search.date_to or search.modality:
         rows, more = console.find_studies(db.session, principal, search)
     uids = request.args.getlist("study")[:50]
@@ -155,7 +159,7 @@ def _until(text: str) -> datetime | None:
 
 
 @bp.post("/give")
-def give_access() -> Response:
+def give_access() -> BaseResponse:
     """Grant the chosen studies and patients to the chosen people (one grant and one audit
     record each; all or nothing)."""
     form = request.form
@@ -169,8 +173,8 @@ def give_access() -> Response:
     except UserError as exc:
         db.session.rollback()
         flash(str(exc), "error")
-        return redirect(url_for("admin.give", **{k: form.getlist(k) for k in
-                                                 ("user", "study", "patient")}))
+        chosen: dict[str, Any] = {k: form.getlist(k) for k in ("user", "study", "patient")}
+        return redirect(url_for("admin.give", **chosen))
     people = {g.user_fk for g in made}
     db.session.commit()
     flash(f"Access given: {len(made)} grant{'s' if len(made) != 1 else ''} "
@@ -202,7 +206,7 @@ def confirm_take_away(user_id: int) -> str:
 
 
 @bp.post("/people/<int:user_id>/take-away")
-def take_away(user_id: int) -> Response:
+def take_away(user_id: int) -> BaseResponse:
     """Revoke every live grant of a person (one audit record each); undo stays offered."""
     try:
         ids = revoke_everything_of(db.session, _manager(), user_id)
@@ -215,7 +219,7 @@ def take_away(user_id: int) -> Response:
 
 
 @bp.post("/grants/restore")
-def restore_grants() -> Response:
+def restore_grants() -> BaseResponse:
     """Undo: give back revoked grants with one tap (not emergency access)."""
     ids = [bounded_int(v, "grant") for v in request.form.getlist("grant")[:500]]
     try:
@@ -230,7 +234,7 @@ def restore_grants() -> Response:
 
 
 @bp.post("/grants/revoke")
-def revoke_selected() -> Response:
+def revoke_selected() -> BaseResponse:
     """Revoke the ticked grants in one step (one audit record each); undo stays offered."""
     ids = [bounded_int(v, "grant") for v in request.form.getlist("grant")[:500]]
     if not ids:
@@ -258,7 +262,7 @@ def patient(record: int) -> str:
 
 
 @bp.post("/links/revoke")
-def revoke_links() -> Response:
+def revoke_links() -> BaseResponse:
     """Revoke the ticked share links in one step (each ends its open sessions)."""
     ids = [v[:36] for v in request.form.getlist("link")[:200]]
     back = request.form.get("back", "")
@@ -294,7 +298,7 @@ def users() -> str:
 
 
 @bp.post("/users/<int:user_id>")
-def change_user(user_id: int) -> Response:
+def change_user(user_id: int) -> BaseResponse:
     """Change a user's roles, practice, activation, mobile number or text-message notices."""
     form = request.form
     before = db.session.get(User, user_id)
@@ -316,7 +320,7 @@ def change_user(user_id: int) -> Response:
 
 
 @bp.post("/invitations")
-def invite() -> Response:
+def invite() -> BaseResponse:
     """Make a one-time invitation link and show it once."""
     form = request.form
     try:
@@ -345,7 +349,7 @@ def identifiers() -> str:
 
 
 @bp.post("/identifiers")
-def add_identifier() -> Response:
+def add_identifier() -> BaseResponse:
     """Link a physician to an identifier."""
     try:
         link_identifier(db.session, _manager(),
@@ -357,7 +361,7 @@ def add_identifier() -> Response:
 
 
 @bp.post("/identifiers/<int:identifier_id>/delete")
-def remove_identifier(identifier_id: int) -> Response:
+def remove_identifier(identifier_id: int) -> BaseResponse:
     """Unlink an identifier."""
     try:
         unlink_identifier(db.session, _manager(), identifier_id)
@@ -392,7 +396,7 @@ def grants() -> str:
 
 
 @bp.post("/grants")
-def add_grant() -> Response:
+def add_grant() -> BaseResponse:
     """Create a grant, or open emergency access with a written reason."""
     form = request.form
     try:
@@ -408,7 +412,7 @@ def add_grant() -> Response:
 
 
 @bp.post("/grants/<int:grant_id>/revoke")
-def revoke_grant(grant_id: int) -> Response:
+def revoke_grant(grant_id: int) -> BaseResponse:
     """Revoke one grant at once."""
     try:
         revoke_grants(db.session, _manager(), [grant_id])

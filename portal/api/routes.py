@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from flask import Blueprint, Response, abort, jsonify, request, url_for
 from sqlalchemy import select
+from werkzeug.wrappers import Response as BaseResponse
 
 from portal.access import audit
 from portal.access.grants import (
@@ -41,7 +42,7 @@ def _manager() -> Principal:
 
 
 @bp.before_request
-def _recent_sign_in_for_changes() -> Response | None:
+def _recent_sign_in_for_changes() -> BaseResponse | None:
     """Changes from a browser session or a bearer token need a recent, strong sign-in, as on
     the console's pages (SECURITY.md 8); the answer names where to sign in again (for a
     token, RFC 9470's challenge). Machine clients (HTTP Basic) are no people: not asked."""

@@ -11,6 +11,7 @@ from flask import current_app
 from flask.cli import with_appcontext
 
 from portal.archive import current_archive
+from portal.archive.copies import RemoteCopies
 from portal.archive.importer import ImportSummary, expand, import_sources
 from portal.archive.validate import Rejected
 from portal.migrate import upgrade_database
@@ -87,7 +88,7 @@ def verify_command() -> None:
         sys.exit(1)
 
 
-def _remote():  # type: ignore[no-untyped-def]
+def _remote() -> RemoteCopies:
     remote = current_archive().remote
     if remote is None:
         raise click.ClickException("PORTAL_ARCHIVE_URL is not set: there is no external archive")

@@ -18,8 +18,9 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import CursorResult, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from portal.access import audit
@@ -226,8 +227,9 @@ class RemoteCopies:
             if uid in keep:
                 continue
             with self.database.write_transaction() as session:
-                gone = session.execute(delete(CachedCopy).where(
-                    CachedCopy.sop_instance_uid == uid)).rowcount
+                # A DELETE's result is a CursorResult, which has the row count.
+                gone = cast(CursorResult[Any], session.execute(delete(CachedCopy).where(
+                    CachedCopy.sop_instance_uid == uid))).rowcount
                 if not gone:
                     continue  # another process evicted it
                 session.execute(delete(StoredObject).where(

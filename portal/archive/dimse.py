@@ -129,7 +129,8 @@ def make_ae(settings: dict[str, Any]) -> AE:
     ae.acse_timeout = 30
     ae.dimse_timeout = 60
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, _SYNTAXES)
+        if context.abstract_syntax is not None:  # always set in pynetdicom's own list
+            ae.add_supported_context(context.abstract_syntax, _SYNTAXES)
     ae.add_supported_context(Verification)
     return ae
 
@@ -140,10 +141,11 @@ def serve(archive: Archive, settings: dict[str, Any], block: bool = True
     ae = make_ae(settings)
     allowed = name_at_address(settings["DIMSE_ALLOWED_PEERS"])
     received: dict[int, list[Stored]] = {}
-    handlers = [(evt.EVT_REQUESTED, _on_requested, [allowed, ae.ae_title.strip()]),
-                (evt.EVT_C_STORE, _on_store, [archive, received]),
-                (evt.EVT_RELEASED, _on_end, [archive, received]),
-                (evt.EVT_ABORTED, _on_end, [archive, received])]
+    handlers: list[evt.EventHandlerType] = [
+        (evt.EVT_REQUESTED, _on_requested, [allowed, ae.ae_title.strip()]),
+        (evt.EVT_C_STORE, _on_store, [archive, received]),
+        (evt.EVT_RELEASED, _on_end, [archive, received]),
+        (evt.EVT_ABORTED, _on_end, [archive, received])]
     address = (settings["DIMSE_HOST"], settings["DIMSE_PORT"])
     server: ThreadedAssociationServer | None = ae.start_server(
         address, block=block, evt_handlers=handlers, ssl_context=server_context(

@@ -439,9 +439,9 @@ class Archive:
     def headers(self, sop_instance_uids: list[str]) -> list[dict[str, Any]]:
         """Headers of several instances (made and kept where missing)."""
         with self.database.new_session() as session:
-            known = dict(session.execute(select(Instance.sop_instance_uid, Instance.header)
-                                         .where(Instance.sop_instance_uid.in_(
-                                             sop_instance_uids))).all())
+            known: dict[str, dict[str, Any] | None] = dict(session.execute(
+                select(Instance.sop_instance_uid, Instance.header)
+                .where(Instance.sop_instance_uid.in_(sop_instance_uids))).all())
         return [known.get(uid) or self.header(uid) for uid in sop_instance_uids]
 
     def verify(self) -> Iterator[tuple[str, str | None]]:

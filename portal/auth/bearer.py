@@ -179,7 +179,7 @@ def token_claims() -> dict[str, Any] | None:
 def challenge() -> WWWAuthenticate:
     """The ``Bearer`` challenge of a 401: with RFC 6750 ``invalid_token`` and the reason
     when this request's bearer token was refused."""
-    params = {"realm": "portal"}
+    params: dict[str, str | None] = {"realm": "portal"}
     reason = g.get("bearer_refusal")
     if reason:
         params.update(error="invalid_token", error_description=reason)

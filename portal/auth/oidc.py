@@ -71,7 +71,8 @@ def init_app(app: Flask) -> None:
 def multi_factor(claims: Mapping[str, Any]) -> bool:
     """True when the claims' ``acr`` or ``amr`` names one of OIDC_MFA_VALUES (none set: False)."""
     wanted = set(current_app.config["PORTAL"]["OIDC_MFA_VALUES"])
-    methods = claims.get("amr") if isinstance(claims.get("amr"), list) else []
+    amr = claims.get("amr")
+    methods: list[Any] = amr if isinstance(amr, list) else []
     return bool(wanted) and (str(claims.get("acr", "")) in wanted
                              or bool(wanted & {str(m) for m in methods}))
 

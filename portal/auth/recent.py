@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from flask import Response, current_app, flash, jsonify, redirect, request, session, url_for
 from werkzeug.datastructures import WWWAuthenticate
+from werkzeug.wrappers import Response as BaseResponse
 
 from portal.access.principal import current_principal
 from portal.auth import bearer, oidc
@@ -53,8 +54,9 @@ def bearer_sign_in_problem() -> str | None:
 def insufficient_user_authentication(reason: str) -> Response:
     """The 401 that asks a bearer client for a more recent or stronger sign-in (RFC 9470)."""
     settings = current_app.config["PORTAL"]
-    params = {"realm": "portal", "error": "insufficient_user_authentication",
-              "error_description": reason, "max_age": str(settings["RECENT_AUTH_MINUTES"] * 60)}
+    params: dict[str, str | None] = {
+        "realm": "portal", "error": "insufficient_user_authentication",
+        "error_description": reason, "max_age": str(settings["RECENT_AUTH_MINUTES"] * 60)}
     if settings["OIDC_MFA_VALUES"]:
         params["acr_values"] = " ".join(settings["OIDC_MFA_VALUES"])
     response = jsonify(error=reason, status=401)
@@ -63,7 +65,7 @@ def insufficient_user_authentication(reason: str) -> Response:
     return response
 
 
-def require_recent_sign_in(fallback_endpoint: str) -> Response | None:
+def require_recent_sign_in(fallback_endpoint: str) -> BaseResponse | None:
     """None when the session's sign-in is recent and strong enough, else a redirect that
     signs in again and comes back to the page the form was on (for a bearer token: None or
     the 401 of ``insufficient_user_authentication``)."""

@@ -17,6 +17,7 @@ from flask import (
     url_for,
 )
 from werkzeug.exceptions import BadRequest
+from werkzeug.wrappers import Response as BaseResponse
 
 from portal.access import audit
 from portal.access.invitations import invitation_digest, redeem_invitation
@@ -65,7 +66,7 @@ def login() -> Response:
 
 @bp.get("/callback")
 @public
-def callback() -> Response:
+def callback() -> BaseResponse:
     """Validate the provider's answer, start a fresh session, go where the user was going."""
     settings = current_app.config["PORTAL"]
     try:
@@ -124,7 +125,7 @@ def invitation() -> str:
 
 @bp.post("/logout")
 @public
-def logout() -> Response:
+def logout() -> BaseResponse:
     """End the session here and, when the provider supports it, there too."""
     principal = current_principal()
     id_token = session.get("id_token")

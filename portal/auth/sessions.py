@@ -124,12 +124,12 @@ class DatabaseSessionInterface(SessionInterface):
             return
         if session.modified or now - session.last_seen_at >= _TOUCH_EVERY:
             with database.write_transaction() as db:
-                row = db.get(UserSession, session.row_id)
-                if row is None:
+                stored = db.get(UserSession, session.row_id)
+                if stored is None:
                     return
-                row.last_seen_at = now
+                stored.last_seen_at = now
                 if session.modified:
-                    row.data = dict(session)
+                    stored.data = dict(session)
 
     def should_set_cookie(self, app: Flask, session: SessionMixin) -> bool:
         """Cookies are set explicitly in ``save_session``."""

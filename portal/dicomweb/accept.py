@@ -35,7 +35,9 @@ class MediaRange:
 
 def _split(text: str, separator: str) -> list[str]:
     """Split on ``separator`` outside double quotes."""
-    items, current, quoted = [], [], False
+    items: list[str] = []
+    current: list[str] = []
+    quoted = False
     for char in text:
         if char == '"':
             quoted = not quoted

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from sqlalchemy import Select, and_, exists, func, or_, select
+from sqlalchemy import Row, Select, and_, exists, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -144,8 +144,8 @@ def _text_match(column: Any, value: str, insensitive: bool) -> ColumnElement[boo
     target = func.lower(column) if insensitive else column
     needle = value.lower() if insensitive else value
     if "*" in needle or "?" in needle:
-        return target.like(_like_pattern(needle), escape="\\")  # type: ignore[no-any-return]
-    return target == needle  # type: ignore[no-any-return]
+        return target.like(_like_pattern(needle), escape="\\")
+    return target == needle
 
 
 def _range(column: Any, value: str, valid: Callable[[str], bool], what: str,
@@ -212,9 +212,9 @@ def _condition(key: Key, value: str, fuzzy: bool = False) -> ColumnElement[bool]
         # too, which the subquery would otherwise correlate away (no FROM left, a 500).
         other = aliased(Series)
         if len(wanted) == 1 and ("*" in value or "?" in value):
-            return exists().where(other.study_fk == Study.id,  # type: ignore[no-any-return]
+            return exists().where(other.study_fk == Study.id,
                                   _text_match(other.modality, wanted[0], insensitive=False))
-        return exists().where(other.study_fk == Study.id,  # type: ignore[no-any-return]
+        return exists().where(other.study_fk == Study.id,
                               other.modality.in_(wanted))
     return _text_match(key.column, value, insensitive=False)
 
@@ -232,7 +232,7 @@ class Query:
     fuzzy: bool = False
     capped: bool = True  # no limit, or one above the server's maximum: warn when cut
 
-    def trim(self, rows: list[Any]) -> list[Any]:
+    def trim(self, rows: Sequence[Row[*tuple[Any, ...]]]) -> Sequence[Row[*tuple[Any, ...]]]:
         """The rows to answer; warn when the server's maximum cut the results short
         (PS3.18 8.3.4.4: the client can ask for the rest with ``offset``)."""
         if self.capped and len(rows) > self.limit:
@@ -286,8 +286,9 @@ def parse_query(args: Mapping[str, Sequence[str]], level: Level) -> Query:
 
 
 def build_select(level: Level, query: Query, visible: ColumnElement[bool],
-                 scope: Sequence[ColumnElement[bool]] = ()) -> Select[Any]:
+                 scope: Sequence[ColumnElement[bool]] = ()) -> Select[*tuple[Any, ...]]:
     """The SQL for a search at ``level``, restricted to what the principal may see."""
+    stmt: Select[*tuple[Any, ...]]
     if level == "study":
         stmt = select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
         order: list[Any] = [Study.study_date.desc(), Study.study_time.desc(), Study.id.desc()]

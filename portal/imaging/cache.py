@@ -11,7 +11,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from flask import Flask, current_app
 
@@ -184,8 +184,9 @@ def render_in_series(stored: StoredFile, index: int, rendition: Rendition,
     known, window = _known_series_window(middle)
     if known:
         return render(stored, index, rendition, window)
-    body, window = run_isolated(render_with_window, stored, index, rendition, _max_pixels(),
-                             middle)
+    # What render_with_window returns; the isolated pool hands back whatever it returned.
+    body, window = cast(tuple[bytes, Window | None], run_isolated(
+        render_with_window, stored, index, rendition, _max_pixels(), middle))
     _remember_series_window(middle, window)
     return body
 

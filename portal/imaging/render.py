@@ -21,7 +21,10 @@ import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
+
+# From the defining modules: pydicom.pixels re-exports these without declaring them public.
+from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
+from pydicom.pixels.utils import pixel_array
 
 from portal.imaging.rendition import Rendition, Window
 
@@ -295,6 +298,7 @@ def window_to_8bit(values: np.ndarray, window: Window) -> np.ndarray:
     """Apply a VOI window (PS3.3 C.11.2.1.2-3) and map to 0..255."""
     c, w = window.center, window.width
     x = values.astype(np.float32, copy=False)
+    out: np.ndarray
     if window.function == "sigmoid":
         out = 255.0 / (1.0 + np.exp(-4.0 * (x - c) / w))
     elif window.function == "linear_exact":
@@ -302,7 +306,7 @@ def window_to_8bit(values: np.ndarray, window: Window) -> np.ndarray:
     else:
         width = max(w - 1.0, 1.0)
         out = ((x - (c - 0.5)) / width + 0.5) * 255.0
-    return np.clip(out, 0, 255).astype(np.uint8)
+    return out.clip(0, 255).astype(np.uint8)
 
 
 def robust_window(values: np.ndarray) -> Window:
@@ -400,7 +404,7 @@ def to_display(frame: Frame, ds: Dataset, rendition: Rendition,
             and "VOILUTSequence" in ds:
         lut = apply_voi_lut(values, ds, index=0)
         top = float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
-        out = np.clip(lut.astype(np.float32) / max(top, 1.0) * 255.0, 0, 255)
+        out: np.ndarray = np.clip(lut.astype(np.float32) / max(top, 1.0) * 255.0, 0, 255)
         grey = out.astype(np.uint8)
         return 255 - grey if invert else grey
     grey = window_to_8bit(values, window or robust_window(values))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.pixels import apply_modality_lut
+from pydicom.pixels.processing import apply_modality_lut
 
 from portal.imaging.render import (
     MAX_RENDER_PIXELS,

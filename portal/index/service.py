@@ -167,7 +167,7 @@ def add_instance(session: Session, ds: Dataset, *, sop_class_uid: str, sop_insta
         image_position_patient=_floats(ds, "ImagePositionPatient"),
         image_orientation_patient=_floats(ds, "ImageOrientationPatient"),
         pixel_spacing=_floats(ds, "PixelSpacing"),
-        slice_thickness=(_floats(ds, "SliceThickness") or [None])[0],
+        slice_thickness=next(iter(_floats(ds, "SliceThickness") or []), None),
         header=None))
     # Counters move with SQL increments so concurrent writers never lose one.
     session.execute(update(Series).where(Series.id == series_id)

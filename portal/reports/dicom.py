@@ -17,7 +17,7 @@ import io
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import pydicom
 from flask import current_app
@@ -117,13 +117,22 @@ def _verified(ds: Dataset) -> tuple[str, str, datetime | None]:
     return ("final" if final else "preliminary"), author, when
 
 
+class _ReportKeys(TypedDict):
+    """What identifies a report and its study, the same for an SR and a PDF."""
+
+    source_id: str
+    study_instance_uid: str
+    accession_number: str
+    patient_id: str
+
+
 def report_from_dataset(ds: Dataset) -> IncomingReport:
     """An IncomingReport from an SR or an Encapsulated PDF; ReportError otherwise."""
     sop_class = str(ds.get("SOPClassUID", ""))
-    common = {"source_id": str(ds.get("SOPInstanceUID", "")),
-              "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
-              "accession_number": str(ds.get("AccessionNumber", "")),
-              "patient_id": str(ds.get("PatientID", ""))}
+    common: _ReportKeys = {"source_id": str(ds.get("SOPInstanceUID", "")),
+                           "study_instance_uid": str(ds.get("StudyInstanceUID", "")),
+                           "accession_number": str(ds.get("AccessionNumber", "")),
+                           "patient_id": str(ds.get("PatientID", ""))}
     if sop_class == ENCAPSULATED_PDF:
         if str(ds.get("MIMETypeOfEncapsulatedDocument", "")).lower() != "application/pdf":
             raise ReportError("the encapsulated document is not a PDF")

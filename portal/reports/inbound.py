@@ -41,6 +41,7 @@ from portal.reports.service import (
     IncomingOrder,
     IncomingReport,
     ReportError,
+    order_column_length,
     receive_order,
     record_identity_alert,
     store_report,
@@ -239,7 +240,7 @@ def _audit_received(session: Session, message: hl7.Message, peer_address: str,
 
 def _limited(column: str, value: str) -> str:
     """``value`` cut to the length of an Order column, as ``receive_order`` stores it."""
-    return value[:Order.__table__.c[column].type.length or 64]
+    return value[:order_column_length(column)]
 
 
 def _order_audience(session: Session, incoming: IncomingOrder) -> tuple[list[User], list[int]]:

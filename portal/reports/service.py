@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from flask import current_app
-from sqlalchemy import and_, exists, false, or_, select
+from sqlalchemy import String, and_, exists, false, or_, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -269,6 +269,12 @@ def store_report(session: Session, incoming: IncomingReport) -> Received:
                     or status == "amended", True)
 
 
+def order_column_length(name: str) -> int:
+    """The length of an Order text column (64 when it has none), what a value is cut to."""
+    kind = Order.__table__.c[name].type
+    return (kind.length if isinstance(kind, String) else None) or 64
+
+
 def receive_order(session: Session, incoming: IncomingOrder) -> Order:
     """Create or update an order (matched by filler, then placer order number, then
     accession number)."""
@@ -291,8 +297,7 @@ def receive_order(session: Session, incoming: IncomingOrder) -> Order:
                  "ordering_provider", "ordering_provider_key", "location"):
         value = getattr(incoming, name)
         if value:
-            limit = Order.__table__.c[name].type.length or 64
-            setattr(order, name, value[:limit])
+            setattr(order, name, value[:order_column_length(name)])
     if incoming.status is not None:
         if incoming.status not in ORDER_STATUSES:
             raise ReportError(f"unknown order status {incoming.status!r}")

@@ -32,8 +32,8 @@ def _upsert(session: Session, key: str, start: int, add: int) -> int:
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
-    statement = insert(RateLimitCount).values(key=key, window_start=start, hits=add)
-    statement = statement.on_conflict_do_update(
+    statement = insert(RateLimitCount).values(
+        key=key, window_start=start, hits=add).on_conflict_do_update(
         index_elements=[RateLimitCount.key, RateLimitCount.window_start],
         set_={"hits": RateLimitCount.hits + add}).returning(RateLimitCount.hits)
     return int(session.execute(statement).scalar_one())

@@ -13,6 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Literal
 from urllib.parse import urlsplit
 
 from flask import (
@@ -30,6 +31,7 @@ from flask import (
 )
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
+from werkzeug.wrappers import Response as BaseResponse
 
 from portal.access import audit
 from portal.access.policy import (
@@ -100,7 +102,7 @@ def _visitor() -> Principal | None:
     return principal if principal is not None and principal.kind == "share" else None
 
 
-def _recent_sign_in() -> Response | None:
+def _recent_sign_in() -> BaseResponse | None:
     """Creating and revoking links need a recent, strong sign-in (SECURITY.md 8)."""
     return require_recent_sign_in("sharing.my_links")
 
@@ -112,7 +114,7 @@ def within_creation_limit(principal: Principal) -> bool:
     # failed creation then takes its count back with it.
     return rate_limiter().hit(f"share-create:{principal.id}",
                               limit=current_app.config["PORTAL"]["SHARE_CREATE_PER_HOUR"],
-                              window=3600, session=db.session())
+                              window=3600, session=db.session)
 
 
 def unavailable() -> Response:
@@ -175,7 +177,7 @@ def _guessing_alert(what: str) -> None:
 
 @bp.post("/s/exchange")
 @public
-def exchange() -> Response:
+def exchange() -> BaseResponse:
     """Exchange the token (and PIN) for a share session, then leave the token behind."""
     settings = current_app.config["PORTAL"]
     limiter, everyone = rate_limiter(), settings["SHARE_FAILED_OPENINGS"]
@@ -268,7 +270,7 @@ def shared_accesses() -> Response | str:
 @bp.post("/shared/close")
 @share_visible
 @public
-def close() -> Response:
+def close() -> BaseResponse:
     """End the share session on this device (the link itself still works)."""
     token = request.cookies.get(cookie_name(current_app), "")
     if token:
@@ -315,7 +317,7 @@ def claim() -> Response | str:
 
 
 @bp.post("/shared/claim")
-def accept_claim() -> Response:
+def accept_claim() -> BaseResponse:
     """Give the signed-in colleague a grant on the link's studies (audited)."""
     user = _user()
     visit = current_visit("claim")
@@ -366,7 +368,7 @@ def share_form(study_uid: str) -> str:
 
 
 @bp.post("/studies/<study_uid>/share")
-def create(study_uid: str) -> Response | str:
+def create(study_uid: str) -> BaseResponse | str:
     """Make the link and show it (with its PIN and QR code) once."""
     principal = _user()
     require_study(db.session, principal, study_uid)
@@ -379,7 +381,8 @@ def create(study_uid: str) -> Response | str:
                 "sharing.share_form", study_uid=study_uid))
         return again
     form = request.form
-    audience = "physician" if form.get("audience") == "physician" else "patient"
+    audience: Literal["patient", "physician"] = \
+        "physician" if form.get("audience") == "physician" else "patient"
     try:
         made = service.create_share(
             db.session, principal, share_policy(), study_uid=study_uid,
@@ -490,7 +493,7 @@ def link_detail(public_id: str) -> str:
 
 @bp.post("/shares/<public_id>/revoke")
     # A patient is told who opened his link, not where from (as on the visitor's page).
-def revoke(public_id: str) -> Response:
+def revoke(public_id: str) -> BaseResponse:
     """Revoke one link; open share sessions end at once."""
     principal = _user()
     again = _recent_sign_in()
@@ -506,7 +509,7 @@ def revoke(public_id: str) -> Response:
 
 
 @bp.post("/shares/revoke-all")
-def revoke_all() -> Response:
+def revoke_all() -> BaseResponse:
     """Revoke every link of a study, or of the study's patient."""
     principal = _user()
     again = _recent_sign_in()

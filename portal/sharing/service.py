@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from portal.access import audit
@@ -246,7 +246,7 @@ def check_own_secret(link: ShareLink, token: str, pin: str | None,
 
 # -- who may manage which links -----------------------------------------------------------------
 
-def manageable_links(actor: Principal) -> Any:
+def manageable_links(actor: Principal) -> Select[ShareLink]:
     """Links the actor may see and revoke: his own; every link for office managers."""
     stmt = select(ShareLink).options(selectinload(ShareLink.studies))
     if actor.kind == "user" and actor.has_role("office_manager"):

@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, current_app, g, request
 from sqlalchemy import delete, select, update
+from werkzeug.wrappers import Response as BaseResponse
 
 from portal.access.principal import Principal
 from portal.db import Database, utcnow
@@ -83,7 +84,7 @@ def cookie_name(app: Flask) -> str:
     return "__Host-share" if app.config["SESSION_COOKIE_SECURE"] else "share"
 
 
-def set_share_cookie(response: Response, token: str, lifetime: timedelta) -> None:
+def set_share_cookie(response: BaseResponse, token: str, lifetime: timedelta) -> None:
     """HttpOnly, SameSite=Strict, host-only, Secure where the portal is served over TLS."""
     app = current_app
     response.set_cookie(cookie_name(app), token, max_age=int(lifetime.total_seconds()),
@@ -91,7 +92,7 @@ def set_share_cookie(response: Response, token: str, lifetime: timedelta) -> Non
                         httponly=True, samesite="Strict")
 
 
-def clear_share_cookie(response: Response) -> None:
+def clear_share_cookie(response: BaseResponse) -> None:
     """Remove the share cookie from the browser."""
     app = current_app
     response.delete_cookie(cookie_name(app), path="/",

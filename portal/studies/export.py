@@ -20,6 +20,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.fileset import FileSet
+from pydicom.uid import UID
 
 from portal.index.models import Instance, Study
 
@@ -73,9 +74,9 @@ def _header_dataset(instance: Instance, header: dict[str, Any]) -> Dataset:
              if isinstance(element, dict) and "BulkDataURI" not in element}
     ds = Dataset.from_json(clean)
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = instance.sop_class_uid
-    ds.file_meta.MediaStorageSOPInstanceUID = instance.sop_instance_uid
-    ds.file_meta.TransferSyntaxUID = instance.transfer_syntax_uid
+    ds.file_meta.MediaStorageSOPClassUID = UID(instance.sop_class_uid)
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(instance.sop_instance_uid)
+    ds.file_meta.TransferSyntaxUID = UID(instance.transfer_syntax_uid)
     ds.SOPClassUID, ds.SOPInstanceUID = instance.sop_class_uid, instance.sop_instance_uid
     if "InstanceNumber" not in ds:  # Type 1 in IMAGE records; the index keeps an order
         ds.InstanceNumber = instance.instance_number or 0
@@ -101,7 +102,7 @@ def dicomdir_entries(instances: list[Instance], headers: list[dict[str, Any]]
         fileset.write(folder)
         with open(os.path.join(folder, "DICOMDIR"), "rb") as handle:
             dicomdir = handle.read()
-        ids = {item.SOPInstanceUID: str(item.FileID).replace("\\", "/") for item in fileset}
+        ids = {str(item.SOPInstanceUID): str(item.FileID).replace("\\", "/") for item in fileset}
     return dicomdir, ids
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from flask import Blueprint, Response, abort, redirect, render_template, request, url_for
+from flask import Blueprint, abort, redirect, render_template, request, url_for
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
+from werkzeug.wrappers import Response as BaseResponse
 
 from portal.access import audit
 from portal.access.models import AuditEvent, User
@@ -228,7 +229,7 @@ def links() -> str:
 
 
 @bp.get("/my")
-def my_home() -> Response:
+def my_home() -> BaseResponse:
     """The patient's start: his scans."""
     _patient()
     return redirect(url_for("studies.study_list"))

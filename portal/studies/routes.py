@@ -18,6 +18,7 @@ from flask import (
     stream_with_context,
     url_for,
 )
+from werkzeug.wrappers import Response as BaseResponse
 
 from portal.access import audit
 from portal.access.policy import (
@@ -83,7 +84,7 @@ def home() -> str:
 SEARCHES_KEPT = 8  # recent search texts kept in the (server-side) session
 
 
-def _search_redirect(text: str, source: Any) -> Response:
+def _search_redirect(text: str, source: Any) -> BaseResponse:
     """Keep the search text (a patient's name, ID or accession number) in the session and
     send the browser to a URL that names it only by an opaque key, so it is in no address
     bar, history, bookmark, Referer or proxy log (SECURITY.md 28)."""
@@ -100,7 +101,7 @@ def _search_redirect(text: str, source: Any) -> Response:
 
 
 @bp.route("/studies", methods=["GET", "POST"])
-def study_list() -> str | Response:
+def study_list() -> str | BaseResponse:
     """The studies this person may see, newest first, with search."""
     principal = _principal()
     if is_patient_user(principal):
