@@ -1,0 +1,59 @@
+"""The layer rules `make check` enforces (import-linter contracts in pyproject.toml): they hold
+on the code as it is, and each one fails when a module takes a forbidden import."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
+
+CONTRACT_NAMES = {
+    "no-routes-below-faces": "imaging, archive and index never import routes",
+    "index-alone": "index never imports the archive, imaging, access or a face",
+    "image-path-layers": "imaging above archive above index",
+    "outer-faces": "nothing below the console and the API imports them",
+}
+
+
+def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    """Run import-linter on the tree at ``root`` with its pyproject.toml, no cache."""
+    return subprocess.run([str(LINT_IMPORTS), "--no-logo", "--no-cache"], cwd=root,
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_every_contract_is_kept_by_the_code() -> None:
+    result = _lint_imports(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in CONTRACT_NAMES.values():
+        assert f"{name} KEPT" in result.stdout
+    assert f"Contracts: {len(CONTRACT_NAMES)} kept, 0 broken." in result.stdout
+
+
+@pytest.mark.parametrize(("contract", "module", "forbidden"), [
+    ("no-routes-below-faces", "portal/imaging/presets.py", "portal.studies.routes"),
+    ("no-routes-below-faces", "portal/archive/store.py", "portal.health"),
+    ("no-routes-below-faces", "portal/index/service.py", "portal.studies.patients"),
+    ("index-alone", "portal/index/service.py", "portal.access.audit"),
+    ("index-alone", "portal/index/models.py", "portal.archive.store"),
+    ("image-path-layers", "portal/archive/store.py", "portal.imaging.render"),
+    ("outer-faces", "portal/access/audit.py", "portal.admin.console"),
+    ("outer-faces", "portal/sharing/delivery.py", "portal.api.openapi"),
+])
+def test_a_forbidden_import_breaks_its_contract(tmp_path: Path, contract: str, module: str,
+                                                forbidden: str) -> None:
+    """A copy of the package with one import added: that contract (at least) is broken."""
+    shutil.copytree(REPO / "portal", tmp_path / "portal",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    with (tmp_path / module).open("a") as source:
+        source.write(f"\n\ndef _probe() -> None:\n    import {forbidden}  # noqa: F401\n")
+    result = _lint_imports(tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{CONTRACT_NAMES[contract]} BROKEN" in result.stdout
+    assert forbidden in result.stdout
