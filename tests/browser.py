@@ -16,15 +16,52 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
 PHONES = ("iPhone 13", "Pixel 7")
 
 
+# One Playwright driver and one Chromium for the whole test session: Playwright's sync API
+# refuses a second driver while one runs in the same thread, and a launch costs seconds on a
+# loaded machine. Tests make their own contexts; `chromium()` closes the ones it saw made.
+_shared: tuple[Playwright, Browser] | None = None
+
+
+def _launched() -> tuple[Playwright, Browser]:
+    global _shared
+    if _shared is not None and not _shared[1].is_connected():  # crashed: start another
+        _shared[0].stop()
+        _shared = None
+    if _shared is None:
+        playwright = sync_playwright().start()
+        try:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS,
+                                                 headless=True)
+        except BaseException:
+            playwright.stop()
+            raise
+        _shared = (playwright, browser)
+    return _shared
+
+
+def close_shared() -> None:
+    """Stop the session's Chromium and driver (from pytest_sessionfinish)."""
+    global _shared
+    if _shared is not None:
+        playwright, browser = _shared
+        _shared = None
+        try:
+            browser.close()
+        finally:
+            playwright.stop()
+
+
 @contextmanager
 def chromium() -> Iterator[tuple[Playwright, Browser]]:
-    """A headless Debian Chromium."""
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        try:
-            yield playwright, browser
-        finally:
-            browser.close()
+    """The session's headless Debian Chromium; contexts made inside are closed after."""
+    playwright, browser = _launched()
+    before = set(browser.contexts)
+    try:
+        yield playwright, browser
+    finally:
+        for context in browser.contexts:
+            if context not in before:
+                context.close()
 
 
 def loopback_only(context: BrowserContext) -> None:

@@ -437,3 +437,10 @@ def no_leaked_flask_context(request: pytest.FixtureRequest) -> Iterator[None]:
     if has_app_context():
         pytest.fail(f"{request.node.nodeid} left a Flask context pushed "
                     "(a streamed response not read or closed)", pytrace=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Stop the one Chromium the browser tests share (tests/browser.py)."""
+    from tests.browser import close_shared
+
+    close_shared()
