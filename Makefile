@@ -60,6 +60,7 @@ bench: system-deps install
 	@command -v wrk >/dev/null || ($(SUDO) apt-get install -y -qq wrk || true)
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/render.py
+	$(BIN)/python benchmarks/console_search.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

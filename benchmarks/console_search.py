@@ -21,7 +21,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 QUERIES = {"name": "mill jo", "surname": "smith", "patient id": "P0012",
-           "accession": "A00077", "date range": "", "modality": ""}
+           "accession": "A00077", "date range": "", "modality": "",
+           # the extremes of a text search: nothing matches, or almost everything does
+           "no match": "zzq", "digit 1": "1"}
 
 
 def _fill(connection: object, studies: int) -> None:
@@ -109,7 +111,9 @@ def main() -> int:
         searches = {**{k: StudySearch(text=v) for k, v in QUERIES.items() if v},
                     "date range": StudySearch(date_from="2020-03-01", date_to="2020-03-31"),
                     "modality": StudySearch(modality="MR"),
-                    "name, page 3": StudySearch(text="smith", page=3)}
+                    "name, page 3": StudySearch(text="smith", page=3),
+                    "name + dates": StudySearch(text="smith", date_from="2020-03-01",
+                                                date_to="2020-03-31")}
         with app.app_context(), database.new_session() as session:
             principal = user_principal(session.get(User, manager_id), "session")
             print(f"{'query':<14} {'rows':>4} {'p50 ms':>7} {'p95 ms':>7}")
