@@ -166,6 +166,7 @@ def test_every_shipped_sample_comes_back_byte_identical(app: Flask, live_server:
     session = requests.Session()
     session.auth = (name, secret)
     compared = 0
+    first: dict[str, bytes] = {}  # SOP Instance UID -> the bytes stored for it first
     for path in sample_paths():
         data = path.read_bytes()
         boundary = "sample-boundary"
@@ -189,6 +190,9 @@ def test_every_shipped_sample_comes_back_byte_identical(app: Flask, live_server:
         # Byte-identical, except that an executable-looking preamble comes back zeroed.
         kept = not any(data[:128]) or data.startswith(b"II*\x00")
         expected = data if kept else bytes(128) + data[128:]
+        # Some samples are one instance in several transfer syntaxes (OBXXXX1A and its RLE
+        # copy): the later one is "already stored" and the first one's bytes come back.
+        expected = first.setdefault(ds.SOPInstanceUID, expected)
         assert expected in again.content, path.name
         assert raw.SOPInstanceUID == ds.SOPInstanceUID
         compared += 1
