@@ -55,6 +55,15 @@ from portal.studies.service import MODALITIES, StudySearch
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 
 
+@bp.app_template_global("page_args")
+def page_args(page: int) -> dict[str, Any]:
+    """This page's query with another page number, for the pager's links. Names starting
+    with "_" are dropped: url_for would obey ``_external``, ``_scheme`` (a ``javascript:``
+    link) and ``_anchor`` taken from the address bar."""
+    kept = {k: v for k, v in request.args.items() if not k.startswith("_")}
+    return {**(request.view_args or {}), **kept, "page": page}
+
+
 def _manager() -> Principal:
     return require_role(current_principal(), "office_manager")
 
@@ -438,6 +447,9 @@ def shares() -> str:
                            show=show)
 
 
+AUDIT_FILTERS = ("patient", "from", "to", "who", "event", "failed", "study", "sort")
+
+
 def _audit_filter() -> tuple[Any, dict[str, Any]]:
     """The records the console's filters ask for, and what to show about the filters."""
     args = request.args
@@ -466,8 +478,10 @@ def audit_trail() -> str:
     condition, shown = _audit_filter()
     events, more = console.audit_page(db.session, condition, _page(),
                                       oldest_first=request.args.get("sort") == "oldest")
+    # Only the filters go on to links: url_for would also obey _external, _scheme, _anchor.
+    args = {k: v for k, v in request.args.items() if k in AUDIT_FILTERS}
     return render_template("admin/audit.html", rows=console.audit_rows(db.session, events),
-                           more=more, page=_page(), args=request.args, **shown)
+                           more=more, page=_page(), args=args, **shown)
 
 
 @bp.get("/audit.csv")

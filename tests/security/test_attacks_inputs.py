@@ -117,6 +117,12 @@ def test_audit_page_links_carry_only_the_filters(oidc_app: Flask,
     assert links and all(link.startswith("/admin/audit.csv") for link in links), links
     assert "_external" not in links[0] and "_anchor" not in links[0] and "#" not in links[0]
     assert manager.get("/admin/audit?endpoint=x").status_code == 200
+    # The pager's links too (page 2 has a "Newer" link back): never javascript: or absolute.
+    paged = manager.get("/admin/audit?page=2&_external=1&_scheme=javascript&_anchor=x"
+                        "&who=%0Aalert(1)").get_data(as_text=True)
+    pager = re.findall(r'href="([^"]*)"[^>]*>(?:Newer|More)<', paged)
+    assert pager and all(link.startswith("/admin/audit?") and "#" not in link
+                         for link in pager), pager
 
 
 def test_audit_export_neutralises_formulas_in_every_text_column(
