@@ -76,10 +76,10 @@ def report_pdf_view(study_uid: str, report_id: int) -> Response:
                  study_instance_uid=study.study_instance_uid,
                  patient_id=study.patient.patient_id, details={"report": report.id})
     body = report.pdf or report_pdf(report, study)
-    return Response(body, mimetype="application/pdf", headers={
-        "Content-Disposition": f'inline; filename="{_download_name(report)}"',
     # Inline: a phone opens it in its PDF viewer instead of a download (issue 13 item 6).
     # Never HTML, and sandboxed, so a PDF's own scripts or links reach nothing of the portal.
+    return Response(body, mimetype="application/pdf", headers={
+        "Content-Disposition": f'inline; filename="{_download_name(report)}"',
         "X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox",
         "Cache-Control": "private, no-store"})
 

@@ -486,13 +486,13 @@ def link_detail(public_id: str) -> str:
         link = service.get_link(db.session, principal, public_id)
     except service.ShareError:
         abort(404)
+    # A patient is told who opened his link, not where from (as on the visitor's page).
     return render_template("sharing/link.html", link=link, state=service.link_state(link),
                            rows=service.accesses(db.session, link,
                                                  others_addresses=not is_patient_user(principal)))
 
 
 @bp.post("/shares/<public_id>/revoke")
-    # A patient is told who opened his link, not where from (as on the visitor's page).
 def revoke(public_id: str) -> BaseResponse:
     """Revoke one link; open share sessions end at once."""
     principal = _user()
