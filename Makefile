@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Real peers the tests talk to (DESIGN.md, "Real components").
+# Real peers the tests talk to (docs/architecture.md, "Real components").
 APT_PACKAGES := redis-server orthanc orthanc-dicomweb dcmtk chromium postgresql gcc unzip 7zip
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
