@@ -141,7 +141,8 @@ SETTINGS: tuple[Setting, ...] = (
             "PEM CA bundle: when set, HL7 senders must present a certificate it signed"),
     Setting("REPORT_PATIENT_DELAY_HOURS", int, 0,
             "hours after a report is final before patients may read it (rules may add)"),
-    # Share links (SECURITY.md 13-22): lifetimes can be lowered here, never raised past 30 days.
+    # Share links (docs/security.md 13-22): lifetimes can be lowered here, never raised
+    # past 30 days.
     Setting("SHARE_DEFAULT_DAYS", int, 7, "lifetime of a share link unless the sender picks one"),
     Setting("SHARE_MAX_DAYS", int, 30, "longest lifetime a sender may pick (at most 30)"),
     Setting("SHARE_PIN_DIGITS", int, 6, "digits of a share-link PIN (6 to 10)"),
@@ -293,7 +294,7 @@ def _loopback(host: str | None) -> bool:
 
 
 def _check_back_channels(config: dict[str, Any]) -> None:
-    """Production talks to other machines only over TLS (SECURITY.md 46): https for the
+    """Production talks to other machines only over TLS (docs/security.md 46): https for the
     identity provider and the archive, rediss:// for Redis, sslmode=require or stronger for
     PostgreSQL, tls:// for the audit repository. Loopback addresses are exempt."""
     for key in ("OIDC_ISSUER", "ARCHIVE_URL", "PUBLIC_URL"):

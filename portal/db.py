@@ -92,10 +92,10 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "begin", _sqlite_begin)
         return engine
     # hide_parameters: an error message (and so a logged traceback) never carries the values
-    # of a statement: patient names, birth dates, token digests (SECURITY.md 43).
+    # of a statement: patient names, birth dates, token digests (docs/security.md 43).
     # A lock held by a stuck transaction (the audit chain's head, a share link's row) makes
     # a waiting request fail after PG_LOCK_TIMEOUT with 503 (OperationalError), instead of
-    # wedging a worker without bound (SECURITY.md (c) "DB locked / slow"). Options given in
+    # wedging a worker without bound (docs/security.md (c) "DB locked / slow"). Options given in
     # the URL are left as they are.
     connect_args = {} if "options" in make_url(url).query else {
         "options": f"-c lock_timeout={PG_LOCK_TIMEOUT}"}

@@ -73,7 +73,7 @@ def _same_origin(origin: str) -> bool:
 
 
 def check_csrf() -> None:
-    """Refuse cross-site state changes (SECURITY.md 25): Fetch Metadata, Origin, token.
+    """Refuse cross-site state changes (docs/security.md 25): Fetch Metadata, Origin, token.
 
     A request without the session cookie acts only through its own credentials (an API
     call a browser cannot forge for someone); every request with the cookie needs the token.
@@ -183,7 +183,7 @@ class TrustedProxies:
     (through werkzeug's ProxyFix, ``hops`` deep) only when the connection comes from one of the
     configured proxy addresses; from anyone else they are dropped, so a client that reaches the
     portal around its proxy cannot choose the address that is logged, audited and rate-limited
-    (SECURITY.md 45)."""
+    (docs/security.md 45)."""
 
     _HEADERS = ("HTTP_X_FORWARDED_FOR", "HTTP_X_FORWARDED_PROTO", "HTTP_X_FORWARDED_HOST",
                 "HTTP_X_FORWARDED_PORT", "HTTP_X_FORWARDED_PREFIX")

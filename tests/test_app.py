@@ -97,7 +97,7 @@ def test_trace_is_not_allowed(client: FlaskClient) -> None:
 
 
 def test_log_lines_cannot_be_forged_with_line_breaks(app: Flask) -> None:
-    """SECURITY.md 43: values with CR/LF (e.g. from DICOM or a caller) stay on one line."""
+    """docs/security.md 43: values with CR/LF (e.g. from DICOM or a caller) stay on one line."""
     import logging
 
     logger = logging.getLogger("portal.archive")
@@ -112,7 +112,7 @@ def test_log_lines_cannot_be_forged_with_line_breaks(app: Flask) -> None:
 
 
 def test_a_chunked_body_over_the_limit_is_refused(tmp_path: Path) -> None:
-    """SECURITY.md 29: a stream without Content-Length is bounded too (413), under gunicorn."""
+    """docs/security.md 29: a stream without Content-Length is bounded too (413), under gunicorn."""
     import http.client
     import os
     import subprocess

@@ -175,7 +175,7 @@ PROTECT_SQL = ("REVOKE UPDATE, DELETE, TRUNCATE ON audit_event FROM {role}",
 
 
 def protect_table(database: Database, role: str) -> None:
-    """PostgreSQL: the application's role may only add and read audit records (SECURITY.md
+    """PostgreSQL: the application's role may only add and read audit records (docs/security.md
     41); run as the table's owner. The owner must not be the role the portal runs as."""
     if database.engine is None or database.engine.dialect.name != "postgresql":
         raise ValueError("audit lock-down is for PostgreSQL (SQLite has no roles)")

@@ -239,7 +239,7 @@ _UID = re.compile(r"[0-9.]{1,64}")
 
 
 def record_refusal(principal: Principal | None, what: str, study_uid: str = "") -> None:
-    """Record a refused access in the audit trail (SECURITY.md 40).
+    """Record a refused access in the audit trail (docs/security.md 40).
 
     A missing object is recorded like a forbidden one, so neither the answer nor its timing
     tells them apart. The requested UID is kept only when it has the form of a UID; the rest
@@ -337,7 +337,7 @@ def init_app(app: Flask) -> None:
                 _share_may_reach(principal, str(request.endpoint))
             return None
         if request.headers.get("Authorization"):
-            # Credentials were sent and refused: a failed authentication (SECURITY.md 2, 40).
+            # Credentials were sent and refused: a failed authentication (docs/security.md 2, 40).
             scheme = request.headers["Authorization"].partition(" ")[0].lower()[:16]
             audit.record(db, audit.USER_AUTHENTICATION, action="E",
                          outcome=audit.OUTCOME_MINOR_FAILURE, who="unknown",

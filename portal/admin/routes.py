@@ -1,7 +1,7 @@
 """The office-manager console: people, referrer identifiers, grants, break-glass, audit.
 
 One blueprint with one guard: only office managers reach any of it. Changes need a recent
-sign-in (SECURITY.md 8); without one the browser is sent to sign in again and comes back.
+sign-in (docs/security.md 8); without one the browser is sent to sign in again and comes back.
 """
 
 from __future__ import annotations

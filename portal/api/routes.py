@@ -44,7 +44,7 @@ def _manager() -> Principal:
 @bp.before_request
 def _recent_sign_in_for_changes() -> BaseResponse | None:
     """Changes from a browser session or a bearer token need a recent, strong sign-in, as on
-    the console's pages (SECURITY.md 8); the answer names where to sign in again (for a
+    the console's pages (docs/security.md 8); the answer names where to sign in again (for a
     token, RFC 9470's challenge). Machine clients (HTTP Basic) are no people: not asked."""
     principal = current_principal()
     if request.method not in UNSAFE_METHODS or principal is None \

@@ -1,4 +1,4 @@
-"""Changes (grants, revocations, share links) need a recent, strong sign-in (SECURITY.md 8).
+"""Changes (grants, revocations, share links) need a recent, strong sign-in (docs/security.md 8).
 
 "Recent" is within PORTAL_RECENT_AUTH_MINUTES of the provider's ``auth_time``; "strong" means
 the ID token's ``acr`` or ``amr`` named one of PORTAL_OIDC_MFA_VALUES, when those are set (the

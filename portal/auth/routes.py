@@ -102,7 +102,7 @@ def callback() -> BaseResponse:
     session.user_fk = user.id  # type: ignore[attr-defined]
     session.security_epoch = user.security_epoch  # type: ignore[attr-defined]
     # A sign-in only counts as a recent strong one (for changes) when it met the
-    # multi-factor requirement, if there is one (SECURITY.md 8).
+    # multi-factor requirement, if there is one (docs/security.md 8).
     strong = identity.mfa or not settings["OIDC_MFA_VALUES"]
     session.auth_time = identity.auth_time if strong else None  # type: ignore[attr-defined]
     session.regenerate()  # type: ignore[attr-defined]

@@ -1,4 +1,4 @@
-"""Flask sessions kept in the database (OWASP Session Management; SECURITY.md 4-6).
+"""Flask sessions kept in the database (OWASP Session Management; docs/security.md 4-6).
 
 The cookie holds 256 random bits and nothing else; the server keeps the SHA-256 of it, the
 data, the idle and absolute deadlines. A new id is issued at sign-in (``regenerate``), and

@@ -193,7 +193,7 @@ AUDIT_WAIT_SECONDS = 30.0
 
 @bp.after_request
 def _reads_recorded(response: Response) -> Response:
-    """Fail closed: nothing leaves before its read record is committed (SECURITY.md 12, 40).
+    """Fail closed: nothing leaves before its read record is committed (docs/security.md 12, 40).
 
     The record is written while the images are read or rendered; here the answer waits for
     it, and becomes a 503 without any patient data when it could not be written.

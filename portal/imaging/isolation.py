@@ -1,4 +1,4 @@
-"""Decoding in separate processes with a memory cap and a time bound (SECURITY.md 32).
+"""Decoding in separate processes with a memory cap and a time bound (docs/security.md 32).
 
 A hostile or broken file can make a decoder allocate without end, loop, or crash. Rendering
 runs in a small pool of spawned processes whose address space is capped (RLIMIT_AS); a call

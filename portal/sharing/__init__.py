@@ -1,4 +1,4 @@
-"""Time-limited share links for patients and colleagues (SECURITY.md 13-22, design 3.3).
+"""Time-limited share links for patients and colleagues (docs/security.md 13-22, design 3.3).
 
 ``tokens`` makes and hashes secrets, ``service`` creates, exchanges and revokes links,
 ``sessions`` turns a share cookie into a principal, ``delivery`` sends links (e-mail, SMS, QR),

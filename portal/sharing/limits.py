@@ -1,8 +1,8 @@
 """Fixed-window rate limits: in Redis when configured, else (or while Redis is down) in the
-database, so every worker and node counts the same hits (SECURITY.md 51).
+database, so every worker and node counts the same hits (docs/security.md 51).
 
 These limits are a second line only. The count of wrong PINs that locks a link lives in the
-database, so flushing or losing Redis never resets it (SECURITY.md 20, fault table).
+database, so flushing or losing Redis never resets it (docs/security.md 20, fault table).
 """
 
 from __future__ import annotations

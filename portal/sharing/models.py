@@ -84,7 +84,7 @@ class ShareSession(Base):
 
 class RateLimitCount(Base):
     """Hits of one rate-limit key in one fixed window, where every worker and node sees them
-    (when there is no Redis, or while it is down; SECURITY.md 51)."""
+    (when there is no Redis, or while it is down; docs/security.md 51)."""
 
     __tablename__ = "rate_limit_count"
 

@@ -103,12 +103,12 @@ def _visitor() -> Principal | None:
 
 
 def _recent_sign_in() -> BaseResponse | None:
-    """Creating and revoking links need a recent, strong sign-in (SECURITY.md 8)."""
+    """Creating and revoking links need a recent, strong sign-in (docs/security.md 8)."""
     return require_recent_sign_in("sharing.my_links")
 
 
 def within_creation_limit(principal: Principal) -> bool:
-    """Count one new link of this person; False past SHARE_CREATE_PER_HOUR (SECURITY.md 22)."""
+    """Count one new link of this person; False past SHARE_CREATE_PER_HOUR (docs/security.md 22)."""
     # Counted in the request's transaction when in the database: the new link's rows are
     # already written there (a second SQLite writer would wait for it), and a refused or
     # failed creation then takes its count back with it.
@@ -118,7 +118,7 @@ def within_creation_limit(principal: Principal) -> bool:
 
 
 def unavailable() -> Response:
-    """The one answer for unknown, expired, revoked and locked links (SECURITY.md 16)."""
+    """The one answer for unknown, expired, revoked and locked links (docs/security.md 16)."""
     return Response(render_template("sharing/unavailable.html"), status=404,
                     mimetype="text/html")
 
@@ -183,7 +183,7 @@ def exchange() -> BaseResponse:
     limiter, everyone = rate_limiter(), settings["SHARE_FAILED_OPENINGS"]
     # Links are being guessed from many addresses: openings that find no open link wait.
     # A link that exists still reaches its PIN check (its own lock guards it), so guessers
-    # cannot lock every patient out (SECURITY.md 51).
+    # cannot lock every patient out (docs/security.md 51).
     crowded = limiter.count(FAILED_OPENINGS, window=600, add=0) > everyone
     mine = limiter.count(f"share-exchange:{address_key(_address())}", window=600)
     if mine > settings["SHARE_ATTEMPTS_PER_ADDRESS"]:
@@ -198,7 +198,7 @@ def exchange() -> BaseResponse:
                                      address=_address(), device=device,
                                      record_unavailable=not crowded)
     except service.LinkUnavailable:
-        if crowded:  # unknown and ended links alike (SECURITY.md 16)
+        if crowded:  # unknown and ended links alike (docs/security.md 16)
             return too_many()
         if limiter.count(FAILED_OPENINGS, window=600) == everyone + 1:
             _guessing_alert("unknown or ended links were opened from many addresses")
@@ -213,7 +213,7 @@ def exchange() -> BaseResponse:
         return Response(render_template("sharing/landing.html", token=token, message=text),
                         status=401)
     except service.LinkLocked:
-        # This attempt locked the link: its sender hears of it (SECURITY.md 20).
+        # This attempt locked the link: its sender hears of it (docs/security.md 20).
         locked = service.find_link(db, token)
         if locked is not None:
             _tell_sender(locked.public_id, delivery.locked_email)
@@ -278,7 +278,7 @@ def close() -> BaseResponse:
     response = redirect(url_for("sharing.closed"), code=303)
     clear_share_cookie(response)
     # Images the browser kept (rendered frames are cached privately) leave with the session:
-    # a phone or a family computer is often shared (SECURITY.md 5).
+    # a phone or a family computer is often shared (docs/security.md 5).
     response.headers["Clear-Site-Data"] = '"cache", "cookies", "storage"'
     return response
 

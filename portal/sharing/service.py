@@ -2,7 +2,7 @@
 
 Services take plain arguments and never read ``request``. Creating and revoking only flush
 (the handler commits); exchanging a link runs its own short write transactions, because the
-count of wrong PINs must be committed even when the request then fails (SECURITY.md 20).
+count of wrong PINs must be committed even when the request then fails (docs/security.md 20).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ class ShareError(Exception):
 
 
 class LinkUnavailable(Exception):
-    """Unknown, expired, not yet valid, revoked or locked: one answer for all (SECURITY.md 16)."""
+    """Unknown, expired, not yet valid, revoked or locked: one answer for all
+    (docs/security.md 16)."""
 
 
 class PinRequired(Exception):
@@ -65,7 +66,7 @@ class LinkLocked(Exception):
 
 @dataclass(frozen=True)
 class SharePolicy:
-    """The limits of share links, from configuration (SECURITY.md policies)."""
+    """The limits of share links, from configuration (docs/security.md policies)."""
 
     default_days: int = 7
     max_days: int = 30
@@ -340,7 +341,7 @@ def _reserve_attempt(database: Database, link: ShareLink,
     """Count one PIN attempt *before* the PIN is checked: one atomic UPDATE that never goes
     past the limit. None if the link is locked or its last allowed attempts are being checked
     right now, so however many guesses arrive at once, at most ``max_failed_pins`` of them
-    are ever compared with the PIN (SECURITY.md 20, (b) 6). A right PIN resets the count."""
+    are ever compared with the PIN (docs/security.md 20, (b) 6). A right PIN resets the count."""
     with database.write_transaction() as session:
         row = session.execute(
             update(ShareLink).where(ShareLink.id == link.id, ShareLink.locked_at.is_(None),
@@ -474,7 +475,7 @@ def claim_for_colleague(session: Session, user: Principal, link_id: int) -> list
     actor = Principal("share", link.id, "share link", share_id=link.public_id, via="share")
     uids = [s.study_instance_uid for s in link.studies]
     for uid in uids:
-        # The grant lasts as long as the sender meant the link to (SECURITY.md 15).
+        # The grant lasts as long as the sender meant the link to (docs/security.md 15).
         create_grant(session, actor, user_id=user.id, study_uid=uid,
                      expires_at=link.expires_at,
                      reason=f"colleague share link {link.public_id}")

@@ -2,9 +2,9 @@
 
 The cookie holds 256 random bits; the server keeps their SHA-256. Each request checks the
 session's idle and absolute limits and the link's state (revoked, locked, expired), read from
-the database or from this process's cache for at most ``SHARE_STATE_CACHE_SECONDS`` (SECURITY.md
-15: a revocation reaches every open viewer within ten seconds). A revocation in this process
-empties the cache at once.
+the database or from this process's cache for at most ``SHARE_STATE_CACHE_SECONDS``
+(docs/security.md 15: a revocation reaches every open viewer within ten seconds). A revocation
+in this process empties the cache at once.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ SEARCHES_KEPT = 8  # recent search texts kept in the (server-side) session
 def _search_redirect(text: str, source: Any) -> BaseResponse:
     """Keep the search text (a patient's name, ID or accession number) in the session and
     send the browser to a URL that names it only by an opaque key, so it is in no address
-    bar, history, bookmark, Referer or proxy log (SECURITY.md 28)."""
+    bar, history, bookmark, Referer or proxy log (docs/security.md 28)."""
     params = {k: source.get(k) for k in ("from", "to", "modality", "report") if source.get(k)}
     text = text.strip()[:64]
     if text:

@@ -1,4 +1,4 @@
-"""SECURITY.md 41: the audit trail goes to a separate repository (syslog over TCP, RFC 5424
+"""docs/security.md 41: the audit trail goes to a separate repository (syslog over TCP, RFC 5424
 messages in octet-counted frames), waits in the database while that repository is down and is
 then delivered once, in order; on PostgreSQL the portal's role may only add and read records."""
 

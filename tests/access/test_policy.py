@@ -1,4 +1,4 @@
-"""One access policy, obeyed by every route, for every kind of principal (SECURITY.md B)."""
+"""One access policy, obeyed by every route, for every kind of principal (docs/security.md B)."""
 
 from __future__ import annotations
 

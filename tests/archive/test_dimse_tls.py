@@ -1,4 +1,4 @@
-"""The C-STORE SCP over TLS (SECURITY.md 36, PS3.15 B.12) against DCMTK's storescu with +tls.
+"""The C-STORE SCP over TLS (docs/security.md 36, PS3.15 B.12) against DCMTK's storescu with +tls.
 
 A throwaway CA signs the SCP's and a modality's certificates. The SCP requires TLS 1.2+ and,
 with a CA configured, a client certificate signed by it; plain TCP and TLS 1.1 are refused,

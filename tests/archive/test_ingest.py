@@ -1,4 +1,5 @@
-"""Durable, idempotent, tamper-resistant storage on SQLite and PostgreSQL (SECURITY.md 37-39)."""
+"""Durable, idempotent, tamper-resistant storage on SQLite and PostgreSQL
+(docs/security.md 37-39)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bad input is refused with a clear reason before anything is stored (SECURITY.md E)."""
+"""Bad input is refused with a clear reason before anything is stored (docs/security.md E)."""
 
 from __future__ import annotations
 

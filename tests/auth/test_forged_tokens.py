@@ -1,4 +1,5 @@
-"""Forged ID tokens are refused quickly, audited, and never start a session (SECURITY.md 2, 24)."""
+"""Forged ID tokens are refused quickly, audited, and never start a session
+(docs/security.md 2, 24)."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def test_forgeries_are_refused_quickly_and_audited(forge_app: Flask, forger: For
     forger.mode = mode
     status, elapsed, client = attempt(forge_app)
     assert status == 400, mode
-    # The provider round trip is included; 10 MB take longest. SECURITY.md asks <= 100 ms
+    # The provider round trip is included; 10 MB take longest. docs/security.md asks <= 100 ms
     # for the check itself; this bound leaves room for a busy two-core test machine.
     assert elapsed < (2.0 if mode == "huge" else 0.5), (mode, elapsed)
     assert client.get("/studies").status_code == 302  # type: ignore[attr-defined]

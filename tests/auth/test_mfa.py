@@ -1,4 +1,4 @@
-"""SECURITY.md 8: changes need a recent sign-in and, when the portal is told which acr/amr
+"""docs/security.md 8: changes need a recent sign-in and, when the portal is told which acr/amr
 values mean multi-factor, one that carried them; the re-sign-in asks the provider for them."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Sign-in against a real OIDC provider: PKCE, state, nonce, sessions, logout (SECURITY.md A)."""
+"""Sign-in against a real OIDC provider: PKCE, state, nonce, sessions, logout
+(docs/security.md A)."""
 
 from __future__ import annotations
 

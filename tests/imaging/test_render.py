@@ -360,7 +360,7 @@ def test_the_render_pool_recovers_when_a_child_dies(app: Flask, client: FlaskCli
 
 
 def test_a_render_that_outlives_its_time_is_stopped_and_the_pool_goes_on() -> None:
-    """SECURITY.md 32: a call past the wall-clock limit fails alone, its process is killed
+    """docs/security.md 32: a call past the wall-clock limit fails alone, its process is killed
     and replaced; the other process of the pool was never disturbed."""
     import threading
     import time

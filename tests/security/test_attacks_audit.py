@@ -1,4 +1,4 @@
-"""Refused accesses leave a trace (SECURITY.md 40, (b) 1 and 24): a request for another
+"""Refused accesses leave a trace (docs/security.md 40, (b) 1 and 24): a request for another
 patient's object, a missing one, refused credentials and a share visitor's forbidden
 download each add one failed record to the audit trail, and the answers stay uniform.
 So does every refused upload (STOW-RS part, C-STORE, imported file): one 110107 Import

@@ -1,4 +1,4 @@
-"""SECURITY.md 52: the end of the audit trail cannot be cut unseen. Someone with write access
+"""docs/security.md 52: the end of the audit trail cannot be cut unseen. Someone with write access
 to the database deletes the newest records and rewrites ``audit_head`` so the chain still
 verifies; ``flask --app app audit verify`` must fail anyway, from the checkpoints signed with a
 key the database does not hold and from the hashes the audit repository received."""

@@ -21,7 +21,7 @@ def _stale(app: Flask) -> None:
 
 def test_api_changes_from_a_browser_need_a_recent_sign_in(oidc_app: Flask,
                                                           idp: IdentityProvider) -> None:
-    """SECURITY.md 8: the JSON API must not be a way around the console's re-sign-in."""
+    """docs/security.md 8: the JSON API must not be a way around the console's re-sign-in."""
     manager, doctor, study = setup(oidc_app, idp)
     headers = {"X-CSRF-Token": csrf_of(manager)}
     made = manager.post("/api/grants", json={"user_id": doctor, "study_uid": study},

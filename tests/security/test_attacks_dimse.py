@@ -1,4 +1,4 @@
-"""DIMSE SCP attacks (issue 12 item 4, SECURITY.md 47): a peer that is allowed to call the
+"""DIMSE SCP attacks (issue 12 item 4, docs/security.md 47): a peer that is allowed to call the
 portal names another AE title as the one it calls. The SCP must answer A-ASSOCIATE-RJ
 (rejected-permanent, service-user, reason 7 "called AE title not recognized") and store
 nothing, over DCMTK's echoscu and storescu and a pynetdicom SCU."""

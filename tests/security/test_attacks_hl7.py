@@ -1,4 +1,4 @@
-"""Attacks on the HL7 v2 MLLP listener (SECURITY.md 47; issue 12 item 1), against the real
+"""Attacks on the HL7 v2 MLLP listener (docs/security.md 47; issue 12 item 1), against the real
 ``flask --app app hl7 serve`` process on 127.0.0.1 and the real TLS stack.
 
 - With no HL7_ALLOWED_SENDERS an anonymous ORU^R01 (status C) rewrote another patient's

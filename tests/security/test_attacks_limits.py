@@ -4,7 +4,7 @@
   limit once per worker: two gunicorn workers gave 40 answers for a limit of 20.
 * Random tokens opened from many addresses filled the global "failed openings" window, and
   then every patient got ``429, Retry-After: 600`` for a genuine link and PIN: a limit meant
-  for guessers must never refuse a link that exists (SECURITY.md 51).
+  for guessers must never refuse a link that exists (docs/security.md 51).
 * Strict-Transport-Security went out on plain-HTTP answers; it belongs to https only.
 """
 
@@ -109,7 +109,7 @@ def test_the_database_count_is_shared_and_atomic_on_each_database(tmp_path: Path
 
 def test_while_redis_is_down_the_limit_is_still_shared(tmp_path: Path) -> None:
     """Redis configured but not answering: the count moves to the database, not into each
-    worker (SECURITY.md fault table, 51)."""
+    worker (docs/security.md fault table, 51)."""
     down = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
     url = f"sqlite:///{tmp_path / 'portal.db'}"
     first = make_app(tmp_path / "one", url, REDIS_URL=down)
@@ -151,7 +151,7 @@ def _failures_audited(app: Flask) -> int:
 def test_guessing_from_700_addresses_leaves_a_genuine_link_working(proxied: Flask) -> None:
     """700 random tokens from 700 addresses fill the global window (600): unknown tokens
     then wait, but a genuine link with its PIN still opens and a wrong PIN still reaches
-    its check; an ended link answers exactly as an unknown token (SECURITY.md 16)."""
+    its check; an ended link answers exactly as an unknown token (docs/security.md 16)."""
     world = build_world(proxied)
     genuine = make_share(world)
     ended = make_share(world)

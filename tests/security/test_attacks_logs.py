@@ -1,4 +1,4 @@
-"""Log forging and PHI in logs beyond CR/LF (SECURITY.md 43): every character a log reader
+"""Log forging and PHI in logs beyond CR/LF (docs/security.md 43): every character a log reader
 takes as a line break or a terminal as a command is escaped, whatever form the value takes,
 and a database error never carries the values of its statement into a logged traceback."""
 

@@ -1,4 +1,4 @@
-"""Attacks and faults from SECURITY.md that no other test names, each against the real portal:
+"""Attacks and faults from docs/security.md that no other test names, each against the real portal:
 PIN guesses sent all at once, a share cookie planted before the exchange, an identity
 provider that is down or never answers, a database lock held by a stuck transaction, and
 cross-site JSON sent as text/plain."""

@@ -1,4 +1,4 @@
-"""SECURITY.md 43 through the whole stack: a physician signs in at the real provider, reads a
+"""docs/security.md 43 through the whole stack: a physician signs in at the real provider, reads a
 study in the browser and with a bearer token, opens an invitation, and a stranger tries a
 forged token; then gunicorn's access and error logs and the app's own log (at DEBUG) are
 searched for every secret of the run: session cookie, ID token, access token, authorization

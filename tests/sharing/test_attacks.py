@@ -1,6 +1,6 @@
 """Share links under attack, over real HTTP: parallel PIN guessing (SQLite and PostgreSQL),
 Redis flushed mid-sequence, per-address limits, revocation while a viewer fetches images,
-and the token absent from gunicorn's and the app's logs (SECURITY.md 15, 17, 20)."""
+and the token absent from gunicorn's and the app's logs (docs/security.md 15, 17, 20)."""
 
 from __future__ import annotations
 
@@ -115,10 +115,10 @@ def test_address_limit_counts_an_ipv6_subscriber_as_one(app: Flask) -> None:
 @pytest.mark.parametrize("with_redis", [False, True], ids=["database", "redis"])
 def test_guessing_from_many_addresses_meets_a_global_limit_and_an_alert(
         tmp_path: Path, request: pytest.FixtureRequest, with_redis: bool) -> None:
-    """SECURITY.md (b) 5: random tokens spread over many addresses stay under each address's
+    """docs/security.md (b) 5: random tokens spread over many addresses stay under each address's
     limit, but all failed openings together meet a global one (429 for links that do not
     open until the window ends) and raise one security alert; one address over its own limit
-    raises one too. A link that exists still opens (SECURITY.md 51)."""
+    raises one too. A link that exists still opens (docs/security.md 51)."""
     from sqlalchemy import select
 
     from portal.access.models import AuditEvent
@@ -161,7 +161,7 @@ def test_guessing_from_many_addresses_meets_a_global_limit_and_an_alert(
 
 
 def test_forwarded_for_is_believed_only_from_the_configured_proxy(tmp_path: Path) -> None:
-    """SECURITY.md 45: a client that reaches the portal around its proxy cannot pick a fresh
+    """docs/security.md 45: a client that reaches the portal around its proxy cannot pick a fresh
     X-Forwarded-For per guess; behind the proxy, each real client has its own count."""
     app = make_app(tmp_path / "proxy", TRUSTED_PROXIES=1,
                    TRUSTED_PROXY_ADDRESSES=["10.8.0.0/24"], SHARE_ATTEMPTS_PER_ADDRESS=3)

@@ -1,5 +1,5 @@
 """Share links end to end through the app: tokens, PINs, exchange, scope, expiry, revocation
-(SECURITY.md 13-21)."""
+(docs/security.md 13-21)."""
 
 from __future__ import annotations
 

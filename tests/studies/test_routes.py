@@ -130,7 +130,7 @@ def test_study_zip_holds_every_file_and_a_dicomdir(world: World, tmp_path) -> No
     assert headers["Content-Type"] == "application/zip"
     assert headers["X-Content-Type-Options"] == "nosniff"
     assert "no-store" in headers["Cache-Control"]
-    # SECURITY.md 27: the name is made by the server; nothing of the patient's name gets in.
+    # docs/security.md 27: the name is made by the server; nothing of the patient's name gets in.
     disposition = headers["Content-Disposition"]
     assert re.fullmatch(r'attachment; filename="study-\d{8}-\d{1,8}\.zip"', disposition)
     assert "evil" not in disposition.lower()
@@ -208,7 +208,7 @@ def test_detector_spacing_is_marked_approximate_and_multiframe_plays() -> None:
 
 
 def test_a_searched_name_is_never_in_a_url(oidc_app: Flask, idp: IdentityProvider) -> None:
-    """SECURITY.md 28: the study search posts the text (a name, an ID, an accession number);
+    """docs/security.md 28: the study search posts the text (a name, an ID, an accession number);
     the list it leads to, and its next pages, name it only by an opaque key of the session."""
     user = add_person(oidc_app, idp, "search-doc", ["physician"])
     uids = {name: generate_uid() for name in ("Smith^Anna", "Jones^Bob")}

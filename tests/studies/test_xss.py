@@ -1,4 +1,4 @@
-"""DICOM text is shown as text, never run: XSS payloads in every field (SECURITY.md 23, 14)."""
+"""DICOM text is shown as text, never run: XSS payloads in every field (docs/security.md 23, 14)."""
 
 from __future__ import annotations
 
