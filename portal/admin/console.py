@@ -170,10 +170,13 @@ def _day_start(day: date) -> datetime:
 
 def audit_condition(session: Session, *, patient: Patient | None = None,
                     date_from: date | None = None, date_to: date | None = None,
-                    who: str = "", event_id: str = "",
-                    failed: bool = False) -> ColumnElement[bool]:
-    """SQL on ``AuditEvent`` for the console's filters (dates inclusive, UTC days)."""
+                    who: str = "", event_id: str = "", failed: bool = False,
+                    failed_notices: bool = False) -> ColumnElement[bool]:
+    """SQL on ``AuditEvent`` for the console's filters (dates inclusive, UTC days);
+    ``failed_notices`` keeps only report-ready notices that could not be delivered."""
     conditions: list[ColumnElement[bool]] = []
+    if failed_notices:
+        conditions.append(failed_notice_condition())
     if patient is not None:
         uids = select(Study.study_instance_uid).where(Study.patient_fk == patient.id)
         conditions.append(or_(AuditEvent.study_instance_uid.in_(uids),
@@ -199,6 +202,14 @@ def audit_page(session: Session, condition: ColumnElement[bool], page: int = 1,
     rows = list(session.scalars(select(AuditEvent).where(condition).order_by(order)
                                 .limit(PAGE_SIZE + 1).offset((max(page, 1) - 1) * PAGE_SIZE)))
     return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
+
+
+def failed_notice_condition() -> ColumnElement[bool]:
+    """The audit records of report-ready notices that could not be delivered."""
+    from portal.reports.notify import NOTICE_WHO
+
+    return and_(AuditEvent.event_id == audit.APPLICATION_ACTIVITY[0],
+                AuditEvent.who == NOTICE_WHO, AuditEvent.outcome != audit.OUTCOME_SUCCESS)
 
 
 EVENT_WORDS = {audit.INSTANCES_ACCESSED[0]: "Opened the images",
@@ -231,8 +242,9 @@ def audit_rows(session: Session, events: list[AuditEvent]) -> list[AuditRow]:
     studies = {s.study_instance_uid: (s, p) for s, p in session.execute(
         select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
         .where(Study.study_instance_uid.in_(sorted(uids))))} if uids else {}
-    people = {f"user:{u.issuer}|{u.subject}": person_label(u)
-              for u in session.scalars(select(User))} if events else {}
+    users = list(session.scalars(select(User))) if events else []
+    people = {f"user:{u.issuer}|{u.subject}": person_label(u) for u in users}
+    by_id = {u.id: person_label(u) for u in users}
     out = []
     for event in events:
         study, patient = studies.get(event.study_instance_uid, (None, None))
@@ -246,6 +258,12 @@ def audit_rows(session: Session, events: list[AuditEvent]) -> list[AuditRow]:
         what = EVENT_WORDS.get(event.event_id, event.event_name)
         if event.outcome != audit.OUTCOME_SUCCESS:
             what += " (refused or failed)"
+        if who.startswith("portal:report-notice"):
+            # A report-ready notice that did not go: say to whom and how, in plain words.
+            channel = "Text message" if event.details.get("notice") == "text" else "E-mail"
+            what = (f"{channel} “report ready” to "
+                    f"{by_id.get(event.details.get('user', 0), 'a former user')} not delivered")
+            who = "the portal"
         out.append(AuditRow(event, what, who or "unknown",
                             person_name(patient.patient_name) if patient else "",
                             study.study_description if study else ""))
@@ -267,6 +285,37 @@ def open_links_of_patient(session: Session, principal: Principal, patient: Patie
                 ShareLinkStudy.study_instance_uid.in_(uids)))),
         ShareLink.revoked_at.is_(None), ShareLink.expires_at > utcnow())
     return list(session.scalars(stmt.order_by(ShareLink.id.desc())))
+
+
+@dataclass(frozen=True)
+class LinkRow:
+    """A share link as a person reads it: whose studies, which, and its state."""
+
+    link: Any
+    patient_name: str
+    description: str
+    study_date: str
+    count: int
+
+
+def link_rows(session: Session, links: Sequence[Any]) -> list[LinkRow]:
+    """Name the patient and the (first) study each link opens (one query for the page)."""
+    uids = {s.study_instance_uid for link in links for s in link.studies}
+    studies = {s.study_instance_uid: (s, p) for s, p in session.execute(
+        select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
+        .where(Study.study_instance_uid.in_(sorted(uids))))} if uids else {}
+    out = []
+    for link in links:
+        known = [studies[s.study_instance_uid] for s in link.studies
+                 if s.study_instance_uid in studies]
+        if not known:
+            out.append(LinkRow(link, "a patient no longer stored", "", "", len(link.studies)))
+            continue
+        study, patient = known[0]
+        out.append(LinkRow(link, person_name(patient.patient_name) or "no name",
+                           study.study_description or "study", study.study_date or "",
+                           len(link.studies)))
+    return out
 
 
 def revoke_links(session: Session, principal: Principal, public_ids: list[str]) -> int:
@@ -298,12 +347,11 @@ class Attention:
     links_expiring: int
     links_locked: int
     security_alerts: int
-    report_notices_waiting: int
+    failed_deliveries: int
 
 
 def attention(session: Session, principal: Principal) -> Attention:
     """What an office manager should look at today."""
-    from portal.reports.models import Report
     from portal.sharing.models import ShareLink
 
     now = utcnow()
@@ -323,11 +371,9 @@ def attention(session: Session, principal: Principal) -> Attention:
         AuditEvent.event_id == audit.SECURITY_ALERT[0],
         AuditEvent.outcome != audit.OUTCOME_SUCCESS,
         AuditEvent.occurred_at >= now - SOON)) or 0
-    waiting = session.scalar(select(func.count(Report.id)).where(
-        Report.status.in_(("final", "amended")), Report.final_at.is_not(None),
-        Report.final_at < now - timedelta(hours=1), Report.notified_at.is_(None),
-        Report.final_at >= now - timedelta(days=30))) or 0
-    return Attention(unmatched, grants, links, locked, alerts, waiting)
+    failed = session.scalar(select(func.count(AuditEvent.id)).where(
+        failed_notice_condition(), AuditEvent.occurred_at >= now - SOON)) or 0
+    return Attention(unmatched, grants, links, locked, alerts, failed)
 
 
 def suggestions(session: Session) -> list[tuple[str, int]]:

@@ -45,10 +45,27 @@ def sms_text(public_url: str) -> str:
     return f"{PORTAL_NAME}: a new report is ready. Sign in to read it: {report_link(public_url)}"
 
 
+# Who the audit trail names for a notice that could not be delivered: the console counts
+# and lists these (a failed send is otherwise only a log line, gone with the log).
+NOTICE_WHO = "portal:report-notice"
+
+
+def record_failed_notice(app: Flask, *, report_id: int, user_id: int, channel: str,
+                         study_uid: str, patient_id: str) -> None:
+    """Keep one failed notice in the audit trail (refused outcome), never the address."""
+    from portal.access import audit
+
+    audit.record(app.extensions["db"], audit.APPLICATION_ACTIVITY, action="E",
+                 outcome=audit.OUTCOME_MINOR_FAILURE, who=NOTICE_WHO,
+                 study_instance_uid=study_uid, patient_id=patient_id,
+                 details={"notice": channel, "report": report_id, "user": user_id})
+
+
 def notifier(app: Flask) -> Callable[[int], None]:
     """A function that sends the notices for a report id (used by every way in): an e-mail to
     each recipient with an address, and a text message to each who chose one and has a
-    number. One failed message is logged and loses neither the others nor the report."""
+    number. One failed message is logged and kept in the audit trail (the console lists it)
+    and loses neither the others nor the report."""
     from portal.sharing.delivery import DeliveryFailed, send_email, send_sms
 
     def notify(report_id: int) -> None:
@@ -66,6 +83,8 @@ def notifier(app: Flask) -> Callable[[int], None]:
                 return  # unmatched: the notice goes when the study arrives (waiting_notices)
             people = [(u.id, u.email, u.phone_number if u.notify_by_sms else "")
                       for u in recipients(session, study)]
+            study_uid = study.study_instance_uid
+            patient_id = study.patient.patient_id
         subject, body = message(settings["PUBLIC_URL"] or "")
         text = sms_text(settings["PUBLIC_URL"] or "")
         sent = False
@@ -76,12 +95,18 @@ def notifier(app: Flask) -> Callable[[int], None]:
                     sent = True
                 except DeliveryFailed:
                     log.warning("report-ready e-mail to user %s failed", user_id)
+                    record_failed_notice(app, report_id=report_id, user_id=user_id,
+                                         channel="email", study_uid=study_uid,
+                                         patient_id=patient_id)
             if phone and settings["SMS_WEBHOOK_URL"]:
                 try:
                     send_sms(settings, phone, text, "notice")
                     sent = True
                 except DeliveryFailed:
                     log.warning("report-ready text message to user %s failed", user_id)
+                    record_failed_notice(app, report_id=report_id, user_id=user_id,
+                                         channel="text", study_uid=study_uid,
+                                         patient_id=patient_id)
         if sent:
             with database.write_transaction() as session:
                 report = session.get(Report, report_id)
