@@ -184,6 +184,14 @@ def is_patient_user(principal: Principal | None) -> bool:
     return principal is not None and principal.kind == "user" and is_patient(principal)
 
 
+def reads_plain_words(principal: Principal | None) -> bool:
+    """A patient, signed in or opening a link made for a patient: pages speak plainly to
+    him (no modality codes, accession numbers or other DICOM terms)."""
+    return is_patient_user(principal) or (
+        principal is not None and principal.kind == "share"
+        and principal.share_audience == "patient")
+
+
 def own_studies_condition(principal: Principal) -> ColumnElement[bool]:
     """SQL on ``Study``: studies of the patient records linked to this patient's account
     (grants and referrals are not "his own")."""

@@ -39,6 +39,8 @@ class Principal:
     # Series the link is limited to (empty: every series of its studies).
     share_series: frozenset[str] = field(default_factory=frozenset)
     can_download: bool = True
+    # Whom the link was made for ("patient" or "physician"): a patient reads plain words.
+    share_audience: str = ""
 
     @property
     def audit_name(self) -> str:

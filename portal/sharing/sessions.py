@@ -38,6 +38,7 @@ class ShareVisit:
     studies: frozenset[str]
     series: frozenset[str]  # empty: every series of the studies
     can_download: bool
+    audience: str  # "patient" or "physician": whom the sender made the link for
     last_seen_at: datetime
     expires_at: datetime
     link_expires_at: datetime
@@ -117,7 +118,8 @@ def _load(database: Database, digest: str) -> ShareVisit | None:
         series = frozenset(uid for _study, uids in scope for uid in (uids or []))
         return ShareVisit(session_id=row.id, link_id=link.id, public_id=link.public_id,
                           purpose=row.purpose, studies=studies, series=series,
-                          can_download=link.can_download, last_seen_at=row.last_seen_at,
+                          can_download=link.can_download, audience=link.audience,
+                          last_seen_at=row.last_seen_at,
                           expires_at=row.expires_at, link_expires_at=link.expires_at)
 
 
@@ -172,5 +174,5 @@ def share_principal() -> Principal | None:
         return None
     return Principal("share", visit.link_id, "share link", share_id=visit.public_id,
                      share_studies=visit.studies, share_series=visit.series,
-                     can_download=visit.can_download,
+                     can_download=visit.can_download, share_audience=visit.audience,
                      via="share")

@@ -24,6 +24,7 @@ from portal.access import audit
 from portal.access.policy import (
     is_patient_user,
     public,
+    reads_plain_words,
     require_series,
     require_study,
     share_audiences,
@@ -150,8 +151,7 @@ def study_page(study_uid: str) -> str:
                                                  current_archive().read),
                            history=patient_history(db.session, principal, study),
                            principal=principal,
-                           # A signed-in patient reads plain words (no DICOM terms).
-                           plain=is_patient_user(principal),
+                           plain=reads_plain_words(principal),
                            may_share=bool(share_audiences(principal)))
 
 

@@ -201,13 +201,13 @@ def test_download_only_with_the_permission(app: Flask, world: World) -> None:
                           f"{world.sop}",
                           headers={"Accept": DICOM_ACCEPT})
     assert response.status_code == 200 and b"DICM" in response.data
-    assert "Download study" in client.get(f"/studies/{world.study}").get_data(as_text=True)
+    assert "/download.zip" in client.get(f"/studies/{world.study}").get_data(as_text=True)
     # A view-only link shows no download button (the endpoint says 403 anyway).
     viewer = app.test_client()
     view_only = make_share(world, can_download=False)
     open_link(viewer, view_only.token, view_only.pin)
     assert viewer.get(f"/studies/{world.study}").status_code == 200
-    assert "Download study" not in viewer.get(f"/studies/{world.study}").get_data(as_text=True)
+    assert "/download.zip" not in viewer.get(f"/studies/{world.study}").get_data(as_text=True)
     assert viewer.get(f"/studies/{world.study}/download.zip").status_code == 403
 
 
@@ -428,3 +428,15 @@ def test_accesses_are_audited_and_shown(app: Flask, world: World) -> None:
     assert sum(1 for a in listed if a.what == "opened the link") == 2
     assert {a.device for a in listed if a.what == "opened the link"} == {"phone"}
     assert link_row(app, made.link.public_id).use_count == 2
+
+
+def test_a_link_made_for_a_patient_speaks_plainly(app: Flask, world: World) -> None:
+    """A patient who opens his link reads plain words, as a signed-in patient does; a
+    colleague's link keeps the clinical terms."""
+    for audience, plain in (("patient", True), ("physician", False)):
+        made = make_share(world, audience=audience)
+        client = app.test_client()
+        open_link(client, made.token, made.pin)
+        page = client.get(f"/studies/{world.study}").get_data(as_text=True)
+        assert ("Your scan" in page) is plain, audience
+        assert ("Accession" in page) is not plain, audience
