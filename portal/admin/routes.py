@@ -443,11 +443,32 @@ def shares() -> str:
                  and link.expires_at <= now + console.SOON]
     elif show == "locked":
         links = [link for link in links if link_state(link, now) == "locked"]
-    return render_template("admin/shares.html", links=links, state=link_state, now=now,
-                           show=show)
+    return render_template("admin/shares.html", rows=console.link_rows(db.session, links),
+                           state=link_state, now=now, show=show)
 
 
-AUDIT_FILTERS = ("patient", "from", "to", "who", "event", "failed", "study", "sort")
+@bp.get("/shares/revoke")
+def confirm_revoke_links() -> str | BaseResponse:
+    """Say what revoking the chosen links does (they stop at once and cannot be reopened),
+    and ask once."""
+    from portal.sharing.service import ShareError, get_link, link_state
+
+    ids = list(dict.fromkeys(v[:36] for v in request.args.getlist("link")[:200]))
+    if not ids:
+        return _failed(UserError("tick at least one link"), "admin.shares")
+    try:
+        links = [get_link(db.session, _manager(), public_id) for public_id in ids]
+    except ShareError:
+        abort(404)
+    now = utcnow()
+    open_links = [link for link in links if link_state(link, now) in ("active", "pending",
+                                                                      "locked")]
+    return render_template("admin/revoke_links.html",
+                           rows=console.link_rows(db.session, open_links),
+                           closed=len(links) - len(open_links))
+
+
+AUDIT_FILTERS = ("patient", "from", "to", "who", "event", "failed", "notices", "study", "sort")
 
 
 def _audit_filter() -> tuple[Any, dict[str, Any]]:
@@ -461,14 +482,15 @@ def _audit_filter() -> tuple[Any, dict[str, Any]]:
     condition = console.audit_condition(
         db.session, patient=patient, date_from=_day(args.get("from", ""), "from"),
         date_to=_day(args.get("to", ""), "to"), who=args.get("who", "")[:200],
-        event_id=args.get("event", "")[:16], failed=args.get("failed") == "1")
+        event_id=args.get("event", "")[:16], failed=args.get("failed") == "1",
+        failed_notices=args.get("notices") == "failed")
     if args.get("study"):
         condition = and_(condition, AuditEvent.study_instance_uid
                                  == args["study"][:64])
     audit.record(db, audit.AUDIT_LOG_USED, action="R", outcome=audit.OUTCOME_SUCCESS,
                  who=principal.audit_name, source_address=request.remote_addr or "",
                  details={"filter": {k: v[:64] for k, v in args.items()}})
-    return condition, {"patient": patient}
+    return condition, {"patient": patient, "notices": args.get("notices") == "failed"}
 
 
 @bp.get("/audit")
