@@ -204,6 +204,8 @@ def _visits(site: Site) -> dict[str, list[tuple[str, str, int]]]:
                            ("admin.identifiers", "/admin/identifiers", 200),
                            ("admin.grants", "/admin/grants", 200),
                            ("admin.shares", "/admin/shares", 200),
+                           ("admin.confirm_revoke_links", f"/admin/shares/revoke?link={link}",
+                            200),
                            ("admin.audit_trail", "/admin/audit", 200),
                            ("admin.give", "/admin/give", 200),
                            ("admin.person", f"/admin/people/{site.doctor}", 200),

@@ -296,11 +296,16 @@ class LinkRow:
     description: str
     study_date: str
     count: int
+    made_by: str = ""
 
 
 def link_rows(session: Session, links: Sequence[Any]) -> list[LinkRow]:
-    """Name the patient and the (first) study each link opens (one query for the page)."""
+    """Name the patient and the (first) study each link opens, and who made it (two queries
+    for the page)."""
     uids = {s.study_instance_uid for link in links for s in link.studies}
+    makers = {link.created_by_fk for link in links if link.created_by_fk}
+    names = {u.id: person_label(u) for u in session.scalars(
+        select(User).where(User.id.in_(sorted(makers))))} if makers else {}
     studies = {s.study_instance_uid: (s, p) for s, p in session.execute(
         select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
         .where(Study.study_instance_uid.in_(sorted(uids))))} if uids else {}
@@ -308,13 +313,15 @@ def link_rows(session: Session, links: Sequence[Any]) -> list[LinkRow]:
     for link in links:
         known = [studies[s.study_instance_uid] for s in link.studies
                  if s.study_instance_uid in studies]
+        made_by = names.get(link.created_by_fk, "") if link.created_by_fk else ""
         if not known:
-            out.append(LinkRow(link, "a patient no longer stored", "", "", len(link.studies)))
+            out.append(LinkRow(link, "a patient no longer stored", "", "", len(link.studies),
+                               made_by))
             continue
         study, patient = known[0]
         out.append(LinkRow(link, person_name(patient.patient_name) or "no name",
                            study.study_description or "study", study.study_date or "",
-                           len(link.studies)))
+                           len(link.studies), made_by))
     return out
 
 

@@ -37,6 +37,25 @@ def _fill(practice: Practice) -> int:
     return record
 
 
+def _share_and_failed_notice(practice: Practice) -> str:
+    """A share link of Jane Doe's CT chest and a report notice that could not go; the link's
+    public id (for its revoke confirmation)."""
+    from portal.access.models import User
+    from portal.access.principal import user_principal
+    from portal.reports.notify import record_failed_notice
+    from portal.sharing import service
+    from portal.sharing.routes import share_policy
+
+    app = practice.app
+    with app.test_request_context(), app.extensions["db"].write_transaction() as session:
+        doctor = user_principal(session.get(User, practice.house), "session")
+        public_id = service.create_share(session, doctor, share_policy(),
+                                         study_uid=practice.doe_studies[0]).link.public_id
+    record_failed_notice(app, report_id=1, user_id=practice.house, channel="text",
+                         study_uid=practice.doe_studies[0], patient_id="DOE-1")
+    return public_id
+
+
 def _check(page: Page, name: str) -> None:
     from axe_playwright_python.sync_playwright import Axe
 
@@ -62,6 +81,7 @@ def _check(page: Page, name: str) -> None:
 def test_console_pages_on_a_phone(practice: Practice, shared_browser: Any,  # noqa: F811
                                   device: str, scheme: str) -> None:
     record = _fill(practice)
+    link = _share_and_failed_notice(practice)
     playwright, browser = shared_browser
     with LiveServer(practice.app) as server:
         context = browser.new_context(**{**phone(playwright, device),
@@ -77,6 +97,8 @@ def test_console_pages_on_a_phone(practice: Practice, shared_browser: Any,  # no
                  "patient": f"/admin/patients/{record}",
                  "audit": f"/admin/audit?patient={record}", "full-audit": "/admin/audit",
                  "invite": "/admin/invite", "shares": "/admin/shares",
+                 "revoke-link": f"/admin/shares/revoke?link={link}",
+                 "failed-notices": "/admin/audit?notices=failed",
                  "people": "/admin/users", "identifiers": "/admin/identifiers"}
         for name, path in pages.items():
             page.goto(server.url + path)
