@@ -114,40 +114,18 @@ def test_log_lines_cannot_be_forged_with_line_breaks(app: Flask) -> None:
 def test_a_chunked_body_over_the_limit_is_refused(tmp_path: Path) -> None:
     """docs/security.md 29: a stream without Content-Length is bounded too (413), under gunicorn."""
     import http.client
-    import os
-    import subprocess
-    import sys
 
-    from tests.conftest import REPO, free_port, wait_for
+    from tests.dicomweb.test_stow import multipart
+    from tests.factories import make_instance
+    from tests.support.gunicorn import served
 
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_")}
-    env.update(PORTAL_INSTANCE_PATH=str(tmp_path / "instance"), PORTAL_ENV="test",
-               PORTAL_MAX_REQUEST_BYTES="4096", PORTAL_BIND=f"127.0.0.1:{port}",
-               PORTAL_WORKERS="1")
-    made = subprocess.run([sys.executable, "-m", "flask", "--app", "app", "clients", "create",
-                           "chunky"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=60, check=True)
-    secret = made.stdout.split("secret: ", 1)[1].split()[0]
-    server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c",
-                               "python:portal.gunicorn_config", "app:app"], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        def ready() -> bool:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                connection.request("GET", "/healthz")
-                return connection.getresponse().status == 200
-            except OSError:
-                return False
-
-        assert wait_for(ready, timeout=30)
+    with served(tmp_path / "instance", "chunky", MAX_REQUEST_BYTES="4096") as server:
 
         def post_chunked(chunks: list[bytes]) -> int:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
             connection.putrequest("POST", "/dicomweb/studies")
             connection.putheader("Authorization",
-                                 basic_auth("chunky", secret)["Authorization"])
+                                 basic_auth(server.client, server.secret)["Authorization"])
             connection.putheader("Content-Type",
                                  'multipart/related; type="application/dicom"; boundary=b')
             connection.putheader("Transfer-Encoding", "chunked")
@@ -161,15 +139,9 @@ def test_a_chunked_body_over_the_limit_is_refused(tmp_path: Path) -> None:
 
         assert post_chunked([b"x" * 1024] * 16) == 413
         # A chunked upload within the limit is stored (clients that stream do work).
-        from tests.dicomweb.test_stow import multipart
-        from tests.factories import make_instance
-
         body = multipart(make_instance(rows=8, columns=8)).replace(b"test-boundary-1234", b"b")
         assert len(body) < 4096
         assert post_chunked([body]) == 200
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_public_url_pins_every_absolute_link_whatever_the_host_header(tmp_path: Path) -> None:

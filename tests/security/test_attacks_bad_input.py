@@ -6,9 +6,6 @@ Each is a clear 4xx with a reason, on SQLite and on PostgreSQL, and leaves nothi
 from __future__ import annotations
 
 import http.client
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,19 +21,17 @@ from portal.index.models import Instance
 from tests.access.test_console import setup
 from tests.conftest import (
     OIDC_SETTINGS,
-    REPO,
     IdentityProvider,
     add_person,
     basic_auth,
     close_app,
     csrf_of,
-    free_port,
     make_app,
     make_client,
     signed_in,
-    wait_for,
 )
 from tests.factories import make_instance
+from tests.support.gunicorn import served
 
 HUGE = "99999999999999999999999"  # past 64 bits
 JUST_PAST_32 = str(2**31)  # past PostgreSQL's integer
@@ -190,30 +185,10 @@ def _check_warnings(status: int, warnings: list[str]) -> None:
 
 
 def test_stow_part_headers_with_control_characters_under_gunicorn(tmp_path: Path) -> None:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_")}
-    env.update(PORTAL_INSTANCE_PATH=str(tmp_path / "instance"), PORTAL_ENV="test",
-               PORTAL_BIND=f"127.0.0.1:{port}", PORTAL_WORKERS="1")
-    made = subprocess.run([sys.executable, "-m", "flask", "--app", "app", "clients", "create",
-                           "stower"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=60, check=True)
-    secret = made.stdout.split("secret: ", 1)[1].split()[0]
-    server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c",
-                               "python:portal.gunicorn_config", "app:app"], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        def ready() -> bool:
-            try:
-                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                connection.request("GET", "/healthz")
-                return connection.getresponse().status == 200
-            except OSError:
-                return False
-
-        assert wait_for(ready, timeout=30)
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    with served(tmp_path / "instance", "stower") as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         connection.request("POST", "/dicomweb/studies", body=_stow_body(CONTROL_TYPES),
-                           headers={**basic_auth("stower", secret),
+                           headers={**basic_auth(server.client, server.secret),
                                     "Content-Type": 'multipart/related; type="application/'
                                                    f'dicom"; boundary={BOUNDARY}',
                                     "Accept": "application/dicom+json"})
@@ -221,9 +196,6 @@ def test_stow_part_headers_with_control_characters_under_gunicorn(tmp_path: Path
         response.read()
         _check_warnings(response.status, response.headers.get_all("Warning") or [])
         connection.close()
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 def test_stow_part_headers_with_control_characters_in_process(client: FlaskClient,
