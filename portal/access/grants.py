@@ -292,10 +292,17 @@ def revoke_everything_of(session: Session, actor: Principal, user_id: int) -> li
 
 def regrant(session: Session, actor: Principal, grant_ids: Sequence[int]) -> list[Grant]:
     """Undo a revocation: a new grant like each revoked one (same person, target, expiry and
-    reason). Emergency access is not reopened this way: it needs a new written reason."""
-    grants = list(session.scalars(select(Grant).where(Grant.id.in_(list(grant_ids)))))
+    reason). Only what this person revoked himself, on studies or patients his practice may
+    still see, comes back; emergency access is not reopened this way (it needs a new written
+    reason)."""
+    grants = list(session.scalars(select(Grant).where(
+        Grant.id.in_(list(grant_ids)), Grant.revoked_by == actor.audit_name)))
     if len(grants) != len(set(grant_ids)) or not grants:
         raise UserError("unknown grant in the request; nothing was given back")
+    _visible_targets(session, actor,
+                     [g.study_instance_uid for g in grants if g.study_instance_uid],
+                     [g.patient_fk for g in grants
+                      if not g.study_instance_uid and g.patient_fk is not None])
     now, made = utcnow(), []
     for grant in grants:
         if grant.revoked_at is None:

@@ -8,6 +8,7 @@ from flask import Flask
 from sqlalchemy import select
 
 from portal.access.models import AuditEvent, Grant
+from portal.db import utcnow
 from portal.index.models import Patient
 from tests.admin.conftest import Practice
 from tests.conftest import IdentityProvider, csrf_of, signed_in
@@ -61,6 +62,29 @@ def test_bulk_grant_is_one_record_per_grant_and_all_or_nothing(practice: Practic
         live = [g for g in session.scalars(select(Grant).where(
             Grant.user_fk == practice.newcomer)) if g.revoked_at is None]
     assert len(live) == 2 and all(g.reason == "rota" for g in live)
+
+
+def test_undo_gives_back_only_what_this_manager_revoked_in_his_practice(
+        practice: Practice, idp: IdentityProvider) -> None:
+    """A grant someone else revoked (here on another practice's patient) is not the
+    manager's to give back: guessing its id changes nothing."""
+    manager = signed_in(practice.app, idp, practice.manager)
+    headers = {"X-CSRF-Token": csrf_of(manager)}
+    with practice.app.extensions["db"].write_transaction() as session:
+        olga = session.scalars(select(Patient).where(Patient.patient_id == "OTHER-1")).one()
+        foreign = Grant(user_fk=practice.newcomer, patient_fk=olga.id, reason="theirs",
+                        revoked_at=utcnow(), revoked_by="user:elsewhere|manager")
+        session.add(foreign)
+        session.flush()
+        foreign_id = foreign.id
+    for answer in (manager.post("/api/grants/restore", headers=headers,
+                                json={"ids": [foreign_id]}),
+                   manager.post("/admin/grants/restore", data={
+                       "grant": str(foreign_id), "csrf_token": csrf_of(manager)})):
+        assert answer.status_code in (302, 400), answer.status_code
+    with practice.app.extensions["db"].new_session() as session:
+        assert session.scalars(select(Grant).where(
+            Grant.user_fk == practice.newcomer, Grant.revoked_at.is_(None))).all() == []
 
 
 def test_invitation_links_the_picked_identifiers(practice: Practice, idp: IdentityProvider,
