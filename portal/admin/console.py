@@ -178,10 +178,9 @@ def audit_condition(session: Session, *, patient: Patient | None = None,
     if failed_notices:
         conditions.append(failed_notice_condition())
     if patient is not None:
+        # By his studies only: a Patient ID alone may be another issuer's patient.
         uids = select(Study.study_instance_uid).where(Study.patient_fk == patient.id)
-        conditions.append(or_(AuditEvent.study_instance_uid.in_(uids),
-                              and_(AuditEvent.patient_id == patient.patient_id,
-                                   AuditEvent.patient_id != "")))
+        conditions.append(AuditEvent.study_instance_uid.in_(uids))
     if date_from is not None:
         conditions.append(AuditEvent.occurred_at >= _day_start(date_from))
     if date_to is not None:

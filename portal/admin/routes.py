@@ -42,7 +42,7 @@ from portal.access.grants import (
 )
 from portal.access.invitations import create_invitation
 from portal.access.models import AuditEvent, Practice, ReferrerIdentifier, User
-from portal.access.policy import require_role
+from portal.access.policy import require_role, study_filter
 from portal.access.principal import Principal, current_principal
 from portal.access.users import ROLES, UserError
 from portal.admin import console
@@ -144,9 +144,10 @@ def give() -> str:
     if search.text or search.date_from or search.date_to or search.modality:
         rows, more = console.find_studies(db.session, principal, search)
     uids = request.args.getlist("study")[:50]
+    # Only studies the practice may see are named back (a UID from elsewhere says nothing).
     chosen_studies = list(db.session.execute(
         select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
-        .where(Study.study_instance_uid.in_(uids)))) if uids else []
+        .where(Study.study_instance_uid.in_(uids), study_filter(principal)))) if uids else []
     records = [bounded_int(v, "patient") for v in request.args.getlist("patient")[:50]]
     chosen_patients = [p for p in (console.visible_patient(db.session, principal, r)
                                    for r in records) if p is not None]

@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from portal.access.models import AuditEvent, Grant
 from portal.db import utcnow
-from portal.index.models import Patient
+from portal.index.models import Patient, Study
 from tests.admin.conftest import Practice
 from tests.conftest import IdentityProvider, csrf_of, signed_in
 
@@ -105,3 +105,16 @@ def test_invitation_links_the_picked_identifiers(practice: Practice, idp: Identi
     sign_in(newcomer, idp, "wilson-new")
     listed = newcomer.get("/studies").get_data(as_text=True)
     assert "Olga Other" in listed  # the study that names him, now his
+
+
+def test_naming_another_practices_study_reveals_nothing(practice: Practice,
+                                                        idp: IdentityProvider) -> None:
+    """/admin/give?study=<uid> names only studies the practice may see."""
+    manager = signed_in(practice.app, idp, practice.manager)
+    with practice.app.extensions["db"].new_session() as session:
+        uid = session.scalars(select(Study.study_instance_uid).join(Patient).where(
+            Patient.patient_id == "OTHER-1")).first()
+    page = manager.get(f"/admin/give?study={uid}")
+    assert page.status_code == 200 and "Olga" not in page.get_data(as_text=True)
+    mine = manager.get(f"/admin/give?study={practice.doe_studies[0]}")
+    assert "Jane Doe" in mine.get_data(as_text=True)
