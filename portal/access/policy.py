@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 from flask import Flask, abort, current_app, redirect, request, url_for
-from sqlalchemy import Select, and_, exists, false, or_, select, true
+from sqlalchemy import Select, and_, exists, false, func, or_, select, true
 from sqlalchemy.orm import Session, contains_eager, joinedload
 from sqlalchemy.sql.elements import ColumnElement
 from werkzeug.datastructures import WWWAuthenticate
@@ -234,13 +234,24 @@ def readable_audit_condition(principal: Principal) -> ColumnElement[bool]:
 
 
 def own_orders_condition(principal: Principal) -> ColumnElement[bool]:
-    """SQL on ``Order``: a patient's appointments and orders, those naming the patient ID
-    of a record linked to his account."""
+    """SQL on ``Order``: a patient's appointments and orders. Orders keep no issuer, so a
+    Patient ID alone may be another hospital's patient: the order must also name him as his
+    record does (case aside) or belong to one of his own studies."""
     if not is_patient_user(principal):
         return false()
-    ids = select(Patient.patient_id).join(PatientLink, PatientLink.patient_fk == Patient.id) \
-        .where(PatientLink.user_fk == principal.id, Patient.patient_id != "")
-    return Order.patient_id.in_(ids)
+    mine = select(Patient.id).join(PatientLink, PatientLink.patient_fk == Patient.id).where(
+        PatientLink.user_fk == principal.id)
+    same_person = select(Patient.id).join(PatientLink, PatientLink.patient_fk == Patient.id) \
+        .where(PatientLink.user_fk == principal.id, Patient.patient_id != "",
+               Patient.patient_id == Order.patient_id,
+               func.lower(Patient.patient_name) == func.lower(Order.patient_name))
+    own_study = select(Study.id).where(
+        Study.patient_fk.in_(mine),
+        or_(and_(Order.study_instance_uid != "",
+                 Study.study_instance_uid == Order.study_instance_uid),
+            and_(Order.accession_number != "",
+                 Study.accession_number == Order.accession_number)))
+    return or_(same_person.exists(), own_study.exists())
 
 
 _UID = re.compile(r"[0-9.]{1,64}")

@@ -66,6 +66,19 @@ def world(ris: Ris, idp: IdentityProvider) -> dict[str, Any]:
     return _patient_world(ris.app, idp, ris.port)
 
 
+def test_appointments_of_another_hospitals_patient_with_his_id_stay_hidden(
+        ris: Ris, idp: IdentityProvider, world: dict[str, Any]) -> None:
+    """Orders keep no issuer: a RIS appointment for "P-R" at another hospital, naming
+    another person, is not his, though his own appointment still shows."""
+    stranger = siu("Z" + world["accession"], "S12", "203002011200").replace(
+        "PID|||P-R^^^HOSP^MR||Roe^Richard", "PID|||P-R^^^OTHERHOSP^MR||Stranger^Sam").replace(
+        "CTCHEST^CT chest", "MRKNEE^MR knee")
+    assert [msa(a)[0] for a in send(ris.port, stranger)] == ["AA"]
+    page = signed_in(ris.app, idp, world["subjects"]["patient"]).get(
+        "/my/appointments").get_data(as_text=True)
+    assert "CT chest" in page and "MR knee" not in page
+
+
 def test_patient_sees_only_records_about_his_own_studies_and_shares_with_a_doctor(
         ris: Ris, idp: IdentityProvider, world: dict[str, Any]) -> None:
     from portal.studies.patients import image_openings
