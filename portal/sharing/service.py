@@ -20,7 +20,12 @@ from sqlalchemy.orm import Session, selectinload
 from portal.access import audit
 from portal.access.grants import create_grant
 from portal.access.models import User
-from portal.access.policy import is_patient_user, share_audiences, shareable_studies
+from portal.access.policy import (
+    is_patient_user,
+    share_audiences,
+    shareable_studies,
+    study_filter,
+)
 from portal.access.principal import Principal
 from portal.db import Database, utcnow
 from portal.index.models import Series, Study
@@ -248,10 +253,15 @@ def check_own_secret(link: ShareLink, token: str, pin: str | None,
 # -- who may manage which links -----------------------------------------------------------------
 
 def manageable_links(actor: Principal) -> Select[ShareLink]:
-    """Links the actor may see and revoke: his own; every link for office managers."""
+    """Links the actor may see and revoke: his own; for office managers, every link whose
+    studies their practice may all see (another practice's links stay out of sight)."""
     stmt = select(ShareLink).options(selectinload(ShareLink.studies))
     if actor.kind == "user" and actor.has_role("office_manager"):
-        return stmt
+        visible = select(Study.study_instance_uid).where(study_filter(actor))
+        hidden = select(ShareLinkStudy.id).where(
+            ShareLinkStudy.share_fk == ShareLink.id,
+            ShareLinkStudy.study_instance_uid.not_in(visible))
+        return stmt.where(~hidden.exists())
     if actor.kind != "user":
         return stmt.where(ShareLink.id.is_(None))
     return stmt.where(ShareLink.created_by_fk == actor.id)

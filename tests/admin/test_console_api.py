@@ -118,3 +118,39 @@ def test_naming_another_practices_study_reveals_nothing(practice: Practice,
     assert page.status_code == 200 and "Olga" not in page.get_data(as_text=True)
     mine = manager.get(f"/admin/give?study={practice.doe_studies[0]}")
     assert "Jane Doe" in mine.get_data(as_text=True)
+
+
+def test_another_practices_share_links_are_out_of_sight(practice: Practice,
+                                                         idp: IdentityProvider) -> None:
+    """A link to a study the practice may not see is neither listed nor revocable by its
+    office manager; a link to one of its own studies is."""
+    from portal.access.models import User
+    from portal.access.principal import user_principal
+    from portal.sharing import service
+    from portal.sharing.routes import share_policy
+
+    app = practice.app
+    with app.test_request_context(), app.extensions["db"].write_transaction() as session:
+        olga_study = session.scalars(select(Study.study_instance_uid).join(Patient).where(
+            Patient.patient_id == "OTHER-1")).first()
+        doctor = user_principal(session.get(User, practice.house), "session")
+        # Olga's physician belongs to no practice of this manager; he was given her study.
+        far = User(issuer="elsewhere", subject="far", roles=["physician"], active=True)
+        session.add(far)
+        session.flush()
+        session.add(Grant(user_fk=far.id, study_instance_uid=olga_study, reason="his"))
+        session.flush()
+        theirs = service.create_share(session, user_principal(far, "session"), share_policy(),
+                                      study_uid=olga_study)
+        ours = service.create_share(session, doctor, share_policy(),
+                                    study_uid=practice.doe_studies[0])
+        theirs_id, ours_id = theirs.link.public_id, ours.link.public_id
+    manager = signed_in(app, idp, practice.manager)
+    page = manager.get("/admin/shares").get_data(as_text=True)
+    assert ours_id in page and theirs_id not in page and "Olga" not in page
+    headers = {"X-CSRF-Token": csrf_of(manager)}
+    refused = manager.post("/api/shares/revoke-many", headers=headers, json={"ids": [theirs_id]})
+    assert refused.status_code in (400, 404)
+    assert manager.get(f"/admin/shares/revoke?link={theirs_id}").status_code == 404
+    done = manager.post("/api/shares/revoke-many", headers=headers, json={"ids": [ours_id]})
+    assert done.status_code == 200 and done.get_json()["revoked"] == 1
