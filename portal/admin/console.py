@@ -138,12 +138,24 @@ def grant_rows(session: Session, grants: Sequence[tuple[Grant, User]]) -> list[G
     return out
 
 
-def grant_list(session: Session, *, user_id: int | None = None, state: str = "",
-               page: int = 1, oldest_first: bool = False) -> tuple[list[GrantRow], bool]:
-    """One page of grants, newest (or oldest) first: ``state`` live, expiring (within 7 days)
-    or "" for all."""
+def visible_grant_condition(principal: Principal) -> ColumnElement[bool]:
+    """SQL on ``Grant``: grants of a study, or of a patient with a study, the principal's
+    practice may see (another practice's grants, and the patients they name, stay out)."""
+    seen = select(Study.study_instance_uid).where(study_filter(principal))
+    seen_patients = select(Study.patient_fk).where(study_filter(principal))
+    return or_(Grant.study_instance_uid.in_(seen),
+               and_(or_(Grant.study_instance_uid.is_(None), Grant.study_instance_uid == ""),
+                    Grant.patient_fk.in_(seen_patients)))
+
+
+def grant_list(session: Session, principal: Principal, *, user_id: int | None = None,
+               state: str = "", page: int = 1,
+               oldest_first: bool = False) -> tuple[list[GrantRow], bool]:
+    """One page of the grants the principal's practice may see, newest (or oldest) first:
+    ``state`` live, expiring (within 7 days) or "" for all."""
     now = utcnow()
-    stmt = select(Grant, User).join(User, Grant.user_fk == User.id)
+    stmt = select(Grant, User).join(User, Grant.user_fk == User.id).where(
+        visible_grant_condition(principal))
     if user_id is not None:
         stmt = stmt.where(Grant.user_fk == user_id)
     if state in ("live", "expiring"):

@@ -198,7 +198,8 @@ def give_access() -> BaseResponse:
 def person(user_id: int) -> str:
     """What one person was given, with a way to take all of it away."""
     user = db.session.get(User, user_id) or abort(404)
-    rows, more = console.grant_list(db.session, user_id=user_id, state="live", page=_page())
+    rows, more = console.grant_list(db.session, _manager(), user_id=user_id, state="live",
+                                    page=_page())
     return render_template("admin/person.html", user=user, more=more, page=_page(),
                            rows=[(r, grant_state(r.grant)) for r in rows],
                            live=len(live_grants_of(db.session, user_id)),
@@ -394,8 +395,9 @@ def grants() -> str:
     """Grants as a person reads them (patient, study, date; the UID only in details), a page
     at a time, newest or oldest first; tick several to revoke them at once."""
     state = request.args.get("state", "")
-    rows, more = console.grant_list(db.session, state=state if state in ("live", "expiring")
-                                    else "", page=_page(),
+    rows, more = console.grant_list(db.session, _manager(),
+                                    state=state if state in ("live", "expiring") else "",
+                                    page=_page(),
                                     oldest_first=request.args.get("sort") == "oldest")
     now = utcnow()
     return render_template("admin/grants.html", rows=[(r, grant_state(r.grant, now))

@@ -154,3 +154,5 @@ def test_another_practices_share_links_are_out_of_sight(practice: Practice,
     assert manager.get(f"/admin/shares/revoke?link={theirs_id}").status_code == 404
     done = manager.post("/api/shares/revoke-many", headers=headers, json={"ids": [ours_id]})
     assert done.status_code == 200 and done.get_json()["revoked"] == 1
+    # The grant that let Olga's physician share her study is not this practice's either.
+    assert "Olga" not in manager.get("/admin/grants").get_data(as_text=True)
