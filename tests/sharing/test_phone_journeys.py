@@ -263,3 +263,17 @@ def test_the_share_form_on_a_phone(oidc_app: Flask, idp: IdentityProvider, devic
         page.emulate_media(media="screen")
         assert page.evaluate("window.__printed") == ["qr", "pin"]
         context.close()
+
+
+def test_a_link_that_cannot_be_opened_leaves_no_code_in_the_tab(app: Flask,
+                                                                world: World) -> None:
+    """An unknown (or ended, or locked) link: its code does not stay in sessionStorage."""
+    with LiveServer(app) as live, chromium() as (playwright, browser):
+        context = browser.new_context(**phone(playwright, "iPhone 13"))
+        loopback_only(context)
+        page = context.new_page()
+        page.goto(f"{live.url}/s#{'x' * 43}")
+        assert page.evaluate(f"sessionStorage.getItem('{CODE_KEY}')") == "x" * 43
+        page.get_by_role("button", name="Show my images").click()
+        expect(page.get_by_role("heading", name="This link cannot be opened")).to_be_visible()
+        page.wait_for_function(f"sessionStorage.getItem('{CODE_KEY}') === null")
