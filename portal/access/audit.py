@@ -365,9 +365,7 @@ def verify_trail(session: Session, *, checkpoints: Checkpoints | None,
             verdict.problems.append(
                 f"the signed checkpoint of {newest.at} covers {newest.count} records but the "
                 f"database holds {verdict.checked}: records were cut from the end")
-        gone = sorted({c.record_id for c in genuine if c.record_id not in found})
-        changed = sorted({c.record_id for c in genuine
-                          if c.record_id in found and found[c.record_id] != c.record_hash})
+        gone, changed = _compare(((c.record_id, c.record_hash) for c in genuine), found)
         if gone:
             verdict.problems.append(f"record(s) named by signed checkpoints are missing "
                                     f"({_span(gone)}): the trail was cut")
@@ -377,8 +375,7 @@ def verify_trail(session: Session, *, checkpoints: Checkpoints | None,
         verdict.notes.append(f"newest signed checkpoint: {newest.count} records at {newest.at}")
     if received is None:
         return verdict
-    missing = sorted({i for i, _ in pairs if i not in found})
-    differ = sorted({i for i, h in pairs if i in found and found[i] != h})
+    missing, differ = _compare(pairs, found)
     if missing:
         verdict.problems.append(f"{len(missing)} record(s) the audit repository received are "
                                 f"not in the database ({_span(missing)}): the trail was cut")
@@ -387,6 +384,15 @@ def verify_trail(session: Session, *, checkpoints: Checkpoints | None,
                                 f"received ({_span(differ)})")
     verdict.notes.append(f"audit repository: {len(pairs)} record(s) compared")
     return verdict
+
+
+def _compare(expected: Iterable[tuple[int, str]],
+             found: dict[int, str]) -> tuple[list[int], list[int]]:
+    """Record ids that an anchor (a checkpoint, the repository) names but the database lacks,
+    and those whose hash differs from the anchor's."""
+    named = list(expected)
+    return (sorted({i for i, _ in named if i not in found}),
+            sorted({i for i, h in named if i in found and found[i] != h}))
 
 
 def iter_events(session: Session, *, who: str = "", study: str = "", event_id: str = "",
