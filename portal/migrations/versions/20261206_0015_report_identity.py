@@ -2,21 +2,16 @@
 messages already stored are remembered, so a retransmission is not applied twice
 
 Revision ID: 20261206_0015
-Revises: the newest revision below this one (0012 when written)
+Revises: 20261206_0012
 Create Date: 2026-12-06 12:00:00
 """
-import pathlib
-
 from alembic import op
 import sqlalchemy as sa
 
 import portal.db
 
 revision = '20261206_0015'
-# 0013 and 0014 are being written at the same time as this one: chain onto the newest
-# revision below this one so the history stays a single line whichever of them lands.
-down_revision = sorted(p.name[:13] for p in pathlib.Path(__file__).parent.glob('2026*_*.py')
-                       if p.name[:13] < revision)[-1]
+down_revision = '20261206_0012'
 branch_labels = None
 depends_on = None
 
