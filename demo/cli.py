@@ -44,7 +44,7 @@ def demo_command(samples: bool) -> None:
     if samples:
         paths.extend(studies.sample_files())
     # pydicom's samples reuse UIDs on purpose; their security alerts are expected here.
-    alerts = logging.getLogger("portal.access.audit")
+    alerts = logging.getLogger("portal.audit")
     level = alerts.level
     alerts.setLevel(logging.ERROR)
     try:

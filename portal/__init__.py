@@ -48,7 +48,10 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     assets.init_app(app)  # first: its compression then runs after every other answer hook
     security.init_app(app)
     Database().init_app(app, config_module.database_url(settings))
-    from portal.access import audit
+    from portal import redis_link
+
+    redis_link.init_app(app)  # before its users: the render cache and the rate limiter
+    from portal import audit
 
     audit.init_app(app)  # signed checkpoints of the audit trail's end, when configured
     app.session_interface = DatabaseSessionInterface(
@@ -94,6 +97,9 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
 
     app.extensions["archive"].after.add("prerender", prerender.after_ingest)
     app.extensions["archive"].after.add("reports", report_objects.after_ingest)
+    # The app's last answer hook, so it runs first of them: the request's one commit
+    # (portal/db.py, docs/architecture.md "How a request is wired").
+    app.extensions["db"].install_unit_of_work(app)
     for command in (archive_cli, audit_cli, clients_cli, db_cli, dimse_cli, hl7_cli, reports_cli,
                     users_cli):
         app.cli.add_command(command)

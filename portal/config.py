@@ -61,6 +61,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SECRET_KEY", _as_optional_str, None, "signs sessions; required in production"),
     Setting("DATABASE_URL", _as_optional_str, None, "SQLAlchemy URL; default SQLite in instance"),
     Setting("REDIS_URL", _as_optional_str, None, "unset: in-process cache"),
+    Setting("REDIS_TIMEOUT_SECONDS", float, 0.5, "longest one Redis call may take"),
+    Setting("REDIS_BREAKER_FAILURES", int, 3, "Redis failures in a row that open its breaker"),
+    Setting("REDIS_BREAKER_RESET_SECONDS", float, 5.0, "how long Redis's breaker stays open"),
     Setting("ARCHIVE_URL", _as_optional_str, None, "unset: embedded archive"),
     # An external DICOMweb archive (issue 8): authentication, bounds, cache and sync.
     Setting("ARCHIVE_AUTH", str, "", "none, basic, bearer or oauth (default: from what is set)"),
@@ -276,7 +279,8 @@ def _check_archive(config: dict[str, Any]) -> None:
                 "ARCHIVE_BREAKER_FAILURES", "ARCHIVE_BREAKER_RESET_SECONDS", "ARCHIVE_CACHE_MB",
                 "ARCHIVE_SYNC_INTERVAL_SECONDS", "ARCHIVE_SYNC_PAGE_SIZE",
                 "ARCHIVE_SYNC_FULL_EVERY",
-                "ARCHIVE_DIMSE_TIMEOUT_SECONDS"):
+                "ARCHIVE_DIMSE_TIMEOUT_SECONDS", "REDIS_TIMEOUT_SECONDS",
+                "REDIS_BREAKER_FAILURES", "REDIS_BREAKER_RESET_SECONDS"):
         if config[key] <= 0:
             raise ConfigError(f"{key}: must be positive")
     if config["ARCHIVE_RETRIES"] < 0 or config["ARCHIVE_SYNC_LOOKBACK_DAYS"] < 0:

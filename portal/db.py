@@ -1,23 +1,51 @@
-"""Database engine, sessions and the declarative base.
+"""Database engine, sessions, the request's unit of work and the few transactions of their own.
 
-One engine per app. Request handlers use ``db.session`` (scoped to the request and removed at
-teardown) and commit once; services only flush. Ingest is the exception: every stored instance
-is its own short transaction, because it must be durable before it is acknowledged.
+**One unit of work per request.** A request uses one session, the request-scoped
+``db.session``; handlers and services never commit it. ``Database.install_unit_of_work``
+(called once by ``create_app``, after every other ``after_request`` hook is registered, so it
+runs first among the app's hooks) commits it in one place: when the answer is below 400, and
+then runs what the handler asked to run after the commit (``db.after_commit``: notices,
+forgetting cached share states); any other answer, an exception, or a commit that fails
+rolls it back (a handler that rolled back itself leaves nothing to commit). The session is
+removed at teardown.
+
+**Services take the session as a parameter** (``def grant(session, ...)``), and only flush:
+the same function then serves a request (``db.session``), a CLI command and a background job
+(their own session) alike, and a test can hand it any session. The archive is the one
+service that serves requests, C-STORE threads and the CLI without being handed a session: it
+reads through ``Database.reading()``, which is the request's session inside a request of this
+app and a short session of its own outside one.
+
+**Transactions of their own are named and few**, each for a reason the request's outcome must
+not decide (the allowed callers are listed, with these reasons, in
+``tests/test_unit_of_work.py``, which fails when a new one appears):
+
+- ``audit_transaction()``: the audit record of a read is durable before any byte of what was
+  read leaves, even when the request fails later (docs/security.md 12, 40).
+- ``write_transaction()``: ingest (every stored instance is durable before it is
+  acknowledged), the share-link exchange, PIN and rate-limit counters (a failed PIN counts
+  although the answer is a 4xx), share and browser sessions (saved after the response is
+  made), external copies and sync, and work outside any request (listeners, background
+  threads, CLI).
+- ``new_session()``: reads outside any request (threads, listeners, CLI, the readiness probe).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from flask import Flask, current_app
+from flask import Flask, Response, current_app, g, has_app_context, has_request_context
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 from werkzeug.local import LocalProxy
+
+log = logging.getLogger(__name__)
 
 # Longest a PostgreSQL statement waits for a lock before it fails (then 503 with Retry-After).
 PG_LOCK_TIMEOUT = "5s"
@@ -116,10 +144,11 @@ class Database:
         self._scoped: scoped_session[Session] = scoped_session(self._factory)
         self.session: Session = cast(Session, self._scoped)
 
-    def _make_session(self) -> Session:
+    def _make_session(self, purpose: str) -> Session:
         if self.engine is None:
             raise RuntimeError("database not initialised")
-        return self._factory()
+        # The purpose names the session's reason to exist (tests count sessions by it).
+        return self._factory(info={"purpose": purpose})
 
     def init_app(self, app: Flask, url: str) -> None:
         """Bind to the app: one engine, sessions removed when the app context ends."""
@@ -134,10 +163,73 @@ class Database:
         def _remove(_exc: BaseException | None) -> None:
             self._scoped.remove()
 
+    def install_unit_of_work(self, app: Flask) -> None:
+        """Commit the request's session once per request (see the module docstring).
+
+        Register it after every other ``after_request`` hook of the app, so it runs first
+        among them (after the blueprints' own hooks, which may still turn the answer into an
+        error) and before the browser session is saved.
+        """
+
+        @app.after_request
+        def _unit_of_work(response: Response) -> Response:
+            callbacks: list[Callable[[], None]] = g.pop("_after_commit", [])
+            if not self._scoped.registry.has():
+                return response  # the request touched no database
+            session = self._scoped()
+            if response.status_code >= 400:
+                session.rollback()
+                return response
+            try:
+                session.commit()
+            except Exception as exc:  # mapped as if the handler had raised it (e.g. 503)
+                session.rollback()
+                response.close()
+                return app.make_response(app.handle_user_exception(exc))
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:  # what is committed stays; a failed follow-up is logged
+                    log.exception("after-commit step failed")
+            return response
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once the request's unit of work has committed (never when it rolls
+        back); outside a request at once (the caller has committed already)."""
+        if has_request_context():
+            g.setdefault("_after_commit", []).append(callback)
+        else:
+            callback()
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """The request's session inside a request of this app, else a short own session
+        (closed afterwards): for the archive, which serves both."""
+        if has_request_context() and has_app_context() and \
+                current_app.extensions.get("db") is self:
+            yield self.session
+            return
+        with self._make_session("read") as session:
+            yield session
+
     @contextmanager
     def write_transaction(self) -> Iterator[Session]:
-        """A short write transaction in its own session, committed on success."""
-        with self._write_lock or nullcontext(), self._make_session() as session:
+        """A short write transaction in its own session, committed on success: only for the
+        reasons the module docstring lists."""
+        with self._transaction("own") as session:
+            yield session
+
+    @contextmanager
+    def audit_transaction(self) -> Iterator[Session]:
+        """The transaction of an audit record committed on its own: the record of a read is
+        durable before anything read leaves, even when the request fails later
+        (docs/security.md 12, 40)."""
+        with self._transaction("audit") as session:
+            yield session
+
+    @contextmanager
+    def _transaction(self, purpose: str) -> Iterator[Session]:
+        with self._write_lock or nullcontext(), self._make_session(purpose) as session:
             session.connection(execution_options={"write": True})
             try:
                 yield session
@@ -148,7 +240,7 @@ class Database:
 
     def new_session(self) -> Session:
         """A session outside the request scope (close it, e.g. with ``with``)."""
-        return self._make_session()
+        return self._make_session("outside")
 
     def dispose(self) -> None:
         """Close pooled connections (after fork, or at shutdown)."""

@@ -9,6 +9,7 @@ from sqlalchemy.exc import DataError, OperationalError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from portal.archive.ingest import ArchiveUnavailable
+from portal.fhir.outcome import FHIR_JSON, error_body, is_fhir_path
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +24,11 @@ def _wants_json() -> bool:
 
 
 def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> Response:
-    """A clear error answer: ``{"error": reason}`` or the error page."""
-    if _wants_json():
+    """A clear error answer: ``{"error": reason}``, an OperationOutcome under ``/fhir``
+    (FHIR R4 http.html: every error there is one), or the error page."""
+    if is_fhir_path(request.path):
+        response = Response(error_body(status, reason), mimetype=FHIR_JSON)
+    elif _wants_json():
         response = jsonify(error=reason, status=status)
     else:
         response = Response(render_template("error.html", status=status, reason=reason),

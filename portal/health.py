@@ -1,4 +1,5 @@
-"""Liveness (no dependencies) and readiness (database and archive reachable)."""
+"""Liveness (no dependencies) and readiness (database and archive reachable; Redis and an
+external archive, when configured, reported as degraded when down)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from sqlalchemy import text
 from portal.access.policy import public
 from portal.archive import current_archive
 from portal.db import db
+from portal.redis_link import redis_link
 
 if TYPE_CHECKING:
     from portal.archive.copies import RemoteCopies
@@ -44,9 +46,15 @@ def readyz() -> tuple[Response, int]:
         checks["archive"] = "ok" if os.access(store.objects, os.W_OK) else "read-only"
     except OSError:
         checks["archive"] = "unavailable"
-    checks["cache"] = "in-process" if not current_app.config["PORTAL"]["REDIS_URL"] else "ok"
-    ready = all(v in ("ok", "in-process") for v in checks.values())
+    ready = all(v == "ok" for v in checks.values())
+    # Redis is pinged (through its breaker, so a dead one costs nothing while it is open).
+    # Without it the portal still serves: rendered images are cache misses and rate limits
+    # are counted in the database, so it makes the node "degraded", never "not ready".
+    link = redis_link(current_app)
+    checks["cache"] = "in-process" if link is None else "ok" if link.ping() else "unavailable"
     body: dict[str, object] = {"status": "ready" if ready else "not ready", "checks": checks}
+    if ready and checks["cache"] == "unavailable":
+        body["status"] = "degraded"
     remote = current_archive().remote
     if remote is not None:
         # An external PACS that is down degrades the portal but does not make it unready:

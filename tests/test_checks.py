@@ -39,11 +39,11 @@ def test_every_contract_is_kept_by_the_code() -> None:
     ("no-routes-below-faces", "portal/imaging/presets.py", "portal.studies.routes"),
     ("no-routes-below-faces", "portal/archive/store.py", "portal.health"),
     ("no-routes-below-faces", "portal/index/service.py", "portal.studies.patients"),
-    ("index-alone", "portal/index/service.py", "portal.access.audit"),
+    ("index-alone", "portal/index/service.py", "portal.audit"),
     ("index-alone", "portal/index/models.py", "portal.archive.store"),
     ("image-path-layers", "portal/archive/store.py", "portal.imaging.render"),
-    ("outer-faces", "portal/access/audit.py", "portal.admin.console"),
-    ("outer-faces", "portal/sharing/delivery.py", "portal.api.openapi"),
+    ("outer-faces", "portal/audit.py", "portal.admin.console"),
+    ("outer-faces", "portal/notify.py", "portal.api.openapi"),
 ])
 def test_a_forbidden_import_breaks_its_contract(tmp_path: Path, contract: str, module: str,
                                                 forbidden: str) -> None:

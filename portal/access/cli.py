@@ -88,7 +88,7 @@ def _one_user(who: str) -> User:
 @with_appcontext
 def grant_role_command(who: str, role: str) -> None:
     """Give ROLE to the user whose subject or e-mail is WHO (after their first sign-in)."""
-    from portal.access import audit
+    from portal import audit
     from portal.access.users import UserError, set_roles
 
     upgrade_database(current_app)
@@ -127,8 +127,8 @@ def audit_cli() -> None:
 def verify_audit_command(repository: Path | None) -> None:
     """Recompute the hash chain and check its end against the signed checkpoints (and the
     repository's log); exit 1 if any record was changed or removed."""
-    from portal.access.audit import checkpoints_from, verify_trail
-    from portal.access.audit_forward import read_repository
+    from portal.audit import checkpoints_from, verify_trail
+    from portal.audit_forward import read_repository
 
     settings = current_app.config["PORTAL"]
     received, received_checkpoints = read_repository(repository) if repository else (None, [])
@@ -157,8 +157,8 @@ def verify_audit_command(repository: Path | None) -> None:
 def checkpoint_audit_command(watch: int) -> None:
     """Sign the trail's current end with AUDIT_CHECKPOINT_KEY, append it to the checkpoint
     file and send it to AUDIT_SYSLOG_URL when set."""
-    from portal.access.audit import CheckpointRefused, checkpoint_now, checkpoints_from
-    from portal.access.audit_forward import ForwardFailed, send_checkpoint
+    from portal.audit import CheckpointRefused, checkpoint_now, checkpoints_from
+    from portal.audit_forward import ForwardFailed, send_checkpoint
     from portal.cli import run_repeatedly
 
     settings = current_app.config["PORTAL"]
@@ -193,8 +193,8 @@ def checkpoint_audit_command(watch: int) -> None:
 @with_appcontext
 def forward_audit_command(watch: int) -> None:
     """Send new audit records to AUDIT_SYSLOG_URL; what cannot be sent waits for next time."""
-    from portal.access.audit import checkpoints_from
-    from portal.access.audit_forward import ForwardFailed, forward
+    from portal.audit import checkpoints_from
+    from portal.audit_forward import ForwardFailed, forward
     from portal.cli import run_repeatedly
 
     settings = current_app.config["PORTAL"]
@@ -219,7 +219,7 @@ def forward_audit_command(watch: int) -> None:
 @with_appcontext
 def protect_audit_command(role: str) -> None:
     """PostgreSQL: let ROLE (the portal's database user) only add and read audit records."""
-    from portal.access.audit_forward import protect_table
+    from portal.audit_forward import protect_table
 
     try:
         protect_table(db._get_current_object(), role)  # type: ignore[attr-defined]

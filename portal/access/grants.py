@@ -13,14 +13,14 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from portal.access import audit
+from portal import audit
 from portal.access.models import Grant, PatientLink, ReferrerIdentifier, User
 from portal.access.principal import Principal
 from portal.access.users import UserError, get_or_create_practice, set_active, set_roles
 from portal.db import utcnow
 from portal.index.models import Patient, Study, StudyReferrer
 from portal.index.referrers import parse_key
-from portal.sharing.delivery import DeliveryFailed, clean_phone
+from portal.notify import DeliveryFailed, clean_phone
 
 BREAK_GLASS_MAX = timedelta(hours=24)
 BREAK_GLASS_DEFAULT = timedelta(hours=4)

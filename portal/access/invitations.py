@@ -14,7 +14,7 @@ from datetime import timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from portal.access import audit
+from portal import audit
 from portal.access.models import Invitation, ReferrerIdentifier, User
 from portal.access.principal import Principal
 from portal.access.users import UserError, check_role, get_or_create_practice

@@ -73,7 +73,7 @@ class User(Base):
     # ones it takes away again by no longer asserting them.
     idp_roles: Mapped[list[str]] = mapped_column(JSON, default=list)
     practice_fk: Mapped[int | None] = mapped_column(ForeignKey("practice.id"), nullable=True)
-    # A mobile number for notices, in international form (``delivery.clean_phone``): from the
+    # A mobile number for notices, in international form (``notify.clean_phone``): from the
     # provider's verified ``phone_number`` claim at sign-in, or set by an office manager.
     phone_number: Mapped[str] = mapped_column(String(32), default="")
     # "Report ready" notices also by text message (SMS webhook); off unless chosen.

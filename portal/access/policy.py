@@ -19,7 +19,7 @@ from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.exceptions import Unauthorized
 from werkzeug.wrappers import Response as BaseResponse
 
-from portal.access import audit
+from portal import audit
 from portal.access.models import (
     AuditEvent,
     Delegation,

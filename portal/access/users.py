@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from portal.access.models import Practice, User
 from portal.db import utcnow
-from portal.sharing.delivery import DeliveryFailed, clean_phone
+from portal.notify import DeliveryFailed, clean_phone
 
 # report_sender: a RIS or reporting system that may post reports (FHIR DiagnosticReport).
 ROLES = ("office_manager", "physician", "staff", "patient", "report_sender")
@@ -38,7 +38,7 @@ def sign_in_user(session: Session, *, issuer: str, subject: str, email: str, nam
     marked verified: it replaces the mobile number for notices when it is one (international
     form); without one, the number an office manager set stays.
     """
-    from portal.access import audit
+    from portal import audit
 
     user = session.scalars(select(User).where(User.issuer == issuer,
                                               User.subject == subject)).first()

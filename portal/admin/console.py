@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
-from portal.access import audit
+from portal import audit
 from portal.access.grants import unmatched_referrers
 from portal.access.models import AuditEvent, Grant, ReferrerIdentifier, User
 from portal.access.policy import study_filter

@@ -25,7 +25,7 @@ from flask import (
 from sqlalchemy import and_, select
 from werkzeug.wrappers import Response as BaseResponse
 
-from portal.access import audit
+from portal import audit
 from portal.access.grants import (
     create_grant,
     grant_many,
@@ -78,7 +78,6 @@ def _guard() -> BaseResponse | None:
 
 
 def _done(message: str, endpoint: str) -> BaseResponse:
-    db.session.commit()
     flash(message)
     return redirect(url_for(endpoint))
 
@@ -186,7 +185,6 @@ def give_access() -> BaseResponse:
         chosen: dict[str, Any] = {k: form.getlist(k) for k in ("user", "study", "patient")}
         return redirect(url_for("admin.give", **chosen))
     people = {g.user_fk for g in made}
-    db.session.commit()
     flash(f"Access given: {len(made)} grant{'s' if len(made) != 1 else ''} "
           f"for {len(people)} {'person' if len(people) == 1 else 'people'}.")
     if len(people) == 1:
@@ -223,7 +221,6 @@ def take_away(user_id: int) -> BaseResponse:
         ids = revoke_everything_of(db.session, _manager(), user_id)
     except UserError as exc:
         return _failed(exc, "admin.index")
-    db.session.commit()
     session["console_undo"] = ids
     flash(f"Took away {len(ids)} grant{'s' if len(ids) != 1 else ''}.")
     return redirect(url_for("admin.person", user_id=user_id))
@@ -237,7 +234,6 @@ def restore_grants() -> BaseResponse:
         made = regrant(db.session, _manager(), ids)
     except UserError as exc:
         return _failed(exc, "admin.grants")
-    db.session.commit()
     session.pop("console_undo", None)
     flash(f"Given back: {len(made)} grant{'s' if len(made) != 1 else ''}.")
     back = request.form.get("back", "")
@@ -254,7 +250,6 @@ def revoke_selected() -> BaseResponse:
         revoke_grants(db.session, _manager(), ids)
     except UserError as exc:
         return _failed(exc, "admin.grants")
-    db.session.commit()
     session["console_undo"] = ids
     flash(f"Revoked {len(ids)} grant{'s' if len(ids) != 1 else ''}.")
     return redirect(url_for("admin.grants"))
@@ -284,7 +279,6 @@ def revoke_links() -> BaseResponse:
         db.session.rollback()
         flash(str(exc), "error")
         return redirect(target)
-    db.session.commit()
     flash(f"Revoked {count} link{'s' if count != 1 else ''}; their open sessions have ended.")
     return redirect(target)
 

@@ -13,7 +13,7 @@ from flask import Blueprint, Response, abort, jsonify, request, url_for
 from sqlalchemy import select
 from werkzeug.wrappers import Response as BaseResponse
 
-from portal.access import audit
+from portal import audit
 from portal.access.grants import (
     create_grant,
     grant_state,
@@ -140,7 +140,6 @@ def patch_user(user_id: int) -> Response:
     user = update_user(db.session, _manager(), user_id, roles=roles,
                        practice=_text(body, "practice"), active=active,
                        phone_number=_text(body, "phone_number"), notify_by_sms=sms)
-    db.session.commit()
     return jsonify(_user_json(user))
 
 
@@ -153,7 +152,6 @@ def add_invitation() -> tuple[Response, int]:
         raise UserError("roles must be a list of names")
     token = create_invitation(db.session, _manager(), email=_text(body, "email") or "",
                               roles=roles, practice=_text(body, "practice") or "")
-    db.session.commit()
     return jsonify(link=url_for("auth.invitation", t=token, _external=True)), 201
 
 
@@ -174,7 +172,6 @@ def add_identifier() -> tuple[Response, int]:
     body = _body()
     row = link_identifier(db.session, _manager(), _id(body, "user_id"),
                           _text(body, "key") or "")
-    db.session.commit()
     return jsonify(id=row.id, user_id=row.user_fk, key=row.key), 201
 
 
@@ -182,7 +179,6 @@ def add_identifier() -> tuple[Response, int]:
 def delete_identifier(identifier_id: int) -> tuple[str, int]:
     """Unlink an identifier."""
     unlink_identifier(db.session, _manager(), identifier_id)
-    db.session.commit()
     return "", 204
 
 
@@ -210,7 +206,6 @@ def add_grant() -> tuple[Response, int]:
                          patient_id=_text(body, "patient_id"),
                          expires_at=expires_at, reason=_text(body, "reason") or "",
                          break_glass=_flag(body, "break_glass", False))
-    db.session.commit()
     return jsonify(_grant_json(grant)), 201
 
 
@@ -229,7 +224,6 @@ def revoke() -> Response:
         response = jsonify(error=str(exc), status=403)
         response.status_code = 403
         return response
-    db.session.commit()
     return jsonify(revoked=count)
 
 
@@ -359,7 +353,6 @@ def add_share() -> Response | tuple[Response, int]:
     if not sharing.within_creation_limit(principal):
         db.session.rollback()
         return jsonify(error="too many share links this hour", status=429), 429
-    db.session.commit()
     return jsonify({**_share_json(made.link), "link": sharing.share_url(made.token),
                     "pin_code": made.pin}), 201
 
@@ -396,7 +389,6 @@ def revoke_share(public_id: str) -> Response:
         link = revoke_link(db.session, _sender(), public_id)
     except ShareError:
         abort(404)
-    db.session.commit()
     return jsonify(_share_json(link))
 
 
@@ -410,7 +402,6 @@ def revoke_shares() -> Response:
     require_study(db.session, principal, study_uid)
     revoke = revoke_links_of_patient if body.get("scope") == "patient" else revoke_links_of_study
     count = revoke(db.session, principal, study_uid)
-    db.session.commit()
     return jsonify(revoked=count)
 
 
@@ -470,7 +461,6 @@ def add_grants() -> tuple[Response, int]:
                         study_uids=_uids(body, "study_uids"),
                         patient_records=_ids(body, "patient_records"),
                         expires_at=_when(body, "expires_at"), reason=_text(body, "reason") or "")
-    db.session.commit()
     return jsonify([_grant_json(g) for g in grants]), 201
 
 
@@ -480,7 +470,6 @@ def revoke_everything(user_id: int) -> Response:
     from portal.access.grants import revoke_everything_of
 
     ids = revoke_everything_of(db.session, _manager(), user_id)
-    db.session.commit()
     return jsonify(revoked=ids)
 
 
@@ -490,7 +479,6 @@ def restore() -> tuple[Response, int]:
     from portal.access.grants import regrant
 
     grants = regrant(db.session, _manager(), _ids(_body(), "ids"))
-    db.session.commit()
     return jsonify([_grant_json(g) for g in grants]), 201
 
 
@@ -516,7 +504,6 @@ def revoke_many_shares() -> Response:
     if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
         raise UserError("ids must be a list of share link ids")
     count = revoke_links(db.session, _manager(), [i[:36] for i in ids[:200]])
-    db.session.commit()
     return jsonify(revoked=count)
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Literal
 from flask import Flask, current_app, has_app_context
 from sqlalchemy import select
 
-from portal.access import audit
+from portal import audit
 from portal.index.models import Series
 from portal.index.service import middle_image
 

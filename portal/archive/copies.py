@@ -23,7 +23,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
-from portal.access import audit
+from portal import audit
 from portal.archive.external import DicomWebArchive, ExternalNotFound, ExternalUnavailable
 from portal.archive.models import CachedCopy, ExternalInstance, StoredObject
 from portal.archive.store import EmbeddedStore, StorageFull, StoredFile

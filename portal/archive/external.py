@@ -30,7 +30,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from werkzeug.http import parse_options_header
 
-from portal.archive.breaker import BreakerOpen, CircuitBreaker
+from portal.breaker import BreakerOpen, CircuitBreaker
 from portal.archive.ingest import ArchiveUnavailable
 
 log = logging.getLogger(__name__)
@@ -323,7 +323,7 @@ class DicomWebArchive:
 
 def _single_dicom_part(content_type: str, body: bytes) -> bytes:
     """The one application/dicom part of a WADO-RS answer (or a bare application/dicom)."""
-    from portal.dicomweb.multipart import MultipartError, split_parts
+    from portal.multipart import MultipartError, split_parts
 
     mimetype, params = parse_options_header(content_type)
     if mimetype.lower() == "application/dicom":

@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from portal.access import audit
+from portal import audit
 from portal.archive.models import StoredObject
 from portal.archive.same_instance import same_instance
 from portal.archive.store import CorruptObject, EmbeddedStore, StorageFull, StoredFile

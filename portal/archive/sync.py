@@ -29,7 +29,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 
-from portal.access import audit
+from portal import audit
 from portal.archive.external import DicomWebArchive, ExternalNotFound, ExternalUnavailable
 from portal.archive.ingest import Archive, Stored
 from portal.archive.models import ExternalInstance, SyncState

@@ -19,7 +19,7 @@ from flask import (
 from werkzeug.exceptions import BadRequest
 from werkzeug.wrappers import Response as BaseResponse
 
-from portal.access import audit
+from portal import audit
 from portal.access.invitations import invitation_digest, redeem_invitation
 from portal.access.policy import public
 from portal.access.principal import current_principal
@@ -89,7 +89,6 @@ def callback() -> BaseResponse:
         else:
             flash("That invitation was already used or has expired; ask for a new one.",
                   "error")
-    db.session.commit()
     destination = session.get("next", "/")
     messages = session.get("_flashes", [])
     if not user.active:

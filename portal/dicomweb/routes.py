@@ -21,13 +21,15 @@ from flask import (
 from flask import session as browser_session
 from sqlalchemy import select
 
-from portal.access import audit, policy
+from portal import audit
+from portal.access import policy
 from portal.access.principal import Principal, current_principal
 from portal.archive import current_archive
 from portal.archive.ingest import Archive
 from portal.archive.store import CorruptObject, StoredFile
 from portal.db import db
-from portal.dicomweb import bulkdata, frames, multipart, qido, stow, transcode, transfer
+from portal import multipart
+from portal.dicomweb import bulkdata, frames, qido, stow, transcode, transfer
 from portal.dicomweb.accept import parse_accept
 from portal.errors import error_response
 from portal.imaging.cache import (

@@ -13,7 +13,7 @@ from portal.archive import current_archive
 from portal.archive.ingest import Stored
 from portal.archive.validate import CANNOT_UNDERSTAND, Rejected
 from portal.dicomweb.accept import parse_media_type
-from portal.dicomweb.multipart import MultipartError, split_parts
+from portal.multipart import MultipartError, split_parts
 from portal.security import read_body
 
 _UI, _US, _UR, _SQ = "UI", "US", "UR", "SQ"

@@ -100,8 +100,8 @@ def release_rule_command(practice: str, modality: str, hours: int) -> None:
 @with_appcontext
 def digest_command() -> None:
     """E-mail each physician with unread reports how many there are (run it daily)."""
+    from portal.notify import DeliveryFailed
     from portal.reports.notify import send_digest
-    from portal.sharing.delivery import DeliveryFailed
 
     try:
         sent = send_digest(current_app._get_current_object())  # type: ignore[attr-defined]

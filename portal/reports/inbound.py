@@ -28,7 +28,7 @@ from collections.abc import Callable
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from portal.access import audit
+from portal import audit
 from portal.access.models import ReferrerIdentifier, User
 from portal.config import name_at_address
 from portal.db import Database

@@ -53,7 +53,7 @@ NOTICE_WHO = "portal:report-notice"
 def record_failed_notice(app: Flask, *, report_id: int, user_id: int, channel: str,
                          study_uid: str, patient_id: str) -> None:
     """Keep one failed notice in the audit trail (refused outcome), never the address."""
-    from portal.access import audit
+    from portal import audit
 
     audit.record(app.extensions["db"], audit.APPLICATION_ACTIVITY, action="E",
                  outcome=audit.OUTCOME_MINOR_FAILURE, who=NOTICE_WHO,
@@ -66,7 +66,7 @@ def notifier(app: Flask) -> Callable[[int], None]:
     each recipient with an address, and a text message to each who chose one and has a
     number. One failed message is logged and kept in the audit trail (the console lists it)
     and loses neither the others nor the report."""
-    from portal.sharing.delivery import DeliveryFailed, send_email, send_sms
+    from portal.notify import DeliveryFailed, send_email, send_sms
 
     def notify(report_id: int) -> None:
         settings = app.config["PORTAL"]
@@ -136,8 +136,8 @@ def send_digest(app: Flask) -> int:
 
     from portal.access.policy import study_filter
     from portal.access.principal import user_principal
+    from portal.notify import DeliveryFailed, send_email
     from portal.reports.service import unread_report_condition
-    from portal.sharing.delivery import DeliveryFailed, send_email
 
     settings = app.config["PORTAL"]
     if not settings["SMTP_URL"]:

@@ -20,7 +20,8 @@ from flask import (
 )
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from portal.access import audit, policy
+from portal import audit
+from portal.access import policy
 from portal.access.principal import Principal, current_principal
 from portal.archive import current_archive
 from portal.db import db

@@ -16,7 +16,7 @@ from sqlalchemy import String, and_, exists, false, or_, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from portal.access import audit
+from portal import audit
 from portal.access.models import ReferrerIdentifier, User
 from portal.access.principal import Principal
 from portal.db import Database, utcnow

@@ -17,6 +17,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from portal.db import Database
+from portal.redis_link import RedisDown, RedisLink, redis_link
 from portal.sharing.models import RateLimitCount
 
 log = logging.getLogger(__name__)
@@ -42,13 +43,8 @@ def _upsert(session: Session, key: str, start: int, add: int) -> int:
 class RateLimiter:
     """Count hits per key and window; ``hit`` says whether the caller is still within the limit."""
 
-    def __init__(self, redis_url: str | None, database: Database) -> None:
-        self._client: Any = None
-        if redis_url:
-            import redis
-
-            self._client = redis.Redis.from_url(redis_url, socket_timeout=0.5,
-                                                socket_connect_timeout=0.5)
+    def __init__(self, redis: RedisLink | None, database: Database) -> None:
+        self._redis = redis
         self._database = database
         self._next_sweep = 0.0
         self._sweep_lock = threading.Lock()
@@ -89,16 +85,19 @@ class RateLimiter:
         if not 0 < window <= MAX_WINDOW:
             raise ValueError(f"rate-limit windows are 1 to {MAX_WINDOW} seconds")
         start = int(time.time()) // window * window
-        if self._client is not None:
-            import redis
-
+        if self._redis is not None:
             name = f"ratelimit:v1:{key}:{start // window}"
-            try:
-                pipe = self._client.pipeline()
+
+            def counted(client: Any) -> int:
+                pipe = client.pipeline()
                 pipe.incrby(name, add)
                 pipe.expire(name, window + 1)
                 return int(pipe.execute()[0])
-            except redis.RedisError:
+
+            try:
+                return self._redis.call(counted)
+            except RedisDown:
+                # While the breaker is open this costs nothing; the database keeps the count.
                 log.warning("rate limits fall back to the database: Redis unavailable")
         # The window's length is part of the key: one name never mixes two windows.
         return self._in_database(f"{key}/{window}"[:200], start, add, session)
@@ -110,8 +109,7 @@ class RateLimiter:
 
 def init_app(app: Flask) -> None:
     """Attach the limiter (one per app; after the database)."""
-    app.extensions["rate_limiter"] = RateLimiter(app.config["PORTAL"]["REDIS_URL"],
-                                                 app.extensions["db"])
+    app.extensions["rate_limiter"] = RateLimiter(redis_link(app), app.extensions["db"])
 
 
 def address_key(address: str) -> str:

@@ -33,7 +33,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 from werkzeug.wrappers import Response as BaseResponse
 
-from portal.access import audit
+from portal import audit, notify
 from portal.access.policy import (
     is_patient_user,
     public,
@@ -48,7 +48,7 @@ from portal.auth.recent import require_recent_sign_in
 from portal.db import db, utcnow
 from portal.errors import error_response
 from portal.index.models import Study
-from portal.sharing import delivery, service
+from portal.sharing import messages, service
 from portal.sharing.limits import address_key, rate_limiter
 from portal.sharing.limits import init_app as init_limits
 from portal.sharing.models import ShareLink
@@ -143,8 +143,8 @@ def _tell_sender(public_id: str, message: Callable[[str, str], tuple[str, str]])
     subject, body = message(PORTAL_NAME, manage)
 
     def send() -> None:
-        with contextlib.suppress(delivery.DeliveryFailed):  # logged; a notice is best effort
-            delivery.send_email(settings, to, subject, body)
+        with contextlib.suppress(notify.DeliveryFailed):  # logged; a notice is best effort
+            notify.send_email(settings, to, subject, body)
 
     threading.Thread(target=send, name="share-notice", daemon=True).start()
 
@@ -152,7 +152,7 @@ def _tell_sender(public_id: str, message: Callable[[str, str], tuple[str, str]])
 def _notify_sender(exchanged: service.Exchanged) -> None:
     """Tell the sender once, on the first use, if he asked for it."""
     if exchanged.first_use and exchanged.notify_sender:
-        _tell_sender(exchanged.public_id, delivery.first_use_email)
+        _tell_sender(exchanged.public_id, messages.first_use_email)
 
 
 # -- the landing page and the exchange -------------------------------------------------------
@@ -192,7 +192,7 @@ def exchange() -> BaseResponse:
         return too_many()
     token = request.form.get("token", "").strip()[:200]
     pin = request.form.get("pin", "")[:32]
-    device = delivery.device_class(request.headers.get("User-Agent", ""))
+    device = messages.device_class(request.headers.get("User-Agent", ""))
     try:
         exchanged = service.exchange(db, share_policy(), token=token, pin=pin,
                                      address=_address(), device=device,
@@ -216,7 +216,7 @@ def exchange() -> BaseResponse:
         # This attempt locked the link: its sender hears of it (docs/security.md 20).
         locked = service.find_link(db, token)
         if locked is not None:
-            _tell_sender(locked.public_id, delivery.locked_email)
+            _tell_sender(locked.public_id, messages.locked_email)
         return Response(render_template("sharing/locked.html"), status=403)
     _notify_sender(exchanged)
     if exchanged.purpose == "claim":
@@ -328,8 +328,7 @@ def accept_claim() -> BaseResponse:
     except service.LinkUnavailable:
         db.session.rollback()
         return unavailable()
-    db.session.commit()
-    forget_cached_visits()
+    db.after_commit(forget_cached_visits)
     flash("The study has been added to your studies.")
     response = redirect(url_for("studies.study_page", study_uid=uids[0]), code=303)
     clear_share_cookie(response)
@@ -399,14 +398,13 @@ def create(study_uid: str) -> BaseResponse | str:
     if not within_creation_limit(principal):
         db.session.rollback()
         return too_many()
-    db.session.commit()
     return _created_page(made.link, made.token, made.pin)
 
 
 def _created_page(link: ShareLink, token: str, pin: str | None, status: int = 201) -> Response:
     url = share_url(token)
     return Response(render_template("sharing/created.html", link=link, url=url, token=token,
-                                    pin=pin, qr=delivery.qr_data_uri(url),
+                                    pin=pin, qr=messages.qr_data_uri(url),
                                     email_ready=bool(current_app.config["PORTAL"]["SMTP_URL"]),
                                     sms_ready=bool(
                                         current_app.config["PORTAL"]["SMS_WEBHOOK_URL"])),
@@ -422,24 +420,24 @@ def deliver(link: ShareLink, *, token: str, pin: str | None, channel: str, to: s
     if what == "pin":
         if not pin or channel != "sms":
             raise service.ShareError("a PIN goes by text message, apart from the link")
-        digest = delivery.address_digest(delivery.clean_phone(to))
+        digest = notify.address_digest(notify.clean_phone(to))
         if any(d.get("what") == "link" and d.get("to_sha256") == digest
                for d in link.deliveries):
             raise service.ShareError("the PIN must not go to where the link went; "
                                      "print it or send it to another number")
-        delivery.send_sms(settings, to, delivery.pin_sms(PORTAL_NAME, pin), "share_pin")
+        notify.send_sms(settings, to, messages.pin_sms(PORTAL_NAME, pin), "share_pin")
     elif channel == "email":
-        digest = delivery.address_digest(delivery.clean_email(to))
-        subject, body = delivery.link_email(PORTAL_NAME, share_url(token), days_left,
+        digest = notify.address_digest(notify.clean_email(to))
+        subject, body = messages.link_email(PORTAL_NAME, share_url(token), days_left,
                                             bool(link.pin_hash))
-        delivery.send_email(settings, to, subject, body)
+        notify.send_email(settings, to, subject, body)
     elif channel == "sms":
-        digest = delivery.address_digest(delivery.clean_phone(to))
+        digest = notify.address_digest(notify.clean_phone(to))
         if any(d.get("what") == "pin" and d.get("to_sha256") == digest
                for d in link.deliveries):
             raise service.ShareError("the link must not go to where the PIN went; "
                                      "send it by e-mail or to another number")
-        delivery.send_sms(settings, to, delivery.link_sms(PORTAL_NAME, share_url(token)),
+        notify.send_sms(settings, to, messages.link_sms(PORTAL_NAME, share_url(token)),
                           "share_link")
     else:
         raise service.ShareError("choose e-mail or text message")
@@ -459,12 +457,11 @@ def send(public_id: str) -> Response:
     try:
         deliver(link, token=form.get("token", ""), pin=pin, channel=form.get("channel", ""),
                 to=form.get("to", ""), what="pin" if form.get("what") == "pin" else "link")
-    except (service.ShareError, delivery.DeliveryFailed) as exc:
+    except (service.ShareError, notify.DeliveryFailed) as exc:
         db.session.rollback()
         flash(str(exc), "error")
         link = service.get_link(db.session, principal, public_id)
         return _created_page(link, form.get("token", ""), pin, status=400)
-    db.session.commit()
     flash("The PIN was sent." if form.get("what") == "pin" else "The link was sent.")
     return _created_page(link, form.get("token", ""), pin, status=200)
 
@@ -503,7 +500,6 @@ def revoke(public_id: str) -> BaseResponse:
         service.revoke_link(db.session, principal, public_id)
     except service.ShareError:
         abort(404)
-    db.session.commit()
     flash("The link has been revoked. Anyone viewing through it is cut off.")
     return redirect(_back_or(url_for("sharing.link_detail", public_id=public_id)))
 
@@ -521,7 +517,6 @@ def revoke_all() -> BaseResponse:
         count = service.revoke_links_of_patient(db.session, principal, study_uid)
     else:
         count = service.revoke_links_of_study(db.session, principal, study_uid)
-    db.session.commit()
     flash(f"{count} link{'s' if count != 1 else ''} revoked.")
     return redirect(_back_or(url_for("sharing.share_form", study_uid=study_uid)))
 

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from portal.access import audit
+from portal import audit
 from portal.access.grants import create_grant
 from portal.access.models import User
 from portal.access.policy import (

@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 from werkzeug.wrappers import Response as BaseResponse
 
-from portal.access import audit
+from portal import audit
 from portal.access.models import AuditEvent, User
 from portal.access.policy import (
     is_patient_user,

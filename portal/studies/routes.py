@@ -20,7 +20,7 @@ from flask import (
 )
 from werkzeug.wrappers import Response as BaseResponse
 
-from portal.access import audit
+from portal import audit
 from portal.access.policy import (
     is_patient_user,
     public,

@@ -16,7 +16,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import select
 
-from portal.access import audit
+from portal import audit
 from portal.access.models import AuditEvent
 from tests.conftest import PostgresCluster, close_app, free_port, make_app
 
@@ -147,7 +147,7 @@ def test_the_portal_role_may_only_add_and_read_audit_records(
 
 def test_the_repository_receives_each_records_id_and_hash_and_the_signed_checkpoint(
         tmp_path: Path) -> None:
-    from portal.access.audit_forward import read_repository
+    from portal.audit_forward import read_repository
 
     port = free_port()
     app = make_app(tmp_path / "instance", AUDIT_SYSLOG_URL=f"tcp://127.0.0.1:{port}",

@@ -9,9 +9,9 @@ from flask.testing import FlaskClient
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select, text, update
 
-from portal.access.audit import verify_chain
 from portal.access.models import AuditEvent, Grant, ReferrerIdentifier, User
 from portal.archive import current_archive
+from portal.audit import verify_chain
 from portal.auth.models import UserSession
 from portal.db import utcnow
 from tests.conftest import (

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page
 
-from portal.access import audit
+from portal import audit
 from portal.access.grants import create_grant
 from portal.index.models import Patient
 from tests.admin.conftest import SYSTEM, Practice

@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import func, select
 
-from portal.access import audit
+from portal import audit
 from portal.archive import current_archive
 from portal.archive.external import ExternalUnavailable, query_string
 from portal.archive.models import CachedCopy, ExternalInstance, StoredObject, SyncState

@@ -13,7 +13,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import text
 
-from portal.access import audit
+from portal import audit
 from portal.config import ConfigError
 from tests.access.test_audit_forward import SyslogReceiver, forward_cli, record
 from tests.conftest import close_app, free_port, make_app

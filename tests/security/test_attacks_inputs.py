@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from flask import Flask
 
-from portal.access.audit import record
 from portal.access.models import AuditEvent
+from portal.audit import record
 from tests.access.test_console import setup
 from tests.conftest import (
     OIDC_SETTINGS,

@@ -19,10 +19,11 @@ from flask import Flask
 from flask.testing import FlaskClient
 from pydicom.uid import generate_uid
 
+from portal import notify
 from portal.access.grants import create_grant
 from portal.access.principal import Principal
 from portal.archive import current_archive
-from portal.sharing import delivery
+from portal.sharing import messages
 from tests.conftest import (
     OIDC_SETTINGS,
     IdentityProvider,
@@ -155,7 +156,7 @@ def test_link_by_email_is_neutral(portal: Flask, idp: IdentityProvider,
         assert word not in text and word not in message["Subject"], word
     row = link_row(portal, public_id)
     assert row.deliveries[0]["channel"] == "email"
-    assert row.deliveries[0]["to_sha256"] == delivery.address_digest("patient@example.test")
+    assert row.deliveries[0]["to_sha256"] == notify.address_digest("patient@example.test")
     assert "patient@example.test" not in json.dumps(row.deliveries)
 
 
@@ -219,7 +220,7 @@ def test_sender_is_told_of_the_first_use_only(portal: Flask, idp: IdentityProvid
 def test_qr_code_is_an_inline_svg_of_the_link() -> None:
     from urllib.parse import unquote
 
-    uri = delivery.qr_data_uri("https://portal.example/s#" + "A" * 43)
+    uri = messages.qr_data_uri("https://portal.example/s#" + "A" * 43)
     assert uri.startswith("data:image/svg+xml")
     svg = unquote(uri.split(",", 1)[1])
     assert "<svg" in svg and "<path" in svg
@@ -233,7 +234,7 @@ def test_qr_code_is_an_inline_svg_of_the_link() -> None:
     ("Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0", "computer"),
     ("", "unknown")])
 def test_device_classes(agent: str, expected: str) -> None:
-    assert delivery.device_class(agent) == expected
+    assert messages.device_class(agent) == expected
 
 
 def test_sender_is_told_when_wrong_pins_lock_the_link(portal: Flask, idp: IdentityProvider,

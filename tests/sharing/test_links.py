@@ -16,7 +16,7 @@ import pytest
 from flask import Flask
 from sqlalchemy import select, update
 
-from portal.access import audit
+from portal import audit
 from portal.access.models import AuditEvent
 from portal.db import utcnow
 from portal.sharing import service, sessions, tokens

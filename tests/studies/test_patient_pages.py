@@ -15,7 +15,7 @@ from flask import Flask
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from portal.access import audit
+from portal import audit
 from portal.access.grants import create_grant, link_patient
 from portal.access.models import AuditEvent, User
 from portal.access.principal import user_principal

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
-from portal.access.audit import Checkpoint, Checkpoints
 from portal.access.models import AuditEvent, AuditForward
+from portal.audit import Checkpoint, Checkpoints
 from portal.db import Database, utcnow
 
 FACILITY_SECURITY, SEVERITY_NOTICE = 10, 5  # RFC 5424: authpriv, notice (as IHE ATNA uses)

@@ -1,7 +1,7 @@
-"""Getting a link to its recipient: QR code, e-mail (SMTP), text message (a JSON webhook).
-
-Messages are neutral: they name the portal, never the patient, the study or the sender's
-note. A link and its PIN never travel in the same message (design 3.3, point 2).
+"""Sending a message to a person: e-mail (SMTP) and text message (a JSON webhook), and the
+checks of an address or a number. Shared by every package that tells someone something (share
+links, report-ready notices, phone numbers of accounts); what a message says is its sender's
+business (``portal.sharing.messages``, ``portal.reports.notify``).
 
 SMS webhook: ``POST PORTAL_SMS_WEBHOOK_URL`` with ``Content-Type: application/json`` and, when
 ``PORTAL_SMS_WEBHOOK_TOKEN`` is set, ``Authorization: Bearer <token>``; the body is
@@ -23,8 +23,6 @@ from email.message import EmailMessage
 from email.utils import make_msgid
 from typing import Any
 from urllib.parse import unquote, urlsplit
-
-import segno
 
 log = logging.getLogger(__name__)
 
@@ -57,23 +55,6 @@ def clean_phone(text: str) -> str:
     if not _PHONE.match(text):
         raise DeliveryFailed("write the phone number with its country code, e.g. +4917012345678")
     return text
-
-
-def qr_data_uri(url: str) -> str:
-    """The link as a QR code in an SVG ``data:`` URI for an ``<img>`` (no third-party host)."""
-    code = segno.make(url, error="m", micro=False)
-    uri: str = code.svg_data_uri(scale=4, border=2, dark="#000", light="#fff")
-    return uri
-
-
-def device_class(user_agent: str) -> str:
-    """phone, tablet or computer: enough to recognise one's own device, nothing more."""
-    ua = user_agent.lower()
-    if "ipad" in ua or "tablet" in ua or ("android" in ua and "mobile" not in ua):
-        return "tablet"
-    if "mobi" in ua or "iphone" in ua or "android" in ua:
-        return "phone"
-    return "computer" if ua else "unknown"
 
 
 # -- e-mail ----------------------------------------------------------------------------------
@@ -112,32 +93,6 @@ def send_email(settings: dict[str, Any], to: str, subject: str, body: str) -> No
         raise DeliveryFailed("the e-mail could not be sent; try again later") from exc
 
 
-def link_email(portal_name: str, link: str, days_left: int, has_pin: bool) -> tuple[str, str]:
-    """Subject and body of the message that carries a link (and never its PIN)."""
-    pin_line = ("You will also need the PIN you receive separately (by text message or on "
-                "paper). ") if has_pin else ""
-    body = (f"Hello,\n\nimages have been shared with you through {portal_name}.\n\n"
-            f"Open them here:\n{link}\n\n{pin_line}The link works for {days_left} "
-            f"day{'s' if days_left != 1 else ''}.\n\nIf you did not expect this message, "
-            "you can ignore it.\n")
-    return "Images shared with you", body
-
-
-def locked_email(portal_name: str, manage_url: str) -> tuple[str, str]:
-    """The note to a sender whose link locked after too many wrong PINs (no patient data)."""
-    body = (f"Hello,\n\na share link you made in {portal_name} was locked after too many "
-            "wrong PINs. Nobody can open it any more. If the person you shared it with "
-            f"still needs the images, make a new link.\n\nSee its history:\n{manage_url}\n")
-    return "Your share link was locked", body
-
-
-def first_use_email(portal_name: str, manage_url: str) -> tuple[str, str]:
-    """The note to a sender whose link was opened for the first time (no patient data)."""
-    body = (f"Hello,\n\na share link you made in {portal_name} was opened for the first "
-            f"time.\n\nSee who used it, or revoke it:\n{manage_url}\n")
-    return "Your share link was opened", body
-
-
 # -- text messages ---------------------------------------------------------------------------
 
 def send_sms(settings: dict[str, Any], to: str, text: str, kind: str) -> None:
@@ -157,13 +112,3 @@ def send_sms(settings: dict[str, Any], to: str, text: str, kind: str) -> None:
     except (OSError, urllib.error.URLError) as exc:
         log.warning("text message not sent: %s", exc.__class__.__name__)
         raise DeliveryFailed("the text message could not be sent; try again later") from exc
-
-
-def link_sms(portal_name: str, link: str) -> str:
-    """A text message with the link only."""
-    return f"{portal_name}: images were shared with you. Open: {link}"
-
-
-def pin_sms(portal_name: str, pin: str) -> str:
-    """A text message with the PIN only (the link went by another channel)."""
-    return f"{portal_name}: the PIN for the images shared with you is {pin}"
