@@ -37,19 +37,17 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         app.wsgi_app = TrustedProxies(  # type: ignore[method-assign]
             app.wsgi_app, settings["TRUSTED_PROXIES"], settings["TRUSTED_PROXY_ADDRESSES"])
 
-    from portal import archive, assets, errors, health, log, numbers, security
+    from portal import archive, assets, errors, health, log, numbers, redis_link, security
     from portal.access import policy
-    from portal.auth import oidc
-    from portal.auth.sessions import DatabaseSessionInterface
+    from portal.auth import bearer, oidc
+    from portal.auth.sessions import DatabaseSessionInterface, refuse_without_database
     from portal.db import Database
-    from portal.imaging import cache as imaging_cache
+    from portal.imaging import service as imaging
 
     log.init_app(app)
     assets.init_app(app)  # first: its compression then runs after every other answer hook
     security.init_app(app)
     Database().init_app(app, config_module.database_url(settings))
-    from portal import redis_link
-
     redis_link.init_app(app)  # before its users: the render cache and the rate limiter
     from portal import audit
 
@@ -57,9 +55,11 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.session_interface = DatabaseSessionInterface(
         idle=timedelta(minutes=settings["SESSION_IDLE_MINUTES"]),
         absolute=timedelta(hours=settings["SESSION_ABSOLUTE_HOURS"]))
+    refuse_without_database(app)  # before every other request hook
     oidc.init_app(app)
+    bearer.init_app(app)  # bearer tokens as principals, registered with access
     archive.init_app(app)
-    imaging_cache.init_app(app)
+    imaging.init_app(app)
     errors.register_error_handlers(app)
     numbers.init_app(app)  # bounded <int:...> ids: before any blueprint adds a rule
     from portal.sharing import routes as sharing_routes
@@ -89,6 +89,14 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(patients_bp)  # a signed-in patient's own pages
     app.register_blueprint(sharing_routes.bp)
     app.register_blueprint(reports_bp)
+    from portal.fhir.routes import bp as fhir_bp
+
+    app.register_blueprint(fhir_bp)  # FHIR R4 under /fhir
+    from portal.launch import routes as launch_routes
+    from portal.launch import smart
+
+    smart.init_app(app)  # one OAuth client per EHR allowed to launch the portal
+    app.register_blueprint(launch_routes.bp)  # IHE IID and SMART App Launch
     reports_routes_init(app)
     # The after-ingest steps of the packages above the archive (it added its own: audit,
     # headers); every way in runs them all once its new instances are committed.

@@ -99,6 +99,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RECENT_AUTH_MINUTES", int, 15, "grants and revocations need a sign-in this recent"),
     Setting("OIDC_MFA_VALUES", _as_list, [],
             "acr or amr values that count as multi-factor; set: changes need one of them"),
+    # Launch from the EHR (docs/conformance/launch.md): SMART App Launch, closed by default.
+    Setting("SMART_ISSUERS", _as_list, [],
+            "EHRs that may launch the portal: FHIR base|client id|client secret, comma list"),
+    Setting("SMART_PATIENT_SYSTEMS", _as_list, [],
+            "FHIR identifier system|Issuer of Patient ID pairs naming our patients, comma list"),
     Setting("MAX_REQUEST_BYTES", int, 1 << 30, "largest HTTP request body accepted"),
     Setting("MAX_INSTANCE_BYTES", int, 512 << 20, "largest single DICOM file accepted"),
     Setting("MAX_INFLATED_BYTES", int, 64 << 20, "cap when inflating deflated data sets"),
@@ -120,6 +125,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DIMSE_AE_TITLE", str, "PORTAL", "AE title of the C-STORE SCP"),
     Setting("DIMSE_ALLOWED_PEERS", _as_list, [], "accepted callers as AETITLE@address"),
     Setting("DIMSE_MAX_PDU", int, 262_144, "largest PDU the SCP accepts"),
+    Setting("DIMSE_QUERY_CLIENTS", _as_list, [],
+            "calling AE titles that may C-FIND/C-MOVE/C-GET, as AETITLE=client (a machine "
+            "client's name) or AETITLE=user:e-mail; they see what that client sees in QIDO-RS"),
+    Setting("DIMSE_MOVE_DESTINATIONS", _as_list, [],
+            "C-MOVE destinations as AETITLE@host:port (also where storage commitment reports "
+            "go when the requester has released its association)"),
     Setting("DIMSE_TLS_CERT", _as_optional_str, None,
             "PEM certificate (chain) of the SCP: set with DIMSE_TLS_KEY, the SCP speaks only "
             "TLS 1.2+ (PS3.15 B.12; port 2762 by convention)"),
@@ -236,11 +247,49 @@ def name_at_address(entries: list[str]) -> set[tuple[str, str]]:
     return pairs
 
 
+def _check_dimse_qr(config: dict[str, Any]) -> None:
+    for entry in config["DIMSE_QUERY_CLIENTS"]:
+        title, sep, client = entry.partition("=")
+        if not sep or not title.strip() or len(title.strip()) > 16 or not client.strip():
+            raise ConfigError(f"DIMSE_QUERY_CLIENTS: {entry!r} is not AETITLE=client "
+                              "or AETITLE=user:e-mail")
+    for entry in config["DIMSE_MOVE_DESTINATIONS"]:
+        title, _, address = entry.rpartition("@")
+        host, _, port = address.rpartition(":")
+        if (not title.strip() or len(title.strip()) > 16 or not host.strip()
+                or not port.isdigit() or not 0 < int(port) < 65536):
+            raise ConfigError(f"DIMSE_MOVE_DESTINATIONS: {entry!r} is not AETITLE@host:port")
+
+
 def _check_peers(key: str, entries: list[str], what: str, longest: int) -> None:
     for entry in entries:
         name, sep, address = entry.rpartition("@")
         if not sep or not name.strip() or not address.strip() or len(name.strip()) > longest:
             raise ConfigError(f"{key}: {entry!r} is not {what}@address")
+
+
+def smart_issuers(entries: list[str]) -> list[tuple[str, str, str]]:
+    """``SMART_ISSUERS`` as (FHIR base without a trailing slash, client id, client secret)."""
+    found = []
+    for entry in entries:
+        parts = [p.strip() for p in entry.split("|")]
+        if len(parts) != 3 or not all(parts) or not parts[0].startswith(("http://", "https://")):
+            raise ConfigError("SMART_ISSUERS: each entry is <FHIR base URL>|<client id>|"
+                              "<client secret>")
+        found.append((parts[0].rstrip("/"), parts[1], parts[2]))
+    return found
+
+
+def smart_patient_systems(entries: list[str]) -> dict[str, str]:
+    """``SMART_PATIENT_SYSTEMS`` as {identifier system: Issuer of Patient ID (may be '')}."""
+    found: dict[str, str] = {}
+    for entry in entries:
+        system, sep, issuer = entry.partition("|")
+        if not sep or not system.strip() or len(issuer.strip()) > 64:
+            raise ConfigError("SMART_PATIENT_SYSTEMS: each entry is <identifier system>|"
+                              "<Issuer of Patient ID> (the issuer may be empty)")
+        found[system.strip()] = issuer.strip()
+    return found
 
 
 def _check_sharing(config: dict[str, Any]) -> None:
@@ -367,6 +416,7 @@ def validate(config: dict[str, Any]) -> None:
     if not 0 < len(config["DIMSE_AE_TITLE"]) <= 16:
         raise ConfigError("DIMSE_AE_TITLE: 1 to 16 characters")
     _check_peers("DIMSE_ALLOWED_PEERS", config["DIMSE_ALLOWED_PEERS"], "AETITLE", 16)
+    _check_dimse_qr(config)
     syslog = config["AUDIT_SYSLOG_URL"]
     if syslog and not syslog.startswith(("tcp://", "tls://")):
         raise ConfigError("AUDIT_SYSLOG_URL: must be tcp://host:port or tls://host:port")
@@ -384,6 +434,11 @@ def validate(config: dict[str, Any]) -> None:
             raise ConfigError(f"{key}: no such file {config[key]!r}")
     _check_archive(config)
     _check_sharing(config)
+    for base, _client, _secret in smart_issuers(config["SMART_ISSUERS"]):
+        if config["ENV"] == "production" and base.startswith("http://") \
+                and not _loopback(urlsplit(base).hostname):
+            raise ConfigError("SMART_ISSUERS: an EHR's FHIR base must use https:// in production")
+    smart_patient_systems(config["SMART_PATIENT_SYSTEMS"])
     for key in ("ARCHIVE_URL", "PUBLIC_URL", "OIDC_ISSUER"):
         value = config[key]
         if value and not value.startswith(("http://", "https://")):

@@ -39,7 +39,8 @@ TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"]
 # GET routes that answer something other than a page (data, files, redirects to the
 # provider, health), by endpoint or blueprint prefix.
 NOT_PAGES = {"static", "auth.login", "auth.callback", "admin.audit_csv",
-             "studies.download_study", "reports.report_pdf_view", "patients.my_home"}
+             "studies.download_study", "reports.report_pdf_view", "patients.my_home",
+             "launch.smart_launch", "launch.smart_callback"}
 NOT_PAGE_PREFIXES = ("api.", "dicomweb.", "health.", "reports.fhir_")
 # Page templates no GET visit reaches; each is rendered by the POST or state named here.
 NOT_VISITED_TEMPLATES = {
@@ -199,6 +200,12 @@ def _visits(site: Site) -> dict[str, list[tuple[str, str, int]]]:
                       ("sharing.my_links", "/shares", 200),
                       ("sharing.link_detail", f"/shares/{link}", 200),
                       ("reports.order_list", "/orders", 200),
+                      # IHE IID from an EHR: a study opens the viewer; a patient's studies
+                      # are listed at an opaque launch address (launch.launched).
+                      ("launch.invoke_image_display",
+                       f"/IHEInvokeImageDisplay?requestType=STUDY&studyUID={s}", 200),
+                      ("launch.launched",
+                       "/IHEInvokeImageDisplay?requestType=PATIENT&patientID=SWEEP-1", 200),
                       ("(unavailable)", "/shared/claim", 404)],
         "office_manager": [("admin.index", "/admin/", 200), ("admin.users", "/admin/users", 200),
                            ("admin.identifiers", "/admin/identifiers", 200),

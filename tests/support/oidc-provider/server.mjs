@@ -5,7 +5,14 @@ import Provider from 'oidc-provider';
 
 const port = Number(process.env.PORT);
 const issuer = `http://localhost:${port}`;
-const users = JSON.parse(process.env.USERS); // {sub: {password, email, name}}
+const users = JSON.parse(process.env.USERS); // {sub: {password, email, name, fhirUser}}
+// A SMART on FHIR EHR (App Launch v2, EHR launch), when SMART_LAUNCHES is set: its FHIR base is
+// `${issuer}/fhir`, with .well-known/smart-configuration and Patient reads; each launch id
+// names the patient (and encounter) the token response carries as context.
+const launches = process.env.SMART_LAUNCHES ? JSON.parse(process.env.SMART_LAUNCHES) : null;
+const patients = JSON.parse(process.env.FHIR_PATIENTS || '{}'); // {id: Patient resource}
+const SMART_SCOPES = ['launch', 'fhirUser', 'patient/Patient.rs', 'patient/Patient.read',
+                      'patient/*.rs', 'patient/*.read'];
 const { privateKey } = await generateKeyPair('RS256', { extractable: true });
 const jwk = { ...(await exportJWK(privateKey)), kid: 'test-key', alg: 'RS256', use: 'sig' };
 
@@ -31,7 +38,10 @@ const provider = new Provider(issuer, {
   clients,
   jwks: { keys: [jwk] },
   cookies: { keys: ['test-only-cookie-key'] },
-  claims: { openid: ['sub'], email: ['email'], profile: ['name'] },
+  claims: { openid: ['sub'], email: ['email'], profile: ['name'],
+            ...(launches ? { fhirUser: ['fhirUser'] } : {}) },
+  ...(launches ? { scopes: ['openid', 'offline_access', ...SMART_SCOPES],
+                   extraParams: ['launch', 'aud'] } : {}),
   conformIdTokenClaims: false, // put profile claims in the ID token itself
   features: { devInteractions: { enabled: false }, rpInitiatedLogout: { enabled: true },
               introspection: { enabled: true } }, // RFC 7662, for opaque access tokens
@@ -46,7 +56,8 @@ const provider = new Provider(issuer, {
   async findAccount(ctx, sub) {
     const user = users[sub];
     if (!user) return undefined;
-    return { accountId: sub, claims: async () => ({ sub, email: user.email, name: user.name }) };
+    return { accountId: sub, claims: async () => ({ sub, email: user.email, name: user.name,
+                                                    fhirUser: user.fhirUser }) };
   },
 });
 
@@ -88,5 +99,57 @@ provider.use(async (ctx, next) => {
   return provider.interactionFinished(ctx.req, ctx.res, { login: { accountId: form.username } },
                                       { mergeWithLastSubmission: false });
 });
+
+if (launches) {
+  const launchOfCode = new Map(); // authorization code -> launch id
+  const patientOfToken = new Map(); // access token -> the launch's patient id
+  const fhir = `${issuer}/fhir`;
+  provider.use(async (ctx, next) => {
+    if (ctx.path === '/fhir/.well-known/smart-configuration') {
+      ctx.body = { issuer, jwks_uri: `${issuer}/jwks`,
+                   authorization_endpoint: `${issuer}/auth`, token_endpoint: `${issuer}/token`,
+                   grant_types_supported: ['authorization_code'],
+                   token_endpoint_auth_methods_supported: ['client_secret_basic'],
+                   scopes_supported: ['openid', ...SMART_SCOPES],
+                   response_types_supported: ['code'], code_challenge_methods_supported: ['S256'],
+                   capabilities: ['launch-ehr', 'client-confidential-symmetric', 'sso-openid-connect',
+                                  'context-ehr-patient', 'context-ehr-encounter', 'permission-v2',
+                                  'permission-patient'] };
+      return;
+    }
+    const read = ctx.path.match(/^\/fhir\/Patient\/([A-Za-z0-9.-]{1,64})$/);
+    if (read) {
+      const bearer = (ctx.get('Authorization').match(/^Bearer (.+)$/) || [])[1];
+      const token = bearer && await provider.AccessToken.find(bearer);
+      ctx.type = 'application/fhir+json';
+      if (!token) { ctx.status = 401; ctx.body = { resourceType: 'OperationOutcome' }; return; }
+      if (patientOfToken.get(bearer) !== read[1] || !patients[read[1]]) {
+        ctx.status = 404; ctx.body = { resourceType: 'OperationOutcome' }; return;
+      }
+      ctx.body = patients[read[1]];
+      return;
+    }
+    if (ctx.path === '/auth' && ctx.query.launch !== undefined && !launches[ctx.query.launch]) {
+      ctx.status = 400; ctx.body = 'unknown launch'; return;
+    }
+    if (ctx.path === '/auth' && ctx.query.aud !== undefined && ctx.query.aud !== fhir) {
+      ctx.status = 400; ctx.body = 'aud is not this FHIR server'; return;
+    }
+    await next();
+    const location = ctx.response.get('Location');
+    const launch = ctx.oidc?.params?.launch;
+    if (location && launch) {
+      const code = new URL(location, issuer).searchParams.get('code');
+      if (code) launchOfCode.set(code, launch);
+    }
+    if (ctx.oidc?.route === 'token' && ctx.status === 200 && ctx.body?.access_token) {
+      const context = launches[launchOfCode.get(ctx.oidc.params.code)];
+      if (context) {
+        ctx.body = { ...ctx.body, ...context };
+        patientOfToken.set(ctx.body.access_token, context.patient);
+      }
+    }
+  });
+}
 
 provider.listen(port, '127.0.0.1', () => console.log(`ready ${issuer}`));
