@@ -105,6 +105,10 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
 
     app.extensions["archive"].after.add("prerender", prerender.after_ingest)
     app.extensions["archive"].after.add("reports", report_objects.after_ingest)
+    # The DIMSE SCP's services from above the archive (query/retrieve, storage commitment).
+    from portal.dicomweb import dimse_qr
+
+    app.extensions["dimse_services"] = [dimse_qr.offer]
     # The app's last answer hook, so it runs first of them: the request's one commit
     # (portal/db.py, docs/architecture.md "How a request is wired").
     app.extensions["db"].install_unit_of_work(app)

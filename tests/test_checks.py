@@ -18,6 +18,9 @@ CONTRACT_NAMES = {
     "index-alone": "index never imports the archive, imaging, access or a face",
     "image-path-layers": "imaging above archive above index",
     "outer-faces": "nothing below the console and the API imports them",
+    "archive-acyclic": "the archive's modules import each other without a cycle",
+    "flat-cli-below-rooms": "portal.cli and portal.repeat import no room",
+    "access-alone": "access imports no domain",
 }
 
 
@@ -44,6 +47,10 @@ def test_every_contract_is_kept_by_the_code() -> None:
     ("image-path-layers", "portal/archive/store.py", "portal.imaging.render"),
     ("outer-faces", "portal/audit.py", "portal.admin.console"),
     ("outer-faces", "portal/notify.py", "portal.api.openapi"),
+    ("flat-cli-below-rooms", "portal/cli.py", "portal.archive.cli"),
+    ("flat-cli-below-rooms", "portal/repeat.py", "portal.access.cli"),
+    ("access-alone", "portal/access/policy.py", "portal.reports.service"),
+    ("access-alone", "portal/access/principal.py", "portal.sharing.sessions"),
 ])
 def test_a_forbidden_import_breaks_its_contract(tmp_path: Path, contract: str, module: str,
                                                 forbidden: str) -> None:
@@ -57,3 +64,21 @@ def test_a_forbidden_import_breaks_its_contract(tmp_path: Path, contract: str, m
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"{CONTRACT_NAMES[contract]} BROKEN" in result.stdout
     assert forbidden in result.stdout
+
+
+@pytest.mark.parametrize(("module", "imported"), [
+    ("portal/archive/external.py", "portal.archive.ingest"),  # copies -> external -> ingest
+    ("portal/archive/store.py", "portal.archive.copies"),
+])
+def test_an_import_cycle_in_the_archive_breaks_its_contract(tmp_path: Path, module: str,
+                                                            imported: str) -> None:
+    """The cycle issue 14 item 5 removed (copies -> external -> ingest -> copies), or any
+    other, is caught again."""
+    shutil.copytree(REPO / "portal", tmp_path / "portal",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    with (tmp_path / module).open("a") as source:
+        source.write(f"\n\ndef _probe() -> None:\n    import {imported}  # noqa: F401\n")
+    result = _lint_imports(tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"{CONTRACT_NAMES['archive-acyclic']} BROKEN" in result.stdout

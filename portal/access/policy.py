@@ -2,7 +2,9 @@
 
 A denied object answers 404, exactly like a missing one, so nobody learns what exists.
 Routes are default-deny: a view is reachable without a principal only when marked ``@public``,
-and by a share-link visitor only when marked ``@share_visible`` (or listed below).
+and by a share-link visitor only when marked ``@share_visible`` (or its blueprint
+``share_reads``); a view marked ``@download`` needs a link with the download permission.
+Templates and services ask ``allowed`` / ``may`` by action name, never roles.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import re
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
-from flask import Flask, abort, current_app, redirect, request, url_for
+from flask import Blueprint, Flask, abort, current_app, redirect, request, url_for
 from sqlalchemy import Select, and_, exists, false, func, or_, select, true
 from sqlalchemy.orm import Session, contains_eager, joinedload
 from sqlalchemy.sql.elements import ColumnElement
@@ -28,12 +30,10 @@ from portal.access.models import (
     ReferrerIdentifier,
     User,
 )
-from portal.access.principal import Principal, current_principal
+from portal.access.principal import Principal, current_principal, loaders
 from portal.db import db, utcnow
-from portal.index.models import Instance, Patient, Series, Study, StudyReferrer
-from portal.reports.dicom import REPORT_CLASSES
-from portal.reports.models import Order
-from portal.reports.service import is_patient
+from portal.dicom_classes import REPORT_CLASSES
+from portal.index.models import Instance, Order, Patient, Series, Study, StudyReferrer
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -50,29 +50,40 @@ def share_visible(view: F) -> F:
     return view
 
 
-# Views of other packages a share-link visitor may reach: the study page and DICOMweb reads.
-SHARE_ENDPOINTS = frozenset({"studies.study_page", "studies.viewer", "studies.download_study",
-                             "reports.report_pdf_view"})
-# Whole original files (and the report as a file): only for links made with the download
-# permission.
-# Raw pixel data (frames, bulk data) is a download too: the viewer only needs rendered images.
-DOWNLOAD_ENDPOINTS = frozenset({"dicomweb.retrieve_study", "dicomweb.retrieve_series",
-                                "dicomweb.retrieve_instance", "dicomweb.retrieve_frames",
-                                "dicomweb.retrieve_bulkdata",
-                                "studies.download_study", "reports.report_pdf_view"})
+def download(view: F) -> F:
+    """Mark a view that hands out whole files (original instances, frames, bulk data, the
+    ZIP, the report as a PDF): a share-link visitor needs a link made with the download
+    permission, else 403 (docs/security.md 14). It does not make the view share-visible."""
+    view.portal_download = True  # type: ignore[attr-defined]
+    return view
+
+
+def share_reads(blueprint: Blueprint) -> Blueprint:
+    """Mark every GET and HEAD of a blueprint as share-visible (DICOMweb: the study a link
+    opens, read through the standard's resources); its writes stay closed to visitors."""
+    blueprint.portal_share_reads = True  # type: ignore[attr-defined]
+    return blueprint
+
+
+def allows(view: Callable[..., Any] | None) -> tuple[bool, bool]:
+    """What a view's marks allow a share-link visitor: (reach it, it is a download)."""
+    return (bool(getattr(view, "portal_share_visible", False)),
+            bool(getattr(view, "portal_download", False)))
 
 
 def _share_may_reach(principal: Principal, endpoint: str) -> None:
     """A share visitor reaches only marked views; other pages do not exist for him."""
     view = current_app.view_functions.get(endpoint)
-    reads = request.method in ("GET", "HEAD")
+    visible, is_download = allows(view)
+    blueprint = current_app.blueprints.get(request.blueprint or "")
+    if request.method in ("GET", "HEAD") and getattr(blueprint, "portal_share_reads", False):
+        visible = True
     study_uid = str((request.view_args or {}).get("study_uid")
                     or (request.view_args or {}).get("study") or "")
-    if endpoint in DOWNLOAD_ENDPOINTS and not principal.can_download:
+    if is_download and not principal.can_download:
         deny(principal, "download", study_uid, status=403,
              reason="this link allows viewing only, not downloading")
-    if getattr(view, "portal_share_visible", False) or endpoint in SHARE_ENDPOINTS or (
-            reads and endpoint.startswith("dicomweb.")):
+    if visible:
         return
     deny(principal, "page", study_uid)
 
@@ -177,6 +188,16 @@ def visible_studies(principal: Principal) -> Select[Study]:
 # -- patients: their own records, and sharing them ------------------------------------------
 
 CLINICAL_SHARERS = ("physician", "office_manager")
+CLINICAL_ROLES = ("physician", "office_manager", "staff")
+
+
+def is_patient(principal: Principal) -> bool:
+    """Patients (signed in as such, or any share-link visitor not known as a physician)
+    read under the release rules; everyone else who may see the study reads at once."""
+    clinical = any(principal.has_role(r) for r in CLINICAL_ROLES)
+    if principal.kind == "user":
+        return principal.has_role("patient") and not clinical
+    return principal.kind == "share" and not clinical
 
 
 def is_patient_user(principal: Principal | None) -> bool:
@@ -211,6 +232,51 @@ def share_audiences(principal: Principal | None) -> tuple[str, ...]:
     if is_patient_user(principal):
         return ("physician",)
     return ()
+
+
+def order_placers(principal: Principal) -> Select[int] | None:
+    """The people whose orders this person may list: a physician his own; office managers
+    and staff their practice's (and their own); None for everyone else."""
+    if principal.kind != "user":
+        return None
+    if (principal.has_role("office_manager") or principal.has_role("staff")) \
+            and principal.practice_id is not None:
+        return select(User.id).where(or_(User.id == principal.id,
+                                         User.practice_fk == principal.practice_id))
+    if principal.has_role("physician"):
+        return select(User.id).where(User.id == principal.id)
+    return None
+
+
+# What a page may offer, by name: the one question templates (``may``) and services ask
+# instead of reading roles and kinds themselves.
+ACTIONS: dict[str, Callable[[Principal | None], bool]] = {
+    # A signed-in person: his own pages, sign-out, links he made, reads remembered.
+    "account": lambda p: p is not None and p.kind == "user",
+    # A share-link visitor: the shared pages and closing the visit.
+    "shared_visit": lambda p: p is not None and p.kind == "share",
+    # Whole files (ZIP, original instances, the report as a PDF): a share visitor only with
+    # a link made with the download permission (docs/security.md 14).
+    "download": lambda p: p is None or p.can_download,
+    "orders": lambda p: p is not None and p.kind == "user"
+    and any(p.has_role(r) for r in CLINICAL_ROLES),
+    "console": lambda p: p is not None and p.kind == "user" and p.has_role("office_manager"),
+    # Every share link of the practice, not only one's own.
+    "all_links": lambda p: p is not None and p.kind == "user" and p.has_role("office_manager"),
+    # "New report" badges: clinicians; patients read under release rules and get none.
+    "unread_badges": lambda p: p is not None and p.kind == "user" and not is_patient(p),
+}
+
+
+def allowed(principal: Principal | None, action: str) -> bool:
+    """Whether ``principal`` may do ``action`` (a name in ``ACTIONS``); an unknown name is a
+    programming error, not a refusal."""
+    return ACTIONS[action](principal)
+
+
+def may(action: str) -> bool:
+    """The template global: may this request's principal do ``action``?"""
+    return allowed(current_principal(), action)
 
 
 def shareable_studies(principal: Principal) -> Select[Study]:
@@ -346,6 +412,8 @@ def init_app(app: Flask) -> None:
     def _principal_for_templates() -> dict[str, Any]:
         return {"viewer": current_principal()}
 
+    app.add_template_global(may)  # templates ask this, never roles (allowed, ACTIONS)
+
     @app.before_request
     def _default_deny() -> BaseResponse | None:
         if is_public(request.endpoint):
@@ -365,9 +433,10 @@ def init_app(app: Flask) -> None:
                                   "scheme": scheme if scheme in ("basic", "bearer") else "other"})
         if request.path.startswith(("/dicomweb", "/api", "/fhir")) or \
                 request.headers.get("Authorization"):
-            from portal.auth.bearer import challenge
-
-            bearer = challenge()  # says why a bearer token was refused (RFC 6750)
+            challenge = loaders().challenge
+            # Says why a bearer token was refused (RFC 6750); registered by auth.bearer.
+            bearer = challenge() if challenge is not None else WWWAuthenticate(
+                "bearer", {"realm": "portal"})
             challenges = [WWWAuthenticate("basic", {"realm": "portal"}), bearer]
             if request.headers.get("Sec-Fetch-Site") == "same-origin" \
                     and not request.headers.get("Authorization"):

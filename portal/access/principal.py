@@ -3,16 +3,22 @@
 A principal comes from exactly one of: HTTP Basic credentials of a machine client, an
 ``Authorization: Bearer`` access token from the configured issuer, a share session (a patient
 or colleague who opened a share link), or the browser session.
+
+Access imports no domain (docs/architecture.md "What may import what"): the packages that
+know bearer tokens (``auth.bearer``) and share sessions (``sharing.sessions``) register their
+loaders here when the app is built (``register_bearer``, ``register_visitor``).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from flask import g, request, session
+from flask import Flask, current_app, g, request, session
+from werkzeug.datastructures import WWWAuthenticate
 
 from portal.access import clients
 from portal.access.models import User
@@ -54,6 +60,38 @@ class Principal:
     def has_role(self, role: str) -> bool:
         """True when the principal holds this role."""
         return role in self.roles
+
+
+@dataclass
+class Loaders:
+    """How principals other than machine clients and browser sessions are found: registered
+    at start-up by the packages that know them."""
+
+    # The active user a bearer token belongs to (None: refused), and the challenge of a 401.
+    bearer: Callable[[str], User | None] | None = None
+    challenge: Callable[[], WWWAuthenticate] | None = None
+    # Visitors without an account (a share session), asked in order before the session.
+    visitors: list[Callable[[], Principal | None]] = field(default_factory=list)
+
+
+def loaders(app: Flask | None = None) -> Loaders:
+    """The loaders registered with this app (none yet: an empty set)."""
+    target = app if app is not None else current_app
+    found: Loaders = target.extensions.setdefault("access.loaders", Loaders())
+    return found
+
+
+def register_bearer(app: Flask, user_for_token: Callable[[str], User | None],
+                    challenge: Callable[[], WWWAuthenticate]) -> None:
+    """Bearer tokens are understood by ``user_for_token``; a refused one is answered with
+    ``challenge`` (RFC 6750)."""
+    found = loaders(app)
+    found.bearer, found.challenge = user_for_token, challenge
+
+
+def register_visitor(app: Flask, loader: Callable[[], Principal | None]) -> None:
+    """A kind of visitor without an account (a share session), asked before the session."""
+    loaders(app).visitors.append(loader)
 
 
 def user_principal(user: User, via: Literal["bearer", "session"]) -> Principal:
@@ -104,14 +142,15 @@ def load_principal() -> Principal | None:
             return None
         return Principal("machine", client.id, client.name, can_read_all=client.can_read,
                          can_store=client.can_store, via="basic")
+    found = loaders()
     if scheme == "bearer":
-        from portal.auth import bearer
-
-        user = bearer.user_for_token(value)
+        user = found.bearer(value) if found.bearer is not None else None
         return user_principal(user, "bearer") if user is not None else None
-    from portal.sharing.sessions import share_principal
-
-    return share_principal() or _from_session()
+    for visitor in found.visitors:
+        principal = visitor()
+        if principal is not None:
+            return principal
+    return _from_session()
 
 
 def current_principal() -> Principal | None:

@@ -24,7 +24,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from flask import current_app, g
+from flask import Flask, current_app, g
 from joserfc import jwt
 from joserfc.errors import JoseError
 from joserfc.jwk import KeySet
@@ -32,6 +32,7 @@ from sqlalchemy import select
 from werkzeug.datastructures import WWWAuthenticate
 
 from portal.access.models import User
+from portal.access.principal import register_bearer
 from portal.access.users import sign_in_user
 from portal.auth import oidc
 from portal.db import db
@@ -230,3 +231,8 @@ def user_for_token(token: str) -> User | None:
         return None
     g.bearer_claims = claims
     return user
+
+
+def init_app(app: Flask) -> None:
+    """Let the access policy understand bearer tokens (access imports no domain)."""
+    register_bearer(app, user_for_token, challenge)

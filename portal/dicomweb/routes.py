@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -21,35 +21,34 @@ from flask import (
 from flask import session as browser_session
 from sqlalchemy import select
 
-from portal import audit
+from portal import audit, failures, multipart
 from portal.access import policy
 from portal.access.principal import Principal, current_principal
 from portal.archive import current_archive
 from portal.archive.ingest import Archive
 from portal.archive.store import CorruptObject, StoredFile
 from portal.db import db
-from portal import multipart
 from portal.dicomweb import bulkdata, frames, qido, stow, transcode, transfer
 from portal.dicomweb.accept import parse_accept
 from portal.errors import error_response
-from portal.imaging.cache import (
-    prepare_volume,
-    render,
-    render_cache,
-    render_in_series,
-    render_volume,
-    run_isolated,
-    volume_files,
-    volume_sources,
-)
 from portal.imaging.prerender import build_volume_soon, volume_failure
 from portal.imaging.render import FrameNotFound, RenderRefused
-from portal.imaging.rendition import FORMATS, InvalidRendition, Rendition, parse_rendition
+from portal.imaging.rendition import FORMATS, Rendition, parse_rendition
+from portal.imaging.service import (
+    RenderedImage,
+    prepare_volume,
+    rendered_image,
+    run_isolated,
+    volume_files,
+    volume_image,
+    volume_sources,
+)
 from portal.imaging.volume import VIEWS, NotAVolume
 from portal.index.models import Instance, Series, Study
-from portal.index.service import middle_image
 
-bp = Blueprint("dicomweb", __name__, url_prefix="/dicomweb")
+# A share-link visitor reads the studies of his link through every GET here (the policy
+# filters what each returns); the whole-file reads below are also marked @download.
+bp = policy.share_reads(Blueprint("dicomweb", __name__, url_prefix="/dicomweb"))
 log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
@@ -84,23 +83,27 @@ def _accepts_json() -> None:
 def _search(level: qido.Level, scope: list[Any]) -> Response:
     principal = _principal()
     _accepts_json()
+    query = qido.parse_query(request.args.to_dict(flat=False), level)  # QueryError: 400
+    if level != "study":
+        scope = [*scope, policy.series_filter(principal)]
+    if level == "instance":
+        scope = [*scope, policy.instance_filter(principal)]
+    stmt = qido.build_select(level, query, policy.study_filter(principal), scope)
+    session = db.session
+    # The headers standing for each row: matching on attributes the index does not hold,
+    # and the attributes answered from a representative header.
+    headers = qido.RowHeaders(session, level, current_archive().headers,
+                              policy.instance_filter(principal))
     try:
-        query = qido.parse_query(request.args.to_dict(flat=False), level)
-        if level != "study":
-            scope = [*scope, policy.series_filter(principal)]
-        if level == "instance":
-            scope = [*scope, policy.instance_filter(principal)]
-        stmt = qido.build_select(level, query, policy.study_filter(principal), scope)
+        rows = qido.fetch(session, stmt, query, headers)
+        if not rows and level == "study" and current_archive().remote is not None:
+            from portal.archive.sync import sync_on_miss
+
+            if sync_on_miss(current_archive(), request.args.to_dict(flat=False)):
+                session.rollback()  # read-only so far: end the snapshot to see the new rows
+                rows = qido.fetch(session, stmt, query, headers)
     except qido.QueryError as exc:
         abort(400, str(exc))
-    session = db.session
-    rows = query.trim(session.execute(stmt).all())
-    if not rows and level == "study" and current_archive().remote is not None:
-        from portal.archive.sync import sync_on_miss
-
-        if sync_on_miss(current_archive(), request.args.to_dict(flat=False)):
-            session.rollback()  # read-only so far: end the snapshot to see the new rows
-            rows = query.trim(session.execute(stmt).all())
     audit.record(db, audit.QUERY, action="E", outcome=audit.OUTCOME_SUCCESS,
                  who=principal.audit_name, source_address=request.remote_addr or "",
                  details={"level": level, "results": len(rows),
@@ -118,11 +121,7 @@ def _search(level: qido.Level, scope: list[Any]) -> Response:
                        series=row[1].series_instance_uid, instance=row[0].sop_instance_uid,
                        _external=True)
 
-    def representative(row: Any) -> dict[str, Any]:
-        uid = qido.first_instance_uid(session, level, row, policy.instance_filter(principal))
-        return current_archive().header(uid) if uid else {}
-
-    payload = qido.to_json(level, rows, query, retrieve_url, representative)
+    payload = qido.to_json(level, rows, query, retrieve_url, headers.representative)
     if not payload and not query.warnings:
         return Response(status=204)
     return _json(payload, warnings=query.warnings)
@@ -242,8 +241,13 @@ def _instances_of(study: str, series: str | None = None,
 SPILL_OVER = 32 << 20  # a re-encoded instance larger than this comes back through a file
 
 
-class _NotConverted(Exception):
-    """An instance asked for in Explicit VR Little Endian could not be re-encoded."""
+class _NotConverted(failures.NotAcceptable):
+    """An instance asked for in Explicit VR Little Endian could not be re-encoded (406, the
+    reason naming why and how to ask for it as stored)."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"the instance cannot be sent as {transcode.EXPLICIT_LE} ({why}); ask "
+                         "with transfer-syntax=* for it as stored")
 
 
 def _representations(instances: list[Instance]) -> list[transfer.Representation]:
@@ -320,9 +324,6 @@ def _retrieve(instances: list[Instance]) -> Response:
         abort(404, "no instances")
     except RuntimeError:
         abort(500, "a stored object failed its integrity check; it has been reported")
-    except _NotConverted as exc:
-        abort(406, f"the instance cannot be sent as {transcode.EXPLICIT_LE} ({exc}); ask "
-                   "with transfer-syntax=* for it as stored")
 
     def body() -> Iterator[bytes]:
         yield from multipart.stream_parts([*first, *iterator], boundary)
@@ -343,18 +344,21 @@ def _retrieve(instances: list[Instance]) -> Response:
 
 
 @bp.get("/studies/<study>")
+@policy.download
 def retrieve_study(study: str) -> Response:
     """WADO-RS: every instance of a study."""
     return _retrieve(_instances_of(study))
 
 
 @bp.get("/studies/<study>/series/<series>")
+@policy.download
 def retrieve_series(study: str, series: str) -> Response:
     """WADO-RS: every instance of a series."""
     return _retrieve(_instances_of(study, series))
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<instance>")
+@policy.download
 def retrieve_instance(study: str, series: str, instance: str) -> Response:
     """WADO-RS: one instance."""
     return _retrieve(_instances_of(study, series, instance))
@@ -392,6 +396,7 @@ def instance_metadata(study: str, series: str, instance: str) -> Response:
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<instance>/frames/<frame_list>")
+@policy.download
 def retrieve_frames(study: str, series: str, instance: str, frame_list: str) -> Response:
     """WADO-RS: pixel data of frames (1-based, comma separated)."""
     found = _instances_of(study, series, instance)[0]
@@ -410,9 +415,7 @@ def retrieve_frames(study: str, series: str, instance: str, frame_list: str) -> 
             syntax, numbers,
             request.headers.get("Accept", ""),
             partial(run_isolated, transcode.native_frames, stored))
-    except frames.NotAcceptable as exc:
-        abort(406, str(exc))
-    except RenderRefused as exc:
+    except RenderRefused as exc:  # 406 here (not the 422 of a rendered image): ask as stored
         abort(406, f"the frames cannot be decoded ({exc}); ask with transfer-syntax=* for "
                    "them as stored")
     boundary = multipart.new_boundary()
@@ -431,6 +434,7 @@ def _multipart_type(part_type: str, boundary: str) -> str:
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<instance>/bulkdata/<path:tag_path>")
+@policy.download
 def retrieve_bulkdata(study: str, series: str, instance: str, tag_path: str) -> Response:
     """WADO-RS bulkdata: the value a metadata BulkDataURI names (pixel data as frames)."""
     found = _instances_of(study, series, instance)[0]
@@ -444,9 +448,7 @@ def retrieve_bulkdata(study: str, series: str, instance: str, tag_path: str) -> 
                                  partial(run_isolated, transcode.native_frames, stored))
     except KeyError as exc:
         abort(404, str(exc.args[0]) if exc.args else "no such bulk data")
-    except frames.NotAcceptable as exc:
-        abort(406, str(exc))
-    except RenderRefused as exc:
+    except RenderRefused as exc:  # 406 here (not the 422 of a rendered image): ask as stored
         abort(406, f"the pixel data cannot be decoded ({exc}); ask with transfer-syntax=* for "
                    "it as stored")
     if parts.single:
@@ -491,54 +493,31 @@ def _rendition(thumbnail: bool) -> Rendition:
                                else r.media_type) for r in ranges]
     if ranges and not any(media in FORMATS for media in offered):
         abort(406, "rendered images are available as image/jpeg, image/png or image/webp")
+    return parse_rendition(request.args, ",".join(offered), thumbnail=thumbnail)  # or 400
+
+
+@contextmanager
+def _render_refusals() -> Iterator[None]:
+    """What the imaging service refuses: no such frame 404, anything else 422, with the reason."""
     try:
-        return parse_rendition(request.args, ",".join(offered), thumbnail=thumbnail)
-    except InvalidRendition as exc:
-        abort(400, str(exc))
+        yield
+    except FrameNotFound as exc:
+        abort(404, str(exc))
+    except (RenderRefused, NotAVolume) as exc:
+        abort(422, str(exc))
 
 
-def _cached_bytes(key: str, produce: Callable[[], bytes]) -> bytes:
-    """The render cache, else ``produce`` (its refusals become 404 or 422 with the reason)."""
-    cache = render_cache()
-    body = cache.get(key)
-    if body is None:
-        try:
-            body = produce()
-        except FrameNotFound as exc:
-            abort(404, str(exc))
-        except (RenderRefused, NotAVolume) as exc:
-            abort(422, str(exc))
-        cache.put(key, body)
-    return body
-
-
-def _image_response(key: str, media_type: str, produce: Callable[[], bytes]) -> Response:
+def _image_response(image: RenderedImage) -> Response:
     """A rendered image with a strong ETag, 304 on a match, private caching."""
-    etag = hashlib.sha256(key.encode()).hexdigest()[:32]
     headers = {"Cache-Control": "private, max-age=86400", "Vary": "Accept"}
-    if request.if_none_match.contains(etag):
+    if request.if_none_match.contains(image.etag):
         response = Response(status=304, headers=headers)
     else:
-        response = Response(_cached_bytes(key, produce), mimetype=media_type, headers=headers)
-    response.set_etag(etag)
+        with _render_refusals():
+            body = image.body()
+        response = Response(body, mimetype=image.media_type, headers=headers)
+    response.set_etag(image.etag)
     return response
-
-
-def _frame_image(instance: Instance, frame: int,
-                 rendition: Rendition) -> tuple[str, Callable[[], bytes]]:
-    """The cache key of a frame's rendition and how to produce it."""
-    archive = current_archive()
-    stored = archive.locate(instance.sop_instance_uid)
-
-    def produce() -> bytes:
-        if rendition.window is None and rendition.preset == "auto" and \
-                instance.photometric_interpretation.startswith("MONOCHROME"):
-            middle = middle_image(db.session, instance.series_fk)
-            return render_in_series(stored, frame - 1, rendition,
-                                    archive.locate(middle) if middle else None)
-        return render(stored, frame - 1, rendition)
-
-    return rendition.cache_key(stored.sha256, frame), produce
 
 
 def _render_many(instances: list[Instance]) -> Response:
@@ -550,8 +529,9 @@ def _render_many(instances: list[Instance]) -> Response:
     if "multipart/related" not in request.headers.get("Accept", "").lower():
         return _render(images[len(images) // 2], 1, thumbnail=False)
     rendition = _rendition(thumbnail=False)
-    parts = [(rendition.media_type, _cached_bytes(*_frame_image(i, 1, rendition)))
-             for i in images]
+    with _render_refusals():
+        parts = [(rendition.media_type, rendered_image(db.session, i, 1, rendition).body())
+                 for i in images]
     boundary = multipart.new_boundary()
     return Response(b"".join(multipart.stream_parts(parts, boundary)), headers={
         "Content-Type": f'multipart/related; type="{rendition.media_type}"; '
@@ -573,10 +553,9 @@ def rendered_series(study: str, series: str) -> Response:
 
 def _render(instance: Instance, frame: int, *, thumbnail: bool) -> Response:
     rendition = _rendition(thumbnail)
-    if not 1 <= frame <= instance.number_of_frames:
-        abort(404, f"frame {frame} is outside 1..{instance.number_of_frames}")
-    key, produce = _frame_image(instance, frame, rendition)
-    return _image_response(key, rendition.media_type, produce)
+    with _render_refusals():
+        image = rendered_image(db.session, instance, frame, rendition)
+    return _image_response(image)
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<instance>/rendered")
@@ -680,6 +659,4 @@ def volume_view(study: str, series: str, kind: str) -> Response:
     if not 0.0 <= position <= 1.0 or angle % 5 != 0 or not 0 <= angle < 360:
         abort(400, "position is 0..1; angle is 0..355 in steps of 5")
     content, files = _volume_sources(study, series)
-    key = rendition.cache_key(content, 0) + f":{kind}:{position!r}:{angle!r}:v2"
-    return _image_response(key, rendition.media_type, lambda: render_volume(
-        content, files, kind, position, angle, rendition))
+    return _image_response(volume_image(content, files, kind, position, angle, rendition))

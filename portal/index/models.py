@@ -138,3 +138,31 @@ class StudyReferrer(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     study_fk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
     key: Mapped[str] = mapped_column(String(400), index=True)
+
+
+class Order(Base):
+    """An imaging order from the RIS: ordered -> scheduled -> performed -> reported.
+
+    Kept with the index (what exists or is expected to), not with ``reports`` that receives
+    it: the access policy reads it (an order opens its study to the physician who placed
+    it) and access imports no domain (docs/architecture.md "What may import what")."""
+
+    __tablename__ = "imaging_order"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    placer_order_number: Mapped[str] = mapped_column(String(64), default="")
+    filler_order_number: Mapped[str] = mapped_column(String(64), default="", index=True)
+    accession_number: Mapped[str] = mapped_column(String(64), default="", index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="", index=True)
+    patient_name: Mapped[str] = mapped_column(String(324), default="")
+    procedure: Mapped[str] = mapped_column(String(128), default="")
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    ordering_provider: Mapped[str] = mapped_column(String(324), default="")
+    # The referrer-matching key of the ordering provider (portal.index.referrers), so the
+    # access policy can match the order's study to the physician who asked for it.
+    ordering_provider_key: Mapped[str] = mapped_column(String(128), default="", index=True)
+    status: Mapped[str] = mapped_column(String(16), default="ordered")
+    scheduled_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    location: Mapped[str] = mapped_column(String(128), default="")
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())

@@ -15,20 +15,16 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypedDict
 
 import pydicom
 from flask import current_app
 from pydicom.dataset import Dataset
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
-from portal.archive.ingest import ArchiveUnavailable
-from portal.index.models import Instance, Series, Study
-from portal.reports.models import Report
+from portal.archive.store import ArchiveUnavailable
+from portal.dicom_classes import ENCAPSULATED_PDF, REPORT_CLASSES, SR_CLASSES
 from portal.reports.notify import notifier, waiting_notices
 from portal.reports.service import IncomingReport, ReportError, receive_report
 
@@ -37,15 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SR_CLASSES = frozenset({
-    "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
-    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
-    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
-    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
-    "1.2.840.10008.5.1.4.1.1.88.35",  # Extensible SR
-})
-ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1"
-REPORT_CLASSES = SR_CLASSES | {ENCAPSULATED_PDF}
 MAX_ITEMS = 10_000  # content items walked in one SR
 
 
@@ -155,15 +142,6 @@ def report_from_dataset(ds: Dataset) -> IncomingReport:
                           author=author, signed_at=when, **common)
 
 
-def pending_report_objects(session: Session, study: Study) -> list[str]:
-    """SOP Instance UIDs of the study's SR and PDF objects that are not reports yet."""
-    known = select(Report.source_id).where(Report.source.in_(("sr", "pdf")))
-    return list(session.scalars(
-        select(Instance.sop_instance_uid).join(Series, Instance.series_fk == Series.id)
-        .where(Series.study_fk == study.id, Instance.sop_class_uid.in_(REPORT_CLASSES),
-               Instance.sop_instance_uid.not_in(known)).limit(50)))
-
-
 def after_ingest(arrival: Arrival) -> None:
     """The after-ingest step (``portal.archive.after``): the SR and PDF objects that just
     arrived become reports at once, and the referrers of each that became final get the
@@ -184,7 +162,7 @@ def after_ingest(arrival: Arrival) -> None:
                 if newly_final:
                     ready.append(report.id)
         except IntegrityError:
-            continue  # someone opening the study turned it into a report at the same moment
+            continue  # the same object, arriving twice at once, became the report
         except (ReportError, ArchiveUnavailable, KeyError, OSError, ValueError,
                 AttributeError) as exc:
             log.warning("report object %s not read: %s", uid, str(exc)[:200])
@@ -200,20 +178,3 @@ def after_ingest(arrival: Arrival) -> None:
             notify(report_id)
         except Exception:  # the report is stored; a failed notice is logged, not lost data
             log.exception("report-ready notification failed")
-
-
-def import_report_objects(session: Session, uids: list[str],
-                          read: Callable[[str], bytes]) -> int:
-    """Turn SR and PDF objects into reports; ``read(uid)`` gives an object's bytes.
-
-    A file that cannot be read or understood is logged and skipped (the images still show).
-    """
-    added = 0
-    for uid in uids:
-        try:
-            ds = pydicom.dcmread(io.BytesIO(read(uid)))
-            receive_report(session, report_from_dataset(ds))
-            added += 1
-        except (ReportError, KeyError, OSError, ValueError, AttributeError) as exc:
-            log.warning("report object %s not read: %s", uid, str(exc)[:200])
-    return added

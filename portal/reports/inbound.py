@@ -32,10 +32,10 @@ from portal import audit
 from portal.access.models import ReferrerIdentifier, User
 from portal.config import name_at_address
 from portal.db import Database
-from portal.index.models import Patient, Study
+from portal.index.models import Order, Patient, Study
 from portal.index.referrers import identifier_key, name_key
 from portal.reports import hl7
-from portal.reports.models import Order, ReceivedMessage
+from portal.reports.models import ReceivedMessage
 from portal.reports.service import (
     IdentityMismatch,
     IncomingOrder,

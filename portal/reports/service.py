@@ -16,15 +16,16 @@ from sqlalchemy import String, and_, exists, false, or_, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from portal import audit
+from portal import audit, failures
 from portal.access.models import ReferrerIdentifier, User
+from portal.access.policy import allowed, order_placers
+from portal.access.policy import is_patient as is_patient  # the policy's rule, also named here
 from portal.access.principal import Principal
 from portal.db import Database, utcnow
-from portal.index.models import Patient, Study, StudyReferrer
+from portal.index.models import Order, Patient, Study, StudyReferrer
 from portal.index.names import search_words
 from portal.reports.models import (
     ORDER_STATUSES,
-    Order,
     ReleaseRule,
     Report,
     ReportRead,
@@ -35,7 +36,7 @@ MAX_TEXT = 200_000  # characters of one report section
 MAX_PDF_BYTES = 20 << 20
 
 
-class ReportError(ValueError):
+class ReportError(failures.Unprocessable, ValueError):
     """A report or order that cannot be accepted (the reason is for the sender)."""
 
 
@@ -397,15 +398,6 @@ def _patient_delay(session: Session, study: Study) -> timedelta:
     return max([default, *(timedelta(hours=h) for h in hours)])
 
 
-def is_patient(principal: Principal) -> bool:
-    """Patients (signed in as such, or any share-link visitor not known as a physician)
-    read under the release rules; everyone else who may see the study reads at once."""
-    clinical = any(principal.has_role(r) for r in ("physician", "office_manager", "staff"))
-    if principal.kind == "user":
-        return principal.has_role("patient") and not clinical
-    return principal.kind == "share" and not clinical
-
-
 @dataclass(frozen=True)
 class ReportView:
     """What one reader is shown of a report."""
@@ -444,14 +436,8 @@ def readable_reports(session: Session, principal: Principal, study: Study,
 def orders_for(session: Session, principal: Principal, limit: int = 200) -> list[Order]:
     """Orders this person placed (their identifiers as ordering provider), or, for office
     managers and staff, that their practice's physicians placed; newest first."""
-    if principal.kind != "user":
-        return []
-    people = select(User.id).where(User.id == principal.id)
-    if (principal.has_role("office_manager") or principal.has_role("staff")) \
-            and principal.practice_id is not None:
-        people = select(User.id).where(or_(User.id == principal.id,
-                                           User.practice_fk == principal.practice_id))
-    elif not principal.has_role("physician"):
+    people = order_placers(principal)  # whose orders: the access policy's answer
+    if people is None:
         return []
     keys = select(ReferrerIdentifier.key).where(ReferrerIdentifier.user_fk.in_(people))
     return list(session.scalars(select(Order).where(Order.ordering_provider_key.in_(keys))
@@ -462,7 +448,7 @@ def orders_for(session: Session, principal: Principal, limit: int = 200) -> list
 def unread_report_condition(principal: Principal) -> ColumnElement[bool]:
     """SQL on Study: it has a final or amended report this person has not read in that
     version (clinicians only; patients read under release rules and get no badge)."""
-    if principal.kind != "user" or is_patient(principal):
+    if not allowed(principal, "unread_badges"):
         return false()
     read = select(ReportRead.id).where(ReportRead.user_fk == principal.id,
                                        ReportRead.report_fk == Report.id,
@@ -483,7 +469,7 @@ def unread_studies(session: Session, principal: Principal, study_ids: list[int])
 def unread_views(session: Session, principal: Principal,
                  views: list[ReportView]) -> list[ReportView]:
     """The views whose current version this person has not read yet (a read, no write)."""
-    if principal.kind != "user" or not views:
+    if not allowed(principal, "account") or not views:
         return []
     seen = dict(session.execute(select(ReportRead.report_fk, ReportRead.version).where(
         ReportRead.user_fk == principal.id,
@@ -491,9 +477,21 @@ def unread_views(session: Session, principal: Principal,
     return [v for v in views if seen.get(v.report.id, 0) < v.report.version]
 
 
+def mark_shown_read(session: Session, principal: Principal, studies: list[Study]) -> None:
+    """The final reports of ``studies`` this person may read are read once the page showing
+    them is answered: called by its handler, in the request's unit of work (portal/db.py),
+    never by a template."""
+    if not allowed(principal, "account"):
+        return
+    for study in studies:
+        final = [v for v in readable_reports(session, principal, study)
+                 if v.report.status in ("final", "amended")]
+        mark_read(session, principal, unread_views(session, principal, final))
+
+
 def mark_read(session: Session, principal: Principal, views: list[ReportView]) -> None:
     """Remember that a person has seen these reports in their current versions."""
-    if principal.kind != "user":
+    if not allowed(principal, "account"):
         return
     for view in views:
         row = session.scalars(select(ReportRead).where(

@@ -43,7 +43,7 @@ from portal.access.policy import (
     visible_studies,
 )
 from portal.access.policy import is_public as policy_is_public
-from portal.access.principal import Principal, current_principal
+from portal.access.principal import Principal, current_principal, register_visitor
 from portal.auth.recent import require_recent_sign_in
 from portal.db import db, utcnow
 from portal.errors import error_response
@@ -58,6 +58,7 @@ from portal.sharing.sessions import (
     current_visit,
     forget_cached_visits,
     set_share_cookie,
+    share_principal,
 )
 from portal.studies.service import study_series
 
@@ -450,10 +451,8 @@ def send(public_id: str) -> Response:
     principal = _user()
     form = request.form
     pin = form.get("pin") or None
-    try:
-        link = service.get_link(db.session, principal, public_id)
-    except service.ShareError:
-        abort(404)  # missing, or a link this person may not manage: the same answer
+    # NoSuchLink, 404: missing, or a link this person may not manage: the same answer
+    link = service.get_link(db.session, principal, public_id)
     try:
         deliver(link, token=form.get("token", ""), pin=pin, channel=form.get("channel", ""),
                 to=form.get("to", ""), what="pin" if form.get("what") == "pin" else "link")
@@ -479,10 +478,7 @@ def my_links() -> str:
 def link_detail(public_id: str) -> str:
     """One link: its state, uses and every access."""
     principal = _user()
-    try:
-        link = service.get_link(db.session, principal, public_id)
-    except service.ShareError:
-        abort(404)
+    link = service.get_link(db.session, principal, public_id)  # or NoSuchLink, 404
     # A patient is told who opened his link, not where from (as on the visitor's page).
     return render_template("sharing/link.html", link=link, state=service.link_state(link),
                            rows=service.accesses(db.session, link,
@@ -496,10 +492,7 @@ def revoke(public_id: str) -> BaseResponse:
     again = _recent_sign_in()
     if again is not None:
         return again
-    try:
-        service.revoke_link(db.session, principal, public_id)
-    except service.ShareError:
-        abort(404)
+    service.revoke_link(db.session, principal, public_id)  # or NoSuchLink, 404
     flash("The link has been revoked. Anyone viewing through it is cut off.")
     return redirect(_back_or(url_for("sharing.link_detail", public_id=public_id)))
 
@@ -557,7 +550,9 @@ def _noindex(response: Response) -> Response:
 
 
 def init_app(app: Flask) -> None:
-    """Rate limiter, the ended-session page and the noindex header (before the policy hook)."""
+    """Rate limiter, the ended-session page and the noindex header (before the policy hook);
+    share sessions become principals through the loader registered with access."""
+    register_visitor(app, share_principal)
     init_limits(app)
     app.before_request(_ended_share_pages)
     app.after_request(_noindex)

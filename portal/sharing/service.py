@@ -17,10 +17,11 @@ from typing import Any, Literal
 from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from portal import audit
+from portal import audit, failures
 from portal.access.grants import create_grant
 from portal.access.models import User
 from portal.access.policy import (
+    allowed,
     is_patient_user,
     share_audiences,
     shareable_studies,
@@ -44,29 +45,47 @@ Audience = Literal["patient", "physician"]
 LinkState = Literal["active", "pending", "expired", "revoked", "locked"]
 
 
-class ShareError(Exception):
+class ShareError(failures.Invalid):
     """A share cannot be made or changed as asked; the message says why (HTTP 400)."""
 
 
-class LinkUnavailable(Exception):
+class NoSuchLink(ShareError):
+    """No link of that id that the actor may manage: a missing link and another person's
+    answer alike, 404 with the words of any unknown address (docs/security.md 16)."""
+
+    status = 404
+    public = False
+    default_reason = ("The requested URL was not found on the server. If you entered the URL "
+                      "manually please check your spelling and try again.")
+
+
+class LinkUnavailable(failures.NotFound):
     """Unknown, expired, not yet valid, revoked or locked: one answer for all
     (docs/security.md 16)."""
 
 
-class PinRequired(Exception):
+class PinRequired(failures.PortalError):
     """The link has a PIN and none was sent (not counted as a failed attempt)."""
 
+    status = 401
+    default_reason = "enter the PIN you were given"
 
-class WrongPin(Exception):
+
+class WrongPin(failures.PortalError):
     """The PIN did not match; ``remaining`` attempts are left before the link locks."""
+
+    status = 401
 
     def __init__(self, remaining: int) -> None:
         super().__init__("wrong PIN")
         self.remaining = remaining
 
 
-class LinkLocked(Exception):
+class LinkLocked(failures.PortalError):
     """This wrong PIN was the last one allowed: the link is locked from now on."""
+
+    status = 403
+    default_reason = "this link is locked"
 
 
 @dataclass(frozen=True)
@@ -256,23 +275,23 @@ def manageable_links(actor: Principal) -> Select[ShareLink]:
     """Links the actor may see and revoke: his own; for office managers, every link whose
     studies their practice may all see (another practice's links stay out of sight)."""
     stmt = select(ShareLink).options(selectinload(ShareLink.studies))
-    if actor.kind == "user" and actor.has_role("office_manager"):
+    if allowed(actor, "all_links"):
         visible = select(Study.study_instance_uid).where(study_filter(actor))
         hidden = select(ShareLinkStudy.id).where(
             ShareLinkStudy.share_fk == ShareLink.id,
             ShareLinkStudy.study_instance_uid.not_in(visible))
         return stmt.where(~hidden.exists())
-    if actor.kind != "user":
+    if not allowed(actor, "account"):
         return stmt.where(ShareLink.id.is_(None))
     return stmt.where(ShareLink.created_by_fk == actor.id)
 
 
 def get_link(session: Session, actor: Principal, public_id: str) -> ShareLink:
-    """One link the actor may manage, or ShareError("no such link")."""
+    """One link the actor may manage, or NoSuchLink (a ShareError, 404)."""
     link = session.scalars(manageable_links(actor).where(
         ShareLink.public_id == public_id)).first()
     if link is None:
-        raise ShareError("no such link")
+        raise NoSuchLink("no such link")
     return link
 
 
@@ -480,7 +499,7 @@ def claim_for_colleague(session: Session, user: Principal, link_id: int) -> list
                            .where(ShareLink.id == link_id).with_for_update()).first()
     if link is None or link_state(link) != "active" or not link.requires_sign_in:
         raise LinkUnavailable
-    if user.kind != "user":
+    if not allowed(user, "account"):
         raise ShareError("sign in to accept this link")
     actor = Principal("share", link.id, "share link", share_id=link.public_id, via="share")
     uids = [s.study_instance_uid for s in link.studies]

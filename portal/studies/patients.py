@@ -25,9 +25,8 @@ from portal.access.policy import (
 )
 from portal.access.principal import Principal, current_principal
 from portal.db import db, utcnow
-from portal.index.models import Study
-from portal.reports.models import Order
-from portal.reports.service import effective_statuses
+from portal.index.models import Order, Study
+from portal.reports.service import effective_statuses, mark_shown_read
 from portal.sharing import service as sharing
 from portal.sharing.models import ShareLink
 
@@ -197,6 +196,7 @@ def reports() -> str:
     principal = _patient()
     studies = own_studies(db.session, principal)
     _audit_query(principal, "my reports", len(studies))
+    mark_shown_read(db.session, principal, studies)
     return render_template("patients/reports.html", studies=studies)
 
 

@@ -22,20 +22,22 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from portal import audit
 from portal.access.policy import (
+    download,
     is_patient_user,
     public,
     reads_plain_words,
     require_series,
     require_study,
     share_audiences,
+    share_visible,
 )
 from portal.access.principal import Principal, current_principal
 from portal.archive import current_archive
 from portal.db import db
-from portal.imaging.cache import series_window
+from portal.imaging.service import series_default_window
 from portal.index.names import person_name
 from portal.index.referrers import key_label
-from portal.reports.service import unread_studies
+from portal.reports.service import mark_shown_read, unread_studies
 from portal.studies import export
 from portal.studies.patients import scans_page
 from portal.studies.service import (
@@ -140,22 +142,25 @@ def _audit_view(principal: Principal, study_uid: str, patient_id: str, view: str
 
 
 @bp.get("/studies/<study_uid>")
+@share_visible
 def study_page(study_uid: str) -> str:
     """One study: report slot, series strip, actions and the patient's other studies."""
     principal = _principal()
     study = require_study(db.session, principal, study_uid)
     _audit_view(principal, study.study_instance_uid, study.patient.patient_id, "study page")
-    return render_template("studies/study.html", study=study,
-                           series=study_series(db.session, principal, study),
-                           key_images=key_images(db.session, principal, study,
-                                                 current_archive().read),
-                           history=patient_history(db.session, principal, study),
-                           principal=principal,
+    shown = {"series": study_series(db.session, principal, study),
+             "key_images": key_images(db.session, principal, study, current_archive().read),
+             "history": patient_history(db.session, principal, study)}
+    # Last before the page: the report card shows them (a write of the request's unit of
+    # work, portal/db.py, so no transaction of its own may follow it on SQLite).
+    mark_shown_read(db.session, principal, [study])
+    return render_template("studies/study.html", study=study, **shown, principal=principal,
                            plain=reads_plain_words(principal),
                            may_share=bool(share_audiences(principal)))
 
 
 @bp.get("/studies/<study_uid>/view/<series_uid>")
+@share_visible
 def viewer(study_uid: str, series_uid: str) -> str:
     """The full-screen image viewer for one series (images come from /dicomweb renditions)."""
     principal = _principal()
@@ -164,20 +169,19 @@ def viewer(study_uid: str, series_uid: str) -> str:
     images = series_images(db.session, series)
     if not images:
         abort(404, "this series has no images to show")
-    archive = current_archive()
     middle = images[len(images) // 2]
-    header = archive.header(middle.sop_instance_uid)
-    default = None
-    if not file_windows(header) and middle.photometric_interpretation.startswith("MONOCHROME"):
-        # The same window /rendered applies to a series whose files carry none.
-        found = series_window(archive.locate(middle.sop_instance_uid))
-        default = (found.center, found.width) if found else None
+    header = current_archive().header(middle.sop_instance_uid)
+    # The file's own windows come first; else the window /rendered gives images without one.
+    found = None if file_windows(header) else series_default_window(db.session, middle)
+    default = (found.center, found.width) if found else None
     _audit_view(principal, study.study_instance_uid, study.patient.patient_id, "viewer")
     return render_template("studies/viewer.html", study=study, series=series,
                            description=describe_series(study, series, images, header, default))
 
 
 @bp.get("/studies/<study_uid>/download.zip")
+@share_visible
+@download
 def download_study(study_uid: str) -> Response:
     """The study as a ZIP of its DICOM files with a DICOMDIR (audited as an export)."""
     principal = _principal()
@@ -189,10 +193,7 @@ def download_study(study_uid: str) -> Response:
     headers = archive.headers([i.sop_instance_uid for i in instances])
     entries = export.study_entries(instances, headers, archive.locate)
     threshold = export.ZIP64_THRESHOLD  # read once: the length and the stream must agree
-    try:
-        length = export.check_size(entries, threshold)
-    except export.ExportTooLarge as exc:
-        abort(413, str(exc))
+    length = export.check_size(entries, threshold)  # ExportTooLarge: 413 with the reason
     audit.record(db, audit.EXPORT, action="R", outcome=audit.OUTCOME_SUCCESS,
                  who=principal.audit_name, source_address=request.remote_addr or "",
                  study_instance_uid=study.study_instance_uid,

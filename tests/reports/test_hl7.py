@@ -25,9 +25,10 @@ from portal.access.grants import link_identifier, link_patient
 from portal.access.models import User
 from portal.access.principal import Principal
 from portal.archive import current_archive
+from portal.index.models import Order
 from portal.reports import inbound
 from portal.reports.mllp import MllpServer
-from portal.reports.models import Order, Report, ReportVersion
+from portal.reports.models import Report, ReportVersion
 from portal.reports.notify import notifier
 from tests.conftest import IdentityProvider, add_person, signed_in
 from tests.factories import make_dataset, to_bytes

@@ -34,8 +34,9 @@ from sqlalchemy import select
 from portal.access.grants import link_identifier
 from portal.access.models import AuditEvent
 from portal.archive import current_archive
+from portal.index.models import Order
 from portal.reports import inbound
-from portal.reports.models import Order, Report
+from portal.reports.models import Report
 from tests.archive import test_dimse_tls
 from tests.conftest import REPO, IdentityProvider, add_person, free_port, signed_in, wait_for
 from tests.factories import make_dataset, to_bytes
