@@ -64,7 +64,11 @@ def readyz() -> tuple[Response, int]:
         checks["external_archive"] = str(external["state"])
         if ready and external["state"] != "ok":
             body["status"] = "degraded"
-    return jsonify(body), (200 if ready else 503)
+    if ready:
+        return jsonify(body), 200
+    answer = jsonify(body)
+    answer.headers["Retry-After"] = "5"
+    return answer, 503
 
 
 # /readyz is public: a probe of the external archive runs at most this often per process, so

@@ -42,6 +42,9 @@ class ServerSession(CallbackDict[str, Any], SessionMixin):
         self.auth_time: Any = None
         self.created_at: Any = None
         self.last_seen_at: Any = None
+        # The cookie named a session but the database could not be asked: the request is
+        # answered 503 (``refuse_without_database``), never served as an anonymous visitor.
+        self.unavailable = False
 
     def regenerate(self) -> None:
         """Issue a new id at the next save (sign-in, privilege change)."""
@@ -80,11 +83,16 @@ class DatabaseSessionInterface(SessionInterface):
             return session
         now = utcnow()
         try:
-            with self._database(app).new_session() as db:
+            # The request's session (portal/db.py): the request opens no other to read it.
+            with self._database(app).reading() as db:
                 row = db.scalars(select(UserSession).where(
                     UserSession.token_sha256 == _digest(token))).first()
         except OperationalError:
-            return session  # fail closed: nobody is signed in without the database
+            self._database(app).session.rollback()
+            # Fail closed (nobody is signed in without the database) and say so: a 503 with
+            # Retry-After, not a trip to a sign-in page that cannot work either.
+            session.unavailable = True
+            return session
         if row is None or row.expires_at <= now or row.last_seen_at + self.idle <= now:
             return session
         session = ServerSession(dict(row.data), token)
@@ -95,6 +103,16 @@ class DatabaseSessionInterface(SessionInterface):
 
     def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
         assert isinstance(session, ServerSession)
+        if session.unavailable:
+            return
+        try:
+            self._save(app, session, response)
+        except OperationalError:
+            # The database went away during the request (or was never there for a new
+            # visitor's sign-in): the answer must not claim a session that was not kept.
+            _answer_unavailable(response)
+
+    def _save(self, app: Flask, session: ServerSession, response: Response) -> None:
         name = self.cookie_name(app)
         database = self._database(app)
         secure = bool(app.config["SESSION_COOKIE_SECURE"])
@@ -134,6 +152,39 @@ class DatabaseSessionInterface(SessionInterface):
     def should_set_cookie(self, app: Flask, session: SessionMixin) -> bool:
         """Cookies are set explicitly in ``save_session``."""
         return False
+
+
+DATABASE_DOWN = "the database is unavailable; try again shortly"
+
+
+def refuse_without_database(app: Flask) -> None:
+    """Answer 503 (Retry-After) to a request whose session could not be loaded, before any
+    other hook can treat its sender as signed out (docs/security.md (c) 3)."""
+    from flask import session
+
+    from portal.failures import Unavailable
+
+    @app.before_request
+    def _refuse() -> None:
+        if getattr(session, "unavailable", False):
+            raise Unavailable(DATABASE_DOWN)
+
+
+def _answer_unavailable(response: Response) -> None:
+    """Turn an answer whose session could not be saved into the 503 of a database outage,
+    keeping the security headers already set on it."""
+    from portal.errors import error_response
+
+    failed = error_response(503, DATABASE_DOWN, {"Retry-After": "5"})
+    for name in ("Location", "ETag", "Last-Modified", "Content-Disposition",
+                 "Content-Encoding", "Content-Length", "Set-Cookie"):
+        response.headers.pop(name, None)
+    response.status_code = 503
+    response.direct_passthrough = False
+    response.set_data(failed.get_data())
+    response.content_type = failed.content_type
+    response.headers["Retry-After"] = "5"
+    response.headers["Cache-Control"] = "no-store"
 
 
 def end_user_sessions(database: Database, user_fk: int) -> int:

@@ -17,10 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from portal import failures
+
 State = Literal["closed", "open", "half_open"]
 
 
-class BreakerOpen(Exception):
+class BreakerOpen(failures.Unavailable):
     """The breaker is open: the call was not attempted."""
 
     def __init__(self, retry_after: float) -> None:
