@@ -64,6 +64,8 @@ ACCEPTED_SOP_CLASSES: frozenset[str] = frozenset(
 
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _TIFF_PREAMBLES = (b"II*\x00", b"MM\x00*")
+# Bytes of text: a preamble holding any could be a script (with or without "#!") or markup.
+_TEXT_BYTES = frozenset(b"\t\n\r" + bytes(range(0x20, 0x7F)))
 _UNDEFINED = 0xFFFFFFFF
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR",
                        b"UT", b"SV", b"UV"})
@@ -330,6 +332,19 @@ def _parse(data: bytes, syntax: str, body_start: int, limits: Limits) -> Dataset
         raise Rejected(f"not a readable DICOM file: {exc}") from exc
 
 
+def preamble_is_inert(preamble: bytes) -> bool:
+    """Whether a file's 128-byte preamble is kept as it came (docs/security.md 35).
+
+    An allow-list of forms nothing can run, never a list of known-bad ones: all zeros; a TIFF
+    header (the allow-listed dual format); or one whose first 8 bytes are zero (where every
+    executable's magic number sits: PE ``MZ``, ELF, Mach-O, ``#!``) holding no byte of text
+    (so no script, with or without ``#!``, and no markup). Anything else is zeroed.
+    """
+    if not any(preamble) or preamble.startswith(_TIFF_PREAMBLES):
+        return True
+    return not any(preamble[:8]) and not any(byte in _TEXT_BYTES for byte in preamble)
+
+
 def validate_part10(data: bytes, limits: Limits, digest: str | None = None) -> ValidInstance:
     """Accept a DICOM Part 10 file or raise ``Rejected`` with a clear reason and status.
 
@@ -348,7 +363,7 @@ def validate_part10(data: bytes, limits: Limits, digest: str | None = None) -> V
     if len(data) < 132 or data[128:132] != b"DICM":
         raise Rejected("not a DICOM Part 10 file (no 'DICM' prefix after the preamble)")
     preamble_zeroed = False
-    if any(data[:128]) and not data.startswith(_TIFF_PREAMBLES):
+    if not preamble_is_inert(data[:128]):
         # An executable preamble turns the file into a polyglot (CVE-2019-11687); zero it.
         data = bytes(128) + data[128:]
         preamble_zeroed = True

@@ -16,10 +16,12 @@ from __future__ import annotations
 import io
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 
+from portal import failures
 from portal.dicomweb.accept import MediaRange, parse_accept
 from portal.dicomweb.transcode import DEFLATED, EXPLICIT_LE, IMPLICIT_LE
 
@@ -56,7 +58,7 @@ Decoder = Callable[[list[int]], list[bytes]]
 MAX_FRAMES_PER_REQUEST = 1000
 
 
-class NotAcceptable(Exception):
+class NotAcceptable(failures.NotAcceptable):
     """No media type the client accepts can carry these frames."""
 
 
@@ -110,12 +112,27 @@ def choose(accept: str, stored: str) -> tuple[str, bool]:
                         f"the default){stored_form}")
 
 
+def frame_bits(ds: Dataset) -> int:
+    """Bits of one native frame as the metadata describes it (PS3.5 8.1.1; PS3.3 C.7.6.3.1.2:
+    YBR_FULL_422 keeps two luminance and one pair of chrominance samples per two pixels)."""
+    samples = int(ds.get("SamplesPerPixel", 1))
+    if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422" and samples == 3:
+        samples = 2
+    return int(ds.Rows) * int(ds.Columns) * samples * int(ds.BitsAllocated)
+
+
 def _native_frames(ds: Dataset, numbers: Sequence[int]) -> list[bytes]:
-    """Slice native little endian pixel data without decoding (whole bytes per frame)."""
-    bits = int(ds.BitsAllocated)
-    size = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * bits // 8
+    """Slice native little endian pixel data without decoding, as stored: the planar
+    configuration kept, YBR_FULL_422 subsampled, single-bit frames packed (a frame that
+    starts inside a byte is shifted to start at bit 0 of its first byte)."""
+    size = frame_bits(ds)
     data = ds.PixelData
-    return [bytes(data[(n - 1) * size:n * size]) for n in numbers]
+    if size % 8 == 0:
+        step = size // 8
+        return [bytes(data[(n - 1) * step:n * step]) for n in numbers]
+    bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")
+    return [np.packbits(bits[(n - 1) * size:n * size], bitorder="little").tobytes()
+            for n in numbers]
 
 
 def read_dataset(data: bytes) -> Dataset:
@@ -140,6 +157,4 @@ def negotiate_and_extract(load: Callable[[], Dataset], syntax: str, numbers: Seq
         count = int(ds.get("NumberOfFrames") or 1)
         frames = list(generate_frames(ds.PixelData, number_of_frames=count))
         return content_type, [frames[n - 1] for n in numbers]
-    if int(ds.BitsAllocated) % 8 == 0:
-        return content_type, _native_frames(ds, numbers)
-    return content_type, decode(list(numbers))
+    return content_type, _native_frames(ds, numbers)

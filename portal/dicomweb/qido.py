@@ -1,15 +1,21 @@
 """QIDO-RS search (PS3.18 10.6): matching keys to SQL, rows to DICOM JSON.
 
 Matching follows PS3.4 C.2.2.2: single value, universal (empty), wildcard (``*``, ``?``),
-range (dates ``A-B``, ``-B``, ``A-``) and UID lists (``\\`` or ``,`` separated). Person names
-match case-insensitively, as most archives do. Attributes the index does not hold are answered
-from the stored header of a representative instance when asked with ``includefield``.
+range (dates ``A-B``, ``-B``, ``A-``) and UID lists (``\\`` or ``,`` separated); with
+``emptyvaluematching=true`` an empty value matches too, with ``multiplevaluematching=true`` a
+value ``A\\B`` matches either (PS3.18 8.3.4.1). Person names match case-insensitively, as most
+archives do; every other attribute case-sensitively, exact and wildcard alike (PS3.4 C.2.2.2.4).
+Keys the index holds are matched in SQL; any other attribute is matched on the stored headers of
+the instances that stand for each result (``header_matches``, pure, and ``RowHeaders``), at
+most ``MAX_HEADER_SCAN`` candidates, else 400 with the reason. Attributes the index does not
+hold are answered from the stored header of a representative instance.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -17,15 +23,18 @@ from sqlalchemy import Row, Select, and_, exists, func, or_, select
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
+from portal import failures
 from portal.index.models import Instance, Patient, Series, Study
 from portal.index.names import search_words
 from portal.numbers import DB_INT_MIN, NumberError, bounded_int
 
 Level = Literal["study", "series", "instance"]
 MAX_RESULTS = 10_000
+# Candidates (after the indexed keys) whose headers a search on other attributes may read.
+MAX_HEADER_SCAN = 2_000
 
 
-class QueryError(ValueError):
+class QueryError(failures.Invalid, ValueError):
     """A query parameter is invalid; the message says which."""
 
 
@@ -73,18 +82,28 @@ INSTANCE_KEYS: tuple[Key, ...] = (
     Key("00280011", "US", Instance.columns, "int"),
     Key("00280100", "US", Instance.bits_allocated, "int"),
 )
-# Which keys are searchable at each level (PS3.18 Table 10.6.1-5: upper levels too).
+# Held by the index and matched in SQL, but returned only when asked for.
+MATCH_ONLY_KEYS: tuple[Key, ...] = (
+    Key("00080080", "LO", Study.institution_name, "text"),
+)
+# Which keys are searchable in SQL at each level (PS3.18 Table 10.6.1-5: upper levels too).
 LEVEL_KEYS: dict[Level, tuple[Key, ...]] = {
-    "study": STUDY_KEYS,
-    "series": STUDY_KEYS + SERIES_KEYS,
-    "instance": STUDY_KEYS + SERIES_KEYS + INSTANCE_KEYS,
+    "study": STUDY_KEYS + MATCH_ONLY_KEYS,
+    "series": STUDY_KEYS + MATCH_ONLY_KEYS + SERIES_KEYS,
+    "instance": STUDY_KEYS + MATCH_ONLY_KEYS + SERIES_KEYS + INSTANCE_KEYS,
 }
-# Which keys each level returns by default (PS3.18 Table 6.7.1-2 and following).
+# Which keys each level returns by default (PS3.18 Table 6.7.1-2 and following): series and
+# instance answers carry the study's (and the series') attributes too (10.6.3.3.2), under a
+# study's URL as at the top level.
 RETURN_KEYS: dict[Level, tuple[Key, ...]] = {
     "study": STUDY_KEYS,
-    "series": (*SERIES_KEYS, STUDY_KEYS[10]),
-    "instance": (*INSTANCE_KEYS, SERIES_KEYS[4], STUDY_KEYS[10]),
+    "series": (*SERIES_KEYS, *STUDY_KEYS),
+    "instance": (*INSTANCE_KEYS, *SERIES_KEYS, *STUDY_KEYS),
 }
+# Returned by default from the representative header when it holds a value.
+HEADER_RETURN_TAGS = ("00080201",)  # Timezone Offset From UTC (PS3.18 Table 10.6.3-3)
+# Value representations matched on headers by number, and as dates and times.
+_NUMERIC_VRS = frozenset({"IS", "DS", "US", "SS", "UL", "SL", "UV", "SV", "FL", "FD"})
 # Attributes of one image or one series that a representative instance's header holds but
 # that do not describe a whole study or series: never returned above their level.
 _INSTANCE_LEVEL = frozenset({
@@ -95,7 +114,10 @@ _SERIES_LEVEL = frozenset({
     "00080021", "00080031", "00080060", "00080064", "00080068", "00080070", "00081010",
     "00081040", "0008103E", "00081090", "00081111", "00081140", "00081250",
 })
-_CONTROL_PARAMS = frozenset({"limit", "offset", "includefield", "fuzzymatching"})
+_CONTROL_PARAMS = frozenset({"limit", "offset", "includefield", "fuzzymatching",
+                             "emptyvaluematching", "multiplevaluematching"})
+_FLAGS = ("fuzzymatching", "emptyvaluematching", "multiplevaluematching")
+EMPTY_VALUE = '""'  # PS3.4 C.2.2.2.1: two quotation marks match an empty value only
 
 
 def parse_tag(name: str) -> str:
@@ -140,11 +162,23 @@ def _pn_match(column: Any, value: str, fuzzy: bool) -> ColumnElement[bool]:
     return and_(*conditions)
 
 
+def _regex(value: str) -> str:
+    """A DICOM wildcard value as an anchored regular expression that reads the same in Python
+    (SQLite's REGEXP) and PostgreSQL (``~``): every other character escaped."""
+    parts = [".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value]
+    return "^" + "".join(parts) + "$"
+
+
 def _text_match(column: Any, value: str, insensitive: bool) -> ColumnElement[bool]:
     target = func.lower(column) if insensitive else column
     needle = value.lower() if insensitive else value
     if "*" in needle or "?" in needle:
-        return target.like(_like_pattern(needle), escape="\\")
+        like = target.like(_like_pattern(needle), escape="\\")
+        if insensitive:
+            return like
+        # SQLite's LIKE ignores ASCII case; the exact match does not: the regular expression
+        # (case-sensitive everywhere) makes both agree, LIKE keeps the indexes usable.
+        return and_(like, target.regexp_match(_regex(needle)))
     return target == needle
 
 
@@ -189,6 +223,32 @@ def _uid_list(value: str) -> list[str]:
     return [v.strip() for v in value.replace(",", "\\").split("\\") if v.strip()]
 
 
+def _empty(key: Key) -> ColumnElement[bool]:
+    """The key's value is empty (or unknown) in the index."""
+    if key.match == "modality":
+        return or_(Study.modalities_in_study == "", Study.modalities_in_study.is_(None))
+    if key.match == "int":
+        return key.column.is_(None)  # type: ignore[no-any-return]
+    return or_(key.column == "", key.column.is_(None))
+
+
+def condition(key: Key, value: str, fuzzy: bool = False, *, empty: bool = False,
+              multiple: bool = False) -> ColumnElement[bool]:
+    """The SQL condition of one matching key (PS3.4 C.2.2.2, PS3.18 8.3.4.1).
+
+    ``empty`` (``emptyvaluematching=true``): an empty value matches too; ``multiple``
+    (``multiplevaluematching=true``): ``A\\B`` matches A or B. The value ``""`` matches an
+    empty value only.
+    """
+    if value == EMPTY_VALUE:
+        return _empty(key)
+    if multiple and "\\" in value and key.match not in ("uid", "modality"):
+        found = or_(*(_condition(key, v, fuzzy) for v in value.split("\\")))
+    else:
+        found = _condition(key, value, fuzzy)
+    return or_(found, _empty(key)) if empty else found
+
+
 def _condition(key: Key, value: str, fuzzy: bool = False) -> ColumnElement[bool]:
     if key.match == "pn":
         return _pn_match(key.column, value, fuzzy)
@@ -231,6 +291,10 @@ class Query:
     warnings: list[str]
     fuzzy: bool = False
     capped: bool = True  # no limit, or one above the server's maximum: warn when cut
+    empty: bool = False  # emptyvaluematching=true
+    multiple: bool = False  # multiplevaluematching=true
+    # Attributes the index does not hold, matched on stored headers: (tag, value).
+    header_filters: list[tuple[str, str]] = field(default_factory=list)
 
     def trim(self, rows: Sequence[Row[*tuple[Any, ...]]]) -> Sequence[Row[*tuple[Any, ...]]]:
         """The rows to answer; warn when the server's maximum cut the results short
@@ -246,7 +310,14 @@ def parse_query(args: Mapping[str, Sequence[str]], level: Level) -> Query:
     """Read the query parameters of a QIDO-RS request."""
     keys = {k.tag: k for k in LEVEL_KEYS[level]}
     query = Query([], set(), False, MAX_RESULTS, 0, [])
+    for flag in _FLAGS:
+        values = args.get(flag, [])
+        if values and values[-1].lower() not in ("true", "false"):
+            raise QueryError(f"{flag} is true or false")
     query.fuzzy = any(v.lower() == "true" for v in args.get("fuzzymatching", [])[-1:])
+    query.empty = any(v.lower() == "true" for v in args.get("emptyvaluematching", [])[-1:])
+    query.multiple = any(v.lower() == "true"
+                         for v in args.get("multiplevaluematching", [])[-1:])
     for name, values in args.items():
         if name in ("limit", "offset"):
             try:
@@ -267,16 +338,20 @@ def parse_query(args: Mapping[str, Sequence[str]], level: Level) -> Query:
                     elif item.strip():
                         query.include.add(parse_tag(item))
             continue
-        if name == "fuzzymatching":
-            if values[-1].lower() not in ("true", "false"):
-                raise QueryError("fuzzymatching is true or false")
+        if name in _FLAGS:
             continue
-        tag = parse_tag(name.split(".")[0])
+        if "." in name:
+            raise QueryError(f"matching within sequences ({name[:64]!r}) is not supported")
+        tag = parse_tag(name)
         key = keys.get(tag)
         value = values[-1]
         if key is None:
-            query.warnings.append(f"matching on {keyword_for_tag(int(tag, 16)) or tag} is "
-                                  "not supported and was ignored")
+            if value != "":
+                if _vr_of(tag) == "SQ":
+                    raise QueryError(f"matching on the sequence {name[:64]!r} is not "
+                                     "supported")
+                _check_header_value(tag, value)
+                query.header_filters.append((tag, value))
             query.include.add(tag)
             continue
         query.include.add(tag)
@@ -304,9 +379,173 @@ def build_select(level: Level, query: Query, visible: ColumnElement[bool],
         order = [Series.id, Instance.instance_number, Instance.id]
     stmt = stmt.where(visible, *scope)
     for key, value in query.filters:
-        stmt = stmt.where(_condition(key, value, query.fuzzy))
+        stmt = stmt.where(condition(key, value, query.fuzzy, empty=query.empty,
+                                    multiple=query.multiple))
+    if query.header_filters:
+        # Paging happens after the header matching (``fetch``); one more row tells that the
+        # candidates are too many to read.
+        return stmt.order_by(*order).limit(MAX_HEADER_SCAN + 1)
     limit = query.limit + 1 if query.capped else query.limit
     return stmt.order_by(*order).limit(limit).offset(query.offset)
+
+
+def _vr_of(tag: str) -> str:
+    try:
+        return str(dictionary_VR(int(tag, 16)))
+    except KeyError:
+        return "UN"
+
+
+def _check_header_value(tag: str, value: str) -> None:
+    """QueryError unless ``value`` can match an attribute of ``tag``'s VR."""
+    vr = _vr_of(tag)
+    if value == EMPTY_VALUE:
+        return
+    for item in value.split("\\"):
+        if vr in _NUMERIC_VRS:
+            try:
+                float(item)
+            except ValueError:
+                raise QueryError(f"{keyword_for_tag(int(tag, 16)) or tag} is a number") from None
+        if vr == "DA" and "-" in item:
+            low, _, high = item.replace(".", "").partition("-")
+            if any(p and not (len(p) == 8 and p.isdigit()) for p in (low, high)):
+                raise QueryError(f"invalid date range {item[:32]!r}")
+
+
+def _wildcard(text: str, wanted: str) -> bool:
+    if "*" in wanted or "?" in wanted:
+        return re.match(_regex(wanted), text, re.DOTALL) is not None
+    return text == wanted
+
+
+def _value_matches(vr: str, stored: Any, wanted: str, fuzzy: bool) -> bool:
+    """One stored value against one query value (PS3.4 C.2.2.2), as ``condition`` does in SQL."""
+    if vr == "PN":
+        name = str(stored.get("Alphabetic", "")) if isinstance(stored, dict) else str(stored)
+        name = name.rstrip("^= ").lower()
+        if fuzzy:
+            words = re.split(r"[\s^=,-]+", name)
+            asked = [w.rstrip("*") for w in re.split(r"[\s^=,]+", wanted.lower())
+                     if w.strip("*")]
+            if asked:
+                return all(any(word.startswith(a) for word in words) for a in asked)
+        return _wildcard(name, wanted.rstrip("^= ").lower())
+    if vr in _NUMERIC_VRS:
+        try:
+            return float(stored) == float(wanted)
+        except (TypeError, ValueError):
+            return False
+    text = str(stored)
+    if vr in ("DA", "TM"):
+        drop = "." if vr == "DA" else ":"
+        text, wanted = text.replace(drop, ""), wanted.replace(drop, "")
+        if "-" in wanted:
+            low, _, high = wanted.partition("-")
+            # The upper bound is as precise as the query ("-1100" includes 11:00:59).
+            return bool(text) and (not low or text >= low) and \
+                (not high or text <= high + ("" if vr == "DA" or "." in high else "~"))
+    return _wildcard(text, wanted)
+
+
+def header_matches(header: Mapping[str, Any], tag: str, value: str, *, fuzzy: bool = False,
+                   empty: bool = False, multiple: bool = False) -> bool:
+    """Whether a stored header (DICOM JSON) matches one key (pure; QIDO-RS and C-FIND).
+
+    A multi-valued attribute matches when one of its values does; ``empty``
+    (``emptyvaluematching``): an absent or empty attribute matches too; ``multiple``
+    (``multiplevaluematching``): ``A\\B`` asks for A or B; UIDs are always a list.
+    """
+    element = header.get(tag) or {}
+    vr = str(element.get("vr") or _vr_of(tag))
+    values = [v for v in element.get("Value", []) if v not in (None, "", {})]
+    if value == EMPTY_VALUE:
+        return not values
+    if not values:
+        return empty
+    if vr == "UI":
+        wanted = _uid_list(value)
+    elif multiple and "\\" in value:
+        wanted = value.split("\\")
+    else:
+        wanted = [value]
+    return any(_value_matches(vr, v, w, fuzzy) for v in values for w in wanted)
+
+
+HeaderSource = Callable[[list[str]], Sequence[Mapping[str, Any]]]
+
+
+class RowHeaders:
+    """The stored headers of the instances that stand for each result row, read once.
+
+    A study is stood for by one instance of each of its series, a series by one, an instance
+    by itself; a series' one is its middle image (by instance number, images first), whose
+    header is made right after ingest (``archive/after.py:header_step``), so a search rarely
+    reads a file. ``source`` turns SOP Instance UIDs into headers; ``visible`` keeps to the
+    instances the principal may see.
+    """
+
+    def __init__(self, session: Session, level: Level, source: HeaderSource,
+                 visible: ColumnElement[bool] | None = None) -> None:
+        self.session, self.level, self.source, self.visible = session, level, source, visible
+        self._known: dict[int, list[Mapping[str, Any]]] = {}
+
+    def uids(self, row: Any) -> list[str]:
+        """The SOP Instance UIDs standing for ``row``, its representative first."""
+        if self.level == "instance":
+            return [row[0].sop_instance_uid]
+        stmt = (select(Instance.series_fk, Instance.sop_instance_uid, Instance.rows)
+                .join(Series, Instance.series_fk == Series.id))
+        if self.visible is not None:
+            stmt = stmt.where(self.visible)
+        stmt = stmt.where(Series.id == row[0].id if self.level == "series"
+                          else Series.study_fk == row[0].id)
+        by_series: dict[int, list[tuple[str, bool]]] = {}
+        for series_fk, uid, rows in self.session.execute(
+                stmt.order_by(Instance.series_fk, Instance.instance_number, Instance.id)):
+            by_series.setdefault(series_fk, []).append((uid, rows is not None))
+        chosen = []
+        for found in by_series.values():
+            images = [uid for uid, image in found if image] or [uid for uid, _ in found]
+            chosen.append(images[len(images) // 2])
+        return chosen
+
+    def of(self, row: Any) -> list[Mapping[str, Any]]:
+        """The headers standing for ``row`` (the representative's first)."""
+        key = row[0].id
+        if key not in self._known:
+            uids = self.uids(row)
+            self._known[key] = list(self.source(uids)) if uids else []
+        return self._known[key]
+
+    def representative(self, row: Any) -> Mapping[str, Any]:
+        """The header of the instance that represents ``row`` ({} without any)."""
+        found = self.of(row)
+        return found[0] if found else {}
+
+    def matches(self, row: Any, query: Query) -> bool:
+        """Whether one of the row's headers matches every header filter of ``query``."""
+        return any(all(header_matches(header, tag, value, fuzzy=query.fuzzy,
+                                      empty=query.empty, multiple=query.multiple)
+                       for tag, value in query.header_filters)
+                   for header in self.of(row))
+
+
+def fetch(session: Session, stmt: Select[*tuple[Any, ...]], query: Query,
+          headers: RowHeaders) -> Sequence[Row[*tuple[Any, ...]]]:
+    """Run a search made by ``build_select``: the header filters and paging applied, the
+    answer trimmed to the limit (QueryError when too many candidates need their headers)."""
+    rows = session.execute(stmt).all()
+    if not query.header_filters:
+        return query.trim(rows)
+    if len(rows) > MAX_HEADER_SCAN:
+        names = ", ".join(keyword_for_tag(int(t, 16)) or t for t, _ in query.header_filters)
+        raise QueryError(f"matching on {names} reads stored headers, and more than "
+                         f"{MAX_HEADER_SCAN} results would need reading: narrow the search "
+                         "with other keys (e.g. StudyDate, PatientID, ModalitiesInStudy)")
+    matched = [row for row in rows if headers.matches(row, query)]
+    end = query.offset + (query.limit + 1 if query.capped else query.limit)
+    return query.trim(matched[query.offset:end])
 
 
 def _json_value(vr: str, value: Any) -> dict[str, Any]:
@@ -348,6 +587,21 @@ def _header_value(header: Mapping[str, Any], tag: str) -> dict[str, Any]:
     return {k: v for k, v in element.items() if k != "BulkDataURI"} or {"vr": element["vr"]}
 
 
+def _as_stored(item: dict[str, Any], header: Mapping[str, Any]) -> None:
+    """Dates and times as the header holds them (a legacy ``1997.04.24`` is indexed as
+    ``19970424`` for matching, and answered as stored), when the two agree."""
+    for tag, element in item.items():
+        if element.get("vr") not in ("DA", "TM") or not element.get("Value"):
+            continue
+        stored = header.get(tag, {}).get("Value")
+        if not stored or not isinstance(stored[0], str):
+            continue
+        indexed = str(element["Value"][0])
+        plain = stored[0].replace("." if element["vr"] == "DA" else ":", "")
+        if stored[0] != indexed and (plain == indexed or plain.startswith(indexed)):
+            item[tag] = {"vr": element["vr"], "Value": [stored[0]]}
+
+
 def to_json(level: Level, rows: Sequence[Any], query: Query, url_for_row: Callable[[Any], str],
             representative: Callable[[Any], Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Turn result rows into DICOM JSON objects with RetrieveURL and any includefields."""
@@ -360,9 +614,11 @@ def to_json(level: Level, rows: Sequence[Any], query: Query, url_for_row: Callab
         extra_index = [all_keys[t] for t in query.include if t in all_keys and t not in base_tags]
         item.update(_row_values(row, extra_index))
         wanted = {t for t in query.include if t not in all_keys}
-        header: Mapping[str, Any] = {}
-        if wanted or query.include_all:
-            header = representative(row)
+        header = representative(row)
+        _as_stored(item, header)
+        for tag in HEADER_RETURN_TAGS:
+            if header.get(tag, {}).get("Value"):
+                item.setdefault(tag, _header_value(header, tag))
         if query.include_all:
             above = (set() if level == "instance" else
                      _INSTANCE_LEVEL | (_SERIES_LEVEL if level == "study" else set()))

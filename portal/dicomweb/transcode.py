@@ -251,4 +251,24 @@ def _frame(ds: Dataset, syntax: str, index: int) -> bytes:
         if not preferred:
             raise
         array, _ = decoder.as_array(ds, index=index, raw=True)
+    return _as_described(ds, array)
+
+
+def _as_described(ds: Dataset, array: np.ndarray[Any, Any]) -> bytes:
+    """A decoded frame laid out as the instance's metadata describes native pixel data
+    (PS3.5 8.1.1, PS3.3 C.7.6.3.1.2), which is what a client reads it by: single bits packed,
+    colour by the Planar Configuration, YBR_FULL_422 as two luminance samples and one
+    chrominance pair per two pixels (each pair the mean of the two decoded ones)."""
+    if int(ds.BitsAllocated) == 1:
+        return bytes(pack_bits(array.ravel(), pad=False))
+    if array.ndim < 3 or int(ds.get("SamplesPerPixel", 1)) < 3:
+        return _little_endian_bytes(array)
+    if str(ds.get("PhotometricInterpretation", "")) == "YBR_FULL_422" and \
+            array.shape[1] % 2 == 0:
+        pairs = array.reshape(array.shape[0], array.shape[1] // 2, 2, 3).astype(np.uint32)
+        chroma = (pairs[:, :, 0, 1:] + pairs[:, :, 1, 1:] + 1) // 2
+        packed = np.concatenate([pairs[:, :, :, 0], chroma], axis=2).astype(array.dtype)
+        return _little_endian_bytes(packed)
+    if int(ds.get("PlanarConfiguration", 0)) == 1:
+        return _little_endian_bytes(array.transpose(2, 0, 1))
     return _little_endian_bytes(array)

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from portal import failures
+
 RENDER_VERSION = 3
 WIDTHS = (64, 128, 256, 512, 1024, 2048)
 THUMBNAIL_WIDTH = 128
@@ -26,7 +28,7 @@ PRESETS: dict[str, tuple[float, float]] = {
 }
 
 
-class InvalidRendition(ValueError):
+class InvalidRendition(failures.Invalid, ValueError):
     """A rendering parameter is outside what the portal offers; the message says which."""
 
 
@@ -49,6 +51,8 @@ class Rendition:
     quality: int = 85
     window: Window | None = None  # None: the file's own or a robust default
     preset: str = "auto"
+    # ``viewport=vw,vh`` as asked (PS3.18 8.3.5.1.3): the output is that size exactly.
+    viewport: tuple[int, int] | None = None
 
     @property
     def media_type(self) -> str:
@@ -60,7 +64,7 @@ class Rendition:
         window = (f"{self.window.center!r},{self.window.width!r},{self.window.function}"
                   if self.window else self.preset)
         raw = (f"v{RENDER_VERSION}:{sha256}:{frame}:{self.width}:{self.height}:{self.format}:"
-               f"{self.quality}:{window}")
+               f"{self.quality}:{window}" + (f":vp{self.viewport}" if self.viewport else ""))
         return "render:" + hashlib.sha256(raw.encode()).hexdigest()
 
 
@@ -75,20 +79,13 @@ def _pick_format(accept: str) -> str:
                            "image/webp")
 
 
-def _snap_width(requested: int) -> int:
-    """The smallest allow-listed width at least as large as asked (or the largest)."""
-    for width in WIDTHS:
-        if width >= requested:
-            return width
-    return WIDTHS[-1]
-
-
 def parse_rendition(args: Mapping[str, str], accept: str, *, thumbnail: bool = False
                     ) -> Rendition:
     """Read PS3.18 rendered-resource parameters (window, viewport, quality) and Accept."""
     fmt = _pick_format(accept)
     width: int | None = THUMBNAIL_WIDTH if thumbnail else None
     height: int | None = None
+    viewport: tuple[int, int] | None = None
     if "viewport" in args:
         parts = args["viewport"].split(",")
         try:
@@ -97,8 +94,9 @@ def parse_rendition(args: Mapping[str, str], accept: str, *, thumbnail: bool = F
             raise InvalidRendition("viewport is width,height in pixels") from exc
         if len(numbers) != 2 or min(numbers) <= 0 or max(numbers) > 8192 or len(parts) > 2:
             raise InvalidRendition("viewport is width,height in pixels (1 to 8192)")
-        width = _snap_width(numbers[0])
-        height = _snap_width(numbers[1])
+        # Exactly as asked, not snapped to an allow-listed width (PS3.18 8.3.5.1.3).
+        width, height = numbers[0], numbers[1]
+        viewport = (width, height)
     if "width" in args:
         try:
             asked = int(args["width"])
@@ -127,13 +125,15 @@ def parse_rendition(args: Mapping[str, str], accept: str, *, thumbnail: bool = F
             center, span = float(parts[0]), float(parts[1])
         except ValueError as exc:
             raise InvalidRendition("window center and width are numbers") from exc
-        function = parts[2].lower() if len(parts) == 3 else "linear"
+        # PS3.18 8.3.5.1.4 spells it "linear-exact", PS3.3 C.11.2.1.3 "LINEAR_EXACT".
+        function = parts[2].lower().replace("-", "_") if len(parts) == 3 else "linear"
         if function not in VOI_FUNCTIONS:
-            raise InvalidRendition(f"window function must be one of {', '.join(VOI_FUNCTIONS)}")
+            raise InvalidRendition("window function must be one of linear, linear-exact, "
+                                   "sigmoid")
         if not span > 0 or abs(center) > 1e7 or span > 1e7:
             raise InvalidRendition("window width must be greater than 0")
         window = Window(center, span, function)  # type: ignore[arg-type]
     elif preset != "auto":
         window = Window(*PRESETS[preset])
     return Rendition(width=width, height=height, format=fmt,  # type: ignore[arg-type]
-                     quality=quality, window=window, preset=preset)
+                     quality=quality, window=window, preset=preset, viewport=viewport)

@@ -8,6 +8,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
+from portal import failures
 from portal.index.models import Instance, Patient, Series, Study, StudyReferrer
 from portal.index.referrers import referrer_keys
 
@@ -16,7 +17,7 @@ _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009, 0xFFFAFFFA, 0xFFFCF
 BULK_THRESHOLD = 4096
 
 
-class IndexConflict(Exception):
+class IndexConflict(failures.Conflict):
     """The instance contradicts what the index already holds (e.g. another patient's study)."""
 
 
@@ -26,6 +27,15 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str:
         return ""
     text = str(value).strip()
     return text[:limit]
+
+
+def _date(ds: Dataset, keyword: str) -> str:
+    """A DA value for the index: a legacy ``1997.04.24`` (ACR-NEMA, PS3.5 6.2) as
+    ``19970424``, so it matches and sorts like any other; the header keeps it as stored."""
+    text = _text(ds, keyword, 10)
+    if len(text) == 10 and text[4] == text[7] == "." and text.replace(".", "").isdigit():
+        return text.replace(".", "")
+    return text[:8]
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
@@ -73,7 +83,7 @@ def _get_patient(session: Session, ds: Dataset, study_uid: str) -> Patient:
     if patient is None:
         patient = Patient(patient_id=patient_id, issuer_of_patient_id=issuer,
                           patient_name=_text(ds, "PatientName", 324),
-                          patient_birth_date=_text(ds, "PatientBirthDate", 8),
+                          patient_birth_date=_date(ds, "PatientBirthDate"),
                           patient_sex=_text(ds, "PatientSex", 16))
         session.add(patient)
         session.flush()
@@ -87,7 +97,7 @@ def _get_study(session: Session, ds: Dataset, study_uid: str) -> Study:
     if study is None:
         study = Study(
             study_instance_uid=study_uid, patient_fk=patient.id,
-            study_date=_text(ds, "StudyDate", 8), study_time=_text(ds, "StudyTime", 16),
+            study_date=_date(ds, "StudyDate"), study_time=_text(ds, "StudyTime", 16),
             study_id=_text(ds, "StudyID", 16),
             study_description=_text(ds, "StudyDescription", 64),
             accession_number=_text(ds, "AccessionNumber", 64),
@@ -112,7 +122,7 @@ def _get_series(session: Session, ds: Dataset, study: Study, series_uid: str) ->
                         series_number=_int(ds, "SeriesNumber"),
                         series_description=_text(ds, "SeriesDescription", 64),
                         body_part_examined=_text(ds, "BodyPartExamined", 16),
-                        series_date=_text(ds, "SeriesDate", 8), number_of_instances=0)
+                        series_date=_date(ds, "SeriesDate"), number_of_instances=0)
         session.add(series)
         session.flush()
         modalities = set(filter(None, study.modalities_in_study.split("\\")))
