@@ -13,6 +13,8 @@ import threading
 from collections import OrderedDict
 from typing import Protocol
 
+from portal.redis_link import RedisDown, RedisLink
+
 log = logging.getLogger(__name__)
 
 
@@ -59,35 +61,30 @@ class MemoryCache:
 
 
 class RedisCache:
-    """Rendered bytes in Redis with an expiry; a Redis outage only means a cache miss."""
+    """Rendered bytes in Redis with an expiry; a Redis outage only means a cache miss, and
+    while its breaker is open not even a wait (``portal/redis_link.py``)."""
 
-    def __init__(self, url: str, ttl_seconds: int = 7 * 86400) -> None:
-        import redis
-
-        self.client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    def __init__(self, link: RedisLink, ttl_seconds: int = 7 * 86400) -> None:
+        self.link = link
         self.ttl = ttl_seconds
 
     def get(self, key: str) -> bytes | None:
         """The bytes for a key, or None (also when Redis is down)."""
-        import redis
-
         try:
-            value = self.client.get(key)
-        except redis.RedisError:
+            value = self.link.call(lambda client: client.get(key))
+        except RedisDown:
             log.warning("render cache unavailable; rendering without it")
             return None
         return value if isinstance(value, bytes) else None
 
     def put(self, key: str, value: bytes) -> None:
         """Keep the bytes for the TTL (best effort)."""
-        import redis
-
         try:
-            self.client.set(key, value, ex=self.ttl)
-        except redis.RedisError:
+            self.link.call(lambda client: client.set(key, value, ex=self.ttl))
+        except RedisDown:
             log.warning("render cache unavailable; result not kept")
 
 
-def make_cache(redis_url: str | None, memory_bytes: int = 128 << 20) -> RenderCache:
-    """Redis when a URL is configured, otherwise an in-process cache of ``memory_bytes``."""
-    return RedisCache(redis_url) if redis_url else MemoryCache(memory_bytes)
+def make_cache(redis: RedisLink | None, memory_bytes: int = 128 << 20) -> RenderCache:
+    """Redis when the app has a Redis link, otherwise an in-process cache of ``memory_bytes``."""
+    return RedisCache(redis) if redis is not None else MemoryCache(memory_bytes)

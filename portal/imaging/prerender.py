@@ -18,7 +18,6 @@ from sqlalchemy import select
 
 from portal.imaging.rendition import parse_rendition
 from portal.index.models import Instance, Series
-from portal.index.service import middle_image
 
 if TYPE_CHECKING:
     from portal.archive.after import Arrival
@@ -35,28 +34,27 @@ VOLUME_MODALITIES = frozenset({"CT", "MR"})
 
 
 def _warm(app: Flask, series_uids: list[str]) -> None:
+    """The thumbnail and the default rendition of each series' middle image, made by the
+    imaging service as a viewer's first request would make them (same window, same keys)."""
     from portal.archive import current_archive
-    from portal.imaging.cache import render_cache, render_in_series
+    from portal.imaging.service import rendered_image, series_middle_instance
 
     with app.app_context():
-        archive, cache = current_archive(), render_cache()
+        archive = current_archive()
         renditions = [parse_rendition({}, "", thumbnail=True), parse_rendition({}, "")]
         for series_uid in series_uids:
             with archive.database.new_session() as session:
                 series_id = session.scalars(select(Series.id).where(
                     Series.series_instance_uid == series_uid)).first()
-                middle = middle_image(session, series_id) if series_id else None
-            if middle is None:
-                continue
-            try:
-                stored = archive.locate(middle)
-                for rendition in renditions:
-                    key = rendition.cache_key(stored.sha256, 1)
-                    if cache.get(key) is None:
-                        cache.put(key, render_in_series(stored, 0, rendition, stored))
-            except Exception:  # a background warm-up never fails anyone's request
-                if not sys.is_finalizing():
-                    log.info("pre-rendering a series failed; it will render on first view")
+                middle = series_middle_instance(session, series_id) if series_id else None
+                if middle is None:
+                    continue
+                try:
+                    for rendition in renditions:
+                        rendered_image(session, middle, 1, rendition).body()
+                except Exception:  # a background warm-up never fails anyone's request
+                    if not sys.is_finalizing():
+                        log.info("pre-rendering a series failed; it will render on first view")
 
 
 def volume_images(session: Any, series_id: int) -> list[str]:
@@ -73,7 +71,7 @@ def volume_images(session: Any, series_id: int) -> list[str]:
 def _build_volumes(app: Flask, series_uids: list[str]) -> None:
     """Build the volume of every CT or MR series here that forms one and is not built yet."""
     from portal.archive import current_archive
-    from portal.imaging.cache import prepare_volume, volume_files, volume_sources
+    from portal.imaging.service import prepare_volume, volume_files, volume_sources
     from portal.imaging.volume import NotAVolume
 
     with app.app_context():
@@ -121,7 +119,7 @@ def prerender(series_uids: Iterable[str], app: Flask | None = None, *,
 def build_volume_soon(key: str, sources: list[Any]) -> None:
     """Build a series' volume in the background for a viewer that waits for it (once per
     process at a time; the volume folder tells the other processes it is under way)."""
-    from portal.imaging.cache import prepare_volume
+    from portal.imaging.service import prepare_volume
     from portal.imaging.volume import NotAVolume
 
     app = current_app._get_current_object()  # type: ignore[attr-defined]

@@ -269,8 +269,8 @@ def test_large_images_reduced_before_the_window_stay_faithful() -> None:
 
 def test_new_series_are_prerendered_after_stow(app: Flask, client: FlaskClient,
                                                auth: dict[str, str]) -> None:
-    from portal.imaging.cache import render_cache
     from portal.imaging.rendition import parse_rendition
+    from portal.imaging.service import render_cache
     from tests.conftest import wait_for
     from tests.dicomweb.test_stow import headers, multipart
 
@@ -524,10 +524,14 @@ def test_a_single_image_series_is_decoded_once_for_its_window_and_its_image(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A radiograph without a window is its series' middle image: its first view works out
     the series window from the same decode, and shows exactly what two passes would."""
+    from sqlalchemy import select
+
     import portal.imaging.isolation as isolation
     import portal.imaging.render as render_module
-    from portal.imaging.cache import series_window
+    from portal.db import db
     from portal.imaging.render import default_window
+    from portal.imaging.service import series_default_window
+    from portal.index.models import Instance
 
     ds = make_dataset(rows=96, columns=80)
     ds.RescaleIntercept = 0
@@ -544,7 +548,9 @@ def test_a_single_image_series_is_decoded_once_for_its_window_and_its_image(
     assert shown.status_code == 200 and shown.data == expected
     with app.app_context():
         stored = current_archive().locate(str(ds.SOPInstanceUID))
-        assert series_window(stored) == window  # remembered by the first view
+        row = db.session.scalars(select(Instance).where(
+            Instance.sop_instance_uid == str(ds.SOPInstanceUID))).one()
+        assert series_default_window(db.session, row) == window  # remembered by the first view
 
     decodes: list[int] = []
     original = render_module.decode_frame

@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 from PIL import Image
 
 from portal.archive import current_archive
-from portal.imaging.cache import volume_files, volume_sources
+from portal.imaging.service import volume_files, volume_sources
 from portal.imaging.volume import Volume, content_key
 from portal.imaging.volume_files import VolumeFiles
 from tests.conftest import wait_for

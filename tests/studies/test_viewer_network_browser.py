@@ -16,7 +16,7 @@ from axe_playwright_python.sync_playwright import Axe
 from flask import Flask
 from playwright.sync_api import BrowserContext, Page
 
-from portal.imaging.cache import volume_files, volume_sources
+from portal.imaging.service import volume_files, volume_sources
 from portal.index.models import Instance, Series
 from tests.browser import PHONES, chromium, loopback_only, phone
 from tests.conftest import IdentityProvider, LiveServer, close_app
