@@ -104,7 +104,7 @@ def sync_command(full: bool, watch: bool) -> None:
     """Bring the index in step with the external archive (QIDO-RS, WADO-RS metadata)."""
     from portal.archive.external import ExternalUnavailable
     from portal.archive.sync import sync_index
-    from portal.cli import run_repeatedly
+    from portal.repeat import run_repeatedly
 
     upgrade_database(current_app)
     remote = _remote()
@@ -151,7 +151,8 @@ def dimse_cli() -> None:
 @dimse_cli.command("serve")
 @with_appcontext
 def serve_command() -> None:
-    """Run the C-STORE and C-ECHO SCP on the configured address until interrupted."""
+    """Run the DIMSE SCP (C-STORE, C-ECHO and the services create_app registered: C-FIND,
+    C-MOVE, C-GET, Storage Commitment) on the configured address until interrupted."""
     from portal.archive.dimse import serve
 
     upgrade_database(current_app)
@@ -162,7 +163,7 @@ def serve_command() -> None:
     secure = " (TLS 1.2+)" if settings["DIMSE_TLS_CERT"] else ""
     click.echo(f"C-STORE SCP {settings['DIMSE_AE_TITLE']} listening on "
                f"{settings['DIMSE_HOST']}:{settings['DIMSE_PORT']}{secure}", err=True)
-    serve(current_archive(), settings)
+    serve(current_archive(), settings, services=current_app.extensions["dimse_services"])
 
 
 @dimse_cli.command("find")

@@ -1,5 +1,9 @@
 """DIMSE C-STORE and C-ECHO SCP (pynetdicom), accepting only configured (AE title, address) pairs.
 
+Services of the rooms above the archive (C-FIND, C-MOVE, C-GET and Storage Commitment:
+``dicomweb/dimse_qr.py``) are registered by ``create_app`` in ``app.extensions["dimse_services"]``
+and offered by the same AE.
+
 Every received instance goes through the same ``Archive.ingest`` as STOW-RS and the CLI, and
 the C-STORE response is sent only after the file is durable and its index row committed; the
 after-ingest steps run when the association ends.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -16,7 +21,8 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from portal.archive.ingest import Archive, ArchiveUnavailable, Stored
+from portal.archive.ingest import Archive, Stored
+from portal.archive.store import ArchiveUnavailable
 from portal.archive.validate import (
     ACCEPTED_TRANSFER_SYNTAXES,
     DUPLICATE_CONFLICT,
@@ -130,14 +136,23 @@ def make_ae(settings: dict[str, Any]) -> AE:
     ae.dimse_timeout = 60
     for context in AllStoragePresentationContexts:
         if context.abstract_syntax is not None:  # always set in pynetdicom's own list
-            ae.add_supported_context(context.abstract_syntax, _SYNTAXES)
+            # scp_role: a C-GET SCU may take the storage SCP role (SCP/SCU role selection,
+            # PS3.7 D.3.3.4) to receive the instances on its own association.
+            ae.add_supported_context(context.abstract_syntax, _SYNTAXES,
+                                     scu_role=False, scp_role=True)
     ae.add_supported_context(Verification)
     return ae
 
 
-def serve(archive: Archive, settings: dict[str, Any], block: bool = True
-          ) -> ThreadedAssociationServer | None:
-    """Start the SCP on the configured address; block until interrupted unless told not to."""
+# A service another room adds to the SCP: it adds its presentation contexts to the AE and
+# returns its event handlers.
+DimseService = Callable[[AE, Archive, dict[str, Any]], list[evt.EventHandlerType]]
+
+
+def serve(archive: Archive, settings: dict[str, Any], block: bool = True,
+          services: Sequence[DimseService] = ()) -> ThreadedAssociationServer | None:
+    """Start the SCP on the configured address with the given extra ``services``; block until
+    interrupted unless told not to."""
     ae = make_ae(settings)
     allowed = name_at_address(settings["DIMSE_ALLOWED_PEERS"])
     received: dict[int, list[Stored]] = {}
@@ -146,6 +161,8 @@ def serve(archive: Archive, settings: dict[str, Any], block: bool = True
         (evt.EVT_C_STORE, _on_store, [archive, received]),
         (evt.EVT_RELEASED, _on_end, [archive, received]),
         (evt.EVT_ABORTED, _on_end, [archive, received])]
+    for service in services:
+        handlers += service(ae, archive, settings)
     address = (settings["DIMSE_HOST"], settings["DIMSE_PORT"])
     server: ThreadedAssociationServer | None = ae.start_server(
         address, block=block, evt_handlers=handlers, ssl_context=server_context(
