@@ -109,10 +109,15 @@ def append(session: Session, event: tuple[str, str], *, action: str, outcome: in
 
 
 def record(database: Database, event: tuple[str, str], **fields: Any) -> None:
-    """Append one record in its own committed transaction (raises when it cannot)."""
+    """Append one record in its own committed transaction (raises when it cannot).
+
+    For records the request's outcome must not decide (``Database.audit_transaction``): a
+    read, durable before what was read leaves (docs/security.md 12, 40), and refusals,
+    failures and alerts, kept although the request answers an error. A change is recorded
+    with ``append`` in the unit of work that makes it."""
     for _attempt in range(3):
         try:
-            with database.write_transaction() as session:
+            with database.audit_transaction() as session:
                 append(session, event, **fields)
             return
         except IntegrityError:

@@ -39,7 +39,7 @@ from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from flask import Flask, Response, current_app, g, has_app_context, has_request_context
+from flask import Flask, Response, current_app, g, has_request_context
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, make_url
 from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -131,6 +131,14 @@ def make_engine(url: str) -> Engine:
                          pool_timeout=10, hide_parameters=True, connect_args=connect_args)
 
 
+def _wrote(session: Session, _context: Any) -> None:
+    session.info["wrote"] = True
+
+
+def _settled(session: Session) -> None:
+    session.info.pop("wrote", None)
+
+
 class Database:
     """The app's database: an engine and a request-scoped session factory."""
 
@@ -143,6 +151,9 @@ class Database:
         # Session method to the current one), so type checks see what they really call.
         self._scoped: scoped_session[Session] = scoped_session(self._factory)
         self.session: Session = cast(Session, self._scoped)
+        event.listen(self._factory, "after_flush", _wrote)
+        event.listen(self._factory, "after_commit", _settled)
+        event.listen(self._factory, "after_rollback", _settled)
 
     def _make_session(self, purpose: str) -> Session:
         if self.engine is None:
@@ -204,9 +215,11 @@ class Database:
     @contextmanager
     def reading(self) -> Iterator[Session]:
         """The request's session inside a request of this app, else a short own session
-        (closed afterwards): for the archive, which serves both."""
-        if has_request_context() and has_app_context() and \
-                current_app.extensions.get("db") is self:
+        (closed afterwards): for the archive, which serves both. After a transaction of its
+        own committed in this request (an ingest, a fetched copy), a short own session too:
+        the request's may keep an older snapshot (SQLite) that misses the new rows."""
+        if has_request_context() and current_app.extensions.get("db") is self and \
+                not g.get("_own_commit"):
             yield self.session
             return
         with self._make_session("read") as session:
@@ -237,6 +250,23 @@ class Database:
             except BaseException:
                 session.rollback()
                 raise
+        if has_request_context():
+            if purpose != "audit":
+                g._own_commit = True  # see reading()
+            self._fresh_snapshot()
+
+    def _fresh_snapshot(self) -> None:
+        """On SQLite, end the request session's read snapshot after a transaction of its own
+        committed, while the request has written nothing: its first write would otherwise
+        fail at once ("database is locked": a snapshot older than the last commit cannot
+        become a write). Nothing is written; loaded objects stay (expire_on_commit=False)."""
+        if self.engine is None or self.engine.dialect.name != "sqlite" or \
+                not self._scoped.registry.has():
+            return
+        session = self._scoped()
+        if session.in_transaction() and not session.info.get("wrote") and \
+                not (session.new or session.dirty or session.deleted):
+            session.commit()
 
     def new_session(self) -> Session:
         """A session outside the request scope (close it, e.g. with ``with``)."""

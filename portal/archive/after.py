@@ -129,7 +129,7 @@ def header_step(archive: Archive) -> Step:
     first (the others are made on first use, as before)."""
 
     def warm(arrival: Arrival) -> None:
-        with archive.database.new_session() as session:
+        with archive.database.reading() as session:
             ids = session.scalars(select(Series.id).where(
                 Series.series_instance_uid.in_(arrival.series))).all()
             middles = [uid for uid in (middle_image(session, i) for i in ids) if uid]

@@ -346,7 +346,7 @@ class Archive:
         known = self._located.get(sop_instance_uid)
         if known is not None:
             return known
-        with self.database.new_session() as session:
+        with self.database.reading() as session:
             row = session.execute(select(StoredObject.storage_key, StoredObject.sha256).where(
                 StoredObject.sop_instance_uid == sop_instance_uid)).first()
         if row is None:
@@ -360,7 +360,7 @@ class Archive:
     def _locate_or_fetch(self, sop_instance_uid: str, remote: RemoteCopies) -> StoredFile:
         from portal.archive.models import CachedCopy
 
-        with self.database.new_session() as session:
+        with self.database.reading() as session:
             row = session.execute(
                 select(StoredObject.storage_key, StoredObject.sha256, CachedCopy.last_used_at)
                 .outerjoin(CachedCopy,
@@ -377,7 +377,7 @@ class Archive:
         """Where several instances are, in one query (fetching external ones first)."""
 
         def query(uids: Collection[str]) -> dict[str, StoredFile]:
-            with self.database.new_session() as session:
+            with self.database.reading() as session:
                 rows = session.execute(
                     select(StoredObject.sop_instance_uid, StoredObject.storage_key,
                            StoredObject.sha256)
@@ -420,8 +420,9 @@ class Archive:
 
 
     def header(self, sop_instance_uid: str) -> dict[str, Any]:
-        """The instance's header as DICOM JSON, made from the file once and then kept."""
-        with self.database.new_session() as session:
+        """The instance's header as DICOM JSON, made from the file once and then kept (in a
+        transaction of its own: a cache of the file, whatever the request answers)."""
+        with self.database.reading() as session:
             instance = session.scalars(select(Instance).where(
                 Instance.sop_instance_uid == sop_instance_uid)).first()
             if instance is None:
@@ -438,7 +439,7 @@ class Archive:
 
     def headers(self, sop_instance_uids: list[str]) -> list[dict[str, Any]]:
         """Headers of several instances (made and kept where missing)."""
-        with self.database.new_session() as session:
+        with self.database.reading() as session:
             known: dict[str, dict[str, Any] | None] = dict(session.execute(
                 select(Instance.sop_instance_uid, Instance.header)
                 .where(Instance.sop_instance_uid.in_(sop_instance_uids))).all())

@@ -105,7 +105,9 @@ def callback() -> BaseResponse:
     strong = identity.mfa or not settings["OIDC_MFA_VALUES"]
     session.auth_time = identity.auth_time if strong else None  # type: ignore[attr-defined]
     session.regenerate()  # type: ignore[attr-defined]
-    audit.record(db, audit.USER_AUTHENTICATION, action="E", outcome=audit.OUTCOME_SUCCESS,
+    # In the sign-in's own unit of work (portal/db.py): the account and its record together.
+    audit.append(db.session, audit.USER_AUTHENTICATION, action="E",
+                 outcome=audit.OUTCOME_SUCCESS,
                  who=f"user:{user.issuer}|{user.subject}", source_address=_address(),
                  details={"type": audit.LOGIN})
     return redirect(safe_next(destination))

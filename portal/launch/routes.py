@@ -159,7 +159,6 @@ def smart_callback() -> BaseResponse:
         return _refuse(str(exc), state)
     user = sign_in_user(db.session, issuer=result.issuer, subject=result.subject,
                         email=result.email, name=result.name, idp_roles=None)
-    db.session.commit()
     if not user.active:
         session.destroy()  # type: ignore[attr-defined]
         abort(400, "This account has been deactivated. Ask your office manager.")
@@ -170,7 +169,9 @@ def smart_callback() -> BaseResponse:
     session.security_epoch = user.security_epoch  # type: ignore[attr-defined]
     session.auth_time = None  # type: ignore[attr-defined]
     session.regenerate()  # type: ignore[attr-defined]
-    audit.record(db, audit.USER_AUTHENTICATION, action="E", outcome=audit.OUTCOME_SUCCESS,
+    # In the sign-in's unit of work (portal/db.py): the account and its record together.
+    audit.append(db.session, audit.USER_AUTHENTICATION, action="E",
+                 outcome=audit.OUTCOME_SUCCESS,
                  who=f"user:{user.issuer}|{user.subject}", source_address=_address(),
                  details={"type": audit.LOGIN, "launch": "SMART", "iss": iss[:200],
                           "fhirUser": result.fhir_user, "encounter": result.encounter})

@@ -102,7 +102,8 @@ def clear_share_cookie(response: BaseResponse) -> None:
 
 
 def _load(database: Database, digest: str) -> ShareVisit | None:
-    with database.new_session() as session:
+    # The request's session (portal/db.py): loading the principal opens no other.
+    with database.reading() as session:
         found = session.execute(
             select(ShareSession, ShareLink).join(ShareLink, ShareSession.share_fk == ShareLink.id)
             .where(ShareSession.token_sha256 == digest)).first()
