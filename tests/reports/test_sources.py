@@ -197,9 +197,11 @@ def test_fhir_diagnostic_report_in_and_out(oidc_app: Flask, idp: IdentityProvide
     assert bad.status_code == 400 and bad.get_json()["resourceType"] == "OperationOutcome"
     # Read back through FHIR search as the referring physician (browser session).
     browser = signed_in(oidc_app, idp, doctor)
-    bundle = Bundle.model_validate(browser.get("/fhir/DiagnosticReport?patient=P-F").get_json())
+    bundle = Bundle.model_validate(
+        browser.get("/fhir/DiagnosticReport?patient:identifier=P-F").get_json())
     assert bundle.total == 1 and bundle.entry[0].resource.conclusion == "Normal CT."
-    studies = Bundle.model_validate(browser.get("/fhir/ImagingStudy?patient=P-F").get_json())
+    studies = Bundle.model_validate(
+        browser.get("/fhir/ImagingStudy?patient:identifier=P-F").get_json())
     assert [e.resource.id for e in studies.entry] == [study]
     page = browser.get(f"/studies/{study}").get_data(as_text=True)
     assert "Liver normal" in page and "alert(1)" not in page
@@ -272,7 +274,7 @@ def test_report_objects_leave_in_a_study_zip_only_for_clinicians(
 
 
 def test_fhir_bodies_are_bounded(oidc_app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
-    from portal.reports import routes
+    from portal.fhir import routes
 
     monkeypatch.setattr(routes, "MAX_FHIR_BYTES", 1000)
     ris = basic_auth(*make_client(oidc_app, "ris-big", can_read=False, can_store=True))

@@ -1,4 +1,6 @@
-"""FHIR R4 mapping: DiagnosticReport in and out, ImagingStudy out, searchset Bundles.
+"""FHIR R4 mapping: DiagnosticReport in and out; ImagingStudy, Patient, ServiceRequest and
+Appointment out. Every resource made here is valid R4 (tests/fhir/test_fhir_conformance.py
+parses each with the ``fhir.resources`` models).
 
 In: ``status``; ``identifier`` (the report's id at the sender; an identifier whose type is
 ACSN is the accession number); ``imagingStudy`` references (``ImagingStudy/<Study UID>`` or
@@ -22,8 +24,10 @@ import re
 from datetime import datetime
 from typing import Any
 
-from portal.index.models import Study
-from portal.reports.models import Report
+from portal.fhir.search import fhir_date
+from portal.index.models import Patient, Study
+from portal.index.names import person_name
+from portal.reports.models import Order, Report
 from portal.reports.service import IncomingReport, ReportError
 
 STATUS_IN = {"final": "final", "amended": "amended", "corrected": "amended",
@@ -136,12 +140,50 @@ def report_from_resource(resource: Any) -> IncomingReport:
         or _issued(_object(resource.get("meta")).get("lastUpdated")))
 
 
+ACSN = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
+MRN = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "MR"}]}
+# LOINC "Diagnostic imaging study": what every radiology report of the portal is.
+REPORT_CODE = {"system": "http://loinc.org", "code": "18748-4",
+               "display": "Diagnostic imaging study"}
+DCM = "http://dicom.nema.org/resources/ontology/DCM"
+DICOM_UID = "urn:dicom:uid"
+
+
 def _status_out(report: Report) -> str:
     """The FHIR status: a cancelled report that had been final was withdrawn after release
     (entered-in-error); one never final was cancelled before it was done."""
     if report.status == "cancelled":
         return "entered-in-error" if report.final_at is not None else "cancelled"
     return STATUS_OUT.get(report.status, "unknown")
+
+
+def report_source_system(source: str) -> str:
+    """The identifier system of a report's id at its sender."""
+    return f"urn:portal:{source}"
+
+
+def effective_time(report: Report) -> datetime:
+    """When the report is clinically effective: signed, else made, else received (the
+    ``date`` search parameter compares the same value)."""
+    return report.signed_at or report.observed_at or report.received_at
+
+
+def patient_reference(patient: Patient | None, patient_id: str = "",
+                      name: str = "") -> dict[str, Any]:
+    """A Reference to the indexed Patient, with its identifier and name; an identifier
+    alone when the portal holds no such patient."""
+    if patient is not None:
+        patient_id, name = patient.patient_id, patient.patient_name
+    reference: dict[str, Any] = {}
+    if patient is not None:
+        reference["reference"] = f"Patient/{patient.id}"
+    if patient_id:
+        reference["identifier"] = {"type": MRN, "value": patient_id}
+        if patient is not None and patient.issuer_of_patient_id:
+            reference["identifier"]["assigner"] = {"display": patient.issuer_of_patient_id}
+    if name:
+        reference["display"] = person_name(name) or name
+    return reference or {"display": "unknown patient"}
 
 
 def report_resource(report: Report, location: str, study: Study | None = None
@@ -154,18 +196,20 @@ def report_resource(report: Report, location: str, study: Study | None = None
         "status": _status_out(report),
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074",
                                   "code": "RAD", "display": "Radiology"}]}],
-        "code": {"text": report.title or "Radiology report"},
-        "identifier": [{"system": f"urn:portal:{report.source}", "value": report.source_id}],
+        "code": {"coding": [REPORT_CODE], "text": report.title or "Radiology report"},
+        "identifier": [{"system": report_source_system(report.source),
+                        "value": report.source_id}],
+        "effectiveDateTime": effective_time(report).isoformat(),
     }
     if report.accession_number:
-        resource["identifier"].append({
-            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
-                                 "code": "ACSN"}]}, "value": report.accession_number})
+        resource["identifier"].append({"type": ACSN, "value": report.accession_number})
     uid = study.study_instance_uid if study is not None else report.study_instance_uid
     if uid:
         resource["imagingStudy"] = [{"reference": f"ImagingStudy/{uid}"}]
-    if report.patient_id:
-        resource["subject"] = {"identifier": {"value": report.patient_id}}
+    if study is not None:
+        resource["subject"] = patient_reference(study.patient)
+    elif report.patient_id:
+        resource["subject"] = patient_reference(None, report.patient_id)
     if report.signed_at:
         resource["issued"] = report.signed_at.isoformat()
     if report.author:
@@ -180,39 +224,134 @@ def report_resource(report: Report, location: str, study: Study | None = None
         base = location.split("/fhir/", 1)[0]
         forms.append({"contentType": "application/pdf", "title": "Report",
                       "url": f"{base}/studies/{uid}/reports/{report.id}.pdf"})
-    resource["presentedForm"] = forms
+    if forms:
+        resource["presentedForm"] = forms
     return resource
 
 
 def imaging_study(study: Study, dicomweb_base: str) -> dict[str, Any]:
-    """An indexed study as an ImagingStudy (id = Study Instance UID)."""
+    """An indexed study as an ImagingStudy (id = Study Instance UID), its DICOMweb service as
+    a contained Endpoint."""
     resource: dict[str, Any] = {
         "resourceType": "ImagingStudy", "id": study.study_instance_uid, "status": "available",
-        "identifier": [{"system": "urn:dicom:uid",
-                        "value": f"urn:oid:{study.study_instance_uid}"}],
-        "subject": {"identifier": {"value": study.patient.patient_id},
-                    "display": study.patient.patient_name},
+        "contained": [{"resourceType": "Endpoint", "id": "dicomweb", "status": "active",
+                       "connectionType": {
+                           "system": "http://terminology.hl7.org/CodeSystem/"
+                                     "endpoint-connection-type", "code": "dicom-wado-rs"},
+                       "payloadType": [{"text": "DICOM"}], "address": dicomweb_base}],
+        "identifier": [{"system": DICOM_UID, "value": f"urn:oid:{study.study_instance_uid}"}],
+        "subject": patient_reference(study.patient),
         "numberOfSeries": study.number_of_series,
         "numberOfInstances": study.number_of_instances,
-        "endpoint": [{"display": "DICOMweb", "reference": dicomweb_base}],
+        "endpoint": [{"reference": "#dicomweb"}],
     }
     if study.accession_number:
-        resource["identifier"].append({
-            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
-                                 "code": "ACSN"}]}, "value": study.accession_number})
+        resource["identifier"].append({"type": ACSN, "value": study.accession_number})
     if study.study_description:
         resource["description"] = study.study_description
-    if len(study.study_date) == 8:
-        d = study.study_date
-        resource["started"] = f"{d[:4]}-{d[4:6]}-{d[6:]}"
-    modalities = [m for m in study.modalities_in_study.split("\\") if m]
+    started = fhir_date(study.study_date)
+    if started:
+        resource["started"] = started
+    modalities = [m for m in study.modalities_in_study.split("\\") if m.strip()]
     if modalities:
-        resource["modality"] = [{"system": "http://dicom.nema.org/resources/ontology/DCM",
-                                 "code": m} for m in modalities]
+        resource["modality"] = [{"system": DCM, "code": m.strip()} for m in modalities]
     return resource
 
 
-def bundle(resources: list[dict[str, Any]]) -> dict[str, Any]:
-    """A searchset Bundle."""
-    return {"resourceType": "Bundle", "type": "searchset", "total": len(resources),
-            "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]}
+GENDER = {"M": "male", "F": "female", "O": "other"}
+
+
+def patient_resource(patient: Patient) -> dict[str, Any]:
+    """An indexed patient (Patient ID within its issuer) as a Patient."""
+    resource: dict[str, Any] = {"resourceType": "Patient", "id": str(patient.id)}
+    if patient.patient_id:
+        identifier: dict[str, Any] = {"type": MRN, "value": patient.patient_id}
+        if patient.issuer_of_patient_id:
+            identifier["assigner"] = {"display": patient.issuer_of_patient_id}
+        resource["identifier"] = [identifier]
+    if patient.patient_name.strip("^= "):
+        group = patient.patient_name.split("=")[0].split("^")
+        name: dict[str, Any] = {"text": person_name(patient.patient_name)}
+        if group[0].strip():
+            name["family"] = group[0].strip()
+        given = [g.strip() for g in group[1:3] if g.strip()]
+        if given:
+            name["given"] = given
+        resource["name"] = [name]
+    resource["gender"] = GENDER.get(patient.patient_sex.strip().upper(), "unknown")
+    born = fhir_date(patient.patient_birth_date)
+    if born and len(born) == 10:
+        resource["birthDate"] = born
+    return resource
+
+
+# Order status as the portal derives it (reports.service.effective_status) -> FHIR.
+REQUEST_STATUS = {"ordered": "active", "scheduled": "active", "performed": "completed",
+                  "reported": "completed", "cancelled": "revoked"}
+APPOINTMENT_STATUS = {"ordered": "booked", "scheduled": "booked", "performed": "fulfilled",
+                      "reported": "fulfilled", "cancelled": "cancelled"}
+
+
+def _order_identifiers(order: Order) -> list[dict[str, Any]]:
+    found = []
+    for code, value in (("PLAC", order.placer_order_number), ("FILL", order.filler_order_number),
+                        ("ACSN", order.accession_number)):
+        if value:
+            found.append({"type": {"coding": [{
+                "system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": code}]},
+                "value": value})
+    return found
+
+
+def service_request(order: Order, status: str, patient: Patient | None) -> dict[str, Any]:
+    """An imaging order as a ServiceRequest; ``status`` is its effective status."""
+    resource: dict[str, Any] = {
+        "resourceType": "ServiceRequest", "id": str(order.id),
+        "meta": {"lastUpdated": order.updated_at.isoformat()},
+        "status": REQUEST_STATUS.get(status, "unknown"), "intent": "order",
+        "category": [{"coding": [{"system": "http://snomed.info/sct", "code": "363679005",
+                                  "display": "Imaging"}]}],
+        "subject": patient_reference(patient, order.patient_id, order.patient_name),
+    }
+    identifiers = _order_identifiers(order)
+    if identifiers:
+        resource["identifier"] = identifiers
+    if order.procedure or order.modality:
+        code: dict[str, Any] = {"text": order.procedure or order.modality}
+        if order.modality:
+            code["coding"] = [{"system": DCM, "code": order.modality}]
+        resource["code"] = code
+    if order.scheduled_at is not None:
+        resource["occurrenceDateTime"] = order.scheduled_at.isoformat()
+    if order.ordering_provider:
+        resource["requester"] = {"display": person_name(order.ordering_provider)
+                                 or order.ordering_provider}
+    if order.location:
+        resource["locationCode"] = [{"text": order.location}]
+    return resource
+
+
+def appointment(order: Order, status: str, patient: Patient | None) -> dict[str, Any]:
+    """A scheduled order (SIU^S12-S14, or an order with a time) as an Appointment. The RIS
+    sends the start only: ``end`` repeats it (R4 app-2 wants both or neither)."""
+    assert order.scheduled_at is not None
+    when = order.scheduled_at.isoformat()
+    participants: list[dict[str, Any]] = [
+        {"actor": patient_reference(patient, order.patient_id, order.patient_name),
+         "status": "accepted"}]
+    if order.location:
+        participants.append({"actor": {"display": order.location}, "status": "accepted"})
+    resource: dict[str, Any] = {
+        "resourceType": "Appointment", "id": str(order.id),
+        "meta": {"lastUpdated": order.updated_at.isoformat()},
+        "status": APPOINTMENT_STATUS.get(status, "booked"),
+        "start": when, "end": when,
+        "comment": "the end time is not known to the portal",
+        "basedOn": [{"reference": f"ServiceRequest/{order.id}"}],
+        "participant": participants,
+    }
+    if order.procedure:
+        resource["description"] = order.procedure
+    if order.modality:
+        resource["serviceType"] = [{"coding": [{"system": DCM, "code": order.modality}]}]
+    return resource
