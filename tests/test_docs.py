@@ -79,7 +79,7 @@ def test_security_requirements_keep_their_numbering() -> None:
     numbered = _numbered()
     assert numbered["a"] == set(range(1, 54))
     assert numbered["b"] == set(range(1, 25))
-    assert numbered["c"] == set(range(1, 16))
+    assert numbered["c"] == set(range(1, 17))
     assert numbered["letters"] == set("ABCDEFG")
 
 
