@@ -19,8 +19,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, Select, and_, exists, false, func, or_, select, true
 from sqlalchemy.orm import Session
 
-from portal.access.models import ReferrerIdentifier, User
-from portal.access.policy import own_orders_condition, study_filter
+from portal.access.models import ReferrerIdentifier
+from portal.access.policy import is_patient, order_placers, own_orders_condition, study_filter
 from portal.access.principal import Principal
 from portal.fhir import resources
 from portal.fhir.search import (
@@ -33,13 +33,12 @@ from portal.fhir.search import (
     reference_id,
     token,
 )
-from portal.index.models import Patient, Series, Study
+from portal.index.models import Order, Patient, Series, Study
 from portal.index.names import search_words
-from portal.reports.models import Order, Report
+from portal.reports.models import Report
 from portal.reports.service import (
     _report_of_study,
     effective_statuses,
-    is_patient,
     readable_reports,
     study_of_report,
 )
@@ -316,20 +315,15 @@ DIAGNOSTIC_REPORT = Kind(
 # -- orders and appointments ------------------------------------------------------------------
 
 def order_filter(principal: Principal) -> ColumnElement[bool]:
-    """SQL on Order: what this caller may see (as ``reports.service.orders_for`` lists them
-    for the orders page, plus a patient's own and everything for a reading machine)."""
+    """SQL on Order: what this caller may see: the orders his placers (``policy.
+    order_placers``, as the orders page lists them) placed, a patient's own, and everything
+    for a machine with the read right."""
     if principal.kind == "machine":
         return true() if principal.can_read_all else false()
     if principal.kind != "user":
         return false()
     conditions = [own_orders_condition(principal)]
-    people = None
-    if (principal.has_role("office_manager") or principal.has_role("staff")) \
-            and principal.practice_id is not None:
-        people = select(User.id).where(or_(User.id == principal.id,
-                                           User.practice_fk == principal.practice_id))
-    elif principal.has_role("physician"):
-        people = select(User.id).where(User.id == principal.id)
+    people = order_placers(principal)
     if people is not None:
         keys = select(ReferrerIdentifier.key).where(ReferrerIdentifier.user_fk.in_(people))
         conditions.append((Order.ordering_provider_key != "")

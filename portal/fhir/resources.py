@@ -25,9 +25,9 @@ from datetime import datetime
 from typing import Any
 
 from portal.fhir.search import fhir_date
-from portal.index.models import Patient, Study
+from portal.index.models import Order, Patient, Study
 from portal.index.names import person_name
-from portal.reports.models import Order, Report
+from portal.reports.models import Report
 from portal.reports.service import IncomingReport, ReportError
 
 STATUS_IN = {"final": "final", "amended": "amended", "corrected": "amended",

@@ -322,7 +322,11 @@ def _receive_order(session: Session, message: hl7.Message, peer_address: str) ->
 
 
 NOT_ALLOWED = "sender not allowed"
-SUPPORTED = {("ORU", "R01"), ("ORM", "O01"), ("OMI", "O23")}
+# The messages the portal accepts (any other is AR, HL7 table 0357 code 200), and what each
+# becomes; docs/conformance/hl7.md lists the same (tests/reports/test_hl7_conformance.py).
+SUPPORTED = {("ORU", "R01"): "report", ("ORM", "O01"): "order", ("OMI", "O23"): "order",
+             ("SIU", "S12"): "appointment booked", ("SIU", "S13"): "appointment rescheduled",
+             ("SIU", "S14"): "appointment modified", ("SIU", "S15"): "appointment cancelled"}
 
 
 def _refuse_sender(database: Database, message: hl7.Message | None, raw: bytes,
@@ -386,8 +390,7 @@ def handle(raw: bytes, database: Database, *, peer_address: str, allowed: set[tu
     note = ""
     try:
         with database.write_transaction() as session:
-            if (kind, trigger) not in SUPPORTED and not (
-                    kind == "SIU" and trigger in ("S12", "S13", "S14", "S15")):
+            if (kind, trigger) not in SUPPORTED:
                 return hl7.acknowledgement(
                     message, "AR", f"message type {kind}^{trigger} is not supported",
                     error_code="200")
