@@ -30,6 +30,7 @@ from sqlalchemy import Engine, event, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from portal import failures
 from portal.access.models import AuditEvent, AuditHead
 from portal.db import Database, utcnow
 
@@ -144,7 +145,7 @@ _PENDING_CHECKPOINT = "audit_checkpoint"
 _checkpoints: weakref.WeakKeyDictionary[Engine, Checkpoints] = weakref.WeakKeyDictionary()
 
 
-class CheckpointRefused(Exception):
+class CheckpointRefused(failures.Conflict):
     """The trail's current end contradicts the newest signed checkpoint."""
 
 

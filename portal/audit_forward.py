@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+from portal import failures
 from portal.access.models import AuditEvent, AuditForward
 from portal.audit import Checkpoint, Checkpoints
 from portal.db import Database, utcnow
@@ -33,7 +34,7 @@ FACILITY_SECURITY, SEVERITY_NOTICE = 10, 5  # RFC 5424: authpriv, notice (as IHE
 ENTERPRISE = "portal@32473"  # structured-data id (32473: the documentation enterprise number)
 
 
-class ForwardFailed(Exception):
+class ForwardFailed(failures.Unavailable):
     """The audit repository could not be reached; nothing was marked as sent."""
 
 

@@ -8,7 +8,7 @@ from flask import Flask, Response, jsonify, render_template, request
 from sqlalchemy.exc import DataError, OperationalError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from portal.archive.ingest import ArchiveUnavailable
+from portal.failures import PortalError
 from portal.fhir.outcome import FHIR_JSON, error_body, is_fhir_path
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,20 @@ def register_error_handlers(app: Flask) -> None:
                 response.headers.add(key, value)
         return response
 
-    @app.errorhandler(ArchiveUnavailable)
-    def _unavailable(exc: ArchiveUnavailable) -> Response:
-        retry_after = max(1, round(getattr(exc, "retry_after", 5)))
-        return error_response(503, str(exc), {"Retry-After": str(retry_after)})
+    @app.errorhandler(PortalError)
+    def _portal(exc: PortalError) -> Response:
+        """Every domain exception, mapped once (portal/failures.py): its status, its public
+        reason and its headers (``Retry-After`` of an ``Unavailable``) in the face's format.
+        Nothing the request wrote before it failed is kept."""
+        from portal.db import db
+
+        if exc.status >= 500:
+            log.error("%s: %s", exc.__class__.__name__, exc.reason)
+        try:
+            db.session.rollback()
+        except Exception:  # the session may be gone already; the answer is the same
+            log.debug("no session to roll back")
+        return error_response(exc.status, exc.reason, exc.headers())
 
     @app.errorhandler(OperationalError)
     def _database(exc: OperationalError) -> Response:

@@ -20,17 +20,18 @@ from typing import ClassVar
 class PortalError(Exception):
     """A failure the portal knows how to explain: ``status`` (HTTP) and a public ``reason``.
 
-    Raised with a message, the message is the reason; without one, the class's
-    ``default_reason``.
+    Raised with a message, the message is the reason; without one, or when the class's
+    messages are not ``public`` (they name files or internals), the class's ``default_reason``.
     """
 
     status: int = 500
     default_reason: ClassVar[str] = "something went wrong on our side; it has been logged"
+    public: ClassVar[bool] = True
     reason: str
 
     def __init__(self, *args: object) -> None:
         super().__init__(*args)
-        text = str(args[0]) if args else ""
+        text = str(args[0]) if args and self.public else ""
         self.reason = text or self.default_reason
 
     def headers(self) -> dict[str, str]:

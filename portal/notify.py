@@ -24,13 +24,15 @@ from email.utils import make_msgid
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from portal import failures
+
 log = logging.getLogger(__name__)
 
 _EMAIL = re.compile(r"^[^@\s<>\"',;]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z]{2,63}$")
 _PHONE = re.compile(r"^\+?[0-9]{6,15}$")
 
 
-class DeliveryFailed(Exception):
+class DeliveryFailed(failures.Invalid):
     """A message could not be sent; the message says why in plain words."""
 
 

@@ -159,7 +159,7 @@ def checkpoint_audit_command(watch: int) -> None:
     file and send it to AUDIT_SYSLOG_URL when set."""
     from portal.audit import CheckpointRefused, checkpoint_now, checkpoints_from
     from portal.audit_forward import ForwardFailed, send_checkpoint
-    from portal.cli import run_repeatedly
+    from portal.repeat import run_repeatedly
 
     settings = current_app.config["PORTAL"]
     checkpoints = checkpoints_from(settings, current_app.instance_path)
@@ -195,7 +195,7 @@ def forward_audit_command(watch: int) -> None:
     """Send new audit records to AUDIT_SYSLOG_URL; what cannot be sent waits for next time."""
     from portal.audit import checkpoints_from
     from portal.audit_forward import ForwardFailed, forward
-    from portal.cli import run_repeatedly
+    from portal.repeat import run_repeatedly
 
     settings = current_app.config["PORTAL"]
     if not settings["AUDIT_SYSLOG_URL"]:

@@ -10,12 +10,13 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from portal import failures
 from portal.access.models import MachineClient
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
-class ClientError(ValueError):
+class ClientError(failures.Invalid, ValueError):
     """The client cannot be created as asked."""
 
 

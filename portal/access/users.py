@@ -7,6 +7,7 @@ from contextlib import suppress
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from portal import failures
 from portal.access.models import Practice, User
 from portal.db import utcnow
 from portal.notify import DeliveryFailed, clean_phone
@@ -15,7 +16,7 @@ from portal.notify import DeliveryFailed, clean_phone
 ROLES = ("office_manager", "physician", "staff", "patient", "report_sender")
 
 
-class UserError(ValueError):
+class UserError(failures.Invalid, ValueError):
     """The change cannot be made as asked; the message says why."""
 
 

@@ -448,15 +448,13 @@ def shares() -> str:
 def confirm_revoke_links() -> str | BaseResponse:
     """Say what revoking the chosen links does (they stop at once and cannot be reopened),
     and ask once."""
-    from portal.sharing.service import ShareError, get_link, link_state
+    from portal.sharing.service import get_link, link_state
 
     ids = list(dict.fromkeys(v[:36] for v in request.args.getlist("link")[:200]))
     if not ids:
         return _failed(UserError("tick at least one link"), "admin.shares")
-    try:
-        links = [get_link(db.session, _manager(), public_id) for public_id in ids]
-    except ShareError:
-        abort(404)
+    # NoSuchLink, 404: one unknown (or another practice's) link and none is shown
+    links = [get_link(db.session, _manager(), public_id) for public_id in ids]
     now = utcnow()
     open_links = [link for link in links if link_state(link, now) in ("active", "pending",
                                                                       "locked")]

@@ -59,12 +59,6 @@ def _recent_sign_in_for_changes() -> BaseResponse | None:
     return response
 
 
-@bp.errorhandler(UserError)
-def _user_error(exc: UserError) -> tuple[Response, int]:
-    db.session.rollback()
-    return jsonify(error=str(exc), status=400), 400
-
-
 def _body() -> dict[str, Any]:
     data = request.get_json(silent=True)
     if not isinstance(data, dict):
@@ -369,12 +363,9 @@ def _series_list(value: object) -> list[str]:
 @bp.get("/shares/<public_id>")
 def get_share(public_id: str) -> Response:
     """One link with each access."""
-    from portal.sharing.service import ShareError, accesses, get_link
+    from portal.sharing.service import accesses, get_link
 
-    try:
-        link = get_link(db.session, _sender(), public_id)
-    except ShareError:
-        abort(404)
+    link = get_link(db.session, _sender(), public_id)  # or NoSuchLink, 404
     return jsonify({**_share_json(link), "accesses": [
         {"at": a.at.isoformat(), "what": a.what, "who": a.who, "address": a.address,
          "device": a.device, "outcome": a.outcome} for a in accesses(db.session, link)]})
@@ -383,12 +374,9 @@ def get_share(public_id: str) -> Response:
 @bp.post("/shares/<public_id>/revoke")
 def revoke_share(public_id: str) -> Response:
     """Revoke one link; its open share sessions end at once."""
-    from portal.sharing.service import ShareError, revoke_link
+    from portal.sharing.service import revoke_link
 
-    try:
-        link = revoke_link(db.session, _sender(), public_id)
-    except ShareError:
-        abort(404)
+    link = revoke_link(db.session, _sender(), public_id)  # or NoSuchLink, 404
     return jsonify(_share_json(link))
 
 

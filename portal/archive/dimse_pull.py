@@ -23,7 +23,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from portal.archive.ingest import ArchiveUnavailable
+from portal.archive.store import ArchiveUnavailable
 
 log = logging.getLogger(__name__)
 

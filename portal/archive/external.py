@@ -30,8 +30,9 @@ import requests
 from requests.adapters import HTTPAdapter
 from werkzeug.http import parse_options_header
 
+from portal import failures
+from portal.archive.store import ArchiveUnavailable
 from portal.breaker import BreakerOpen, CircuitBreaker
-from portal.archive.ingest import ArchiveUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class ExternalUnavailable(ArchiveUnavailable):
         self.retry_after = retry_after
 
 
-class ExternalNotFound(Exception):
+class ExternalNotFound(failures.NotFound):
     """The external archive does not have what was asked for (404)."""
 
 

@@ -8,11 +8,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from portal.archive.ingest import Archive, ArchiveUnavailable, Stored
+from portal import failures
+from portal.archive.ingest import Archive, Stored
+from portal.archive.store import ArchiveUnavailable
 from portal.archive.validate import Rejected
 
 
-class UnsafeZip(Exception):
+class UnsafeZip(failures.Invalid):
     """A zip file is refused as a whole (unsafe names, too many entries, a bomb)."""
 
 

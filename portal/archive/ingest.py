@@ -21,7 +21,13 @@ from sqlalchemy.orm import Session
 from portal import audit
 from portal.archive.models import StoredObject
 from portal.archive.same_instance import same_instance
-from portal.archive.store import CorruptObject, EmbeddedStore, StorageFull, StoredFile
+from portal.archive.store import (
+    ArchiveUnavailable,
+    CorruptObject,
+    EmbeddedStore,
+    StorageFull,
+    StoredFile,
+)
 from portal.archive.validate import (
     DATA_SET_DOES_NOT_MATCH,
     DUPLICATE_CONFLICT,
@@ -44,10 +50,6 @@ log = logging.getLogger(__name__)
 _ATTEMPTS = 5
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BATCH = 32  # index rows committed together in one STOW-RS request
-
-
-class ArchiveUnavailable(Exception):
-    """The database or the disk cannot take the instance now; the sender should retry."""
 
 
 @dataclass(frozen=True)

@@ -17,17 +17,31 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from portal import failures
+
 log = logging.getLogger(__name__)
 
 _HEX = frozenset("0123456789abcdef")
 
 
-class StorageFull(Exception):
-    """The file system has no room (or quota) for the object."""
+class ArchiveUnavailable(failures.Unavailable):
+    """The database or the disk cannot take the instance now; the sender should retry
+    (503 with ``Retry-After``). Here, below ``ingest`` and ``external``, so that the external
+    client need not import ingest (which imports the copies, which import the client)."""
 
 
-class CorruptObject(Exception):
-    """A stored file no longer matches the SHA-256 recorded when it was stored."""
+class StorageFull(failures.PortalError):
+    """The file system has no room (or quota) for the object (507 Insufficient Storage)."""
+
+    status = 507
+    default_reason = "the archive has no room for this instance now"
+
+
+class CorruptObject(failures.PortalError):
+    """A stored file no longer matches the SHA-256 recorded when it was stored (a 500: its
+    message names the file, so the public reason is the base class's)."""
+
+    public = False
 
 
 class StoredFile(NamedTuple):

@@ -16,6 +16,8 @@ from typing import Any
 from authlib.integrations.flask_client import OAuth
 from flask import Flask, current_app
 
+from portal import failures
+
 ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
                                 "ES256", "ES384", "ES512", "EdDSA"})
 HTTP_TIMEOUT = 10
@@ -24,7 +26,7 @@ SCOPES = "openid email profile"
 log = logging.getLogger(__name__)
 
 
-class SignInFailed(Exception):
+class SignInFailed(failures.Invalid):
     """The identity provider's answer was not acceptable; the message is safe to show."""
 
 

@@ -26,6 +26,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_color_lut, apply_modality_lut, apply_voi_lut
 from pydicom.pixels.utils import pixel_array
 
+from portal import failures
 from portal.imaging.rendition import Rendition, Window
 
 MAX_RENDER_PIXELS = 64_000_000  # one frame; larger frames are refused before decoding
@@ -58,11 +59,11 @@ def warm_up() -> None:
                 continue  # a syntax pydicom has no decoder for
     Image.init()
 
-class RenderRefused(ValueError):
+class RenderRefused(failures.Unprocessable, ValueError):
     """The frame cannot be rendered (too large, corrupt, unsupported); 422 with the reason."""
 
 
-class FrameNotFound(LookupError):
+class FrameNotFound(failures.NotFound, LookupError):
     """The frame number is past the end of the instance."""
 
 

@@ -18,6 +18,7 @@ import pydicom
 from PIL import Image
 from pydicom.pixels.processing import apply_modality_lut
 
+from portal import failures
 from portal.imaging.render import (
     MAX_RENDER_PIXELS,
     RenderRefused,
@@ -32,7 +33,7 @@ MAX_VOXELS = 512 * 512 * 1200
 VIEWS = ("sagittal", "coronal", "axial", "mip")
 
 
-class NotAVolume(ValueError):
+class NotAVolume(failures.Unprocessable, ValueError):
     """The series cannot be shown in 3D; the message says why."""
 
 

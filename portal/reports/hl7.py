@@ -13,13 +13,15 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from portal import failures
+
 # HL7 character sets (MSH-18) we decode; an empty MSH-18 means the sender's default, which
 # we take to be UTF-8 (ASCII is a subset).
 CHARSETS = {"": "utf-8", "ASCII": "ascii", "UNICODE UTF-8": "utf-8", "8859/1": "latin-1",
             "8859/15": "iso8859-15", "UNICODE": "utf-8"}
 
 
-class MessageRejected(ValueError):
+class MessageRejected(failures.Invalid, ValueError):
     """The message cannot be read at all (answer AR with ``reason``)."""
 
     def __init__(self, reason: str, control_id: str = "") -> None:

@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.fileset import FileSet
 from pydicom.uid import UID
 
+from portal import failures
 from portal.index.models import Instance, Study
 
 _MARK32, _MARK16 = 0xFFFF_FFFF, 0xFFFF  # "the value is in the ZIP64 record" (APPNOTE 4.4.1.4)
@@ -48,7 +49,7 @@ class Zip64Threshold:
 ZIP64_THRESHOLD = Zip64Threshold()
 
 
-class ExportTooLarge(ValueError):
+class ExportTooLarge(failures.TooLarge, ValueError):
     """The study is too large for one ZIP download; the message says why."""
 
 
