@@ -281,7 +281,13 @@ def _check_pixels(ds: Dataset, syntax: str, limits: Limits) -> None:
     if not 1 <= frames <= limits.max_frames:
         raise Rejected(f"Number of Frames {frames} is outside 1..{limits.max_frames}",
                        DATA_SET_DOES_NOT_MATCH)
-    expected = (rows * columns * frames * samples * bits + 7) // 8
+    stored_samples = samples
+    if samples == 3 and syntax in NATIVE_TRANSFER_SYNTAXES and \
+            _text(ds, "PhotometricInterpretation") == "YBR_FULL_422":
+        # Native YBR_FULL_422 keeps two luminance samples and one chrominance pair per two
+        # pixels (PS3.3 C.7.6.3.1.2): two samples a pixel.
+        stored_samples = 2
+    expected = (rows * columns * frames * stored_samples * bits + 7) // 8
     value = ds[tag].value
     if syntax in NATIVE_TRANSFER_SYNTAXES:
         # Compare with the bytes actually present first: a tiny file that claims a huge

