@@ -35,7 +35,6 @@ from portal.security import read_body
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
 MAX_FHIR_BYTES = 30 << 20
-TYPES = ",".join(KINDS)
 
 
 def _principal() -> Principal:
@@ -141,7 +140,6 @@ def _kind(resource_type: str) -> Kind:
     return KINDS[resource_type]
 
 
-@bp.get(f"/<any({TYPES}):resource_type>")
 def search(resource_type: str) -> Response:
     """A search (GET with parameters): a searchset Bundle, paged with self/next/previous."""
     principal = _principal()
@@ -199,7 +197,6 @@ def _bundle(kind: Kind, query: Query, page: list[dict[str, Any]], total: int,
             "entry": entries}
 
 
-@bp.get(f"/<any({TYPES}):resource_type>/<resource_id>")
 def read(resource_type: str, resource_id: str) -> Response:
     """One resource, when the caller may see it (404 otherwise, as for a missing one)."""
     principal = _principal()
@@ -221,3 +218,11 @@ def read(resource_type: str, resource_id: str) -> Response:
                  study_instance_uid=study,
                  details={"resource": f"{kind.name}/{resource_id}"[:80], "via": "fhir"})
     return _json(resource)
+
+
+# One rule per resource type (so every URL is written out in the URL map), two endpoints.
+for _name in KINDS:
+    bp.add_url_rule(f"/{_name}", "search", search, methods=["GET"],
+                    defaults={"resource_type": _name})
+    bp.add_url_rule(f"/{_name}/<resource_id>", "read", read, methods=["GET"],
+                    defaults={"resource_type": _name})
