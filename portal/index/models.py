@@ -49,6 +49,14 @@ class Patient(Base):
         return value
 
 
+# QIDO's PN matches compare the name lower-cased without trailing empty components (PS3.5
+# 6.2): exact and prefix matches go through this index on PostgreSQL (text_pattern_ops serves
+# both = and LIKE 'prefix%'); without it an exact name match read every patient.
+Index("ix_patient_name_folded",
+      func.rtrim(func.lower(Patient.patient_name), "^= ").label("folded_name"),
+      postgresql_ops={"folded_name": "text_pattern_ops"}).ddl_if(dialect="postgresql")
+
+
 class Study(Base):
     """One imaging study with what a study list needs."""
 
@@ -56,7 +64,9 @@ class Study(Base):
     __table_args__ = (Index("ix_study_accession_number_trgm", "accession_number",
                             postgresql_using="gin",
                             postgresql_ops={"accession_number": "gin_trgm_ops"},
-                            postgresql_with=TRIGRAM_INDEX_OPTIONS),)
+                            postgresql_with=TRIGRAM_INDEX_OPTIONS),
+                      # Lists and QIDO answers are newest first: pages come off this index.
+                      Index("ix_study_date_time_id", "study_date", "study_time", "id"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)

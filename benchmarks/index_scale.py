@@ -1,0 +1,202 @@
+"""The index at scale: QIDO-RS and the study list for each kind of reader, at 1,000,000 studies
+in PostgreSQL, through the whole Flask stack (authentication, access rules, audit, JSON/HTML).
+
+Starts a throwaway PostgreSQL on 127.0.0.1 (initdb/pg_ctl, as the tests do), creates the
+schema with the real migrations, fills it with ``benchmarks/synthetic.py`` and times each
+request ``--runs`` times after one warm-up:
+
+- a physician who is the referrer of 1 study in 500 (2,000 of 1,000,000) and of some orders,
+- an office manager whose practice has two such physicians (about 4,000),
+- a patient with his own three or four studies,
+- a machine client that may read everything.
+
+    .venv/bin/python benchmarks/index_scale.py [--studies 1000000] [--runs 20] [--explain]
+
+``--explain`` prints EXPLAIN (ANALYZE, BUFFERS) of the slowest statement of each case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import secrets
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+QIDO_CASES = {
+    "QIDO first page": "limit=50",
+    "QIDO name prefix": "PatientName=Smi*&limit=50",
+    "QIDO exact name": "PatientName=Smith^John&limit=50",
+    "QIDO no match": "PatientName=Zzq*&limit=50",
+    "QIDO modality": "ModalitiesInStudy=MR&limit=50",
+    "QIDO offset 1,900": "offset=1900&limit=50",
+}
+MACHINE_CASES = {"QIDO offset 100,000": "offset=100000&limit=50",
+                 "QIDO offset 900,000": "offset=900000&limit=50"}
+LIST_CASES = {"list first page": "", "list modality": "modality=MR", "list page 39": "page=39"}
+LIST_SEARCHES = {"list search name": "smith jo", "list search no match": "zzq"}
+
+
+def _people(app: Any) -> dict[str, int]:
+    """The readers: their user ids (the machine client: 0)."""
+    from portal.access.grants import link_identifier
+    from portal.access.models import PatientLink, User
+    from portal.access.principal import Principal
+    from portal.access.users import get_or_create_practice
+
+    system = Principal("user", 0, "benchmark", roles=frozenset({"office_manager"}),
+                       issuer="b", subject="b")
+    with app.extensions["db"].write_transaction() as session:
+        practice = get_or_create_practice(session, "Synthetic Practice")
+        doctor = User(issuer="b", subject="doc11", display_name="Doc Eleven",
+                      roles=["physician"], practice_fk=practice.id, active=True)
+        colleague = User(issuer="b", subject="doc12", display_name="Doc Twelve",
+                         roles=["physician"], practice_fk=practice.id, active=True)
+        manager = User(issuer="b", subject="om", display_name="Office Manager",
+                       roles=["office_manager"], practice_fk=practice.id, active=True)
+        patient = User(issuer="b", subject="patient42", display_name="Patient",
+                       roles=["patient"], active=True)
+        session.add_all([doctor, colleague, manager, patient])
+        session.flush()
+        link_identifier(session, system, doctor.id, "Doc^11")
+        link_identifier(session, system, colleague.id, "Doc^12")
+        session.add(PatientLink(user_fk=patient.id, patient_fk=42))
+        return {"physician": doctor.id, "office manager": manager.id, "patient": patient.id}
+
+
+def _session_cookie(app: Any, user_id: int) -> str:
+    """A signed-in browser session for the user, as sign-in would have stored it."""
+    from portal.auth.models import UserSession
+
+    token = secrets.token_urlsafe(32)
+    now = datetime.now(UTC)
+    with app.extensions["db"].write_transaction() as session:
+        session.add(UserSession(token_sha256=hashlib.sha256(token.encode()).hexdigest(),
+                                data={}, user_fk=user_id, security_epoch=0, created_at=now,
+                                last_seen_at=now, expires_at=now + timedelta(hours=8),
+                                auth_time=now))
+    return token
+
+
+class Statements:
+    """The slowest SQL statement of the current case (for --explain)."""
+
+    def __init__(self, engine: Any) -> None:
+        from sqlalchemy import event
+
+        self.slowest: tuple[float, str, Any] = (0.0, "", None)
+        self._started = 0.0
+        event.listen(engine, "before_cursor_execute", self._before)
+        event.listen(engine, "after_cursor_execute", self._after)
+
+    def _before(self, *_args: Any) -> None:
+        self._started = time.perf_counter()
+
+    def _after(self, _conn: Any, _cursor: Any, statement: str, parameters: Any,
+               *_args: Any) -> None:
+        took = time.perf_counter() - self._started
+        if took > self.slowest[0]:
+            self.slowest = (took, statement, parameters)
+
+
+def _time(request: Callable[[], Any], runs: int) -> tuple[float, float, int]:
+    answer = request()  # warm-up (and the status to report)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        request()
+        times.append((time.perf_counter() - started) * 1000)
+    times.sort()
+    return statistics.median(times), times[max(0, int(len(times) * 0.95) - 1)], \
+        answer.status_code
+
+
+def main() -> int:
+    """Fill, then time each case for each reader."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--studies", type=int, default=1_000_000)
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--explain", action="store_true")
+    options = parser.parse_args()
+
+    import psycopg
+
+    from benchmarks.synthetic import fill
+    from tests.conftest import PostgresCluster, basic_auth, close_app, make_app, make_client
+
+    root = Path(tempfile.mkdtemp(prefix="portal-bench-pg-"))
+    cluster = PostgresCluster(root)
+    cluster.start()
+    try:
+        url = cluster.new_database()
+        app = make_app(root / "instance", url)
+        dsn = url.replace("postgresql+psycopg", "postgresql")
+        with psycopg.connect(dsn, autocommit=True) as connection:
+            started = time.perf_counter()
+            counts = fill(connection, options.studies)
+            print(f"filled {counts} in {time.perf_counter() - started:.0f} s")
+        people = _people(app)
+        machine = basic_auth(*make_client(app, "bench-reader"))
+        statements = Statements(app.extensions["db"].engine)
+        print(f"{'reader':<15} {'case':<22} {'status':>6} {'p50 ms':>8} {'p95 ms':>8}")
+        readers: list[tuple[str, dict[str, str], str]] = [
+            (name, {}, _session_cookie(app, user)) for name, user in people.items()]
+        readers.append(("machine", machine, ""))
+        explained = []
+        for name, headers, cookie in readers:
+            client = app.test_client()
+            if cookie:
+                client.set_cookie("portal", cookie)
+            cases: dict[str, str] = {
+                label: f"/dicomweb/studies?{query}" for label, query in QIDO_CASES.items()}
+            if name == "machine":
+                cases.update({label: f"/dicomweb/studies?{query}"
+                              for label, query in MACHINE_CASES.items()})
+            elif name != "patient":
+                cases.update({label: f"/studies?{query}" for label, query in LIST_CASES.items()})
+                for label, text in LIST_SEARCHES.items():
+                    found = client.post("/studies", data={"q": text}, headers={
+                        "Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"})
+                    cases[label] = found.headers.get("Location", "/studies?s=missing")
+            else:
+                cases["my scans"] = "/studies"
+            first = client.get("/dicomweb/studies?limit=1", headers=headers)
+            if first.status_code == 200:  # one study this reader may see, opened by its UID
+                uid = first.get_json()[0]["0020000D"]["Value"][0]
+                cases["QIDO series of a study"] = f"/dicomweb/studies/{uid}/series"
+            for label, path in cases.items():
+                statements.slowest = (0.0, "", None)
+                p50, p95, status = _time(partial(client.get, path, headers=headers),
+                                         options.runs)
+                print(f"{name:<15} {label:<22} {status:>6} {p50:>8.1f} {p95:>8.1f}", flush=True)
+                if options.explain and statements.slowest[1]:
+                    explained.append((name, label, statements.slowest))
+        if explained:
+            with psycopg.connect(dsn, autocommit=True) as connection:
+                for name, label, (took, statement, parameters) in explained:
+                    print(f"\n-- {name}, {label}: slowest statement {took * 1000:.1f} ms")
+                    plan = connection.execute(
+                        "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + statement, parameters)
+                    print("\n".join(row[0] for row in plan))
+        close_app(app)
+    finally:
+        try:
+            cluster.stop()
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
