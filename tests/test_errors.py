@@ -1,7 +1,7 @@
 """Errors are mapped once (issue 14 item 5): every domain exception is a PortalError that says
 its HTTP status and a public reason (portal/failures.py), one handler in portal/errors.py
 answers it in the format of the face that asked, and route modules keep no local
-``except X: abort(...)`` that only repeats what the handler does."""
+``except X: abort(...)`` (or ``error_response``) that only repeats what the handler does."""
 
 from __future__ import annotations
 
@@ -75,6 +75,7 @@ NOT_PORTAL_ERRORS = {
     "portal.archive.same_instance._Different": "private to the comparison, becomes Rejected",
     "portal.archive.sync._Refused": "private to sync, logged and counted",
     "portal.archive.external._Timeout": "private to the client, becomes ExternalUnavailable",
+    "portal.redis_link.RedisDown": "internal: the caller falls back to the database or memory",
 }
 
 
@@ -217,6 +218,8 @@ ALLOWED = {
         "406 and 'ask as stored' here, not the 422 of a rendered image",
     ("dicomweb/routes.py", "volume_view", "ValueError"):
         "parsing position and angle of the URL",
+    ("dicomweb/routes.py", "volume_state", "RenderRefused"):
+        "the reason says 'the 3D view could not be built' first",
     ("dicomweb/stow.py", "store_request", "MultipartError"):
         "the codec stays free of portal imports; the answer adds 'malformed multipart body'",
     ("admin/routes.py", "_day", "ValueError"):
@@ -226,8 +229,12 @@ ALLOWED = {
 }
 
 
+ANSWERS = {"abort", "error_response"}  # what a route calls to answer an error itself
+
+
 def _local_mappings(path: Path) -> Iterator[tuple[str, str]]:
-    """(function, caught exception) of every ``except`` whose body calls ``abort(...)``."""
+    """(function, caught exception) of every ``except`` whose body answers an error itself
+    (``abort(...)`` or ``error_response(...)``)."""
     tree = ast.parse(path.read_text())
     for function in ast.walk(tree):
         if not isinstance(function, ast.FunctionDef):
@@ -236,7 +243,7 @@ def _local_mappings(path: Path) -> Iterator[tuple[str, str]]:
             if not isinstance(node, ast.ExceptHandler):
                 continue
             aborts = any(isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
-                         and n.func.id == "abort" for b in node.body for n in ast.walk(b))
+                         and n.func.id in ANSWERS for b in node.body for n in ast.walk(b))
             if aborts and node.type is not None:
                 caught = node.type.elts if isinstance(node.type, ast.Tuple) else [node.type]
                 for name in caught:

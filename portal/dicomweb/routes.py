@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -32,7 +31,7 @@ from portal.dicomweb import bulkdata, frames, qido, stow, transcode, transfer
 from portal.dicomweb.accept import parse_accept
 from portal.errors import error_response
 from portal.imaging.prerender import build_volume_soon, volume_failure
-from portal.imaging.render import FrameNotFound, RenderRefused
+from portal.imaging.render import RenderRefused
 from portal.imaging.rendition import FORMATS, Rendition, parse_rendition
 from portal.imaging.service import (
     RenderedImage,
@@ -43,7 +42,7 @@ from portal.imaging.service import (
     volume_image,
     volume_sources,
 )
-from portal.imaging.volume import VIEWS, NotAVolume
+from portal.imaging.volume import VIEWS
 from portal.index.models import Instance, Series, Study
 
 # A share-link visitor reads the studies of his link through every GET here (the policy
@@ -94,16 +93,13 @@ def _search(level: qido.Level, scope: list[Any]) -> Response:
     # and the attributes answered from a representative header.
     headers = qido.RowHeaders(session, level, current_archive().headers,
                               policy.instance_filter(principal))
-    try:
-        rows = qido.fetch(session, stmt, query, headers)
-        if not rows and level == "study" and current_archive().remote is not None:
-            from portal.archive.sync import sync_on_miss
+    rows = qido.fetch(session, stmt, query, headers)  # QueryError: 400 with the reason
+    if not rows and level == "study" and current_archive().remote is not None:
+        from portal.archive.sync import sync_on_miss
 
-            if sync_on_miss(current_archive(), request.args.to_dict(flat=False)):
-                session.rollback()  # read-only so far: end the snapshot to see the new rows
-                rows = qido.fetch(session, stmt, query, headers)
-    except qido.QueryError as exc:
-        abort(400, str(exc))
+        if sync_on_miss(current_archive(), request.args.to_dict(flat=False)):
+            session.rollback()  # read-only so far: end the snapshot to see the new rows
+            rows = qido.fetch(session, stmt, query, headers)
     audit.record(db, audit.QUERY, action="E", outcome=audit.OUTCOME_SUCCESS,
                  who=principal.audit_name, source_address=request.remote_addr or "",
                  details={"level": level, "results": len(rows),
@@ -496,26 +492,15 @@ def _rendition(thumbnail: bool) -> Rendition:
     return parse_rendition(request.args, ",".join(offered), thumbnail=thumbnail)  # or 400
 
 
-@contextmanager
-def _render_refusals() -> Iterator[None]:
-    """What the imaging service refuses: no such frame 404, anything else 422, with the reason."""
-    try:
-        yield
-    except FrameNotFound as exc:
-        abort(404, str(exc))
-    except (RenderRefused, NotAVolume) as exc:
-        abort(422, str(exc))
-
-
 def _image_response(image: RenderedImage) -> Response:
     """A rendered image with a strong ETag, 304 on a match, private caching."""
     headers = {"Cache-Control": "private, max-age=86400", "Vary": "Accept"}
     if request.if_none_match.contains(image.etag):
         response = Response(status=304, headers=headers)
     else:
-        with _render_refusals():
-            body = image.body()
-        response = Response(body, mimetype=image.media_type, headers=headers)
+        # What the imaging service refuses (FrameNotFound 404, RenderRefused and NotAVolume
+        # 422, with the reason) is answered by portal/errors.py.
+        response = Response(image.body(), mimetype=image.media_type, headers=headers)
     response.set_etag(image.etag)
     return response
 
@@ -529,9 +514,8 @@ def _render_many(instances: list[Instance]) -> Response:
     if "multipart/related" not in request.headers.get("Accept", "").lower():
         return _render(images[len(images) // 2], 1, thumbnail=False)
     rendition = _rendition(thumbnail=False)
-    with _render_refusals():
-        parts = [(rendition.media_type, rendered_image(db.session, i, 1, rendition).body())
-                 for i in images]
+    parts = [(rendition.media_type, rendered_image(db.session, i, 1, rendition).body())
+             for i in images]
     boundary = multipart.new_boundary()
     return Response(b"".join(multipart.stream_parts(parts, boundary)), headers={
         "Content-Type": f'multipart/related; type="{rendition.media_type}"; '
@@ -553,9 +537,7 @@ def rendered_series(study: str, series: str) -> Response:
 
 def _render(instance: Instance, frame: int, *, thumbnail: bool) -> Response:
     rendition = _rendition(thumbnail)
-    with _render_refusals():
-        image = rendered_image(db.session, instance, frame, rendition)
-    return _image_response(image)
+    return _image_response(rendered_image(db.session, instance, frame, rendition))
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<instance>/rendered")
@@ -629,9 +611,7 @@ def volume_state(study: str, series: str) -> Response:
     if state == "ready":
         try:
             mip = prepare_volume(content, files)  # a load (or a kept volume) in a render process
-        except NotAVolume as exc:
-            return error_response(422, str(exc))
-        except RenderRefused as exc:
+        except RenderRefused as exc:  # NotAVolume is answered by portal/errors.py: 422
             return error_response(422, f"the 3D view could not be built: {exc}")
         if mip is not None:
             body["mipWindow"] = {"center": round(mip.center, 1), "width": round(mip.width, 1)}

@@ -17,6 +17,9 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, and_, false, not_, or_
 
+from portal import failures
+from portal.numbers import DB_INT_MAX
+
 # Result parameters the portal honours on every search (not search parameters proper).
 COUNT, OFFSET, FORMAT = "_count", "_offset", "_format"
 CONTROL = (COUNT, OFFSET, FORMAT)
@@ -24,7 +27,7 @@ DEFAULT_COUNT, MAX_COUNT = 50, 200
 JSON_FORMATS = ("json", "application/json", "application/fhir+json")
 
 
-class SearchError(ValueError):
+class SearchError(failures.Invalid, ValueError):
     """A search the portal cannot answer as asked: 400 with this reason."""
 
 
@@ -129,10 +132,18 @@ def reference_id(value: str, resource_type: str) -> str:
     return parts[0]
 
 
+def row_id(text: str) -> int | None:
+    """An id the database can hold (``numbers.DB_INT_MAX``); None for anything else, which
+    names nothing (a 404, never an out-of-range query)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
+        return None
+    number = int(text)
+    return number if 0 < number <= DB_INT_MAX else None
+
+
 def number_id(value: str, resource_type: str) -> int | None:
     """A reference to a resource whose ids are numbers; None when it cannot name one."""
-    text = reference_id(value, resource_type)
-    return int(text) if text.isdigit() and len(text) < 12 else None
+    return row_id(reference_id(value, resource_type))
 
 
 _DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?"

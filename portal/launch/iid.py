@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, joinedload
 
+from portal import failures
 from portal.access.policy import visible_studies
 from portal.access.principal import Principal
 from portal.index.models import Patient, Series, Study
@@ -27,7 +28,7 @@ _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _MODALITY = re.compile(r"[A-Z0-9]{1,16}")
 
 
-class LaunchError(ValueError):
+class LaunchError(failures.Invalid, ValueError):
     """A parameter of the request is missing or malformed; the message says which."""
 
 

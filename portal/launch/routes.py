@@ -74,10 +74,7 @@ def _audit_query(principal: Principal, kind: str, results: int, **details: Any) 
 def invoke_image_display() -> str | BaseResponse:
     """IHE RAD-106: one study opens in the viewer; several, or a patient, list their studies."""
     principal = _principal()
-    try:
-        wanted = iid.parse_request(request.args)
-    except iid.LaunchError as exc:
-        abort(400, str(exc))
+    wanted = iid.parse_request(request.args)  # LaunchError: 400 with the reason
     if wanted.request_type == "PATIENT" and principal.kind == "user":
         # The Patient ID leaves the address bar and history at once: the list is shown
         # at an opaque address whose request the session keeps (docs/security.md 28).

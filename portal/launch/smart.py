@@ -23,6 +23,7 @@ from typing import Any
 from authlib.integrations.flask_client import OAuth
 from flask import Flask, current_app
 
+from portal import failures
 from portal.auth.oidc import ALLOWED_ALGORITHMS, HTTP_TIMEOUT
 from portal.config import smart_issuers, smart_patient_systems
 from portal.launch.iid import PatientKey
@@ -35,7 +36,7 @@ SCOPES_V1 = "launch openid fhirUser patient/Patient.read"
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 
 
-class LaunchRefused(Exception):
+class LaunchRefused(failures.Invalid):
     """The launch cannot go on; the message is safe to show."""
 
 
