@@ -31,6 +31,7 @@ from portal.fhir.search import (
     nothing,
     number_id,
     reference_id,
+    row_id,
     token,
 )
 from portal.index.models import Order, Patient, Series, Study
@@ -79,6 +80,11 @@ def _int_id(column: Any, resource_type: str) -> Callable[[str, str], ColumnEleme
         number = number_id(value, resource_type)
         return column == number if number is not None else nothing()
     return where
+
+
+def _id_is(column: Any, text: str) -> ColumnElement[bool]:
+    number = row_id(text)
+    return column == number if number is not None else nothing()
 
 
 def _like_escaped(text: str) -> str:
@@ -144,8 +150,7 @@ PATIENT = Kind(
     ),
     base=lambda principal: select(Patient).where(Patient.id.in_(visible_patients(principal)))
     .order_by(Patient.id),
-    by_id=lambda text: Patient.id == int(text) if text.isdigit() and len(text) < 12
-    else false(),
+    by_id=lambda text: _id_is(Patient.id, text),
     emit=_emit_patients,
 )
 
@@ -305,8 +310,7 @@ DIAGNOSTIC_REPORT = Kind(
     ),
     base=lambda principal: select(Report).where(_report_study(study_filter(principal)))
     .order_by(Report.updated_at.desc(), Report.id.desc()),
-    by_id=lambda text: Report.id == int(text) if text.isdigit() and len(text) < 12
-    else false(),
+    by_id=lambda text: _id_is(Report.id, text),
     emit=_emit_reports,
     drops_rows=is_patient,
 )
@@ -380,7 +384,7 @@ def _emitter(make: Callable[[Order, str, Patient | None], dict[str, Any]]) -> Em
 
 
 def _order_by_id(text: str) -> ColumnElement[bool]:
-    return Order.id == int(text) if text.isdigit() and len(text) < 12 else false()
+    return _id_is(Order.id, text)
 
 
 SERVICE_REQUEST = Kind(

@@ -7,7 +7,9 @@ search parameter filtering, unknown parameters refused, and OperationOutcome err
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,9 +30,12 @@ from portal.index.referrers import name_key
 from portal.reports.models import Report
 from portal.reports.service import IncomingOrder, receive_order
 from tests.conftest import (
+    OIDC_SETTINGS,
     IdentityProvider,
     add_person,
     basic_auth,
+    close_app,
+    make_app,
     make_client,
     sample_paths,
     signed_in,
@@ -139,8 +144,12 @@ class World:
 
 
 @pytest.fixture
-def world(oidc_app: Flask, idp: IdentityProvider) -> World:
-    return World(oidc_app, idp)
+def world(tmp_path: Path, database_url: str, idp: IdentityProvider) -> Iterator[World]:
+    """The seeded world on SQLite and on PostgreSQL (the searches are SQL)."""
+    app = make_app(tmp_path / "instance", database_url, OIDC_ISSUER=idp.issuer,
+                   **OIDC_SETTINGS)
+    yield World(app, idp)
+    close_app(app)
 
 
 def _path(url: str) -> str:
