@@ -12,10 +12,8 @@ manager whose practice sees the studies that name its physician (a fifth of them
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -79,27 +77,15 @@ def main() -> int:
                         "the studies) or as a physician without a practice (1 in 500)")
     options = parser.parse_args()
 
-    import psycopg
-
+    from benchmarks.synthetic import filled_portal
     from portal.access.grants import link_identifier
     from portal.access.models import User
     from portal.access.principal import Principal, user_principal
     from portal.access.users import get_or_create_practice
     from portal.admin.console import find_studies
     from portal.studies.service import StudySearch
-    from tests.conftest import PostgresCluster, close_app, make_app
 
-    root = Path(tempfile.mkdtemp(prefix="portal-bench-pg-"))
-    cluster = PostgresCluster(root)
-    cluster.start()
-    try:
-        url = cluster.new_database()
-        app = make_app(root / "instance", url)
-        with psycopg.connect(url.replace("postgresql+psycopg", "postgresql"),
-                             autocommit=True) as connection:
-            started = time.perf_counter()
-            _fill(connection, options.studies)
-            print(f"filled {options.studies} studies in {time.perf_counter() - started:.1f} s")
+    with filled_portal(options.studies, _fill) as (app, _dsn):
         system = Principal("user", 0, "t", roles=frozenset({"office_manager"}), issuer="t",
                            subject="t")
         database = app.extensions["db"]
@@ -136,12 +122,6 @@ def main() -> int:
                 times.sort()
                 p95 = times[max(0, int(len(times) * 0.95) - 1)]
                 print(f"{label:<14} {len(rows):>4} {statistics.median(times):>7.1f} {p95:>7.1f}")
-        close_app(app)
-    finally:
-        try:
-            cluster.stop()
-        finally:  # the cluster's files (about 100 MB) are of no use once it stopped
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -20,10 +20,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import secrets
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -132,20 +130,10 @@ def main() -> int:
 
     import psycopg
 
-    from benchmarks.synthetic import fill
-    from tests.conftest import PostgresCluster, basic_auth, close_app, make_app, make_client
+    from benchmarks.synthetic import filled_portal
+    from tests.conftest import basic_auth, make_client
 
-    root = Path(tempfile.mkdtemp(prefix="portal-bench-pg-"))
-    cluster = PostgresCluster(root)
-    cluster.start()
-    try:
-        url = cluster.new_database()
-        app = make_app(root / "instance", url)
-        dsn = url.replace("postgresql+psycopg", "postgresql")
-        with psycopg.connect(dsn, autocommit=True) as connection:
-            started = time.perf_counter()
-            counts = fill(connection, options.studies)
-            print(f"filled {counts} in {time.perf_counter() - started:.0f} s")
+    with filled_portal(options.studies) as (app, dsn):
         people = _people(app)
         machine = basic_auth(*make_client(app, "bench-reader"))
         statements = Statements(app.extensions["db"].engine)
@@ -189,12 +177,6 @@ def main() -> int:
                     plan = connection.execute(
                         "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) " + statement, parameters)
                     print("\n".join(row[0] for row in plan))
-        close_app(app)
-    finally:
-        try:
-            cluster.stop()
-        finally:
-            shutil.rmtree(root, ignore_errors=True)
     return 0
 
 

@@ -10,6 +10,12 @@ read them) unless ``instances_per_series`` is given.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 SURNAMES = ["Smith", "Miller", "Müller", "Doe", "Nguyen", "Garcia", "O'Brien", "Kowalski"]
@@ -96,3 +102,35 @@ def fill(connection: Any, studies: int, *, referrers: int = 500,
     cur.execute("VACUUM ANALYZE")
     return {"patients": patients, "studies": studies, "series": 3 * studies,
             "orders": orders, "grants": grants, "instances": instances}
+
+
+@contextmanager
+def filled_portal(studies: int, filler: Callable[[Any, int], Any] | None = None
+                  ) -> Iterator[tuple[Any, str]]:
+    """A throwaway PostgreSQL on 127.0.0.1 (initdb/pg_ctl, as the tests do), the schema by the
+    real migrations, ``filler(connection, studies)`` (default: ``fill``); yields the app and
+    the database's psycopg DSN, and removes everything afterwards."""
+    import psycopg
+
+    from tests.conftest import PostgresCluster, close_app, make_app
+
+    root = Path(tempfile.mkdtemp(prefix="portal-bench-pg-"))
+    cluster = PostgresCluster(root)
+    cluster.start()
+    try:
+        url = cluster.new_database()
+        app = make_app(root / "instance", url)
+        dsn = url.replace("postgresql+psycopg", "postgresql")
+        with psycopg.connect(dsn, autocommit=True) as connection:
+            started = time.perf_counter()
+            counts = (filler or fill)(connection, studies)
+            print(f"filled {counts or studies} in {time.perf_counter() - started:.0f} s")
+        try:
+            yield app, dsn
+        finally:
+            close_app(app)
+    finally:
+        try:
+            cluster.stop()
+        finally:  # the cluster's files (hundreds of MB) are of no use once it stopped
+            shutil.rmtree(root, ignore_errors=True)

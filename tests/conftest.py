@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,11 @@ class PostgresCluster:
             shutil.chown(self.root, self.user)
         self._run(str(bindir / "initdb"), "-D", str(self.data), "-U", "portal", "-A", "trust",
                   "--no-sync", "-E", "UTF8")
-        self._run(str(bindir / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "-l",
+        self.start_again()
+
+    def start_again(self) -> None:
+        """Start the (initialised, stopped) cluster on its port: a restart after ``stop``."""
+        self._run(str(_pg_bindir() / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "-l",
                   str(self.root / "log"), "-o",
                   f"-h 127.0.0.1 -p {self.port} -k {self.root} -F -c fsync=off", "start")
 
@@ -130,9 +135,9 @@ def _pg_bindir() -> Path:
     raise RuntimeError("PostgreSQL server binaries not found: install the postgresql package")
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresCluster]:
-    """One PostgreSQL cluster for the session; each test gets its own database."""
+@contextmanager
+def throwaway_postgres() -> Iterator[PostgresCluster]:
+    """A started PostgreSQL cluster, stopped (if still running) and removed afterwards."""
     # Not under pytest's private temp folder: the postgres user must be able to reach it.
     root = Path(tempfile.mkdtemp(prefix="portal-pg-"))
     cluster = PostgresCluster(root)
@@ -141,9 +146,17 @@ def postgres() -> Iterator[PostgresCluster]:
         yield cluster
     finally:
         try:
-            cluster.stop()
+            with suppress(RuntimeError):  # a test may have stopped it already
+                cluster.stop()
         finally:
             shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """One PostgreSQL cluster for the session; each test gets its own database."""
+    with throwaway_postgres() as cluster:
+        yield cluster
 
 
 # -- the app ---------------------------------------------------------------------------------

@@ -5,14 +5,11 @@ gunicorn; the portal recovers by itself when the database is back."""
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import io
-import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +29,7 @@ from tests.conftest import (
     make_app,
     make_client,
     signed_in,
+    throwaway_postgres,
     wait_for,
 )
 from tests.factories import make_instance
@@ -154,15 +152,8 @@ def test_a_stopped_redis_makes_the_node_degraded_not_unready(
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresCluster]:
     """A PostgreSQL cluster of this test's own, so it can be stopped and started again."""
-    root = Path(tempfile.mkdtemp(prefix="portal-pg-"))
-    cluster = PostgresCluster(root)
-    try:
-        cluster.start()
+    with throwaway_postgres() as cluster:
         yield cluster
-    finally:
-        with contextlib.suppress(RuntimeError):  # already stopped by the test
-            cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _get(port: int, path: str, cookie: str = "", method: str = "GET",
@@ -215,19 +206,8 @@ def test_a_database_outage_answers_503_on_every_route_and_recovers(
         assert status == 302 and headers["Location"].startswith("/auth/login")
         assert _get(node.port, headers["Location"])[0] == 503
         assert _get(node.port, "/healthz")[0] == 200  # the process itself is alive
-        _restart(own_postgres)
+        own_postgres.start_again()
         assert wait_for(lambda: _get(node.port, "/studies", cookie.value)[0] == 200,
                         timeout=30), "the node did not recover with the database"
         assert _get(node.port, "/readyz")[0] == 200
 
-
-def _restart(cluster: PostgresCluster) -> None:
-    """Start the stopped cluster again on its port (no new initdb)."""
-    from tests.conftest import _pg_bindir
-
-    command = [str(_pg_bindir() / "pg_ctl"), "-D", str(cluster.data), "-w", "-t", "60", "-l",
-               str(cluster.root / "log"), "-o",
-               f"-h 127.0.0.1 -p {cluster.port} -k {cluster.root} -F -c fsync=off", "start"]
-    if os.geteuid() == 0:
-        command = ["runuser", "-u", "postgres", "--", *command]
-    subprocess.run(command, check=True, capture_output=True, timeout=120)
