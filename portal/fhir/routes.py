@@ -35,6 +35,8 @@ from portal.security import read_body
 bp = Blueprint("fhir", __name__, url_prefix="/fhir")
 
 MAX_FHIR_BYTES = 30 << 20
+# How the audit trail names a refused read (a report is a "report" wherever it was asked).
+REFUSED_AS = {"DiagnosticReport": "report"}
 
 
 def _principal() -> Principal:
@@ -162,7 +164,7 @@ def search(resource_type: str) -> Response:
         rows = db.session.scalars(stmt.offset(query.offset).limit(query.count)).all() \
             if query.count else []
         page = kind.emit(db.session, principal, rows, links)
-    _audit_query(principal, {"resource": kind.name, "results": len(page), "total": total})
+    _audit_query(principal, {"resource": kind.name, "results": len(page)})
     return _json(_bundle(kind, query, page, total, links))
 
 
@@ -207,7 +209,7 @@ def read(resource_type: str, resource_id: str) -> Response:
                               .limit(1)).all()
     found = kind.emit(db.session, principal, rows, _links()) if rows else []
     if not found:
-        policy.record_refusal(principal, kind.name.lower())
+        policy.record_refusal(principal, REFUSED_AS.get(kind.name, kind.name.lower()))
         return _error(404, f"no such {kind.name}", "not-found")
     resource = found[0]
     study = resource_id if kind.name == "ImagingStudy" else str(
