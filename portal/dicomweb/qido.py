@@ -490,33 +490,44 @@ class RowHeaders:
         self.session, self.level, self.source, self.visible = session, level, source, visible
         self._known: dict[int, list[Mapping[str, Any]]] = {}
 
-    def uids(self, row: Any) -> list[str]:
-        """The SOP Instance UIDs standing for ``row``, its representative first."""
+    def _uids(self, rows: Sequence[Any]) -> dict[int, list[str]]:
+        """The SOP Instance UIDs standing for each row (by its id), representative first."""
         if self.level == "instance":
-            return [row[0].sop_instance_uid]
-        stmt = (select(Instance.series_fk, Instance.sop_instance_uid, Instance.rows)
-                .join(Series, Instance.series_fk == Series.id))
+            return {row[0].id: [row[0].sop_instance_uid] for row in rows}
+        owner = Series.id if self.level == "series" else Series.study_fk
+        stmt = (select(owner, Instance.series_fk, Instance.sop_instance_uid, Instance.rows)
+                .join(Series, Instance.series_fk == Series.id)
+                .where(owner.in_([row[0].id for row in rows])))
         if self.visible is not None:
             stmt = stmt.where(self.visible)
-        stmt = stmt.where(Series.id == row[0].id if self.level == "series"
-                          else Series.study_fk == row[0].id)
-        by_series: dict[int, list[tuple[str, bool]]] = {}
-        for series_fk, uid, rows in self.session.execute(
+        found: dict[int, dict[int, list[tuple[str, bool]]]] = {}
+        for key, series_fk, uid, image in self.session.execute(
                 stmt.order_by(Instance.series_fk, Instance.instance_number, Instance.id)):
-            by_series.setdefault(series_fk, []).append((uid, rows is not None))
-        chosen = []
-        for found in by_series.values():
-            images = [uid for uid, image in found if image] or [uid for uid, _ in found]
-            chosen.append(images[len(images) // 2])
+            found.setdefault(key, {}).setdefault(series_fk, []).append((uid, image is not None))
+        chosen: dict[int, list[str]] = {}
+        for key, by_series in found.items():
+            for instances in by_series.values():
+                images = [u for u, image in instances if image] or [u for u, _ in instances]
+                chosen.setdefault(key, []).append(images[len(images) // 2])
         return chosen
+
+    def prefetch(self, rows: Sequence[Any]) -> None:
+        """Read the headers of many rows at once (a few queries, not a few per row)."""
+        missing = list({row[0].id: row for row in rows if row[0].id not in self._known}
+                       .values())
+        for start in range(0, len(missing), 500):
+            chunk = missing[start:start + 500]
+            uids = self._uids(chunk)
+            flat = [uid for row in chunk for uid in uids.get(row[0].id, [])]
+            headers = iter(self.source(flat) if flat else [])
+            for row in chunk:
+                self._known[row[0].id] = [next(headers) for _ in uids.get(row[0].id, [])]
 
     def of(self, row: Any) -> list[Mapping[str, Any]]:
         """The headers standing for ``row`` (the representative's first)."""
-        key = row[0].id
-        if key not in self._known:
-            uids = self.uids(row)
-            self._known[key] = list(self.source(uids)) if uids else []
-        return self._known[key]
+        if row[0].id not in self._known:
+            self.prefetch([row])
+        return self._known[row[0].id]
 
     def representative(self, row: Any) -> Mapping[str, Any]:
         """The header of the instance that represents ``row`` ({} without any)."""
@@ -537,12 +548,15 @@ def fetch(session: Session, stmt: Select[*tuple[Any, ...]], query: Query,
     answer trimmed to the limit (QueryError when too many candidates need their headers)."""
     rows = session.execute(stmt).all()
     if not query.header_filters:
-        return query.trim(rows)
+        rows = query.trim(rows)
+        headers.prefetch(rows)
+        return rows
     if len(rows) > MAX_HEADER_SCAN:
         names = ", ".join(keyword_for_tag(int(t, 16)) or t for t, _ in query.header_filters)
         raise QueryError(f"matching on {names} reads stored headers, and more than "
                          f"{MAX_HEADER_SCAN} results would need reading: narrow the search "
                          "with other keys (e.g. StudyDate, PatientID, ModalitiesInStudy)")
+    headers.prefetch(rows)
     matched = [row for row in rows if headers.matches(row, query)]
     end = query.offset + (query.limit + 1 if query.capped else query.limit)
     return query.trim(matched[query.offset:end])
