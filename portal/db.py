@@ -41,7 +41,13 @@ from typing import Any, cast
 
 from flask import Flask, Response, current_app, g, has_request_context
 from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, make_url
-from sqlalchemy.orm import DeclarativeBase, Session, scoped_session, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    ORMExecuteState,
+    Session,
+    scoped_session,
+    sessionmaker,
+)
 from sqlalchemy.types import TypeDecorator
 from werkzeug.local import LocalProxy
 
@@ -131,10 +137,6 @@ def make_engine(url: str) -> Engine:
                          pool_timeout=10, hide_parameters=True, connect_args=connect_args)
 
 
-def _wrote(session: Session, _context: Any) -> None:
-    session.info["wrote"] = True
-
-
 def _settled(session: Session) -> None:
     session.info.pop("wrote", None)
 
@@ -151,7 +153,8 @@ class Database:
         # Session method to the current one), so type checks see what they really call.
         self._scoped: scoped_session[Session] = scoped_session(self._factory)
         self.session: Session = cast(Session, self._scoped)
-        event.listen(self._factory, "after_flush", _wrote)
+        event.listen(self._factory, "before_flush", self._before_flush)
+        event.listen(self._factory, "do_orm_execute", self._before_statement)
         event.listen(self._factory, "after_commit", _settled)
         event.listen(self._factory, "after_rollback", _settled)
 
@@ -215,11 +218,8 @@ class Database:
     @contextmanager
     def reading(self) -> Iterator[Session]:
         """The request's session inside a request of this app, else a short own session
-        (closed afterwards): for the archive, which serves both. After a transaction of its
-        own committed in this request (an ingest, a fetched copy), a short own session too:
-        the request's may keep an older snapshot (SQLite) that misses the new rows."""
-        if has_request_context() and current_app.extensions.get("db") is self and \
-                not g.get("_own_commit"):
+        (closed afterwards): for the archive, which serves both."""
+        if has_request_context() and current_app.extensions.get("db") is self:
             yield self.session
             return
         with self._make_session("read") as session:
@@ -244,6 +244,7 @@ class Database:
     def _transaction(self, purpose: str) -> Iterator[Session]:
         with self._write_lock or nullcontext(), self._make_session(purpose) as session:
             session.connection(execution_options={"write": True})
+            session.info["wrote"] = True  # began as a write: nothing to take later
             try:
                 yield session
                 session.commit()
@@ -251,22 +252,42 @@ class Database:
                 session.rollback()
                 raise
         if has_request_context():
-            if purpose != "audit":
-                g._own_commit = True  # see reading()
             self._fresh_snapshot()
 
+    def _sqlite(self) -> bool:
+        return self.engine is not None and self.engine.dialect.name == "sqlite"
+
     def _fresh_snapshot(self) -> None:
-        """On SQLite, end the request session's read snapshot after a transaction of its own
-        committed, while the request has written nothing: its first write would otherwise
-        fail at once ("database is locked": a snapshot older than the last commit cannot
-        become a write). Nothing is written; loaded objects stay (expire_on_commit=False)."""
-        if self.engine is None or self.engine.dialect.name != "sqlite" or \
-                not self._scoped.registry.has():
+        """After a transaction of its own committed in a request, the request's session (on
+        SQLite, while it has written nothing) ends its read snapshot, so that its next read
+        sees the new rows (an ingest's, for the after-ingest steps) as PostgreSQL's READ
+        COMMITTED would. Nothing is written; loaded objects stay (expire_on_commit=False)."""
+        if not self._sqlite() or not self._scoped.registry.has():
             return
         session = self._scoped()
         if session.in_transaction() and not session.info.get("wrote") and \
                 not (session.new or session.dirty or session.deleted):
             session.commit()
+
+    def _before_flush(self, session: Session, _context: Any, _instances: Any) -> None:
+        self._take_write_lock(session)
+
+    def _before_statement(self, state: ORMExecuteState) -> None:
+        if state.is_insert or state.is_update or state.is_delete:
+            self._take_write_lock(state.session)
+
+    def _take_write_lock(self, session: Session) -> None:
+        """On SQLite, a session's first write ends its read snapshot and takes the write lock
+        with a fresh one (BEGIN IMMEDIATE, waiting its turn): an older snapshot cannot become
+        a write once anyone (a background thread, another request) committed since, and would
+        fail at once with "database is locked". The reads before it are as READ COMMITTED
+        would have given them on PostgreSQL; nothing changes there."""
+        if session.info.get("wrote") or not self._sqlite():
+            return
+        session.info["wrote"] = True
+        connection = session.connection()
+        connection.exec_driver_sql("COMMIT")  # the read transaction: it wrote nothing
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     def new_session(self) -> Session:
         """A session outside the request scope (close it, e.g. with ``with``)."""

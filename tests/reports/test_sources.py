@@ -112,8 +112,12 @@ def doctor(oidc_app: Flask, idp: IdentityProvider) -> str:
 
 
 def ingest(app: Flask, data: bytes) -> None:
+    """Store a file as a way in does: then the after-ingest steps (SR and PDF objects become
+    reports there, never when a page is read)."""
     with app.app_context():
-        current_archive().ingest(data, who="test")
+        archive = current_archive()
+        archive.after_ingest([archive.ingest(data, who="test")], via="import", who="test",
+                             source_address="", wait=True)
 
 
 def test_structured_report_in_the_archive_becomes_the_report_card(
