@@ -1,15 +1,50 @@
 """The audit trail: one record per security-relevant event, with DICOM PS3.15 A.5 semantics.
 
 Records are append-only and chained: each one's SHA-256 covers its content and the previous
-record's hash, so editing or deleting a row breaks ``verify_chain``. Appending locks the one
-``audit_head`` row, which orders concurrent writers. A PHI read whose record cannot be written
-is not served: ``record`` raises and the request fails closed.
+record's hash, so editing or deleting a sealed row breaks ``verify_chain``
+(docs/security.md 41). A PHI read whose record cannot be written is not served: ``record``
+raises and the request fails closed; the record row is committed before the answer
+(docs/security.md 42) and is chained a moment later.
+
+**Appending takes no lock; one sealer chains.** A writer only inserts its row (content, no
+chain fields), in its own transaction or the caller's: writers never wait for each other.
+The sealer (``seal``) takes the rows not yet sealed in id order, gives each the next place in
+the chain (``seq`` 1, 2, ...), its ``previous_hash`` and ``record_hash``, and moves the
+``audit_head`` row (the sealed end), in batches, one transaction a batch.
+
+The chain's order is the order of sealing, not the id order, and this is what makes one
+sealer enough: on PostgreSQL ids come from a sequence when a transaction inserts, and
+transactions commit in another order than they drew their ids (id 100 may commit after 101
+is visible). A sealer that chained by id would have to wait until no transaction that may
+still commit a lower id is in flight (``pg_snapshot_xmin`` cannot even see a transaction in
+the moment between drawing its id and taking its xid). Instead a row is sealed once it is
+committed and visible to the sealer; a row that commits late is sealed in the next batch,
+after higher ids. Within a batch the order is by id. Nothing is ever sealed twice or skipped:
+the sealer sees only committed rows, and the next batch takes every row still without
+``seq`` (a unique column: two sealers could not give two rows one place).
+
+**One sealer at a time.** On SQLite, which has one writer at a time anyway, the writer seals
+in its own transaction right after its insert (``append``): the chain is final at commit, as
+before, and no background commit ages a request's read snapshot. On PostgreSQL every sealer
+first takes the transaction-level advisory lock ``SEAL_LOCK`` with
+``pg_try_advisory_xact_lock``: a second one (another node, another worker, ``flask audit
+seal --watch``) does not wait, it leaves the work to the one that holds it; and each batch
+also locks the ``audit_head`` row, so even a sealer without the advisory lock could not fork
+the chain. Who seals on PostgreSQL: every process in the background (``Sealer``: a thread
+woken after each commit that appended records, which waits ``Sealer.delay`` to make a batch
+and ends when idle); a cluster may run ``flask audit seal --watch`` as well; ``audit
+checkpoint`` and ``audit forward`` seal what waits before they sign or send.
+
+Between commit and sealing a record is not yet covered by a hash (normally well under a
+second): ``verify_trail`` checks the sealed chain and reports the unsealed records (how many,
+how old) on their own; an unsealed row that carries a hash was taken out of the chain.
 
 The chain alone cannot show that its end was cut (delete the newest rows, rewrite the head):
-the end is anchored outside the database by signed checkpoints (every
-``AUDIT_CHECKPOINT_EVERY`` records and on ``audit checkpoint``: count, last id and hash, time,
-HMAC-SHA256 with ``AUDIT_CHECKPOINT_KEY``, which only the configuration holds) appended to a
-file, and by the hashes the syslog repository received (``audit_forward``).
+the end is anchored outside the database by signed checkpoints (the sealer signs one at every
+``AUDIT_CHECKPOINT_EVERY``-th place in the chain, and ``audit checkpoint`` on demand: count,
+last id and hash, time, HMAC-SHA256 with ``AUDIT_CHECKPOINT_KEY``, which only the
+configuration holds) appended to a file, and by the hashes the syslog repository received
+(``audit_forward``, which sends records in chain order).
 """
 
 from __future__ import annotations
@@ -19,15 +54,28 @@ import hmac
 import json
 import logging
 import os
+import threading
+import time
 import weakref
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import Engine, event, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    bindparam,
+    event,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from portal import failures
@@ -62,46 +110,49 @@ OUTCOME_SERIOUS_FAILURE = 8
 ACTIONS = frozenset("CRUDE")
 
 
-def _digest(row: AuditEvent) -> str:
+def _digest(row: Any, previous: str) -> str:
+    """The hash of a record (an AuditEvent or a row of its table) placed after ``previous``."""
     content = json.dumps({
-        "previous": row.previous_hash, "at": row.occurred_at.isoformat(),
+        "previous": previous, "at": row.occurred_at.isoformat(),
         "event": row.event_id, "action": row.action, "outcome": row.outcome, "who": row.who,
         "from": row.source_address, "study": row.study_instance_uid, "patient": row.patient_id,
         "details": row.details}, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(content.encode("utf-8")).hexdigest()
 
 
-def _head(session: Session) -> AuditHead:
-    head = session.scalars(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
-    if head is None:
-        head = AuditHead(id=1, last_hash="", count=0)
-        session.add(head)
-        session.flush()
-    return head
+def _head(session: Session) -> AuditHead | None:
+    """The sealed end, locked until the transaction ends (None before the first seal)."""
+    return session.scalars(select(AuditHead).where(AuditHead.id == 1).with_for_update()).first()
+
+
+_APPENDED = "audit_appended"
+_PENDING_CHECKPOINTS = "audit_checkpoints"
 
 
 def append(session: Session, event: tuple[str, str], *, action: str, outcome: int, who: str,
            source_address: str = "", study_instance_uid: str = "", patient_id: str = "",
            details: dict[str, Any] | None = None) -> AuditEvent:
-    """Append one record inside the caller's write transaction."""
+    """Append one record inside the caller's write transaction (no lock: the sealer chains
+    it once the transaction has committed)."""
     if action not in ACTIONS:
         raise ValueError(f"unknown audit action {action!r}")
-    head = _head(session)
     row = AuditEvent(occurred_at=utcnow().replace(microsecond=0), event_id=event[0],
                      event_name=event[1], action=action, outcome=outcome, who=who[:256],
                      source_address=source_address[:64], study_instance_uid=study_instance_uid,
-                     patient_id=patient_id[:64], details=details or {},
-                     previous_hash=head.last_hash)
-    row.record_hash = _digest(row)
+                     patient_id=patient_id[:64], details=details or {})
     session.add(row)
-    head.last_hash = row.record_hash
-    head.count += 1
     session.flush()
-    checkpoints = _checkpoints.get(session.get_bind()) if _checkpoints else None  # type: ignore[arg-type]
-    if checkpoints is not None and head.count % checkpoints.every == 0:
-        # Written once the transaction commits (see _write_pending_checkpoint): a checkpoint
-        # must never name a record that was rolled back.
-        session.info[_PENDING_CHECKPOINT] = (checkpoints, head.count, row.id, row.record_hash)
+    connection = session.connection()
+    if connection.dialect.name == "sqlite":
+        # One writer at a time: the writer seals in its own transaction (what it seals is
+        # rolled back with it), and no commit of a sealer ages a request's read snapshot.
+        checkpoints = _checkpoints.get(connection.engine)
+        sealed = _seal_batch(connection, 1 << 30, checkpoints.every if checkpoints else 0,
+                             wait=True)
+        if sealed is not None and sealed[1]:
+            session.info.setdefault(_PENDING_CHECKPOINTS, []).extend(sealed[1])
+    else:
+        session.info[_APPENDED] = True  # wakes this process's sealer after the commit
     if event == SECURITY_ALERT:
         # Logs name no patient: the UID and the reason are enough to find the record.
         log.warning("security alert: %s (who=%s, study=%s)",
@@ -116,21 +167,203 @@ def record(database: Database, event: tuple[str, str], **fields: Any) -> None:
     read, durable before what was read leaves (docs/security.md 12, 40), and refusals,
     failures and alerts, kept although the request answers an error. A change is recorded
     with ``append`` in the unit of work that makes it."""
-    for _attempt in range(3):
+    with database.audit_transaction() as session:
+        append(session, event, **fields)
+
+
+# PostgreSQL advisory lock key of the sealer ("audi"): one sealer per cluster at a time.
+SEAL_LOCK = 0x61756469
+
+
+def seal(database: Database, *, batch: int = 2000, wait: bool = False) -> int | None:
+    """Chain every committed record not yet sealed, ``batch`` a transaction; return how many
+    were sealed, or None when another sealer holds ``SEAL_LOCK`` (it does the work), unless
+    ``wait``: then wait for it and seal what it left.
+
+    Signs (after each batch's commit) the checkpoints that fall on the places sealed."""
+    engine = database.engine
+    if engine is None:
+        raise RuntimeError("database not initialised")
+    # This process's sealers one after the other, each with its checkpoints written: who
+    # waits finds the trail sealed and its checkpoints on disk.
+    if not _sealing.acquire(blocking=wait):
+        return None
+    try:
+        return _seal(engine, batch, wait)
+    finally:
+        _sealing.release()
+
+
+_sealing = threading.Lock()
+
+
+def _seal(engine: Engine, batch: int, wait: bool) -> int | None:
+    checkpoints = _checkpoints.get(engine)
+    every = checkpoints.every if checkpoints is not None else 0
+    total = 0
+    while True:
+        # A Core connection, not a Session: the sealer is no unit of work of any request.
+        with engine.connect() as connection:
+            connection.execution_options(write=True)  # SQLite: BEGIN IMMEDIATE
+            with connection.begin():
+                sealed = _seal_batch(connection, batch, every, wait)
+        if sealed is None:
+            return total or None
+        count, due = sealed
+        if checkpoints is not None:
+            _write_checkpoints(checkpoints, due)
+        total += count
+        if count < batch:
+            return total
+
+
+def _seal_batch(connection: Connection, batch: int, every: int,
+                wait: bool) -> tuple[int, list[tuple[int, int, str]]] | None:
+    events, heads = cast(Table, AuditEvent.__table__), cast(Table, AuditHead.__table__)
+    if connection.dialect.name == "postgresql":
+        if wait:  # released with the transaction, as the try below
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SEAL_LOCK})
+        elif not connection.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"),
+                                   {"key": SEAL_LOCK}):
+            return None
+    head = connection.execute(select(heads.c.last_hash, heads.c.count)
+                              .where(heads.c.id == 1).with_for_update()).first()
+    if head is None:
+        connection.execute(insert(heads).values(id=1, last_hash="", count=0))
+        previous, place = "", 0
+    else:
+        previous, place = head[0], head[1]
+    rows = connection.execute(select(events).where(events.c.seq.is_(None))
+                              .order_by(events.c.id).limit(batch)).all()
+    if not rows:
+        return 0, []
+    changes: list[dict[str, Any]] = []
+    due: list[tuple[int, int, str]] = []
+    for row in rows:
+        place += 1
+        digest = _digest(row, previous)
+        changes.append({"b_id": row.id, "b_seq": place, "b_previous": previous,
+                        "b_hash": digest})
+        if every and place % every == 0:
+            due.append((place, row.id, digest))
+        previous = digest
+    connection.execute(update(events).where(events.c.id == bindparam("b_id"))
+                       .values(seq=bindparam("b_seq"), previous_hash=bindparam("b_previous"),
+                               record_hash=bindparam("b_hash")), changes)
+    connection.execute(update(heads).where(heads.c.id == 1)
+                       .values(last_hash=previous, count=place))
+    return len(rows), due
+
+
+class Sealer:
+    """This process's background sealer for one database: a thread woken after every commit
+    that appended records, which waits ``delay`` (so a burst is sealed as one batch), seals,
+    and ends after ``idle`` seconds without work (the next record starts it again)."""
+
+    delay = 0.05
+    idle = 10.0
+    retries = 20  # another sealer held the lock, or the database failed: try this often
+
+    def __init__(self, database: Database) -> None:
+        self._database = weakref.ref(database)
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def poke(self) -> None:
+        """Records were committed: seal them soon."""
+        self._wake.set()
+        with self._lock:
+            if self._thread is None or self._pid != os.getpid():  # none yet, or forked
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="audit-sealer",
+                                                daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            if not self._wake.wait(self.idle):
+                with self._lock:
+                    if not self._wake.is_set():
+                        self._thread = None
+                        return
+            self._wake.clear()
+            time.sleep(self.delay)
+            database = self._database()
+            if database is None or database.engine is None:
+                with self._lock:
+                    self._thread = None
+                return
+            try:
+                done = seal(database)
+            except Exception as exc:  # the database is down: the records wait, committed
+                log.warning("sealing the audit trail failed (%s); the records wait",
+                            exc.__class__.__name__)
+                done = None
+            del database
+            if done is None:  # another sealer (or a failure): look again a little later
+                failures += 1
+                if failures <= self.retries:
+                    time.sleep(self.delay * failures)
+                    self._wake.set()
+            else:
+                failures = 0
+
+
+# The background sealer of each app's database (set by init_app).
+_sealers: weakref.WeakKeyDictionary[Engine, Sealer] = weakref.WeakKeyDictionary()
+
+
+@event.listens_for(Session, "after_commit")
+def _appended(session: Session) -> None:
+    if session.info.pop(_APPENDED, False):
+        bind = session.get_bind()
+        sealer = _sealers.get(bind) if isinstance(bind, Engine) else None
+        if sealer is not None:
+            sealer.poke()
+    due = session.info.pop(_PENDING_CHECKPOINTS, None)
+    bind = session.get_bind()
+    checkpoints = _checkpoints.get(bind) if due and isinstance(bind, Engine) else None
+    if checkpoints is not None:
+        # Written once the records' transaction has committed: a checkpoint never names a
+        # record that was rolled back.
+        _write_checkpoints(checkpoints, due or [])
+
+
+@event.listens_for(Session, "after_rollback")
+def _rolled_back(session: Session) -> None:
+    session.info.pop(_APPENDED, None)
+    session.info.pop(_PENDING_CHECKPOINTS, None)
+
+
+def _write_checkpoints(checkpoints: Checkpoints, due: list[tuple[int, int, str]]) -> None:
+    for place, record_id, record_hash in due:
         try:
-            with database.audit_transaction() as session:
-                append(session, event, **fields)
-            return
-        except IntegrityError:
-            continue  # two writers created the head row at once: try again
-    raise RuntimeError("could not append to the audit trail")
+            checkpoints.write(checkpoints.sign(place, record_id, record_hash))
+        except OSError as exc:
+            # The records are sealed; a missed checkpoint leaves the next one to anchor them.
+            log.error("could not write the audit checkpoint: %s", exc.strerror or exc)
+
+
+def _sealed(session: Session) -> Iterator[AuditEvent]:
+    """The sealed records in chain order."""
+    yield from session.scalars(select(AuditEvent).where(AuditEvent.seq.is_not(None))
+                               .order_by(AuditEvent.seq)).yield_per(1000)
+
+
+def _broken(row: AuditEvent, place: int, previous: str) -> bool:
+    return (row.seq != place or row.previous_hash != previous
+            or _digest(row, row.previous_hash) != row.record_hash)
 
 
 def verify_chain(session: Session) -> tuple[int, int | None]:
-    """Recompute every hash; return (records checked, id of the first bad one or None)."""
+    """Recompute every sealed hash in chain order; return (records checked, id of the first
+    bad one or None)."""
     previous, checked = "", 0
-    for row in session.scalars(select(AuditEvent).order_by(AuditEvent.id)).yield_per(1000):
-        if row.previous_hash != previous or _digest(row) != row.record_hash:
+    for row in _sealed(session):
+        if _broken(row, checked + 1, previous):
             return checked, row.id
         previous, checked = row.record_hash, checked + 1
     head = session.get(AuditHead, 1)
@@ -140,7 +373,6 @@ def verify_chain(session: Session) -> tuple[int, int | None]:
 
 
 CHECKPOINT_FORMAT = "portal-audit-checkpoint/1"
-_PENDING_CHECKPOINT = "audit_checkpoint"
 # The engine of each app that signs checkpoints (set by init_app from its configuration).
 _checkpoints: weakref.WeakKeyDictionary[Engine, Checkpoints] = weakref.WeakKeyDictionary()
 
@@ -253,41 +485,30 @@ def checkpoints_from(settings: dict[str, Any], instance_path: str) -> Checkpoint
 
 
 def init_app(app: Flask) -> None:
-    """Sign a checkpoint every AUDIT_CHECKPOINT_EVERY records of this app's database."""
-    checkpoints = checkpoints_from(app.config["PORTAL"], app.instance_path)
-    engine = app.extensions["db"].engine
-    if checkpoints is not None and engine is not None:
-        _checkpoints[engine] = checkpoints
-
-
-@event.listens_for(Session, "after_commit")
-def _write_pending_checkpoint(session: Session) -> None:
-    pending = session.info.pop(_PENDING_CHECKPOINT, None)
-    if pending is None:
+    """Seal this app's records in the background, and sign a checkpoint every
+    AUDIT_CHECKPOINT_EVERY places of the chain."""
+    database = app.extensions["db"]
+    if database.engine is None:
         return
-    checkpoints, count, record_id, record_hash = pending
-    try:
-        checkpoints.write(checkpoints.sign(count, record_id, record_hash))
-    except OSError as exc:
-        # The record is committed; a missed checkpoint only leaves the next one to anchor it.
-        log.error("could not write the audit checkpoint: %s", exc.strerror or exc)
-
-
-@event.listens_for(Session, "after_rollback")
-def _drop_pending_checkpoint(session: Session) -> None:
-    session.info.pop(_PENDING_CHECKPOINT, None)
+    if database.engine.dialect.name != "sqlite":  # SQLite: each writer seals (see append)
+        _sealers[database.engine] = Sealer(database)
+    checkpoints = checkpoints_from(app.config["PORTAL"], app.instance_path)
+    if checkpoints is not None:
+        _checkpoints[database.engine] = checkpoints
 
 
 def checkpoint_now(database: Database, checkpoints: Checkpoints) -> Checkpoint | None:
-    """Sign and write the trail's current end (None when it is empty; CheckpointRefused when
-    it no longer holds what the newest checkpoint recorded: that needs ``audit verify``)."""
+    """Seal what waits, then sign and write the sealed end of the trail (None when nothing
+    is sealed; CheckpointRefused when it no longer holds what the newest checkpoint recorded:
+    that needs ``audit verify``)."""
+    seal(database, wait=True)
     with database.write_transaction() as session:
-        head = _head(session)  # locked: no record is appended while the end is read
-        last = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc())
-                               .limit(1)).first()
-        if last is None:
+        head = _head(session)  # locked: nothing is sealed while the end is read
+        last = session.scalars(select(AuditEvent).where(AuditEvent.seq.is_not(None))
+                               .order_by(AuditEvent.seq.desc()).limit(1)).first()
+        if last is None or head is None:
             return None
-        if last.record_hash != head.last_hash:
+        if last.record_hash != head.last_hash or last.seq != head.count:
             raise CheckpointRefused("the head row does not match the newest record; "
                                     "run audit verify")
         newest = checkpoints.newest()
@@ -310,6 +531,9 @@ class Verdict:
     checked: int = 0
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Committed records the sealer has not chained yet, and when the oldest was written.
+    unsealed: int = 0
+    oldest_unsealed: datetime | None = None
 
 
 def _span(ids: list[int]) -> str:
@@ -340,9 +564,8 @@ def verify_trail(session: Session, *, checkpoints: Checkpoints | None,
     wanted = {c.record_id for c in genuine} | {record_id for record_id, _ in pairs}
     found: dict[int, str] = {}
     previous, first_bad = "", None
-    for row in session.scalars(select(AuditEvent).order_by(AuditEvent.id)).yield_per(1000):
-        if first_bad is None and (row.previous_hash != previous
-                                  or _digest(row) != row.record_hash):
+    for row in _sealed(session):
+        if first_bad is None and _broken(row, verdict.checked + 1, previous):
             first_bad = row.id
         if row.id in wanted:
             found[row.id] = row.record_hash
@@ -354,6 +577,7 @@ def verify_trail(session: Session, *, checkpoints: Checkpoints | None,
     if head is not None and head.last_hash != previous:
         verdict.problems.append("the head row does not match the newest record: "
                                 "records were removed from the end")
+    _unsealed(session, verdict)
     if checkpoints is None:
         verdict.notes.append("AUDIT_CHECKPOINT_KEY is not set: no signed checkpoint anchors "
                              "the end of the trail")
@@ -390,6 +614,22 @@ def verify_trail(session: Session, *, checkpoints: Checkpoints | None,
                                 f"received ({_span(differ)})")
     verdict.notes.append(f"audit repository: {len(pairs)} record(s) compared")
     return verdict
+
+
+def _unsealed(session: Session, verdict: Verdict) -> None:
+    """Count the records not sealed yet (reported apart from the chain), and find unsealed
+    rows that carry a hash: sealed once, then taken out of the chain."""
+    waiting = AuditEvent.seq.is_(None)
+    count, oldest = session.execute(select(func.count(AuditEvent.id),
+                                           func.min(AuditEvent.occurred_at)).where(waiting)).one()
+    verdict.unsealed = int(count or 0)
+    if oldest is not None:
+        verdict.oldest_unsealed = oldest if oldest.tzinfo else oldest.replace(tzinfo=UTC)
+    stamped = list(session.scalars(select(AuditEvent.id).where(
+        waiting, AuditEvent.record_hash != "").order_by(AuditEvent.id).limit(1000)))
+    if stamped:
+        verdict.problems.append(f"{len(stamped)} record(s) carry a chain hash but no place in "
+                                f"the chain ({_span(stamped)}): taken out of the chain")
 
 
 def _compare(expected: Iterable[tuple[int, str]],

@@ -1,9 +1,11 @@
 """Forward the audit trail to a separate repository: syslog over TCP or TLS (RFC 5424 messages,
 octet-counted frames as RFC 5425 / RFC 6587 describe), and lock the table down on PostgreSQL.
 
-The audit table itself is the durable spool: ``forward`` sends every record after the last one
-the repository acknowledged (by TCP delivery) and moves that mark only after a batch is sent,
-so a repository that is down loses nothing: the next run sends what waited, once, in order.
+The audit table itself is the durable spool: ``forward`` seals what waits, then sends every
+sealed record after the last one the repository acknowledged (by TCP delivery), in chain
+order (``seq``: the order of sealing, portal/audit.py), and moves that mark only after a
+batch is sent, so a repository that is down loses nothing: the next run sends what waited,
+once, in order. Only sealed records are sent: a record's place and hash are final then.
 
 Every message carries the record's id (its sequence number) and hash, and forwarding ends
 with the newest signed checkpoint: what the repository holds anchors the end of the trail,
@@ -27,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from portal import failures
 from portal.access.models import AuditEvent, AuditForward
-from portal.audit import Checkpoint, Checkpoints
+from portal.audit import Checkpoint, Checkpoints, seal
 from portal.db import Database, utcnow
 
 FACILITY_SECURITY, SEVERITY_NOTICE = 10, 5  # RFC 5424: authpriv, notice (as IHE ATNA uses)
@@ -127,7 +129,7 @@ def _connection(url: str, ca_file: str | None, timeout: float) -> Iterator[socke
 def _mark(session: Session) -> AuditForward:
     mark = session.get(AuditForward, 1)
     if mark is None:
-        mark = AuditForward(id=1, last_id=0)
+        mark = AuditForward(id=1, last_id=0, last_seq=0)
         session.add(mark)
         session.flush()
     return mark
@@ -145,18 +147,20 @@ def forward(database: Database, url: str, *, ca_file: str | None = None,
     be reached: what was not sent stays waiting)."""
     hostname = socket.gethostname()
     sent = 0
+    seal(database, wait=True)
     with _connection(url, ca_file, timeout) as sock:
         while True:
             with database.write_transaction() as session:
                 mark = _mark(session)
                 rows = list(session.scalars(select(AuditEvent)
-                                            .where(AuditEvent.id > mark.last_id)
-                                            .order_by(AuditEvent.id).limit(batch)))
+                                            .where(AuditEvent.seq > mark.last_seq)
+                                            .order_by(AuditEvent.seq).limit(batch)))
                 if not rows:
                     break
                 for row in rows:
                     sock.sendall(_frame(format_record(row, hostname)))
-                mark.last_id, mark.forwarded_at = rows[-1].id, utcnow()
+                mark.last_id, mark.last_seq = rows[-1].id, rows[-1].seq or 0
+                mark.forwarded_at = utcnow()
                 sent += len(rows)
         newest = checkpoints.newest() if checkpoints is not None and sent else None
         if newest is not None:
@@ -171,13 +175,17 @@ def send_checkpoint(url: str, checkpoint: Checkpoint, *, ca_file: str | None = N
         sock.sendall(_frame(format_checkpoint(checkpoint, socket.gethostname())))
 
 
+# The sealer (portal/audit.py) writes a record's place and hashes once: only those columns may
+# change; what a record says never can.
 PROTECT_SQL = ("REVOKE UPDATE, DELETE, TRUNCATE ON audit_event FROM {role}",
-               "GRANT SELECT, INSERT ON audit_event TO {role}")
+               "GRANT SELECT, INSERT ON audit_event TO {role}",
+               "GRANT UPDATE (seq, previous_hash, record_hash) ON audit_event TO {role}")
 
 
 def protect_table(database: Database, role: str) -> None:
-    """PostgreSQL: the application's role may only add and read audit records (docs/security.md
-    41); run as the table's owner. The owner must not be the role the portal runs as."""
+    """PostgreSQL: the application's role may only add and read audit records and seal them
+    (docs/security.md 41); run as the table's owner. The owner must not be the role the
+    portal runs as."""
     if database.engine is None or database.engine.dialect.name != "postgresql":
         raise ValueError("audit lock-down is for PostgreSQL (SQLite has no roles)")
     if not role.replace("_", "").isalnum():

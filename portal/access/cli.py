@@ -138,6 +138,11 @@ def verify_audit_command(repository: Path | None) -> None:
     if repository is None and settings["AUDIT_SYSLOG_URL"]:
         verdict.notes.append("pass --repository FILE (the repository's log) to compare the "
                              "records with what AUDIT_SYSLOG_URL received")
+    if verdict.unsealed:
+        oldest = verdict.oldest_unsealed
+        age = f", the oldest written {oldest:%Y-%m-%d %H:%M:%S}Z" if oldest else ""
+        click.echo(f"{verdict.unsealed} record(s) not sealed yet{age}: committed, not yet "
+                   "in the chain (audit seal chains them)")
     if not verdict.problems:
         click.echo(f"audit trail intact: {verdict.checked} records")
     else:
@@ -148,6 +153,29 @@ def verify_audit_command(repository: Path | None) -> None:
         click.echo(f"note: {note}", err=True)
     if verdict.problems:
         sys.exit(1)
+
+
+@audit_cli.command("seal")
+@click.option("--watch", type=click.FloatRange(0, 3600), default=0,
+              help="keep sealing every this many seconds (0: once)")
+@with_appcontext
+def seal_audit_command(watch: float) -> None:
+    """Chain the committed records not sealed yet (one sealer at a time per database)."""
+    from sqlalchemy.exc import OperationalError
+
+    from portal.audit import seal
+    from portal.repeat import run_repeatedly
+
+    database = db._get_current_object()  # type: ignore[attr-defined]
+
+    def step() -> None:
+        sealed = seal(database)
+        if not watch:
+            click.echo("another sealer holds the lock" if sealed is None
+                       else f"sealed {sealed} audit record(s)")
+
+    run_repeatedly(step, OperationalError, every_seconds=watch, watch=bool(watch),
+                   failure="sealing failed ({}); the records wait for the next run")
 
 
 @audit_cli.command("checkpoint")

@@ -44,8 +44,11 @@ class AuditEvent(Base):
     patient_id: Mapped[str] = mapped_column(String(64), default="")
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # Tamper evidence: each record's hash covers its content and the previous record's hash.
+    # Writers leave these empty; the one sealer (portal/audit.py) sets them and ``seq``, the
+    # record's place in the chain (1, 2, ...; NULL until sealed), in the order it seals.
     previous_hash: Mapped[str] = mapped_column(String(64), default="")
     record_hash: Mapped[str] = mapped_column(String(64), default="")
+    seq: Mapped[int | None] = mapped_column(Integer, nullable=True, unique=True, index=True)
 
 
 class Practice(Base):
@@ -151,7 +154,8 @@ class PatientLink(Base):
 
 
 class AuditHead(Base):
-    """The newest audit hash: a single row locked while a record is appended."""
+    """The sealed end of the audit chain (one row, locked by the sealer while it seals):
+    the newest sealed record's hash and how many records are sealed."""
 
     __tablename__ = "audit_head"
 
@@ -167,6 +171,8 @@ class AuditForward(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     last_id: Mapped[int] = mapped_column(Integer, default=0)
+    # The chain position (AuditEvent.seq) sent last: records are sent in chain order.
+    last_seq: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     forwarded_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
 
 

@@ -112,9 +112,14 @@ class AfterIngest:
 
 def audit_step(archive: Archive) -> Step:
     """One audit record per study received: 110107 Import for files the CLI imported (the
-    event refused imports are recorded as), 110104 DICOM Instances Transferred otherwise."""
+    event refused imports are recorded as), 110104 DICOM Instances Transferred otherwise.
+    Not for STOW-RS: its records are committed with its index rows (``Archive.
+    _record_arrival``), so a worker killed before these steps leaves no kept instance
+    unrecorded."""
 
     def record(arrival: Arrival) -> None:
+        if arrival.via == "stow":
+            return
         event = audit.IMPORT if arrival.via == "import" else audit.INSTANCES_TRANSFERRED
         for study, count in arrival.per_study().items():
             audit.record(archive.database, event, action="C", outcome=audit.OUTCOME_SUCCESS,

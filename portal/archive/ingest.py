@@ -8,6 +8,7 @@ import io
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -96,7 +97,7 @@ class Archive:
                 raise
             if isinstance(prepared, Stored):
                 return prepared
-            return self._commit_one(prepared, who, source_address)
+            return self._commit_one(prepared, who, source_address, False)
         except OperationalError as exc:
             log.error("index unavailable: %s", exc.__class__.__name__)
             raise ArchiveUnavailable("the index database is unavailable") from exc
@@ -107,7 +108,8 @@ class Archive:
         """Store several files (one STOW-RS request): the same checks and durability as
         ``ingest``, with files written in parallel and index rows committed in batches.
 
-        Each answer is given only after that instance's file is durable and its row committed.
+        Each answer is given only after that instance's file is durable and its row committed,
+        with the 110104 record of what that transaction kept (``_record_arrival``).
         """
         def prepare(data: bytes) -> Stored | Rejected | _Prepared:
             try:
@@ -156,6 +158,10 @@ class Archive:
             raise Rejected("the instance belongs to a different study than the URL names",
                            DATA_SET_DOES_NOT_MATCH, 409, valid.sop_class_uid,
                            valid.sop_instance_uid)
+        if self.remote is not None and self.remote.write_through:
+            # A cluster (docs/cluster.md): the external archive keeps the copy that counts,
+            # so an instance is acknowledged only once it has it (ExternalUnavailable: 503).
+            self.remote.client.store(valid.data)
         try:
             key = self.store.write(valid.data, valid.sha256)
         except (OSError, StorageFull) as exc:
@@ -186,6 +192,19 @@ class Archive:
                                   "stored_sha256": valid.sha256})
 
     @staticmethod
+    def _record_arrival(session: Session, items: Sequence[_Prepared], who: str,
+                        source_address: str) -> None:
+        """STOW-RS: one 110104 record per study of the instances this transaction indexes, in
+        the same transaction as their rows: a crash after the commit (kill -9 of a worker)
+        cannot leave instances without their record, and each record counts exactly what
+        its commit kept (docs/security.md 40). (C-STORE and the CLI import are recorded per
+        association or run by the after-ingest ``audit_step``.)"""
+        for study, count in Counter(i.valid.study_instance_uid for i in items).items():
+            audit.append(session, audit.INSTANCES_TRANSFERRED, action="C",
+                         outcome=audit.OUTCOME_SUCCESS, who=who, source_address=source_address,
+                         study_instance_uid=study, details={"instances": count})
+
+    @staticmethod
     def _stored(item: _Prepared) -> Stored:
         valid = item.valid
         return Stored("stored", valid.sop_class_uid, valid.sop_instance_uid,
@@ -204,18 +223,20 @@ class Archive:
                         raise _Fallback
                     for item in batch:
                         self._index(session, item, who, source_address)
+                    self._record_arrival(session, batch, who, source_address)
                 return [self._stored(item) for item in batch]
             except (_Fallback, IntegrityError, IndexConflict):
                 pass  # rolled back: settle each instance on its own, with exact answers
         answers: list[Stored | Rejected] = []
         for item in batch:
             try:
-                answers.append(self._commit_one(item, who, source_address))
+                answers.append(self._commit_one(item, who, source_address, True))
             except Rejected as exc:
                 answers.append(exc)
         return answers
 
-    def _commit_one(self, item: _Prepared, who: str, source_address: str) -> Stored:
+    def _commit_one(self, item: _Prepared, who: str, source_address: str,
+                    recorded: bool) -> Stored:
         """Index one written file; its answer is final once this returns or raises."""
         valid, key = item.valid, item.key
         for _attempt in range(_ATTEMPTS):
@@ -226,6 +247,8 @@ class Archive:
                     if existing is not None:
                         raise _AlreadyStored(existing.sha256, existing.storage_key)
                     self._index(session, item, who, source_address)
+                    if recorded:
+                        self._record_arrival(session, [item], who, source_address)
             except _AlreadyStored as exc:
                 if exc.sha256 != valid.sha256:
                     self._forget(key, valid)
@@ -373,7 +396,8 @@ class Archive:
         if row.last_used_at is not None and (
                 time.time() - row.last_used_at.timestamp() > remote.touch_interval):
             remote.touch(sop_instance_uid)
-        return self.store.locate(row.storage_key, row.sha256)
+        # The shared index of a cluster may name a file another node wrote (docs/cluster.md).
+        return remote.restore(sop_instance_uid, row.storage_key, row.sha256)
 
     def locate_many(self, sop_instance_uids: list[str]) -> dict[str, StoredFile]:
         """Where several instances are, in one query (fetching external ones first)."""
@@ -391,6 +415,10 @@ class Archive:
         if missing and self.remote is not None:
             self.remote.fetch_many(missing)
             found.update(query(missing))
+        if self.remote is not None:  # files another node of a cluster wrote
+            remote = self.remote
+            found = {uid: remote.restore(uid, self.store.key_for(where.sha256), where.sha256)
+                     for uid, where in found.items()}
         return found
 
     def read(self, sop_instance_uid: str) -> bytes:
@@ -448,11 +476,16 @@ class Archive:
         return [known.get(uid) or self.header(uid) for uid in sop_instance_uids]
 
     def verify(self) -> Iterator[tuple[str, str | None]]:
-        """Check every stored file: yield (SOP Instance UID, problem or None)."""
+        """Check every stored file: yield (SOP Instance UID, problem or None); then yield
+        (storage key, problem) for every file no index row names: a write cut short by a
+        crash (``reap`` removes it at the next start once it is 5 minutes old)."""
         with self.database.new_session() as session:
             rows = list(session.execute(select(StoredObject.sop_instance_uid,
                                                StoredObject.storage_key,
                                                StoredObject.sha256)))
+        # A cluster's node holds only what it wrote or fetched; the external archive has
+        # the rest, fetched on first use (docs/cluster.md).
+        elsewhere = self.remote is not None and self.remote.write_through
         for uid, key, sha in rows:
             try:
                 self.store.read(key, sha)
@@ -460,7 +493,11 @@ class Archive:
             except CorruptObject:
                 yield uid, "SHA-256 mismatch"
             except FileNotFoundError:
-                yield uid, "file missing"
+                yield uid, None if elsewhere else "file missing"
+        known = {key for _uid, key, _sha in rows}
+        for key in list(self.store.keys()):
+            if key not in known:
+                yield key, "unreferenced file (left by an interrupted write)"
 
 
 @dataclass(frozen=True)

@@ -65,10 +65,13 @@ class SyslogReceiver:
 
 
 def record(app: Flask, count: int, start: int = 0) -> None:
+    """Append ``count`` records, then seal them (as the background sealer does a moment
+    later), so what follows sees them chained."""
     for number in range(start, start + count):
         audit.record(app.extensions["db"], audit.QUERY, action="E",
                      outcome=audit.OUTCOME_SUCCESS, who=f"user:test|n{number}",
                      details={"n": number})
+    audit.seal(app.extensions["db"], wait=True)
 
 
 def forward_cli(app: Flask) -> tuple[int, str]:
