@@ -110,23 +110,26 @@ def create_report() -> Response:
                       "processing")
     try:
         incoming = resources.report_from_resource(resource)
-        with db.write_transaction() as session:
-            report, newly_final = receive_report(session, incoming)
-            report_id = report.id
-            location = url_for("fhir.read", resource_type="DiagnosticReport",
-                               resource_id=str(report_id), _external=True)
-            answer = resources.report_resource(report, location)
+        # In the request's unit of work (portal/db.py), with its audit record.
+        report, newly_final = receive_report(db.session, incoming)
+        report_id = report.id
+        location = url_for("fhir.read", resource_type="DiagnosticReport",
+                           resource_id=str(report_id), _external=True)
+        answer = resources.report_resource(report, location)
     except ValueError as exc:  # ReportError too: a resource the portal cannot take as sent
-        if isinstance(exc, IdentityMismatch):  # rolled back; the alert has its own transaction
+        db.session.rollback()
+        if isinstance(exc, IdentityMismatch):  # the alert has its own transaction
             record_identity_alert(db, exc, who=principal.audit_name, via="fhir",
                                   source_address=request.remote_addr or "")
         return _error(422, str(exc)[:500], "processing")
-    audit.record(db, audit.INSTANCES_TRANSFERRED, action="C", outcome=audit.OUTCOME_SUCCESS,
+    audit.append(db.session, audit.INSTANCES_TRANSFERRED, action="C",
+                 outcome=audit.OUTCOME_SUCCESS,
                  who=principal.audit_name, source_address=request.remote_addr or "",
                  study_instance_uid=incoming.study_instance_uid,
                  patient_id=incoming.patient_id, details={"report": report_id, "via": "fhir"})
-    if newly_final:
-        notifier(current_app._get_current_object())(report_id)  # type: ignore[attr-defined]
+    if newly_final:  # the notice reads the report: once it is committed
+        notify = notifier(current_app._get_current_object())  # type: ignore[attr-defined]
+        db.after_commit(lambda: notify(report_id))
     return _json(answer, 201, Location=location)
 
 
