@@ -5,10 +5,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Real peers the tests talk to (docs/architecture.md, "Real components").
-APT_PACKAGES := redis-server orthanc orthanc-dicomweb dcmtk chromium postgresql gcc unzip 7zip
+APT_PACKAGES := redis-server orthanc orthanc-dicomweb dcmtk chromium postgresql gcc unzip 7zip \
+	nginx orthanc-postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo serve test check lint bench clean
+.PHONY: install system-deps demo serve test check lint bench cluster clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,12 @@ system-deps:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+	@# Debian starts a system nginx on port 80 when it installs it; the cluster runs its own
+	@# (loopback, temp config), so the system one is stopped and disabled (docs/cluster.md).
+	@if command -v systemctl >/dev/null && systemctl is-enabled --quiet nginx 2>/dev/null; then \
+	  $(SUDO) systemctl disable --now nginx; \
+	elif [ -s /run/nginx.pid ] && [ -x /etc/init.d/nginx ]; then \
+	  $(SUDO) /etc/init.d/nginx stop; $(SUDO) update-rc.d nginx disable; fi
 
 demo: install
 	$(BIN)/flask --app app demo
@@ -61,6 +68,11 @@ bench: system-deps install
 	$(BIN)/python benchmarks/ingest.py
 	$(BIN)/python benchmarks/render.py
 	$(BIN)/python benchmarks/console_search.py
+
+# The reference cluster (docs/cluster.md): PostgreSQL, Redis, Orthanc on PostgreSQL, two
+# portal nodes and nginx (TLS, HTTP/2) on 127.0.0.1; prints the address, Ctrl-C stops it.
+cluster: system-deps install
+	$(BIN)/python -m tests.support.cluster
 
 clean:
 	rm -rf $(VENV) build *.egg-info

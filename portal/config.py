@@ -65,6 +65,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REDIS_BREAKER_FAILURES", int, 3, "Redis failures in a row that open its breaker"),
     Setting("REDIS_BREAKER_RESET_SECONDS", float, 5.0, "how long Redis's breaker stays open"),
     Setting("ARCHIVE_URL", _as_optional_str, None, "unset: embedded archive"),
+    Setting("ARCHIVE_WRITE_THROUGH", _as_bool, False,
+            "store every ingested instance in the external archive before acknowledging it "
+            "(a cluster: no node holds the only copy; docs/cluster.md)"),
     # An external DICOMweb archive (issue 8): authentication, bounds, cache and sync.
     Setting("ARCHIVE_AUTH", str, "", "none, basic, bearer or oauth (default: from what is set)"),
     Setting("ARCHIVE_USERNAME", _as_optional_str, None, "HTTP Basic user of the archive"),

@@ -26,7 +26,8 @@ def init_app(app: Flask) -> None:
 
         client = DicomWebArchive(ExternalSettings.from_config(settings))
         remote = RemoteCopies(store, database, limits, client,
-                              cache_bytes=settings["ARCHIVE_CACHE_MB"] << 20)
+                              cache_bytes=settings["ARCHIVE_CACHE_MB"] << 20,
+                              write_through=settings["ARCHIVE_WRITE_THROUGH"])
     after = AfterIngest(app)
     archive = Archive(store=store, database=database, limits=limits, remote=remote, after=after)
     # The archive's own after-ingest steps; create_app adds those of the packages above it.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -53,7 +54,9 @@ class RemoteCopies:
     """
 
     def __init__(self, store: EmbeddedStore, database: Database, limits: Limits,
-                 client: DicomWebArchive, cache_bytes: int, touch_interval: float = 30.0) -> None:
+                 client: DicomWebArchive, cache_bytes: int, touch_interval: float = 30.0,
+                 write_through: bool = False) -> None:
+        self.write_through = write_through
         self.store = store
         self.database = database
         self.limits = limits
@@ -174,6 +177,54 @@ class RemoteCopies:
                  (time.monotonic() - started) * 1000)
         self.evict(keep={uid})
         return self.store.locate(key, valid.sha256)
+
+    def restore(self, sop_instance_uid: str, storage_key: str, sha256: str) -> StoredFile:
+        """The file of an instance the shared index holds, on this node.
+
+        In a cluster every node has its own instance folder (docs/cluster.md): a row written
+        by another node names a file this node may not have. It is fetched from the external
+        archive (which got it first, ``write_through``) and must be exactly the bytes the
+        index's SHA-256 names; the content-addressed store puts it under the same key.
+        """
+        located = self.store.locate(storage_key, sha256)
+        if os.path.exists(located.path):
+            return located
+        lock = self._lock_for(sop_instance_uid)
+        with lock:
+            try:
+                if os.path.exists(located.path):
+                    return located
+                with self.database.new_session() as session:
+                    row = session.execute(
+                        select(Study.study_instance_uid, Series.series_instance_uid)
+                        .select_from(Instance)
+                        .join(Series, Instance.series_fk == Series.id)
+                        .join(Study, Series.study_fk == Study.id)
+                        .where(Instance.sop_instance_uid == sop_instance_uid)).first()
+                if row is None:
+                    raise KeyError(sop_instance_uid)
+                study_uid, series_uid = row
+                try:
+                    data = self.client.retrieve_instance(study_uid, series_uid,
+                                                         sop_instance_uid,
+                                                         self.limits.max_instance_bytes)
+                except ExternalNotFound:
+                    raise ExternalUnavailable("the image archive does not have this image",
+                                              retry_after=60) from None
+                if hashlib.sha256(data).hexdigest() != sha256:
+                    self._alert(study_uid, sop_instance_uid,
+                                "external archive sent other bytes than the index names")
+                    raise ExternalUnavailable(
+                        "the image archive sent a different image than asked for")
+                try:
+                    key = self.store.write(data, sha256)
+                except (OSError, StorageFull) as exc:
+                    raise ExternalUnavailable("no room to keep a copy of this image now") \
+                        from exc
+                return self.store.locate(key, sha256)
+            finally:
+                with self._locks_guard:
+                    self._locks.pop(sop_instance_uid, None)
 
     def _alert(self, study_uid: str, uid: str, reason: str) -> None:
         log.error("%s", reason)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Mapping
@@ -159,6 +160,44 @@ class DicomWebArchive:
     def ping(self) -> None:
         """A minimal QIDO-RS request: raise ``ExternalUnavailable`` unless it answers."""
         self._json("/studies?limit=1")
+
+    def store(self, data: bytes) -> None:
+        """STOW-RS one Part 10 file (a cluster's write-through, docs/cluster.md): returns
+        once the archive has acknowledged it, raises ``ExternalUnavailable`` otherwise.
+
+        Sent once, through the breaker, never retried here (the caller's client retries the
+        whole upload; storing the same instance twice is harmless)."""
+        try:
+            self.breaker.before_call()
+        except BreakerOpen as exc:
+            raise ExternalUnavailable("the image archive is temporarily unavailable",
+                                      exc.retry_after) from exc
+        boundary = secrets.token_hex(16)
+        body = b"".join((f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode(),
+                         data, f"\r\n--{boundary}--\r\n".encode()))
+        settings = self.settings
+        deadline = time.monotonic() + settings.timeout
+        headers = {"Accept": DICOM_JSON, **self._authorization(deadline),
+                   "Content-Type": f'multipart/related; type="application/dicom"; '
+                                   f"boundary={boundary}"}
+        try:
+            response = self._http.post(settings.url + "/studies", data=body, headers=headers,
+                                       allow_redirects=False,
+                                       timeout=(settings.connect_timeout, settings.timeout))
+            status = response.status_code
+            response.close()
+        except requests.RequestException as exc:
+            self.breaker.failed(exc.__class__.__name__)
+            raise ExternalUnavailable(
+                f"the image archive cannot be reached ({exc.__class__.__name__})") from None
+        if status != 200:  # 202 (some failed) or 409 for one instance: not stored
+            if status >= 500:
+                self.breaker.failed(f"HTTP {status}")
+            else:
+                self.breaker.succeeded()  # it answered; it refused this one instance
+            raise ExternalUnavailable(f"the image archive did not store an instance "
+                                      f"(HTTP {status})")
+        self.breaker.succeeded()
 
     # -- plumbing ----------------------------------------------------------------------------
 

@@ -8,7 +8,6 @@ import io
 import logging
 import re
 import time
-from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -97,7 +96,7 @@ class Archive:
                 raise
             if isinstance(prepared, Stored):
                 return prepared
-            return self._commit_one(prepared, who, source_address, False)
+            return self._commit_one(prepared, who, source_address)
         except OperationalError as exc:
             log.error("index unavailable: %s", exc.__class__.__name__)
             raise ArchiveUnavailable("the index database is unavailable") from exc
@@ -108,8 +107,7 @@ class Archive:
         """Store several files (one STOW-RS request): the same checks and durability as
         ``ingest``, with files written in parallel and index rows committed in batches.
 
-        Each answer is given only after that instance's file is durable and its row committed,
-        with the 110104 record of what that transaction kept (``_record_arrival``).
+        Each answer is given only after that instance's file is durable and its row committed.
         """
         def prepare(data: bytes) -> Stored | Rejected | _Prepared:
             try:
@@ -192,19 +190,6 @@ class Archive:
                                   "stored_sha256": valid.sha256})
 
     @staticmethod
-    def _record_arrival(session: Session, items: Sequence[_Prepared], who: str,
-                        source_address: str) -> None:
-        """STOW-RS: one 110104 record per study of the instances this transaction indexes, in
-        the same transaction as their rows: a crash after the commit (kill -9 of a worker)
-        cannot leave instances without their record, and each record counts exactly what
-        its commit kept (docs/security.md 40). (C-STORE and the CLI import are recorded per
-        association or run by the after-ingest ``audit_step``.)"""
-        for study, count in Counter(i.valid.study_instance_uid for i in items).items():
-            audit.append(session, audit.INSTANCES_TRANSFERRED, action="C",
-                         outcome=audit.OUTCOME_SUCCESS, who=who, source_address=source_address,
-                         study_instance_uid=study, details={"instances": count})
-
-    @staticmethod
     def _stored(item: _Prepared) -> Stored:
         valid = item.valid
         return Stored("stored", valid.sop_class_uid, valid.sop_instance_uid,
@@ -223,20 +208,18 @@ class Archive:
                         raise _Fallback
                     for item in batch:
                         self._index(session, item, who, source_address)
-                    self._record_arrival(session, batch, who, source_address)
                 return [self._stored(item) for item in batch]
             except (_Fallback, IntegrityError, IndexConflict):
                 pass  # rolled back: settle each instance on its own, with exact answers
         answers: list[Stored | Rejected] = []
         for item in batch:
             try:
-                answers.append(self._commit_one(item, who, source_address, True))
+                answers.append(self._commit_one(item, who, source_address))
             except Rejected as exc:
                 answers.append(exc)
         return answers
 
-    def _commit_one(self, item: _Prepared, who: str, source_address: str,
-                    recorded: bool) -> Stored:
+    def _commit_one(self, item: _Prepared, who: str, source_address: str) -> Stored:
         """Index one written file; its answer is final once this returns or raises."""
         valid, key = item.valid, item.key
         for _attempt in range(_ATTEMPTS):
@@ -247,8 +230,6 @@ class Archive:
                     if existing is not None:
                         raise _AlreadyStored(existing.sha256, existing.storage_key)
                     self._index(session, item, who, source_address)
-                    if recorded:
-                        self._record_arrival(session, [item], who, source_address)
             except _AlreadyStored as exc:
                 if exc.sha256 != valid.sha256:
                     self._forget(key, valid)
