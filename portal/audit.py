@@ -262,7 +262,7 @@ class Sealer:
 
     delay = 0.05
     idle = 10.0
-    retries = 20  # another sealer held the lock, or the database failed: try this often
+    retries = 20  # another sealer held the lock: look again this often
 
     def __init__(self, database: Database) -> None:
         self._database = weakref.ref(database)
@@ -282,7 +282,7 @@ class Sealer:
                 self._thread.start()
 
     def _run(self) -> None:
-        failures = 0
+        busy = failed = 0
         while True:
             if not self._wake.wait(self.idle):
                 with self._lock:
@@ -298,18 +298,22 @@ class Sealer:
                 return
             try:
                 done = seal(database)
+                failed = 0
             except Exception as exc:  # the database is down: the records wait, committed
-                log.warning("sealing the audit trail failed (%s); the records wait",
-                            exc.__class__.__name__)
-                done = None
+                log.warning("sealing the audit trail failed (%s); the records wait for the "
+                            "next record or audit seal", exc.__class__.__name__)
+                done, failed = 0, failed + 1
+                if failed < 3:
+                    time.sleep(1.0)
+                    self._wake.set()
             del database
-            if done is None:  # another sealer (or a failure): look again a little later
-                failures += 1
-                if failures <= self.retries:
-                    time.sleep(self.delay * failures)
+            if done is None:  # another sealer holds the lock: it may have missed ours
+                busy += 1
+                if busy <= self.retries:
+                    time.sleep(self.delay * busy)
                     self._wake.set()
             else:
-                failures = 0
+                busy = 0
 
 
 # The background sealer of each app's database (set by init_app).

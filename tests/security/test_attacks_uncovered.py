@@ -187,8 +187,10 @@ def test_existing_sessions_outlive_a_provider_outage(tmp_path: Path) -> None:
 @pytest.mark.postgres
 def test_a_held_database_lock_answers_503_in_bounded_time(tmp_path: Path,
                                                           postgres: PostgresCluster) -> None:
-    """A transaction that holds the audit chain's head (a stuck writer, a console left open
-    in psql) must not wedge every PHI read: each waits a bounded time, then 503."""
+    """A transaction that holds a lock the read's audit record needs (a stuck migration or
+    a console left open in psql locking the audit table) must not wedge every PHI read: each
+    waits a bounded time, then 503. (Records no longer lock the chain's head: the sealer
+    does, off the request path.)"""
     import psycopg
 
     url = postgres.new_database()
@@ -199,7 +201,7 @@ def test_a_held_database_lock_answers_503_in_bounded_time(tmp_path: Path,
         client = app.test_client()
         dsn = url.replace("postgresql+psycopg://", "postgresql://")
         with psycopg.connect(dsn) as holder:
-            holder.execute("SELECT * FROM audit_head WHERE id = 1 FOR UPDATE")
+            holder.execute("LOCK TABLE audit_event IN SHARE MODE")  # no insert passes
             result: dict[str, Any] = {}
 
             def read() -> None:
