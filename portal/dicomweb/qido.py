@@ -386,7 +386,27 @@ def build_select(level: Level, query: Query, visible: ColumnElement[bool],
         # candidates are too many to read.
         return stmt.order_by(*order).limit(MAX_HEADER_SCAN + 1)
     limit = query.limit + 1 if query.capped else query.limit
+    if level == "study":
+        return _study_page(query, visible, scope, order, limit)
     return stmt.order_by(*order).limit(limit).offset(query.offset)
+
+
+def _study_page(query: Query, visible: ColumnElement[bool],
+                scope: Sequence[ColumnElement[bool]], order: list[Any],
+                limit: int) -> Select[*tuple[Any, ...]]:
+    """A page of studies found by id first ("deferred join"): the ids of the page come off
+    the (date, time, id) index with only the tables the conditions need, and just the
+    page's rows are then read with their patients. At 1,000,000 studies an offset of 100,000
+    read 100,000 patients before (2 s); the ids alone are an index-only scan."""
+    ids = select(Study.id).where(visible, *scope)
+    if any(key.column.class_ is Patient for key, _value in query.filters):
+        ids = ids.join(Patient, Study.patient_fk == Patient.id)
+    for key, value in query.filters:
+        ids = ids.where(condition(key, value, query.fuzzy, empty=query.empty,
+                                  multiple=query.multiple))
+    page = ids.order_by(*order).limit(limit).offset(query.offset).subquery("page")
+    return (select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
+            .join(page, page.c.id == Study.id).order_by(*order))
 
 
 def _vr_of(tag: str) -> str:

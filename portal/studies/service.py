@@ -105,9 +105,11 @@ def _text_condition(session: Session, text: str) -> ColumnElement[bool]:
 
 def search_studies(session: Session, principal: Principal,
                    search: StudySearch) -> tuple[list[Any], bool]:
-    """One page of visible studies, newest first, and whether there is another page."""
-    stmt = (select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
-            .where(study_filter(principal)))
+    """One page of visible studies, newest first, and whether there is another page.
+
+    The page's study ids are found first, from the study table alone (its (date, time, id)
+    index), and only those rows are read with their patients (a "deferred join")."""
+    stmt = select(Study.id).where(study_filter(principal))
     if search.text:
         stmt = stmt.where(_text_condition(session, search.text.strip()[:64]))
     if search.date_from:
@@ -124,7 +126,10 @@ def search_studies(session: Session, principal: Principal,
     order = (Study.study_date.asc(), Study.study_time.asc(), Study.id.asc()) \
         if search.oldest_first else (Study.study_date.desc(), Study.study_time.desc(),
                                      Study.id.desc())
-    rows = list(session.execute(stmt.order_by(*order).limit(PAGE_SIZE + 1).offset(offset)))
+    page = stmt.order_by(*order).limit(PAGE_SIZE + 1).offset(offset).subquery("page")
+    rows = list(session.execute(
+        select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
+        .join(page, page.c.id == Study.id).order_by(*order)))
     return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
 
 
