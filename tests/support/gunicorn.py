@@ -22,6 +22,7 @@ class Served:
     port: int
     client: str
     secret: str
+    pid: int = 0  # the gunicorn master's process id (its worker is its child)
 
 
 @contextmanager
@@ -50,7 +51,7 @@ def served(instance: Path, client: str, **settings: str) -> Iterator[Served]:
                 return False
 
         assert wait_for(ready, timeout=30)
-        yield Served(port, client, secret)
+        yield Served(port, client, secret, server.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)
