@@ -74,6 +74,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     from portal.auth.routes import bp as auth_bp
     from portal.cli import db_cli
     from portal.dicomweb.routes import bp as dicomweb_bp
+    from portal.jobs import jobs_cli
     from portal.reports.cli import hl7_cli, reports_cli
     from portal.reports.routes import bp as reports_bp
     from portal.reports.routes import init_app as reports_routes_init
@@ -112,7 +113,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     # The app's last answer hook, so it runs first of them: the request's one commit
     # (portal/db.py, docs/architecture.md "How a request is wired").
     app.extensions["db"].install_unit_of_work(app)
-    for command in (archive_cli, audit_cli, clients_cli, db_cli, dimse_cli, hl7_cli, reports_cli,
-                    users_cli):
+    for command in (archive_cli, audit_cli, clients_cli, db_cli, dimse_cli, hl7_cli, jobs_cli,
+                    reports_cli, users_cli):
         app.cli.add_command(command)
     return app

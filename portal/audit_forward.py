@@ -127,7 +127,10 @@ def _connection(url: str, ca_file: str | None, timeout: float) -> Iterator[socke
 
 
 def _mark(session: Session) -> AuditForward:
-    mark = session.get(AuditForward, 1)
+    # Locked until the batch's transaction ends: a second forwarder (which the cluster lock
+    # of portal/jobs.py keeps out anyway) waits, then reads the mark this one moved, so no
+    # record is sent twice by two forwarders at once.
+    mark = session.get(AuditForward, 1, with_for_update=True)
     if mark is None:
         mark = AuditForward(id=1, last_id=0, last_seq=0)
         session.add(mark)

@@ -40,6 +40,10 @@ def _as_list(value: Any) -> list[str]:
     return [part.strip() for part in str(value).split(",") if part.strip()]
 
 
+def _as_int_list(value: Any) -> list[int]:
+    return [int(part) for part in _as_list(value)]
+
+
 def _as_optional_str(value: Any) -> str | None:
     text = "" if value is None else str(value).strip()
     return text or None
@@ -185,6 +189,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("AUDIT_CHECKPOINT_FILE", _as_optional_str, None,
             "append-only file of signed audit checkpoints; default in the instance folder"),
     Setting("AUDIT_CHECKPOINT_EVERY", int, 100, "a signed checkpoint every this many records"),
+    # Background jobs (portal/jobs.py; docs/operations.md, "Background jobs").
+    Setting("JOBS", str, "auto", "auto (queue when a worker is on REDIS_URL), queue or process"),
+    Setting("JOBS_RETRIES", int, 3, "times a failed queued job is tried again"),
+    Setting("JOBS_RETRY_SECONDS", _as_int_list, [10, 60, 300],
+            "back-off before each retry, in seconds (the last one repeats)"),
+    Setting("JOBS_TIMEOUT_SECONDS", int, 1800, "longest one queued job may run"),
+    Setting("JOBS_PERIODIC", _as_list, ["archive-sync", "audit-forward", "audit-seal"],
+            "periodic jobs the workers schedule (also report-digest), each when configured"),
+    Setting("JOBS_AUDIT_FORWARD_SECONDS", int, 60, "period of the audit-forward job"),
     Setting("LOG_LEVEL", str, "INFO", "logging level"),
 )
 
@@ -375,6 +388,24 @@ def _check_back_channels(config: dict[str, Any]) -> None:
         raise ConfigError("AUDIT_SYSLOG_URL: must use tls:// in production")
 
 
+def _check_jobs(config: dict[str, Any]) -> None:
+    if config["JOBS"] not in {"auto", "queue", "process"}:
+        raise ConfigError("JOBS: auto, queue or process")
+    if config["JOBS"] == "queue" and not config["REDIS_URL"]:
+        raise ConfigError("JOBS: queue needs REDIS_URL (the queue lives in Redis)")
+    if not 0 <= config["JOBS_RETRIES"] <= 100:
+        raise ConfigError("JOBS_RETRIES: 0 to 100")
+    if not config["JOBS_RETRY_SECONDS"] or min(config["JOBS_RETRY_SECONDS"]) < 0:
+        raise ConfigError("JOBS_RETRY_SECONDS: seconds, comma-separated, 0 or more")
+    if config["JOBS_TIMEOUT_SECONDS"] <= 0 or config["JOBS_AUDIT_FORWARD_SECONDS"] <= 0:
+        raise ConfigError("JOBS_TIMEOUT_SECONDS: must be positive (and "
+                          "JOBS_AUDIT_FORWARD_SECONDS)")
+    known = {"archive-sync", "audit-forward", "audit-seal", "report-digest"}
+    unknown = [name for name in config["JOBS_PERIODIC"] if name not in known]
+    if unknown:
+        raise ConfigError(f"JOBS_PERIODIC: {unknown[0]!r} is none of {', '.join(sorted(known))}")
+
+
 def validate(config: dict[str, Any]) -> None:
     """Raise ConfigError naming the first invalid setting."""
     if config["ENV"] not in {"development", "production", "test"}:
@@ -437,6 +468,7 @@ def validate(config: dict[str, Any]) -> None:
             raise ConfigError(f"{key}: no such file {config[key]!r}")
     _check_archive(config)
     _check_sharing(config)
+    _check_jobs(config)
     for base, _client, _secret in smart_issuers(config["SMART_ISSUERS"]):
         if config["ENV"] == "production" and base.startswith("http://") \
                 and not _loopback(urlsplit(base).hostname):

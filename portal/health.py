@@ -55,6 +55,8 @@ def readyz() -> tuple[Response, int]:
     body: dict[str, object] = {"status": "ready" if ready else "not ready", "checks": checks}
     if ready and checks["cache"] == "unavailable":
         body["status"] = "degraded"
+    if link is not None:  # the queue lives in Redis: only asked while Redis answers
+        body["jobs"] = _jobs_state() if checks["cache"] == "ok" else {"state": "unavailable"}
     remote = current_archive().remote
     if remote is not None:
         # An external PACS that is down degrades the portal but does not make it unready:
@@ -69,6 +71,18 @@ def readyz() -> tuple[Response, int]:
     answer = jsonify(body)
     answer.headers["Retry-After"] = "5"
     return answer, 503
+
+
+def _jobs_state() -> dict[str, object]:
+    """The job queue (counts only: no job's name or arguments on this public page); never
+    makes the node unready: a failed job is the console's business, not the balancer's."""
+    from portal import jobs
+
+    try:
+        seen = jobs.status(current_app._get_current_object())  # type: ignore[attr-defined]
+    except Exception:  # Redis down: the cache check above says so; jobs run in process
+        return {"state": "unavailable"}
+    return {"state": "ok", **seen}
 
 
 # /readyz is public: a probe of the external archive runs at most this often per process, so

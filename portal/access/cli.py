@@ -223,6 +223,7 @@ def forward_audit_command(watch: int) -> None:
     """Send new audit records to AUDIT_SYSLOG_URL; what cannot be sent waits for next time."""
     from portal.audit import checkpoints_from
     from portal.audit_forward import ForwardFailed, forward
+    from portal.jobs import once_per_cluster
     from portal.repeat import run_repeatedly
 
     settings = current_app.config["PORTAL"]
@@ -234,8 +235,13 @@ def forward_audit_command(watch: int) -> None:
     checkpoints = checkpoints_from(settings, current_app.instance_path)
 
     def step() -> None:
-        sent = forward(database, settings["AUDIT_SYSLOG_URL"], ca_file=settings["AUDIT_SYSLOG_CA"],
-                       checkpoints=checkpoints)
+        # One forwarder per cluster at a time (the job audit-forward takes the same lock).
+        with once_per_cluster("audit-forward") as mine:
+            if not mine:
+                click.echo("another forwarder is running; this run is skipped", err=True)
+                return
+            sent = forward(database, settings["AUDIT_SYSLOG_URL"],
+                           ca_file=settings["AUDIT_SYSLOG_CA"], checkpoints=checkpoints)
         click.echo(f"forwarded {sent} audit record(s)")
 
     run_repeatedly(step, ForwardFailed, every_seconds=watch, watch=bool(watch),

@@ -104,6 +104,7 @@ def sync_command(full: bool, watch: bool) -> None:
     """Bring the index in step with the external archive (QIDO-RS, WADO-RS metadata)."""
     from portal.archive.external import ExternalUnavailable
     from portal.archive.sync import sync_index
+    from portal.jobs import once_per_cluster
     from portal.repeat import run_repeatedly
 
     upgrade_database(current_app)
@@ -116,12 +117,18 @@ def sync_command(full: bool, watch: bool) -> None:
         # Study dates only catch new studies; a full walk (cheap: QIDO pages and instance
         # counts) now and then catches new images in old studies.
         full_walk = full or (watch and runs % settings["ARCHIVE_SYNC_FULL_EVERY"] == 0)
-        runs += 1
-        report = sync_index(
-            current_archive(), remote.client, full=full_walk,
-            page_size=settings["ARCHIVE_SYNC_PAGE_SIZE"],
-            lookback_days=settings["ARCHIVE_SYNC_LOOKBACK_DAYS"],
-            progress=lambda r: click.echo(f"  {r.describe()}", err=True))
+        # One sync per cluster at a time (the job archive-sync takes the same lock).
+        with once_per_cluster("archive-sync") as mine:
+            if not mine:
+                click.echo("another sync is running (another node or a job); this run is "
+                           "skipped", err=True)
+                return
+            runs += 1
+            report = sync_index(
+                current_archive(), remote.client, full=full_walk,
+                page_size=settings["ARCHIVE_SYNC_PAGE_SIZE"],
+                lookback_days=settings["ARCHIVE_SYNC_LOOKBACK_DAYS"],
+                progress=lambda r: click.echo(f"  {r.describe()}", err=True))
         click.echo(report.describe())
 
     run_repeatedly(step, ExternalUnavailable, watch=watch,

@@ -310,3 +310,21 @@ def sync_on_miss(archive: Archive, query: Mapping[str, list[str]]) -> int:
     except ExternalUnavailable as exc:
         log.warning("search miss not forwarded to the external archive: %s", exc)
         return 0
+
+
+def sync_now(full: bool = False) -> str:
+    """The periodic job ``archive-sync`` (portal/jobs.py: run once per cluster at a time):
+    one run against the configured external archive (ExternalUnavailable: tried again)."""
+    from flask import current_app
+
+    from portal.archive import current_archive
+
+    archive = current_archive()
+    if archive.remote is None:
+        return "no external archive is configured"
+    settings = current_app.config["PORTAL"]
+    report = sync_index(archive, archive.remote.client, full=full,
+                        page_size=settings["ARCHIVE_SYNC_PAGE_SIZE"],
+                        lookback_days=settings["ARCHIVE_SYNC_LOOKBACK_DAYS"])
+    log.info("archive sync: %s", report.describe())
+    return report.describe()

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prerender")
-# Volumes a viewer is waiting for: their own thread, so they never queue behind an ingest's.
+# Volumes a viewer is waiting for: their own thread, so they never queue behind an ingest's
+# (and on this node: the viewer waits for this node's volume folder).
 _on_demand = ThreadPoolExecutor(max_workers=1, thread_name_prefix="volume")
 _building: set[str] = set()
 _failed: dict[str, str] = {}
@@ -101,19 +101,28 @@ def _warm_all(app: Flask, series_uids: list[str], images: bool) -> None:
     _build_volumes(app, series_uids)
 
 
+def warm_series(series_uids: list[str], images: bool) -> None:
+    """The job ``prerender`` (portal/jobs.py): warm these series up in the current app, on
+    a worker of the job queue or on this process's pre-render thread."""
+    _warm_all(current_app._get_current_object(), series_uids,  # type: ignore[attr-defined]
+              images)
+
+
 def prerender(series_uids: Iterable[str], app: Flask | None = None, *,
               wait: bool = False, images: bool = True) -> None:
     """Queue the warm-up of these series (returns at once unless ``wait``): their thumbnail
-    and middle image unless ``images`` is false, and the volume of a CT or MR series.
+    and middle image unless ``images`` is false, and the volume of a CT or MR series. A job
+    (``prerender``): on the job queue when it has workers (the render cache is Redis then,
+    so the images serve every node), else on this process's pre-render thread.
 
     ``app`` is needed where no application context is active (DIMSE handler threads).
     """
+    from portal import jobs
+
     uids = sorted(set(series_uids))
     if uids:
         app = app or current_app._get_current_object()  # type: ignore[attr-defined]
-        future = _executor.submit(_warm_all, app, uids, images)
-        if wait:
-            future.result()
+        jobs.enqueue("prerender", uids, images, wait=wait, app=app)
 
 
 def build_volume_soon(key: str, sources: list[Any]) -> None:

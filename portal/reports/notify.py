@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flask import Flask
+from flask import Flask, current_app
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -62,58 +62,68 @@ def record_failed_notice(app: Flask, *, report_id: int, user_id: int, channel: s
 
 
 def notifier(app: Flask) -> Callable[[int], None]:
-    """A function that sends the notices for a report id (used by every way in): an e-mail to
-    each recipient with an address, and a text message to each who chose one and has a
-    number. One failed message is logged and kept in the audit trail (the console lists it)
-    and loses neither the others nor the report."""
-    from portal.notify import DeliveryFailed, send_email, send_sms
+    """A function that sends the notices for a report id (used by every way in): the job
+    ``report-notice`` (``send_notices``), on the job queue when it has workers, else here
+    and now as before (portal/jobs.py)."""
+    from portal import jobs
 
     def notify(report_id: int) -> None:
-        settings = app.config["PORTAL"]
-        if not settings["SMTP_URL"] and not settings["SMS_WEBHOOK_URL"]:
-            return
-        database = app.extensions["db"]
-        # Who, read first: no transaction stays open while mail and gateway answer.
-        with database.new_session() as session:
-            report = session.get(Report, report_id)
-            if report is None:
-                return
-            study = study_of_report(session, report)
-            if study is None:
-                return  # unmatched: the notice goes when the study arrives (waiting_notices)
-            people = [(u.id, u.email, u.phone_number if u.notify_by_sms else "")
-                      for u in recipients(session, study)]
-            study_uid = study.study_instance_uid
-            patient_id = study.patient.patient_id
-        subject, body = message(settings["PUBLIC_URL"] or "")
-        text = sms_text(settings["PUBLIC_URL"] or "")
-        sent = False
-        for user_id, email, phone in people:
-            if email and settings["SMTP_URL"]:
-                try:
-                    send_email(settings, email, subject, body)
-                    sent = True
-                except DeliveryFailed:
-                    log.warning("report-ready e-mail to user %s failed", user_id)
-                    record_failed_notice(app, report_id=report_id, user_id=user_id,
-                                         channel="email", study_uid=study_uid,
-                                         patient_id=patient_id)
-            if phone and settings["SMS_WEBHOOK_URL"]:
-                try:
-                    send_sms(settings, phone, text, "notice")
-                    sent = True
-                except DeliveryFailed:
-                    log.warning("report-ready text message to user %s failed", user_id)
-                    record_failed_notice(app, report_id=report_id, user_id=user_id,
-                                         channel="text", study_uid=study_uid,
-                                         patient_id=patient_id)
-        if sent:
-            with database.write_transaction() as session:
-                report = session.get(Report, report_id)
-                if report is not None:
-                    report.notified_at = utcnow()
+        jobs.enqueue("report-notice", report_id, app=app)
 
     return notify
+
+
+def send_notices(report_id: int) -> None:
+    """Send the notices for a report id: an e-mail to each recipient with an address, and a
+    text message to each who chose one and has a number. One failed message is logged and
+    kept in the audit trail (the console lists it) and loses neither the others nor the
+    report."""
+    from portal.notify import DeliveryFailed, send_email, send_sms
+
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    settings = app.config["PORTAL"]
+    if not settings["SMTP_URL"] and not settings["SMS_WEBHOOK_URL"]:
+        return
+    database = app.extensions["db"]
+    # Who, read first: no transaction stays open while mail and gateway answer.
+    with database.new_session() as session:
+        report = session.get(Report, report_id)
+        if report is None:
+            return
+        study = study_of_report(session, report)
+        if study is None:
+            return  # unmatched: the notice goes when the study arrives (waiting_notices)
+        people = [(u.id, u.email, u.phone_number if u.notify_by_sms else "")
+                  for u in recipients(session, study)]
+        study_uid = study.study_instance_uid
+        patient_id = study.patient.patient_id
+    subject, body = message(settings["PUBLIC_URL"] or "")
+    text = sms_text(settings["PUBLIC_URL"] or "")
+    sent = False
+    for user_id, email, phone in people:
+        if email and settings["SMTP_URL"]:
+            try:
+                send_email(settings, email, subject, body)
+                sent = True
+            except DeliveryFailed:
+                log.warning("report-ready e-mail to user %s failed", user_id)
+                record_failed_notice(app, report_id=report_id, user_id=user_id,
+                                     channel="email", study_uid=study_uid,
+                                     patient_id=patient_id)
+        if phone and settings["SMS_WEBHOOK_URL"]:
+            try:
+                send_sms(settings, phone, text, "notice")
+                sent = True
+            except DeliveryFailed:
+                log.warning("report-ready text message to user %s failed", user_id)
+                record_failed_notice(app, report_id=report_id, user_id=user_id,
+                                     channel="text", study_uid=study_uid,
+                                     patient_id=patient_id)
+    if sent:
+        with database.write_transaction() as session:
+            report = session.get(Report, report_id)
+            if report is not None:
+                report.notified_at = utcnow()
 
 
 def waiting_notices(session: Session, study_uids: list[str]) -> list[int]:
@@ -163,3 +173,8 @@ def send_digest(app: Flask) -> int:
             except DeliveryFailed:
                 log.warning("digest e-mail to user %s failed", user.id)
     return sent
+
+
+def send_digest_now() -> int:
+    """The periodic job ``report-digest`` (portal/jobs.py)."""
+    return send_digest(current_app._get_current_object())  # type: ignore[attr-defined]
