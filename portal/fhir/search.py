@@ -151,23 +151,13 @@ _DATE = re.compile(r"(\d{4})(?:-(\d{2})(?:-(\d{2})(?:T(\d{2}):(\d{2})(?::(\d{2})
 PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le")
 
 
-def date_range(value: str) -> tuple[str, datetime, datetime]:
-    """(prefix, start, end) of a date parameter: the interval [start, end) its precision
-    covers, in UTC (a time without a zone is taken as UTC)."""
-    prefix = value[:2] if value[:2].isalpha() else "eq"
-    text = value[2:] if value[:2].isalpha() else value
-    if prefix not in PREFIXES:
-        raise SearchError(f"date prefix {prefix!r} is not supported ({', '.join(PREFIXES)})")
-    match = _DATE.fullmatch(text)
-    if match is None:
-        raise SearchError(f"{value[:40]!r} is not a FHIR date (YYYY, YYYY-MM, YYYY-MM-DD or "
-                          "YYYY-MM-DDThh:mm[:ss][zone])")
-    year, month, day, hour, minute, second, zone = match.groups()
-    try:
-        start = datetime(int(year), int(month or 1), int(day or 1), int(hour or 0),
-                         int(minute or 0), int(second or 0), tzinfo=UTC)
-    except ValueError:
-        raise SearchError(f"{value[:40]!r} is not a calendar date") from None
+def _interval(year: str, month: str | None, day: str | None, hour: str | None,
+              minute: str | None, second: str | None, zone: str | None
+              ) -> tuple[datetime, datetime]:
+    """[start, end) in UTC of a date at the precision given (ValueError, OverflowError when
+    it is no calendar date or leaves the range of datetime)."""
+    start = datetime(int(year), int(month or 1), int(day or 1), int(hour or 0),
+                     int(minute or 0), int(second or 0), tzinfo=UTC)
     if zone and zone != "Z":
         sign = 1 if zone[0] == "+" else -1
         start -= sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
@@ -181,6 +171,24 @@ def date_range(value: str) -> tuple[str, datetime, datetime]:
         end = (start.replace(day=28) + timedelta(days=4)).replace(day=1)
     else:
         end = start.replace(year=start.year + 1)
+    return start, end
+
+
+def date_range(value: str) -> tuple[str, datetime, datetime]:
+    """(prefix, start, end) of a date parameter: the interval [start, end) its precision
+    covers, in UTC (a time without a zone is taken as UTC)."""
+    prefix = value[:2] if value[:2].isalpha() else "eq"
+    text = value[2:] if value[:2].isalpha() else value
+    if prefix not in PREFIXES:
+        raise SearchError(f"date prefix {prefix!r} is not supported ({', '.join(PREFIXES)})")
+    match = _DATE.fullmatch(text)
+    if match is None:
+        raise SearchError(f"{value[:40]!r} is not a FHIR date (YYYY, YYYY-MM, YYYY-MM-DD or "
+                          "YYYY-MM-DDThh:mm[:ss][zone])")
+    try:
+        start, end = _interval(*match.groups())
+    except (ValueError, OverflowError):
+        raise SearchError(f"{value[:40]!r} is not a date this server can compare") from None
     return prefix, start, end
 
 

@@ -312,6 +312,8 @@ def test_unknown_parameters_are_refused_unless_lenient(world: World) -> None:
     _outcome(world.machine_get("/fhir/ImagingStudy?patient:missing=true"), 400)
     _outcome(world.machine_get("/fhir/Patient?birthdate=sa2000"), 400)
     _outcome(world.machine_get("/fhir/Patient?birthdate=2000-13"), 400)
+    for edge in ("0000", "9999", "9999-12-31", "0001-01-01T00:00:00%2B14:00"):
+        _outcome(world.machine_get(f"/fhir/Appointment?date={edge}"), 400)
     _outcome(world.machine_get("/fhir/Patient?_count=many"), 400)
     lenient = world.machine_get("/fhir/DiagnosticReport?category=RAD&status=preliminary",
                                 Prefer="handling=lenient")
