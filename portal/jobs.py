@@ -49,6 +49,8 @@ from flask import Flask, current_app, has_app_context
 from flask.cli import with_appcontext
 from sqlalchemy import text
 
+from portal import failures
+
 if TYPE_CHECKING:
     from portal.db import Database
 
@@ -79,8 +81,8 @@ JOBS: dict[str, Job] = {
 }
 
 
-class JobsUnavailable(Exception):
-    """The queue was asked for and cannot be used (no Redis configured)."""
+class JobsUnavailable(failures.Unavailable):
+    """The queue was asked for and cannot be used (no Redis configured): 503."""
 
 
 # -- where a job runs --------------------------------------------------------------------------
@@ -371,6 +373,33 @@ def status(app: Flask, *, failed_limit: int = 0) -> dict[str, Any]:
                                              serializer=JSONSerializer) if j is not None]
         answer["failures"] = [_failure(job) for job in jobs]
     return answer
+
+
+# What each job is, in the office manager's words (the console's "Needs attention").
+IN_WORDS = {"prerender": "Preparing the first images of new series",
+            "report-notice": "Telling physicians a report is ready",
+            "report-digest": "The daily e-mail of unread reports",
+            "archive-sync": "Bringing the study list in step with the hospital archive",
+            "audit-forward": "Sending the audit trail to the audit repository",
+            "audit-seal": "Sealing the audit trail"}
+
+
+def failed_in_words(app: Flask, limit: int = 10) -> tuple[int, list[str]] | None:
+    """How many jobs failed for good (kept 7 days), and the newest as sentences, for the
+    console; None when jobs have no queue (no Redis) or it cannot be read now."""
+    if not app.config["PORTAL"]["REDIS_URL"]:
+        return None
+    try:
+        seen = status(app, failed_limit=limit)
+    except Exception:  # Redis down: /readyz says so; the console still works
+        return None
+    lines = []
+    for failure in seen["failures"]:
+        when = f"{failure['failed_at']:%Y-%m-%d %H:%M} UTC" if failure["failed_at"] else ""
+        what = IN_WORDS.get(failure["job"], failure["job"])
+        lines.append(f"{what}: failed {when}"
+                     + (f" ({failure['error']})" if failure["error"] else ""))
+    return int(seen["failed"]), lines
 
 
 def _failure(job: Any) -> dict[str, Any]:
