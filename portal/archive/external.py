@@ -161,12 +161,15 @@ class DicomWebArchive:
         """A minimal QIDO-RS request: raise ``ExternalUnavailable`` unless it answers."""
         self._json("/studies?limit=1")
 
-    def store(self, data: bytes) -> None:
+    def store(self, data: bytes, sop_instance_uid: str) -> None:
         """STOW-RS one Part 10 file (a cluster's write-through, docs/cluster.md): returns
         once the archive has acknowledged it, raises ``ExternalUnavailable`` otherwise.
 
-        Sent once, through the breaker, never retried here (the caller's client retries the
-        whole upload; storing the same instance twice is harmless)."""
+        Acknowledged means listed in the answer's Referenced SOP Sequence: Orthanc 1.10
+        answers 200 with an empty one when its database connection was lost (after a
+        PostgreSQL restart), having stored nothing. Sent once, through the breaker, never
+        retried here (the caller's client retries the whole upload; storing the same
+        instance twice is harmless)."""
         try:
             self.breaker.before_call()
         except BreakerOpen as exc:
@@ -184,7 +187,7 @@ class DicomWebArchive:
             response = self._http.post(settings.url + "/studies", data=body, headers=headers,
                                        allow_redirects=False,
                                        timeout=(settings.connect_timeout, settings.timeout))
-            status = response.status_code
+            status, answer = response.status_code, response.content[:1 << 20]
             response.close()
         except requests.RequestException as exc:
             self.breaker.failed(exc.__class__.__name__)
@@ -197,6 +200,9 @@ class DicomWebArchive:
                 self.breaker.succeeded()  # it answered; it refused this one instance
             raise ExternalUnavailable(f"the image archive did not store an instance "
                                       f"(HTTP {status})")
+        if not _acknowledged(answer, sop_instance_uid):
+            self.breaker.failed("store not acknowledged")
+            raise ExternalUnavailable("the image archive did not confirm it stored an instance")
         self.breaker.succeeded()
 
     # -- plumbing ----------------------------------------------------------------------------
@@ -359,6 +365,23 @@ class DicomWebArchive:
                 str(lifetime).replace(".", "", 1).isdigit() else 300.0
             self._token = (token, time.monotonic() + max(0.0, lifetime - 30))
             return token
+
+
+def _acknowledged(answer: bytes, sop_instance_uid: str) -> bool:
+    """Whether a STOW-RS answer (DICOM JSON) lists this instance as stored, not as failed."""
+    try:
+        payload = json.loads(answer)
+    except ValueError:
+        return False
+    if not isinstance(payload, dict):
+        return False
+
+    def uids(tag: str) -> set[str]:
+        items = (payload.get(tag) or {}).get("Value") or []
+        return {str(((item or {}).get("00081155") or {}).get("Value", [""])[0])
+                for item in items if isinstance(item, dict)}
+
+    return sop_instance_uid in uids("00081199") and sop_instance_uid not in uids("00081198")
 
 
 def _single_dicom_part(content_type: str, body: bytes) -> bytes:

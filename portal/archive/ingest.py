@@ -159,7 +159,7 @@ class Archive:
         if self.remote is not None and self.remote.write_through:
             # A cluster (docs/cluster.md): the external archive keeps the copy that counts,
             # so an instance is acknowledged only once it has it (ExternalUnavailable: 503).
-            self.remote.client.store(valid.data)
+            self.remote.client.store(valid.data, valid.sop_instance_uid)
         try:
             key = self.store.write(valid.data, valid.sha256)
         except (OSError, StorageFull) as exc:

@@ -450,6 +450,22 @@ def test_postgres_restarted(cluster: Cluster, study: Study, physician: Physician
                               verify=str(cluster.tls_cert), timeout=30, allow_redirects=False)
         assert answer.status_code == 200, base
     assert [n.process.pid for n in cluster.nodes if n.process] == pids, "no node restarted"
+    # Orthanc's PostgreSQL connection broke too: its first STOW-RS answers 200 with nothing
+    # stored. The portal must not acknowledge that upload (503, retry), and every instance
+    # it acknowledges is in Orthanc.
+    stored: Study | None = None
+    refusals = 0
+    for _attempt in range(5):
+        try:
+            stored = stow(cluster, 2, patient="CLUSTER-PG")
+            break
+        except requests.HTTPError as exc:
+            assert exc.response.status_code == 503, exc.response.text[:300]
+            assert exc.response.headers.get("Retry-After")
+            refusals += 1
+    assert stored is not None
+    for sop in stored.sops:
+        assert cluster.orthanc_has_instance(sop), (sop, refusals)
 
 
 def test_orthanc_stopped(cluster: Cluster, study: Study, physician: Physician) -> None:
@@ -484,10 +500,15 @@ def test_orthanc_stopped(cluster: Cluster, study: Study, physician: Physician) -
     finally:
         cluster.start_orthanc()
     # The breaker closes again after its reset time; both nodes serve the image.
-    def served_everywhere() -> bool:
-        return all(http.get(node.url + rendered_path(fresh.uid, fresh.series, fresh.sops[0]),
-                            headers={"Accept": "image/jpeg"}, timeout=30).status_code == 200
-                   for node in cluster.nodes)
+    seen: list[tuple[str, int, str]] = []
 
-    assert wait_for(served_everywhere, timeout=30, interval=1)
+    def served_everywhere() -> bool:
+        answers = [(node.name, http.get(
+            node.url + rendered_path(fresh.uid, fresh.series, fresh.sops[0]),
+            headers={"Accept": "image/jpeg"}, timeout=30)) for node in cluster.nodes]
+        seen[:] = [(name, a.status_code, a.text[:120]) for name, a in answers
+                   if a.status_code != 200]
+        return not seen
+
+    assert wait_for(served_everywhere, timeout=30, interval=1), seen
     healthy(cluster)
