@@ -206,8 +206,10 @@ def read(resource_type: str, resource_id: str) -> Response:
     """One resource, when the caller may see it (404 otherwise, as for a missing one)."""
     principal = _principal()
     kind = _kind(resource_type)
-    if request.args:
-        return _error(400, "a read takes no parameters")
+    try:  # a read takes no search parameters; _format must still ask for JSON
+        parse({}, list(request.args.items(multi=True)), lenient=False)
+    except SearchError as exc:
+        return _error(400, f"a read takes no search parameters: {exc}")
     rows = db.session.scalars(kind.base(principal).where(kind.by_id(resource_id))
                               .limit(1)).all()
     found = kind.emit(db.session, principal, rows, _links()) if rows else []

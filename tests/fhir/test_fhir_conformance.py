@@ -358,6 +358,8 @@ def test_errors_under_fhir_are_operation_outcomes(world: World) -> None:
     _outcome(world.machine_get("/fhir/Patient", Accept="application/fhir+xml"), 406)
     assert world.machine_get("/fhir/Patient", Accept="application/fhir+json").status_code == 200
     _outcome(world.machine_get("/fhir/Patient?_format=xml"), 400)
+    assert world.machine_get(f"/fhir/ImagingStudy/{world.ct}?_format=json").status_code == 200
+    _outcome(world.machine_get(f"/fhir/ImagingStudy/{world.ct}?patient=1"), 400)
     _outcome(client.post("/fhir/DiagnosticReport", headers=world.machine, json=_report(
         world.ct, "A-CT", "P-W1")), 403)
     _outcome(client.post("/fhir/DiagnosticReport", headers={**world.ris,
