@@ -17,6 +17,8 @@ CONTRACT_NAMES = {
     "no-routes-below-faces": "imaging, archive and index never import routes",
     "index-alone": "index never imports the archive, imaging, access or a face",
     "image-path-layers": "imaging above archive above index",
+    "imaging-core-pure": "the imaging core imports no Flask, no database and no face",
+    "archive-not-dicomweb": "the archive never imports dicomweb",
     "outer-faces": "nothing below the console and the API imports them",
     "archive-acyclic": "the archive's modules import each other without a cycle",
     "flat-cli-below-rooms": "portal.cli and portal.repeat import no room",
