@@ -50,6 +50,8 @@ from flask.cli import with_appcontext
 from sqlalchemy import text
 
 from portal import failures
+from portal.log import carry, current_request_id, request_id_scope
+from portal.metrics import JOB_FAILURES
 
 if TYPE_CHECKING:
     from portal.db import Database
@@ -173,7 +175,8 @@ def enqueue(name: str, *args: Any, at: datetime | None = None, wait: bool = Fals
         try:
             queue = queue_of(app)
             options = {"retry": _retry(app), "description": name, "failure_ttl": 7 * 86400,
-                       "timeout": app.config["PORTAL"]["JOBS_TIMEOUT_SECONDS"]}
+                       "timeout": app.config["PORTAL"]["JOBS_TIMEOUT_SECONDS"],
+                       "meta": {"request_id": current_request_id()}}  # portal/log.py
             if at is not None:
                 job = queue.enqueue_at(at, RUN, name, list(args), **options)
             else:
@@ -187,7 +190,7 @@ def enqueue(name: str, *args: Any, at: datetime | None = None, wait: bool = Fals
         _run_in_process(app, name, list(args))
         return None
     delay = 0.0 if at is None else max(0.0, (at - datetime.now(UTC)).total_seconds())
-    _lane(kind.lane).submit(_later, delay, app, name, list(args))
+    _lane(kind.lane).submit(carry(_later), delay, app, name, list(args))
     return None
 
 
@@ -198,6 +201,7 @@ def _later(delay: float, app: Flask, name: str, args: list[Any]) -> None:
         _run_in_process(app, name, args)
     except Exception:  # a background job never fails anyone's request; it is logged
         log.exception("background job %s failed", name)
+        JOB_FAILURES.labels(name).inc()
 
 
 def _run_in_process(app: Flask, name: str, args: list[Any]) -> None:
@@ -228,10 +232,14 @@ def run_job(name: str, args: list[Any]) -> Any:
         raise ValueError(f"no such job: {name}")
     if not has_app_context():
         raise RuntimeError("run jobs with `flask jobs worker` (it provides the application)")
+    from rq import get_current_job
+
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     if JOBS[name].periodic:
         schedule_periodic(app, only=name)
-    return _call(name, args)
+    job = get_current_job()  # logs under the id of the request that queued it, else its own
+    with request_id_scope((job.meta.get("request_id") or job.id) if job is not None else None):
+        return _call(name, args)
 
 
 # -- periodic jobs ------------------------------------------------------------------------------
@@ -255,6 +263,7 @@ def schedule_periodic(app: Flask, only: str | None = None) -> list[str]:
     """Put the next slot of each periodic job (or of ``only``) on the queue, once: the slot's
     id is unique, so every worker may do this. Returns the ids scheduled now."""
     from rq.exceptions import DuplicateJobError
+    from rq.job import JobStatus
 
     queue = queue_of(app)
     scheduled = []
@@ -264,10 +273,12 @@ def schedule_periodic(app: Flask, only: str | None = None) -> list[str]:
         slot = int(time.time() // every) + 1
         at = datetime.fromtimestamp(slot * every, UTC)
         job_id = f"periodic-{name}-{slot}"
-        try:
-            queue.enqueue_at(at, RUN, name, [], job_id=job_id, unique=True, description=name,
-                             timeout=app.config["PORTAL"]["JOBS_TIMEOUT_SECONDS"],
-                             result_ttl=2 * every, failure_ttl=7 * 86400)
+        job = queue.create_job(RUN, args=(name, []), job_id=job_id, description=name,
+                               timeout=app.config["PORTAL"]["JOBS_TIMEOUT_SECONDS"],
+                               result_ttl=2 * every, failure_ttl=7 * 86400,
+                               status=JobStatus.SCHEDULED)
+        try:  # (Queue.enqueue_at does not pass ``unique`` on; schedule_job does)
+            queue.schedule_job(job, at, unique=True)
         except DuplicateJobError:
             continue
         scheduled.append(job_id)

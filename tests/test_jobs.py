@@ -33,7 +33,17 @@ from tests.archive.test_external import (
     load_studies,
     start_pacs,
 )
-from tests.conftest import PostgresCluster, close_app, free_port, make_app, wait_for
+from tests.conftest import (
+    OIDC_SETTINGS,
+    IdentityProvider,
+    PostgresCluster,
+    add_person,
+    close_app,
+    free_port,
+    make_app,
+    signed_in,
+    wait_for,
+)
 from tests.factories import make_dataset, to_bytes
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,7 +66,8 @@ def _environment(app: Flask) -> dict[str, str]:
     for key in ("INSTANCE_PATH", "ENV", "SECRET_KEY", "DATABASE_URL", "REDIS_URL", "JOBS",
                 "JOBS_RETRIES", "JOBS_RETRY_SECONDS", "AUDIT_SYSLOG_URL", "ARCHIVE_URL",
                 "ARCHIVE_USERNAME", "ARCHIVE_PASSWORD", "ARCHIVE_SYNC_INTERVAL_SECONDS",
-                "ARCHIVE_SYNC_PAGE_SIZE", "JOBS_PERIODIC", "RENDER_ISOLATION"):
+                "ARCHIVE_SYNC_PAGE_SIZE", "JOBS_PERIODIC", "JOBS_AUDIT_FORWARD_SECONDS",
+                "RENDER_ISOLATION"):
         value = settings[key]
         if value is None:
             continue
@@ -143,11 +154,12 @@ def test_prerendering_runs_on_a_worker_into_the_shared_cache(tmp_path: Path, que
 
 
 def test_a_failing_job_is_retried_with_back_off_then_failed_and_shown(
-        tmp_path: Path, queue_url: str, worker_of: Any) -> None:
+        tmp_path: Path, queue_url: str, worker_of: Any, idp: IdentityProvider) -> None:
     closed = free_port()  # nothing listens: the audit repository is down
     app = make_app(tmp_path / "instance", REDIS_URL=queue_url, JOBS="queue", JOBS_RETRIES=2,
                    JOBS_RETRY_SECONDS=[1, 2], AUDIT_SYSLOG_URL=f"tcp://127.0.0.1:{closed}",
-                   JOBS_PERIODIC=["archive-sync"])  # no audit-forward slots of its own
+                   JOBS_PERIODIC=["archive-sync"],  # no audit-forward slots of its own
+                   OIDC_ISSUER=idp.issuer, **OIDC_SETTINGS)
     client = redis.Redis.from_url(queue_url)
     try:
         audit.record(app.extensions["db"], audit.QUERY, action="E",
@@ -172,7 +184,53 @@ def test_a_failing_job_is_retried_with_back_off_then_failed_and_shown(
         shown = app.test_cli_runner().invoke(args=["jobs", "status"])
         assert "1 failed" in shown.output and "audit-forward" in shown.output
         assert "unreachable" in shown.output, shown.output
+        # The office manager's console says it in plain words.
+        add_person(app, idp, "om-jobs", ["office_manager"], "Clinic")
+        page = signed_in(app, idp, "om-jobs").get("/admin/").get_data(as_text=True)
+        assert "<strong>1</strong> background jobs failed" in page
+        assert "Sending the audit trail to the audit repository: failed" in page
     finally:
+        close_app(app)
+
+
+def test_periodic_slots_are_scheduled_once_however_many_workers(tmp_path: Path,
+                                                                queue_url: str) -> None:
+    app = make_app(tmp_path / "instance", REDIS_URL=queue_url, AUDIT_SYSLOG_URL="tcp://x:1",
+                   JOBS_AUDIT_FORWARD_SECONDS=30)
+    try:
+        assert jobs.periodic_jobs(app) == {"audit-forward": 30}  # SQLite: no audit-seal
+        first = jobs.schedule_periodic(app)
+        assert len(first) == 1 and first[0].startswith("periodic-audit-forward-")
+        assert jobs.schedule_periodic(app) == []  # a second worker: the slot is there
+        assert jobs.queue_of(app).scheduled_job_registry.get_job_ids() == first
+    finally:
+        close_app(app)
+
+
+def test_a_worker_runs_the_periodic_jobs(tmp_path: Path, queue_url: str,
+                                        worker_of: Any) -> None:
+    """No `audit forward --watch` anywhere: the worker's scheduler runs audit-forward every
+    2 s, and each run schedules the next."""
+    port = free_port()
+    receiver = SyslogReceiver(port)
+    app = make_app(tmp_path / "instance", REDIS_URL=queue_url, JOBS_AUDIT_FORWARD_SECONDS=2,
+                   AUDIT_SYSLOG_URL=f"tcp://127.0.0.1:{port}")
+    try:
+        for number in range(5):
+            audit.record(app.extensions["db"], audit.QUERY, action="E",
+                         outcome=audit.OUTCOME_SUCCESS, who=f"user:test|n{number}", details={})
+        worker = worker_of(app)
+
+        def records() -> int:
+            return sum(1 for m in receiver.messages if "CHECKPOINT" not in m)
+
+        assert wait_for(lambda: records() >= 5, timeout=30), stop(worker)
+        audit.record(app.extensions["db"], audit.QUERY, action="E",
+                     outcome=audit.OUTCOME_SUCCESS, who="user:test|later", details={})
+        assert wait_for(lambda: records() >= 6, timeout=30), stop(worker)
+        assert records() == 6
+    finally:
+        receiver.close()
         close_app(app)
 
 

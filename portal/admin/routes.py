@@ -15,6 +15,7 @@ from flask import (
     Blueprint,
     Response,
     abort,
+    current_app,
     flash,
     redirect,
     render_template,
@@ -25,7 +26,7 @@ from flask import (
 from sqlalchemy import and_, select
 from werkzeug.wrappers import Response as BaseResponse
 
-from portal import audit
+from portal import audit, jobs
 from portal.access.grants import (
     create_grant,
     grant_many,
@@ -123,6 +124,8 @@ def index() -> str:
     return render_template("admin/index.html", q=search.text, rows=rows, more=more,
                            patients=console.patients_in(rows), people=people,
                            attention=console.attention(db.session, principal),
+                           failed_jobs=jobs.failed_in_words(
+                               current_app._get_current_object()),  # type: ignore[attr-defined]
                            month_from=console.month_start(utcnow().date()).isoformat(),
                            today=utcnow().date().isoformat())
 
