@@ -76,6 +76,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("portal.imaging.prerender", "_build_volumes"): OUTSIDE + " (pre-render thread)",
     ("portal.imaging.prerender", "_warm"): OUTSIDE + " (pre-render thread)",
     ("portal.health", "readyz"): OUTSIDE + " (readiness probe)",
+    ("portal.monitoring", "_ReadWhenScraped._audit"): OUTSIDE + " (a metrics scrape)",
     ("portal.db", "Database._transaction"): "the named transactions themselves",
     ("portal.db", "Database._fresh_snapshot"):
         "ends the request's read-only snapshot on SQLite; commits nothing",
