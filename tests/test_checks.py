@@ -84,3 +84,50 @@ def test_an_import_cycle_in_the_archive_breaks_its_contract(tmp_path: Path, modu
     result = _lint_imports(tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"{CONTRACT_NAMES['archive-acyclic']} BROKEN" in result.stdout
+
+
+def _cycles(package: str) -> list[list[str]]:
+    """Groups of modules that import each other round (strongly connected components of
+    the module import graph, imports under TYPE_CHECKING and inside functions included)."""
+    import grimp
+
+    graph = grimp.build_graph(package, include_external_packages=False)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(module: str) -> None:  # Tarjan's algorithm
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for imported in graph.find_modules_directly_imported_by(module):
+            if imported not in index:
+                visit(imported)
+                low[module] = min(low[module], low[imported])
+            elif imported in on_stack:
+                low[module] = min(low[module], index[imported])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for module in sorted(graph.modules):
+        if module not in index:
+            visit(module)
+    return found
+
+
+def test_no_module_of_the_portal_imports_itself_back() -> None:
+    """No import cycle between modules anywhere in portal/ (issue 14 item 5: the access,
+    sharing and reports cycle, portal.cli <-> archive.cli, the archive's copies -> external
+    -> ingest -> copies, sharing.service <-> sharing.sessions, archive.after <-> ingest)."""
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
+    assert _cycles("portal") == []

@@ -434,7 +434,8 @@ def revoke_grant(grant_id: int) -> BaseResponse:
 def shares() -> str:
     """Every share link with its state, uses and last use; ``show`` expiring (within 7 days)
     or locked narrows the list (revoking goes through /shares)."""
-    from portal.sharing.service import link_state, list_links
+    from portal.sharing.models import link_state
+    from portal.sharing.service import list_links
 
     now, show = utcnow(), request.args.get("show", "")
     links = list_links(db.session, _manager())
@@ -451,7 +452,8 @@ def shares() -> str:
 def confirm_revoke_links() -> str | BaseResponse:
     """Say what revoking the chosen links does (they stop at once and cannot be reopened),
     and ask once."""
-    from portal.sharing.service import get_link, link_state
+    from portal.sharing.models import link_state
+    from portal.sharing.service import get_link
 
     ids = list(dict.fromkeys(v[:36] for v in request.args.getlist("link")[:200]))
     if not ids:

@@ -278,7 +278,7 @@ def _sender() -> Principal:
 
 
 def _share_json(link: Any) -> dict[str, Any]:
-    from portal.sharing.service import link_state
+    from portal.sharing.models import link_state
 
     return {"id": link.public_id, "state": link_state(link), "audience": link.audience,
             "requires_sign_in": link.requires_sign_in, "download": link.can_download,

@@ -31,8 +31,8 @@ def init_app(app: Flask) -> None:
     after = AfterIngest(app)
     archive = Archive(store=store, database=database, limits=limits, remote=remote, after=after)
     # The archive's own after-ingest steps; create_app adds those of the packages above it.
-    after.add("audit", audit_step(archive), required=True)
-    after.add("headers", header_step(archive))
+    after.add("audit", audit_step(archive.database), required=True)
+    after.add("headers", header_step(archive.database, archive.headers))
     app.extensions["archive"] = archive
 
 

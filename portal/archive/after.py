@@ -24,7 +24,7 @@ from portal.index.models import Series
 from portal.index.service import middle_image
 
 if TYPE_CHECKING:
-    from portal.archive.ingest import Archive, Stored
+    from portal.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,19 @@ class AfterIngest:
             raise failure
 
 
-def audit_step(archive: Archive) -> Step:
+@dataclass(frozen=True)
+class Stored:
+    """The answer for one accepted instance (made by ``ingest.Archive``; defined here, below
+    it, so the steps that receive it import nothing of the archive that runs them)."""
+
+    outcome: Literal["stored", "already_stored"]
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+
+
+def audit_step(database: Database) -> Step:
     """One audit record per study received: 110107 Import for files the CLI imported (the
     event refused imports are recorded as), 110104 DICOM Instances Transferred otherwise.
     Not for STOW-RS: its records are committed with its index rows (``Archive.
@@ -122,23 +134,23 @@ def audit_step(archive: Archive) -> Step:
             return
         event = audit.IMPORT if arrival.via == "import" else audit.INSTANCES_TRANSFERRED
         for study, count in arrival.per_study().items():
-            audit.record(archive.database, event, action="C", outcome=audit.OUTCOME_SUCCESS,
+            audit.record(database, event, action="C", outcome=audit.OUTCOME_SUCCESS,
                          who=arrival.who, source_address=arrival.source_address,
                          study_instance_uid=study, details={"instances": count})
 
     return record
 
 
-def header_step(archive: Archive) -> Step:
+def header_step(database: Database, headers: Callable[[list[str]], object]) -> Step:
     """Make and keep the header of each new series' middle image, which the viewer reads
-    first (the others are made on first use, as before)."""
+    first (the others are made on first use, as before): ``headers`` is the archive's."""
 
     def warm(arrival: Arrival) -> None:
-        with archive.database.reading() as session:
+        with database.reading() as session:
             ids = session.scalars(select(Series.id).where(
                 Series.series_instance_uid.in_(arrival.series))).all()
             middles = [uid for uid in (middle_image(session, i) for i in ids) if uid]
         if middles:
-            archive.headers(middles)
+            headers(middles)
 
     return warm

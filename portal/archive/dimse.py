@@ -21,7 +21,8 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from portal.archive.ingest import Archive, Stored
+from portal.archive.after import Stored
+from portal.archive.ingest import Archive
 from portal.archive.store import ArchiveUnavailable
 from portal.archive.validate import (
     ACCEPTED_TRANSFER_SYNTAXES,

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from portal import failures
-from portal.archive.ingest import Archive, Stored
+from portal.archive.after import Stored
+from portal.archive.ingest import Archive
 from portal.archive.store import ArchiveUnavailable
 from portal.archive.validate import Rejected
 

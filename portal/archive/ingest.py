@@ -8,10 +8,11 @@ import io
 import logging
 import re
 import time
+from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from sqlalchemy import select, update
@@ -19,6 +20,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from portal import audit
+from portal.archive.after import Stored
 from portal.archive.models import StoredObject
 from portal.archive.same_instance import same_instance
 from portal.archive.store import (
@@ -50,17 +52,6 @@ log = logging.getLogger(__name__)
 _ATTEMPTS = 5
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _BATCH = 32  # index rows committed together in one STOW-RS request
-
-
-@dataclass(frozen=True)
-class Stored:
-    """The answer for one accepted instance."""
-
-    outcome: Literal["stored", "already_stored"]
-    sop_class_uid: str
-    sop_instance_uid: str
-    study_instance_uid: str
-    series_instance_uid: str
 
 
 @dataclass(frozen=True)
@@ -96,7 +87,7 @@ class Archive:
                 raise
             if isinstance(prepared, Stored):
                 return prepared
-            return self._commit_one(prepared, who, source_address)
+            return self._commit_one(prepared, who, source_address, False)
         except OperationalError as exc:
             log.error("index unavailable: %s", exc.__class__.__name__)
             raise ArchiveUnavailable("the index database is unavailable") from exc
@@ -107,7 +98,8 @@ class Archive:
         """Store several files (one STOW-RS request): the same checks and durability as
         ``ingest``, with files written in parallel and index rows committed in batches.
 
-        Each answer is given only after that instance's file is durable and its row committed.
+        Each answer is given only after that instance's file is durable and its row committed,
+        with the 110104 record of what that transaction kept (``_record_arrival``).
         """
         def prepare(data: bytes) -> Stored | Rejected | _Prepared:
             try:
@@ -190,6 +182,19 @@ class Archive:
                                   "stored_sha256": valid.sha256})
 
     @staticmethod
+    def _record_arrival(session: Session, items: Sequence[_Prepared], who: str,
+                        source_address: str) -> None:
+        """STOW-RS: one 110104 record per study of the instances this transaction indexes, in
+        the same transaction as their rows: a crash after the commit (kill -9 of a worker)
+        cannot leave instances without their record, and each record counts exactly what
+        its commit kept (docs/security.md 40). (C-STORE and the CLI import are recorded per
+        association or run by the after-ingest ``audit_step``.)"""
+        for study, count in Counter(i.valid.study_instance_uid for i in items).items():
+            audit.append(session, audit.INSTANCES_TRANSFERRED, action="C",
+                         outcome=audit.OUTCOME_SUCCESS, who=who, source_address=source_address,
+                         study_instance_uid=study, details={"instances": count})
+
+    @staticmethod
     def _stored(item: _Prepared) -> Stored:
         valid = item.valid
         return Stored("stored", valid.sop_class_uid, valid.sop_instance_uid,
@@ -208,18 +213,20 @@ class Archive:
                         raise _Fallback
                     for item in batch:
                         self._index(session, item, who, source_address)
+                    self._record_arrival(session, batch, who, source_address)
                 return [self._stored(item) for item in batch]
             except (_Fallback, IntegrityError, IndexConflict):
                 pass  # rolled back: settle each instance on its own, with exact answers
         answers: list[Stored | Rejected] = []
         for item in batch:
             try:
-                answers.append(self._commit_one(item, who, source_address))
+                answers.append(self._commit_one(item, who, source_address, True))
             except Rejected as exc:
                 answers.append(exc)
         return answers
 
-    def _commit_one(self, item: _Prepared, who: str, source_address: str) -> Stored:
+    def _commit_one(self, item: _Prepared, who: str, source_address: str,
+                    recorded: bool) -> Stored:
         """Index one written file; its answer is final once this returns or raises."""
         valid, key = item.valid, item.key
         for _attempt in range(_ATTEMPTS):
@@ -230,6 +237,8 @@ class Archive:
                     if existing is not None:
                         raise _AlreadyStored(existing.sha256, existing.storage_key)
                     self._index(session, item, who, source_address)
+                    if recorded:
+                        self._record_arrival(session, [item], who, source_address)
             except _AlreadyStored as exc:
                 if exc.sha256 != valid.sha256:
                     self._forget(key, valid)

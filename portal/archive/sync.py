@@ -30,8 +30,9 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select, update
 
 from portal import audit
+from portal.archive.after import Stored
 from portal.archive.external import DicomWebArchive, ExternalNotFound, ExternalUnavailable
-from portal.archive.ingest import Archive, Stored
+from portal.archive.ingest import Archive
 from portal.archive.models import ExternalInstance, SyncState
 from portal.archive.validate import is_valid_uid
 from portal.db import utcnow

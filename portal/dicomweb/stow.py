@@ -10,7 +10,7 @@ from flask import Response, abort, request, url_for
 from portal.access import policy
 from portal.access.principal import Principal
 from portal.archive import current_archive
-from portal.archive.ingest import Stored
+from portal.archive.after import Stored
 from portal.archive.validate import CANNOT_UNDERSTAND, Rejected
 from portal.dicomweb.accept import parse_media_type
 from portal.multipart import MultipartError, split_parts

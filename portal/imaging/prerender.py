@@ -18,6 +18,7 @@ from sqlalchemy import select
 
 from portal.imaging.rendition import parse_rendition
 from portal.index.models import Instance, Series
+from portal.log import carry
 
 if TYPE_CHECKING:
     from portal.archive.after import Arrival
@@ -59,8 +60,8 @@ def _warm(app: Flask, series_uids: list[str]) -> None:
 
 def volume_images(session: Any, series_id: int) -> list[str]:
     """The SOP Instance UIDs of a series' images that may form a volume, in viewer order;
-    empty when they cannot (too few, multi-frame, no geometry: ``viewer.forms_volume``)."""
-    from portal.studies.viewer import forms_volume
+    empty when they cannot (too few, multi-frame, no geometry: ``service.forms_volume``)."""
+    from portal.imaging.service import forms_volume
 
     images = [i for i in session.scalars(
         select(Instance).where(Instance.series_fk == series_id)
@@ -157,7 +158,7 @@ def build_volume_soon(key: str, sources: list[Any]) -> None:
             with _building_lock:
                 _building.discard(key)
 
-    _on_demand.submit(build)
+    _on_demand.submit(carry(build))  # under the request id of who asked (portal/log.py)
 
 
 def volume_failure(key: str) -> str | None:

@@ -35,6 +35,7 @@ from portal.imaging.rendition import RENDER_VERSION, Rendition, Window
 from portal.imaging.volume_files import VolumeFiles
 from portal.index.models import Instance
 from portal.index.service import middle_image
+from portal.metrics import CACHE_REQUESTS
 from portal.redis_link import redis_link
 
 _AUTO = Rendition()  # no window asked for: the file's own, else the series default
@@ -74,8 +75,13 @@ def volume_files() -> VolumeFiles:
 def run_isolated(function: Callable[..., Any], *args: Any) -> Any:
     """Run a rendering or decoding function (a module-level one) in the isolated render
     processes when configured, else here."""
+    from portal.imaging.isolation import timed_render
+
     pool = current_app.extensions.get("render_pool")
-    return pool.run(function, *args) if pool is not None else function(*args)
+    if pool is not None:
+        return pool.run(function, *args)  # timed there, without its wait for a process
+    with timed_render(function):
+        return function(*args)
 
 
 def _max_pixels() -> int:
@@ -103,6 +109,7 @@ class RenderedImage:
         """The encoded image: from the cache, or rendered now and kept there."""
         cache = render_cache()
         value = cache.get(self.key)
+        CACHE_REQUESTS.labels("miss" if value is None else "hit").inc()
         if value is None:
             value = self.produce()
             cache.put(self.key, value)
@@ -270,3 +277,13 @@ def _render_in_series(stored: StoredFile, index: int, rendition: Rendition,
         render_with_window, stored, index, rendition, _max_pixels(), middle))
     _remember_series_window(middle, window)
     return body
+
+
+def forms_volume(images: list[Instance]) -> bool:
+    """True when the slices may make reformats (the server checks the spacing itself)."""
+    if len(images) < 3:
+        return False
+    first = images[0]
+    return all(i.number_of_frames == 1 and i.image_orientation_patient and i.pixel_spacing
+               and i.image_position_patient and (i.rows, i.columns) == (first.rows, first.columns)
+               for i in images)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import JSON, BigInteger, Boolean, ForeignKey, Integer, String, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from portal.db import Base, UTCDateTime
+from portal.db import Base, UTCDateTime, utcnow
 
 
 class ShareLink(Base):
@@ -93,3 +93,20 @@ class RateLimitCount(Base):
     # Start of the window, in seconds since the epoch (a multiple of the window length).
     window_start: Mapped[int] = mapped_column(BigInteger, primary_key=True, index=True)
     hits: Mapped[int] = mapped_column(Integer, default=0)
+
+
+LinkState = Literal["active", "pending", "expired", "revoked", "locked"]
+
+
+def link_state(link: ShareLink, now: datetime | None = None) -> LinkState:
+    """active, pending (before ``not_before``), expired, revoked or locked."""
+    now = now or utcnow()
+    if link.revoked_at is not None:
+        return "revoked"
+    if link.locked_at is not None:
+        return "locked"
+    if link.expires_at <= now:
+        return "expired"
+    if link.not_before > now:
+        return "pending"
+    return "active"

@@ -51,7 +51,7 @@ from portal.index.models import Study
 from portal.sharing import messages, service
 from portal.sharing.limits import address_key, rate_limiter
 from portal.sharing.limits import init_app as init_limits
-from portal.sharing.models import ShareLink
+from portal.sharing.models import ShareLink, link_state
 from portal.sharing.sessions import (
     clear_share_cookie,
     cookie_name,
@@ -363,7 +363,7 @@ def share_form(study_uid: str) -> str:
         else "sharing/share_form.html"
     return render_template(template, study=study, policy=share_policy(),
                            series=study_series(db.session, principal, study),
-                           links=links, now=utcnow(), state=service.link_state,
+                           links=links, now=utcnow(), state=link_state,
                            may_share=bool(share_audiences(principal)))
 
 
@@ -471,7 +471,7 @@ def my_links() -> str:
     principal = _user()
     links = service.list_links(db.session, principal)
     return render_template("sharing/links.html", links=links, now=utcnow(),
-                           state=service.link_state)
+                           state=link_state)
 
 
 @bp.get("/shares/<public_id>")
@@ -480,7 +480,7 @@ def link_detail(public_id: str) -> str:
     principal = _user()
     link = service.get_link(db.session, principal, public_id)  # or NoSuchLink, 404
     # A patient is told who opened his link, not where from (as on the visitor's page).
-    return render_template("sharing/link.html", link=link, state=service.link_state(link),
+    return render_template("sharing/link.html", link=link, state=link_state(link),
                            rows=service.accesses(db.session, link,
                                                  others_addresses=not is_patient_user(principal)))
 

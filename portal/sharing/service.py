@@ -30,7 +30,7 @@ from portal.access.policy import (
 from portal.access.principal import Principal
 from portal.db import Database, utcnow
 from portal.index.models import Series, Study
-from portal.sharing.models import ShareLink, ShareLinkStudy, ShareSession
+from portal.sharing.models import ShareLink, ShareLinkStudy, ShareSession, link_state
 from portal.sharing.tokens import (
     hash_pin,
     looks_like_token,
@@ -42,7 +42,6 @@ from portal.sharing.tokens import (
 )
 
 Audience = Literal["patient", "physician"]
-LinkState = Literal["active", "pending", "expired", "revoked", "locked"]
 
 
 class ShareError(failures.Invalid):
@@ -140,20 +139,6 @@ class Exchanged:
 def share_who(public_id: str) -> str:
     """How the audit trail names the visitor of a link."""
     return f"share:{public_id}"
-
-
-def link_state(link: ShareLink, now: datetime | None = None) -> LinkState:
-    """active, pending (before ``not_before``), expired, revoked or locked."""
-    now = now or utcnow()
-    if link.revoked_at is not None:
-        return "revoked"
-    if link.locked_at is not None:
-        return "locked"
-    if link.expires_at <= now:
-        return "expired"
-    if link.not_before > now:
-        return "pending"
-    return "active"
 
 
 def _active_conditions(now: datetime) -> list[Any]:

@@ -20,8 +20,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from portal.access.principal import Principal
 from portal.db import Database, utcnow
-from portal.sharing.models import ShareLink, ShareLinkStudy, ShareSession
-from portal.sharing.service import link_state
+from portal.sharing.models import ShareLink, ShareLinkStudy, ShareSession, link_state
 from portal.sharing.tokens import token_digest
 
 _TOUCH_EVERY = timedelta(seconds=60)

@@ -28,7 +28,7 @@ from portal.db import db, utcnow
 from portal.index.models import Order, Study
 from portal.reports.service import effective_statuses, mark_shown_read
 from portal.sharing import service as sharing
-from portal.sharing.models import ShareLink
+from portal.sharing.models import ShareLink, link_state
 
 bp = Blueprint("patients", __name__)
 
@@ -225,7 +225,7 @@ def links() -> str:
     """The links I made for a doctor: their state, and a button to end each."""
     principal = _patient()
     return render_template("patients/links.html", links=own_links(db.session, principal),
-                           now=utcnow(), state=sharing.link_state)
+                           now=utcnow(), state=link_state)
 
 
 @bp.get("/my")

@@ -12,6 +12,7 @@ from typing import Any
 
 from portal.imaging.presets import presets_for
 from portal.imaging.rendition import WIDTHS
+from portal.imaging.service import forms_volume
 from portal.index.models import Instance, Series, Study
 
 MAX_FRAMES = 5000
@@ -84,16 +85,6 @@ def spacing_of(instance: Instance, header: dict[str, Any]) -> tuple[list[float] 
     if len(imager) == 2 and min(imager) > 0:
         return imager, "detector"
     return None, ""
-
-
-def forms_volume(images: list[Instance]) -> bool:
-    """True when the slices may make reformats (the server checks the spacing itself)."""
-    if len(images) < 3:
-        return False
-    first = images[0]
-    return all(i.number_of_frames == 1 and i.image_orientation_patient and i.pixel_spacing
-               and i.image_position_patient and (i.rows, i.columns) == (first.rows, first.columns)
-               for i in images)
 
 
 def describe_series(study: Study, series: Series, images: list[Instance],
