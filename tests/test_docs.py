@@ -121,3 +121,37 @@ def test_readme_is_a_short_front_door() -> None:
     for must in ("make demo", "make test", "## Security", "docs/security.md",
                  "docs/operations.md", "docs/architecture.md", "docs/features.md"):
         assert must in text, must
+
+
+ROOM_TABLE = re.compile(r"^\| `(?P<room>[a-z_]+)` \| (?P<imports>.*) \|$", re.MULTILINE)
+
+
+def _room_imports() -> dict[str, set[str]]:
+    """Which rooms (sub-packages of portal) each room imports, from the source (grimp:
+    top-level, function-level and TYPE_CHECKING imports alike; flat modules left out)."""
+    import grimp
+
+    graph = grimp.build_graph("portal", include_external_packages=False)
+    rooms = {p.name for p in (REPO / "portal").iterdir()
+             if p.is_dir() and (p / "__init__.py").exists() and p.name != "migrations"}
+    found: dict[str, set[str]] = {room: set() for room in rooms}
+    for module in graph.modules:
+        parts = module.split(".")
+        if len(parts) < 2 or parts[1] not in rooms:
+            continue
+        for imported in graph.find_modules_directly_imported_by(module):
+            other = imported.split(".")
+            if len(other) > 1 and other[1] in rooms and other[1] != parts[1]:
+                found[parts[1]].add(other[1])
+    return found
+
+
+def test_the_room_import_table_is_what_the_code_imports() -> None:
+    """docs/architecture.md "What may import what" lists, per room, the rooms it imports:
+    the table is checked against the source, so it cannot drift."""
+    text = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    section = text.split("## What may import what", 1)[1].split("\n## ", 1)[0]
+    table = section.split("| from | imports |", 1)[1].split("\n\n", 1)[0]
+    documented = {m.group("room"): set(re.findall(r"`([a-z_]+)`", m.group("imports")))
+                  for m in ROOM_TABLE.finditer(table)}
+    assert documented == _room_imports()
