@@ -480,6 +480,8 @@ def main() -> None:
               f"{cluster.orthanc.password})   PostgreSQL: {cluster.portal_dsn()}")
         print(f"  Redis: {cluster.redis_url}")
         print("Ctrl-C stops and removes everything.")
+        # Both end the wait (SIGINT may arrive ignored when started in the background).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
             while True:
