@@ -273,7 +273,10 @@ def schedule_periodic(app: Flask, only: str | None = None) -> list[str]:
         slot = int(time.time() // every) + 1
         at = datetime.fromtimestamp(slot * every, UTC)
         job_id = f"periodic-{name}-{slot}"
-        job = queue.create_job(RUN, args=(name, []), job_id=job_id, description=name,
+        # Study dates only catch new studies: every Nth sync walks every study (as --watch).
+        args = [slot % app.config["PORTAL"]["ARCHIVE_SYNC_FULL_EVERY"] == 0] \
+            if name == "archive-sync" else []
+        job = queue.create_job(RUN, args=(name, args), job_id=job_id, description=name,
                                timeout=app.config["PORTAL"]["JOBS_TIMEOUT_SECONDS"],
                                result_ttl=2 * every, failure_ttl=7 * 86400,
                                status=JobStatus.SCHEDULED)
