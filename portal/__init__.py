@@ -45,6 +45,9 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     from portal.imaging import service as imaging
 
     log.init_app(app)
+    from portal import monitoring
+
+    monitoring.init_app(app)  # request timing and /metrics (docs/operations.md)
     assets.init_app(app)  # first: its compression then runs after every other answer hook
     security.init_app(app)
     Database().init_app(app, config_module.database_url(settings))

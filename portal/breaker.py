@@ -44,8 +44,11 @@ class CircuitBreaker:
     """Closed -> (``failures`` in a row) -> open -> (``reset_after`` s) -> half open -> ..."""
 
     def __init__(self, failures: int, reset_after: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_change: Callable[[State], None] | None = None) -> None:
         self.failures = failures
+        self._on_change = on_change  # told each new state (metrics: portal/metrics.py)
+        self._told: State = "closed"
         self.reset_after = reset_after
         self._clock = clock
         self._lock = threading.Lock()
@@ -70,6 +73,7 @@ class CircuitBreaker:
                 return
             if state == "half_open" and not self._trial_running:
                 self._trial_running = True
+                self._tell("half_open")
                 return
             assert self._opened_at is not None
             raise BreakerOpen(max(1.0, self.reset_after - (now - self._opened_at)))
@@ -80,6 +84,7 @@ class CircuitBreaker:
             self._consecutive = 0
             self._opened_at = None
             self._trial_running = False
+            self._tell("closed")
 
     def failed(self, kind: str) -> None:
         """The call failed (network error, timeout, 5xx): count it, open when too many."""
@@ -88,7 +93,16 @@ class CircuitBreaker:
             self._last_failure = kind
             if self._trial_running or self._consecutive >= self.failures:
                 self._opened_at = self._clock()
+                self._tell("open")
             self._trial_running = False
+
+    def _tell(self, state: State) -> None:
+        """Under the lock: report a change of state (a breaker's calls are not hot enough
+        for the few microseconds a metric costs to matter)."""
+        if state != self._told:
+            self._told = state
+            if self._on_change is not None:
+                self._on_change(state)
 
     def status(self) -> BreakerStatus:
         """The current state, for health checks and logs."""

@@ -199,6 +199,13 @@ SETTINGS: tuple[Setting, ...] = (
             "periodic jobs the workers schedule (also report-digest), each when configured"),
     Setting("JOBS_AUDIT_FORWARD_SECONDS", int, 60, "period of the audit-forward job"),
     Setting("LOG_LEVEL", str, "INFO", "logging level"),
+    # Metrics and logs (portal/monitoring.py; docs/operations.md, "Metrics and logs").
+    Setting("LOG_FORMAT", str, "text", "text, or json (one object a line, same fields)"),
+    Setting("METRICS_TOKEN", _as_optional_str, None,
+            "bearer token (24+ characters) a Prometheus scrape of /metrics must send"),
+    Setting("METRICS_ALLOWED", _as_list, [],
+            "addresses or networks that may read /metrics without the token; with neither "
+            "set, /metrics answers 404"),
 )
 
 _BY_KEY = {s.key: s for s in SETTINGS}
@@ -406,6 +413,19 @@ def _check_jobs(config: dict[str, Any]) -> None:
         raise ConfigError(f"JOBS_PERIODIC: {unknown[0]!r} is none of {', '.join(sorted(known))}")
 
 
+def _check_metrics(config: dict[str, Any]) -> None:
+    if config["LOG_FORMAT"] not in {"text", "json"}:
+        raise ConfigError("LOG_FORMAT: must be text or json")
+    if config["METRICS_TOKEN"] is not None and len(config["METRICS_TOKEN"]) < 24:
+        raise ConfigError("METRICS_TOKEN: at least 24 characters")
+    for entry in config["METRICS_ALLOWED"]:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise ConfigError(f"METRICS_ALLOWED: {entry!r} is not an address or network"
+                              ) from None
+
+
 def validate(config: dict[str, Any]) -> None:
     """Raise ConfigError naming the first invalid setting."""
     if config["ENV"] not in {"development", "production", "test"}:
@@ -436,6 +456,7 @@ def validate(config: dict[str, Any]) -> None:
         raise ConfigError("REPORT_PATIENT_DELAY_HOURS: must be 0 or more")
     if config["TRUSTED_PROXIES"] < 0:
         raise ConfigError("TRUSTED_PROXIES: must be 0 or more")
+    _check_metrics(config)
     for entry in config["TRUSTED_PROXY_ADDRESSES"]:
         try:
             ipaddress.ip_network(entry, strict=False)

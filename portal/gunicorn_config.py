@@ -7,7 +7,18 @@ leaves out the query string and the Referer, so nothing secret in a URL reaches 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
+
+from gunicorn.glogging import Logger
+
+# Metrics of all workers, added up at a scrape (portal/monitoring.py): prometheus_client's
+# multiprocess mode, chosen when it is first imported, so set here before anything imports it.
+# The folder is emptied as the server starts (on_starting); a dead worker's live gauges are
+# dropped (child_exit).
+METRICS_DIR = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(
+    Path(os.environ.get("PORTAL_INSTANCE_PATH")
+         or Path(__file__).resolve().parent.parent / "instance") / "metrics"))
 
 bind = os.environ.get("PORTAL_BIND", "127.0.0.1:5000")
 workers = int(os.environ.get("PORTAL_WORKERS", "2"))
@@ -21,11 +32,44 @@ limit_request_fields = 100
 limit_request_field_size = 8190
 control_socket_disable = True  # one shared socket per machine otherwise (gunicorn 27)
 accesslog = "-"
-access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms'
+# The last field is the request id (portal/log.py): nginx's when it came from a trusted proxy.
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms %({x-request-id}o)s'
+
+
+class JsonLogger(Logger):  # type: ignore[misc]  # gunicorn has no type hints
+    """gunicorn's own lines as JSON objects with PORTAL_LOG_FORMAT=json: the access line's
+    fields (no query string, no Referer) and the request id, the error log's messages."""
+
+    def setup(self, cfg: Any) -> None:
+        from portal.log import JsonFormatter
+
+        super().setup(cfg)
+        for logger in (self.error_log, self.access_log):
+            for handler in logger.handlers:
+                handler.setFormatter(JsonFormatter())
+
+    def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
+        if not self.access_log_enabled:
+            return
+        atoms = self.atoms(resp, req, environ, request_time)
+        fields = {"remote": atoms["h"], "method": atoms["m"], "path": atoms["U"],
+                  "status": atoms["s"], "bytes": atoms["B"], "duration_ms": atoms["M"]}
+        request_id = atoms.get("{x-request-id}o", "-")
+        self.access_log.info("%s %s %s", atoms["m"], atoms["U"], atoms["s"],
+                             extra={"fields": fields, "request_id": request_id})
+
+
+if os.environ.get("PORTAL_LOG_FORMAT") == "json":
+    logger_class = JsonLogger
 
 
 def on_starting(server: Any) -> None:
-    """Before workers start: bring the schema up to date and reap crash leftovers."""
+    """Before workers start: empty the metrics folder, bring the schema up to date and reap
+    crash leftovers."""
+    folder = Path(METRICS_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.glob("*.db"):
+        leftover.unlink(missing_ok=True)
     from portal import create_app
     from portal.archive import current_archive
     from portal.migrate import upgrade_database
@@ -43,3 +87,10 @@ def post_worker_init(worker: Any) -> None:
     pool = getattr(worker.wsgi, "extensions", {}).get("render_pool")
     if pool is not None:
         pool.start()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """A worker ended: its live gauges (render queue, breaker state) no longer count."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]

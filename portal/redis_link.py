@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from portal.breaker import BreakerOpen, BreakerStatus, CircuitBreaker
+from portal.metrics import breaker_observer
 
 if TYPE_CHECKING:
     import redis
@@ -40,7 +41,8 @@ class RedisLink:
 
         self.client: redis.Redis = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        self.breaker = CircuitBreaker(failures, reset_after)
+        self.breaker = CircuitBreaker(failures, reset_after,
+                                      on_change=breaker_observer("redis"))
 
     def call(self, what: Callable[[redis.Redis], T]) -> T:
         """``what(client)``, or ``RedisDown`` at once while the breaker is open."""

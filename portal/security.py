@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 from flask import Flask, Response, abort, current_app, g, request, session
 from flask.json.provider import DefaultJSONProvider
 
+from portal.log import FROM_TRUSTED_PROXY
+
 
 def csp_nonce() -> str:
     """The per-response nonce that inline scripts and styles must carry."""
@@ -206,6 +208,7 @@ class TrustedProxies:
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
         if self._from_proxy(environ.get("REMOTE_ADDR") or ""):
+            environ[FROM_TRUSTED_PROXY] = True  # its X-Request-Id is believed (portal/log.py)
             return self.behind_proxy(environ, start_response)
         for header in self._HEADERS:
             environ.pop(header, None)

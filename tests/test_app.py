@@ -14,6 +14,7 @@ from tests.conftest import basic_auth
 PUBLIC = {"health.healthz", "health.readyz", "studies.home", "static", "auth.login",
           "auth.callback", "auth.logout", "auth.invitation", "api.openapi",
           "fhir.metadata",  # the CapabilityStatement, as api.openapi: what the API offers
+          "monitoring.metrics",  # closed unless a token or addresses are set (404/403)
           # share links: the landing page, the exchange, the visitor's pages (they check the
           # share session themselves and show a plain "ended" page without one)
           "sharing.landing", "sharing.exchange", "sharing.shared_home",

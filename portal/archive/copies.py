@@ -31,6 +31,7 @@ from portal.archive.store import EmbeddedStore, StorageFull, StoredFile
 from portal.archive.validate import Limits, Rejected, validate_part10
 from portal.db import Database, utcnow
 from portal.index.models import Instance, Patient, Series, Study
+from portal.log import carry
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class RemoteCopies:
             return
         with ThreadPoolExecutor(max_workers=_PARALLEL_FETCHES,
                                 thread_name_prefix="wado-fetch") as pool:
-            for _ in pool.map(self._fetch_if_external, uids):
+            for _ in pool.map(carry(self._fetch_if_external), uids):  # the request's id
                 pass
 
     def _fetch_if_external(self, sop_instance_uid: str) -> None:

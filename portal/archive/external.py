@@ -28,12 +28,13 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 import requests
-from requests.adapters import HTTPAdapter
 from werkzeug.http import parse_options_header
 
 from portal import failures
 from portal.archive.store import ArchiveUnavailable
 from portal.breaker import BreakerOpen, CircuitBreaker
+from portal.log import RequestIdAdapter
+from portal.metrics import breaker_observer
 
 log = logging.getLogger(__name__)
 
@@ -123,10 +124,12 @@ class DicomWebArchive:
     def __init__(self, settings: ExternalSettings) -> None:
         self.settings = settings
         self.source = source_name(settings.url)
-        self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset)
+        self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset,
+                                      on_change=breaker_observer("archive"))
         self._http = requests.Session()
         self._http.trust_env = False  # no proxies or .netrc from the environment
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
+        # Every request carries the request id of what caused it (portal/log.py).
+        adapter = RequestIdAdapter(pool_connections=4, pool_maxsize=32, max_retries=0)
         self._http.mount("http://", adapter)
         self._http.mount("https://", adapter)
         self._token: tuple[str, float] | None = None

@@ -18,9 +18,10 @@ import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from portal import metrics
 from portal.archive.store import StoredFile
 from portal.imaging.render import (
     FrameCache,
@@ -267,6 +268,20 @@ def _affinity(args: tuple[Any, ...]) -> str | None:
     return first if isinstance(first, str) else None
 
 
+@contextlib.contextmanager
+def timed_render(function: Callable[..., Any]) -> Iterator[None]:
+    """Count a render call's time in ``portal_render_seconds`` (outcome: answered, or
+    failed: raised, timed out or crashed)."""
+    started = time.perf_counter()
+    outcome = "failed"
+    try:
+        yield
+        outcome = "answered"
+    finally:
+        metrics.RENDER_SECONDS.labels(getattr(function, "__name__", "other"), outcome).observe(
+            time.perf_counter() - started)
+
+
 class RenderPool:
     """Renders frames in capped child processes; ``run`` raises RenderRefused on failure.
 
@@ -313,21 +328,29 @@ class RenderPool:
     def _checkout(self, key: str | None) -> tuple[int, _Child]:
         """A free slot (the key's own when it is free) with a live process in it."""
         wanted = zlib.crc32(key.encode()) % self.workers if key else None
-        deadline = time.monotonic() + self.timeout
+        started = time.monotonic()
+        deadline = started + self.timeout
+        queue = metrics.RENDER_PROCESSES.labels("queue")
         with self._free:
-            while True:
-                if self._closed:
-                    raise RenderRefused("the image renderers have stopped (shutting down)")
-                free = [i for i in range(self.workers) if i not in self._busy]
-                if free:
-                    slot = wanted if wanted in free else free[-1]
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RenderRefused("the image renderers are busy; try again")
-                self._free.wait(timeout=min(left, 0.25))
+            queue.inc()  # the render queue: calls waiting for a process (portal/metrics.py)
+            try:
+                while True:
+                    if self._closed:
+                        raise RenderRefused("the image renderers have stopped (shutting down)")
+                    free = [i for i in range(self.workers) if i not in self._busy]
+                    if free:
+                        slot = wanted if wanted in free else free[-1]
+                        break
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise RenderRefused("the image renderers are busy; try again")
+                    self._free.wait(timeout=min(left, 0.25))
+            finally:
+                queue.dec()
             self._busy.add(slot)
+            metrics.RENDER_PROCESSES.labels("busy").set(len(self._busy))
             child = self._slots[slot]
+        metrics.RENDER_WAIT_SECONDS.labels("render").observe(time.monotonic() - started)
         if child is None or not child.process.is_alive():
             if child is not None:  # it died while idle (killed, or out of memory elsewhere)
                 child.stop()
@@ -349,19 +372,22 @@ class RenderPool:
             if failed and not self._closed and self._slots[slot] is child:
                 self._slots[slot] = self._new_child()
             self._busy.discard(slot)
+            metrics.RENDER_PROCESSES.labels("busy").set(len(self._busy))
             self._free.notify()
 
     def run(self, function: Callable[..., Any], *args: Any) -> Any:
         """Run a rendering function (a module-level one) in a child process."""
         slot, child = self._checkout(_affinity(args))
         try:
-            answer = self._call(child, function, args)
+            with timed_render(function):
+                answer = self._call(child, function, args)
         except (EOFError, OSError):
             closing = self._closed
             self._checkin(slot, child, failed=True)
             if closing:  # the pool stopped its process under this call
                 raise RenderRefused("the image renderers have stopped (shutting down)") from None
             self.failures += 1
+            metrics.RENDER_FAILURES.labels("crash").inc()
             log.error("a render process died (decoder crash); it was replaced")
             raise RenderRefused("the image could not be decoded (the decoder failed)") from None
         except BaseException:
@@ -385,6 +411,7 @@ class RenderPool:
         child.conn.send((function, args))
         if not child.conn.poll(self.timeout):
             self.failures += 1
+            metrics.RENDER_FAILURES.labels("timeout").inc()
             log.error("render took longer than %.0f s; its process was stopped", self.timeout)
             raise RenderRefused("rendering took too long and was stopped")
         answer: tuple[str, Any] = child.conn.recv()

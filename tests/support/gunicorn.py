@@ -26,21 +26,25 @@ class Served:
 
 
 @contextmanager
-def served(instance: Path, client: str, **settings: str) -> Iterator[Served]:
+def served(instance: Path, client: str, log: Path | None = None, read: bool = False,
+           **settings: str) -> Iterator[Served]:
     """One gunicorn worker for a fresh instance folder (only these PORTAL_* settings, plus
-    a registered machine client), until the block ends."""
+    a registered machine client, with the read right if ``read``), until the block ends; its
+    output goes to ``log`` if given."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_")}
     env.update(PORTAL_INSTANCE_PATH=str(instance), PORTAL_ENV="test",
-               PORTAL_BIND=f"127.0.0.1:{port}", PORTAL_WORKERS="1",
-               **{f"PORTAL_{key}": value for key, value in settings.items()})
+               PORTAL_BIND=f"127.0.0.1:{port}", PORTAL_WORKERS="1")
+    env.update({f"PORTAL_{key}": value for key, value in settings.items()})  # WORKERS too
     made = subprocess.run([sys.executable, "-m", "flask", "--app", "app", "clients", "create",
-                           client], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=60, check=True)
+                           client, *(["--read"] if read else [])], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60, check=True)
     secret = made.stdout.split("secret: ", 1)[1].split()[0]
+    output = log.open("ab") if log is not None else None
     server = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c",
                                "python:portal.gunicorn_config", "app:app"], cwd=REPO, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=output or subprocess.DEVNULL,
+                              stderr=output or subprocess.DEVNULL)
     try:
         def ready() -> bool:
             try:
@@ -55,3 +59,5 @@ def served(instance: Path, client: str, **settings: str) -> Iterator[Served]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        if output is not None:
+            output.close()

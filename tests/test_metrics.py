@@ -1,0 +1,261 @@
+"""Metrics and logs an operator expects (issue 16 item 7; docs/operations.md, "Metrics and
+logs"): ``/metrics`` closed unless a token or an address allows it; requests counted under
+their route family with no UID in any label; the counts of several gunicorn workers added up;
+the request id of a trusted proxy in the log line, the answer and the request the portal makes
+to a real Orthanc (which prints the header it received from a Lua filter)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from flask import Flask
+from prometheus_client import CollectorRegistry, multiprocess
+from prometheus_client.parser import text_string_to_metric_families
+
+from portal.archive import current_archive
+from tests.archive.test_external import PORTAL_PASSWORD, PORTAL_USER, load_studies, start_pacs
+from tests.conftest import basic_auth, close_app, make_app, make_client, wait_for
+from tests.factories import make_dataset, to_bytes
+from tests.support.gunicorn import served
+
+TOKEN = "metrics-token-for-the-tests-0123456789"
+SCRAPE = {"Authorization": f"Bearer {TOKEN}"}
+UID = re.compile(r"\d+(\.\d+){3,}")  # what a DICOM UID looks like
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text answer, by name and labels."""
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def requests_of(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], family: str,
+                status: str = "2xx") -> float:
+    key = ("portal_http_request_duration_seconds_count",
+           (("family", family), ("status", status)))
+    return found.get(key, 0.0)
+
+
+@pytest.fixture
+def metered(tmp_path: Path) -> Iterator[Flask]:
+    app = make_app(tmp_path / "instance", METRICS_TOKEN=TOKEN, RENDER_ISOLATION=False)
+    yield app
+    close_app(app)
+
+
+def test_metrics_are_closed_unless_a_token_or_an_address_allows(tmp_path: Path) -> None:
+    closed = make_app(tmp_path / "closed")
+    try:
+        assert closed.test_client().get("/metrics", headers=SCRAPE).status_code == 404
+    finally:
+        close_app(closed)
+    by_token = make_app(tmp_path / "token", METRICS_TOKEN=TOKEN)
+    try:
+        client = by_token.test_client()
+        assert client.get("/metrics").status_code == 403
+        assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}
+                          ).status_code == 403
+        assert client.get("/metrics", headers=basic_auth("metrics", TOKEN)).status_code == 403
+        answer = client.get("/metrics", headers=SCRAPE)
+        assert answer.status_code == 200 and answer.mimetype == "text/plain"
+        assert "portal_http_request_duration_seconds" in answer.text
+    finally:
+        close_app(by_token)
+    elsewhere = make_app(tmp_path / "elsewhere", METRICS_ALLOWED=["10.0.0.0/8"])
+    try:
+        assert elsewhere.test_client().get("/metrics").status_code == 403
+        assert elsewhere.test_client().get(
+            "/metrics", environ_base={"REMOTE_ADDR": "10.1.2.3"}).status_code == 200
+    finally:
+        close_app(elsewhere)
+
+
+def test_a_rendered_image_and_a_qido_are_counted_under_their_families(metered: Flask) -> None:
+    ds = make_dataset(patient_name="Metric^Marianne", patient_id="PID-METRICS")
+    with metered.app_context():
+        current_archive().ingest(to_bytes(ds), who="test")
+    headers = basic_auth(*make_client(metered, "reader"))
+    client = metered.test_client()
+    before = samples(client.get("/metrics", headers=SCRAPE).text)
+
+    rendered = (f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+                f"/instances/{ds.SOPInstanceUID}/rendered")
+    for _ in range(2):  # rendered, then from the render cache
+        answer = client.get(rendered, headers={**headers, "Accept": "image/png"})
+        assert answer.status_code == 200
+    qido = client.get("/dicomweb/studies", query_string={"PatientID": "PID-METRICS"},
+                      headers=headers)
+    assert qido.status_code == 200 and len(qido.json) == 1
+    missing = client.get(rendered.replace(ds.SOPInstanceUID, "1.2.3.4"),
+                         headers={**headers, "Accept": "image/png"})
+    assert missing.status_code == 404
+
+    text = client.get("/metrics", headers=SCRAPE).text
+    after = samples(text)
+    assert requests_of(after, "dicomweb-rendered") - requests_of(before, "dicomweb-rendered") == 2
+    assert requests_of(after, "dicomweb-rendered", "4xx") - \
+        requests_of(before, "dicomweb-rendered", "4xx") == 1
+    assert requests_of(after, "dicomweb-qido") - requests_of(before, "dicomweb-qido") == 1
+    assert requests_of(after, "health") - requests_of(before, "health") == 1  # the scrape
+    hits = ("portal_render_cache_requests_total", (("result", "hit"),))
+    misses = ("portal_render_cache_requests_total", (("result", "miss"),))
+    assert after[hits] - before.get(hits, 0) == 1 and after[misses] - before.get(misses, 0) == 1
+    renders = [v - before.get(k, 0) for k, v in after.items()
+               if k[0] == "portal_render_seconds_count" and ("outcome", "answered") in k[1]]
+    assert sum(renders) >= 1
+    # No UID, name or patient id anywhere in the answer, labels included.
+    for value in (ds.StudyInstanceUID, ds.SOPInstanceUID, "Marianne", "PID-METRICS"):
+        assert value not in text
+    for _name, labels in after:
+        assert not any(UID.search(value) for _label, value in labels), labels
+
+
+def test_a_proxys_request_id_is_believed_only_from_a_trusted_proxy(tmp_path: Path) -> None:
+    given = {"X-Request-Id": "0123456789abcdef0123456789abcdef"}
+    direct = make_app(tmp_path / "direct")
+    try:
+        answer = direct.test_client().get("/healthz", headers=given)
+        made = answer.headers["X-Request-Id"]
+        assert made != given["X-Request-Id"] and re.fullmatch(r"[0-9a-f]{32}", made)
+    finally:
+        close_app(direct)
+    proxied = make_app(tmp_path / "proxied", TRUSTED_PROXIES=1)
+    try:
+        client = proxied.test_client()  # from 127.0.0.1, a trusted proxy address
+        assert client.get("/healthz", headers=given).headers["X-Request-Id"] == \
+            given["X-Request-Id"]
+        forged = client.get("/healthz", headers={"X-Request-Id": "<script>alert(1)</script>"})
+        assert re.fullmatch(r"[0-9a-f]{32}", forged.headers["X-Request-Id"])
+        around = client.get("/healthz", headers=given,
+                            environ_base={"REMOTE_ADDR": "192.0.2.7"})
+        assert around.headers["X-Request-Id"] != given["X-Request-Id"]
+    finally:
+        close_app(proxied)
+
+
+REQUEST_ID_LUA = """
+function IncomingHttpRequestFilter(method, uri, ip, username, headers)
+  if headers["x-request-id"] ~= nil then
+    print("request-id " .. headers["x-request-id"] .. " " .. method)
+  end
+  return true
+end
+"""
+
+
+def per_worker_requests(folder: Path) -> dict[str, float]:
+    """Requests counted by each gunicorn worker (its own files of the multiprocess folder,
+    read by prometheus_client one worker at a time)."""
+    counts = {}
+    for histogram in folder.glob("histogram_*.db"):
+        pid = histogram.stem.split("_")[-1]
+        alone = folder.parent / f"one-worker-{pid}"
+        alone.mkdir()
+        shutil.copy(histogram, alone)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=str(alone))
+        counts[pid] = sum(s.value for family in registry.collect() for s in family.samples
+                          if s.name == "portal_http_request_duration_seconds_count")
+    return {pid: count for pid, count in counts.items() if count}
+
+
+def test_under_gunicorn_workers_add_up_and_the_request_id_reaches_orthanc(
+        tmp_path: Path) -> None:
+    lua = tmp_path / "request-id.lua"
+    lua.write_text(REQUEST_ID_LUA)
+    orthanc = start_pacs(tmp_path / "orthanc", LuaScripts=[str(lua)])
+    log = tmp_path / "gunicorn.log"
+    try:
+        (study,) = load_studies(orthanc, 1, instances=2)
+        with served(tmp_path / "instance", "reader", log=log, read=True, WORKERS="2",
+                    THREADS="4", RENDER_WORKERS="1", TRUSTED_PROXIES="1", METRICS_TOKEN=TOKEN,
+                    LOG_FORMAT="json", ARCHIVE_URL=orthanc.dicomweb_url,
+                    ARCHIVE_USERNAME=PORTAL_USER, ARCHIVE_PASSWORD=PORTAL_PASSWORD) as server:
+            base = f"http://127.0.0.1:{server.port}"
+            session = requests.Session()
+            session.auth = (server.client, server.secret)
+            # As nginx would send it: its $request_id, from 127.0.0.1 (a trusted proxy).
+            request_id = "7f3a0c2e9b1d4e5f8a6b7c8d9e0f1a2b"
+            web = DICOMwebClient(f"{base}/dicomweb", session=session,
+                                 headers={"X-Request-Id": request_id})
+            # Not in the index yet: the portal asks Orthanc, under the proxy's request id.
+            found = session.get(f"{base}/dicomweb/studies", headers={"X-Request-Id": request_id},
+                                params={"StudyInstanceUID": study.study_uid})
+            assert found.headers["X-Request-Id"] == request_id
+            assert [s["0020000D"]["Value"][0] for s in found.json()] == [study.study_uid]
+            answered = session.get(f"{base}/healthz", headers={"X-Request-Id": request_id})
+            assert answered.headers["X-Request-Id"] == request_id
+
+            def orthanc_saw() -> bool:
+                text = orthanc.log_file.read_text(errors="replace") if orthanc.log_file \
+                    else ""
+                return f"request-id {request_id} GET" in text
+
+            assert wait_for(orthanc_saw, timeout=10), "Orthanc got no X-Request-Id"
+
+            def logged() -> list[dict[str, object]]:
+                lines = log.read_text(errors="replace").splitlines()
+                return [entry for entry in map(_json_or_none, lines)
+                        if entry and entry.get("request_id") == request_id]
+
+            assert wait_for(lambda: len(logged()) >= 2, timeout=10), log.read_text()[-2000:]
+            assert {entry.get("path") for entry in logged()} >= {"/dicomweb/studies",
+                                                                 "/healthz"}
+
+            # Many requests at once: both workers serve some, /metrics adds them up.
+            uids = [i["00080018"]["Value"][0] for i in web.search_for_instances(
+                study_instance_uid=study.study_uid)]
+            before = samples(requests.get(f"{base}/metrics", headers=SCRAPE, timeout=30).text)
+            rendered = (f"{base}/dicomweb/studies/{study.study_uid}/series/{study.series_uid}"
+                        f"/instances/{uids[0]}/rendered")
+            failures: list[str] = []
+
+            def fetch(count: int) -> None:
+                for n in range(count):  # a new connection each time: any worker may take it
+                    if n % 2:
+                        answer = requests.get(rendered, auth=session.auth, timeout=60,
+                                              headers={"Accept": "image/jpeg"})
+                    else:
+                        answer = requests.get(f"{base}/dicomweb/studies", auth=session.auth,
+                                              params={"StudyInstanceUID": study.study_uid},
+                                              timeout=60)
+                    if answer.status_code != 200:
+                        failures.append(f"{answer.url} {answer.status_code}")
+
+            threads = [threading.Thread(target=fetch, args=(10,)) for _ in range(6)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+            assert not failures, failures[:5]
+            after = samples(requests.get(f"{base}/metrics", headers=SCRAPE, timeout=30).text)
+            assert requests_of(after, "dicomweb-rendered") - \
+                requests_of(before, "dicomweb-rendered") == 30
+            assert requests_of(after, "dicomweb-qido") - \
+                requests_of(before, "dicomweb-qido") == 30
+            workers = per_worker_requests(tmp_path / "instance" / "metrics")
+            assert len(workers) == 2, workers  # both served; the scrape added both up
+            total = sum(value for (name, _labels), value in after.items()
+                        if name == "portal_http_request_duration_seconds_count")
+            # The last scrape is counted after its answer is made: every request but it.
+            assert sum(workers.values()) == total + 1
+            assert after[("portal_breaker_state", (("dependency", "archive"),))] == 0
+            assert ("portal_render_pool", (("state", "queue"),)) in after
+    finally:
+        orthanc.stop()
+
+
+def _json_or_none(line: str) -> dict[str, object] | None:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return None
+    return entry if isinstance(entry, dict) else None
