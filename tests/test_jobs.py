@@ -289,12 +289,14 @@ def test_two_forwarders_never_send_a_record_twice(tmp_path: Path,
                                                    postgres: PostgresCluster) -> None:
     port = free_port()
     receiver = SyslogReceiver(port)
+    relay = Relay(port)  # a slow repository: one forwarding run overlaps the other's start
+    relay.delay = 0.2
     app = make_app(tmp_path / "instance", postgres.new_database(),
-                   AUDIT_SYSLOG_URL=f"tcp://127.0.0.1:{port}")
+                   AUDIT_SYSLOG_URL=f"tcp://127.0.0.1:{relay.port}")
     try:
         database = app.extensions["db"]
         with database.write_transaction() as session:
-            for number in range(3000):
+            for number in range(20000):
                 audit.append(session, audit.QUERY, action="E", outcome=audit.OUTCOME_SUCCESS,
                              who=f"user:test|n{number}", details={"n": number})
         audit.seal(database, wait=True)
@@ -313,6 +315,7 @@ def test_two_forwarders_never_send_a_record_twice(tmp_path: Path,
         errors = "".join(err for _out, err in outputs)
         assert "Traceback" not in errors, errors
     finally:
+        relay.close()
         receiver.close()
         close_app(app)
 
