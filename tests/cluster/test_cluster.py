@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from portal import create_app
 from portal.access.grants import create_grant
-from portal.access.models import User
+from portal.access.models import AuditEvent, User
 from portal.access.principal import Principal, user_principal
 from portal.auth.models import UserSession
 from portal.auth.sessions import _digest
@@ -33,7 +33,7 @@ from portal.db import utcnow
 from portal.sharing import service
 from portal.sharing.models import ShareLink
 from tests.conftest import close_app, wait_for
-from tests.factories import make_dataset
+from tests.factories import make_dataset, to_bytes
 from tests.support.cluster import Cluster, Node
 
 SESSION_COOKIE = "__Host-portal"  # production: Secure cookies (nginx terminates TLS)
@@ -350,6 +350,12 @@ def test_kill_a_node_during_stow(cluster: Cluster, app: Flask) -> None:
         found = dicomweb(cluster).search_for_instances(
             study_instance_uid=study, search_filters={"SeriesInstanceUID": series})
         assert len(found) == 100
+        # The 110104 records count exactly what was kept: nothing for the killed attempt.
+        with app.extensions["db"].new_session() as session:
+            records = session.scalars(select(AuditEvent).where(
+                AuditEvent.event_id == "110104", AuditEvent.study_instance_uid == study)).all()
+            assert sum(r.details.get("instances", 0) for r in records) == 100, \
+                [r.details for r in records]
     finally:
         cluster.start_node(victim)
     healthy(cluster)
@@ -500,6 +506,21 @@ def test_orthanc_stopped(cluster: Cluster, study: Study, physician: Physician) -
             found = dicomweb(cluster, base).search_for_studies(
                 search_filters={"StudyInstanceUID": study.uid})
             assert len(found) == 1
+        # An upload cannot be kept where it counts: refused, nothing indexed.
+        # (A raw request: dicomweb-client would retry the 503 itself.)
+        boundary = secrets.token_hex(8)
+        part = to_bytes(make_dataset(patient_id="CLUSTER-DOWN"))
+        refused = http.post(
+            cluster.url + "/dicomweb/studies", timeout=60,
+            data=b"".join((f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n"
+                           .encode(), part, f"\r\n--{boundary}--\r\n".encode())),
+            headers={"Content-Type": f'multipart/related; type="application/dicom"; '
+                                     f"boundary={boundary}",
+                     "Accept": "application/dicom+json"})
+        assert refused.status_code == 503, refused.text[:300]
+        assert refused.headers.get("Retry-After")
+        assert not dicomweb(cluster).search_for_studies(
+            search_filters={"PatientID": "CLUSTER-DOWN"})
     finally:
         cluster.start_orthanc()
     # The breaker closes again after its reset time; both nodes serve the image.
