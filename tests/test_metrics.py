@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
@@ -20,9 +21,19 @@ from flask import Flask
 from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
+from portal import audit
 from portal.archive import current_archive
+from tests.access.test_audit_forward import SyslogReceiver
 from tests.archive.test_external import PORTAL_PASSWORD, PORTAL_USER, load_studies, start_pacs
-from tests.conftest import basic_auth, close_app, make_app, make_client, wait_for
+from tests.conftest import (
+    PostgresCluster,
+    basic_auth,
+    close_app,
+    free_port,
+    make_app,
+    make_client,
+    wait_for,
+)
 from tests.factories import make_dataset, to_bytes
 from tests.support.gunicorn import served
 
@@ -187,10 +198,8 @@ def test_under_gunicorn_workers_add_up_and_the_request_id_reaches_orthanc(
             web = DICOMwebClient(f"{base}/dicomweb", session=session,
                                  headers={"X-Request-Id": request_id})
             # Not in the index yet: the portal asks Orthanc, under the proxy's request id.
-            found = session.get(f"{base}/dicomweb/studies", headers={"X-Request-Id": request_id},
-                                params={"StudyInstanceUID": study.study_uid})
-            assert found.headers["X-Request-Id"] == request_id
-            assert [s["0020000D"]["Value"][0] for s in found.json()] == [study.study_uid]
+            found = web.search_for_studies(search_filters={"StudyInstanceUID": study.study_uid})
+            assert [s["0020000D"]["Value"][0] for s in found] == [study.study_uid]
             answered = session.get(f"{base}/healthz", headers={"X-Request-Id": request_id})
             assert answered.headers["X-Request-Id"] == request_id
 
@@ -259,3 +268,96 @@ def _json_or_none(line: str) -> dict[str, object] | None:
     except ValueError:
         return None
     return entry if isinstance(entry, dict) else None
+
+
+def gauge(found: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
+          **labels: str) -> float | None:
+    return found.get((name, tuple(sorted(labels.items()))))
+
+
+@pytest.mark.postgres
+def test_audit_backlog_and_forward_lag_follow_the_sealer_and_the_repository(
+        tmp_path: Path, postgres: PostgresCluster) -> None:
+    port = free_port()
+    app = make_app(tmp_path / "instance", postgres.new_database(), METRICS_TOKEN=TOKEN,
+                   AUDIT_SYSLOG_URL=f"tcp://127.0.0.1:{port}")
+    dsn = app.config["PORTAL"]["DATABASE_URL"].replace("postgresql+psycopg://",
+                                                       "postgresql://")
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return samples(app.test_client().get("/metrics", headers=SCRAPE).text)
+
+    def read(n: int) -> None:
+        audit.record(app.extensions["db"], audit.INSTANCES_ACCESSED, action="R",
+                     outcome=audit.OUTCOME_SUCCESS, who=f"user:t|w{n}",
+                     study_instance_uid=f"1.2.3.{n}", details={"what": "study"})
+
+    receiver = None
+    try:
+        assert gauge(scrape(), "portal_audit_unforwarded") == 0
+        assert gauge(scrape(), "portal_audit_forward_lag_seconds") == 0
+        # Another node's sealer holds the lock: three records wait unsealed.
+        with psycopg.connect(dsn, autocommit=True) as other:
+            other.execute("SELECT pg_advisory_lock(%s)", (audit.SEAL_LOCK,))
+            for n in range(3):
+                read(n)
+            waiting = scrape()
+            assert gauge(waiting, "portal_audit_unsealed") == 3
+            assert gauge(waiting, "portal_audit_unforwarded") == 0  # not sealed: not sendable
+            assert gauge(waiting, "portal_audit_forward_lag_seconds") >= 0
+            other.execute("SELECT pg_advisory_unlock(%s)", (audit.SEAL_LOCK,))
+        # This process's sealer chains them; nobody listens at the repository yet.
+        assert wait_for(lambda: gauge(scrape(), "portal_audit_unsealed") == 0, timeout=15)
+        sealed = scrape()
+        assert gauge(sealed, "portal_audit_unforwarded") == 3
+        assert wait_for(lambda: gauge(scrape(), "portal_audit_forward_lag_seconds") >= 1,
+                        timeout=5)
+        assert gauge(sealed, "portal_audit_last_forward_timestamp_seconds") is None
+        receiver = SyslogReceiver(port)
+        result = app.test_cli_runner().invoke(args=["audit", "forward"])
+        assert result.exit_code == 0, result.output
+        sent = scrape()
+        assert gauge(sent, "portal_audit_unforwarded") == 0
+        assert gauge(sent, "portal_audit_forward_lag_seconds") == 0
+        assert gauge(sent, "portal_audit_last_forward_timestamp_seconds") > 0
+        assert gauge(sent, "portal_metrics_unreadable", part="audit") == 0
+    finally:
+        if receiver is not None:
+            receiver.close()
+        close_app(app)
+
+
+def test_the_archive_breaker_shows_open_when_orthanc_is_gone(tmp_path: Path) -> None:
+    orthanc = start_pacs(tmp_path / "orthanc")
+    (study,) = load_studies(orthanc, 1, instances=1)
+    app = make_app(tmp_path / "instance", METRICS_TOKEN=TOKEN, ARCHIVE_URL=orthanc.dicomweb_url,
+                   ARCHIVE_USERNAME=PORTAL_USER, ARCHIVE_PASSWORD=PORTAL_PASSWORD,
+                   ARCHIVE_BREAKER_FAILURES=2, ARCHIVE_TIMEOUT_SECONDS=2,
+                   RENDER_ISOLATION=False)
+    try:
+        client = app.test_client()
+        headers = basic_auth(*make_client(app, "reader"))
+
+        def state() -> float | None:
+            return gauge(samples(client.get("/metrics", headers=SCRAPE).text),
+                         "portal_breaker_state", dependency="archive")
+
+        def opened() -> float:
+            return gauge(samples(client.get("/metrics", headers=SCRAPE).text),
+                         "portal_breaker_opened_total", dependency="archive") or 0.0
+
+        found = client.get("/dicomweb/studies", query_string={"StudyInstanceUID":
+                                                              study.study_uid},
+                           headers=headers)
+        assert found.status_code == 200
+        assert state() == 0
+        before = opened()
+        orthanc.stop()
+        for n in range(3):  # misses forwarded to a stopped archive: the breaker opens
+            client.get("/dicomweb/studies", query_string={"PatientID": f"NOBODY{n}"},
+                       headers=headers)
+        assert state() == 2
+        assert opened() - before == 1
+    finally:
+        orthanc.stop()
+        close_app(app)
