@@ -15,13 +15,14 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import redis
 import requests
 from dicomweb_client.api import DICOMwebClient
 from flask import Flask
 from prometheus_client import CollectorRegistry, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 
-from portal import audit
+from portal import audit, jobs
 from portal.archive import current_archive
 from tests.access.test_audit_forward import SyslogReceiver
 from tests.archive.test_external import PORTAL_PASSWORD, PORTAL_USER, load_studies, start_pacs
@@ -34,6 +35,7 @@ from tests.conftest import (
     make_client,
     wait_for,
 )
+from tests.dicomweb.test_stow import BOUNDARY, multipart
 from tests.factories import make_dataset, to_bytes
 from tests.support.gunicorn import served
 
@@ -360,4 +362,29 @@ def test_the_archive_breaker_shows_open_when_orthanc_is_gone(tmp_path: Path) -> 
         assert opened() - before == 1
     finally:
         orthanc.stop()
+        close_app(app)
+
+
+def test_a_job_queued_by_a_request_carries_its_request_id(tmp_path: Path,
+                                                          redis_url: str) -> None:
+    """A STOW-RS queues its pre-rendering on RQ (no worker is running here, so the job
+    waits): the job carries the request id the answer carried (a worker logs under it)."""
+    url = redis_url.rsplit("/", 1)[0] + "/9"
+    redis.Redis.from_url(url).flushdb()
+    app = make_app(tmp_path / "instance", REDIS_URL=url, JOBS="queue", RENDER_ISOLATION=False)
+    try:
+        headers = basic_auth(*make_client(app, "modality"))
+        answer = app.test_client().post(
+            "/dicomweb/studies", data=multipart(to_bytes(make_dataset())),
+            headers={**headers, "Accept": "application/dicom+json",
+                     "Content-Type": f'multipart/related; type="application/dicom"; '
+                                     f"boundary={BOUNDARY}"})
+        assert answer.status_code == 200, answer.text
+        with app.app_context():
+            queue = jobs.queue_of(app)
+            queued = [queue.fetch_job(job_id) for job_id in queue.job_ids]
+        assert [job.description for job in queued] == ["prerender"]
+        assert queued[0].meta["request_id"] == answer.headers["X-Request-Id"]
+    finally:
+        redis.Redis.from_url(url).flushdb()
         close_app(app)
