@@ -31,10 +31,11 @@ system-deps:
 	fi
 	@# Debian starts a system nginx on port 80 when it installs it; the cluster runs its own
 	@# (loopback, temp config), so the system one is stopped and disabled (docs/cluster.md).
-	@if command -v systemctl >/dev/null && systemctl is-enabled --quiet nginx 2>/dev/null; then \
-	  $(SUDO) systemctl disable --now nginx; \
+	@# Containers run without systemd (systemctl then fails): use the init script there.
+	@if [ -d /run/systemd/system ] && systemctl is-enabled --quiet nginx 2>/dev/null; then \
+	  $(SUDO) systemctl disable --now nginx || true; \
 	elif [ -s /run/nginx.pid ] && [ -x /etc/init.d/nginx ]; then \
-	  $(SUDO) /etc/init.d/nginx stop; $(SUDO) update-rc.d nginx disable; fi
+	  $(SUDO) /etc/init.d/nginx stop || true; $(SUDO) update-rc.d nginx disable || true; fi
 
 demo: install
 	$(BIN)/flask --app app demo
