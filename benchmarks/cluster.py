@@ -16,7 +16,12 @@ PostgreSQL and Redis compete for the same two cores, so the ratio shows what a s
 costs or gains on one box, not what a second machine would add (that is close to 2x for
 render-bound work as long as PostgreSQL and Redis have headroom).
 
-    .venv/bin/python benchmarks/cluster.py [--seconds 10] [--connections 16]
+Then, in the same run, ``benchmarks/audit_append.py`` (audited appends/s and p95 at 1, 4
+and 16 writers, the old locked chain beside the lock-free append) and
+``benchmarks/index_scale.py`` (QIDO-RS and the study list for each kind of reader at
+1,000,000 studies in PostgreSQL, with its generator).
+
+    .venv/bin/python benchmarks/cluster.py [--seconds 10] [--connections 16] [--only-nodes]
 """
 
 from __future__ import annotations
@@ -92,6 +97,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1, help="gunicorn workers per node")
+    parser.add_argument("--only-nodes", action="store_true",
+                        help="only one node vs two (not the audit and index benchmarks)")
+    parser.add_argument("--audit-seconds", type=float, default=5.0)
+    parser.add_argument("--studies", type=int, default=1_000_000,
+                        help="studies in the index benchmark (its generator fills them)")
+    parser.add_argument("--runs", type=int, default=10, help="runs per index case")
     arguments = parser.parse_args()
 
     print(f"machine: {os.cpu_count()} cores; load generator: {'wrk' if WRK else 'Python'}; "
@@ -151,6 +162,17 @@ def main() -> None:
         print(f"  {name:<22} {two[name] / one[name]:5.2f}x")
     print("Both nodes, nginx, wrk, PostgreSQL and Redis share this machine's cores: the ratio "
           "is bounded by them (see the module docstring).")
+    if arguments.only_nodes:
+        return
+    # The issue's other two numbers, in the same run: audited appends at 1/4/16 writers
+    # (the old locked chain and the lock-free append with its sealer) and the index at
+    # 1,000,000 studies for each kind of reader.
+    here = Path(__file__).resolve().parent
+    for script, extra in (("audit_append.py", ["--seconds", str(arguments.audit_seconds)]),
+                          ("index_scale.py", ["--studies", str(arguments.studies),
+                                              "--runs", str(arguments.runs)])):
+        print(f"\n== {script} {' '.join(extra)}", flush=True)
+        subprocess.run([sys.executable, str(here / script), *extra], check=True)
 
 
 if __name__ == "__main__":
