@@ -116,6 +116,14 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     # The app's last answer hook, so it runs first of them: the request's one commit
     # (portal/db.py, docs/architecture.md "How a request is wired").
     app.extensions["db"].install_unit_of_work(app)
+    # Signed rendered frames answered from the render cache in front of everything else
+    # (issue 17; the session cookies a token is bound to).
+    from portal.dicomweb import signed
+    from portal.sharing.sessions import cookie_name as share_cookie_name
+
+    sessions = app.session_interface
+    assert isinstance(sessions, DatabaseSessionInterface)
+    signed.install(app, (sessions.cookie_name(app), share_cookie_name(app)))
     for command in (archive_cli, audit_cli, clients_cli, db_cli, dimse_cli, hl7_cli, jobs_cli,
                     reports_cli, users_cli):
         app.cli.add_command(command)

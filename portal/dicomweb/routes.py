@@ -27,12 +27,12 @@ from portal.archive import current_archive
 from portal.archive.ingest import Archive
 from portal.archive.store import CorruptObject, StoredFile
 from portal.db import db
-from portal.dicomweb import bulkdata, frames, qido, stow, transcode, transfer
+from portal.dicomweb import bulkdata, frames, qido, signed, stow, transcode, transfer
 from portal.dicomweb.accept import parse_accept
 from portal.errors import error_response
 from portal.imaging.prerender import build_volume_soon, volume_failure
 from portal.imaging.render import RenderRefused
-from portal.imaging.rendition import FORMATS, Rendition, parse_rendition
+from portal.imaging.rendition import Rendition
 from portal.imaging.service import (
     RenderedImage,
     prepare_volume,
@@ -483,13 +483,12 @@ def _middle_instance(study: str, series: str | None) -> Instance:
 
 
 def _rendition(thumbnail: bool) -> Rendition:
-    ranges = parse_accept(request.headers.get("Accept", ""))
-    # A multipart Accept names the image type in its "type" parameter.
-    offered = [r.part_type or ("image/jpeg" if r.media_type.startswith("multipart/")
-                               else r.media_type) for r in ranges]
-    if ranges and not any(media in FORMATS for media in offered):
+    # The front door of signed frames (signed.py) parses it the same way: the same key.
+    rendition = signed.rendition_from(request.args, request.headers.get("Accept", ""),
+                                      thumbnail=thumbnail)  # or InvalidRendition: 400
+    if rendition is None:
         abort(406, "rendered images are available as image/jpeg, image/png or image/webp")
-    return parse_rendition(request.args, ",".join(offered), thumbnail=thumbnail)  # or 400
+    return rendition
 
 
 def _image_response(image: RenderedImage) -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import time
 from typing import Any
 
 from flask import (
@@ -35,6 +36,7 @@ from portal.access.principal import Principal, current_principal
 from portal.archive import current_archive
 from portal.db import db
 from portal.imaging.service import series_default_window
+from portal.imaging.signed import sign_series
 from portal.index.names import person_name
 from portal.index.referrers import key_label
 from portal.reports.service import mark_shown_read, unread_studies
@@ -175,8 +177,14 @@ def viewer(study_uid: str, series_uid: str) -> str:
     found = None if file_windows(header) else series_default_window(db.session, middle)
     default = (found.center, found.width) if found else None
     _audit_view(principal, study.study_instance_uid, study.patient.patient_id, "viewer")
+    # Signed URLs of the images (issue 17): answered from the render cache up front.
+    signed = sign_series(
+        current_app.extensions.get("rendition_signer") if principal.via in ("session", "share")
+        else None, request.cookies, db.session, study.study_instance_uid,
+        series.series_instance_uid, [i.sop_instance_uid for i in images], time.time())
     return render_template("studies/viewer.html", study=study, series=series,
-                           description=describe_series(study, series, images, header, default))
+                           description=describe_series(study, series, images, header, default,
+                                                       signed))
 
 
 @bp.get("/studies/<study_uid>/download.zip")

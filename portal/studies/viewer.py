@@ -88,9 +88,10 @@ def spacing_of(instance: Instance, header: dict[str, Any]) -> tuple[list[float] 
 
 
 def describe_series(study: Study, series: Series, images: list[Instance],
-                    header: dict[str, Any], default_window: tuple[float, float] | None
-                    ) -> dict[str, Any]:
-    """The viewer's description of a series (no patient name: the page shows that as text)."""
+                    header: dict[str, Any], default_window: tuple[float, float] | None,
+                    signed: dict[str, str] | None = None) -> dict[str, Any]:
+    """The viewer's description of a series (no patient name: the page shows that as text);
+    ``signed``: each image's rendition token (``imaging/signed.py``), added to its URLs."""
     frames: list[list[Any]] = []
     for instance in images:
         for number in range(1, max(instance.number_of_frames, 1) + 1):
@@ -127,4 +128,5 @@ def describe_series(study: Study, series: Series, images: list[Instance],
         "volume": forms_volume(images), "cine": multiframe,
         "fps": max(1.0, min(float(fps), 60.0)),
         "widths": list(WIDTHS),
+        "signed": signed or {},
     }

@@ -100,6 +100,8 @@ function urlFor(key, kind, width, win) {
     if (kind === 'thumb') return path;
     params.set('width', String(width));
     if (!isDefault(win) && win) params.set('window', `${round(win.center)},${round(win.width)},linear`);
+    // The page's signed token: a cached image is answered before the app (issue 17).
+    if (data.signed && data.signed[sop]) params.set('t', data.signed[sop]);
   } else {
     path = `${base}/volume/${what}`;
     if (what === 'mip') params.set('angle', String(n));

@@ -1,0 +1,169 @@
+"""The front door for signed rendered frames: a cached image without Flask, the session
+loader or a query (issue 17; docs/architecture.md "The path of an image" ⑤ and ⑥).
+
+``GET /dicomweb/studies/{st}/series/{se}/instances/{sop}/frames/{n}/rendered?...&t=TOKEN``
+(the URLs the viewer page hands out, ``portal/imaging/signed.py``) is looked at here, in a
+WSGI middleware in front of the app:
+
+1. a token that is malformed, expired, or made for other session cookies or another image is
+   a 403 with its reason and no image (docs/security.md 12: every request authorised);
+2. the session behind the cookies must have been let through by the full path for this
+   study within the last few seconds (``alive_seconds``, so sign-out, a revoked share link
+   or a grant taken away stop the fast answers within 10 s together with the share link's
+   own state cache, ``SHARE_STATE_CACHE_SECONDS``); otherwise the request goes to the app
+   unchanged, which authenticates, asks access, records the study read (its durable audit
+   record before any byte leaves, docs/security.md 40) and renders; its 200 or 304 renews
+   the session's pass for that study;
+3. the rendition is parsed exactly as the route parses it (``rendition_from``), the ETag is
+   the route's (``RenderedImage.etag``), and the bytes come from the render cache; a miss,
+   or anything the route would refuse, goes to the app.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+from werkzeug.http import parse_cookie, parse_etags
+
+from portal.dicomweb.accept import parse_accept
+from portal.imaging.rendition import FORMATS, InvalidRendition, Rendition, parse_rendition
+from portal.imaging.signed import QUERY_PARAM, BadToken, Signer
+from portal.metrics import CACHE_REQUESTS
+
+if TYPE_CHECKING:
+    from flask import Flask
+
+    from portal.imaging.cache import RenderCache
+
+StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+_FRAME = re.compile(r"/dicomweb/studies/([^/]+)/series/([^/]+)/instances/([^/]+)"
+                    r"/frames/([1-9][0-9]{0,5})/rendered")
+# What the app's answer hooks put on an image (portal/security.py), kept the same here.
+_IMAGE_HEADERS = [
+    ("Cache-Control", "private, max-age=86400"), ("Vary", "Accept, Accept-Encoding"),
+    ("X-Content-Type-Options", "nosniff"), ("Referrer-Policy", "no-referrer"),
+    ("Cross-Origin-Opener-Policy", "same-origin"),
+    ("Cross-Origin-Resource-Policy", "same-origin"), ("X-Frame-Options", "DENY"),
+]
+_MAX_PASSES = 50_000
+
+
+def rendition_from(args: Mapping[str, str], accept: str, *, thumbnail: bool) -> Rendition | None:
+    """The rendition a rendered request asks for (PS3.18 8.3.5.1); None when its Accept
+    allows no image type the portal makes (406), InvalidRendition when a parameter is outside
+    the allow-list (400). The route and the front door both use it, so both name the same
+    cached bytes."""
+    ranges = parse_accept(accept)
+    # A multipart Accept names the image type in its "type" parameter.
+    offered = [r.part_type or ("image/jpeg" if r.media_type.startswith("multipart/")
+                               else r.media_type) for r in ranges]
+    if ranges and not any(media in FORMATS for media in offered):
+        return None
+    return parse_rendition(args, ",".join(offered), thumbnail=thumbnail)
+
+
+class SignedRenditions:
+    """WSGI middleware answering signed rendered frames from the render cache."""
+
+    def __init__(self, inner: WsgiApp, app: Flask, signer: Signer,
+                 alive_seconds: float) -> None:
+        self.inner = inner
+        self.app = app
+        self.signer = signer
+        self.alive_seconds = alive_seconds
+        # (the cookies' digest, study UID) -> until when the full path's last answer counts.
+        self._passes: dict[tuple[bytes, str], float] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse
+                 ) -> Iterable[bytes]:
+        query = environ.get("QUERY_STRING", "")
+        if environ.get("REQUEST_METHOD") != "GET" or f"{QUERY_PARAM}=" not in query \
+                or "HTTP_AUTHORIZATION" in environ:  # tokens are for cookie sessions only
+            return self.inner(environ, start_response)
+        found = _FRAME.fullmatch(environ.get("PATH_INFO", ""))
+        if found is None:
+            return self.inner(environ, start_response)
+        args = dict(parse_qsl(query, keep_blank_values=True))
+        token = args.pop(QUERY_PARAM, "")
+        if not token:
+            return self.inner(environ, start_response)
+        study, series, instance, frame = found.groups()
+        identity = self.signer.identity(parse_cookie(environ))
+        if identity is None:  # signed out: the app says so (401) as for any image
+            return self.inner(environ, start_response)
+        try:
+            sha256 = self.signer.verify(identity, study, series, instance, token, time.time())
+        except BadToken as exc:
+            return _refuse(start_response, str(exc))
+        holder = hashlib.sha256(identity.encode("utf-8", "replace")).digest()
+        if self._passes.get((holder, study), 0.0) <= time.monotonic():
+            return self._full_path(environ, start_response, (holder, study))
+        try:
+            rendition = rendition_from(args, environ.get("HTTP_ACCEPT", ""), thumbnail=False)
+        except InvalidRendition:
+            rendition = None
+        if rendition is None:
+            return self.inner(environ, start_response)  # its 400 or 406, with the reason
+        key = rendition.cache_key(sha256, int(frame))
+        etag = hashlib.sha256(key.encode()).hexdigest()[:32]  # RenderedImage.etag
+        if parse_etags(environ.get("HTTP_IF_NONE_MATCH")).contains(etag):
+            start_response("304 Not Modified", [*_IMAGE_HEADERS, ("ETag", f'"{etag}"')])
+            return [b""]
+        cache: RenderCache = self.app.extensions["render_cache"]
+        body = cache.get(key)
+        if body is None:
+            return self.inner(environ, start_response)  # rendered and kept there
+        CACHE_REQUESTS.labels("hit").inc()
+        start_response("200 OK", [("Content-Type", rendition.media_type),
+                                  ("Content-Length", str(len(body))), *_IMAGE_HEADERS,
+                                  ("ETag", f'"{etag}"')])
+        return [body]
+
+    def _full_path(self, environ: dict[str, Any], start_response: StartResponse,
+                   holder: tuple[bytes, str]) -> Iterable[bytes]:
+        """The app answers (authentication, access, the read record, rendering); a 200 or
+        304 lets the next few seconds of this session's requests for the study skip it."""
+
+        def noting(status: str, headers: list[tuple[str, str]], *info: Any) -> Any:
+            if status[:3] in ("200", "304"):
+                with self._lock:
+                    if len(self._passes) >= _MAX_PASSES:
+                        now = time.monotonic()
+                        self._passes = {k: v for k, v in self._passes.items() if v > now}
+                        if len(self._passes) >= _MAX_PASSES:
+                            self._passes.clear()
+                    self._passes[holder] = time.monotonic() + self.alive_seconds
+            return start_response(status, headers, *info)
+
+        return self.inner(environ, noting)
+
+
+def _refuse(start_response: StartResponse, reason: str) -> list[bytes]:
+    body = reason.encode()
+    start_response("403 Forbidden", [("Content-Type", "text/plain; charset=utf-8"),
+                                      ("Content-Length", str(len(body))),
+                                      ("Cache-Control", "no-store"),
+                                      ("X-Content-Type-Options", "nosniff")])
+    return [body]
+
+
+def install(app: Flask, cookie_names: Iterable[str]) -> None:
+    """Put the front door in front of the app (inside the proxy and host handling, which wrap
+    it afterwards) and keep its signer for the viewer page (``app.extensions``)."""
+    settings = app.config["PORTAL"]
+    signer = Signer(app.config["SECRET_KEY"], cookie_names)
+    app.extensions["rendition_signer"] = signer
+    # Sign-out or a revoked link must stop the images within 10 s: this pass plus the share
+    # link's own state cache.
+    alive = max(0.5, min(5.0, 10.0 - float(settings["SHARE_STATE_CACHE_SECONDS"])))
+    app.wsgi_app = SignedRenditions(  # type: ignore[method-assign]
+        app.wsgi_app, app, signer, alive)
