@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 
 from flask import Flask, current_app
 from sqlalchemy import select
@@ -101,24 +102,20 @@ def send_notices(report_id: int) -> None:
     text = sms_text(settings["PUBLIC_URL"] or "")
     sent = False
     for user_id, email, phone in people:
+        channels: list[tuple[str, Callable[[], None]]] = []
         if email and settings["SMTP_URL"]:
-            try:
-                send_email(settings, email, subject, body)
-                sent = True
-            except DeliveryFailed:
-                log.warning("report-ready e-mail to user %s failed", user_id)
-                record_failed_notice(app, report_id=report_id, user_id=user_id,
-                                     channel="email", study_uid=study_uid,
-                                     patient_id=patient_id)
+            channels.append(("e-mail", partial(send_email, settings, email, subject, body)))
         if phone and settings["SMS_WEBHOOK_URL"]:
+            channels.append(("text message", partial(send_sms, settings, phone, text, "notice")))
+        for words, send in channels:
             try:
-                send_sms(settings, phone, text, "notice")
+                send()
                 sent = True
             except DeliveryFailed:
-                log.warning("report-ready text message to user %s failed", user_id)
+                log.warning("report-ready %s to user %s failed", words, user_id)
                 record_failed_notice(app, report_id=report_id, user_id=user_id,
-                                     channel="text", study_uid=study_uid,
-                                     patient_id=patient_id)
+                                     channel="email" if words == "e-mail" else "text",
+                                     study_uid=study_uid, patient_id=patient_id)
     if sent:
         with database.write_transaction() as session:
             report = session.get(Report, report_id)
