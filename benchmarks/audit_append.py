@@ -11,12 +11,15 @@ real migrations, then, for each writer count, lets the writers append read recor
   the writer's transaction, so writers queue on that row;
 - ``after``: ``portal.audit.record`` as it is now: a plain insert; the process's background
   sealer chains the records in batches meanwhile, and the run ends only once all of them are
-  sealed (``seal lag``: how long that took after the last append).
+  sealed (``seal lag``: how long that took after the last append; with ``--processes``
+  this process seals what the writer processes' sealers left when they ended).
 
-Each mode and writer count gets a fresh database. The chain is verified at the end of every
-``after`` run.
+All writer threads share one process (its GIL) unless ``--processes`` spreads them over
+several, as gunicorn's workers would be. Each mode and writer count gets a fresh database.
+The chain is verified at the end of every ``after`` run.
 
     .venv/bin/python benchmarks/audit_append.py [--seconds 5] [--writers 1 4 16]
+    .venv/bin/python benchmarks/audit_append.py --processes 4   # 16 writers as 4 x 4 threads
 """
 
 from __future__ import annotations
@@ -66,17 +69,18 @@ def _append(database: Any, n: int) -> None:
                  study_instance_uid=f"1.2.3.{n}", patient_id="P1", details={"what": "study"})
 
 
-def _run(database: Any, writers: int, seconds: float, mode: str) -> tuple[int, list[float]]:
+def _threads(database: Any, writers: int, start_at: float, stop_at: float,
+             mode: str) -> list[float]:
+    """``writers`` threads appending from ``start_at`` to ``stop_at`` (time.time());
+    every append's latency in seconds."""
     append = _legacy_append if mode == "before" else _append
     latencies: list[list[float]] = [[] for _ in range(writers)]
-    start = threading.Barrier(writers + 1)
-    stop_at = [0.0]
 
     def writer(index: int) -> None:
         mine = latencies[index]
-        start.wait()
         n = index * 10_000_000
-        while time.perf_counter() < stop_at[0]:
+        time.sleep(max(0.0, start_at - time.time()))
+        while time.time() < stop_at:
             began = time.perf_counter()
             append(database, n)
             mine.append(time.perf_counter() - began)
@@ -85,11 +89,50 @@ def _run(database: Any, writers: int, seconds: float, mode: str) -> tuple[int, l
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(writers)]
     for thread in threads:
         thread.start()
-    stop_at[0] = time.perf_counter() + seconds
-    start.wait()
     for thread in threads:
         thread.join()
-    merged = sorted(x for mine in latencies for x in mine)
+    return [x for mine in latencies for x in mine]
+
+
+def _process(url: str, instance: str, writers: int, seconds: float, mode: str,
+             ready: Any, go: Any, results: Any) -> None:
+    """One writer process (as one gunicorn worker): its own app and engine."""
+    from portal import create_app
+
+    app = create_app({"INSTANCE_PATH": instance, "ENV": "test", "DATABASE_URL": url,
+                      "SECRET_KEY": "benchmark-secret-key-that-is-long-enough"})
+    database = app.extensions["db"]
+    ready.put(True)
+    go.wait()
+    start_at = time.time()
+    results.put(_threads(database, writers, start_at, start_at + seconds, mode))
+    database.dispose()
+
+
+def _run(database: Any, url: str, instance: Path, writers: int, processes: int,
+         seconds: float, mode: str) -> tuple[int, list[float]]:
+    if processes == 1:
+        start_at = time.time() + 0.2
+        merged = _threads(database, writers, start_at, start_at + seconds, mode)
+    else:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        ready, results, go = context.Queue(), context.Queue(), context.Event()
+        shares = [writers // processes + (1 if i < writers % processes else 0)
+                  for i in range(processes)]
+        workers = [context.Process(target=_process, args=(url, str(instance), share, seconds,
+                                                          mode, ready, go, results))
+                   for share in shares if share]
+        for worker in workers:
+            worker.start()
+        for _ in workers:  # every process has started its app: all begin together
+            ready.get(timeout=300)
+        go.set()
+        merged = [x for _ in workers for x in results.get(timeout=seconds + 120)]
+        for worker in workers:
+            worker.join()
+    merged.sort()
     return len(merged), merged
 
 
@@ -100,6 +143,9 @@ def main() -> int:
     parser.add_argument("--writers", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--modes", nargs="+", choices=("before", "after"),
                         default=["before", "after"])
+    parser.add_argument("--processes", type=int, default=1,
+                        help="spread the writer threads over this many processes, as over "
+                             "gunicorn workers (1: all threads in this process)")
     options = parser.parse_args()
 
     from sqlalchemy import func, select
@@ -116,16 +162,21 @@ def main() -> int:
               f"{'p95 ms':>7} {'seal lag s':>10}")
         for mode in options.modes:
             for writers in options.writers:
-                app = make_app(root / f"instance-{mode}-{writers}", cluster.new_database())
+                url = cluster.new_database()
+                instance = root / f"instance-{mode}-{writers}"
+                app = make_app(instance, url)
                 database = app.extensions["db"]
                 if mode == "before":
                     with database.write_transaction() as session:
                         session.add(AuditHead(id=1, last_hash="", count=0))
-                count, latencies = _run(database, writers, options.seconds, mode)
+                count, latencies = _run(database, url, instance, writers,
+                                        min(options.processes, writers), options.seconds, mode)
                 lag = ""
                 if mode == "after":
                     ended = time.perf_counter()
                     while True:  # the background sealer catches up on its own
+                        if options.processes > 1:  # its writers' sealers ended with them:
+                            audit.seal(database)  # as flask audit seal --watch would
                         with database.new_session() as session:
                             waiting = session.scalar(select(func.count(AuditEvent.id))
                                                      .where(AuditEvent.seq.is_(None)))

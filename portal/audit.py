@@ -129,19 +129,24 @@ _APPENDED = "audit_appended"
 _PENDING_CHECKPOINTS = "audit_checkpoints"
 
 
-def append(session: Session, event: tuple[str, str], *, action: str, outcome: int, who: str,
-           source_address: str = "", study_instance_uid: str = "", patient_id: str = "",
-           details: dict[str, Any] | None = None) -> AuditEvent:
-    """Append one record inside the caller's write transaction (no lock: the sealer chains
-    it once the transaction has committed)."""
+def _values(event: tuple[str, str], *, action: str, outcome: int, who: str,
+            source_address: str = "", study_instance_uid: str = "", patient_id: str = "",
+            details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The columns of one new record (no chain fields: the sealer sets them)."""
     if action not in ACTIONS:
         raise ValueError(f"unknown audit action {action!r}")
-    row = AuditEvent(occurred_at=utcnow().replace(microsecond=0), event_id=event[0],
-                     event_name=event[1], action=action, outcome=outcome, who=who[:256],
-                     source_address=source_address[:64], study_instance_uid=study_instance_uid,
-                     patient_id=patient_id[:64], details=details or {})
-    session.add(row)
-    session.flush()
+    if event == SECURITY_ALERT:
+        # Logs name no patient: the UID and the reason are enough to find the record.
+        log.warning("security alert: %s (who=%s, study=%s)",
+                    (details or {}).get("reason", ""), who, study_instance_uid)
+    return {"occurred_at": utcnow().replace(microsecond=0), "event_id": event[0],
+            "event_name": event[1], "action": action, "outcome": outcome, "who": who[:256],
+            "source_address": source_address[:64], "study_instance_uid": study_instance_uid,
+            "patient_id": patient_id[:64], "details": details or {}}
+
+
+def _appended_in(session: Session) -> None:
+    """After a record's insert: SQLite seals at once, PostgreSQL wakes the sealer later."""
     connection = session.connection()
     if connection.dialect.name == "sqlite":
         # One writer at a time: the writer seals in its own transaction (what it seals is
@@ -153,10 +158,16 @@ def append(session: Session, event: tuple[str, str], *, action: str, outcome: in
             session.info.setdefault(_PENDING_CHECKPOINTS, []).extend(sealed[1])
     else:
         session.info[_APPENDED] = True  # wakes this process's sealer after the commit
-    if event == SECURITY_ALERT:
-        # Logs name no patient: the UID and the reason are enough to find the record.
-        log.warning("security alert: %s (who=%s, study=%s)",
-                    (details or {}).get("reason", ""), who, study_instance_uid)
+
+
+def append(session: Session, event: tuple[str, str], **fields: Any) -> AuditEvent:
+    """Append one record inside the caller's write transaction (no lock: the sealer chains
+    it once the transaction has committed). Fields: ``action``, ``outcome``, ``who``, and
+    optionally ``source_address``, ``study_instance_uid``, ``patient_id``, ``details``."""
+    row = AuditEvent(**_values(event, **fields))
+    session.add(row)
+    session.flush()
+    _appended_in(session)
     return row
 
 
@@ -166,9 +177,12 @@ def record(database: Database, event: tuple[str, str], **fields: Any) -> None:
     For records the request's outcome must not decide (``Database.audit_transaction``): a
     read, durable before what was read leaves (docs/security.md 12, 40), and refusals,
     failures and alerts, kept although the request answers an error. A change is recorded
-    with ``append`` in the unit of work that makes it."""
+    with ``append`` in the unit of work that makes it. The hot path of every PHI read: one
+    plain INSERT (no ORM unit of work), committed."""
+    values = _values(event, **fields)
     with database.audit_transaction() as session:
-        append(session, event, **fields)
+        session.connection().execute(insert(_EVENTS), values)
+        _appended_in(session)
 
 
 # PostgreSQL advisory lock key of the sealer ("audi"): one sealer per cluster at a time.
@@ -217,9 +231,12 @@ def _seal(engine: Engine, batch: int, wait: bool) -> int | None:
             return total
 
 
+_EVENTS, _HEADS = cast(Table, AuditEvent.__table__), cast(Table, AuditHead.__table__)
+
+
 def _seal_batch(connection: Connection, batch: int, every: int,
                 wait: bool) -> tuple[int, list[tuple[int, int, str]]] | None:
-    events, heads = cast(Table, AuditEvent.__table__), cast(Table, AuditHead.__table__)
+    events, heads = _EVENTS, _HEADS
     if connection.dialect.name == "postgresql":
         if wait:  # released with the transaction, as the try below
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SEAL_LOCK})

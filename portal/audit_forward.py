@@ -20,11 +20,12 @@ import re
 import socket
 import ssl
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from sqlalchemy import select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from portal import failures
@@ -150,7 +151,9 @@ def forward(database: Database, url: str, *, ca_file: str | None = None,
     be reached: what was not sent stays waiting)."""
     hostname = socket.gethostname()
     sent = 0
-    seal(database, wait=True)
+    # Another sealer slow past lock_timeout, or the database busy: send what is sealed.
+    with suppress(OperationalError):
+        seal(database, wait=True)
     with _connection(url, ca_file, timeout) as sock:
         while True:
             with database.write_transaction() as session:
