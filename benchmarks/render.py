@@ -76,6 +76,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 APIS = ("portal", "orthanc-dicomweb", "orthanc-rest")
 SCENARIOS = ("a", "b", "c", "d", "e", "f")
 SYNTHETIC = ("a", "b", "c", "d", "e")  # scenarios that need the generated CT and radiograph
+SIGNED = "portal-signed"  # b) through the viewer's signed URL (issue 17), beside the others
 WRK = shutil.which("wrk")
 QUALITY = 90  # asked of both servers in a)-c): Orthanc's default, the portal's is 85
 CT_WINDOW = (40.0, 400.0)  # soft tissue; also the first window stored in the demo CT files
@@ -168,9 +169,10 @@ def image_uids(path: Path) -> Image3:
 class Endpoint:
     """How to reach one API: base URL (scheme, host, port) and credentials."""
 
-    name: str  # one of APIS
+    name: str  # one of APIS, or "portal-signed"
     base: str  # e.g. http://127.0.0.1:8042
     auth: tuple[str, str]
+    cookie: str = ""  # portal-signed: the browser session's cookie instead of credentials
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -181,6 +183,12 @@ class Endpoint:
     def authorization(self) -> str:
         token = base64.b64encode(f"{self.auth[0]}:{self.auth[1]}".encode()).decode()
         return f"Basic {token}"
+
+    def headers(self, accept: str) -> dict[str, str]:
+        """What every request sends: Accept, and credentials or the session cookie."""
+        if self.cookie:
+            return {"Cookie": self.cookie, "Accept": accept}
+        return {"Authorization": self.authorization, "Accept": accept}
 
 
 def rendered_path(api: str, root: str, image: Image3) -> str:
@@ -336,8 +344,7 @@ def run_wrk(endpoint: Endpoint, pattern: Pattern, *, run: int, connections: int,
             seconds: float, accept: str, script_dir: Path) -> LoadResult:
     threads = min(connections, os.cpu_count() or 1)
     script = script_dir / f"wrk-{secrets.token_hex(4)}.lua"
-    script.write_text(pattern.lua(run=run, headers={
-        "Authorization": endpoint.authorization, "Accept": accept}))
+    script.write_text(pattern.lua(run=run, headers=endpoint.headers(accept)))
     script.chmod(0o600)  # holds credentials
     argv = [WRK or "wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds:g}s",
             "--timeout", f"{HTTP_TIMEOUT_S:g}s", "-s", str(script), endpoint.base]
@@ -367,7 +374,7 @@ def run_python(endpoint: Endpoint, pattern: Pattern, *, run: int, connections: i
     """
     del script_dir
     host, port = endpoint.host_port
-    headers = {"Authorization": endpoint.authorization, "Accept": accept}
+    headers = endpoint.headers(accept)
     latencies: list[list[float]] = [[] for _ in range(connections)]
     received = [0] * connections
     errors: dict[str, int] = {}
@@ -444,7 +451,8 @@ def fetch_image(session: requests.Session, endpoint: Endpoint, path: str, *, acc
     """GET one rendition and insist on 200 + a decodable image; CheckFailed says why."""
     url = endpoint.base + path
     start = time.perf_counter()
-    response = session.get(url, auth=endpoint.auth, headers={"Accept": accept},
+    response = session.get(url, auth=None if endpoint.cookie else endpoint.auth,
+                           headers=endpoint.headers(accept),
                            timeout=HTTP_TIMEOUT_S)  # reads the whole body
     elapsed_ms = (time.perf_counter() - start) * 1000
     sample = Sample(url, response.status_code, response.headers.get("Content-Type", ""),
@@ -516,6 +524,22 @@ class Bench:
     xr_size: tuple[int, int]  # output of c): (width, height)
     files: list[UserFile] = field(default_factory=list)  # f): stored in every API
     runs: dict[str, int] = field(default_factory=dict)
+    # b) also through the viewer's signed URL (a browser session's cookie and token).
+    signed: tuple[Endpoint, str] | None = None
+
+    def endpoint(self, api: str) -> Endpoint:
+        if api == SIGNED and self.signed is not None:
+            return self.signed[0]
+        return self.endpoints[api]
+
+    def signed_pattern(self) -> Pattern:
+        """b) through the signed frame URL the viewer page hands out for the middle slice."""
+        assert self.signed is not None
+        middle = self.ct[len(self.ct) // 2]
+        path = (f"/dicomweb/studies/{middle.study}/series/{middle.series}/instances/"
+                f"{middle.sop}/frames/1/rendered")
+        return Pattern((path,), window_query("portal", quality=QUALITY) + f"&t={self.signed[1]}",
+                       *CT_WINDOW, *CT_STEPS, False)
 
     def new_run(self, api: str) -> int:
         """A fresh run number on one API (1, 2, ...): cold runs never repeat a request."""
@@ -541,7 +565,7 @@ class Bench:
 def load(bench: Bench, api: str, pattern: Pattern, *, connections: int, seconds: float,
          run: int) -> LoadResult:
     client = run_wrk if bench.args.client == "wrk" else run_python
-    return client(bench.endpoints[api], pattern, run=run, connections=connections,
+    return client(bench.endpoint(api), pattern, run=run, connections=connections,
                   seconds=seconds, accept="image/jpeg", script_dir=bench.workdir)
 
 
@@ -553,7 +577,7 @@ def measure_cell(bench: Bench, scenario: str, connections: int, api: str, patter
     the samples is left to wrk's count of non-2xx answers.
     """
     cell = Cell(scenario, connections, api)
-    endpoint = bench.endpoints[api]
+    endpoint = bench.endpoint(api)
     seconds = bench.args.seconds
     try:
         with requests.Session() as session:
@@ -1045,6 +1069,9 @@ def set_up(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
         user.image = found
     xr_size = (XR_TARGET_WIDTH, round(XR_TARGET_WIDTH * args.xr[1] / args.xr[0]))
     bench = Bench(args, workdir, endpoints, ct_images, xr_image, xr_size, stored)
+    if "b" in args.scenarios and not args.no_signed:
+        bench.signed = signed_viewer(workdir / "portal-instance", endpoints["portal"],
+                                     ct_images)
     with requests.Session() as session:
         plugin = session.get(f"{orthanc_base}/plugins/dicom-web", auth=orthanc.auth,
                              timeout=10).json()
@@ -1142,6 +1169,9 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
                 pattern, size = bench.ct_pattern(api, vary=scenario == "a"), ct_size
             cells.append(measure_cell(bench, scenario, connections, api, pattern, size,
                                       warm_connections=warm))
+        if scenario == "b" and bench.signed is not None:
+            cells.append(measure_cell(bench, scenario, connections, SIGNED,
+                                      bench.signed_pattern(), ct_size, warm_connections=warm))
     sizes: list[Bytes] = []
     if "d" in args.scenarios:
         log("d) bytes per image ...")
@@ -1181,6 +1211,65 @@ SCENARIO_TITLES = {
 LABEL_WIDTH = 71
 
 
+def _signed_line(signed: dict[str, Any], group: dict[str, dict[str, Any]],
+                 connections: int) -> str:
+    """b) through the viewer's signed URL, with its ratios to the old route and Orthanc."""
+    label = f"b) the same image through the viewer's signed URL, {connections} conn"
+    if signed["error"]:
+        return f"{label}: FAILED {signed['error']}"
+    ratios = ", ".join(
+        f"{signed['rps'] / c['rps']:.2f}x {name}" for name, c in group.items()
+        if not c["error"] and c["rps"])
+    return (f"{label}: {signed['rps']:,.1f} req/s, p50 {signed['p50_ms']:.2f} ms, p99 "
+            f"{signed['p99_ms']:.2f} ms ({ratios})")
+
+
+def signed_viewer(instance: Path, portal: Endpoint, ct: list[Image3]
+                  ) -> tuple[Endpoint, str] | None:
+    """A physician's browser session in the portal's database (granted the CT, as sign-in
+    would leave it) and the signed URL token its viewer page gives the middle slice."""
+    import re
+    from datetime import timedelta
+
+    from portal import create_app
+    from portal.access.grants import create_grant
+    from portal.access.models import User
+    from portal.access.principal import Principal
+    from portal.auth.models import UserSession
+    from portal.auth.sessions import DatabaseSessionInterface, _digest
+    from portal.db import utcnow
+
+    app = create_app({"INSTANCE_PATH": str(instance), "SECRET_KEY": secrets.token_urlsafe(32)})
+    token = secrets.token_urlsafe(32)
+    middle = ct[len(ct) // 2]
+    try:
+        with app.extensions["db"].write_transaction() as session:
+            user = User(issuer="https://bench.invalid", subject="bench-doctor",
+                        email="bench@bench.invalid", display_name="Dr Bench",
+                        roles=["physician"], active=True, security_epoch=0)
+            session.add(user)
+            session.flush()
+            admin = Principal("user", 0, "bench", roles=frozenset({"office_manager"}))
+            create_grant(session, admin, user_id=user.id, study_uid=middle.study)
+            now = utcnow()
+            session.add(UserSession(token_sha256=_digest(token), data={}, user_fk=user.id,
+                                    security_epoch=0, created_at=now, last_seen_at=now,
+                                    expires_at=now + timedelta(hours=4), auth_time=now))
+        interface = app.session_interface
+        assert isinstance(interface, DatabaseSessionInterface)
+        cookie = f"{interface.cookie_name(app)}={token}"
+    finally:
+        app.extensions["db"].dispose()
+    page = requests.get(f"{portal.base}/studies/{middle.study}/view/{middle.series}",
+                        headers={"Cookie": cookie}, timeout=HTTP_TIMEOUT_S)
+    found = re.search(r'id="viewer-data"[^>]*>(.*?)</script>', page.text, re.S)
+    signed = json.loads(found.group(1)).get("signed", {}) if found else {}
+    if middle.sop not in signed:
+        log(f"  no signed URL from the viewer page (HTTP {page.status_code}): b) without it")
+        return None
+    return Endpoint(SIGNED, portal.base, ("", ""), cookie), signed[middle.sop]
+
+
 def _fmt(value: float | None, digits: int) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
@@ -1218,6 +1307,7 @@ def format_table(result: dict[str, Any]) -> str:
     for cell in result["cells"]:
         by_key.setdefault((cell["scenario"], cell["connections"]), {})[cell["api"]] = cell
     for (scenario, connections), group in by_key.items():
+        signed = group.pop(SIGNED, None)
         title = SCENARIO_TITLES[scenario].format(
             w=xr["rendered_to"].split("x")[0], h=xr["rendered_to"].split("x")[1])
         label = f"{title}, {connections} conn"
@@ -1231,6 +1321,8 @@ def format_table(result: dict[str, Any]) -> str:
             row("", "ms/image", pick("mean_ms"), 1)
         row("", "p50 ms", pick("p50_ms"), 1)
         row("", "p99 ms", pick("p99_ms"), 1)
+        if signed is not None:
+            lines.append(_signed_line(signed, group, connections))
     groups: dict[tuple[str, str, str], dict[str, float | None]] = {}
     for entry in result["bytes"]:
         groups.setdefault((entry["image"], entry["format"], entry["quality"]),
@@ -1322,6 +1414,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--files", type=Path, nargs="+", default=[], metavar="PATH",
                         help="your own DICOM files or directories (recursive) for f); "
                              "alone, only f) runs unless --scenarios says otherwise")
+    parser.add_argument("--no-signed", action="store_true",
+                        help="b) without the viewer's signed URL (issue 17)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     parser.add_argument("--workdir", type=Path,
                         help="keep servers' state and logs here instead of a deleted temp dir")

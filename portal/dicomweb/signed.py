@@ -26,6 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -70,6 +71,18 @@ def rendition_from(args: Mapping[str, str], accept: str, *, thumbnail: bool) -> 
     return parse_rendition(args, ",".join(offered), thumbnail=thumbnail)
 
 
+@dataclass(frozen=True)
+class _Checked:
+    """What a request with a good token names: the holder's pass key, the token's expiry,
+    the cache key, media type and ETag of the image."""
+
+    holder: tuple[bytes, str]
+    expires: int
+    key: str
+    media_type: str
+    etag: str
+
+
 class SignedRenditions:
     """WSGI middleware answering signed rendered frames from the render cache."""
 
@@ -81,6 +94,9 @@ class SignedRenditions:
         self.alive_seconds = alive_seconds
         # (the cookies' digest, study UID) -> until when the full path's last answer counts.
         self._passes: dict[tuple[bytes, str], float] = {}
+        # (path, query, Cookie, Accept) of a request whose token was good -> what it named,
+        # so a repeated request skips parsing and the HMAC (until the token expires).
+        self._known: dict[tuple[str, str, str, str], _Checked] = {}
         self._lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse
@@ -89,7 +105,12 @@ class SignedRenditions:
         if environ.get("REQUEST_METHOD") != "GET" or f"{QUERY_PARAM}=" not in query \
                 or "HTTP_AUTHORIZATION" in environ:  # tokens are for cookie sessions only
             return self.inner(environ, start_response)
-        found = _FRAME.fullmatch(environ.get("PATH_INFO", ""))
+        path = environ.get("PATH_INFO", "")
+        memo = (path, query, environ.get("HTTP_COOKIE", ""), environ.get("HTTP_ACCEPT", ""))
+        known = self._known.get(memo)
+        if known is not None and known.expires > time.time():
+            return self._answer(known, environ, start_response)  # checked before: as then
+        found = _FRAME.fullmatch(path)
         if found is None:
             return self.inner(environ, start_response)
         args = dict(parse_qsl(query, keep_blank_values=True))
@@ -104,9 +125,6 @@ class SignedRenditions:
             sha256 = self.signer.verify(identity, study, series, instance, token, time.time())
         except BadToken as exc:
             return _refuse(start_response, str(exc))
-        holder = hashlib.sha256(identity.encode("utf-8", "replace")).digest()
-        if self._passes.get((holder, study), 0.0) <= time.monotonic():
-            return self._full_path(environ, start_response, (holder, study))
         try:
             rendition = rendition_from(args, environ.get("HTTP_ACCEPT", ""), thumbnail=False)
         except InvalidRendition:
@@ -114,18 +132,32 @@ class SignedRenditions:
         if rendition is None:
             return self.inner(environ, start_response)  # its 400 or 406, with the reason
         key = rendition.cache_key(sha256, int(frame))
-        etag = hashlib.sha256(key.encode()).hexdigest()[:32]  # RenderedImage.etag
-        if parse_etags(environ.get("HTTP_IF_NONE_MATCH")).contains(etag):
-            start_response("304 Not Modified", [*_IMAGE_HEADERS, ("ETag", f'"{etag}"')])
+        known = _Checked(
+            holder=(hashlib.sha256(identity.encode("utf-8", "replace")).digest(), study),
+            expires=int(token.partition(".")[0]), key=key, media_type=rendition.media_type,
+            etag=hashlib.sha256(key.encode()).hexdigest()[:32])  # RenderedImage.etag
+        if len(self._known) >= _MAX_PASSES:
+            self._known.clear()
+        self._known[memo] = known
+        return self._answer(known, environ, start_response)
+
+    def _answer(self, known: _Checked, environ: dict[str, Any],
+                start_response: StartResponse) -> Iterable[bytes]:
+        """A request whose token was good: the full path unless the session's pass for the
+        study is fresh, else 304 on a matching ETag, the cached bytes, or the full path."""
+        if self._passes.get(known.holder, 0.0) <= time.monotonic():
+            return self._full_path(environ, start_response, known.holder)
+        if parse_etags(environ.get("HTTP_IF_NONE_MATCH")).contains(known.etag):
+            start_response("304 Not Modified", [*_IMAGE_HEADERS, ("ETag", f'"{known.etag}"')])
             return [b""]
         cache: RenderCache = self.app.extensions["render_cache"]
-        body = cache.get(key)
+        body = cache.get(known.key)
         if body is None:
             return self.inner(environ, start_response)  # rendered and kept there
         CACHE_REQUESTS.labels("hit").inc()
-        start_response("200 OK", [("Content-Type", rendition.media_type),
+        start_response("200 OK", [("Content-Type", known.media_type),
                                   ("Content-Length", str(len(body))), *_IMAGE_HEADERS,
-                                  ("ETag", f'"{etag}"')])
+                                  ("ETag", f'"{known.etag}"')])
         return [body]
 
     def _full_path(self, environ: dict[str, Any], start_response: StartResponse,
