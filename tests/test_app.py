@@ -15,6 +15,9 @@ PUBLIC = {"health.healthz", "health.readyz", "studies.home", "static", "auth.log
           "auth.callback", "auth.logout", "auth.invitation", "api.openapi",
           "fhir.metadata",  # the CapabilityStatement, as api.openapi: what the API offers
           "monitoring.metrics",  # closed unless a token or addresses are set (404/403)
+          # SMART App Launch: the EHR opens these before anyone is signed in here; both
+          # refuse unless the issuer is allow-listed, and the callback checks its state
+          "launch.smart_launch", "launch.smart_callback",
           # share links: the landing page, the exchange, the visitor's pages (they check the
           # share session themselves and show a plain "ended" page without one)
           "sharing.landing", "sharing.exchange", "sharing.shared_home",
