@@ -14,10 +14,6 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from portal.db import Base, UTCDateTime
 
-# ``Order`` lives in the index now (the access policy reads it and imports no domain); the
-# name stays importable here for code written against its old place.
-from portal.index.models import Order as Order
-
 REPORT_STATUSES = ("preliminary", "final", "amended", "cancelled")
 ORDER_STATUSES = ("ordered", "scheduled", "performed", "reported", "cancelled")
 

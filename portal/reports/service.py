@@ -18,8 +18,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from portal import audit, failures
 from portal.access.models import ReferrerIdentifier, User
-from portal.access.policy import allowed, order_placers
-from portal.access.policy import is_patient as is_patient  # the policy's rule, also named here
+from portal.access.policy import allowed, is_patient, order_placers
 from portal.access.principal import Principal
 from portal.db import Database, utcnow
 from portal.index.models import Order, Patient, Study, StudyReferrer
