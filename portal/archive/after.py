@@ -11,8 +11,10 @@ also in a C-STORE handler thread.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -22,6 +24,7 @@ from sqlalchemy import select
 from portal import audit
 from portal.index.models import Series
 from portal.index.service import middle_image
+from portal.log import carry
 
 if TYPE_CHECKING:
     from portal.db import Database
@@ -143,14 +146,56 @@ def audit_step(database: Database) -> Step:
 
 def header_step(database: Database, headers: Callable[[list[str]], object]) -> Step:
     """Make and keep the header of each new series' middle image, which the viewer reads
-    first (the others are made on first use, as before): ``headers`` is the archive's."""
+    first (the others are made on first use, as before): ``headers`` is the archive's.
 
-    def warm(arrival: Arrival) -> None:
-        with database.reading() as session:
+    In the background (one thread, series waiting there are not queued twice), so no sender
+    waits for it: making a header costs a file read and a parse, and a series arriving one
+    instance a request (STOW-RS) moves its middle image with nearly every request. A caller
+    that ``wait``s (the CLI) has it made before it returns."""
+
+    def warm(series: list[str]) -> None:
+        with database.new_session() as session:
             ids = session.scalars(select(Series.id).where(
-                Series.series_instance_uid.in_(arrival.series))).all()
+                Series.series_instance_uid.in_(series))).all()
             middles = [uid for uid in (middle_image(session, i) for i in ids) if uid]
         if middles:
             headers(middles)
 
-    return warm
+    later = _Coalescing(warm)
+
+    def step(arrival: Arrival) -> None:
+        if arrival.wait:
+            warm(arrival.series)
+        else:
+            later.submit(arrival.series)
+
+    return step
+
+
+class _Coalescing:
+    """Runs ``work`` on one background thread for the series submitted since its last run."""
+
+    def __init__(self, work: Callable[[list[str]], None]) -> None:
+        self._work = work
+        self._pending: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="header-warm")
+
+    def submit(self, series: list[str]) -> None:
+        with self._lock:
+            new = set(series) - self._pending
+            if not new:
+                return
+            self._pending |= new
+        self._thread.submit(carry(self._run))
+
+    def _run(self) -> None:
+        with self._lock:
+            series = sorted(self._pending)
+            self._pending.clear()
+        if not series:
+            return
+        try:
+            self._work(series)
+        except Exception:  # made on first use instead; nobody waits for this one
+            log.exception("could not keep the header of %d series' middle image", len(series))

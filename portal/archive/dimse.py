@@ -11,7 +11,9 @@ after-ingest steps run when the association ends.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -88,6 +90,16 @@ def _wait_until_sent(event: evt.Event, timeout: float = 2.0) -> None:
         time.sleep(0.005)
 
 
+def _on_open(event: evt.Event) -> None:
+    """TCP_NODELAY on every association's socket: a C-STORE-RSP is one small PDU that
+    Nagle's algorithm would hold back until the peer's (delayed) ACK, up to 40 ms an
+    instance with a synchronous SCU."""
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):  # the peer is gone: the association ends anyway
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _on_store(event: evt.Event, archive: Archive, received: dict[int, list[Stored]]) -> int:
     requestor = event.assoc.requestor
     try:
@@ -158,6 +170,7 @@ def serve(archive: Archive, settings: dict[str, Any], block: bool = True,
     allowed = name_at_address(settings["DIMSE_ALLOWED_PEERS"])
     received: dict[int, list[Stored]] = {}
     handlers: list[evt.EventHandlerType] = [
+        (evt.EVT_CONN_OPEN, _on_open),
         (evt.EVT_REQUESTED, _on_requested, [allowed, ae.ae_title.strip()]),
         (evt.EVT_C_STORE, _on_store, [archive, received]),
         (evt.EVT_RELEASED, _on_end, [archive, received]),

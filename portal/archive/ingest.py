@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import pydicom
-from sqlalchemy import select, update
+from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -41,7 +41,13 @@ from portal.archive.validate import (
 )
 from portal.db import Database
 from portal.index.models import Instance, Series, Study
-from portal.index.service import IndexConflict, add_instance, header_json
+from portal.index.service import (
+    IndexConflict,
+    NewInstance,
+    add_instances,
+    header_json,
+    instance_values,
+)
 
 if TYPE_CHECKING:
     from portal.archive.after import AfterIngest, Via
@@ -51,7 +57,13 @@ log = logging.getLogger(__name__)
 
 _ATTEMPTS = 5
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_BATCH = 32  # index rows committed together in one STOW-RS request
+
+
+class _Unknown:
+    """Not looked up yet (``known`` of ``_prepare``)."""
+
+
+_UNKNOWN = _Unknown()
 
 
 @dataclass(frozen=True)
@@ -87,7 +99,10 @@ class Archive:
                 raise
             if isinstance(prepared, Stored):
                 return prepared
-            return self._commit_one(prepared, who, source_address, False)
+            [answer] = self._commit_batch([prepared], who, source_address, recorded=False)
+            if isinstance(answer, Rejected):
+                raise answer
+            return answer
         except OperationalError as exc:
             log.error("index unavailable: %s", exc.__class__.__name__)
             raise ArchiveUnavailable("the index database is unavailable") from exc
@@ -96,34 +111,43 @@ class Archive:
                     expected_study_uid: str | None = None,
                     workers: int = 4) -> list[Stored | Rejected]:
         """Store several files (one STOW-RS request): the same checks and durability as
-        ``ingest``, with files written in parallel and index rows committed in batches.
+        ``ingest``, as a group commit: files written (each fsynced) in parallel, then one
+        fsync of each folder they went to, then the index rows of all in one transaction.
 
         Each answer is given only after that instance's file is durable and its row committed,
         with the 110104 record of what that transaction kept (``_record_arrival``).
         """
-        def prepare(data: bytes) -> Stored | Rejected | _Prepared:
+        def digest(data: bytes) -> str:
+            return hashlib.sha256(data).hexdigest()
+
+        def prepare(data: bytes, sha256: str) -> Stored | Rejected | _Prepared:
             try:
-                return self._prepare(data, expected_study_uid)
+                return self._prepare(data, expected_study_uid, sync_folder=False,
+                                     digest=sha256, known=identical.get(sha256))
             except Rejected as exc:
                 return exc
 
         try:
             if len(items) == 1:
-                prepared = [prepare(items[0])]
+                digests = [digest(items[0])]
+                identical = self._identical_many(digests)
+                prepared = [prepare(items[0], digests[0])]
             else:
                 with ThreadPoolExecutor(max_workers=workers) as pool:
-                    prepared = list(pool.map(prepare, items))
+                    digests = list(pool.map(digest, items))
+                    identical = self._identical_many(digests)  # one query for all
+                    prepared = list(pool.map(prepare, items, digests))
+            prepared = self._sync_folders(prepared)
             # Conflicts found later, at commit, record their own security alert.
             self.record_rejections([(p, data) for p, data in zip(prepared, items, strict=True)
                                     if isinstance(p, Rejected)],
                                    who=who, source_address=source_address)
             results: list[Stored | Rejected | _Prepared] = list(prepared)
             pending = [i for i, p in enumerate(prepared) if isinstance(p, _Prepared)]
-            for chunk_start in range(0, len(pending), _BATCH):
-                chunk = pending[chunk_start:chunk_start + _BATCH]
-                batch = [prepared[i] for i in chunk]
-                for index, answer in zip(chunk, self._commit_batch(
-                        batch, who, source_address), strict=True):  # type: ignore[arg-type]
+            batch = [p for p in prepared if isinstance(p, _Prepared)]
+            if batch:
+                for index, answer in zip(pending, self._commit_batch(
+                        batch, who, source_address, recorded=True), strict=True):
                     results[index] = answer
         except OperationalError as exc:
             log.error("index unavailable: %s", exc.__class__.__name__)
@@ -137,10 +161,36 @@ class Archive:
         if self.after is not None:
             self.after.run(stored, via=via, who=who, source_address=source_address, wait=wait)
 
-    def _prepare(self, data: bytes, expected_study_uid: str | None) -> Stored | _Prepared:
-        """Validate and durably write the file; answer at once when it is already stored."""
-        digest = hashlib.sha256(data).hexdigest()
-        known = self._identical(digest)
+    def _sync_folders(self, prepared: list[Stored | Rejected | _Prepared]
+                      ) -> list[Stored | Rejected | _Prepared]:
+        """Make the names of the files just written durable (one fsync per folder); when that
+        fails none of them is, and each is refused (507) and its file forgotten."""
+        keys = [p.key for p in prepared if isinstance(p, _Prepared)]
+        if not keys:
+            return prepared
+        try:
+            self.store.sync_folders(keys)
+            return prepared
+        except OSError as exc:
+            log.error("archive write failed: %s", exc.__class__.__name__)
+        answers: list[Stored | Rejected | _Prepared] = []
+        for p in prepared:
+            if isinstance(p, _Prepared):
+                self._forget(p.key, p.valid)
+                p = Rejected("the archive has no room for this instance now", OUT_OF_RESOURCES,
+                             507, p.valid.sop_class_uid, p.valid.sop_instance_uid)
+            answers.append(p)
+        return answers
+
+    def _prepare(self, data: bytes, expected_study_uid: str | None, *,
+                 sync_folder: bool = True, digest: str | None = None,
+                 known: Stored | _Unknown | None = _UNKNOWN) -> Stored | _Prepared:
+        """Validate and durably write the file (its folder's fsync left to the caller unless
+        ``sync_folder``); answer at once when it is already stored. ``digest`` and ``known``
+        (what ``_identical`` answers for it) when the caller has them already."""
+        digest = digest or hashlib.sha256(data).hexdigest()
+        if isinstance(known, _Unknown):
+            known = self._identical(digest)
         if known is not None and expected_study_uid in (None, known.study_instance_uid):
             return known
         valid = validate_part10(data, self.limits, digest)
@@ -153,25 +203,33 @@ class Archive:
             # so an instance is acknowledged only once it has it (ExternalUnavailable: 503).
             self.remote.client.store(valid.data, valid.sop_instance_uid)
         try:
-            key = self.store.write(valid.data, valid.sha256)
+            key = self.store.write(valid.data, valid.sha256, sync_folder=sync_folder)
         except (OSError, StorageFull) as exc:
             log.error("archive write failed: %s", exc.__class__.__name__)
             raise Rejected("the archive has no room for this instance now",
                            OUT_OF_RESOURCES, 507, valid.sop_class_uid,
                            valid.sop_instance_uid) from exc
-        return _Prepared(valid, key)
+        # The row's values now, on the thread that parsed the file (ingest_many's pool).
+        return _Prepared(valid, key, instance_values(
+            valid.dataset, sop_class_uid=valid.sop_class_uid,
+            sop_instance_uid=valid.sop_instance_uid,
+            transfer_syntax_uid=valid.transfer_syntax_uid))
 
-    def _index(self, session: Session, item: _Prepared, who: str, source_address: str) -> None:
-        """Add the index rows of one written file inside the caller's transaction."""
-        valid = item.valid
-        add_instance(session, valid.dataset, sop_class_uid=valid.sop_class_uid,
-                     sop_instance_uid=valid.sop_instance_uid,
-                     study_uid=valid.study_instance_uid, series_uid=valid.series_instance_uid,
-                     transfer_syntax_uid=valid.transfer_syntax_uid)
-        session.add(StoredObject(sop_instance_uid=valid.sop_instance_uid,
-                                 storage_key=item.key, size=len(valid.data),
-                                 sha256=valid.sha256, original_sha256=valid.original_sha256))
-        if valid.preamble_zeroed:
+    @staticmethod
+    def _index(session: Session, items: Sequence[_Prepared], who: str,
+               source_address: str) -> None:
+        """Add the index rows of written files inside the caller's transaction: a few
+        statements for all of them (``add_instances``, one INSERT of their stored objects)."""
+        add_instances(session, [NewInstance(
+            i.valid.dataset, i.valid.study_instance_uid, i.valid.series_instance_uid, i.values)
+            for i in items])
+        session.execute(insert(StoredObject), [{
+            "sop_instance_uid": i.valid.sop_instance_uid, "storage_key": i.key,
+            "size": len(i.valid.data), "sha256": i.valid.sha256,
+            "original_sha256": i.valid.original_sha256} for i in items])
+        for valid in (i.valid for i in items):
+            if not valid.preamble_zeroed:
+                continue
             audit.append(session, audit.SECURITY_ALERT, action="C",
                          outcome=audit.OUTCOME_MINOR_FAILURE, who=who,
                          source_address=source_address,
@@ -200,27 +258,32 @@ class Archive:
         return Stored("stored", valid.sop_class_uid, valid.sop_instance_uid,
                       valid.study_instance_uid, valid.series_instance_uid)
 
-    def _commit_batch(self, batch: list[_Prepared], who: str,
-                      source_address: str) -> list[Stored | Rejected]:
-        """Index a batch in one transaction; anything unusual falls back to one by one."""
-        if len(batch) > 1:
-            try:
-                with self.database.write_transaction() as session:
-                    uids = [item.valid.sop_instance_uid for item in batch]
-                    if len(set(uids)) != len(uids) or session.scalars(
-                            select(StoredObject.id).where(
-                                StoredObject.sop_instance_uid.in_(uids))).first():
-                        raise _Fallback
-                    for item in batch:
-                        self._index(session, item, who, source_address)
+    def _commit_batch(self, batch: list[_Prepared], who: str, source_address: str, *,
+                      recorded: bool) -> list[Stored | Rejected]:
+        """Index a batch in one transaction (with its 110104 records when ``recorded``);
+        anything unusual falls back to one by one."""
+        try:
+            with self.database.write_transaction() as session:
+                uids = [item.valid.sop_instance_uid for item in batch]
+                if len(set(uids)) != len(uids) or session.scalars(
+                        select(StoredObject.id).where(
+                            StoredObject.sop_instance_uid.in_(uids))).first():
+                    raise _Fallback
+                self._index(session, batch, who, source_address)
+                if recorded:
                     self._record_arrival(session, batch, who, source_address)
-                return [self._stored(item) for item in batch]
-            except (_Fallback, IntegrityError, IndexConflict):
-                pass  # rolled back: settle each instance on its own, with exact answers
+            return [self._stored(item) for item in batch]
+        except (_Fallback, IntegrityError, IndexConflict):
+            pass  # rolled back: settle each instance on its own, with exact answers
+        except OperationalError as exc:
+            for item in batch:
+                self._forget(item.key, item.valid)
+            log.error("index unavailable: %s", exc.__class__.__name__)
+            raise ArchiveUnavailable("the index database is unavailable") from exc
         answers: list[Stored | Rejected] = []
         for item in batch:
             try:
-                answers.append(self._commit_one(item, who, source_address, True))
+                answers.append(self._commit_one(item, who, source_address, recorded))
             except Rejected as exc:
                 answers.append(exc)
         return answers
@@ -236,7 +299,7 @@ class Archive:
                         StoredObject.sop_instance_uid == valid.sop_instance_uid)).first()
                     if existing is not None:
                         raise _AlreadyStored(existing.sha256, existing.storage_key)
-                    self._index(session, item, who, source_address)
+                    self._index(session, [item], who, source_address)
                     if recorded:
                         self._record_arrival(session, [item], who, source_address)
             except _AlreadyStored as exc:
@@ -260,17 +323,25 @@ class Archive:
 
     def _identical(self, digest: str) -> Stored | None:
         """Exactly these bytes were validated and stored before: answer without parsing."""
+        return self._identical_many([digest]).get(digest)
+
+    def _identical_many(self, digests: Sequence[str]) -> dict[str, Stored]:
+        """``_identical`` for several files, one query per 500."""
+        found: dict[str, Stored] = {}
+        unique = sorted(set(digests))
         with self.database.new_session() as session:
-            row = session.execute(
-                select(Instance.sop_class_uid, Instance.sop_instance_uid,
-                       Study.study_instance_uid, Series.series_instance_uid)
-                .join(StoredObject, StoredObject.sop_instance_uid == Instance.sop_instance_uid)
-                .join(Series, Instance.series_fk == Series.id)
-                .join(Study, Series.study_fk == Study.id)
-                .where(StoredObject.original_sha256 == digest)).first()
-        if row is None:
-            return None
-        return Stored("already_stored", *row)
+            for start in range(0, len(unique), 500):
+                for sha, *row in session.execute(
+                        select(StoredObject.original_sha256, Instance.sop_class_uid,
+                               Instance.sop_instance_uid, Study.study_instance_uid,
+                               Series.series_instance_uid)
+                        .join(Instance,
+                              StoredObject.sop_instance_uid == Instance.sop_instance_uid)
+                        .join(Series, Instance.series_fk == Series.id)
+                        .join(Study, Series.study_fk == Study.id)
+                        .where(StoredObject.original_sha256.in_(unique[start:start + 500]))):
+                    found.setdefault(sha, Stored("already_stored", *row))
+        return found
 
     def _already(self, valid: ValidInstance, stored_sha256: str, who: str,
                  source_address: str, storage_key: str = "") -> Stored:
@@ -496,6 +567,7 @@ class _Prepared:
 
     valid: ValidInstance
     key: str
+    values: dict[str, Any]  # of its index row (``instance_values``)
 
 
 class _Fallback(Exception):

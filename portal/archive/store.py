@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -110,8 +110,13 @@ class EmbeddedStore:
             raise ValueError("invalid storage key")
         return self.objects / key
 
-    def write(self, data: bytes, sha256: str) -> str:
-        """Durably write ``data`` and return its key; an existing identical file is kept."""
+    def write(self, data: bytes, sha256: str, *, sync_folder: bool = True) -> str:
+        """Durably write ``data`` and return its key; an existing identical file is kept.
+
+        ``sync_folder=False`` leaves the fsync of the fan-out folder (which makes the new
+        name durable) to the caller: ``sync_folders`` once for a whole batch, before its
+        index rows are committed (a group commit: one folder fsync per folder and batch).
+        """
         key = self.key_for(sha256)
         final = self.objects / key
         if not self._ready:
@@ -129,13 +134,20 @@ class EmbeddedStore:
             finally:
                 os.close(fd)
             os.replace(temp, final)
-            _fsync_dir(final.parent)
+            if sync_folder:
+                _fsync_dir(final.parent)
         except OSError as exc:
             temp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFull("no space left for the object") from exc
             raise
         return key
+
+    def sync_folders(self, keys: Iterable[str]) -> None:
+        """Make the names of files written with ``sync_folder=False`` durable: one fsync of
+        each folder they are in."""
+        for folder in sorted({self.path_of(key).parent for key in keys}):
+            _fsync_dir(folder)
 
     def read(self, key: str, sha256: str) -> bytes:
         """Read a stored file and verify its hash; raise CorruptObject when it differs."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -155,37 +157,78 @@ def _known_series(session: Session, ds: Dataset, study_uid: str,
     return series_id, study_id
 
 
+@dataclass(frozen=True)
+class NewInstance:
+    """One validated instance to index: its parsed header, its UIDs and its instance row's
+    values (``instance_values``: made where the file was parsed, e.g. on an ingest thread)."""
+
+    dataset: Dataset
+    study_uid: str
+    series_uid: str
+    values: dict[str, Any]
+
+
 def add_instance(session: Session, ds: Dataset, *, sop_class_uid: str, sop_instance_uid: str,
                  study_uid: str, series_uid: str, transfer_syntax_uid: str) -> None:
     """Add one instance and the rows above it; the caller commits."""
-    known = _known_series(session, ds, study_uid, series_uid)
-    if known is None:
-        study = _get_study(session, ds, study_uid)
-        series = _get_series(session, ds, study, series_uid)
-        series_id, study_id = series.id, study.id
-    else:
-        series_id, study_id = known
-    session.execute(insert(Instance).values(
-        sop_instance_uid=sop_instance_uid, series_fk=series_id, sop_class_uid=sop_class_uid,
-        transfer_syntax_uid=transfer_syntax_uid,
-        instance_number=_int(ds, "InstanceNumber"),
-        number_of_frames=_int(ds, "NumberOfFrames") or 1,
-        rows=_int(ds, "Rows"), columns=_int(ds, "Columns"),
-        samples_per_pixel=_int(ds, "SamplesPerPixel"),
-        bits_allocated=_int(ds, "BitsAllocated"),
-        photometric_interpretation=_text(ds, "PhotometricInterpretation", 16),
-        image_position_patient=_floats(ds, "ImagePositionPatient"),
-        image_orientation_patient=_floats(ds, "ImageOrientationPatient"),
-        pixel_spacing=_floats(ds, "PixelSpacing"),
-        slice_thickness=next(iter(_floats(ds, "SliceThickness") or []), None),
-        header=None))
-    # Counters move with SQL increments so concurrent writers never lose one.
-    session.execute(update(Series).where(Series.id == series_id)
-                    .values(number_of_instances=Series.number_of_instances + 1))
-    session.execute(update(Study).where(Study.id == study_id)
-                    .values(number_of_instances=Study.number_of_instances + 1,
-                            updated_at=func.now()))
+    add_instances(session, [NewInstance(ds, study_uid, series_uid, instance_values(
+        ds, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid,
+        transfer_syntax_uid=transfer_syntax_uid))])
 
+
+def _patient_key(ds: Dataset, study_uid: str) -> tuple[str, str]:
+    patient_id = _text(ds, "PatientID", 64)
+    return patient_id, _text(ds, "IssuerOfPatientID", 64) if patient_id else f"~{study_uid}"
+
+
+def instance_values(ds: Dataset, *, sop_class_uid: str, sop_instance_uid: str,
+                    transfer_syntax_uid: str) -> dict[str, Any]:
+    """The values of an instance's index row but its series."""
+    return {
+        "sop_instance_uid": sop_instance_uid, "sop_class_uid": sop_class_uid,
+        "transfer_syntax_uid": transfer_syntax_uid,
+        "instance_number": _int(ds, "InstanceNumber"),
+        "number_of_frames": _int(ds, "NumberOfFrames") or 1,
+        "rows": _int(ds, "Rows"), "columns": _int(ds, "Columns"),
+        "samples_per_pixel": _int(ds, "SamplesPerPixel"),
+        "bits_allocated": _int(ds, "BitsAllocated"),
+        "photometric_interpretation": _text(ds, "PhotometricInterpretation", 16),
+        "image_position_patient": _floats(ds, "ImagePositionPatient"),
+        "image_orientation_patient": _floats(ds, "ImageOrientationPatient"),
+        "pixel_spacing": _floats(ds, "PixelSpacing"),
+        "slice_thickness": next(iter(_floats(ds, "SliceThickness") or []), None),
+        "header": None}
+
+
+def add_instances(session: Session, items: Sequence[NewInstance]) -> None:
+    """Add instances and the rows above them with a few statements per series (one INSERT
+    of all its instance rows, one increment of each counter); the caller commits.
+
+    Every instance of a series must name the series' patient: one that names another raises
+    ``IndexConflict`` (the caller then settles the instances one by one)."""
+    by_series: dict[tuple[str, str], list[NewInstance]] = {}
+    for item in items:
+        by_series.setdefault((item.study_uid, item.series_uid), []).append(item)
+    for (study_uid, series_uid), group in by_series.items():
+        first = group[0].dataset
+        wanted = _patient_key(first, study_uid)
+        if any(_patient_key(item.dataset, study_uid) != wanted for item in group[1:]):
+            raise IndexConflict("instances of one series name different patients")
+        known = _known_series(session, first, study_uid, series_uid)
+        if known is None:
+            study = _get_study(session, first, study_uid)
+            series = _get_series(session, first, study, series_uid)
+            series_id, study_id = series.id, study.id
+        else:
+            series_id, study_id = known
+        session.execute(insert(Instance), [{**item.values, "series_fk": series_id}
+                                           for item in group])
+        # Counters move with SQL increments so concurrent writers never lose one.
+        session.execute(update(Series).where(Series.id == series_id)
+                        .values(number_of_instances=Series.number_of_instances + len(group)))
+        session.execute(update(Study).where(Study.id == study_id)
+                        .values(number_of_instances=Study.number_of_instances + len(group),
+                                updated_at=func.now()))
 
 
 def middle_image(session: Session, series_id: int) -> str | None:

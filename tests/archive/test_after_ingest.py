@@ -103,6 +103,29 @@ def test_the_middle_image_header_is_kept_at_ingest(app: Flask, tmp_path: Path,
     assert [uid for uid, header in kept.items() if header is not None] == [middle]
 
 
+
+def test_stow_keeps_the_middle_header_without_making_the_sender_wait(app: Flask) -> None:
+    """Issue 17: instances sent one a request move the series' middle image nearly every
+    time; its header is made in the background (the answer does not wait for it), and the
+    middle image's of the whole series is kept in the end."""
+    study, series = generate_uid(), generate_uid()
+    datasets = [make_dataset(study=study, series=series, InstanceNumber=i + 1)
+                for i in range(5)]
+    auth = basic_auth(*make_client(app, "modality"))
+    client = app.test_client()
+    for ds in datasets:
+        assert client.post("/dicomweb/studies", headers=headers(auth),
+                           data=multipart(to_bytes(ds))).status_code == 200
+    middle = str(datasets[2].SOPInstanceUID)
+
+    def kept() -> dict[str, Any]:
+        with app.extensions["db"].new_session() as session:
+            rows = session.execute(select(Instance.sop_instance_uid, Instance.header)).all()
+        return {uid: header for uid, header in rows if header is not None}
+
+    assert wait_for(lambda: middle in kept(), timeout=20)
+    assert kept()[middle]["0020000D"]["Value"] == [study]
+
 # -- reports from SR and PDF objects, at once ------------------------------------------------
 
 @pytest.fixture

@@ -220,3 +220,83 @@ def test_a_batch_gives_each_instance_its_own_exact_answer(any_db_app: Flask) -> 
     assert archive.read(kept_uid) == kept
     with any_db_app.extensions["db"].new_session() as session:
         assert session.scalars(select(Study)).one().number_of_instances == 41
+
+
+def test_one_request_is_one_group_commit(any_db_app: Flask,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: a request of many instances costs a few statements per series, not a few
+    per instance (one transaction, one INSERT of the instance rows per series), and one
+    fsync per folder."""
+    from sqlalchemy import event
+
+    from portal.archive import store as store_module
+
+    archive = archive_of(any_db_app)
+    engine = any_db_app.extensions["db"].engine
+    statements: list[str] = []
+    folders: list[Path] = []
+
+    def seen(_conn: object, _cursor: object, sql: str, *_args: object) -> None:
+        statements.append(sql.split(None, 1)[0].upper())
+
+    real_fsync_dir = store_module._fsync_dir
+
+    def counted(path: Path) -> None:
+        folders.append(path)
+        real_fsync_dir(path)
+
+    def send(per_series: int) -> tuple[int, list[str]]:
+        """Two new studies of two new series each; the statements it took."""
+        studies = [generate_uid(), generate_uid()]
+        batch = [make_instance(study=study, series=series, patient_id=f"P-{study[-6:]}",
+                               InstanceNumber=n, value=n)
+                 for study in studies for series in (generate_uid(), generate_uid())
+                 for n in range(1, per_series + 1)]
+        statements.clear()
+        event.listen(engine, "before_cursor_execute", seen)
+        try:
+            answers = archive.ingest_many(batch, who="batch")
+        finally:
+            event.remove(engine, "before_cursor_execute", seen)
+        assert [a.outcome for a in answers] == ["stored"] * len(batch)  # type: ignore[union-attr]
+        return len(statements), studies
+
+    few, _ = send(2)
+    monkeypatch.setattr(store_module, "_fsync_dir", counted)
+    many, studies = send(12)
+    monkeypatch.undo()
+    # Before the group commit, each instance cost its own six statements (+240 here).
+    assert many <= few + 2, " ".join(statements)
+    assert len(folders) == len(set(folders)) <= 48
+    with any_db_app.extensions["db"].new_session() as session:
+        grown = session.scalars(select(Study).where(Study.study_instance_uid.in_(studies))).all()
+        assert [(s.number_of_instances, s.number_of_series) for s in grown] == [(24, 2)] * 2
+        assert sorted(s.number_of_instances for s in session.scalars(select(Series))) == \
+            [2] * 4 + [12] * 4
+        arrivals = session.scalars(select(AuditEvent).where(
+            AuditEvent.event_id == "110104",
+            AuditEvent.study_instance_uid.in_(studies))).all()
+        assert sorted(e.study_instance_uid for e in arrivals) == sorted(studies)
+    assert counts(any_db_app) == {"patient": 4, "study": 4, "series": 8, "instance": 56,
+                                  "stored_object": 56}
+
+
+def test_a_failed_folder_fsync_refuses_the_request_and_keeps_nothing(
+        app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name not made durable is not acknowledged: every instance of the group is refused
+    (507), no row is committed and the files are gone."""
+    import errno
+
+    from portal.archive import store as store_module
+
+    archive = archive_of(app)
+
+    def failing(_path: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store_module, "_fsync_dir", failing)
+    answers = archive.ingest_many([make_instance(value=i) for i in range(3)], who="batch")
+    monkeypatch.undo()
+    assert all(isinstance(a, Rejected) and a.http_status == 507 for a in answers)
+    assert counts(app)["instance"] == 0 and counts(app)["stored_object"] == 0
+    assert not files_on_disk(archive)
