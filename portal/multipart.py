@@ -99,6 +99,18 @@ class FilePart:
         Path(self.path).unlink(missing_ok=True)
 
 
+def located_part(content_type: str, payload: bytes, boundary: str, location: str) -> bytes:
+    """One body part with a Content-Location naming the resource it is (PS3.18 8.6.1.2)."""
+    return (f"--{boundary}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Location: {location}\r\nContent-Length: {len(payload)}\r\n\r\n"
+            ).encode("latin-1") + payload + b"\r\n"
+
+
+def closing(boundary: str) -> bytes:
+    """The close delimiter that ends a multipart body."""
+    return f"--{boundary}--\r\n".encode("latin-1")
+
+
 def stream_parts(parts: Iterable[tuple[str, bytes | FilePart]], boundary: str
                  ) -> Iterator[bytes]:
     """Yield a multipart/related body part by part (content type, payload)."""

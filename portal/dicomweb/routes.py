@@ -7,6 +7,7 @@ import logging
 from collections.abc import Iterator
 from functools import partial
 from typing import Any
+from urllib.parse import quote
 
 from flask import (
     Blueprint,
@@ -36,6 +37,7 @@ from portal.imaging.rendition import Rendition
 from portal.imaging.service import (
     RenderedImage,
     prepare_volume,
+    rendered_frames,
     rendered_image,
     run_isolated,
     volume_files,
@@ -504,22 +506,51 @@ def _image_response(image: RenderedImage) -> Response:
     return response
 
 
+MAX_RENDERED_PARTS = 500
+
+
 def _render_many(instances: list[Instance]) -> Response:
-    """PS3.18 rendered study or series: every image as multipart/related when the client asks
-    for multipart, else one representative (middle) image, as many clients expect."""
-    images = [i for i in instances if i.rows][:500]
+    """PS3.18 rendered study or series: every frame of every image (at most 500) as
+    multipart/related when the client asks for multipart, else one representative (middle)
+    image, as many clients expect.
+
+    The parts stream in order as they render (the render pool works ahead), each with a
+    Content-Location naming its frame's rendered resource, so a viewer gets a whole series'
+    small renditions in one request and shows the first at once (docs/conformance/dicomweb.md
+    "Rendered series"). The read is recorded before the first byte (``_reads_recorded``); an
+    image that cannot be rendered loses its own part only.
+    """
+    images = [i for i in instances if i.rows]
     if not images:
         abort(404, "no images")
     if "multipart/related" not in request.headers.get("Accept", "").lower():
         return _render(images[len(images) // 2], 1, thumbnail=False)
     rendition = _rendition(thumbnail=False)
-    parts = [(rendition.media_type, rendered_image(db.session, i, 1, rendition).body())
-             for i in images]
+    frames = [(i, number) for i in images
+              for number in range(1, max(i.number_of_frames, 1) + 1)][:MAX_RENDERED_PARTS]
+    query = request.query_string.decode("latin-1")
+    query = f"?{query}" if query else ""
+    series_paths: dict[int, str] = {}  # each series' instances, as url_for spells it
+    for instance, _number in frames:
+        if instance.series_fk not in series_paths:
+            series_paths[instance.series_fk] = url_for(
+                "dicomweb.search_instances", study=instance.series.study.study_instance_uid,
+                series=instance.series.series_instance_uid)
+    locations = [f"{series_paths[i.series_fk]}/{quote(i.sop_instance_uid)}/frames/{number}"
+                 f"/rendered{query}" for i, number in frames]
     boundary = multipart.new_boundary()
-    return Response(b"".join(multipart.stream_parts(parts, boundary)), headers={
+    bodies = rendered_frames(db.session, frames, rendition)
+
+    def body() -> Iterator[bytes]:
+        for location, payload in zip(locations, bodies, strict=True):
+            if payload is not None:
+                yield multipart.located_part(rendition.media_type, payload, boundary, location)
+        yield multipart.closing(boundary)
+
+    return Response(stream_with_context(body()), headers={
         "Content-Type": f'multipart/related; type="{rendition.media_type}"; '
                         f"boundary={boundary}",
-        "Cache-Control": "private, max-age=86400"})
+        "Cache-Control": "private, max-age=86400", "Vary": "Accept"})
 
 
 @bp.get("/studies/<study>/rendered")

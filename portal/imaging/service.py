@@ -19,8 +19,13 @@ they parse, authorise and answer. Access is checked before anything here is aske
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import logging
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any, cast
 
@@ -38,6 +43,7 @@ from portal.index.service import middle_image
 from portal.metrics import CACHE_REQUESTS
 from portal.redis_link import redis_link
 
+log = logging.getLogger(__name__)
 _AUTO = Rendition()  # no window asked for: the file's own, else the series default
 
 
@@ -287,3 +293,69 @@ def forms_volume(images: list[Instance]) -> bool:
     return all(i.number_of_frames == 1 and i.image_orientation_patient and i.pixel_spacing
                and i.image_position_patient and (i.rows, i.columns) == (first.rows, first.columns)
                for i in images)
+
+
+# -- many images in one answer (a series' stack) -------------------------------------------
+
+def rendered_frames(session: Session, frames: list[tuple[Instance, int]], rendition: Rendition,
+                    ahead: int = 0) -> Iterator[bytes | None]:
+    """Each (instance, 1-based frame) in ``rendition``, in the order given, as soon as it is
+    ready: from the render cache, else rendered, up to ``ahead`` images ahead in threads (the
+    render pool runs them side by side; 0: as many as it has processes). None for an image that cannot be rendered (the
+    reason is logged): one bad file loses its own part only.
+
+    Everything that needs the database (where the files are, each series' middle image for
+    the default window) is read now, before the first image; the threads touch only files
+    and the cache, each inside its own application context. Access is checked before this is
+    asked.
+    """
+    from portal.archive import current_archive
+
+    if not frames:
+        return iter(())
+    ahead = ahead or int(current_app.config["PORTAL"]["RENDER_WORKERS"])
+    app = cast(Flask, current_app._get_current_object())  # type: ignore[attr-defined]
+    archive = current_archive()
+    stored = archive.locate_many(sorted({i.sop_instance_uid for i, _ in frames}))
+    middles = {fk: _series_middle(session, fk) for fk in
+               {i.series_fk for i, _ in frames if _shows_series_window(i, rendition)}}
+    jobs = [(stored.get(i.sop_instance_uid), number, middles.get(i.series_fk, False))
+            for i, number in frames]
+
+    def one(source: StoredFile | None, number: int, middle: StoredFile | bool | None
+            ) -> bytes | None:
+        if source is None:
+            return None
+        try:
+            with app.app_context():
+                return RenderedImage(
+                    rendition.cache_key(source.sha256, number), rendition.media_type,
+                    partial(_render, source, number - 1, rendition) if middle is False else
+                    partial(_render_in_series, source, number - 1, rendition,
+                            cast(StoredFile | None, middle))).body()
+        except Exception:  # e.g. FrameNotFound, RenderRefused, a corrupt or vanished file
+            log.warning("an image of a stack could not be rendered; its part is left out",
+                        exc_info=True)
+            return None
+
+    return _in_order(one, jobs, ahead)
+
+
+def _in_order(one: Callable[..., bytes | None], jobs: list[tuple[Any, ...]], ahead: int
+              ) -> Iterator[bytes | None]:
+    """``one(*job)`` for every job, yielded in order, at most ``ahead`` running ahead."""
+    with ThreadPoolExecutor(max_workers=max(1, ahead),
+                            thread_name_prefix="stack") as threads:
+        pending: deque[Future[bytes | None]] = deque()
+        queued = iter(jobs)
+        try:
+            for job in islice(queued, ahead + 1):
+                pending.append(threads.submit(one, *job))
+            while pending:
+                done = pending.popleft().result()
+                for job in islice(queued, 1):
+                    pending.append(threads.submit(one, *job))
+                yield done
+        finally:  # a reader who went away: nothing more is started
+            for future in pending:
+                future.cancel()

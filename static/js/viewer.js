@@ -2,6 +2,7 @@
 // measurements. Data about the series comes inline (#viewer-data); images from /dicomweb.
 import { attachGestures } from './viewer/gestures.js';
 import { ImageStore } from './viewer/loader.js';
+import { loadStack } from './viewer/stack.js';
 import { clamp, lengthMm, markers, pickWidth, windowMap } from './viewer/geometry.js';
 import { sessionEnded, showSessionEnded } from './viewer/session.js';
 
@@ -132,6 +133,18 @@ function want(wants, key, kind, width, win, priority) {
 
 let direction = 1;
 
+// Every slice's preview comes in one request, the series' stack (viewer/stack.js): scrolling
+// shows them at once; full-size images are asked for once the slice stays put ("calm").
+const stack = { state: 'loading', planned: state.index, movedAt: -1e9, timer: 0 };
+
+/** True when the slice has not changed for 150 ms (or cine plays: it wants full size). */
+function calm() {
+  if (state.index !== stack.planned) { stack.planned = state.index; stack.movedAt = performance.now(); }
+  const still = state.playing || performance.now() - stack.movedAt >= 150;
+  if (!still && !stack.timer) stack.timer = window.setTimeout(() => { stack.timer = 0; plan(); }, 160);
+  return still;
+}
+
 /** Tell the loader what to fetch now: on screen first, then around it, then previews. */
 function plan() {
   /** @type {{url: string, priority: number}[]} */
@@ -142,11 +155,13 @@ function plan() {
   if (state.view === 'stack') {
     const n = frames.length;
     const key = currentKey();
-    if (!bestFor(key)) want(wants, key, 'thumb', 128, null, 0);
-    want(wants, key, 'full', width, live, 1);
+    const streaming = stack.state === 'loading';
+    const still = calm();
+    if (!bestFor(key) && !streaming) want(wants, key, 'thumb', 128, null, 0);
+    if (still) want(wants, key, 'full', width, live, 1);
     const zoomed = wantedWidth(state.zoom);
-    if (zoomed > width) want(wants, key, 'full', zoomed, live, 1.5);
-    const ahead = 30;
+    if (still && zoomed > width) want(wants, key, 'full', zoomed, live, 1.5);
+    const ahead = still ? (streaming ? 3 : 30) : 0; // the stack's bytes first while it streams
     const behind = 10;
     for (let d = 1; d <= ahead; d += 1) {
       for (const s of [direction, -direction]) {
@@ -158,9 +173,9 @@ function plan() {
     // Previews make every slice scrollable at once; a very long series gets them nearby only.
     const reach = n <= 1000 ? n : 150;
     for (let i = Math.max(0, state.index - reach); i < Math.min(n, state.index + reach + 1); i += 1) {
-      want(wants, `s${i}`, 'thumb', 128, null, 10 + Math.abs(i - state.index) / n);
+      if (!streaming) want(wants, `s${i}`, 'thumb', 128, null, 10 + Math.abs(i - state.index) / n);
       // Small series load whole in the background, so every slice scrolls at full size.
-      if (n <= 400 && isDefault(live)) want(wants, `s${i}`, 'full', width, live, 100 + Math.abs(i - state.index));
+      if (still && !streaming && n <= 400 && isDefault(live)) want(wants, `s${i}`, 'full', width, live, 100 + Math.abs(i - state.index));
     }
   } else if (volume.state !== 'ready') {
     checkVolume(); // reformats are cut once the volume is built; meanwhile its progress shows
@@ -886,5 +901,16 @@ setTool('scroll');
 root.classList.add('ready');
 const startView = startParams.get('view');
 if (startView && startView !== 'stack' && [...viewSelect.options].some((o) => o.value === startView)) setView(startView);
+// The stack: each part names its frame (Content-Location); it stands for that slice's preview.
+const slotOf = new Map(frames.map(([sop, f], i) => [`${sop}/${f}`, i]));
+loadStack(`${base}/rendered?width=128`, 'image/jpeg', (location, blob) => {
+  const found = /\/instances\/([^/]+)\/frames\/(\d+)\/rendered/.exec(location);
+  const i = found ? slotOf.get(`${decodeURIComponent(found[1])}/${found[2]}`) : undefined;
+  if (i === undefined) return;
+  const url = urlFor(`s${i}`, 'thumb', 128, null);
+  if (!meaning.has(url)) meaning.set(url, { key: `s${i}`, window: defaultWindow, width: 128, full: false });
+  store.add(url, blob);
+}).then(() => { stack.state = 'done'; }, () => { stack.state = 'failed'; }) // one by one then
+  .finally(schedulePlan);
 plan();
 invalidate();

@@ -31,6 +31,8 @@ export class ImageStore {
     this.loading = new Set();
     /** @type {Set<string>} */
     this.failed = new Set();
+    /** Images handed over whole (add), still decoding. @type {Set<string>} */
+    this.adding = new Set();
     /** @type {Want[]} */
     this.queue = [];
     this.bytes = 0;
@@ -43,7 +45,8 @@ export class ImageStore {
 
   /** @param {string} url */
   has(url) {
-    return this.done.has(url) || this.loading.has(url) || this.failed.has(url);
+    return this.done.has(url) || this.loading.has(url) || this.failed.has(url)
+      || this.adding.has(url);
   }
 
   /**
@@ -55,6 +58,23 @@ export class ImageStore {
       .sort((a, b) => a.priority - b.priority);
     this.keep = new Set(wants.map((w) => w.url));
     this.pump();
+  }
+
+  /**
+   * Keep an image that came another way (a part of the series' stack) as if loaded here.
+   * @param {string} url what it stands for @param {Blob} blob
+   */
+  add(url, blob) {
+    if (this.has(url)) return;
+    const img = new Image();
+    const src = URL.createObjectURL(blob);
+    img.src = src;
+    this.adding.add(url); // decoding: not to be asked for meanwhile
+    img.decode().then(() => {
+      this.done.set(url, img);
+      this.evict();
+      this.onLoad(url, true);
+    }, () => {}).finally(() => { this.adding.delete(url); URL.revokeObjectURL(src); });
   }
 
   /** Number of requests still queued or in flight. */
