@@ -74,15 +74,22 @@ def readyz() -> tuple[Response, int]:
 
 
 def _jobs_state() -> dict[str, object]:
-    """The job queue (counts only: no job's name or arguments on this public page); never
-    makes the node unready: a failed job is the console's business, not the balancer's."""
+    """The job queue (counts only: no job's name or arguments on this public page), read at
+    most every PROBE_INTERVAL_SECONDS per process like the external archive; never makes the
+    node unready: a failed job is the console's business, not the balancer's."""
     from portal import jobs
 
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    now = time.monotonic()
+    last: tuple[float, dict[str, object]] | None = app.extensions.get("readyz_jobs")
+    if last is not None and now - last[0] < PROBE_INTERVAL_SECONDS:
+        return last[1]
     try:
-        seen = jobs.status(current_app._get_current_object())  # type: ignore[attr-defined]
+        state: dict[str, object] = {"state": "ok", **jobs.status(app)}
     except Exception:  # Redis down: the cache check above says so; jobs run in process
-        return {"state": "unavailable"}
-    return {"state": "ok", **seen}
+        state = {"state": "unavailable"}
+    app.extensions["readyz_jobs"] = (now, state)
+    return state
 
 
 # /readyz is public: a probe of the external archive runs at most this often per process, so
