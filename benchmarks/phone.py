@@ -13,7 +13,12 @@ a phone profile, then throttles the network through CDP (``Network.emulateNetwor
   tap and bytes until the study page paints its first image ("list tap");
 * opens the viewer: time and bytes until the first image is painted (a 128-pixel preview
   first, then the image at the screen's size), and the time until every slice has a preview
-  ("scrollable") and until every slice is there at full size.
+  ("scrollable") and until every slice is there at full size;
+* flicks through the viewer's 150 slices from the first second after opening it, one slice per
+  drawn frame, and counts the slices shown per second (issue 17 item 3: >= 20): with the
+  series' stack (one PS3.18 rendered-series request, ``tests/studies/test_series_stack.py``)
+  and, before it, with per-frame URLs only (the stack's request aborted: what the viewer did
+  before, one request per slice).
 
 Times count from the navigation's start (``performance.timeOrigin``); bytes are the transfer
 sizes (headers and bodies) of the document and every resource finished by then. Run 1 meets a
@@ -53,6 +58,7 @@ from ingest import (  # noqa: E402
 )
 
 from tests.browser import chromium, loopback_only, phone  # noqa: E402
+from tests.studies.test_series_stack import flick  # noqa: E402
 from tests.support.orthanc import free_ports  # noqa: E402
 
 DOWN_BPS = 1_600_000
@@ -64,6 +70,9 @@ GOALS = {"first_image_s": 2.0, "first_image_kb": 250.0, "list_tap_s": 1.0, "list
 
 # Issue 13 item 2: the first sagittal of a stored CT (its volume built after ingest) <= 1 s.
 GOALS["first_sagittal_s"] = 1.0
+# Issue 17 item 3: slices visible per second while flicking, from the first second.
+GOALS["flick_slices_per_s"] = 20.0
+STACK_URLS = "**/rendered?width=128"
 
 # Runs in every page before its own scripts: keep all resource timings, note when the viewer
 # first paints a preview and the full-size image, and when the study page shows a preview.
@@ -219,6 +228,23 @@ def measure_first_sagittal(page: Any) -> dict[str, Any]:
     return {"first_sagittal_s": (marks["sagittal"] - marks["sagittalAsked"]) / 1000}
 
 
+def measure_flick(page: Any, cdp: Any, base: str, study: str, series: str) -> dict[str, Any]:
+    """Flick through the viewer from its first second: with the stack, then per frame."""
+    viewer = f"{base}/studies/{study}/view/{series}"
+    clear_caches(cdp, base)
+    after = flick(page, viewer)
+    clear_caches(cdp, base)
+    page.route(STACK_URLS, lambda route: route.abort())
+    try:
+        before = flick(page, viewer)
+    finally:
+        page.unroute(STACK_URLS)
+    return {"flick_slices_per_s": after["per_second"],
+            "flick_from_stack_first_byte_per_s": after.get("per_second_from_stack", 0.0),
+            "flick_stack_first_byte_s": after.get("stack_first_byte_s", 0.0),
+            "flick_per_frame_urls_per_s": before["per_second"]}
+
+
 def measure_run(page: Any, cdp: Any, base: str, study: str, series: str) -> dict[str, Any]:
     """One cold-cache run of the study page and of the viewer, then a tap from the list."""
     clear_caches(cdp, base)
@@ -238,7 +264,8 @@ def measure_run(page: Any, cdp: Any, base: str, study: str, series: str) -> dict
     total = page.evaluate(BYTES_UNTIL, marks["allFull"])
     sagittal = measure_first_sagittal(page)
     tap = measure_list_tap(page, base, study)
-    return {**tap, **sagittal,
+    flicked = measure_flick(page, cdp, base, study, series)
+    return {**tap, **sagittal, **flicked,
         "study_page_first_preview_s": thumb / 1000, "study_page_bytes": study_bytes["bytes"],
         "first_image_s": marks["first"] / 1000, "first_image_bytes": first_bytes["bytes"],
         "first_image_requests": first_bytes["count"],
@@ -304,13 +331,20 @@ def format_table(result: dict[str, Any]) -> str:
             ("all 150 slices scrollable (preview)", "all_slices_scrollable_s", "s"),
             ("all 150 slices at full size", "all_slices_full_size_s", "s"),
             ("bytes for all slices at full size", "all_slices_bytes", "KB"),
-            ("first sagittal (stored CT)", "first_sagittal_s", "s")]
+            ("first sagittal (stored CT)", "first_sagittal_s", "s"),
+            ("flick: slices shown / s, per-frame URLs", "flick_per_frame_urls_per_s", "/s"),
+            ("flick: slices shown / s, series stack", "flick_slices_per_s", "/s"),
+            ("  the same from the stack's first byte", "flick_from_stack_first_byte_per_s",
+             "/s"),
+            ("  the stack's first byte", "flick_stack_first_byte_s", "s")]
     lines = [f"{result['device']}, 1.6 Mbps down / 750 kbps up / 150 ms RTT, empty browser "
              "cache each run (but for the list tap)"
              + ("" if result.get("service_worker", True) else ", service worker blocked"),
              f"{'':40} {'run 1 (cold server)':>20} {'later runs (median)':>20}"]
     for label, key, unit in rows:
         def show(value: float, unit: str = unit) -> str:
+            if unit == "/s":
+                return f"{value:.1f} / s"
             return f"{value / 1024:.0f} KB" if unit == "KB" else f"{value:.2f} s"
 
         lines.append(f"{label:40} {show(runs[0][key]):>20} "
@@ -327,6 +361,10 @@ def format_table(result: dict[str, Any]) -> str:
                  f"({'met' if tap_s <= GOALS['list_tap_s'] else 'MISSED'}), "
                  f"<= {GOALS['list_tap_kb']:.0f} KB before it "
                  f"({'met' if tap_kb <= GOALS['list_tap_kb'] else 'MISSED'})")
+    flicked = statistics.median(r["flick_slices_per_s"] for r in later)
+    lines.append(f"goal (later runs): flicking from the first second >= "
+                 f"{GOALS['flick_slices_per_s']:.0f} slices / s "
+                 f"({'met' if flicked >= GOALS['flick_slices_per_s'] else 'MISSED'})")
     sagittal = runs[0]["first_sagittal_s"]  # run 1: no reformat rendered before it
     lines.append(f"goal (run 1): first sagittal of a stored CT <= {GOALS['first_sagittal_s']} s "
                  f"({'met' if sagittal <= GOALS['first_sagittal_s'] else 'MISSED'})")

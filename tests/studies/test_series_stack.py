@@ -15,6 +15,8 @@ from urllib.parse import unquote
 
 import pytest
 import requests
+from flask import Flask
+from flask.testing import FlaskClient
 from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import generate_uid
@@ -162,6 +164,34 @@ def test_the_stack_follows_access(site: Any, idp: IdentityProvider) -> None:
     assert study.status_code == 200
     assert all(f"/series/{ct.series}/" in location
                for _m, location, _p in _parts(study.headers["Content-Type"], study.data))
+
+
+def test_a_file_that_cannot_render_loses_its_own_part_only(app: Flask, client: FlaskClient,
+                                                            auth: dict[str, str]) -> None:
+    from pydicom.uid import RLELossless
+
+    from tests.factories import make_dataset, to_bytes
+
+    study, series = generate_uid(), generate_uid()
+    sops = [generate_uid() for _ in range(3)]
+    with app.app_context():
+        for number, sop in enumerate(sops, start=1):
+            ds = make_dataset(study=study, series=series, sop=sop, rows=64, columns=64,
+                              InstanceNumber=number, value=number)
+            ds.compress(RLELossless, generate_instance_uid=False)
+            data = bytearray(to_bytes(ds))
+            if number == 2:  # scribble over the RLE segment offsets: it cannot be decoded
+                header = data.index(b"\xfe\xff\x00\xe0",
+                                    data.index(b"\xe0\x7f\x10\x00") + 12 + 8)
+                data[header + 8:header + 72] = b"\xff" * 64
+            current_archive().ingest(bytes(data), who="test")
+    answer = client.get(f"/dicomweb/studies/{study}/series/{series}/rendered",
+                        headers={**auth, "Accept": 'multipart/related; type="image/png"'})
+    assert answer.status_code == 200
+    parts = _parts(answer.headers["Content-Type"], answer.data)
+    assert [location.split("/instances/")[1].split("/")[0] for _t, location, _p in parts] == \
+        [sops[0], sops[2]]
+    assert all(Image.open(io.BytesIO(payload)).format == "PNG" for _t, _l, payload in parts)
 
 
 FLICK = """async () => {
