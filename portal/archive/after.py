@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -148,10 +149,11 @@ def header_step(database: Database, headers: Callable[[list[str]], object]) -> S
     """Make and keep the header of each new series' middle image, which the viewer reads
     first (the others are made on first use, as before): ``headers`` is the archive's.
 
-    In the background (one thread, series waiting there are not queued twice), so no sender
-    waits for it: making a header costs a file read and a parse, and a series arriving one
-    instance a request (STOW-RS) moves its middle image with nearly every request. A caller
-    that ``wait``s (the CLI) has it made before it returns."""
+    In the background, a second after the first arrival (one thread; the series arriving
+    meanwhile join that run), so no sender waits for it: making a header costs a file read,
+    a parse and a write, and a series arriving one instance a request (STOW-RS) moves its
+    middle image with nearly every request. A caller that ``wait``s (the CLI) has it made
+    before it returns."""
 
     def warm(series: list[str]) -> None:
         with database.new_session() as session:
@@ -161,7 +163,7 @@ def header_step(database: Database, headers: Callable[[list[str]], object]) -> S
         if middles:
             headers(middles)
 
-    later = _Coalescing(warm)
+    later = _Coalescing(warm, delay=1.0)
 
     def step(arrival: Arrival) -> None:
         if arrival.wait:
@@ -173,10 +175,12 @@ def header_step(database: Database, headers: Callable[[list[str]], object]) -> S
 
 
 class _Coalescing:
-    """Runs ``work`` on one background thread for the series submitted since its last run."""
+    """Runs ``work`` on one background thread, ``delay`` seconds after a submission, for the
+    series submitted since its last run."""
 
-    def __init__(self, work: Callable[[list[str]], None]) -> None:
+    def __init__(self, work: Callable[[list[str]], None], *, delay: float) -> None:
         self._work = work
+        self._delay = delay
         self._pending: set[str] = set()
         self._lock = threading.Lock()
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="header-warm")
@@ -190,6 +194,7 @@ class _Coalescing:
         self._thread.submit(carry(self._run))
 
     def _run(self) -> None:
+        time.sleep(self._delay)  # what arrives meanwhile joins this run
         with self._lock:
             series = sorted(self._pending)
             self._pending.clear()

@@ -32,6 +32,11 @@ _building: set[str] = set()
 _failed: dict[str, str] = {}
 _building_lock = threading.Lock()
 VOLUME_MODALITIES = frozenset({"CT", "MR"})
+# Warm-ups queued on this process's pre-render lane and not started yet: a series receiving
+# one instance a request (STOW-RS, issue 17) is queued once while it waits, not once a
+# request (each would render again and rebuild the growing series' volume).
+_queued: set[tuple[str, bool]] = set()
+_queued_lock = threading.Lock()
 
 
 def _warm(app: Flask, series_uids: list[str]) -> None:
@@ -105,6 +110,8 @@ def _warm_all(app: Flask, series_uids: list[str], images: bool) -> None:
 def warm_series(series_uids: list[str], images: bool) -> None:
     """The job ``prerender`` (portal/jobs.py): warm these series up in the current app, on
     a worker of the job queue or on this process's pre-render thread."""
+    with _queued_lock:  # from now on, a new arrival queues the series again
+        _queued.difference_update((uid, images) for uid in series_uids)
     _warm_all(current_app._get_current_object(), series_uids,  # type: ignore[attr-defined]
               images)
 
@@ -123,6 +130,12 @@ def prerender(series_uids: Iterable[str], app: Flask | None = None, *,
     uids = sorted(set(series_uids))
     if uids:
         app = app or current_app._get_current_object()  # type: ignore[attr-defined]
+        if not wait and not jobs.uses_queue(app):
+            with _queued_lock:
+                uids = [uid for uid in uids if (uid, images) not in _queued]
+                _queued.update((uid, images) for uid in uids)
+            if not uids:
+                return  # already waiting on the lane: it will see these instances too
         jobs.enqueue("prerender", uids, images, wait=wait, app=app)
 
 

@@ -126,6 +126,43 @@ def test_stow_keeps_the_middle_header_without_making_the_sender_wait(app: Flask)
     assert wait_for(lambda: middle in kept(), timeout=20)
     assert kept()[middle]["0020000D"]["Value"] == [study]
 
+
+def test_a_series_sent_one_instance_a_request_is_prerendered_once_while_it_waits(
+        app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 17: while the pre-render lane is busy (a volume being built), the instances of a
+    series sent one a request queue one warm-up of it, not one a request (each would render
+    again and rebuild the growing series' volume, taking the CPU from the senders)."""
+    import threading
+
+    from portal import jobs
+    from portal.imaging import prerender
+
+    study, series = generate_uid(), generate_uid()
+    runs: list[list[str]] = []
+    real = prerender.warm_series
+
+    def counted(series_uids: list[str], images: bool) -> None:
+        runs.append(list(series_uids))
+        real(series_uids, images)
+
+    monkeypatch.setattr(prerender, "warm_series", counted)
+    busy = threading.Event()
+    jobs._lane("prerender").submit(busy.wait, 30)
+    auth = basic_auth(*make_client(app, "modality"))
+    client = app.test_client()
+    try:
+        for number in range(1, 6):
+            ds = make_dataset(study=study, series=series, InstanceNumber=number)
+            assert client.post("/dicomweb/studies", headers=headers(auth),
+                               data=multipart(to_bytes(ds))).status_code == 200
+    finally:
+        busy.set()
+    assert wait_for(lambda: bool(runs), timeout=20)
+    done = threading.Event()
+    jobs._lane("prerender").submit(done.set)
+    assert done.wait(30)
+    assert runs == [[series]]
+
 # -- reports from SR and PDF objects, at once ------------------------------------------------
 
 @pytest.fixture
