@@ -215,6 +215,28 @@ def test_stow_through_nginx_lands_in_orthanc_and_is_served_by_every_node(
     assert http.get(cluster.url + "/readyz", timeout=10).json()["status"] == "ready"
 
 
+def test_background_work_runs_on_the_job_worker(cluster: Cluster, study: Study) -> None:
+    """The nodes put the upload's pre-rendering on the RQ queue and the cluster's worker (not
+    a node) ran it: its jobs are in RQ's finished registry, none failed, /readyz shows the
+    worker, and the thumbnail it made is in the shared Redis cache."""
+    import redis
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    connection = redis.Redis.from_url(cluster.redis_url)
+    queue = Queue("portal", connection=connection, serializer=JSONSerializer)
+
+    def prerendered() -> bool:
+        jobs = [queue.fetch_job(i) for i in queue.finished_job_registry.get_job_ids()]
+        return any(job is not None and job.description == "prerender" for job in jobs)
+
+    assert wait_for(prerendered, timeout=60, interval=0.5), "no pre-render job finished"
+    assert queue.failed_job_registry.count == 0
+    ready = https(cluster).get(cluster.url + "/readyz", timeout=10).json()
+    assert ready["jobs"]["workers"] >= 1 and ready["jobs"]["mode"] == "queue", ready
+    assert connection.keys("render:*"), "the worker's renditions are not in the shared cache"
+
+
 def test_nginx_front_tls_http2_static_and_body_limit(cluster: Cluster) -> None:
     import subprocess
 

@@ -3,7 +3,9 @@
 One PostgreSQL (the portal's index and Orthanc's, in two databases), one Redis, Orthanc with
 ``orthanc-postgresql`` (index AND storage in PostgreSQL) and its DICOMweb plugin as the
 archive tier, N portal nodes under gunicorn (each with its own instance folder: nothing on
-a node's disk is the only copy of anything), and nginx in front with TLS and HTTP/2, the
+a node's disk is the only copy of anything), an RQ job worker (``flask jobs worker``, with
+its scheduler: the nodes put pre-rendering, notices and the periodic jobs on its queue), and
+nginx in front with TLS and HTTP/2, the
 config filled in from ``deploy/nginx.conf.template``. Everything binds 127.0.0.1 on free
 ports under one temp folder, and ``stop()`` ends and removes it all.
 
@@ -144,6 +146,8 @@ class Cluster:
         self.nodes: list[Node] = []
         self.nginx_port = free_port()
         self.nginx_process: subprocess.Popen[bytes] | None = None
+        # `flask jobs worker` (RQ, with its scheduler) beside the nodes, on node a's settings.
+        self.worker_process: subprocess.Popen[bytes] | None = None
         self.secret_key = secrets.token_urlsafe(48)
         self.database_url = ""
         self.client_secret = ""
@@ -196,6 +200,7 @@ class Cluster:
             self._prepare_nodes()
             for node in self.nodes:
                 self.start_node(node)  # one after the other: the first one migrates
+            self.start_worker()
             self._start_nginx()
         except BaseException:
             self.stop()
@@ -203,7 +208,8 @@ class Cluster:
 
     def stop(self) -> None:
         """Stop everything that runs and remove the temp folder; safe to call twice."""
-        steps = [self._stop_nginx, *[lambda n=n: self.stop_node(n) for n in self.nodes],
+        steps = [self._stop_nginx, self.stop_worker,
+                 *[lambda n=n: self.stop_node(n) for n in self.nodes],
                  self.stop_orthanc, self.resume_redis, self.stop_redis, self._stop_postgres]
         for step in steps:
             try:
@@ -385,6 +391,48 @@ class Cluster:
         """Stop a node gracefully (SIGTERM to its process group)."""
         node = node if isinstance(node, Node) else self.node(node)
         process, node.process = node.process, None
+        if process is None or process.poll() is not None:
+            return
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+    # -- the job worker ----------------------------------------------------------------------
+
+    def start_worker(self) -> None:
+        """Start `flask jobs worker` (an RQ worker with its scheduler) and wait until the
+        queue sees it: from then on the nodes put background work on the queue."""
+        if self.worker_process is not None and self.worker_process.poll() is None:
+            return
+        # The nodes' settings, with a folder of its own: what it fetches from Orthanc to
+        # render lands on no node's disk.
+        folder = self.root / "worker"
+        (folder / "instance").mkdir(parents=True, exist_ok=True)
+        env = {**self.nodes[0].env, "PORTAL_INSTANCE_PATH": str(folder / "instance")}
+        with open(folder / "worker.log", "ab") as log:
+            self.worker_process = subprocess.Popen(
+                [sys.executable, "-m", "flask", "--app", "app", "jobs", "worker"], cwd=REPO,
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        client = redis.Redis.from_url(self.redis_url, socket_timeout=1)
+
+        def registered() -> bool:
+            try:
+                return any(key.startswith(b"rq:worker:") for key in client.keys("rq:worker:*"))
+            except redis.RedisError:
+                return False
+
+        if not wait_for(lambda: registered() or self.worker_process is None
+                        or self.worker_process.poll() is not None, timeout=60) \
+                or self.worker_process.poll() is not None:
+            raise ClusterError("the job worker did not start: "
+                               + (folder / "worker.log").read_text()[-2000:])
+
+    def stop_worker(self) -> None:
+        """Stop the job worker (SIGTERM: it finishes the job it runs)."""
+        process, self.worker_process = self.worker_process, None
         if process is None or process.poll() is not None:
             return
         os.killpg(process.pid, signal.SIGTERM)
