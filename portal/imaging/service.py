@@ -301,8 +301,8 @@ def rendered_frames(session: Session, frames: list[tuple[Instance, int]], rendit
                     ahead: int = 0) -> Iterator[bytes | None]:
     """Each (instance, 1-based frame) in ``rendition``, in the order given, as soon as it is
     ready: from the render cache, else rendered, up to ``ahead`` images ahead in threads (the
-    render pool runs them side by side; 0: as many as it has processes). None for an image that cannot be rendered (the
-    reason is logged): one bad file loses its own part only.
+    render pool runs them side by side; 0: as many as it has processes). None for an image
+    that cannot be rendered (the reason is logged): one bad file loses its own part only.
 
     Everything that needs the database (where the files are, each series' middle image for
     the default window) is read now, before the first image; the threads touch only files

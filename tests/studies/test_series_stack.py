@@ -32,7 +32,8 @@ from tests.conftest import IdentityProvider, LiveServer, close_app, signed_in
 from tests.factories import make_instance
 from tests.studies.support import PHYSICIAN, CtSite, build_ct_site, sign_in_browser
 
-STACK = 'multipart/related; type="image/jpeg"'
+STACK = 'multipart/related; type="image/webp"'
+STACK_QUERY = "/rendered?width=128&quality=70"  # what the viewer asks for
 RTT_MS = 150
 # Issue 17 item 3: slices visible per second while flicking, from the first second.
 GOAL_SLICES_PER_SECOND = 20
@@ -106,7 +107,7 @@ def test_the_stack_is_every_slice_in_order_streamed(site: Any, idp: IdentityProv
     cookie = doctor.get_cookie(ct.app.session_interface.cookie_name(ct.app))  # type: ignore[attr-defined]
     assert cookie is not None
     base = f"/dicomweb/studies/{ct.study}/series/{ct.series}"
-    with requests.get(f"{server.url}{base}/rendered?width=128", headers={"Accept": STACK},
+    with requests.get(f"{server.url}{base}{STACK_QUERY}", headers={"Accept": STACK},
                       cookies={cookie.key: cookie.value}, stream=True, timeout=120) as answer:
         assert answer.status_code == 200, answer.text[:300]
         # Streamed as rendered (no length known up front), so the first slice comes at once.
@@ -120,15 +121,15 @@ def test_the_stack_is_every_slice_in_order_streamed(site: Any, idp: IdentityProv
     assert len(parts) == len(expected) == ct.slices
     named = []
     for media, location, payload in parts:
-        assert media == "image/jpeg"
+        assert media == "image/webp"
         assert location.startswith(f"{base}/instances/") and location.endswith(
-            "/frames/1/rendered?width=128")
+            f"/frames/1{STACK_QUERY}")
         named.append(unquote(location.split("/instances/")[1].split("/")[0]))
         assert Image.open(io.BytesIO(payload)).size[0] == 128
     assert named == expected
     # Each part is that frame's own rendition, byte for byte (the same render cache key).
     middle = parts[len(parts) // 2]
-    single = doctor.get(middle[1])
+    single = doctor.get(middle[1], headers={"Accept": "image/webp"})
     assert single.status_code == 200 and single.data == middle[2]
 
 
@@ -210,7 +211,7 @@ FLICK = """async () => {
     steps.push([performance.now(), ['preview', 'full'].includes(v.dataset.quality)]);
   }
   const stack = performance.getEntriesByType('resource')
-    .find((e) => e.name.endsWith('/rendered?width=128'));
+    .find((e) => e.name.endsWith('/rendered?width=128&quality=70'));
   const page = performance.getEntriesByType('navigation')[0];
   return { steps, stackFirstByte: stack ? stack.responseStart : null,
     pageFirstByte: page.responseStart };
@@ -263,8 +264,8 @@ def test_a_phone_flicks_through_the_ct_over_a_slow_link(site: Any) -> None:
                                f"'{ct.slices}'", timeout=120_000)
         throttle(context, page, RTT_MS)
         stacks: list[str] = []
-        page.on("request", lambda r: stacks.append(r.url) if r.url.endswith(
-            "/rendered?width=128") else None)
+        page.on("request", lambda r: stacks.append(r.url) if r.url.endswith(STACK_QUERY)
+                else None)
         started = time.monotonic()
         result = flick(page, f"{server.url}{viewer}")
         assert time.monotonic() - started < 60
