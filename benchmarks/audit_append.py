@@ -82,7 +82,11 @@ def _threads(database: Any, writers: int, start_at: float, stop_at: float,
         time.sleep(max(0.0, start_at - time.time()))
         while time.time() < stop_at:
             began = time.perf_counter()
-            append(database, n)
+            try:
+                append(database, n)
+            except Exception as exc:  # e.g. lock_timeout in the old lock's queue
+                print(f"append failed: {exc.__class__.__name__}", file=sys.stderr)
+                continue
             mine.append(time.perf_counter() - began)
             n += 1
 
@@ -105,8 +109,10 @@ def _process(url: str, instance: str, writers: int, seconds: float, mode: str,
     ready.put(True)
     go.wait()
     start_at = time.time()
-    results.put(_threads(database, writers, start_at, start_at + seconds, mode))
-    database.dispose()
+    try:
+        results.put(_threads(database, writers, start_at, start_at + seconds, mode))
+    finally:
+        database.dispose()
 
 
 def _run(database: Any, url: str, instance: Path, writers: int, processes: int,
@@ -126,12 +132,16 @@ def _run(database: Any, url: str, instance: Path, writers: int, processes: int,
                    for share in shares if share]
         for worker in workers:
             worker.start()
-        for _ in workers:  # every process has started its app: all begin together
-            ready.get(timeout=300)
-        go.set()
-        merged = [x for _ in workers for x in results.get(timeout=seconds + 120)]
-        for worker in workers:
-            worker.join()
+        try:
+            for _ in workers:  # every process has started its app: all begin together
+                ready.get(timeout=300)
+            go.set()
+            merged = [x for _ in workers for x in results.get(timeout=seconds + 120)]
+        finally:
+            for worker in workers:
+                worker.join(timeout=30)
+                if worker.is_alive():
+                    worker.kill()
     merged.sort()
     return len(merged), merged
 
