@@ -1,9 +1,9 @@
 """A web worker killed (kill -9) in the middle of a STOW-RS upload, under real gunicorn on
-PostgreSQL (issue 16 items 3 and 6): the instances whose batch committed are indexed WITH
-their 110104 record counting exactly them (the record is committed with the rows, not by a
-later after-ingest step); the files of the batch that never committed are reported by
-``flask archive verify``; the client, which got no answer, re-sends and all is stored and
-recorded once."""
+PostgreSQL (issue 16 items 3 and 6): what the index kept and what the 110104 records count
+are the same (the record is committed with the rows, not by a later after-ingest step; STOW-RS
+commits one transaction a request, so a kill before its commit keeps none and records none);
+the files written for the transaction that never committed are reported by ``flask archive
+verify``; the client, which got no answer, re-sends and all is stored and recorded once."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from typing import Any
 
 import psycopg
 import pytest
+from flask import Flask
 from pydicom.uid import generate_uid
+from sqlalchemy import select
 
 from tests.conftest import REPO, PostgresCluster, basic_auth, wait_for
 from tests.dicomweb.test_stow import headers, multipart
 from tests.factories import make_instance
 from tests.support.gunicorn import Served, served
-
-pytestmark = pytest.mark.postgres
 
 
 def stow(node: Served, body: bytes) -> int | str:
@@ -60,6 +60,7 @@ def kept(conn: psycopg.Connection[Any], study: str) -> tuple[int, int]:
     return indexed[0], sum(int(details["instances"]) for (details,) in recorded)
 
 
+@pytest.mark.postgres
 def test_a_worker_killed_mid_stow_leaves_rows_and_records_consistent(
         tmp_path: Path, postgres: PostgresCluster) -> None:
     url = postgres.new_database()
@@ -67,9 +68,9 @@ def test_a_worker_killed_mid_stow_leaves_rows_and_records_consistent(
     instance = tmp_path / "instance"
     study_a, study_b = generate_uid(), generate_uid()
     series_a, series_b = generate_uid(), generate_uid()
-    # 40 instances of a new study, then 20 of a study the archive already has: the first
-    # batch (32, study A) commits; the second (8 of A, 20 of B) waits on study B's row, which
-    # this test holds, and the worker is killed while it waits.
+    # 40 instances of a new study, then 20 of a study the archive already has: the request's
+    # transaction waits on study B's row, which this test holds, and the worker is killed
+    # while it waits.
     parts = [make_instance(study=study_a, series=series_a, InstanceNumber=n)
              for n in range(40)]
     parts += [make_instance(study=study_b, series=series_b, InstanceNumber=n)
@@ -85,21 +86,22 @@ def test_a_worker_killed_mid_stow_leaves_rows_and_records_consistent(
             upload = threading.Thread(target=lambda: answers.append(stow(node, body)))
             upload.start()
 
-            def second_batch_waits() -> bool:
+            def commit_waits() -> bool:
                 found = watcher.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = "
                     "current_database() AND wait_event_type = 'Lock'").fetchone()
                 return found is not None and found[0] > 0
 
-            assert wait_for(second_batch_waits, timeout=60, interval=0.02)
+            assert wait_for(commit_waits, timeout=60, interval=0.02)
             os.kill(worker_of(node.pid), signal.SIGKILL)
             upload.join(timeout=60)
             holder.rollback()
         assert answers and answers[0] != 200, answers  # nothing was acknowledged
-        # What the first batch kept is indexed and recorded, exactly: 32 and 32.
-        assert kept(watcher, study_a) == (32, 32)
+        # Indexed and recorded agree: nothing of the killed request (before the group commit,
+        # 32 instances of a committed batch were kept and none recorded).
+        assert kept(watcher, study_a) == (0, 0)
         assert kept(watcher, study_b) == (1, 1)
-        # The 28 files written for the batch that died are reported, not invisible.
+        # The 60 files written for the transaction that died are reported, not invisible.
         env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_")}
         env.update(PORTAL_INSTANCE_PATH=str(instance), PORTAL_ENV="test",
                    PORTAL_DATABASE_URL=url)
@@ -107,8 +109,8 @@ def test_a_worker_killed_mid_stow_leaves_rows_and_records_consistent(
                                  "verify"], cwd=REPO, env=env, capture_output=True,
                                 text=True, timeout=120, check=False)
         assert verify.returncode == 1, verify.stdout + verify.stderr
-        assert verify.stdout.count("unreferenced file") == 28, verify.stdout
-        assert "28 problem(s) found" in verify.stdout
+        assert verify.stdout.count("unreferenced file") == 60, verify.stdout
+        assert "60 problem(s) found" in verify.stdout
         # The client re-sends (to the worker gunicorn started instead): everything is stored,
         # each instance counted by exactly one record, and no file is left unreferenced.
         assert wait_for(lambda: stow(node, body) == 200, timeout=60, interval=0.5)
@@ -118,3 +120,23 @@ def test_a_worker_killed_mid_stow_leaves_rows_and_records_consistent(
                                 "verify"], cwd=REPO, env=env, capture_output=True, text=True,
                                timeout=120, check=False)
         assert again.returncode == 0 and "0 problem(s) found" in again.stdout, again.stdout
+
+
+def test_the_stow_record_is_committed_with_the_rows_before_any_after_step(
+        app: Flask) -> None:
+    """The after-ingest steps never run (the worker dies right after the commit): the
+    110104 record is there anyway, counting what was kept (on the old code: no record)."""
+    from portal.access.models import AuditEvent
+    from portal.archive import current_archive
+
+    study = generate_uid()
+    parts = [make_instance(study=study, InstanceNumber=n) for n in range(5)]
+    with app.app_context():
+        answers = current_archive().ingest_many(parts, who="machine:modality",
+                                                source_address="127.0.0.1")
+    assert len(answers) == 5
+    with app.extensions["db"].new_session() as session:
+        rows = list(session.scalars(select(AuditEvent).where(
+            AuditEvent.event_id == "110104", AuditEvent.study_instance_uid == study)))
+    assert [(r.who, r.details) for r in rows] == [("machine:modality", {"instances": 5})]
+    assert rows[0].record_hash  # SQLite: sealed in the same transaction
