@@ -42,7 +42,10 @@ OUTSIDE = "outside any request: listener, background thread, CLI, probe"
 ALLOWED: dict[tuple[str, str], str] = {
     **{("portal.archive.ingest", f"Archive.{name}"): INGEST for name in (
         "_commit_batch", "_commit_one", "_alert", "record_rejections", "_identical",
-        "_forget", "reap", "verify")},
+        "_identical_many", "_forget", "reap", "verify")},
+    ("portal.archive.after", "header_step.warm"):
+        "background: the new series' middle headers, a second after the arrival, outside "
+        "any request",
     ("portal.archive.ingest", "Archive.header"):
         "header cache: made from the file once, kept whatever the request answers",
     **{("portal.archive.copies", f"RemoteCopies.{name}"): EXTERNAL for name in (
