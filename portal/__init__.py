@@ -37,23 +37,31 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
         app.wsgi_app = TrustedProxies(  # type: ignore[method-assign]
             app.wsgi_app, settings["TRUSTED_PROXIES"], settings["TRUSTED_PROXY_ADDRESSES"])
 
-    from portal import archive, assets, errors, health, log, numbers, redis_link, security
+    from portal import (
+        archive,
+        assets,
+        audit,
+        errors,
+        health,
+        log,
+        monitoring,
+        numbers,
+        redis_link,
+        security,
+    )
     from portal.access import policy
     from portal.auth import bearer, oidc
     from portal.auth.sessions import DatabaseSessionInterface, refuse_without_database
     from portal.db import Database
     from portal.imaging import service as imaging
+    from portal.sharing import routes as sharing_routes
 
     log.init_app(app)
-    from portal import monitoring
-
     monitoring.init_app(app)  # request timing and /metrics (docs/operations.md)
     assets.init_app(app)  # first: its compression then runs after every other answer hook
     security.init_app(app)
     Database().init_app(app, config_module.database_url(settings))
     redis_link.init_app(app)  # before its users: the render cache and the rate limiter
-    from portal import audit
-
     audit.init_app(app)  # signed checkpoints of the audit trail's end, when configured
     app.session_interface = DatabaseSessionInterface(
         idle=timedelta(minutes=settings["SESSION_IDLE_MINUTES"]),
@@ -65,8 +73,6 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     imaging.init_app(app)
     errors.register_error_handlers(app)
     numbers.init_app(app)  # bounded <int:...> ids: before any blueprint adds a rule
-    from portal.sharing import routes as sharing_routes
-
     sharing_routes.init_app(app)  # before the policy hook: ended share sessions get a page
     policy.init_app(app)
 
@@ -76,11 +82,18 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     from portal.archive.cli import archive_cli, dimse_cli
     from portal.auth.routes import bp as auth_bp
     from portal.cli import db_cli
+    from portal.dicomweb import dimse_qr, signed
     from portal.dicomweb.routes import bp as dicomweb_bp
+    from portal.fhir.routes import bp as fhir_bp
+    from portal.imaging import prerender
     from portal.jobs import jobs_cli
+    from portal.launch import routes as launch_routes
+    from portal.launch import smart
+    from portal.reports import dicom as report_objects
     from portal.reports.cli import hl7_cli, reports_cli
     from portal.reports.routes import bp as reports_bp
     from portal.reports.routes import init_app as reports_routes_init
+    from portal.sharing.sessions import cookie_name as share_cookie_name
     from portal.studies.patients import bp as patients_bp
     from portal.studies.routes import bp as studies_bp
 
@@ -93,34 +106,21 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(patients_bp)  # a signed-in patient's own pages
     app.register_blueprint(sharing_routes.bp)
     app.register_blueprint(reports_bp)
-    from portal.fhir.routes import bp as fhir_bp
-
     app.register_blueprint(fhir_bp)  # FHIR R4 under /fhir
-    from portal.launch import routes as launch_routes
-    from portal.launch import smart
-
     smart.init_app(app)  # one OAuth client per EHR allowed to launch the portal
     app.register_blueprint(launch_routes.bp)  # IHE IID and SMART App Launch
     reports_routes_init(app)
     # The after-ingest steps of the packages above the archive (it added its own: audit,
     # headers); every way in runs them all once its new instances are committed.
-    from portal.imaging import prerender
-    from portal.reports import dicom as report_objects
-
     app.extensions["archive"].after.add("prerender", prerender.after_ingest)
     app.extensions["archive"].after.add("reports", report_objects.after_ingest)
     # The DIMSE SCP's services from above the archive (query/retrieve, storage commitment).
-    from portal.dicomweb import dimse_qr
-
     app.extensions["dimse_services"] = [dimse_qr.offer]
     # The app's last answer hook, so it runs first of them: the request's one commit
     # (portal/db.py, docs/architecture.md "How a request is wired").
     app.extensions["db"].install_unit_of_work(app)
     # Signed rendered frames answered from the render cache in front of everything else
     # (issue 17; the session cookies a token is bound to).
-    from portal.dicomweb import signed
-    from portal.sharing.sessions import cookie_name as share_cookie_name
-
     sessions = app.session_interface
     assert isinstance(sessions, DatabaseSessionInterface)
     signed.install(app, (sessions.cookie_name(app), share_cookie_name(app)))
