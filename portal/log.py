@@ -141,7 +141,6 @@ def init_app(app: Flask) -> None:
         made = logging.StreamHandler()
         made.addFilter(_RequestContext())
         logger.addHandler(made)
-        logger.propagate = False
         handlers = [made]
     for each in handlers:
         each.setFormatter(formatter(app.config["PORTAL"]["LOG_FORMAT"]))
