@@ -7,6 +7,7 @@ down after each test. docs/conformance/dimse.md is checked against the code at t
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import threading
@@ -28,7 +29,7 @@ from portal.archive import current_archive
 from portal.archive.dimse import _SYNTAXES, make_ae, serve
 from portal.archive.ingest import Archive
 from portal.dicomweb.dimse_qr import COMMITMENT_INSTANCE, MATCHING_KEYS, offer
-from tests.conftest import free_port, make_app, make_client
+from tests.conftest import free_port, make_app, make_client, wait_for
 from tests.factories import make_dataset, to_bytes
 
 FINDSCU = "/usr/bin/findscu"
@@ -252,11 +253,18 @@ def test_move_study_to_storescp(scp: Scp, tmp_path: Path) -> None:
     """C-MOVE of a study reaches a DCMTK storescp with every instance, pixels byte-equal."""
     received = tmp_path / "received"
     received.mkdir()
-    # storescp 3.6.7 has no option to bind one address; it listens for this test only.
+    # storescp 3.6.7 has no option to bind one address: the loopback shim Orthanc runs with
+    # (tests/support/orthanc.py) turns its wildcard bind into 127.0.0.1.
+    from tests.support.orthanc import build_preload_library, listening_addresses
+
+    env = {**os.environ, "LD_PRELOAD": str(build_preload_library())}
     listener = subprocess.Popen([STORESCP, "-aet", "STORESCP", "-od", str(received),
-                                 str(scp.dest_port)],
+                                 str(scp.dest_port)], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
+        assert wait_for(lambda: listening_addresses(listener.pid), timeout=10)
+        assert {address for address, _port in listening_addresses(listener.pid)} \
+            == {"127.0.0.1"}
         done = movescu(scp, "STORESCP", ["QueryRetrieveLevel=STUDY",
                                          f"StudyInstanceUID={scp.study_a}"])
     finally:
