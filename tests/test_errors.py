@@ -43,9 +43,13 @@ FHIR_JSON = "application/fhir+json"
 
 
 def _portal_modules() -> Iterator[str]:
-    """Every module of the package but the migration scripts (Alembic loads those itself)."""
+    """Every module of the package but the migration scripts (Alembic loads those itself)
+    and gunicorn's settings file (importing it sets the metrics' multiprocess folder in the
+    environment, which is gunicorn's to do, not this test process's; it defines no
+    exception)."""
     for info in pkgutil.walk_packages([str(PORTAL)], "portal."):
-        if not info.name.startswith("portal.migrations"):
+        if not info.name.startswith("portal.migrations") \
+                and info.name != "portal.gunicorn_config":
             yield info.name
 
 

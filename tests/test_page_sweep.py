@@ -41,7 +41,7 @@ TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"]
 NOT_PAGES = {"static", "auth.login", "auth.callback", "admin.audit_csv",
              "studies.download_study", "reports.report_pdf_view", "patients.my_home",
              "launch.smart_launch", "launch.smart_callback"}
-NOT_PAGE_PREFIXES = ("api.", "dicomweb.", "health.", "fhir.")
+NOT_PAGE_PREFIXES = ("api.", "dicomweb.", "health.", "fhir.", "monitoring.")
 # Page templates no GET visit reaches; each is rendered by the POST or state named here.
 NOT_VISITED_TEMPLATES = {
     "sharing/too_many.html": "the share landing after too many openings from one address",

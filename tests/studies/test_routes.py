@@ -88,7 +88,9 @@ def test_viewer_page_describes_the_series(world: World) -> None:
     assert [p["name"] for p in data["presets"]] == ["Soft tissue", "Lung", "Bone"]
     assert data["volume"] is True and data["cine"] is False
     # The patient's name is text in the page, never inside the JSON or a URL.
-    assert "Evil&#34;; filename=evil.html^&lt;b&gt;x&lt;/b&gt;" in html
+    # (As people write it: the alphabetic group of the hostile PN, escaped; the rest is not
+    # shown, and nothing of it unescaped.)
+    assert "Evil&#34;; filename" in html and "<b>x</b>" not in html
     assert "EVIL" not in json.dumps(data)
     # Every script is an external module or inert JSON carrying the response's nonce.
     nonce = re.search(r"'nonce-([^']+)'", response.headers["Content-Security-Policy"])
