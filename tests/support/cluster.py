@@ -110,6 +110,18 @@ def _http_ok(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def _stop_group(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM to a process group started with ``start_new_session``; SIGKILL after 30 s."""
+    if process is None or process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
 @dataclass
 class Node:
     """One portal node: gunicorn on its own port and instance folder."""
@@ -391,14 +403,7 @@ class Cluster:
         """Stop a node gracefully (SIGTERM to its process group)."""
         node = node if isinstance(node, Node) else self.node(node)
         process, node.process = node.process, None
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        _stop_group(process)
 
     # -- the job worker ----------------------------------------------------------------------
 
@@ -433,14 +438,7 @@ class Cluster:
     def stop_worker(self) -> None:
         """Stop the job worker (SIGTERM: it finishes the job it runs)."""
         process, self.worker_process = self.worker_process, None
-        if process is None or process.poll() is not None:
-            return
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+        _stop_group(process)
 
     def flask(self, *args: str, node: int = 0, timeout: float = 120) -> \
             subprocess.CompletedProcess[str]:
