@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -71,6 +72,7 @@ class Scp:
     app: Flask
     archive: Archive
     port: int
+    server: Any  # pynetdicom's ThreadedAssociationServer
 
 
 @pytest.fixture
@@ -84,7 +86,7 @@ def scp(tmp_path: Path) -> Iterator[Scp]:
     server = serve(archive, app.config["PORTAL"], block=False)
     assert server is not None
     try:
-        yield Scp(app, archive, port)
+        yield Scp(app, archive, port, server)
     finally:
         server.shutdown()
         app.extensions["db"].dispose()
@@ -383,33 +385,21 @@ def test_same_uid_with_other_pixels_is_a_conflict(scp: Scp, association: Associa
 
 # -- transport -------------------------------------------------------------------------------
 
-def test_the_scp_turns_nagle_off_on_each_association(tmp_path: Path) -> None:
+def test_the_scp_turns_nagle_off_on_each_association(scp: Scp) -> None:
     """Issue 17: TCP_NODELAY on every accepted association's socket, so a C-STORE-RSP (one
     small PDU) is never held back for the peer's delayed ACK, up to 40 ms an instance with a
     synchronous SCU such as storescu."""
     import socket
 
-    port = free_port()
-    app = make_app(tmp_path / "instance", DIMSE_HOST="127.0.0.1", DIMSE_PORT=port,
-                   DIMSE_AE_TITLE=CALLED, DIMSE_ALLOWED_PEERS=PEERS)
-    with app.app_context():
-        archive = current_archive()
-    server = serve(archive, app.config["PORTAL"], block=False)
-    assert server is not None
     ae = AE(ae_title="STORESCU")
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title=CALLED)
+    assert assoc.is_established
     try:
-        assoc = ae.associate("127.0.0.1", port, ae_title=CALLED)
-        assert assoc.is_established
-        try:
-            [accepted] = server.active_associations
-            assert accepted.dul.socket is not None and accepted.dul.socket.socket is not None
-            assert accepted.dul.socket.socket.getsockopt(socket.IPPROTO_TCP,
-                                                         socket.TCP_NODELAY)
-            assert c_store(assoc, make_dataset()) == 0x0000
-        finally:
-            assoc.release()
+        [accepted] = scp.server.active_associations
+        assert accepted.dul.socket is not None and accepted.dul.socket.socket is not None
+        assert accepted.dul.socket.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert c_store(assoc, make_dataset()) == 0x0000
     finally:
-        server.shutdown()
-        app.extensions["db"].dispose()
+        assoc.release()
