@@ -204,7 +204,7 @@ def test_patient_pages_on_a_phone(ris: Ris, idp: IdentityProvider, world: dict[s
         assert "Nothing to worry about." in check("reports")
         page.goto(f"{server.url}/my/appointments")
         when = page.locator("#appointments time")
-        page.wait_for_function("document.querySelector('#appointments time')"
+        page.wait_for_function("() => document.querySelector('#appointments time')"
                                ".textContent.indexOf('UTC') < 0")
         assert "05:30" in when.inner_text() and "Jan" in when.inner_text()
         assert "Booked" in check("appointments")

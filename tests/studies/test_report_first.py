@@ -87,7 +87,7 @@ def test_the_report_fills_the_first_screen_with_its_status_author_and_own_time(
         impression = card.locator(".impression")
         impression.wait_for()
         when = card.locator(".report-by time")
-        page.wait_for_function("document.querySelector('#report .report-by time')"
+        page.wait_for_function("() => document.querySelector('#report .report-by time')"
                                ".textContent.indexOf('UTC') < 0")  # the zone is the reader's
 
         # The patient in one line above; the impression is whole on the first screen.
