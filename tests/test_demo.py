@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import collections.abc
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -423,9 +424,12 @@ def test_flask_demo_imports_the_set_and_adds_people_and_reports(
     studies = {str(ds.StudyInstanceUID) for ds in generated.datasets.values()}
     with sqlite3.connect(instance / "portal.db") as connection:
         imported = connection.execute(
-            "SELECT study_instance_uid FROM audit_event WHERE event_id = '110107' "
+            "SELECT study_instance_uid, details FROM audit_event WHERE event_id = '110107' "
             "AND outcome = 0 AND who = 'cli:demo'").fetchall()
-    assert sorted(uid for (uid,) in imported) == sorted(studies)  # one record per study
+    # One record per file, committed with its index row (docs/security.md 40).
+    assert {uid for uid, _details in imported} == studies
+    assert sum(json.loads(details)["instances"] for _uid, details in imported) == \
+        len(generated.paths)
     again = _flask(instance, "development", "demo", "--no-samples")
     assert again.returncode == 0, again.stderr
     assert f"stored: 0, already stored: {len(generated.paths)}" in again.stdout

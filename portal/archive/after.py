@@ -127,18 +127,18 @@ class Stored:
 
 
 def audit_step(database: Database) -> Step:
-    """One audit record per study received: 110107 Import for files the CLI imported (the
-    event refused imports are recorded as), 110104 DICOM Instances Transferred otherwise.
-    Not for STOW-RS: its records are committed with its index rows (``Archive.
-    _record_arrival``), so a worker killed before these steps leaves no kept instance
-    unrecorded."""
+    """One 110104 DICOM Instances Transferred record per study a sync run added. Not for
+    STOW-RS, C-STORE and the CLI import: their records (110104, 110104 and 110107 Import)
+    are committed with their index rows (``Archive._record_arrival``), so a process killed
+    before these steps, or an index insert that fails, leaves no kept instance unrecorded
+    and no record of an instance that was not kept."""
 
     def record(arrival: Arrival) -> None:
-        if arrival.via == "stow":
+        if arrival.via != "sync":
             return
-        event = audit.IMPORT if arrival.via == "import" else audit.INSTANCES_TRANSFERRED
         for study, count in arrival.per_study().items():
-            audit.record(database, event, action="C", outcome=audit.OUTCOME_SUCCESS,
+            audit.record(database, audit.INSTANCES_TRANSFERRED, action="C",
+                         outcome=audit.OUTCOME_SUCCESS,
                          who=arrival.who, source_address=arrival.source_address,
                          study_instance_uid=study, details={"instances": count})
 

@@ -32,7 +32,8 @@ def import_paths(paths: list[Path], *, who: str) -> ImportSummary:
     finally:  # also for what was stored before the archive became unavailable
         if summary.new_series and settings["REDIS_URL"]:  # rendered images shared: warm them
             click.echo(f"pre-rendering {len(summary.new_series)} new series", err=True)
-        # The audit record, reports from SR and PDF files, pre-rendering: as for STOW-RS.
+        # Reports from SR and PDF files, pre-rendering: as for STOW-RS (each file's 110107
+        # record was committed with its index row).
         archive.after_ingest(summary.stored, via="import", who=who, source_address="cli",
                              wait=True)
     # Zips refused whole are audited too; entry names (which may name a patient) are not.
@@ -148,6 +149,39 @@ def cache_command(evict: bool) -> None:
     count, size = remote.usage()
     click.echo(f"{count} cached copies, {size / 1048576:.1f} MiB of "
                f"{remote.cache_bytes / 1048576:.0f} MiB")
+
+
+@archive_cli.command("compress")
+@click.option("--older-than-days", type=click.IntRange(min=0), default=None,
+              help="Re-encode images stored more than this many days ago (default: "
+                   "ARCHIVE_COMPRESS_AFTER_DAYS).")
+@click.option("--syntax", type=click.Choice(["jpeg-ls", "jpeg2000"]), default=None,
+              help="Lossless encoding (default: ARCHIVE_COMPRESS_SYNTAX).")
+@click.option("--limit", type=click.IntRange(min=1), default=1_000_000, show_default=True,
+              help="At most this many instances in this run.")
+@with_appcontext
+def compress_command(older_than_days: int | None, syntax: str | None, limit: int) -> None:
+    """Re-encode older embedded images losslessly (pixels checked bit for bit first)."""
+    from portal.archive.compress import compress_stored
+
+    settings = current_app.config["PORTAL"]
+    days = settings["ARCHIVE_COMPRESS_AFTER_DAYS"] if older_than_days is None \
+        else older_than_days
+    if older_than_days is None and not days:
+        raise click.ClickException("ARCHIVE_COMPRESS_AFTER_DAYS is 0 (off): give "
+                                   "--older-than-days to compress anyway")
+    archive = current_archive()
+    result = compress_stored(archive.store, archive.database, older_than_days=days,
+                             syntax=syntax or settings["ARCHIVE_COMPRESS_SYNTAX"], limit=limit)
+    reasons: dict[str, int] = {}
+    for reason in result.skipped.values():
+        reasons[reason] = reasons.get(reason, 0) + 1
+    share = f" ({100 * result.saved / result.before:.1f}%)" if result.before else ""
+    click.echo(f"{result.done} instances re-encoded: {result.before / 1048576:.1f} MiB -> "
+               f"{result.after / 1048576:.1f} MiB, {result.saved / 1048576:.1f} MiB saved"
+               f"{share}")
+    for reason, count in sorted(reasons.items()):
+        click.echo(f"{count} kept as they are: {reason}")
 
 
 @click.group("dimse", help="DICOM network services.")

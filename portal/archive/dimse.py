@@ -32,6 +32,7 @@ from portal.archive.validate import (
     OUT_OF_RESOURCES,
     Rejected,
 )
+from portal.audit import INSTANCES_TRANSFERRED
 from portal.config import name_at_address
 from portal.tls import server_context
 
@@ -104,8 +105,10 @@ def _on_store(event: evt.Event, archive: Archive, received: dict[int, list[Store
     requestor = event.assoc.requestor
     try:
         data = event.encoded_dataset(include_meta=True)
+        # Its 110104 record is committed with its index row (docs/security.md 40).
         result = archive.ingest(data, who=f"dimse:{str(requestor.ae_title).strip()}",
-                                source_address=requestor.address)
+                                source_address=requestor.address,
+                                recorded_as=INSTANCES_TRANSFERRED)
     except Rejected as exc:
         log.info("C-STORE refused (0x%04X): %s", exc.status, exc.reason)
         return _CSTORE_CONFLICT if exc.status == DUPLICATE_CONFLICT else exc.status
@@ -125,8 +128,9 @@ def _on_store(event: evt.Event, archive: Archive, received: dict[int, list[Store
 
 
 def _on_end(event: evt.Event, archive: Archive, received: dict[int, list[Stored]]) -> None:
-    """When an association ends: the after-ingest steps for the instances it delivered (one
-    audit record per study, pre-rendering, reports from SR and PDF objects)."""
+    """When an association ends: the after-ingest steps for the instances it delivered
+    (pre-rendering, reports from SR and PDF objects; each instance's 110104 record was
+    committed with it)."""
     stored = received.pop(id(event.assoc), [])
     if not stored:
         return
@@ -134,7 +138,7 @@ def _on_end(event: evt.Event, archive: Archive, received: dict[int, list[Stored]
         archive.after_ingest(stored, via="dimse", source_address=event.assoc.requestor.address,
                              who=f"dimse:{str(event.assoc.requestor.ae_title).strip()}")
     except Exception:  # the instances are stored and acknowledged; the gap is logged
-        log.exception("could not record the audit of a C-STORE association")
+        log.exception("the after-ingest steps of a C-STORE association failed")
 
 
 def make_ae(settings: dict[str, Any]) -> AE:

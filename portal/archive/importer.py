@@ -13,6 +13,7 @@ from portal.archive.after import Stored
 from portal.archive.ingest import Archive
 from portal.archive.store import ArchiveUnavailable
 from portal.archive.validate import Rejected
+from portal.audit import IMPORT
 
 
 class UnsafeZip(failures.Invalid):
@@ -153,7 +154,8 @@ def import_sources(archive: Archive, sources: list[Source], who: str,
             except Rejected as exc:  # refused before ingest, which audits its own refusals
                 archive.record_rejections([(exc, None)], who=who, source_address="cli")
                 raise
-            result = archive.ingest(data, who=who, source_address="cli")
+            # Its 110107 record is committed with its index row (docs/security.md 40).
+            result = archive.ingest(data, who=who, source_address="cli", recorded_as=IMPORT)
             summary.counts[result.outcome] += 1
             if result.outcome == "stored":
                 summary.new_series.add(result.series_instance_uid)

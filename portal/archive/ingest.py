@@ -85,11 +85,13 @@ class Archive:
     _located: dict[str, StoredFile] = field(default_factory=dict, compare=False, repr=False)
 
     def ingest(self, data: bytes, *, who: str, source_address: str = "",
-               expected_study_uid: str | None = None) -> Stored:
+               expected_study_uid: str | None = None,
+               recorded_as: tuple[str, str] | None = None) -> Stored:
         """Validate and store one Part 10 file; raise ``Rejected`` or ``ArchiveUnavailable``.
 
         ``expected_study_uid`` (STOW-RS to ``/studies/{study}``) refuses instances of another
-        study before anything is written.
+        study before anything is written. ``recorded_as`` (C-STORE: 110104, the CLI import:
+        110107) writes that audit record in the transaction that indexes the instance.
         """
         try:
             try:
@@ -99,7 +101,8 @@ class Archive:
                 raise
             if isinstance(prepared, Stored):
                 return prepared
-            [answer] = self._commit_batch([prepared], who, source_address, recorded=False)
+            [answer] = self._commit_batch([prepared], who, source_address,
+                                          recorded=recorded_as)
             if isinstance(answer, Rejected):
                 raise answer
             return answer
@@ -147,7 +150,8 @@ class Archive:
             batch = [p for p in prepared if isinstance(p, _Prepared)]
             if batch:
                 for index, answer in zip(pending, self._commit_batch(
-                        batch, who, source_address, recorded=True), strict=True):
+                        batch, who, source_address, recorded=audit.INSTANCES_TRANSFERRED),
+                        strict=True):
                     results[index] = answer
         except OperationalError as exc:
             log.error("index unavailable: %s", exc.__class__.__name__)
@@ -241,14 +245,14 @@ class Archive:
 
     @staticmethod
     def _record_arrival(session: Session, items: Sequence[_Prepared], who: str,
-                        source_address: str) -> None:
-        """STOW-RS: one 110104 record per study of the instances this transaction indexes, in
-        the same transaction as their rows: a crash after the commit (kill -9 of a worker)
-        cannot leave instances without their record, and each record counts exactly what
-        its commit kept (docs/security.md 40). (C-STORE and the CLI import are recorded per
-        association or run by the after-ingest ``audit_step``.)"""
+                        source_address: str, event: tuple[str, str]) -> None:
+        """One ``event`` record (110104 for STOW-RS and C-STORE, 110107 for the CLI import)
+        per study of the instances this transaction indexes, in the same transaction as their
+        rows: a crash or a failed insert rolls back both, a kill -9 after the commit cannot
+        leave instances without their record, and each record counts exactly what its commit
+        kept (docs/security.md 40)."""
         for study, count in Counter(i.valid.study_instance_uid for i in items).items():
-            audit.append(session, audit.INSTANCES_TRANSFERRED, action="C",
+            audit.append(session, event, action="C",
                          outcome=audit.OUTCOME_SUCCESS, who=who, source_address=source_address,
                          study_instance_uid=study, details={"instances": count})
 
@@ -259,8 +263,8 @@ class Archive:
                       valid.study_instance_uid, valid.series_instance_uid)
 
     def _commit_batch(self, batch: list[_Prepared], who: str, source_address: str, *,
-                      recorded: bool) -> list[Stored | Rejected]:
-        """Index a batch in one transaction (with its 110104 records when ``recorded``);
+                      recorded: tuple[str, str] | None) -> list[Stored | Rejected]:
+        """Index a batch in one transaction (with its ``recorded`` audit records, if any);
         anything unusual falls back to one by one."""
         try:
             with self.database.write_transaction() as session:
@@ -270,8 +274,8 @@ class Archive:
                             StoredObject.sop_instance_uid.in_(uids))).first():
                     raise _Fallback
                 self._index(session, batch, who, source_address)
-                if recorded:
-                    self._record_arrival(session, batch, who, source_address)
+                if recorded is not None:
+                    self._record_arrival(session, batch, who, source_address, recorded)
             return [self._stored(item) for item in batch]
         except (_Fallback, IntegrityError, IndexConflict):
             pass  # rolled back: settle each instance on its own, with exact answers
@@ -289,7 +293,7 @@ class Archive:
         return answers
 
     def _commit_one(self, item: _Prepared, who: str, source_address: str,
-                    recorded: bool) -> Stored:
+                    recorded: tuple[str, str] | None) -> Stored:
         """Index one written file; its answer is final once this returns or raises."""
         valid, key = item.valid, item.key
         for _attempt in range(_ATTEMPTS):
@@ -300,8 +304,8 @@ class Archive:
                     if existing is not None:
                         raise _AlreadyStored(existing.sha256, existing.storage_key)
                     self._index(session, [item], who, source_address)
-                    if recorded:
-                        self._record_arrival(session, [item], who, source_address)
+                    if recorded is not None:
+                        self._record_arrival(session, [item], who, source_address, recorded)
             except _AlreadyStored as exc:
                 if exc.sha256 != valid.sha256:
                     self._forget(key, valid)

@@ -270,9 +270,10 @@ def test_a_pdf_sent_by_c_store_is_a_report_at_once_with_its_notice(
         [report] = reports_of(portal, accession)
         assert (report.source, report.status, report.pdf) == ("pdf", "final", original)
         assert_notified_and_badged(portal, idp, subject, study, box)
-        assert wait_for(lambda: len(audit_rows(portal, "110104")) == 1)
-        [row] = audit_rows(portal, "110104")
-        assert (row.who, row.study_instance_uid) == ("dimse:STORESCU", study)
+        # One 110104 record per C-STORE, committed with its index row.
+        rows = audit_rows(portal, "110104")
+        assert [(r.who, r.study_instance_uid, r.details) for r in rows] == [
+            ("dimse:STORESCU", study, {"instances": 1})] * 2
     finally:
         server.shutdown()
 
