@@ -127,4 +127,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     for command in (archive_cli, audit_cli, clients_cli, db_cli, dimse_cli, hl7_cli, jobs_cli,
                     reports_cli, users_cli):
         app.cli.add_command(command)
+    from portal.archive.backup import iter_commands as backup_commands  # backup, restore
+    for backup_command in backup_commands():
+        app.cli.add_command(backup_command)
     return app

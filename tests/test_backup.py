@@ -1,0 +1,235 @@
+"""`flask --app app backup DIR` and `restore DIR`: a round trip on SQLite and PostgreSQL onto a
+fresh instance, a backup taken while uploads run, and damaged backups refused whole."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from pydicom.uid import generate_uid
+from sqlalchemy import inspect, select
+
+from portal import create_app
+from portal.archive.models import CachedCopy, StoredObject
+from portal.index.models import Instance, Series, Study
+from tests.conftest import PostgresCluster, close_app, make_app
+from tests.factories import make_instance
+
+KEY = "k" * 40  # AUDIT_CHECKPOINT_KEY: the checkpoint file travels with the backup
+
+
+def _uids(app: Flask) -> set[tuple[str, str, str]]:
+    with app.extensions["db"].new_session() as session:
+        return {tuple(row) for row in session.execute(
+            select(Study.study_instance_uid, Series.series_instance_uid,
+                   Instance.sop_instance_uid)
+            .join(Series, Series.study_fk == Study.id)
+            .join(Instance, Instance.series_fk == Series.id))}
+
+
+def _bytes(app: Flask) -> dict[str, bytes]:
+    archive = app.extensions["archive"]
+    with app.extensions["db"].new_session() as session:
+        uids = list(session.scalars(select(StoredObject.sop_instance_uid)))
+    return {uid: archive.read(uid) for uid in uids}
+
+
+def _fill(app: Flask, studies: int = 2, per_study: int = 3) -> None:
+    archive = app.extensions["archive"]
+    for _ in range(studies):
+        study, series = generate_uid(), generate_uid()
+        answers = archive.ingest_many([make_instance(study=study, series=series, value=i)
+                                       for i in range(per_study)], who="test")
+        assert all(a.outcome == "stored" for a in answers)
+
+
+def _fresh(tmp_path: Path, name: str, url: str | None) -> Flask:
+    """A fresh machine: an empty instance folder and an empty (not even migrated) database."""
+    settings: dict[str, Any] = {"INSTANCE_PATH": str(tmp_path / name), "ENV": "test",
+                                "SECRET_KEY": "test-secret-key-that-is-long-enough-123456",
+                                "AUDIT_CHECKPOINT_KEY": KEY}
+    if url:
+        settings["DATABASE_URL"] = url
+    (tmp_path / name).mkdir()
+    return create_app(settings)
+
+
+@pytest.fixture
+def source(tmp_path: Path, database_url: str) -> Iterator[Flask]:
+    app = make_app(tmp_path / "source", database_url, AUDIT_CHECKPOINT_KEY=KEY)
+    yield app
+    close_app(app)
+
+
+def _target_url(tmp_path: Path, source: Flask, request: pytest.FixtureRequest) -> str | None:
+    if source.extensions["db"].engine.dialect.name == "sqlite":
+        return None
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    return cluster.new_database()
+
+
+def test_round_trip_onto_a_fresh_machine(source: Flask, tmp_path: Path,
+                                         request: pytest.FixtureRequest) -> None:
+    _fill(source)
+    # One instance is only a local copy of an external archive's: its row goes, not its file.
+    with source.extensions["db"].write_transaction() as session:
+        copy = session.scalars(select(StoredObject).limit(1)).one()
+        session.add(CachedCopy(sop_instance_uid=copy.sop_instance_uid, size=copy.size))
+        left_out = copy.sop_instance_uid
+    runner = source.test_cli_runner()
+    assert runner.invoke(args=["audit", "checkpoint"]).exit_code == 0
+    result = runner.invoke(args=["backup", str(tmp_path / "backup")])
+    assert result.exit_code == 0, result.output
+    assert "2 studies, 6 instances, 5 files" in result.output
+    assert "1 local copies of the external archive's instances left out" in result.output
+    manifest = json.loads((tmp_path / "backup" / "manifest.json").read_text())
+    assert manifest["format"] == "portal-backup/1" and len(manifest["files"]) == 5
+    assert manifest["audit_chain_head"]["count"] > 0
+    expected_uids, expected_bytes = _uids(source), _bytes(source)
+    del expected_bytes[left_out]
+
+    target = _fresh(tmp_path, "target", _target_url(tmp_path, source, request))
+    try:
+        runner = target.test_cli_runner()
+        result = runner.invoke(args=["restore", str(tmp_path / "backup")])
+        assert result.exit_code == 0, result.output
+        assert "restored 2 studies, 6 instances, 5 files" in result.output
+        assert _uids(target) == expected_uids
+        assert _bytes(target) == expected_bytes
+        verify = runner.invoke(args=["archive", "verify"])
+        assert verify.exit_code == 0 and "0 problem(s) found" in verify.output, verify.output
+        trail = runner.invoke(args=["audit", "verify"])
+        assert trail.exit_code == 0 and "audit trail intact" in trail.output, trail.output
+        # The same backup again onto the restored machine: refused, it is not empty.
+        again = runner.invoke(args=["restore", str(tmp_path / "backup")])
+        assert again.exit_code == 1
+        assert "will not overwrite: the database holds data" in again.output
+    finally:
+        close_app(target)
+
+
+def test_a_backup_taken_while_uploads_run_is_consistent(app: Flask, tmp_path: Path) -> None:
+    _fill(app, studies=1)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def upload() -> None:
+        study = generate_uid()
+        try:
+            for i in range(10_000):
+                if stop.is_set():
+                    return
+                app.extensions["archive"].ingest(make_instance(study=study, value=i),
+                                                 who="test")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    uploader = threading.Thread(target=upload)
+    uploader.start()
+    try:
+        result = app.test_cli_runner().invoke(args=["backup", str(tmp_path / "backup")])
+    finally:
+        stop.set()
+        uploader.join()
+    assert result.exit_code == 0, result.output
+    assert not errors
+    manifest = json.loads((tmp_path / "backup" / "manifest.json").read_text())
+    on_disk = {p.relative_to(tmp_path / "backup" / "archive" / "objects").as_posix()
+               for p in (tmp_path / "backup" / "archive" / "objects").glob("??/*.dcm")}
+    assert on_disk == set(manifest["files"])  # exactly the files the snapshot names
+    assert manifest["counts"]["instance"] == len(manifest["files"]) >= 3
+
+    target = _fresh(tmp_path, "target", None)
+    try:
+        runner = target.test_cli_runner()
+        assert runner.invoke(args=["restore", str(tmp_path / "backup")]).exit_code == 0
+        verify = runner.invoke(args=["archive", "verify"])
+        assert verify.exit_code == 0, verify.output
+        assert len(_uids(target)) == manifest["counts"]["instance"]
+    finally:
+        close_app(target)
+
+
+def _damage_one_byte(backup: Path) -> None:
+    victim = sorted((backup / "archive" / "objects").glob("??/*.dcm"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    victim.write_bytes(bytes(data))
+
+
+def _remove_a_file(backup: Path) -> None:
+    sorted((backup / "archive" / "objects").glob("??/*.dcm"))[-1].unlink()
+
+
+def _other_format(backup: Path) -> None:
+    path = backup / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["format"] = "portal-backup/2"
+    path.write_text(json.dumps(manifest))
+
+
+def _newer_schema(backup: Path) -> None:
+    path = backup / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["migration_head"] = "0999_from_the_future"
+    path.write_text(json.dumps(manifest))
+
+
+def _damaged_database(backup: Path) -> None:
+    with (backup / "portal.db").open("r+b") as f:
+        f.seek(200)
+        f.write(b"\xff")
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    (_damage_one_byte, "does not match its SHA-256: the backup was changed or damaged"),
+    (_remove_a_file, "is missing from the backup"),
+    (_other_format, "the backup is of format 'portal-backup/2'"),
+    (_newer_schema, "schema revision '0999_from_the_future' is unknown to this portal"),
+    (_damaged_database, "portal.db does not match the manifest's SHA-256"),
+])
+def test_a_damaged_backup_is_refused_and_nothing_is_restored(
+        app: Flask, tmp_path: Path, damage: Any, reason: str) -> None:
+    _fill(app)
+    assert app.test_cli_runner().invoke(args=["backup", str(tmp_path / "b")]).exit_code == 0
+    damage(tmp_path / "b")
+    target = _fresh(tmp_path, "target", None)
+    try:
+        result = target.test_cli_runner().invoke(args=["restore", str(tmp_path / "b")])
+        assert result.exit_code == 1
+        assert reason in result.output, result.output
+        assert list(target.extensions["archive"].store.keys()) == []
+        assert inspect(target.extensions["db"].engine).get_table_names() == []
+    finally:
+        close_app(target)
+
+
+def test_backup_into_a_folder_in_use_and_an_incomplete_backup_are_refused(
+        app: Flask, tmp_path: Path) -> None:
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    runner = app.test_cli_runner()
+    result = runner.invoke(args=["backup", str(tmp_path / "used")])
+    assert result.exit_code == 1 and "is not empty" in result.output
+    result = runner.invoke(args=["restore", str(tmp_path / "used")])
+    assert result.exit_code == 1 and "holds no manifest.json" in result.output
+
+
+def test_force_replaces_what_is_there(app: Flask, tmp_path: Path) -> None:
+    _fill(app, studies=1)
+    runner = app.test_cli_runner()
+    assert runner.invoke(args=["backup", str(tmp_path / "b")]).exit_code == 0
+    expected = _uids(app)
+    _fill(app, studies=1)  # after the backup: gone again after the restore
+    refused = runner.invoke(args=["restore", str(tmp_path / "b")])
+    assert refused.exit_code == 1 and "pass --force" in refused.output
+    result = runner.invoke(args=["restore", "--force", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert _uids(app) == expected
+    verify = runner.invoke(args=["archive", "verify"])
+    assert verify.exit_code == 0, verify.output
