@@ -94,10 +94,10 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     from portal.reports.routes import bp as reports_bp
     from portal.reports.routes import init_app as reports_routes_init
     from portal.sharing.sessions import cookie_name as share_cookie_name
+    from portal.studies.measurements import bp as measurements_bp
     from portal.studies.patients import bp as patients_bp
     from portal.studies.routes import bp as studies_bp
 
-    from portal.studies.measurements import bp as measurements_bp
     app.register_blueprint(health.bp)
     app.register_blueprint(auth_bp)
     app.register_blueprint(admin_bp)
@@ -105,11 +105,11 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(dicomweb_bp)
     app.register_blueprint(studies_bp)
     app.register_blueprint(patients_bp)  # a signed-in patient's own pages
+    app.register_blueprint(measurements_bp)  # region values, saved measurements (GSPS)
     app.register_blueprint(sharing_routes.bp)
     app.register_blueprint(reports_bp)
     app.register_blueprint(fhir_bp)  # FHIR R4 under /fhir
     smart.init_app(app)  # one OAuth client per EHR allowed to launch the portal
-    app.register_blueprint(measurements_bp)  # region values, saved measurements (GSPS)
     app.register_blueprint(launch_routes.bp)  # IHE IID and SMART App Launch
     reports_routes_init(app)
     # The after-ingest steps of the packages above the archive (it added its own: audit,
