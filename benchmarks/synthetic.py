@@ -72,6 +72,14 @@ def fill(connection: Any, studies: int, *, referrers: int = 500,
           'P' || lpad((1 + ((g * 10)::bigint * 7919) % {patients})::text, 7, '0'), '', '', '',
           '', 'name:DOC^' || ((g * 10 + 1) % {referrers}), 'reported', '', now()
         FROM generate_series(1, {orders}) g""")
+    # Each order's study, as the portal resolves it when an order or a study arrives
+    # (portal.index.service.resolve_order): same accession number, same Patient ID.
+    cur.execute("""INSERT INTO order_study (order_fk, study_fk, key)
+        SELECT o.id, s.id, o.ordering_provider_key FROM imaging_order o
+        JOIN study s ON s.accession_number = o.accession_number
+        JOIN patient p ON p.id = s.patient_fk AND p.patient_id = o.patient_id
+        WHERE o.accession_number != '' AND o.ordering_provider_key != ''
+          AND o.status != 'cancelled'""")
     # Other people with grants (a study each, or a patient's every study), so the grant
     # table is not empty for the access rules.
     cur.execute("""INSERT INTO portal_user (issuer, subject, email, display_name, roles,

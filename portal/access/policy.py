@@ -33,7 +33,15 @@ from portal.access.models import (
 from portal.access.principal import Principal, current_principal, loaders
 from portal.db import db, utcnow
 from portal.dicom_classes import REPORT_CLASSES
-from portal.index.models import Instance, Order, Patient, Series, Study, StudyReferrer
+from portal.index.models import (
+    Instance,
+    Order,
+    OrderStudy,
+    Patient,
+    Series,
+    Study,
+    StudyReferrer,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -100,7 +108,6 @@ def is_public(endpoint: str | None) -> bool:
 
 # The access rules' own FROMs: never correlated with the query whose studies they filter.
 _ACCESS_STUDY = aliased(Study, name="access_study")
-_ACCESS_PATIENT = aliased(Patient, name="access_patient")
 
 
 def _granted(user_ids: Any, *, personal: bool) -> list[Select[int]]:
@@ -118,18 +125,15 @@ def _granted(user_ids: Any, *, personal: bool) -> list[Select[int]]:
 
 def _referred(user_ids: Any) -> list[Select[int]]:
     """Ids of the studies that name one of these users as referrer (linked identifiers), or
-    whose RIS order (same accession number and patient) names one as ordering provider."""
-    study, patient = _ACCESS_STUDY, _ACCESS_PATIENT
+    whose RIS order (same accession number and patient; not cancelled) names one as ordering
+    provider. The order's studies were found when the order or the study arrived
+    (``OrderStudy``, kept by the index): both parts are index-only scans by key."""
     named = (select(StudyReferrer.study_fk)
              .join(ReferrerIdentifier, ReferrerIdentifier.key == StudyReferrer.key)
              .where(ReferrerIdentifier.user_fk.in_(user_ids)))
-    ordered = (select(study.id)
-               .join(patient, patient.id == study.patient_fk)
-               .join(Order, and_(Order.accession_number == study.accession_number,
-                                 Order.patient_id == patient.patient_id))
-               .join(ReferrerIdentifier,
-                     ReferrerIdentifier.key == Order.ordering_provider_key)
-               .where(study.accession_number != "", ReferrerIdentifier.user_fk.in_(user_ids)))
+    ordered = (select(OrderStudy.study_fk)
+               .join(ReferrerIdentifier, ReferrerIdentifier.key == OrderStudy.key)
+               .where(ReferrerIdentifier.user_fk.in_(user_ids)))
     return [named, ordered]
 
 

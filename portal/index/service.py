@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Integer, String, delete, func, insert, literal, select, text, update
 from sqlalchemy.orm import Session
 
 from portal import failures
-from portal.index.models import Instance, Patient, Series, Study, StudyReferrer
+from portal.index.models import (
+    Instance,
+    Order,
+    OrderStudy,
+    Patient,
+    Series,
+    Study,
+    StudyReferrer,
+)
 from portal.index.referrers import referrer_keys
 
 # Elements never kept in the header JSON: pixel data is served from the file itself.
@@ -110,9 +118,60 @@ def _get_study(session: Session, ds: Dataset, study_uid: str) -> Study:
         session.flush()
         for key in referrer_keys(ds):
             session.add(StudyReferrer(study_fk=study.id, key=key))
+        _link_orders(session, study, patient)
     elif study.patient_fk != patient.id:
         raise IndexConflict("study already belongs to a different patient")
     return study
+
+
+# The first key of pg_advisory_xact_lock(int, int) for matching orders and studies ("ordr").
+ORDER_LOCK_SPACE = 0x6F726472
+
+
+def _lock_accessions(session: Session, accessions: Iterable[str]) -> None:
+    """Match orders and studies of one accession number one transaction at a time: an order
+    and its study arriving together in two transactions would otherwise each miss the other
+    (neither sees the other's uncommitted row). PostgreSQL: a transaction advisory lock per
+    accession number, taken in sorted order; SQLite has one writer at a time anyway."""
+    connection = session.connection()
+    if connection.dialect.name != "postgresql":
+        return
+    for accession in sorted({a for a in accessions if a}):
+        connection.execute(text("SELECT pg_advisory_xact_lock(:space, hashtext(:accession))"),
+                           {"space": ORDER_LOCK_SPACE, "accession": accession})
+
+
+def _link_orders(session: Session, study: Study, patient: Patient) -> None:
+    """A new study: the orders that name it (its accession number and its patient's Patient
+    ID) become referrer keys of it (``OrderStudy``), an order that came before its images."""
+    if not study.accession_number:
+        return
+    _lock_accessions(session, [study.accession_number])
+    session.execute(insert(OrderStudy).from_select(
+        ["order_fk", "study_fk", "key"],
+        select(Order.id, literal(study.id, Integer), Order.ordering_provider_key)
+        .where(Order.accession_number == study.accession_number,
+               Order.patient_id == patient.patient_id, Order.status != "cancelled",
+               Order.ordering_provider_key != "")))
+
+
+def resolve_order(session: Session, order: Order, *, was: Iterable[str] = ()) -> None:
+    """After an order arrived or changed (flushed): the studies it names (same accession
+    number, same Patient ID) are found once, here, and kept with its ordering provider's key
+    (``OrderStudy``); a cancelled order, or one re-pointed to another accession number or
+    patient, keeps none of its old ones. ``was``: the accession numbers it had before."""
+    accession = order.accession_number or ""
+    _lock_accessions(session, [accession, *was])
+    session.execute(delete(OrderStudy).where(OrderStudy.order_fk == order.id))
+    key = order.ordering_provider_key or ""
+    if not accession or not key or order.status == "cancelled":
+        return
+    session.execute(insert(OrderStudy).from_select(
+        ["order_fk", "study_fk", "key"],
+        select(literal(order.id, Integer), Study.id, literal(key, String))
+        .join(Patient, Patient.id == Study.patient_fk)
+        .where(Study.accession_number == accession,
+               Patient.patient_id == (order.patient_id or ""))))
 
 
 def _get_series(session: Session, ds: Dataset, study: Study, series_uid: str) -> Series:

@@ -23,6 +23,7 @@ from portal.access.principal import Principal
 from portal.db import Database, utcnow
 from portal.index.models import Order, Patient, Study, StudyReferrer
 from portal.index.names import search_words
+from portal.index.service import resolve_order
 from portal.reports.models import (
     ORDER_STATUSES,
     ReleaseRule,
@@ -292,6 +293,7 @@ def receive_order(session: Session, incoming: IncomingOrder) -> Order:
             raise ReportError("the order has no order number or accession number")
         order = Order()
         session.add(order)
+    was = order.accession_number or ""
     for name in ("placer_order_number", "filler_order_number", "accession_number",
                  "study_instance_uid", "patient_id", "patient_name", "procedure", "modality",
                  "ordering_provider", "ordering_provider_key", "location"):
@@ -308,6 +310,7 @@ def receive_order(session: Session, incoming: IncomingOrder) -> Order:
         order.scheduled_at = None
     order.updated_at = utcnow()
     session.flush()
+    resolve_order(session, order, was=[was])  # the studies it opens, found once, here
     return order
 
 
