@@ -93,6 +93,8 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     from portal.reports.cli import hl7_cli, reports_cli
     from portal.reports.routes import bp as reports_bp
     from portal.reports.routes import init_app as reports_routes_init
+    from portal.retention.cli import retention_cli
+    from portal.retention.routes import bp as retention_bp
     from portal.sharing.sessions import cookie_name as share_cookie_name
     from portal.studies.measurements import bp as measurements_bp
     from portal.studies.patients import bp as patients_bp
@@ -101,6 +103,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(auth_bp)
     app.register_blueprint(admin_bp)
+    app.register_blueprint(retention_bp)  # the console's retention page
     app.register_blueprint(api_bp)
     app.register_blueprint(dicomweb_bp)
     app.register_blueprint(studies_bp)
@@ -127,7 +130,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     assert isinstance(sessions, DatabaseSessionInterface)
     signed.install(app, (sessions.cookie_name(app), share_cookie_name(app)))
     for command in (archive_cli, audit_cli, clients_cli, db_cli, dimse_cli, hl7_cli, jobs_cli,
-                    reports_cli, users_cli):
+                    reports_cli, retention_cli, users_cli):
         app.cli.add_command(command)
     from portal.archive.backup import iter_commands as backup_commands  # backup, restore
     for backup_command in backup_commands():

@@ -69,6 +69,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("REDIS_BREAKER_FAILURES", int, 3, "Redis failures in a row that open its breaker"),
     Setting("REDIS_BREAKER_RESET_SECONDS", float, 5.0, "how long Redis's breaker stays open"),
     Setting("ARCHIVE_URL", _as_optional_str, None, "unset: embedded archive"),
+    Setting("ARCHIVE_COMPRESS_AFTER_DAYS", int, 0,
+            "re-encode embedded images losslessly this many days after they arrived (0: never)"),
+    Setting("ARCHIVE_COMPRESS_SYNTAX", str, "jpeg-ls",
+            "lossless encoding of `archive compress`: jpeg-ls or jpeg2000"),
     Setting("ARCHIVE_WRITE_THROUGH", _as_bool, False,
             "store every ingested instance in the external archive before acknowledging it "
             "(a cluster: no node holds the only copy; docs/cluster.md)"),
@@ -195,7 +199,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("JOBS_RETRY_SECONDS", _as_int_list, [10, 60, 300],
             "back-off before each retry, in seconds (the last one repeats)"),
     Setting("JOBS_TIMEOUT_SECONDS", int, 1800, "longest one queued job may run"),
-    Setting("JOBS_PERIODIC", _as_list, ["archive-sync", "audit-forward", "audit-seal"],
+    Setting("JOBS_PERIODIC", _as_list, ["archive-sync", "audit-forward", "audit-seal",
+                                        "retention-daily", "archive-compress"],
             "periodic jobs the workers schedule (also report-digest), each when configured"),
     Setting("JOBS_AUDIT_FORWARD_SECONDS", int, 60, "period of the audit-forward job"),
     Setting("LOG_LEVEL", str, "INFO", "logging level"),
@@ -336,6 +341,10 @@ def _check_sharing(config: dict[str, Any]) -> None:
 
 
 def _check_archive(config: dict[str, Any]) -> None:
+    if config["ARCHIVE_COMPRESS_SYNTAX"] not in {"jpeg-ls", "jpeg2000"}:
+        raise ConfigError("ARCHIVE_COMPRESS_SYNTAX: jpeg-ls or jpeg2000")
+    if config["ARCHIVE_COMPRESS_AFTER_DAYS"] < 0:
+        raise ConfigError("ARCHIVE_COMPRESS_AFTER_DAYS: 0 (never) or more days")
     auth = config["ARCHIVE_AUTH"].strip().lower()
     if auth not in {"", "none", "basic", "bearer", "oauth"}:
         raise ConfigError("ARCHIVE_AUTH: none, basic, bearer or oauth")
@@ -407,7 +416,8 @@ def _check_jobs(config: dict[str, Any]) -> None:
     if config["JOBS_TIMEOUT_SECONDS"] <= 0 or config["JOBS_AUDIT_FORWARD_SECONDS"] <= 0:
         raise ConfigError("JOBS_TIMEOUT_SECONDS: must be positive (and "
                           "JOBS_AUDIT_FORWARD_SECONDS)")
-    known = {"archive-sync", "audit-forward", "audit-seal", "report-digest"}
+    known = {"archive-sync", "audit-forward", "audit-seal", "report-digest", "retention-daily",
+             "archive-compress"}
     unknown = [name for name in config["JOBS_PERIODIC"] if name not in known]
     if unknown:
         raise ConfigError(f"JOBS_PERIODIC: {unknown[0]!r} is none of {', '.join(sorted(known))}")

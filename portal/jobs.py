@@ -80,6 +80,12 @@ JOBS: dict[str, Job] = {
     "archive-sync": Job("portal.archive.sync:sync_now", periodic=True),
     "audit-forward": Job("portal.jobs:forward_audit", periodic=True),
     "audit-seal": Job("portal.jobs:seal_audit", periodic=True),
+    # Retention (docs/operations.md): the daily list of studies due, then the approved
+    # deletions; an approval in the console queues the deletions at once.
+    "retention-daily": Job("portal.retention.service:run_daily", periodic=True),
+    "retention-apply": Job("portal.retention.service:apply_now", lane="retention"),
+    # Embedded images older than ARCHIVE_COMPRESS_AFTER_DAYS re-encoded losslessly.
+    "archive-compress": Job("portal.archive.compress:compress_now", periodic=True),
 }
 
 
@@ -255,7 +261,9 @@ def periodic_jobs(app: Flask) -> dict[str, int]:
             if settings["AUDIT_SYSLOG_URL"] else 0,
             # SQLite seals at every append; PostgreSQL has background sealers as well.
             "audit-seal": 10 if database_url.startswith("postgresql") else 0,
-            "report-digest": 86400 if settings["SMTP_URL"] else 0}
+            "report-digest": 86400 if settings["SMTP_URL"] else 0,
+            "retention-daily": 86400,
+            "archive-compress": 86400 if settings["ARCHIVE_COMPRESS_AFTER_DAYS"] else 0}
     return {name: every for name, every in jobs.items() if every > 0 and name in wanted}
 
 
@@ -395,7 +403,10 @@ IN_WORDS = {"prerender": "Preparing the first images of new series",
             "report-digest": "The daily e-mail of unread reports",
             "archive-sync": "Bringing the study list in step with the hospital archive",
             "audit-forward": "Sending the audit trail to the audit repository",
-            "audit-seal": "Sealing the audit trail"}
+            "audit-seal": "Sealing the audit trail",
+            "retention-daily": "Listing the studies due for deletion",
+            "retention-apply": "Deleting the studies approved for deletion",
+            "archive-compress": "Compressing older images without loss"}
 
 
 def failed_in_words(app: Flask, limit: int = 10) -> tuple[int, list[str]] | None:

@@ -196,7 +196,8 @@ def test_a_failing_job_is_retried_with_back_off_then_failed_and_shown(
 def test_periodic_slots_are_scheduled_once_however_many_workers(tmp_path: Path,
                                                                 queue_url: str) -> None:
     app = make_app(tmp_path / "instance", REDIS_URL=queue_url, AUDIT_SYSLOG_URL="tcp://x:1",
-                   JOBS_AUDIT_FORWARD_SECONDS=30)
+                   JOBS_AUDIT_FORWARD_SECONDS=30,
+                   JOBS_PERIODIC=["audit-forward", "audit-seal"])  # (no daily retention run)
     try:
         assert jobs.periodic_jobs(app) == {"audit-forward": 30}  # SQLite: no audit-seal
         first = jobs.schedule_periodic(app)

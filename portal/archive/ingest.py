@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 import re
 import time
 from collections import Counter
@@ -434,7 +435,9 @@ class Archive:
         if self.remote is not None:
             return self._locate_or_fetch(sop_instance_uid, self.remote)
         known = self._located.get(sop_instance_uid)
-        if known is not None:
+        # A file re-encoded (archive/compress.py) or deleted (retention) by another process
+        # is gone from its old place: the index says where it is now.
+        if known is not None and os.path.exists(known.path):
             return known
         with self.database.reading() as session:
             row = session.execute(select(StoredObject.storage_key, StoredObject.sha256).where(

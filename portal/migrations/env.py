@@ -9,6 +9,7 @@ import portal.archive.models
 import portal.auth.models
 import portal.index.models
 import portal.reports.models
+import portal.retention.models
 import portal.sharing.models  # noqa: F401  (register every table)
 from portal.db import Base, make_engine
 
