@@ -86,6 +86,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     from portal.dicomweb.routes import bp as dicomweb_bp
     from portal.fhir.routes import bp as fhir_bp
     from portal.imaging import prerender
+    from portal.inbox import routes as inbox_routes
     from portal.jobs import jobs_cli
     from portal.launch import routes as launch_routes
     from portal.launch import smart
@@ -114,6 +115,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(fhir_bp)  # FHIR R4 under /fhir
     smart.init_app(app)  # one OAuth client per EHR allowed to launch the portal
     app.register_blueprint(launch_routes.bp)  # IHE IID and SMART App Launch
+    inbox_routes.init_app(app)  # the upload inbox and its quarantine (docs/inbox.md)
     reports_routes_init(app)
     # The after-ingest steps of the packages above the archive (it added its own: audit,
     # headers); every way in runs them all once its new instances are committed.

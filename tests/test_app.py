@@ -21,7 +21,11 @@ PUBLIC = {"health.healthz", "health.readyz", "studies.home", "static", "auth.log
           # share links: the landing page, the exchange, the visitor's pages (they check the
           # share session themselves and show a plain "ended" page without one)
           "sharing.landing", "sharing.exchange", "sharing.shared_home",
-          "sharing.shared_accesses", "sharing.close", "sharing.closed"}
+          "sharing.shared_accesses", "sharing.close", "sharing.closed",
+          # upload links: the landing page, the exchange, the upload page and the chunk API
+          # (they check the upload session or the signed-in uploader themselves; docs/inbox.md)
+          "inbox.link_landing", "inbox.link_exchange", "inbox.link_upload",
+          "inbox_api.announce_file", "inbox_api.file_status", "inbox_api.file_chunk"}
 
 
 def test_health_and_readiness(client: FlaskClient) -> None:

@@ -23,6 +23,8 @@ CONTRACT_NAMES = {
     "archive-acyclic": "the archive's modules import each other without a cycle",
     "flat-cli-below-rooms": "portal.cli and portal.repeat import no room",
     "access-alone": "access imports no domain",
+    "inbox-apart": "the quarantine is apart from the image path",
+    "inbox-below-faces": "the inbox never imports the console or the API",
 }
 
 
@@ -53,6 +55,9 @@ def test_every_contract_is_kept_by_the_code() -> None:
     ("flat-cli-below-rooms", "portal/repeat.py", "portal.access.cli"),
     ("access-alone", "portal/access/policy.py", "portal.reports.service"),
     ("access-alone", "portal/access/principal.py", "portal.sharing.sessions"),
+    ("inbox-apart", "portal/archive/ingest.py", "portal.inbox.quarantine"),
+    ("inbox-apart", "portal/access/policy.py", "portal.inbox.models"),
+    ("inbox-below-faces", "portal/inbox/reconcile.py", "portal.admin.console"),
 ])
 def test_a_forbidden_import_breaks_its_contract(tmp_path: Path, contract: str, module: str,
                                                 forbidden: str) -> None:

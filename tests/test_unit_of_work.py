@@ -66,6 +66,9 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("portal.sharing.sessions", "_end"): SHARE,
     ("portal.sharing.sessions", "_touch"): SHARE,
     ("portal.sharing.limits", "RateLimiter._in_database"): SHARE,
+    ("portal.inbox.links", "exchange"):
+        "upload-link exchange: as the share exchange, wrong PINs count although the answer "
+        "is a 4xx",
     ("portal.reports.inbound", "handle"): OUTSIDE + " (HL7 listener)",
     ("portal.reports.dicom", "after_ingest"): OUTSIDE + " (after-ingest step)",
     ("portal.reports.notify", "notifier.notify"): OUTSIDE + " (notices, after commit)",

@@ -7,6 +7,7 @@ from alembic import context
 import portal.access.models
 import portal.archive.models
 import portal.auth.models
+import portal.inbox.models
 import portal.index.models
 import portal.reports.models
 import portal.retention.models

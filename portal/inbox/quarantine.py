@@ -1,0 +1,281 @@
+"""Receiving uploads in chunks, and keeping what they hold in quarantine.
+
+A file is sent in pieces (``Content-Range``); the server's answer to "how much of it do you
+have" is the length of its part file on disk, so a dropped connection resumes exactly there.
+A complete file is a ZIP (checked as a whole first: entries, total size, ratio, names;
+``portal.archive.importer.zip_sources``), a DICOMDIR (the CD's table of contents: skipped) or
+a DICOM file, validated exactly as STOW-RS validates (``portal.archive.validate``). What
+passes is kept under ``instance/inbox/`` by its SHA-256, apart from the archive, grouped by
+study; nothing of it reaches the index until it is accepted (``reconcile.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import uuid
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from portal import audit, failures
+from portal.archive.importer import Source, UnsafeZip, zip_sources
+from portal.archive.store import StorageFull
+from portal.archive.validate import (
+    OUT_OF_RESOURCES,
+    SOP_CLASS_NOT_SUPPORTED,
+    TRANSFER_SYNTAX_NOT_SUPPORTED,
+    Limits,
+    Rejected,
+    validate_part10,
+)
+from portal.db import utcnow
+from portal.inbox.models import InboxFile, InboxInstance, InboxStudy
+
+MAX_CHUNK_BYTES = 8 << 20
+MAX_ZIP_ENTRIES = 20_000
+
+
+class UploadRefused(failures.Invalid):
+    """A chunk or a file announcement is refused (400); the reason is for people."""
+
+
+class WrongOffset(failures.Conflict):
+    """A chunk that does not start where the server's copy ends (409): ask, then resume."""
+
+    def __init__(self, received: int) -> None:
+        super().__init__(f"the server has {received} bytes of this file; send from there")
+        self.received = received
+
+
+@dataclass(frozen=True)
+class Quarantine:
+    """Where uploads wait, and the bounds they are checked against."""
+
+    root: Path
+    limits: Limits
+    max_zip_ratio: int
+    max_upload_bytes: int
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> Quarantine:
+        """The quarantine of a configured app: ``instance/inbox/``."""
+        limits = Limits.from_config(settings)
+        return cls(root=Path(settings["INSTANCE_PATH"]).resolve() / "inbox", limits=limits,
+                   max_zip_ratio=settings["MAX_ZIP_RATIO"],
+                   max_upload_bytes=min(settings["MAX_REQUEST_BYTES"] * 4, 8 << 30))
+
+    def part_path(self, file: InboxFile) -> Path:
+        """The part file of an upload (named by its public id, never by the sender's name)."""
+        return self.root / "parts" / file.public_id
+
+    def kept_path(self, sha256: str) -> Path:
+        """A quarantined DICOM file."""
+        return self.root / "kept" / sha256[:2] / f"{sha256}.dcm"
+
+    def read(self, sha256: str) -> bytes:
+        """The bytes of a quarantined file."""
+        return self.kept_path(sha256).read_bytes()
+
+    def forget(self, session: Session, sha256: str) -> None:
+        """Delete a quarantined file unless another waiting instance still names it."""
+        still = session.scalar(select(InboxInstance.id).where(InboxInstance.sha256 == sha256)
+                               .limit(1))
+        if still is None:
+            self.kept_path(sha256).unlink(missing_ok=True)
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with temp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temp, path)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StorageFull("the inbox's disk is full") from exc
+        raise
+
+
+def plain_reason(exc: Rejected) -> str:
+    """A refusal in words a patient understands, with the technical reason after it."""
+    reason = exc.reason
+    if "DICM" in reason:
+        return ("not a medical image file (a CD also holds viewer programs and text files; "
+                "they are not needed)")
+    if exc.status == TRANSFER_SYNTAX_NOT_SUPPORTED:
+        return f"the image is compressed in a way the portal does not take ({reason})"
+    if exc.status == SOP_CLASS_NOT_SUPPORTED:
+        return f"this kind of DICOM object is not taken ({reason})"
+    if exc.status == OUT_OF_RESOURCES or exc.http_status == 413:
+        return f"the file is too large ({reason})"
+    return f"the file is damaged or incomplete ({reason})"
+
+
+def _text(ds: Dataset, keyword: str, limit: int) -> str:
+    value = ds.get(keyword, "")
+    return str(value if value is not None else "").replace("\x00", "").strip()[:limit]
+
+
+def start_file(session: Session, q: Quarantine, *, practice_id: int, link_fk: int | None,
+               uploaded_by: str, name: str, size: int) -> InboxFile:
+    """Announce a file to be uploaded; its chunks follow."""
+    name = name.replace("\x00", "").strip()[:500] or "unnamed file"
+    if size < 1:
+        raise UploadRefused("the file is empty")
+    if size > q.max_upload_bytes:
+        raise UploadRefused(f"the file is larger than {q.max_upload_bytes >> 20} MiB")
+    file = InboxFile(public_id=str(uuid.uuid4()), practice_fk=practice_id, link_fk=link_fk,
+                     uploaded_by=uploaded_by, name=name, size=size, received=0,
+                     state="receiving", results=[], created_at=utcnow())
+    session.add(file)
+    session.flush()
+    return file
+
+
+def received_bytes(q: Quarantine, file: InboxFile) -> int:
+    """How much of the file the server has: the truth is the part file's length."""
+    if file.state != "receiving":
+        return file.size
+    try:
+        return q.part_path(file).stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def append_chunk(session: Session, q: Quarantine, file: InboxFile, start: int, total: int,
+                 data: bytes) -> bool:
+    """Append one chunk that starts where the server's copy ends; True when the file is
+    complete (then processed: ``finish``)."""
+    if file.state != "receiving":
+        return True
+    if total != file.size:
+        raise UploadRefused("the chunk names another total size than the file announced")
+    if len(data) > MAX_CHUNK_BYTES:
+        raise UploadRefused(f"a chunk is at most {MAX_CHUNK_BYTES >> 20} MiB")
+    if start + len(data) > file.size or not data:
+        raise UploadRefused("the chunk goes past the end of the file")
+    path = q.part_path(file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with path.open("ab") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # one writer per file at a time
+            have = os.fstat(fh.fileno()).st_size
+            if have != start:
+                raise WrongOffset(have)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            path.unlink(missing_ok=True)  # nothing half-stored; the sender starts again
+            raise StorageFull("the inbox's disk is full") from exc
+        raise
+    file.received = start + len(data)
+    return file.received >= file.size
+
+
+def _zip_total_ok(path: Path, limit: int) -> None:
+    with zipfile.ZipFile(path) as zf:
+        total = sum(i.file_size for i in zf.infolist())
+    if total > limit:
+        raise UnsafeZip(f"it would unpack to more than {limit >> 20} MiB")
+
+
+def finish(session: Session, q: Quarantine, file: InboxFile) -> list[dict[str, Any]]:
+    """Check the complete file, keep what passes in quarantine, list every outcome, delete
+    the part file, and audit the upload (110107 Import)."""
+    path = q.part_path(file)
+    results: list[dict[str, Any]] = []
+    try:
+        with path.open("rb") as fh:
+            is_zip = fh.read(4) == b"PK\x03\x04"
+        if is_zip:
+            try:
+                sources = zip_sources(path, max_entries=MAX_ZIP_ENTRIES,
+                                      max_ratio=q.max_zip_ratio,
+                                      max_entry_bytes=q.limits.max_instance_bytes)
+                _zip_total_ok(path, q.max_upload_bytes * 4)
+            except (UnsafeZip, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
+                results.append({"name": file.name, "outcome": "refused",
+                                "reason": f"the ZIP file is refused: {exc}"})
+                sources = []
+            for source in sources:
+                label = source.label.partition(":")[2] or source.label
+                results.append(_keep_source(session, q, file, Source(label, source.read)))
+        elif file.size > q.limits.max_instance_bytes:
+            results.append({"name": file.name, "outcome": "refused",
+                            "reason": "the file is too large for one image"})
+        else:
+            results.append(_keep_source(session, q, file,
+                                        Source(file.name, path.read_bytes)))
+    finally:
+        path.unlink(missing_ok=True)
+    file.state, file.results = "done", results
+    kept = sum(r["outcome"] == "kept" for r in results)
+    refused = [r for r in results if r["outcome"] == "refused"]
+    audit.append(session, audit.IMPORT, action="C",
+                 outcome=audit.OUTCOME_SUCCESS if not refused else audit.OUTCOME_MINOR_FAILURE,
+                 who=file.uploaded_by,
+                 details={"inbox_upload": file.public_id, "file": file.name[:200],
+                          "kept": kept, "refused": len(refused),
+                          "reasons": [r["reason"][:200] for r in refused[:20]]})
+    return results
+
+
+def _keep_source(session: Session, q: Quarantine, file: InboxFile,
+                 source: Source) -> dict[str, Any]:
+    name = source.label
+    if PurePosixPath(name.replace("\\", "/")).name.upper() == "DICOMDIR":
+        return {"name": name, "outcome": "skipped",
+                "reason": "the CD's table of contents (DICOMDIR); the images are read "
+                          "from their own files"}
+    try:
+        valid = validate_part10(source.read(), q.limits)
+    except Rejected as exc:
+        return {"name": name, "outcome": "refused", "reason": plain_reason(exc)}
+    except OSError as exc:
+        return {"name": name, "outcome": "refused", "reason": f"cannot read: {exc.strerror}"}
+    ds = valid.dataset
+    study = session.scalars(select(InboxStudy).where(
+        InboxStudy.practice_fk == file.practice_fk, InboxStudy.state == "waiting",
+        InboxStudy.study_instance_uid == valid.study_instance_uid)).first()
+    if study is None:
+        study = InboxStudy(
+            public_id=str(uuid.uuid4()), practice_fk=file.practice_fk, link_fk=file.link_fk,
+            study_instance_uid=valid.study_instance_uid,
+            patient_name=_text(ds, "PatientName", 324), patient_id=_text(ds, "PatientID", 64),
+            issuer_of_patient_id=_text(ds, "IssuerOfPatientID", 64),
+            patient_birth_date=_text(ds, "PatientBirthDate", 8),
+            patient_sex=_text(ds, "PatientSex", 16),
+            accession_number=_text(ds, "AccessionNumber", 64),
+            study_date=_text(ds, "StudyDate", 8),
+            study_description=_text(ds, "StudyDescription", 200),
+            modalities="", uploaded_by=file.uploaded_by, created_at=utcnow(), state="waiting")
+        session.add(study)
+        session.flush()
+    modality = _text(ds, "Modality", 16)
+    if modality and modality not in study.modalities.split(","):
+        study.modalities = ",".join(filter(None, [*study.modalities.split(","),
+                                                  modality]))[:64]
+    known = session.scalar(select(InboxInstance.id).where(
+        InboxInstance.study_fk == study.id,
+        InboxInstance.sop_instance_uid == valid.sop_instance_uid))
+    if known is not None:
+        return {"name": name, "outcome": "skipped", "reason": "already in the inbox"}
+    _write_durably(q.kept_path(valid.sha256), valid.data)
+    session.add(InboxInstance(study_fk=study.id, sop_instance_uid=valid.sop_instance_uid,
+                              series_instance_uid=valid.series_instance_uid,
+                              sha256=valid.sha256, label=name[:500]))
+    session.flush()
+    return {"name": name, "outcome": "kept", "reason": ""}

@@ -1,0 +1,265 @@
+"""Reconciliation of quarantined studies (IHE Import Reconciliation Workflow).
+
+An office manager sees the waiting studies of his practice, with local patients suggested
+by identifier, birth date and name (best first). Accepting one replaces Patient ID, issuer,
+name, birth date, sex and Accession Number with the local values, keeps the originals
+(PS3.3 C.12.1: Other Patient IDs Sequence (0010,1002) and Original Attributes Sequence
+(0400,0561) with reason COERCE), and sends every file through the archive's normal ingest
+(validated again, indexed, after-ingest steps, 110104). Rejecting deletes the files; both
+are audited. Until then no access rule sees the study: it is not in the index.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from sqlalchemy import Select, func, or_, select
+from sqlalchemy.orm import Session
+
+from portal import audit, failures
+from portal.access.grants import create_grant
+from portal.access.models import User
+from portal.access.policy import study_filter
+from portal.access.principal import Principal
+from portal.archive.after import Stored
+from portal.archive.ingest import Archive
+from portal.archive.validate import Rejected
+from portal.db import utcnow
+from portal.inbox.models import InboxStudy
+from portal.inbox.quarantine import Quarantine
+from portal.index.models import Patient, Study
+from portal.index.names import name_search_text, search_words
+
+STUDY_DELETED = ("110105", "DICOM Study Deleted")
+MODIFYING_SYSTEM = "REFERRER PORTAL INBOX"
+
+
+class ReconcileError(failures.Invalid):
+    """The study cannot be accepted or rejected as asked (400); the message says why."""
+
+
+class NoSuchInboxStudy(failures.NotFound):
+    """Not a waiting study of this practice's inbox: another practice's and a missing one
+    answer alike (404, docs/security.md 16)."""
+
+    default_reason = "no such study in your inbox"
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A local patient that may be the uploaded one, and why."""
+
+    patient: Patient
+    score: int
+    why: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What accepting did: instances now in the archive, and those it refused."""
+
+    stored: int
+    refused: list[tuple[str, str]]
+
+
+def waiting_studies(session: Session, actor: Principal) -> list[InboxStudy]:
+    """The practice's waiting studies, oldest first."""
+    return list(session.scalars(select(InboxStudy).where(
+        InboxStudy.practice_fk == actor.practice_id, InboxStudy.state == "waiting")
+        .order_by(InboxStudy.id)))
+
+
+def get_waiting(session: Session, actor: Principal, public_id: str) -> InboxStudy:
+    """One waiting study of the actor's practice, or 404."""
+    study = session.scalars(select(InboxStudy).where(
+        InboxStudy.public_id == public_id, InboxStudy.state == "waiting",
+        InboxStudy.practice_fk == actor.practice_id)).first()
+    if study is None or actor.practice_id is None:
+        raise NoSuchInboxStudy()
+    return study
+
+
+def _local_patients(actor: Principal) -> Select[Patient]:
+    """Patients with a study this office manager may see (his practice's patients)."""
+    return select(Patient).where(Patient.id.in_(
+        select(Study.patient_fk).where(study_filter(actor))))
+
+
+def _name_score(uploaded: str, local: str) -> tuple[int, str | None]:
+    """Names compared folded (case, accents, apostrophes), "Müller" also as "Mueller"."""
+    theirs, ours = search_words(uploaded), search_words(local)
+    if not theirs or not ours:
+        return 0, None
+    their_all, our_all = set(name_search_text(uploaded).split()), set(
+        name_search_text(local).split())
+    common = len(set(theirs) & our_all) or len(set(ours) & their_all)
+    if theirs[0] in our_all or ours[0] in their_all:
+        return 3 + max(common - 1, 0), "same family name"
+    return (common, "names share a word") if common else (0, None)
+
+
+def suggestions(session: Session, actor: Principal, study: InboxStudy,
+                limit: int = 5) -> list[Suggestion]:
+    """Local patients that may be this study's, best first: the same ID, the same birth
+    date, the same family name (folded: case, accents, apostrophes)."""
+    words = search_words(study.patient_name)
+    conditions = []
+    if study.patient_id:
+        conditions.append(Patient.patient_id == study.patient_id)
+    if study.patient_birth_date:
+        conditions.append(Patient.patient_birth_date == study.patient_birth_date)
+    if words:
+        conditions.append(Patient.name_search.like(f"% {words[0]}%"))
+    if not conditions:
+        return []
+    found = []
+    for patient in session.scalars(_local_patients(actor).where(or_(*conditions)).limit(200)):
+        score, why = 0, []
+        if study.patient_id and patient.patient_id == study.patient_id:
+            score += 4
+            why.append("same patient ID")
+        if study.patient_birth_date and patient.patient_birth_date == study.patient_birth_date:
+            score += 3
+            why.append("same birth date")
+        points, reason = _name_score(study.patient_name, patient.patient_name)
+        if reason:
+            score += points
+            why.append(reason)
+        if score:
+            found.append(Suggestion(patient, score, tuple(why)))
+    found.sort(key=lambda s: (-s.score, s.patient.patient_name, s.patient.id))
+    return found[:limit]
+
+
+def find_local_patient(session: Session, actor: Principal, patient_pk: int) -> Patient:
+    """A patient of the practice, chosen by his record id."""
+    patient = session.scalars(_local_patients(actor).where(Patient.id == patient_pk)).first()
+    if patient is None:
+        raise ReconcileError("choose a patient of your practice")
+    return patient
+
+
+def practice_physicians(session: Session, actor: Principal) -> list[User]:
+    """Physicians of the actor's practice (to whom an accepted study may be given)."""
+    users = session.scalars(select(User).where(User.practice_fk == actor.practice_id,
+                                               User.active.is_(True)).order_by(User.id))
+    return [u for u in users if "physician" in (u.roles or [])]
+
+
+def coerce(data: bytes, study: InboxStudy, local: Patient, accession: str,
+           source: str, when: datetime) -> bytes:
+    """The file with local patient identity and accession number, the originals kept as
+    PS3.3 C.12.1 describes (Other Patient IDs Sequence, Original Attributes Sequence)."""
+    ds = pydicom.dcmread(io.BytesIO(data), force=False)
+    original = Dataset()
+    for keyword in ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate",
+                    "PatientSex", "AccessionNumber"):
+        if keyword in ds:
+            setattr(original, keyword, ds[keyword].value)
+    item = Dataset()
+    item.ModifiedAttributesSequence = Sequence([original])
+    item.AttributeModificationDateTime = when.astimezone(UTC).strftime("%Y%m%d%H%M%S")
+    item.ModifyingSystem = MODIFYING_SYSTEM
+    item.SourceOfPreviousValues = source[:64]
+    item.ReasonForTheAttributeModification = "COERCE"
+    ds.OriginalAttributesSequence = Sequence([*ds.get("OriginalAttributesSequence", []), item])
+    if ds.get("PatientID"):
+        other = Dataset()
+        other.PatientID = ds.PatientID
+        if ds.get("IssuerOfPatientID"):
+            other.IssuerOfPatientID = ds.IssuerOfPatientID
+        other.TypeOfPatientID = "TEXT"
+        ds.OtherPatientIDsSequence = Sequence([*ds.get("OtherPatientIDsSequence", []), other])
+    ds.PatientID = local.patient_id
+    if local.issuer_of_patient_id:
+        ds.IssuerOfPatientID = local.issuer_of_patient_id
+    elif "IssuerOfPatientID" in ds:
+        del ds.IssuerOfPatientID
+    ds.PatientName = local.patient_name
+    ds.PatientBirthDate = local.patient_birth_date
+    ds.PatientSex = local.patient_sex
+    ds.AccessionNumber = accession
+    if "IssuerOfAccessionNumberSequence" in ds:
+        del ds.IssuerOfAccessionNumberSequence
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def accept(session: Session, actor: Principal, q: Quarantine, archive: Archive,
+           public_id: str, *, patient_pk: int, accession: str, give_to: int | None,
+           address: str) -> Accepted:
+    """Reconcile a waiting study with a local patient and move it into the archive."""
+    study = get_waiting(session, actor, public_id)
+    local = find_local_patient(session, actor, patient_pk)
+    accession = accession.strip()
+    if len(accession) > 16 or any(c in accession for c in "\\\x00\r\n"):
+        raise ReconcileError("an accession number has at most 16 characters")
+    physician = None
+    if give_to is not None:
+        physician = next((u for u in practice_physicians(session, actor) if u.id == give_to),
+                         None)
+        if physician is None:
+            raise ReconcileError("choose a physician of your practice")
+    now = utcnow()
+    items = [(inst, coerce(q.read(inst.sha256), study, local, accession,
+                           study.uploaded_by or "upload", now)) for inst in study.instances]
+    results = archive.ingest_many([data for _, data in items], who=actor.audit_name,
+                                  source_address=address)
+    stored = [r for r in results if isinstance(r, Stored)]
+    refused = [(inst.label, r.reason) for (inst, _), r in zip(items, results, strict=True)
+               if isinstance(r, Rejected)]
+    archive.after_ingest(stored, via="import", who=actor.audit_name, source_address=address)
+    for (inst, _), result in zip(items, results, strict=True):
+        if isinstance(result, Stored):
+            study.instances.remove(inst)
+            session.flush()
+            q.forget(session, inst.sha256)
+    audit.append(session, audit.IMPORT, action="C",
+                 outcome=audit.OUTCOME_SUCCESS if not refused else audit.OUTCOME_MINOR_FAILURE,
+                 who=actor.audit_name, source_address=address,
+                 study_instance_uid=study.study_instance_uid, patient_id=local.patient_id,
+                 details={"inbox_study": study.public_id, "reconciled": True,
+                          "original_patient_id": study.patient_id,
+                          "original_accession": study.accession_number,
+                          "accession": accession, "stored": len(stored),
+                          "refused": len(refused), "uploaded_by": study.uploaded_by})
+    if not study.instances:
+        study.state, study.decided_by, study.decided_at = "accepted", actor.audit_name, now
+        study.local_patient_id, study.local_accession_number = local.patient_id, accession
+    if physician is not None and stored:
+        create_grant(session, actor, user_id=physician.id,
+                     study_uid=study.study_instance_uid,
+                     reason="outside images accepted from the inbox")
+    return Accepted(len(stored), refused)
+
+
+def reject(session: Session, actor: Principal, q: Quarantine, public_id: str, *,
+           reason: str, address: str) -> InboxStudy:
+    """Reject a waiting study: its files are deleted, the decision audited (110105)."""
+    study = get_waiting(session, actor, public_id)
+    hashes = [inst.sha256 for inst in study.instances]
+    count = len(hashes)
+    study.instances.clear()
+    session.flush()
+    for sha256 in hashes:
+        q.forget(session, sha256)
+    study.state, study.decided_by, study.decided_at = "rejected", actor.audit_name, utcnow()
+    audit.append(session, STUDY_DELETED, action="D", outcome=audit.OUTCOME_SUCCESS,
+                 who=actor.audit_name, source_address=address,
+                 study_instance_uid=study.study_instance_uid, patient_id=study.patient_id,
+                 details={"inbox_study": study.public_id, "rejected": True,
+                          "instances": count, "reason": " ".join(reason.split())[:300],
+                          "uploaded_by": study.uploaded_by})
+    return study
+
+
+def counts(session: Session, actor: Principal) -> int:
+    """How many studies wait in the practice's inbox."""
+    return int(session.scalar(select(func.count(InboxStudy.id)).where(
+        InboxStudy.practice_fk == actor.practice_id, InboxStudy.state == "waiting")) or 0)

@@ -1,0 +1,336 @@
+"""Pages and the chunk API of the upload inbox (docs/inbox.md).
+
+- ``/inbox/upload``: a signed-in physician or office manager uploads into his practice's inbox.
+- ``/u#<token>``: a patient's upload link (token in the fragment, as share links'; PIN; the
+  exchange sets the ``upload`` cookie); ``/u/upload`` is the same upload page. An upload
+  session reaches only these pages and the chunk API: never an image or a study.
+- ``/inbox``: office managers reconcile (accept with a local patient) or reject what waits.
+- ``/inbox/api/files``: announce a file, ask how much of it arrived, send the rest in chunks
+  (``Content-Range: bytes first-last/total``).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    abort,
+    current_app,
+    flash,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from sqlalchemy import select
+from werkzeug.wrappers import Response as BaseResponse
+
+from portal import failures
+from portal.access.policy import public
+from portal.access.principal import Principal, current_principal
+from portal.archive import current_archive
+from portal.auth.recent import require_recent_sign_in
+from portal.db import db, utcnow
+from portal.inbox import links, quarantine, reconcile
+from portal.inbox.models import InboxFile, InboxStudy, UploadLink
+from portal.numbers import bounded_int
+from portal.security import read_body
+from portal.sharing.limits import address_key, rate_limiter
+from portal.sharing.routes import share_policy
+
+bp = Blueprint("inbox", __name__)
+api = Blueprint("inbox_api", __name__)
+
+_RANGE = re.compile(r"^bytes (\d{1,15})-(\d{1,15})/(\d{1,15})$")
+
+
+def init_app(app: Flask) -> None:
+    """Register the pages and the chunk API; the quarantine lives in ``instance/inbox/``."""
+    app.extensions["inbox"] = quarantine.Quarantine.from_settings(app.config["PORTAL"])
+    app.register_blueprint(bp)
+    app.register_blueprint(api)
+
+
+def _q() -> quarantine.Quarantine:
+    q: quarantine.Quarantine = current_app.extensions["inbox"]
+    return q
+
+
+def _address() -> str:
+    return request.remote_addr or ""
+
+
+def cookie_name() -> str:
+    """``__Host-upload`` when cookies are Secure; ``upload`` on plain-HTTP development."""
+    return "__Host-upload" if current_app.config["SESSION_COOKIE_SECURE"] else "upload"
+
+
+def _uploader() -> Principal | None:
+    """A signed-in physician or office manager of a practice."""
+    principal = current_principal()
+    if principal is not None and links.may_make_links(principal):
+        return principal
+    return None
+
+
+def _manager() -> Principal:
+    principal = current_principal()
+    if principal is None or principal.kind != "user" or principal.practice_id is None \
+            or not principal.has_role("office_manager"):
+        abort(404)
+    return principal
+
+
+def _link() -> UploadLink | None:
+    cookie = request.cookies.get(cookie_name(), "")
+    return links.session_link(db.session, cookie) if cookie else None
+
+
+# -- the upload pages --------------------------------------------------------------------------
+
+@bp.get("/inbox/upload")
+def upload_page() -> str:
+    """The upload page of a signed-in physician or office manager."""
+    if _uploader() is None:
+        abort(404)
+    return render_template("inbox/upload.html", for_link=False)
+
+
+@bp.get("/u")
+@public
+def link_landing() -> str:
+    """An upload link's landing page: the script moves the code from the fragment into the
+    form; nothing happens until the PIN is sent."""
+    return render_template("inbox/landing.html", token="", message="")
+
+
+@bp.post("/u/exchange")
+@public
+def link_exchange() -> BaseResponse:
+    """Exchange token and PIN for an upload session (rate-limited per address)."""
+    settings = current_app.config["PORTAL"]
+    count = rate_limiter().count(f"upload-exchange:{address_key(_address())}", window=600)
+    token = request.form.get("token", "").strip()[:200]
+    if count > settings["SHARE_ATTEMPTS_PER_ADDRESS"]:
+        return Response(render_template("inbox/landing.html", token=token,
+                                        message="Too many tries from here. Please wait ten "
+                                                "minutes."), status=429)
+    pin = request.form.get("pin", "").strip()[:32]
+    try:
+        cookie, link = links.exchange(db, share_policy(), token=token, pin=pin,
+                                      address=_address())
+    except links.LinkUnavailable:
+        return Response(render_template("inbox/ended.html"), status=404)
+    except links.PinRequired:
+        return Response(render_template("inbox/landing.html", token=token,
+                                        message="Please enter the PIN you were given."),
+                        status=401)
+    except links.WrongPin as wrong:
+        text = (f"That PIN is not right. You can try {wrong.remaining} more "
+                f"time{'s' if wrong.remaining != 1 else ''}.")
+        return Response(render_template("inbox/landing.html", token=token, message=text),
+                        status=401)
+    except links.LinkLocked:
+        return Response(render_template("inbox/ended.html", locked=True), status=403)
+    response = redirect(url_for("inbox.link_upload"), code=303)
+    lifetime = min(links.SESSION_LIFETIME, link.expires_at - utcnow())
+    response.set_cookie(cookie_name(), cookie, max_age=int(lifetime.total_seconds()),
+                        path="/", secure=bool(current_app.config["SESSION_COOKIE_SECURE"]),
+                        httponly=True, samesite="Strict")
+    return response
+
+
+@bp.get("/u/upload")
+@public
+def link_upload() -> Response | str:
+    """The upload page of a link's visitor (or a page saying the link ended)."""
+    if _link() is None:
+        return Response(render_template("inbox/ended.html"), status=401)
+    return render_template("inbox/upload.html", for_link=True)
+
+
+# -- the chunk API -----------------------------------------------------------------------------
+
+class _NotUploader(failures.PortalError):
+    """Neither a signed-in uploader nor an open upload session (401)."""
+
+    status = 401
+    default_reason = "open your upload link again, or sign in"
+
+
+def _uploader_or_401() -> tuple[int, int | None, str]:
+    principal = _uploader()
+    if principal is not None and principal.practice_id is not None:
+        return principal.practice_id, None, principal.audit_name
+    link = _link()
+    if link is not None:
+        return link.practice_fk, link.id, links.link_who(link)
+    raise _NotUploader()
+
+
+def _own_file(public_id: str) -> InboxFile:
+    """A file the caller announced himself; anybody else's answers 404."""
+    practice, link_fk, who = _uploader_or_401()
+    file = db.session.scalars(select(InboxFile).where(InboxFile.public_id == public_id)).first()
+    if file is None or file.practice_fk != practice or file.link_fk != link_fk \
+            or file.uploaded_by != who:
+        raise failures.NotFound("no such upload")
+    return file
+
+
+def _file_json(file: InboxFile) -> dict[str, Any]:
+    return {"id": file.public_id, "name": file.name, "size": file.size,
+            "received": quarantine.received_bytes(_q(), file), "state": file.state,
+            "results": file.results, "chunk": quarantine.MAX_CHUNK_BYTES}
+
+
+@api.post("/inbox/api/files")
+@public
+def announce_file() -> tuple[Response, int]:
+    """Announce a file: ``{"name": ..., "size": ...}``; answers its id (201)."""
+    practice, link_fk, who = _uploader_or_401()
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("name"), str) \
+            or not isinstance(body.get("size"), int) or isinstance(body.get("size"), bool):
+        raise quarantine.UploadRefused("send the file's name and size as JSON")
+    file = quarantine.start_file(db.session, _q(), practice_id=practice, link_fk=link_fk,
+                                 uploaded_by=who, name=body["name"], size=body["size"])
+    return jsonify(_file_json(file)), 201
+
+
+@api.get("/inbox/api/files/<public_id>")
+@public
+def file_status(public_id: str) -> Response:
+    """How much of the file the server has (resume from ``received``), and its results."""
+    return jsonify(_file_json(_own_file(public_id)))
+
+
+@api.put("/inbox/api/files/<public_id>")
+@public
+def file_chunk(public_id: str) -> Response:
+    """One chunk, ``Content-Range: bytes first-last/total``; the last one is checked and
+    kept in quarantine, and the answer lists what became of the file (or its entries)."""
+    file = _own_file(public_id)
+    found = _RANGE.match(request.headers.get("Content-Range", ""))
+    if found is None:
+        raise quarantine.UploadRefused("send Content-Range: bytes first-last/total")
+    first, last, total = (int(x) for x in found.groups())
+    data = read_body(quarantine.MAX_CHUNK_BYTES)
+    if last - first + 1 != len(data):
+        raise quarantine.UploadRefused("the chunk's length differs from its Content-Range")
+    if quarantine.append_chunk(db.session, _q(), file, first, total, data) \
+            and file.state == "receiving":
+        quarantine.finish(db.session, _q(), file)
+    return jsonify(_file_json(file))
+
+
+# -- the office manager's inbox -------------------------------------------------------------------
+
+@bp.get("/inbox")
+def index() -> str:
+    """What waits in the practice's inbox, and the latest decisions."""
+    actor = _manager()
+    waiting = reconcile.waiting_studies(db.session, actor)
+    decided = list(db.session.scalars(select(InboxStudy).where(
+        InboxStudy.practice_fk == actor.practice_id, InboxStudy.state != "waiting")
+        .order_by(InboxStudy.decided_at.desc()).limit(20)))
+    return render_template("inbox/index.html", waiting=waiting, decided=decided)
+
+
+@bp.get("/inbox/studies/<public_id>")
+def study(public_id: str) -> str:
+    """One waiting study: what it says, local patients that may be its, accept or reject."""
+    actor = _manager()
+    item = reconcile.get_waiting(db.session, actor, public_id)
+    return render_template("inbox/study.html", study=item,
+                           suggestions=reconcile.suggestions(db.session, actor, item),
+                           physicians=reconcile.practice_physicians(db.session, actor),
+                           series=len({i.series_instance_uid for i in item.instances}))
+
+
+def _recent() -> BaseResponse | None:
+    return require_recent_sign_in("inbox.index")
+
+
+@bp.post("/inbox/studies/<public_id>/accept")
+def accept(public_id: str) -> BaseResponse:
+    """Accept with the chosen local patient: the study enters the archive."""
+    actor = _manager()
+    again = _recent()
+    if again is not None:
+        return again
+    patient = request.form.get("patient", "")
+    if not patient:
+        raise reconcile.ReconcileError("choose the local patient")
+    give = request.form.get("give_to", "")
+    done = reconcile.accept(
+        db.session, actor, _q(), current_archive(), public_id,
+        patient_pk=bounded_int(patient, "patient", low=1),
+        accession=request.form.get("accession", "")[:64],
+        give_to=bounded_int(give, "give_to", low=1) if give else None,
+        address=_address())
+    if done.refused:
+        flash(f"{done.stored} images moved into the archive; {len(done.refused)} were refused "
+              f"and stay in the inbox: {done.refused[0][1]}", "error")
+    else:
+        flash(f"Accepted: {done.stored} images are now in the archive.")
+    return redirect(url_for("inbox.index"), code=303)
+
+
+@bp.post("/inbox/studies/<public_id>/reject")
+def reject(public_id: str) -> BaseResponse:
+    """Reject: the files are deleted and the decision audited."""
+    actor = _manager()
+    again = _recent()
+    if again is not None:
+        return again
+    reconcile.reject(db.session, actor, _q(), public_id,
+                     reason=request.form.get("reason", "")[:300], address=_address())
+    flash("Rejected: the uploaded files are deleted.")
+    return redirect(url_for("inbox.index"), code=303)
+
+
+# -- upload links ----------------------------------------------------------------------------------
+
+@bp.get("/inbox/links")
+def link_list() -> str:
+    """Upload links of the practice (office managers) or one's own (physicians)."""
+    actor = _uploader()
+    if actor is None:
+        abort(404)
+    return render_template("inbox/links.html",
+                           links=links.practice_links(db.session, actor),
+                           state=links.link_state, now=utcnow(),
+                           days=share_policy().default_days, max_days=share_policy().max_days)
+
+
+@bp.post("/inbox/links")
+def create_link() -> Response:
+    """Make an upload link for a patient: its address and PIN are shown once."""
+    actor = _uploader()
+    if actor is None:
+        abort(404)
+    days_text = request.form.get("days", "")
+    made = links.create_link(db.session, actor, share_policy(),
+                             for_whom=request.form.get("for_whom", ""),
+                             days=bounded_int(days_text, "days", low=1, high=366)
+                             if days_text else None)
+    url = f"{url_for('inbox.link_landing', _external=True)}#{made.token}"
+    return Response(render_template("inbox/link_created.html", link=made.link, url=url,
+                                    pin=made.pin), status=201)
+
+
+@bp.post("/inbox/links/<public_id>/revoke")
+def revoke_link(public_id: str) -> BaseResponse:
+    """Revoke an upload link: it stops at once, open upload sessions too."""
+    actor = _uploader()
+    if actor is None:
+        abort(404)
+    links.revoke_link(db.session, actor, public_id)
+    flash("The upload link is revoked.")
+    return redirect(url_for("inbox.link_list"), code=303)
