@@ -122,6 +122,22 @@ def _report(app: Flask, study: str) -> None:
             author="Wilson^James^^Dr"))
 
 
+def _retention(session: Any, study: str) -> None:
+    """A retention rule of the practice (id 1), a study listed as due, a legal hold."""
+    from sqlalchemy import select
+
+    from portal.access.models import Practice
+    from portal.index.models import Patient
+    from portal.retention.models import LegalHold, RetentionDue, RetentionRule
+
+    practice = session.scalars(select(Practice.id).where(Practice.name == "Clinic")).one()
+    session.add(RetentionRule(practice_fk=practice, modality="CT", keep_years=10,
+                              minors_until_age=28))
+    session.add(RetentionDue(study_instance_uid=study, kept_until="20250101"))
+    patient = session.scalars(select(Patient.id).where(Patient.patient_id == "SWEEP-1")).one()
+    session.add(LegalHold(patient_fk=patient, reason="Court case 4711"))
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory, idp: IdentityProvider) -> Iterator[Site]:
     """Studies, a report, a physician, an office manager, a patient, links and an
@@ -152,6 +168,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, idp: IdentityProvider) -> Ite
                  for _ in PHONES]
         invitation = create_invitation(session, ADMIN, email="new@clinic.test",
                                        roles=["physician"], practice="Clinic")
+        _retention(session, earlier)
     from sqlalchemy import select
 
     from portal.index.models import Patient
@@ -220,6 +237,9 @@ def _visits(site: Site) -> dict[str, list[tuple[str, str, int]]]:
                             f"/admin/people/{site.doctor}/take-away", 200),
                            ("admin.patient", f"/admin/patients/{site.record}", 200),
                            ("admin.invite_form", "/admin/invite", 200),
+                           ("retention.index", "/admin/retention/", 200),
+                           ("retention.new_rule", "/admin/retention/rules/new", 200),
+                           ("retention.edit_rule", "/admin/retention/rules/1", 200),
                            ("studies.study_list", "/studies", 200)],
         "patient": [("studies.study_list", "/studies", 200),
                     ("studies.study_page", f"/studies/{s}", 200),
