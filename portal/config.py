@@ -49,6 +49,32 @@ def _as_optional_str(value: Any) -> str | None:
     return text or None
 
 
+_SPACE_UNITS = {"": 1 << 20, "mb": 1 << 20, "mib": 1 << 20, "gb": 1 << 30, "gib": 1 << 30}
+
+
+def _as_free_space(value: Any) -> str:
+    """Free disk space as ``N%`` of the file system or ``N`` MB (``N MB``, ``N GB``)."""
+    text = str(value).strip().lower().replace(" ", "")
+    number = text.rstrip("%abgikm")
+    unit = text[len(number):]
+    if unit != "%" and unit not in _SPACE_UNITS:
+        raise ValueError(f"not N% or N MB or N GB: {value!r}")
+    amount = float(number)
+    if amount < 0 or (unit == "%" and amount >= 100):
+        raise ValueError(f"out of range: {value!r}")
+    return f"{amount:g}%" if unit == "%" else f"{amount:g}{unit or 'mb'}"
+
+
+def free_space_bytes(setting: str, total_bytes: int) -> int:
+    """The bytes a free-space setting (``_as_free_space``) means on a file system of
+    ``total_bytes``."""
+    number = setting.rstrip("%abgikm")
+    unit = setting[len(number):]
+    if unit == "%":
+        return int(total_bytes * float(number) / 100)
+    return int(float(number) * _SPACE_UNITS[unit])
+
+
 @dataclass(frozen=True)
 class Setting:
     """One configuration setting: its key, how to parse it, and its default."""
@@ -91,6 +117,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("ARCHIVE_BREAKER_FAILURES", int, 5, "failures in a row that open the breaker"),
     Setting("ARCHIVE_BREAKER_RESET_SECONDS", float, 30.0, "how long the breaker stays open"),
     Setting("ARCHIVE_CACHE_MB", int, 10_240, "local copies of external instances kept (LRU)"),
+    # A full disk (docs/operations.md "Disk space"): uploads are refused (507, C-STORE A700)
+    # while less than ARCHIVE_MIN_FREE is free; /readyz and the console warn below
+    # ARCHIVE_WARN_FREE. N% of the archive's file system, or N MB / N GB.
+    Setting("ARCHIVE_MIN_FREE", _as_free_space, "1%",
+            "uploads are refused while less is free on the archive's disk (N% or N MB)"),
+    Setting("ARCHIVE_WARN_FREE", _as_free_space, "5%",
+            "/readyz and the console say 'disk nearly full' below this (N% or N MB)"),
     Setting("ARCHIVE_SYNC_INTERVAL_SECONDS", int, 300, "period of `archive sync --watch`"),
     Setting("ARCHIVE_SYNC_PAGE_SIZE", int, 100, "studies asked per QIDO-RS page"),
     Setting("ARCHIVE_SYNC_LOOKBACK_DAYS", int, 7, "incremental sync: study dates this far back"),

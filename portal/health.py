@@ -17,6 +17,7 @@ from portal.redis_link import redis_link
 
 if TYPE_CHECKING:
     from portal.archive.copies import RemoteCopies
+    from portal.archive.space import DiskSpace
 
 bp = Blueprint("health", __name__)
 
@@ -47,6 +48,14 @@ def readyz() -> tuple[Response, int]:
     except OSError:
         checks["archive"] = "unavailable"
     ready = all(v == "ok" for v in checks.values())
+    # A full disk refuses uploads but still serves every read: "degraded", never "not ready"
+    # (a balancer taking the node out would hide the images it still serves).
+    space = archive_disk()
+    if space is not None:
+        body_disk: dict[str, object] | None = space.to_json()
+        checks["archive_disk"] = space.state
+    else:
+        body_disk = None
     # Redis is pinged (through its breaker, so a dead one costs nothing while it is open).
     # Without it the portal still serves: rendered images are cache misses and rate limits
     # are counted in the database, so it makes the node "degraded", never "not ready".
@@ -55,6 +64,10 @@ def readyz() -> tuple[Response, int]:
     body: dict[str, object] = {"status": "ready" if ready else "not ready", "checks": checks}
     if ready and checks["cache"] == "unavailable":
         body["status"] = "degraded"
+    if body_disk is not None:
+        body["archive_disk"] = body_disk
+        if ready and body_disk["state"] != "ok":
+            body["status"] = "degraded"
     if link is not None:  # the queue lives in Redis: only asked while Redis answers
         body["jobs"] = _jobs_state() if checks["cache"] == "ok" else {"state": "unavailable"}
     remote = current_archive().remote
@@ -71,6 +84,16 @@ def readyz() -> tuple[Response, int]:
     answer = jsonify(body)
     answer.headers["Retry-After"] = "5"
     return answer, 503
+
+
+@bp.app_template_global("archive_disk")
+def archive_disk() -> DiskSpace | None:
+    """Free space on the archive's disk (None when it cannot be asked); also the template
+    global of the console's "disk nearly full" line (docs/operations.md "Disk space")."""
+    try:
+        return current_archive().store.space()
+    except OSError:
+        return None
 
 
 def _jobs_state() -> dict[str, object]:

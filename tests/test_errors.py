@@ -79,6 +79,8 @@ NOT_PORTAL_ERRORS = {
     "portal.archive.same_instance._Different": "private to the comparison, becomes Rejected",
     "portal.archive.sync._Refused": "private to sync, logged and counted",
     "portal.archive.external._Timeout": "private to the client, becomes ExternalUnavailable",
+    "portal.archive.backup.BackupRefused": "a click error of the backup and restore commands "
+                                           "(a message and exit status 1); no request raises it",
     "portal.redis_link.RedisDown": "internal: the caller falls back to the database or memory",
     "portal.imaging.signed.BadToken": "answered (403 with its reason) by the WSGI front door "
                                       "of signed frame URLs, before Flask (dicomweb/signed.py)",

@@ -8,6 +8,7 @@ from flask import Flask, current_app
 
 from portal.archive.after import AfterIngest, audit_step, header_step
 from portal.archive.ingest import Archive
+from portal.archive.space import SpaceRule
 from portal.archive.store import EmbeddedStore
 from portal.archive.validate import Limits
 
@@ -16,7 +17,8 @@ def init_app(app: Flask) -> None:
     """Attach the embedded archive under the instance folder, and the external archive
     (``PORTAL_ARCHIVE_URL``) whose instances it fetches on first use. No network call here."""
     settings = app.config["PORTAL"]
-    store = EmbeddedStore(Path(settings["INSTANCE_PATH"]).resolve() / "archive")
+    store = EmbeddedStore(Path(settings["INSTANCE_PATH"]).resolve() / "archive",
+                          SpaceRule(settings["ARCHIVE_MIN_FREE"], settings["ARCHIVE_WARN_FREE"]))
     database = app.extensions["db"]
     limits = Limits.from_config(settings)
     remote = None

@@ -144,7 +144,7 @@ def import_sources(archive: Archive, sources: list[Source], who: str,
     The caller runs ``archive.after_ingest`` for ``summary.stored`` afterwards.
     """
     summary = ImportSummary() if summary is None else summary
-    for source in sources:
+    for number, source in enumerate(sources, start=1):
         try:
             try:
                 data = source.read()
@@ -162,6 +162,11 @@ def import_sources(archive: Archive, sources: list[Source], who: str,
                 summary.stored.append(result)
         except Rejected as exc:
             summary.rejected.append((source.label, exc.reason))
+            if exc.http_status == 507:  # no room: every further file would be refused too
+                if number < len(sources):
+                    summary.rejected.append((f"{len(sources) - number} more file(s)",
+                                             "not imported: the archive has no room"))
+                break
         except OSError as exc:
             summary.rejected.append((source.label, f"cannot read: {exc.strerror}"))
         except ArchiveUnavailable as exc:

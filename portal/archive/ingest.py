@@ -203,6 +203,11 @@ class Archive:
             raise Rejected("the instance belongs to a different study than the URL names",
                            DATA_SET_DOES_NOT_MATCH, 409, valid.sop_class_uid,
                            valid.sop_instance_uid)
+        try:  # ARCHIVE_MIN_FREE: refused before the disk is full (archive/space.py)
+            self.store.check_room(len(valid.data))
+        except StorageFull as exc:
+            raise Rejected(str(exc), OUT_OF_RESOURCES, 507, valid.sop_class_uid,
+                           valid.sop_instance_uid) from exc
         if self.remote is not None and self.remote.write_through:
             # A cluster (docs/cluster.md): the external archive keeps the copy that counts,
             # so an instance is acknowledged only once it has it (ExternalUnavailable: 503).

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from portal import failures
+from portal.archive.space import DiskSpace, SpaceRule
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,9 @@ class EmbeddedStore:
     file and one folder: no mkdir, no stat, two fsyncs.
     """
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, space: SpaceRule | None = None) -> None:
         self.root = root
+        self.space_rule = space or SpaceRule()
         self.objects = root / "objects"
         self.tmp = root / "tmp"
         self._ready = False
@@ -109,6 +111,18 @@ class EmbeddedStore:
         if self.key_for(sha) != key:
             raise ValueError("invalid storage key")
         return self.objects / key
+
+    def space(self) -> DiskSpace:
+        """Free space on the archive's file system and the configured thresholds."""
+        return self.space_rule.look(self.root)
+
+    def check_room(self, size: int) -> None:
+        """Refuse (StorageFull, 507) an upload of ``size`` bytes that would leave less than
+        ARCHIVE_MIN_FREE free: new uploads stop before the disk is full, reads go on."""
+        space = self.space()
+        if not space.room_for(size):
+            raise StorageFull(f"the archive has no room for this instance now "
+                              f"({space.describe()})")
 
     def write(self, data: bytes, sha256: str, *, sync_folder: bool = True) -> str:
         """Durably write ``data`` and return its key; an existing identical file is kept.

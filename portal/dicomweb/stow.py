@@ -92,7 +92,10 @@ def _answer(stored: list[Stored], failed: list[tuple[Rejected, int]], already: i
                 series=s.series_instance_uid, instance=s.sop_instance_uid, _external=True)),
         } for s in stored]}
     if failed and not stored:
-        status = 413 if all(exc.http_status == 413 for exc, _ in failed) else 409
+        # 507 when the archive had no room for any (PS3.18 10.5.3: the Failed SOP Sequence
+        # carries A700 "Out of resources" for each; docs/operations.md "Disk space").
+        statuses = {exc.http_status for exc, _ in failed}
+        status = statuses.pop() if len(statuses) == 1 and statuses <= {413, 507} else 409
     else:
         status = 202 if failed else 200
     response = Response(json.dumps(payload, separators=(",", ":")), status=status,
