@@ -15,9 +15,10 @@ from pydicom.uid import generate_uid
 from sqlalchemy import inspect, select
 
 from portal import create_app
+from portal.access.models import AuditEvent
 from portal.archive.models import CachedCopy, StoredObject
 from portal.index.models import Instance, Series, Study
-from tests.conftest import PostgresCluster, close_app, make_app
+from tests.conftest import PostgresCluster, close_app, make_app, wait_for
 from tests.factories import make_instance
 
 KEY = "k" * 40  # AUDIT_CHECKPOINT_KEY: the checkpoint file travels with the backup
@@ -37,6 +38,12 @@ def _bytes(app: Flask) -> dict[str, bytes]:
     with app.extensions["db"].new_session() as session:
         uids = list(session.scalars(select(StoredObject.sop_instance_uid)))
     return {uid: archive.read(uid) for uid in uids}
+
+
+def _events(app: Flask, event_id: str) -> list[dict[str, Any]]:
+    with app.extensions["db"].new_session() as session:
+        return [e.details for e in session.scalars(
+            select(AuditEvent).where(AuditEvent.event_id == event_id).order_by(AuditEvent.id))]
 
 
 def _fill(app: Flask, studies: int = 2, per_study: int = 3) -> None:
@@ -105,6 +112,10 @@ def test_round_trip_onto_a_fresh_machine(source: Flask, tmp_path: Path,
         assert verify.exit_code == 0 and "0 problem(s) found" in verify.output, verify.output
         trail = runner.invoke(args=["audit", "verify"])
         assert trail.exit_code == 0 and "audit trail intact" in trail.output, trail.output
+        assert "newest signed checkpoint" in trail.output  # the checkpoint file came along
+        # The backup is in the source's trail, the restore in the target's.
+        assert _events(source, "110106")[-1]["type"] == "backup"
+        assert _events(target, "110100")[-1]["type"] == "restore"
         # The same backup again onto the restored machine: refused, it is not empty.
         again = runner.invoke(args=["restore", str(tmp_path / "backup")])
         assert again.exit_code == 1
@@ -113,7 +124,9 @@ def test_round_trip_onto_a_fresh_machine(source: Flask, tmp_path: Path,
         close_app(target)
 
 
-def test_a_backup_taken_while_uploads_run_is_consistent(app: Flask, tmp_path: Path) -> None:
+def test_a_backup_taken_while_uploads_run_is_consistent(source: Flask, tmp_path: Path,
+                                                        request: pytest.FixtureRequest) -> None:
+    app = source
     _fill(app, studies=1)
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -132,22 +145,26 @@ def test_a_backup_taken_while_uploads_run_is_consistent(app: Flask, tmp_path: Pa
     uploader = threading.Thread(target=upload)
     uploader.start()
     try:
+        assert wait_for(lambda: len(_uids(app)) >= 5)  # uploads are running
         result = app.test_cli_runner().invoke(args=["backup", str(tmp_path / "backup")])
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((tmp_path / "backup" / "manifest.json").read_text())
+        # ... and go on after the snapshot: those are not in the backup
+        assert wait_for(lambda: len(_uids(app)) > manifest["counts"]["instance"] + 2)
     finally:
         stop.set()
         uploader.join()
-    assert result.exit_code == 0, result.output
     assert not errors
-    manifest = json.loads((tmp_path / "backup" / "manifest.json").read_text())
     on_disk = {p.relative_to(tmp_path / "backup" / "archive" / "objects").as_posix()
                for p in (tmp_path / "backup" / "archive" / "objects").glob("??/*.dcm")}
     assert on_disk == set(manifest["files"])  # exactly the files the snapshot names
     assert manifest["counts"]["instance"] == len(manifest["files"]) >= 3
 
-    target = _fresh(tmp_path, "target", None)
+    target = _fresh(tmp_path, "target", _target_url(tmp_path, source, request))
     try:
         runner = target.test_cli_runner()
-        assert runner.invoke(args=["restore", str(tmp_path / "backup")]).exit_code == 0
+        restored = runner.invoke(args=["restore", str(tmp_path / "backup")])
+        assert restored.exit_code == 0, restored.output
         verify = runner.invoke(args=["archive", "verify"])
         assert verify.exit_code == 0, verify.output
         assert len(_uids(target)) == manifest["counts"]["instance"]
@@ -180,6 +197,13 @@ def _newer_schema(backup: Path) -> None:
     path.write_text(json.dumps(manifest))
 
 
+def _files_not_a_table(backup: Path) -> None:
+    path = backup / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"] = list(manifest["files"])
+    path.write_text(json.dumps(manifest))
+
+
 def _damaged_database(backup: Path) -> None:
     with (backup / "portal.db").open("r+b") as f:
         f.seek(200)
@@ -192,6 +216,7 @@ def _damaged_database(backup: Path) -> None:
     (_other_format, "the backup is of format 'portal-backup/2'"),
     (_newer_schema, "schema revision '0999_from_the_future' is unknown to this portal"),
     (_damaged_database, "portal.db does not match the manifest's SHA-256"),
+    (_files_not_a_table, "manifest.json lacks 'files'"),
 ])
 def test_a_damaged_backup_is_refused_and_nothing_is_restored(
         app: Flask, tmp_path: Path, damage: Any, reason: str) -> None:
@@ -233,3 +258,18 @@ def test_force_replaces_what_is_there(app: Flask, tmp_path: Path) -> None:
     assert _uids(app) == expected
     verify = runner.invoke(args=["archive", "verify"])
     assert verify.exit_code == 0, verify.output
+
+
+def test_hard_linked_backup_shares_the_files_and_restores(app: Flask, tmp_path: Path) -> None:
+    _fill(app, studies=1)
+    result = app.test_cli_runner().invoke(args=["backup", "--link", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    copies = list((tmp_path / "b" / "archive" / "objects").glob("??/*.dcm"))
+    assert len(copies) == 3 and all(p.stat().st_nlink == 2 for p in copies)
+    target = _fresh(tmp_path, "target", None)
+    try:
+        runner = target.test_cli_runner()
+        assert runner.invoke(args=["restore", str(tmp_path / "b")]).exit_code == 0
+        assert _bytes(target) == _bytes(app)
+    finally:
+        close_app(target)

@@ -314,9 +314,12 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise BackupRefused(f"the backup is of format {made.get('format')!r} (portal version "
                             f"{made.get('portal_version', '?')}); this portal restores "
                             f"{FORMAT} only")
-    for key in ("database", "migration_head", "counts", "files"):
-        if key not in manifest:
+    shapes = {"database": dict, "migration_head": str, "counts": dict, "files": dict}
+    for key, kind in shapes.items():
+        if not isinstance(manifest.get(key), kind):
             raise BackupRefused(f"{MANIFEST} lacks {key!r}: not a backup of this portal")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["files"].items()):
+        raise BackupRefused(f"{MANIFEST} lists its files wrongly: not a backup of this portal")
     return manifest
 
 
