@@ -35,6 +35,7 @@ from portal.access.policy import (
 from portal.access.principal import Principal, current_principal
 from portal.archive import current_archive
 from portal.db import db
+from portal.imaging.presets import presets_for
 from portal.imaging.service import series_default_window
 from portal.imaging.signed import sign_series
 from portal.index.names import person_name
@@ -42,6 +43,7 @@ from portal.index.referrers import key_label
 from portal.reports.service import mark_shown_read, unread_studies
 from portal.studies import export
 from portal.studies.patients import scans_page
+from portal.studies.prior import describe_pane, main_series, middle_uid, priors
 from portal.studies.service import (
     MODALITIES,
     StudySearch,
@@ -152,7 +154,8 @@ def study_page(study_uid: str) -> str:
     _audit_view(principal, study.study_instance_uid, study.patient.patient_id, "study page")
     shown = {"series": study_series(db.session, principal, study),
              "key_images": key_images(db.session, principal, study, current_archive().read),
-             "history": patient_history(db.session, principal, study)}
+             "history": patient_history(db.session, principal, study),
+             "priors": priors(db.session, principal, study)[:1]}
     # Last before the page: the report card shows them (a write of the request's unit of
     # work, portal/db.py, so no transaction of its own may follow it on SQLite).
     mark_shown_read(db.session, principal, [study])
@@ -184,7 +187,54 @@ def viewer(study_uid: str, series_uid: str) -> str:
         series.series_instance_uid, [i.sop_instance_uid for i in images], time.time())
     return render_template("studies/viewer.html", study=study, series=series,
                            description=describe_series(study, series, images, header, default,
-                                                       signed))
+                                                       signed),
+                           # saved measurements: by physicians (portal/studies/measurements.py)
+                           save_measures=principal.kind == "user"
+                           and not is_patient_user(principal))
+
+
+@bp.get("/studies/<study_uid>/compare/<prior_uid>")
+@share_visible
+def compare(study_uid: str, prior_uid: str) -> str:
+    """The prior beside the current (stacked on a phone held upright), scrolling linked by
+    the position in the patient and one window for both (portal/studies/prior.py)."""
+    principal = _principal()
+    study = require_study(db.session, principal, study_uid)
+    prior = require_study(db.session, principal, prior_uid)
+    if prior.patient_fk != study.patient_fk or prior.id == study.id:
+        abort(404, "not an earlier study of this patient")
+    wanted = request.args.get("series", "")
+    visible = study_series(db.session, principal, study)
+    chosen = next((s for s in visible if s.series_instance_uid == wanted), None)
+    theirs = {m for m in (prior.modalities_in_study or "").split("\\") if m}
+    if chosen is None:
+        by_size = sorted((s for s in visible if s.modality in theirs),
+                         key=lambda s: s.number_of_instances, reverse=True)
+        chosen = by_size[0] if by_size else None
+    parts = {chosen.body_part_examined.upper()} if chosen and chosen.body_part_examined \
+        else set()
+    earlier = main_series(db.session, principal, prior, chosen.modality, parts) \
+        if chosen else None
+    if chosen is None or earlier is None:
+        abort(404, "the earlier study has no images of the same kind")
+    panes = []
+    archive = current_archive()
+    for series in (chosen, earlier):
+        uid = middle_uid(db.session, series)
+        panes.append(describe_pane(db.session, series, archive.header(uid) if uid else {}))
+    # The file's own window first, else the series default (as the viewer's).
+    middle_sop = middle_uid(db.session, chosen)
+    own = file_windows(archive.header(middle_sop)) if middle_sop else []
+    middle = next((i for i in series_images(db.session, chosen)
+                   if i.sop_instance_uid == middle_sop), None)
+    found = own[0] if own else (series_default_window(db.session, middle) if middle else None)
+    _audit_view(principal, study.study_instance_uid, study.patient.patient_id, "compare")
+    _audit_view(principal, prior.study_instance_uid, prior.patient.patient_id, "compare")
+    data = {"panes": panes, "presets": presets_for(chosen.modality, chosen.body_part_examined, []),
+            "window": None if found is None else found if isinstance(found, dict)
+            else {"center": found.center, "width": found.width}}
+    return render_template("studies/compare.html", study=study, prior=prior, series=chosen,
+                           earlier=earlier, data=data, plain=reads_plain_words(principal))
 
 
 @bp.get("/studies/<study_uid>/download.zip")

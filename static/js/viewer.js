@@ -5,6 +5,7 @@ import { ImageStore } from './viewer/loader.js';
 import { loadStack } from './viewer/stack.js';
 import { clamp, lengthMm, markers, pickWidth, windowMap } from './viewer/geometry.js';
 import { sessionEnded, showSessionEnded } from './viewer/session.js';
+import { createMeasure } from './viewer/measure.js';
 
 /** @typedef {{center: number, width: number}} Win */
 
@@ -39,7 +40,7 @@ const state = {
   zoom: 1, panX: 0, panY: 0,
   /** @type {Win | null} */ window: defaultWindow ? { ...defaultWindow } : null,
   invert: false, tool: 'scroll', info: true, playing: false, fps: data.fps || 10,
-  /** @type {{key: string, a: {x: number, y: number}, b: {x: number, y: number}}[]} */ measures: [],
+  /** @type {{key: string, a: {x: number, y: number}, b: {x: number, y: number}, saved?: boolean}[]} */ measures: [],
   /** @type {{key: string, a: {x: number, y: number}, b: {x: number, y: number}} | null} */ draft: null,
   adjusting: false,
 };
@@ -354,9 +355,21 @@ function label(a, b) {
   return `${approx ? '≈ ' : ''}${mm.toFixed(1)} mm${approx ? ' (approx., at detector)' : ''}`;
 }
 
+// Angles and regions (values from the stored pixels) and saved measurements: viewer/measure.js.
+const measure = createMeasure({
+  data, root, toScreen, aspect, say, invalidate,
+  frameOf: (key) => (state.view === 'stack' && key.startsWith('s') ? frames[Number(key.slice(1))] || null : null),
+  keyOf: (sop, frame) => { const i = frames.findIndex((f) => f[0] === sop && f[1] === frame); return i < 0 ? null : `s${i}`; },
+  lengths: () => state.measures.filter((m) => !m.saved).map((m) => {
+    m.saved = true;
+    return { key: m.key, kind: 'length', pts: [m.a, m.b], text: label(m.a, m.b), saved: false };
+  }),
+});
+
 function drawMarks() {
   while (svg.firstChild) svg.removeChild(svg.firstChild);
   const key = currentKey();
+  measure.draw(svg, key);
   const list = state.measures.filter((m) => m.key === key);
   if (state.draft) list.push(state.draft);
   for (const m of list) {
@@ -622,6 +635,7 @@ function setWindow(win) {
 function reset() {
   state.zoom = 1; state.panX = 0; state.panY = 0; state.invert = false;
   state.measures = []; state.draft = null; state.angle = 0;
+  measure.clear();
   stopCine();
   setPressed('invert', false);
   /** @type {HTMLSelectElement} */ ($('select[name=preset]')).value = 'default';
@@ -733,11 +747,13 @@ attachGestures(stage, {
     carry = 0;
     mode = e.shiftKey || (e.pointerType === 'mouse' && e.altKey) ? 'pan' : state.tool;
     touching = e.pointerType === 'touch';
-    if (mode === 'measure') state.draft = { key: currentKey(), a: toImage(x, y), b: toImage(x, y) };
+    if (mode === 'measure' && measure.owns()) measure.start(currentKey(), toImage(x, y));
+    else if (mode === 'measure') state.draft = { key: currentKey(), a: toImage(x, y), b: toImage(x, y) };
     if (mode === 'window' && state.window) state.adjusting = true;
   },
   drag(dx, dy, x, y) {
     if (mode === 'pan') { state.panX += dx; state.panY += dy; invalidate(); return; }
+    if (mode === 'measure' && measure.owns()) { measure.move(toImage(x, y), { x, y }); return; }
     if (mode === 'measure' && state.draft) { state.draft.b = toImage(x, y); invalidate(); return; }
     if (mode === 'window' && state.window) {
       const w = state.window;
@@ -750,7 +766,8 @@ attachGestures(stage, {
     if (s) { carry -= s * stepPixels(); step(s); }
   },
   dragEnd(vx, vy) {
-    if (mode === 'measure' && state.draft) {
+    if (mode === 'measure' && measure.owns()) measure.end();
+    else if (mode === 'measure' && state.draft) {
       const d = state.draft;
       state.draft = null;
       const far = toScreen(d.a);
@@ -783,6 +800,7 @@ attachGestures(stage, {
   },
   cancel() {
     state.draft = null;
+    measure.cancel();
     if (state.adjusting) { state.adjusting = false; setWindow(state.window); }
     mode = '';
   },
@@ -842,6 +860,7 @@ root.addEventListener('click', (e) => {
   else if (action === 'info') { state.info = !state.info; root.classList.toggle('noinfo', !state.info); setPressed('info', state.info); }
   else if (action === 'play') (state.playing ? stopCine() : startCine());
   else if (action === 'save') saveJpeg();
+  else if (action === 'save-measures') measure.save();
   if (sheet.contains(button)) setMore(false);
 });
 sheet.addEventListener('change', () => setMore(false));
@@ -858,6 +877,9 @@ presetSelect.addEventListener('change', () => {
   else if (v === 'mip') setWindow(volume.mipWindow);
   else if (v !== 'custom') setWindow(presets[Number(v)]);
 });
+
+const shapeSelect = /** @type {HTMLSelectElement | null} */ (root.querySelector('select[name=shape]'));
+shapeSelect?.addEventListener('change', () => { measure.setShape(shapeSelect.value); setTool('measure'); });
 
 const viewSelect = /** @type {HTMLSelectElement} */ ($('select[name=view]'));
 if (!data.volume) for (const o of [...viewSelect.options]) if (o.value !== 'stack') o.remove();
@@ -915,3 +937,4 @@ loadStack(`${base}/rendered?width=128&quality=70`, 'image/webp', (location, blob
   .finally(schedulePlan);
 plan();
 invalidate();
+measure.load();
