@@ -40,8 +40,9 @@ TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"]
 # provider, health), by endpoint or blueprint prefix.
 NOT_PAGES = {"static", "auth.login", "auth.callback", "admin.audit_csv",
              "studies.download_study", "reports.report_pdf_view", "patients.my_home",
-             "launch.smart_launch", "launch.smart_callback"}
-NOT_PAGE_PREFIXES = ("api.", "dicomweb.", "health.", "fhir.", "monitoring.")
+             "launch.smart_launch", "launch.smart_callback",
+             "measurements.saved"}  # JSON: a series' saved measurements
+NOT_PAGE_PREFIXES = ("api.", "dicomweb.", "health.", "fhir.", "monitoring.", "inbox_api.")
 # Page templates no GET visit reaches; each is rendered by the POST or state named here.
 NOT_VISITED_TEMPLATES = {
     "sharing/too_many.html": "the share landing after too many openings from one address",
@@ -151,6 +152,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, idp: IdentityProvider) -> Ite
     _report(app, study)
     doctor = add_person(app, idp, "sweep-doc", ["physician"], "Clinic", name="Dr Sweep")
     add_person(app, idp, "sweep-om", ["office_manager"], "Clinic", name="Office Manager")
+    _inbox_upload(app, doctor)
     add_person(app, idp, "sweep-colleague", ["physician"], "Other", name="Dr Colleague")
     patient = add_person(app, idp, "sweep-patient", ["patient"], name="Jane Doe")
     with app.test_request_context(), app.extensions["db"].write_transaction() as session:
@@ -188,6 +190,25 @@ def site(tmp_path_factory: pytest.TempPathFactory, idp: IdentityProvider) -> Ite
     close_app(app)
 
 
+def _inbox_upload(app: Flask, doctor: int) -> None:
+    """A study waiting in the Clinic's inbox, sent through an upload link."""
+    from tests.inbox.conftest import make_upload_link, open_link, outside_instance, upload
+
+    made = make_upload_link(app, doctor)
+    uploader = app.test_client()
+    assert open_link(uploader, made.token, made.pin).status_code == 303
+    upload(uploader, "CD/IM1", outside_instance(name=PATIENT_NAME))
+
+
+def _inbox_study(site: Site) -> str:
+    from sqlalchemy import select
+
+    from portal.inbox.models import InboxStudy
+
+    with site.app.extensions["db"].new_session() as session:
+        return str(session.scalars(select(InboxStudy.public_id)).first())
+
+
 def _sign_in(page: Page, base: str, sub: str) -> None:
     page.goto(f"{base}/auth/login?next=/")
     page.fill("input[name=sub]", sub)
@@ -209,14 +230,19 @@ def _visits(site: Site) -> dict[str, list[tuple[str, str, int]]]:
         "anonymous": [("studies.home", "/", 200), ("sharing.landing", "/s", 200),
                       ("auth.invitation", f"/auth/invitation?t={site.invitation}", 200),
                       ("sharing.closed", "/s/closed", 200),
+                      ("inbox.link_landing", "/u", 200),
+                      ("inbox.link_upload", "/u/upload", 401),  # no upload session: ended
                       ("(error)", "/no-such-page", 404)],
         "physician": [("studies.home", "/", 200), ("studies.study_list", "/studies", 200),
                       ("studies.study_page", f"/studies/{s}", 200),
                       ("studies.viewer", f"/studies/{s}/view/{v}", 200),
+                      ("studies.compare", f"/studies/{s}/compare/{_earlier(site)}", 200),
                       ("sharing.share_form", f"/studies/{s}/share", 200),
                       ("sharing.my_links", "/shares", 200),
                       ("sharing.link_detail", f"/shares/{link}", 200),
                       ("reports.order_list", "/orders", 200),
+                      ("inbox.upload_page", "/inbox/upload", 200),
+                      ("inbox.link_list", "/inbox/links", 200),
                       # IHE IID from an EHR: a study opens the viewer; a patient's studies
                       # are listed at an opaque launch address (launch.launched).
                       ("launch.invoke_image_display",
@@ -237,6 +263,8 @@ def _visits(site: Site) -> dict[str, list[tuple[str, str, int]]]:
                             f"/admin/people/{site.doctor}/take-away", 200),
                            ("admin.patient", f"/admin/patients/{site.record}", 200),
                            ("admin.invite_form", "/admin/invite", 200),
+                           ("inbox.index", "/inbox", 200),
+                           ("inbox.study", f"/inbox/studies/{_inbox_study(site)}", 200),
                            ("retention.index", "/admin/retention/", 200),
                            ("retention.new_rule", "/admin/retention/rules/new", 200),
                            ("retention.edit_rule", "/admin/retention/rules/1", 200),
@@ -254,6 +282,17 @@ def _visits(site: Site) -> dict[str, list[tuple[str, str, int]]]:
                     ("sharing.shared_accesses", "/shared/accesses", 200)],
         "colleague": [("sharing.claim", "/shared/claim", 200)],
     }
+
+
+def _earlier(site: Site) -> str:
+    """The patient's other study (the prior the compare page shows beside the current)."""
+    from sqlalchemy import select
+
+    from portal.index.models import Study
+
+    with site.app.extensions["db"].new_session() as session:
+        return str(session.scalars(select(Study.study_instance_uid).where(
+            Study.study_instance_uid != site.study).order_by(Study.id)).first())
 
 
 def _public_id(site: Site) -> str:
@@ -298,6 +337,11 @@ def _after(kind: str, device: str, context: BrowserContext, page: Page,
         with page.expect_navigation():
             page.get_by_role("button", name="Make the link").click()
         yield "created"
+        page.goto(f"{base}/inbox/links")
+        page.fill("#for_whom", "Jane Doe")
+        with page.expect_navigation():
+            page.get_by_role("button", name="Make the upload link").click()
+        yield "upload-link-created"
     elif kind == "visitor":
         page.goto(f"{base}/shared")
         with page.expect_navigation():
