@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Real peers the tests talk to (docs/architecture.md, "Real components").
-APT_PACKAGES := redis-server orthanc orthanc-dicomweb dcmtk chromium postgresql gcc unzip 7zip \
+APT_PACKAGES := redis-server orthanc orthanc-dicomweb dcmtk chromium postgresql pgbouncer gcc unzip 7zip \
 	nginx orthanc-postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 

@@ -131,8 +131,13 @@ def make_engine(url: str) -> Engine:
     # a waiting request fail after PG_LOCK_TIMEOUT with 503 (OperationalError), instead of
     # wedging a worker without bound (docs/security.md (c) "DB locked / slow"). Options given in
     # the URL are left as they are.
-    connect_args = {} if "options" in make_url(url).query else {
+    connect_args: dict[str, Any] = {} if "options" in make_url(url).query else {
         "options": f"-c lock_timeout={PG_LOCK_TIMEOUT}"}
+    # No server-side prepared statements (psycopg prepares a statement run 5 times on one
+    # connection): behind PgBouncer in transaction pooling mode the next transaction may run
+    # on another server connection, which lacks it, or has another one of that name
+    # (docs/cluster.md, "PgBouncer").
+    connect_args["prepare_threshold"] = None
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=10,
                          pool_timeout=10, hide_parameters=True, connect_args=connect_args)
 

@@ -311,9 +311,13 @@ def once_per_cluster(name: str, database: Database | None = None,
     """Hold the cluster-wide lock of ``name`` for the block, without waiting: yields True
     when this process holds it, False when another does (it skips its turn).
 
-    PostgreSQL: a session advisory lock on a connection of its own (no transaction stays
-    open for the run; a process that dies releases it with its connection). SQLite (one
-    node): ``flock`` on a file in the instance folder's ``locks/``.
+    PostgreSQL: a transaction-level advisory lock in a transaction of its own, open for the
+    run (it takes no snapshot past its one statement, so it holds back no vacuum; a process
+    that dies releases it with its connection). Not a session lock: behind PgBouncer in
+    transaction pooling mode the session outlives the client's transaction, so the lock
+    would stay with a server connection that the pooler hands to others, and the unlock
+    would run on another one (docs/cluster.md, "PgBouncer"). SQLite (one node): ``flock`` on
+    a file in the instance folder's ``locks/``.
     """
     if database is None:
         database = current_app.extensions["db"]
@@ -323,18 +327,16 @@ def once_per_cluster(name: str, database: Database | None = None,
     if engine.dialect.name == "postgresql":
         keys = {"space": LOCK_SPACE, "key": _lock_key(name)}
         with engine.connect() as connection:
-            mine = bool(connection.scalar(text("SELECT pg_try_advisory_lock(:space, :key)"),
-                                          keys))
-            connection.commit()
+            transaction = connection.begin()
             try:
+                mine = bool(connection.scalar(
+                    text("SELECT pg_try_advisory_xact_lock(:space, :key)"), keys))
                 yield mine
             finally:
-                if mine:
-                    try:
-                        connection.execute(text("SELECT pg_advisory_unlock(:space, :key)"), keys)
-                        connection.commit()
-                    except Exception:  # the connection broke: the lock went with it
-                        connection.invalidate()
+                try:
+                    transaction.rollback()  # releases the lock; the run wrote nothing here
+                except Exception:  # the connection broke: the lock went with it
+                    connection.invalidate()
         return
     folder = folder or Path(current_app.instance_path) / "locks"
     folder.mkdir(parents=True, exist_ok=True)
