@@ -33,6 +33,7 @@ from portal.dicomweb.accept import parse_accept
 from portal.errors import error_response
 from portal.imaging.prerender import build_volume_soon, volume_failure
 from portal.imaging.render import RenderRefused
+from portal.imaging.render3d import Turn
 from portal.imaging.rendition import Rendition
 from portal.imaging.service import (
     RenderedImage,
@@ -40,6 +41,7 @@ from portal.imaging.service import (
     rendered_frames,
     rendered_image,
     run_isolated,
+    turned_image,
     volume_files,
     volume_image,
     volume_sources,
@@ -653,20 +655,37 @@ def volume_state(study: str, series: str) -> Response:
 
 @bp.get("/studies/<study>/series/<series>/volume/<kind>")
 def volume_view(study: str, series: str, kind: str) -> Response:
-    """Portal extension: sagittal, coronal or axial reformat, or a MIP turned by ``angle``.
+    """Portal extension: sagittal, coronal or axial reformat, an oblique MIP or a 3D view.
 
-    ``position`` (0..1) picks the plane; ``angle`` (degrees, multiples of 5) turns the MIP
-    about the patient's vertical axis. The rendition parameters are those of /rendered.
+    ``position`` (0..1) picks a reformat's plane. The MIP and the 3D view turn by ``angle``
+    (azimuth about the patient's vertical axis, 0..355) and ``elevation`` (-90..90), both in
+    steps of 5 degrees, take ``zoom`` (1..4, steps of 0.25) and ``detail`` (``low`` while a
+    finger turns it, ``full``); the MIP a ``slab`` thickness in mm (0: the whole volume), the
+    3D view a ``style`` (bone, vessels, soft, skin: its opacity and colour ramps). Views and
+    letters: portal/imaging/render3d.py. The rendition parameters are those of /rendered.
     """
     if kind not in VIEWS:
         abort(404, f"views are {', '.join(VIEWS)}")
     rendition = _rendition(thumbnail=False)
+    args = request.args
     try:
-        position = float(request.args.get("position", "0.5"))
-        angle = float(request.args.get("angle", "0"))
+        position = float(args.get("position", "0.5"))
+        angle = float(args.get("angle", "0"))
+        elevation = float(args.get("elevation", "0"))
+        zoom = float(args.get("zoom", "1"))
+        slab = float(args.get("slab", "0"))
     except ValueError:
-        abort(400, "position and angle are numbers")
+        abort(400, "position, angle, elevation, zoom and slab are numbers")
     if not 0.0 <= position <= 1.0 or angle % 5 != 0 or not 0 <= angle < 360:
         abort(400, "position is 0..1; angle is 0..355 in steps of 5")
+    if elevation % 5 != 0 or zoom % 0.25 != 0 or slab % 1 != 0:
+        abort(400, "elevation is in steps of 5 degrees, zoom of 0.25, slab of 1 mm")
     content, files = _volume_sources(study, series)
-    return _image_response(volume_image(content, files, kind, position, angle, rendition))
+    if kind not in ("mip", "3d"):
+        return _image_response(volume_image(content, files, kind, position, angle, rendition))
+    if ("style" in args and kind != "3d") or ("slab" in args and kind != "mip"):
+        abort(400, "style is a 3D view's (bone, vessels, soft, skin); slab is a MIP's")
+    # Out of range (elevation, zoom, slab, style, detail): BadView, 400 with the reason.
+    style = args.get("style", "bone") if kind == "3d" else None
+    turn = Turn(angle, elevation, zoom, slab, style, args.get("detail", "full"))
+    return _image_response(turned_image(content, files, turn, rendition))

@@ -37,6 +37,7 @@ from portal.imaging.render import (
     warm_up,
     window_of_decoded,
 )
+from portal.imaging.render3d import Grid, Turn, halved, render_turned
 from portal.imaging.rendition import Rendition, Window
 from portal.imaging.volume import NotAVolume, Volume, build_volume, render_volume_view
 from portal.imaging.volume_files import VolumeFiles
@@ -120,6 +121,11 @@ def render_volume_source(key: str, sources: list[bytes | StoredFile], kind: str,
     or angle of the same series cuts it instead of reading and decoding every slice again;
     with ``files`` it is loaded from (or, once built, written to) the volume folder.
     """
+    return render_volume_view(_volume(key, sources, files), kind, position, angle, rendition)
+
+
+def _volume(key: str, sources: list[bytes | StoredFile], files: VolumeFiles | None) -> Volume:
+    """The series' volume: kept in this process, else loaded from the folder, else built."""
     volume = _volumes.get(key)
     if volume is None:
         volume = files.load(key) if files is not None else None
@@ -128,7 +134,27 @@ def render_volume_source(key: str, sources: list[bytes | StoredFile], kind: str,
         _keep(key, volume)
     else:
         _volumes.move_to_end(key)
-    return render_volume_view(volume, kind, position, angle, rendition)
+    return volume
+
+
+_grids: dict[str, tuple[Grid, Grid]] = {}  # the last turned volume: full and halved
+
+
+def render_turned_source(key: str, sources: list[bytes | StoredFile], turn: Turn,
+                         rendition: Rendition, files: VolumeFiles | None = None) -> bytes:
+    """A 3D view or oblique MIP of the series whose content digest is ``key``, turned as
+    ``turn`` says (portal/imaging/render3d.py); the halved volume for quick views while a
+    finger turns it is made once and kept beside the volume."""
+    volume = _volume(key, sources, files)
+    grids = _grids.get(key)
+    if grids is None:
+        full = volume.grid()
+        grids = (full, halved(full))
+        _grids.clear()  # one at a time: a 150-slice CT's pair is about 45 MB
+        if _frames is not None:
+            _grids[key] = grids
+    return render_turned(grids[0], grids[1], volume.is_ct, volume.window, volume.mip_window,
+                         turn, rendition)
 
 
 def prepare_volume(key: str, sources: list[bytes | StoredFile],

@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session
 from portal.archive.store import StoredFile
 from portal.imaging.cache import RenderCache, make_cache
 from portal.imaging.render import FrameNotFound, RenderRefused
+from portal.imaging.render3d import Turn
 from portal.imaging.rendition import RENDER_VERSION, Rendition, Window
 from portal.imaging.volume_files import VolumeFiles
 from portal.index.models import Instance
@@ -174,13 +175,29 @@ def volume_image(content: str, sources: list[StoredFile], kind: str, position: f
                  angle: float, rendition: Rendition) -> RenderedImage:
     """A reformat (sagittal, coronal, axial) or MIP of the series whose content key
     (``volume.content_key``) is ``content``; ``volume_sources`` gives both."""
-    key = rendition.cache_key(content, 0) + f":{kind}:{position!r}:{angle!r}:v2"
+    key = rendition.cache_key(content, 0) + f":{kind}:{position!r}:{angle!r}:v3"
 
     def produce() -> bytes:
         from portal.imaging.isolation import render_volume_source
 
         result: bytes = run_isolated(render_volume_source, content, sources, kind, position,
                                      angle, rendition, volume_files())
+        return result
+
+    return RenderedImage(key, rendition.media_type, produce)
+
+
+def turned_image(content: str, sources: list[StoredFile], turn: Turn,
+                 rendition: Rendition) -> RenderedImage:
+    """A 3D view (``turn.preset``) or oblique MIP of the series whose content key is
+    ``content``, turned about two axes (portal/imaging/render3d.py)."""
+    key = rendition.cache_key(content, 0) + f":turned:{turn.key()}:v1"
+
+    def produce() -> bytes:
+        from portal.imaging.isolation import render_turned_source
+
+        result: bytes = run_isolated(render_turned_source, content, sources, turn, rendition,
+                                     volume_files())
         return result
 
     return RenderedImage(key, rendition.media_type, produce)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pydicom
-from PIL import Image
 from pydicom.pixels.processing import apply_modality_lut
 
 from portal import failures
@@ -27,10 +26,11 @@ from portal.imaging.render import (
     robust_window,
     window_to_8bit,
 )
+from portal.imaging.render3d import Grid, grid, mip_bytes
 from portal.imaging.rendition import Rendition, Window
 
 MAX_VOXELS = 512 * 512 * 1200
-VIEWS = ("sagittal", "coronal", "axial", "mip")
+VIEWS = ("sagittal", "coronal", "axial", "mip", "3d")
 
 
 class NotAVolume(failures.Unprocessable, ValueError):
@@ -47,6 +47,14 @@ class Volume:
     slice_spacing: float
     window: Window | None
     mip_window: Window | None = None  # what a MIP is shown with unless a window is asked for
+    # Image Orientation (Patient) of the slices (row, then column direction); None: axial.
+    orientation: tuple[float, ...] | None = None
+    is_ct: bool = False  # values in Hounsfield units (the 3D presets' ramps are in HU)
+
+    def grid(self) -> Grid:
+        """The voxels with their axes in the patient (portal/imaging/render3d.py)."""
+        return grid(self.voxels, self.slice_spacing, self.row_spacing, self.column_spacing,
+                    self.orientation)
 
 
 def content_key(digests: Iterable[str]) -> str:
@@ -139,7 +147,8 @@ def build_volume(files: Sequence[bytes], max_side: int = 256,
         window = Window(c, w) if w > 0 else None
     voxels = np.stack(slices)
     return Volume(voxels, spacing[0] * factor, spacing[1] * factor, float(steps.mean()),
-                  window, mip_window(voxels))
+                  window, mip_window(voxels), tuple(float(v) for v in orientation),
+                  str(first.get("Modality", "")).upper() == "CT")
 
 
 def view(volume: Volume, kind: str, *, position: float = 0.5,
@@ -160,21 +169,17 @@ def view(volume: Volume, kind: str, *, position: float = 0.5,
     if kind == "sagittal":
         image = voxels[:, :, min(columns - 1, int(position * columns))][::-1]
         return image, volume.slice_spacing / volume.row_spacing
-    if kind == "mip":
-        # Rotate each axial slice about the patient's vertical axis, project front to back.
-        rows_out = []
-        low = float(voxels.min())
-        for plane in voxels:
-            rotated = Image.fromarray(plane).rotate(angle, resample=Image.Resampling.BILINEAR,
-                                                    fillcolor=low)
-            rows_out.append(np.asarray(rotated).max(axis=0))
-        return np.stack(rows_out)[::-1], volume.slice_spacing / volume.column_spacing
     raise NotAVolume(f"unknown view {kind!r}")
 
 
 def render_volume_view(volume: Volume, kind: str, position: float, angle: float,
                        rendition: Rendition) -> bytes:
-    """Cut or project a built volume, window and encode."""
+    """Cut or project a built volume, window and encode. The MIP is the oblique one of
+    render3d.py, turned about the vertical axis only (``render3d.render_turned`` turns it
+    about two)."""
+    if kind == "mip":
+        return mip_bytes(volume.grid(), volume.mip_window, angle % 360, 0.0, 1.0, 0.0, "full",
+                         rendition)
     image, aspect = view(volume, kind, position=position, angle=angle)
     default = volume.mip_window if kind == "mip" else volume.window
     window = rendition.window or default or robust_window(image)

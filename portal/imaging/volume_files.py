@@ -27,7 +27,7 @@ from portal.imaging.volume import Volume
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bumped when the file's layout changes; older files are then rebuilt
+FORMAT = 2  # bumped when the file's layout changes; older files are then rebuilt
 MAX_BYTES = 2 << 30  # about a hundred 150-slice CTs
 STALE_SECONDS = 60.0  # a build marker this old belongs to a build that died
 _KEY = re.compile(r"[0-9a-f]{64}")
@@ -58,13 +58,14 @@ class VolumeFiles:
             log.warning("a kept volume could not be read; it will be built again")
             path.unlink(missing_ok=True)
             return None
-        if meta.shape != (8,) or int(meta[0]) != FORMAT or voxels.ndim != 3:
-            path.unlink(missing_ok=True)
+        if meta.shape != (15,) or int(meta[0]) != FORMAT or voxels.ndim != 3:
+            path.unlink(missing_ok=True)  # format 1 had no orientation: built again
             return None
         with contextlib.suppress(OSError):
             os.utime(path)  # recently used: pruned last
         return Volume(voxels.astype(np.float32), float(meta[1]), float(meta[2]),
-                      float(meta[3]), _window(meta[4], meta[5]), _window(meta[6], meta[7]))
+                      float(meta[3]), _window(meta[4], meta[5]), _window(meta[6], meta[7]),
+                      tuple(float(v) for v in meta[9:15]), bool(meta[8]))
 
     def save(self, key: str, volume: Volume) -> None:
         """Keep a built volume (written whole, then renamed: readers never see half a file)."""
@@ -75,7 +76,8 @@ class VolumeFiles:
             voxels = whole.astype(np.int16)  # CT and most MR: half the bytes, exactly
         meta = np.array([FORMAT, volume.row_spacing, volume.column_spacing,
                          volume.slice_spacing, *_numbers(volume.window),
-                         *_numbers(volume.mip_window)], np.float64)
+                         *_numbers(volume.mip_window), float(volume.is_ct),
+                         *(volume.orientation or (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))], np.float64)
         self.folder.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
         try:
