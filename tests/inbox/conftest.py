@@ -69,6 +69,15 @@ def build_inbox(app: Flask, idp: IdentityProvider, prefix: str = "") -> Inbox:
 
 
 @pytest.fixture
+def any_db_inbox(tmp_path: Path, idp: IdentityProvider, database_url: str) -> Iterator[Inbox]:
+    """The two practices, once on SQLite and once on PostgreSQL."""
+    application = make_app(tmp_path / "instance", database_url, OIDC_ISSUER=idp.issuer,
+                           SHARE_MAX_FAILED_PINS=3, **OIDC_SETTINGS)
+    yield build_inbox(application, idp)
+    close_app(application)
+
+
+@pytest.fixture
 def inbox(inbox_app: Flask, idp: IdentityProvider) -> Inbox:
     """The two practices on SQLite."""
     return build_inbox(inbox_app, idp)

@@ -52,7 +52,9 @@ def _waiting(app: Flask) -> list[InboxStudy]:
         return rows
 
 
-def test_wrong_pin_counts_and_locks_expired_and_revoked_links_refuse(inbox: Inbox) -> None:
+def test_wrong_pin_counts_and_locks_expired_and_revoked_links_refuse(
+        any_db_inbox: Inbox) -> None:
+    inbox = any_db_inbox
     app = inbox.app
     made = make_upload_link(app, inbox.manager)
     client = app.test_client()
@@ -242,8 +244,9 @@ def test_nobody_reaches_someone_elses_uploads_or_inbox(inbox: Inbox,
     assert len(_waiting(app)) == 1 and len(_kept_files(app)) == 1
 
 
-def test_accepting_reconciles_identity_and_rejecting_deletes(inbox: Inbox,
+def test_accepting_reconciles_identity_and_rejecting_deletes(any_db_inbox: Inbox,
                                                              idp: IdentityProvider) -> None:
+    inbox = any_db_inbox
     app = inbox.app
     patient, _ = _patient_client(app, inbox)
     first, second = generate_uid(), generate_uid()
@@ -306,3 +309,29 @@ def test_accepting_reconciles_identity_and_rejecting_deletes(inbox: Inbox,
     assert ("110104", first) in events  # the normal ingest path recorded its arrival
     listing = manager.get("/inbox").data.decode()
     assert "accepted as patient LOCAL-77" in listing and "rejected, files deleted" in listing
+
+
+def test_a_signed_in_physician_uploads_into_his_practices_inbox(inbox: Inbox,
+                                                                idp: IdentityProvider) -> None:
+    app = inbox.app
+    doctor = signed_in(app, idp, "doc")
+    assert doctor.get("/inbox/upload").status_code == 200
+    data = outside_instance()
+    # The session cookie rides along: without the CSRF token nothing is announced.
+    refused = doctor.post("/inbox/api/files", json={"name": "IM1", "size": len(data)},
+                          headers={"Accept": "application/json"})
+    assert refused.status_code == 403
+    answer = upload(doctor, "IM1", data, headers={"X-CSRF-Token": csrf_of(doctor)})
+    assert [r["outcome"] for r in answer["results"]] == ["kept"]
+    [waiting] = _waiting(app)
+    assert waiting.uploaded_by.startswith("user:") and waiting.uploaded_by.endswith("|doc")
+    assert waiting.link_fk is None
+    # Patients and people of no practice upload nothing: there is no inbox of theirs.
+    from tests.conftest import add_person
+
+    add_person(app, idp, "loner", ["physician"], None, name="Dr Loner")
+    loner = signed_in(app, idp, "loner")
+    assert loner.get("/inbox/upload").status_code == 404
+    assert loner.post("/inbox/api/files", json={"name": "IM1", "size": len(data)},
+                      headers={"Accept": "application/json",
+                               "X-CSRF-Token": csrf_of(loner)}).status_code == 401
