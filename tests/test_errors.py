@@ -78,6 +78,8 @@ NOT_PORTAL_ERRORS = {
     "portal.archive.ingest._AlreadyStored": "private control flow of ingest",
     "portal.archive.same_instance._Different": "private to the comparison, becomes Rejected",
     "portal.archive.sync._Refused": "private to sync, logged and counted",
+    "portal.archive.compress.NotLossless": "private to the compress job: the file is kept "
+                                           "as it is, logged and counted",
     "portal.archive.external._Timeout": "private to the client, becomes ExternalUnavailable",
     "portal.archive.backup.BackupRefused": "a click error of the backup and restore commands "
                                            "(a message and exit status 1); no request raises it",

@@ -76,6 +76,13 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("portal.jobs", "once_per_cluster"): OUTSIDE + " (a background job's cluster lock)",
     ("portal.reports.notify", "send_digest"): OUTSIDE + " (CLI digest)",
     ("portal.reports.cli", "release_rule_command"): OUTSIDE,
+    **{("portal.retention.service", name): OUTSIDE + " (retention job and CLI: each study's "
+       "deletion is its own all-or-nothing transaction, files removed after its commit)"
+       for name in ("apply_approved", "run_daily")},
+    ("portal.retention.cli", "due_command"): OUTSIDE + " (CLI: the daily list of studies due)",
+    **{("portal.archive.compress", name): OUTSIDE + " (compress job and CLI: one instance's "
+       "swap per transaction, after its new file is written and verified)"
+       for name in ("compress_one", "compress_stored")},
     ("portal.access.cli", "create_command"): OUTSIDE,
     ("portal.access.cli", "deactivate_command"): OUTSIDE,
     ("portal.access.cli", "grant_role_command"): OUTSIDE,
