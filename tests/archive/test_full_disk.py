@@ -21,6 +21,8 @@ from sqlalchemy import select
 from portal.archive.dimse import serve
 from portal.archive.ingest import Archive
 from portal.archive.models import StoredObject
+from tests.admin.test_console_pages import _check as check_console_page
+from tests.browser import PHONES, loopback_only, phone, shared_browser  # noqa: F401
 from tests.conftest import (
     OIDC_SETTINGS,
     IdentityProvider,
@@ -33,6 +35,7 @@ from tests.conftest import (
     signed_in,
 )
 from tests.factories import make_dataset, to_bytes
+from tests.studies.support import shot, sign_in_browser
 
 STORESCU = "/usr/bin/storescu"  # Debian's DCMTK, not pynetdicom's look-alike in .venv/bin
 OUT_OF_RESOURCES = 0xA700
@@ -222,3 +225,33 @@ def test_cli_import_stops_with_a_message_and_exit_1_on_a_full_disk(
     stored = assert_nothing_half_stored(app)
     assert 5 <= len(stored) < 30
     assert f"stored: {len(stored)}," in result.output
+
+
+@pytest.mark.parametrize("device", PHONES)
+@pytest.mark.parametrize("scheme", ("light", "dark"))
+def test_the_console_warning_on_a_phone(tmp_path: Path, idp: IdentityProvider,
+                                        shared_browser: Any,  # noqa: F811
+                                        device: str, scheme: str) -> None:
+    """Thresholds above what any disk has free: the console says the disk is full, and the
+    page still passes axe, fits 360 px and keeps its controls 44 px."""
+    app = make_app(tmp_path / "instance", ARCHIVE_MIN_FREE="99.5%", ARCHIVE_WARN_FREE="99.9%",
+                   OIDC_ISSUER=idp.issuer, **OIDC_SETTINGS)
+    try:
+        add_person(app, idp, "om-phone", ["office_manager"], "Clinic", name="Olivia Manager")
+        playwright, browser = shared_browser
+        with LiveServer(app) as server:
+            context = browser.new_context(**{**phone(playwright, device),
+                                             "viewport": {"width": 360, "height": 780}},
+                                          color_scheme=scheme)
+            loopback_only(context)
+            page = context.new_page()
+            sign_in_browser(page, server.url, sub="om-phone", next_path="/admin/")
+            warning = page.locator("li.disk-warning")
+            assert "Archive disk full" in warning.inner_text()
+            assert "New images are refused now; viewing goes on." in warning.inner_text()
+            warning.scroll_into_view_if_needed()
+            shot(page, f"console-disk-full-{device.replace(' ', '-')}-{scheme}")
+            check_console_page(page, "console with the disk warning")
+            context.close()
+    finally:
+        close_app(app)
