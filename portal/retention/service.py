@@ -238,10 +238,12 @@ def _delete_rows(session: Session, study: Study) -> tuple[int, list[list[str]]]:
                                         .where(Instance.series_fk.in_(series_ids))))
     digests: list[list[str]] = []
     for series_id in series_ids:
+        # A volume is built from the series' images (instances with rows): its key is the
+        # digest of their SHA-256s (``imaging.volume.content_key``).
         digests.append(list(session.scalars(
             select(StoredObject.sha256)
             .join(Instance, Instance.sop_instance_uid == StoredObject.sop_instance_uid)
-            .where(Instance.series_fk == series_id))))
+            .where(Instance.series_fk == series_id, Instance.rows.is_not(None)))))
     for parent, ids in (("instance", instance_ids), ("series", series_ids),
                         ("study", [study.id])):
         for table, column in _dependents(parent):
