@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from portal import audit, failures
@@ -40,6 +40,8 @@ from portal.inbox.models import InboxFile, InboxInstance, InboxStudy
 
 MAX_CHUNK_BYTES = 8 << 20
 MAX_ZIP_ENTRIES = 20_000
+# What one upload link may send in all (a CD holds at most 0.7 GB, a DVD 8.5 GB).
+MAX_FILES_PER_LINK = 20_000
 
 
 class UploadRefused(failures.Invalid):
@@ -135,6 +137,14 @@ def start_file(session: Session, q: Quarantine, *, practice_id: int, link_fk: in
         raise UploadRefused("the file is empty")
     if size > q.max_upload_bytes:
         raise UploadRefused(f"the file is larger than {q.max_upload_bytes >> 20} MiB")
+    if link_fk is not None:
+        # A link's visitor is nobody we know: he may not fill the practice's disk.
+        files, total = session.execute(
+            select(func.count(InboxFile.id), func.coalesce(func.sum(InboxFile.size), 0))
+            .where(InboxFile.link_fk == link_fk)).one()
+        if files >= MAX_FILES_PER_LINK or int(total) + size > q.max_upload_bytes:
+            raise UploadRefused("this link has taken all it may; ask the practice for a new "
+                                "one")
     file = InboxFile(public_id=str(uuid.uuid4()), practice_fk=practice_id, link_fk=link_fk,
                      uploaded_by=uploaded_by, name=name, size=size, received=0,
                      state="receiving", results=[], created_at=utcnow())

@@ -247,7 +247,9 @@ def study(public_id: str) -> str:
     """One waiting study: what it says, local patients that may be its, accept or reject."""
     actor = _manager()
     item = reconcile.get_waiting(db.session, actor, public_id)
+    link = db.session.get(UploadLink, item.link_fk) if item.link_fk else None
     return render_template("inbox/study.html", study=item,
+                           asked_by=link.created_by_fk if link else None,
                            suggestions=reconcile.suggestions(db.session, actor, item),
                            physicians=reconcile.practice_physicians(db.session, actor),
                            series=len({i.series_instance_uid for i in item.instances}))

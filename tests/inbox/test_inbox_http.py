@@ -335,3 +335,22 @@ def test_a_signed_in_physician_uploads_into_his_practices_inbox(inbox: Inbox,
     assert loner.post("/inbox/api/files", json={"name": "IM1", "size": len(data)},
                       headers={"Accept": "application/json",
                                "X-CSRF-Token": csrf_of(loner)}).status_code == 401
+
+
+def test_an_upload_link_cannot_fill_the_disk(inbox: Inbox) -> None:
+    app = inbox.app
+    client, _ = _patient_client(app, inbox)
+    headers = {"Accept": "application/json"}
+    most = app.extensions["inbox"].max_upload_bytes
+    too_big = client.post("/inbox/api/files", json={"name": "dvd.iso", "size": most + 1},
+                          headers=headers)
+    assert too_big.status_code == 400 and "larger than" in too_big.json["error"]
+    assert client.post("/inbox/api/files", json={"name": "a.zip", "size": most},
+                       headers=headers).status_code == 201
+    # Announced is counted: the link has taken all it may, even before the bytes come.
+    more = client.post("/inbox/api/files", json={"name": "b.dcm", "size": 1},
+                       headers=headers)
+    assert more.status_code == 400 and "new one" in more.json["error"]
+    for body in ({"name": "x"}, {"name": 1, "size": 1}, {"name": "x", "size": True}, []):
+        assert client.post("/inbox/api/files", json=body,
+                           headers=headers).status_code == 400
