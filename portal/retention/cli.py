@@ -14,9 +14,29 @@ retention_cli = click.Group("retention", help="Retention: studies due for deleti
 
 
 @retention_cli.command("due")
+@click.option("--watch", is_flag=True,
+              help="Keep running without a job worker: every day list the studies due and "
+                   "delete the approved ones that still are (the job retention-daily).")
 @with_appcontext
-def due_command() -> None:
+def due_command(watch: bool) -> None:
     """List the studies due for deletion now (and keep the console's list up to date)."""
+    if watch:
+        from portal.jobs import once_per_cluster
+        from portal.repeat import run_repeatedly
+        from portal.retention.service import run_daily
+
+        def step() -> None:
+            with once_per_cluster("retention-daily") as mine:
+                if mine:
+                    click.echo(f"{run_daily()} studies deleted")
+
+        run_repeatedly(step, Exception, every_seconds=86400, watch=True,
+                       failure="retention run failed: {}")
+        return
+    _list_due()
+
+
+def _list_due() -> None:
     from portal.index.models import Patient, Study
     from portal.jobs import once_per_cluster
     from portal.retention.models import RetentionDue
