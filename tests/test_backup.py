@@ -245,7 +245,8 @@ def test_backup_into_a_folder_in_use_and_an_incomplete_backup_are_refused(
     assert result.exit_code == 1 and "holds no manifest.json" in result.output
 
 
-def test_force_replaces_what_is_there(app: Flask, tmp_path: Path) -> None:
+def test_force_replaces_what_is_there(source: Flask, tmp_path: Path) -> None:
+    app = source
     _fill(app, studies=1)
     runner = app.test_cli_runner()
     assert runner.invoke(args=["backup", str(tmp_path / "b")]).exit_code == 0
@@ -271,5 +272,23 @@ def test_hard_linked_backup_shares_the_files_and_restores(app: Flask, tmp_path: 
         runner = target.test_cli_runner()
         assert runner.invoke(args=["restore", str(tmp_path / "b")]).exit_code == 0
         assert _bytes(target) == _bytes(app)
+    finally:
+        close_app(target)
+
+
+def test_restore_into_a_migrated_empty_database(source: Flask, tmp_path: Path,
+                                                request: pytest.FixtureRequest) -> None:
+    """The operator ran `db upgrade` on the new machine first: empty tables are no data."""
+    _fill(source, studies=1)
+    assert source.test_cli_runner().invoke(args=["backup", str(tmp_path / "b")]).exit_code == 0
+    target = make_app(tmp_path / "target", _target_url(tmp_path, source, request),
+                      AUDIT_CHECKPOINT_KEY=KEY)
+    try:
+        runner = target.test_cli_runner()
+        result = runner.invoke(args=["restore", str(tmp_path / "b")])
+        assert result.exit_code == 0, result.output
+        assert _uids(target) == _uids(source)
+        assert runner.invoke(args=["archive", "verify"]).exit_code == 0
+        assert runner.invoke(args=["audit", "verify"]).exit_code == 0
     finally:
         close_app(target)
