@@ -1,4 +1,5 @@
-"""A study of an external archive (a real Orthanc over DICOMweb) loses only its local copies
+"""A study of an external archive (a real Orthanc over DICOMweb): its cached copies are the
+temporary tier, never re-encoded, and it loses only its local copies
 when retention deletes it: its index rows stay (the hospital's archive keeps the study), the
 cached files and their rows go, one 110105 record says so, and the study is fetched again on
 the next read."""
@@ -15,6 +16,7 @@ from sqlalchemy import select
 
 from portal.access.models import AuditEvent, Grant, Practice, User
 from portal.archive import current_archive
+from portal.archive.compress import compress_stored
 from portal.archive.models import CachedCopy, ExternalInstance, StoredObject
 from portal.index.models import Study
 from portal.retention.models import RetentionRule
@@ -52,6 +54,9 @@ def test_external_study_loses_only_its_local_copies(portal: Flask,
         archive = current_archive()
         paths = [archive.locate(uid).path for uid in uids]  # fetched: cached copies now
     assert count(portal, CachedCopy) == 3
+    with portal.app_context():  # the temporary tier is never re-encoded
+        assert compress_stored(archive.store, archive.database, older_than_days=0,
+                               syntax="jpeg-ls").done == 0
     with portal.extensions["db"].write_transaction() as session:
         practice = Practice(name="North")
         session.add(practice)
