@@ -48,6 +48,12 @@ class UploadRefused(failures.Invalid):
     """A chunk or a file announcement is refused (400); the reason is for people."""
 
 
+class StillChecking(failures.Conflict):
+    """The complete file is being checked by another request right now (409): ask again."""
+
+    default_reason = "the file is being checked; ask again in a moment"
+
+
 class WrongOffset(failures.Conflict):
     """A chunk that does not start where the server's copy ends (409): ask, then resume."""
 
@@ -204,8 +210,28 @@ def _zip_total_ok(path: Path, limit: int) -> None:
 
 def finish(session: Session, q: Quarantine, file: InboxFile) -> list[dict[str, Any]]:
     """Check the complete file, keep what passes in quarantine, list every outcome, delete
-    the part file, and audit the upload (110107 Import)."""
+    the part file, and audit the upload (110107 Import).
+
+    One request at a time checks a file (a lock on its part file): the request that sent the
+    last piece, or, when that one died on the way (a worker's timeout), the client's explicit
+    ``Content-Range: bytes */total`` later."""
     path = q.part_path(file)
+    try:
+        guard = path.open("rb")
+    except FileNotFoundError as exc:
+        raise UploadRefused("the file's pieces are gone; send it again") from exc
+    with guard:
+        try:
+            fcntl.flock(guard.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise StillChecking() from exc
+        if file.state != "receiving":
+            return list(file.results)
+        return _finish_locked(session, q, file, path)
+
+
+def _finish_locked(session: Session, q: Quarantine, file: InboxFile,
+                   path: Path) -> list[dict[str, Any]]:
     results: list[dict[str, Any]] = []
     try:
         with path.open("rb") as fh:

@@ -47,6 +47,7 @@ bp = Blueprint("inbox", __name__)
 api = Blueprint("inbox_api", __name__)
 
 _RANGE = re.compile(r"^bytes (\d{1,15})-(\d{1,15})/(\d{1,15})$")
+_COMPLETE = re.compile(r"^bytes \*/(\d{1,15})$")
 
 
 def init_app(app: Flask) -> None:
@@ -214,9 +215,22 @@ def file_status(public_id: str) -> Response:
 @public
 def file_chunk(public_id: str) -> Response:
     """One chunk, ``Content-Range: bytes first-last/total``; the last one is checked and
-    kept in quarantine, and the answer lists what became of the file (or its entries)."""
+    kept in quarantine, and the answer lists what became of the file (or its entries).
+    ``Content-Range: bytes */total`` without a body checks a complete file whose last piece's
+    request did not live to do it."""
     file = _own_file(public_id)
-    found = _RANGE.match(request.headers.get("Content-Range", ""))
+    header = request.headers.get("Content-Range", "")
+    complete = _COMPLETE.match(header)
+    if complete is not None:
+        # "Check what you have": the request that sent the last piece died before it did.
+        if file.state == "receiving":
+            if int(complete.group(1)) != file.size \
+                    or quarantine.received_bytes(_q(), file) != file.size:
+                raise quarantine.UploadRefused("the file is not complete yet")
+            file.received = file.size
+            quarantine.finish(db.session, _q(), file)
+        return jsonify(_file_json(file))
+    found = _RANGE.match(header)
     if found is None:
         raise quarantine.UploadRefused("send Content-Range: bytes first-last/total")
     first, last, total = (int(x) for x in found.groups())

@@ -124,10 +124,24 @@
     var chunk = Math.min(CHUNK, info.chunk || CHUNK);
     for (;;) {
       if (item.sent >= item.file.size) {
+        // Every byte arrived but no outcome came back: the server is checking the file, or
+        // the request that was to check it ended on the way. Wait, ask, and ask it to check.
+        item.note.textContent = 'checking';
+        await sleep(1500);
         var status = await request('GET', url, undefined, {});
         var now = await status.json();
         if (now.state === 'done') { results(item, now); return; }
         item.sent = now.received;
+        if (item.sent >= item.file.size) {
+          var check = await request('PUT', url, new Blob([]), {
+            'Content-Type': 'application/octet-stream',
+            'Content-Range': 'bytes */' + item.file.size});
+          if (check.ok) {
+            var checked = await check.json();
+            if (checked.state === 'done') { results(item, checked); return; }
+          }
+        }
+        continue;
       }
       var end = Math.min(item.sent + chunk, item.file.size);
       var answer = await request('PUT', url, item.file.slice(item.sent, end), {

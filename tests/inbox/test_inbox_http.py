@@ -354,3 +354,42 @@ def test_an_upload_link_cannot_fill_the_disk(inbox: Inbox) -> None:
     for body in ({"name": "x"}, {"name": 1, "size": 1}, {"name": "x", "size": True}, []):
         assert client.post("/inbox/api/files", json=body,
                            headers=headers).status_code == 400
+
+
+def test_a_complete_file_whose_check_died_is_checked_on_request(inbox: Inbox) -> None:
+    """The request carrying the last piece wrote it, then died before checking (a worker's
+    timeout): the page asks with ``Content-Range: bytes */total`` and gets the outcome; while
+    another request is checking, the answer is a 409 to ask again."""
+    import fcntl
+
+    app = inbox.app
+    client, _ = _patient_client(app, inbox)
+    data = outside_instance(rows=128, columns=128)
+    headers = {"Accept": "application/json"}
+    made = client.post("/inbox/api/files", json={"name": "IM1", "size": len(data)},
+                       headers=headers)
+    url = f"/inbox/api/files/{made.json['id']}"
+    half = len(data) // 2
+    assert client.put(url, data=data[:half], headers={
+        **headers, "Content-Range": f"bytes 0-{half - 1}/{len(data)}"}).status_code == 200
+    early = client.put(url, data=b"", headers={**headers,
+                                               "Content-Range": f"bytes */{len(data)}"})
+    assert early.status_code == 400  # not complete: nothing to check
+    part = app.extensions["inbox"].root / "parts" / made.json["id"]
+    with part.open("ab") as fh:  # the died request's last piece, on disk
+        fh.write(data[half:])
+    status = client.get(url, headers=headers).json
+    assert status["received"] == len(data) and status["state"] == "receiving"
+    with part.open("rb") as busy:
+        fcntl.flock(busy.fileno(), fcntl.LOCK_EX)
+        checking = client.put(url, data=b"", headers={
+            **headers, "Content-Range": f"bytes */{len(data)}"})
+        assert checking.status_code == 409
+    done = client.put(url, data=b"", headers={**headers,
+                                              "Content-Range": f"bytes */{len(data)}"})
+    assert done.status_code == 200 and done.json["state"] == "done"
+    assert [r["outcome"] for r in done.json["results"]] == ["kept"]
+    assert not part.exists() and len(_kept_files(app)) == 1
+    again = client.put(url, data=b"", headers={**headers,
+                                               "Content-Range": f"bytes */{len(data)}"})
+    assert again.status_code == 200 and len(_kept_files(app)) == 1
