@@ -66,7 +66,12 @@ class Study(Base):
                             postgresql_ops={"accession_number": "gin_trgm_ops"},
                             postgresql_with=TRIGRAM_INDEX_OPTIONS),
                       # Lists and QIDO answers are newest first: pages come off this index.
-                      Index("ix_study_date_time_id", "study_date", "study_time", "id"))
+                      Index("ix_study_date_time_id", "study_date", "study_time", "id"),
+                      # A person's visible studies (the access rules give their ids) are
+                      # sorted, and joined to their patients, from this index alone: one
+                      # index page per study instead of the index and the table's row.
+                      Index("ix_study_id_date_time_patient", "id", "study_date", "study_time",
+                            "patient_fk"))
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
@@ -94,10 +99,13 @@ class Series(Base):
     """One series of a study."""
 
     __tablename__ = "series"
+    # A study's series, and whether a visible study has a series of a modality (the study
+    # list's and QIDO's modality match), from this index alone.
+    __table_args__ = (Index("ix_series_study_fk_modality", "study_fk", "modality"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
-    study_fk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    study_fk: Mapped[int] = mapped_column(ForeignKey("study.id"))
     modality: Mapped[str] = mapped_column(String(16), default="")
     series_number: Mapped[int | None] = mapped_column(Integer, nullable=True)
     series_description: Mapped[str] = mapped_column(String(64), default="")

@@ -1,7 +1,8 @@
 """the studies each RIS order names, resolved once (``order_study``): the order's ordering
 provider key kept as one more referrer key of its studies, so the access rules read a
 physician's ordered studies from the (key, study_fk) index instead of joining orders,
-patients and studies on every request; existing orders are matched here
+patients and studies on every request; existing orders are matched here; and a covering
+index of studies by id for sorting a person's visible studies, and series by (study, modality)
 
 Revision ID: 20261206_0020
 Revises: 20261206_0019
@@ -30,6 +31,14 @@ def upgrade() -> None:
     )
     op.create_index('ix_order_study_key_study_fk', 'order_study', ['key', 'study_fk'])
     op.create_index(op.f('ix_order_study_study_fk'), 'order_study', ['study_fk'])
+    # A person's visible studies, found by id, sorted and joined to their patients from
+    # this index alone (at 1,000,000 studies a physician's 4,000 were 4,000 table rows).
+    op.create_index('ix_study_id_date_time_patient', 'study',
+                    ['id', 'study_date', 'study_time', 'patient_fk'])
+    # A study's series by modality from the index alone (the modality match of a person's
+    # visible studies); it also serves every lookup the (study_fk) index served.
+    op.create_index('ix_series_study_fk_modality', 'series', ['study_fk', 'modality'])
+    op.drop_index('ix_series_study_fk', table_name='series')
     # The orders already received, matched as the access rules matched them until now (same
     # accession number, same Patient ID), but for cancelled orders and orders that name no
     # ordering provider, which open nothing.
@@ -46,6 +55,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    op.create_index('ix_series_study_fk', 'series', ['study_fk'])
+    op.drop_index('ix_series_study_fk_modality', table_name='series')
+    op.drop_index('ix_study_id_date_time_patient', table_name='study')
     op.drop_index(op.f('ix_order_study_study_fk'), table_name='order_study')
     op.drop_index('ix_order_study_key_study_fk', table_name='order_study')
     op.drop_table('order_study')
