@@ -25,6 +25,8 @@ class ShareLink(Base):
     requires_sign_in: Mapped[bool] = mapped_column(Boolean, default=False)
     can_download: Mapped[bool] = mapped_column(Boolean, default=False)
     note: Mapped[str] = mapped_column(String(500), default="")
+    # A note for the person the link is made for, shown with the images (issue 20 item 5).
+    message: Mapped[str] = mapped_column(String(1000), default="", server_default="")
     patient_fk: Mapped[int | None] = mapped_column(ForeignKey("patient.id"), nullable=True,
                                                    index=True)
     created_by: Mapped[str] = mapped_column(String(256), default="")

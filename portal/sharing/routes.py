@@ -390,7 +390,7 @@ def create(study_uid: str) -> BaseResponse | str:
             requires_sign_in=audience == "physician" and form.get("colleague") == "sign_in",
             can_download=form.get("download") == "on", with_pin=form.get("pin") == "on",
             days=_form_days(), note=form.get("note", ""),
-            notify_sender=form.get("notify") == "on",
+            notify_sender=form.get("notify") == "on", message=form.get("message", ""),
             series_uids=form.getlist("series") if form.get("scope") == "series" else ())
     except service.ShareError as exc:
         db.session.rollback()

@@ -185,7 +185,7 @@ def create_share(session: Session, actor: Principal, policy: SharePolicy, *, stu
                  with_pin: bool = True, days: int | None = None,
                  expires_at: datetime | None = None, not_before: datetime | None = None,
                  note: str = "", notify_sender: bool = False,
-                 series_uids: Sequence[str] = ()) -> NewShare:
+                 series_uids: Sequence[str] = (), message: str = "") -> NewShare:
     """Make a link to one study (or to selected series of it), or to every study of its
     patient the sender may see (a patient: his own studies, for a doctor).
 
@@ -222,6 +222,7 @@ def create_share(session: Session, actor: Principal, policy: SharePolicy, *, stu
     link = ShareLink(public_id=str(uuid.uuid4()), token_sha256=token_digest(token),
                      audience=audience, requires_sign_in=requires_sign_in,
                      can_download=can_download, note=note.strip()[:500],
+                     message=message.strip()[:1000],
                      patient_fk=study.patient_fk if whole_patient else None,
                      created_by=actor.audit_name, created_by_fk=actor.id, created_at=now,
                      not_before=start, expires_at=expiry,
@@ -390,6 +391,18 @@ def _count_wrong_pin(database: Database, link: ShareLink, policy: SharePolicy, f
                                   "share": link.public_id,
                                   "reason": f"link locked after {failed} wrong PINs"})
     return locked
+
+
+def link_note(session: Session, public_id: str) -> tuple[str, str] | None:
+    """The note a link carries for the person it was made for, and its sender's name as he
+    writes it; None without a note (issue 20 item 5)."""
+    row = session.execute(
+        select(ShareLink.message, User.display_name)
+        .outerjoin(User, User.id == ShareLink.created_by_fk)
+        .where(ShareLink.public_id == public_id)).first()
+    if row is None or not row[0]:
+        return None
+    return str(row[0]), str(row[1] or "")
 
 
 def find_link(database: Database, token: str) -> ShareLink | None:

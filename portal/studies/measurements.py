@@ -31,6 +31,7 @@ from flask import Blueprint, abort, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
@@ -46,7 +47,7 @@ from portal.db import db
 from portal.imaging.measure import measure_source, parse_shape
 from portal.imaging.service import run_isolated
 from portal.index.models import Instance, Series
-from portal.studies.service import study_series
+from portal.studies.service import key_images, study_series
 from portal.studies.viewer import spacing_of
 
 bp = Blueprint("measurements", __name__)
@@ -199,6 +200,52 @@ def save(study_uid: str) -> ResponseReturnValue:
     archive.ingest(out.getvalue(), who=principal.audit_name,
                    source_address=request.remote_addr or "")
     return jsonify({"sop": str(state.SOPInstanceUID), "saved": len(checked)}), 201
+
+
+# -- key images -------------------------------------------------------------------------------
+
+@bp.post("/studies/<study_uid>/key-images")
+def mark_key_image(study_uid: str) -> ResponseReturnValue:
+    """Flag an image as a key image: a new Key Object Selection document (PS3.3 A.35.4,
+    "Of Interest") naming it and the images flagged before, stored as an instance of the
+    study; the study page shows its images first to those the study is shared with."""
+    principal = _principal()
+    if principal.kind != "user" or is_patient_user(principal):
+        abort(403, "only the physicians who read the study mark key images")
+    study = require_study(db.session, principal, study_uid)
+    body = request.get_json(silent=True)
+    sop = body.get("sop") if isinstance(body, dict) else None
+    if not isinstance(sop, str) or not sop or len(sop) > 64:
+        abort(400, "sop must name an image of the study")
+    visible = [s.id for s in study_series(db.session, principal, study)]
+    found = db.session.scalars(select(Instance).where(
+        Instance.series_fk.in_(visible), Instance.sop_instance_uid == sop,
+        Instance.rows.is_not(None))).first()
+    if found is None:
+        abort(400, "no such image in this study")
+    archive = current_archive()
+    flagged = [i.sop_instance_uid for i, _s in key_images(db.session, principal, study,
+                                                          archive.read)]
+    uids = [*dict.fromkeys([*flagged, sop])][:MAX_SAVED]
+    evidence = [dcmread(io.BytesIO(archive.read(uid)), stop_before_pixels=True)
+                for uid in uids]
+    document = hd.ko.KeyObjectSelectionDocument(
+        evidence=evidence,
+        content=hd.ko.KeyObjectSelection(
+            document_title=codes.DCM.OfInterest, referenced_objects=evidence,
+            observer_person_context=hd.sr.ObserverContext(
+                observer_type=codes.DCM.Person,
+                observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
+                    name=_creator(principal))),
+            description="Key images marked in the referrer portal"),
+        series_instance_uid=generate_uid(), series_number=9901,
+        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="Referrer portal")
+    document.SeriesDescription = "Key images"
+    out = io.BytesIO()
+    document.save_as(out, enforce_file_format=True)
+    archive.ingest(out.getvalue(), who=principal.audit_name,
+                   source_address=request.remote_addr or "")
+    return jsonify({"sop": str(document.SOPInstanceUID), "flagged": uids}), 201
 
 
 # -- reading them back ------------------------------------------------------------------------

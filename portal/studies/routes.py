@@ -41,6 +41,7 @@ from portal.imaging.signed import sign_series
 from portal.index.names import person_name
 from portal.index.referrers import key_label
 from portal.reports.service import mark_shown_read, unread_studies
+from portal.sharing.service import link_note
 from portal.studies import export
 from portal.studies.patients import scans_page
 from portal.studies.prior import describe_pane, main_series, middle_uid, priors
@@ -159,7 +160,10 @@ def study_page(study_uid: str) -> str:
     # Last before the page: the report card shows them (a write of the request's unit of
     # work, portal/db.py, so no transaction of its own may follow it on SQLite).
     mark_shown_read(db.session, principal, [study])
+    visitor = principal.kind == "share"
     return render_template("studies/study.html", study=study, **shown, principal=principal,
+                           visitor=visitor,
+                           note=link_note(db.session, principal.share_id) if visitor else None,
                            plain=reads_plain_words(principal),
                            may_share=bool(share_audiences(principal)))
 

@@ -190,7 +190,9 @@ def key_images(session: Session, principal: Principal, study: Study,
     documents = list(session.scalars(
         select(Instance.sop_instance_uid).join(Series, Instance.series_fk == Series.id)
         .where(Series.study_fk == study.id,
-               Instance.sop_class_uid == KEY_OBJECT_SELECTION).limit(5)))
+               Instance.sop_class_uid == KEY_OBJECT_SELECTION)
+        # Newest first: a document marked in the portal names the earlier flags too.
+        .order_by(Instance.id.desc()).limit(5)))
     wanted: list[str] = []
     for uid in documents:
         try:
@@ -204,4 +206,4 @@ def key_images(session: Session, principal: Principal, study: Study,
         .where(Series.study_fk == study.id, Instance.sop_instance_uid.in_(wanted[:500]),
                Instance.rows.is_not(None), instance_filter(principal))).all()
     by_uid = {instance.sop_instance_uid: (instance, series) for instance, series in rows}
-    return [by_uid[uid] for uid in wanted if uid in by_uid][:MAX_KEY_IMAGES]
+    return [by_uid[uid] for uid in dict.fromkeys(wanted) if uid in by_uid][:MAX_KEY_IMAGES]

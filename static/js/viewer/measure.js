@@ -192,6 +192,23 @@ export function createMeasure(v) {
         v.say('No connection: the measurements are not saved yet.');
       }
     },
+    /** Mark the image shown as a key image (a Key Object Selection document of the study). */
+    async markKey(/** @type {string} */ key) {
+      const at = v.frameOf(key);
+      if (!at) { v.say('Key images are marked on the slices view.'); return; }
+      try {
+        const answer = await fetch(`/studies/${encodeURIComponent(data.study)}/key-images`, {
+          method: 'POST', credentials: 'same-origin',
+          headers: { 'Content-Type': 'application/json', 'X-CSRF-Token': csrf },
+          body: JSON.stringify({ sop: at[0] }),
+        });
+        v.say(answer.ok ? 'Marked as a key image: it is shown first to those you share the study with.'
+          : 'The image could not be marked. Please try again.');
+        if (answer.ok) v.root.dataset.keyMarked = at[0];
+      } catch {
+        v.say('No connection: the image is not marked yet.');
+      }
+    },
     /** The measurements saved with the study, drawn on this series' images. */
     async load() {
       try {
