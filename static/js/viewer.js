@@ -861,6 +861,7 @@ root.addEventListener('click', (e) => {
   else if (action === 'play') (state.playing ? stopCine() : startCine());
   else if (action === 'save') saveJpeg();
   else if (action === 'save-measures') measure.save();
+  else if (action === 'key-image') measure.markKey(currentKey());
   if (sheet.contains(button)) setMore(false);
 });
 sheet.addEventListener('change', () => setMore(false));
