@@ -6,6 +6,7 @@ import { loadStack } from './viewer/stack.js';
 import { clamp, lengthMm, markers, pickWidth, windowMap } from './viewer/geometry.js';
 import { sessionEnded, showSessionEnded } from './viewer/session.js';
 import { createMeasure } from './viewer/measure.js';
+import { createTurnView, viewLetters } from './viewer/volume3d.js';
 
 /** @typedef {{center: number, width: number}} Win */
 
@@ -71,6 +72,7 @@ function parseKey(key) {
 function currentKey() {
   if (state.view === 'stack') return `s${state.index}`;
   if (state.view === 'mip') return `mip${state.angle}`;
+  if (state.view === '3d') return 'v3d'; // its images are volume3d.js's own
   return `${state.view}${Math.round(state.positions[state.view] * (VOLUME_STEPS - 1))}`;
 }
 
@@ -180,6 +182,8 @@ function plan() {
     }
   } else if (volume.state !== 'ready') {
     checkVolume(); // reformats are cut once the volume is built; meanwhile its progress shows
+  } else if (state.view === '3d') {
+    turnView.open(); // it asks for its own images as it turns
   } else if (state.view === 'mip') {
     for (let d = 0; d <= 3; d += 1) {
       for (const s of d ? [1, -1] : [1]) {
@@ -399,11 +403,14 @@ function overlay(shown) {
   let where;
   if (state.view === 'stack') where = `Image ${state.index + 1} / ${n}`;
   else if (state.view === 'mip') where = `3D MIP · ${state.angle}°`;
+  else if (state.view === '3d') where = turnView.where();
   else where = `${views[/** @type {'axial'} */ (state.view)]} · ${Math.round(state.positions[state.view] * 100)} %`;
   $('.slice').textContent = where;
   $('.wl').textContent = state.window ? `W ${round(state.window.width)} L ${round(state.window.center)}${shown && !shown.exact ? ' …' : ''}` : '';
   $('.zoom').textContent = `${state.zoom.toFixed(state.zoom < 10 ? 1 : 0)}×${shown && !shown.full ? ' · preview' : ''}`;
-  const m = markers(data.orientation, state.view, state.angle);
+  // The MIP and the 3D view turn in the patient's coordinates: letters on every angle.
+  const m = state.view === '3d' ? turnView.letters()
+    : state.view === 'mip' ? viewLetters(state.angle, 0) : markers(data.orientation, state.view, state.angle);
   for (const side of /** @type {const} */ (['top', 'right', 'bottom', 'left'])) $(`.om-${side}`).textContent = m[side];
   root.dataset.frame = String(state.index + 1);
   root.dataset.view = state.view;
@@ -411,7 +418,7 @@ function overlay(shown) {
   root.dataset.window = winKey(state.window);
   const bar = $('.scroll');
   const value = state.view === 'stack' ? state.index / Math.max(n - 1, 1)
-    : state.view === 'mip' ? state.angle / 355 : state.positions[state.view];
+    : state.view === 'mip' ? state.angle / 355 : state.view === '3d' ? turnView.view.azimuth / 360 : state.positions[state.view];
   bar.setAttribute('aria-valuenow', String(state.view === 'stack' ? state.index + 1 : Math.round(value * 100)));
   bar.setAttribute('aria-valuemax', String(state.view === 'stack' ? n : 100));
   bar.setAttribute('aria-valuetext', where);
@@ -571,6 +578,7 @@ function goTo(index) {
 /** @param {number} steps */
 function step(steps) {
   if (state.view === 'stack') goTo(state.index + steps);
+  else if (state.view === '3d') turnView.step(steps);
   else if (state.view === 'mip') {
     state.angle = (((state.angle + steps * MIP_STEP) % 360) + 360) % 360;
     schedulePlan(); invalidate();
@@ -619,6 +627,8 @@ function setView(view) {
   }
   /** @type {HTMLSelectElement} */ ($('select[name=view]')).value = view;
   if (view === 'stack') showBuilding(null);
+  if (view !== '3d') turnView.close();
+  for (const el of root.querySelectorAll('[data-for-view]')) /** @type {HTMLElement} */ (el).hidden = /** @type {HTMLElement} */ (el).dataset.forView !== view;
   plan();
   progress();
   invalidate();
@@ -635,6 +645,7 @@ function setWindow(win) {
 function reset() {
   state.zoom = 1; state.panX = 0; state.panY = 0; state.invert = false;
   state.measures = []; state.draft = null; state.angle = 0;
+  turnView.reset();
   measure.clear();
   stopCine();
   setPressed('invert', false);
@@ -761,7 +772,7 @@ attachGestures(stage, {
       invalidate();
       return;
     }
-    carry += state.view === 'mip' ? dx : -dy; // finger up: onwards, as a page scrolls
+    carry += state.view === 'mip' ? -dx : -dy; // finger up: onwards; the MIP follows the finger
     const s = Math.trunc(carry / stepPixels());
     if (s) { carry -= s * stepPixels(); step(s); }
   },
@@ -782,7 +793,7 @@ attachGestures(stage, {
       /** @type {HTMLSelectElement} */ ($('select[name=preset]')).value = 'custom';
       setWindow(state.window);
     } else if (mode === 'scroll' && touching && !reduceMotion) { // a flick glides on
-      let v = state.view === 'mip' ? vx : -vy; // px per ms
+      let v = state.view === 'mip' ? -vx : -vy; // px per ms
       if (Math.abs(v) > 0.6) {
         let last = performance.now();
         const glide = (/** @type {number} */ t) => {
@@ -886,6 +897,15 @@ const viewSelect = /** @type {HTMLSelectElement} */ ($('select[name=view]'));
 if (!data.volume) for (const o of [...viewSelect.options]) if (o.value !== 'stack') o.remove();
 viewSelect.disabled = viewSelect.options.length < 2;
 viewSelect.addEventListener('change', () => { stopCine(); setView(viewSelect.value); });
+
+// The 3D view (viewer/volume3d.js): its style, or a MIP turned about two axes with a slab.
+const turnView = createTurnView({ stage, base, widths: data.widths, onChange: invalidate,
+  onTrouble: () => say('The 3D view could not be shown right now.') });
+const styleSelect = /** @type {HTMLSelectElement | null} */ (root.querySelector('select[name=style3d]'));
+styleSelect?.addEventListener('change', () => {
+  const [style, slab] = styleSelect.value.split(':');
+  turnView.setStyle(style, Number(slab) || 0);
+});
 
 const speed = /** @type {HTMLSelectElement | null} */ (root.querySelector('select[name=speed]'));
 if (speed) {
