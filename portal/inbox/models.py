@@ -72,7 +72,7 @@ class InboxFile(Base):
     name: Mapped[str] = mapped_column(String(500), default="")
     size: Mapped[int] = mapped_column(BigInteger, default=0)
     received: Mapped[int] = mapped_column(BigInteger, default=0)
-    # receiving, done (every result is in ``results``)
+    # receiving, done (every result is in ``results``), abandoned (never finished in time)
     state: Mapped[str] = mapped_column(String(16), default="receiving")
     # [{"name", "outcome": "kept"|"refused"|"skipped", "reason"}]
     results: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)

@@ -17,6 +17,7 @@ import os
 import uuid
 import zipfile
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -42,6 +43,7 @@ MAX_CHUNK_BYTES = 8 << 20
 MAX_ZIP_ENTRIES = 20_000
 # What one upload link may send in all (a CD holds at most 0.7 GB, a DVD 8.5 GB).
 MAX_FILES_PER_LINK = 20_000
+ABANDONED_AFTER = timedelta(days=7)
 
 
 class UploadRefused(failures.Invalid):
@@ -157,6 +159,22 @@ def start_file(session: Session, q: Quarantine, *, practice_id: int, link_fk: in
     session.add(file)
     session.flush()
     return file
+
+
+def reap_abandoned(session: Session, q: Quarantine, older_than: timedelta = ABANDONED_AFTER,
+                   limit: int = 50) -> int:
+    """Files announced long ago and never finished: their pieces are deleted, the file marked
+    abandoned (each new announcement sweeps a few, so nothing needs a scheduler)."""
+    cutoff = utcnow() - older_than
+    stale = list(session.scalars(select(InboxFile).where(
+        InboxFile.state == "receiving", InboxFile.created_at < cutoff)
+        .order_by(InboxFile.id).limit(limit)))
+    for file in stale:
+        q.part_path(file).unlink(missing_ok=True)
+        file.state = "abandoned"
+        file.results = [{"name": file.name, "outcome": "refused",
+                         "reason": "the upload was not finished in time; send it again"}]
+    return len(stale)
 
 
 def received_bytes(q: Quarantine, file: InboxFile) -> int:

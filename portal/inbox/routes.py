@@ -199,6 +199,7 @@ def announce_file() -> tuple[Response, int]:
     if not isinstance(body, dict) or not isinstance(body.get("name"), str) \
             or not isinstance(body.get("size"), int) or isinstance(body.get("size"), bool):
         raise quarantine.UploadRefused("send the file's name and size as JSON")
+    quarantine.reap_abandoned(db.session, _q())
     file = quarantine.start_file(db.session, _q(), practice_id=practice, link_fk=link_fk,
                                  uploaded_by=who, name=body["name"], size=body["size"])
     return jsonify(_file_json(file)), 201

@@ -130,7 +130,7 @@
         await sleep(1500);
         var status = await request('GET', url, undefined, {});
         var now = await status.json();
-        if (now.state === 'done') { results(item, now); return; }
+        if (now.state !== 'receiving') { results(item, now); return; }
         item.sent = now.received;
         if (item.sent >= item.file.size) {
           var check = await request('PUT', url, new Blob([]), {
@@ -138,7 +138,7 @@
             'Content-Range': 'bytes */' + item.file.size});
           if (check.ok) {
             var checked = await check.json();
-            if (checked.state === 'done') { results(item, checked); return; }
+            if (checked.state !== 'receiving') { results(item, checked); return; }
           }
         }
         continue;
@@ -153,7 +153,7 @@
         var asked = await request('GET', url, undefined, {});
         if (!asked.ok) { item.note.textContent = 'Refused: ' + await failText(asked); return; }
         var state = await asked.json();
-        if (state.state === 'done') { results(item, state); return; }
+        if (state.state !== 'receiving') { results(item, state); return; }
         item.sent = state.received;
         continue;
       }
@@ -168,7 +168,7 @@
       item.sent = body.received;
       item.bar.value = Math.floor(item.sent * 100 / item.file.size);
       showTotal();
-      if (body.state === 'done') { results(item, body); return; }
+      if (body.state !== 'receiving') { results(item, body); return; }
     }
   }
 

@@ -393,3 +393,28 @@ def test_a_complete_file_whose_check_died_is_checked_on_request(inbox: Inbox) ->
     again = client.put(url, data=b"", headers={**headers,
                                                "Content-Range": f"bytes */{len(data)}"})
     assert again.status_code == 200 and len(_kept_files(app)) == 1
+
+
+def test_abandoned_uploads_are_swept(inbox: Inbox) -> None:
+    app = inbox.app
+    client, _ = _patient_client(app, inbox)
+    headers = {"Accept": "application/json"}
+    data = outside_instance()
+    made = client.post("/inbox/api/files", json={"name": "IM1", "size": len(data)},
+                       headers=headers)
+    url = f"/inbox/api/files/{made.json['id']}"
+    assert client.put(url, data=data[:100], headers={
+        **headers, "Content-Range": f"bytes 0-99/{len(data)}"}).status_code == 200
+    part = app.extensions["inbox"].root / "parts" / made.json["id"]
+    assert part.stat().st_size == 100
+    from portal.inbox.models import InboxFile
+
+    with app.extensions["db"].write_transaction() as session:
+        session.execute(update(InboxFile).values(created_at=utcnow() - timedelta(days=8)))
+    # The next announcement, by anybody, sweeps it.
+    client.post("/inbox/api/files", json={"name": "IM2", "size": 10}, headers=headers)
+    assert not part.exists()
+    gone = client.get(url, headers=headers).json
+    assert gone["state"] == "abandoned" and "send it again" in gone["results"][0]["reason"]
+    assert client.put(url, data=data[100:200], headers={
+        **headers, "Content-Range": f"bytes 100-199/{len(data)}"}).json["state"] == "abandoned"
