@@ -252,6 +252,13 @@ def test_force_replaces_what_is_there(source: Flask, tmp_path: Path) -> None:
     assert runner.invoke(args=["backup", str(tmp_path / "b")]).exit_code == 0
     expected = _uids(app)
     _fill(app, studies=1)  # after the backup: gone again after the restore
+    store = app.extensions["archive"].store  # a live file the backup holds goes bad
+    victim = store.path_of(sorted(json.loads((tmp_path / "b" / "manifest.json").read_text())
+                                  ["files"])[0])
+    damaged = bytearray(victim.read_bytes())
+    damaged[-1] ^= 0x01
+    victim.write_bytes(bytes(damaged))
+    assert runner.invoke(args=["archive", "verify"]).exit_code == 1
     refused = runner.invoke(args=["restore", str(tmp_path / "b")])
     assert refused.exit_code == 1 and "pass --force" in refused.output
     result = runner.invoke(args=["restore", "--force", str(tmp_path / "b")])

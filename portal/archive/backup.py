@@ -112,11 +112,13 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _copy_checked(source: Path, target: Path, sha256: str, *, link: bool) -> None:
+def _copy_checked(source: Path, target: Path, sha256: str, *, link: bool,
+                  temp_folder: Path | None = None) -> None:
     """Copy (or hard-link) one file and check its bytes have ``sha256``; a mismatch raises
-    BackupRefused and leaves no target behind."""
+    BackupRefused and leaves no target behind. The temp file is made in ``temp_folder`` (the
+    same file system as the target), else beside the target."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_name(target.name + ".part")
+    temp = (temp_folder or target.parent) / f"{target.name}.part"
     try:
         linked = False
         if link:
@@ -408,11 +410,12 @@ def restore_backup(app: Flask, folder: Path, *, force: bool = False) -> dict[str
         store.ensure()
         with _progress(sorted(files.items()), "Restoring archive files") as bar:
             for key, sha in bar:
-                if key in present:
-                    continue
+                if key in present and _sha256_of(store.path_of(key)) == sha:
+                    continue  # the same content is there already (--force)
                 _copy_checked(folder / "archive" / "objects" / key, store.path_of(key), sha,
-                              link=False)
-                added.append(key)
+                              link=False, temp_folder=store.tmp)
+                if key not in present:
+                    added.append(key)
         store.sync_folders(added)
         click.echo("restoring the database", err=True)
         app.extensions["db"].dispose()
