@@ -181,3 +181,36 @@ def test_an_order_and_its_study_in_two_transactions_at_once_still_meet(
         assert _sees(app, foreman) == {uid}
     finally:
         close_app(app)
+
+
+@pytest.mark.postgres
+def test_a_study_arriving_while_its_order_is_being_stored_still_meets_it(
+        tmp_path: Path, postgres: PostgresCluster) -> None:
+    """The other way round: the order's transaction is open when the images arrive (stored
+    through the archive, as C-STORE and STOW-RS store them)."""
+    app = make_app(tmp_path / "instance", postgres.new_database())
+    try:
+        foreman, _ = _physicians(app)
+        database = app.extensions["db"]
+        found: list[str] = []
+        errors: list[BaseException] = []
+
+        def store() -> None:
+            try:
+                found.append(_store(app, "ACC-8"))
+            except BaseException as error:  # reported by the main thread
+                errors.append(error)
+
+        with database.write_transaction() as session:  # the order's transaction, open
+            receive_order(session, IncomingOrder(
+                filler_order_number="FI-8", accession_number="ACC-8", patient_id="P-R",
+                ordering_provider_key="npi:1999999999", status="ordered"))
+            other = threading.Thread(target=store)
+            other.start()
+            time.sleep(1.0)  # the study's transaction is waiting for this one by now
+            assert other.is_alive()
+        other.join(30)
+        assert not other.is_alive() and errors == []
+        assert _sees(app, foreman) == set(found) and len(found) == 1
+    finally:
+        close_app(app)
