@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
@@ -215,6 +215,8 @@ class Deleted:
     files: list[str]
     local_copies_only: bool
     volume_keys: list[str]
+    # (SHA-256, frames) of each stored file: the render cache keys named by its content.
+    contents: list[tuple[str, int]] = field(default_factory=list)
 
 
 def _dependents(parent: str) -> list[tuple[Table, Any]]:
@@ -295,10 +297,15 @@ def delete_study(session: Session, study_uid: str, *, who: str,
                                .where(ExternalInstance.study_instance_uid == study_uid))
                 or 0) > 0
     files: list[str] = []
+    contents: list[tuple[str, int]] = []
     for start in range(0, len(instance_uids), 500):
         chunk = instance_uids[start:start + 500]
-        files += session.scalars(select(StoredObject.storage_key)
-                                 .where(StoredObject.sop_instance_uid.in_(chunk)))
+        for key, sha, frames in session.execute(
+                select(StoredObject.storage_key, StoredObject.sha256, Instance.number_of_frames)
+                .join(Instance, Instance.sop_instance_uid == StoredObject.sop_instance_uid)
+                .where(StoredObject.sop_instance_uid.in_(chunk))):
+            files.append(key)
+            contents.append((sha, frames or 1))
     volume_keys: list[str] = []
     ended: list[str] = []
     count = len(instance_uids)
@@ -325,7 +332,7 @@ def delete_study(session: Session, study_uid: str, *, who: str,
                  details={"reason": "retention", "approved_by": approved_by,
                           "instances": count, "files": len(files),
                           "local_copies_only": external, "share_links_ended": ended})
-    return Deleted(study_uid, count, files, external, volume_keys)
+    return Deleted(study_uid, count, files, external, volume_keys, contents)
 
 
 def _remove_files(deleted: Deleted) -> None:
@@ -342,6 +349,7 @@ def _remove_files(deleted: Deleted) -> None:
         except OSError:
             log.exception("a deleted study's file could not be removed; archive verify "
                           "reports it")
+    _forget_rendered(deleted.contents)
     if deleted.volume_keys:
         from portal.imaging.service import volume_files
 
@@ -354,6 +362,43 @@ def _remove_files(deleted: Deleted) -> None:
                 (folder.folder / f"{key}{suffix}").unlink(missing_ok=True)
     current_app.logger.info("retention deleted study %s (%d instances)",
                             deleted.study_instance_uid, deleted.instances)
+
+
+FRAMES_FORGOTTEN = 64  # renditions of at most this many frames of a file are looked up
+
+
+def _forget_rendered(contents: list[tuple[str, int]]) -> None:
+    """Remove the study's rendered images that a shared render cache (Redis) holds under
+    keys that can be named: the thumbnail and the default rendition of each frame (what
+    pre-rendering and a first look make) and the series windows. Other renditions (a window
+    or size a viewer asked for) are unreachable already (access is checked before the cache
+    is asked) and expire with the cache; an in-process cache lives and dies with its
+    process."""
+    from portal.imaging.cache import RedisCache
+    from portal.imaging.rendition import RENDER_VERSION, parse_rendition
+    from portal.imaging.service import render_cache
+    from portal.redis_link import RedisDown
+
+    try:
+        cache = render_cache()
+    except KeyError:
+        return
+    if not isinstance(cache, RedisCache) or not contents:
+        return
+    renditions = [parse_rendition({}, "", thumbnail=True), parse_rendition({}, "")]
+    keys = [f"window:v{RENDER_VERSION}:{sha}" for sha, _frames in contents]
+    keys += [rendition.cache_key(sha, frame) for sha, frames in contents
+             for frame in range(1, min(frames, FRAMES_FORGOTTEN) + 1)
+             for rendition in renditions]
+    def forget(chunk: list[str]) -> Callable[[Any], Any]:
+        return lambda client: client.delete(*chunk)
+
+    try:
+        for start in range(0, len(keys), 500):
+            cache.link.call(forget(keys[start:start + 500]))
+    except RedisDown:
+        log.warning("the render cache is unreachable: a deleted study's rendered images "
+                    "expire with it")
 
 
 def apply_approved(database: Database, *, who: str, today: date | None = None) -> list[Deleted]:

@@ -213,3 +213,38 @@ def test_cli_lists_and_applies_only_approved(app: Flask) -> None:
     done = runner.invoke(args=["retention", "apply", "--approved"])
     assert done.exit_code == 0 and f"deleted study {gone}: 3 instances" in done.output
     assert _count(app, Study, Study.study_instance_uid == gone) == 0
+
+
+def test_rendered_images_in_redis_go_with_the_study(tmp_path: Path, redis_url: str) -> None:
+    """The thumbnails and default renditions a look (or pre-rendering) put into the shared
+    render cache are removed with the study."""
+    import redis
+
+    from portal.imaging.rendition import parse_rendition
+    from portal.imaging.service import rendered_image
+
+    app = make_app(tmp_path / "instance", REDIS_URL=redis_url, JOBS="process")
+    try:
+        gone, kept, practice, _manager = _setup_due(app)
+        renditions = [parse_rendition({}, "", thumbnail=True), parse_rendition({}, "")]
+        keys: dict[str, list[str]] = {gone: [], kept: []}
+        with app.test_request_context(), app.extensions["db"].new_session() as session:
+            for uid in (gone, kept):
+                for instance in session.scalars(
+                        select(Instance).join(Series).join(Study)
+                        .where(Study.study_instance_uid == uid)):
+                    for rendition in renditions:
+                        image = rendered_image(session, instance, 1, rendition)
+                        image.body()  # rendered now and kept in Redis
+                        keys[uid].append(image.key)
+        client = redis.Redis.from_url(redis_url)
+        assert client.exists(*keys[gone]) == len(keys[gone]) == 6
+        with app.app_context():
+            with app.extensions["db"].write_transaction() as session:
+                refresh_due(session, TODAY)
+                approve(session, practice_principal(practice), "user:t|om", None)
+            assert len(apply_approved(app.extensions["db"], who="test", today=TODAY)) == 1
+        assert client.exists(*keys[gone]) == 0
+        assert client.exists(*keys[kept]) == len(keys[kept])  # another study's stay
+    finally:
+        close_app(app)
