@@ -87,8 +87,15 @@ def test_a_patient_uploads_a_cd_through_a_dropping_connection(
         assert page.url.endswith("/u/upload")
         problems: list[str] = []
         _check_page(page, f"inbox-upload-{device}", problems, shots=False)
-        files = [cd / "DICOM" / "IM1", cd / "DICOM" / "IM2", cd / "DICOMDIR", cd / "viewer.exe"]
-        page.set_input_files("#pick-files", [str(f) for f in files])
+        if device == "desktop":  # the CD's folder, through the folder picker
+            page.set_input_files("#pick-folder", str(cd))
+            names = {"IM1": "CD/DICOM/IM1", "IM2": "CD/DICOM/IM2", "DICOMDIR": "CD/DICOMDIR",
+                     "viewer.exe": "CD/viewer.exe"}
+        else:  # the files, through the file picker
+            files = [cd / "DICOM" / "IM1", cd / "DICOM" / "IM2", cd / "DICOMDIR",
+                     cd / "viewer.exe"]
+            page.set_input_files("#pick-files", [str(f) for f in files])
+            names = {n: n for n in ("IM1", "IM2", "DICOMDIR", "viewer.exe")}
         # The lost answer shows the network note; then the phone goes offline for a while.
         page.locator("#network").wait_for(state="visible", timeout=30_000)
         context.set_offline(True)
@@ -101,8 +108,8 @@ def test_a_patient_uploads_a_cd_through_a_dropping_connection(
         assert lost, "no chunk's answer was lost: the drop was not exercised"
         outcome = {row.locator(".name").inner_text(): row.get_attribute("data-outcome")
                    for row in page.locator(".upload-file").all()}
-        assert outcome == {"IM1": "kept", "IM2": "kept", "DICOMDIR": "skipped",
-                           "viewer.exe": "refused"}
+        assert outcome == {names["IM1"]: "kept", names["IM2"]: "kept",
+                           names["DICOMDIR"]: "skipped", names["viewer.exe"]: "refused"}
         assert "not a medical image file" in page.locator(
             ".upload-file[data-outcome=refused]").inner_text()
         assert page.locator("#total-line").inner_text().startswith("All 4 files sent")
