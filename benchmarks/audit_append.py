@@ -9,10 +9,18 @@ real migrations, then, for each writer count, lets the writers append read recor
 - ``before``: the old algorithm, kept here to compare: every append locks the one head row
   (``SELECT ... FOR UPDATE``), chains its record to the head's hash and moves the head, in
   the writer's transaction, so writers queue on that row;
-- ``after``: ``portal.audit.record`` as it is now: a plain insert; the process's background
-  sealer chains the records in batches meanwhile, and the run ends only once all of them are
-  sealed (``seal lag``: how long that took after the last append; with ``--processes``
-  this process seals what the writer processes' sealers left when they ended).
+- ``session``: the first lock-free version, kept here to compare: a plain insert through
+  the engine's pool in a transaction of its own (``Database.audit_transaction``: pool
+  pre-ping, BEGIN, INSERT, COMMIT, four round trips, and a Session around them);
+- ``after``: ``portal.audit.record`` as it is now: one autocommit INSERT (one round trip) on
+  a connection kept for audit appends, no ORM; the process's background sealer chains the
+  records in batches meanwhile, and the run ends only once all of them are sealed (``seal
+  lag``: how long that took after the last append; with ``--processes`` this process seals
+  what the writer processes' sealers left when they ended).
+
+``cpu us``: CPU time of the writer processes (all their threads, the sealer's included)
+per append, in microseconds: unlike appends/s it barely depends on what else the machine
+runs, and one core divided by it bounds what one process can append.
 
 All writer threads share one process (its GIL) unless ``--processes`` spreads them over
 several, as gunicorn's workers would be. Each mode and writer count gets a fresh database.
@@ -25,6 +33,7 @@ The chain is verified at the end of every ``after`` run.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import sys
@@ -61,6 +70,21 @@ def _legacy_append(database: Any, n: int) -> None:
         head.count += 1
 
 
+def _session_append(database: Any, n: int) -> None:
+    """The first lock-free ``audit.record``: a Core insert in ``audit_transaction``."""
+    from sqlalchemy import insert
+
+    from portal import audit
+
+    values = audit._values(audit.INSTANCES_ACCESSED, action="R", outcome=0,
+                           who=f"user:bench|{n}", source_address="127.0.0.1",
+                           study_instance_uid=f"1.2.3.{n}", patient_id="P1",
+                           details={"what": "study"})
+    with database.audit_transaction() as session:
+        session.connection().execute(insert(audit._EVENTS), values)
+        audit._appended_in(session)
+
+
 def _append(database: Any, n: int) -> None:
     from portal import audit
 
@@ -73,7 +97,7 @@ def _threads(database: Any, writers: int, start_at: float, stop_at: float,
              mode: str) -> list[float]:
     """``writers`` threads appending from ``start_at`` to ``stop_at`` (time.time());
     every append's latency in seconds."""
-    append = _legacy_append if mode == "before" else _append
+    append = {"before": _legacy_append, "session": _session_append, "after": _append}[mode]
     latencies: list[list[float]] = [[] for _ in range(writers)]
 
     def writer(index: int) -> None:
@@ -110,16 +134,21 @@ def _process(url: str, instance: str, writers: int, seconds: float, mode: str,
     go.wait()
     start_at = time.time()
     try:
-        results.put(_threads(database, writers, start_at, start_at + seconds, mode))
+        cpu = time.process_time()
+        latencies = _threads(database, writers, start_at, start_at + seconds, mode)
+        results.put((latencies, time.process_time() - cpu))
     finally:
         database.dispose()
 
 
 def _run(database: Any, url: str, instance: Path, writers: int, processes: int,
-         seconds: float, mode: str) -> tuple[int, list[float]]:
+         seconds: float, mode: str) -> tuple[int, list[float], float]:
+    """Appends made, their latencies (sorted), and the writers' CPU seconds."""
     if processes == 1:
         start_at = time.time() + 0.2
+        cpu = time.process_time()
         merged = _threads(database, writers, start_at, start_at + seconds, mode)
+        cpu = time.process_time() - cpu
     else:
         import multiprocessing
 
@@ -136,14 +165,18 @@ def _run(database: Any, url: str, instance: Path, writers: int, processes: int,
             for _ in workers:  # every process has started its app: all begin together
                 ready.get(timeout=300)
             go.set()
-            merged = [x for _ in workers for x in results.get(timeout=seconds + 120)]
+            merged, cpu = [], 0.0
+            for _ in workers:
+                latencies, used = results.get(timeout=seconds + 120)
+                merged += latencies
+                cpu += used
         finally:
             for worker in workers:
                 worker.join(timeout=30)
                 if worker.is_alive():
                     worker.kill()
     merged.sort()
-    return len(merged), merged
+    return len(merged), merged, cpu
 
 
 def main() -> int:
@@ -151,8 +184,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--writers", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--modes", nargs="+", choices=("before", "after"),
-                        default=["before", "after"])
+    parser.add_argument("--modes", nargs="+", choices=("before", "session", "after"),
+                        default=["before", "session", "after"])
     parser.add_argument("--processes", type=int, default=1,
                         help="spread the writer threads over this many processes, as over "
                              "gunicorn workers (1: all threads in this process)")
@@ -168,8 +201,10 @@ def main() -> int:
     cluster = PostgresCluster(root)
     cluster.start()
     try:
+        print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}, "
+              f"{options.processes} process(es)")
         print(f"{'mode':<7} {'writers':>7} {'appends':>8} {'per s':>7} {'p50 ms':>7} "
-              f"{'p95 ms':>7} {'seal lag s':>10}")
+              f"{'p95 ms':>7} {'cpu us':>7} {'seal lag s':>10}")
         for mode in options.modes:
             for writers in options.writers:
                 url = cluster.new_database()
@@ -179,10 +214,10 @@ def main() -> int:
                 if mode == "before":
                     with database.write_transaction() as session:
                         session.add(AuditHead(id=1, last_hash="", count=0))
-                count, latencies = _run(database, url, instance, writers,
+                count, latencies, cpu = _run(database, url, instance, writers,
                                         min(options.processes, writers), options.seconds, mode)
                 lag = ""
-                if mode == "after":
+                if mode != "before":
                     ended = time.perf_counter()
                     while True:  # the background sealer catches up on its own
                         if options.processes > 1:  # its writers' sealers ended with them:
@@ -199,7 +234,8 @@ def main() -> int:
                     assert bad is None and checked == count, (checked, bad, count)
                 p95 = latencies[max(0, int(len(latencies) * 0.95) - 1)] * 1000
                 print(f"{mode:<7} {writers:>7} {count:>8} {count / options.seconds:>7.0f} "
-                      f"{statistics.median(latencies) * 1000:>7.2f} {p95:>7.2f} {lag:>10}",
+                      f"{statistics.median(latencies) * 1000:>7.2f} {p95:>7.2f} "
+                      f"{cpu / max(count, 1) * 1e6:>7.0f} {lag:>10}",
                       flush=True)
                 close_app(app)
     finally:

@@ -177,12 +177,124 @@ def record(database: Database, event: tuple[str, str], **fields: Any) -> None:
     For records the request's outcome must not decide (``Database.audit_transaction``): a
     read, durable before what was read leaves (docs/security.md 12, 40), and refusals,
     failures and alerts, kept although the request answers an error. A change is recorded
-    with ``append`` in the unit of work that makes it. The hot path of every PHI read: one
-    plain INSERT (no ORM unit of work), committed."""
+    with ``append`` in the unit of work that makes it.
+
+    The hot path of every PHI read. On PostgreSQL one statement, one round trip: an INSERT
+    in autocommit mode (committed when it returns) on a connection kept for audit appends
+    (``_Appender``: no pool pre-ping, no BEGIN or COMMIT of their own, no ORM). SQLite seals
+    in the writer's transaction (``_appended_in``)."""
     values = _values(event, **fields)
+    engine = database.engine
+    if engine is not None and engine.dialect.name == "postgresql":
+        _appender(engine).insert(values)
+        sealer = _sealers.get(engine)
+        if sealer is not None:
+            sealer.poke()
+        return
     with database.audit_transaction() as session:
         session.connection().execute(insert(_EVENTS), values)
         _appended_in(session)
+
+
+_INSERT = (
+    "INSERT INTO audit_event (occurred_at, event_id, event_name, action, outcome, who, "
+    "source_address, study_instance_uid, patient_id, details, previous_hash, record_hash) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, '', '')")
+
+
+class _Appender:
+    """PostgreSQL connections kept for ``record`` (autocommit, a few idle ones kept, last
+    used first). A lost connection is dropped and the append tried once more on a new one,
+    so a database restart costs no failed read; any other failure, or a second one, is
+    raised as SQLAlchemy's error (the request fails closed with 503). Closed with the engine
+    (``dispose``); a forked child opens its own."""
+
+    keep = 8
+
+    def __init__(self, engine: Engine) -> None:
+        import psycopg
+
+        self._psycopg = psycopg
+        args, kwargs = engine.dialect.create_connect_args(engine.url)
+        self._args, self._kwargs = list(args), dict(kwargs)
+        if "options" not in self._kwargs:  # what portal/db.py gives the engine's connections
+            from portal.db import PG_LOCK_TIMEOUT
+
+            self._kwargs["options"] = f"-c lock_timeout={PG_LOCK_TIMEOUT}"
+        self._idle: list[Any] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def _connect(self) -> Any:
+        # No server-side prepared statements: they do not survive PgBouncer's transaction
+        # pooling (docs/cluster.md, "PgBouncer").
+        return self._psycopg.connect(*self._args, autocommit=True, prepare_threshold=None,
+                                     **self._kwargs)
+
+    def _take(self) -> Any:
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's sockets are not ours
+                self._idle, self._pid = [], os.getpid()
+            if self._idle:
+                return self._idle.pop()
+        return self._connect()
+
+    def _give_back(self, connection: Any) -> None:
+        with self._lock:
+            if len(self._idle) < self.keep and self._pid == os.getpid():
+                self._idle.append(connection)
+                return
+        connection.close()
+
+    def insert(self, values: dict[str, Any]) -> None:
+        from psycopg.types.json import Json
+
+        params = (values["occurred_at"], values["event_id"], values["event_name"],
+                  values["action"], values["outcome"], values["who"], values["source_address"],
+                  values["study_instance_uid"], values["patient_id"], Json(values["details"]))
+        for attempt in (1, 2):
+            connection = None
+            try:
+                connection = self._take()
+                connection.execute(_INSERT, params)
+            except self._psycopg.Error as exc:
+                # Tried again only when the connection was lost (a restart, an idle
+                # connection cut): not on an error of the statement (a lock_timeout).
+                lost = connection is None or connection.broken
+                if connection is not None:
+                    connection.close()
+                if attempt == 2 or not lost or \
+                        not isinstance(exc, self._psycopg.OperationalError):
+                    from sqlalchemy.exc import DBAPIError
+
+                    raise DBAPIError.instance(_INSERT, None, exc, self._psycopg.Error,
+                                              hide_parameters=True) from exc
+                self.close()  # the server went away: the idle ones are gone as well
+                continue
+            self._give_back(connection)
+            return
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+            mine = self._pid == os.getpid()
+        for connection in idle if mine else []:
+            connection.close()
+
+
+_appenders: weakref.WeakKeyDictionary[Engine, _Appender] = weakref.WeakKeyDictionary()
+_appenders_lock = threading.Lock()
+
+
+def _appender(engine: Engine) -> _Appender:
+    appender = _appenders.get(engine)
+    if appender is None:
+        with _appenders_lock:
+            appender = _appenders.get(engine)
+            if appender is None:
+                appender = _appenders[engine] = _Appender(engine)
+                event.listen(engine, "engine_disposed", lambda _engine: appender.close())
+    return appender
 
 
 # PostgreSQL advisory lock key of the sealer ("audi"): one sealer per cluster at a time.
