@@ -78,8 +78,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("portal.reports.cli", "release_rule_command"): OUTSIDE,
     **{("portal.retention.service", name): OUTSIDE + " (retention job and CLI: each study's "
        "deletion is its own all-or-nothing transaction, files removed after its commit)"
-       for name in ("apply_approved", "run_daily")},
-    ("portal.retention.cli", "due_command"): OUTSIDE + " (CLI: the daily list of studies due)",
+       for name in ("apply_approved", "_delete_if_due", "run_daily")},
+    ("portal.retention.cli", "_list_due"): OUTSIDE + " (CLI: the daily list of studies due)",
     **{("portal.archive.compress", name): OUTSIDE + " (compress job and CLI: one instance's "
        "swap per transaction, after its new file is written and verified)"
        for name in ("compress_one", "compress_stored")},

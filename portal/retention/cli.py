@@ -81,9 +81,15 @@ def apply_command(approved: bool) -> None:
         if not mine:
             click.echo("another node is deleting due studies now", err=True)
             raise SystemExit(1)
-        done = apply_approved(current_app.extensions["db"], who="cli:retention apply")
+        failed: list[str] = []
+        done = apply_approved(current_app.extensions["db"], who="cli:retention apply",
+                              failed=failed)
     for item in done:
         what = "local copies" if item.local_copies_only else "study"
         click.echo(f"deleted {what} {item.study_instance_uid}: {item.instances} instances, "
                    f"{len(item.files)} files")
     click.echo(f"{len(done)} stud{'y' if len(done) == 1 else 'ies'} deleted")
+    for uid in failed:
+        click.echo(f"not deleted (kept whole, see the log): {uid}", err=True)
+    if failed:
+        raise SystemExit(1)

@@ -401,26 +401,39 @@ def _forget_rendered(contents: list[tuple[str, int]]) -> None:
                     "expire with it")
 
 
-def apply_approved(database: Database, *, who: str, today: date | None = None) -> list[Deleted]:
-    """Delete every approved study that is still due, one transaction each."""
+def apply_approved(database: Database, *, who: str, today: date | None = None,
+                   failed: list[str] | None = None) -> list[Deleted]:
+    """Delete every approved study that is still due, one transaction each; a study whose
+    transaction fails keeps everything (rows, files, approval), is logged and added to
+    ``failed``, and the others go on."""
     with database.new_session() as session:
         approved = {row.study_instance_uid: row.approved_by for row in session.scalars(
             select(RetentionDue).where(RetentionDue.approved_at.is_not(None)))}
     done: list[Deleted] = []
     for uid, approved_by in sorted(approved.items()):
-        with database.write_transaction() as session:
-            # Checked again inside the deletion's transaction: a hold placed or a study of
-            # the patient that arrived since the approval keeps it.
-            if not due_studies(session, today, only=[uid]):
-                session.execute(delete(RetentionDue)
-                                .where(RetentionDue.study_instance_uid == uid))
-                log.info("study %s is no longer due; its approval is withdrawn", uid)
-                continue
-            deleted = delete_study(session, uid, who=who, approved_by=approved_by)
+        try:
+            deleted = _delete_if_due(database, uid, who, approved_by, today)
+        except Exception:
+            log.exception("study %s could not be deleted; it is kept whole", uid)
+            if failed is not None:
+                failed.append(uid)
+            continue
         if deleted is not None:
             _remove_files(deleted)
             done.append(deleted)
     return done
+
+
+def _delete_if_due(database: Database, uid: str, who: str, approved_by: str,
+                   today: date | None) -> Deleted | None:
+    with database.write_transaction() as session:
+        # Checked again inside the deletion's transaction: a hold placed or a study of the
+        # patient that arrived since the approval keeps it.
+        if not due_studies(session, today, only=[uid]):
+            session.execute(delete(RetentionDue).where(RetentionDue.study_instance_uid == uid))
+            log.info("study %s is no longer due; its approval is withdrawn", uid)
+            return None
+        return delete_study(session, uid, who=who, approved_by=approved_by)
 
 
 def run_daily(today: date | None = None) -> int:

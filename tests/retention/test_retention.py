@@ -248,3 +248,59 @@ def test_rendered_images_in_redis_go_with_the_study(tmp_path: Path, redis_url: s
         assert client.exists(*keys[kept]) == len(keys[kept])  # another study's stay
     finally:
         close_app(app)
+
+
+REFUSE_DELETION = """
+CREATE FUNCTION refuse_deletion_record() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF NEW.event_id = '110105' THEN
+    RAISE EXCEPTION 'the audit repository refuses' USING ERRCODE = 'serialization_failure';
+  END IF;
+  RETURN NEW;
+END $$;
+CREATE CONSTRAINT TRIGGER refuse_deletion_record AFTER INSERT ON audit_event
+  DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_deletion_record();
+"""
+
+
+@pytest.mark.postgres
+def test_a_deletion_whose_commit_fails_keeps_everything(tmp_path: Path,
+                                                        postgres: Any) -> None:
+    """All or nothing: the COMMIT itself fails (a deferred trigger on the 110105 record), so
+    the rows, the files and the approval all stay."""
+    app = make_app(tmp_path / "instance", postgres.new_database())
+    try:
+        with app.extensions["db"].engine.begin() as connection:
+            connection.exec_driver_sql(REFUSE_DELETION)
+        gone, _kept, practice, _manager = _setup_due(app)
+        database = app.extensions["db"]
+        with app.app_context():
+            with database.write_transaction() as session:
+                refresh_due(session, TODAY)
+                approve(session, practice_principal(practice), "user:t|om", None)
+            failed: list[str] = []
+            assert apply_approved(database, who="test", today=TODAY, failed=failed) == []
+            assert failed == [gone]
+            assert [problem for _uid, problem in current_archive().verify() if problem] == []
+        assert _count(app, Study, Study.study_instance_uid == gone) == 1
+        assert _count(app, Instance) == 5 and _count(app, StoredObject) == 5
+        assert _count(app, RetentionDue, RetentionDue.approved_at.is_not(None)) == 1
+    finally:
+        close_app(app)
+
+
+def test_a_crash_after_the_commit_leaves_only_files_that_verify_reports(app: Flask) -> None:
+    """The rows go in the commit, the files after it: a process that dies in between leaves
+    files no row names, which ``archive verify`` reports and ``archive reap`` removes."""
+    from portal.retention.service import delete_study
+
+    gone, _kept, _practice, _manager = _setup_due(app)
+    with app.app_context():
+        archive = current_archive()
+        with app.extensions["db"].write_transaction() as session:
+            deleted = delete_study(session, gone, who="test")
+        assert deleted is not None  # ... and the process dies before removing the files
+        problems = [problem for _key, problem in archive.verify() if problem]
+        assert problems == ["unreferenced file (left by an interrupted write)"] * 3
+        assert archive.reap(older_than=0) == (0, 3)
+        assert [problem for _key, problem in archive.verify() if problem] == []
