@@ -12,6 +12,7 @@ are audited. Until then no access rule sees the study: it is not in the index.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -57,6 +58,44 @@ class Suggestion:
     patient: Patient
     score: int
     why: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LocalIdentity:
+    """Who the study becomes: a patient of the practice, or a new one with a local ID."""
+
+    patient_id: str
+    issuer_of_patient_id: str
+    patient_name: str
+    patient_birth_date: str
+    patient_sex: str
+
+    @classmethod
+    def of(cls, patient: Patient) -> LocalIdentity:
+        """The identity of a patient in the index."""
+        return cls(patient.patient_id, patient.issuer_of_patient_id, patient.patient_name,
+                   patient.patient_birth_date, patient.patient_sex)
+
+
+_LOCAL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$")
+
+
+def new_local_patient(session: Session, actor: Principal, study: InboxStudy,
+                      patient_id: str) -> LocalIdentity:
+    """A patient new to the practice: the local ID the office manager gives, the name, birth
+    date and sex the files say. An ID the archive already knows must be chosen as that
+    patient instead (or, being another practice's, is refused)."""
+    patient_id = patient_id.strip()
+    if not _LOCAL_ID.match(patient_id):
+        raise ReconcileError("a local patient ID has 1 to 64 letters, digits, '.', '_', '/' "
+                             "or '-'")
+    known = session.scalar(select(Patient.id).where(Patient.patient_id == patient_id,
+                                                    Patient.issuer_of_patient_id == ""))
+    if known is not None:
+        raise ReconcileError("this patient ID is taken: choose that patient above, or "
+                             "another ID")
+    return LocalIdentity(patient_id, "", study.patient_name, study.patient_birth_date,
+                         study.patient_sex)
 
 
 @dataclass(frozen=True)
@@ -151,7 +190,7 @@ def practice_physicians(session: Session, actor: Principal) -> list[User]:
     return [u for u in users if "physician" in (u.roles or [])]
 
 
-def coerce(data: bytes, study: InboxStudy, local: Patient, accession: str,
+def coerce(data: bytes, study: InboxStudy, local: LocalIdentity, accession: str,
            source: str, when: datetime) -> bytes:
     """The file with local patient identity and accession number, the originals kept as
     PS3.3 C.12.1 describes (Other Patient IDs Sequence, Original Attributes Sequence)."""
@@ -192,11 +231,13 @@ def coerce(data: bytes, study: InboxStudy, local: Patient, accession: str,
 
 
 def accept(session: Session, actor: Principal, q: Quarantine, archive: Archive,
-           public_id: str, *, patient_pk: int, accession: str, give_to: int | None,
-           address: str) -> Accepted:
-    """Reconcile a waiting study with a local patient and move it into the archive."""
+           public_id: str, *, patient_pk: int | None, accession: str, give_to: int | None,
+           address: str, new_patient_id: str = "") -> Accepted:
+    """Reconcile a waiting study with a local patient (``patient_pk``, or a new one with
+    ``new_patient_id``) and move it into the archive."""
     study = get_waiting(session, actor, public_id)
-    local = find_local_patient(session, actor, patient_pk)
+    local = LocalIdentity.of(find_local_patient(session, actor, patient_pk)) \
+        if patient_pk is not None else new_local_patient(session, actor, study, new_patient_id)
     accession = accession.strip()
     if len(accession) > 16 or any(c in accession for c in "\\\x00\r\n"):
         raise ReconcileError("an accession number has at most 16 characters")

@@ -287,7 +287,8 @@ def accept(public_id: str) -> BaseResponse:
     give = request.form.get("give_to", "")
     done = reconcile.accept(
         db.session, actor, _q(), current_archive(), public_id,
-        patient_pk=bounded_int(patient, "patient", low=1),
+        patient_pk=None if patient == "new" else bounded_int(patient, "patient", low=1),
+        new_patient_id=request.form.get("new_patient_id", "")[:64],
         accession=request.form.get("accession", "")[:64],
         give_to=bounded_int(give, "give_to", low=1) if give else None,
         address=_address())

@@ -418,3 +418,34 @@ def test_abandoned_uploads_are_swept(inbox: Inbox) -> None:
     assert gone["state"] == "abandoned" and "send it again" in gone["results"][0]["reason"]
     assert client.put(url, data=data[100:200], headers={
         **headers, "Content-Range": f"bytes 100-199/{len(data)}"}).json["state"] == "abandoned"
+
+
+def test_a_patient_new_to_the_practice_gets_a_local_id(inbox: Inbox,
+                                                      idp: IdentityProvider) -> None:
+    app = inbox.app
+    patient, _ = _patient_client(app, inbox)
+    study = generate_uid()
+    upload(patient, "IM1", outside_instance(study=study, patient_id="EXT-5", name="New^Nora",
+                                            birth="20010203", accession="X-1"))
+    [waiting] = _waiting(app)
+    manager = signed_in(app, idp, "om")
+    page = manager.get(f"/inbox/studies/{waiting.public_id}").data.decode()
+    assert "No patient of the practice matches" in page
+    token = csrf_of(manager)
+    url = f"/inbox/studies/{waiting.public_id}/accept"
+    # A taken ID (the archive's patient LOCAL-77) and a malformed one are refused.
+    for taken in (LOCAL_ID, "../x", ""):
+        assert manager.post(url, data={"csrf_token": token, "patient": "new",
+                                       "new_patient_id": taken}).status_code == 400
+    assert len(_waiting(app)) == 1
+    answer = manager.post(url, data={"csrf_token": token, "patient": "new",
+                                     "new_patient_id": "LOCAL-NEW-1",
+                                     "give_to": inbox.doctor})
+    assert answer.status_code == 303
+    with app.extensions["db"].new_session() as session:
+        row = session.scalars(select(Study).where(Study.study_instance_uid == study)).one()
+        assert (row.patient.patient_id, row.patient.patient_name,
+                row.patient.patient_birth_date) == ("LOCAL-NEW-1", "New^Nora", "20010203")
+        assert row.accession_number == ""
+    doctor = signed_in(app, idp, "doc")
+    assert "LOCAL-NEW-1" in doctor.get(f"/studies/{study}").data.decode()
