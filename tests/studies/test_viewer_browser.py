@@ -174,7 +174,7 @@ def test_find_read_scroll_zoom_window_reformat_measure(site: tuple[CtSite, LiveS
         page.wait_for_function("() => +document.querySelector('#viewer').dataset.zoom === 1")
 
         # Measure a length: the label is in millimetres (CT pixel spacing is in the patient).
-        page.get_by_role("button", name="Measure").click()
+        page.get_by_role("button", name="Measure", exact=True).click()
         x0, y0 = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.5
         if cdp is None:
             page.mouse.move(x0, y0)
