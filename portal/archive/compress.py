@@ -101,7 +101,10 @@ def candidates(session: Session, older_than_days: int, limit: int) -> list[Any]:
 def compress_one(store: EmbeddedStore, database: Database, uid: str, key: str, sha256: str,
                  syntax: str) -> tuple[int, int] | str:
     """Re-encode one instance; (old size, new size), or the reason it stays as it is."""
-    data = store.read(key, sha256)  # hash-checked
+    try:
+        data = store.read(key, sha256)  # hash-checked
+    except FileNotFoundError:
+        return "changed meanwhile"  # swapped or deleted by another run since it was listed
     try:
         new = reencode(data, syntax)
     except NotLossless as exc:
@@ -121,8 +124,12 @@ def compress_one(store: EmbeddedStore, database: Database, uid: str, key: str, s
         if swapped:
             session.execute(update(Instance).where(Instance.sop_instance_uid == uid)
                             .values(transfer_syntax_uid=SYNTAXES[syntax][0]))
-    if not swapped:  # changed or deleted meanwhile: the new file is nobody's
-        store.delete(new_key)
+    if not swapped:  # changed or deleted meanwhile
+        with database.new_session() as session:
+            named = session.scalar(select(StoredObject.id)
+                                   .where(StoredObject.storage_key == new_key))
+        if named is None:  # (another run may have swapped in the same new file)
+            store.delete(new_key)
         return "changed meanwhile"
     store.delete(key)  # the index names the new, verified file now
     return len(data), len(new)
