@@ -74,8 +74,10 @@ from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
 
 APIS = ("portal", "orthanc-dicomweb", "orthanc-rest")
-SCENARIOS = ("a", "b", "c", "d", "e", "f")
-SYNTHETIC = ("a", "b", "c", "d", "e")  # scenarios that need the generated CT and radiograph
+SCENARIOS = ("a", "b", "c", "d", "e", "f", "g", "m")
+# Scenarios that need the generated CT, MR and radiograph (m and g are not run by default).
+SYNTHETIC = ("a", "b", "c", "d", "e", "g", "m")
+DEFAULT_SCENARIOS = ("a", "b", "c", "d", "e")
 SIGNED = "portal-signed"  # b) through the viewer's signed URL (issue 17), beside the others
 WRK = shutil.which("wrk")
 QUALITY = 90  # asked of both servers in a)-c): Orthanc's default, the portal's is 85
@@ -86,6 +88,8 @@ XR_WINDOW = (2048.0, 4096.0)  # the radiograph's own window (the full 12-bit ran
 CT_STEPS = (0.001, 0.01)  # centre step per pass over the slices, width step per run (HU)
 XR_STEPS = (0.1, 0.1)  # centre step per request, width step per run (stored values)
 XR_TARGET_WIDTH = 1024
+MR_WINDOW = (600.0, 1200.0)  # g): a brain MR's usual display window (stored values)
+MR_SIZE, MR_SLICES = 256, 24
 BLOCK = 100_000  # request numbers reserved per load-generator thread within one run
 RUN_PAUSE_S = 1.0
 HTTP_TIMEOUT_S = 60.0
@@ -145,6 +149,52 @@ def write_radiograph(path: Path, *, columns: int, rows: int, seed: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_mr_series(folder: Path, *, slices: int, size: int, seed: str) -> list[Path]:
+    """A synthetic brain-like MR series: 16-bit unsigned, MONOCHROME2, no rescale, no window
+    in the files (so the portal's series default window and Orthanc's own apply when none is
+    asked), Explicit VR Little Endian, uncompressed; smooth anatomy plus Rician-like noise."""
+    rng = np.random.default_rng(int.from_bytes(seed.encode()[:8].ljust(8, b"\0"), "little"))
+    study = generate_uid(entropy_srcs=[seed, "study"])
+    series = generate_uid(entropy_srcs=[seed, "series"])
+    y = np.linspace(-1.0, 1.0, size, dtype=np.float32)[:, None]
+    x = np.linspace(-1.0, 1.0, size, dtype=np.float32)[None, :]
+    paths = []
+    folder.mkdir(parents=True, exist_ok=True)
+    for number in range(1, slices + 1):
+        z = (number - slices / 2) / slices
+        head = (x / 0.75) ** 2 + (y / 0.9) ** 2 < 1.0 - z * z
+        brain = (x / 0.65) ** 2 + (y / 0.8) ** 2 < 0.9 - z * z
+        ventricles = (np.abs(x) - 0.12) ** 2 / 0.01 + (y / 0.3) ** 2 < 1.0
+        image = np.where(head, 900.0, 20.0) + np.where(brain, 300.0 + 150.0 * x, 0.0)
+        image = np.where(brain & ventricles, 250.0, image)
+        image = np.abs(image + rng.normal(0.0, 25.0, image.shape))
+        ds = Dataset()
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[seed, "sop", str(number)])
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.PatientName, ds.PatientID = "Bench^Brain", "BENCH-MR"
+        ds.PatientBirthDate, ds.PatientSex = "19700101", "O"
+        ds.StudyDate = ds.SeriesDate = "20240101"
+        ds.StudyTime = ds.SeriesTime = "120000"
+        ds.AccessionNumber, ds.StudyID = "BENCHMR1", "1"
+        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "MR", 1, number
+        ds.ImagePositionPatient = [-120, -120, number * 5.0]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing, ds.SliceThickness = ["0.9375", "0.9375"], "5"
+        ds.Rows = ds.Columns = size
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.PixelData = np.clip(image, 0, 65535).astype(np.uint16).tobytes()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = folder / f"MR{number:04d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
 
 
 @dataclass(frozen=True)
@@ -523,6 +573,7 @@ class Bench:
     xr: Image3 | None
     xr_size: tuple[int, int]  # output of c): (width, height)
     files: list[UserFile] = field(default_factory=list)  # f): stored in every API
+    mr: list[Image3] = field(default_factory=list)  # g)
     runs: dict[str, int] = field(default_factory=dict)
     # b) also through the viewer's signed URL (a browser session's cookie and token).
     signed: tuple[Endpoint, str] | None = None
@@ -555,6 +606,11 @@ class Bench:
             paths = [paths[len(paths) // 2]]
         return Pattern(tuple(paths), window_query(api, quality=QUALITY), *CT_WINDOW, *CT_STEPS,
                        vary)
+
+    def mr_pattern(self, api: str) -> Pattern:
+        """g): like a) over the MR slices (every request a new window)."""
+        return Pattern(tuple(rendered_path(api, self.root(api), im) for im in self.mr),
+                       window_query(api, quality=QUALITY), *MR_WINDOW, *CT_STEPS, True)
 
     def xr_pattern(self, api: str) -> Pattern:
         return Pattern((frame_path(api, self.root(api), self.xr),),
@@ -964,6 +1020,90 @@ def measure_memory(bench: Bench) -> dict[str, Any]:
                           "orthanc": len(orthanc)}}
 
 
+def measure_full_caches(bench: Bench) -> dict[str, Any]:
+    """m): fill the portal's in-process caches to their caps through real requests, then read
+    the peak resident memory (VmHWM, over the whole run: not reset) of every gunicorn worker
+    and render process.
+
+    The render cache (``RENDER_CACHE_MB`` per worker) is filled with the radiograph as PNG
+    with a new window each time: ten at full size (3 MB bodies), then 1024 wide until three
+    times its cap for every worker has been sent over two connections (the kernel spreads
+    them over the workers); the render processes' frame
+    caches (``RENDER_FRAME_CACHE_MB`` each) with the radiograph prepared at several output
+    sizes and every CT and MR slice at native size. Nothing is cached in Orthanc's way, so
+    only the portal is measured.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    settings = portal_render_settings()
+    workers = int(str(settings["gunicorn"]).split()[0])
+    cache_mb, frame_mb = int(settings["RENDER_CACHE_MB"]), int(settings["RENDER_FRAME_CACHE_MB"])
+    render_processes = workers * int(settings["RENDER_WORKERS"])
+    endpoint = bench.endpoints["portal"]
+    assert bench.xr is not None
+    path = frame_path("portal", "/dicomweb", bench.xr)
+    sent: dict[str, float] = {"png": 0, "frames": 0}
+
+    def png(number: int, viewport: tuple[int, int] | None = bench.xr_size) -> int:
+        query = window_query("portal", quality=None, viewport=viewport).format(
+            c=f"{XR_WINDOW[0] + 0.5 + number * 0.5:.1f}", w=f"{XR_WINDOW[1] + 3.5:.1f}")
+        with requests.Session() as session:
+            sample = fetch_image(session, endpoint, path + query, accept="image/png",
+                                 expect_format="PNG", expect_size=viewport or bench.args.xr)
+        sent["png"] += sample.nbytes
+        return sample.nbytes
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(lambda n: png(n, None), range(-10, 0)))
+    wanted = 3 * workers * cache_mb * 2**20
+    count = max(1, math.ceil((wanted - sent["png"]) / max(png(0), 1)))
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        list(pool.map(png, range(1, count + 1)))
+    # The radiograph prepared at four output sizes (full size: 15 MB of 16-bit pixels, the
+    # others reduced by whole factors), every CT and MR slice at native size.
+    frames: list[tuple[str, tuple[int, int] | None]] = [
+        (path + window_query("portal", quality=QUALITY, viewport=viewport)
+         .format(c="2048.3", w="4096.3"), None)
+        for viewport in (None, (2048, 2048), (1024, 1024), (512, 512))]
+    frames += [(rendered_path("portal", "/dicomweb", im) + window_query(
+        "portal", quality=QUALITY).format(c="40.3", w="400.3"), (512, 512)) for im in bench.ct]
+    frames += [(rendered_path("portal", "/dicomweb", im) + window_query(
+        "portal", quality=QUALITY).format(c="600.3", w="1200.3"), (MR_SIZE, MR_SIZE))
+        for im in bench.mr]
+    frame_bytes = (bench.args.xr[0] * bench.args.xr[1] * 2 * (1 + 1 / 4 + 1 / 9 + 1 / 25)
+                   + len(bench.ct) * 512 * 512 * 2 + len(bench.mr) * MR_SIZE * MR_SIZE * 2)
+
+    def one(item: tuple[str, tuple[int, int] | None]) -> None:
+        with requests.Session() as session:
+            fetch_image(session, endpoint, item[0], accept="image/jpeg", expect_format="JPEG",
+                        expect_size=item[1])
+
+    for _round in range(2):  # every worker's processes see the frames
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(one, frames))
+    sent["frames"] = frame_bytes
+    web, render = [], []
+    for pid in _descendants(os.getpid()):
+        command, peak = _cmdline(pid), _peak_mb(pid)
+        if peak is None:
+            continue
+        if "gunicorn" in command and "portal.gunicorn_config" in command:
+            web.append(peak)
+        elif "multiprocessing.spawn" in command and "resource_tracker" not in command \
+                and "Orthanc" not in command:
+            render.append(peak)
+    web.sort(reverse=True)
+    render.sort(reverse=True)
+    return {"render_cache_cap_mb": cache_mb, "frame_cache_cap_mb": frame_mb,
+            "render_cache_filled_mb": sent["png"] / 2**20 / workers,
+            # each frame goes to one process of each worker (affinity by file): its share
+            "frame_cache_filled_mb": sent["frames"] / 2**20 * workers / max(render_processes,
+                                                                             1),
+            "png_requests": count + 11,
+            "web_worker_peaks_mb": web[:workers],  # the master (no requests) is the smallest
+            "render_process_peaks_mb": render}
+
+
 # --------------------------------------------------------------------------- set-up
 
 
@@ -1024,7 +1164,10 @@ def set_up(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
         xr_file = write_radiograph(workdir / "data" / "xr" / "XR0001.dcm", columns=args.xr[0],
                                    rows=args.xr[1], seed=f"render-bench-{tag}-xr")
         xr = Series([xr_file], [xr_file.read_bytes()], image_uids(xr_file).study)
-        series = [ct, xr]
+        mr_files = write_mr_series(workdir / "data" / "mr", slices=MR_SLICES, size=MR_SIZE,
+                                   seed=f"render-bench-{tag}-mr")
+        mr = Series(mr_files, [f.read_bytes() for f in mr_files], image_uids(mr_files[0]).study)
+        series = [ct, xr, mr]
     given: list[tuple[UserFile, Path]] = []
     skipped: list[str] = []
     if "f" in args.scenarios:
@@ -1069,6 +1212,8 @@ def set_up(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
         user.image = found
     xr_size = (XR_TARGET_WIDTH, round(XR_TARGET_WIDTH * args.xr[1] / args.xr[0]))
     bench = Bench(args, workdir, endpoints, ct_images, xr_image, xr_size, stored)
+    if synthetic:
+        bench.mr = orthanc_ids(orthanc_base, orthanc.auth, [image_uids(f) for f in mr_files])
     if "b" in args.scenarios and not args.no_signed:
         bench.signed = signed_viewer(workdir / "portal-instance", endpoints["portal"],
                                      ct_images)
@@ -1136,7 +1281,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
     apis = list(bench.endpoints)
     cells: list[Cell] = []
     plan: list[tuple[str, int]] = []
-    for scenario in ("a", "b"):
+    for scenario in ("a", "g", "b"):
         if scenario in args.scenarios:
             plan += [(scenario, c) for c in args.connections]
     if "c" in args.scenarios:
@@ -1163,6 +1308,8 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
         for api in order:
             if scenario == "c":
                 pattern, size = bench.xr_pattern(api), bench.xr_size
+            elif scenario == "g":
+                pattern, size = bench.mr_pattern(api), (MR_SIZE, MR_SIZE)
             elif scenario.startswith("f-"):
                 pattern, size = files_pattern(bench, api, vary=scenario == "f-cold"), None
             else:
@@ -1184,6 +1331,13 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
         except (CheckFailed, requests.RequestException) as exc:
             memory = {"error": str(exc)}
             log(f"  e) FAILED: {exc}")
+    if "m" in args.scenarios:
+        log("m) filling the portal's caches to their caps, then peak memory ...")
+        try:
+            memory["full_caches"] = measure_full_caches(bench)
+        except (CheckFailed, requests.RequestException) as exc:
+            memory["full_caches"] = {"error": str(exc)}
+            log(f"  m) FAILED: {exc}")
     config["loadavg_after"] = os.getloadavg()
     return {
         "config": config,
@@ -1205,6 +1359,7 @@ SCENARIO_TITLES = {
     "a": "a) CT 512x512 JPEG, cold (varied)",
     "b": "b) CT 512x512 JPEG, same URL (portal cache hit)",
     "c": "c) radiograph -> {w}x{h} JPEG, cold",
+    "g": "g) MR 256x256 JPEG, cold (varied)",
     "f-cold": "f) your files, original size JPEG, cold (varied)",
     "f-cached": "f) your files, the middle one again (portal cache hit)",
 }
@@ -1354,6 +1509,21 @@ def format_table(result: dict[str, Any]) -> str:
         for skipped in cfg.get("files", {}).get("left_out", [])[:20]:
             lines.append(f"left out: {skipped}")
     memory = result.get("memory") or {}
+    full = memory.pop("full_caches", None) if isinstance(memory, dict) else None
+    if full and full.get("error"):
+        lines.append(f"FAILED m: {full['error']}")
+    elif full:
+        lines.append(
+            f"m) peak resident memory (VmHWM over the whole run) with the caches full "
+            f"(render cache {full['render_cache_filled_mb']:.0f} MB sent per worker's "
+            f"{full['render_cache_cap_mb']} MB cap, frame caches "
+            f"{full['frame_cache_filled_mb']:.0f} MB sent per process's "
+            f"{full['frame_cache_cap_mb']} MB): web workers "
+            + ", ".join(f"{v:.0f}" for v in full["web_worker_peaks_mb"])
+            + " MB; render processes "
+            + ", ".join(f"{v:.0f}" for v in full["render_process_peaks_mb"])
+            + f" MB (goal: web worker <= 300 MB: "
+            f"{'met' if max(full['web_worker_peaks_mb'], default=0) <= 300 else 'NOT met'})")
     if memory.get("error"):
         lines.append(f"FAILED e: {memory['error']}")
     elif memory:
@@ -1402,7 +1572,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--xr", type=_size, default=(2500, 3000),
                         help="radiograph WIDTHxHEIGHT (default 2500x3000)")
     parser.add_argument("--scenarios", type=lambda s: s.split(","), default=None,
-                        help="comma-separated subset of a,b,c,d,e,f (default a-e, or f "
+                        help="comma-separated subset of a,b,c,d,e,f,g,m (g: MR cold, m: "
+                             "memory with full caches; default a-e, or f "
                              "with --files)")
     parser.add_argument("--apis", type=lambda s: s.split(","), default=list(APIS),
                         help=f"comma-separated subset of {','.join(APIS)}")
@@ -1421,7 +1592,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="keep servers' state and logs here instead of a deleted temp dir")
     args = parser.parse_args(argv)
     if args.scenarios is None:
-        args.scenarios = ["f"] if args.files else list(SYNTHETIC)
+        args.scenarios = ["f"] if args.files else list(DEFAULT_SCENARIOS)
     if "f" in args.scenarios and not args.files:
         parser.error("scenario f needs --files PATH ...")
     if not set(args.scenarios) <= set(SCENARIOS) or not args.scenarios:

@@ -569,7 +569,14 @@ def rendered_series(study: str, series: str) -> Response:
 
 def _render(instance: Instance, frame: int, *, thumbnail: bool) -> Response:
     rendition = _rendition(thumbnail)
-    return _image_response(rendered_image(db.session, instance, frame, rendition))
+    image = rendered_image(db.session, instance, frame, rendition)
+    response = _image_response(image)
+    if not thumbnail and image.stored is not None:
+        # For the front door of known readers (signed.py): which file this reader may see
+        # now; it keeps the pass only when the answer (read record included) is a 200 or 304.
+        request.environ[signed.READER_ENVIRON] = signed.ReaderPass(
+            image.stored, instance.number_of_frames)
+    return response
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<instance>/rendered")

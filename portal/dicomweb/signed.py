@@ -22,17 +22,22 @@ WSGI middleware in front of the app:
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 from werkzeug.http import parse_cookie, parse_etags
 
+from portal.archive.store import StoredFile
 from portal.dicomweb.accept import parse_accept
+from portal.failures import PortalError
 from portal.imaging.rendition import FORMATS, InvalidRendition, Rendition, parse_rendition
 from portal.imaging.signed import QUERY_PARAM, BadToken, Signer
 from portal.metrics import CACHE_REQUESTS
@@ -42,11 +47,17 @@ if TYPE_CHECKING:
 
     from portal.imaging.cache import RenderCache
 
+log = logging.getLogger(__name__)
+
 StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 _FRAME = re.compile(r"/dicomweb/studies/([^/]+)/series/([^/]+)/instances/([^/]+)"
                     r"/frames/([1-9][0-9]{0,5})/rendered")
+# An instance's or a frame's rendered resource, as the routes name them.
+_RENDERED = re.compile(r"/dicomweb/studies/([^/]+)/series/([^/]+)/instances/([^/]+)"
+                       r"(?:/frames/([1-9][0-9]{0,5}))?/rendered")
+READER_ENVIRON = "portal.reader"  # the WSGI environ key the rendered routes set
 # What the app's answer hooks put on an image (portal/security.py), kept the same here.
 _IMAGE_HEADERS = [
     ("Cache-Control", "private, max-age=86400"), ("Vary", "Accept, Accept-Encoding"),
@@ -83,8 +94,26 @@ class _Checked:
     etag: str
 
 
+@dataclass(frozen=True)
+class ReaderPass:
+    """What the full path found for a reader's rendered request: the instance's stored file
+    and its number of frames (set in the WSGI environ by the rendered routes)."""
+
+    stored: StoredFile
+    frames: int
+
+
+@dataclass(frozen=True)
+class _Known:
+    """A known reader's pass for one instance: its file, frames, and until when it counts."""
+
+    reader: ReaderPass
+    until: float
+
+
 class SignedRenditions:
-    """WSGI middleware answering signed rendered frames from the render cache."""
+    """WSGI middleware answering signed rendered frames from the render cache, and rendered
+    images of an instance a machine client (HTTP Basic) was let through to moments ago."""
 
     def __init__(self, inner: WsgiApp, app: Flask, signer: Signer,
                  alive_seconds: float) -> None:
@@ -97,11 +126,16 @@ class SignedRenditions:
         # (path, query, Cookie, Accept) of a request whose token was good -> what it named,
         # so a repeated request skips parsing and the HMAC (until the token expires).
         self._known: dict[tuple[str, str, str, str], _Checked] = {}
+        # (the credentials' digest, study, series, instance) -> the full path's last pass.
+        self._readers: dict[tuple[bytes, str, str, str], _Known] = {}
         self._lock = threading.Lock()
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse
                  ) -> Iterable[bytes]:
         query = environ.get("QUERY_STRING", "")
+        if environ.get("REQUEST_METHOD") == "GET" and \
+                environ.get("HTTP_AUTHORIZATION", "")[:6].lower() == "basic ":
+            return self._reader(environ, start_response)
         if environ.get("REQUEST_METHOD") != "GET" or f"{QUERY_PARAM}=" not in query \
                 or "HTTP_AUTHORIZATION" in environ:  # tokens are for cookie sessions only
             return self.inner(environ, start_response)
@@ -177,6 +211,88 @@ class SignedRenditions:
             return start_response(status, headers, *info)
 
         return self.inner(environ, noting)
+
+
+    # -- machine clients (HTTP Basic): the rendered images of an instance just let through --
+
+    def _reader(self, environ: dict[str, Any], start_response: StartResponse
+                ) -> Iterable[bytes]:
+        """A rendered image for credentials the full path let through to this instance within
+        ``alive_seconds`` (authentication, access and the read record done there), rendered
+        or from the cache without Flask or a query; anything else goes to the app, whose
+        200 or 304 gives these credentials that pass."""
+        found = _RENDERED.fullmatch(environ.get("PATH_INFO", ""))
+        if found is None:
+            return self.inner(environ, start_response)
+        study, series, instance, number = found.groups()
+        holder = (hashlib.sha256(environ["HTTP_AUTHORIZATION"].encode("utf-8", "replace"))
+                  .digest(), study, series, instance)
+        known = self._readers.get(holder)
+        if known is None or known.until <= time.monotonic():
+            return self._reader_full_path(environ, start_response, holder)
+        frame = int(number or 1)
+        try:
+            rendition = rendition_from(
+                dict(parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)),
+                environ.get("HTTP_ACCEPT", ""), thumbnail=False)
+        except InvalidRendition:
+            rendition = None
+        if rendition is None or frame > known.reader.frames or (
+                rendition.window is None and rendition.preset == "auto"):
+            # A refusal (400, 406, 404) or the series' default window: the app decides.
+            return self._reader_full_path(environ, start_response, holder)
+        from portal.imaging.service import stored_image
+
+        image = stored_image(known.reader.stored, frame, rendition)
+        headers = [*_IMAGE_HEADERS, ("ETag", f'"{image.etag}"')]
+        if parse_etags(environ.get("HTTP_IF_NONE_MATCH")).contains(image.etag):
+            start_response("304 Not Modified", headers)
+            return [b""]
+        try:
+            with self.app.app_context():
+                body = image.body()
+        except PortalError as exc:  # RenderRefused 422, FrameNotFound 404: with the reason
+            return _failed(start_response, exc)
+        except Exception:  # anything else: the app answers it as it answers its own
+            log.exception("a known reader's image failed; the app answers instead")
+            self._readers.pop(holder, None)
+            return self._reader_full_path(environ, start_response, holder)
+        start_response("200 OK", [("Content-Type", image.media_type),
+                                  ("Content-Length", str(len(body))), *headers])
+        return [body]
+
+    def _reader_full_path(self, environ: dict[str, Any], start_response: StartResponse,
+                          holder: tuple[bytes, str, str, str]) -> Iterable[bytes]:
+        """The app answers; when a rendered route let these credentials through to the
+        instance (200 or 304, so the read record is durable), the pass is renewed."""
+        environ.pop(READER_ENVIRON, None)  # only the app's own route may set it
+
+        def noting(status: str, headers: list[tuple[str, str]], *info: Any) -> Any:
+            reader = environ.get(READER_ENVIRON)
+            if isinstance(reader, ReaderPass) and status[:3] in ("200", "304"):
+                with self._lock:
+                    if len(self._readers) >= _MAX_PASSES:
+                        now = time.monotonic()
+                        self._readers = {k: v for k, v in self._readers.items()
+                                         if v.until > now}
+                        if len(self._readers) >= _MAX_PASSES:
+                            self._readers.clear()
+                    self._readers[holder] = _Known(reader, time.monotonic() + self.alive_seconds)
+            else:
+                self._readers.pop(holder, None)
+            return start_response(status, headers, *info)
+
+        return self.inner(environ, noting)
+
+
+def _failed(start_response: StartResponse, exc: PortalError) -> list[bytes]:
+    """A refusal in the JSON the app gives machine clients (portal/errors.py)."""
+    body = json.dumps({"error": exc.reason, "status": exc.status}).encode()
+    start_response(f"{exc.status} {HTTPStatus(exc.status).phrase}",
+                   [("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                    ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                    *[(k, v) for k, v in exc.headers().items()]])
+    return [body]
 
 
 def _refuse(start_response: StartResponse, reason: str) -> list[bytes]:

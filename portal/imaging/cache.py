@@ -28,8 +28,22 @@ class RenderCache(Protocol):
         """Keep the bytes (the cache may drop them later)."""
 
 
+# What an entry costs beyond its key's and value's characters: the bytes and str object
+# headers, the ordered dict's slot, link and hash table, which keeps its size as entries come
+# and go (95 bytes an entry growing, up to about 190 under churn, measured with tracemalloc on
+# CPython 3.11; rounded up). Counted so the bound holds for small entries too, e.g. the
+# series windows the service keeps here (about 20 bytes each).
+ENTRY_OVERHEAD = 256
+
+
+def entry_cost(key: str, value: bytes) -> int:
+    """The memory an entry holds, as ``MemoryCache`` counts it against its bound."""
+    return len(key) + len(value) + ENTRY_OVERHEAD
+
+
 class MemoryCache:
-    """A least-recently-used cache bounded by total bytes (the embedded default)."""
+    """A least-recently-used cache bounded by the memory its entries hold, keys included
+    (the embedded default): ``max_bytes`` is the most it keeps, whatever the entries' sizes."""
 
     def __init__(self, max_bytes: int = 256 << 20) -> None:
         self.max_bytes = max_bytes
@@ -47,17 +61,22 @@ class MemoryCache:
 
     def put(self, key: str, value: bytes) -> None:
         """Keep the bytes, dropping the least recently used beyond the bound."""
-        if len(value) > self.max_bytes // 4:
+        if entry_cost(key, value) > self.max_bytes // 4:
             return
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
-                self._size -= len(old)
+                self._size -= entry_cost(key, old)
             self._items[key] = value
-            self._size += len(value)
+            self._size += entry_cost(key, value)
             while self._size > self.max_bytes:
-                _key, dropped = self._items.popitem(last=False)
-                self._size -= len(dropped)
+                dropped_key, dropped = self._items.popitem(last=False)
+                self._size -= entry_cost(dropped_key, dropped)
+
+    @property
+    def size(self) -> int:
+        """The memory the entries hold now, as counted against ``max_bytes``."""
+        return self._size
 
 
 class RedisCache:

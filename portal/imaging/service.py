@@ -106,6 +106,9 @@ class RenderedImage:
     key: str
     media_type: str
     produce: Callable[[], bytes] = field(repr=False, compare=False)
+    # The stored file a single frame comes from (None for volumes): what the front door of
+    # known readers (portal/dicomweb/signed.py) keeps to render that file again.
+    stored: StoredFile | None = field(default=None, repr=False, compare=False)
 
     @property
     def etag(self) -> str:
@@ -160,7 +163,18 @@ def rendered_image(session: Session, instance: Instance, frame: int,
         return _render(stored, frame - 1, rendition)
 
     return RenderedImage(rendition.cache_key(stored.sha256, frame), rendition.media_type,
-                         produce)
+                         produce, stored)
+
+
+def stored_image(stored: StoredFile, frame: int, rendition: Rendition) -> RenderedImage:
+    """Frame ``frame`` (1-based) of a stored file that ``rendered_image`` located for the
+    same reader moments ago, in a rendition that needs no series window: the same key and
+    bytes as ``rendered_image``, without the database (the front door of known readers,
+    portal/dicomweb/signed.py; access was checked by the full path)."""
+    if rendition.window is None and rendition.preset == "auto":
+        raise ValueError("a rendition without a window may need the series' default window")
+    return RenderedImage(rendition.cache_key(stored.sha256, frame), rendition.media_type,
+                         partial(_render, stored, frame - 1, rendition), stored)
 
 
 def series_default_window(session: Session, instance: Instance) -> Window | None:
