@@ -241,14 +241,30 @@ def _slice(g: Grid, axis: int, k: int) -> np.ndarray:
     return np.ascontiguousarray(np.take(g.voxels, k, axis=axis))
 
 
-def _draw(plane: np.ndarray, s: Slices, k: int, fill: float) -> np.ndarray:
-    """Slice ``k``'s values (or shades) where they fall on the image (bilinear)."""
+Box = tuple[int, int, int, int]  # rows top..bottom, columns left..right of the image
+
+
+def _draw(plane: np.ndarray, s: Slices, k: int, fill: float) -> tuple[np.ndarray, Box]:
+    """Slice ``k``'s values where they fall on the image (bilinear), drawn only within the
+    box its corners project to (a turned slice covers part of the image's square)."""
     m = s.to_slice.copy()
     m[:, 2] += s.per_slice * k
+    rows, columns = plane.shape
+    corners = np.array([[0, 0], [columns, 0], [0, rows], [columns, rows]], float)
+    # image (x + 0.5, y + 0.5) = inverse(m[:, :2]) @ (slice - m[:, 2])
+    on_image = (corners - m[:, 2]) @ np.linalg.inv(m[:, :2]).T - 0.5
+    left, top = np.floor(on_image.min(axis=0)).astype(int) - 1
+    right, bottom = np.ceil(on_image.max(axis=0)).astype(int) + 2
+    left, top = max(0, int(left)), max(0, int(top))
+    right, bottom = min(s.size, int(right)), min(s.size, int(bottom))
+    if right <= left or bottom <= top:
+        return np.empty((0, 0), np.float32), (0, 0, 0, 0)
+    m[:, 2] += m[:, 0] * left + m[:, 1] * top  # the box's first pixel is the image's (left, top)
     image = Image.fromarray(plane.astype(np.float32, copy=False), mode="F")
-    drawn = image.transform((s.size, s.size), Image.Transform.AFFINE, tuple(m.ravel()),
-                            resample=Image.Resampling.BILINEAR, fillcolor=fill)
-    return np.asarray(drawn)
+    drawn = image.transform((right - left, bottom - top), Image.Transform.AFFINE,
+                            tuple(m.ravel()), resample=Image.Resampling.BILINEAR,
+                            fillcolor=fill)
+    return np.asarray(drawn), (top, bottom, left, right)
 
 
 def _sample(plane: np.ndarray, s: Slices, k: int, pixels: np.ndarray) -> np.ndarray:
@@ -265,10 +281,12 @@ def _sample(plane: np.ndarray, s: Slices, k: int, pixels: np.ndarray) -> np.ndar
     return out
 
 
-def _depth(s: Slices, k: int) -> np.ndarray:
+def _depth(s: Slices, k: int, box: Box) -> np.ndarray:
     """Each pixel's depth in mm (along the ray, from the centre plane) on slice ``k``."""
-    x = np.arange(s.size, dtype=np.float32)
-    depth: np.ndarray = (s.depth[0] * x[None, :] + s.depth[1] * x[:, None]
+    top, bottom, left, right = box
+    x = np.arange(left, right, dtype=np.float32)
+    y = np.arange(top, bottom, dtype=np.float32)
+    depth: np.ndarray = (s.depth[0] * x[None, :] + s.depth[1] * y[:, None]
                          + np.float32(s.depth[2] * k + s.depth[3]))
     return depth
 
@@ -301,13 +319,16 @@ def composite(g: Grid, s: Slices, tf: TransferFunction, low: float, high: float)
         plane = _slice(g, s.axis, k)
         if float(plane.max()) <= first_opaque:
             continue  # nothing in this slice shows
-        values = _draw(plane, s, k, low - 1.0).ravel()
+        drawn, (top, bottom, left, right) = _draw(plane, s, k, low - 1.0)
         # Only rays this slice shows something on and that are not yet opaque are worked on
         # (front to back, an opaque surface ends most rays early).
-        hit = np.flatnonzero((values > first_opaque) & (through > 0.004))
-        if hit.size == 0:
+        lit = through.reshape(s.size, s.size)[top:bottom, left:right] > 0.004
+        local = np.flatnonzero((drawn > first_opaque) & lit)
+        if local.size == 0:
             continue
-        index = ((values[hit] - low) * scale).clip(0, _TABLE - 1).astype(np.intp)
+        y, x = np.divmod(local, right - left)
+        hit = (y + top) * s.size + x + left
+        index = ((drawn.ravel()[local] - low) * scale).clip(0, _TABLE - 1).astype(np.intp)
         alpha = alpha_table[index]
         shade = _sample(_shade(g, s, k, plane), s, k, hit)
         light = through[hit]
@@ -324,10 +345,14 @@ def project_max(g: Grid, s: Slices, fill: float, slab_mm: float = 0.0) -> np.nda
     about the centre plane."""
     image = np.full((s.size, s.size), fill, np.float32)
     for k in s.order:
-        values = _draw(_slice(g, s.axis, k), s, k, fill)
+        values, box = _draw(_slice(g, s.axis, k), s, k, fill)
+        top, bottom, left, right = box
+        if values.size == 0:
+            continue
         if slab_mm > 0:
-            values = np.where(np.abs(_depth(s, k)) <= slab_mm / 2.0, values, fill)
-        np.maximum(image, values, out=image)
+            values = np.where(np.abs(_depth(s, k, box)) <= slab_mm / 2.0, values, fill)
+        part = image[top:bottom, left:right]
+        np.maximum(part, values, out=part)
     return image
 
 
