@@ -7,6 +7,8 @@ and the prior's report is one tap away. Screenshots in tests/artifacts/."""
 from __future__ import annotations
 
 import io
+import json
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -115,6 +117,18 @@ def test_the_study_page_offers_the_visible_prior_of_the_same_modality(
     assert shown.status_code == 200
     text = shown.get_data(as_text=True)
     assert f'/studies/{site.prior}#report' in text and "Report of 2023-01-05" in text
+    # Each side: its frames with their place along the slice normal (mm) and its Frame of
+    # Reference; the earlier study has its own, so compare.js links by relative position.
+    found = re.search(r'<script type="application/json" id="compare-data"[^>]*>(.*?)</script>',
+                      text, re.S)
+    assert found
+    panes = json.loads(found.group(1))["panes"]
+    assert [len(p["frames"]) for p in panes] == [site.current_slices, site.prior_slices]
+    for pane in panes:
+        steps = [b - a for a, b in zip(pane["positions"], pane["positions"][1:], strict=False)]
+        assert steps and (all(d > 0 for d in steps) or all(d < 0 for d in steps))
+    assert panes[0]["frameOfReference"] and \
+        panes[0]["frameOfReference"] != panes[1]["frameOfReference"]
     # Not granted, or another patient's study, or no images of the kind: 404.
     assert doctor.get(f"/studies/{site.current}/compare/{site.hidden_prior}").status_code == 404
     assert doctor.get(f"/studies/{site.current}/compare/{site.mr_prior}").status_code == 404
