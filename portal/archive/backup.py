@@ -442,6 +442,8 @@ def restore_backup(app: Flask, folder: Path, *, force: bool = False) -> dict[str
                  outcome=audit.OUTCOME_SUCCESS, who="cli:restore", source_address="cli",
                  details={"type": "restore", "backup_created_at": manifest.get("created_at"),
                           "files": len(files)})
+    # Chained now (PostgreSQL seals in the background): `audit verify` next finds it sealed.
+    audit.seal(app.extensions["db"], wait=True)
     return manifest
 
 
