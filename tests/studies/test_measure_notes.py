@@ -16,8 +16,10 @@ from portal.access.principal import user_principal
 from portal.archive import current_archive
 from portal.sharing import service
 from portal.sharing.routes import share_policy
-from tests.conftest import IdentityProvider, csrf_of, signed_in
+from tests.browser import PHONES, chromium, loopback_only, phone
+from tests.conftest import IdentityProvider, LiveServer, csrf_of, signed_in
 from tests.factories import make_dataset, to_bytes
+from tests.studies.support import shot
 from tests.studies.test_measure import Site, site  # noqa: F401 - the fixture
 
 KO = "1.2.840.10008.5.1.4.1.1.88.59"
@@ -87,3 +89,38 @@ def test_a_link_without_a_note_shows_none(site: Site) -> None:  # noqa: F811
     assert visitor.post("/s/exchange", data={"token": token, "pin": pin or ""}).status_code == 303
     seen = visitor.get(f"/studies/{site.study}").get_data(as_text=True)
     assert "A note" not in seen
+
+
+def test_the_visitor_reads_the_note_on_a_phone(site: Site) -> None:  # noqa: F811
+    from axe_playwright_python.sync_playwright import Axe
+
+    note = "Dear Jane,\nthe pictures I marked show the healed fracture. No need to worry."
+    with site.app.test_request_context(), \
+            site.app.extensions["db"].write_transaction() as session:
+        user = session.scalars(select(User).where(User.subject == "measure-doc")).one()
+        made = service.create_share(session, user_principal(user, "session"), share_policy(),
+                                    study_uid=site.study, message=note)
+        token, pin = made.token, made.pin
+    with LiveServer(site.app) as server, chromium() as (playwright, browser):
+        for device in PHONES:
+            context = browser.new_context(**phone(playwright, device))
+            loopback_only(context)
+            opened = context.request.post(f"{server.url}/s/exchange",
+                                          form={"token": token, "pin": pin or ""},
+                                          max_redirects=0)
+            assert opened.status == 303
+            page = context.new_page()
+            page.goto(f"{server.url}/studies/{site.study}")
+            heading = page.get_by_role("heading", name="A note from Gregory House")
+            assert heading.is_visible()
+            assert page.locator(".note-text").inner_text() == note
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            for scheme in ("light", "dark"):
+                page.emulate_media(color_scheme=scheme)
+                results = Axe().run(page, options={"runOnly": {"type": "tag", "values": [
+                    "wcag2a", "wcag2aa", "wcag21a", "wcag21aa"]}})
+                bad = [v["id"] for v in results.response["violations"]
+                       if v["impact"] in ("serious", "critical")]
+                assert bad == [], (device, scheme, bad)
+                shot(page, f"note-{device.replace(' ', '_')}-{scheme}")
+            context.close()
