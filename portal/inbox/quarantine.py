@@ -16,7 +16,7 @@ import fcntl
 import os
 import uuid
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from portal import audit, failures
 from portal.archive.importer import Source, UnsafeZip, zip_sources
+from portal.archive.space import SpaceRule
 from portal.archive.store import StorageFull
 from portal.archive.validate import (
     OUT_OF_RESOURCES,
@@ -72,14 +73,18 @@ class Quarantine:
     limits: Limits
     max_zip_ratio: int
     max_upload_bytes: int
+    # The archive's free-space rule (ARCHIVE_MIN_FREE), applied to the inbox's disk too.
+    space_rule: SpaceRule = field(default_factory=SpaceRule)
 
     @classmethod
-    def from_settings(cls, settings: dict[str, Any]) -> Quarantine:
+    def from_settings(cls, settings: dict[str, Any],
+                      space_rule: SpaceRule | None = None) -> Quarantine:
         """The quarantine of a configured app: ``instance/inbox/``."""
         limits = Limits.from_config(settings)
         return cls(root=Path(settings["INSTANCE_PATH"]).resolve() / "inbox", limits=limits,
                    max_zip_ratio=settings["MAX_ZIP_RATIO"],
-                   max_upload_bytes=min(settings["MAX_REQUEST_BYTES"] * 4, 8 << 30))
+                   max_upload_bytes=min(settings["MAX_REQUEST_BYTES"] * 4, 8 << 30),
+                   space_rule=space_rule or SpaceRule())
 
     def part_path(self, file: InboxFile) -> Path:
         """The part file of an upload (named by its public id, never by the sender's name)."""
@@ -153,6 +158,9 @@ def start_file(session: Session, q: Quarantine, *, practice_id: int, link_fk: in
         if files >= MAX_FILES_PER_LINK or int(total) + size > q.max_upload_bytes:
             raise UploadRefused("this link has taken all it may; ask the practice for a new "
                                 "one")
+    space = q.space_rule.look(q.root)
+    if not space.room_for(size):
+        raise StorageFull(f"the inbox has no room for this file now ({space.describe()})")
     file = InboxFile(public_id=str(uuid.uuid4()), practice_fk=practice_id, link_fk=link_fk,
                      uploaded_by=uploaded_by, name=name, size=size, received=0,
                      state="receiving", results=[], created_at=utcnow())

@@ -52,7 +52,8 @@ _COMPLETE = re.compile(r"^bytes \*/(\d{1,15})$")
 
 def init_app(app: Flask) -> None:
     """Register the pages and the chunk API; the quarantine lives in ``instance/inbox/``."""
-    app.extensions["inbox"] = quarantine.Quarantine.from_settings(app.config["PORTAL"])
+    app.extensions["inbox"] = quarantine.Quarantine.from_settings(
+        app.config["PORTAL"], app.extensions["archive"].store.space_rule)
     app.register_blueprint(bp)
     app.register_blueprint(api)
 

@@ -449,3 +449,22 @@ def test_a_patient_new_to_the_practice_gets_a_local_id(inbox: Inbox,
         assert row.accession_number == ""
     doctor = signed_in(app, idp, "doc")
     assert "LOCAL-NEW-1" in doctor.get(f"/studies/{study}").data.decode()
+
+
+def test_uploads_stop_cleanly_before_the_disk_is_full(inbox: Inbox) -> None:
+    """ARCHIVE_MIN_FREE holds for the inbox's disk too: 507 with the reason, nothing kept."""
+    import dataclasses
+
+    from portal.archive.space import SpaceRule
+    from portal.inbox.models import InboxFile
+
+    app = inbox.app
+    client, _ = _patient_client(app, inbox)
+    q = app.extensions["inbox"]
+    assert q.space_rule == app.extensions["archive"].store.space_rule  # the archive's rule
+    app.extensions["inbox"] = dataclasses.replace(q, space_rule=SpaceRule("99.9%", "99.9%"))
+    full = client.post("/inbox/api/files", json={"name": "IM1", "size": 1000},
+                       headers={"Accept": "application/json"})
+    assert full.status_code == 507 and "no room" in full.json["error"]
+    with app.extensions["db"].new_session() as session:
+        assert session.scalar(select(func.count(InboxFile.id))) == 0
