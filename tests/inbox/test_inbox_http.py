@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from datetime import timedelta
+from pathlib import Path
 
 import pydicom
 from flask import Flask
@@ -468,3 +469,27 @@ def test_uploads_stop_cleanly_before_the_disk_is_full(inbox: Inbox) -> None:
     assert full.status_code == 507 and "no room" in full.json["error"]
     with app.extensions["db"].new_session() as session:
         assert session.scalar(select(func.count(InboxFile.id))) == 0
+
+
+def test_openings_from_one_address_are_limited(tmp_path: Path,
+                                               idp: IdentityProvider) -> None:
+    """As share links: more openings from one address than SHARE_ATTEMPTS_PER_ADDRESS within
+    ten minutes are refused (429) before any PIN is compared."""
+    from tests.conftest import OIDC_SETTINGS, close_app, make_app
+    from tests.inbox.conftest import build_inbox
+
+    app = make_app(tmp_path / "instance", OIDC_ISSUER=idp.issuer,
+                   SHARE_ATTEMPTS_PER_ADDRESS=2, **OIDC_SETTINGS)
+    try:
+        inbox = build_inbox(app, idp)
+        made = make_upload_link(app, inbox.manager)
+        client = app.test_client()
+        assert open_link(client, "y" * 43, "123456").status_code == 404
+        assert open_link(client, "z" * 43, "123456").status_code == 404
+        refused = open_link(client, made.token, made.pin)  # the right PIN, too many tries
+        assert refused.status_code == 429 and b"Too many tries" in refused.data
+        with app.extensions["db"].new_session() as session:
+            link = session.get(UploadLink, made.link.id)
+            assert link is not None and link.failed_attempts == 0 and link.use_count == 0
+    finally:
+        close_app(app)
