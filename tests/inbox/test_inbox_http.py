@@ -493,3 +493,26 @@ def test_openings_from_one_address_are_limited(tmp_path: Path,
             assert link is not None and link.failed_attempts == 0 and link.use_count == 0
     finally:
         close_app(app)
+
+
+def test_hostile_files_never_leave_quarantine_as_sent(inbox: Inbox) -> None:
+    """A polyglot (an executable in the preamble, CVE-2019-11687) is kept only with its
+    preamble zeroed; an object of a class the archive does not store is refused."""
+    app = inbox.app
+    client, _ = _patient_client(app, inbox)
+    clean = outside_instance()
+    polyglot = b"MZ\x90\x00This program cannot be run in DOS mode".ljust(128, b"\x00") \
+        + clean[128:]
+    assert upload(client, "IM1", polyglot)["results"][0]["outcome"] == "kept"
+    with app.extensions["db"].new_session() as session:
+        sha = session.scalars(select(InboxInstance.sha256)).one()
+    kept = app.extensions["inbox"].read(sha)
+    assert kept[:128] == bytes(128) and kept[128:] == clean[128:]
+    directory = outside_instance(SOPClassUID="1.2.840.10008.1.3.10")  # a Media Storage Directory
+    ds = pydicom.dcmread(io.BytesIO(directory))
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    refused = upload(client, "DIR2", buffer.getvalue())["results"][0]
+    assert refused["outcome"] == "refused"
+    assert refused["reason"].startswith("this kind of DICOM object is not taken")
