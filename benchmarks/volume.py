@@ -10,9 +10,10 @@ at a new angle so nothing is cached:
 * the oblique MIP (two angles) low and full, and with a 20 mm slab;
 * the azimuth-only MIP of the viewer's "3D MIP" view;
 
-and reports the median and 90th percentile per view, the render processes' peak resident
-memory (VmHWM) and the load average (the machine is shared). See benchmarks/README.md
-"3D views".
+and reports the median and 90th percentile of the wall time per view, the render process's
+CPU time per view (what an idle core would take: the renderer uses one), the render
+processes' peak resident memory (VmHWM) and the load average (the machine is shared).
+See benchmarks/README.md "3D views".
 
     .venv/bin/python benchmarks/volume.py [--slices 150] [--size 512] [--turns 12]
 """
@@ -55,6 +56,16 @@ def _vm_hwm_mb(pid: int) -> float:
     return float("nan")
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time of these processes so far (independent of the machine's
+    load, unlike wall time: the renderer is single-threaded)."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--slices", type=int, default=150)
@@ -92,8 +103,10 @@ def main() -> None:
                 ("MIP azimuth only (3D MIP view)", None),
             ]
             results: dict[str, dict[str, float]] = {}
+            pids = [p.pid for p in pool.processes() if p.pid]
             for name, options in views:
                 times = []
+                cpu_before = _cpu_seconds(pids)
                 for turn in range(args.turns):
                     azimuth = float((35 + 25 * turn) % 360 // 5 * 5)
                     elevation = float((turn * 15) % 90 - 40) // 5 * 5
@@ -106,11 +119,14 @@ def main() -> None:
                                  Turn(azimuth, elevation, **options),  # type: ignore[arg-type]
                                  rendition, files)
                     times.append((time.perf_counter() - started) * 1000)
+                cpu_ms = (_cpu_seconds(pids) - cpu_before) * 1000 / args.turns
                 ordered = sorted(times)
                 results[name] = {"median_ms": round(statistics.median(times), 1),
-                                 "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))], 1)}
+                                 "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))], 1),
+                                 "cpu_ms": round(cpu_ms, 1)}
                 print(f"{name:34s} median {results[name]['median_ms']:7.1f} ms"
-                      f"   p90 {results[name]['p90_ms']:7.1f} ms", flush=True)
+                      f"   p90 {results[name]['p90_ms']:7.1f} ms"
+                      f"   CPU {cpu_ms:7.1f} ms per view", flush=True)
             peaks = [_vm_hwm_mb(p.pid) for p in pool.processes() if p.pid]
         finally:
             pool.close()
