@@ -38,6 +38,7 @@ from portal.index.names import name_search_text, search_words
 
 STUDY_DELETED = ("110105", "DICOM Study Deleted")
 MODIFYING_SYSTEM = "REFERRER PORTAL INBOX"
+ACCEPT_BATCH = 32  # files coerced and ingested at a time (the ingest's own batch size)
 
 
 class ReconcileError(failures.Invalid):
@@ -248,19 +249,24 @@ def accept(session: Session, actor: Principal, q: Quarantine, archive: Archive,
         if physician is None:
             raise ReconcileError("choose a physician of your practice")
     now = utcnow()
-    items = [(inst, coerce(q.read(inst.sha256), study, local, accession,
-                           study.uploaded_by or "upload", now)) for inst in study.instances]
-    results = archive.ingest_many([data for _, data in items], who=actor.audit_name,
-                                  source_address=address)
-    stored = [r for r in results if isinstance(r, Stored)]
-    refused = [(inst.label, r.reason) for (inst, _), r in zip(items, results, strict=True)
-               if isinstance(r, Rejected)]
-    archive.after_ingest(stored, via="import", who=actor.audit_name, source_address=address)
-    for (inst, _), result in zip(items, results, strict=True):
-        if isinstance(result, Stored):
+    stored: list[Stored] = []
+    refused: list[tuple[str, str]] = []
+    waiting = list(study.instances)
+    for start in range(0, len(waiting), ACCEPT_BATCH):  # bounded memory for a whole CD
+        batch = waiting[start:start + ACCEPT_BATCH]
+        results = archive.ingest_many(
+            [coerce(q.read(inst.sha256), study, local, accession,
+                    study.uploaded_by or "upload", now) for inst in batch],
+            who=actor.audit_name, source_address=address)
+        for inst, result in zip(batch, results, strict=True):
+            if isinstance(result, Rejected):
+                refused.append((inst.label, result.reason))
+                continue
+            stored.append(result)
             study.instances.remove(inst)
             session.flush()
             q.forget(session, inst.sha256)
+    archive.after_ingest(stored, via="import", who=actor.audit_name, source_address=address)
     audit.append(session, audit.IMPORT, action="C",
                  outcome=audit.OUTCOME_SUCCESS if not refused else audit.OUTCOME_MINOR_FAILURE,
                  who=actor.audit_name, source_address=address,

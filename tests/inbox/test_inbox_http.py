@@ -11,6 +11,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pydicom
+import pytest
 from flask import Flask
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select, update
@@ -245,8 +246,11 @@ def test_nobody_reaches_someone_elses_uploads_or_inbox(inbox: Inbox,
     assert len(_waiting(app)) == 1 and len(_kept_files(app)) == 1
 
 
-def test_accepting_reconciles_identity_and_rejecting_deletes(any_db_inbox: Inbox,
-                                                             idp: IdentityProvider) -> None:
+def test_accepting_reconciles_identity_and_rejecting_deletes(
+        any_db_inbox: Inbox, idp: IdentityProvider, monkeypatch: pytest.MonkeyPatch) -> None:
+    from portal.inbox import reconcile
+
+    monkeypatch.setattr(reconcile, "ACCEPT_BATCH", 1)  # the two images in two batches
     inbox = any_db_inbox
     app = inbox.app
     patient, _ = _patient_client(app, inbox)
