@@ -31,7 +31,7 @@ from portal.archive.after import Stored
 from portal.archive.ingest import Archive
 from portal.archive.validate import Rejected
 from portal.db import utcnow
-from portal.inbox.models import InboxStudy
+from portal.inbox.models import InboxInstance, InboxStudy
 from portal.inbox.quarantine import Quarantine
 from portal.index.models import Patient, Study
 from portal.index.names import name_search_text, search_words
@@ -252,6 +252,9 @@ def accept(session: Session, actor: Principal, q: Quarantine, archive: Archive,
     stored: list[Stored] = []
     refused: list[tuple[str, str]] = []
     waiting = list(study.instances)
+    done: list[InboxInstance] = []
+    # The ingest commits in transactions of its own: this request's session writes nothing
+    # until every batch is in (on SQLite its write lock would hold the ingest up).
     for start in range(0, len(waiting), ACCEPT_BATCH):  # bounded memory for a whole CD
         batch = waiting[start:start + ACCEPT_BATCH]
         results = archive.ingest_many(
@@ -261,11 +264,14 @@ def accept(session: Session, actor: Principal, q: Quarantine, archive: Archive,
         for inst, result in zip(batch, results, strict=True):
             if isinstance(result, Rejected):
                 refused.append((inst.label, result.reason))
-                continue
-            stored.append(result)
-            study.instances.remove(inst)
-            session.flush()
-            q.forget(session, inst.sha256)
+            else:
+                stored.append(result)
+                done.append(inst)
+    for inst in done:
+        study.instances.remove(inst)
+    session.flush()
+    for inst in done:
+        q.forget(session, inst.sha256)
     archive.after_ingest(stored, via="import", who=actor.audit_name, source_address=address)
     audit.append(session, audit.IMPORT, action="C",
                  outcome=audit.OUTCOME_SUCCESS if not refused else audit.OUTCOME_MINOR_FAILURE,
