@@ -1509,7 +1509,7 @@ def format_table(result: dict[str, Any]) -> str:
         for skipped in cfg.get("files", {}).get("left_out", [])[:20]:
             lines.append(f"left out: {skipped}")
     memory = result.get("memory") or {}
-    full = memory.pop("full_caches", None) if isinstance(memory, dict) else None
+    full = memory.get("full_caches")
     if full and full.get("error"):
         lines.append(f"FAILED m: {full['error']}")
     elif full:
@@ -1526,7 +1526,7 @@ def format_table(result: dict[str, Any]) -> str:
             f"{'met' if max(full['web_worker_peaks_mb'], default=0) <= 300 else 'NOT met'})")
     if memory.get("error"):
         lines.append(f"FAILED e: {memory['error']}")
-    elif memory:
+    elif "portal_web_worker_peak_mb" in memory:
         lines.append(
             "e) peak resident memory (VmHWM, reset first) while rendering the radiograph at "
             "full size: "

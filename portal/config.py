@@ -159,7 +159,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("RENDER_WORKERS", int, 2, "render processes per web worker"),
     Setting("RENDER_MEMORY_MB", int, 2048, "address-space cap of a render process"),
     Setting("RENDER_TIMEOUT_SECONDS", int, 30, "longest a render may take"),
-    Setting("RENDER_CACHE_MB", int, 128,
+    # 64: a web worker starts at about 150 MB and must peak below 300 MB with its cache full
+    # (issue 17 item 5, benchmarks/render.py --scenarios m).
+    Setting("RENDER_CACHE_MB", int, 64,
             "rendered images kept in memory per web worker when REDIS_URL is unset"),
     Setting("RENDER_FRAME_CACHE_MB", int, 64,
             "decoded frames kept per render process for window changes (0: none)"),
