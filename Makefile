@@ -9,7 +9,7 @@ APT_PACKAGES := redis-server orthanc orthanc-dicomweb dcmtk chromium postgresql 
 	nginx orthanc-postgresql
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo serve test check lint bench cluster clean
+.PHONY: install system-deps demo serve test check lint bench cluster clean i18n catalogs
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,7 @@ system-deps:
 	elif [ -s /run/nginx.pid ] && [ -x /etc/init.d/nginx ]; then \
 	  $(SUDO) /etc/init.d/nginx stop || true; $(SUDO) update-rc.d nginx disable || true; fi
 
-demo: install
+demo: install catalogs
 	$(BIN)/flask --app app demo
 	@echo "Portal: http://127.0.0.1:5000 - sign in as a demo user (Ctrl-C stops everything)"
 	$(BIN)/flask --app app demo-idp & idp=$$!; \
@@ -45,14 +45,38 @@ demo: install
 	trap 'kill $$idp $$hl7 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/gunicorn -c python:portal.gunicorn_config app:app
 
-serve: install
+serve: install catalogs
 	$(BIN)/gunicorn -c python:portal.gunicorn_config app:app
 
 tests/support/oidc-provider/node_modules/.package-lock.json: tests/support/oidc-provider/package-lock.json
 	cd tests/support/oidc-provider && npm ci --no-audit --no-fund --loglevel=error
 
-test: system-deps install tests/support/oidc-provider/node_modules/.package-lock.json check
+test: system-deps install catalogs tests/support/oidc-provider/node_modules/.package-lock.json check
 	$(BIN)/python -m pytest
+
+# Languages (docs/i18n.md): `make i18n` extracts every marked string into messages.pot and
+# merges it into each language's messages.po (translations kept); `catalogs` compiles the .mo
+# files (never committed) and the test-only pseudo-locales.
+# The reasons of the domain errors people meet on pages (error.html translates them; the JSON
+# API answers them in English, docs/i18n.md).
+I18N_REASONS := -k Invalid -k NotFound -k Conflict -k TooLarge -k Unprocessable -k Unavailable \
+	-k ShareError -k UserError -k SignInFailed -k LaunchError -k LaunchRefused -k LinkLocked \
+	-k LinkUnavailable -k NoSuchLink -k PinRequired -k WrongPin -k UploadLinkError \
+	-k UploadRefused -k ReconcileError -k SearchError -k ExportTooLarge -k StillChecking \
+	-k IdentityMismatch -k NoSuchInboxStudy -k ReportError
+i18n: install
+	$(BIN)/pybabel extract -F babel.cfg --sort-output -k _l -k lazy_gettext $(I18N_REASONS) \
+	  -o portal/translations/messages.pot --project referrer-portal .
+	$(BIN)/pybabel update -i portal/translations/messages.pot -d portal/translations \
+	  -l de --no-fuzzy-matching --init-missing
+	$(BIN)/pybabel update -i portal/translations/messages.pot -d portal/translations \
+	  -l fr --no-fuzzy-matching --init-missing
+	$(BIN)/pybabel update -i portal/translations/messages.pot -d portal/translations \
+	  -l es --no-fuzzy-matching --init-missing
+	$(MAKE) catalogs
+
+catalogs: install
+	$(BIN)/python -m portal.i18n compile
 
 # Checks that keep the code as designed, before any test runs: types (mypy strict), the
 # layer rules (import-linter contracts in pyproject.toml) and lint.

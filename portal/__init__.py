@@ -75,6 +75,9 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     numbers.init_app(app)  # bounded <int:...> ids: before any blueprint adds a rule
     sharing_routes.init_app(app)  # before the policy hook: ended share sessions get a page
     policy.init_app(app)
+    from portal import i18n
+
+    i18n.init_app(app)  # Flask-Babel: the language and zone of a request, the switch
 
     from portal.access.cli import audit_cli, clients_cli, users_cli
     from portal.admin.routes import bp as admin_bp

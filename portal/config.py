@@ -88,6 +88,8 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("INSTANCE_PATH", str, str(REPO_ROOT / "instance"), "config, database, archive"),
     Setting("ENV", str, "development", "development or production"),
+    # Times written without a browser (e-mails, text messages, PDFs); pages use the browser's.
+    Setting("TIMEZONE", str, "UTC", "the practice's IANA time zone, e.g. Europe/Berlin"),
     Setting("SECRET_KEY", _as_optional_str, None, "signs sessions; required in production"),
     Setting("DATABASE_URL", _as_optional_str, None, "SQLAlchemy URL; default SQLite in instance"),
     Setting("REDIS_URL", _as_optional_str, None, "unset: in-process cache"),

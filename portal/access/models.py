@@ -81,6 +81,8 @@ class User(Base):
     phone_number: Mapped[str] = mapped_column(String(32), default="")
     # "Report ready" notices also by text message (SMS webhook); off unless chosen.
     notify_by_sms: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The language chosen with the switch (portal/i18n.py): pages and notices; '' = browser's.
+    language: Mapped[str] = mapped_column(String(16), default="", server_default="")
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     # Bumped on deactivation and role changes: sessions made before it are dead.
     security_epoch: Mapped[int] = mapped_column(Integer, default=0)

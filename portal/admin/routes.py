@@ -23,6 +23,8 @@ from flask import (
     session,
     url_for,
 )
+from flask_babel import gettext as _
+from flask_babel import ngettext
 from sqlalchemy import and_, select
 from werkzeug.wrappers import Response as BaseResponse
 
@@ -85,7 +87,7 @@ def _done(message: str, endpoint: str) -> BaseResponse:
 
 def _failed(exc: UserError, endpoint: str) -> BaseResponse:
     db.session.rollback()
-    flash(str(exc), "error")
+    flash(_(str(exc)), "error")
     return redirect(url_for(endpoint))
 
 
@@ -184,12 +186,12 @@ def give_access() -> BaseResponse:
             expires_at=_until(form.get("until", "")), reason=form.get("reason", ""))
     except UserError as exc:
         db.session.rollback()
-        flash(str(exc), "error")
+        flash(_(str(exc)), "error")
         chosen: dict[str, Any] = {k: form.getlist(k) for k in ("user", "study", "patient")}
         return redirect(url_for("admin.give", **chosen))
     people = {g.user_fk for g in made}
-    flash(f"Access given: {len(made)} grant{'s' if len(made) != 1 else ''} "
-          f"for {len(people)} {'person' if len(people) == 1 else 'people'}.")
+    flash(ngettext("Access given: %(num)d grant", "Access given: %(num)d grants", len(made))
+          + " " + ngettext("for %(num)d person.", "for %(num)d people.", len(people)))
     if len(people) == 1:
         return redirect(url_for("admin.person", user_id=people.pop()))
     return redirect(url_for("admin.grants"))
@@ -225,7 +227,7 @@ def take_away(user_id: int) -> BaseResponse:
     except UserError as exc:
         return _failed(exc, "admin.index")
     session["console_undo"] = ids
-    flash(f"Took away {len(ids)} grant{'s' if len(ids) != 1 else ''}.")
+    flash(ngettext("Took away %(num)d grant.", "Took away %(num)d grants.", len(ids)))
     return redirect(url_for("admin.person", user_id=user_id))
 
 
@@ -238,7 +240,7 @@ def restore_grants() -> BaseResponse:
     except UserError as exc:
         return _failed(exc, "admin.grants")
     session.pop("console_undo", None)
-    flash(f"Given back: {len(made)} grant{'s' if len(made) != 1 else ''}.")
+    flash(ngettext("Given back: %(num)d grant.", "Given back: %(num)d grants.", len(made)))
     back = request.form.get("back", "")
     return redirect(back if back.startswith("/admin/") else url_for("admin.grants"))
 
@@ -254,7 +256,7 @@ def revoke_selected() -> BaseResponse:
     except UserError as exc:
         return _failed(exc, "admin.grants")
     session["console_undo"] = ids
-    flash(f"Revoked {len(ids)} grant{'s' if len(ids) != 1 else ''}.")
+    flash(ngettext("Revoked %(num)d grant.", "Revoked %(num)d grants.", len(ids)))
     return redirect(url_for("admin.grants"))
 
 
@@ -280,9 +282,10 @@ def revoke_links() -> BaseResponse:
         count = console.revoke_links(db.session, _manager(), ids)
     except UserError as exc:
         db.session.rollback()
-        flash(str(exc), "error")
+        flash(_(str(exc)), "error")
         return redirect(target)
-    flash(f"Revoked {count} link{'s' if count != 1 else ''}; their open sessions have ended.")
+    flash(ngettext("Revoked %(num)d link; its open sessions have ended.",
+                   "Revoked %(num)d links; their open sessions have ended.", count))
     return redirect(target)
 
 
@@ -323,8 +326,8 @@ def change_user(user_id: int) -> BaseResponse:
     except UserError as exc:
         return _failed(exc, "admin.users")
     if user.security_epoch != epoch:
-        return _done("Saved. The user's open sessions have ended.", "admin.users")
-    return _done("Saved.", "admin.users")
+        return _done(_("Saved. The user's open sessions have ended."), "admin.users")
+    return _done(_("Saved."), "admin.users")
 
 
 @bp.post("/invitations")
@@ -340,8 +343,8 @@ def invite() -> BaseResponse:
         return _failed(exc, "admin.invite_form" if form.get("from") == "invite"
                        else "admin.users")
     link = url_for("auth.invitation", t=token, _external=True)
-    return _done(f"Send this link to {form.get('email', '') or 'the person'} (it works once, "
-                 f"for 7 days, and is not shown again): {link}",
+    return _done(_("Send this link to %(who)s (it works once, for 7 days, and is not shown "
+                   "again): %(link)s", who=form.get("email", "") or _("the person"), link=link),
                  "admin.invite_form" if form.get("from") == "invite" else "admin.users")
 
 
@@ -365,7 +368,7 @@ def add_identifier() -> BaseResponse:
                         request.form.get("key", ""))
     except UserError as exc:
         return _failed(UserError(str(exc)), "admin.identifiers")
-    return _done("Identifier linked.", "admin.identifiers")
+    return _done(_("Identifier linked."), "admin.identifiers")
 
 
 @bp.post("/identifiers/<int:identifier_id>/delete")
@@ -375,7 +378,7 @@ def remove_identifier(identifier_id: int) -> BaseResponse:
         unlink_identifier(db.session, _manager(), identifier_id)
     except UserError as exc:
         return _failed(exc, "admin.identifiers")
-    return _done("Identifier removed.", "admin.identifiers")
+    return _done(_("Identifier removed."), "admin.identifiers")
 
 
 def _parse_expiry(text: str) -> datetime | None:
@@ -417,7 +420,7 @@ def add_grant() -> BaseResponse:
                      reason=form.get("reason", ""), break_glass=form.get("break_glass") == "on")
     except (UserError, ValueError) as exc:
         return _failed(UserError(str(exc)), "admin.grants")
-    return _done("Access granted.", "admin.grants")
+    return _done(_("Access granted."), "admin.grants")
 
 
 @bp.post("/grants/<int:grant_id>/revoke")
@@ -427,7 +430,7 @@ def revoke_grant(grant_id: int) -> BaseResponse:
         revoke_grants(db.session, _manager(), [grant_id])
     except UserError as exc:
         return _failed(exc, "admin.grants")
-    return _done("Access revoked.", "admin.grants")
+    return _done(_("Access revoked."), "admin.grants")
 
 
 @bp.get("/shares")

@@ -20,6 +20,7 @@ from datetime import timedelta
 from urllib.parse import urlsplit
 
 from flask import Response, current_app, flash, jsonify, redirect, request, session, url_for
+from flask_babel import gettext as _
 from werkzeug.datastructures import WWWAuthenticate
 from werkzeug.wrappers import Response as BaseResponse
 
@@ -77,7 +78,7 @@ def require_recent_sign_in(fallback_endpoint: str) -> BaseResponse | None:
     auth_time = getattr(session, "auth_time", None)
     if auth_time is not None and utcnow() - auth_time <= timedelta(minutes=minutes):
         return None
-    flash("For this change, please confirm who you are by signing in again.")
+    flash(_("For this change, please confirm who you are by signing in again."))
     back = urlsplit(request.referrer or "")
     path = back.path if back.netloc == request.host and back.path else url_for(
         fallback_endpoint)

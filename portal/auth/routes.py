@@ -16,6 +16,7 @@ from flask import (
     session,
     url_for,
 )
+from flask_babel import gettext as _
 from werkzeug.exceptions import BadRequest
 from werkzeug.wrappers import Response as BaseResponse
 
@@ -85,9 +86,9 @@ def callback() -> BaseResponse:
     invited = session.get("invitation")
     if invited and user.active:
         if redeem_invitation(db.session, invited, user):
-            flash("Welcome: your invitation has been accepted.")
+            flash(_("Welcome: your invitation has been accepted."))
         else:
-            flash("That invitation was already used or has expired; ask for a new one.",
+            flash(_("That invitation was already used or has expired; ask for a new one."),
                   "error")
     destination = session.get("next", "/")
     messages = session.get("_flashes", [])

@@ -27,6 +27,7 @@ from flask import (
     request,
     url_for,
 )
+from flask_babel import gettext as _
 from sqlalchemy import select
 from werkzeug.wrappers import Response as BaseResponse
 
@@ -294,10 +295,11 @@ def accept(public_id: str) -> BaseResponse:
         give_to=bounded_int(give, "give_to", low=1) if give else None,
         address=_address())
     if done.refused:
-        flash(f"{done.stored} images moved into the archive; {len(done.refused)} were refused "
-              f"and stay in the inbox: {done.refused[0][1]}", "error")
+        flash(_("%(stored)d images moved into the archive; %(refused)d were refused and stay "
+                "in the inbox: %(reason)s", stored=done.stored, refused=len(done.refused),
+                reason=done.refused[0][1]), "error")
     else:
-        flash(f"Accepted: {done.stored} images are now in the archive.")
+        flash(_("Accepted: %(num)d images are now in the archive.", num=done.stored))
     return redirect(url_for("inbox.index"), code=303)
 
 
@@ -310,7 +312,7 @@ def reject(public_id: str) -> BaseResponse:
         return again
     reconcile.reject(db.session, actor, _q(), public_id,
                      reason=request.form.get("reason", "")[:300], address=_address())
-    flash("Rejected: the uploaded files are deleted.")
+    flash(_("Rejected: the uploaded files are deleted."))
     return redirect(url_for("inbox.index"), code=303)
 
 
@@ -351,5 +353,5 @@ def revoke_link(public_id: str) -> BaseResponse:
     if actor is None:
         abort(404)
     links.revoke_link(db.session, actor, public_id)
-    flash("The upload link is revoked.")
+    flash(_("The upload link is revoked."))
     return redirect(url_for("inbox.link_list"), code=303)

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from functools import partial
 
 from flask import Flask, current_app
+from flask_babel import force_locale, ngettext
+from flask_babel import gettext as _
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -18,7 +20,7 @@ from portal.reports.models import Report
 from portal.reports.service import study_of_report
 
 log = logging.getLogger(__name__)
-PORTAL_NAME = "The referrer portal"
+PORTAL_NAME = "The referrer portal"  # the English name; messages use _(PORTAL_NAME)
 
 
 def recipients(session: Session, study: Study) -> list[User]:
@@ -37,13 +39,15 @@ def report_link(public_url: str) -> str:
 def message(public_url: str) -> tuple[str, str]:
     """Subject and body: no name, no study, no finding; just where to sign in."""
     link = report_link(public_url)
-    return ("A report is ready", "Hello,\n\na radiology report for one of your patients is "
-            f"ready in the referrer portal.\n\nSign in to read it:\n{link}\n")
+    return (_("A report is ready"),
+            _("Hello,\n\na radiology report for one of your patients is ready in the referrer "
+              "portal.\n\nSign in to read it:\n%(link)s\n", link=link))
 
 
 def sms_text(public_url: str) -> str:
     """The text message: as neutral as the e-mail, the same link."""
-    return f"{PORTAL_NAME}: a new report is ready. Sign in to read it: {report_link(public_url)}"
+    return str(_("%(portal)s: a new report is ready. Sign in to read it: %(link)s",
+                 portal=_("The referrer portal"), link=report_link(public_url)))
 
 
 # Who the audit trail names for a notice that could not be delivered: the console counts
@@ -94,14 +98,16 @@ def send_notices(report_id: int) -> None:
         study = study_of_report(session, report)
         if study is None:
             return  # unmatched: the notice goes when the study arrives (waiting_notices)
-        people = [(u.id, u.email, u.phone_number if u.notify_by_sms else "")
+        people = [(u.id, u.email, u.phone_number if u.notify_by_sms else "", u.language)
                   for u in recipients(session, study)]
         study_uid = study.study_instance_uid
         patient_id = study.patient.patient_id
-    subject, body = message(settings["PUBLIC_URL"] or "")
-    text = sms_text(settings["PUBLIC_URL"] or "")
     sent = False
-    for user_id, email, phone in people:
+    for user_id, email, phone, language in people:
+        # In the recipient's own language (portal/i18n.py), else the portal's default.
+        with force_locale(language or "en"):
+            subject, body = message(settings["PUBLIC_URL"] or "")
+            text = sms_text(settings["PUBLIC_URL"] or "")
         channels: list[tuple[str, Callable[[], None]]] = []
         if email and settings["SMTP_URL"]:
             channels.append(("e-mail", partial(send_email, settings, email, subject, body)))
@@ -162,10 +168,15 @@ def send_digest(app: Flask) -> int:
                 study_filter(principal), unread_report_condition(principal))) or 0
             if not count:
                 continue
-            body = (f"Hello,\n\n{count} stud{'y has' if count == 1 else 'ies have'} a new "
-                    f"report in the referrer portal.\n\nSign in to read them:\n{link}\n")
+            with force_locale(user.language or "en"):
+                body = ngettext(
+                    "Hello,\n\n%(num)d study has a new report in the referrer portal.\n\n"
+                    "Sign in to read it:\n%(link)s\n",
+                    "Hello,\n\n%(num)d studies have a new report in the referrer portal.\n\n"
+                    "Sign in to read them:\n%(link)s\n", count, link=link)
+                subject = _("New reports")
             try:
-                send_email(settings, user.email, "New reports", body)
+                send_email(settings, user.email, subject, body)
                 sent += 1
             except DeliveryFailed:
                 log.warning("digest e-mail to user %s failed", user.id)

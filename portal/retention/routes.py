@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, abort, flash, redirect, render_template, request, url_for
+from flask_babel import gettext as _
+from flask_babel import ngettext
 from sqlalchemy import delete, select
 from werkzeug.wrappers import Response as BaseResponse
 
@@ -119,7 +121,7 @@ def create_rule() -> BaseResponse:
     rule = RetentionRule(practice_fk=_practice(principal), changed_by=principal.audit_name,
                          **_rule_fields())
     db.session.add(rule)
-    flash("Rule added. Studies it no longer keeps are listed at the next daily run.")
+    flash(_("Rule added. Studies it no longer keeps are listed at the next daily run."))
     return redirect(url_for("retention.index"))
 
 
@@ -131,7 +133,7 @@ def change_rule(rule_id: int) -> BaseResponse:
     for name, value in _rule_fields().items():
         setattr(rule, name, value)
     rule.changed_by, rule.changed_at = principal.audit_name, utcnow()
-    flash("Rule saved.")
+    flash(_("Rule saved."))
     return redirect(url_for("retention.index"))
 
 
@@ -139,7 +141,7 @@ def change_rule(rule_id: int) -> BaseResponse:
 def delete_rule(rule_id: int) -> BaseResponse:
     """Remove a rule (the studies it covered are kept unless another rule lets them go)."""
     db.session.delete(_rule_of(_manager(), rule_id))
-    flash("Rule removed.")
+    flash(_("Rule removed."))
     return redirect(url_for("retention.index"))
 
 
@@ -158,7 +160,7 @@ def place_hold() -> BaseResponse:
     db.session.execute(delete(RetentionDue).where(
         RetentionDue.study_instance_uid.in_(
             select(Study.study_instance_uid).where(Study.patient_fk == patient.id))))
-    flash("Legal hold placed: none of this patient's studies will be deleted.")
+    flash(_("Legal hold placed: none of this patient's studies will be deleted."))
     return redirect(url_for("retention.index"))
 
 
@@ -174,7 +176,7 @@ def release_hold(hold_id: int) -> BaseResponse:
         abort(404)
     _visible_patient(principal, patient.patient_id)
     hold.released_at, hold.released_by = utcnow(), principal.audit_name
-    flash("Legal hold released.")
+    flash(_("Legal hold released."))
     return redirect(url_for("retention.index"))
 
 
@@ -194,6 +196,7 @@ def approve() -> BaseResponse:
     count = approve_due(db.session, principal, principal.audit_name, chosen)
     if count:
         db.after_commit(_apply_soon)
-    flash(f"Deletion approved for {count} stud{'y' if count == 1 else 'ies'}; "
-          "they are deleted now unless they stopped being due.")
+    flash(ngettext("Deletion approved for %(num)d study; it is deleted now unless it stopped "
+                   "being due.", "Deletion approved for %(num)d studies; they are deleted now "
+                   "unless they stopped being due.", count))
     return redirect(url_for("retention.index"))

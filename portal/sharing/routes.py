@@ -29,6 +29,8 @@ from flask import (
     request,
     url_for,
 )
+from flask_babel import gettext as _
+from flask_babel import ngettext
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 from werkzeug.wrappers import Response as BaseResponse
@@ -330,7 +332,7 @@ def accept_claim() -> BaseResponse:
         db.session.rollback()
         return unavailable()
     db.after_commit(forget_cached_visits)
-    flash("The study has been added to your studies.")
+    flash(_("The study has been added to your studies."))
     response = redirect(url_for("studies.study_page", study_uid=uids[0]), code=303)
     clear_share_cookie(response)
     return response
@@ -394,7 +396,7 @@ def create(study_uid: str) -> BaseResponse | str:
             series_uids=form.getlist("series") if form.get("scope") == "series" else ())
     except service.ShareError as exc:
         db.session.rollback()
-        flash(str(exc), "error")
+        flash(_(str(exc)), "error")
         return redirect(url_for("sharing.share_form", study_uid=study_uid))
     if not within_creation_limit(principal):
         db.session.rollback()
@@ -458,10 +460,10 @@ def send(public_id: str) -> Response:
                 to=form.get("to", ""), what="pin" if form.get("what") == "pin" else "link")
     except (service.ShareError, notify.DeliveryFailed) as exc:
         db.session.rollback()
-        flash(str(exc), "error")
+        flash(_(str(exc)), "error")
         link = service.get_link(db.session, principal, public_id)
         return _created_page(link, form.get("token", ""), pin, status=400)
-    flash("The PIN was sent." if form.get("what") == "pin" else "The link was sent.")
+    flash(_("The PIN was sent.") if form.get("what") == "pin" else _("The link was sent."))
     return _created_page(link, form.get("token", ""), pin, status=200)
 
 
@@ -493,7 +495,7 @@ def revoke(public_id: str) -> BaseResponse:
     if again is not None:
         return again
     service.revoke_link(db.session, principal, public_id)  # or NoSuchLink, 404
-    flash("The link has been revoked. Anyone viewing through it is cut off.")
+    flash(_("The link has been revoked. Anyone viewing through it is cut off."))
     return redirect(_back_or(url_for("sharing.link_detail", public_id=public_id)))
 
 
@@ -510,7 +512,7 @@ def revoke_all() -> BaseResponse:
         count = service.revoke_links_of_patient(db.session, principal, study_uid)
     else:
         count = service.revoke_links_of_study(db.session, principal, study_uid)
-    flash(f"{count} link{'s' if count != 1 else ''} revoked.")
+    flash(ngettext("%(num)d link revoked.", "%(num)d links revoked.", count))
     return redirect(_back_or(url_for("sharing.share_form", study_uid=study_uid)))
 
 
