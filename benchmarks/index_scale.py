@@ -76,6 +76,10 @@ def _people(app: Any) -> dict[str, int]:
         return {"physician": doctor.id, "office manager": manager.id, "patient": patient.id}
 
 
+# The form token of the benchmark's sessions (the search form posts it, docs/security.md 25).
+CSRF_TOKEN = secrets.token_urlsafe(32)
+
+
 def _session_cookie(app: Any, user_id: int) -> str:
     """A signed-in browser session for the user, as sign-in would have stored it."""
     from portal.auth.models import UserSession
@@ -84,9 +88,9 @@ def _session_cookie(app: Any, user_id: int) -> str:
     now = datetime.now(UTC)
     with app.extensions["db"].write_transaction() as session:
         session.add(UserSession(token_sha256=hashlib.sha256(token.encode()).hexdigest(),
-                                data={}, user_fk=user_id, security_epoch=0, created_at=now,
-                                last_seen_at=now, expires_at=now + timedelta(hours=8),
-                                auth_time=now))
+                                data={"csrf": CSRF_TOKEN}, user_fk=user_id, security_epoch=0,
+                                created_at=now, last_seen_at=now,
+                                expires_at=now + timedelta(hours=8), auth_time=now))
     return token
 
 
@@ -172,7 +176,8 @@ def main() -> int:
                 cases.update({label: f"/studies?{query}" for label, query in LIST_CASES.items()})
                 for label, text in LIST_SEARCHES.items():
                     found = client.post("/studies", data={"q": text}, headers={
-                        "Origin": "http://localhost", "Sec-Fetch-Site": "same-origin"})
+                        "Origin": "http://localhost", "Sec-Fetch-Site": "same-origin",
+                        "X-CSRF-Token": CSRF_TOKEN})
                     cases[label] = found.headers.get("Location", "/studies?s=missing")
             else:
                 cases["my scans"] = "/studies"
