@@ -12,7 +12,7 @@ from flask_babel import ngettext
 from sqlalchemy import delete, select
 from werkzeug.wrappers import Response as BaseResponse
 
-from portal import jobs
+from portal import audit, jobs
 from portal.access.policy import require_role, study_filter
 from portal.access.principal import Principal, current_principal
 from portal.auth.recent import require_recent_sign_in
@@ -35,6 +35,17 @@ def _guard() -> BaseResponse | None:
     if request.method == "POST":
         return require_recent_sign_in("retention.index")
     return None
+
+
+SOFTWARE_CONFIGURATION = "110131"  # DCM event type: a retention rule changed
+
+
+def _record(principal: Principal, kind: str, details: dict[str, object],
+            patient_id: str = "") -> None:
+    """The change's audit record, in the request's unit of work (kept only if it commits)."""
+    audit.append(db.session, audit.SECURITY_ALERT, action="U", outcome=audit.OUTCOME_SUCCESS,
+                 who=principal.audit_name, patient_id=patient_id,
+                 details={"type": kind, **details})
 
 
 def _practice(principal: Principal) -> int:
@@ -121,6 +132,9 @@ def create_rule() -> BaseResponse:
     rule = RetentionRule(practice_fk=_practice(principal), changed_by=principal.audit_name,
                          **_rule_fields())
     db.session.add(rule)
+    db.session.flush()
+    _record(principal, SOFTWARE_CONFIGURATION, {"retention_rule": rule.id, "made": True,
+                                                **_rule_fields()})
     flash(_("Rule added. Studies it no longer keeps are listed at the next daily run."))
     return redirect(url_for("retention.index"))
 
@@ -133,6 +147,7 @@ def change_rule(rule_id: int) -> BaseResponse:
     for name, value in _rule_fields().items():
         setattr(rule, name, value)
     rule.changed_by, rule.changed_at = principal.audit_name, utcnow()
+    _record(principal, SOFTWARE_CONFIGURATION, {"retention_rule": rule.id, **_rule_fields()})
     flash(_("Rule saved."))
     return redirect(url_for("retention.index"))
 
@@ -140,7 +155,9 @@ def change_rule(rule_id: int) -> BaseResponse:
 @bp.post("/rules/<int:rule_id>/delete")
 def delete_rule(rule_id: int) -> BaseResponse:
     """Remove a rule (the studies it covered are kept unless another rule lets them go)."""
-    db.session.delete(_rule_of(_manager(), rule_id))
+    principal = _manager()
+    db.session.delete(_rule_of(principal, rule_id))
+    _record(principal, SOFTWARE_CONFIGURATION, {"retention_rule": rule_id, "removed": True})
     flash(_("Rule removed."))
     return redirect(url_for("retention.index"))
 
@@ -156,6 +173,9 @@ def place_hold() -> BaseResponse:
     patient = _visible_patient(principal, patient_id[:64])
     db.session.add(LegalHold(patient_fk=patient.id, reason=reason[:500],
                              placed_by=principal.audit_name))
+    _record(principal, audit.OBJECT_SECURITY_CHANGED, {"legal_hold": "placed",
+                                                       "reason": reason[:500]},
+            patient_id=patient.patient_id)
     # The hold overrides at once: the patient's studies leave the list, approved or not.
     db.session.execute(delete(RetentionDue).where(
         RetentionDue.study_instance_uid.in_(
@@ -176,6 +196,8 @@ def release_hold(hold_id: int) -> BaseResponse:
         abort(404)
     _visible_patient(principal, patient.patient_id)
     hold.released_at, hold.released_by = utcnow(), principal.audit_name
+    _record(principal, audit.OBJECT_SECURITY_CHANGED, {"legal_hold": "released"},
+            patient_id=patient.patient_id)
     flash(_("Legal hold released."))
     return redirect(url_for("retention.index"))
 
@@ -195,6 +217,9 @@ def approve() -> BaseResponse:
         abort(400, "tick the studies to delete, or approve them all")
     count = approve_due(db.session, principal, principal.audit_name, chosen)
     if count:
+        _record(principal, audit.OBJECT_SECURITY_CHANGED,
+                {"retention_approved": count, "studies": "all listed" if chosen is None
+                 else chosen})
         db.after_commit(_apply_soon)
     flash(ngettext("Deletion approved for %(num)d study; it is deleted now unless it stopped "
                    "being due.", "Deletion approved for %(num)d studies; they are deleted now "

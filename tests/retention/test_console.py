@@ -79,6 +79,11 @@ def test_office_manager_sets_rules_holds_and_approves(oidc_app: Flask,
     assert manager.post("/admin/retention/holds", data={
         "csrf_token": token, "patient_id": "P-HELD", "reason": "court case"}).status_code == 302
 
+    # Every change is in the audit trail (rules: software configuration; the hold).
+    assert _count(app, AuditEvent, AuditEvent.event_id == "110113",
+                  AuditEvent.patient_id == "P-HELD") == 1
+    assert _count(app, AuditEvent, AuditEvent.event_id == "110113",
+                  AuditEvent.who.like("%ret-om")) == 3  # two rule changes and the hold
     with app.app_context(), app.extensions["db"].write_transaction() as session:
         listed = {due.study_instance_uid for due in refresh_due(session)}
     assert listed == {old}  # held: not listed; foreign: not the practice's
