@@ -65,7 +65,7 @@ I18N_REASONS := -k Invalid -k NotFound -k Conflict -k TooLarge -k Unprocessable 
 	-k UploadRefused -k ReconcileError -k SearchError -k ExportTooLarge -k StillChecking \
 	-k IdentityMismatch -k NoSuchInboxStudy -k ReportError
 i18n: install
-	$(BIN)/pybabel extract -F babel.cfg --sort-output -k _l -k lazy_gettext $(I18N_REASONS) \
+	$(BIN)/pybabel extract -F babel.cfg --sort-output -k _l -k lazy_gettext -k N_ $(I18N_REASONS) \
 	  -o portal/translations/messages.pot --project referrer-portal .
 	$(BIN)/pybabel update -i portal/translations/messages.pot -d portal/translations \
 	  -l de --no-fuzzy-matching --init-missing

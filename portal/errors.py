@@ -6,10 +6,17 @@ import logging
 
 from flask import Flask, Response, jsonify, render_template, request
 from sqlalchemy.exc import DataError, OperationalError
-from werkzeug.exceptions import HTTPException, InternalServerError
+from werkzeug.exceptions import (
+    BadRequest,
+    HTTPException,
+    InternalServerError,
+    MethodNotAllowed,
+    NotFound,
+)
 
 from portal.failures import PortalError
 from portal.fhir.outcome import FHIR_JSON, error_body, is_fhir_path
+from portal.i18n import N_
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +30,16 @@ def _wants_json() -> bool:
     return best == "application/json"
 
 
+# Werkzeug's own texts, which no catalog holds, said plainly for the error page (error.html
+# translates them; the JSON answers keep Werkzeug's words, docs/i18n.md).
+_PAGE_WORDS = {
+    NotFound.description: N_("There is nothing at this address. Please check it, or start again "
+                             "from the start page."),
+    MethodNotAllowed.description: N_("This address does not answer that kind of request."),
+    BadRequest.description: N_("The request could not be understood."),
+}
+
+
 def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> Response:
     """A clear error answer: ``{"error": reason}``, an OperationOutcome under ``/fhir``
     (FHIR R4 http.html: every error there is one), or the error page."""
@@ -31,7 +48,8 @@ def error_response(status: int, reason: str, headers: dict[str, str] | None = No
     elif _wants_json():
         response = jsonify(error=reason, status=status)
     else:
-        response = Response(render_template("error.html", status=status, reason=reason),
+        response = Response(render_template("error.html", status=status,
+                                            reason=_PAGE_WORDS.get(reason, reason)),
                             mimetype="text/html")
     response.status_code = status
     for key, value in (headers or {}).items():

@@ -31,7 +31,8 @@ from babel.messages.catalog import Catalog
 from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po, write_po
 from flask import Blueprint, Flask, current_app, g, redirect, request
-from flask_babel import Babel, get_locale
+from flask_babel import Babel, get_locale, gettext
+from flask_babel import lazy_gettext as _l
 from werkzeug.wrappers.response import Response
 
 from portal.access.policy import public, share_visible
@@ -42,7 +43,7 @@ SUPPORTED: dict[str, str] = {"en": "English", "de": "Deutsch", "fr": "Français"
                              "es": "Español"}
 # Catalogs with every msgid translated (tests/i18n/test_catalogs.py holds them to it); a
 # language joins this list when its translator has finished it.
-COMPLETE: tuple[str, ...] = ("de",)
+COMPLETE: tuple[str, ...] = ("de", "es")
 PSEUDO_LONG = "eo"
 PSEUDO_RTL = "yi"
 PSEUDO: tuple[str, ...] = (PSEUDO_LONG, PSEUDO_RTL)
@@ -114,6 +115,49 @@ def html_dir() -> str:
     return "rtl" if locale is not None and locale.character_order == "right-to-left" else "ltr"
 
 
+# The words the page scripts write (static/js): each page carries them translated in a JSON
+# block (<script type="application/json" id="page-strings">), read by the scripts; no build
+# step. A script looks a string up by its English words and shows them when it is missing.
+JS_STRINGS = (
+    _l("The link will work until %(when)s."), _l("Opening…"), _l("Show my images"),
+    _l("Loading…"), _l("Older"), _l("waiting"), _l("sending"), _l("checking"),
+    _l("Refused: %(reason)s"), _l("Building 3D view"), _l("Building 3D view… %(percent)s %%"),
+    _l("Play"), _l("Pause"), _l("View reset."), _l("Image saved as JPEG."),
+    _l("The 3D view could not be shown right now."), _l("preview"),
+    _l("Now drag from the corner along the second arm."),
+    _l("Nothing new to save: draw a measurement first."), _l("Saving the measurements…"),
+    _l("The measurements could not be saved. Please try again."),
+    _l("No connection: the measurements are not saved yet."),
+    _l("Key images are marked on the slices view."),
+    _l("No connection: the image is not marked yet."),
+)
+
+
+# Words of data the pages show as they are stored (states, roles, grant kinds): templates
+# translate them with _(value); listed here so that extraction finds them.
+DATA_WORDS = (
+    _l("active"), _l("revoked"), _l("locked"), _l("expired"), _l("pending"), _l("given"),
+    _l("ended"), _l("used"), _l("office manager"), _l("physician"), _l("staff"),
+    _l("patient"), _l("report sender"),
+)
+
+
+def N_(words: str) -> str:
+    """Mark words for extraction where they are defined (a table of stored values); the page
+    translates them where it shows them (``|translate``, ``gettext``)."""
+    return words
+
+
+def page_strings() -> dict[str, str]:
+    """The scripts' words in the page's language, keyed by their English words."""
+    return {str(s._args[0]): str(s) for s in JS_STRINGS}
+
+
+def translate(words: str) -> str:
+    """The ``translate`` filter: stored words of DATA_WORDS in the page's language."""
+    return str(gettext(words))
+
+
 def language_choices() -> list[tuple[str, str]]:
     """The switch's options: (code, name in its own language)."""
     return list(SUPPORTED.items())
@@ -150,7 +194,8 @@ def init_app(app: Flask) -> None:
     app.config["BABEL_TRANSLATION_DIRECTORIES"] = str(TRANSLATIONS)
     Babel(app, locale_selector=select_locale, timezone_selector=select_timezone)
     app.jinja_env.globals.update(html_lang=html_lang, html_dir=html_dir,
-                                 language_choices=language_choices)
+                                 language_choices=language_choices, page_strings=page_strings)
+    app.jinja_env.filters["translate"] = translate
     app.register_blueprint(bp)
 
 
@@ -185,8 +230,11 @@ def pseudo_text(text: str) -> str:
         i += 1
     body = "".join(out)
     letters = sum(c.isalpha() for c in text)
-    padding = "·" * max(1, round(letters * 0.4) - 2) if letters else ""
-    return f"⟦{body}{padding}⟧" if letters else body
+    # The extra 40 % as words of up to five dots: text grows as a translation grows, in
+    # words a line can still break between.
+    extra = max(1, round(letters * 0.4) - 2)
+    padding = " ".join("·" * min(5, extra - i) for i in range(0, extra, 5)) if letters else ""
+    return f"⟦{body} {padding}⟧" if letters else body
 
 
 def _write_pseudo(template: Catalog, code: str) -> Catalog:

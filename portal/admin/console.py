@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from flask_babel import gettext
 from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
@@ -21,6 +22,7 @@ from portal.access.models import AuditEvent, Grant, ReferrerIdentifier, User
 from portal.access.policy import study_filter
 from portal.access.principal import Principal
 from portal.db import utcnow
+from portal.i18n import N_
 from portal.index.models import Patient, Study, StudyReferrer
 from portal.index.names import person_name
 from portal.studies.service import StudySearch, search_studies
@@ -223,17 +225,17 @@ def failed_notice_condition() -> ColumnElement[bool]:
                 AuditEvent.who == NOTICE_WHO, AuditEvent.outcome != audit.OUTCOME_SUCCESS)
 
 
-EVENT_WORDS = {audit.INSTANCES_ACCESSED[0]: "Opened the images",
-               audit.INSTANCES_TRANSFERRED[0]: "Downloaded the images",
-               audit.EXPORT[0]: "Downloaded the images",
-               audit.IMPORT[0]: "Images arrived",
-               audit.QUERY[0]: "Searched",
-               audit.SECURITY_ALERT[0]: "Access changed",
-               audit.USER_AUTHENTICATION[0]: "Signed in or out",
-               audit.AUDIT_LOG_USED[0]: "Read the audit trail",
-               audit.EMERGENCY_OVERRIDE[0]: "Emergency access opened",
-               audit.EMERGENCY_OVERRIDE_STOPPED[0]: "Emergency access ended",
-               audit.APPLICATION_ACTIVITY[0]: "Portal started or stopped"}
+EVENT_WORDS = {audit.INSTANCES_ACCESSED[0]: N_("Opened the images"),
+               audit.INSTANCES_TRANSFERRED[0]: N_("Downloaded the images"),
+               audit.EXPORT[0]: N_("Downloaded the images"),
+               audit.IMPORT[0]: N_("Images arrived"),
+               audit.QUERY[0]: N_("Searched"),
+               audit.SECURITY_ALERT[0]: N_("Access changed"),
+               audit.USER_AUTHENTICATION[0]: N_("Signed in or out"),
+               audit.AUDIT_LOG_USED[0]: N_("Read the audit trail"),
+               audit.EMERGENCY_OVERRIDE[0]: N_("Emergency access opened"),
+               audit.EMERGENCY_OVERRIDE_STOPPED[0]: N_("Emergency access ended"),
+               audit.APPLICATION_ACTIVITY[0]: N_("Portal started or stopped")}
 
 
 @dataclass(frozen=True)
@@ -261,21 +263,23 @@ def audit_rows(session: Session, events: list[AuditEvent]) -> list[AuditRow]:
         study, patient = studies.get(event.study_instance_uid, (None, None))
         who = event.who
         if who.startswith("user:"):
-            who = people.get(who, "a former user")
+            who = people.get(who) or gettext("a former user")
         elif who.startswith("share:"):
-            who = "someone with a share link"
+            who = gettext("someone with a share link")
         elif who.startswith("machine:"):
-            who = f"imaging system {who[8:]}"
-        what = EVENT_WORDS.get(event.event_id, event.event_name)
+            who = gettext("imaging system %(name)s", name=who[8:])
+        what = (gettext(EVENT_WORDS[event.event_id]) if event.event_id in EVENT_WORDS
+                else event.event_name)
         if event.outcome != audit.OUTCOME_SUCCESS:
-            what += " (refused or failed)"
+            what += " " + gettext("(refused or failed)")
         if who.startswith("portal:report-notice"):
             # A report-ready notice that did not go: say to whom and how, in plain words.
-            channel = "Text message" if event.details.get("notice") == "text" else "E-mail"
-            what = (f"{channel} “report ready” to "
-                    f"{by_id.get(event.details.get('user', 0), 'a former user')} not delivered")
-            who = "the portal"
-        out.append(AuditRow(event, what, who or "unknown",
+            to = by_id.get(event.details.get("user", 0)) or gettext("a former user")
+            what = (gettext("Text message “report ready” to %(who)s not delivered", who=to)
+                    if event.details.get("notice") == "text" else
+                    gettext("E-mail “report ready” to %(who)s not delivered", who=to))
+            who = gettext("the portal")
+        out.append(AuditRow(event, what, who or gettext("unknown"),
                             person_name(patient.patient_name) if patient else "",
                             study.study_description if study else ""))
     return out

@@ -8,9 +8,10 @@ from sqlalchemy import ForeignKey, Integer, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from portal.db import Base, UTCDateTime
+from portal.i18n import N_
 
 # What a rule counts its years from: the patient's newest study, or the study itself.
-BASES = {"last_study": "the patient's last study", "study": "the study"}
+BASES = {"last_study": N_("the patient's last study"), "study": N_("the study")}
 
 
 class RetentionRule(Base):

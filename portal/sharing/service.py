@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+from flask_babel import lazy_gettext as _l
 from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
@@ -540,22 +541,23 @@ class Access:
     outcome: int
 
 
-_EVENT_WORDS = {audit.INSTANCES_ACCESSED[0]: "looked at the images",
-                audit.INSTANCES_TRANSFERRED[0]: "downloaded the images",
-                audit.EXPORT[0]: "downloaded the images",
-                audit.USER_AUTHENTICATION[0]: "opened the link"}
+# Shown to people (translated when a page renders them: portal/i18n.py).
+_EVENT_WORDS = {audit.INSTANCES_ACCESSED[0]: _l("looked at the images"),
+                audit.INSTANCES_TRANSFERRED[0]: _l("downloaded the images"),
+                audit.EXPORT[0]: _l("downloaded the images"),
+                audit.USER_AUTHENTICATION[0]: _l("opened the link")}
 
 
 def _who_label(who: str, own: str, names: Mapping[str, str]) -> str:
     if who == own:
-        return "You (with this link)"
+        return str(_l("You (with this link)"))
     if who.startswith("share:"):
-        return "Someone with another share link"
+        return str(_l("Someone with another share link"))
     if who.startswith("machine:"):
-        return "An imaging system"
+        return str(_l("An imaging system"))
     if who.startswith("user:"):
-        return names.get(who, "A portal user")
-    return "Someone"
+        return names.get(who) or str(_l("A portal user"))
+    return str(_l("Someone"))
 
 
 def accesses(session: Session, link: ShareLink, limit: int = 200, *,
@@ -587,7 +589,8 @@ def accesses(session: Session, link: ShareLink, limit: int = 200, *,
             people[key] = user.display_name or user.email or "A portal user"
     out = []
     for row in sorted(rows.values(), key=lambda r: r.id, reverse=True)[:limit]:
-        out.append(Access(at=row.occurred_at, what=_EVENT_WORDS.get(row.event_id, "used"),
+        what = str(_EVENT_WORDS.get(row.event_id, _l("used")))
+        out.append(Access(at=row.occurred_at, what=what,
                           who=_who_label(row.who, own, people),
                           address=row.source_address
                           if others_addresses or row.who == own else "",

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from flask import Blueprint, abort, redirect, render_template, request, url_for
+from flask_babel import lazy_gettext as _l
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 from werkzeug.wrappers import Response as BaseResponse
@@ -34,11 +35,13 @@ bp = Blueprint("patients", __name__)
 
 # Modality codes (PS3.3 C.7.3.1.1.1) in the words a patient uses; the first known code of a
 # study names it. Report and annotation objects (SR, KO, PR, DOC) name nothing.
-SCAN_WORDS = {"CT": "CT scan", "MR": "MRI scan", "CR": "X-ray", "DX": "X-ray", "DR": "X-ray",
-              "US": "Ultrasound", "MG": "Mammogram", "PT": "PET scan", "NM": "Nuclear scan",
-              "XA": "Angiogram", "RF": "Fluoroscopy", "IO": "Dental X-ray",
-              "PX": "Dental X-ray", "OP": "Eye scan", "OPT": "Eye scan", "ES": "Endoscopy",
-              "SM": "Microscope slide", "BMD": "Bone density scan", "ECG": "Heart tracing"}
+SCAN_WORDS = {"CT": _l("CT scan"), "MR": _l("MRI scan"), "CR": _l("X-ray"),
+              "DX": _l("X-ray"), "DR": _l("X-ray"), "US": _l("Ultrasound"),
+              "MG": _l("Mammogram"), "PT": _l("PET scan"), "NM": _l("Nuclear scan"),
+              "XA": _l("Angiogram"), "RF": _l("Fluoroscopy"), "IO": _l("Dental X-ray"),
+              "PX": _l("Dental X-ray"), "OP": _l("Eye scan"), "OPT": _l("Eye scan"),
+              "ES": _l("Endoscopy"), "SM": _l("Microscope slide"),
+              "BMD": _l("Bone density scan"), "ECG": _l("Heart tracing")}
 
 
 @bp.app_template_filter("plain_scan")
@@ -46,8 +49,8 @@ def plain_scan(modalities: str | None) -> str:
     """"CT\\SR" -> "CT scan": what kind of scan, in plain words ("Scan" when unknown)."""
     for code in (modalities or "").upper().replace("/", "\\").split("\\"):
         if code.strip() in SCAN_WORDS:
-            return SCAN_WORDS[code.strip()]
-    return "Scan"
+            return str(SCAN_WORDS[code.strip()])
+    return str(_l("Scan"))
 
 
 @bp.app_template_global("patient_pages")
@@ -115,12 +118,12 @@ class Opening:
 
 def _what(event: AuditEvent) -> str:
     if event.event_id == audit.USER_AUTHENTICATION[0]:
-        return "opened a link to your images"
+        return str(_l("opened a link to your images"))
     if event.event_id == audit.INSTANCES_TRANSFERRED[0] and event.action == "C":
-        return "added images"
+        return str(_l("added images"))
     if event.event_id in (audit.INSTANCES_TRANSFERRED[0], audit.EXPORT[0]):
-        return "downloaded your images or report"
-    return "looked at your images"
+        return str(_l("downloaded your images or report"))
+    return str(_l("looked at your images"))
 
 
 def image_openings(session: Session, principal: Principal,

@@ -6,6 +6,15 @@
 (function () {
   'use strict';
   var CHUNK = 256 * 1024;
+  // The page's words (portal/i18n.py JS_STRINGS; static/js/page_text.js for modules).
+  var pageStrings = {};
+  try { pageStrings = JSON.parse((document.getElementById('page-strings') || {}).textContent || '{}'); } catch (e) { pageStrings = {}; }
+  /** @param {string} words @param {Record<string, string | number>} [values] */
+  function pageText(words, values) {
+    return (pageStrings[words] || words).replace(/%\((\w+)\)s/g, function (_, key) {
+      return String((values || {})[key] == null ? '' : (values || {})[key]);
+    }).replace('%%', '%');
+  }
   var box = document.getElementById('uploader');
   var panel = document.getElementById('progress');
   var list = document.getElementById('files');
@@ -57,7 +66,7 @@
     bar.setAttribute('aria-label', name);
     var note = document.createElement('span');
     note.className = 'meta';
-    note.textContent = 'waiting';
+    note.textContent = pageText('waiting');
     row.append(label, bar, note);
     list.append(row);
     queue.push({file: file, name: name, sent: 0, row: row, bar: bar, note: note});
@@ -109,14 +118,14 @@
 
   async function send(item) {
     item.row.dataset.state = 'sending';
-    item.note.textContent = 'sending';
+    item.note.textContent = pageText('sending');
     var made = await request('POST', api, JSON.stringify({name: item.name, size: item.file.size}),
                              {'Content-Type': 'application/json'});
     if (made.status !== 201) {
       item.row.dataset.state = 'done';
       item.row.dataset.outcome = 'refused';
       counts.refused += 1;
-      item.note.textContent = 'Refused: ' + await failText(made);
+      item.note.textContent = pageText('Refused: %(reason)s', { reason: await failText(made) });
       return;
     }
     var info = await made.json();
@@ -126,7 +135,7 @@
       if (item.sent >= item.file.size) {
         // Every byte arrived but no outcome came back: the server is checking the file, or
         // the request that was to check it ended on the way. Wait, ask, and ask it to check.
-        item.note.textContent = 'checking';
+        item.note.textContent = pageText('checking');
         await sleep(1500);
         var status = await request('GET', url, undefined, {});
         var now = await status.json();
@@ -151,7 +160,7 @@
         // The server has another length (a piece was lost on the way): ask, then go on.
         if (answer.status >= 500) await sleep(2000);
         var asked = await request('GET', url, undefined, {});
-        if (!asked.ok) { item.note.textContent = 'Refused: ' + await failText(asked); return; }
+        if (!asked.ok) { item.note.textContent = pageText('Refused: %(reason)s', { reason: await failText(asked) }); return; }
         var state = await asked.json();
         if (state.state !== 'receiving') { results(item, state); return; }
         item.sent = state.received;
@@ -161,7 +170,7 @@
         item.row.dataset.state = 'done';
         item.row.dataset.outcome = 'refused';
         counts.refused += 1;
-        item.note.textContent = 'Refused: ' + await failText(answer);
+        item.note.textContent = pageText('Refused: %(reason)s', { reason: await failText(answer) });
         return;
       }
       var body = await answer.json();

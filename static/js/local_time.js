@@ -2,7 +2,7 @@
 // reader's own time zone and language; without JavaScript the UTC text stays.
 (function () {
   'use strict';
-  var format = new Intl.DateTimeFormat(undefined, {
+  var format = new Intl.DateTimeFormat(document.documentElement.lang || undefined, {
     weekday: 'short', day: 'numeric', month: 'short', year: 'numeric',
     hour: '2-digit', minute: '2-digit', timeZoneName: 'short',
   });

@@ -3,6 +3,15 @@
 // the doctor to the identity provider and back. The link-made page forgets the draft.
 (function () {
   'use strict';
+  // The page's words (portal/i18n.py JS_STRINGS; static/js/page_text.js for modules).
+  var pageStrings = {};
+  try { pageStrings = JSON.parse((document.getElementById('page-strings') || {}).textContent || '{}'); } catch (e) { pageStrings = {}; }
+  /** @param {string} words @param {Record<string, string | number>} [values] */
+  function pageText(words, values) {
+    return (pageStrings[words] || words).replace(/%\((\w+)\)s/g, function (_, key) {
+      return String((values || {})[key] == null ? '' : (values || {})[key]);
+    }).replace('%%', '%');
+  }
   var form = /** @type {HTMLFormElement | null} */ (document.getElementById('share-form'));
   if (!form) return;
   var draftKey = form.dataset.draft || 'share-draft';
@@ -26,10 +35,11 @@
     if (hint) {
       if (days.value && Number.isInteger(n) && n >= 1 && n <= Number(days.max)) {
         var until = new Date(Date.now() + n * 86400000);
-        hint.textContent = 'The link will work until ' + new Intl.DateTimeFormat(undefined, {
-          weekday: 'short', day: 'numeric', month: 'short', year: 'numeric',
-          hour: '2-digit', minute: '2-digit', timeZoneName: 'short',
-        }).format(until) + '.';
+        hint.textContent = pageText('The link will work until %(when)s.', {
+          when: new Intl.DateTimeFormat(document.documentElement.lang || undefined, {
+            weekday: 'short', day: 'numeric', month: 'short', year: 'numeric',
+            hour: '2-digit', minute: '2-digit', timeZoneName: 'short',
+          }).format(until)});
       } else {
         hint.textContent = '';
       }

@@ -6,6 +6,15 @@
 (function () {
   'use strict';
   var KEY = 'share-link-code';
+  // The page's words (portal/i18n.py JS_STRINGS; static/js/page_text.js for modules).
+  var pageStrings = {};
+  try { pageStrings = JSON.parse((document.getElementById('page-strings') || {}).textContent || '{}'); } catch (e) { pageStrings = {}; }
+  /** @param {string} words @param {Record<string, string | number>} [values] */
+  function pageText(words, values) {
+    return (pageStrings[words] || words).replace(/%\((\w+)\)s/g, function (_, key) {
+      return String((values || {})[key] == null ? '' : (values || {})[key]);
+    }).replace('%%', '%');
+  }
   var field = /** @type {HTMLInputElement} */ (document.getElementById('token'));
   var openBox = document.getElementById('open-box');
   var missing = document.getElementById('no-token');
@@ -41,12 +50,12 @@
       form.addEventListener('submit', function () {
         // One press, one attempt: a second tap while the page loads would count as another.
         window.setTimeout(function () { button.disabled = true; }, 0);
-        button.textContent = 'Opening…';
+        button.textContent = pageText('Opening…');
       });
       // Back to this page from the browser's cache: the button works again.
       window.addEventListener('pageshow', function () {
         button.disabled = false;
-        button.textContent = 'Show my images';
+        button.textContent = pageText('Show my images');
       });
     }
   }

@@ -1,13 +1,15 @@
 // Older studies load as the list scrolls. Without JavaScript the "Older" link pages instead.
 // Rows come from the server's own escaped HTML of the next page; nothing is built from text.
 
+import { pageText } from './page_text.js';
+
 const rows = document.getElementById('study-rows');
 let pager = document.getElementById('pager');
 
 /** @param {HTMLAnchorElement} link */
 async function loadMore(link) {
   link.setAttribute('aria-busy', 'true');
-  link.textContent = 'Loading…';
+  link.textContent = pageText('Loading…');
   try {
     const response = await fetch(link.href, { headers: { Accept: 'text/html' }, credentials: 'same-origin' });
     if (!response.ok) throw new Error(String(response.status));
@@ -22,7 +24,7 @@ async function loadMore(link) {
     watch();
   } catch {
     link.removeAttribute('aria-busy');
-    link.textContent = 'Older';
+    link.textContent = pageText('Older');
   }
 }
 

@@ -1,5 +1,6 @@
 // The full-screen viewer: server renditions on a canvas, gestures, windowing, reformats,
 // measurements. Data about the series comes inline (#viewer-data); images from /dicomweb.
+import { pageText } from './page_text.js';
 import { attachGestures } from './viewer/gestures.js';
 import { ImageStore } from './viewer/loader.js';
 import { loadStack } from './viewer/stack.js';
@@ -407,7 +408,7 @@ function overlay(shown) {
   else where = `${views[/** @type {'axial'} */ (state.view)]} · ${Math.round(state.positions[state.view] * 100)} %`;
   $('.slice').textContent = where;
   $('.wl').textContent = state.window ? `W ${round(state.window.width)} L ${round(state.window.center)}${shown && !shown.exact ? ' …' : ''}` : '';
-  $('.zoom').textContent = `${state.zoom.toFixed(state.zoom < 10 ? 1 : 0)}×${shown && !shown.full ? ' · preview' : ''}`;
+  $('.zoom').textContent = `${state.zoom.toFixed(state.zoom < 10 ? 1 : 0)}×${shown && !shown.full ? ` · ${pageText('preview')}` : ''}`;
   // The MIP and the 3D view turn in the patient's coordinates: letters on every angle.
   const m = state.view === '3d' ? turnView.letters()
     : state.view === 'mip' ? viewLetters(state.angle, 0) : markers(data.orientation, state.view, state.angle);
@@ -461,7 +462,7 @@ const building = document.createElement('div');
 building.className = 'building';
 building.hidden = true;
 building.setAttribute('role', 'progressbar');
-building.setAttribute('aria-label', 'Building 3D view');
+building.setAttribute('aria-label', pageText('Building 3D view'));
 building.setAttribute('aria-valuemin', '0');
 building.setAttribute('aria-valuemax', '100');
 const buildingText = document.createElement('span');
@@ -485,7 +486,7 @@ function showBuilding(share) {
   root.dataset.building = share === null ? '' : String(percent);
   if (share === null) return;
   building.setAttribute('aria-valuenow', String(percent));
-  /** @type {HTMLElement} */ (building.querySelector('.building-text')).textContent = `Building 3D view… ${percent} %`;
+  /** @type {HTMLElement} */ (building.querySelector('.building-text')).textContent = pageText('Building 3D view… %(percent)s %%', { percent });
   /** @type {HTMLElement} */ (building.querySelector('.building-bar span')).style.transform = `scaleX(${Math.max(share || 0, 0.02)})`;
 }
 
@@ -651,7 +652,7 @@ function reset() {
   setPressed('invert', false);
   /** @type {HTMLSelectElement} */ ($('select[name=preset]')).value = 'default';
   setWindow(defaultWindow);
-  say('View reset.');
+  say(pageText('View reset.'));
 }
 
 /** @param {string} name @param {boolean} on */
@@ -690,7 +691,7 @@ function startCine() {
   if (state.view !== 'stack' || frames.length < 2) return;
   state.playing = true; cineLast = 0; cineCarry = 0;
   const b = $('button[data-action=play]');
-  b.setAttribute('aria-pressed', 'true'); b.textContent = 'Pause';
+  b.setAttribute('aria-pressed', 'true'); b.textContent = pageText('Pause');
   cineHandle = requestAnimationFrame(cineTick);
 }
 function stopCine() {
@@ -698,7 +699,7 @@ function stopCine() {
   state.playing = false;
   cancelAnimationFrame(cineHandle);
   const b = $('button[data-action=play]');
-  b.setAttribute('aria-pressed', 'false'); b.textContent = 'Play';
+  b.setAttribute('aria-pressed', 'false'); b.textContent = pageText('Play');
 }
 
 async function saveJpeg() {
@@ -735,7 +736,7 @@ async function saveJpeg() {
   link.click();
   link.remove();
   setTimeout(() => URL.revokeObjectURL(link.href), 10000);
-  say('Image saved as JPEG.');
+  say(pageText('Image saved as JPEG.'));
 }
 
 // -- gestures ---------------------------------------------------------------------------------
@@ -900,7 +901,7 @@ viewSelect.addEventListener('change', () => { stopCine(); setView(viewSelect.val
 
 // The 3D view (viewer/volume3d.js): its style, or a MIP turned about two axes with a slab.
 const turnView = createTurnView({ stage, base, widths: data.widths, onChange: invalidate,
-  onTrouble: () => say('The 3D view could not be shown right now.') });
+  onTrouble: () => say(pageText('The 3D view could not be shown right now.')) });
 const styleSelect = /** @type {HTMLSelectElement | null} */ (root.querySelector('select[name=style3d]'));
 styleSelect?.addEventListener('change', () => {
   const [style, slab] = styleSelect.value.split(':');

@@ -5,6 +5,8 @@
 // Coordinates: the viewer's image space is x 0..1 across, y 0..ar down (ar: height / width);
 // the server's are image pixels, (0, 0) the top-left corner of the top-left pixel.
 
+import { pageText } from '../page_text.js';
+
 const SVGNS = 'http://www.w3.org/2000/svg';
 
 /** @typedef {{x: number, y: number}} Pt */
@@ -107,7 +109,7 @@ export function createMeasure(v) {
       const far = Math.hypot(a.x - b.x, a.y - b.y) > 8;
       if (d.kind === 'angle' && d.pts.length === 2) {
         if (!far) draft = null;
-        else v.say('Now drag from the corner along the second arm.');
+        else v.say(pageText('Now drag from the corner along the second arm.'));
         v.invalidate();
         return;
       }
@@ -175,27 +177,27 @@ export function createMeasure(v) {
         items.push({ sop: at[0], frame: at[1], kind: m.kind,
           points: (m.kind === 'ellipse' ? m.pts.slice(0, 2) : m.pts).map(toPixels), text: m.text.slice(0, 64) });
       }
-      if (!items.length) { v.say('Nothing new to save: draw a measurement first.'); return; }
-      v.say('Saving the measurements…');
+      if (!items.length) { v.say(pageText('Nothing new to save: draw a measurement first.')); return; }
+      v.say(pageText('Saving the measurements…'));
       try {
         const answer = await fetch(`/studies/${encodeURIComponent(data.study)}/measurements`, {
           method: 'POST', credentials: 'same-origin',
           headers: { 'Content-Type': 'application/json', 'X-CSRF-Token': csrf },
           body: JSON.stringify({ measurements: items.slice(0, 50) }),
         });
-        if (!answer.ok) { v.say('The measurements could not be saved. Please try again.'); return; }
+        if (!answer.ok) { v.say(pageText('The measurements could not be saved. Please try again.')); return; }
         for (const m of marks) m.saved = true;
         v.root.dataset.saved = String(items.length);
         v.say(`${items.length} measurement${items.length === 1 ? '' : 's'} saved with the study.`);
         v.invalidate();
       } catch {
-        v.say('No connection: the measurements are not saved yet.');
+        v.say(pageText('No connection: the measurements are not saved yet.'));
       }
     },
     /** Mark the image shown as a key image (a Key Object Selection document of the study). */
     async markKey(/** @type {string} */ key) {
       const at = v.frameOf(key);
-      if (!at) { v.say('Key images are marked on the slices view.'); return; }
+      if (!at) { v.say(pageText('Key images are marked on the slices view.')); return; }
       try {
         const answer = await fetch(`/studies/${encodeURIComponent(data.study)}/key-images`, {
           method: 'POST', credentials: 'same-origin',
@@ -206,7 +208,7 @@ export function createMeasure(v) {
           : 'The image could not be marked. Please try again.');
         if (answer.ok) v.root.dataset.keyMarked = at[0];
       } catch {
-        v.say('No connection: the image is not marked yet.');
+        v.say(pageText('No connection: the image is not marked yet.'));
       }
     },
     /** The measurements saved with the study, drawn on this series' images. */
