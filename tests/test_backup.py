@@ -1,9 +1,11 @@
 """`flask --app app backup DIR` and `restore DIR`: a round trip on SQLite and PostgreSQL onto a
-fresh instance, a backup taken while uploads run, and damaged backups refused whole."""
+fresh instance, a backup taken while uploads run, and damaged backups refused whole; studies
+waiting in the upload inbox travel with their quarantined files and are accepted afterwards."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +19,27 @@ from sqlalchemy import inspect, select
 from portal import create_app
 from portal.access.models import AuditEvent
 from portal.archive.models import CachedCopy, StoredObject
-from portal.index.models import Instance, Series, Study
-from tests.conftest import PostgresCluster, close_app, make_app, wait_for
+from portal.inbox.models import InboxStudy
+from portal.index.models import Instance, Patient, Series, Study
+from tests.conftest import (
+    OIDC_SETTINGS,
+    IdentityProvider,
+    PostgresCluster,
+    close_app,
+    csrf_of,
+    make_app,
+    signed_in,
+    wait_for,
+)
 from tests.factories import make_instance
+from tests.inbox.conftest import (
+    LOCAL_ID,
+    build_inbox,
+    make_upload_link,
+    open_link,
+    outside_instance,
+    upload,
+)
 
 KEY = "k" * 40  # AUDIT_CHECKPOINT_KEY: the checkpoint file travels with the backup
 
@@ -55,11 +75,11 @@ def _fill(app: Flask, studies: int = 2, per_study: int = 3) -> None:
         assert all(a.outcome == "stored" for a in answers)
 
 
-def _fresh(tmp_path: Path, name: str, url: str | None) -> Flask:
+def _fresh(tmp_path: Path, name: str, url: str | None, **extra: Any) -> Flask:
     """A fresh machine: an empty instance folder and an empty (not even migrated) database."""
     settings: dict[str, Any] = {"INSTANCE_PATH": str(tmp_path / name), "ENV": "test",
                                 "SECRET_KEY": "test-secret-key-that-is-long-enough-123456",
-                                "AUDIT_CHECKPOINT_KEY": KEY}
+                                "AUDIT_CHECKPOINT_KEY": KEY, **extra}
     if url:
         settings["DATABASE_URL"] = url
     (tmp_path / name).mkdir()
@@ -168,6 +188,93 @@ def test_a_backup_taken_while_uploads_run_is_consistent(source: Flask, tmp_path:
         verify = runner.invoke(args=["archive", "verify"])
         assert verify.exit_code == 0, verify.output
         assert len(_uids(target)) == manifest["counts"]["instance"]
+    finally:
+        close_app(target)
+
+
+def test_a_study_waiting_in_the_inbox_is_restored_and_accepted(
+        tmp_path: Path, database_url: str, idp: IdentityProvider,
+        request: pytest.FixtureRequest) -> None:
+    """An outside study uploaded through a patient's upload link waits in quarantine; after
+    backup and restore onto a fresh machine the office manager's inbox shows it and accepting
+    it moves it into the archive. An upload still arriving is left out, and the manifest says
+    so."""
+    signin = {"OIDC_ISSUER": idp.issuer, **OIDC_SETTINGS}
+    source = make_app(tmp_path / "source", database_url, AUDIT_CHECKPOINT_KEY=KEY, **signin)
+    try:
+        inbox = build_inbox(source, idp)
+        patient = source.test_client()
+        made = make_upload_link(source, inbox.doctor)
+        assert open_link(patient, made.token, made.pin).status_code == 303
+        outside = generate_uid()
+        answer = upload(patient, "CD/IM1", outside_instance(study=outside))
+        assert [r["outcome"] for r in answer["results"]] == ["kept"]
+        # A second file only half sent: its part file is not in the backup.
+        unfinished = patient.post("/inbox/api/files", json={"name": "CD/IM2", "size": 100},
+                                  headers={"Accept": "application/json"})
+        assert unfinished.status_code == 201
+        assert patient.put(f"/inbox/api/files/{unfinished.json['id']}", data=b"x" * 40,
+                           headers={"Accept": "application/json",
+                                    "Content-Range": "bytes 0-39/100"}).status_code == 200
+        quarantine = source.extensions["inbox"]
+        [kept] = list((quarantine.root / "kept").glob("??/*.dcm"))
+        with source.extensions["db"].new_session() as session:
+            [waiting] = session.scalars(select(InboxStudy.public_id).where(
+                InboxStudy.state == "waiting")).all()
+        result = source.test_cli_runner().invoke(args=["backup", str(tmp_path / "backup")])
+        assert result.exit_code == 0, result.output
+        assert "upload inbox: 1 waiting studies, 1 quarantined files" in result.output
+        assert "1 uploads still arriving left out" in result.output
+        target_url = _target_url(tmp_path, source, request)
+        refused_url = _target_url(tmp_path, source, request)
+    finally:
+        close_app(source)
+    manifest = json.loads((tmp_path / "backup" / "manifest.json").read_text())
+    assert manifest["inbox"] == {"files": [kept.stem], "waiting_studies": 1,
+                                 "unfinished_uploads_left_out": 1}
+    copied = tmp_path / "backup" / "inbox" / "kept" / kept.parent.name / kept.name
+    assert copied.read_bytes() == kept.read_bytes()
+    assert [p.name for p in (tmp_path / "backup").rglob("*") if p.is_file()
+            and p.name == unfinished.json["id"]] == []
+
+    # A damaged quarantined file: the restore is refused before anything is written.
+    shutil.copytree(tmp_path / "backup", tmp_path / "bad")
+    bad = tmp_path / "bad" / "inbox" / "kept" / kept.parent.name / kept.name
+    bad.write_bytes(bad.read_bytes()[:-1] + bytes([bad.read_bytes()[-1] ^ 1]))
+    refused_target = _fresh(tmp_path, "refused", refused_url)
+    try:
+        refused = refused_target.test_cli_runner().invoke(args=["restore", str(tmp_path / "bad")])
+        assert refused.exit_code == 1
+        assert f"quarantined file {kept.stem} does not match its SHA-256" in refused.output
+        assert not (refused_target.extensions["inbox"].root / "kept").exists()
+    finally:
+        close_app(refused_target)
+
+    target = _fresh(tmp_path, "target", target_url, **signin)
+    try:
+        restored = target.test_cli_runner().invoke(args=["restore", str(tmp_path / "backup")])
+        assert restored.exit_code == 0, restored.output
+        assert "1 quarantined inbox files" in restored.output
+        assert target.extensions["inbox"].kept_path(kept.stem).read_bytes() == kept.read_bytes()
+        manager = signed_in(target, idp, "om")
+        page = manager.get("/inbox")
+        assert page.status_code == 200 and f"/inbox/studies/{waiting}" in page.data.decode()
+        with target.extensions["db"].new_session() as session:
+            local = session.scalars(select(Patient.id)
+                                    .where(Patient.patient_id == LOCAL_ID)).one()
+        accepted = manager.post(f"/inbox/studies/{waiting}/accept",
+                                data={"csrf_token": csrf_of(manager), "patient": local})
+        assert accepted.status_code == 303
+        with target.extensions["db"].new_session() as session:
+            study = session.scalars(select(Study).where(
+                Study.study_instance_uid == outside)).one()
+            assert study.patient.patient_id == LOCAL_ID
+            [sop] = session.scalars(select(Instance.sop_instance_uid).join(Series)
+                                    .where(Series.study_fk == study.id)).all()
+        assert target.extensions["archive"].read(sop)  # its bytes are in the archive
+        assert not target.extensions["inbox"].kept_path(kept.stem).exists()
+        verify = target.test_cli_runner().invoke(args=["archive", "verify"])
+        assert verify.exit_code == 0 and "0 problem(s) found" in verify.output, verify.output
     finally:
         close_app(target)
 

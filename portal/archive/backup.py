@@ -9,6 +9,13 @@ files written after the snapshot are simply not in the backup, and everything th
 names is. Local copies of an external archive's instances are left out: their index rows are
 in the snapshot, their images live in the PACS and are fetched again on first use.
 
+The upload inbox's quarantine (``instance/inbox/``, docs/inbox.md) travels too: the files its
+``inbox_instance`` rows in the snapshot name, each checked against the SHA-256 that names it,
+go to ``inbox/kept/..``. Part files of uploads still arriving are left out (the manifest
+counts them; such an upload resumes from its first byte after a restore). The archive never
+imports ``portal.inbox`` (docs/architecture.md, contract ``inbox-apart``): the rows are read
+with SQL, the quarantine's folder comes from the app (``app.extensions["inbox"]``).
+
 The backup folder holds ``manifest.json`` (written last: a folder without it is not a
 backup), the database (``portal.db`` or ``database.dump``), ``archive/objects/..`` and the
 audit checkpoint file when there is one. Restore checks everything before it writes anything,
@@ -31,7 +38,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import click
 from alembic.script import ScriptDirectory
@@ -54,8 +61,20 @@ CHECKPOINTS = "audit-checkpoints.log"
 COUNTED = ("patient", "study", "series", "instance", "stored_object", "external_instance",
            "audit_event", "portal_user")
 # A database holding a row in any of these is not empty: restore needs --force.
-NOT_EMPTY_IF_ROWS = ("patient", "study", "stored_object", "audit_event", "portal_user")
+NOT_EMPTY_IF_ROWS = ("patient", "study", "stored_object", "audit_event", "portal_user",
+                     "inbox_study")
+INBOX_FOLDER = "inbox"
 _CHUNK = 1 << 20
+_HEX = frozenset("0123456789abcdef")
+
+
+class Quarantine(Protocol):
+    """What backup needs of the upload inbox's quarantine (``portal.inbox.quarantine``)."""
+
+    root: Path
+
+    def kept_path(self, sha256: str) -> Path:
+        """Where a quarantined file named by its SHA-256 is kept."""
 
 
 class BackupRefused(click.ClickException):
@@ -72,6 +91,11 @@ class Snapshot:
     audit_head: dict[str, Any] | None
     files: list[tuple[str, str, int]] = field(default_factory=list)
     external_copies_left_out: int = 0
+    # The upload inbox: SHA-256 of every quarantined file the rows name, waiting studies,
+    # uploads still arriving (their part files are not backed up).
+    inbox_files: list[str] = field(default_factory=list)
+    inbox_waiting: int = 0
+    inbox_unfinished: int = 0
 
 
 def _read_snapshot(conn: Connection) -> Snapshot:
@@ -87,13 +111,36 @@ def _read_snapshot(conn: Connection) -> Snapshot:
         "(SELECT sop_instance_uid FROM cached_copy) ORDER BY storage_key")]
     # Stored objects counted as backed up: without the external archive's local copies.
     counts["stored_object"] = len(files)
+    inbox: list[str] = []
+    waiting = unfinished = 0
+    if inspect(conn).has_table("inbox_instance"):  # a backup older than the inbox has none
+        inbox = [str(sha) for (sha,) in conn.exec_driver_sql(
+            "SELECT DISTINCT sha256 FROM inbox_instance ORDER BY sha256")]
+        waiting = int(scalar("SELECT count(*) FROM inbox_study WHERE state = 'waiting'") or 0)
+        unfinished = int(scalar("SELECT count(*) FROM inbox_file WHERE state = 'receiving'")
+                         or 0)
     return Snapshot(revision=str(scalar("SELECT version_num FROM alembic_version")),
                     counts=counts,
                     audit_head=None if head is None else {"count": int(head[0]),
                                                           "last_hash": head[1]},
                     files=files,
                     external_copies_left_out=int(scalar("SELECT count(*) FROM cached_copy")
-                                                 or 0))
+                                                 or 0),
+                    inbox_files=inbox, inbox_waiting=waiting, inbox_unfinished=unfinished)
+
+
+def _quarantine(app: Flask) -> Quarantine | None:
+    q: Quarantine | None = app.extensions.get("inbox")
+    return q
+
+
+def _valid_sha256(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
+
+
+def _inbox_key(sha256: str) -> str:
+    """A quarantined file's place in the backup folder, below ``inbox/``."""
+    return f"kept/{sha256[:2]}/{sha256}.dcm"
 
 
 def _sha256_of(path: Path) -> str:
@@ -214,6 +261,17 @@ def make_backup(app: Flask, folder: Path, *, link: bool = False) -> dict[str, An
                 raise BackupRefused(f"stored file {key} is missing (run archive verify)")
             _copy_checked(source, folder / "archive" / "objects" / key, sha, link=link)
             files[key] = sha
+    quarantine = _quarantine(app)
+    if snapshot.inbox_files and quarantine is None:
+        raise BackupRefused("the database names quarantined uploads but the inbox is not set up")
+    with _progress(snapshot.inbox_files, "Copying the inbox's quarantined files") as bar:
+        for sha in bar:
+            assert quarantine is not None  # checked above
+            source = quarantine.kept_path(sha)
+            if not source.is_file():
+                raise BackupRefused(f"quarantined file {sha} is missing (accepted or rejected "
+                                    "while the backup ran?): run the backup again")
+            _copy_checked(source, folder / INBOX_FOLDER / _inbox_key(sha), sha, link=link)
     checkpoints = audit.checkpoints_from(app.config["PORTAL"], app.instance_path)
     checkpoint_sha = None
     if checkpoints is not None and checkpoints.path.is_file():
@@ -228,6 +286,8 @@ def make_backup(app: Flask, folder: Path, *, link: bool = False) -> dict[str, An
         "audit_chain_head": snapshot.audit_head, "audit_checkpoints_sha256": checkpoint_sha,
         "external_copies_left_out": snapshot.external_copies_left_out,
         "files": files,
+        "inbox": {"files": snapshot.inbox_files, "waiting_studies": snapshot.inbox_waiting,
+                  "unfinished_uploads_left_out": snapshot.inbox_unfinished},
     }
     temp = folder / (MANIFEST + ".part")
     temp.write_text(json.dumps(manifest, indent=1, sort_keys=True), encoding="utf-8")
@@ -297,6 +357,12 @@ def backup_command(folder: Path, link: bool) -> None:
     if manifest["external_copies_left_out"]:
         click.echo(f"{manifest['external_copies_left_out']} local copies of the external "
                    "archive's instances left out (fetched again on first use)")
+    inbox = manifest["inbox"]
+    click.echo(f"upload inbox: {inbox['waiting_studies']} waiting studies, "
+               f"{len(inbox['files'])} quarantined files")
+    if inbox["unfinished_uploads_left_out"]:
+        click.echo(f"{inbox['unfinished_uploads_left_out']} uploads still arriving left out "
+                   "(their senders resume them from the start)")
 
 
 # -- restore ----------------------------------------------------------------------------------
@@ -322,6 +388,13 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             raise BackupRefused(f"{MANIFEST} lacks {key!r}: not a backup of this portal")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in manifest["files"].items()):
         raise BackupRefused(f"{MANIFEST} lists its files wrongly: not a backup of this portal")
+    # Backups made before the inbox was backed up have no "inbox": nothing to bring back.
+    inbox = manifest.setdefault("inbox", {"files": [], "waiting_studies": 0,
+                                          "unfinished_uploads_left_out": 0})
+    if not isinstance(inbox, dict) or not isinstance(inbox.get("files"), list) \
+            or not all(_valid_sha256(sha) for sha in inbox["files"]):
+        raise BackupRefused(f"{MANIFEST} lists the inbox's files wrongly: not a backup of "
+                            "this portal")
     return manifest
 
 
@@ -361,6 +434,14 @@ def _check_backup(folder: Path, manifest: dict[str, Any], engine: Engine, url: s
             if _sha256_of(path) != sha:
                 raise BackupRefused(f"archive file {key} does not match its SHA-256: the "
                                     "backup was changed or damaged")
+    with _progress(list(manifest["inbox"]["files"]), "Checking the inbox's files") as bar:
+        for sha in bar:
+            path = folder / INBOX_FOLDER / _inbox_key(sha)
+            if not path.is_file():
+                raise BackupRefused(f"quarantined file {sha} is missing from the backup")
+            if _sha256_of(path) != sha:
+                raise BackupRefused(f"quarantined file {sha} does not match its SHA-256: the "
+                                    "backup was changed or damaged")
     expected = manifest.get("audit_checkpoints_sha256")
     if expected is not None:
         path = folder / CHECKPOINTS
@@ -390,6 +471,11 @@ def restore_backup(app: Flask, folder: Path, *, force: bool = False) -> dict[str
     _check_backup(folder, manifest, engine, url)
     store = current_archive().store
     present = set(store.keys())
+    quarantine = _quarantine(app)
+    inbox_files: list[str] = manifest["inbox"]["files"]
+    if inbox_files and quarantine is None:
+        raise BackupRefused("the backup holds quarantined uploads but the inbox is not set up")
+    kept_now = _kept_files(quarantine)
     checkpoints = audit.checkpoints_from(app.config["PORTAL"], app.instance_path)
     if not force:
         reasons = []
@@ -397,6 +483,8 @@ def restore_backup(app: Flask, folder: Path, *, force: bool = False) -> dict[str
             reasons.append("the database holds data")
         if present:
             reasons.append(f"the archive folder holds {len(present)} file(s)")
+        if kept_now:
+            reasons.append(f"the inbox's quarantine holds {len(kept_now)} file(s)")
         if checkpoints is not None and checkpoints.path.is_file() \
                 and checkpoints.path.stat().st_size:
             reasons.append(f"{checkpoints.path.name} exists")
@@ -406,6 +494,7 @@ def restore_backup(app: Flask, folder: Path, *, force: bool = False) -> dict[str
                                 "what is there")
     files: dict[str, str] = manifest["files"]
     added: list[str] = []
+    inbox_added: list[Path] = []
     try:
         store.ensure()
         with _progress(sorted(files.items()), "Restoring archive files") as bar:
@@ -417,6 +506,18 @@ def restore_backup(app: Flask, folder: Path, *, force: bool = False) -> dict[str
                 if key not in present:
                     added.append(key)
         store.sync_folders(added)
+        with _progress(list(inbox_files), "Restoring the inbox's files") as bar:
+            for sha in bar:
+                assert quarantine is not None  # checked above
+                target = quarantine.kept_path(sha)
+                if target in kept_now and _sha256_of(target) == sha:
+                    continue
+                _copy_checked(folder / INBOX_FOLDER / _inbox_key(sha), target, sha,
+                              link=False)
+                if target not in kept_now:
+                    inbox_added.append(target)
+        for parent in {path.parent for path in inbox_added}:
+            _fsync_dir(parent)
         click.echo("restoring the database", err=True)
         app.extensions["db"].dispose()
         if engine.dialect.name == "sqlite":
@@ -429,6 +530,8 @@ def restore_backup(app: Flask, folder: Path, *, force: bool = False) -> dict[str
     except BaseException:
         for key in added:
             store.delete(key)
+        for path in inbox_added:
+            path.unlink(missing_ok=True)
         raise
     _after_restore(app, engine, manifest)
     if checkpoints is not None and manifest.get("audit_checkpoints_sha256"):
@@ -437,6 +540,9 @@ def restore_backup(app: Flask, folder: Path, *, force: bool = False) -> dict[str
     if force:
         for key in present - set(files):
             store.delete(key)
+        if quarantine is not None:  # quarantined files no restored row names
+            for path in kept_now - {quarantine.kept_path(sha) for sha in inbox_files}:
+                path.unlink(missing_ok=True)
     upgrade_database(app)  # a backup of an older schema revision: bring it to this version's
     audit.record(app.extensions["db"], audit.APPLICATION_ACTIVITY, action="E",
                  outcome=audit.OUTCOME_SUCCESS, who="cli:restore", source_address="cli",
@@ -445,6 +551,13 @@ def restore_backup(app: Flask, folder: Path, *, force: bool = False) -> dict[str
     # Chained now (PostgreSQL seals in the background): `audit verify` next finds it sealed.
     audit.seal(app.extensions["db"], wait=True)
     return manifest
+
+
+def _kept_files(quarantine: Quarantine | None) -> set[Path]:
+    """The quarantined files there are now (part files of arriving uploads aside)."""
+    if quarantine is None:
+        return set()
+    return set((quarantine.root / "kept").glob("??/*.dcm"))
 
 
 def _restore_sqlite(engine: Engine, source: Path) -> None:
@@ -479,6 +592,9 @@ def _after_restore(app: Flask, engine: Engine, manifest: dict[str, Any]) -> None
                             f"says {manifest['counts']}")
     if restored.audit_head != manifest.get("audit_chain_head"):
         raise BackupRefused("the restored audit chain ends elsewhere than the manifest says")
+    if manifest["inbox"]["files"] and restored.inbox_files != manifest["inbox"]["files"]:
+        raise BackupRefused("the restored inbox names other quarantined files than the "
+                            "manifest says")
 
 
 @click.command("restore")
@@ -493,7 +609,9 @@ def restore_command(folder: Path, force: bool) -> None:
                               folder, force=force)
     counts = manifest["counts"]
     click.echo(f"restored {counts['study']} studies, {counts['instance']} instances, "
-               f"{len(manifest['files'])} files, {counts['audit_event']} audit records "
+               f"{len(manifest['files'])} files, "
+               f"{len(manifest['inbox']['files'])} quarantined inbox files, "
+               f"{counts['audit_event']} audit records "
                f"(backup of {manifest.get('created_at')}); now run archive verify and "
                "audit verify")
 
