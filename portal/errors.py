@@ -48,8 +48,11 @@ def error_response(status: int, reason: str, headers: dict[str, str] | None = No
     elif _wants_json():
         response = jsonify(error=reason, status=status)
     else:
+        # The language switch of an error page leads home: the page echoes nothing of the
+        # request (its path may name a study the reader may not see).
         response = Response(render_template("error.html", status=status,
-                                            reason=_PAGE_WORDS.get(reason, reason)),
+                                            reason=_PAGE_WORDS.get(reason, reason),
+                                            language_back="/"),
                             mimetype="text/html")
     response.status_code = status
     for key, value in (headers or {}).items():

@@ -75,8 +75,11 @@ def test_the_portals_own_views_carry_the_marks_the_lists_used_to_name(app: Flask
                          "reports.report_pdf_view"}
     visible = {e for e, (shared, _) in marks.items()
                if shared and not e.startswith("sharing.")}
+    # Since: a visitor reads saved measurements and measures a region (issue 20), compares
+    # with a prior his link opens, and chooses his language (issue 21).
     assert visible == {"studies.study_page", "studies.viewer", "studies.download_study",
-                       "reports.report_pdf_view"}
+                       "reports.report_pdf_view", "measurements.saved", "measurements.region",
+                       "studies.compare", "i18n.choose_language"}
     assert getattr(app.blueprints["dicomweb"], "portal_share_reads", False)
     assert not any(getattr(bp, "portal_share_reads", False)
                    for name, bp in app.blueprints.items() if name != "dicomweb")
