@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -487,6 +488,10 @@ def validate(config: dict[str, Any]) -> None:
             # Report-ready notices leave outside any request: only this gives their link a host.
             raise ConfigError("PUBLIC_URL: required in production with SMTP_URL or "
                               "SMS_WEBHOOK_URL (the links in notices need the portal's address)")
+    try:
+        ZoneInfo(config["TIMEZONE"])
+    except (ValueError, ZoneInfoNotFoundError) as exc:
+        raise ConfigError(f"TIMEZONE: not an IANA time zone: {config['TIMEZONE']!r}") from exc
     if config["OIDC_ISSUER"] and not (config["OIDC_CLIENT_ID"] and config["OIDC_CLIENT_SECRET"]):
         raise ConfigError("OIDC_CLIENT_ID: required with OIDC_ISSUER (and OIDC_CLIENT_SECRET)")
     for key in ("SESSION_IDLE_MINUTES", "SESSION_ABSOLUTE_HOURS", "RECENT_AUTH_MINUTES",

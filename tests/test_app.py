@@ -25,7 +25,9 @@ PUBLIC = {"health.healthz", "health.readyz", "studies.home", "static", "auth.log
           # upload links: the landing page, the exchange, the upload page and the chunk API
           # (they check the upload session or the signed-in uploader themselves; docs/inbox.md)
           "inbox.link_landing", "inbox.link_exchange", "inbox.link_upload",
-          "inbox_api.announce_file", "inbox_api.file_status", "inbox_api.file_chunk"}
+          "inbox_api.announce_file", "inbox_api.file_status", "inbox_api.file_chunk",
+          # the language switch at every page's foot: anyone may choose (docs/i18n.md)
+          "i18n.choose_language"}
 
 
 def test_health_and_readiness(client: FlaskClient) -> None:

@@ -28,6 +28,7 @@ from flask import (
     url_for,
 )
 from flask_babel import gettext as _
+from flask_babel import ngettext
 from sqlalchemy import select
 from werkzeug.wrappers import Response as BaseResponse
 
@@ -121,8 +122,8 @@ def link_exchange() -> BaseResponse:
     token = request.form.get("token", "").strip()[:200]
     if count > settings["SHARE_ATTEMPTS_PER_ADDRESS"]:
         return Response(render_template("inbox/landing.html", token=token,
-                                        message="Too many tries from here. Please wait ten "
-                                                "minutes."), status=429)
+                                        message=_("Too many tries from here. Please wait ten "
+                                                  "minutes.")), status=429)
     pin = request.form.get("pin", "").strip()[:32]
     try:
         cookie, link = links.exchange(db, share_policy(), token=token, pin=pin,
@@ -131,11 +132,11 @@ def link_exchange() -> BaseResponse:
         return Response(render_template("inbox/ended.html"), status=404)
     except links.PinRequired:
         return Response(render_template("inbox/landing.html", token=token,
-                                        message="Please enter the PIN you were given."),
+                                        message=_("Please enter the PIN you were given.")),
                         status=401)
     except links.WrongPin as wrong:
-        text = (f"That PIN is not right. You can try {wrong.remaining} more "
-                f"time{'s' if wrong.remaining != 1 else ''}.")
+        text = ngettext("That PIN is not right. You can try %(num)d more time.",
+                        "That PIN is not right. You can try %(num)d more times.", wrong.remaining)
         return Response(render_template("inbox/landing.html", token=token, message=text),
                         status=401)
     except links.LinkLocked:

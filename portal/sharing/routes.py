@@ -208,11 +208,11 @@ def exchange() -> BaseResponse:
         return unavailable()
     except service.PinRequired:
         return Response(render_template("sharing/landing.html", token=token,
-                                        message="Please enter the PIN you were given."),
+                                        message=_("Please enter the PIN you were given.")),
                         status=401)
     except service.WrongPin as wrong:
-        text = (f"That PIN is not right. You can try {wrong.remaining} more "
-                f"time{'s' if wrong.remaining != 1 else ''}.")
+        text = ngettext("That PIN is not right. You can try %(num)d more time.",
+                        "That PIN is not right. You can try %(num)d more times.", wrong.remaining)
         return Response(render_template("sharing/landing.html", token=token, message=text),
                         status=401)
     except service.LinkLocked:
