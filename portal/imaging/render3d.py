@@ -378,7 +378,7 @@ def check_view(azimuth: float, elevation: float, zoom: float, slab_mm: float,
 def image_size(rendition: Rendition, quality: str) -> tuple[int, int]:
     """(pixels rendered across, pixels sent across): low quality renders fewer and scales
     up; the full view renders at most 384 across (the volume is built <= 256 wide)."""
-    wanted = rendition.width or 512
+    wanted = min(rendition.width or 512, 2048)  # a viewport may ask up to 8192
     if quality == "low":
         return min(wanted, 160), wanted
     return min(wanted, 384), wanted
