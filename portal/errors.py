@@ -40,7 +40,8 @@ _PAGE_WORDS = {
 }
 
 
-def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> Response:
+def error_response(status: int, reason: str, headers: dict[str, str] | None = None,
+                   page_reason: str | None = None) -> Response:
     """A clear error answer: ``{"error": reason}``, an OperationOutcome under ``/fhir``
     (FHIR R4 http.html: every error there is one), or the error page."""
     if is_fhir_path(request.path):
@@ -51,7 +52,7 @@ def error_response(status: int, reason: str, headers: dict[str, str] | None = No
         # The language switch of an error page leads home: the page echoes nothing of the
         # request (its path may name a study the reader may not see).
         response = Response(render_template("error.html", status=status,
-                                            reason=_PAGE_WORDS.get(reason, reason),
+                                            reason=page_reason or reason,
                                             language_back="/"),
                             mimetype="text/html")
     response.status_code = status
@@ -65,7 +66,8 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http(exc: HTTPException) -> Response:
-        response = error_response(exc.code or 500, exc.description or exc.name)
+        reason = exc.description or exc.name
+        response = error_response(exc.code or 500, reason, page_reason=_PAGE_WORDS.get(reason))
         # Added one by one: a 401 carries two WWW-Authenticate challenges (Bearer and Basic).
         for key, value in exc.get_headers() if exc.response is None else []:
             if key != "Content-Type":

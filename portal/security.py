@@ -5,11 +5,22 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import secrets
+from datetime import date
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import Flask, Response, abort, current_app, g, request, session
+from flask import (
+    Flask,
+    Response,
+    abort,
+    current_app,
+    g,
+    has_request_context,
+    request,
+    session,
+)
 from flask.json.provider import DefaultJSONProvider
+from flask_babel import format_date, get_locale
 
 from portal.log import FROM_TRUSTED_PROXY
 
@@ -23,9 +34,18 @@ def csp_nonce() -> str:
 
 
 def dicom_date(value: str | None) -> str:
-    """A DICOM DA value (YYYYMMDD) as YYYY-MM-DD for people; anything else unchanged."""
+    """A DICOM DA value (YYYYMMDD) for people: YYYY-MM-DD in English (unambiguous for every
+    English reader), the locale's own date elsewhere (02.01.2026, 2 janv. 2026; docs/i18n.md);
+    anything else unchanged."""
     text = (value or "").strip()
     if len(text) == 8 and text.isdigit():
+        locale = get_locale() if has_request_context() else None
+        if locale is not None and locale.language != "en":
+            try:
+                day = date(int(text[:4]), int(text[4:6]), int(text[6:]))
+            except ValueError:
+                return text
+            return str(format_date(day, "medium"))
         return f"{text[:4]}-{text[4:6]}-{text[6:]}"
     return text
 

@@ -62,6 +62,7 @@ def unmarked(text: str) -> bool:
     if MARKS.search(text):
         return False
     rest = text
+    rest = re.sub(r"\b\d{1,2}\.? [A-Za-z]{3,5}\.? \d{4}\b", " ", rest)  # a date: 2 Jan 2026
     for data in sorted(DATA, key=len, reverse=True):
         rest = rest.replace(data, " ")
     rest = re.sub(r"\b[0-9][0-9.\-:/ ]*\b|\b[A-Z0-9]+(?:-[A-Z0-9]+)+\b|\S+@\S+|https?://\S+"
@@ -111,4 +112,5 @@ def test_unmarked_tells_data_from_words() -> None:
     assert unmarked("3 studies")
     assert not unmarked("⟦Šĥàŕé⟧")
     assert not unmarked("Jane Doe · 2024-05-01")
+    assert not unmarked("2 Jan 2026 · CT")
     assert not unmarked("1.2.840.10008.5.1.4.1.1.2")
