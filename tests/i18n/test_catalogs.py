@@ -106,3 +106,25 @@ def test_pages_answer_in_the_language_of_the_browser_and_of_the_switch(app: Flas
     outside = client.post("/language", data={"language": "de", "next": "https://evil.test/"},
                           headers={"Sec-Fetch-Site": "same-origin"})
     assert outside.headers["Location"] == "/"
+
+
+def test_a_reason_on_the_error_page_is_escaped_in_every_language(app: Flask) -> None:
+    """The error page translates a reason it is given; a reason that carries the request's
+    words (an unknown attribute, a name) is still escaped, in any language."""
+    from portal.access.policy import public
+    from portal.failures import Invalid
+
+    @public
+    def probe() -> str:
+        from flask import request
+
+        raise Invalid(f"unknown attribute {request.args.get('x', '')}")
+
+    app.add_url_rule("/_i18n_probe", "i18n_probe", probe)
+    for language in ("en", *COMPLETE):
+        page = app.test_client().get("/_i18n_probe?x=<b>bold</b>",
+                                     headers={"Accept": "text/html",
+                                              "Accept-Language": language})
+        assert page.status_code == 400
+        text = page.get_data(as_text=True)
+        assert "<b>bold</b>" not in text and "&lt;b&gt;bold&lt;/b&gt;" in text
