@@ -144,7 +144,7 @@ def _pn_match(column: Any, value: str, fuzzy: bool) -> ColumnElement[bool]:
     """
     name = func.rtrim(func.lower(column), "^= ")
     if not fuzzy:
-        return _text_match(name, value.rstrip("^= ").lower(), insensitive=False)
+        return _text_match(name, value.rstrip("^= ").lower(), insensitive=False, folded=True)
     if column is Patient.patient_name:
         # The index keeps the patient's name words folded: accents do not count either.
         folded = [_like_pattern(w.rstrip("*")) for w in search_words(value) if w.strip("*")]
@@ -153,7 +153,7 @@ def _pn_match(column: Any, value: str, fuzzy: bool) -> ColumnElement[bool]:
     words = [w for w in value.lower().replace("^", " ").replace("=", " ").replace(",", " ")
              .split() if w.strip("*")]
     if not words:
-        return _text_match(name, value.lower(), insensitive=False)
+        return _text_match(name, value.lower(), insensitive=False, folded=True)
     conditions = []
     for word in words:
         pattern = _like_pattern(word.rstrip("*"))
@@ -169,12 +169,16 @@ def _regex(value: str) -> str:
     return "^" + "".join(parts) + "$"
 
 
-def _text_match(column: Any, value: str, insensitive: bool) -> ColumnElement[bool]:
+def _text_match(column: Any, value: str, insensitive: bool,
+                folded: bool = False) -> ColumnElement[bool]:
+    """``folded``: the column is already lower-cased in SQL and the value in Python, so no
+    ASCII capital is left on either side and SQLite's case-blind LIKE compares exactly as
+    PostgreSQL's LIKE does (a person name, PS3.4 C.2.2.2.4: matched ignoring case)."""
     target = func.lower(column) if insensitive else column
     needle = value.lower() if insensitive else value
     if "*" in needle or "?" in needle:
         like = target.like(_like_pattern(needle), escape="\\")
-        if insensitive:
+        if insensitive or folded:
             return like
         # SQLite's LIKE ignores ASCII case; the exact match does not: the regular expression
         # (case-sensitive everywhere) makes both agree, LIKE keeps the indexes usable.

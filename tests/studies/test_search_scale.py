@@ -82,8 +82,9 @@ def test_contains_searches_can_use_trigram_indexes_on_postgresql(pg_app: Flask) 
     plans = _plans(pg_app, StudySearch(text="x-12"))
     for index in TRIGRAM_INDEXES:  # patient ID, accession number and name words
         assert index in plans, plans
-    # Only the study that matched is checked for access, looked up by its id.
-    assert "pk_study" in plans, plans
+    # Only the study that matched is checked for access, looked up by its id (the primary
+    # key, or the covering index of studies by id, date, time and patient: migration 0020).
+    assert "pk_study" in plans or "ix_study_id_date_time_patient" in plans, plans
 
 
 def _fill(app: Flask) -> tuple[Principal, list[dict[str, str]]]:
@@ -157,8 +158,11 @@ def test_few_or_many_matches_give_the_same_pages(any_db_app: Flask,
     for query, options in cases:
         expected = _expected(studies, query, **options)
         search = StudySearch(text=query, **options)
-        for few in (1000, 3, 0):  # all by id; some by id, some walked; all walked
+        for few, few_visible in ((1000, 10), (3, 10), (0, 10), (3, 0), (0, 0)):
+            # all by id; some by id, some tested on the visible ids (or, with more visible
+            # studies than few_visible, walked); all tested on the visible ids; all walked
             monkeypatch.setattr(service, "FEW_MATCHES", few)
-            assert pages(search) == expected, (query, options, few)
+            monkeypatch.setattr(service, "FEW_VISIBLE", few_visible)
+            assert pages(search) == expected, (query, options, few, few_visible)
     assert _expected(studies, "smith")  # the cases find something
     assert len(_expected(studies, "1")) > 4  # and more than a page
