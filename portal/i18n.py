@@ -43,7 +43,7 @@ SUPPORTED: dict[str, str] = {"en": "English", "de": "Deutsch", "fr": "Français"
                              "es": "Español"}
 # Catalogs with every msgid translated (tests/i18n/test_catalogs.py holds them to it); a
 # language joins this list when its translator has finished it.
-COMPLETE: tuple[str, ...] = ("de", "es")
+COMPLETE: tuple[str, ...] = ("de", "fr", "es")
 PSEUDO_LONG = "eo"
 PSEUDO_RTL = "yi"
 PSEUDO: tuple[str, ...] = (PSEUDO_LONG, PSEUDO_RTL)
@@ -129,7 +129,8 @@ JS_STRINGS = (
     _l("The measurements could not be saved. Please try again."),
     _l("No connection: the measurements are not saved yet."),
     _l("Key images are marked on the slices view."),
-    _l("No connection: the image is not marked yet."),
+    _l("No connection: the image is not marked yet."), _l("(no pixel spacing)"),
+    _l("(approx., at detector)"),
 )
 
 

@@ -17,3 +17,14 @@ export function pageText(words, values = {}) {
     .replace(/%\((\w+)\)s/g, (_, key) => String(values[key] ?? ''))
     .replace('%%', '%');
 }
+
+/**
+ * A number as the page's language writes it (12,5 in German, 12.5 in English).
+ * @param {number} value
+ * @param {number} digits fraction digits
+ */
+export function number(value, digits) {
+  return new Intl.NumberFormat(document.documentElement.lang || undefined, {
+    minimumFractionDigits: digits, maximumFractionDigits: digits, useGrouping: false,
+  }).format(value);
+}

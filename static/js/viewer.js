@@ -1,6 +1,6 @@
 // The full-screen viewer: server renditions on a canvas, gestures, windowing, reformats,
 // measurements. Data about the series comes inline (#viewer-data); images from /dicomweb.
-import { pageText } from './page_text.js';
+import { number, pageText } from './page_text.js';
 import { attachGestures } from './viewer/gestures.js';
 import { ImageStore } from './viewer/loader.js';
 import { loadStack } from './viewer/stack.js';
@@ -354,10 +354,10 @@ function label(a, b) {
   const mm = lengthMm(a, b, field());
   if (mm === null) {
     const px = Math.hypot((b.x - a.x) * (data.columns || 1), (b.y - a.y) * (data.columns || 1));
-    return `${px.toFixed(0)} px (no pixel spacing)`;
+    return `${number(px, 0)} px ${pageText('(no pixel spacing)')}`;
   }
   const approx = data.spacingSource === 'detector' && state.view === 'stack';
-  return `${approx ? '≈ ' : ''}${mm.toFixed(1)} mm${approx ? ' (approx., at detector)' : ''}`;
+  return `${approx ? '≈ ' : ''}${number(mm, 1)} mm${approx ? ` ${pageText('(approx., at detector)')}` : ''}`;
 }
 
 // Angles and regions (values from the stored pixels) and saved measurements: viewer/measure.js.

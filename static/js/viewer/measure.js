@@ -5,7 +5,7 @@
 // Coordinates: the viewer's image space is x 0..1 across, y 0..ar down (ar: height / width);
 // the server's are image pixels, (0, 0) the top-left corner of the top-left pixel.
 
-import { pageText } from '../page_text.js';
+import { number, pageText } from '../page_text.js';
 
 const SVGNS = 'http://www.w3.org/2000/svg';
 
@@ -42,7 +42,7 @@ export function createMeasure(v) {
   }
 
   /** @param {number} n */
-  const fmt = (n) => (Math.abs(n) >= 100 ? n.toFixed(0) : n.toFixed(1));
+  const fmt = (n) => number(n, Math.abs(n) >= 100 ? 0 : 1);
 
   /** The words beside a region, from the server's answer. */
   function regionText(/** @type {any} */ r) {
