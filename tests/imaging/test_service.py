@@ -156,9 +156,10 @@ def test_rendered_image_keys_name_content_and_rendition_only(app: Flask) -> None
         assert render_cache().get(f"window:v{RENDER_VERSION}:{sha256}") == (
             f"{window.center!r},{window.width!r}".encode())
 
-        # Volume views keep the key they always had (content key, rendition, view, place).
+        # Volume views are keyed by content key, rendition, view and place, and the version of
+        # their drawing (v3 since the MIP is framed on the volume's diagonal, issue 20).
         view = volume_image("c" * 64, [], "axial", 0.5, 0.0, png)
-        assert view.key == png.cache_key("c" * 64, 0) + ":axial:0.5:0.0:v2"
+        assert view.key == png.cache_key("c" * 64, 0) + ":axial:0.5:0.0:v3"
 
 
 def test_colour_images_have_no_series_window(app: Flask) -> None:
