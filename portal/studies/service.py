@@ -114,8 +114,8 @@ def _visible_matches(session: Session, principal: Principal,
     indexes), then the match is tested on those rows only, by id.
 
     Left to itself, PostgreSQL cannot estimate how many studies the match keeps (an OR
-    of a subquery and an ILIKE gets a default selectivity of one half, against 3 % for
-    "smith jo"), so it may walk every study by date or scan them all to find a page of a
+    of a hashed subquery and an ILIKE gets a default selectivity, far above the 3 % of
+    "smith jo"), so it may walk the studies by date or scan them all to find a page of a
     person's matches: 1.0-1.5 s at 1,000,000 studies, or 0.1-0.2 s, depending on the
     fill's statistics (benchmarks/README.md, the index at 1,000,000 studies). Same rows
     either way; more than FEW_VISIBLE visible studies keep the single statement."""
