@@ -70,9 +70,10 @@ def create_grant(session: Session, actor: Principal, *, user_id: int,
         patient_fk, patient_text = record.id, record.patient_id
     else:
         patients = list(session.scalars(select(Patient).where(Patient.patient_id == patient_id)))
-        if len(patients) != 1:
-            raise UserError("no such patient" if not patients else
-                            "several patients have this ID; grant a study instead")
+        if not patients:
+            raise UserError("no such patient")
+        if len(patients) > 1:
+            raise UserError("several patients have this ID; grant a study instead")
         patient_fk, patient_text = patients[0].id, patients[0].patient_id
     grant = Grant(user_fk=user.id, study_instance_uid=study_uid or None, patient_fk=patient_fk,
                   reason=reason, break_glass=break_glass, granted_by=actor.audit_name,
@@ -216,8 +217,10 @@ def link_patient(session: Session, actor: Principal, user_id: int, patient_id: s
     """Let a patient account see the studies of one patient record."""
     user = _user(session, user_id)
     patients = list(session.scalars(select(Patient).where(Patient.patient_id == patient_id)))
-    if len(patients) != 1:
-        raise UserError("no such patient" if not patients else "several patients have this ID")
+    if not patients:
+        raise UserError("no such patient")
+    if len(patients) > 1:
+        raise UserError("several patients have this ID")
     session.add(PatientLink(user_fk=user.id, patient_fk=patients[0].id))
     _audit_change(session, actor, audit.USER_SECURITY_CHANGED,
                   {"user": f"{user.issuer}|{user.subject}", "patient_link": True},
