@@ -15,7 +15,12 @@ from portal import audit, failures
 from portal.access.principal import Principal
 from portal.db import Database, utcnow
 from portal.inbox.models import UploadLink, UploadSession
+
+# The PIN answers are share links' own: the same rules, the same words (docs/security.md 16).
+from portal.sharing.service import LinkLocked as LinkLocked
+from portal.sharing.service import PinRequired as PinRequired
 from portal.sharing.service import SharePolicy
+from portal.sharing.service import WrongPin as WrongPin
 from portal.sharing.tokens import (
     hash_pin,
     looks_like_token,
@@ -36,30 +41,6 @@ class LinkUnavailable(failures.NotFound):
     """Unknown, expired, revoked or locked: one answer for all (docs/security.md 16)."""
 
     default_reason = "this upload link is not valid (any more)"
-
-
-class PinRequired(failures.PortalError):
-    """No PIN was sent (not counted)."""
-
-    status = 401
-    default_reason = "enter the PIN you were given"
-
-
-class WrongPin(failures.PortalError):
-    """The PIN did not match; ``remaining`` attempts are left."""
-
-    status = 401
-
-    def __init__(self, remaining: int) -> None:
-        super().__init__("wrong PIN")
-        self.remaining = remaining
-
-
-class LinkLocked(failures.PortalError):
-    """Too many wrong PINs: the link is locked from now on."""
-
-    status = 403
-    default_reason = "this link is locked"
 
 
 @dataclass(frozen=True)
