@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -83,9 +84,17 @@ def zip_sources(path: Path, *, max_entries: int, max_ratio: int,
 
     def reader(info: zipfile.ZipInfo) -> Callable[[], bytes]:
         def read() -> bytes:
-            with zipfile.ZipFile(path) as zf, zf.open(info) as fh:
-                # The declared size may lie; never read more than the limit allows.
-                data = fh.read(max_entry_bytes + 1)
+            try:
+                with zipfile.ZipFile(path) as zf, zf.open(info) as fh:
+                    # The declared size may lie; never read more than the limit allows.
+                    data = fh.read(max_entry_bytes + 1)
+            except RuntimeError as exc:  # an encrypted entry
+                raise Rejected(f"the ZIP entry cannot be read ({exc})") from exc
+            except NotImplementedError as exc:  # Deflate64 and other methods
+                raise Rejected("the ZIP entry is compressed in a way that cannot be read "
+                               f"({exc})") from exc
+            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # bad CRC, cut short
+                raise Rejected(f"the ZIP entry is damaged ({exc})") from exc
             if len(data) > max_entry_bytes:
                 raise Rejected("entry is larger than the limit", http_status=413)
             return data

@@ -7,8 +7,10 @@ identifiers (originals kept, PS3.3 C.12.1) or rejects them (files deleted, audit
 from __future__ import annotations
 
 import io
+import zipfile
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -168,6 +170,45 @@ def test_a_zip_is_unpacked_and_unsafe_zips_are_refused_whole(inbox: Inbox) -> No
     assert "zip bomb" in bomb["results"][0]["reason"]
     assert _kept_files(app) == before
     assert not any((app.extensions["inbox"].root / "parts").iterdir())
+
+
+def _patched_zip(entries: dict[str, bytes], name: str, *, flags: int | None = None,
+                 method: int | None = None, data_byte: bool = False) -> bytes:
+    """A stored (uncompressed) ZIP whose entry ``name`` is made unreadable: its central
+    directory flags (bit 0: encrypted) or compression method changed, or one byte of its data
+    changed (its CRC then fails)."""
+    raw = bytearray(zip_of(entries, compression=zipfile.ZIP_STORED))
+    header = raw.index(b"PK\x01\x02")
+    while raw[header + 46:header + 46 + len(name)] != name.encode():
+        header = raw.index(b"PK\x01\x02", header + 4)
+    if flags is not None:
+        raw[header + 8:header + 10] = flags.to_bytes(2, "little")
+    if method is not None:
+        raw[header + 10:header + 12] = method.to_bytes(2, "little")
+    if data_byte:
+        local = int.from_bytes(raw[header + 42:header + 46], "little")
+        start = local + 30 + int.from_bytes(raw[local + 26:local + 28], "little") \
+            + int.from_bytes(raw[local + 28:local + 30], "little")
+        raw[start + 200] ^= 0xFF
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("damage", [{"flags": 1}, {"method": 9}, {"data_byte": True}],
+                         ids=["encrypted", "deflate64", "bad-crc"])
+def test_an_unreadable_zip_entry_is_refused_in_words_and_the_rest_kept(
+        inbox: Inbox, damage: dict[str, Any]) -> None:
+    """An encrypted entry, an unsupported method (Deflate64) or a damaged entry (bad CRC): that
+    entry is refused with a reason, the others kept; never a 500, no part file left."""
+    client, _ = _patient_client(inbox.app, inbox)
+    study = generate_uid()
+    entries = {"IM1": outside_instance(study=study, InstanceNumber=1),
+               "IM2": outside_instance(study=study, InstanceNumber=2)}
+    answer = upload(client, "cd.zip", _patched_zip(entries, "IM2", **damage))
+    outcomes = {r["name"]: r for r in answer["results"]}
+    assert outcomes["IM1"]["outcome"] == "kept"
+    assert outcomes["IM2"]["outcome"] == "refused"
+    assert "ZIP entry" in outcomes["IM2"]["reason"]
+    assert not any((inbox.app.extensions["inbox"].root / "parts").iterdir())
 
 
 def test_a_dropped_upload_resumes_where_the_server_stopped(inbox: Inbox) -> None:
