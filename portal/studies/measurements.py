@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -168,38 +170,49 @@ def save(study_uid: str) -> ResponseReturnValue:
     archive = current_archive()
     headers = {uid: dcmread(io.BytesIO(archive.read(uid)), stop_before_pixels=True)
                for uid in uids}
-    layer = hd.pr.GraphicLayer(layer_name="MEASUREMENTS", order=1,
-                               description="Measurements made in the referrer portal")
-    annotations = []
-    for sop, frame, kind, points, text in checked:
-        if frame > max(images[sop].number_of_frames, 1):
-            abort(400, f"image {sop} has no frame {frame}")
-        texts = [hd.pr.TextObject(text, "PIXEL", anchor_point=(float(points[:, 0].max()),
-                                                               float(points[:, 1].min())))
-                 ] if text else []
-        multi = images[sop].number_of_frames > 1
-        annotations.append(hd.pr.GraphicAnnotation(
-            referenced_images=[headers[sop]], graphic_layer=layer,
-            referenced_frame_number=frame if multi else None,
-            graphic_objects=[_graphic(kind, points)], text_objects=texts))
-    now = datetime.now(UTC)
-    state = hd.pr.GrayscaleSoftcopyPresentationState(
-        referenced_images=[headers[uid] for uid in uids],
-        series_instance_uid=generate_uid(), series_number=9900,
-        sop_instance_uid=generate_uid(), instance_number=1,
-        manufacturer="Referrer portal", manufacturer_model_name="referrer-portal",
-        software_versions="1", device_serial_number="portal",
-        content_label="MEASUREMENTS", content_description="Measurements",
-        graphic_annotations=annotations, graphic_layers=[layer],
-        content_creator_name=_creator(principal))
-    state.PresentationCreationDate, state.PresentationCreationTime = \
-        now.strftime("%Y%m%d"), now.strftime("%H%M%S")
-    state.SeriesDescription = "Measurements"
-    out = io.BytesIO()
-    state.save_as(out, enforce_file_format=True)
+    with _refused_as_bad_input("measurements"):
+        layer = hd.pr.GraphicLayer(layer_name="MEASUREMENTS", order=1,
+                                   description="Measurements made in the referrer portal")
+        annotations = []
+        for sop, frame, kind, points, text in checked:
+            if frame > max(images[sop].number_of_frames, 1):
+                abort(400, f"image {sop} has no frame {frame}")
+            texts = [hd.pr.TextObject(text, "PIXEL", anchor_point=(float(points[:, 0].max()),
+                                                                   float(points[:, 1].min())))
+                     ] if text else []
+            multi = images[sop].number_of_frames > 1
+            annotations.append(hd.pr.GraphicAnnotation(
+                referenced_images=[headers[sop]], graphic_layer=layer,
+                referenced_frame_number=frame if multi else None,
+                graphic_objects=[_graphic(kind, points)], text_objects=texts))
+        now = datetime.now(UTC)
+        state = hd.pr.GrayscaleSoftcopyPresentationState(
+            referenced_images=[headers[uid] for uid in uids],
+            series_instance_uid=generate_uid(), series_number=9900,
+            sop_instance_uid=generate_uid(), instance_number=1,
+            manufacturer="Referrer portal", manufacturer_model_name="referrer-portal",
+            software_versions="1", device_serial_number="portal",
+            content_label="MEASUREMENTS", content_description="Measurements",
+            graphic_annotations=annotations, graphic_layers=[layer],
+            content_creator_name=_creator(principal))
+        state.PresentationCreationDate, state.PresentationCreationTime = \
+            now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+        state.SeriesDescription = "Measurements"
+        out = io.BytesIO()
+        state.save_as(out, enforce_file_format=True)
     archive.ingest(out.getvalue(), who=principal.audit_name,
                    source_address=request.remote_addr or "")
     return jsonify({"sop": str(state.SOPInstanceUID), "saved": len(checked)}), 201
+
+
+@contextmanager
+def _refused_as_bad_input(what: str) -> Iterator[None]:
+    """highdicom refuses images it cannot annotate (colour, mixed rescale, no Study ID...)
+    with ValueError and the like: the answer is a 400 with its reason, never a 500."""
+    try:
+        yield
+    except (ValueError, AttributeError, TypeError) as exc:
+        abort(400, f"these images cannot carry {what}: {str(exc)[:200]}")
 
 
 # -- key images -------------------------------------------------------------------------------
@@ -229,20 +242,21 @@ def mark_key_image(study_uid: str) -> ResponseReturnValue:
     uids = [*dict.fromkeys([*flagged, sop])][:MAX_SAVED]
     evidence = [dcmread(io.BytesIO(archive.read(uid)), stop_before_pixels=True)
                 for uid in uids]
-    document = hd.ko.KeyObjectSelectionDocument(
-        evidence=evidence,
-        content=hd.ko.KeyObjectSelection(
-            document_title=codes.DCM.OfInterest, referenced_objects=evidence,
-            observer_person_context=hd.sr.ObserverContext(
-                observer_type=codes.DCM.Person,
-                observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
-                    name=_creator(principal))),
-            description="Key images marked in the referrer portal"),
-        series_instance_uid=generate_uid(), series_number=9901,
-        sop_instance_uid=generate_uid(), instance_number=1, manufacturer="Referrer portal")
-    document.SeriesDescription = "Key images"
-    out = io.BytesIO()
-    document.save_as(out, enforce_file_format=True)
+    with _refused_as_bad_input("key image marks"):
+        document = hd.ko.KeyObjectSelectionDocument(
+            evidence=evidence,
+            content=hd.ko.KeyObjectSelection(
+                document_title=codes.DCM.OfInterest, referenced_objects=evidence,
+                observer_person_context=hd.sr.ObserverContext(
+                    observer_type=codes.DCM.Person,
+                    observer_identifying_attributes=hd.sr.PersonObserverIdentifyingAttributes(
+                        name=_creator(principal))),
+                description="Key images marked in the referrer portal"),
+            series_instance_uid=generate_uid(), series_number=9901,
+            sop_instance_uid=generate_uid(), instance_number=1, manufacturer="Referrer portal")
+        document.SeriesDescription = "Key images"
+        out = io.BytesIO()
+        document.save_as(out, enforce_file_format=True)
     archive.ingest(out.getvalue(), who=principal.audit_name,
                    source_address=request.remote_addr or "")
     return jsonify({"sop": str(document.SOPInstanceUID), "flagged": uids}), 201
@@ -307,7 +321,7 @@ def saved(study_uid: str, series_uid: str) -> ResponseReturnValue:
     states = list(db.session.scalars(
         select(Instance.sop_instance_uid)
         .where(Instance.series_fk.in_([s.id for s in visible]), Instance.sop_class_uid == GSPS)
-        .order_by(Instance.id).limit(MAX_STATES)))
+        .order_by(Instance.id.desc()).limit(MAX_STATES)))[::-1]  # the newest, oldest first
     archive = current_archive()
     found: list[dict[str, Any]] = []
     for uid in states:

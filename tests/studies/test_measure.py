@@ -202,3 +202,27 @@ def test_saving_refuses_what_is_not_a_measurement_of_the_study(site: Site,
         listed = doctor.get(f"/dicomweb/studies/{site.study}/instances",
                             headers={"Accept": "application/dicom+json"}).get_json()
     assert len(listed) == 1  # nothing half-stored
+
+
+def test_an_image_highdicom_cannot_annotate_is_a_400_with_its_reason(site: Site,
+                                                                     idp: IdentityProvider) -> None:
+    """A colour image (a GSPS is for grayscale ones): 400 with the reason, nothing stored."""
+    colour = make_dataset(study=site.dx_study, series=generate_uid(), rows=SIZE, columns=SIZE,
+                          modality="XC", SamplesPerPixel=3, PhotometricInterpretation="RGB",
+                          PlanarConfiguration=0, BitsAllocated=8, BitsStored=8, HighBit=7,
+                          PixelRepresentation=0)
+    colour.SOPClassUID = colour.file_meta.MediaStorageSOPClassUID = \
+        "1.2.840.10008.5.1.4.1.1.77.1.4"  # VL Photographic Image Storage
+    colour.PixelData = bytes(SIZE * SIZE * 3)
+    with site.app.app_context():
+        current_archive().ingest(to_bytes(colour), who="test")
+    doctor = signed_in(site.app, idp, "measure-doc")
+    refused = post(doctor, f"/studies/{site.dx_study}/measurements",
+                   {"measurements": [{"sop": str(colour.SOPInstanceUID), "kind": "length",
+                                      "points": [[1, 1], [9, 9]]}]})
+    assert refused.status_code == 400, refused.data  # type: ignore[attr-defined]
+    assert b"cannot carry measurements" in refused.data  # type: ignore[attr-defined]
+    with site.app.app_context():
+        listed = doctor.get(f"/dicomweb/studies/{site.dx_study}/instances",
+                            headers={"Accept": "application/dicom+json"}).get_json()
+    assert len(listed) == 2  # the radiograph and the photograph: nothing half-stored

@@ -50,7 +50,8 @@ def test_marked_key_images_and_the_note_reach_the_visitor_first(site: Site,  # n
     assert sorted(evidence) == sorted([site.sop, str(second.SOPInstanceUID)])
     page = doctor.get(f"/studies/{site.study}").get_data(as_text=True)
     assert "Key images" in page and f"image={second.SOPInstanceUID}" in page
-    assert page.index('id="report"') < page.index("Key images")  # the physician: report first
+    # The physician: report first (the section's heading; the page's script words name it too).
+    assert page.index('id="report"') < page.index('id="key-heading"')
     # The share form asks for the note; a link made with one carries it to the patient.
     form = doctor.get(f"/studies/{site.study}/share").get_data(as_text=True)
     assert 'name="message"' in form
@@ -67,8 +68,7 @@ def test_marked_key_images_and_the_note_reach_the_visitor_first(site: Site,  # n
     assert "A note from Gregory House" in seen
     assert "the marked pictures show the healed fracture. &lt;b&gt;No&lt;/b&gt; worry." in seen
     assert "Pictures your doctor marked" in seen  # plain words for a patient
-    assert seen.index("A note from") < seen.index("Pictures your doctor marked") \
-        < seen.index('id="report"')
+    assert seen.index("A note from") < seen.index('id="key-heading"') < seen.index('id="report"')
     # Visitors and strangers cannot mark; a bad image is a 400 with the reason.
     assert visitor.post(f"/studies/{site.study}/key-images",
                         json={"sop": site.sop}).status_code == 404
