@@ -194,7 +194,11 @@ def release_hold(hold_id: int) -> BaseResponse:
     patient = db.session.get(Patient, hold.patient_fk)
     if patient is None:
         abort(404)
-    _visible_patient(principal, patient.patient_id)
+    # This hold's own patient (not another with the same ID under another issuer) must have a
+    # study the practice sees.
+    if db.session.scalar(select(Study.id).where(Study.patient_fk == patient.id,
+                                                study_filter(principal)).limit(1)) is None:
+        abort(404)
     hold.released_at, hold.released_by = utcnow(), principal.audit_name
     _record(principal, audit.OBJECT_SECURITY_CHANGED, {"legal_hold": "released"},
             patient_id=patient.patient_id)

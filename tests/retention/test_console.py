@@ -101,6 +101,24 @@ def test_office_manager_sets_rules_holds_and_approves(oidc_app: Flask,
                   AuditEvent.study_instance_uid == old) == 1
     assert _count(app, RetentionDue) == 0
 
+    # A hold on another practice's patient who has the same Patient ID under another issuer:
+    # this office manager cannot release it (the hold's own patient is checked, not the ID).
+    with app.extensions["db"].write_transaction() as session:
+        twin = Patient(patient_id="P-HELD", issuer_of_patient_id="OTHER-HOSPITAL")
+        session.add(twin)
+        session.flush()
+        other_hold = LegalHold(patient_fk=twin.id, reason="their court case", placed_by="x")
+        session.add(other_hold)
+        session.flush()
+        other_hold_id, twin_id = other_hold.id, twin.id
+    assert manager.post(f"/admin/retention/holds/{other_hold_id}/release",
+                        data={"csrf_token": token}).status_code == 404
+    with app.extensions["db"].write_transaction() as session:
+        assert session.get(LegalHold, other_hold_id).released_at is None  # type: ignore[union-attr]
+        session.delete(session.get(LegalHold, other_hold_id))
+        session.flush()
+        session.delete(session.get(Patient, twin_id))
+
     # Releasing the hold lets the rules apply again at the next daily run.
     with app.extensions["db"].new_session() as session:
         hold = session.scalars(select(LegalHold)).one()
