@@ -311,6 +311,18 @@ def _files_not_a_table(backup: Path) -> None:
     path.write_text(json.dumps(manifest))
 
 
+def _database_elsewhere(backup: Path) -> None:
+    """The manifest points the database's checksum at a copy outside the backup while the
+    portal.db restore would read is changed."""
+    path = backup / "manifest.json"
+    manifest = json.loads(path.read_text())
+    elsewhere = backup.parent / "untouched.db"
+    elsewhere.write_bytes((backup / "portal.db").read_bytes())
+    manifest["database"]["file"] = "../untouched.db"
+    path.write_text(json.dumps(manifest))
+    _damaged_database(backup)
+
+
 def _damaged_database(backup: Path) -> None:
     with (backup / "portal.db").open("r+b") as f:
         f.seek(200)
@@ -324,6 +336,7 @@ def _damaged_database(backup: Path) -> None:
     (_newer_schema, "schema revision '0999_from_the_future' is unknown to this portal"),
     (_damaged_database, "portal.db does not match the manifest's SHA-256"),
     (_files_not_a_table, "manifest.json lacks 'files'"),
+    (_database_elsewhere, "the manifest names '../untouched.db' as the database"),
 ])
 def test_a_damaged_backup_is_refused_and_nothing_is_restored(
         app: Flask, tmp_path: Path, damage: Any, reason: str) -> None:

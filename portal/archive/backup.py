@@ -414,8 +414,14 @@ def _check_backup(folder: Path, manifest: dict[str, Any], engine: Engine, url: s
         raise BackupRefused(f"the backup's schema revision {revision!r} is unknown to this "
                             f"portal version ({_portal_version()}): restore it with the "
                             "version that made it")
-    db_file = folder / str(manifest["database"].get("file", ""))
-    if db_file.name not in (SQLITE_FILE, DUMP_FILE) or not db_file.is_file():
+    # Exactly the file restore reads for this kind of database, in the backup folder itself
+    # (a manifest naming another path would have a file checked that restore never reads).
+    db_name = SQLITE_FILE if engine.dialect.name == "sqlite" else DUMP_FILE
+    if manifest["database"].get("file") != db_name:
+        raise BackupRefused(f"the manifest names {str(manifest['database'].get('file'))[:80]!r} "
+                            f"as the database; a {engine.dialect.name} backup holds {db_name}")
+    db_file = folder / db_name
+    if not db_file.is_file():
         raise BackupRefused(f"the database file {db_file.name} is missing from the backup")
     if _sha256_of(db_file) != manifest["database"].get("sha256"):
         raise BackupRefused(f"{db_file.name} does not match the manifest's SHA-256: the backup "
