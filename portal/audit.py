@@ -271,6 +271,10 @@ class _Appender:
                                               hide_parameters=True) from exc
                 self.close()  # the server went away: the idle ones are gone as well
                 continue
+            except BaseException:  # not the database's (details that cannot be encoded...)
+                if connection is not None:
+                    connection.close()  # never kept in an unknown state, never leaked
+                raise
             self._give_back(connection)
             return
 
