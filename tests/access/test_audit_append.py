@@ -6,7 +6,6 @@ error fails closed as SQLAlchemy's error, and the kept connections close with th
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -15,21 +14,11 @@ from flask import Flask
 from sqlalchemy.exc import OperationalError
 
 from portal import audit
+from tests.access.test_audit_sealing import dsn
+from tests.access.test_audit_sealing import pg_app as pg_app  # a fresh PostgreSQL database
 from tests.conftest import PostgresCluster, close_app, make_app
 
 pytestmark = pytest.mark.postgres
-
-
-@pytest.fixture
-def pg_app(tmp_path: Path, postgres: PostgresCluster) -> Iterator[Flask]:
-    app = make_app(tmp_path / "instance", postgres.new_database())
-    yield app
-    close_app(app)
-
-
-def dsn(app: Flask) -> str:
-    return app.config["PORTAL"]["DATABASE_URL"].replace("postgresql+psycopg://",
-                                                        "postgresql://")
 
 
 def read(app: Flask, n: int) -> None:
