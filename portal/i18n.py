@@ -5,7 +5,8 @@ Flask-Babel picks one language per request:
 1. a signed-in person's own choice, kept with his account (``portal_user.language``);
 2. else the choice kept in the ``portal_lang`` cookie (share-link and upload-link visitors,
    and anyone before signing in);
-3. else the best match of ``Accept-Language`` among ``SUPPORTED``; else English.
+3. else, on a share link's landing page and its visitor's pages, the link's language;
+4. else the best match of ``Accept-Language`` among ``SUPPORTED``; else English.
 
 A message whose ``msgstr`` is empty falls back to the English ``msgid`` (gettext does that).
 Times: pages convert them in the browser (``static/js/local_time.js``, in the page's
@@ -91,6 +92,10 @@ def select_locale() -> str:
             chosen = account
         elif cookie in choices:
             chosen = cookie
+        elif g.get("link_language") in choices:
+            # A share link's language (portal/sharing: its address on the landing page, the
+            # link of the share session on the visitor's pages).
+            chosen = g.link_language
         else:
             chosen = request.accept_languages.best_match(choices) or ""
     g.portal_locale = chosen or "en"

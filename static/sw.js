@@ -1,10 +1,13 @@
 // The app shell's service worker: it keeps static files (CSS, JS, icons) and an offline page,
 // never an answer from /studies, /dicomweb, /api or any other page, which may carry patient
 // data. Hashed URLs (?v=...) never change, so they are served from the cache first.
-const CACHE = 'portal-shell-1';
+const CACHE = 'portal-shell-2';
 const BASE = new URL('./', self.location).pathname; // the static folder, e.g. /static/
 const OFFLINE = `${BASE}offline.html`;
-const SHELL = [OFFLINE, `${BASE}css/portal.css`, `${BASE}icons/icon-192.png`];
+// The offline page holds the words of every language; its script picks the page's (it reads
+// the language the last page was in, docs/i18n.md).
+const SHELL = [OFFLINE, `${BASE}js/offline.js`, `${BASE}css/portal.css`,
+  `${BASE}icons/icon-192.png`];
 const DOWNLOADS = /\.(zip|pdf|csv)$/; // streamed to disk: left to the browser
 
 self.addEventListener('install', (event) => {
@@ -40,9 +43,16 @@ async function cacheFirst(request) {
   const cache = await caches.open(CACHE);
   const hit = await cache.match(request);
   if (hit) return hit;
-  const response = await fetch(request);
-  await keep(cache, request, response.clone());
-  return response;
+  try {
+    const response = await fetch(request);
+    await keep(cache, request, response.clone());
+    return response;
+  } catch (error) {
+    // No network: another version of the same file beats none (the offline page's own).
+    const other = await cache.match(request, { ignoreSearch: true });
+    if (other) return other;
+    throw error;
+  }
 }
 
 async function networkFirst(request) {

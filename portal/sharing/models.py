@@ -27,6 +27,9 @@ class ShareLink(Base):
     note: Mapped[str] = mapped_column(String(500), default="")
     # A note for the person the link is made for, shown with the images (issue 20 item 5).
     message: Mapped[str] = mapped_column(String(1000), default="", server_default="")
+    # The language of every message about the link and of its visitor's pages (a code of
+    # portal.i18n.SUPPORTED; '' for links made before it was kept: the sender's language).
+    language: Mapped[str] = mapped_column(String(16), default="", server_default="")
     patient_fk: Mapped[int | None] = mapped_column(ForeignKey("patient.id"), nullable=True,
                                                    index=True)
     created_by: Mapped[str] = mapped_column(String(256), default="")

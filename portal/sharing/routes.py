@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from flask import (
@@ -29,8 +29,8 @@ from flask import (
     request,
     url_for,
 )
+from flask_babel import force_locale, get_locale, ngettext
 from flask_babel import gettext as _
-from flask_babel import ngettext
 from sqlalchemy import select
 from sqlalchemy.orm import selectinload
 from werkzeug.wrappers import Response as BaseResponse
@@ -49,6 +49,7 @@ from portal.access.principal import Principal, current_principal, register_visit
 from portal.auth.recent import require_recent_sign_in
 from portal.db import db, utcnow
 from portal.errors import error_response
+from portal.i18n import SUPPORTED, language_choices
 from portal.index.models import Study
 from portal.sharing import messages, service
 from portal.sharing.limits import address_key, rate_limiter
@@ -83,10 +84,33 @@ def share_policy() -> service.SharePolicy:
     return policy
 
 
-def share_url(token: str) -> str:
-    """The link to hand out: the landing page with the token in the fragment."""
+def share_url(token: str, language: str = "") -> str:
+    """The link to hand out: the landing page with the token in the fragment, and the link's
+    language in the query (not secret: the page opens in it, docs/i18n.md)."""
     # Absolute URLs follow PUBLIC_URL when it is set (portal.security.PublicHost).
+    if language in SUPPORTED:
+        return f"{url_for('sharing.landing', lang=language, _external=True)}#{token}"
     return f"{url_for('sharing.landing', _external=True)}#{token}"
+
+
+def _in_language(language: str) -> contextlib.AbstractContextManager[None]:
+    """Write a message in the link's language (the sender's current one when it has none)."""
+    return force_locale(language) if language in SUPPORTED else contextlib.nullcontext()
+
+
+def _landing_language() -> str:
+    """The language the link's address names (``/s?lang=de``), or ''."""
+    code = request.args.get("lang", "")
+    return code if code in SUPPORTED else ""
+
+
+def _link_language_hint() -> None:
+    """The landing page and the exchange open in the language the link names, unless the
+    visitor chose another one (portal/i18n.py ``select_locale``, docs/i18n.md)."""
+    if request.endpoint in ("sharing.landing", "sharing.exchange"):
+        code = _landing_language()
+        if code:
+            g.link_language = code
 
 
 def _address() -> str:
@@ -140,10 +164,12 @@ def _tell_sender(public_id: str, message: Callable[[str, str], tuple[str, str]])
     link = db.session.scalars(select(ShareLink).where(
         ShareLink.public_id == public_id)).first()
     to = service.sender_email(db.session, link) if link is not None else ""
-    if not to:
+    if link is None or not to:
         return
     manage = url_for("sharing.link_detail", public_id=public_id, _external=True)
-    subject, body = message(PORTAL_NAME, manage)
+    # Written for the sender, in his own account's language, not in the visitor's.
+    with force_locale(service.sender_language(db.session, link) or "en"):
+        subject, body = message(PORTAL_NAME, manage)
 
     def send() -> None:
         with contextlib.suppress(notify.DeliveryFailed):  # logged; a notice is best effort
@@ -164,7 +190,8 @@ def _notify_sender(exchanged: service.Exchanged) -> None:
 @public
 def landing() -> str:
     """The link's page: explains, asks for the PIN, changes nothing (preview bots)."""
-    return render_template("sharing/landing.html", message="", token="")
+    return render_template("sharing/landing.html", message="", token="",
+                           link_language=_landing_language())
 
 
 FAILED_OPENINGS = "share-exchange-failed:all"  # one count for every address
@@ -208,12 +235,14 @@ def exchange() -> BaseResponse:
         return unavailable()
     except service.PinRequired:
         return Response(render_template("sharing/landing.html", token=token,
-                                        message=_("Please enter the PIN you were given.")),
+                                        message=_("Please enter the PIN you were given."),
+                                        link_language=_landing_language()),
                         status=401)
     except service.WrongPin as wrong:
         text = ngettext("That PIN is not right. You can try %(num)d more time.",
                         "That PIN is not right. You can try %(num)d more times.", wrong.remaining)
-        return Response(render_template("sharing/landing.html", token=token, message=text),
+        return Response(render_template("sharing/landing.html", token=token, message=text,
+                                        link_language=_landing_language()),
                         status=401)
     except service.LinkLocked:
         # This attempt locked the link: its sender hears of it (docs/security.md 20).
@@ -363,7 +392,12 @@ def share_form(study_uid: str) -> str:
     # A patient shares his own scan with a doctor: his own form, in plain words.
     template = "patients/share.html" if is_patient_user(principal) \
         else "sharing/share_form.html"
+    # The message's language: the patient's own when the portal knows it, else the sender's.
+    recipient = "" if is_patient_user(principal) \
+        else service.recipient_language(db.session, study, "patient")
     return render_template(template, study=study, policy=share_policy(),
+                           languages=language_choices(), recipient_language=recipient,
+                           language=recipient or str(get_locale() or "en"),
                            series=study_series(db.session, principal, study),
                            links=links, now=utcnow(), state=link_state,
                            may_share=bool(share_audiences(principal)))
@@ -385,6 +419,9 @@ def create(study_uid: str) -> BaseResponse | str:
     form = request.form
     audience: Literal["patient", "physician"] = \
         "physician" if form.get("audience") == "physician" else "patient"
+    # A language the portal does not offer is a refused form (400 with the reason), not a
+    # choice to correct: the form offers only SUPPORTED.
+    language = service.message_language(form.get("language") or str(get_locale() or "en"))
     try:
         made = service.create_share(
             db.session, principal, share_policy(), study_uid=study_uid,
@@ -393,6 +430,7 @@ def create(study_uid: str) -> BaseResponse | str:
             can_download=form.get("download") == "on", with_pin=form.get("pin") == "on",
             days=_form_days(), note=form.get("note", ""),
             notify_sender=form.get("notify") == "on", message=form.get("message", ""),
+            language=language,
             series_uids=form.getlist("series") if form.get("scope") == "series" else ())
     except service.ShareError as exc:
         db.session.rollback()
@@ -405,7 +443,7 @@ def create(study_uid: str) -> BaseResponse | str:
 
 
 def _created_page(link: ShareLink, token: str, pin: str | None, status: int = 201) -> Response:
-    url = share_url(token)
+    url = share_url(token, link.language)
     return Response(render_template("sharing/created.html", link=link, url=url, token=token,
                                     pin=pin, qr=messages.qr_data_uri(url),
                                     email_ready=bool(current_app.config["PORTAL"]["SMTP_URL"]),
@@ -420,6 +458,16 @@ def deliver(link: ShareLink, *, token: str, pin: str | None, channel: str, to: s
     settings = current_app.config["PORTAL"]
     service.check_own_secret(link, token, pin if what == "pin" else None, share_policy())
     days_left = max(1, (link.expires_at - utcnow()).days)
+    with _in_language(link.language):
+        digest = _deliver(link, settings, token=token, pin=pin, channel=channel, to=to,
+                          what=what, days_left=days_left)
+    service.record_delivery(link, what, channel, digest)
+
+
+def _deliver(link: ShareLink, settings: dict[str, Any], *, token: str, pin: str | None,
+             channel: str, to: str, what: str, days_left: int) -> str:
+    """Write and send one message (in the locale the caller chose); the recipient's digest."""
+    url = share_url(token, link.language)
     if what == "pin":
         if not pin or channel != "sms":
             raise service.ShareError("a PIN goes by text message, apart from the link")
@@ -431,8 +479,7 @@ def deliver(link: ShareLink, *, token: str, pin: str | None, channel: str, to: s
         notify.send_sms(settings, to, messages.pin_sms(PORTAL_NAME, pin), "share_pin")
     elif channel == "email":
         digest = notify.address_digest(notify.clean_email(to))
-        subject, body = messages.link_email(PORTAL_NAME, share_url(token), days_left,
-                                            bool(link.pin_hash))
+        subject, body = messages.link_email(PORTAL_NAME, url, days_left, bool(link.pin_hash))
         notify.send_email(settings, to, subject, body)
     elif channel == "sms":
         digest = notify.address_digest(notify.clean_phone(to))
@@ -440,11 +487,10 @@ def deliver(link: ShareLink, *, token: str, pin: str | None, channel: str, to: s
                for d in link.deliveries):
             raise service.ShareError("the link must not go to where the PIN went; "
                                      "send it by e-mail or to another number")
-        notify.send_sms(settings, to, messages.link_sms(PORTAL_NAME, share_url(token)),
-                          "share_link")
+        notify.send_sms(settings, to, messages.link_sms(PORTAL_NAME, url), "share_link")
     else:
         raise service.ShareError("choose e-mail or text message")
-    service.record_delivery(link, what, channel, digest)
+    return digest
 
 
 @bp.post("/shares/<public_id>/send")
@@ -556,5 +602,6 @@ def init_app(app: Flask) -> None:
     share sessions become principals through the loader registered with access."""
     register_visitor(app, share_principal)
     init_limits(app)
+    app.before_request(_link_language_hint)
     app.before_request(_ended_share_pages)
     app.after_request(_noindex)

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from portal import audit, failures
 from portal.access.grants import create_grant
-from portal.access.models import User
+from portal.access.models import PatientLink, User
 from portal.access.policy import (
     allowed,
     is_patient_user,
@@ -30,6 +30,7 @@ from portal.access.policy import (
 )
 from portal.access.principal import Principal
 from portal.db import Database, utcnow
+from portal.i18n import SUPPORTED
 from portal.index.models import Series, Study
 from portal.sharing.models import ShareLink, ShareLinkStudy, ShareSession, link_state
 from portal.sharing.tokens import (
@@ -180,19 +181,47 @@ def _expiry(policy: SharePolicy, now: datetime, days: int | None,
     return expires_at
 
 
+def recipient_language(session: Session, study: Study, audience: str) -> str:
+    """The language of the person a link is made for, when the portal knows it, else ''.
+
+    Known: a link for the patient whose record has a patient account (linked by an office
+    manager) with a chosen language; several accounts that disagree leave it unknown. A
+    colleague's link names nobody in particular, so his language is never known. The index
+    keeps no language of the patient (DICOM and the RIS messages the portal reads carry none
+    it stores)."""
+    if audience != "patient":
+        return ""
+    chosen = set(session.scalars(
+        select(User.language).join(PatientLink, PatientLink.user_fk == User.id)
+        .where(PatientLink.patient_fk == study.patient_fk, User.active.is_(True))))
+    known = chosen & set(SUPPORTED)
+    return known.pop() if len(known) == 1 and len(chosen - {""}) == 1 else ""
+
+
+def message_language(language: str) -> str:
+    """A language chosen for a link's messages: a code of SUPPORTED, or ShareError."""
+    if language not in SUPPORTED:
+        raise ShareError("that language is not offered for the message")
+    return language
+
+
 def create_share(session: Session, actor: Principal, policy: SharePolicy, *, study_uid: str,
                  whole_patient: bool = False, audience: Audience = "patient",
                  requires_sign_in: bool = False, can_download: bool = False,
                  with_pin: bool = True, days: int | None = None,
                  expires_at: datetime | None = None, not_before: datetime | None = None,
                  note: str = "", notify_sender: bool = False,
-                 series_uids: Sequence[str] = (), message: str = "") -> NewShare:
+                 series_uids: Sequence[str] = (), message: str = "",
+                 language: str = "") -> NewShare:
     """Make a link to one study (or to selected series of it), or to every study of its
     patient the sender may see (a patient: his own studies, for a doctor).
 
     The caller has already checked that ``actor`` may see ``study_uid`` (``require_study``);
     who may share what with whom, and the scope, are read from the policy here, so a link
     never opens more than its sender sees. Audited as 110113 / 110135 in the same transaction.
+    ``language``: what every message about the link and its visitor's pages are in (a code of
+    SUPPORTED); '' takes the recipient's language when it is known (``recipient_language``),
+    else leaves it to the sender's language at the time of each message.
     """
     _check_sender(actor, audience, requires_sign_in)
     if requires_sign_in and audience != "physician":
@@ -206,6 +235,8 @@ def create_share(session: Session, actor: Principal, policy: SharePolicy, *, stu
         Study.study_instance_uid == study_uid)).first()
     if study is None:
         raise ShareError("no such study")
+    language = message_language(language) if language \
+        else recipient_language(session, study, audience)
     series = sorted(set(series_uids))
     if series:
         if whole_patient or requires_sign_in:
@@ -223,7 +254,7 @@ def create_share(session: Session, actor: Principal, policy: SharePolicy, *, stu
     link = ShareLink(public_id=str(uuid.uuid4()), token_sha256=token_digest(token),
                      audience=audience, requires_sign_in=requires_sign_in,
                      can_download=can_download, note=note.strip()[:500],
-                     message=message.strip()[:1000],
+                     message=message.strip()[:1000], language=language,
                      patient_fk=study.patient_fk if whole_patient else None,
                      created_by=actor.audit_name, created_by_fk=actor.id, created_at=now,
                      not_before=start, expires_at=expiry,
@@ -517,6 +548,14 @@ def record_delivery(link: ShareLink, what: str, channel: str, to_digest: str) ->
     link.deliveries = [*link.deliveries, {"what": what, "channel": channel,
                                           "to_sha256": to_digest,
                                           "at": utcnow().isoformat(timespec="seconds")}]
+
+
+def sender_language(session: Session, link: ShareLink) -> str:
+    """The language the person who made the link chose for his account ('' if none)."""
+    if link.created_by_fk is None:
+        return ""
+    user = session.get(User, link.created_by_fk)
+    return user.language if user is not None and user.language in SUPPORTED else ""
 
 
 def sender_email(session: Session, link: ShareLink) -> str:

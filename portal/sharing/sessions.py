@@ -41,6 +41,7 @@ class ShareVisit:
     last_seen_at: datetime
     expires_at: datetime
     link_expires_at: datetime
+    language: str = ""  # the link's language: its visitor's pages open in it (docs/i18n.md)
 
 
 class _VisitCache:
@@ -120,7 +121,8 @@ def _load(database: Database, digest: str) -> ShareVisit | None:
                           purpose=row.purpose, studies=studies, series=series,
                           can_download=link.can_download, audience=link.audience,
                           last_seen_at=row.last_seen_at,
-                          expires_at=row.expires_at, link_expires_at=link.expires_at)
+                          expires_at=row.expires_at, link_expires_at=link.expires_at,
+                          language=link.language)
 
 
 def _end(database: Database, visit: ShareVisit) -> None:
@@ -164,6 +166,8 @@ def current_visit(purpose: str = "view") -> ShareVisit | None:
         visit = _touch(database, visit, now)
         _cache.put(digest, visit, settings["SHARE_STATE_CACHE_SECONDS"])
     g.share_visit = visit
+    if visit.language:
+        g.link_language = visit.language  # portal/i18n.py select_locale
     return visit if visit.purpose == purpose else None
 
 

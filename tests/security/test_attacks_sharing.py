@@ -47,7 +47,7 @@ def test_a_forged_host_never_reaches_the_senders_mail(public_portal: Flask,
                                                       ) -> None:
     doctor, study = _doctor_with_study(public_portal, idp)
     token, pin, public_id, url = _make(doctor, study, notify="on")
-    assert url.startswith(f"{PUBLIC}/s#")
+    assert url.startswith(f"{PUBLIC}/s?lang=en#")
     # First use, from a request whose Host names the attacker's site.
     assert _exchange_from(public_portal, "evil.example", token, pin).status_code == 303
     assert wait_for(lambda: len(mailbox[0].messages) == 1)

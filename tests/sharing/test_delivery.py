@@ -142,7 +142,7 @@ def test_link_by_email_is_neutral(portal: Flask, idp: IdentityProvider,
                                   mailbox: tuple[Mailbox, int]) -> None:
     doctor, study = _doctor_with_study(portal, idp)
     token, pin, public_id, url = _make(doctor, study)
-    assert url.endswith(f"/s#{token}")
+    assert url.endswith(f"/s?lang=en#{token}")  # the link names its language
     sent = _send(doctor, public_id, token=token, pin=pin, what="link", channel="email",
                  to="patient@example.test")
     assert sent.status_code == 200 and "The link was sent." in sent.get_data(as_text=True)

@@ -234,7 +234,7 @@ def test_the_share_form_on_a_phone(oidc_app: Flask, idp: IdentityProvider, devic
         page.locator("#share-url").wait_for()
         link = page.locator("#share-url").input_value()
         pin = page.locator("#share-pin").inner_text()
-        assert "/s#" in link
+        assert "/s?lang=en#" in link
         page.wait_for_load_state()
         page.wait_for_function("() => !Object.keys(sessionStorage).some(k => k.startsWith("
                                "'share-draft'))")  # the draft is done with

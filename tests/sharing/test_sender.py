@@ -79,7 +79,7 @@ def test_sharing_from_the_study_page(portal: Flask, idp: IdentityProvider) -> No
         "pin": "on"})
     assert made.status_code == 201
     html = made.get_data(as_text=True)
-    assert "/s#" in html and 'src="data:image/svg+xml' in html
+    assert "/s?lang=en#" in html and 'src="data:image/svg+xml' in html
     assert made.headers["Cache-Control"] == "no-store"
     assert _links(portal) == 1
     listed = doctor.get("/shares").get_data(as_text=True)

@@ -98,7 +98,7 @@ def test_a_physician_shares_one_series_from_a_phone(oidc_app: Flask,
         shot(page, "share-series-form-iPhone_13")
         page.get_by_role("button", name="Make the link").click()
         page.locator("#share-url").wait_for()
-        assert "/s#" in page.locator("#share-url").input_value()
+        assert "/s?lang=en#" in page.locator("#share-url").input_value()
         shot(page, "share-series-created-iPhone_13")
         context.close()
     with oidc_app.extensions["db"].new_session() as session:
