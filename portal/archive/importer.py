@@ -58,19 +58,62 @@ def _unsafe_name(name: str) -> bool:
     return name.startswith(("/", "\\")) or ".." in parts or ":" in name or "\x00" in name
 
 
+class _ZipStream:
+    """The entries of one checked ZIP, read in order through ONE open ``ZipFile``.
+
+    Opening a ``ZipFile`` parses the whole central directory, so opening it again for every
+    entry made a ZIP of n entries cost n * n (issue 19). The file is opened on the first read
+    (a folder of many ZIPs holds no descriptor for those not read yet) and closed after the
+    last entry was read; one that is never read to the end is closed with this object."""
+
+    def __init__(self, path: Path, count: int, max_entry_bytes: int) -> None:
+        self.path, self.max_entry_bytes = path, max_entry_bytes
+        self._left = set(range(count))
+        self._zip: zipfile.ZipFile | None = None
+
+    def read(self, number: int, info: zipfile.ZipInfo) -> bytes:
+        try:
+            if self._zip is None:
+                self._zip = zipfile.ZipFile(self.path)
+            with self._zip.open(info) as fh:
+                # The declared size may lie; never read more than the limit allows.
+                data = fh.read(self.max_entry_bytes + 1)
+        except RuntimeError as exc:  # an encrypted entry
+            raise Rejected(f"the ZIP entry cannot be read ({exc})") from exc
+        except NotImplementedError as exc:  # Deflate64 and other methods
+            raise Rejected("the ZIP entry is compressed in a way that cannot be read "
+                           f"({exc})") from exc
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # bad CRC, cut short
+            raise Rejected(f"the ZIP entry is damaged ({exc})") from exc
+        finally:
+            self._left.discard(number)
+            if not self._left:
+                self.close()
+        if len(data) > self.max_entry_bytes:
+            raise Rejected("entry is larger than the limit", http_status=413)
+        return data
+
+    def close(self) -> None:
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+
+
 def zip_sources(path: Path, *, max_entries: int, max_ratio: int,
-                max_entry_bytes: int) -> list[Source]:
+                max_entry_bytes: int, max_total_bytes: int | None = None) -> list[Source]:
     """Check a zip file as a whole before anything in it is read, then list its entries.
 
     Entry names are never used as paths; they only label messages. A zip with an unsafe
-    name, too many entries, an oversized entry or an extreme compression ratio is refused.
+    name, too many entries, an oversized entry, an extreme compression ratio or (with
+    ``max_total_bytes``) too much in all is refused. The sources read the entries in order
+    through one open ZipFile (``_ZipStream``).
     """
     try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
+        with zipfile.ZipFile(path) as archive:
+            every = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
         raise UnsafeZip(f"not a readable zip file: {exc}") from exc
-    with archive:
-        infos = [i for i in archive.infolist() if not i.is_dir()]
+    infos = [i for i in every if not i.is_dir()]
     if len(infos) > max_entries:
         raise UnsafeZip(f"more than {max_entries} entries")
     for info in infos:
@@ -81,26 +124,15 @@ def zip_sources(path: Path, *, max_entries: int, max_ratio: int,
         if info.file_size > max(info.compress_size, 1) * max_ratio:
             raise UnsafeZip(f"entry {info.filename[:80]!r} is compressed more than "
                             f"{max_ratio}:1 (a zip bomb?)")
+    if max_total_bytes is not None and sum(i.file_size for i in every) > max_total_bytes:
+        raise UnsafeZip(f"it would unpack to more than {max_total_bytes >> 20} MiB")
+    stream = _ZipStream(path, len(infos), max_entry_bytes)
 
-    def reader(info: zipfile.ZipInfo) -> Callable[[], bytes]:
-        def read() -> bytes:
-            try:
-                with zipfile.ZipFile(path) as zf, zf.open(info) as fh:
-                    # The declared size may lie; never read more than the limit allows.
-                    data = fh.read(max_entry_bytes + 1)
-            except RuntimeError as exc:  # an encrypted entry
-                raise Rejected(f"the ZIP entry cannot be read ({exc})") from exc
-            except NotImplementedError as exc:  # Deflate64 and other methods
-                raise Rejected("the ZIP entry is compressed in a way that cannot be read "
-                               f"({exc})") from exc
-            except (zipfile.BadZipFile, zlib.error, EOFError) as exc:  # bad CRC, cut short
-                raise Rejected(f"the ZIP entry is damaged ({exc})") from exc
-            if len(data) > max_entry_bytes:
-                raise Rejected("entry is larger than the limit", http_status=413)
-            return data
-        return read
+    def reader(number: int, info: zipfile.ZipInfo) -> Callable[[], bytes]:
+        return lambda: stream.read(number, info)
 
-    return [Source(f"{path.name}:{info.filename}", reader(info)) for info in infos]
+    return [Source(f"{path.name}:{info.filename}", reader(number, info))
+            for number, info in enumerate(infos)]
 
 
 def _bounded_reader(path: Path, limit: int) -> Callable[[], bytes]:

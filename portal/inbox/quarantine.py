@@ -39,6 +39,7 @@ from portal.archive.validate import (
 )
 from portal.db import utcnow
 from portal.inbox.models import InboxFile, InboxInstance, InboxStudy
+from portal.index.names import search_words
 
 MAX_CHUNK_BYTES = 8 << 20
 MAX_ZIP_ENTRIES = 20_000
@@ -142,6 +143,20 @@ def _text(ds: Dataset, keyword: str, limit: int) -> str:
     return str(value if value is not None else "").replace("\x00", "").strip()[:limit]
 
 
+def _patient_in(ds: Dataset) -> tuple[str, ...]:
+    """Who a file is about, as the inbox compares it: ID, issuer, birth date and the name
+    folded (case, accents, spacing)."""
+    return (_text(ds, "PatientID", 64), _text(ds, "IssuerOfPatientID", 64),
+            _text(ds, "PatientBirthDate", 8),
+            " ".join(search_words(_text(ds, "PatientName", 324))))
+
+
+def _patient_of(study: InboxStudy) -> tuple[str, ...]:
+    """Who a waiting study is about (its first file's patient), compared as ``_patient_in``."""
+    return (study.patient_id, study.issuer_of_patient_id, study.patient_birth_date,
+            " ".join(search_words(study.patient_name)))
+
+
 def start_file(session: Session, q: Quarantine, *, practice_id: int, link_fk: int | None,
                uploaded_by: str, name: str, size: int) -> InboxFile:
     """Announce a file to be uploaded; its chunks follow."""
@@ -227,13 +242,6 @@ def append_chunk(session: Session, q: Quarantine, file: InboxFile, start: int, t
     return file.received >= file.size
 
 
-def _zip_total_ok(path: Path, limit: int) -> None:
-    with zipfile.ZipFile(path) as zf:
-        total = sum(i.file_size for i in zf.infolist())
-    if total > limit:
-        raise UnsafeZip(f"it would unpack to more than {limit >> 20} MiB")
-
-
 def finish(session: Session, q: Quarantine, file: InboxFile) -> list[dict[str, Any]]:
     """Check the complete file, keep what passes in quarantine, list every outcome, delete
     the part file, and audit the upload (110107 Import).
@@ -266,8 +274,8 @@ def _finish_locked(session: Session, q: Quarantine, file: InboxFile,
             try:
                 sources = zip_sources(path, max_entries=MAX_ZIP_ENTRIES,
                                       max_ratio=q.max_zip_ratio,
-                                      max_entry_bytes=q.limits.max_instance_bytes)
-                _zip_total_ok(path, q.max_upload_bytes * 4)
+                                      max_entry_bytes=q.limits.max_instance_bytes,
+                                      max_total_bytes=q.max_upload_bytes * 4)
             except (UnsafeZip, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
                 results.append({"name": file.name, "outcome": "refused",
                                 "reason": f"the ZIP file is refused: {exc}"})
@@ -309,9 +317,20 @@ def _keep_source(session: Session, q: Quarantine, file: InboxFile,
     except OSError as exc:
         return {"name": name, "outcome": "refused", "reason": f"cannot read: {exc.strerror}"}
     ds = valid.dataset
+    # A waiting study is one upload source's (an upload link, or a signed-in uploader) files
+    # of one Study Instance UID and one patient: two patients' uploads, or a hostile file
+    # reusing another upload's Study UID, never merge into one entry that an office manager
+    # would accept for one patient (issue 19).
     study = session.scalars(select(InboxStudy).where(
         InboxStudy.practice_fk == file.practice_fk, InboxStudy.state == "waiting",
-        InboxStudy.study_instance_uid == valid.study_instance_uid)).first()
+        InboxStudy.study_instance_uid == valid.study_instance_uid,
+        InboxStudy.link_fk.is_(None) if file.link_fk is None
+        else InboxStudy.link_fk == file.link_fk,
+        InboxStudy.uploaded_by == file.uploaded_by)).first()
+    if study is not None and _patient_of(study) != _patient_in(ds):
+        return {"name": name, "outcome": "refused",
+                "reason": "this file names another patient than the files of the same study "
+                          "sent before; send each patient's images separately"}
     if study is None:
         study = InboxStudy(
             public_id=str(uuid.uuid4()), practice_fk=file.practice_fk, link_fk=file.link_fk,

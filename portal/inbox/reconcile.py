@@ -2,11 +2,12 @@
 
 An office manager sees the waiting studies of his practice, with local patients suggested
 by identifier, birth date and name (best first). Accepting one replaces Patient ID, issuer,
-name, birth date, sex and Accession Number with the local values, keeps the originals
-(PS3.3 C.12.1: Other Patient IDs Sequence (0010,1002) and Original Attributes Sequence
-(0400,0561) with reason COERCE), and sends every file through the archive's normal ingest
-(validated again, indexed, after-ingest steps, 110104). Rejecting deletes the files; both
-are audited. Until then no access rule sees the study: it is not in the index.
+name, birth date, sex and Accession Number with the local values, and the outside hospital's
+referring physician (name and identification codes) with the local referrer chosen, keeps the
+originals (PS3.3 C.12.1: Other Patient IDs Sequence (0010,1002) and Original Attributes
+Sequence (0400,0561) with reason COERCE), and sends every file through the archive's normal
+ingest (validated again, indexed, after-ingest steps, 110104). Rejecting deletes the files;
+both are audited. Until then no access rule sees the study: it is not in the index.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from sqlalchemy.orm import Session
 
 from portal import audit, failures
 from portal.access.grants import create_grant
-from portal.access.models import User
+from portal.access.models import ReferrerIdentifier, User
 from portal.access.policy import study_filter
 from portal.access.principal import Principal
 from portal.archive.after import Stored
@@ -35,6 +36,7 @@ from portal.inbox.models import InboxInstance, InboxStudy
 from portal.inbox.quarantine import Quarantine
 from portal.index.models import Patient, Study
 from portal.index.names import name_search_text, search_words
+from portal.index.referrers import name_key
 
 STUDY_DELETED = ("110105", "DICOM Study Deleted")
 MODIFYING_SYSTEM = "REFERRER PORTAL INBOX"
@@ -191,14 +193,43 @@ def practice_physicians(session: Session, actor: Principal) -> list[User]:
     return [u for u in users if "physician" in (u.roles or [])]
 
 
+def uploader_physician(session: Session, actor: Principal,
+                       study: InboxStudy) -> User | None:
+    """The physician of the practice who uploaded the study himself (signed in), if one
+    did: the local referrer the reconcile form offers first."""
+    return next((u for u in practice_physicians(session, actor)
+                 if study.uploaded_by == f"user:{u.issuer}|{u.subject}"), None)
+
+
+def referrer_name(session: Session, physician: User | None) -> str:
+    """The Referring Physician's Name (PN) that names this physician by his own linked name
+    identifier (``name:FAMILY^GIVEN``, the key the access policy matches), or "" when there
+    is none: a name typed from his display name could be another physician's key."""
+    if physician is None:
+        return ""
+    keys = session.scalars(select(ReferrerIdentifier.key).where(
+        ReferrerIdentifier.user_fk == physician.id, ReferrerIdentifier.key.like("name:%"))
+        .order_by(ReferrerIdentifier.id))
+    return next((k.partition(":")[2] for k in keys if name_key(k.partition(":")[2]) == k), "")
+
+
+# What accepting replaces; the originals go into Original Attributes Sequence. The referrer
+# too: an outside hospital's referring physician is nobody here, and a local physician whose
+# name or code happens to match it must not see the study by the referral rule
+# (docs/security.md 9, 53).
+COERCED = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
+           "AccessionNumber", "ReferringPhysicianName",
+           "ReferringPhysicianIdentificationSequence")
+
+
 def coerce(data: bytes, study: InboxStudy, local: LocalIdentity, accession: str,
-           source: str, when: datetime) -> bytes:
-    """The file with local patient identity and accession number, the originals kept as
-    PS3.3 C.12.1 describes (Other Patient IDs Sequence, Original Attributes Sequence)."""
+           source: str, when: datetime, referrer: str = "") -> bytes:
+    """The file with local patient identity, accession number and referrer (``referrer``: a
+    PN, or "" for none), the originals kept as PS3.3 C.12.1 describes (Other Patient IDs
+    Sequence, Original Attributes Sequence)."""
     ds = pydicom.dcmread(io.BytesIO(data), force=False)
     original = Dataset()
-    for keyword in ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate",
-                    "PatientSex", "AccessionNumber"):
+    for keyword in COERCED:
         if keyword in ds:
             setattr(original, keyword, ds[keyword].value)
     item = Dataset()
@@ -226,6 +257,9 @@ def coerce(data: bytes, study: InboxStudy, local: LocalIdentity, accession: str,
     ds.AccessionNumber = accession
     if "IssuerOfAccessionNumberSequence" in ds:
         del ds.IssuerOfAccessionNumberSequence
+    ds.ReferringPhysicianName = referrer
+    if "ReferringPhysicianIdentificationSequence" in ds:
+        del ds.ReferringPhysicianIdentificationSequence
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
@@ -233,9 +267,15 @@ def coerce(data: bytes, study: InboxStudy, local: LocalIdentity, accession: str,
 
 def accept(session: Session, actor: Principal, q: Quarantine, archive: Archive,
            public_id: str, *, patient_pk: int | None, accession: str, give_to: int | None,
-           address: str, new_patient_id: str = "") -> Accepted:
+           address: str, new_patient_id: str = "", referrer: int | None = None,
+           referrer_chosen: bool = False) -> Accepted:
     """Reconcile a waiting study with a local patient (``patient_pk``, or a new one with
-    ``new_patient_id``) and move it into the archive."""
+    ``new_patient_id``) and move it into the archive.
+
+    The files' referring physician becomes the local referrer: the physician ``referrer``
+    when one was chosen (``referrer_chosen``; None: nobody), else the physician who uploaded
+    the study himself, else nobody. He is named by his own linked name identifier; one who
+    has none gets a grant instead, so that he sees the study either way."""
     study = get_waiting(session, actor, public_id)
     local = LocalIdentity.of(find_local_patient(session, actor, patient_pk)) \
         if patient_pk is not None else new_local_patient(session, actor, study, new_patient_id)
@@ -248,6 +288,14 @@ def accept(session: Session, actor: Principal, q: Quarantine, archive: Archive,
                          None)
         if physician is None:
             raise ReconcileError("choose a physician of your practice")
+    if referrer_chosen:
+        referring = None if referrer is None else next(
+            (u for u in practice_physicians(session, actor) if u.id == referrer), None)
+        if referrer is not None and referring is None:
+            raise ReconcileError("choose a physician of your practice as the referrer")
+    else:
+        referring = uploader_physician(session, actor, study)
+    referring_name = referrer_name(session, referring)
     now = utcnow()
     stored: list[Stored] = []
     refused: list[tuple[str, str]] = []
@@ -259,7 +307,7 @@ def accept(session: Session, actor: Principal, q: Quarantine, archive: Archive,
         batch = waiting[start:start + ACCEPT_BATCH]
         results = archive.ingest_many(
             [coerce(q.read(inst.sha256), study, local, accession,
-                    study.uploaded_by or "upload", now) for inst in batch],
+                    study.uploaded_by or "upload", now, referring_name) for inst in batch],
             who=actor.audit_name, source_address=address)
         for inst, result in zip(batch, results, strict=True):
             if isinstance(result, Rejected):
@@ -280,7 +328,8 @@ def accept(session: Session, actor: Principal, q: Quarantine, archive: Archive,
                  details={"inbox_study": study.public_id, "reconciled": True,
                           "original_patient_id": study.patient_id,
                           "original_accession": study.accession_number,
-                          "accession": accession, "stored": len(stored),
+                          "accession": accession, "referrer": referring_name,
+                          "stored": len(stored),
                           "refused": len(refused), "uploaded_by": study.uploaded_by})
     if not study.instances:
         study.state, study.decided_by, study.decided_at = "accepted", actor.audit_name, now
@@ -289,6 +338,11 @@ def accept(session: Session, actor: Principal, q: Quarantine, archive: Archive,
         create_grant(session, actor, user_id=physician.id,
                      study_uid=study.study_instance_uid,
                      reason="outside images accepted from the inbox")
+    if referring is not None and not referring_name and stored \
+            and (physician is None or physician.id != referring.id):
+        create_grant(session, actor, user_id=referring.id,
+                     study_uid=study.study_instance_uid,
+                     reason="referrer of outside images accepted from the inbox")
     return Accepted(len(stored), refused)
 
 

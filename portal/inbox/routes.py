@@ -266,8 +266,10 @@ def study(public_id: str) -> str:
     actor = _manager()
     item = reconcile.get_waiting(db.session, actor, public_id)
     link = db.session.get(UploadLink, item.link_fk) if item.link_fk else None
+    uploader = reconcile.uploader_physician(db.session, actor, item)
     return render_template("inbox/study.html", study=item,
                            asked_by=link.created_by_fk if link else None,
+                           uploader=uploader.id if uploader else None,
                            suggestions=reconcile.suggestions(db.session, actor, item),
                            physicians=reconcile.practice_physicians(db.session, actor),
                            series=len({i.series_instance_uid for i in item.instances}))
@@ -288,13 +290,17 @@ def accept(public_id: str) -> BaseResponse:
     if not patient:
         raise reconcile.ReconcileError("choose the local patient")
     give = request.form.get("give_to", "")
+    # The referrer written into the files: the form's choice ("" for nobody); a request
+    # without the field gets the physician who uploaded the study himself, if one did.
+    referrer = request.form.get("referrer")
     done = reconcile.accept(
         db.session, actor, _q(), current_archive(), public_id,
         patient_pk=None if patient == "new" else bounded_int(patient, "patient", low=1),
         new_patient_id=request.form.get("new_patient_id", "")[:64],
         accession=request.form.get("accession", "")[:64],
         give_to=bounded_int(give, "give_to", low=1) if give else None,
-        address=_address())
+        referrer=bounded_int(referrer, "referrer", low=1) if referrer else None,
+        referrer_chosen=referrer is not None, address=_address())
     if done.refused:
         flash(_("%(stored)d images moved into the archive; %(refused)d were refused and stay "
                 "in the inbox: %(reason)s", stored=done.stored, refused=len(done.refused),
