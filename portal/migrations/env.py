@@ -11,7 +11,8 @@ import portal.inbox.models
 import portal.index.models
 import portal.reports.models
 import portal.retention.models
-import portal.sharing.models  # noqa: F401  (register every table)
+import portal.sharing.models
+import portal.studies.models  # noqa: F401  (register every table)
 from portal.db import Base, make_engine
 
 target_metadata = Base.metadata

@@ -13,9 +13,18 @@ and measurements saved with the study as DICOM that other viewers read.
   any viewer shows it. GSPS rather than an SR TID 1500 report: it carries the drawing itself
   (ellipse, polyline, the text beside it) on the exact image and frame, which is what other
   viewers draw again; a TID 1500 report carries numbers whose shapes many viewers do not show.
-- ``GET /studies/<study>/series/<series>/measurements``: every presentation state of the
-  study this person may see, read back as the shapes drawn on this series' images (share
-  visitors read them too: they see what the physician who shared the study saw).
+- ``GET /studies/<study>/series/<series>/measurements``: the presentation states of the
+  study this person may read, as the shapes drawn on this series' images. A set saved here is
+  its author's (``SavedMeasurements``, recorded when it is saved): it is shown to him, to the
+  visitors of the share links he made, and to a colleague whose grant came from his sign-in
+  link; not to another physician with a grant, nor in an office manager's viewer (they are
+  told how many there are). A presentation state that came from elsewhere (the modality, the
+  PACS) is the hospital's: shown to all who may see its series. The objects themselves stay
+  instances of the study: DICOMweb, DIMSE and the study ZIP carry them like any other
+  (docs/features.md, "Measurements").
+
+Text is written as UTF-8 (Specific Character Set ``ISO_IR 192``, PS3.5 6.1.2.5.3): a note, a
+name like "Müller" or a label reads back equal in any viewer, whatever the images' own set.
 """
 
 from __future__ import annotations
@@ -35,9 +44,11 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import func, or_, select
 
+from portal.access.models import Grant
 from portal.access.policy import (
+    allowed,
     is_patient_user,
     require_instance,
     require_study,
@@ -48,7 +59,9 @@ from portal.archive import current_archive
 from portal.db import db
 from portal.imaging.measure import measure_source, parse_shape
 from portal.imaging.service import run_isolated
-from portal.index.models import Instance, Series
+from portal.index.models import Instance, Series, Study
+from portal.sharing.models import ShareLink
+from portal.studies.models import SavedMeasurements
 from portal.studies.service import key_images, study_series
 from portal.studies.viewer import spacing_of
 
@@ -58,6 +71,8 @@ GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
 MAX_SAVED = 50  # measurements in one presentation state
 MAX_TEXT = 64  # characters of the text beside a measurement (LO)
 MAX_STATES = 20  # presentation states read for one series
+MANUFACTURER = "Referrer portal"  # of the objects made here
+UTF8 = "ISO_IR 192"  # Specific Character Set of what the portal writes (PS3.3 C.12.1.1.2)
 KINDS = {"length": 2, "angle": 3, "ellipse": 2, "polygon": 0}  # points (0: 3 or more)
 
 
@@ -190,11 +205,11 @@ def save(study_uid: str) -> ResponseReturnValue:
             referenced_images=[headers[uid] for uid in uids],
             series_instance_uid=generate_uid(), series_number=9900,
             sop_instance_uid=generate_uid(), instance_number=1,
-            manufacturer="Referrer portal", manufacturer_model_name="referrer-portal",
+            manufacturer=MANUFACTURER, manufacturer_model_name="referrer-portal",
             software_versions="1", device_serial_number="portal",
             content_label="MEASUREMENTS", content_description="Measurements",
             graphic_annotations=annotations, graphic_layers=[layer],
-            content_creator_name=_creator(principal))
+            content_creator_name=_creator(principal), specific_character_set=UTF8)
         state.PresentationCreationDate, state.PresentationCreationTime = \
             now.strftime("%Y%m%d"), now.strftime("%H%M%S")
         state.SeriesDescription = "Measurements"
@@ -202,6 +217,10 @@ def save(study_uid: str) -> ResponseReturnValue:
         state.save_as(out, enforce_file_format=True)
     archive.ingest(out.getvalue(), who=principal.audit_name,
                    source_address=request.remote_addr or "")
+    # Its author, in the request's unit of work: should that fail after the ingest, the
+    # object has no author and, being the portal's own, is shown to nobody (fail closed).
+    db.session.add(SavedMeasurements(sop_instance_uid=str(state.SOPInstanceUID),
+                                     author_fk=principal.id))
     return jsonify({"sop": str(state.SOPInstanceUID), "saved": len(checked)}), 201
 
 
@@ -253,7 +272,8 @@ def mark_key_image(study_uid: str) -> ResponseReturnValue:
                         name=_creator(principal))),
                 description="Key images marked in the referrer portal"),
             series_instance_uid=generate_uid(), series_number=9901,
-            sop_instance_uid=generate_uid(), instance_number=1, manufacturer="Referrer portal")
+            sop_instance_uid=generate_uid(), instance_number=1, manufacturer=MANUFACTURER,
+            specific_character_set=UTF8)
         document.SeriesDescription = "Key images"
         out = io.BytesIO()
         document.save_as(out, enforce_file_format=True)
@@ -306,10 +326,33 @@ def read_state(ds: Dataset, wanted: set[str]) -> list[dict[str, Any]]:
     return found
 
 
+def _authors(principal: Principal, study: Study) -> set[int]:
+    """The people whose saved measurements of ``study`` this principal sees: himself; a
+    share visitor, the maker of his link; a colleague, also the makers of the sign-in links
+    his live grants on the study came from (sharing/service.py ``claim_for_colleague``)."""
+    if principal.kind == "share":
+        link = db.session.get(ShareLink, principal.id)
+        return {link.created_by_fk} if link is not None and link.created_by_fk is not None \
+            else set()
+    if principal.kind != "user":
+        return set()
+    now = datetime.now(UTC)
+    links = [who.removeprefix("share:") for who in db.session.scalars(
+        select(Grant.granted_by).where(
+            Grant.user_fk == principal.id, Grant.study_instance_uid == study.study_instance_uid,
+            Grant.revoked_at.is_(None), Grant.granted_by.startswith("share:"),
+            or_(Grant.expires_at.is_(None), Grant.expires_at > now)))]
+    makers = set(db.session.scalars(select(ShareLink.created_by_fk).where(
+        ShareLink.public_id.in_(links), ShareLink.created_by_fk.is_not(None)))) if links \
+        else set()
+    return {principal.id, *(m for m in makers if m is not None)}
+
+
 @bp.get("/studies/<study_uid>/series/<series_uid>/measurements")
 @share_visible
 def saved(study_uid: str, series_uid: str) -> ResponseReturnValue:
-    """The saved measurements drawn on this series' images (newest presentation state last)."""
+    """The saved measurements drawn on this series' images (newest presentation state last),
+    and for an office manager how many sets saved by others are not shown (``withheld``)."""
     principal = _principal()
     study = require_study(db.session, principal, study_uid)
     visible = study_series(db.session, principal, study)
@@ -318,16 +361,32 @@ def saved(study_uid: str, series_uid: str) -> ResponseReturnValue:
         abort(404, "no such series")
     wanted = set(db.session.scalars(select(Instance.sop_instance_uid)
                                     .where(Instance.series_fk == series.id)))
+    authors = _authors(principal, study)
+    of_study = select(SavedMeasurements.sop_instance_uid).join(
+        Instance, Instance.sop_instance_uid == SavedMeasurements.sop_instance_uid).join(
+        Series, Series.id == Instance.series_fk).where(Series.study_fk == study.id)
+    theirs = of_study.where(SavedMeasurements.author_fk.in_(authors))
     states = list(db.session.scalars(
-        select(Instance.sop_instance_uid)
-        .where(Instance.series_fk.in_([s.id for s in visible]), Instance.sop_class_uid == GSPS)
+        select(Instance.sop_instance_uid).join(Series, Series.id == Instance.series_fk)
+        .where(Series.study_fk == study.id, Instance.sop_class_uid == GSPS,
+               or_(Instance.sop_instance_uid.in_(theirs),  # in its own series
+                   Instance.series_fk.in_([s.id for s in visible])
+                   & Instance.sop_instance_uid.not_in(of_study)))
         .order_by(Instance.id.desc()).limit(MAX_STATES)))[::-1]  # the newest, oldest first
+    shown = set(db.session.scalars(theirs.where(SavedMeasurements.sop_instance_uid.in_(states))))
     archive = current_archive()
     found: list[dict[str, Any]] = []
     for uid in states:
         try:
-            found += read_state(dcmread(io.BytesIO(archive.read(uid)), stop_before_pixels=True),
-                                wanted)
+            ds = dcmread(io.BytesIO(archive.read(uid)), stop_before_pixels=True)
+            if uid not in shown and str(ds.get("Manufacturer", "")) == MANUFACTURER:
+                continue  # the portal's own without an author: shown to nobody
+            found += read_state(ds, wanted)
         except (OSError, KeyError, ValueError, AttributeError, TypeError):
             continue  # an unreadable presentation state hides its marks, never the images
-    return jsonify({"measurements": found}), 200, {"Cache-Control": "private, no-store"}
+    answer: dict[str, Any] = {"measurements": found}
+    if allowed(principal, "console"):  # office managers manage; they do not read images
+        answer["withheld"] = db.session.scalar(
+            select(func.count()).select_from(of_study.where(
+                SavedMeasurements.author_fk.not_in(authors)).subquery())) or 0
+    return jsonify(answer), 200, {"Cache-Control": "private, no-store"}
