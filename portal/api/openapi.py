@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from portal.i18n import SUPPORTED
+
 _ERROR = {"description": "Refused, with a reason",
           "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 _AUTH = {"401": {"description": "Not signed in"},
@@ -194,7 +196,8 @@ OPENAPI: dict[str, Any] = {
                 "accesses": {"type": "array", "items": {"type": "object"}}}},
             "ShareCreated": {"allOf": [{"$ref": "#/components/schemas/Share"}, {
                 "type": "object", "properties": {
-                    "link": {"type": "string", "description": "/s#<token>: shown once"},
+                    "link": {"type": "string",
+                             "description": "/s?lang=<language>#<token>: shown once"},
                     "pin_code": {"type": ["string", "null"],
                                  "description": "shown once; deliver apart from the link"}}}]},
             "ShareNew": {"type": "object", "required": ["study_uid"], "properties": {
@@ -207,7 +210,10 @@ OPENAPI: dict[str, Any] = {
                 "days": {"type": "integer", "minimum": 1, "maximum": 30, "default": 7},
                 "expires_at": {"type": "string", "format": "date-time"},
                 "not_before": {"type": "string", "format": "date-time"},
-                "note": {"type": "string"}, "notify_sender": {"type": "boolean"}}},
+                "note": {"type": "string"}, "notify_sender": {"type": "boolean"},
+                "language": {"type": "string", "enum": list(SUPPORTED),
+                             "description": "of the link's messages and pages; default: "
+                                            "the patient's account language when known"}}},
             "ShareRevokeAll": {"type": "object", "required": ["study_uid"], "properties": {
                 "study_uid": {"type": "string"},
                 "scope": {"type": "string", "enum": ["study", "patient"]}}},

@@ -341,13 +341,15 @@ def add_share() -> Response | tuple[Response, int]:
             can_download=_flag(body, "download", False), with_pin=_flag(body, "pin", True),
             days=days, expires_at=_when(body, "expires_at"), not_before=_when(body, "not_before"),
             note=_text(body, "note") or "", notify_sender=_flag(body, "notify_sender", False),
-            series_uids=_series_list(body.get("series")))
+            series_uids=_series_list(body.get("series")),
+            language=str(body.get("language") or "")[:16])
     except ShareError as exc:
         raise UserError(str(exc)) from exc
     if not sharing.within_creation_limit(principal):
         db.session.rollback()
         return jsonify(error="too many share links this hour", status=429), 429
-    return jsonify({**_share_json(made.link), "link": sharing.share_url(made.token),
+    return jsonify({**_share_json(made.link),
+                    "link": sharing.share_url(made.token, made.link.language),
                     "pin_code": made.pin}), 201
 
 
