@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from portal.index.names import name_search_text, person_name, search_words
+from portal.index.names import name_match_text, name_search_text, person_name, search_words
 from portal.index.referrers import key_label
 
 
@@ -23,12 +23,18 @@ from portal.index.referrers import key_label
     ("  Doe ^  John   Paul ", "John Paul Doe"),  # stray spaces
     ("John Doe", "John Doe"),  # free text without carets stays as it is
     ("Müller^Jürgen", "Jürgen Müller"),
-    # Component groups: the alphabetic one, else the ideographic one, family name first.
-    ("Yamada^Tarou=山田^太郎=やまだ^たろう", "Tarou Yamada"),
-    ("Wang^XiaoDong=王^小東=", "XiaoDong Wang"),
+    # Japanese, Korean, Chinese: family name first in their own script (the ideographic
+    # group; Hangul for Korean), a space between the parts in Japanese only, the Latin
+    # alphabetic group in brackets, family name first too.
+    ("Yamada^Tarou=山田^太郎=やまだ^たろう", "山田 太郎 (Yamada Tarou)"),
+    ("ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう", "山田 太郎"),  # no Latin form to add
+    ("Wang^XiaoDong=王^小東=", "王小東 (Wang XiaoDong)"),
     ("=山田^太郎=やまだ^たろう", "山田 太郎"),
     ("==やまだ^たろう", "やまだ たろう"),
-    ("Hong^Gildong=洪^吉洞=홍^길동", "Gildong Hong"),
+    ("やまだ^たろう", "やまだ たろう"),  # kana in the first group: still family first
+    ("Hong^Gildong=洪^吉洞=홍^길동", "홍길동 (Hong Gildong)"),
+    ("김희중", "김희중"),
+    ("قباني^لنزار", "لنزار قباني"),  # right to left: given name first, as written
     ("Doe^John\\Roe^Jane", "John Doe; Jane Roe"),  # two values
     ("^^^^", ""), ("", ""), ("  ", ""), ("===", ""),
 ])
@@ -63,7 +69,20 @@ def test_search_words_fold_case_accents_and_delimiters() -> None:
 def test_the_search_text_has_every_word_of_every_group() -> None:
     assert name_search_text("Doe^John") == " doe john"
     assert name_search_text("Müller^Jürgen") == " muller jurgen mueller juergen"
-    assert name_search_text("Yamada^Tarou=山田^太郎") == " yamada tarou 山田 太郎"
+    # A Japanese, Korean or Chinese name is also one word, as people type it.
+    assert name_search_text("Yamada^Tarou=山田^太郎") == " yamada tarou 山田 太郎 山田太郎"
+    # Katakana (full or half width) folds to hiragana; the voicing mark stays.
+    assert name_search_text("ﾔﾏﾀﾞ^ﾀﾛｳ") == " やまだ たろう やまだたろう"
+    assert name_search_text("홍^길동") == " 홍 길동 홍길동"  # Hangul stays syllables
     assert name_search_text("") == "" and name_search_text(None) == ""
     long = name_search_text("^".join(["Wolfeschlegelsteinhausenbergerdorff"] * 5) * 4)
     assert len(long) <= 512 and long.endswith("dorff")
+
+
+def test_the_match_text_keeps_each_group_folded() -> None:
+    assert name_match_text("Yamada^Tarou=山田^太郎=やまだ^たろう") == \
+        "=yamada^tarou=山田^太郎=やまだ^たろう="
+    assert name_match_text("Buc^Jérôme^^^") == "=buc^jerome="  # no trailing empty parts
+    assert name_match_text("ΔΙΟΝΥΣΙΟΣ==") == "=διονυσιοσ="  # Greek case folding
+    assert name_match_text("ﾔﾏﾀﾞ^ﾀﾛｳ") == "=やまだ^たろう="
+    assert name_match_text("") == "" and name_match_text("^^=") == ""

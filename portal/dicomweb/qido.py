@@ -25,7 +25,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from portal import failures
 from portal.index.models import Instance, Patient, Series, Study
-from portal.index.names import search_words
+from portal.index.names import match_value, name_match_text, search_words
 from portal.numbers import DB_INT_MIN, NumberError, bounded_int
 
 Level = Literal["study", "series", "instance"]
@@ -143,6 +143,8 @@ def _pn_match(column: Any, value: str, fuzzy: bool) -> ColumnElement[bool]:
     order and any component ("anna" and "alph" both find "Alpha^Anna").
     """
     name = func.rtrim(func.lower(column), "^= ")
+    if column is Patient.patient_name and not fuzzy:
+        return _group_match(value)
     if not fuzzy:
         return _text_match(name, value.rstrip("^= ").lower(), insensitive=False, folded=True)
     if column is Patient.patient_name:
@@ -160,6 +162,39 @@ def _pn_match(column: Any, value: str, fuzzy: bool) -> ColumnElement[bool]:
         conditions.append(or_(*(name.like(f"{start}{pattern}%", escape="\\")
                                 for start in ("", "%^", "% ", "%=", "%-"))))
     return and_(*conditions)
+
+
+def _group_regex(value: str) -> str:
+    """A wildcard value of one component group as a regular expression that stays inside
+    the group (``*`` and ``?`` never cross an ``=``)."""
+    return "".join("[^=]*" if c == "*" else "[^=]" if c == "?" else re.escape(c) for c in value)
+
+
+def pn_pattern(value: str) -> tuple[str, str]:
+    """A PN query as a LIKE pattern and a regular expression over ``name_match_text``.
+
+    Without ``=`` the value matches any one component group ("Yamada*", "山田*", "やまだ*"
+    all find "Yamada^Tarou=山田^太郎=やまだ^たろう"); with ``=`` it names the groups in
+    order, an empty one matching any (PS3.5 6.2, PS3.4 C.2.2.2). Case, accents, full and
+    half width, katakana and hiragana do not count (docs/i18n.md, "Character sets")."""
+    wanted = match_value(value)
+    if "=" not in value:
+        return f"%={_like_pattern(wanted)}=%", f"={_group_regex(wanted)}="
+    groups = wanted.split("=")
+    like = "=" + "=".join(_like_pattern(g) if g else "%" for g in groups) + "=%"
+    regex = "^=" + "=".join(_group_regex(g) if g else "[^=]*" for g in groups) + "="
+    return like, regex
+
+
+def _group_match(value: str) -> ColumnElement[bool]:
+    """The patient's name against a PN query, through its folded groups (``name_match``)."""
+    if not match_value(value).replace("=", ""):
+        return Patient.name_match == ""
+    like, regex = pn_pattern(value)
+    condition = Patient.name_match.like(like, escape="\\")
+    if "=" not in value and "*" not in value and "?" not in value:
+        return condition
+    return and_(condition, Patient.name_match.regexp_match(regex))
 
 
 def _regex(value: str) -> str:
@@ -446,15 +481,18 @@ def _wildcard(text: str, wanted: str) -> bool:
 def _value_matches(vr: str, stored: Any, wanted: str, fuzzy: bool) -> bool:
     """One stored value against one query value (PS3.4 C.2.2.2), as ``condition`` does in SQL."""
     if vr == "PN":
-        name = str(stored.get("Alphabetic", "")) if isinstance(stored, dict) else str(stored)
-        name = name.rstrip("^= ").lower()
+        if isinstance(stored, dict):
+            stored = "=".join(str(stored.get(k, ""))
+                              for k in ("Alphabetic", "Ideographic", "Phonetic"))
+        name = str(stored)
         if fuzzy:
-            words = re.split(r"[\s^=,-]+", name)
-            asked = [w.rstrip("*") for w in re.split(r"[\s^=,]+", wanted.lower())
-                     if w.strip("*")]
+            words = search_words(name)
+            asked = [w.rstrip("*") for w in search_words(wanted) if w.strip("*")]
             if asked:
                 return all(any(word.startswith(a) for word in words) for a in asked)
-        return _wildcard(name, wanted.rstrip("^= ").lower())
+        if not match_value(wanted).replace("=", ""):
+            return not name_match_text(name)
+        return re.search(pn_pattern(wanted)[1], name_match_text(name), re.DOTALL) is not None
     if vr in _NUMERIC_VRS:
         try:
             return float(stored) == float(wanted)

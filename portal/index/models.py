@@ -9,7 +9,7 @@ from sqlalchemy import JSON, ForeignKey, Index, Integer, String, UniqueConstrain
 from sqlalchemy.orm import Mapped, mapped_column, relationship, validates
 
 from portal.db import Base, UTCDateTime
-from portal.index.names import SEARCH_LENGTH, name_search_text
+from portal.index.names import MATCH_LENGTH, SEARCH_LENGTH, name_match_text, name_search_text
 
 # New rows go straight into the trigram indexes: GIN's pending list ("fastupdate") would
 # make every search scan the unsorted backlog until autovacuum merges it.
@@ -29,6 +29,11 @@ class Patient(Base):
                       Index("ix_patient_name_search_trgm", "name_search",
                             postgresql_using="gin",
                             postgresql_ops={"name_search": "gin_trgm_ops"},
+                            postgresql_with=TRIGRAM_INDEX_OPTIONS),
+                      # QIDO-RS and C-FIND name matches: any component group, anywhere.
+                      Index("ix_patient_name_match_trgm", "name_match",
+                            postgresql_using="gin",
+                            postgresql_ops={"name_match": "gin_trgm_ops"},
                             postgresql_with=TRIGRAM_INDEX_OPTIONS))
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -39,6 +44,8 @@ class Patient(Base):
     patient_sex: Mapped[str] = mapped_column(String(16), default="")
     # The name's words folded for search (see names.name_search_text), kept with the name.
     name_search: Mapped[str] = mapped_column(String(SEARCH_LENGTH), default="")
+    # Each component group folded, between "=" (see names.name_match_text): PN matching.
+    name_match: Mapped[str] = mapped_column(String(MATCH_LENGTH), default="")
 
     studies: Mapped[list[Study]] = relationship(back_populates="patient")
 
@@ -46,15 +53,8 @@ class Patient(Base):
     def _keep_name_search(self, _key: str, value: str) -> str:
         """Whoever sets the name also sets what the study search matches."""
         self.name_search = name_search_text(value)
+        self.name_match = name_match_text(value)
         return value
-
-
-# QIDO's PN matches compare the name lower-cased without trailing empty components (PS3.5
-# 6.2): exact and prefix matches go through this index on PostgreSQL (text_pattern_ops serves
-# both = and LIKE 'prefix%'); without it an exact name match read every patient.
-Index("ix_patient_name_folded",
-      func.rtrim(func.lower(Patient.patient_name), "^= ").label("folded_name"),
-      postgresql_ops={"folded_name": "text_pattern_ops"}).ddl_if(dialect="postgresql")
 
 
 class Study(Base):

@@ -19,6 +19,7 @@ from flask import (
     stream_with_context,
     url_for,
 )
+from markupsafe import Markup
 from werkzeug.wrappers import Response as BaseResponse
 
 from portal import audit
@@ -38,7 +39,7 @@ from portal.db import db
 from portal.imaging.presets import presets_for
 from portal.imaging.service import series_default_window
 from portal.imaging.signed import sign_series
-from portal.index.names import person_name
+from portal.index.names import name_language, person_name
 from portal.index.referrers import key_label
 from portal.reports.service import mark_shown_read, unread_studies
 from portal.sharing.service import link_note
@@ -60,6 +61,17 @@ from portal.studies.viewer import describe_series, file_windows
 bp = Blueprint("studies", __name__)
 # Every page shows DICOM person names through this one filter ("Dr Gregory House").
 bp.add_app_template_filter(person_name, "person_name")
+
+
+def _name_lang(value: object) -> Markup:
+    """`` lang="ja"`` (or ko, zh) for the element showing a Japanese, Korean or Chinese name:
+    the glyphs of its language and a screen reader's voice for it (docs/i18n.md, "Person
+    names"); nothing for any other name."""
+    language = name_language(value)
+    return Markup(' lang="{}"').format(language) if language else Markup("")
+
+
+bp.add_app_template_filter(_name_lang, "name_lang")
 bp.add_app_template_filter(key_label, "referrer_key")
 
 _DATE = re.compile(r"^\d{4}-?\d{2}-?\d{2}$")
