@@ -44,7 +44,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, insert, literal, or_, select
 
 from portal.access.models import Grant
 from portal.access.policy import (
@@ -219,8 +219,12 @@ def save(study_uid: str) -> ResponseReturnValue:
                    source_address=request.remote_addr or "")
     # Its author, in the request's unit of work: should that fail after the ingest, the
     # object has no author and, being the portal's own, is shown to nobody (fail closed).
-    db.session.add(SavedMeasurements(sop_instance_uid=str(state.SOPInstanceUID),
-                                     author_fk=principal.id))
+    # One statement: a write ends an older SQLite read snapshot first (db.py), so it sees
+    # the instance the ingest has just committed in its own transaction.
+    db.session.execute(insert(SavedMeasurements).from_select(
+        ["instance_fk", "author_fk"],
+        select(Instance.id, literal(principal.id)).where(
+            Instance.sop_instance_uid == str(state.SOPInstanceUID))))
     return jsonify({"sop": str(state.SOPInstanceUID), "saved": len(checked)}), 201
 
 
@@ -362,18 +366,20 @@ def saved(study_uid: str, series_uid: str) -> ResponseReturnValue:
     wanted = set(db.session.scalars(select(Instance.sop_instance_uid)
                                     .where(Instance.series_fk == series.id)))
     authors = _authors(principal, study)
-    of_study = select(SavedMeasurements.sop_instance_uid).join(
-        Instance, Instance.sop_instance_uid == SavedMeasurements.sop_instance_uid).join(
+    of_study = select(SavedMeasurements.instance_fk).join(
+        Instance, Instance.id == SavedMeasurements.instance_fk).join(
         Series, Series.id == Instance.series_fk).where(Series.study_fk == study.id)
     theirs = of_study.where(SavedMeasurements.author_fk.in_(authors))
-    states = list(db.session.scalars(
-        select(Instance.sop_instance_uid).join(Series, Series.id == Instance.series_fk)
+    rows = list(db.session.execute(
+        select(Instance.sop_instance_uid, Instance.id.in_(theirs))
+        .join(Series, Series.id == Instance.series_fk)
         .where(Series.study_fk == study.id, Instance.sop_class_uid == GSPS,
-               or_(Instance.sop_instance_uid.in_(theirs),  # in its own series
+               or_(Instance.id.in_(theirs),  # in its own series
                    Instance.series_fk.in_([s.id for s in visible])
-                   & Instance.sop_instance_uid.not_in(of_study)))
+                   & Instance.id.not_in(of_study)))
         .order_by(Instance.id.desc()).limit(MAX_STATES)))[::-1]  # the newest, oldest first
-    shown = set(db.session.scalars(theirs.where(SavedMeasurements.sop_instance_uid.in_(states))))
+    states = [uid for uid, _theirs in rows]
+    shown = {uid for uid, mine in rows if mine}
     archive = current_archive()
     found: list[dict[str, Any]] = []
     for uid in states:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import ForeignKey, String
+from sqlalchemy import ForeignKey
 from sqlalchemy.orm import Mapped, mapped_column
 
 from portal.db import Base
@@ -13,13 +13,14 @@ class SavedMeasurements(Base):
     measurements to him and to the visitors of the links he made (docs/features.md), never
     by the Content Creator's Name of the object, which anyone could write and many share.
 
-    The row goes with its instance (a retention deletion of the study) and with its author.
+    The row goes with its instance (retention deletes the rows that refer to the study's
+    instances) and with its author.
     """
 
     __tablename__ = "saved_measurements"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    sop_instance_uid: Mapped[str] = mapped_column(
-        String(64), ForeignKey("instance.sop_instance_uid", ondelete="CASCADE"), unique=True)
+    instance_fk: Mapped[int] = mapped_column(ForeignKey("instance.id", ondelete="CASCADE"),
+                                             unique=True)
     author_fk: Mapped[int] = mapped_column(ForeignKey("portal_user.id", ondelete="CASCADE"),
                                            index=True)

@@ -9,9 +9,12 @@ equal, in the GSPS and in the Key Object Selection document."""
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
+import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from pydicom import dcmread
@@ -22,11 +25,22 @@ from portal.access.grants import create_grant
 from portal.access.models import User
 from portal.access.principal import user_principal
 from portal.archive import current_archive
+from portal.retention.service import delete_study
 from portal.sharing import service
 from portal.sharing.routes import share_policy
-from tests.conftest import IdentityProvider, add_person, csrf_of, sign_in, signed_in
+from portal.studies.models import SavedMeasurements
+from tests.conftest import (
+    OIDC_SETTINGS,
+    IdentityProvider,
+    add_person,
+    close_app,
+    csrf_of,
+    make_app,
+    sign_in,
+    signed_in,
+)
 from tests.factories import make_dataset, to_bytes
-from tests.studies.test_measure import ADMIN, SIZE, Site, site  # noqa: F401 - the fixture
+from tests.studies.test_measure import ADMIN, SIZE, Site, build
 
 NOTE = "Müller: Läsion 12 mm, Ø 9 mm, ≈ 30 € Δ"
 DRAWN = [{"sop": "", "frame": 1, "kind": "length", "points": [[2, 2], [12, 2]], "text": NOTE},
@@ -34,18 +48,27 @@ DRAWN = [{"sop": "", "frame": 1, "kind": "length", "points": [[2, 2], [12, 2]], 
           "text": "mean 100.0 HU"}]
 
 
+@pytest.fixture
+def site(tmp_path: Path, idp: IdentityProvider, database_url: str) -> Iterator[Site]:
+    """test_measure's site, on SQLite and on PostgreSQL."""
+    app = make_app(tmp_path / "instance", database_url, OIDC_ISSUER=idp.issuer,
+                   **OIDC_SETTINGS)
+    yield build(app, idp)
+    close_app(app)
+
+
 def _post(client: FlaskClient, url: str, body: object) -> object:
     return client.post(url, json=body, headers={"X-CSRF-Token": csrf_of(client)})
 
 
-def _save(client: FlaskClient, site: Site) -> str:  # noqa: F811
+def _save(client: FlaskClient, site: Site) -> str:
     drawn = [{**d, "sop": site.sop} for d in DRAWN]
     saved = _post(client, f"/studies/{site.study}/measurements", {"measurements": drawn})
     assert saved.status_code == 201, saved.data  # type: ignore[attr-defined]
     return str(saved.get_json()["sop"])  # type: ignore[attr-defined]
 
 
-def _seen(client: FlaskClient, site: Site) -> dict[str, object]:  # noqa: F811
+def _seen(client: FlaskClient, site: Site) -> dict[str, object]:
     answer = client.get(f"/studies/{site.study}/series/{site.series}/measurements")
     assert answer.status_code == 200, answer.data
     found: dict[str, object] = answer.get_json()
@@ -74,7 +97,7 @@ def _visitor(app: Flask, sub: str, study: str) -> FlaskClient:
     return visitor
 
 
-def _people(site: Site, idp: IdentityProvider) -> None:  # noqa: F811
+def _people(site: Site, idp: IdentityProvider) -> None:
     """A second physician of practice P1 with a grant to the same study, his practice's
     office manager, and a third physician without any grant."""
     second = add_person(site.app, idp, "second-doc", ["physician"], practice="P1",
@@ -86,7 +109,7 @@ def _people(site: Site, idp: IdentityProvider) -> None:  # noqa: F811
 
 
 def test_only_the_author_and_those_he_shared_with_see_his_measurements(
-        site: Site, idp: IdentityProvider) -> None:  # noqa: F811
+        site: Site, idp: IdentityProvider) -> None:
     _people(site, idp)
     author = signed_in(site.app, idp, "measure-doc")
     state = _save(author, site)
@@ -119,9 +142,16 @@ def test_only_the_author_and_those_he_shared_with_see_his_measurements(
                         headers={"Accept": "application/dicom+json"}).get_json()
     assert state in [i["00080018"]["Value"][0] for i in listed]
 
+    # Who saved what goes with the study when retention deletes it.
+    with site.app.app_context(), site.app.extensions["db"].write_transaction() as session:
+        assert len(list(session.scalars(select(SavedMeasurements)))) == 2
+        delete_study(session, site.study, who="test")
+    with site.app.extensions["db"].new_session() as session:
+        assert list(session.scalars(select(SavedMeasurements))) == []
+
 
 def test_a_colleague_who_claimed_the_authors_sign_in_link_sees_them(
-        site: Site, idp: IdentityProvider) -> None:  # noqa: F811
+        site: Site, idp: IdentityProvider) -> None:
     _people(site, idp)
     _save(signed_in(site.app, idp, "measure-doc"), site)
     token, pin = _link(site.app, "measure-doc", site.study, sign_in=True)
@@ -139,7 +169,7 @@ def test_a_colleague_who_claimed_the_authors_sign_in_link_sees_them(
 
 
 def test_presentation_states_from_elsewhere_are_the_hospitals_and_orphans_nobodys(
-        site: Site, idp: IdentityProvider) -> None:  # noqa: F811
+        site: Site, idp: IdentityProvider) -> None:
     _people(site, idp)
     with site.app.app_context():
         archive = current_archive()
@@ -164,7 +194,7 @@ def test_presentation_states_from_elsewhere_are_the_hospitals_and_orphans_nobody
 
 
 def test_text_other_than_ascii_is_written_as_utf8_and_reads_back_equal(
-        site: Site, idp: IdentityProvider) -> None:  # noqa: F811
+        site: Site, idp: IdentityProvider) -> None:
     """The image says ISO_IR 100 (Latin-1) with a Latin-1 patient name; the GSPS and the
     KO say ISO_IR 192 and every text in them reads back as written."""
     latin = make_dataset(study=site.study, series=generate_uid(), rows=SIZE, columns=SIZE,

@@ -16,12 +16,12 @@ depends_on = None
 def upgrade() -> None:
     op.create_table('saved_measurements',
     sa.Column('id', sa.Integer(), nullable=False),
-    sa.Column('sop_instance_uid', sa.String(length=64), nullable=False),
+    sa.Column('instance_fk', sa.Integer(), nullable=False),
     sa.Column('author_fk', sa.Integer(), nullable=False),
     sa.ForeignKeyConstraint(['author_fk'], ['portal_user.id'], name=op.f('fk_saved_measurements_author_fk_portal_user'), ondelete='CASCADE'),
-    sa.ForeignKeyConstraint(['sop_instance_uid'], ['instance.sop_instance_uid'], name=op.f('fk_saved_measurements_sop_instance_uid_instance'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['instance_fk'], ['instance.id'], name=op.f('fk_saved_measurements_instance_fk_instance'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_saved_measurements')),
-    sa.UniqueConstraint('sop_instance_uid', name=op.f('uq_saved_measurements_sop_instance_uid'))
+    sa.UniqueConstraint('instance_fk', name=op.f('uq_saved_measurements_instance_fk'))
     )
     op.create_index(op.f('ix_saved_measurements_author_fk'), 'saved_measurements', ['author_fk'], unique=False)
 
