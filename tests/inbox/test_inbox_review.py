@@ -109,9 +109,11 @@ def _outside_with_codes(study: str, **extra: Any) -> bytes:
 
 
 def test_an_accepted_study_names_the_local_referrer_not_the_outside_one(
-        inbox: Inbox, idp: IdentityProvider) -> None:
+        any_db_inbox: Inbox, idp: IdentityProvider) -> None:
     """A local physician whose name (and NPI) equal the outside hospital's referrer does not
-    see the accepted study; the physician who uploaded it does, by the referral rule."""
+    see the accepted study; the physician who uploaded it does, by the referral rule.
+    SQLite and PostgreSQL."""
+    inbox = any_db_inbox
     app = inbox.app
     namesake = add_person(app, idp, "namesake", ["physician"], "Elsewhere",
                           name="Dr Outside")
@@ -184,12 +186,14 @@ def test_an_accepted_study_names_the_local_referrer_not_the_outside_one(
     assert len(_waiting(app)) == 1
 
 
-def test_two_uploads_of_one_study_uid_never_merge(inbox: Inbox,
+def test_two_uploads_of_one_study_uid_never_merge(any_db_inbox: Inbox,
                                                   idp: IdentityProvider) -> None:
     """Two patients' links send files of one Study Instance UID (by chance or on purpose):
     two waiting entries, each with its own patient; a file of another patient under a study
     its own link already sent is refused in plain words; accepting one entry takes only its
-    patient's files, and the other cannot join that study under another patient."""
+    patient's files, and the other cannot join that study under another patient. SQLite
+    and PostgreSQL."""
+    inbox = any_db_inbox
     app = inbox.app
     anna, sam = _link_client(app, inbox), _link_client(app, inbox, for_whom="Sam Stranger")
     shared = generate_uid()
