@@ -25,13 +25,16 @@ from portal.access.grants import create_grant
 from portal.access.models import User
 from portal.access.principal import user_principal
 from portal.archive import current_archive
+from portal.index.models import Instance, Series
 from portal.retention.service import delete_study
 from portal.sharing import service
 from portal.sharing.routes import share_policy
 from portal.studies.models import SavedMeasurements
+from tests.browser import chromium, loopback_only, phone
 from tests.conftest import (
     OIDC_SETTINGS,
     IdentityProvider,
+    LiveServer,
     add_person,
     close_app,
     csrf_of,
@@ -40,6 +43,7 @@ from tests.conftest import (
     signed_in,
 )
 from tests.factories import make_dataset, to_bytes
+from tests.studies.support import PHYSICIAN, build_ct_site, sign_in_browser
 from tests.studies.test_measure import ADMIN, SIZE, Site, build
 
 NOTE = "Müller: Läsion 12 mm, Ø 9 mm, ≈ 30 € Δ"
@@ -230,3 +234,44 @@ def test_text_other_than_ascii_is_written_as_utf8_and_reads_back_equal(
     back = _seen(doctor, site.__class__(**{**site.__dict__,
                                            "series": str(latin.SeriesInstanceUID)}))
     assert _texts(back) == {NOTE}
+
+
+def test_the_viewer_draws_them_for_the_author_and_not_for_another_physician(
+        tmp_path: Path, idp: IdentityProvider) -> None:
+    """In Chromium on an iPhone 13: the author's viewer draws his saved marks after loading;
+    the viewer of another physician with a grant to the same study draws none."""
+    ct = build_ct_site(tmp_path, idp, slices=6, size=128)
+    try:
+        second = add_person(ct.app, idp, "second-doc", ["physician"], name="Lisa Cuddy")
+        with ct.app.extensions["db"].write_transaction() as session:
+            create_grant(session, ADMIN, user_id=second, study_uid=ct.study)
+        with ct.app.extensions["db"].new_session() as session:
+            middle = session.scalars(
+                select(Instance.sop_instance_uid).join(Series, Series.id == Instance.series_fk)
+                .where(Series.series_instance_uid == ct.series)
+                .order_by(Instance.instance_number)).first()
+        assert middle is not None
+        author = signed_in(ct.app, idp, PHYSICIAN)
+        saved = _post(author, f"/studies/{ct.study}/measurements", {"measurements": [
+            {**d, "sop": middle} for d in DRAWN]})
+        assert saved.status_code == 201, saved.data  # type: ignore[attr-defined]
+        url = f"/studies/{ct.study}/view/{ct.series}?image={middle}"
+        errors: list[str] = []
+        with LiveServer(ct.app) as server, chromium() as (playwright, browser):
+            for sub, expected in (("second-doc", 0), (PHYSICIAN, 2)):
+                context = browser.new_context(**phone(playwright, "iPhone 13"))
+                loopback_only(context)
+                page = context.new_page()
+                page.on("pageerror", lambda e: errors.append(str(e)))
+                sign_in_browser(page, server.url, sub=sub, next_path=url.split("?")[0])
+                page.goto(f"{server.url}{url}")
+                page.wait_for_function("() => document.querySelector('#viewer').dataset"
+                                       ".savedShown !== undefined", timeout=30_000)
+                shown = page.eval_on_selector("#viewer", "v => v.dataset.savedShown")
+                assert shown == str(expected), (sub, shown)
+                assert page.locator("svg.marks .shape.saved").count() == expected
+                assert errors == []
+                context.close()
+    finally:
+        close_app(ct.app)
+
