@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 import time
+from dataclasses import replace
 from typing import Any
 
 from flask import (
@@ -41,6 +42,7 @@ from portal.imaging.service import series_default_window
 from portal.imaging.signed import sign_series
 from portal.index.names import name_language, person_name
 from portal.index.referrers import key_label
+from portal.numbers import bounded_int
 from portal.reports.service import mark_shown_read, unread_studies
 from portal.sharing.service import link_note
 from portal.studies import export
@@ -48,10 +50,12 @@ from portal.studies.patients import scans_page
 from portal.studies.prior import describe_pane, main_series, middle_uid, priors
 from portal.studies.service import (
     MODALITIES,
+    SortKey,
     StudySearch,
     key_images,
+    list_page,
+    list_place,
     patient_history,
-    search_studies,
     series_images,
     study_instances,
     study_series,
@@ -138,18 +142,31 @@ def study_list() -> str | BaseResponse:
         page = max(1, min(int(args.get("page", "1")), 10_000))
     except ValueError:
         abort(400, "page must be a number")
+    edges: dict[str, SortKey] = {}
+    for name in ("after", "before"):  # keyset paging: the study the page starts beside
+        if args.get(name):
+            place = list_place(db.session, principal, bounded_int(args[name], name))  # or 400
+            if place is None:
+                abort(400, f"{name}: that study is no longer in your list, open the list again")
+            edges[name] = place
     text = (session.get("searches") or {}).get(args.get("s", ""), "")
     search = StudySearch(text=text, date_from=dates[0], date_to=dates[1],
                          modality=args.get("modality", "")[:16],
-                         new_report=args.get("report") == "new", page=page)
-    rows, more = search_studies(db.session, principal, search)
+                         new_report=args.get("report") == "new", page=page,
+                         after=edges.get("after"), before=edges.get("before"))
+    rows, more, newer = list_page(db.session, principal, search)
+    if not newer and search.page > 1:  # walked back to the top: the first page after all
+        search = replace(search, page=1)
     unread = unread_studies(db.session, principal, [study.id for study, _patient in rows])
     audit.record(db, audit.QUERY, action="E", outcome=audit.OUTCOME_SUCCESS,
                  who=principal.audit_name, source_address=request.remote_addr or "",
                  details={"results": len(rows), "page": page})
+    # The pager's links carry the first and last rows' places, not an offset (keyset paging).
     return render_template("studies/list.html", rows=rows, search=search, more=more,
-                           principal=principal, modalities=MODALITIES, unread=unread,
-                           search_key=args.get("s", "") if text else "")
+                           newer=newer, principal=principal, modalities=MODALITIES,
+                           unread=unread, search_key=args.get("s", "") if text else "",
+                           first_key=rows[0][0].id if rows else "",
+                           last_key=rows[-1][0].id if rows else "")
 
 
 def _audit_view(principal: Principal, study_uid: str, patient_id: str, view: str) -> None:

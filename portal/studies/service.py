@@ -9,7 +9,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import ColumnElement, Select, and_, false, or_, select, union_all
+from sqlalchemy import ColumnElement, Select, and_, false, or_, select, tuple_, union_all
 from sqlalchemy.orm import Session, aliased
 
 from portal.access.policy import (
@@ -29,6 +29,20 @@ HISTORY_LIMIT = 50
 MODALITIES = ("CT", "MR", "CR", "DX", "US", "MG", "PT", "NM", "XA", "RF", "OT")
 
 
+# A study's place in the list: (study date, study time, id), the list's order.
+SortKey = tuple[str, str, int]
+
+
+def list_place(session: Session, principal: Principal, study_id: int) -> SortKey | None:
+    """The place in the list of a study this principal may see (a pager link names the
+    study by its row id only: its date is PHI and stays out of the URL, docs/security.md
+    28); None when there is no such study or he may not see it (its date must not steer
+    his list either)."""
+    found = session.execute(select(Study.study_date, Study.study_time).where(
+        Study.id == study_id, study_filter(principal))).one_or_none()
+    return (found[0], found[1], study_id) if found else None
+
+
 @dataclass(frozen=True)
 class StudySearch:
     """What a person typed into the study search (``new_report``: only studies with a
@@ -41,6 +55,12 @@ class StudySearch:
     new_report: bool = False
     page: int = 1
     oldest_first: bool = False
+    # Keyset paging (the study list's links): the sort key (date, time, id) of the last row
+    # of the page before ("after") or the first row of the page after ("before"); ``page``
+    # is then only the number shown. Without either, ``page`` is an offset (old links, the
+    # console).
+    after: SortKey | None = None
+    before: SortKey | None = None
 
     @property
     def narrowed(self) -> bool:
@@ -131,10 +151,21 @@ def _visible_matches(session: Session, principal: Principal,
 
 def search_studies(session: Session, principal: Principal,
                    search: StudySearch) -> tuple[list[Any], bool]:
-    """One page of visible studies, newest first, and whether there is another page.
+    """One page of visible studies, newest first, and whether there is another page (an
+    older one; after a ``before`` link, always)."""
+    rows, older, _newer = list_page(session, principal, search)
+    return rows, older
+
+
+def list_page(session: Session, principal: Principal,
+              search: StudySearch) -> tuple[list[Any], bool, bool]:
+    """One page of visible studies, newest first (oldest first if asked), and whether there
+    are pages after it and before it (``newer``: known only for a keyset page).
 
     The page's study ids are found first, from the study table alone (its (date, time, id)
-    index), and only those rows are read with their patients (a "deferred join")."""
+    index), and only those rows are read with their patients (a "deferred join"). A page
+    after or before a sort key starts right there (keyset paging): page 39 costs what page
+    1 costs instead of sorting and skipping the 950 studies before it."""
     stmt = select(Study.id).where(study_filter(principal))
     if search.text:
         matches, many = _text_condition(session, search.text.strip()[:64])
@@ -152,14 +183,24 @@ def search_studies(session: Session, principal: Principal,
     if search.new_report:
         stmt = stmt.where(unread_report_condition(principal))
     offset = (max(search.page, 1) - 1) * PAGE_SIZE
+    # Walking back from a "before" key reads the list the other way round, then turns it.
+    ascending = search.oldest_first != (search.before is not None)
+    key = tuple_(Study.study_date, Study.study_time, Study.id)
+    edge = search.before or search.after
+    if edge is not None:
+        offset = 0
+        stmt = stmt.where(key > tuple_(*edge) if ascending else key < tuple_(*edge))
     order = (Study.study_date.asc(), Study.study_time.asc(), Study.id.asc()) \
-        if search.oldest_first else (Study.study_date.desc(), Study.study_time.desc(),
-                                     Study.id.desc())
+        if ascending else (Study.study_date.desc(), Study.study_time.desc(), Study.id.desc())
     page = stmt.order_by(*order).limit(PAGE_SIZE + 1).offset(offset).subquery("page")
     rows = list(session.execute(
         select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
         .join(page, page.c.id == Study.id).order_by(*order)))
-    return rows[:PAGE_SIZE], len(rows) > PAGE_SIZE
+    further = len(rows) > PAGE_SIZE
+    rows = rows[:PAGE_SIZE]
+    if search.before is not None:
+        return rows[::-1], True, further
+    return rows, further, search.after is not None or search.page > 1
 
 
 def study_series(session: Session, principal: Principal, study: Study) -> list[Series]:
