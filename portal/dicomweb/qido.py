@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
-from sqlalchemy import Row, Select, and_, exists, func, or_, select
+from sqlalchemy import Row, Select, and_, exists, func, or_, select, true
 from sqlalchemy.orm import InstrumentedAttribute, Session, aliased
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -188,8 +188,11 @@ def pn_pattern(value: str) -> tuple[str, str]:
 
 def _group_match(value: str) -> ColumnElement[bool]:
     """The patient's name against a PN query, through its folded groups (``name_match``)."""
-    if not match_value(value).replace("=", ""):
+    wanted = match_value(value).replace("=", "")
+    if not wanted:
         return Patient.name_match == ""
+    if not wanted.strip("*"):  # "*" alone: universal matching (PS3.4 C.2.2.2.4)
+        return true()
     like, regex = pn_pattern(value)
     condition = Patient.name_match.like(like, escape="\\")
     if "=" not in value and "*" not in value and "?" not in value:
@@ -490,8 +493,11 @@ def _value_matches(vr: str, stored: Any, wanted: str, fuzzy: bool) -> bool:
             asked = [w.rstrip("*") for w in search_words(wanted) if w.strip("*")]
             if asked:
                 return all(any(word.startswith(a) for word in words) for a in asked)
-        if not match_value(wanted).replace("=", ""):
+        folded = match_value(wanted).replace("=", "")
+        if not folded:
             return not name_match_text(name)
+        if not folded.strip("*"):
+            return True
         return re.search(pn_pattern(wanted)[1], name_match_text(name), re.DOTALL) is not None
     if vr in _NUMERIC_VRS:
         try:

@@ -45,7 +45,9 @@ from tests.conftest import (
     signed_in,
 )
 from tests.dicomweb.test_conformance_clients import parts_of
+from tests.factories import make_instance
 
+NAMELESS = generate_uid()
 READER = Principal("machine", 1, "reader", can_read_all=True)
 ADMIN = Principal("user", 0, "t", roles=frozenset({"office_manager"}), issuer="t", subject="t")
 
@@ -197,6 +199,9 @@ def site(request: pytest.FixtureRequest,
                                              f"boundary={boundary}",
                              "Accept": "application/dicom+json"})
                 assert answer.status_code == 200, (name, answer.text)
+            with app.app_context():  # a patient without a name, for "*"
+                current_archive().ingest(make_instance(study=NAMELESS, patient_id="NO-NAME",
+                                                       patient_name=""), who="test")
             web = DICOMwebClient(url=f"{server.url}/dicomweb", session=session)
             yield Site(app, server, web, auth, sent,
                        {name: decoded(data).StudyInstanceUID for name, data in sent.items()})
@@ -250,6 +255,12 @@ def test_qido_finds_names_by_any_group(site: Site, query: str, expected: set[str
     samples = {name for name, uid in site.study_of.items()
                if uid in {s["0020000D"]["Value"][0] for s in found}}
     assert samples == expected
+
+
+def test_a_lone_star_matches_every_name_and_none(site: Site) -> None:
+    found = {s["0020000D"]["Value"][0]
+             for s in site.web.search_for_studies(search_filters={"PatientName": "*"})}
+    assert found == {*site.study_of.values(), NAMELESS}
 
 
 def test_qido_fuzzy_matching_takes_words_in_any_order(site: Site) -> None:
