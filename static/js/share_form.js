@@ -66,7 +66,9 @@
     draft.fields.forEach(function (/** @type {[string, string, boolean | null]} */ f) {
       var selector = 'input[name="' + CSS.escape(f[0]) + '"]';
       if (f[2] === null) {
-        var field = /** @type {HTMLInputElement | null} */ (form.querySelector(selector));
+        // Text, number, the note's textarea and the message's language (a select).
+        var field = /** @type {HTMLInputElement | null} */ (
+          form.querySelector('[name="' + CSS.escape(f[0]) + '"]:not([type=radio]):not([type=checkbox])'));
         if (field) field.value = f[1];
         return;
       }

@@ -213,6 +213,7 @@ def test_the_share_form_on_a_phone(oidc_app: Flask, idp: IdentityProvider, devic
         page.get_by_label("Valid for").fill("3")
         page.get_by_label("E-mail me when the link is first opened").check()
         page.get_by_label("Note for yourself").fill("for Dr Wilson")
+        page.get_by_label("Language of the message").select_option("es")
         shot(page, f"{tag}-2-colleague")
 
         # The sign-in is too old for a change: sign in again, and the choices are still there.
@@ -228,13 +229,14 @@ def test_the_share_form_on_a_phone(oidc_app: Flask, idp: IdentityProvider, devic
         expect(page.get_by_label("E-mail me when the link is first opened")).to_be_checked()
         expect(page.get_by_label("Valid for")).to_have_value("3")
         expect(page.get_by_label("Note for yourself")).to_have_value("for Dr Wilson")
+        expect(page.get_by_label("Language of the message")).to_have_value("es")
         shot(page, f"{tag}-3-kept")
 
         page.get_by_role("button", name="Make the link").click()
         page.locator("#share-url").wait_for()
         link = page.locator("#share-url").input_value()
         pin = page.locator("#share-pin").inner_text()
-        assert "/s?lang=en#" in link
+        assert "/s?lang=es#" in link  # the link's messages and pages in Spanish
         page.wait_for_load_state()
         page.wait_for_function("() => !Object.keys(sessionStorage).some(k => k.startsWith("
                                "'share-draft'))")  # the draft is done with
