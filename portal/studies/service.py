@@ -9,7 +9,17 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import ColumnElement, Select, and_, false, or_, select, tuple_, union_all
+from sqlalchemy import (
+    ColumnElement,
+    Select,
+    and_,
+    exists,
+    false,
+    or_,
+    select,
+    tuple_,
+    union_all,
+)
 from sqlalchemy.orm import Session, aliased
 
 from portal.access.policy import (
@@ -84,23 +94,55 @@ def _like(text: str) -> str:
 # one that matches more finds its page sooner by walking the studies newest first.
 FEW_MATCHES = 1000
 # A person who may see at most this many studies has a text search that matches many
-# tested on those studies only, by id (see search_studies).
+# tested on those studies only, by id (see list_page).
 FEW_VISIBLE = 10_000
 # The text match's own FROMs, never correlated with the outer query's study and patient.
 _MATCH_PATIENT = aliased(Patient, name="match_patient")
 _MATCH_STUDY = aliased(Study, name="match_study")
 
 
-def _matching_patients(text: str, pattern: str) -> Select[int]:
-    """Patients whose ID contains the text or whose name's words begin with its words."""
-    patient = _MATCH_PATIENT
+def _patient_matches(patient: Any, text: str, pattern: str) -> ColumnElement[bool]:
+    """The patient's ID contains the text or his name's words begin with its words."""
     matches: list[ColumnElement[bool]] = [
         patient.patient_id.ilike(pattern, escape="\\")]
     words = search_words(text)[:MAX_WORDS]
     if words:
         matches.append(and_(*(patient.name_search.like(f"% {_escape(w)}%", escape="\\")
                               for w in words)))
-    return select(patient.id).where(or_(*matches))
+    return or_(*matches)
+
+
+def _matching_patients(text: str, pattern: str) -> Select[int]:
+    """Patients whose ID contains the text or whose name's words begin with its words."""
+    patient = _MATCH_PATIENT
+    return select(patient.id).where(_patient_matches(patient, text, pattern))
+
+
+def _few_visible(session: Session, principal: Principal) -> list[int] | None:
+    """The ids of the studies a person may see, when they are at most FEW_VISIBLE (the
+    access rules' index-only scans); None for a machine or more."""
+    if principal.kind == "machine":
+        return None
+    visible = list(session.scalars(select(Study.id).where(study_filter(principal))
+                                   .limit(FEW_VISIBLE + 1)))
+    return visible if len(visible) <= FEW_VISIBLE else None
+
+
+def _visible_text_matches(session: Session, visible: list[int], text: str) -> list[int]:
+    """Which of these studies match the text (the same match as ``_text_condition``), each
+    tested on its own row and its patient's, by id: no index scan of every matching
+    patient ("smith jo": 9,375 of 300,000 at 1,000,000 studies) and no probe first."""
+    if not visible:
+        return []
+    pattern = _like(text)
+    # The patient's test as a correlated EXISTS beside the accession number's: one probe of
+    # the patient's key per study. (A join let PostgreSQL read every patient and hash them.)
+    patient = _MATCH_PATIENT
+    own_patient = exists().where(patient.id == Study.patient_fk,
+                                 _patient_matches(patient, text, pattern))
+    return sorted(session.scalars(select(Study.id).where(
+        Study.id.in_(visible),
+        or_(Study.accession_number.ilike(pattern, escape="\\"), own_patient))))
 
 
 def _text_condition(session: Session, text: str) -> tuple[ColumnElement[bool], bool]:
@@ -111,42 +153,25 @@ def _text_condition(session: Session, text: str) -> tuple[ColumnElement[bool], b
     pattern = _like(text)
     patients = _matching_patients(text, pattern)
     # Which plan is fast depends on how many studies match, so ask first (through the
-    # trigram indexes on PostgreSQL, a millisecond or two): a few are fetched by id and then
-    # checked for access and sorted; many are tested row by row while walking the date
-    # order, which soon finds a page (PostgreSQL tests the cheap text match before the
-    # access rules). Both conditions select exactly the same studies.
-    study = _MATCH_STUDY
-    # Accession numbers first: when they match by the thousand ("1") the probe stops there.
-    probe = union_all(select(study.id).where(study.accession_number.ilike(pattern,
-                                                                          escape="\\")),
-                      select(study.id).where(study.patient_fk.in_(patients)))
-    found = set(session.scalars(select(probe.subquery().c.id).limit(FEW_MATCHES + 1)))
-    if len(found) <= FEW_MATCHES:
-        return (Study.id.in_(sorted(found)) if found else false()), False
+    # trigram indexes on PostgreSQL, a few milliseconds): a few are fetched by id and then
+    # checked for access and sorted; many are tested on a person's visible studies, or
+    # row by row while walking the date order for a machine (PostgreSQL tests the cheap
+    # text match before the access rules). Both conditions select exactly the same studies.
+    # The matching patients first, at most FEW_MATCHES + 1 of them: more patients than
+    # that have more studies than that ("smith jo": 9,375 patients at 1,000,000 studies,
+    # whose studies the probe used to look up one by one).
+    found_patients = list(session.scalars(patients.limit(FEW_MATCHES + 1)))
+    if len(found_patients) <= FEW_MATCHES:
+        study = _MATCH_STUDY
+        # Accession numbers first: when they match by the thousand ("1") the probe stops.
+        probe = union_all(
+            select(study.id).where(study.accession_number.ilike(pattern, escape="\\")),
+            select(study.id).where(study.patient_fk.in_(found_patients)))
+        found = set(session.scalars(select(probe.subquery().c.id).limit(FEW_MATCHES + 1)))
+        if len(found) <= FEW_MATCHES:
+            return (Study.id.in_(sorted(found)) if found else false()), False
     return or_(Study.patient_fk.in_(patients),
                Study.accession_number.ilike(pattern, escape="\\")), True
-
-
-def _visible_matches(session: Session, principal: Principal,
-                     matches: ColumnElement[bool]) -> ColumnElement[bool]:
-    """A text match that matches many studies, narrowed to the studies a person may see,
-    as their ids: the access rules' few thousand studies are found first (by their
-    indexes), then the match is tested on those rows only, by id.
-
-    Left to itself, PostgreSQL cannot estimate how many studies the match keeps (an OR
-    of a hashed subquery and an ILIKE gets a default selectivity, far above the 3 % of
-    "smith jo"), so it may walk the studies by date or scan them all to find a page of a
-    person's matches: 1.0-1.5 s at 1,000,000 studies, or 0.1-0.2 s, depending on the
-    fill's statistics (benchmarks/README.md, the index at 1,000,000 studies). Same rows
-    either way; more than FEW_VISIBLE visible studies keep the single statement."""
-    visible = list(session.scalars(select(Study.id).where(study_filter(principal))
-                                   .limit(FEW_VISIBLE + 1)))
-    if len(visible) > FEW_VISIBLE:
-        return matches
-    if not visible:
-        return false()
-    found = sorted(session.scalars(select(Study.id).where(Study.id.in_(visible), matches)))
-    return Study.id.in_(found) if found else false()
 
 
 def search_studies(session: Session, principal: Principal,
@@ -167,10 +192,21 @@ def list_page(session: Session, principal: Principal,
     after or before a sort key starts right there (keyset paging): page 39 costs what page
     1 costs instead of sorting and skipping the 950 studies before it."""
     stmt = select(Study.id).where(study_filter(principal))
-    if search.text:
-        matches, many = _text_condition(session, search.text.strip()[:64])
-        if many and principal.kind != "machine":
-            matches = _visible_matches(session, principal, matches)
+    text = search.text.strip()[:64]
+    matches, many = _text_condition(session, text) if text else (None, False)
+    visible = _few_visible(session, principal) if many else None
+    if visible is not None:
+        # A person's few thousand studies are found first, then a text that matches many
+        # is tested on them alone; the page is taken from the ids that matched (all
+        # visible), without the access rules again. Left to
+        # itself, PostgreSQL cannot estimate how many studies a text keeps (an OR of a
+        # hashed subquery and an ILIKE gets a default selectivity, far above the 3 % of
+        # "smith jo"), so it walked the studies by date or scanned them all to find a page
+        # of a person's matches: 1.0-1.5 s at 1,000,000 studies, or 0.1-0.2 s, depending
+        # on the fill's statistics (benchmarks/README.md, the index at 1,000,000 studies).
+        stmt = select(Study.id).where(Study.id.in_(
+            _visible_text_matches(session, visible, text)))
+    elif matches is not None:
         stmt = stmt.where(matches)
     if search.date_from:
         stmt = stmt.where(Study.study_date >= search.date_from.replace("-", ""))

@@ -158,9 +158,10 @@ def test_few_or_many_matches_give_the_same_pages(any_db_app: Flask,
     for query, options in cases:
         expected = _expected(studies, query, **options)
         search = StudySearch(text=query, **options)
-        for few, few_visible in ((1000, 10), (3, 10), (0, 10), (3, 0), (0, 0)):
-            # all by id; some by id, some tested on the visible ids (or, with more visible
-            # studies than few_visible, walked); all tested on the visible ids; all walked
+        for few, few_visible in ((1000, 10), (3, 10), (0, 10), (3, 0), (0, 0), (3, 100),
+                                 (0, 100)):
+            # all by id; some by id, some walked (more visible studies than few_visible);
+            # all walked; and some or all tested on the 18 visible ids
             monkeypatch.setattr(service, "FEW_MATCHES", few)
             monkeypatch.setattr(service, "FEW_VISIBLE", few_visible)
             assert pages(search) == expected, (query, options, few, few_visible)
