@@ -31,19 +31,21 @@ def referrer_name(number: int) -> str:
 def fill(connection: Any, studies: int, *, referrers: int = 500,
          instances_per_series: int = 0) -> dict[str, int]:
     """Insert the rows; return the counts. ``connection``: a psycopg autocommit connection."""
-    from portal.index.names import name_search_text
+    from portal.index.names import name_match_text, name_search_text
 
-    names = [(f"{s}^{g}", name_search_text(f"{s}^{g}")) for s in SURNAMES for g in GIVEN]
+    names = [(f"{s}^{g}", name_search_text(f"{s}^{g}"), name_match_text(f"{s}^{g}"))
+             for s in SURNAMES for g in GIVEN]
     patients = max(1, studies * 3 // 10)
     cur = connection.cursor()
-    cur.execute("CREATE TEMP TABLE names (n int, name text, search text)")
-    cur.executemany("INSERT INTO names VALUES (%s, %s, %s)",
-                    [(i, n, s) for i, (n, s) in enumerate(names)])
+    cur.execute("CREATE TEMP TABLE names (n int, name text, search text, match text)")
+    cur.executemany("INSERT INTO names VALUES (%s, %s, %s, %s)",
+                    [(i, n, s, m) for i, (n, s, m) in enumerate(names)])
+    # The name's search words and PN match text, as the Patient model keeps them.
     cur.execute(f"""INSERT INTO patient (id, patient_id, issuer_of_patient_id, patient_name,
-        patient_birth_date, patient_sex, name_search)
+        patient_birth_date, patient_sex, name_search, name_match)
         SELECT g, 'P' || lpad(g::text, 7, '0'), '', names.name,
           to_char(date '1930-01-01' + (g * 37 % 30000), 'YYYYMMDD'),
-          CASE WHEN g % 2 = 0 THEN 'F' ELSE 'M' END, names.search
+          CASE WHEN g % 2 = 0 THEN 'F' ELSE 'M' END, names.search, names.match
         FROM generate_series(1, {patients}) g JOIN names ON names.n = g % {len(names)}""")
     modality = f"(ARRAY{MODALITIES!r})[1 + g % {len(MODALITIES)}]".replace('"', "'")
     cur.execute(f"""INSERT INTO study (id, study_instance_uid, patient_fk, study_date,
