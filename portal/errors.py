@@ -16,7 +16,7 @@ from werkzeug.exceptions import (
 
 from portal.failures import PortalError
 from portal.fhir.outcome import FHIR_JSON, error_body, is_fhir_path
-from portal.i18n import N_
+from portal.i18n import N_, reason_text
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ def register_error_handlers(app: Flask) -> None:
             db.session.rollback()
         except Exception:  # the session may be gone already; the answer is the same
             log.debug("no session to roll back")
-        return error_response(exc.status, exc.reason, exc.headers())
+        return error_response(exc.status, exc.reason, exc.headers(),
+                              page_reason=reason_text(exc) if exc.params else None)
 
     @app.errorhandler(OperationalError)
     def _database(exc: OperationalError) -> Response:

@@ -22,17 +22,29 @@ class PortalError(Exception):
 
     Raised with a message, the message is the reason; without one, or when the class's
     messages are not ``public`` (they name files or internals), the class's ``default_reason``.
+    A reason with variable parts names them as placeholders, filled from keywords:
+    ``Invalid("a link lasts 1 to %(days)d days", days=30)``: ``reason`` is the English
+    sentence (JSON answers, logs), ``template`` and ``params`` let the error page translate
+    the sentence and fill it in the reader's language (docs/i18n.md).
     """
 
     status: int = 500
     default_reason: ClassVar[str] = "something went wrong on our side; it has been logged"
     public: ClassVar[bool] = True
     reason: str
+    template: str
+    params: dict[str, object]
 
-    def __init__(self, *args: object) -> None:
+    def __init__(self, *args: object, **params: object) -> None:
         super().__init__(*args)
         text = str(args[0]) if args and self.public else ""
-        self.reason = text or self.default_reason
+        self.template = text or self.default_reason
+        self.params = params if text else {}
+        self.reason = self.template % self.params if self.params else self.template
+
+    def __str__(self) -> str:
+        """The English reason, its placeholders filled."""
+        return self.reason if self.params else super().__str__()
 
     def headers(self) -> dict[str, str]:
         """Headers the HTTP answer carries besides the body (e.g. ``Retry-After``)."""

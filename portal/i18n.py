@@ -37,6 +37,7 @@ from flask_babel import lazy_gettext as _l
 from werkzeug.wrappers.response import Response
 
 from portal.access.policy import public, share_visible
+from portal.failures import PortalError
 
 TRANSLATIONS = Path(__file__).resolve().parent / "translations"
 # Languages a person may choose, in the switch's order, each named in its own language.
@@ -136,6 +137,13 @@ JS_STRINGS = (
     _l("Key images are marked on the slices view."),
     _l("No connection: the image is not marked yet."), _l("(no pixel spacing)"),
     _l("(approx., at detector)"),
+    # the upload page (static/js/inbox_upload.js)
+    _l("received, waits for the practice"), _l("not needed: %(reason)s"),
+    _l("nothing to keep"), _l("%(name)s: %(reason)s"), _l("%(num)s images received; refused:"),
+    _l("%(done)s of %(all)s files sent · %(kept)s images kept, %(refused)s refused, "
+       "%(skipped)s skipped"),
+    _l("All %(all)s files sent · %(kept)s images kept, %(refused)s refused, %(skipped)s "
+       "skipped"),
 )
 
 
@@ -162,6 +170,14 @@ def page_strings() -> dict[str, str]:
 def translate(words: str) -> str:
     """The ``translate`` filter: stored words of DATA_WORDS in the page's language."""
     return str(gettext(words))
+
+
+def reason_text(exc: PortalError) -> str:
+    """A domain error's reason in the reader's language: its sentence translated, then its
+    placeholders filled (``PortalError`` keywords); English when the catalog lacks it."""
+    if exc.params:
+        return str(gettext(exc.template, **exc.params))
+    return str(gettext(exc.reason))
 
 
 def language_choices() -> list[tuple[str, str]]:

@@ -264,7 +264,7 @@ def grant_many(session: Session, actor: Principal, *, user_ids: Sequence[int],
     if not study_uids and not patient_records:
         raise UserError("choose at least one study or patient")
     if len(user_ids) * (len(study_uids) + len(patient_records)) > MAX_BULK:
-        raise UserError(f"at most {MAX_BULK} grants at once")
+        raise UserError("at most %(most)d grants at once", most=MAX_BULK)
     _visible_targets(session, actor, study_uids, patient_records)
     made = [create_grant(session, actor, user_id=user_id, study_uid=uid,
                          expires_at=expires_at, reason=reason)

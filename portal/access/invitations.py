@@ -63,7 +63,7 @@ def _referrer_keys(session: Session, texts: list[str]) -> list[str]:
         except ValueError as exc:
             raise UserError(str(exc)) from exc
         if session.scalar(select(ReferrerIdentifier.id).where(ReferrerIdentifier.key == key)):
-            raise UserError(f"{text} is already linked to someone")
+            raise UserError("%(key)s is already linked to someone", key=text)
         keys.append(key)
     return list(dict.fromkeys(keys))
 

@@ -23,7 +23,8 @@ class UserError(failures.Invalid, ValueError):
 def check_role(role: str) -> str:
     """A known role name, or UserError."""
     if role not in ROLES:
-        raise UserError(f"unknown role {role[:40]!r}; roles are {', '.join(ROLES)}")
+        raise UserError("unknown role %(role)s; roles are %(roles)s", role=repr(role[:40]),
+                        roles=", ".join(ROLES))
     return role
 
 

@@ -51,6 +51,8 @@ from portal.access.users import ROLES, UserError
 from portal.admin import console
 from portal.auth.recent import require_recent_sign_in
 from portal.db import db, utcnow
+from portal.failures import Invalid
+from portal.i18n import reason_text
 from portal.index.models import Patient, Study
 from portal.numbers import bounded_int
 from portal.studies.service import MODALITIES, StudySearch
@@ -87,7 +89,7 @@ def _done(message: str, endpoint: str) -> BaseResponse:
 
 def _failed(exc: UserError, endpoint: str) -> BaseResponse:
     db.session.rollback()
-    flash(_(str(exc)), "error")
+    flash(reason_text(exc), "error")
     return redirect(url_for(endpoint))
 
 
@@ -102,7 +104,7 @@ def _day(text: str, name: str) -> date | None:
     try:
         return date.fromisoformat(text[:10])
     except ValueError:
-        abort(400, f"{name} is not a date (YYYY-MM-DD)")
+        raise Invalid("%(name)s is not a date (YYYY-MM-DD)", name=name) from None
 
 
 def _study_search() -> StudySearch:
@@ -186,7 +188,7 @@ def give_access() -> BaseResponse:
             expires_at=_until(form.get("until", "")), reason=form.get("reason", ""))
     except UserError as exc:
         db.session.rollback()
-        flash(_(str(exc)), "error")
+        flash(reason_text(exc), "error")
         chosen: dict[str, Any] = {k: form.getlist(k) for k in ("user", "study", "patient")}
         return redirect(url_for("admin.give", **chosen))
     people = {g.user_fk for g in made}
@@ -282,7 +284,7 @@ def revoke_links() -> BaseResponse:
         count = console.revoke_links(db.session, _manager(), ids)
     except UserError as exc:
         db.session.rollback()
-        flash(_(str(exc)), "error")
+        flash(reason_text(exc), "error")
         return redirect(target)
     flash(ngettext("Revoked %(num)d link; its open sessions have ended.",
                    "Revoked %(num)d links; their open sessions have ended.", count))

@@ -78,7 +78,8 @@ def callback() -> BaseResponse:
                      source_address=_address(), details={"type": audit.LOGIN,
                                                          "reason": str(exc)})
         session.destroy()  # type: ignore[attr-defined]
-        raise BadRequest(f"Sign-in failed: {exc}") from exc
+        # A browser's page: said in the reader's language (the English detail is audited).
+        raise BadRequest(_("Sign-in failed: %(reason)s", reason=_(exc.reason))) from exc
     user = sign_in_user(db.session, issuer=identity.issuer, subject=identity.subject,
                         email=identity.email, name=identity.name,
                         idp_roles=identity.roles if settings["OIDC_ROLES_CLAIM"] else None,

@@ -78,7 +78,7 @@ def create_link(session: Session, actor: Principal, policy: SharePolicy, *, for_
                               "upload links")
     days = policy.default_days if days is None else days
     if not 1 <= days <= policy.max_days:
-        raise UploadLinkError(f"a link lasts 1 to {policy.max_days} days")
+        raise UploadLinkError("a link lasts 1 to %(days)d days", days=policy.max_days)
     for_whom = " ".join(for_whom.split())[:200]
     if not for_whom:
         raise UploadLinkError("say whom the link is for (the patient's name)")

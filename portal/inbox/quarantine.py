@@ -16,6 +16,7 @@ import fcntl
 import os
 import uuid
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path, PurePosixPath
@@ -38,6 +39,7 @@ from portal.archive.validate import (
     validate_part10,
 )
 from portal.db import utcnow
+from portal.i18n import N_
 from portal.inbox.models import InboxFile, InboxInstance, InboxStudy
 from portal.index.names import search_words
 
@@ -123,19 +125,48 @@ def _write_durably(path: Path, data: bytes) -> None:
         raise
 
 
-def plain_reason(exc: Rejected) -> str:
-    """A refusal in words a patient understands, with the technical reason after it."""
+def outcome(name: str, kind: str, message: str = "", **params: str) -> dict[str, Any]:
+    """One file's (or ZIP entry's) outcome as ``file.results`` keeps it: what it IS, the
+    English sentence marked for the catalogs (``message``) and its variable parts
+    (``params``: technical words such as a transfer syntax, never translated), and the
+    sentence filled in English (``reason``: the audit trail, older readers). The uploader's
+    page gets it in his language (``shown``; docs/i18n.md)."""
+    return {"name": name, "outcome": kind,
+            "reason": message % params if params else message,
+            "message": message, "params": params}
+
+
+def shown(result: dict[str, Any], translate: Callable[..., str]) -> dict[str, Any]:
+    """A stored outcome as the uploader's page reads it: name, outcome and the reason in the
+    reader's language (``translate`` is gettext). Results stored before the reasons were
+    kept as messages (a plain English ``reason``) show as they were, translated when the
+    catalog knows the sentence."""
+    message = result.get("message")
+    params = result.get("params") or {}
+    reason = str(result.get("reason", ""))
+    if isinstance(message, str) and message:
+        reason = translate(message, **params) if params else translate(message)
+    elif reason:
+        reason = translate(reason)
+    return {"name": result.get("name", ""), "outcome": result.get("outcome", ""),
+            "reason": reason}
+
+
+def plain_reason(exc: Rejected) -> tuple[str, dict[str, str]]:
+    """A refusal in words a patient understands (a sentence marked for the catalogs), with
+    the technical reason after it as a parameter."""
     reason = exc.reason
     if "DICM" in reason:
-        return ("not a medical image file (a CD also holds viewer programs and text files; "
-                "they are not needed)")
+        return N_("not a medical image file (a CD also holds viewer programs and text files; "
+                  "they are not needed)"), {}
     if exc.status == TRANSFER_SYNTAX_NOT_SUPPORTED:
-        return f"the image is compressed in a way the portal does not take ({reason})"
+        return N_("the image is compressed in a way the portal does not take "
+                  "(%(detail)s)"), {"detail": reason}
     if exc.status == SOP_CLASS_NOT_SUPPORTED:
-        return f"this kind of DICOM object is not taken ({reason})"
+        return N_("this kind of DICOM object is not taken (%(detail)s)"), {"detail": reason}
     if exc.status == OUT_OF_RESOURCES or exc.http_status == 413:
-        return f"the file is too large ({reason})"
-    return f"the file is damaged or incomplete ({reason})"
+        return N_("the file is too large (%(detail)s)"), {"detail": reason}
+    return N_("the file is damaged or incomplete (%(detail)s)"), {"detail": reason}
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str:
@@ -164,7 +195,7 @@ def start_file(session: Session, q: Quarantine, *, practice_id: int, link_fk: in
     if size < 1:
         raise UploadRefused("the file is empty")
     if size > q.max_upload_bytes:
-        raise UploadRefused(f"the file is larger than {q.max_upload_bytes >> 20} MiB")
+        raise UploadRefused("the file is larger than %(mib)d MiB", mib=q.max_upload_bytes >> 20)
     if link_fk is not None:
         # A link's visitor is nobody we know: he may not fill the practice's disk.
         files, total = session.execute(
@@ -175,7 +206,8 @@ def start_file(session: Session, q: Quarantine, *, practice_id: int, link_fk: in
                                 "one")
     space = q.space_rule.look(q.root)
     if not space.room_for(size):
-        raise StorageFull(f"the inbox has no room for this file now ({space.describe()})")
+        raise StorageFull("the inbox has no room for this file now (%(detail)s)",
+                          detail=space.describe())
     file = InboxFile(public_id=str(uuid.uuid4()), practice_fk=practice_id, link_fk=link_fk,
                      uploaded_by=uploaded_by, name=name, size=size, received=0,
                      state="receiving", results=[], created_at=utcnow())
@@ -195,8 +227,8 @@ def reap_abandoned(session: Session, q: Quarantine, older_than: timedelta = ABAN
     for file in stale:
         q.part_path(file).unlink(missing_ok=True)
         file.state = "abandoned"
-        file.results = [{"name": file.name, "outcome": "refused",
-                         "reason": "the upload was not finished in time; send it again"}]
+        file.results = [outcome(file.name, "refused", N_("the upload was not finished in "
+                                                         "time; send it again"))]
     return len(stale)
 
 
@@ -219,7 +251,7 @@ def append_chunk(session: Session, q: Quarantine, file: InboxFile, start: int, t
     if total != file.size:
         raise UploadRefused("the chunk names another total size than the file announced")
     if len(data) > MAX_CHUNK_BYTES:
-        raise UploadRefused(f"a chunk is at most {MAX_CHUNK_BYTES >> 20} MiB")
+        raise UploadRefused("a chunk is at most %(mib)d MiB", mib=MAX_CHUNK_BYTES >> 20)
     if start + len(data) > file.size or not data:
         raise UploadRefused("the chunk goes past the end of the file")
     path = q.part_path(file)
@@ -277,15 +309,16 @@ def _finish_locked(session: Session, q: Quarantine, file: InboxFile,
                                       max_entry_bytes=q.limits.max_instance_bytes,
                                       max_total_bytes=q.max_upload_bytes * 4)
             except (UnsafeZip, zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
-                results.append({"name": file.name, "outcome": "refused",
-                                "reason": f"the ZIP file is refused: {exc}"})
+                results.append(outcome(file.name, "refused",
+                                       N_("the ZIP file is refused: %(detail)s"),
+                                       detail=str(exc)))
                 sources = []
             for source in sources:
                 label = source.label.partition(":")[2] or source.label
                 results.append(_keep_source(session, q, file, Source(label, source.read)))
         elif file.size > q.limits.max_instance_bytes:
-            results.append({"name": file.name, "outcome": "refused",
-                            "reason": "the file is too large for one image"})
+            results.append(outcome(file.name, "refused",
+                                   N_("the file is too large for one image")))
         else:
             results.append(_keep_source(session, q, file,
                                         Source(file.name, path.read_bytes)))
@@ -307,15 +340,16 @@ def _keep_source(session: Session, q: Quarantine, file: InboxFile,
                  source: Source) -> dict[str, Any]:
     name = source.label
     if PurePosixPath(name.replace("\\", "/")).name.upper() == "DICOMDIR":
-        return {"name": name, "outcome": "skipped",
-                "reason": "the CD's table of contents (DICOMDIR); the images are read "
-                          "from their own files"}
+        return outcome(name, "skipped", N_("the CD's table of contents (DICOMDIR); the "
+                                           "images are read from their own files"))
     try:
         valid = validate_part10(source.read(), q.limits)
     except Rejected as exc:
-        return {"name": name, "outcome": "refused", "reason": plain_reason(exc)}
+        message, params = plain_reason(exc)
+        return outcome(name, "refused", message, **params)
     except OSError as exc:
-        return {"name": name, "outcome": "refused", "reason": f"cannot read: {exc.strerror}"}
+        return outcome(name, "refused", N_("cannot read: %(detail)s"),
+                       detail=str(exc.strerror or exc))
     ds = valid.dataset
     # A waiting study is one upload source's (an upload link, or a signed-in uploader) files
     # of one Study Instance UID and one patient: two patients' uploads, or a hostile file
@@ -328,9 +362,9 @@ def _keep_source(session: Session, q: Quarantine, file: InboxFile,
         else InboxStudy.link_fk == file.link_fk,
         InboxStudy.uploaded_by == file.uploaded_by)).first()
     if study is not None and _patient_of(study) != _patient_in(ds):
-        return {"name": name, "outcome": "refused",
-                "reason": "this file names another patient than the files of the same study "
-                          "sent before; send each patient's images separately"}
+        return outcome(name, "refused", N_("this file names another patient than the files "
+                                           "of the same study sent before; send each "
+                                           "patient's images separately"))
     if study is None:
         study = InboxStudy(
             public_id=str(uuid.uuid4()), practice_fk=file.practice_fk, link_fk=file.link_fk,
@@ -353,10 +387,10 @@ def _keep_source(session: Session, q: Quarantine, file: InboxFile,
         InboxInstance.study_fk == study.id,
         InboxInstance.sop_instance_uid == valid.sop_instance_uid))
     if known is not None:
-        return {"name": name, "outcome": "skipped", "reason": "already in the inbox"}
+        return outcome(name, "skipped", N_("already in the inbox"))
     _write_durably(q.kept_path(valid.sha256), valid.data)
     session.add(InboxInstance(study_fk=study.id, sop_instance_uid=valid.sop_instance_uid,
                               series_instance_uid=valid.series_instance_uid,
                               sha256=valid.sha256, label=name[:500]))
     session.flush()
-    return {"name": name, "outcome": "kept", "reason": ""}
+    return outcome(name, "kept")

@@ -38,6 +38,7 @@ from portal.access.principal import Principal, current_principal
 from portal.archive import current_archive
 from portal.auth.recent import require_recent_sign_in
 from portal.db import db, utcnow
+from portal.i18n import reason_text
 from portal.inbox import links, quarantine, reconcile
 from portal.inbox.models import InboxFile, InboxStudy, UploadLink
 from portal.numbers import bounded_int
@@ -167,6 +168,17 @@ class _NotUploader(failures.PortalError):
     default_reason = "open your upload link again, or sign in"
 
 
+@api.errorhandler(failures.PortalError)
+def _api_refusal(exc: failures.PortalError) -> tuple[Response, int, dict[str, str]]:
+    """The chunk API's refusals as every JSON answer (``error``: English), with ``message``:
+    the same reason in the uploader's language, which his page shows (docs/i18n.md)."""
+    if exc.status >= 500:
+        current_app.logger.error("%s: %s", exc.__class__.__name__, exc.reason)
+    db.session.rollback()  # nothing the request wrote before it failed is kept
+    return (jsonify(error=exc.reason, status=exc.status, message=reason_text(exc)),
+            exc.status, exc.headers())
+
+
 def _uploader_or_401() -> tuple[int, int | None, str]:
     principal = _uploader()
     if principal is not None and principal.practice_id is not None:
@@ -190,7 +202,9 @@ def _own_file(public_id: str) -> InboxFile:
 def _file_json(file: InboxFile) -> dict[str, Any]:
     return {"id": file.public_id, "name": file.name, "size": file.size,
             "received": quarantine.received_bytes(_q(), file), "state": file.state,
-            "results": file.results, "chunk": quarantine.MAX_CHUNK_BYTES}
+            # The uploader's page shows the reasons: in his language (docs/i18n.md).
+            "results": [quarantine.shown(r, _) for r in file.results],
+            "chunk": quarantine.MAX_CHUNK_BYTES}
 
 
 @api.post("/inbox/api/files")

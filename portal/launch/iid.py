@@ -84,7 +84,7 @@ def parse_patient_id(value: str) -> PatientKey:
 def _listed(args: Any, name: str) -> tuple[str, ...]:
     values = [v.strip() for raw in args.getlist(name) for v in raw.split(",") if v.strip()]
     if len(values) > MAX_LIST:
-        raise LaunchError(f"{name}: at most {MAX_LIST} values")
+        raise LaunchError("%(name)s: at most %(count)d values", name=name, count=MAX_LIST)
     return tuple(dict.fromkeys(values))
 
 
@@ -95,8 +95,8 @@ def _when(args: Any, name: str) -> datetime | None:
     try:
         when = datetime.fromisoformat(raw)
     except ValueError:
-        raise LaunchError(f"{name}: not an ISO 8601 date and time "
-                          "(e.g. 2024-01-31T08:00:00Z)") from None
+        raise LaunchError("%(name)s: not an ISO 8601 date and time "
+                          "(e.g. 2024-01-31T08:00:00Z)", name=name) from None
     return when.replace(tzinfo=None)  # compared with the study's recorded wall-clock time
 
 
@@ -105,7 +105,7 @@ def _flag(args: Any, name: str, ignored: dict[str, str]) -> None:
     if raw is None:
         return
     if raw.strip().lower() not in ("true", "false"):
-        raise LaunchError(f"{name}: true or false")
+        raise LaunchError("%(name)s: true or false", name=name)
     ignored[name] = raw.strip().lower()
 
 
@@ -132,7 +132,7 @@ def parse_request(args: Any) -> DisplayRequest:
                               "accessionNumber (one of them, comma-separated)")
         for uid in uids:
             if len(uid) > 64 or not _UID.fullmatch(uid):
-                raise LaunchError(f"studyUID: {uid[:70]!r} is not a DICOM UID")
+                raise LaunchError("studyUID: %(uid)s is not a DICOM UID", uid=repr(uid[:70]))
         for accession in accessions:
             if len(accession) > 64:
                 raise LaunchError("accessionNumber: at most 64 characters each")
@@ -144,7 +144,8 @@ def parse_request(args: Any) -> DisplayRequest:
     raw = args.get("mostRecentResults", "").strip()
     if raw:
         if not raw.isdigit() or not 1 <= int(raw) <= MAX_RESULTS:
-            raise LaunchError(f"mostRecentResults: a whole number from 1 to {MAX_RESULTS}")
+            raise LaunchError("mostRecentResults: a whole number from 1 to %(most)d",
+                              most=MAX_RESULTS)
         most_recent = int(raw)
     lower, upper = _when(args, "lowerDateTime"), _when(args, "upperDateTime")
     if lower and upper and lower > upper:
@@ -152,7 +153,8 @@ def parse_request(args: Any) -> DisplayRequest:
     modalities = tuple(m.upper() for m in _listed(args, "modalitiesInStudy"))
     for code in modalities:
         if not _MODALITY.fullmatch(code):
-            raise LaunchError(f"modalitiesInStudy: {code[:20]!r} is not a modality code")
+            raise LaunchError("modalitiesInStudy: %(code)s is not a modality code",
+                              code=repr(code[:20]))
     return DisplayRequest("PATIENT", patient=patient, most_recent=most_recent, lower=lower,
                           upper=upper, modalities=modalities, ignored=ignored)
 

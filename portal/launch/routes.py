@@ -24,6 +24,7 @@ from flask import (
     session,
     url_for,
 )
+from flask_babel import gettext as _
 from sqlalchemy import exists, select
 from werkzeug.datastructures import MultiDict
 from werkzeug.wrappers import Response as BaseResponse
@@ -33,6 +34,7 @@ from portal.access.policy import deny, public, series_filter
 from portal.access.principal import Principal, current_principal
 from portal.access.users import sign_in_user
 from portal.db import db
+from portal.i18n import N_, reason_text
 from portal.index.models import Instance, Series, Study
 from portal.launch import iid, smart
 
@@ -104,17 +106,19 @@ def _keep(context: dict[str, Any]) -> str:
     return key
 
 
-def _refuse(reason: str, state: str = "") -> BaseResponse:
-    """A launch that cannot go on: audited, its pending state dropped, 400 with the reason.
-    A signed-in session stays (a forged callback must not sign anybody out)."""
+def _refuse(reason: str | smart.LaunchRefused, state: str = "") -> BaseResponse:
+    """A launch that cannot go on: audited (in English), its pending state dropped, 400 with
+    the reason in the reader's language (a browser's page, docs/i18n.md). A signed-in
+    session stays (a forged callback must not sign anybody out)."""
     audit.record(db, audit.USER_AUTHENTICATION, action="E", outcome=audit.OUTCOME_MINOR_FAILURE,
                  who="unknown", source_address=_address(),
-                 details={"type": audit.LOGIN, "launch": "SMART", "reason": reason})
+                 details={"type": audit.LOGIN, "launch": "SMART", "reason": str(reason)})
     pending = dict(session.get("smart_states") or {})
     if state in pending:
         pending.pop(state)
         session["smart_states"] = pending
-    abort(400, f"The launch from the EHR failed: {reason}")
+    said = reason_text(reason) if isinstance(reason, smart.LaunchRefused) else _(reason)
+    abort(400, _("The launch from the EHR failed: %(reason)s", reason=said))
 
 
 @bp.get("/smart/launch")
@@ -124,15 +128,15 @@ def smart_launch() -> BaseResponse:
     authorization server (launch, aud, state, PKCE S256, nonce)."""
     iss, launch = request.args.get("iss", "").strip(), request.args.get("launch", "").strip()
     if not iss or not launch:
-        return _refuse("the EHR must send iss and launch")
+        return _refuse(N_("the EHR must send iss and launch"))
     if len(iss) > 500 or len(launch) > 1000:
-        return _refuse("iss or launch is too long")
+        return _refuse(N_("iss or launch is too long"))
     try:
         name = smart.client_name(iss)
         found = smart.authorization(name, iss.rstrip("/"), launch,
                                     url_for("launch.smart_callback", _external=True))
     except smart.LaunchRefused as exc:
-        return _refuse(str(exc))
+        return _refuse(exc)
     pending = dict(session.get("smart_states") or {})
     pending[found["state"]] = [name, iss.rstrip("/")]
     session["smart_states"] = dict(list(pending.items())[-PENDING_LAUNCHES:])
@@ -147,13 +151,13 @@ def smart_callback() -> BaseResponse:
     state = request.args.get("state", "")
     pending = (session.get("smart_states") or {}).get(state)
     if not state or pending is None:
-        return _refuse("the answer does not belong to a launch begun in this browser "
-                       "(state mismatch); launch again from the EHR")
+        return _refuse(N_("the answer does not belong to a launch begun in this browser "
+                          "(state mismatch); launch again from the EHR"))
     name, iss = pending
     try:
         result = smart.complete(name, iss)
     except smart.LaunchRefused as exc:
-        return _refuse(str(exc), state)
+        return _refuse(exc, state)
     user = sign_in_user(db.session, issuer=result.issuer, subject=result.subject,
                         email=result.email, name=result.name, idp_roles=None)
     if not user.active:

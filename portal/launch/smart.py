@@ -94,7 +94,7 @@ def metadata(name: str) -> dict[str, Any]:
     for key in ("authorization_endpoint", "token_endpoint", "issuer", "jwks_uri"):
         if not isinstance(data.get(key), str) or not data[key].startswith(("https://",
                                                                             "http://")):
-            raise LaunchRefused(f"the EHR's SMART configuration lacks {key}")
+            raise LaunchRefused("the EHR's SMART configuration lacks %(key)s", key=key)
     offered = data.get("id_token_signing_alg_values_supported") or ["RS256"]
     data["id_token_signing_alg_values_supported"] = [a for a in offered
                                                      if a in ALLOWED_ALGORITHMS]

@@ -170,14 +170,14 @@ def _expiry(policy: SharePolicy, now: datetime, days: int | None,
     if expires_at is None:
         days = policy.default_days if days is None else days
         if not 1 <= days <= policy.max_days:
-            raise ShareError(f"a link lasts 1 to {policy.max_days} days")
+            raise ShareError("a link lasts 1 to %(days)d days", days=policy.max_days)
         return now + timedelta(days=days)
     if expires_at.tzinfo is None:
         raise ShareError("the expiry must carry a time zone")
     if expires_at <= now + timedelta(minutes=5):
         raise ShareError("the expiry must be at least 5 minutes ahead")
     if expires_at > now + timedelta(days=policy.max_days, minutes=1):
-        raise ShareError(f"a link lasts at most {policy.max_days} days")
+        raise ShareError("a link lasts at most %(days)d days", days=policy.max_days)
     return expires_at
 
 

@@ -23,7 +23,7 @@ from flask import (
 from markupsafe import Markup
 from werkzeug.wrappers import Response as BaseResponse
 
-from portal import audit
+from portal import audit, failures
 from portal.access.policy import (
     download,
     is_patient_user,
@@ -147,7 +147,8 @@ def study_list() -> str | BaseResponse:
         if args.get(name):
             place = list_place(db.session, principal, bounded_int(args[name], name))  # or 400
             if place is None:
-                abort(400, f"{name}: that study is no longer in your list, open the list again")
+                raise failures.Invalid("%(name)s: that study is no longer in your list, open "
+                                       "the list again", name=name)
             edges[name] = place
     text = (session.get("searches") or {}).get(args.get("s", ""), "")
     search = StudySearch(text=text, date_from=dates[0], date_to=dates[1],

@@ -28,6 +28,7 @@
   var queue = [];
   var running = false;
   var counts = {kept: 0, refused: 0, skipped: 0};
+  var finished = false;
 
   function headers(extra) {
     var h = {'Accept': 'application/json'};
@@ -50,8 +51,11 @@
     queue.forEach(function (item) { size += item.file.size; sent += item.sent; });
     totalBar.value = size ? Math.floor(sent * 100 / size) : 100;
     var done = queue.filter(function (i) { return i.row.dataset.state === 'done'; }).length;
-    totalLine.textContent = done + ' of ' + queue.length + ' files sent · '
-      + counts.kept + ' images kept, ' + counts.refused + ' refused, ' + counts.skipped + ' skipped';
+    var values = {done: done, all: queue.length, kept: counts.kept, refused: counts.refused,
+                  skipped: counts.skipped};
+    totalLine.textContent = finished
+      ? pageText('All %(all)s files sent · %(kept)s images kept, %(refused)s refused, %(skipped)s skipped', values)
+      : pageText('%(done)s of %(all)s files sent · %(kept)s images kept, %(refused)s refused, %(skipped)s skipped', values);
   }
 
   function add(file, name) {
@@ -80,17 +84,18 @@
     var skipped = lines.filter(function (r) { return r.outcome === 'skipped'; });
     item.row.dataset.state = 'done';
     item.row.dataset.outcome = refused.length ? 'refused' : (kept ? 'kept' : 'skipped');
-    item.note.textContent = refused.length === 0 ? (kept ? 'received, waits for the practice'
-      : 'not needed: ' + (skipped[0] ? skipped[0].reason : 'nothing to keep')) : '';
+    item.note.textContent = refused.length === 0 ? (kept ? pageText('received, waits for the practice')
+      : pageText('not needed: %(reason)s', {reason: skipped[0] ? skipped[0].reason : pageText('nothing to keep')})) : '';
     if (refused.length) {
       var ul = document.createElement('ul');
       ul.className = 'refusals';
       refused.slice(0, 50).forEach(function (r) {
         var li = document.createElement('li');
-        li.textContent = (lines.length > 1 ? r.name + ': ' : 'Refused: ') + r.reason;
+        li.textContent = lines.length > 1 ? pageText('%(name)s: %(reason)s', {name: r.name, reason: r.reason})
+          : pageText('Refused: %(reason)s', {reason: r.reason});
         ul.append(li);
       });
-      if (kept) item.note.textContent = kept + ' images received; refused:';
+      if (kept) item.note.textContent = pageText('%(num)s images received; refused:', {num: kept});
       item.row.append(ul);
     }
   }
@@ -112,7 +117,8 @@
   }
 
   async function failText(answer) {
-    try { var body = await answer.json(); return body.error || answer.statusText; }
+    // message: the reason in the page's language; error: the same in English (the API's).
+    try { var body = await answer.json(); return body.message || body.error || answer.statusText; }
     catch (e) { return answer.statusText || ('error ' + answer.status); }
   }
 
@@ -193,8 +199,8 @@
           showTotal();
         }
       }
-      totalLine.textContent = totalLine.textContent.replace(/^\d+ of \d+ files sent/,
-        'All ' + queue.length + ' files sent');
+      finished = true;
+      showTotal();
     } finally {
       running = false;
     }
@@ -202,6 +208,7 @@
 
   function start(files) {
     if (!files.length) return;
+    finished = false;
     panel.hidden = false;
     files.forEach(function (f) { add(f.file, f.name); });
     showTotal();
