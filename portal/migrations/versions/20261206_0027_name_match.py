@@ -3,8 +3,8 @@
 as hiragana, kana voicing kept, Hangul composed, a Japanese, Korean or Chinese name also as one
 word); the expression index of the lower-cased name gives way to a trigram index on name_match
 
-Revision ID: 20261206_0026
-Revises: 20261206_0027
+Revision ID: 20261206_0027
+Revises: 20261206_0026
 Create Date: 2026-12-06 22:30:00
 """
 from alembic import op
@@ -12,8 +12,8 @@ import sqlalchemy as sa
 
 from portal.index.names import name_match_text, name_search_text
 
-revision = '20261206_0026'
-down_revision = '20261206_0027'
+revision = '20261206_0027'
+down_revision = '20261206_0026'
 branch_labels = None
 depends_on = None
 

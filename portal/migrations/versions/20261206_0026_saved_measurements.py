@@ -1,13 +1,13 @@
 """who saved which measurements: the viewer shows them to their author and his links' visitors (issue 20 item 4)
 
-Revision ID: 20261206_0027
+Revision ID: 20261206_0026
 Revises: 20261206_0025
 Create Date: 2026-12-06 22:00:00
 """
 from alembic import op
 import sqlalchemy as sa
 
-revision = '20261206_0027'
+revision = '20261206_0026'
 down_revision = '20261206_0025'
 branch_labels = None
 depends_on = None
