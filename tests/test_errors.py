@@ -232,8 +232,6 @@ ALLOWED = {
         "the reason says 'the 3D view could not be built' first",
     ("dicomweb/stow.py", "store_request", "MultipartError"):
         "the codec stays free of portal imports; the answer adds 'malformed multipart body'",
-    ("admin/routes.py", "_day", "ValueError"):
-        "parsing a date of the form",
     ("studies/routes.py", "study_list", "ValueError"):
         "parsing the page number",
 }
