@@ -139,11 +139,12 @@ JS_STRINGS = (
     _l("(approx., at detector)"),
     # the upload page (static/js/inbox_upload.js)
     _l("received, waits for the practice"), _l("not needed: %(reason)s"),
-    _l("nothing to keep"), _l("%(name)s: %(reason)s"), _l("%(num)s images received; refused:"),
-    _l("%(done)s of %(all)s files sent · %(kept)s images kept, %(refused)s refused, "
-       "%(skipped)s skipped"),
-    _l("All %(all)s files sent · %(kept)s images kept, %(refused)s refused, %(skipped)s "
-       "skipped"),
+    # (counts as "label: number", so no sentence needs a plural form)
+    _l("nothing to keep"), _l("%(name)s: %(reason)s"), _l("Images received: %(num)s; refused:"),
+    _l("Files sent: %(done)s of %(all)s · images kept: %(kept)s, refused: %(refused)s, "
+       "skipped: %(skipped)s"),
+    _l("All files sent (%(all)s) · images kept: %(kept)s, refused: %(refused)s, "
+       "skipped: %(skipped)s"),
 )
 
 

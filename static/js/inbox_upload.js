@@ -54,8 +54,8 @@
     var values = {done: done, all: queue.length, kept: counts.kept, refused: counts.refused,
                   skipped: counts.skipped};
     totalLine.textContent = finished
-      ? pageText('All %(all)s files sent · %(kept)s images kept, %(refused)s refused, %(skipped)s skipped', values)
-      : pageText('%(done)s of %(all)s files sent · %(kept)s images kept, %(refused)s refused, %(skipped)s skipped', values);
+      ? pageText('All files sent (%(all)s) · images kept: %(kept)s, refused: %(refused)s, skipped: %(skipped)s', values)
+      : pageText('Files sent: %(done)s of %(all)s · images kept: %(kept)s, refused: %(refused)s, skipped: %(skipped)s', values);
   }
 
   function add(file, name) {
@@ -95,7 +95,7 @@
           : pageText('Refused: %(reason)s', {reason: r.reason});
         ul.append(li);
       });
-      if (kept) item.note.textContent = pageText('%(num)s images received; refused:', {num: kept});
+      if (kept) item.note.textContent = pageText('Images received: %(num)s; refused:', {num: kept});
       item.row.append(ul);
     }
   }

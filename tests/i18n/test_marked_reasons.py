@@ -267,8 +267,8 @@ def test_a_german_patient_sees_a_refused_file_in_german_on_the_upload_page(
             kept = page.locator(".upload-file[data-outcome=kept]").inner_text()
             assert "erhalten, wartet auf die Praxis" in kept
             total = page.locator("#total-line").inner_text()
-            assert total.startswith("Alle 2 Dateien gesendet · 1 Bilder übernommen, "
-                                    "1 abgelehnt"), total
+            assert total.startswith("Alle Dateien gesendet (2) · Bilder übernommen: 1, "
+                                    "abgelehnt: 1"), total
             page.screenshot(path=str(ARTIFACTS / "inbox-upload-german.png"), full_page=True)
             assert errors == []
         finally:

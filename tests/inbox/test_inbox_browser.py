@@ -112,7 +112,7 @@ def test_a_patient_uploads_a_cd_through_a_dropping_connection(
                            names["DICOMDIR"]: "skipped", names["viewer.exe"]: "refused"}
         assert "not a medical image file" in page.locator(
             ".upload-file[data-outcome=refused]").inner_text()
-        assert page.locator("#total-line").inner_text().startswith("All 4 files sent")
+        assert page.locator("#total-line").inner_text().startswith("All files sent (4)")
         assert page.locator("#network").is_hidden()
         page.screenshot(path=str(ARTIFACTS / f"inbox-upload-{device}.png"), full_page=True)
         # An upload link shows nothing: no image was asked for, no study page opens.
