@@ -63,7 +63,7 @@ I18N_REASONS := -k Invalid -k NotFound -k Conflict -k TooLarge -k Unprocessable 
 	-k ShareError -k UserError -k SignInFailed -k LaunchError -k LaunchRefused -k LinkLocked \
 	-k LinkUnavailable -k NoSuchLink -k PinRequired -k WrongPin -k UploadLinkError \
 	-k UploadRefused -k ReconcileError -k SearchError -k ExportTooLarge -k StillChecking \
-	-k IdentityMismatch -k NoSuchInboxStudy -k ReportError
+	-k IdentityMismatch -k NoSuchInboxStudy -k ReportError -k StorageFull
 i18n: install
 	$(BIN)/pybabel extract -F babel.cfg --sort-output -k _l -k lazy_gettext -k N_ $(I18N_REASONS) \
 	  -o portal/translations/messages.pot --project referrer-portal .

@@ -121,8 +121,8 @@ class EmbeddedStore:
         ARCHIVE_MIN_FREE free: new uploads stop before the disk is full, reads go on."""
         space = self.space()
         if not space.room_for(size):
-            raise StorageFull(f"the archive has no room for this instance now "
-                              f"({space.describe()})")
+            raise StorageFull("the archive has no room for this instance now (%(detail)s)",
+                              detail=space.describe())
 
     def write(self, data: bytes, sha256: str, *, sync_folder: bool = True) -> str:
         """Durably write ``data`` and return its key; an existing identical file is kept.
