@@ -136,7 +136,7 @@ JS_STRINGS = (
     _l("No connection: the measurements are not saved yet."),
     _l("Key images are marked on the slices view."),
     _l("No connection: the image is not marked yet."), _l("(no pixel spacing)"),
-    _l("(approx., at detector)"),
+    _l("(approx., at detector)"), _l("Saved measurements by others, not shown: %(num)s"),
     # the upload page (static/js/inbox_upload.js)
     _l("received, waits for the practice"), _l("not needed: %(reason)s"),
     # (counts as "label: number", so no sentence needs a plural form)

@@ -721,11 +721,17 @@ async function saveJpeg() {
   }
   const dpr = window.devicePixelRatio || 1;
   c.scale(dpr, dpr);
-  c.strokeStyle = '#ffd400'; c.fillStyle = '#ffd400'; c.lineWidth = 2; c.font = '14px system-ui, sans-serif';
+  // Every mark as the screen shows it: angles, ellipses and regions with their values, and
+  // the saved ones (viewer/measure.js), then the lengths with their dots and words.
+  measure.paint(c, currentKey(), out.width / dpr);
+  c.strokeStyle = '#ffd400'; c.fillStyle = '#ffd400'; c.lineWidth = 2; c.font = '600 14px system-ui, sans-serif';
   for (const m of state.measures.filter((x) => x.key === currentKey())) {
     const a = toScreen(m.a); const b = toScreen(m.b);
     c.beginPath(); c.moveTo(a.x, a.y); c.lineTo(b.x, b.y); c.stroke();
+    for (const p of [a, b]) { c.beginPath(); c.arc(p.x, p.y, 4, 0, 2 * Math.PI); c.fill(); }
+    c.strokeStyle = '#000'; c.lineWidth = 3; c.strokeText(label(m.a, m.b), b.x + 8, b.y - 8);
     c.fillText(label(m.a, m.b), b.x + 8, b.y - 8);
+    c.strokeStyle = '#ffd400'; c.lineWidth = 2;
   }
   const blob = await new Promise((resolve) => out.toBlob(resolve, 'image/jpeg', 0.92));
   if (!blob) return;

@@ -8,6 +8,25 @@
 import { number, pageText } from '../page_text.js';
 
 const SVGNS = 'http://www.w3.org/2000/svg';
+const DRAWN = '#ffd400'; // static/css/portal.css .marks .shape, .marks .shape.saved
+const SAVED = '#7fdcff';
+const LINE = 17; // px between the lines of a mark's words
+
+/**
+ * Where a mark's words go on screen: two parts a line (about 200 px at 14 px), kept inside
+ * the screen, above the shape; null without words.
+ * @param {Mark} m @param {Pt[]} s its points on screen @param {number} width the screen's
+ * @returns {{x: number, y: number, lines: string[]} | null}
+ */
+function wordsOf(m, s, width) {
+  if (!m.text) return null;
+  const top = s.reduce((best, p) => (p.y < best.y ? p : best), s[0]);
+  const words = (m.saved && m.author ? `${m.text} · ${m.author}` : m.text).split(' · ');
+  const lines = [];
+  for (let i = 0; i < words.length; i += 2) lines.push(words.slice(i, i + 2).join(' · '));
+  return { x: Math.max(4, Math.min(top.x - 60, width - 210)),
+    y: Math.max(16, top.y - 10 - LINE * (lines.length - 1)), lines };
+}
 
 /** @typedef {{x: number, y: number}} Pt */
 /** @typedef {{key: string, kind: string, pts: Pt[], text: string, saved: boolean, author?: string}} Mark */
@@ -143,21 +162,16 @@ export function createMeasure(v) {
         }
         el.setAttribute('class', `shape${m.saved ? ' saved' : ''}`);
         svg.appendChild(el);
-        if (m.text) {
-          const top = s.reduce((best, p) => (p.y < best.y ? p : best), s[0]);
-          // Two parts a line (about 200 px at 14 px), kept inside the screen, above the shape.
-          const words = (m.saved && m.author ? `${m.text} · ${m.author}` : m.text).split(' · ');
-          const lines = [];
-          for (let i = 0; i < words.length; i += 2) lines.push(words.slice(i, i + 2).join(' · '));
-          const x = Math.max(4, Math.min(top.x - 60, svg.clientWidth - 210));
+        const words = wordsOf(m, s, svg.clientWidth);
+        if (words) {
           const text = document.createElementNS(SVGNS, 'text');
-          text.setAttribute('x', String(x));
-          text.setAttribute('y', String(Math.max(16, top.y - 10 - 17 * (lines.length - 1))));
+          text.setAttribute('x', String(words.x));
+          text.setAttribute('y', String(words.y));
           text.setAttribute('class', `value${m.saved ? ' saved' : ''}`);
-          lines.forEach((line, i) => {
+          words.lines.forEach((line, i) => {
             const span = document.createElementNS(SVGNS, 'tspan');
-            span.setAttribute('x', String(x));
-            if (i) span.setAttribute('dy', '17');
+            span.setAttribute('x', String(words.x));
+            if (i) span.setAttribute('dy', String(LINE));
             span.textContent = line;
             text.appendChild(span);
           });
@@ -165,8 +179,38 @@ export function createMeasure(v) {
         }
       }
     },
-    /** Marks of the current image for the JPEG: shapes and words. */
-    marksOf(/** @type {string} */ key) { return marks.filter((m) => m.key === key); },
+    /**
+     * Draw this key's marks into a 2D context in screen (CSS) pixels, as the SVG layer shows
+     * them: the saved JPEG (viewer.js saveJpeg). @param {CanvasRenderingContext2D} c
+     * @param {string} key @param {number} width the screen's width in CSS pixels
+     */
+    paint(c, key, width) {
+      c.save();
+      c.lineWidth = 2; c.lineJoin = 'round'; c.font = '600 14px system-ui, sans-serif';
+      for (const m of marks.filter((x) => x.key === key)) {
+        const s = m.pts.map(v.toScreen);
+        const colour = m.saved ? SAVED : DRAWN;
+        c.strokeStyle = colour;
+        c.beginPath();
+        if (m.kind === 'ellipse') {
+          c.ellipse((s[0].x + s[1].x) / 2, (s[0].y + s[1].y) / 2,
+            Math.abs(s[1].x - s[0].x) / 2, Math.abs(s[1].y - s[0].y) / 2, 0, 0, 2 * Math.PI);
+        } else {
+          s.forEach((p, i) => (i ? c.lineTo(p.x, p.y) : c.moveTo(p.x, p.y)));
+          if (m.kind === 'polygon') c.closePath();
+        }
+        c.stroke();
+        const words = wordsOf(m, s, width);
+        if (!words) continue;
+        words.lines.forEach((line, i) => { // black edge under the letters, as paint-order: stroke
+          const y = words.y + i * LINE;
+          c.strokeStyle = '#000'; c.lineWidth = 3; c.strokeText(line, words.x, y);
+          c.fillStyle = colour; c.fillText(line, words.x, y);
+        });
+        c.lineWidth = 2;
+      }
+      c.restore();
+    },
     /** Save the marks not saved yet (and the viewer's lengths) with the study. */
     async save() {
       const fresh = [...marks.filter((m) => !m.saved), ...v.lengths()];
@@ -224,6 +268,12 @@ export function createMeasure(v) {
           marks.push({ key, kind: s.kind, pts: s.points.map(fromPixels), text: s.text || '', saved: true, author: s.author || '' });
         }
         v.root.dataset.savedShown = String(marks.length);
+        // An office manager is not shown others' sets, only told how many there are.
+        const note = /** @type {HTMLElement | null} */ (v.root.querySelector('.withheld'));
+        if (note && body.withheld > 0) {
+          note.textContent = pageText('Saved measurements by others, not shown: %(num)s', { num: number(body.withheld, 0) });
+          note.hidden = false;
+        }
         v.invalidate();
       } catch { /* offline: the images still show */ }
     },
