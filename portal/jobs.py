@@ -86,6 +86,8 @@ JOBS: dict[str, Job] = {
     "retention-apply": Job("portal.retention.service:apply_now", lane="retention"),
     # Embedded images older than ARCHIVE_COMPRESS_AFTER_DAYS re-encoded losslessly.
     "archive-compress": Job("portal.archive.compress:compress_now", periodic=True),
+    # A large study accepted from the upload inbox, batch by batch, resumable (docs/inbox.md).
+    "inbox-accept": Job("portal.inbox.reconcile:run_accept", lane="inbox"),
 }
 
 
@@ -408,7 +410,8 @@ IN_WORDS = {"prerender": "Preparing the first images of new series",
             "audit-seal": "Sealing the audit trail",
             "retention-daily": "Listing the studies due for deletion",
             "retention-apply": "Deleting the studies approved for deletion",
-            "archive-compress": "Compressing older images without loss"}
+            "archive-compress": "Compressing older images without loss",
+            "inbox-accept": "Moving a study accepted from the inbox into the archive"}
 
 
 def failed_in_words(app: Flask, limit: int = 10) -> tuple[int, list[str]] | None:

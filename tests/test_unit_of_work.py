@@ -69,6 +69,10 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("portal.inbox.links", "exchange"):
         "upload-link exchange: as the share exchange, wrong PINs count although the answer "
         "is a 4xx",
+    **{("portal.inbox.reconcile", name): OUTSIDE + " (inbox-accept job: each batch's "
+       "files leave the inbox once the archive committed them, so a stopped move resumes; "
+       "the 110107 record and the grants in one last transaction)"
+       for name in ("_run_accept", "_finish_accept")},
     ("portal.reports.inbound", "handle"): OUTSIDE + " (HL7 listener)",
     ("portal.reports.dicom", "after_ingest"): OUTSIDE + " (after-ingest step)",
     ("portal.reports.notify", "notifier.notify"): OUTSIDE + " (notices, after commit)",

@@ -13,25 +13,30 @@ both are audited. Until then no access rule sees the study: it is not in the ind
 from __future__ import annotations
 
 import io
+import json
+import os
 import re
-from dataclasses import dataclass
+import uuid
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, cast
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from sqlalchemy import Select, func, or_, select
+from sqlalchemy import CursorResult, Select, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from portal import audit, failures
 from portal.access.grants import create_grant
 from portal.access.models import ReferrerIdentifier, User
 from portal.access.policy import study_filter
-from portal.access.principal import Principal
+from portal.access.principal import Principal, user_principal
 from portal.archive.after import Stored
 from portal.archive.ingest import Archive
 from portal.archive.validate import Rejected
-from portal.db import utcnow
+from portal.db import Database, utcnow
 from portal.inbox.models import InboxInstance, InboxStudy
 from portal.inbox.quarantine import Quarantine
 from portal.index.models import Patient, Study
@@ -41,6 +46,9 @@ from portal.index.referrers import name_key
 STUDY_DELETED = ("110105", "DICOM Study Deleted")
 MODIFYING_SYSTEM = "REFERRER PORTAL INBOX"
 ACCEPT_BATCH = 32  # files coerced and ingested at a time (the ingest's own batch size)
+# A study of more files than this is accepted by a background job (``inbox-accept``,
+# portal/jobs.py) whose progress its page shows; smaller ones within the request.
+ACCEPT_INLINE_MAX = 64
 
 
 class ReconcileError(failures.Invalid):
@@ -52,6 +60,12 @@ class NoSuchInboxStudy(failures.NotFound):
     answer alike (404, docs/security.md 16)."""
 
     default_reason = "no such study in your inbox"
+
+
+class AcceptRunning(failures.Conflict):
+    """A second accept (or a reject) of a study being accepted now (409)."""
+
+    default_reason = "this study is being accepted now; its page shows how far it is"
 
 
 @dataclass(frozen=True)
@@ -112,14 +126,26 @@ class Accepted:
 def waiting_studies(session: Session, actor: Principal) -> list[InboxStudy]:
     """The practice's waiting studies, oldest first."""
     return list(session.scalars(select(InboxStudy).where(
-        InboxStudy.practice_fk == actor.practice_id, InboxStudy.state == "waiting")
-        .order_by(InboxStudy.id)))
+        InboxStudy.practice_fk == actor.practice_id,
+        InboxStudy.state.in_(("waiting", "accepting"))).order_by(InboxStudy.id)))
 
 
 def get_waiting(session: Session, actor: Principal, public_id: str) -> InboxStudy:
     """One waiting study of the actor's practice, or 404."""
+    study = get_study(session, actor, public_id)
+    if study.state == "accepting":
+        raise AcceptRunning()
+    if study.state != "waiting":
+        raise NoSuchInboxStudy()
+    return study
+
+
+def get_study(session: Session, actor: Principal, public_id: str) -> InboxStudy:
+    """One study of the actor's practice's inbox, waiting, being accepted or accepted (its
+    page shows the progress and the final state); rejected ones and others' answer 404."""
     study = session.scalars(select(InboxStudy).where(
-        InboxStudy.public_id == public_id, InboxStudy.state == "waiting",
+        InboxStudy.public_id == public_id,
+        InboxStudy.state.in_(("waiting", "accepting", "accepted")),
         InboxStudy.practice_fk == actor.practice_id)).first()
     if study is None or actor.practice_id is None:
         raise NoSuchInboxStudy()
@@ -276,26 +302,10 @@ def accept(session: Session, actor: Principal, q: Quarantine, archive: Archive,
     when one was chosen (``referrer_chosen``; None: nobody), else the physician who uploaded
     the study himself, else nobody. He is named by his own linked name identifier; one who
     has none gets a grant instead, so that he sees the study either way."""
-    study = get_waiting(session, actor, public_id)
-    local = LocalIdentity.of(find_local_patient(session, actor, patient_pk)) \
-        if patient_pk is not None else new_local_patient(session, actor, study, new_patient_id)
-    accession = accession.strip()
-    if len(accession) > 16 or any(c in accession for c in "\\\x00\r\n"):
-        raise ReconcileError("an accession number has at most 16 characters")
-    physician = None
-    if give_to is not None:
-        physician = next((u for u in practice_physicians(session, actor) if u.id == give_to),
-                         None)
-        if physician is None:
-            raise ReconcileError("choose a physician of your practice")
-    if referrer_chosen:
-        referring = None if referrer is None else next(
-            (u for u in practice_physicians(session, actor) if u.id == referrer), None)
-        if referrer is not None and referring is None:
-            raise ReconcileError("choose a physician of your practice as the referrer")
-    else:
-        referring = uploader_physician(session, actor, study)
-    referring_name = referrer_name(session, referring)
+    study, local, accession, physician, referring, referring_name = _choices(
+        session, actor, public_id, patient_pk=patient_pk, accession=accession,
+        give_to=give_to, new_patient_id=new_patient_id, referrer=referrer,
+        referrer_chosen=referrer_chosen)
     now = utcnow()
     stored: list[Stored] = []
     refused: list[tuple[str, str]] = []
@@ -346,6 +356,34 @@ def accept(session: Session, actor: Principal, q: Quarantine, archive: Archive,
     return Accepted(len(stored), refused)
 
 
+def _choices(session: Session, actor: Principal, public_id: str, *, patient_pk: int | None,
+             accession: str, give_to: int | None, new_patient_id: str, referrer: int | None,
+             referrer_chosen: bool
+             ) -> tuple[InboxStudy, LocalIdentity, str, User | None, User | None, str]:
+    """The office manager's choices checked: the study, who it becomes, the accession
+    number, the physician given access, the referrer and his name in the files."""
+    study = get_waiting(session, actor, public_id)
+    local = LocalIdentity.of(find_local_patient(session, actor, patient_pk)) \
+        if patient_pk is not None else new_local_patient(session, actor, study, new_patient_id)
+    accession = accession.strip()
+    if len(accession) > 16 or any(c in accession for c in "\\\x00\r\n"):
+        raise ReconcileError("an accession number has at most 16 characters")
+    physician = None
+    if give_to is not None:
+        physician = next((u for u in practice_physicians(session, actor) if u.id == give_to),
+                         None)
+        if physician is None:
+            raise ReconcileError("choose a physician of your practice")
+    if referrer_chosen:
+        referring = None if referrer is None else next(
+            (u for u in practice_physicians(session, actor) if u.id == referrer), None)
+        if referrer is not None and referring is None:
+            raise ReconcileError("choose a physician of your practice as the referrer")
+    else:
+        referring = uploader_physician(session, actor, study)
+    return study, local, accession, physician, referring, referrer_name(session, referring)
+
+
 def reject(session: Session, actor: Principal, q: Quarantine, public_id: str, *,
            reason: str, address: str) -> InboxStudy:
     """Reject a waiting study: its files are deleted, the decision audited (110105)."""
@@ -370,3 +408,184 @@ def counts(session: Session, actor: Principal) -> int:
     """How many studies wait in the practice's inbox."""
     return int(session.scalar(select(func.count(InboxStudy.id)).where(
         InboxStudy.practice_fk == actor.practice_id, InboxStudy.state == "waiting")) or 0)
+
+
+# -- a large study is accepted by a background job --------------------------------------------
+#
+# More than ACCEPT_INLINE_MAX files: the request checks the choices, marks the study
+# "accepting" (a second accept or a reject is refused while it is) and writes the plan and its
+# progress to ``instance/inbox/accepting/<id>.json``; the job ``inbox-accept`` then moves the
+# files batch by batch. Each batch is committed: its files enter the archive, then leave the
+# inbox. A job that fails or dies is resumable: run again (RQ's retries, or "Continue" on the
+# study's page) it takes the files still waiting, and the same choices and time make the same
+# bytes, so a batch that was stored but not yet taken out of the inbox is stored once. The
+# 110107 record, the study's final state and the grants come once, when every file was tried.
+
+STALE_SECONDS = 600  # a run that wrote no progress for this long may be continued
+
+
+def progress_path(q: Quarantine, public_id: str) -> Path:
+    """The plan and progress of a background accept (never named by anything uploaded)."""
+    return q.root / "accepting" / f"{uuid.UUID(public_id)}.json"
+
+
+def read_progress(q: Quarantine, public_id: str) -> dict[str, Any] | None:
+    """The plan and progress of a background accept, if one was started."""
+    try:
+        found: dict[str, Any] = json.loads(progress_path(q, public_id).read_text())
+    except (OSError, ValueError):
+        return None
+    return found
+
+
+def _write_progress(q: Quarantine, public_id: str, progress: dict[str, Any]) -> None:
+    progress["updated"] = utcnow().isoformat()
+    path = progress_path(q, public_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    temp.write_text(json.dumps(progress))
+    os.replace(temp, path)
+
+
+def may_continue(progress: dict[str, Any] | None) -> bool:
+    """A background accept that stopped (failed for good, or silent for STALE_SECONDS)."""
+    if progress is None or progress.get("state") == "done":
+        return False
+    if progress.get("state") == "failed":
+        return True
+    updated = datetime.fromisoformat(progress["updated"])
+    return (utcnow() - updated).total_seconds() > STALE_SECONDS
+
+
+def start_accept(session: Session, actor: Principal, q: Quarantine, public_id: str, *,
+                 patient_pk: int | None, accession: str, give_to: int | None, address: str,
+                 new_patient_id: str = "", referrer: int | None = None,
+                 referrer_chosen: bool = False) -> int:
+    """Check the choices as ``accept`` does, mark the study "accepting" and write the plan;
+    the caller queues ``inbox-accept`` once this is committed. Returns how many files."""
+    study, local, accession, physician, referring, referring_name = _choices(
+        session, actor, public_id, patient_pk=patient_pk, accession=accession,
+        give_to=give_to, new_patient_id=new_patient_id, referrer=referrer,
+        referrer_chosen=referrer_chosen)
+    marked = session.execute(update(InboxStudy).where(
+        InboxStudy.id == study.id, InboxStudy.state == "waiting").values(
+        state="accepting", decided_by=actor.audit_name))
+    if not cast(CursorResult[Any], marked).rowcount:  # another request started it meanwhile
+        raise AcceptRunning()
+    total = len(study.instances)
+    _write_progress(q, study.public_id, {
+        "actor": actor.id, "who": actor.audit_name, "address": address,
+        "source": study.uploaded_by or "upload", "when": utcnow().isoformat(),
+        "local": asdict(local), "accession": accession, "referrer_name": referring_name,
+        "referring": referring.id if referring else None,
+        "give_to": physician.id if physician else None,
+        "state": "queued", "error": "", "total": total, "done": 0, "stored": 0,
+        "refused": []})
+    return total
+
+
+def run_accept(public_id: str) -> int:
+    """The job ``inbox-accept``: move the study's waiting files into the archive, batch by
+    batch, writing the progress; one run per study at a time. Returns the files stored."""
+    from flask import current_app
+
+    from portal.jobs import once_per_cluster
+
+    with once_per_cluster(f"inbox-accept-{public_id}") as mine:
+        if not mine:
+            return 0
+        return _run_accept(current_app.extensions["db"], current_app.extensions["inbox"],
+                           current_app.extensions["archive"], public_id)
+
+
+def _run_accept(database: Database, q: Quarantine, archive: Archive, public_id: str) -> int:
+    progress = read_progress(q, public_id)
+    with database.new_session() as session:
+        study = session.scalars(select(InboxStudy).where(
+            InboxStudy.public_id == public_id, InboxStudy.state == "accepting")).first()
+        if study is None or progress is None:
+            return 0
+        tried = {entry[2] for entry in progress["refused"]}
+        todo = [(i.id, i.sha256, i.label) for i in study.instances if i.id not in tried]
+        session.expunge(study)
+    local = LocalIdentity(**progress["local"])
+    when = datetime.fromisoformat(progress["when"])
+    progress.update(state="running", error="", total=progress["done"] + len(todo))
+    _write_progress(q, public_id, progress)
+    try:
+        for start in range(0, len(todo), ACCEPT_BATCH):
+            batch = todo[start:start + ACCEPT_BATCH]
+            results = archive.ingest_many(
+                [coerce(q.read(sha256), study, local, progress["accession"],
+                        progress["source"], when, progress["referrer_name"])
+                 for _, sha256, _ in batch],
+                who=progress["who"], source_address=progress["address"])
+            stored: list[Stored] = []
+            moved: list[tuple[int, str]] = []
+            for (inst_id, sha256, label), result in zip(batch, results, strict=True):
+                if isinstance(result, Rejected):
+                    progress["refused"].append([label, result.reason, inst_id])
+                else:
+                    stored.append(result)
+                    moved.append((inst_id, sha256))
+            if moved:  # in the archive now: out of the inbox (committed), then the files
+                with database.write_transaction() as session:
+                    session.execute(delete(InboxInstance).where(
+                        InboxInstance.id.in_([inst_id for inst_id, _ in moved])))
+                with database.new_session() as session:
+                    for _, sha256 in moved:
+                        q.forget(session, sha256)
+            archive.after_ingest(stored, via="import", who=progress["who"],
+                                 source_address=progress["address"])
+            progress["done"] += len(batch)
+            progress["stored"] += len(stored)
+            _write_progress(q, public_id, progress)
+        _finish_accept(database, study.id, progress)
+    except Exception as exc:
+        progress.update(state="failed", error=str(exc)[:300] or exc.__class__.__name__)
+        _write_progress(q, public_id, progress)
+        raise
+    progress["state"] = "done"
+    _write_progress(q, public_id, progress)
+    return int(progress["stored"])
+
+
+def _finish_accept(database: Database, study_pk: int, progress: dict[str, Any]) -> None:
+    """Once every file was tried: the 110107 record, the study's state (accepted, or waiting
+    again with the files the archive refused) and the grants, in one transaction."""
+    with database.write_transaction() as session:
+        study = session.get(InboxStudy, study_pk)
+        user = session.get(User, progress["actor"])
+        if study is None or study.state != "accepting" or user is None:
+            return
+        actor = user_principal(user, "session")
+        refused, stored = len(progress["refused"]), int(progress["stored"])
+        local = LocalIdentity(**progress["local"])
+        audit.append(session, audit.IMPORT, action="C",
+                     outcome=audit.OUTCOME_SUCCESS if not refused
+                     else audit.OUTCOME_MINOR_FAILURE,
+                     who=progress["who"], source_address=progress["address"],
+                     study_instance_uid=study.study_instance_uid, patient_id=local.patient_id,
+                     details={"inbox_study": study.public_id, "reconciled": True,
+                              "original_patient_id": study.patient_id,
+                              "original_accession": study.accession_number,
+                              "accession": progress["accession"],
+                              "referrer": progress["referrer_name"], "stored": stored,
+                              "refused": refused, "uploaded_by": study.uploaded_by,
+                              "background": True})
+        now = utcnow()
+        if not study.instances:
+            study.state, study.decided_by, study.decided_at = "accepted", progress["who"], now
+            study.local_patient_id = local.patient_id
+            study.local_accession_number = progress["accession"]
+        else:  # the archive refused some: they wait, with the reasons on the study's page
+            study.state, study.decided_by = "waiting", ""
+        give_to, referring = progress["give_to"], progress["referring"]
+        if give_to is not None and stored:
+            create_grant(session, actor, user_id=give_to, study_uid=study.study_instance_uid,
+                         reason="outside images accepted from the inbox")
+        if referring is not None and not progress["referrer_name"] and stored \
+                and give_to != referring:
+            create_grant(session, actor, user_id=referring,
+                         study_uid=study.study_instance_uid,
+                         reason="referrer of outside images accepted from the inbox")

@@ -32,7 +32,7 @@ from flask_babel import ngettext
 from sqlalchemy import select
 from werkzeug.wrappers import Response as BaseResponse
 
-from portal import failures
+from portal import failures, jobs
 from portal.access.policy import public
 from portal.access.principal import Principal, current_principal
 from portal.archive import current_archive
@@ -269,7 +269,8 @@ def index() -> str:
     actor = _manager()
     waiting = reconcile.waiting_studies(db.session, actor)
     decided = list(db.session.scalars(select(InboxStudy).where(
-        InboxStudy.practice_fk == actor.practice_id, InboxStudy.state != "waiting")
+        InboxStudy.practice_fk == actor.practice_id,
+        InboxStudy.state.in_(("accepted", "rejected")))
         .order_by(InboxStudy.decided_at.desc()).limit(20)))
     return render_template("inbox/index.html", waiting=waiting, decided=decided)
 
@@ -278,7 +279,12 @@ def index() -> str:
 def study(public_id: str) -> str:
     """One waiting study: what it says, local patients that may be its, accept or reject."""
     actor = _manager()
-    item = reconcile.get_waiting(db.session, actor, public_id)
+    item = reconcile.get_study(db.session, actor, public_id)
+    progress = reconcile.read_progress(_q(), item.public_id)
+    if item.state != "waiting":  # being accepted in the background, or accepted
+        return render_template("inbox/accepting.html", study=item, progress=progress,
+                               may_continue=item.state == "accepting"
+                               and reconcile.may_continue(progress))
     link = db.session.get(UploadLink, item.link_fk) if item.link_fk else None
     uploader = reconcile.uploader_physician(db.session, actor, item)
     return render_template("inbox/study.html", study=item,
@@ -286,7 +292,20 @@ def study(public_id: str) -> str:
                            uploader=uploader.id if uploader else None,
                            suggestions=reconcile.suggestions(db.session, actor, item),
                            physicians=reconcile.practice_physicians(db.session, actor),
-                           series=len({i.series_instance_uid for i in item.instances}))
+                           series=len({i.series_instance_uid for i in item.instances}),
+                           progress=progress if progress and progress["state"] == "done"
+                           else None)
+
+
+@bp.get("/inbox/studies/<public_id>/progress")
+def accept_progress(public_id: str) -> Response:
+    """How far a background accept is (the study's page asks every few seconds)."""
+    actor = _manager()
+    item = reconcile.get_study(db.session, actor, public_id)
+    progress = reconcile.read_progress(_q(), item.public_id) or {}
+    return jsonify(state=item.state, done=progress.get("done", 0),
+                   total=progress.get("total", 0),
+                   failed=progress.get("state") == "failed")
 
 
 def _recent() -> BaseResponse | None:
@@ -307,6 +326,19 @@ def accept(public_id: str) -> BaseResponse:
     # The referrer written into the files: the form's choice ("" for nobody); a request
     # without the field gets the physician who uploaded the study himself, if one did.
     referrer = request.form.get("referrer")
+    if len(reconcile.get_waiting(db.session, actor, public_id).instances) \
+            > reconcile.ACCEPT_INLINE_MAX:  # a large study: a job, with its progress shown
+        total = reconcile.start_accept(
+            db.session, actor, _q(), public_id,
+            patient_pk=None if patient == "new" else bounded_int(patient, "patient", low=1),
+            new_patient_id=request.form.get("new_patient_id", "")[:64],
+            accession=request.form.get("accession", "")[:64],
+            give_to=bounded_int(give, "give_to", low=1) if give else None,
+            referrer=bounded_int(referrer, "referrer", low=1) if referrer else None,
+            referrer_chosen=referrer is not None, address=_address())
+        db.after_commit(lambda: _queue_accept(public_id))
+        flash(_("Accepting %(num)d images: this page shows how far it is.", num=total))
+        return redirect(url_for("inbox.study", public_id=public_id), code=303)
     done = reconcile.accept(
         db.session, actor, _q(), current_archive(), public_id,
         patient_pk=None if patient == "new" else bounded_int(patient, "patient", low=1),
@@ -322,6 +354,28 @@ def accept(public_id: str) -> BaseResponse:
     else:
         flash(_("Accepted: %(num)d images are now in the archive.", num=done.stored))
     return redirect(url_for("inbox.index"), code=303)
+
+
+def _queue_accept(public_id: str) -> None:
+    jobs.enqueue("inbox-accept", public_id)
+
+
+@bp.post("/inbox/studies/<public_id>/accept/continue")
+def continue_accept(public_id: str) -> BaseResponse:
+    """Continue a background accept that stopped: the files still waiting are moved."""
+    actor = _manager()
+    again = _recent()
+    if again is not None:
+        return again
+    item = reconcile.get_study(db.session, actor, public_id)
+    if item.state != "accepting":
+        raise reconcile.NoSuchInboxStudy()
+    if not reconcile.may_continue(
+            reconcile.read_progress(_q(), item.public_id)):
+        raise reconcile.AcceptRunning()
+    db.after_commit(lambda: _queue_accept(item.public_id))
+    flash(_("Continuing: this page shows how far it is."))
+    return redirect(url_for("inbox.study", public_id=item.public_id), code=303)
 
 
 @bp.post("/inbox/studies/<public_id>/reject")
