@@ -138,11 +138,17 @@ def _sign_in(page: Page, base: str, sub: str, next_path: str) -> None:
     page.wait_for_url(f"{base}{next_path}")
 
 
+@pytest.mark.parametrize("device", ["desktop", "iPhone 13", "Pixel 7"])
 def test_an_office_manager_reconciles_one_study_and_rejects_another(
-        inbox: Inbox, idp: IdentityProvider,
-        shared_browser: tuple[Playwright, Browser]) -> None:
+        inbox: Inbox, idp: IdentityProvider, shared_browser: tuple[Playwright, Browser],
+        device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     playwright, browser = shared_browser
     app = inbox.app
+    phone_run = device != "desktop"
+    if phone_run:  # on the phones the accept is the background job, its page polled
+        from portal.inbox import reconcile
+
+        monkeypatch.setattr(reconcile, "ACCEPT_INLINE_MAX", 1)
     made = make_upload_link(app, inbox.manager)
     patient = app.test_client()
     assert open_link(patient, made.token, made.pin).status_code == 303
@@ -154,25 +160,38 @@ def test_an_office_manager_reconciles_one_study_and_rejects_another(
     kept_root = app.extensions["inbox"].root / "kept"
     assert len(list(kept_root.rglob("*.dcm"))) == 3
     with LiveServer(app) as server:
-        context = _context(playwright, browser, "desktop")
+        context = _context(playwright, browser, device)
         page = context.new_page()
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         _sign_in(page, server.url, "om", "/inbox")
         problems: list[str] = []
-        _check_page(page, "inbox-index", problems, shots=False)
+        _check_page(page, f"inbox-index-{device}", problems, shots=False)
         page.locator("a.inbox-item", has_text=re.compile("mueller", re.I)).click()
         page.wait_for_url(re.compile(r".*/inbox/studies/.*"))
-        _check_page(page, "inbox-study", problems, shots=False)
+        _check_page(page, f"inbox-study-{device}", problems, shots=False)
         first = page.locator("input[name=patient]").first
         assert first.is_checked()
         assert LOCAL_ID in page.locator("fieldset").inner_text()
         page.fill("#accession", "LOC-9")
         page.select_option("#give_to", label="Dr Gregory")
-        page.screenshot(path=str(ARTIFACTS / "inbox-reconcile.png"), full_page=True)
+        page.screenshot(path=str(ARTIFACTS / f"inbox-reconcile-{device}.png"), full_page=True)
         with page.expect_navigation():
             page.get_by_role("button", name="Accept into the archive").click()
-        assert "Accepted: 2 images" in page.locator(".flash").inner_text()
+        if phone_run:
+            # The study's page follows the move and shows the final state, in words.
+            assert "Accepting 2 images" in page.locator(".flash").inner_text()
+            page.wait_for_function(
+                "() => document.body.innerText.includes('Accepted into the archive as patient')",
+                timeout=60_000)
+            assert "2 images moved." in page.inner_text("main")
+            _check_page(page, f"inbox-accepted-{device}", problems, shots=False)
+            page.screenshot(path=str(ARTIFACTS / f"inbox-accepted-{device}.png"),
+                            full_page=True)
+            page.get_by_role("link", name="Back to the inbox").click()
+            page.wait_for_url(re.compile(r".*/inbox$"))
+        else:
+            assert "Accepted: 2 images" in page.locator(".flash").inner_text()
         page.locator("a.inbox-item", has_text=re.compile("stranger", re.I)).click()
         page.wait_for_url(re.compile(r".*/inbox/studies/.*"))
         page.fill("#reason", "not a patient of ours")
@@ -180,8 +199,8 @@ def test_an_office_manager_reconciles_one_study_and_rejects_another(
             page.get_by_role("button", name="Reject and delete the files").click()
         assert "Rejected" in page.locator(".flash").inner_text()
         assert "Nothing waits in the inbox." in page.inner_text("main")
-        _check_page(page, "inbox-decided", problems, shots=False)
-        page.screenshot(path=str(ARTIFACTS / "inbox-decided.png"), full_page=True)
+        _check_page(page, f"inbox-decided-{device}", problems, shots=False)
+        page.screenshot(path=str(ARTIFACTS / f"inbox-decided-{device}.png"), full_page=True)
         assert errors == [] and problems == [], errors + problems
         context.close()
     assert list(kept_root.rglob("*.dcm")) == []
@@ -202,3 +221,48 @@ def test_an_office_manager_reconciles_one_study_and_rejects_another(
             "Value"][0]
         ds = pydicom.dcmread(io.BytesIO(current_archive().read(sop)))
     assert ds.PatientID == LOCAL_ID and ds.OtherPatientIDsSequence[0].PatientID == "EXT-991"
+
+
+def test_files_dropped_on_the_upload_page_are_sent(
+        inbox: Inbox, shared_browser: tuple[Playwright, Browser]) -> None:
+    """Drag and drop: a drop event whose DataTransfer carries two images and a stray file, as
+    a desktop's file manager gives them, sends each and lists what became of it."""
+    playwright, browser = shared_browser
+    app = inbox.app
+    study = generate_uid()
+    dropped = {"IM1": outside_instance(study=study, InstanceNumber=1),
+               "IM2": outside_instance(study=study, InstanceNumber=2),
+               "notes.txt": b"not an image\n" * 20}
+    with LiveServer(app) as server:
+        context = _context(playwright, browser, "desktop")
+        page = context.new_page()
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        _sign_in(page, server.url, "doc", "/inbox/upload")
+        files = [{"name": name, "bytes": list(data)} for name, data in dropped.items()]
+        transfer = page.evaluate_handle("""(files) => {
+            const dt = new DataTransfer();
+            for (const f of files) {
+                dt.items.add(new File([new Uint8Array(f.bytes)], f.name,
+                                      {type: 'application/octet-stream'}));
+            }
+            return dt;
+        }""", files)
+        page.dispatch_event("#uploader", "dragover", {"dataTransfer": transfer})
+        assert "over" in (page.get_attribute("#uploader", "class") or "")
+        page.dispatch_event("#uploader", "drop", {"dataTransfer": transfer})
+        page.wait_for_function(
+            "() => document.querySelectorAll('.upload-file[data-state=done]').length === 3",
+            timeout=60_000)
+        outcome = {row.locator(".name").inner_text(): row.get_attribute("data-outcome")
+                   for row in page.locator(".upload-file").all()}
+        assert outcome == {"IM1": "kept", "IM2": "kept", "notes.txt": "refused"}
+        assert "over" not in (page.get_attribute("#uploader", "class") or "")
+        page.screenshot(path=str(ARTIFACTS / "inbox-dropped.png"), full_page=True)
+        assert errors == [], errors
+        context.close()
+    with app.extensions["db"].new_session() as session:
+        [waiting] = session.scalars(select(InboxStudy)).all()
+        hashes = set(session.scalars(select(InboxInstance.sha256)))
+    assert waiting.study_instance_uid == study
+    assert hashes == {hashlib.sha256(dropped[n]).hexdigest() for n in ("IM1", "IM2")}
