@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Real peers the tests talk to (docs/architecture.md, "Real components").
 APT_PACKAGES := redis-server orthanc orthanc-dicomweb dcmtk chromium postgresql pgbouncer gcc unzip 7zip \
-	nginx orthanc-postgresql fonts-droid-fallback
+	nginx orthanc-postgresql fonts-droid-fallback fonts-nanum fonts-dejavu-core
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install system-deps demo serve test check lint bench cluster clean i18n catalogs

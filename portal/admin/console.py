@@ -24,7 +24,7 @@ from portal.access.principal import Principal
 from portal.db import utcnow
 from portal.i18n import N_
 from portal.index.models import Patient, Study, StudyReferrer
-from portal.index.names import person_name
+from portal.index.names import name_language, person_name
 from portal.studies.service import StudySearch, search_studies
 
 PAGE_SIZE = 25
@@ -114,6 +114,7 @@ class GrantRow:
     description: str
     study_date: str
     whole_patient: bool
+    patient_lang: str = ""  # the name's language when not Latin order (docs/i18n.md)
 
 
 def grant_rows(session: Session, grants: Sequence[tuple[Grant, User]]) -> list[GrantRow]:
@@ -130,11 +131,12 @@ def grant_rows(session: Session, grants: Sequence[tuple[Grant, User]]) -> list[G
         if grant.study_instance_uid and grant.study_instance_uid in studies:
             study, patient = studies[grant.study_instance_uid]
             out.append(GrantRow(grant, user, person_name(patient.patient_name) or "no name",
-                                study.study_description, study.study_date, False))
+                                study.study_description, study.study_date, False,
+                                name_language(patient.patient_name)))
         elif grant.patient_fk and grant.patient_fk in patients:
             patient = patients[grant.patient_fk]
             out.append(GrantRow(grant, user, person_name(patient.patient_name) or "no name",
-                                "", "", True))
+                                "", "", True, name_language(patient.patient_name)))
         else:
             out.append(GrantRow(grant, user, "a study no longer stored", "", "", False))
     return out
@@ -247,6 +249,7 @@ class AuditRow:
     who: str
     patient_name: str
     description: str
+    patient_lang: str = ""  # the name's language when not Latin order (docs/i18n.md)
 
 
 def audit_rows(session: Session, events: list[AuditEvent]) -> list[AuditRow]:
@@ -281,7 +284,8 @@ def audit_rows(session: Session, events: list[AuditEvent]) -> list[AuditRow]:
             who = gettext("the portal")
         out.append(AuditRow(event, what, who or gettext("unknown"),
                             person_name(patient.patient_name) if patient else "",
-                            study.study_description if study else ""))
+                            study.study_description if study else "",
+                            name_language(patient.patient_name) if patient else ""))
     return out
 
 
@@ -312,6 +316,7 @@ class LinkRow:
     study_date: str
     count: int
     made_by: str = ""
+    patient_lang: str = ""  # the name's language when not Latin order (docs/i18n.md)
 
 
 def link_rows(session: Session, links: Sequence[Any]) -> list[LinkRow]:
@@ -336,7 +341,7 @@ def link_rows(session: Session, links: Sequence[Any]) -> list[LinkRow]:
         study, patient = known[0]
         out.append(LinkRow(link, person_name(patient.patient_name) or "no name",
                            study.study_description or "study", study.study_date or "",
-                           len(link.studies), made_by))
+                           len(link.studies), made_by, name_language(patient.patient_name)))
     return out
 
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from portal.fhir.search import fhir_date
 from portal.index.models import Order, Patient, Study
-from portal.index.names import person_name
+from portal.index.names import name_language, person_name
 from portal.reports.models import Report
 from portal.reports.service import IncomingReport, ReportError
 
@@ -259,6 +259,53 @@ def imaging_study(study: Study, dicomweb_base: str) -> dict[str, Any]:
 
 
 GENDER = {"M": "male", "F": "female", "O": "other"}
+# Which form of a name a HumanName holds (FHIR extension iso21090-EN-representation, codes of
+# v3 EntityNameUse): the DICOM PN component groups alphabetic, ideographic, phonetic.
+REPRESENTATION = "http://hl7.org/fhir/StructureDefinition/iso21090-EN-representation"
+_GROUP_CODES = ("ABC", "IDE", "SYL")
+
+
+def _human_name(group: str, code: str, language: str) -> dict[str, Any] | None:
+    """One PN component group (``family^given^middle^prefix^suffix``) as a HumanName."""
+    parts = [" ".join(p.split()) for p in group.split("^")]
+    parts += [""] * (5 - len(parts))
+    family, given, middle, prefix = parts[:4]
+    suffix = " ".join(p for p in parts[4:] if p)
+    if not any((family, given, middle, prefix, suffix)):
+        return None
+    name: dict[str, Any] = {
+        "extension": [{"url": REPRESENTATION, "valueCode": code}], "use": "official"}
+    # The text as people write this form (as person_name does): a Japanese, Korean or
+    # Chinese name family name first in every group, romaji too ("Yamada Tarou"), and in its
+    # own script without a space unless Japanese ("王小东", "山田 太郎"); else given name first.
+    if language:
+        joiner = "" if language != "ja" and name_language(group) else " "
+        text = " ".join(p for p in (prefix, joiner.join(p for p in (family, given, middle) if p))
+                        if p)
+    else:
+        text = " ".join(p for p in (prefix, given, middle, family) if p)
+    name["text"] = f"{text}, {suffix}" if text and suffix else text or suffix
+    if family:
+        name["family"] = family
+    if given or middle:
+        name["given"] = [p for p in (given, middle) if p]
+    if prefix:
+        name["prefix"] = [prefix]
+    if suffix:
+        name["suffix"] = [suffix]
+    return name
+
+
+def human_names(value: str) -> list[dict[str, Any]]:
+    """A DICOM PN as Patient.name: one official HumanName per component group present, each
+    marked with its representation (ABC alphabetic, IDE ideographic, SYL phonetic), in the
+    order of the groups; only the first value of a multi-valued PN (docs/i18n.md, "Person
+    names")."""
+    first = (value or "").split("\\")[0]
+    language = name_language(first)
+    groups = first.split("=")[:3]
+    found = (_human_name(g, code, language) for g, code in zip(groups, _GROUP_CODES, strict=False))
+    return [n for n in found if n is not None]
 
 
 def patient_resource(patient: Patient) -> dict[str, Any]:
@@ -269,15 +316,9 @@ def patient_resource(patient: Patient) -> dict[str, Any]:
         if patient.issuer_of_patient_id:
             identifier["assigner"] = {"display": patient.issuer_of_patient_id}
         resource["identifier"] = [identifier]
-    if patient.patient_name.strip("^= "):
-        group = patient.patient_name.split("=")[0].split("^")
-        name: dict[str, Any] = {"text": person_name(patient.patient_name)}
-        if group[0].strip():
-            name["family"] = group[0].strip()
-        given = [g.strip() for g in group[1:3] if g.strip()]
-        if given:
-            name["given"] = given
-        resource["name"] = [name]
+    names = human_names(patient.patient_name)
+    if names:
+        resource["name"] = names
     resource["gender"] = GENDER.get(patient.patient_sex.strip().upper(), "unknown")
     born = fhir_date(patient.patient_birth_date)
     if born and len(born) == 10:

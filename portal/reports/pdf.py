@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import shutil
+import subprocess
+from dataclasses import dataclass
+
 from flask_babel import format_datetime
 from flask_babel import gettext as _
 from fpdf import FPDF
@@ -10,24 +15,83 @@ from portal.index.models import Study
 from portal.index.names import person_name
 from portal.reports.models import Report
 
+# Languages whose letters the base font lacks: fontconfig's best font for each is embedded as
+# a fallback (Debian's fonts-droid-fallback: Kanji, kana, Hanzi; fonts-nanum: Hangul).
+_FALLBACK_LANGUAGES = ("ja", "zh-cn", "zh-tw", "ko")
+_FONT_FILES = (".ttf", ".otf", ".ttc")
 
-def _latin(text: str) -> str:
+
+@dataclass(frozen=True)
+class Fonts:
+    """Font files of the machine the PDF embeds: a Unicode base font (regular, bold) and
+    fallbacks for Japanese, Chinese and Korean names and text."""
+
+    regular: str
+    bold: str
+    fallbacks: tuple[str, ...]
+
+
+def _fontconfig(*args: str) -> list[str]:
+    command = shutil.which(args[0])
+    if command is None:
+        return []
+    try:
+        done = subprocess.run([command, *args[1:]], capture_output=True, text=True,
+                              timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line for line in done.stdout.splitlines()
+            if line.lower().endswith(_FONT_FILES)] if done.returncode == 0 else []
+
+
+@functools.cache
+def system_fonts() -> Fonts | None:
+    """DejaVu Sans (Latin, Greek, Cyrillic, Hebrew, Arabic letters) and the CJK fonts,
+    found once through fontconfig; None without them (then the PDF core font, Latin-1)."""
+    regular = _fontconfig("fc-match", "--format=%{file}\n", "DejaVu Sans:style=Book")
+    bold = _fontconfig("fc-match", "--format=%{file}\n", "DejaVu Sans:style=Bold")
+    if not regular:
+        return None
+    fallbacks: list[str] = []
+    for language in _FALLBACK_LANGUAGES:  # fontconfig's best sans-serif font for each
+        fallbacks += _fontconfig("fc-match", "--format=%{file}\n", f"sans-serif:lang={language}")
+    return Fonts(regular[0], (bold or regular)[0],
+                 tuple(f for f in dict.fromkeys(fallbacks) if f != regular[0]))
+
+
+def _latin_only(text: str) -> str:
     # The core PDF fonts cover Latin-1; anything else is shown as '?' rather than failing.
     return text.encode("latin-1", errors="replace").decode("latin-1")
 
 
+def _as_is(text: str) -> str:
+    return text
+
+
 def report_pdf(report: Report, study: Study) -> bytes:
-    """An A4 page (or more) with the study, the status and the report text."""
+    """An A4 page (or more) with the study, the status and the report text, in a font with
+    the glyphs of the patient's name whatever its script (docs/i18n.md, "Character sets")."""
     pdf = FPDF(format="A4")
+    family, written = "Helvetica", _latin_only
+    fonts = system_fonts()
+    if fonts is not None:
+        family, written = "body", _as_is
+        pdf.add_font(family, "", fonts.regular)
+        pdf.add_font(family, "B", fonts.bold)
+        for number, path in enumerate(fonts.fallbacks):
+            pdf.add_font(f"fallback{number}", "", path)
+        # Bold CJK text in the fallback's regular face (exact_match=False).
+        pdf.set_fallback_fonts([f"fallback{n}" for n in range(len(fonts.fallbacks))],
+                               exact_match=False)
     # Words in the reader's language; the signing time in the practice's zone
     # (PORTAL_TIMEZONE, docs/i18n.md).
-    pdf.set_title(_latin(report.title or _("Radiology report")))
+    pdf.set_title(written(report.title or _("Radiology report")))
     pdf.set_auto_page_break(auto=True, margin=15)
     pdf.add_page()
-    pdf.set_font("Helvetica", "B", 15)
-    pdf.multi_cell(0, 8, _latin(report.title or study.study_description
+    pdf.set_font(family, "B", 15)
+    pdf.multi_cell(0, 8, written(report.title or study.study_description
                                 or _("Radiology report")), new_x="LMARGIN", new_y="NEXT")
-    pdf.set_font("Helvetica", "", 10)
+    pdf.set_font(family, "", 10)
     status = _(report.status.capitalize())
     facts = [(_("Patient"), f"{person_name(study.patient.patient_name)} "
                             f"({study.patient.patient_id})"),
@@ -39,12 +103,12 @@ def report_pdf(report: Report, study: Study) -> bytes:
               if report.signed_at else "")]
     for label, value in facts:
         if value:
-            pdf.multi_cell(0, 6, _latin(f"{label}: {value}"), new_x="LMARGIN", new_y="NEXT")
+            pdf.multi_cell(0, 6, written(f"{label}: {value}"), new_x="LMARGIN", new_y="NEXT")
     for heading, text in ((_("Findings"), report.findings), (_("Impression"), report.impression)):
         if text:
             pdf.ln(3)
-            pdf.set_font("Helvetica", "B", 12)
+            pdf.set_font(family, "B", 12)
             pdf.cell(0, 7, heading, new_x="LMARGIN", new_y="NEXT")
-            pdf.set_font("Helvetica", "", 11)
-            pdf.multi_cell(0, 6, _latin(text), new_x="LMARGIN", new_y="NEXT")
+            pdf.set_font(family, "", 11)
+            pdf.multi_cell(0, 6, written(text), new_x="LMARGIN", new_y="NEXT")
     return bytes(pdf.output())

@@ -1,0 +1,155 @@
+"""Names in other scripts wherever a person or a FHIR client reads them (issue 21): pydicom's
+character-set samples chrH31 (Japanese, ISO 2022 IR 87), chrX2 (Chinese, GB18030) and chrI2
+(Korean, ISO 2022 IR 149) stored in the archive, then the console's and the share form's pages
+mark each name with its language, the report PDF shows the name's glyphs (text extracted with
+pypdf), and FHIR Patient.name holds one HumanName per PN component group, each marked with its
+representation (iso21090-EN-representation), valid R4 for fhir.resources (docs/i18n.md,
+"Person names").
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.imagingstudy import ImagingStudy
+from fhir.resources.R4B.patient import Patient as FhirPatient
+from flask import Flask
+from pypdf import PdfReader
+from sqlalchemy import select
+
+from portal.access.grants import create_grant
+from portal.archive import current_archive
+from portal.fhir.resources import REPRESENTATION
+from portal.index.models import Patient, Study
+from portal.reports.models import Report
+from portal.reports.pdf import report_pdf
+from tests.conftest import (
+    OIDC_SETTINGS,
+    IdentityProvider,
+    add_person,
+    close_app,
+    make_app,
+    make_client,
+    signed_in,
+)
+from tests.i18n.test_charsets import ADMIN, WRITTEN, _granted, decoded, sent_bytes
+
+SAMPLES = {"chrH31.dcm": "ja", "chrX2.dcm": "zh", "chrI2.dcm": "ko"}
+
+
+@pytest.fixture
+def app(tmp_path: Path, idp: IdentityProvider) -> Iterator[Flask]:
+    application = make_app(tmp_path / "instance", OIDC_ISSUER=idp.issuer, **OIDC_SETTINGS)
+    yield application
+    close_app(application)
+
+
+def _patient(app: Flask, sample: str) -> Patient:
+    patient_id = decoded(sent_bytes(sample)).PatientID
+    with app.extensions["db"].new_session() as session:
+        return session.scalars(select(Patient).where(Patient.patient_id == patient_id)).one()
+
+
+def _granted_in_practice(app: Flask, idp: IdentityProvider, sub: str) -> dict[str, str]:
+    """The samples stored and granted to a physician of the practice "Clinic" (whose office
+    manager then sees them); sample -> Study Instance UID."""
+    out = {}
+    with app.app_context():
+        for sample in SAMPLES:
+            data = sent_bytes(sample)
+            current_archive().ingest(data, who="test")
+            out[sample] = decoded(data).StudyInstanceUID
+    doctor = add_person(app, idp, sub, ["physician"], "Clinic")
+    with app.extensions["db"].write_transaction() as session:
+        for study in out.values():
+            create_grant(session, ADMIN, user_id=doctor, study_uid=study)
+    return out
+
+
+def test_console_and_share_pages_mark_each_name_with_its_language(app: Flask,
+                                                                 idp: IdentityProvider) -> None:
+    studies = _granted_in_practice(app, idp, "names-doc")
+    doctor = signed_in(app, idp, "names-doc")
+    add_person(app, idp, "names-manager", ["office_manager"], "Clinic")
+    manager = signed_in(app, idp, "names-manager")
+    grants = manager.get("/admin/grants").get_data(as_text=True)
+    for sample, lang in SAMPLES.items():
+        written = WRITTEN[sample]
+        study = studies[sample]
+        page = doctor.get(f"/studies/{study}/share")
+        assert page.status_code == 200
+        assert f'<strong lang="{lang}">{written}</strong>' in page.get_data(as_text=True)
+        record = _patient(app, sample)
+        page = manager.get(f"/admin/patients/{record.id}")
+        assert f'<h1 lang="{lang}">{written}</h1>' in page.get_data(as_text=True), sample
+        # The grants list: the name inside the line, its own element marked.
+        assert f'<span lang="{lang}">{written}</span>' in grants, sample
+    found = manager.get("/admin/?q=山田").get_data(as_text=True)
+    assert f'class="who" lang="ja">{WRITTEN["chrH31.dcm"]}<' in found
+    # Who saw the patient's studies: the doctor opened the share forms above.
+    audit = manager.get(f"/admin/audit?patient={_patient(app, 'chrX2.dcm').id}")
+    assert audit.status_code == 200
+    assert f'<span lang="zh">{WRITTEN["chrX2.dcm"]}</span>' in audit.get_data(as_text=True)
+
+
+@pytest.mark.parametrize("sample", list(SAMPLES))
+def test_the_report_pdf_shows_the_names_glyphs(app: Flask, idp: IdentityProvider,
+                                               sample: str) -> None:
+    """The generated PDF embeds fonts with the name's letters: the text pypdf extracts is the
+    name as written, not '?' (the PDF core fonts' Latin-1 before)."""
+    studies = _granted(app, idp, f"pdf-{sample}", [sample])
+    study_uid, _series = studies[sample]
+    with app.test_request_context(), app.extensions["db"].new_session() as session:
+        study = session.scalars(select(Study).where(
+            Study.study_instance_uid == study_uid)).one()
+        body = report_pdf(Report(title="胸部 CT", status="final", version=1,
+                                 findings="異常なし。", author="Sato^Hanako=佐藤^花子"), study)
+    text = "".join(page.extract_text() for page in PdfReader(io.BytesIO(body)).pages)
+    assert f"{WRITTEN[sample]} ({study.patient.patient_id})" in text
+    assert "佐藤花子 (Sato Hanako)" in text and "異常なし。" in text and "胸部 CT" in text
+    assert "?" not in text
+
+
+def _fhir_get(app: Flask, auth: tuple[str, str], url: str) -> dict[str, object]:
+    token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+    answer = app.test_client().get(url, headers={"Authorization": f"Basic {token}"})
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    body: dict[str, object] = answer.get_json()
+    return body
+
+
+def test_fhir_patient_name_has_one_human_name_per_group(app: Flask,
+                                                        idp: IdentityProvider) -> None:
+    studies = _granted(app, idp, "fhir-names", list(SAMPLES))
+    auth = make_client(app, "fhir-names-reader", can_read=True)
+    record = _patient(app, "chrH31.dcm")
+    patient = FhirPatient.model_validate(_fhir_get(app, auth, f"/fhir/Patient/{record.id}"))
+    names = patient.name or []
+    assert [(n.extension[0].url, n.extension[0].valueCode) for n in names if n.extension] == [
+        (REPRESENTATION, "ABC"), (REPRESENTATION, "IDE"), (REPRESENTATION, "SYL")]
+    assert [(n.use, n.family, n.given, n.text) for n in names] == [
+        ("official", "Yamada", ["Tarou"], "Yamada Tarou"),
+        ("official", "山田", ["太郎"], "山田 太郎"),
+        ("official", "やまだ", ["たろう"], "やまだ たろう")]
+
+    # Chinese (GB18030): no space between family and given name; Korean: Hanja and Hangul.
+    bundle = Bundle.model_validate(_fhir_get(
+        app, auth, f"/fhir/Patient?identifier={_patient(app, 'chrX2.dcm').patient_id}"))
+    [entry] = bundle.entry or []
+    chinese = FhirPatient.model_validate(entry.resource.model_dump())
+    assert [(n.extension[0].valueCode, n.text) for n in chinese.name or [] if n.extension] == [
+        ("ABC", "Wang XiaoDong"), ("IDE", "王小东")]
+    korean = FhirPatient.model_validate(
+        _fhir_get(app, auth, f"/fhir/Patient/{_patient(app, 'chrI2.dcm').id}"))
+    assert [(n.extension[0].valueCode, n.text) for n in korean.name or [] if n.extension] == [
+        ("ABC", "Hong Gildong"), ("IDE", "洪吉洞"), ("SYL", "홍길동")]
+
+    # A reference's display is the name as people write it, every script in it.
+    study_uid, _series = studies["chrH31.dcm"]
+    imaging = ImagingStudy.model_validate(_fhir_get(app, auth, f"/fhir/ImagingStudy/{study_uid}"))
+    assert imaging.subject.display == WRITTEN["chrH31.dcm"]
