@@ -57,9 +57,11 @@ def _fill(connection: object, studies: int) -> None:
         SELECT g, '1.2.826.0.1.3680043.11.' || g, g,
           CASE WHEN g % 3 = 0 THEN 'MR' ELSE 'CT' END, 1, '', '', '', 1
         FROM generate_series(1, {studies}) g""")
-    cur.execute(f"""INSERT INTO study_referrer (study_fk, key)
+    # Each key with its study's date and time, as the index keeps them.
+    cur.execute(f"""INSERT INTO study_referrer (study_fk, key, study_date, study_time)
         SELECT g, CASE WHEN g % 5 = 0 THEN 'name:HOUSE^GREGORY'
-                       ELSE 'name:OTHER^DOC' || (g % 500) END
+                       ELSE 'name:OTHER^DOC' || (g % 500) END,
+          to_char(date '2015-01-01' + (g % 3650), 'YYYYMMDD'), '101500'
         FROM generate_series(1, {studies}) g""")
     for table in ("patient", "study", "series"):
         cur.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "

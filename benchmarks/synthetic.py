@@ -64,8 +64,9 @@ def fill(connection: Any, studies: int, *, referrers: int = 500,
         SELECT g, '1.2.826.0.1.3680043.11.' || g, 1 + (g - 1) / 3, {modality}, 1 + g % 3, '',
           '', '', {instances_per_series}
         FROM generate_series(1, {3 * studies}) g""")
-    cur.execute(f"""INSERT INTO study_referrer (study_fk, key)
-        SELECT g, 'name:DOC^' || (g % {referrers}) FROM generate_series(1, {studies}) g""")
+    # Each key with its study's date and time, as the index keeps them (migration 0028).
+    cur.execute(f"""INSERT INTO study_referrer (study_fk, key, study_date, study_time)
+        SELECT id, 'name:DOC^' || (id % {referrers}), study_date, study_time FROM study""")
     orders = studies // 10
     cur.execute(f"""INSERT INTO imaging_order (placer_order_number, filler_order_number,
         accession_number, study_instance_uid, patient_id, patient_name, procedure, modality,
@@ -76,8 +77,9 @@ def fill(connection: Any, studies: int, *, referrers: int = 500,
         FROM generate_series(1, {orders}) g""")
     # Each order's study, as the portal resolves it when an order or a study arrives
     # (portal.index.service.resolve_order): same accession number, same Patient ID.
-    cur.execute("""INSERT INTO order_study (order_fk, study_fk, key)
-        SELECT o.id, s.id, o.ordering_provider_key FROM imaging_order o
+    cur.execute("""INSERT INTO order_study (order_fk, study_fk, key, study_date, study_time)
+        SELECT o.id, s.id, o.ordering_provider_key, s.study_date, s.study_time
+        FROM imaging_order o
         JOIN study s ON s.accession_number = o.accession_number
         JOIN patient p ON p.id = s.patient_fk AND p.patient_id = o.patient_id
         WHERE o.accession_number != '' AND o.ordering_provider_key != ''

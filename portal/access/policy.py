@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 from flask import Blueprint, Flask, abort, current_app, redirect, request, url_for
-from sqlalchemy import Select, and_, false, func, or_, select, true, union_all
+from sqlalchemy import CompoundSelect, Select, and_, false, func, or_, select, true, union_all
 from sqlalchemy.orm import Session, aliased, contains_eager, joinedload
 from sqlalchemy.sql.elements import ColumnElement
 from werkzeug.datastructures import WWWAuthenticate
@@ -155,24 +155,60 @@ def study_filter(principal: Principal) -> ColumnElement[bool]:
     if principal.kind == "share":  # exactly the link's studies, fixed when it was made
         return Study.study_instance_uid.in_(sorted(principal.share_studies)) \
             if principal.share_studies else false()
+    referrers, parts = _person_parts(principal)
+    for users in referrers:
+        parts += _referred(users)
+    return Study.id.in_(union_all(*parts))
+
+
+def _person_parts(principal: Principal) -> tuple[list[Select[int]], list[Select[int]]]:
+    """A person's access rules in two parts: the people whose referrer keys (and orders)
+    open studies to him, and the ids of the other studies he may see (grants, delegated
+    grants, his patient records)."""
     me = principal.id
+    referrers: list[Select[int]] = []
     parts = _granted([me], personal=True)
     if principal.has_role("physician"):
         delegators = select(Delegation.from_user_fk).where(Delegation.to_user_fk == me)
-        parts += _referred(select(User.id).where(
+        referrers.append(select(User.id).where(
             or_(User.id == me, User.id.in_(delegators)), User.active.is_(True)))
         parts += _granted(delegators, personal=False)
     if (principal.has_role("office_manager") or principal.has_role("staff")) \
             and principal.practice_id is not None:
         members = select(User.id).where(User.practice_fk == principal.practice_id,
                                         User.active.is_(True))
-        parts += _referred(members)
+        referrers.append(members)
         parts += _granted(members, personal=False)
     if principal.has_role("patient"):
         study = _ACCESS_STUDY
         parts.append(select(study.id).join(PatientLink, PatientLink.patient_fk == study.patient_fk)
                      .where(PatientLink.user_fk == me))
-    return Study.id.in_(union_all(*parts))
+    return referrers, parts
+
+
+# A person with more referrer keys than this has his list sorted the general way.
+MAX_LIST_KEYS = 200
+
+
+def keyed_access(session: Session,
+                 principal: Principal) -> tuple[list[str], CompoundSelect[tuple[int]]] | None:
+    """The same rules as ``study_filter`` for a person's study list, split so its pages come
+    off ordered indexes: the referrer keys under which studies are open to him (each key's
+    studies are kept in (date, time, id) order beside the key, in ``StudyReferrer`` and
+    ``OrderStudy``), and the ids of the other studies he may see (grants, patient records:
+    few). None for a machine or a share visitor, or a person with more than MAX_LIST_KEYS
+    keys: their lists filter the studies with ``study_filter``."""
+    if principal.kind != "user":
+        return None
+    referrers, parts = _person_parts(principal)
+    keys: list[str] = []
+    if referrers:
+        keys = sorted(set(session.scalars(select(ReferrerIdentifier.key).where(
+            ReferrerIdentifier.user_fk.in_(union_all(*referrers)))
+            .limit(MAX_LIST_KEYS + 1))))
+        if len(keys) > MAX_LIST_KEYS:
+            return None
+    return keys, union_all(*parts)
 
 
 def series_filter(principal: Principal) -> ColumnElement[bool]:

@@ -117,7 +117,8 @@ def _get_study(session: Session, ds: Dataset, study_uid: str) -> Study:
         session.add(study)
         session.flush()
         for key in referrer_keys(ds):
-            session.add(StudyReferrer(study_fk=study.id, key=key))
+            session.add(StudyReferrer(study_fk=study.id, key=key, study_date=study.study_date,
+                                      study_time=study.study_time))
         _link_orders(session, study, patient)
     elif study.patient_fk != patient.id:
         raise IndexConflict("study already belongs to a different patient")
@@ -148,8 +149,9 @@ def _link_orders(session: Session, study: Study, patient: Patient) -> None:
         return
     _lock_accessions(session, [study.accession_number])
     session.execute(insert(OrderStudy).from_select(
-        ["order_fk", "study_fk", "key"],
-        select(Order.id, literal(study.id, Integer), Order.ordering_provider_key)
+        ["order_fk", "study_fk", "key", "study_date", "study_time"],
+        select(Order.id, literal(study.id, Integer), Order.ordering_provider_key,
+               literal(study.study_date, String), literal(study.study_time, String))
         .where(Order.accession_number == study.accession_number,
                Order.patient_id == patient.patient_id, Order.status != "cancelled",
                Order.ordering_provider_key != "")))
@@ -167,8 +169,9 @@ def resolve_order(session: Session, order: Order, *, was: Iterable[str] = ()) ->
     if not accession or not key or order.status == "cancelled":
         return
     session.execute(insert(OrderStudy).from_select(
-        ["order_fk", "study_fk", "key"],
-        select(literal(order.id, Integer), Study.id, literal(key, String))
+        ["order_fk", "study_fk", "key", "study_date", "study_time"],
+        select(literal(order.id, Integer), Study.id, literal(key, String), Study.study_date,
+               Study.study_time)
         .join(Patient, Patient.id == Study.patient_fk)
         .where(Study.accession_number == accession,
                Patient.patient_id == (order.patient_id or ""))))
