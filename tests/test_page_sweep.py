@@ -41,7 +41,8 @@ TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "wcag22aa"]
 NOT_PAGES = {"static", "auth.login", "auth.callback", "admin.audit_csv",
              "studies.download_study", "reports.report_pdf_view", "patients.my_home",
              "launch.smart_launch", "launch.smart_callback",
-             "measurements.saved"}  # JSON: a series' saved measurements
+             "measurements.saved",  # JSON: a series' saved measurements
+             "inbox.accept_progress"}  # JSON: how far a background accept is
 NOT_PAGE_PREFIXES = ("api.", "dicomweb.", "health.", "fhir.", "monitoring.", "inbox_api.")
 # Page templates no GET visit reaches; each is rendered by the POST or state named here.
 NOT_VISITED_TEMPLATES = {
