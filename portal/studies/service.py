@@ -201,11 +201,16 @@ def list_page(session: Session, principal: Principal,
         offset = 0
     order = (Study.study_date.asc(), Study.study_time.asc(), Study.id.asc()) \
         if ascending else (Study.study_date.desc(), Study.study_time.desc(), Study.id.desc())
-    page = _keyed_page(session, principal, search, ascending=ascending, edge=edge,
-                       offset=offset)
+    text = search.text.strip()[:64]
+    matches, many = _text_condition(session, text) if text else (None, False)
+    page = None
+    if not search.new_report and (many or not text):
+        # A text that matches many is tested row by row while each key is walked.
+        page = _keyed_page(session, principal, search, ascending=ascending, edge=edge,
+                           offset=offset, text=text)
     if page is None:
         page = _filtered_page(session, principal, search, ascending=ascending, edge=edge,
-                              offset=offset)
+                              offset=offset, text_match=(matches, many))
     rows = list(session.execute(
         select(Study, Patient).join(Patient, Study.patient_fk == Patient.id)
         .join(page, page.c.id == Study.id).order_by(*order)))
@@ -217,9 +222,11 @@ def list_page(session: Session, principal: Principal,
 
 
 def _keyed_page(session: Session, principal: Principal, search: StudySearch, *,
-                ascending: bool, edge: SortKey | None, offset: int) -> Subquery | None:
-    """The page's study ids for a person's list without a text or unread-report search,
-    straight off ordered indexes: each of his referrer keys keeps its studies' (date, time)
+                ascending: bool, edge: SortKey | None, offset: int,
+                text: str = "") -> Subquery | None:
+    """The page's study ids for a person's list (without an unread-report search; ``text``:
+    one that matches many studies, tested on each row walked), straight off ordered
+    indexes: each of his referrer keys keeps its studies' (date, time)
     in (key, date, time, study_fk) indexes (``StudyReferrer``, ``OrderStudy``), so each
     key gives its first rows of the page in order (after the keyset edge, in the date
     range, with a series of the modality), the other studies he may see (grants, patient
@@ -229,7 +236,7 @@ def _keyed_page(session: Session, principal: Principal, search: StudySearch, *,
     ``_filtered_page``: every key part is taken to the page's end, and within one key a
     study comes once, so no row of the page can be missing from the merge. None when the
     search or the reader does not allow it."""
-    if search.text.strip() or search.new_report:
+    if search.new_report:
         return None
     access = keyed_access(session, principal)
     if access is None:
@@ -247,6 +254,8 @@ def _keyed_page(session: Session, principal: Principal, search: StudySearch, *,
         if modality:
             conditions.append(exists().where(Series.study_fk == study_fk,
                                              Series.modality == modality))
+        if text:
+            conditions.append(_study_matches(study_fk, text))
         if edge is not None:
             place = tuple_(date, time, study_fk)
             conditions.append(place > tuple_(*edge) if ascending else place < tuple_(*edge))
@@ -270,12 +279,25 @@ def _keyed_page(session: Session, principal: Principal, search: StudySearch, *,
             .order_by(*order).limit(PAGE_SIZE + 1).offset(offset).subquery("page"))
 
 
+def _study_matches(study_fk: Any, text: str) -> ColumnElement[bool]:
+    """The study of this id matches the text (as ``_text_condition``), tested on its row
+    and its patient's, each by its key."""
+    pattern = _like(text)
+    study, patient = _MATCH_STUDY, _MATCH_PATIENT
+    return exists().where(study.id == study_fk, or_(
+        study.accession_number.ilike(pattern, escape="\\"),
+        exists().where(patient.id == study.patient_fk,
+                       _patient_matches(patient, text, pattern))))
+
+
 def _filtered_page(session: Session, principal: Principal, search: StudySearch, *,
-                   ascending: bool, edge: SortKey | None, offset: int) -> Subquery:
-    """The page's study ids through the access rules as a filter of the study index."""
+                   ascending: bool, edge: SortKey | None, offset: int,
+                   text_match: tuple[ColumnElement[bool] | None, bool]) -> Subquery:
+    """The page's study ids through the access rules as a filter of the study index
+    (``matches``: the text's condition and whether it matches many)."""
     stmt = select(Study.id).where(study_filter(principal))
     text = search.text.strip()[:64]
-    matches, many = _text_condition(session, text) if text else (None, False)
+    matches, many = text_match
     visible = _few_visible(session, principal) if many else None
     if visible is not None:
         # A person's few thousand studies are found first, then a text that matches many

@@ -199,3 +199,39 @@ def test_a_study_whose_date_is_corrected_moves_in_the_list(
         rows, more, _newer = service.list_page(session, people["ada"], StudySearch(
             before=("20260101", "090000", study_id)))
         assert rows == [] and more
+
+
+def test_a_text_that_matches_many_is_tested_on_each_key_walked(
+        any_db_app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A search text that matches many studies is tested row by row while each key is
+    walked: the same pages as the access rules' filter with the text tested on the person's
+    visible ids, and as a walk of the whole study index."""
+    app = any_db_app
+    people = _people(app)
+    _fill(app, people)
+    monkeypatch.setattr(service, "PAGE_SIZE", PAGE)
+    monkeypatch.setattr(service, "FEW_MATCHES", 0)  # every text "matches many"
+
+    def pages(principal: Principal, search: StudySearch) -> list[int]:
+        found: list[int] = []
+        with app.extensions["db"].new_session() as session:
+            for page in range(1, 30):
+                rows, more = service.search_studies(session, principal,
+                                                    replace(search, page=page))
+                found += [study.id for study, _patient in rows]
+                if not more:
+                    return found
+        raise AssertionError("more than 29 pages")
+
+    for who in ("ada", "om"):
+        for search in (StudySearch(text="key"), StudySearch(text="key 3", modality="MR"),
+                       StudySearch(text="acc1", oldest_first=True), StudySearch(text="zz")):
+            keyed = pages(people[who], search)
+            with monkeypatch.context() as m:  # no keys: the access rules as a filter
+                m.setattr("portal.access.policy.MAX_LIST_KEYS", -1)
+                on_visible_ids = pages(people[who], search)
+                m.setattr(service, "FEW_VISIBLE", 0)
+                walked = pages(people[who], search)
+            assert keyed == on_visible_ids == walked, (who, search)
+            assert bool(keyed) == (search.text != "zz"), (who, search)
+    assert len(pages(people["ada"], StudySearch(text="key"))) > 4 * PAGE

@@ -16,6 +16,14 @@ branch_labels = None
 depends_on = None
 
 TABLES = ('study_referrer', 'order_study')
+FILL = {
+    'study_referrer': "UPDATE study_referrer SET study_date = study.study_date, "
+                      "study_time = study.study_time FROM study "
+                      "WHERE study.id = study_referrer.study_fk",
+    'order_study': "UPDATE order_study SET study_date = study.study_date, "
+                   "study_time = study.study_time FROM study "
+                   "WHERE study.id = order_study.study_fk",
+}
 
 
 def upgrade() -> None:
@@ -27,9 +35,7 @@ def upgrade() -> None:
                                           server_default=sa.text("''")))
         # Every key already kept: its study's date and time (one joined UPDATE per table;
         # SQLite has UPDATE ... FROM since 3.33).
-        op.execute(
-            f"UPDATE {table} SET study_date = study.study_date, "
-            f"study_time = study.study_time FROM study WHERE study.id = {table}.study_fk")
+        op.execute(FILL[table])
         op.drop_index(f'ix_{table}_key_study_fk', table_name=table)
         op.create_index(f'ix_{table}_key_date', table,
                         ['key', 'study_date', 'study_time', 'study_fk'])
