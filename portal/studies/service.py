@@ -294,7 +294,7 @@ def _filtered_page(session: Session, principal: Principal, search: StudySearch, 
                    ascending: bool, edge: SortKey | None, offset: int,
                    text_match: tuple[ColumnElement[bool] | None, bool]) -> Subquery:
     """The page's study ids through the access rules as a filter of the study index
-    (``matches``: the text's condition and whether it matches many)."""
+    (``text_match``: the text's condition and whether it matches many)."""
     stmt = select(Study.id).where(study_filter(principal))
     text = search.text.strip()[:64]
     matches, many = text_match
