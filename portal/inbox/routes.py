@@ -326,27 +326,21 @@ def accept(public_id: str) -> BaseResponse:
     # The referrer written into the files: the form's choice ("" for nobody); a request
     # without the field gets the physician who uploaded the study himself, if one did.
     referrer = request.form.get("referrer")
-    if len(reconcile.get_waiting(db.session, actor, public_id).instances) \
-            > reconcile.ACCEPT_INLINE_MAX:  # a large study: a job, with its progress shown
-        total = reconcile.start_accept(
-            db.session, actor, _q(), public_id,
-            patient_pk=None if patient == "new" else bounded_int(patient, "patient", low=1),
-            new_patient_id=request.form.get("new_patient_id", "")[:64],
-            accession=request.form.get("accession", "")[:64],
-            give_to=bounded_int(give, "give_to", low=1) if give else None,
-            referrer=bounded_int(referrer, "referrer", low=1) if referrer else None,
-            referrer_chosen=referrer is not None, address=_address())
-        db.after_commit(lambda: _queue_accept(public_id))
-        flash(_("Accepting %(num)d images: this page shows how far it is.", num=total))
-        return redirect(url_for("inbox.study", public_id=public_id), code=303)
-    done = reconcile.accept(
-        db.session, actor, _q(), current_archive(), public_id,
+    # The same choices for both ways (reconcile.accept and reconcile.start_accept check them).
+    choices: dict[str, Any] = dict(
         patient_pk=None if patient == "new" else bounded_int(patient, "patient", low=1),
         new_patient_id=request.form.get("new_patient_id", "")[:64],
         accession=request.form.get("accession", "")[:64],
         give_to=bounded_int(give, "give_to", low=1) if give else None,
         referrer=bounded_int(referrer, "referrer", low=1) if referrer else None,
         referrer_chosen=referrer is not None, address=_address())
+    if len(reconcile.get_waiting(db.session, actor, public_id).instances) \
+            > reconcile.ACCEPT_INLINE_MAX:  # a large study: a job, with its progress shown
+        total = reconcile.start_accept(db.session, actor, _q(), public_id, **choices)
+        db.after_commit(lambda: _queue_accept(public_id))
+        flash(_("Accepting %(num)d images: this page shows how far it is.", num=total))
+        return redirect(url_for("inbox.study", public_id=public_id), code=303)
+    done = reconcile.accept(db.session, actor, _q(), current_archive(), public_id, **choices)
     if done.refused:
         flash(_("%(stored)d images moved into the archive; %(refused)d were refused and stay "
                 "in the inbox: %(reason)s", stored=done.stored, refused=len(done.refused),
