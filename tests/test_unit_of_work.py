@@ -73,6 +73,10 @@ ALLOWED: dict[tuple[str, str], str] = {
        "files leave the inbox once the archive committed them, so a stopped move resumes; "
        "the 110107 record and the grants in one last transaction)"
        for name in ("_run_accept", "_finish_accept")},
+    **{("portal.inbox.reconcile", name): "inbox accept in the request: the study is claimed "
+       "(\"accepting\") before the ingest's own transactions, so a second accept or a reject "
+       "meanwhile is refused; let go again if the accept fails"
+       for name in ("_claim_inline", "_release")},
     ("portal.reports.inbound", "handle"): OUTSIDE + " (HL7 listener)",
     ("portal.reports.dicom", "after_ingest"): OUTSIDE + " (after-ingest step)",
     ("portal.reports.notify", "notifier.notify"): OUTSIDE + " (notices, after commit)",

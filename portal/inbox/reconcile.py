@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -43,6 +45,8 @@ from portal.index.models import Patient, Study
 from portal.index.names import name_search_text, search_words
 from portal.index.referrers import name_key
 
+log = logging.getLogger(__name__)
+
 STUDY_DELETED = ("110105", "DICOM Study Deleted")
 MODIFYING_SYSTEM = "REFERRER PORTAL INBOX"
 ACCEPT_BATCH = 32  # files coerced and ingested at a time (the ingest's own batch size)
@@ -66,6 +70,12 @@ class AcceptRunning(failures.Conflict):
     """A second accept (or a reject) of a study being accepted now (409)."""
 
     default_reason = "this study is being accepted now; its page shows how far it is"
+
+
+class AlreadyHandled(failures.Conflict):
+    """Another request accepted or rejected the study meanwhile (409)."""
+
+    default_reason = "this study is already being handled: open the inbox again"
 
 
 @dataclass(frozen=True)
@@ -117,10 +127,12 @@ def new_local_patient(session: Session, actor: Principal, study: InboxStudy,
 
 @dataclass(frozen=True)
 class Accepted:
-    """What accepting did: instances now in the archive, and those it refused."""
+    """What accepting did: instances now in the archive, and those it refused; ``forget``:
+    the quarantined files to delete once the request has committed."""
 
     stored: int
     refused: list[tuple[str, str]]
+    forget: list[Path] = field(default_factory=list)
 
 
 def waiting_studies(session: Session, actor: Principal) -> list[InboxStudy]:
@@ -294,18 +306,61 @@ def coerce(data: bytes, study: InboxStudy, local: LocalIdentity, accession: str,
 def accept(session: Session, actor: Principal, q: Quarantine, archive: Archive,
            public_id: str, *, patient_pk: int | None, accession: str, give_to: int | None,
            address: str, new_patient_id: str = "", referrer: int | None = None,
-           referrer_chosen: bool = False) -> Accepted:
+           referrer_chosen: bool = False, database: Database) -> Accepted:
     """Reconcile a waiting study with a local patient (``patient_pk``, or a new one with
     ``new_patient_id``) and move it into the archive.
 
     The files' referring physician becomes the local referrer: the physician ``referrer``
     when one was chosen (``referrer_chosen``; None: nobody), else the physician who uploaded
     the study himself, else nobody. He is named by his own linked name identifier; one who
-    has none gets a grant instead, so that he sees the study either way."""
+    has none gets a grant instead, so that he sees the study either way.
+
+    The study is claimed first ("accepting", committed on its own): a second accept or a
+    reject meanwhile (a form sent twice, two office managers) is refused with 409, so nothing
+    is stored or audited twice. Its progress file says "running" (not stopped) while it is."""
     study, local, accession, physician, referring, referring_name = _choices(
         session, actor, public_id, patient_pk=patient_pk, accession=accession,
         give_to=give_to, new_patient_id=new_patient_id, referrer=referrer,
         referrer_chosen=referrer_chosen)
+    _claim_inline(database, q, study, actor)
+    session.expire(study, ["state", "decided_by"])  # "accepting" now, by the claim
+    try:
+        return _accept_claimed(session, actor, q, archive, study, local, accession, physician,
+                               referring, referring_name, address)
+    except Exception:
+        session.rollback()  # nothing of it kept; on SQLite its write lock is let go
+        _release(database, study.id)
+        progress_path(q, study.public_id).unlink(missing_ok=True)
+        raise
+
+
+def _claim_inline(database: Database, q: Quarantine, study: InboxStudy,
+                  actor: Principal) -> None:
+    """Mark a waiting study "accepting" in a transaction of its own (the ingest commits in
+    its own: on SQLite the request's write lock would hold it up), or 409."""
+    with database.write_transaction() as own:
+        marked = own.execute(update(InboxStudy).where(
+            InboxStudy.id == study.id, InboxStudy.state == "waiting").values(
+            state="accepting", decided_by=actor.audit_name))
+        if not cast(CursorResult[Any], marked).rowcount:
+            raise AcceptRunning()
+    _write_progress(q, study.public_id, {"state": "running", "inline": True, "error": "",
+                                         "total": len(study.instances), "done": 0,
+                                         "stored": 0, "refused": []})
+
+
+def _release(database: Database, study_pk: int) -> None:
+    """A claimed study whose accept stopped waits again (what moved stays in the archive)."""
+    with database.write_transaction() as own:
+        own.execute(update(InboxStudy).where(
+            InboxStudy.id == study_pk, InboxStudy.state == "accepting").values(
+            state="waiting", decided_by=""))
+
+
+def _accept_claimed(session: Session, actor: Principal, q: Quarantine, archive: Archive,
+                    study: InboxStudy, local: LocalIdentity, accession: str,
+                    physician: User | None, referring: User | None, referring_name: str,
+                    address: str) -> Accepted:
     now = utcnow()
     stored: list[Stored] = []
     refused: list[tuple[str, str]] = []
@@ -328,8 +383,8 @@ def accept(session: Session, actor: Principal, q: Quarantine, archive: Archive,
     for inst in done:
         study.instances.remove(inst)
     session.flush()
-    for inst in done:
-        q.forget(session, inst.sha256)
+    forget = _orphans(session, q, [inst.sha256 for inst in done])
+    forget.append(progress_path(q, study.public_id))
     archive.after_ingest(stored, via="import", who=actor.audit_name, source_address=address)
     audit.append(session, audit.IMPORT, action="C",
                  outcome=audit.OUTCOME_SUCCESS if not refused else audit.OUTCOME_MINOR_FAILURE,
@@ -344,6 +399,8 @@ def accept(session: Session, actor: Principal, q: Quarantine, archive: Archive,
     if not study.instances:
         study.state, study.decided_by, study.decided_at = "accepted", actor.audit_name, now
         study.local_patient_id, study.local_accession_number = local.patient_id, accession
+    else:  # the archive refused some: they wait
+        study.state, study.decided_by = "waiting", ""
     if physician is not None and stored:
         create_grant(session, actor, user_id=physician.id,
                      study_uid=study.study_instance_uid,
@@ -353,7 +410,23 @@ def accept(session: Session, actor: Principal, q: Quarantine, archive: Archive,
         create_grant(session, actor, user_id=referring.id,
                      study_uid=study.study_instance_uid,
                      reason="referrer of outside images accepted from the inbox")
-    return Accepted(len(stored), refused)
+    return Accepted(len(stored), refused, forget)
+
+
+def _orphans(session: Session, q: Quarantine, hashes: list[str]) -> list[Path]:
+    """The quarantined files no waiting instance names any more (after a flush): deleted
+    only once the request has committed (``delete_files``), never before."""
+    named = set(session.scalars(select(InboxInstance.sha256).where(
+        InboxInstance.sha256.in_(hashes)))) if hashes else set()
+    return [q.kept_path(sha256) for sha256 in dict.fromkeys(hashes) if sha256 not in named]
+
+
+def delete_files(paths: list[Path]) -> Callable[[], None]:
+    """A callback for ``db.after_commit`` that deletes these files."""
+    def run() -> None:
+        for path in paths:
+            path.unlink(missing_ok=True)
+    return run
 
 
 def _choices(session: Session, actor: Principal, public_id: str, *, patient_pk: int | None,
@@ -385,23 +458,36 @@ def _choices(session: Session, actor: Principal, public_id: str, *, patient_pk: 
 
 
 def reject(session: Session, actor: Principal, q: Quarantine, public_id: str, *,
-           reason: str, address: str) -> InboxStudy:
-    """Reject a waiting study: its files are deleted, the decision audited (110105)."""
-    study = get_waiting(session, actor, public_id)
+           reason: str, address: str) -> list[Path]:
+    """Reject a waiting study, or one whose background accept stopped (what it moved stays
+    in the archive): the decision audited (110105). Returns the quarantined files to delete
+    once the request has committed (``delete_files``).
+
+    The study is claimed first (``state`` changed only where it still is what was read): an
+    accept started meanwhile makes this 409, and this makes that one 409."""
+    study = get_study(session, actor, public_id)
+    if study.state == "accepting" and not may_continue(read_progress(q, study.public_id)):
+        raise AcceptRunning()
+    if study.state not in ("waiting", "accepting"):
+        raise NoSuchInboxStudy()
+    claimed = session.execute(update(InboxStudy).where(
+        InboxStudy.id == study.id, InboxStudy.state == study.state).values(
+        state="rejected", decided_by=actor.audit_name, decided_at=utcnow()))
+    if not cast(CursorResult[Any], claimed).rowcount:
+        raise AlreadyHandled()
+    session.refresh(study)
     hashes = [inst.sha256 for inst in study.instances]
     count = len(hashes)
     study.instances.clear()
     session.flush()
-    for sha256 in hashes:
-        q.forget(session, sha256)
-    study.state, study.decided_by, study.decided_at = "rejected", actor.audit_name, utcnow()
+    forget = [*_orphans(session, q, hashes), progress_path(q, study.public_id)]
     audit.append(session, STUDY_DELETED, action="D", outcome=audit.OUTCOME_SUCCESS,
                  who=actor.audit_name, source_address=address,
                  study_instance_uid=study.study_instance_uid, patient_id=study.patient_id,
                  details={"inbox_study": study.public_id, "rejected": True,
                           "instances": count, "reason": " ".join(reason.split())[:300],
                           "uploaded_by": study.uploaded_by})
-    return study
+    return forget
 
 
 def counts(session: Session, actor: Principal) -> int:
@@ -447,9 +533,18 @@ def _write_progress(q: Quarantine, public_id: str, progress: dict[str, Any]) -> 
     os.replace(temp, path)
 
 
+def has_plan(progress: dict[str, Any] | None) -> bool:
+    """The progress file holds a background accept's plan (an accept in the request's has
+    none): a job can continue it."""
+    return progress is not None and "local" in progress
+
+
 def may_continue(progress: dict[str, Any] | None) -> bool:
-    """A background accept that stopped (failed for good, or silent for STALE_SECONDS)."""
-    if progress is None or progress.get("state") == "done":
+    """A study "accepting" whose move stopped: failed for good, silent for STALE_SECONDS, or
+    without its progress file (lost, or on a disk this node does not share: docs/inbox.md)."""
+    if progress is None:
+        return True
+    if progress.get("state") == "done":
         return False
     if progress.get("state") == "failed":
         return True
@@ -486,7 +581,8 @@ def start_accept(session: Session, actor: Principal, q: Quarantine, public_id: s
 
 def run_accept(public_id: str) -> int:
     """The job ``inbox-accept``: move the study's waiting files into the archive, batch by
-    batch, writing the progress; one run per study at a time. Returns the files stored."""
+    batch, writing the progress; one run per study at a time. Returns the files stored.
+    Without its plan (the progress file lost) the study waits again: accept it again."""
     from flask import current_app
 
     from portal.jobs import once_per_cluster
@@ -500,10 +596,16 @@ def run_accept(public_id: str) -> int:
 
 def _run_accept(database: Database, q: Quarantine, archive: Archive, public_id: str) -> int:
     progress = read_progress(q, public_id)
+    if progress is None or not has_plan(progress):
+        log.warning("inbox accept %s: no plan in %s; the study waits again", public_id,
+                    progress_path(q, public_id))
+        with database.write_transaction() as session:
+            release_stopped(session, q, public_id)
+        return 0
     with database.new_session() as session:
         study = session.scalars(select(InboxStudy).where(
             InboxStudy.public_id == public_id, InboxStudy.state == "accepting")).first()
-        if study is None or progress is None:
+        if study is None:
             return 0
         tried = {entry[2] for entry in progress["refused"]}
         todo = [(i.id, i.sha256, i.label) for i in study.instances if i.id not in tried]
@@ -542,7 +644,9 @@ def _run_accept(database: Database, q: Quarantine, archive: Archive, public_id: 
             _write_progress(q, public_id, progress)
         _finish_accept(database, study.id, progress)
     except Exception as exc:
-        progress.update(state="failed", error=str(exc)[:300] or exc.__class__.__name__)
+        # The detail (e.g. a path in instance/inbox) goes to the log, not to the page.
+        log.exception("inbox accept %s stopped", public_id)
+        progress.update(state="failed", error=exc.__class__.__name__)
         _write_progress(q, public_id, progress)
         raise
     progress["state"] = "done"
@@ -552,13 +656,17 @@ def _run_accept(database: Database, q: Quarantine, archive: Archive, public_id: 
 
 def _finish_accept(database: Database, study_pk: int, progress: dict[str, Any]) -> None:
     """Once every file was tried: the 110107 record, the study's state (accepted, or waiting
-    again with the files the archive refused) and the grants, in one transaction."""
+    again with the files the archive refused) and the grants, in one transaction. The office
+    manager who started it may be gone meanwhile: the study's state and the record come all
+    the same (his name is in ``who``); only the grants, given in his name, are not."""
     with database.write_transaction() as session:
         study = session.get(InboxStudy, study_pk)
-        user = session.get(User, progress["actor"])
-        if study is None or study.state != "accepting" or user is None:
+        if study is None or study.state != "accepting":
             return
-        actor = user_principal(user, "session")
+        user = session.get(User, progress["actor"])
+        if user is None:
+            log.warning("inbox accept %s: %s is gone; no grants given", study.public_id,
+                        progress["who"])
         refused, stored = len(progress["refused"]), int(progress["stored"])
         local = LocalIdentity(**progress["local"])
         audit.append(session, audit.IMPORT, action="C",
@@ -572,7 +680,7 @@ def _finish_accept(database: Database, study_pk: int, progress: dict[str, Any]) 
                               "accession": progress["accession"],
                               "referrer": progress["referrer_name"], "stored": stored,
                               "refused": refused, "uploaded_by": study.uploaded_by,
-                              "background": True})
+                              "background": True, "grants": user is not None})
         now = utcnow()
         if not study.instances:
             study.state, study.decided_by, study.decided_at = "accepted", progress["who"], now
@@ -581,6 +689,9 @@ def _finish_accept(database: Database, study_pk: int, progress: dict[str, Any]) 
         else:  # the archive refused some: they wait, with the reasons on the study's page
             study.state, study.decided_by = "waiting", ""
         give_to, referring = progress["give_to"], progress["referring"]
+        if user is None:
+            return
+        actor = user_principal(user, "session")
         if give_to is not None and stored:
             create_grant(session, actor, user_id=give_to, study_uid=study.study_instance_uid,
                          reason="outside images accepted from the inbox")
@@ -589,3 +700,12 @@ def _finish_accept(database: Database, study_pk: int, progress: dict[str, Any]) 
             create_grant(session, actor, user_id=referring,
                          study_uid=study.study_instance_uid,
                          reason="referrer of outside images accepted from the inbox")
+
+
+def release_stopped(session: Session, q: Quarantine, public_id: str) -> None:
+    """A study "accepting" without its plan waits again (what moved is in the archive, the
+    rest waits in the inbox): the office manager accepts it again."""
+    session.execute(update(InboxStudy).where(
+        InboxStudy.public_id == public_id, InboxStudy.state == "accepting").values(
+        state="waiting", decided_by=""))
+    progress_path(q, public_id).unlink(missing_ok=True)

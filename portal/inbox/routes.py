@@ -340,7 +340,9 @@ def accept(public_id: str) -> BaseResponse:
         db.after_commit(lambda: _queue_accept(public_id))
         flash(_("Accepting %(num)d images: this page shows how far it is.", num=total))
         return redirect(url_for("inbox.study", public_id=public_id), code=303)
-    done = reconcile.accept(db.session, actor, _q(), current_archive(), public_id, **choices)
+    done = reconcile.accept(db.session, actor, _q(), current_archive(), public_id,
+                            database=db, **choices)
+    db.after_commit(reconcile.delete_files(done.forget))
     if done.refused:
         flash(_("%(stored)d images moved into the archive; %(refused)d were refused and stay "
                 "in the inbox: %(reason)s", stored=done.stored, refused=len(done.refused),
@@ -364,9 +366,14 @@ def continue_accept(public_id: str) -> BaseResponse:
     item = reconcile.get_study(db.session, actor, public_id)
     if item.state != "accepting":
         raise reconcile.NoSuchInboxStudy()
-    if not reconcile.may_continue(
-            reconcile.read_progress(_q(), item.public_id)):
+    progress = reconcile.read_progress(_q(), item.public_id)
+    if not reconcile.may_continue(progress):
         raise reconcile.AcceptRunning()
+    if not reconcile.has_plan(progress):  # lost: the study waits again, to be accepted again
+        reconcile.release_stopped(db.session, _q(), item.public_id)
+        flash(_("The move stopped. The images not moved yet wait here: accept the study "
+                "again."), "error")
+        return redirect(url_for("inbox.study", public_id=item.public_id), code=303)
     db.after_commit(lambda: _queue_accept(item.public_id))
     flash(_("Continuing: this page shows how far it is."))
     return redirect(url_for("inbox.study", public_id=item.public_id), code=303)
@@ -374,13 +381,16 @@ def continue_accept(public_id: str) -> BaseResponse:
 
 @bp.post("/inbox/studies/<public_id>/reject")
 def reject(public_id: str) -> BaseResponse:
-    """Reject: the files are deleted and the decision audited."""
+    """Reject (a waiting study, or one whose move stopped): the files are deleted once the
+    decision, audited, is committed."""
     actor = _manager()
     again = _recent()
     if again is not None:
         return again
-    reconcile.reject(db.session, actor, _q(), public_id,
-                     reason=request.form.get("reason", "")[:300], address=_address())
+    forget = reconcile.reject(db.session, actor, _q(), public_id,
+                              reason=request.form.get("reason", "")[:300],
+                              address=_address())
+    db.after_commit(reconcile.delete_files(forget))
     flash(_("Rejected: the uploaded files are deleted."))
     return redirect(url_for("inbox.index"), code=303)
 
