@@ -51,6 +51,8 @@ from sqlalchemy.orm import (
 from sqlalchemy.types import TypeDecorator
 from werkzeug.local import LocalProxy
 
+from portal.wildcard import register_sqlite
+
 log = logging.getLogger(__name__)
 
 # Longest a PostgreSQL statement waits for a lock before it fails (then 503 with Retry-After).
@@ -107,6 +109,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()
+    # DICOM wildcard matching without a backtracking regular expression (portal/wildcard.py).
+    register_sqlite(dbapi_conn)
 
 
 def _sqlite_begin(conn: Any) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from portal.index.names import name_match_text, name_search_text, person_name, search_words
 from portal.index.referrers import key_label
@@ -86,3 +88,19 @@ def test_the_match_text_keeps_each_group_folded() -> None:
     assert name_match_text("ΔΙΟΝΥΣΙΟΣ==") == "=διονυσιοσ="  # Greek case folding
     assert name_match_text("ﾔﾏﾀﾞ^ﾀﾛｳ") == "=やまだ^たろう="
     assert name_match_text("") == "" and name_match_text("^^=") == ""
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("=^\\ aZé山やカ한\u3099ｶ*?%_'-.,")), max_size=40))
+def test_any_stored_name_can_be_written_and_searched(value: str) -> None:
+    """Whatever a sender puts in a PN (extra "=" groups, empty ones, scripts mixed), the pages
+    can write it and the index can fold it: one file must never break the pages that show its
+    name (a fourth group in Kanji once raised IndexError on every list showing the study)."""
+    assert isinstance(person_name(value), str)
+    assert isinstance(name_match_text(value), str)
+    assert isinstance(name_search_text(value), str)
+
+
+def test_a_fourth_group_is_not_part_of_the_name() -> None:
+    assert person_name("Evil=a=b=山田") == "Evil"
+    assert person_name("Yamada^Tarou=山田^太郎=やまだ^たろう=extra") == "山田 太郎 (Yamada Tarou)"

@@ -13,7 +13,6 @@ hold are answered from the stored header of a representative instance.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -27,6 +26,7 @@ from portal import failures
 from portal.index.models import Instance, Patient, Series, Study
 from portal.index.names import match_value, name_match_text, search_words
 from portal.numbers import DB_INT_MIN, NumberError, bounded_int
+from portal.wildcard import pn_groups_match, pn_sql, wildcard_match, wildcard_sql
 
 Level = Literal["study", "series", "instance"]
 MAX_RESULTS = 10_000
@@ -164,26 +164,22 @@ def _pn_match(column: Any, value: str, fuzzy: bool) -> ColumnElement[bool]:
     return and_(*conditions)
 
 
-def _group_regex(value: str) -> str:
-    """A wildcard value of one component group as a regular expression that stays inside
-    the group (``*`` and ``?`` never cross an ``=``)."""
-    return "".join("[^=]*" if c == "*" else "[^=]" if c == "?" else re.escape(c) for c in value)
-
-
-def pn_pattern(value: str) -> tuple[str, str]:
-    """A PN query as a LIKE pattern and a regular expression over ``name_match_text``.
+def pn_pattern(value: str) -> tuple[str, str, bool]:
+    """A PN query as a LIKE pattern (a prefilter the indexes serve) and the folded query
+    ``portal.wildcard.pn_groups_match`` checks exactly over ``name_match_text``.
 
     Without ``=`` the value matches any one component group ("Yamada*", "山田*", "やまだ*"
     all find "Yamada^Tarou=山田^太郎=やまだ^たろう"); with ``=`` it names the groups in
     order, an empty one matching any (PS3.5 6.2, PS3.4 C.2.2.2). Case, accents, full and
     half width, katakana and hiragana do not count (docs/i18n.md, "Character sets")."""
     wanted = match_value(value)
-    if "=" not in value:
-        return f"%={_like_pattern(wanted)}=%", f"={_group_regex(wanted)}="
+    # Grouped when the query names groups: an "=" typed (full-width too: it folds into "="),
+    # even if only the first group is left once the empty ones after it are dropped.
+    if "=" not in value and "=" not in wanted and "\uff1d" not in value:
+        return f"%={_like_pattern(wanted)}=%", wanted, False
     groups = wanted.split("=")
     like = "=" + "=".join(_like_pattern(g) if g else "%" for g in groups) + "=%"
-    regex = "^=" + "=".join(_group_regex(g) if g else "[^=]*" for g in groups) + "="
-    return like, regex
+    return like, wanted, True
 
 
 def _group_match(value: str) -> ColumnElement[bool]:
@@ -193,18 +189,13 @@ def _group_match(value: str) -> ColumnElement[bool]:
         return Patient.name_match == ""
     if not wanted.strip("*"):  # "*" alone: universal matching (PS3.4 C.2.2.2.4)
         return true()
-    like, regex = pn_pattern(value)
+    like, folded, grouped = pn_pattern(value)
     condition = Patient.name_match.like(like, escape="\\")
-    if "=" not in value and "*" not in value and "?" not in value:
+    # The folded value decides: full-width asterisk, question mark and equals sign fold into
+    # wildcards and "=" (a query of them is matched as what they fold into).
+    if not grouped and "*" not in folded and "?" not in folded:
         return condition
-    return and_(condition, Patient.name_match.regexp_match(regex))
-
-
-def _regex(value: str) -> str:
-    """A DICOM wildcard value as an anchored regular expression that reads the same in Python
-    (SQLite's REGEXP) and PostgreSQL (``~``): every other character escaped."""
-    parts = [".*" if c == "*" else "." if c == "?" else re.escape(c) for c in value]
-    return "^" + "".join(parts) + "$"
+    return and_(condition, pn_sql(Patient.name_match, folded, grouped))
 
 
 def _text_match(column: Any, value: str, insensitive: bool,
@@ -220,7 +211,7 @@ def _text_match(column: Any, value: str, insensitive: bool,
             return like
         # SQLite's LIKE ignores ASCII case; the exact match does not: the regular expression
         # (case-sensitive everywhere) makes both agree, LIKE keeps the indexes usable.
-        return and_(like, target.regexp_match(_regex(needle)))
+        return and_(like, wildcard_sql(target, needle))
     return target == needle
 
 
@@ -476,9 +467,7 @@ def _check_header_value(tag: str, value: str) -> None:
 
 
 def _wildcard(text: str, wanted: str) -> bool:
-    if "*" in wanted or "?" in wanted:
-        return re.match(_regex(wanted), text, re.DOTALL) is not None
-    return text == wanted
+    return wildcard_match(text, wanted)
 
 
 def _value_matches(vr: str, stored: Any, wanted: str, fuzzy: bool) -> bool:
@@ -498,7 +487,8 @@ def _value_matches(vr: str, stored: Any, wanted: str, fuzzy: bool) -> bool:
             return not name_match_text(name)
         if not folded.strip("*"):
             return True
-        return re.search(pn_pattern(wanted)[1], name_match_text(name), re.DOTALL) is not None
+        _like, folded, grouped = pn_pattern(wanted)
+        return pn_groups_match(name_match_text(name), folded, grouped)
     if vr in _NUMERIC_VRS:
         try:
             return float(stored) == float(wanted)

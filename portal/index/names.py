@@ -93,7 +93,7 @@ def _east_asian_name(groups: list[str], language: str) -> str:
                   if any(_east_asian(c) for c in g)]
     if language == "ko":
         candidates.sort(key=lambda g: not any(_is_hangul(c) for c in g))
-    family, given, middle, prefix, suffix = _components(candidates[0])
+    family, given, middle, prefix, suffix = _components(candidates[0] if candidates else "")
     joiner = " " if language == "ja" else ""
     name = joiner.join(filter(None, (family, given, middle)))
     name = _with_suffix(" ".join(filter(None, (prefix, name))), suffix)
@@ -107,9 +107,12 @@ def _east_asian_name(groups: list[str], language: str) -> str:
 
 
 def _format_one(value: str) -> str:
-    language = name_language(value)
+    # A PN has three component groups; anything after a third "=" is not part of the name
+    # (and must not decide its language: a fourth group alone would leave none to show).
+    groups = value.split("=")[:3]
+    language = name_language("=".join(groups))
     if language:
-        return _east_asian_name(value.split("=")[:3], language)
+        return _east_asian_name(groups, language)
     group, alphabetic = _group(value)
     family, given, middle, prefix, suffix = _components(group)
     # A group without Japanese, Korean or Chinese letters is written given name first.

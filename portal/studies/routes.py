@@ -75,7 +75,19 @@ def _name_lang(value: object) -> Markup:
     return Markup(' lang="{}"').format(language) if language else Markup("")
 
 
+def _name_html(value: object, fallback: str = "") -> Markup:
+    """A name to put inside a sentence (``_('Studies of %(who)s', who=...)``): written as
+    people write it, in a ``<span lang>`` only when it is a Japanese, Korean or Chinese
+    name, escaped; ``fallback`` when there is no name."""
+    written = person_name(value) or fallback
+    language = name_language(value)
+    if language:
+        return Markup('<span lang="{}">{}</span>').format(language, written)
+    return Markup("{}").format(written)
+
+
 bp.add_app_template_filter(_name_lang, "name_lang")
+bp.add_app_template_filter(_name_html, "name_html")
 bp.add_app_template_filter(key_label, "referrer_key")
 
 _DATE = re.compile(r"^\d{4}-?\d{2}-?\d{2}$")

@@ -98,6 +98,12 @@ def test_a_tampered_sealed_record_is_detected(pg_app: Flask) -> None:
     code, output = verify(pg_app)
     assert code == 1 and "1 record(s) carry a chain hash but no place in the chain" in output
     assert "was altered (or one before it removed)" in output, output
+    # A sealer (this process's, woken by any record) never chains it again at the end, which
+    # would bury the removal: it stays out, and verify keeps saying so.
+    read(pg_app, 99)
+    audit.seal(pg_app.extensions["db"], wait=True)
+    assert places(pg_app).count(None) == 1
+    assert "1 record(s) carry a chain hash but no place in the chain" in verify(pg_app)[1]
 
 
 def test_an_unsealed_record_is_reported_then_sealed(pg_app: Flask) -> None:
