@@ -103,6 +103,8 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=1_000_000,
                         help="studies in the index benchmark (its generator fills them)")
     parser.add_argument("--runs", type=int, default=10, help="runs per index case")
+    parser.add_argument("--keep", metavar="FOLDER",
+                        help="the index benchmark keeps its filled database here and reuses it")
     arguments = parser.parse_args()
 
     print(f"machine: {os.cpu_count()} cores; load generator: {'wrk' if WRK else 'Python'}; "
@@ -170,7 +172,9 @@ def main() -> None:
     here = Path(__file__).resolve().parent
     for script, extra in (("audit_append.py", ["--seconds", str(arguments.audit_seconds)]),
                           ("index_scale.py", ["--studies", str(arguments.studies),
-                                              "--runs", str(arguments.runs)])):
+                                              "--runs", str(arguments.runs),
+                                              *(["--keep", arguments.keep]
+                                                if arguments.keep else [])])):
         print(f"\n== {script} {' '.join(extra)}", flush=True)
         subprocess.run([sys.executable, str(here / script), *extra], check=True)
 
