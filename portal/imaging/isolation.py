@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import logging
 import multiprocessing
+import os
 import resource
 import threading
 import time
@@ -28,6 +29,7 @@ from portal.imaging.render import (
     FrameNotFound,
     RenderRefused,
     decode_frame,
+    decode_native_frame,
     default_window,
     finish_frame,
     is_window_frame,
@@ -73,6 +75,56 @@ def render_source(source: bytes | StoredFile, index: int, rendition: Rendition,
         if _frames is not None:
             prepared = _frames.put(key, prepared)
     return finish_frame(prepared, rendition, fallback)
+
+
+# Small plain frames are rendered in the web worker itself (issue 17 item 2). For a 256x256
+# greyscale frame the hop to a render process and back (pickling, two processes woken, the
+# wait for them) costs more than the render (a table lookup and a JPEG of 64 K pixels, about
+# 0.2 ms): benchmarks/README.md "Small frames in the web worker" has the numbers. Only what
+# no third-party decoder touches qualifies: uncompressed little-endian greyscale data read by
+# ``_native_frame`` (numpy over the file's bytes), at most SMALL_PIXELS a frame, from a file
+# of at most SMALL_FILE_BYTES. Memory and time stay bounded by those sizes, and anything that
+# goes wrong here sends the request to the render processes, which answer it as before
+# (docs/security.md 32).
+SMALL_PIXELS = 256 * 256
+SMALL_FILE_BYTES = 512 << 10
+SMALL_CACHE_BYTES = 16 << 20  # per web worker: about 128 prepared 16-bit 256x256 frames
+_SMALL_UNSUITED_KEPT = 4096
+_small_lock = threading.Lock()
+_small_frames = FrameCache(SMALL_CACHE_BYTES)
+_small_unsuited: OrderedDict[str, None] = OrderedDict()  # digests the render processes take
+
+
+def render_here(source: StoredFile, index: int, rendition: Rendition, max_pixels: int,
+                fallback: Window | None = None) -> bytes | None:
+    """A small plain frame of a stored file rendered in this process, or None when the
+    render processes must do it (too large, compressed, colour, or anything unexpected)."""
+    if source.sha256 in _small_unsuited:
+        return None
+    key = (source.sha256, index, rendition.width, rendition.height)
+    with _small_lock:
+        prepared = _small_frames.get(key)
+    if prepared is None:
+        try:
+            decoded = None
+            if os.stat(source.path).st_size <= SMALL_FILE_BYTES:
+                decoded = decode_native_frame(source.read(), index,
+                                              min(max_pixels, SMALL_PIXELS))
+            prepared = prepare_decoded(*decoded, rendition) if decoded else None
+        except Exception:  # too large, not an image, a missing or corrupt file: the pool's
+            prepared = None
+        with _small_lock:
+            if prepared is None:
+                _small_unsuited[source.sha256] = None
+                while len(_small_unsuited) > _SMALL_UNSUITED_KEPT:
+                    _small_unsuited.popitem(last=False)
+                return None
+            prepared = _small_frames.put(key, prepared)
+    try:
+        with timed_render(render_here):
+            return finish_frame(prepared, rendition, fallback)
+    except Exception:  # the render processes answer it, with their reason if they refuse
+        return None
 
 
 _volumes: OrderedDict[str, Volume] = OrderedDict()

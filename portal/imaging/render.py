@@ -252,9 +252,9 @@ def _run_dcmtk(tool: str, data: bytes) -> bytes | None:
         return target.read_bytes()
 
 
-def decode_frame(data: bytes, index: int,
-                 max_pixels: int = MAX_RENDER_PIXELS) -> tuple[Frame, Dataset]:
-    """Decode one frame (0-based), after checking its size, and say how to display it."""
+def _checked_header(data: bytes, index: int, max_pixels: int) -> tuple[Dataset, int, int]:
+    """The header (up to Pixel Data), its frame count and where Pixel Data starts, once the
+    frame is known to exist and to be small enough to render."""
     source = io.BytesIO(data)
     ds = pydicom.dcmread(source, stop_before_pixels=True)
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
@@ -265,12 +265,36 @@ def decode_frame(data: bytes, index: int,
         raise RenderRefused(f"a {columns}x{rows} frame is too large to render")
     if not 0 <= index < frames:
         raise FrameNotFound(f"frame {index + 1} is outside 1..{frames}")
+    return ds, frames, source.tell()
+
+
+def decode_native_frame(data: bytes, index: int,
+                        max_pixels: int) -> tuple[Frame, Dataset] | None:
+    """``decode_frame`` for the plain case only: uncompressed little-endian greyscale data
+    read by ``_native_frame`` (numpy over the file's bytes, no third-party decoder); None for
+    anything else. RenderRefused or FrameNotFound as ``decode_frame`` would say."""
+    ds, _frames, offset = _checked_header(data, index, max_pixels)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pixels = _native_frame(data, offset, ds, index)
+    if pixels is None:
+        return None
+    return _frame_of(ds, index, pixels, photometric), ds
+
+
+def decode_frame(data: bytes, index: int,
+                 max_pixels: int = MAX_RENDER_PIXELS) -> tuple[Frame, Dataset]:
+    """Decode one frame (0-based), after checking its size, and say how to display it."""
+    ds, frames, offset = _checked_header(data, index, max_pixels)
     syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
     plugin = PREFERRED_DECODERS.get(syntax, "")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            pixels = _native_frame(data, source.tell(), ds, index)
+            pixels = _native_frame(data, offset, ds, index)
             if pixels is None:
                 pixels = _decode(data, index if frames > 1 else None, plugin, syntax)
     except MemoryError:
@@ -287,12 +311,17 @@ def decode_frame(data: bytes, index: int,
         full = pydicom.dcmread(io.BytesIO(data))
         pixels = apply_color_lut(pixels, full)
         photometric = "RGB"
+    return _frame_of(ds, index, pixels, photometric), ds
+
+
+def _frame_of(ds: Dataset, index: int, pixels: np.ndarray, photometric: str) -> Frame:
+    """A decoded frame with how to display it: its own rescale, window and aspect."""
     rescale = None
     transform = _functional(ds, index, "PixelValueTransformationSequence")
     if transform is not None and "RescaleSlope" in transform:
         rescale = (float(transform.RescaleSlope), float(transform.get("RescaleIntercept", 0)))
     return Frame(pixels=pixels, photometric=photometric, rescale=rescale,
-                 window=_file_window(ds, index), aspect=_aspect(ds, index)), ds
+                 window=_file_window(ds, index), aspect=_aspect(ds, index))
 
 
 def window_to_8bit(values: np.ndarray, window: Window) -> np.ndarray:

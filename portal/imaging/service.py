@@ -254,8 +254,12 @@ def series_middle_instance(session: Session, series_id: int) -> Instance | None:
 def _render(stored: StoredFile, index: int, rendition: Rendition,
             fallback: Window | None = None) -> bytes:
     """Render a frame of a stored file; ``fallback`` is the window for images without one."""
-    from portal.imaging.isolation import render_source
+    from portal.imaging.isolation import render_here, render_source
 
+    if current_app.extensions.get("render_pool") is not None:
+        here = render_here(stored, index, rendition, _max_pixels(), fallback)  # small, plain
+        if here is not None:
+            return here
     result: bytes = run_isolated(render_source, stored, index, rendition, _max_pixels(),
                                  fallback)
     return result

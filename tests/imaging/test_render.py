@@ -207,7 +207,8 @@ def test_a_frame_that_needs_too_much_memory_fails_alone(tmp_path: Path) -> None:
         big.PixelData = np.zeros((7000, 7000), dtype=np.uint16).tobytes()
         huge = store(app, to_bytes(big))
         del big
-        small = store(app, make_instance(rows=32, columns=32))
+        # Rendered by the (replaced) render process, not the web worker (SMALL_PIXELS).
+        small = store(app, make_instance(rows=320, columns=320))
         client = app.test_client()
         refused = client.get(url(huge, "rendered"), headers=auth)
         assert refused.status_code == 422
@@ -346,7 +347,8 @@ def test_the_render_pool_recovers_when_a_child_dies(app: Flask, client: FlaskCli
     import os
     import signal
 
-    ds = store(app, make_instance(rows=32, columns=32))
+    # Larger than the frames a web worker renders itself (isolation.SMALL_PIXELS).
+    ds = store(app, make_instance(rows=320, columns=320))
     assert client.get(url(ds, "rendered?quality=50"), headers=auth).status_code == 200
     pool = app.extensions["render_pool"]
     killed = pool.processes()
