@@ -269,10 +269,11 @@ def _checked_header(data: bytes, index: int, max_pixels: int) -> tuple[Dataset, 
 
 
 def decode_native_frame(data: bytes, index: int,
-                        max_pixels: int) -> tuple[Frame, Dataset] | None:
+                        max_pixels: int) -> tuple[Frame, Dataset, int] | None:
     """``decode_frame`` for the plain case only: uncompressed little-endian greyscale data
-    read by ``_native_frame`` (numpy over the file's bytes, no third-party decoder); None for
-    anything else. RenderRefused or FrameNotFound as ``decode_frame`` would say."""
+    read by ``_native_frame`` (numpy over the file's bytes, no third-party decoder), with the
+    header's length in the file; None for anything else. RenderRefused or FrameNotFound as
+    ``decode_frame`` would say."""
     ds, _frames, offset = _checked_header(data, index, max_pixels)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
@@ -282,7 +283,7 @@ def decode_native_frame(data: bytes, index: int,
         pixels = _native_frame(data, offset, ds, index)
     if pixels is None:
         return None
-    return _frame_of(ds, index, pixels, photometric), ds
+    return _frame_of(ds, index, pixels, photometric), ds, offset
 
 
 def decode_frame(data: bytes, index: int,
@@ -573,6 +574,11 @@ def render_frame(data: bytes, index: int, rendition: Rendition,
     return finish_frame(prepare_frame(data, index, rendition, max_pixels), rendition, fallback)
 
 
+# What a parsed header (pydicom elements, up to Pixel Data) holds per byte of the header in
+# its file: about 15 (tracemalloc, 9 to 25 KB headers of 40 to 640 elements).
+HEADER_COST = 16
+
+
 class FrameCache:
     """Prepared frames of the last images rendered in this process, bounded by bytes.
 
@@ -584,6 +590,7 @@ class FrameCache:
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self._items: OrderedDict[tuple[Any, ...], Prepared] = OrderedDict()
+        self._costs: dict[tuple[Any, ...], int] = {}
         self._size = 0
 
     def get(self, key: tuple[Any, ...]) -> Prepared | None:
@@ -593,21 +600,24 @@ class FrameCache:
             self._items.move_to_end(key)
         return item
 
-    def put(self, key: tuple[Any, ...], prepared: Prepared) -> Prepared:
-        """Keep a prepared frame (a private copy of its pixels) within the bound."""
-        if prepared.nbytes > self.max_bytes // 4:
+    def put(self, key: tuple[Any, ...], prepared: Prepared, header_bytes: int = 0) -> Prepared:
+        """Keep a prepared frame (a private copy of its pixels) within the bound; with
+        ``header_bytes`` (the header's length in its file) the entry also counts what the
+        parsed header holds, about HEADER_COST times that."""
+        cost = prepared.nbytes + HEADER_COST * header_bytes
+        if cost > self.max_bytes // 4:
             return prepared
         pixels = prepared.frame.pixels
         if pixels.base is not None:  # a view into the whole file's bytes: keep only this frame
             frame = prepared.frame
             prepared = Prepared(Frame(pixels.copy(), frame.photometric, frame.rescale,
                                       frame.window, frame.aspect), prepared.header)
-        old = self._items.pop(key, None)
-        if old is not None:
-            self._size -= old.nbytes
+        if self._items.pop(key, None) is not None:
+            self._size -= self._costs.pop(key)
         self._items[key] = prepared
-        self._size += prepared.nbytes
+        self._costs[key] = cost
+        self._size += cost
         while self._size > self.max_bytes:
-            _key, dropped = self._items.popitem(last=False)
-            self._size -= dropped.nbytes
+            dropped, _prepared = self._items.popitem(last=False)
+            self._size -= self._costs.pop(dropped)
         return prepared

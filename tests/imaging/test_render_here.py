@@ -131,3 +131,32 @@ def test_whatever_fails_here_is_left_to_the_render_processes(
     # The frame that failed to encode here was prepared, and is still rendered here later.
     answer = client.get(url(other, "rendered?window=41,400"), headers={**auth, **JPEG})
     assert answer.status_code == 200 and pool_calls.calls == 2
+
+
+def test_a_large_header_is_left_to_the_render_processes(
+        app: Flask, client: FlaskClient, auth: dict[str, str], pool_calls: PoolCalls) -> None:
+    """A parsed header holds about 15 times its bytes: one past SMALL_HEADER_BYTES (a file
+    full of private elements) is not kept in a web worker."""
+    ds = make_dataset(rows=64, columns=64)
+    for number in range(2500):
+        ds.add_new((0x0011, 0x1000 + number), "LT", "x" * 30)
+    data = to_bytes(ds)
+    assert isolation.SMALL_HEADER_BYTES < len(data) <= isolation.SMALL_FILE_BYTES
+    stored = store(app, data)
+    answer = client.get(url(stored, "rendered?window=40,400"), headers={**auth, **JPEG})
+    assert answer.status_code == 200 and pool_calls.calls == 1
+
+
+def test_the_frame_cache_counts_what_a_kept_header_holds() -> None:
+    from portal.imaging.render import HEADER_COST, FrameCache, Prepared, decode_native_frame
+
+    decoded = decode_native_frame(_ramp(32, 32), 0, isolation.SMALL_PIXELS)
+    assert decoded is not None
+    frame, header, header_bytes = decoded
+    prepared = Prepared(frame, header)
+    entry = prepared.nbytes + HEADER_COST * header_bytes
+    cache = FrameCache(entry * 10)
+    for number in range(50):
+        cache.put(("frame", number), prepared, header_bytes)
+    assert len(cache._items) == 10  # not the 10 x (1 + 16 x header / pixels) the pixels allow
+    assert cache._size == 10 * entry
