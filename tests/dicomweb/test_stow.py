@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+import json
 import socket
 import time
+from pathlib import Path
 
 from flask import Flask
 from flask.testing import FlaskClient
@@ -187,3 +190,53 @@ def test_database_down_answers_503_and_a_retry_succeeds(tmp_path: object, postgr
     assert retry.status_code == 200
     assert instance_count(app) == 1
     assert len(list(app.extensions["archive"].store.objects.rglob("*.dcm"))) == 1
+
+
+def test_under_gunicorn_a_large_upload_is_read_whole_and_a_short_one_is_a_400(
+        tmp_path: Path) -> None:
+    """Under the real server a many-part upload arrives whole, byte for byte; one whose
+    sender stops before its Content-Length gets a 400 and stores nothing."""
+    import http.client
+
+    import pydicom
+
+    from tests.support.gunicorn import served
+
+    study = generate_uid()
+    files = [make_instance(study=study, rows=256, columns=256, value=n) for n in range(12)]
+    with served(tmp_path / "instance", "stower", read=True) as server:
+        auth = basic_auth(server.client, server.secret)
+        body = multipart(*files)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            request = (f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                       f"Authorization: {auth['Authorization']}\r\n"
+                       f'Content-Type: multipart/related; type="application/dicom"; '
+                       f"boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\n"
+                       f"Connection: close\r\n\r\n")
+            sock.sendall(request.encode() + body[:len(body) // 2])
+            sock.shutdown(socket.SHUT_WR)  # the sender gives up half way
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        connection.request("GET", f"/dicomweb/studies/{study}/instances",
+                           headers={**auth, "Accept": "application/dicom+json"})
+        empty = connection.getresponse()
+        assert empty.status == 404, empty.status  # no instance of the study was kept
+        empty.read()
+        connection.request("POST", "/dicomweb/studies", body=body,
+                           headers={**headers(auth)})
+        stored = connection.getresponse()
+        assert stored.status == 200, stored.read()[:300]
+        assert len(json.loads(stored.read())["00081199"]["Value"]) == len(files)
+        sop = pydicom.dcmread(io.BytesIO(files[7]), stop_before_pixels=True).SOPInstanceUID
+        connection.request("GET", f"/dicomweb/studies/{study}/series/"
+                           f"{pydicom.dcmread(io.BytesIO(files[7])).SeriesInstanceUID}"
+                           f"/instances/{sop}",
+                           headers={**auth, "Accept": 'multipart/related; '
+                                    'type="application/dicom"; transfer-syntax=*'})
+        back = connection.getresponse()
+        assert back.status == 200
+        assert files[7] in back.read()  # the instance as it was sent
+        connection.close()
