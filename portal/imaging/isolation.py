@@ -25,6 +25,7 @@ from typing import Any
 from portal import metrics
 from portal.archive.store import StoredFile
 from portal.imaging.render import (
+    PIXEL_DATA_TAG,
     FrameCache,
     FrameNotFound,
     RenderRefused,
@@ -36,6 +37,7 @@ from portal.imaging.render import (
     prepare_decoded,
     prepare_frame,
     render_frame,
+    sequence_items,
     warm_up,
     window_of_decoded,
 )
@@ -83,14 +85,14 @@ def render_source(source: bytes | StoredFile, index: int, rendition: Rendition,
 # 0.2 ms): benchmarks/README.md "Small frames in the web worker" has the numbers. Only what
 # no third-party decoder touches qualifies: uncompressed little-endian greyscale data read by
 # ``_native_frame`` (numpy over the file's bytes), at most SMALL_PIXELS a frame, from a file
-# of at most SMALL_FILE_BYTES with a header of at most SMALL_HEADER_BYTES (the cache counts
-# each entry's parsed header too). Memory and time stay bounded by those sizes, and anything that
-# goes wrong here sends the request to the render processes, which answer it as before
-# (docs/security.md 32).
+# of at most SMALL_FILE_BYTES whose header (Pixel Data's tag looked for before parsing) is at
+# most SMALL_HEADER_BYTES. The cache counts each entry's parsed header and sequence items.
+# Memory and time stay bounded by those sizes, and anything that goes wrong here sends the
+# request to the render processes, which answer it as before (docs/security.md 32).
 SMALL_PIXELS = 256 * 256
-SMALL_FILE_BYTES = 512 << 10
-SMALL_HEADER_BYTES = 64 << 10  # a kept header counts HEADER_COST times this in the cache
-SMALL_CACHE_BYTES = 16 << 20  # per web worker: about 128 prepared 16-bit 256x256 frames
+SMALL_HEADER_BYTES = 16 << 10  # typical single-frame CT and MR headers: 2-12 KB
+SMALL_FILE_BYTES = 2 * SMALL_PIXELS + SMALL_HEADER_BYTES  # one 16-bit frame and its header
+SMALL_CACHE_BYTES = 16 << 20  # per web worker: about 100 prepared 16-bit 256x256 frames
 _SMALL_UNSUITED_KEPT = 4096
 _small_lock = threading.Lock()
 _small_frames = FrameCache(SMALL_CACHE_BYTES)
@@ -107,14 +109,16 @@ def render_here(source: StoredFile, index: int, rendition: Rendition, max_pixels
     with _small_lock:
         prepared = _small_frames.get(key)
     if prepared is None:
-        header_bytes = 0
+        header_bytes = items = 0
         try:
             decoded = None
             if os.stat(source.path).st_size <= SMALL_FILE_BYTES:
-                decoded = decode_native_frame(source.read(), index,
-                                              min(max_pixels, SMALL_PIXELS))
+                data = source.read()
+                # Pixel Data's tag past the bound: a long header, not parsed here at all.
+                if 0 <= data.find(PIXEL_DATA_TAG) <= SMALL_HEADER_BYTES:
+                    decoded = decode_native_frame(data, index, min(max_pixels, SMALL_PIXELS))
             if decoded is not None and decoded[2] <= SMALL_HEADER_BYTES:
-                header_bytes = decoded[2]
+                header_bytes, items = decoded[2], sequence_items(decoded[1])
                 prepared = prepare_decoded(decoded[0], decoded[1], rendition)
         except Exception:  # too large, not an image, a missing or corrupt file: the pool's
             prepared = None
@@ -124,7 +128,7 @@ def render_here(source: StoredFile, index: int, rendition: Rendition, max_pixels
                 while len(_small_unsuited) > _SMALL_UNSUITED_KEPT:
                     _small_unsuited.popitem(last=False)
                 return None
-            prepared = _small_frames.put(key, prepared, header_bytes)
+            prepared = _small_frames.put(key, prepared, header_bytes, items)
     try:
         with timed_render(render_here):
             return finish_frame(prepared, rendition, fallback)

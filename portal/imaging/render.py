@@ -157,7 +157,7 @@ def _decode(data: bytes, index: int | None, plugin: str, syntax: str = "") -> np
 
 
 _NATIVE = {"1.2.840.10008.1.2": False, "1.2.840.10008.1.2.1": True}  # syntax: explicit VR
-_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) as little-endian files spell it
 
 
 def _native_frame(data: bytes, offset: int, ds: Dataset, index: int) -> np.ndarray | None:
@@ -170,7 +170,7 @@ def _native_frame(data: bytes, offset: int, ds: Dataset, index: int) -> np.ndarr
     explicit = _NATIVE.get(str(ds.file_meta.get("TransferSyntaxUID", "")))
     allocated = int(ds.get("BitsAllocated") or 0)
     if explicit is None or allocated not in (8, 16) or int(ds.get("SamplesPerPixel") or 1) != 1 \
-            or data[offset:offset + 4] != _PIXEL_DATA_TAG:
+            or data[offset:offset + 4] != PIXEL_DATA_TAG:
         return None
     if explicit:
         if data[offset + 4:offset + 6] not in (b"OW", b"OB"):
@@ -275,15 +275,27 @@ def decode_native_frame(data: bytes, index: int,
     header's length in the file; None for anything else. RenderRefused or FrameNotFound as
     ``decode_frame`` would say."""
     ds, _frames, offset = _checked_header(data, index, max_pixels)
+    ds.buffer = None  # pydicom keeps the file it read from: a kept header must not
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pixels = _native_frame(data, offset, ds, index)
+    # (No warnings.catch_warnings here: it is not thread-safe, and numpy over the file's
+    # bytes warns of nothing.)
+    pixels = _native_frame(data, offset, ds, index)
     if pixels is None:
         return None
     return _frame_of(ds, index, pixels, photometric), ds, offset
+
+
+def sequence_items(ds: Dataset) -> int:
+    """How many sequence items a header holds, at every depth (each is a Dataset of its
+    own: about 1.4 KB even when empty)."""
+    count = 0
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value or ():
+                count += 1 + sequence_items(item)
+    return count
 
 
 def decode_frame(data: bytes, index: int,
@@ -574,9 +586,11 @@ def render_frame(data: bytes, index: int, rendition: Rendition,
     return finish_frame(prepare_frame(data, index, rendition, max_pixels), rendition, fallback)
 
 
-# What a parsed header (pydicom elements, up to Pixel Data) holds per byte of the header in
-# its file: about 15 (tracemalloc, 9 to 25 KB headers of 40 to 640 elements).
+# What a parsed header (pydicom elements, up to Pixel Data) holds: about 15 times its bytes
+# in the file (tracemalloc, 9 to 25 KB headers of 40 to 640 elements), and about 1.4 KB more
+# per sequence item (a header of thousands of empty items holds 175 times its bytes).
 HEADER_COST = 16
+ITEM_COST = 2048
 
 
 class FrameCache:
@@ -600,11 +614,12 @@ class FrameCache:
             self._items.move_to_end(key)
         return item
 
-    def put(self, key: tuple[Any, ...], prepared: Prepared, header_bytes: int = 0) -> Prepared:
+    def put(self, key: tuple[Any, ...], prepared: Prepared, header_bytes: int = 0,
+            items: int = 0) -> Prepared:
         """Keep a prepared frame (a private copy of its pixels) within the bound; with
-        ``header_bytes`` (the header's length in its file) the entry also counts what the
-        parsed header holds, about HEADER_COST times that."""
-        cost = prepared.nbytes + HEADER_COST * header_bytes
+        ``header_bytes`` (the header's length in its file) and ``items`` (its sequence items)
+        the entry also counts what the parsed header holds."""
+        cost = prepared.nbytes + HEADER_COST * header_bytes + ITEM_COST * items
         if cost > self.max_bytes // 4:
             return prepared
         pixels = prepared.frame.pixels

@@ -160,3 +160,26 @@ def test_the_frame_cache_counts_what_a_kept_header_holds() -> None:
         cache.put(("frame", number), prepared, header_bytes)
     assert len(cache._items) == 10  # not the 10 x (1 + 16 x header / pixels) the pixels allow
     assert cache._size == 10 * entry
+    assert header.buffer is None  # the file's bytes are not kept with the header
+
+
+def test_sequence_items_count_in_a_kept_header() -> None:
+    """Empty sequence items hold about 1.4 KB each whatever their few bytes in the file:
+    a header of many of them fills the bound with few entries."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from portal.imaging.render import ITEM_COST, FrameCache, Prepared, decode_native_frame
+
+    ds = make_dataset(rows=16, columns=16)
+    ds.ReferencedImageSequence = Sequence([Dataset() for _ in range(300)])
+    decoded = decode_native_frame(to_bytes(ds), 0, isolation.SMALL_PIXELS)
+    assert decoded is not None
+    frame, header, header_bytes = decoded
+    from portal.imaging.render import sequence_items
+
+    assert sequence_items(header) == 300
+    cache = FrameCache(8 * ITEM_COST * 300)
+    for number in range(20):
+        cache.put(("frame", number), Prepared(frame, header), header_bytes, 300)
+    assert len(cache._items) < 8
