@@ -257,6 +257,8 @@ def _checked_header(data: bytes, index: int, max_pixels: int) -> tuple[Dataset, 
     frame is known to exist and to be small enough to render."""
     source = io.BytesIO(data)
     ds = pydicom.dcmread(source, stop_before_pixels=True)
+    offset = source.tell()
+    ds.buffer = None  # pydicom keeps the file it read from; a frame cache keeps the header
     rows, columns = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     frames = int(ds.get("NumberOfFrames") or 1)
     if rows <= 0 or columns <= 0:
@@ -265,7 +267,7 @@ def _checked_header(data: bytes, index: int, max_pixels: int) -> tuple[Dataset, 
         raise RenderRefused(f"a {columns}x{rows} frame is too large to render")
     if not 0 <= index < frames:
         raise FrameNotFound(f"frame {index + 1} is outside 1..{frames}")
-    return ds, frames, source.tell()
+    return ds, frames, offset
 
 
 def decode_native_frame(data: bytes, index: int,
@@ -275,7 +277,6 @@ def decode_native_frame(data: bytes, index: int,
     header's length in the file; None for anything else. RenderRefused or FrameNotFound as
     ``decode_frame`` would say."""
     ds, _frames, offset = _checked_header(data, index, max_pixels)
-    ds.buffer = None  # pydicom keeps the file it read from: a kept header must not
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         return None
