@@ -137,7 +137,7 @@ def _values(event: tuple[str, str], *, action: str, outcome: int, who: str,
         raise ValueError(f"unknown audit action {action!r}")
     if event == SECURITY_ALERT:
         # Logs name no patient: the UID and the reason are enough to find the record.
-        # Access changes carry their kind ("grant", ...) rather than a reason.
+        # Access changes carry their event type code (110135, 110137) rather than a reason.
         what = (details or {}).get("reason") or (details or {}).get("type", "")
         log.warning("security alert: %s (who=%s, study=%s)", what, who, study_instance_uid)
     return {"occurred_at": utcnow().replace(microsecond=0), "event_id": event[0],

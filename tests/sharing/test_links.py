@@ -339,6 +339,35 @@ def test_unknown_expired_revoked_and_locked_links_look_the_same(app: Flask,
     assert max(medians) - min(medians) < 0.005, medians
 
 
+@pytest.mark.parametrize("language", ["de", "fr", "es"])
+def test_in_the_links_language_unknown_and_ended_links_still_look_the_same(
+        app: Flask, world: World, language: str) -> None:
+    """docs/security.md 16 with a link that names its language (``/s?lang=xx``, the
+    landing form posts there too): one answer, in that language, for every kind of link."""
+    expired, revoked, locked = make_share(world), make_share(world), make_share(world)
+    with app.extensions["db"].write_transaction() as session:
+        session.execute(update(ShareLink).where(ShareLink.id == expired.link.id).values(
+            expires_at=utcnow() - timedelta(seconds=1)))
+        service.revoke_link(session, world.doctor, revoked.link.public_id)
+    _lock(app, locked)
+    cases = {"unknown": (tokens.new_token(), "123456"), "expired": (expired.token, expired.pin),
+             "revoked": (revoked.token, revoked.pin), "locked": (locked.token, locked.pin)}
+    answers = {name: app.test_client().post(f"/s/exchange?lang={language}",
+                                            data={"token": token, "pin": pin})
+               for name, (token, pin) in cases.items()}
+    assert {a.status_code for a in answers.values()} == {404}
+    assert len({a.data for a in answers.values()}) == 1
+    # The same headers, by name (their values differ only where they must: a CSP nonce, a
+    # request id), and the same Content-Type.
+    assert len({tuple(sorted(a.headers.keys())) for a in answers.values()}) == 1
+    assert len({a.headers.get("Content-Type") for a in answers.values()}) == 1
+    english = app.test_client().post("/s/exchange", data={"token": tokens.new_token(),
+                                                          "pin": "123456"})
+    page = answers["unknown"].get_data(as_text=True)
+    assert english.status_code == 404 and answers["unknown"].data != english.data
+    assert f'lang="{language}"' in page
+
+
 def test_ten_wrong_pins_lock_the_link_and_the_right_one_then_fails(app: Flask,
                                                                    world: World) -> None:
     made = make_share(world)
