@@ -312,8 +312,8 @@ def _lock(app: Flask, made: service.NewShare) -> None:
         open_link(client, made.token, "000000" if made.pin != "000000" else "111111")
 
 
-def test_unknown_expired_revoked_and_locked_links_look_the_same(app: Flask,
-                                                                world: World) -> None:
+def _unknown_and_ended_links(app: Flask, world: World) -> dict[str, tuple[str, str]]:
+    """(token, PIN) of an unknown, an expired, a revoked and a locked link."""
     expired, revoked, locked = make_share(world), make_share(world), make_share(world)
     with app.extensions["db"].write_transaction() as session:
         session.execute(update(ShareLink).where(ShareLink.id == expired.link.id).values(
@@ -321,8 +321,13 @@ def test_unknown_expired_revoked_and_locked_links_look_the_same(app: Flask,
         service.revoke_link(session, world.doctor, revoked.link.public_id)
     _lock(app, locked)
     assert link_row(app, locked.link.public_id).locked_at is not None
-    cases = {"unknown": (tokens.new_token(), "123456"), "expired": (expired.token, expired.pin),
-             "revoked": (revoked.token, revoked.pin), "locked": (locked.token, locked.pin)}
+    return {"unknown": (tokens.new_token(), "123456"), "expired": (expired.token, expired.pin),
+            "revoked": (revoked.token, revoked.pin), "locked": (locked.token, locked.pin)}
+
+
+def test_unknown_expired_revoked_and_locked_links_look_the_same(app: Flask,
+                                                                world: World) -> None:
+    cases = _unknown_and_ended_links(app, world)
     answers = {name: open_link(app.test_client(), token, pin)
                for name, (token, pin) in cases.items()}
     assert {a.status_code for a in answers.values()} == {404}
@@ -344,14 +349,7 @@ def test_in_the_links_language_unknown_and_ended_links_still_look_the_same(
         app: Flask, world: World, language: str) -> None:
     """docs/security.md 16 with a link that names its language (``/s?lang=xx``, the
     landing form posts there too): one answer, in that language, for every kind of link."""
-    expired, revoked, locked = make_share(world), make_share(world), make_share(world)
-    with app.extensions["db"].write_transaction() as session:
-        session.execute(update(ShareLink).where(ShareLink.id == expired.link.id).values(
-            expires_at=utcnow() - timedelta(seconds=1)))
-        service.revoke_link(session, world.doctor, revoked.link.public_id)
-    _lock(app, locked)
-    cases = {"unknown": (tokens.new_token(), "123456"), "expired": (expired.token, expired.pin),
-             "revoked": (revoked.token, revoked.pin), "locked": (locked.token, locked.pin)}
+    cases = _unknown_and_ended_links(app, world)
     answers = {name: app.test_client().post(f"/s/exchange?lang={language}",
                                             data={"token": token, "pin": pin})
                for name, (token, pin) in cases.items()}
