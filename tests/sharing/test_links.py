@@ -312,7 +312,7 @@ def _lock(app: Flask, made: service.NewShare) -> None:
         open_link(client, made.token, "000000" if made.pin != "000000" else "111111")
 
 
-def _unknown_and_ended_links(app: Flask, world: World) -> dict[str, tuple[str, str]]:
+def _unknown_and_ended_links(app: Flask, world: World) -> dict[str, tuple[str, str | None]]:
     """(token, PIN) of an unknown, an expired, a revoked and a locked link."""
     expired, revoked, locked = make_share(world), make_share(world), make_share(world)
     with app.extensions["db"].write_transaction() as session:
