@@ -604,16 +604,17 @@ class FrameCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple[Any, ...], Prepared] = OrderedDict()
-        self._costs: dict[tuple[Any, ...], int] = {}
+        # key -> (the prepared frame, what it counts against the bound)
+        self._items: OrderedDict[tuple[Any, ...], tuple[Prepared, int]] = OrderedDict()
         self._size = 0
 
     def get(self, key: tuple[Any, ...]) -> Prepared | None:
         """A prepared frame, marking it recently used."""
         item = self._items.get(key)
-        if item is not None:
-            self._items.move_to_end(key)
-        return item
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
 
     def put(self, key: tuple[Any, ...], prepared: Prepared, header_bytes: int = 0,
             items: int = 0) -> Prepared:
@@ -628,12 +629,12 @@ class FrameCache:
             frame = prepared.frame
             prepared = Prepared(Frame(pixels.copy(), frame.photometric, frame.rescale,
                                       frame.window, frame.aspect), prepared.header)
-        if self._items.pop(key, None) is not None:
-            self._size -= self._costs.pop(key)
-        self._items[key] = prepared
-        self._costs[key] = cost
+        old = self._items.pop(key, None)
+        if old is not None:
+            self._size -= old[1]
+        self._items[key] = (prepared, cost)
         self._size += cost
         while self._size > self.max_bytes:
-            dropped, _prepared = self._items.popitem(last=False)
-            self._size -= self._costs.pop(dropped)
+            _key, (_dropped, dropped_cost) = self._items.popitem(last=False)
+            self._size -= dropped_cost
         return prepared
