@@ -80,7 +80,7 @@ from sqlalchemy.orm import Session
 
 from portal import failures
 from portal.access.models import AuditEvent, AuditHead
-from portal.db import Database, utcnow
+from portal.db import Database, utcnow, write_connection
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -161,15 +161,16 @@ def _appended_in(session: Session) -> None:
         session.info[_APPENDED] = True  # wakes this process's sealer after the commit
 
 
-def append(session: Session, event: tuple[str, str], **fields: Any) -> AuditEvent:
+def append(session: Session, event: tuple[str, str], **fields: Any) -> None:
     """Append one record inside the caller's write transaction (no lock: the sealer chains
     it once the transaction has committed). Fields: ``action``, ``outcome``, ``who``, and
-    optionally ``source_address``, ``study_instance_uid``, ``patient_id``, ``details``."""
-    row = AuditEvent(**_values(event, **fields))
-    session.add(row)
+    optionally ``source_address``, ``study_instance_uid``, ``patient_id``, ``details``.
+
+    One Core INSERT, not an ORM object: every ingest appends one. The caller's pending
+    objects are flushed first, as before (a flush with nothing pending costs nothing)."""
     session.flush()
+    write_connection(session).execute(_ADD_EVENT, _values(event, **fields))
     _appended_in(session)
-    return row
 
 
 def record(database: Database, event: tuple[str, str], **fields: Any) -> None:
@@ -193,7 +194,7 @@ def record(database: Database, event: tuple[str, str], **fields: Any) -> None:
             sealer.poke()
         return
     with database.audit_transaction() as session:
-        session.connection().execute(insert(_EVENTS), values)
+        session.connection().execute(_ADD_EVENT, values)
         _appended_in(session)
 
 
@@ -348,30 +349,36 @@ def _seal(engine: Engine, batch: int, wait: bool) -> int | None:
             return total
 
 
+# The sealer's statements, built once (SQLite seals in every appending transaction).
 _EVENTS, _HEADS = cast(Table, AuditEvent.__table__), cast(Table, AuditHead.__table__)
+_ADD_EVENT = insert(_EVENTS)
+_HEAD = select(_HEADS.c.last_hash, _HEADS.c.count).where(_HEADS.c.id == 1).with_for_update()
+# Only records never chained: one that carries a hash but lost its place was taken out of
+# the chain, and chaining it again at the end would bury that (audit verify says it).
+_UNSEALED = (select(_EVENTS).where(_EVENTS.c.seq.is_(None), _EVENTS.c.record_hash == "")
+             .order_by(_EVENTS.c.id).limit(bindparam("b_limit")))
+_SEAL_ROW = (update(_EVENTS).where(_EVENTS.c.id == bindparam("b_id"))
+             .values(seq=bindparam("b_seq"), previous_hash=bindparam("b_previous"),
+                     record_hash=bindparam("b_hash")))
+_MOVE_HEAD = (update(_HEADS).where(_HEADS.c.id == 1)
+              .values(last_hash=bindparam("b_last"), count=bindparam("b_count")))
 
 
 def _seal_batch(connection: Connection, batch: int, every: int,
                 wait: bool) -> tuple[int, list[tuple[int, int, str]]] | None:
-    events, heads = _EVENTS, _HEADS
     if connection.dialect.name == "postgresql":
         if wait:  # released with the transaction, as the try below
             connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SEAL_LOCK})
         elif not connection.scalar(text("SELECT pg_try_advisory_xact_lock(:key)"),
                                    {"key": SEAL_LOCK}):
             return None
-    head = connection.execute(select(heads.c.last_hash, heads.c.count)
-                              .where(heads.c.id == 1).with_for_update()).first()
+    head = connection.execute(_HEAD).first()
     if head is None:
-        connection.execute(insert(heads).values(id=1, last_hash="", count=0))
+        connection.execute(insert(_HEADS).values(id=1, last_hash="", count=0))
         previous, place = "", 0
     else:
         previous, place = head[0], head[1]
-    # Only records never chained: one that carries a hash but lost its place was taken out
-    # of the chain, and chaining it again at the end would bury that (audit verify says it).
-    rows = connection.execute(select(events).where(events.c.seq.is_(None),
-                                                   events.c.record_hash == "")
-                              .order_by(events.c.id).limit(batch)).all()
+    rows = connection.execute(_UNSEALED, {"b_limit": batch}).all()
     if not rows:
         return 0, []
     changes: list[dict[str, Any]] = []
@@ -384,11 +391,8 @@ def _seal_batch(connection: Connection, batch: int, every: int,
         if every and place % every == 0:
             due.append((place, row.id, digest))
         previous = digest
-    connection.execute(update(events).where(events.c.id == bindparam("b_id"))
-                       .values(seq=bindparam("b_seq"), previous_hash=bindparam("b_previous"),
-                               record_hash=bindparam("b_hash")), changes)
-    connection.execute(update(heads).where(heads.c.id == 1)
-                       .values(last_hash=previous, count=place))
+    connection.execute(_SEAL_ROW, changes)
+    connection.execute(_MOVE_HEAD, {"b_last": previous, "b_count": place})
     return len(rows), due
 
 

@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from flask import Flask, Response, current_app, g, has_request_context
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event, make_url
+from sqlalchemy import Connection, DateTime, Engine, MetaData, create_engine, event, make_url
 from sqlalchemy.orm import (
     DeclarativeBase,
     ORMExecuteState,
@@ -286,17 +286,8 @@ class Database:
             self._take_write_lock(state.session)
 
     def _take_write_lock(self, session: Session) -> None:
-        """On SQLite, a session's first write ends its read snapshot and takes the write lock
-        with a fresh one (BEGIN IMMEDIATE, waiting its turn): an older snapshot cannot become
-        a write once anyone (a background thread, another request) committed since, and would
-        fail at once with "database is locked". The reads before it are as READ COMMITTED
-        would have given them on PostgreSQL; nothing changes there."""
-        if session.info.get("wrote") or not self._sqlite():
-            return
-        session.info["wrote"] = True
-        connection = session.connection()
-        connection.exec_driver_sql("COMMIT")  # the read transaction: it wrote nothing
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        if self._sqlite():
+            write_connection(session)
 
     def new_session(self) -> Session:
         """A session outside the request scope (close it, e.g. with ``with``)."""
@@ -306,6 +297,23 @@ class Database:
         """Close pooled connections (after fork, or at shutdown)."""
         if self.engine is not None:
             self.engine.dispose()
+
+
+def write_connection(session: Session) -> Connection:
+    """The session's connection, ready for Core writes (the hot paths write without the ORM).
+
+    On SQLite, a session's first write ends its read snapshot and takes the write lock with a
+    fresh one (BEGIN IMMEDIATE, waiting its turn): an older snapshot cannot become a write
+    once anyone (a background thread, another request) committed since, and would fail at
+    once with "database is locked". The reads before it are as READ COMMITTED would have
+    given them on PostgreSQL; nothing changes there. An ORM write takes it the same way
+    (``Database._take_write_lock``)."""
+    connection = session.connection()
+    if not session.info.get("wrote") and connection.dialect.name == "sqlite":
+        session.info["wrote"] = True
+        connection.exec_driver_sql("COMMIT")  # the read transaction: it wrote nothing
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    return connection
 
 
 def _current_database() -> Database:

@@ -13,10 +13,10 @@ from collections import Counter
 from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pydicom
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -40,7 +40,7 @@ from portal.archive.validate import (
     ValidInstance,
     validate_part10,
 )
-from portal.db import Database
+from portal.db import Database, write_connection
 from portal.index.models import Instance, Series, Study
 from portal.index.service import (
     IndexConflict,
@@ -58,6 +58,19 @@ log = logging.getLogger(__name__)
 
 _ATTEMPTS = 5
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# The statements every ingest runs, built once and run with Core (index/service.py says why).
+_ADD_OBJECTS = insert(cast(Table, StoredObject.__table__))
+_STORED_ANY = select(StoredObject.id).where(
+    StoredObject.sop_instance_uid.in_(bindparam("uids", expanding=True))).limit(1)
+_IDENTICAL = (
+    select(StoredObject.original_sha256, Instance.sop_class_uid, Instance.sop_instance_uid,
+           Study.study_instance_uid, Series.series_instance_uid)
+    .join(Instance, StoredObject.sop_instance_uid == Instance.sop_instance_uid)
+    .join(Series, Instance.series_fk == Series.id)
+    .join(Study, Series.study_fk == Study.id)
+    .where(StoredObject.original_sha256.in_(bindparam("digests", expanding=True))))
 
 
 class _Unknown:
@@ -233,7 +246,7 @@ class Archive:
         add_instances(session, [NewInstance(
             i.valid.dataset, i.valid.study_instance_uid, i.valid.series_instance_uid, i.values)
             for i in items])
-        session.execute(insert(StoredObject), [{
+        write_connection(session).execute(_ADD_OBJECTS, [{
             "sop_instance_uid": i.valid.sop_instance_uid, "storage_key": i.key,
             "size": len(i.valid.data), "sha256": i.valid.sha256,
             "original_sha256": i.valid.original_sha256} for i in items])
@@ -275,9 +288,8 @@ class Archive:
         try:
             with self.database.write_transaction() as session:
                 uids = [item.valid.sop_instance_uid for item in batch]
-                if len(set(uids)) != len(uids) or session.scalars(
-                        select(StoredObject.id).where(
-                            StoredObject.sop_instance_uid.in_(uids))).first():
+                if len(set(uids)) != len(uids) or session.connection().execute(
+                        _STORED_ANY, {"uids": uids}).first():
                     raise _Fallback
                 self._index(session, batch, who, source_address)
                 if recorded is not None:
@@ -340,16 +352,10 @@ class Archive:
         found: dict[str, Stored] = {}
         unique = sorted(set(digests))
         with self.database.new_session() as session:
+            connection = session.connection()
             for start in range(0, len(unique), 500):
-                for sha, *row in session.execute(
-                        select(StoredObject.original_sha256, Instance.sop_class_uid,
-                               Instance.sop_instance_uid, Study.study_instance_uid,
-                               Series.series_instance_uid)
-                        .join(Instance,
-                              StoredObject.sop_instance_uid == Instance.sop_instance_uid)
-                        .join(Series, Instance.series_fk == Series.id)
-                        .join(Study, Series.study_fk == Study.id)
-                        .where(StoredObject.original_sha256.in_(unique[start:start + 500]))):
+                for sha, *row in connection.execute(
+                        _IDENTICAL, {"digests": unique[start:start + 500]}):
                     found.setdefault(sha, Stored("already_stored", *row))
         return found
 
