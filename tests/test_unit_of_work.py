@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from flask import Flask, abort
 from pydicom.uid import generate_uid
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, insert, select
 from sqlalchemy.orm import Session
 
 from portal.access.grants import create_grant
@@ -295,3 +295,32 @@ def test_answers_below_400_commit(app: Flask, status: int) -> None:
     assert app.test_client().post("/_uow/answer").status_code == status
     with app.extensions["db"].new_session() as session:
         assert list(session.scalars(select(Practice.name))) == [f"p{status}"]
+
+
+def test_a_core_write_after_a_stale_read_takes_the_write_lock_first(app: Flask) -> None:
+    """``audit.append`` writes with Core, not the ORM (ingest's hot path): on SQLite it must
+    still end the request's read snapshot and take the write lock first
+    (``write_connection``), or a snapshot older than another writer's commit fails with
+    "database is locked" instead of recording."""
+    from portal import audit
+    from portal.access.models import AuditEvent
+    from portal.access.policy import public
+
+    @public
+    def read_then_record() -> tuple[str, int]:
+        # The request reads (its snapshot begins), then another writer (a background
+        # thread's, say) commits on a connection of its own.
+        db.session.scalars(select(Practice.id)).all()
+        with app.extensions["db"].engine.begin() as other:
+            other.execute(insert(Practice), {"name": "committed meanwhile"})
+        audit.append(db.session, audit.SECURITY_ALERT, action="U",
+                     outcome=audit.OUTCOME_SUCCESS, who="stale-read-test",
+                     details={"reason": "written after a stale read"})
+        return "", 201
+
+    app.add_url_rule("/_uow/stale", view_func=read_then_record, methods=["POST"])
+    assert app.test_client().post("/_uow/stale").status_code == 201
+    with app.extensions["db"].new_session() as session:
+        kept = session.scalars(select(AuditEvent).where(AuditEvent.who == "stale-read-test")).all()
+        assert len(kept) == 1 and kept[0].record_hash  # committed and sealed into the chain
+        assert session.scalar(select(func.count()).select_from(Practice)) == 1
