@@ -23,7 +23,7 @@ from pydicom.pixels.processing import apply_modality_lut
 
 from portal import failures
 from portal.archive.store import StoredFile
-from portal.imaging.render import Frame, RenderRefused, decode_frame
+from portal.imaging.render import Frame, RenderRefused, decode_frame, through_table
 
 MAX_POINTS = 1000  # of a freehand outline; a finger drawing a minute sends a few hundred
 KINDS = ("ellipse", "polygon")
@@ -128,7 +128,8 @@ def modality_values(frame: Frame, ds: Dataset) -> tuple[np.ndarray, str]:
     if frame.rescale is not None:
         values = pixels.astype(np.float64) * frame.rescale[0] + frame.rescale[1]
     elif "ModalityLUTSequence" in ds:
-        values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+        values = np.asarray(through_table("Modality LUT", apply_modality_lut, pixels, ds),
+                            dtype=np.float64)
     else:
         try:
             slope = float(ds.get("RescaleSlope", 1) or 1)

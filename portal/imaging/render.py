@@ -14,6 +14,7 @@ import math
 import shutil
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,22 @@ class RenderRefused(failures.Unprocessable, ValueError):
 
 class FrameNotFound(failures.NotFound, LookupError):
     """The frame number is past the end of the instance."""
+
+
+# What pydicom raises for a lookup table the file gets wrong (data shorter than its
+# descriptor says, a descriptor that is no number, a missing item): the table cannot apply.
+_BAD_TABLE = (AttributeError, IndexError, KeyError, OverflowError, TypeError, ValueError)
+
+
+def through_table(kind: str, apply: Callable[..., np.ndarray], *args: Any,
+                  **kwargs: Any) -> np.ndarray:
+    """``apply`` (pydicom's Modality, VOI or palette LUT) of the file's ``kind`` table; a
+    malformed one is refused with a reason (422), never an error of ours (500)."""
+    try:
+        return apply(*args, **kwargs)
+    except _BAD_TABLE as exc:
+        raise RenderRefused(f"the image's {kind} cannot be applied (it is malformed: "
+                            f"{exc.__class__.__name__})") from exc
 
 
 @dataclass(frozen=True)
@@ -323,7 +340,7 @@ def decode_frame(data: bytes, index: int,
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric == "PALETTE COLOR":
         full = pydicom.dcmread(io.BytesIO(data))
-        pixels = apply_color_lut(pixels, full)
+        pixels = through_table("palette", apply_color_lut, pixels, full)
         photometric = "RGB"
     return _frame_of(ds, index, pixels, photometric), ds
 
@@ -443,16 +460,21 @@ def to_display(frame: Frame, ds: Dataset, rendition: Rendition,
     if rescale is not None:
         values = pixels.astype(np.float32) * rescale[0] + rescale[1]
     else:
-        values = apply_modality_lut(pixels, ds)
+        values = through_table("Modality LUT", apply_modality_lut, pixels, ds)
     if window is None and rendition.window is None and rendition.preset == "auto" \
             and "VOILUTSequence" in ds:
-        lut = apply_voi_lut(values, ds, index=0)
-        top = float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
-        out: np.ndarray = np.clip(lut.astype(np.float32) / max(top, 1.0) * 255.0, 0, 255)
-        grey = out.astype(np.uint8)
+        grey = through_table("VOI LUT", _voi_grey, values, ds)
         return 255 - grey if invert else grey
     grey = window_to_8bit(values, window or robust_window(values))
     return 255 - grey if invert else grey
+
+
+def _voi_grey(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """The values through the file's first VOI LUT, as 8-bit grey."""
+    lut = apply_voi_lut(values, ds, index=0)
+    top = float(2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1)
+    out: np.ndarray = np.clip(lut.astype(np.float32) / max(top, 1.0) * 255.0, 0, 255)
+    return out.astype(np.uint8)
 
 
 def default_window(data: bytes, max_pixels: int = MAX_RENDER_PIXELS) -> Window | None:
@@ -477,7 +499,7 @@ def window_of_decoded(frame: Frame, ds: Dataset) -> Window | None:
         return None
     rescale = _rescale(frame, ds)
     values = (frame.pixels.astype(np.float32) * rescale[0] + rescale[1] if rescale
-              else apply_modality_lut(frame.pixels, ds))
+              else through_table("Modality LUT", apply_modality_lut, frame.pixels, ds))
     return robust_window(values)
 
 

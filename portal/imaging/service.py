@@ -33,6 +33,7 @@ from flask import Flask, current_app
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from portal import failures
 from portal.archive.store import StoredFile
 from portal.imaging.cache import RenderCache, make_cache
 from portal.imaging.render import FrameNotFound, RenderRefused
@@ -81,14 +82,26 @@ def volume_files() -> VolumeFiles:
 
 def run_isolated(function: Callable[..., Any], *args: Any) -> Any:
     """Run a rendering or decoding function (a module-level one) in the isolated render
-    processes when configured, else here."""
+    processes when configured, else here.
+
+    Its input is a stored file, so any error but ours (a ``PortalError``) is a file the
+    renderer met unprepared: refused with a reason (RenderRefused, 422), never a 500, and its
+    kind logged so that it can be handled by name (as malformed lookup tables are)."""
     from portal.imaging.isolation import timed_render
 
     pool = current_app.extensions.get("render_pool")
-    if pool is not None:
-        return pool.run(function, *args)  # timed there, without its wait for a process
-    with timed_render(function):
-        return function(*args)
+    try:
+        if pool is not None:
+            return pool.run(function, *args)  # timed there, without its wait for a process
+        with timed_render(function):
+            return function(*args)
+    except (failures.PortalError, MemoryError, OSError):
+        raise  # ours (with its status), or the server's own trouble (a vanished file)
+    except Exception as exc:
+        log.error("rendering failed on an unexpected %s; refused as undecodable",
+                  exc.__class__.__name__)
+        raise RenderRefused(f"the image could not be rendered ({exc.__class__.__name__})"
+                            ) from exc
 
 
 def _max_pixels() -> int:

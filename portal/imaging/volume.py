@@ -24,6 +24,7 @@ from portal.imaging.render import (
     decode_frame,
     encode,
     robust_window,
+    through_table,
     window_to_8bit,
 )
 from portal.imaging.render3d import Grid, grid, mip_bytes
@@ -130,11 +131,12 @@ def build_volume(files: Sequence[bytes], max_side: int = 256,
     for count, index in enumerate(order):
         try:
             frame, _ds = decode_frame(files[index], 0, MAX_RENDER_PIXELS)
+            if frame.pixels.ndim != 2:
+                raise NotAVolume("colour series are shown slice by slice")
+            values = through_table("Modality LUT", apply_modality_lut, frame.pixels,
+                                   headers[index]).astype(np.float32)
         except RenderRefused as exc:
             raise NotAVolume(f"a slice cannot be decoded ({exc})") from exc
-        if frame.pixels.ndim != 2:
-            raise NotAVolume("colour series are shown slice by slice")
-        values = apply_modality_lut(frame.pixels, headers[index]).astype(np.float32)
         slices.append(_reduce(values, factor))
         if progress is not None and (count % 8 == 7 or count == len(order) - 1):
             progress((count + 1) / len(order))

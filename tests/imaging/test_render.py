@@ -12,6 +12,8 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.uid import RLELossless, generate_uid
 
 from portal.archive import current_archive
@@ -148,6 +150,47 @@ def test_corrupt_and_oversized_compressed_frames_fail_one_request(
     refused = client.get(url(huge, "rendered"), headers=auth)
     assert refused.status_code == 422 and "too large" in refused.get_json()["error"]
     assert client.get(url(huge, "metadata"), headers=auth).status_code == 200  # still serving
+
+
+def _short_table() -> Dataset:
+    """A lookup table item whose data is shorter than its descriptor says (4096 entries)."""
+    item = Dataset()
+    item.LUTDescriptor = [4096, 0, 16]
+    item.add_new(0x00283006, "US", list(range(10)))  # LUT Data: 10 entries
+    return item
+
+
+@pytest.mark.parametrize("size", [64, 320])  # rendered in the web worker, and in the pool
+def test_malformed_lookup_tables_are_refused_with_a_reason(
+        app: Flask, client: FlaskClient, auth: dict[str, str], size: int) -> None:
+    """A file's Modality or VOI LUT shorter than its descriptor made pydicom raise
+    IndexError in the render process, which reached the viewer as a 500."""
+    modality = make_dataset(rows=size, columns=size,
+                            ModalityLUTSequence=Sequence([_short_table()]))
+    voi = make_dataset(rows=size, columns=size, VOILUTSequence=Sequence([_short_table()]))
+    for ds, table in ((modality, "Modality LUT"), (voi, "VOI LUT")):
+        stored = store(app, to_bytes(ds))
+        for rendition in ("rendered", "thumbnail", "rendered?viewport=128,128"):
+            answer = client.get(url(stored, rendition), headers=auth)
+            assert answer.status_code == 422, (table, rendition, answer.status_code)
+            assert f"{table} cannot be applied" in answer.get_json()["error"]
+        assert client.get(url(stored, "metadata"), headers=auth).status_code == 200
+    fine = store(app, make_instance(rows=size, columns=size))
+    assert client.get(url(fine, "rendered"), headers=auth).status_code == 200  # pool serves
+
+
+def test_an_unexpected_error_in_a_render_process_is_refused_not_a_500(app: Flask) -> None:
+    """The safety net under the named cases: whatever else a stored file makes a renderer
+    raise is refused with its kind (422); our own errors keep their status."""
+    from portal.imaging.service import run_isolated
+
+    with app.app_context():
+        assert app.extensions["render_pool"] is not None
+        with pytest.raises(RenderRefused, match=r"could not be rendered \(ZeroDivisionError\)"):
+            run_isolated(divmod, 1, 0)
+        with pytest.raises(InvalidRendition):  # a PortalError: 400 as before
+            run_isolated(parse_rendition, {"quality": "x"}, "")
+        assert run_isolated(divmod, 7, 2) == (3, 1)
 
 
 def test_every_shipped_sample_renders_or_is_refused_with_a_reason(
