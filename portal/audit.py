@@ -168,8 +168,9 @@ def append(session: Session, event: tuple[str, str], **fields: Any) -> None:
 
     One Core INSERT, not an ORM object: every ingest appends one. The caller's pending
     objects are flushed first, as before (a flush with nothing pending costs nothing)."""
+    values = _values(event, **fields)
     session.flush()
-    write_connection(session).execute(_ADD_EVENT, _values(event, **fields))
+    write_connection(session).execute(_ADD_EVENT, values)
     _appended_in(session)
 
 

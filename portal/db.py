@@ -147,7 +147,8 @@ def make_engine(url: str) -> Engine:
 
 
 def _settled(session: Session) -> None:
-    session.info.pop("wrote", None)
+    if not session.in_nested_transaction():  # a savepoint's end keeps the outer write lock
+        session.info.pop("wrote", None)
 
 
 class Database:

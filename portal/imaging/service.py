@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import pickle
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -95,13 +96,18 @@ def run_isolated(function: Callable[..., Any], *args: Any) -> Any:
             return pool.run(function, *args)  # timed there, without its wait for a process
         with timed_render(function):
             return function(*args)
-    except (failures.PortalError, MemoryError, OSError):
+    except (failures.PortalError, MemoryError, OSError, pickle.PickleError):
         raise  # ours (with its status), or the server's own trouble (a vanished file)
     except Exception as exc:
         log.error("rendering failed on an unexpected %s; refused as undecodable",
-                  exc.__class__.__name__)
-        raise RenderRefused(f"the image could not be rendered ({exc.__class__.__name__})"
-                            ) from exc
+                  exc.__class__.__name__, exc_info=True)
+        raise RenderFailed(f"the image could not be rendered ({exc.__class__.__name__})"
+                           ) from exc
+
+
+class RenderFailed(RenderRefused):
+    """A render failed in a way no check names yet (``run_isolated``): refused (422) like
+    any file that cannot be shown, but never remembered, so a fix takes effect at once."""
 
 
 def _max_pixels() -> int:
@@ -309,6 +315,8 @@ def _series_window(middle: StoredFile | None) -> Window | None:
         return window
     try:
         window = run_isolated(default_window_of, middle, _max_pixels())
+    except RenderFailed:
+        return None  # not remembered (RenderFailed)
     except (RenderRefused, FrameNotFound):
         window = None  # the frame itself will say why it cannot be shown
     _remember_series_window(middle, window)

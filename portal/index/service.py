@@ -311,6 +311,9 @@ def add_instances(session: Session, items: Sequence[NewInstance]) -> None:
             study = _get_study(session, first, study_uid)
             series = _get_series(session, first, study, series_uid)
             series_id, study_id = series.id, study.id
+            # The increments below are Core: the loaded objects read them afresh when asked.
+            session.expire(study, ["number_of_instances", "updated_at"])
+            session.expire(series, ["number_of_instances"])
         else:
             series_id, study_id = known
         connection = write_connection(session)

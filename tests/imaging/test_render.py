@@ -160,7 +160,7 @@ def _short_table() -> Dataset:
     return item
 
 
-@pytest.mark.parametrize("size", [64, 320])  # rendered in the web worker, and in the pool
+@pytest.mark.parametrize("size", [64, 320])  # tried in the web worker first, or not
 def test_malformed_lookup_tables_are_refused_with_a_reason(
         app: Flask, client: FlaskClient, auth: dict[str, str], size: int) -> None:
     """A file's Modality or VOI LUT shorter than its descriptor made pydicom raise
@@ -179,18 +179,26 @@ def test_malformed_lookup_tables_are_refused_with_a_reason(
     assert client.get(url(fine, "rendered"), headers=auth).status_code == 200  # pool serves
 
 
-def test_an_unexpected_error_in_a_render_process_is_refused_not_a_500(app: Flask) -> None:
+@pytest.mark.parametrize("isolated", [True, False])
+def test_an_unexpected_error_in_a_render_process_is_refused_not_a_500(
+        tmp_path: Path, isolated: bool) -> None:
     """The safety net under the named cases: whatever else a stored file makes a renderer
-    raise is refused with its kind (422); our own errors keep their status."""
-    from portal.imaging.service import run_isolated
+    raise is refused with its kind (422), in the render processes or without them; our own
+    errors keep their status."""
+    from portal.imaging.service import RenderFailed, run_isolated
+    from tests.conftest import close_app, make_app
 
-    with app.app_context():
-        assert app.extensions["render_pool"] is not None
-        with pytest.raises(RenderRefused, match=r"could not be rendered \(ZeroDivisionError\)"):
-            run_isolated(divmod, 1, 0)
-        with pytest.raises(InvalidRendition):  # a PortalError: 400 as before
-            run_isolated(parse_rendition, {"quality": "x"}, "")
-        assert run_isolated(divmod, 7, 2) == (3, 1)
+    app = make_app(tmp_path / "instance", RENDER_ISOLATION=isolated)
+    try:
+        with app.app_context():
+            assert (app.extensions.get("render_pool") is not None) is isolated
+            with pytest.raises(RenderFailed, match=r"could not be rendered \(ZeroDivisionError\)"):
+                run_isolated(divmod, 1, 0)
+            with pytest.raises(InvalidRendition):  # a PortalError: 400 as before
+                run_isolated(parse_rendition, {"quality": "x"}, "")
+            assert run_isolated(divmod, 7, 2) == (3, 1)
+    finally:
+        close_app(app)
 
 
 def test_every_shipped_sample_renders_or_is_refused_with_a_reason(
