@@ -324,3 +324,28 @@ def test_a_core_write_after_a_stale_read_takes_the_write_lock_first(app: Flask) 
         kept = session.scalars(select(AuditEvent).where(AuditEvent.who == "stale-read-test")).all()
         assert len(kept) == 1 and kept[0].record_hash  # committed and sealed into the chain
         assert session.scalar(select(func.count()).select_from(Practice)) == 1
+
+
+def test_a_savepoints_end_keeps_the_sessions_write_lock(app: Flask) -> None:
+    """A SAVEPOINT released or rolled back inside a write must not make the next Core write
+    start over (``write_connection`` would COMMIT the outer transaction's rows half-way)."""
+    from portal.db import write_connection
+
+    database = app.extensions["db"]
+    with database.new_session() as session:
+        session.add(Practice(name="outer"))
+        session.flush()  # the write lock is taken here (BEGIN IMMEDIATE)
+        with session.begin_nested():
+            session.add(Practice(name="kept savepoint"))
+        try:
+            with session.begin_nested():
+                session.add(Practice(name="rolled back savepoint"))
+                session.flush()
+                raise ValueError
+        except ValueError:
+            pass
+        assert session.info.get("wrote")
+        write_connection(session).execute(insert(Practice), {"name": "core"})
+        session.rollback()  # all of it: nothing was committed half-way
+    with database.new_session() as session:
+        assert session.scalar(select(func.count()).select_from(Practice)) == 0
