@@ -81,13 +81,19 @@ def volume_files() -> VolumeFiles:
     return files
 
 
+class RenderFailed(RenderRefused):
+    """A render failed in a way no check names yet (``run_isolated``): refused (422) like
+    any file that cannot be shown, but never remembered, so a fix takes effect at once."""
+
+
 def run_isolated(function: Callable[..., Any], *args: Any) -> Any:
     """Run a rendering or decoding function (a module-level one) in the isolated render
     processes when configured, else here.
 
-    Its input is a stored file, so any error but ours (a ``PortalError``) is a file the
-    renderer met unprepared: refused with a reason (RenderRefused, 422), never a 500, and its
-    kind logged so that it can be handled by name (as malformed lookup tables are)."""
+    Its input is a stored file, so any error but ours (a ``PortalError``, memory, the file
+    system, pickling) is a file the renderer met unprepared: refused with a reason
+    (``RenderFailed``, 422), never a 500, and logged with its traceback so that it can be
+    handled by name (as malformed lookup tables are)."""
     from portal.imaging.isolation import timed_render
 
     pool = current_app.extensions.get("render_pool")
@@ -103,11 +109,6 @@ def run_isolated(function: Callable[..., Any], *args: Any) -> Any:
                   exc.__class__.__name__, exc_info=True)
         raise RenderFailed(f"the image could not be rendered ({exc.__class__.__name__})"
                            ) from exc
-
-
-class RenderFailed(RenderRefused):
-    """A render failed in a way no check names yet (``run_isolated``): refused (422) like
-    any file that cannot be shown, but never remembered, so a fix takes effect at once."""
 
 
 def _max_pixels() -> int:
@@ -316,7 +317,7 @@ def _series_window(middle: StoredFile | None) -> Window | None:
     try:
         window = run_isolated(default_window_of, middle, _max_pixels())
     except RenderFailed:
-        return None  # not remembered (RenderFailed)
+        return None  # unnamed: not remembered, so a fix takes effect at once
     except (RenderRefused, FrameNotFound):
         window = None  # the frame itself will say why it cannot be shown
     _remember_series_window(middle, window)
