@@ -24,6 +24,7 @@ from portal import audit
 from portal.archive.after import Stored
 from portal.archive.models import StoredObject
 from portal.archive.same_instance import same_instance
+from portal.archive.space import Budget
 from portal.archive.store import (
     ArchiveUnavailable,
     CorruptObject,
@@ -137,10 +138,13 @@ class Archive:
         def digest(data: bytes) -> str:
             return hashlib.sha256(data).hexdigest()
 
+        budget = Budget(self.store.space())  # one statvfs for the batch, not one per file
+
         def prepare(data: bytes, sha256: str) -> Stored | Rejected | _Prepared:
             try:
                 return self._prepare(data, expected_study_uid, sync_folder=False,
-                                     digest=sha256, known=identical.get(sha256))
+                                     digest=sha256, known=identical.get(sha256),
+                                     budget=budget)
             except Rejected as exc:
                 return exc
 
@@ -202,10 +206,12 @@ class Archive:
 
     def _prepare(self, data: bytes, expected_study_uid: str | None, *,
                  sync_folder: bool = True, digest: str | None = None,
-                 known: Stored | _Unknown | None = _UNKNOWN) -> Stored | _Prepared:
+                 known: Stored | _Unknown | None = _UNKNOWN,
+                 budget: Budget | None = None) -> Stored | _Prepared:
         """Validate and durably write the file (its folder's fsync left to the caller unless
         ``sync_folder``); answer at once when it is already stored. ``digest`` and ``known``
-        (what ``_identical`` answers for it) when the caller has them already."""
+        (what ``_identical`` answers for it) when the caller has them already; ``budget``: the
+        free space its batch shares."""
         digest = digest or hashlib.sha256(data).hexdigest()
         if isinstance(known, _Unknown):
             known = self._identical(digest)
@@ -217,7 +223,7 @@ class Archive:
                            DATA_SET_DOES_NOT_MATCH, 409, valid.sop_class_uid,
                            valid.sop_instance_uid)
         try:  # ARCHIVE_MIN_FREE: refused before the disk is full (archive/space.py)
-            self.store.check_room(len(valid.data))
+            self.store.check_room(len(valid.data), budget)
         except StorageFull as exc:
             raise Rejected(str(exc), OUT_OF_RESOURCES, 507, valid.sop_class_uid,
                            valid.sop_instance_uid) from exc

@@ -9,6 +9,7 @@ console say so before uploads are refused (docs/operations.md "Disk space").
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,7 @@ class DiskSpace:
     total: int
     min_free: int
     warn_free: int
+    block: int = 1  # the file system's allocation unit: a file takes whole blocks
 
     @property
     def state(self) -> State:
@@ -35,8 +37,12 @@ class DiskSpace:
         return "nearly full" if self.free <= self.warn_free else "ok"
 
     def room_for(self, size: int) -> bool:
-        """Whether ``size`` more bytes leave at least the minimum free."""
-        return self.free - size >= self.min_free
+        """Whether a file of ``size`` bytes (whole blocks of it) leaves the minimum free."""
+        return self.free - self.on_disk(size) >= self.min_free
+
+    def on_disk(self, size: int) -> int:
+        """What a file of ``size`` bytes takes from the free space: whole blocks."""
+        return -(-size // self.block) * self.block
 
     def describe(self) -> str:
         """In words, for a refusal or the console."""
@@ -73,4 +79,24 @@ class SpaceRule:
         total = stat.f_blocks * stat.f_frsize
         min_free = free_space_bytes(self.min_free, total)
         warn_free = max(free_space_bytes(self.warn_free, total), min_free)
-        return DiskSpace(stat.f_bavail * stat.f_frsize, total, min_free, warn_free)
+        return DiskSpace(stat.f_bavail * stat.f_frsize, total, min_free, warn_free,
+                         max(stat.f_frsize, 1))
+
+
+class Budget:
+    """One look at the free space, shared by the files of one batch (a STOW-RS request):
+    each file takes its size from it, so the batch asks the file system once instead of once
+    per file, and two files of the batch never count the same free bytes."""
+
+    def __init__(self, space: DiskSpace) -> None:
+        self.space = space
+        self._taken = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        """Take ``size`` bytes when they leave the minimum free; False (nothing taken) if not."""
+        with self._lock:
+            if not self.space.room_for(self._taken + self.space.on_disk(size)):
+                return False
+            self._taken += self.space.on_disk(size)
+            return True

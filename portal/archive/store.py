@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from portal import failures
-from portal.archive.space import DiskSpace, SpaceRule
+from portal.archive.space import Budget, DiskSpace, SpaceRule
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +116,16 @@ class EmbeddedStore:
         """Free space on the archive's file system and the configured thresholds."""
         return self.space_rule.look(self.root)
 
-    def check_room(self, size: int) -> None:
+    def check_room(self, size: int, budget: Budget | None = None) -> None:
         """Refuse (StorageFull, 507) an upload of ``size`` bytes that would leave less than
-        ARCHIVE_MIN_FREE free: new uploads stop before the disk is full, reads go on."""
-        space = self.space()
-        if not space.room_for(size):
+        ARCHIVE_MIN_FREE free: new uploads stop before the disk is full, reads go on.
+        ``budget``: the look of a whole batch (``Budget``) instead of one of its own."""
+        if budget is not None:
+            space, fits = budget.space, budget.take(size)
+        else:
+            space = self.space()
+            fits = space.room_for(size)
+        if not fits:
             raise StorageFull("the archive has no room for this instance now (%(detail)s)",
                               detail=space.describe())
 

@@ -154,6 +154,31 @@ def test_stow_on_a_full_disk_answers_507_and_reads_go_on(
     assert ready["checks"]["database"] == ready["checks"]["archive"] == "ok"
 
 
+def test_one_request_of_many_files_shares_one_look_at_the_free_space(
+        disk_app: Callable[..., Flask]) -> None:
+    """A STOW-RS request's files are written by several threads from one look at the disk
+    (space.Budget): exactly those that fit above ARCHIVE_MIN_FREE are stored, in whole blocks,
+    and no two of them count the same free bytes."""
+    app = disk_app(ARCHIVE_MIN_FREE="3MB")
+    store = app.extensions["archive"].store
+    study = generate_uid()
+    files = [big_instance(study) for _ in range(12)]
+    before = store.space()
+    fits = (before.free - (3 << 20)) // max(before.on_disk(len(data)) for data in files)
+    assert 0 < fits < len(files)
+    with LiveServer(app) as server:
+        http = requests.Session()
+        http.auth = make_client(app, "modality")
+        batch = stow(http, server.url, files)
+    assert batch.status_code == 202, batch.text
+    assert len(batch.json()["00081199"]["Value"]) == fits
+    codes = [f["00081197"]["Value"][0] for f in batch.json()["00081198"]["Value"]]
+    assert codes == [OUT_OF_RESOURCES] * (len(files) - fits)
+    assert "uploads are refused below 3.0 MB" in batch.headers["Warning"]
+    assert store.space().free >= 3 << 20
+    assert len(assert_nothing_half_stored(app)) == fits
+
+
 def test_cstore_gets_a700_before_the_disk_is_full_and_the_console_warns_first(
         disk_app: Callable[..., Flask], idp: IdentityProvider, tmp_path: Path) -> None:
     port = free_port()
