@@ -125,7 +125,8 @@ class Archive:
             log.error("index unavailable: %s", exc.__class__.__name__)
             raise ArchiveUnavailable("the index database is unavailable") from exc
 
-    def ingest_many(self, items: Sequence[bytes], *, who: str, source_address: str = "",
+    def ingest_many(self, items: Sequence[bytes | memoryview], *, who: str,
+                    source_address: str = "",
                     expected_study_uid: str | None = None,
                     workers: int = 4) -> list[Stored | Rejected]:
         """Store several files (one STOW-RS request): the same checks and durability as
@@ -133,16 +134,17 @@ class Archive:
         fsync of each folder they went to, then the index rows of all in one transaction.
 
         Each answer is given only after that instance's file is durable and its row committed,
-        with the 110104 record of what that transaction kept (``_record_arrival``).
+        with the 110104 record of what that transaction kept (``_record_arrival``). An item
+        may be a view into the request body: the pool copies it, beside the other writes.
         """
-        def digest(data: bytes) -> str:
+        def digest(data: bytes | memoryview) -> str:
             return hashlib.sha256(data).hexdigest()
 
         budget = Budget(self.store.space())  # one statvfs for the batch, not one per file
 
-        def prepare(data: bytes, sha256: str) -> Stored | Rejected | _Prepared:
+        def prepare(data: bytes | memoryview, sha256: str) -> Stored | Rejected | _Prepared:
             try:
-                return self._prepare(data, expected_study_uid, sync_folder=False,
+                return self._prepare(bytes(data), expected_study_uid, sync_folder=False,
                                      digest=sha256, known=identical.get(sha256),
                                      budget=budget)
             except Rejected as exc:
@@ -160,7 +162,8 @@ class Archive:
                     prepared = list(pool.map(prepare, items, digests))
             prepared = self._sync_folders(prepared)
             # Conflicts found later, at commit, record their own security alert.
-            self.record_rejections([(p, data) for p, data in zip(prepared, items, strict=True)
+            self.record_rejections([(p, bytes(data))
+                                    for p, data in zip(prepared, items, strict=True)
                                     if isinstance(p, Rejected)],
                                    who=who, source_address=source_address)
             results: list[Stored | Rejected | _Prepared] = list(prepared)

@@ -54,7 +54,7 @@ def store_request(principal: Principal, study_uid: str | None) -> Response:
     archive.record_rejections([(r, bytes(parts[i].payload)) for i, r in enumerate(results)
                                if isinstance(r, Rejected)], who=principal.audit_name,
                               source_address=request.remote_addr or "")
-    answers = archive.ingest_many([bytes(parts[i].payload) for i in dicom],
+    answers = archive.ingest_many([parts[i].payload for i in dicom],
                                   who=principal.audit_name,
                                   source_address=request.remote_addr or "",
                                   expected_study_uid=study_uid)
