@@ -7,6 +7,7 @@ leaves out the query string and the Referer, so nothing secret in a URL reaches 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,53 @@ accesslog = "-"
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms %({x-request-id}o)s'
 
 
-class JsonLogger(Logger):  # type: ignore[misc]  # gunicorn has no type hints
+class AccessLogger(Logger):  # type: ignore[misc]  # gunicorn has no type hints
+    """gunicorn's logger, with the access line made from the fields it shows only.
+
+    gunicorn's own ``access`` first builds a dictionary of every CGI variable and header of
+    the request and the response (31 us a line here, some 8 % of a cached image's budget at
+    5,000 req/s); this builds the same line from its eight fields. Another
+    ``access_log_format`` (set by an operator) goes through gunicorn's way.
+    """
+
+    _second = -1
+    _stamp = ""
+
+    def _fields(self, resp: Any, environ: dict[str, Any], request_time: Any
+                ) -> dict[str, Any]:
+        status = resp.status
+        if isinstance(status, str):
+            status = status.split(None, 1)[0]
+        request_id = "-"
+        for name, value in resp.headers:
+            if name.lower() == "x-request-id":
+                request_id = value
+        return {"remote": environ.get("REMOTE_ADDR", "-"),
+                "method": environ.get("REQUEST_METHOD"), "path": environ.get("PATH_INFO"),
+                "status": status, "bytes": getattr(resp, "sent", None),
+                "duration_ms": request_time.seconds * 1000
+                + request_time.microseconds // 1000, "request_id": request_id}
+
+    def _now(self) -> str:
+        second = int(time.time())
+        if second != self._second:  # one strftime a second, as the line shows seconds
+            self._stamp = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(second))
+            self._second = second
+        return self._stamp
+
+    def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
+        if not self.access_log_enabled:
+            return
+        if self.cfg.access_log_format != access_log_format:
+            super().access(resp, req, environ, request_time)
+            return
+        f = self._fields(resp, environ, request_time)
+        self.access_log.info('%s %s "%s %s" %s %s %sms %s', f["remote"], self._now(),
+                             f["method"], f["path"], f["status"], f["bytes"],
+                             f["duration_ms"], f["request_id"])
+
+
+class JsonLogger(AccessLogger):
     """gunicorn's own lines as JSON objects with PORTAL_LOG_FORMAT=json: the access line's
     fields (no query string, no Referer) and the request id, the error log's messages."""
 
@@ -57,16 +104,13 @@ class JsonLogger(Logger):  # type: ignore[misc]  # gunicorn has no type hints
     def access(self, resp: Any, req: Any, environ: dict[str, Any], request_time: Any) -> None:
         if not self.access_log_enabled:
             return
-        atoms = self.atoms(resp, req, environ, request_time)
-        fields = {"remote": atoms["h"], "method": atoms["m"], "path": atoms["U"],
-                  "status": atoms["s"], "bytes": atoms["B"], "duration_ms": atoms["M"]}
-        request_id = atoms.get("{x-request-id}o", "-")
-        self.access_log.info("%s %s %s", atoms["m"], atoms["U"], atoms["s"],
+        fields = self._fields(resp, environ, request_time)
+        request_id = fields.pop("request_id")
+        self.access_log.info("%s %s %s", fields["method"], fields["path"], fields["status"],
                              extra={"fields": fields, "request_id": request_id})
 
 
-if os.environ.get("PORTAL_LOG_FORMAT") == "json":
-    logger_class = JsonLogger
+logger_class = JsonLogger if os.environ.get("PORTAL_LOG_FORMAT") == "json" else AccessLogger
 
 
 def on_starting(server: Any) -> None:
