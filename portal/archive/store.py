@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import logging
 import os
+import secrets
 import time
-import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +24,8 @@ from portal.archive.space import Budget, DiskSpace, SpaceRule
 log = logging.getLogger(__name__)
 
 _HEX = frozenset("0123456789abcdef")
+_TEMP_PREFIX = secrets.token_hex(8)
+_TEMP_NUMBERS = itertools.count()  # next() is atomic under the GIL
 
 
 class ArchiveUnavailable(failures.Unavailable):
@@ -59,6 +62,10 @@ class StoredFile(NamedTuple):
             log.error("stored object %s fails its SHA-256 check", Path(self.path).name)
             raise CorruptObject(Path(self.path).name)
         return data
+
+
+# ``map`` or a thread pool's ``map`` over one function of one argument.
+Mapper = Callable[[Callable[[Path], None], Iterable[Path]], Iterable[None]]
 
 
 def _fsync_dir(path: Path) -> None:
@@ -140,7 +147,10 @@ class EmbeddedStore:
         final = self.objects / key
         if not self._ready:
             self.ensure()
-        temp = self.tmp / f"{uuid.uuid4().hex}.part"
+        # Unique: random per process start, then the process id (a fork shares the prefix)
+        # and a counter. Not a random name per file: that is a system call each time, which
+        # hands the GIL to the other writers of a batch.
+        temp = self.tmp / f"{_TEMP_PREFIX}-{os.getpid()}-{next(_TEMP_NUMBERS)}.part"
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             try:
@@ -162,11 +172,11 @@ class EmbeddedStore:
             raise
         return key
 
-    def sync_folders(self, keys: Iterable[str]) -> None:
+    def sync_folders(self, keys: Iterable[str], each: Mapper = map) -> None:
         """Make the names of files written with ``sync_folder=False`` durable: one fsync of
-        each folder they are in."""
-        for folder in sorted({self.path_of(key).parent for key in keys}):
-            _fsync_dir(folder)
+        each folder they are in, run by ``each`` (``map``, or a thread pool's)."""
+        for _done in each(_fsync_dir, sorted({self.path_of(key).parent for key in keys})):
+            pass
 
     def read(self, key: str, sha256: str) -> bytes:
         """Read a stored file and verify its hash; raise CorruptObject when it differs."""
