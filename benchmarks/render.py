@@ -284,9 +284,10 @@ class Pattern:
     With ``vary``, request number ``j`` of run ``run`` asks for image
     ``paths[j % len(paths)]`` with window centre ``centre + (j // len(paths)) * centre_step``
     and width ``width + run * width_step``: no two requests of a run are alike (thread ``t``
-    of ``T`` numbers its requests ``k * T + t``, so the numbers stay small and a window
-    centre never steps far past the image's values, however many connections) and no two
-    runs share a width, so a render cache never answers. Without ``vary`` every request is
+    of ``T`` numbers its requests ``k * T + t``: the numbers grow with the requests of the
+    run, not with the number of threads, so the radiograph's centre stays within its values
+    for the runs measured, about 1,000 requests) and no two runs share a width, so a render
+    cache never answers. Without ``vary`` every request is
     ``paths[0]`` at ``centre``/``width``.
     """
 

@@ -67,14 +67,16 @@ def has_session_cookie() -> bool:
 
 
 def read_body(limit: int | None = None) -> bytes:
-    """The request body, never more than ``limit`` bytes (default MAX_CONTENT_LENGTH): 413
+    """The request body, never more than ``limit`` bytes nor MAX_CONTENT_LENGTH: 413
     above it, 415 for a compressed body, also when it arrives chunked without a length
     (gunicorn ends a chunked stream but does not tell Werkzeug, which would hand out an empty
     body)."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         abort(415, "compressed request bodies (Content-Encoding) are not accepted")
-    limit = limit if limit is not None else current_app.config["MAX_CONTENT_LENGTH"]
+    most = current_app.config["MAX_CONTENT_LENGTH"]  # set from MAX_REQUEST_BYTES
+    if limit is None or (most is not None and most < limit):
+        limit = most
     if request.content_length is not None and request.content_length > limit:
         abort(413, f"the request is larger than {limit} bytes")
     if request.content_length is None and \

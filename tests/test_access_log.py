@@ -4,10 +4,13 @@ request id, in text and as JSON, under the real server."""
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import json
 import re
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import basic_auth
 from tests.support.gunicorn import served
@@ -56,3 +59,54 @@ def test_the_json_access_line_has_the_same_fields(tmp_path: Path) -> None:
     assert fields["remote"] == "127.0.0.1"
     assert (fields["method"], fields["path"], str(fields["status"])) == ("GET", "/readyz", "200")
     assert fields["bytes"] > 0 and fields["duration_ms"] >= 0
+
+
+class _Written:
+    """Stands in for the access log: what it is handed, formatted as logging would."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, message: str, *args: object, **_extra: object) -> None:
+        self.lines.append(message % (args[0] if len(args) == 1 else args))
+
+
+class _Response:
+    def __init__(self, status: str, sent: int | None, headers: list[tuple[str, str]]) -> None:
+        self.status, self.sent, self.headers = status, sent, headers
+
+
+@pytest.mark.parametrize(("path", "sent", "headers"), [
+    ("/healthz", 2, [("X-Request-Id", "0" * 32)]),
+    ('/x" 200 1 0ms forged', 10, [("x-request-id", "a" * 32)]),  # a decoded %22
+    ("/no-id", None, []),
+])
+def test_the_access_line_is_gunicorns_own(path: str, sent: int | None,
+                                          headers: list[tuple[str, str]]) -> None:
+    """AccessLogger writes, field for field and quote for quote, what gunicorn's Logger
+    writes with the portal's format."""
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+
+    from portal import gunicorn_config
+
+    lines = []
+    for kind in (Logger, gunicorn_config.AccessLogger):
+        cfg = Config()
+        cfg.set("accesslog", "-")
+        cfg.set("access_log_format", gunicorn_config.access_log_format)
+        logger = kind(cfg)
+        written = _Written()
+        logger.access_log = written
+        environ = {"REMOTE_ADDR": "127.0.0.1", "REQUEST_METHOD": "GET", "PATH_INFO": path,
+                   "RAW_URI": path + "?secret=1", "QUERY_STRING": "secret=1",
+                   "SERVER_PROTOCOL": "HTTP/1.1"}
+        request = type("Request", (), {"headers": [("HOST", "127.0.0.1")]})()
+        logger.access(_Response("200 OK", sent, headers), request, environ,
+                      datetime.timedelta(seconds=1, microseconds=2500))
+        [line] = written.lines
+        lines.append(line)
+    # The time field may tick between the two lines; the rest is the same.
+    ours, theirs = (re.sub(r"\[[^]]*\]", "[t]", line, count=1) for line in lines[::-1])
+    assert ours == theirs
+    assert "secret" not in ours and ours.startswith('127.0.0.1 [t] "GET ')

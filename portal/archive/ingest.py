@@ -141,11 +141,11 @@ class Archive:
         def digest(data: bytes | memoryview) -> str:
             return hashlib.sha256(data).hexdigest()
 
-        budget = Budget(self.store.space())  # one statvfs for the batch, not one per file
+        budget = Budget(self.store.space)  # a few statvfs for the batch, not one per file
 
         def prepare(data: bytes | memoryview, sha256: str) -> Stored | Rejected | _Prepared:
             try:
-                return self._prepare(bytes(data), expected_study_uid, sync_folder=False,
+                return self._prepare(data, expected_study_uid, sync_folder=False,
                                      digest=sha256, known=identical.get(sha256),
                                      budget=budget)
             except Rejected as exc:
@@ -212,7 +212,7 @@ class Archive:
             answers.append(p)
         return answers
 
-    def _prepare(self, data: bytes, expected_study_uid: str | None, *,
+    def _prepare(self, data: bytes | memoryview, expected_study_uid: str | None, *,
                  sync_folder: bool = True, digest: str | None = None,
                  known: Stored | _Unknown | None = _UNKNOWN,
                  budget: Budget | None = None) -> Stored | _Prepared:
@@ -225,7 +225,7 @@ class Archive:
             known = self._identical(digest)
         if known is not None and expected_study_uid in (None, known.study_instance_uid):
             return known
-        valid = validate_part10(data, self.limits, digest)
+        valid = validate_part10(bytes(data), self.limits, digest)  # a view is copied here
         if expected_study_uid is not None and valid.study_instance_uid != expected_study_uid:
             raise Rejected("the instance belongs to a different study than the URL names",
                            DATA_SET_DOES_NOT_MATCH, 409, valid.sop_class_uid,

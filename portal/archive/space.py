@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -84,19 +86,39 @@ class SpaceRule:
 
 
 class Budget:
-    """One look at the free space, shared by the files of one batch (a STOW-RS request):
-    each file takes its size from it, so the batch asks the file system once instead of once
-    per file, and two files of the batch never count the same free bytes."""
+    """The free space as the files of one batch (a STOW-RS request) see it.
 
-    def __init__(self, space: DiskSpace) -> None:
-        self.space = space
-        self._taken = 0
+    Each file takes its size, in whole blocks, from the batch's view instead of asking the file
+    system (a ``statvfs`` per file, whose return waits for the GIL behind the other writers).
+    The file system is asked again after ``REFRESH_BYTES`` taken or ``REFRESH_SECONDS``; the
+    view then keeps the smaller of the two, so what other uploads wrote meanwhile counts, and
+    this batch's files still being written are not counted as free again.
+    """
+
+    REFRESH_BYTES = 32 << 20
+    REFRESH_SECONDS = 0.25
+
+    def __init__(self, look: Callable[[], DiskSpace]) -> None:
+        self._look = look
         self._lock = threading.Lock()
+        self._space = look()
+        self._free = self._space.free
+        self._since = 0
+        self._at = time.monotonic()
 
-    def take(self, size: int) -> bool:
-        """Take ``size`` bytes when they leave the minimum free; False (nothing taken) if not."""
+    def take(self, size: int) -> DiskSpace | None:
+        """Take ``size`` bytes when they leave the minimum free (None); else nothing is taken
+        and the answer is the space as the batch sees it, for the refusal's reason."""
         with self._lock:
-            if not self.space.room_for(self._taken + self.space.on_disk(size)):
-                return False
-            self._taken += self.space.on_disk(size)
-            return True
+            if self._since >= self.REFRESH_BYTES or \
+                    time.monotonic() - self._at >= self.REFRESH_SECONDS:
+                self._space = self._look()
+                self._free = min(self._free, self._space.free)
+                self._since, self._at = 0, time.monotonic()
+            seen = replace(self._space, free=self._free)
+            need = seen.on_disk(size)
+            if not seen.room_for(need):
+                return seen
+            self._free -= need
+            self._since += need
+            return None

@@ -24,8 +24,15 @@ from portal.archive.space import Budget, DiskSpace, SpaceRule
 log = logging.getLogger(__name__)
 
 _HEX = frozenset("0123456789abcdef")
-_TEMP_PREFIX = secrets.token_hex(8)
+_TEMP_NAME = [secrets.token_hex(8)]  # the temp files' prefix in this process
 _TEMP_NUMBERS = itertools.count()  # next() is atomic under the GIL
+
+
+def _new_temp_prefix() -> None:
+    _TEMP_NAME[0] = secrets.token_hex(8)
+
+
+os.register_at_fork(after_in_child=_new_temp_prefix)
 
 
 class ArchiveUnavailable(failures.Unavailable):
@@ -126,15 +133,15 @@ class EmbeddedStore:
     def check_room(self, size: int, budget: Budget | None = None) -> None:
         """Refuse (StorageFull, 507) an upload of ``size`` bytes that would leave less than
         ARCHIVE_MIN_FREE free: new uploads stop before the disk is full, reads go on.
-        ``budget``: the look of a whole batch (``Budget``) instead of one of its own."""
+        ``budget``: the view of a whole batch (``Budget``) instead of a look of its own."""
         if budget is not None:
-            space, fits = budget.space, budget.take(size)
+            refused = budget.take(size)
         else:
             space = self.space()
-            fits = space.room_for(size)
-        if not fits:
+            refused = None if space.room_for(size) else space
+        if refused is not None:
             raise StorageFull("the archive has no room for this instance now (%(detail)s)",
-                              detail=space.describe())
+                              detail=refused.describe())
 
     def write(self, data: bytes, sha256: str, *, sync_folder: bool = True) -> str:
         """Durably write ``data`` and return its key; an existing identical file is kept.
@@ -147,12 +154,14 @@ class EmbeddedStore:
         final = self.objects / key
         if not self._ready:
             self.ensure()
-        # Unique: random per process start, then the process id (a fork shares the prefix)
+        # Unique: a random prefix per process (made again in a forked child), the process id
         # and a counter. Not a random name per file: that is a system call each time, which
         # hands the GIL to the other writers of a batch.
-        temp = self.tmp / f"{_TEMP_PREFIX}-{os.getpid()}-{next(_TEMP_NUMBERS)}.part"
+        temp = self.tmp / f"{_TEMP_NAME[0]}-{os.getpid()}-{next(_TEMP_NUMBERS)}.part"
+        made = False
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            made = True
             try:
                 view = memoryview(data)
                 while view:
@@ -166,7 +175,8 @@ class EmbeddedStore:
             if sync_folder:
                 _fsync_dir(final.parent)
         except OSError as exc:
-            temp.unlink(missing_ok=True)
+            if made:  # never another writer's file of the same name
+                temp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StorageFull("no space left for the object") from exc
             raise
