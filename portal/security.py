@@ -99,8 +99,8 @@ def _read_declared(stream: Any, length: int) -> bytes:
 
     Not ``request.get_data``: Werkzeug reads 64 KiB at a time, and each of gunicorn's
     buffered reads copies what is left of its 1 MiB chunk, so an 80 MB STOW-RS body took
-    190-610 ms to arrive against 70-110 ms for one call (benchmarks/README.md, "Reading the
-    request body").
+    190-610 ms to arrive against 70-110 ms for one call (benchmarks/README.md, "The request
+    around the work").
     """
     pieces: list[bytes] = []
     got = 0
