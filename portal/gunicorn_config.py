@@ -34,7 +34,7 @@ limit_request_fields = 100
 limit_request_field_size = 8190
 # The worker touches its heartbeat file on every turn of its loop; on a disk-backed /tmp that
 # utime waits on the file system's journal while fsyncs run (gunicorn's docs, "Blocking
-# os.fchmod"). In memory it costs nothing (benchmarks/README.md, "The request around the work").
+# os.fchmod"). In memory it does not wait (benchmarks/README.md, "The request around the work").
 # gunicorn makes the file with mkstemp (owner only) and unlinks it at once: no shared name.
 _IN_MEMORY = "/dev/shm"  # noqa: S108
 worker_tmp_dir = _IN_MEMORY if os.path.isdir(_IN_MEMORY) and \
