@@ -82,12 +82,16 @@ class _Response:
     ("/no-id", None, []),
 ])
 def test_the_access_line_is_gunicorns_own(path: str, sent: int | None,
-                                          headers: list[tuple[str, str]]) -> None:
+                                          headers: list[tuple[str, str]], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """AccessLogger writes, field for field and quote for quote, what gunicorn's Logger
     writes with the portal's format."""
     from gunicorn.config import Config
     from gunicorn.glogging import Logger
 
+    # Importing the settings module sets the metrics folder for a gunicorn server in the
+    # environment; here it must not outlive the test (the metrics tests read it).
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path / "metrics"))
     from portal import gunicorn_config
 
     lines = []
