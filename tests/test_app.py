@@ -9,7 +9,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from portal import create_app
-from tests.conftest import basic_auth
+from tests.conftest import basic_auth, close_app, make_app, make_client
 
 PUBLIC = {"health.healthz", "health.readyz", "studies.home", "static", "auth.login",
           "auth.callback", "auth.logout", "auth.invitation", "api.openapi",
@@ -183,3 +183,15 @@ def test_public_url_pins_every_absolute_link_whatever_the_host_header(tmp_path: 
     finally:
         close_app(app)
 
+
+
+def test_max_request_bytes_caps_a_routes_own_larger_limit(tmp_path: Path) -> None:
+    """docs/security.md 29: a route with a limit of its own (FHIR's 30 MB) still refuses a
+    body above MAX_REQUEST_BYTES (413), before reading it."""
+    app = make_app(tmp_path / "instance", MAX_REQUEST_BYTES="4096")
+    auth = basic_auth(*make_client(app, "ris", can_read=False, can_store=True))
+    body = b'{"resourceType": "DiagnosticReport", "note": "' + b"x" * 8192 + b'"}'
+    answer = app.test_client().post("/fhir/DiagnosticReport", data=body, headers={
+        **auth, "Content-Type": "application/fhir+json"})
+    assert answer.status_code == 413
+    close_app(app)

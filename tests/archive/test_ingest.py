@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -222,17 +223,27 @@ def test_a_batch_gives_each_instance_its_own_exact_answer(any_db_app: Flask) -> 
         assert session.scalars(select(Study)).one().number_of_instances == 41
 
 
+def _store_watching(app: Flask, batch: list[bytes], seen: Callable[..., None]) -> None:
+    """Store ``batch`` in one ``ingest_many`` with ``seen`` called before every SQL statement;
+    every instance must be stored."""
+    from sqlalchemy import event
+
+    engine = app.extensions["db"].engine
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        answers = archive_of(app).ingest_many(batch, who="batch")
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert [a.outcome for a in answers] == ["stored"] * len(batch)  # type: ignore[union-attr]
+
+
 def test_one_request_is_one_group_commit(any_db_app: Flask,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 17: a request of many instances costs a few statements per series, not a few
     per instance (one transaction, one INSERT of the instance rows per series), and one
     fsync per folder."""
-    from sqlalchemy import event
-
     from portal.archive import store as store_module
 
-    archive = archive_of(any_db_app)
-    engine = any_db_app.extensions["db"].engine
     statements: list[str] = []
     folders: list[Path] = []
 
@@ -258,12 +269,7 @@ def test_one_request_is_one_group_commit(any_db_app: Flask,
                  for study in studies for series in (generate_uid(), generate_uid())
                  for n in range(1, per_series + 1)]
         statements.clear()
-        event.listen(engine, "before_cursor_execute", seen)
-        try:
-            answers = archive.ingest_many(batch, who="batch")
-        finally:
-            event.remove(engine, "before_cursor_execute", seen)
-        assert [a.outcome for a in answers] == ["stored"] * len(batch)  # type: ignore[union-attr]
+        _store_watching(any_db_app, batch, seen)
         return len(statements), studies
 
     few, _ = send(2)
@@ -284,6 +290,34 @@ def test_one_request_is_one_group_commit(any_db_app: Flask,
         assert sorted(e.study_instance_uid for e in arrivals) == sorted(studies)
     assert counts(any_db_app) == {"patient": 4, "study": 4, "series": 8, "instance": 56,
                                   "stored_object": 56}
+
+
+def test_a_batch_fsyncs_every_folder_before_its_index_commit(
+        app: Flask, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/security.md 37 with the folders' fsyncs in the batch's pool: every one of them has
+    returned before the transaction that indexes the batch writes a row."""
+    from portal.archive import store as store_module
+
+    steps: list[str] = []
+    lock = threading.Lock()
+    real_fsync_dir = store_module._fsync_dir
+
+    def counted(path: Path) -> None:
+        real_fsync_dir(path)
+        with lock:
+            steps.append("folder")
+
+    def seen(_conn: object, _cursor: object, sql: str, *_args: object) -> None:
+        if sql.lstrip().upper().startswith("INSERT INTO INSTANCE"):
+            with lock:
+                steps.append("index")
+
+    study = generate_uid()
+    batch = [make_instance(study=study, value=n, InstanceNumber=n) for n in range(1, 13)]
+    monkeypatch.setattr(store_module, "_fsync_dir", counted)
+    _store_watching(app, batch, seen)
+    assert "index" in steps and steps.count("folder") >= 1
+    assert "folder" not in steps[steps.index("index"):], steps
 
 
 def test_a_failed_folder_fsync_refuses_the_request_and_keeps_nothing(
