@@ -449,22 +449,32 @@ def _busy_ticks() -> int:
     return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
 
 
-def settle(limit_s: float = 180.0, window_s: float = 0.5, idle_cores: float = 0.15) -> float:
-    """Wait until the machine is idle again (under ``idle_cores`` busy over ``window_s``) and
-    return how long that took. What a server does after acknowledging (the portal warms
-    the new series up: its middle image and, for a CT or MR series, its 3D volume, decoded
-    from all its slices) must not bill the next run of either server; it is reported per
-    run instead (``settled_after_s``). Without /proc, a fixed second."""
+def settle(limit_s: float = 180.0, window_s: float = 0.5, idle_cores: float = 0.15,
+           idle_for_s: float = 2.0) -> float:
+    """Wait until the machine has been idle (under ``idle_cores`` busy in each ``window_s``)
+    for ``idle_for_s`` in a row, and return how long the work before that took. What a
+    server does after acknowledging (the portal warms the new series up: its middle image
+    and, for a CT or MR series, its 3D volume, decoded from all its slices) must not bill the
+    next run of either server; it is reported per run instead (``settled_after_s``).
+    ``idle_for_s`` is longer than the second the portal waits for a series to settle before
+    warming it (portal/imaging/prerender.py): a shorter look saw that second as idle and let
+    the warm-up bill the next run. Without /proc, a fixed ``idle_for_s``."""
     start = time.monotonic()
     if not Path("/proc/stat").exists():
-        time.sleep(1.0)
-        return time.monotonic() - start
+        time.sleep(idle_for_s)
+        return 0.0
     ticks = os.sysconf("SC_CLK_TCK")
+    idle_since: float | None = None
     while time.monotonic() - start < limit_s:
+        began = time.monotonic()
         before = _busy_ticks()
         time.sleep(window_s)
-        if (_busy_ticks() - before) / ticks / window_s < idle_cores:
-            break
+        if (_busy_ticks() - before) / ticks / window_s >= idle_cores:
+            idle_since = None
+        else:
+            idle_since = began if idle_since is None else idle_since
+            if time.monotonic() - idle_since >= idle_for_s:
+                return idle_since - start
     return time.monotonic() - start
 
 

@@ -368,7 +368,8 @@ def test_the_archive_breaker_shows_open_when_orthanc_is_gone(tmp_path: Path) -> 
 def test_a_job_queued_by_a_request_carries_its_request_id(tmp_path: Path,
                                                           redis_url: str) -> None:
     """A STOW-RS queues its pre-rendering on RQ (no worker is running here, so the job
-    waits): the job carries the request id the answer carried (a worker logs under it)."""
+    waits), from the thread that waits for the series to settle: the job carries the request
+    id the answer carried (a worker logs under it)."""
     url = redis_url.rsplit("/", 1)[0] + "/9"
     redis.Redis.from_url(url).flushdb()
     app = make_app(tmp_path / "instance", REDIS_URL=url, JOBS="queue", RENDER_ISOLATION=False)
@@ -382,6 +383,8 @@ def test_a_job_queued_by_a_request_carries_its_request_id(tmp_path: Path,
         assert answer.status_code == 200, answer.text
         with app.app_context():
             queue = jobs.queue_of(app)
+            # Queued once the series has settled (a second without a new instance of it).
+            assert wait_for(lambda: bool(queue.job_ids), timeout=10)
             queued = [queue.fetch_job(job_id) for job_id in queue.job_ids]
         assert [job.description for job in queued] == ["prerender"]
         assert queued[0].meta["request_id"] == answer.headers["X-Request-Id"]

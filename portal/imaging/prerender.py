@@ -7,9 +7,11 @@ first reformat is cut from a file in well under a second (every process shares t
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -32,9 +34,9 @@ _building: set[str] = set()
 _failed: dict[str, str] = {}
 _building_lock = threading.Lock()
 VOLUME_MODALITIES = frozenset({"CT", "MR"})
-# Warm-ups queued on this process's pre-render lane and not started yet: a series receiving
-# one instance a request (STOW-RS, issue 17) is queued once while it waits, not once a
-# request (each would render again and rebuild the growing series' volume).
+# Warm-ups queued on this process's pre-render lane and not started yet: a series is queued
+# there once while it waits, however often it settles meanwhile (``Settling``; each run
+# would render again and rebuild the growing series' volume).
 _queued: set[tuple[str, bool]] = set()
 _queued_lock = threading.Lock()
 
@@ -118,10 +120,11 @@ def warm_series(series_uids: list[str], images: bool) -> None:
 
 def prerender(series_uids: Iterable[str], app: Flask | None = None, *,
               wait: bool = False, images: bool = True) -> None:
-    """Queue the warm-up of these series (returns at once unless ``wait``): their thumbnail
-    and middle image unless ``images`` is false, and the volume of a CT or MR series. A job
-    (``prerender``): on the job queue when it has workers (the render cache is Redis then,
-    so the images serve every node), else on this process's pre-render thread.
+    """Queue the warm-up of these series once each has settled (``Settling``: a second
+    without a new instance of it), or now and return when done with ``wait``: their
+    thumbnail and middle image unless ``images`` is false, and the volume of a CT or MR
+    series. A job (``prerender``): on the job queue when it has workers (the render cache is
+    Redis then, so the images serve every node), else on this process's pre-render thread.
 
     ``app`` is needed where no application context is active (DIMSE handler threads).
     """
@@ -130,13 +133,97 @@ def prerender(series_uids: Iterable[str], app: Flask | None = None, *,
     uids = sorted(set(series_uids))
     if uids:
         app = app or current_app._get_current_object()  # type: ignore[attr-defined]
-        if not wait and not jobs.uses_queue(app):
-            with _queued_lock:
-                uids = [uid for uid in uids if (uid, images) not in _queued]
-                _queued.update((uid, images) for uid in uids)
-            if not uids:
-                return  # already waiting on the lane: it will see these instances too
-        jobs.enqueue("prerender", uids, images, wait=wait, app=app)
+        if wait:
+            jobs.enqueue("prerender", uids, images, wait=True, app=app)
+        else:
+            _settling.add(app, uids, images)
+
+
+def _start(app: Flask, uids: list[str], images: bool) -> None:
+    """Queue the warm-up of these settled series: on the job queue, or on this process's
+    pre-render lane unless it already waits there."""
+    from portal import jobs
+
+    if not jobs.uses_queue(app):
+        with _queued_lock:
+            uids = [uid for uid in uids if (uid, images) not in _queued]
+            _queued.update((uid, images) for uid in uids)
+    if uids:  # else already waiting on the lane: it will see these instances too
+        jobs.enqueue("prerender", uids, images, app=app)
+
+
+class Settling:
+    """Hands each series to ``start`` once it has settled: no instance of it arrived for
+    ``quiet`` seconds, or ``longest`` seconds have passed since the first arrival that waits
+    (a series that never stops arriving is still warmed that often). One thread, started at
+    the first arrival (after a fork, again in the child); ``start`` runs on it, under the
+    request id of the series' first waiting arrival.
+
+    Issue 17: a series sent one instance a request arrives for seconds. Warmed on every
+    arrival, the lane rendered its moving middle image and rebuilt its growing volume in the
+    web worker meanwhile, and the senders' requests waited for the CPU and the GIL: 150 CT
+    slices one a request took 9.9-11.3 ms each with that, 7.6-8.8 ms with this
+    (benchmarks/README.md, "Pre-rendering once the series has arrived"). On the job queue,
+    each arrival queued a job that rebuilt the volume on a worker.
+
+    What waits here is lost if the process stops within that second: the series is then
+    rendered on first view, as after a failed warm-up.
+    """
+
+    def __init__(self, start: Callable[[Flask, list[str], bool], None], *, quiet: float,
+                 longest: float) -> None:
+        self._start, self.quiet, self.longest = start, quiet, longest
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        # (series, images) -> first and last arrival, the app, the first arrival's start
+        self._waiting: dict[tuple[str, bool], tuple[float, float, Callable[[], None]]] = {}
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def add(self, app: Flask, uids: Iterable[str], images: bool) -> None:
+        now = time.monotonic()
+        with self._changed:
+            for uid in uids:
+                waiting = self._waiting.get((uid, images))
+                if waiting is None:
+                    self._waiting[(uid, images)] = (now, now, carry(
+                        self._start_one(app, uid, images)))
+                else:
+                    self._waiting[(uid, images)] = (waiting[0], now, waiting[2])
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="prerender-settle",
+                                                daemon=True)
+                self._thread.start()
+            self._changed.notify()
+
+    def _start_one(self, app: Flask, uid: str, images: bool) -> Callable[[], None]:
+        return lambda: self._start(app, [uid], images)
+
+    def _due(self, first: float, last: float) -> float:
+        return min(last + self.quiet, first + self.longest)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                now = time.monotonic()
+                ready = [key for key, (first, last, _) in self._waiting.items()
+                         if self._due(first, last) <= now]
+                if not ready:
+                    soonest = min((self._due(first, last)
+                                   for first, last, _ in self._waiting.values()), default=None)
+                    self._changed.wait(None if soonest is None else soonest - now)
+                    continue
+                starts = [self._waiting.pop(key)[2] for key in ready]
+            for start in starts:
+                try:
+                    start()
+                except Exception:  # a background warm-up never fails anyone's request
+                    log.exception("could not queue the pre-rendering of a series")
+
+
+_settling = Settling(_start, quiet=1.0, longest=10.0)
 
 
 def build_volume_soon(key: str, sources: list[Any]) -> None:

@@ -1,0 +1,103 @@
+"""The pre-render lane waits for a series to settle (portal/imaging/prerender.py, ``Settling``):
+a series sent one instance a request is warmed once it stops arriving, not while it arrives,
+and a series that never stops is still warmed every ``longest`` seconds."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import pytest
+from flask import Flask
+
+from portal.imaging.prerender import Settling
+from portal.log import current_request_id, request_id_scope
+from tests.conftest import wait_for
+
+APP = Flask("settling-test")
+
+
+class Started:
+    """What ``Settling`` started, when and under which request id."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, list[str], bool, str | None]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, app: Flask, uids: list[str], images: bool) -> None:
+        assert app is APP
+        with self.lock:
+            self.calls.append((time.monotonic(), uids, images, current_request_id()))
+
+    def uids(self) -> list[tuple[str, bool]]:
+        with self.lock:
+            return [(uid, images) for _, uids, images, _ in self.calls for uid in uids]
+
+
+def test_a_burst_of_arrivals_is_started_once_after_the_last_is_quiet() -> None:
+    started = Started()
+    settling = Settling(started, quiet=0.3, longest=5.0)
+    last = 0.0
+    for _ in range(6):
+        settling.add(APP, ["1.2.3"], True)
+        last = time.monotonic()
+        time.sleep(0.05)
+    assert wait_for(lambda: bool(started.calls), timeout=5)
+    time.sleep(0.5)  # nothing more comes: one start
+    assert started.uids() == [("1.2.3", True)]
+    assert started.calls[0][0] >= last + 0.3  # not before the series was quiet
+
+
+def test_a_series_that_never_stops_arriving_is_still_started_every_longest_seconds() -> None:
+    started = Started()
+    settling = Settling(started, quiet=1.0, longest=0.4)
+    began = time.monotonic()
+    while time.monotonic() - began < 1.5:  # never a second quiet
+        settling.add(APP, ["1.2.4"], False)
+        time.sleep(0.05)
+    during = list(started.calls)
+    # Started 0.4 s after each first waiting arrival: about three times (waiting for a quiet
+    # second alone, never while the series arrives).
+    assert 2 <= len(during) <= 4, during
+    assert all(uids == ["1.2.4"] and images is False for _, uids, images, _ in during)
+    assert during[0][0] - began >= 0.4
+
+
+def test_series_and_their_kind_of_warm_up_are_started_each_on_its_own() -> None:
+    started = Started()
+    settling = Settling(started, quiet=0.2, longest=5.0)
+    settling.add(APP, ["1.2.5", "1.2.6"], True)
+    settling.add(APP, ["1.2.5"], False)  # the same series, volume only (a DIMSE arrival)
+    assert wait_for(lambda: len(started.calls) == 3, timeout=5)
+    assert sorted(started.uids()) == [("1.2.5", False), ("1.2.5", True), ("1.2.6", True)]
+
+
+def test_a_start_runs_under_the_request_id_of_the_series_first_waiting_arrival() -> None:
+    started = Started()
+    settling = Settling(started, quiet=0.2, longest=5.0)
+    with request_id_scope("first-arrival-0001"):
+        settling.add(APP, ["1.2.7"], True)
+    with request_id_scope("second-arrival-0002"):
+        settling.add(APP, ["1.2.7"], True)
+    assert wait_for(lambda: bool(started.calls), timeout=5)
+    assert started.calls[0][3] == "first-arrival-0001"
+
+
+def test_a_failing_start_is_logged_and_the_next_series_still_starts(
+        caplog: pytest.LogCaptureFixture) -> None:
+    started = Started()
+
+    def start(app: Flask, uids: list[str], images: bool) -> None:
+        if uids == ["1.2.8"]:
+            raise RuntimeError("the lane is gone")
+        started(app, uids, images)
+
+    settling = Settling(start, quiet=0.1, longest=5.0)
+    with caplog.at_level(logging.ERROR, logger="portal.imaging.prerender"):
+        settling.add(APP, ["1.2.8"], True)
+        time.sleep(0.3)
+        settling.add(APP, ["1.2.9"], True)
+        assert wait_for(lambda: bool(started.calls), timeout=5)
+    assert started.uids() == [("1.2.9", True)]
+    assert "could not queue the pre-rendering of a series" in caplog.text
