@@ -171,7 +171,11 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def close_app(app: Flask) -> None:
-    """Release what an app holds: database connections and render processes."""
+    """Release what an app holds: database connections and render processes (and drop its
+    warm-ups that wait for a series to settle, which would connect again later)."""
+    from portal.imaging.prerender import forget_waiting
+
+    forget_waiting(app)
     app.extensions["db"].dispose()
     pool = app.extensions.get("render_pool")
     if pool is not None:
@@ -450,6 +454,18 @@ def no_leaked_flask_context(request: pytest.FixtureRequest) -> Iterator[None]:
     if has_app_context():
         pytest.fail(f"{request.node.nodeid} left a Flask context pushed "
                     "(a streamed response not read or closed)", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def no_warm_up_after_the_test() -> Iterator[None]:
+    """Drop the pre-render warm-ups still waiting for a series to settle when a test ends
+    (portal/imaging/prerender.py, ``Settling``): started a second later, they would open
+    connections to a database the test has closed (and keep them: a shared PostgreSQL then
+    runs out of connections)."""
+    yield
+    from portal.imaging.prerender import forget_waiting
+
+    forget_waiting()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -178,7 +178,8 @@ class Settling:
 
     def _reset(self) -> None:
         # (series, images) -> first and last arrival, the app, the first arrival's start
-        self._waiting: dict[tuple[str, bool], tuple[float, float, Callable[[], None]]] = {}
+        self._waiting: dict[tuple[str, bool],
+                            tuple[float, float, Flask, Callable[[], None]]] = {}
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
 
@@ -188,15 +189,23 @@ class Settling:
             for uid in uids:
                 waiting = self._waiting.get((uid, images))
                 if waiting is None:
-                    self._waiting[(uid, images)] = (now, now, carry(
+                    self._waiting[(uid, images)] = (now, now, app, carry(
                         self._start_one(app, uid, images)))
                 else:
-                    self._waiting[(uid, images)] = (waiting[0], now, waiting[2])
+                    self._waiting[(uid, images)] = (waiting[0], now, *waiting[2:])
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="prerender-settle",
                                                 daemon=True)
                 self._thread.start()
             self._changed.notify()
+
+    def forget(self, app: Flask | None = None) -> None:
+        """Drop what waits for ``app`` (every app: None) without starting it: an app being
+        closed (the tests close theirs and their databases)."""
+        with self._changed:
+            for key in [key for key, waiting in self._waiting.items()
+                        if app is None or waiting[2] is app]:
+                del self._waiting[key]
 
     def _start_one(self, app: Flask, uid: str, images: bool) -> Callable[[], None]:
         return lambda: self._start(app, [uid], images)
@@ -208,14 +217,14 @@ class Settling:
         while True:
             with self._changed:
                 now = time.monotonic()
-                ready = [key for key, (first, last, _) in self._waiting.items()
+                ready = [key for key, (first, last, *_) in self._waiting.items()
                          if self._due(first, last) <= now]
                 if not ready:
                     soonest = min((self._due(first, last)
-                                   for first, last, _ in self._waiting.values()), default=None)
+                                   for first, last, *_ in self._waiting.values()), default=None)
                     self._changed.wait(None if soonest is None else soonest - now)
                     continue
-                starts = [self._waiting.pop(key)[2] for key in ready]
+                starts = [self._waiting.pop(key)[3] for key in ready]
             for start in starts:
                 try:
                     start()
@@ -224,6 +233,11 @@ class Settling:
 
 
 _settling = Settling(_start, quiet=1.0, longest=10.0)
+
+
+def forget_waiting(app: Flask | None = None) -> None:
+    """Drop the warm-ups that wait for their series to settle, of ``app`` or of every app."""
+    _settling.forget(app)
 
 
 def build_volume_soon(key: str, sources: list[Any]) -> None:

@@ -101,3 +101,16 @@ def test_a_failing_start_is_logged_and_the_next_series_still_starts(
         assert wait_for(lambda: bool(started.calls), timeout=5)
     assert started.uids() == [("1.2.9", True)]
     assert "could not queue the pre-rendering of a series" in caplog.text
+
+
+def test_what_waits_for_a_closed_app_is_dropped_and_never_started() -> None:
+    started = Started()
+    other = Flask("settling-other")
+    settling = Settling(lambda app, uids, images: started(APP, uids, images) if app is other
+                        else started(app, uids, images), quiet=0.2, longest=5.0)
+    settling.add(APP, ["1.2.10"], True)
+    settling.add(other, ["1.2.11"], True)
+    settling.forget(APP)  # the tests' close_app: its database is closed now
+    assert wait_for(lambda: bool(started.calls), timeout=5)
+    time.sleep(0.4)
+    assert started.uids() == [("1.2.11", True)]
