@@ -65,6 +65,7 @@ from ingest import (  # noqa: E402
     orthanc_target,
     portal_target,
     run_main,
+    settle,
     stow_bulk,
     verify,
 )
@@ -1200,7 +1201,9 @@ def set_up(args: argparse.Namespace, workdir: Path, procs: ProcessGroup
             verify(target, one)
     if given:
         store_files(targets, given)
-    time.sleep(3.0)  # the portal pre-renders a thumbnail and middle image after STOW: let it end
+    # The portal warms each new series up (thumbnail, middle image, a CT's volume) a second
+    # after its last instance: let that end before anything is measured.
+    log(f"  after storing: {settle():.1f} s of work")
 
     orthanc_base = orthanc.dicomweb.removesuffix("/dicom-web")
     portal_base = portal.dicomweb.removesuffix("/dicomweb")
