@@ -523,6 +523,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup) 
                     measure(target, path, series, -1)
                 except (RuntimeError, requests.RequestException) as exc:
                     log(f"warm-up {path} -> {target.name} failed: {exc}")
+                settle()  # its after-ingest work must not bill the first measured run
         shutil.rmtree(series.files[0].parent)
 
     runs: list[Run] = []
@@ -543,6 +544,7 @@ def run_benchmark(args: argparse.Namespace, workdir: Path, procs: ProcessGroup) 
                     # A broken path must not abort the others, nor count as a result.
                     failures.append(Failure(target.name, path, rep, str(exc)))
                     log(f"[{rep + 1}/{args.repeat}] {path} -> {target.name}: FAILED: {exc}")
+                    settle()  # what it did store must not bill the next run either
                 else:
                     run.settled_after_s = round(settle(), 1)
                     log(f"[{rep + 1}/{args.repeat}] {path} -> {target.name}: "

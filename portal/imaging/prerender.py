@@ -148,8 +148,20 @@ def _start(app: Flask, uids: list[str], images: bool) -> None:
         with _queued_lock:
             uids = [uid for uid in uids if (uid, images) not in _queued]
             _queued.update((uid, images) for uid in uids)
-    if uids:  # else already waiting on the lane: it will see these instances too
-        jobs.enqueue("prerender", uids, images, app=app)
+    if not uids:
+        return  # already waiting on the lane: it will see these instances too
+    try:
+        job_id = jobs.enqueue("prerender", uids, images, app=app)
+    except Exception:
+        _unmark(uids, images)  # not queued: a later arrival may queue it again
+        raise
+    if job_id is not None:
+        _unmark(uids, images)  # on the job queue after all (a worker came): not on the lane
+
+
+def _unmark(uids: list[str], images: bool) -> None:
+    with _queued_lock:
+        _queued.difference_update((uid, images) for uid in uids)
 
 
 class Settling:
@@ -193,10 +205,11 @@ class Settling:
                         self._start_one(app, uid, images)))
                 else:
                     self._waiting[(uid, images)] = (waiting[0], now, *waiting[2:])
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="prerender-settle",
-                                                daemon=True)
-                self._thread.start()
+            if self._thread is None or not self._thread.is_alive():
+                thread = threading.Thread(target=self._run, name="prerender-settle",
+                                          daemon=True)
+                thread.start()  # kept only once it runs: a failed start is tried again
+                self._thread = thread
             self._changed.notify()
 
     def forget(self, app: Flask | None = None) -> None:
