@@ -6,6 +6,7 @@ first reformat is cut from a file in well under a second (every process shares t
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -178,8 +179,8 @@ class Settling:
     (benchmarks/README.md, "Pre-rendering once the series has arrived"). On the job queue,
     each arrival queued a job that rebuilt the volume on a worker.
 
-    What waits here is lost if the process stops within that second: the series is then
-    rendered on first view, as after a failed warm-up.
+    A process that exits starts what still waits (``start_all``, at exit): a command that
+    stores a series and ends at once (``flask dimse pull --with-scp``) still warms it up.
     """
 
     def __init__(self, start: Callable[[Flask, list[str], bool], None], *, quiet: float,
@@ -220,6 +221,13 @@ class Settling:
                         if app is None or waiting[2] is app]:
                 del self._waiting[key]
 
+    def start_all(self) -> None:
+        """Start everything that waits now, on this thread (the process is exiting)."""
+        with self._changed:
+            starts = [waiting[3] for waiting in self._waiting.values()]
+            self._waiting.clear()
+        self._start_each(starts)
+
     def _start_one(self, app: Flask, uid: str, images: bool) -> Callable[[], None]:
         return lambda: self._start(app, [uid], images)
 
@@ -238,14 +246,21 @@ class Settling:
                     self._changed.wait(None if soonest is None else soonest - now)
                     continue
                 starts = [self._waiting.pop(key)[3] for key in ready]
-            for start in starts:
-                try:
-                    start()
-                except Exception:  # a background warm-up never fails anyone's request
-                    log.exception("could not queue the pre-rendering of a series")
+            self._start_each(starts)
+
+    @staticmethod
+    def _start_each(starts: list[Callable[[], None]]) -> None:
+        for start in starts:
+            try:
+                start()
+            except Exception:  # a background warm-up never fails anyone's request
+                log.exception("could not queue the pre-rendering of a series")
 
 
 _settling = Settling(_start, quiet=1.0, longest=10.0)
+# At exit the lanes take no more work, so a warm-up started then runs on the exiting thread
+# (portal/jobs.py, ``enqueue``); on the job queue it is queued as always.
+atexit.register(_settling.start_all)
 
 
 def forget_waiting(app: Flask | None = None) -> None:

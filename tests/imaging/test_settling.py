@@ -5,15 +5,19 @@ and a series that never stops is still warmed every ``longest`` seconds."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from flask import Flask
 
 from portal.imaging.prerender import Settling
 from portal.log import current_request_id, request_id_scope
-from tests.conftest import wait_for
+from tests.conftest import REPO, wait_for
 
 APP = Flask("settling-test")
 
@@ -140,3 +144,57 @@ def test_a_settled_series_waiting_on_the_busy_lane_is_queued_there_once(
     jobs._lane("prerender").submit(done.set)
     assert done.wait(30)
     assert runs == [["1.2.12"]]
+
+
+# A process that stores a series and exits at once, as `flask dimse pull --with-scp` does; its
+# first exit handler (so the last to run) tells what became of the series' volume.
+_STORE_AND_EXIT = """
+import atexit, sys
+from pathlib import Path
+
+
+def report():
+    from sqlalchemy import select
+    from portal.archive import current_archive
+    from portal.imaging.prerender import volume_images
+    from portal.imaging.service import volume_files, volume_sources
+    from portal.index.models import Series
+
+    with app.app_context(), current_archive().database.new_session() as session:
+        series_id = session.scalars(select(Series.id)).one()
+        key, _ = volume_sources(volume_images(session, series_id))
+        print("volume:", volume_files().state(key)[0], flush=True)
+
+
+atexit.register(report)
+from app import app
+from portal.archive import current_archive
+from portal.imaging.prerender import prerender
+
+with app.app_context():
+    archive = current_archive()
+    stored = [archive.ingest(path.read_bytes(), who="test")
+              for path in sorted(Path(sys.argv[1]).iterdir())]
+    prerender({s.series_instance_uid for s in stored})
+print("stored:", len(stored), flush=True)
+"""
+
+
+def test_a_process_that_exits_at_once_still_warms_up_what_waits(tmp_path: Path) -> None:
+    """What waits to settle when the process exits is started then, on the exiting thread
+    (the lanes take no more work at exit): the series' volume is built before the process
+    ends, and nothing is logged as failed."""
+    from demo.studies import write_ct_series
+
+    write_ct_series(tmp_path / "series", slices=6, size=64, uid_seed="exit-warm")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_")}
+    env.update(PORTAL_INSTANCE_PATH=str(tmp_path / "instance"), PORTAL_ENV="development",
+               PORTAL_SECRET_KEY="k" * 40)
+    upgrade = subprocess.run([sys.executable, "-m", "flask", "--app", "app", "db", "upgrade"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert upgrade.returncode == 0, upgrade.stderr
+    run = subprocess.run([sys.executable, "-c", _STORE_AND_EXIT, str(tmp_path / "series")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["stored: 6", "volume: ready"], (run.stdout, run.stderr)
+    assert "Traceback" not in run.stderr and "could not queue" not in run.stderr, run.stderr
