@@ -10,6 +10,7 @@ representation (iso21090-EN-representation), valid R4 for fhir.resources (docs/i
 from __future__ import annotations
 
 import base64
+import ctypes
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,6 +114,80 @@ def test_the_report_pdf_shows_the_names_glyphs(app: Flask, idp: IdentityProvider
     assert f"{WRITTEN[sample]} ({study.patient.patient_id})" in text
     assert "佐藤花子 (Sato Hanako)" in text and "異常なし。" in text and "胸部 CT" in text
     assert "?" not in text
+
+
+def _seen_lines(body: bytes) -> list[list[tuple[float, str]]]:
+    """The first page's lines as a reader sees them (PDFium): each letter's origin and the
+    letter, from left to right, lines from the top. Spaces are left out: with shaping, most
+    are a gap between glyphs, not a character."""
+    import pypdfium2
+    import pypdfium2.raw as pdfium
+
+    document = pypdfium2.PdfDocument(body)
+    page = document[0].get_textpage()
+    lines: dict[float, list[tuple[float, str]]] = {}
+    x, y = ctypes.c_double(), ctypes.c_double()
+    for index in range(page.count_chars()):
+        if pdfium.FPDFText_IsGenerated(page.raw, index):  # line breaks PDFium adds
+            continue
+        letter = page.get_text_range(index, 1)
+        if letter.isspace():
+            continue
+        pdfium.FPDFText_GetCharOrigin(page.raw, index, x, y)
+        lines.setdefault(round(y.value, 1), []).append((x.value, letter))
+    page.close()
+    document.close()
+    return [sorted(letters) for _, letters in sorted(lines.items(), reverse=True)]
+
+
+def test_the_report_pdf_writes_hebrew_and_arabic_right_to_left_and_joined(
+        app: Flask, idp: IdentityProvider) -> None:
+    """Hebrew and Arabic in the report PDF run right to left (the Unicode bidirectional
+    algorithm, through fpdf2's HarfBuzz shaping): read from the left, a line shows their
+    words backwards; a name keeps its own direction inside a line (an isolate, as <bdi>
+    does), so the patient ID after it stays where the line's direction puts it; Arabic
+    letters join, lam and alef in their one obligatory ligature; a paragraph that starts in
+    those letters is set against the right margin. Before, every such word stood left to
+    right in logical order: it read backwards."""
+    studies = _granted(app, idp, "pdf-rtl", ["chrHbrw.dcm"])
+    with app.test_request_context(), app.extensions["db"].new_session() as session:
+        study = session.scalars(select(Study).where(
+            Study.study_instance_uid == studies["chrHbrw.dcm"][0])).one()
+        body = report_pdf(Report(title="CT", status="final", version=1,
+                                 findings="لا توجد كسور.\nNo fracture.",
+                                 author="Cohen^Dvora"), study)
+    lines = _seen_lines(body)
+    seen = ["".join(letter for _, letter in line) for line in lines]
+    name = WRITTEN["chrHbrw.dcm"].replace(" ", "")  # "דבורה שרון": given name, on the right
+    assert f"Patient:{name[::-1]}({study.patient.patient_id})" in seen, seen
+    [arabic] = [line for line in lines if "ت" in "".join(letter for _, letter in line)]
+    assert "".join(letter for _, letter in arabic) == ".روسكدجوتال"  # "لا توجد كسور."
+    lam, alef = [x for x, letter in arabic if letter in "لا"]
+    assert lam == alef  # one glyph for both (U+FEFB), not two letters side by side
+    [english] = [line for line in lines
+                 if "".join(letter for _, letter in line) == "Nofracture."]
+    assert arabic[0][0] > 300 > english[0][0]  # the right margin, and the left
+
+
+def test_a_report_in_latin_letters_embeds_the_base_font_only(app: Flask) -> None:
+    """The fallback fonts (Japanese, Chinese, Korean: megabytes to read and subset) are
+    embedded only when the text has letters the base font lacks."""
+    from types import SimpleNamespace
+
+    def fonts(name: str) -> set[str]:
+        study = SimpleNamespace(study_description="CT", study_date="20240102",
+                                accession_number="A1",
+                                patient=SimpleNamespace(patient_name=name, patient_id="7"))
+        with app.test_request_context():
+            body = report_pdf(Report(title="CT", status="final", version=1,
+                                     findings="No fracture.", author="House^Gregory"),
+                              study)  # type: ignore[arg-type]
+        resources = PdfReader(io.BytesIO(body)).pages[0]["/Resources"]["/Font"]
+        return {str(font.get_object()["/BaseFont"]).split("+")[-1]
+                for font in resources.values()}
+
+    assert fonts("Doe^Jane") == {"DejaVuSansBook", "DejaVuSansBold"}
+    assert len(fonts("Yamada^Tarou=山田^太郎")) > 2
 
 
 def _fhir_get(app: Flask, auth: tuple[str, str], url: str) -> dict[str, object]:
