@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from babel import Locale
+from babel import Locale, UnknownLocaleError
 from babel.messages.catalog import Catalog
 from babel.messages.mofile import write_mo
 from babel.messages.pofile import read_po, write_po
@@ -179,6 +179,23 @@ def reason_text(exc: PortalError) -> str:
     if exc.params:
         return str(gettext(exc.template, **exc.params))
     return str(gettext(exc.reason))
+
+
+# ISO 639 codes that name no one language: undetermined, several, none, not coded.
+_NO_LANGUAGE = frozenset({"und", "mul", "zxx", "mis"})
+
+
+def spoken_language(code: str) -> str:
+    """The ISO 639-1 language a code names as a RIS sends it (HL7 PID-15: "es", "es-MX",
+    "SPA" of HL7 table 0296, ISO 639-2 "ger"; BCP 47 in FHIR), else ''. Babel reads every
+    form (CLDR's aliases)."""
+    head, _, rest = code.strip().replace("-", "_").partition("_")
+    if head.lower() in _NO_LANGUAGE or len(code) > 35:
+        return ""
+    try:
+        return str(Locale.parse(head.lower() + (f"_{rest}" if rest else "")).language)
+    except (ValueError, TypeError, UnknownLocaleError):
+        return ""
 
 
 def language_choices() -> list[tuple[str, str]]:

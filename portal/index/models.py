@@ -194,6 +194,8 @@ class Order(Base):
     study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
     patient_id: Mapped[str] = mapped_column(String(64), default="", index=True)
     patient_name: Mapped[str] = mapped_column(String(324), default="")
+    # The patient's language from the RIS (HL7 PID-15, ISO 639-1; '' = not given).
+    patient_language: Mapped[str] = mapped_column(String(16), default="", server_default="")
     procedure: Mapped[str] = mapped_column(String(128), default="")
     modality: Mapped[str] = mapped_column(String(16), default="")
     ordering_provider: Mapped[str] = mapped_column(String(324), default="")

@@ -2,7 +2,9 @@
 SIU^S12-S15 appointments. ``handle`` returns the ACK to send; it never raises.
 
 Fields read (HL7 v2.5.1 with IHE Radiology conventions): PID-3 patient identifiers (CX, every
-repetition: ID, assigning authority in component 4, type in 5), PID-5 name;
+repetition: ID, assigning authority in component 4, type in 5), PID-5 name, PID-15 primary
+language (CWE, the code in component 1: "es", "SPA" of table 0296 or ISO 639-2 "ger", read
+by Babel; kept as ISO 639-1, ignored when it names no language);
 ORC-1 order control, ORC-5 order status, ORC-2/3 and OBR-2/3 placer and filler order
 numbers; OBR-4 procedure, OBR-16 ordering provider (XCN: id, family, given, ..., id type in
 component 13), OBR-18 or IPC-1 accession number, OBR-24 modality, OBR-25 result status,
@@ -32,6 +34,7 @@ from portal import audit
 from portal.access.models import ReferrerIdentifier, User
 from portal.config import name_at_address
 from portal.db import Database
+from portal.i18n import spoken_language
 from portal.index.models import Order, Patient, Study
 from portal.index.referrers import identifier_key, name_key
 from portal.reports import hl7
@@ -118,6 +121,7 @@ def report_from_oru(message: hl7.Message) -> list[IncomingReport]:
                           "an identified patient (a name alone is not enough)")
     patient_id = identifiers[0][0]
     patient_name = "^".join(message.components(pid, 5)[:3]).strip("^")
+    language = spoken_language(message.text(pid, 15))
     sent_at = hl7.parse_timestamp(message.text(message.msh, 7))
     reports: list[IncomingReport] = []
     current: IncomingReport | None = None
@@ -145,6 +149,7 @@ def report_from_oru(message: hl7.Message) -> list[IncomingReport]:
                     message.delimiters.subcomponent)) if message.raw(segment, 32) else "",
                 signed_at=hl7.parse_timestamp(message.text(segment, 22)),
                 patient_ids=identifiers, patient_name=patient_name,
+                patient_language=language,
                 observed_at=hl7.parse_timestamp(message.text(segment, 22)) or sent_at,
                 message_id=message.control_id)
         elif segment[0] == "OBX" and current is not None:
@@ -183,7 +188,8 @@ def order_from_message(message: hl7.Message) -> IncomingOrder:
     order = IncomingOrder(
         patient_id=message.text(pid, 3)[:64], patient_name=_person(
             ["", *message.components(pid, 5)]),
-        accession_number=_accession(message, obr), study_instance_uid=_study_uid(message))
+        accession_number=_accession(message, obr), study_instance_uid=_study_uid(message),
+        patient_language=spoken_language(message.text(pid, 15)))
     if kind == "SIU":
         sch = message.first("SCH")
         ais = message.first("AIS")

@@ -30,6 +30,9 @@ class Report(Base):
     study_instance_uid: Mapped[str] = mapped_column(String(64), default="", index=True)
     accession_number: Mapped[str] = mapped_column(String(64), default="", index=True)
     patient_id: Mapped[str] = mapped_column(String(64), default="")
+    # The patient's language as the sender gives it (HL7 PID-15, ISO 639-1; '' = not given):
+    # what a share link for the patient is written in, unless his own account chose one.
+    patient_language: Mapped[str] = mapped_column(String(16), default="", server_default="")
     status: Mapped[str] = mapped_column(String(16))
     title: Mapped[str] = mapped_column(String(128), default="")
     findings: Mapped[str] = mapped_column(Text, default="")

@@ -73,6 +73,7 @@ class IncomingReport:
     patient_name: str = ""  # as the sender wrote it (HL7 PID-5, FHIR subject.display)
     observed_at: datetime | None = None  # when the sender made this version
     message_id: str = ""  # HL7 MSH-10 of the message that brought it
+    patient_language: str = ""  # ISO 639-1 (HL7 PID-15), '' when the sender gives none
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class IncomingOrder:
     scheduled_at: datetime | None = None
     clear_schedule: bool = False
     location: str = ""
+    patient_language: str = ""  # ISO 639-1 (HL7 PID-15), '' when the sender gives none
 
 
 def _check(incoming: IncomingReport) -> None:
@@ -248,6 +250,7 @@ def store_report(session: Session, incoming: IncomingReport) -> Received:
     report.study_instance_uid = incoming.study_instance_uid[:64] or report.study_instance_uid
     report.accession_number = incoming.accession_number[:64] or report.accession_number
     report.patient_id = incoming.patient_id[:64] or report.patient_id
+    report.patient_language = incoming.patient_language[:16] or report.patient_language
     report.title = incoming.title[:128] or report.title
     report.findings, report.impression = incoming.findings, incoming.impression
     report.author = incoming.author[:324]
@@ -296,7 +299,8 @@ def receive_order(session: Session, incoming: IncomingOrder) -> Order:
     was = order.accession_number or ""
     for name in ("placer_order_number", "filler_order_number", "accession_number",
                  "study_instance_uid", "patient_id", "patient_name", "procedure", "modality",
-                 "ordering_provider", "ordering_provider_key", "location"):
+                 "ordering_provider", "ordering_provider_key", "location",
+                 "patient_language"):
         value = getattr(incoming, name)
         if value:
             setattr(order, name, value[:order_column_length(name)])

@@ -393,11 +393,11 @@ def share_form(study_uid: str) -> str:
     template = "patients/share.html" if is_patient_user(principal) \
         else "sharing/share_form.html"
     # The message's language: the patient's own when the portal knows it, else the sender's.
-    recipient = "" if is_patient_user(principal) \
+    recipient = service.KnownLanguage("", "") if is_patient_user(principal) \
         else service.recipient_language(db.session, study, "patient")
     return render_template(template, study=study, policy=share_policy(),
-                           languages=language_choices(), recipient_language=recipient,
-                           language=recipient or str(get_locale() or "en"),
+                           languages=language_choices(), recipient=recipient,
+                           language=recipient.language or str(get_locale() or "en"),
                            series=study_series(db.session, principal, study),
                            links=links, now=utcnow(), state=link_state,
                            may_share=bool(share_audiences(principal)))

@@ -12,10 +12,10 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from flask_babel import lazy_gettext as _l
-from sqlalchemy import Select, delete, func, or_, select, update
+from sqlalchemy import Select, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from portal import audit, failures
@@ -31,7 +31,7 @@ from portal.access.policy import (
 from portal.access.principal import Principal
 from portal.db import Database, utcnow
 from portal.i18n import SUPPORTED
-from portal.index.models import Series, Study
+from portal.index.models import Order, Series, Study
 from portal.sharing.models import ShareLink, ShareLinkStudy, ShareSession, link_state
 from portal.sharing.tokens import (
     hash_pin,
@@ -181,21 +181,52 @@ def _expiry(policy: SharePolicy, now: datetime, days: int | None,
     return expires_at
 
 
-def recipient_language(session: Session, study: Study, audience: str) -> str:
-    """The language of the person a link is made for, when the portal knows it, else ''.
+class KnownLanguage(NamedTuple):
+    """The language of the person a link is made for, and where the portal learnt it:
+    ``account`` (his own choice in the portal) or ``records`` (the RIS); ('', '') unknown."""
 
-    Known: a link for the patient whose record has a patient account (linked by an office
-    manager) with a chosen language; several accounts that disagree leave it unknown. A
-    colleague's link names nobody in particular, so his language is never known. The index
-    keeps no language of the patient (DICOM and the RIS messages the portal reads carry none
-    it stores)."""
+    language: str
+    source: str
+
+
+def recipient_language(session: Session, study: Study, audience: str) -> KnownLanguage:
+    """The language of the person a link is made for, when the portal knows it.
+
+    Known, for a link for the patient: the language chosen by the patient account linked to
+    his record (by an office manager); several accounts that disagree leave it unknown. Else
+    the patient's language the RIS gave (HL7 PID-15) with this study's newest report or
+    order that gave one, when the portal offers it. A colleague's link names nobody in
+    particular, so his language is never known."""
     if audience != "patient":
-        return ""
+        return KnownLanguage("", "")
     chosen = set(session.scalars(
         select(User.language).join(PatientLink, PatientLink.user_fk == User.id)
         .where(PatientLink.patient_fk == study.patient_fk, User.active.is_(True))))
     known = chosen & set(SUPPORTED)
-    return known.pop() if len(known) == 1 and len(chosen - {""}) == 1 else ""
+    if len(known) == 1 and len(chosen - {""}) == 1:
+        return KnownLanguage(known.pop(), "account")
+    recorded = recorded_language(session, study)
+    return KnownLanguage(recorded, "records") if recorded in SUPPORTED else KnownLanguage("", "")
+
+
+def recorded_language(session: Session, study: Study) -> str:
+    """The patient's language (ISO 639-1) as the RIS gave it with the newest report or order
+    of this study that gave one (HL7 PID-15), else ''. An order is the study's when it names
+    its Study Instance UID, or its accession number and Patient ID (the rule orders follow);
+    a report by ``reports_of``'s rule."""
+    from portal.reports.service import reports_of
+
+    given = [(r.updated_at, r.patient_language) for r in reports_of(session, study)
+             if r.patient_language][:1]
+    same_study = [Order.study_instance_uid == study.study_instance_uid]
+    if study.accession_number:
+        same_study.append(and_(Order.accession_number == study.accession_number,
+                               Order.patient_id == study.patient.patient_id))
+    given += [(when, code) for when, code in session.execute(
+        select(Order.updated_at, Order.patient_language)
+        .where(Order.patient_language != "", or_(*same_study))
+        .order_by(Order.updated_at.desc(), Order.id.desc()).limit(1))]
+    return max(given, key=lambda pair: pair[0])[1] if given else ""
 
 
 def message_language(language: str) -> str:
@@ -236,7 +267,7 @@ def create_share(session: Session, actor: Principal, policy: SharePolicy, *, stu
     if study is None:
         raise ShareError("no such study")
     language = message_language(language) if language \
-        else recipient_language(session, study, audience)
+        else recipient_language(session, study, audience).language
     series = sorted(set(series_uids))
     if series:
         if whole_patient or requires_sign_in:

@@ -128,3 +128,13 @@ def test_a_reason_on_the_error_page_is_escaped_in_every_language(app: Flask) -> 
         assert page.status_code == 400
         text = page.get_data(as_text=True)
         assert "<b>bold</b>" not in text and "&lt;b&gt;bold&lt;/b&gt;" in text
+
+
+@pytest.mark.parametrize(("code", "language"), [
+    ("es", "es"), ("es-MX", "es"), ("SPA", "es"), ("ger", "de"), ("fra", "fr"), ("EN", "en"),
+    ("iw", "he"), ("und", ""), ("mul", ""), ("zz", ""), ("", ""), ("<b>", ""), ("x" * 40, "")])
+def test_a_language_code_from_the_ris_is_read_in_every_form(code: str, language: str) -> None:
+    """HL7 PID-15 and FHIR carry ISO 639-1, BCP 47, HL7 table 0296 or ISO 639-2 codes."""
+    from portal.i18n import spoken_language
+
+    assert spoken_language(code) == language

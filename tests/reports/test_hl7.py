@@ -30,7 +30,8 @@ from portal.reports import inbound
 from portal.reports.mllp import MllpServer
 from portal.reports.models import Report, ReportVersion
 from portal.reports.notify import notifier
-from tests.conftest import IdentityProvider, add_person, signed_in
+from portal.sharing.models import ShareLink
+from tests.conftest import IdentityProvider, add_person, csrf_of, signed_in
 from tests.factories import make_dataset, to_bytes
 from tests.sharing import test_delivery
 from tests.sharing.test_delivery import Mailbox
@@ -97,11 +98,12 @@ def msa(ack: str) -> tuple[str, str]:
 
 
 def oru(accession: str, status: str, *lines: str, control: str = "", patient: str = "P-R",
-        study_uid: str = "", charset: str = "") -> str:
+        study_uid: str = "", charset: str = "", language: str = "") -> str:
     control = control or generate_uid()[-12:]
     segments = [f"MSH|^~\\&|RIS|HOSP|PORTAL|HOSP|20260301101500||ORU^R01|{control}|P|2.5.1"
                 f"||||||{charset}",
-                f"PID|||{patient}^^^HOSP^MR||Roe^Richard||19600101|M",
+                f"PID|||{patient}^^^HOSP^MR||Roe^Richard||19600101|M" + (
+                    f"|||||||{language}" if language else ""),  # PID-15
                 f"OBR|1|PL{accession}|FI{accession}|CTCHEST^CT chest^L|||20260301100000|||||"
                 f"||||^House^Gregory||{accession}|||20260301101000||CT|{status}|||||||"
                 "1234^Chase^Robert"]
@@ -282,15 +284,69 @@ def segment(name: str, fields: dict[int, str]) -> str:
     return "|".join([name, *values])
 
 
-def orm(accession: str, control: str, status: str, provider: str, when: str = "") -> str:
+def orm(accession: str, control: str, status: str, provider: str, when: str = "",
+        language: str = "") -> str:
     return CR.join([
         f"MSH|^~\\&|RIS|HOSP|PORTAL|HOSP|20260301090000||ORM^O01|{generate_uid()[-10:]}|P|2.3.1",
-        "PID|||P-R^^^HOSP^MR||Roe^Richard||19600101|M",
+        segment("PID", {3: "P-R^^^HOSP^MR", 5: "Roe^Richard", 7: "19600101", 8: "M",
+                        15: language}),
         segment("ORC", {1: control, 2: f"PL{accession}", 3: f"FI{accession}", 5: status,
                         12: provider}),
         segment("OBR", {1: "1", 2: f"PL{accession}", 3: f"FI{accession}",
                         4: "CTCHEST^CT chest^L", 16: provider, 18: accession, 24: "CT",
                         27: f"^^^{when}"})]) + CR
+
+
+def test_the_patients_language_from_pid_15_is_what_a_share_link_for_him_is_written_in(
+        ris: Ris, idp: IdentityProvider) -> None:
+    """PID-15 (primary language) of a report or an order of the study, in any form a RIS
+    writes it (ISO 639-1, HL7 table 0296, ISO 639-2), chooses the language of a link for
+    the patient, the newest message first; a code that names no language changes nothing;
+    the patient's own choice in the portal wins over the records."""
+    from tests.i18n.test_share_language import _selected_language
+
+    app = ris.app
+    subjects = people(app, idp)
+    accession = "L" + generate_uid()[-8:]
+    study = store_study(app, accession)
+    doctor = signed_in(app, idp, subjects["doctor"])
+
+    def form() -> tuple[str, str]:
+        page = doctor.get(f"/studies/{study}/share")
+        assert page.status_code == 200
+        html = page.get_data(as_text=True)
+        hint = html.split('id="language-hint">', 1)[1].split("</p>", 1)[0]
+        return _selected_language(html), hint
+
+    assert form() == ("en", "The text message or e-mail with the link, and the pages it "
+                            "opens, are in this language.")
+    (ack,) = send(ris.port, oru(accession, "F", "IMP:Normal.", language="SPA^Spanish^HL70296"))
+    assert msa(ack) == ("AA", "")
+    language, hint = form()
+    assert language == "es"
+    assert hint.startswith("Español is the patient's language in the hospital's records.")
+    provider = "1999999999^Foreman^Eric^^^^^^NPI^^^^NPI"
+    acks = send(ris.port, orm(accession, "XO", "CM", provider, language="ger^German^ISO639-2"),
+                orm(accession, "XO", "CM", provider, language="und"),
+                orm(accession, "XO", "CM", provider, language="zz^Unknown^L"))
+    assert [msa(a)[0] for a in acks] == ["AA", "AA", "AA"]
+    assert form()[0] == "de"
+    with app.extensions["db"].new_session() as session:
+        assert session.scalars(select(Order.patient_language).where(
+            Order.accession_number == accession)).one() == "de"
+        assert session.scalars(select(Report.patient_language)).one() == "es"
+    made = doctor.post("/api/shares", json={"study_uid": study},  # no language named
+                       headers={"X-CSRF-Token": csrf_of(doctor)})
+    assert made.status_code == 201, made.get_data(as_text=True)
+    with app.extensions["db"].new_session() as session:
+        assert session.scalars(select(ShareLink.language)).one() == "de"
+    # The patient's own choice in the portal comes first.
+    with app.extensions["db"].write_transaction() as session:
+        patient = session.scalars(select(User).where(User.subject == subjects["patient"])).one()
+        patient.language = "fr"
+        link_patient(session, ADMIN, patient.id, "P-R")
+    language, hint = form()
+    assert language == "fr" and hint.startswith("The patient chose Français in the portal.")
 
 
 def siu(accession: str, trigger: str, start: str) -> str:
