@@ -122,7 +122,8 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     reports_routes_init(app)
     # The after-ingest steps of the packages above the archive (it added its own: audit,
     # headers); every way in runs them all once its new instances are committed.
-    app.extensions["archive"].after.add("prerender", prerender.after_ingest)
+    app.extensions["archive"].after.add("prerender", prerender.after_ingest,
+                                        finish=prerender.finish_waiting)
     app.extensions["archive"].after.add("reports", report_objects.after_ingest)
     # The DIMSE SCP's services from above the archive (query/retrieve, storage commitment).
     app.extensions["dimse_services"] = [dimse_qr.offer]

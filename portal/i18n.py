@@ -186,9 +186,9 @@ _NO_LANGUAGE = frozenset({"und", "mul", "zxx", "mis"})
 
 
 def spoken_language(code: str) -> str:
-    """The ISO 639-1 language a code names as a RIS sends it (HL7 PID-15: "es", "es-MX",
-    "SPA" of HL7 table 0296, ISO 639-2 "ger"; BCP 47 in FHIR), else ''. Babel reads every
-    form (CLDR's aliases)."""
+    """The language a code names as a RIS sends it (HL7 PID-15: "es", "es-MX", "SPA" of HL7
+    table 0296, ISO 639-2 "ger"; BCP 47 in FHIR), as Babel's language code (ISO 639-1 where
+    the language has one: "es"), else ''. Babel reads every form (CLDR's aliases)."""
     head, _, rest = code.strip().replace("-", "_").partition("_")
     if head.lower() in _NO_LANGUAGE or len(code) > 35:
         return ""

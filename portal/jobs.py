@@ -198,13 +198,7 @@ def enqueue(name: str, *args: Any, at: datetime | None = None, wait: bool = Fals
         _run_in_process(app, name, list(args))
         return None
     delay = 0.0 if at is None else max(0.0, (at - datetime.now(UTC)).total_seconds())
-    try:
-        _lane(kind.lane).submit(carry(_later), delay, app, name, list(args))
-    except RuntimeError:
-        # The interpreter is exiting and the lanes take no more work ("cannot schedule new
-        # futures after interpreter shutdown"): run it here, as the lane would have before
-        # the process ended, rather than lose it.
-        _later(delay, app, name, list(args))
+    _lane(kind.lane).submit(carry(_later), delay, app, name, list(args))
     return None
 
 

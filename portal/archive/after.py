@@ -69,13 +69,29 @@ class AfterIngest:
         """An empty list; ``add`` fills it at start-up."""
         self._app = app
         self._steps: list[tuple[str, Step, bool]] = []
+        self._finishers: list[tuple[str, Callable[[], None]]] = []
 
-    def add(self, name: str, step: Step, *, required: bool = False) -> None:
+    def add(self, name: str, step: Step, *, required: bool = False,
+            finish: Callable[[], None] | None = None) -> None:
         """Append a step. A ``required`` step's failure reaches the caller (after every other
-        step has run); any other step's failure is logged and disturbs nothing."""
+        step has run); any other step's failure is logged and disturbs nothing. ``finish``
+        does at once what the step left for later (``finish``)."""
         if name in self.names:
             raise ValueError(f"after-ingest step {name!r} is already registered")
         self._steps.append((name, step, required))
+        if finish is not None:
+            self._finishers.append((name, finish))
+
+    def finish(self) -> None:
+        """Do now, and return when done, what the steps left for later: a command that
+        stores and then exits (``flask dimse pull --with-scp``) calls this before it ends,
+        else what waits to run later is lost with the process."""
+        with self._app.app_context():
+            for name, finish in self._finishers:
+                try:
+                    finish()
+                except Exception:
+                    log.exception("after-ingest step %r could not finish", name)
 
     @property
     def names(self) -> list[str]:

@@ -244,5 +244,8 @@ def pull_command(study_uids: tuple[str, ...], with_scp: bool) -> None:
     finally:
         if server is not None:
             server.shutdown()
+            after = current_archive().after
+            if after is not None:  # what the received series wait for, before this exits
+                after.finish()
     if failed:
         sys.exit(1)

@@ -6,7 +6,6 @@ first reformat is cut from a file in well under a second (every process shares t
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
 import sys
@@ -179,8 +178,9 @@ class Settling:
     (benchmarks/README.md, "Pre-rendering once the series has arrived"). On the job queue,
     each arrival queued a job that rebuilt the volume on a worker.
 
-    A process that exits starts what still waits (``start_all``, at exit): a command that
-    stores a series and ends at once (``flask dimse pull --with-scp``) still warms it up.
+    What waits here is lost if the process stops within that second, unless it calls
+    ``finish_waiting`` first (``AfterIngest.finish``: ``flask dimse pull --with-scp``); such a
+    series is rendered on first view, as after a failed warm-up.
     """
 
     def __init__(self, start: Callable[[Flask, list[str], bool], None], *, quiet: float,
@@ -221,12 +221,14 @@ class Settling:
                         if app is None or waiting[2] is app]:
                 del self._waiting[key]
 
-    def start_all(self) -> None:
-        """Start everything that waits now, on this thread (the process is exiting)."""
+    def take(self, app: Flask) -> list[tuple[str, bool]]:
+        """Remove what waits for ``app`` and return it, (series, images) each, to be done
+        by the caller now."""
         with self._changed:
-            starts = [waiting[3] for waiting in self._waiting.values()]
-            self._waiting.clear()
-        self._start_each(starts)
+            taken = [key for key, waiting in self._waiting.items() if waiting[2] is app]
+            for key in taken:
+                del self._waiting[key]
+        return taken
 
     def _start_one(self, app: Flask, uid: str, images: bool) -> Callable[[], None]:
         return lambda: self._start(app, [uid], images)
@@ -253,14 +255,29 @@ class Settling:
         for start in starts:
             try:
                 start()
+            except RuntimeError as exc:
+                if "interpreter shutdown" not in str(exc):  # concurrent.futures' words
+                    log.exception("could not queue the pre-rendering of a series")
+                else:  # the process is exiting: its lanes take no more work
+                    log.info("a series was not pre-rendered: the process is exiting "
+                             "(it renders on first view)")
             except Exception:  # a background warm-up never fails anyone's request
                 log.exception("could not queue the pre-rendering of a series")
 
 
 _settling = Settling(_start, quiet=1.0, longest=10.0)
-# At exit the lanes take no more work, so a warm-up started then runs on the exiting thread
-# (portal/jobs.py, ``enqueue``); on the job queue it is queued as always.
-atexit.register(_settling.start_all)
+
+
+def finish_waiting() -> None:
+    """Do now, in this thread, the warm-ups of the current app that wait for their series to
+    settle (on the job queue, when it has workers, they are queued there instead): for a
+    command that exits once it has stored (``AfterIngest.finish``)."""
+    from portal import jobs
+
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    on_queue = jobs.uses_queue(app)
+    for uid, images in _settling.take(app):
+        jobs.enqueue("prerender", [uid], images, wait=not on_queue, app=app)
 
 
 def forget_waiting(app: Flask | None = None) -> None:

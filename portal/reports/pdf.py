@@ -67,7 +67,11 @@ _ISOLATE, _END_ISOLATE = "\u2068", "\u2069"
 
 
 def _isolated(value: str) -> str:
-    return f"{_ISOLATE}{value}{_END_ISOLATE}" if value else ""
+    """A name with right-to-left letters as an isolate; any other as it is (an isolate
+    would stay in the PDF's text layer, in what a reader copies)."""
+    if any(unicodedata.bidirectional(c) in ("R", "AL") for c in value):
+        return f"{_ISOLATE}{value}{_END_ISOLATE}"
+    return value
 
 
 def _latin_only(text: str) -> str:
@@ -89,7 +93,8 @@ def _covered(path: str) -> frozenset[int]:
     """The characters a font file has glyphs for (read once)."""
     from fontTools.ttLib import TTFont
 
-    return frozenset(TTFont(path, fontNumber=0, lazy=True).getBestCmap())
+    with TTFont(path, fontNumber=0, lazy=True) as font:
+        return frozenset(font.getBestCmap())
 
 
 def _needs_shaping(text: str) -> bool:
@@ -147,7 +152,8 @@ def report_pdf(report: Report, study: Study) -> bytes:
         family, written = "body", _unmarked
         pdf.add_font(family, "", fonts.regular)
         pdf.add_font(family, "B", fonts.bold)
-        if not set(map(ord, _unmarked(everything))) <= _covered(fonts.regular):
+        letters = {ord(c) for c in _unmarked(everything) if c.isprintable() and not c.isspace()}
+        if not letters <= _covered(fonts.regular):
             for number, path in enumerate(fonts.fallbacks):
                 pdf.add_font(f"fallback{number}", "", path)
             # Bold CJK text in the fallback's regular face (exact_match=False).

@@ -297,6 +297,8 @@ def receive_order(session: Session, incoming: IncomingOrder) -> Order:
         order = Order()
         session.add(order)
     was = order.accession_number or ""
+    if incoming.patient_id and incoming.patient_id[:64] != order.patient_id:
+        order.patient_language = ""  # another patient now: the old one's language is not his
     for name in ("placer_order_number", "filler_order_number", "accession_number",
                  "study_instance_uid", "patient_id", "patient_name", "procedure", "modality",
                  "ordering_provider", "ordering_provider_key", "location",
@@ -333,6 +335,17 @@ def _report_of_study() -> ColumnElement[bool]:
                     and_(Study.accession_number != "",
                          Report.accession_number == Study.accession_number,
                          Report.study_instance_uid == "")))
+
+
+def report_language(session: Session, study: Study) -> tuple[datetime, str] | None:
+    """When the study's report updated last among those that gave the patient's language
+    (HL7 PID-15) was updated, and that language; None when none gave one. Two columns, not
+    the reports (their PDFs)."""
+    found = session.execute(
+        select(Report.updated_at, Report.patient_language).join(Study, _report_of_study())
+        .where(Study.id == study.id, Report.patient_language != "")
+        .order_by(Report.updated_at.desc(), Report.id.desc()).limit(1)).first()
+    return (found[0], found[1]) if found is not None else None
 
 
 def reports_of(session: Session, study: Study) -> list[Report]:

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
 from flask_babel import lazy_gettext as _l
-from sqlalchemy import Select, and_, delete, func, or_, select, update
+from sqlalchemy import Select, delete, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from portal import audit, failures
@@ -210,23 +210,23 @@ def recipient_language(session: Session, study: Study, audience: str) -> KnownLa
 
 
 def recorded_language(session: Session, study: Study) -> str:
-    """The patient's language (ISO 639-1) as the RIS gave it with the newest report or order
-    of this study that gave one (HL7 PID-15), else ''. An order is the study's when it names
-    its Study Instance UID, or its accession number and Patient ID (the rule orders follow);
-    a report by ``reports_of``'s rule."""
-    from portal.reports.service import reports_of
+    """The patient's language (ISO 639-1) as the RIS gave it (HL7 PID-15) with the report or
+    order of this study updated last among those that gave one, else ''. An order is the
+    study's when it names the study's Patient ID and its Study Instance UID or accession
+    number; a report by ``reports_of``'s rule."""
+    from portal.reports.service import report_language
 
-    given = [(r.updated_at, r.patient_language) for r in reports_of(session, study)
-             if r.patient_language][:1]
+    given = [report_language(session, study)]
     same_study = [Order.study_instance_uid == study.study_instance_uid]
     if study.accession_number:
-        same_study.append(and_(Order.accession_number == study.accession_number,
-                               Order.patient_id == study.patient.patient_id))
+        same_study.append(Order.accession_number == study.accession_number)
     given += [(when, code) for when, code in session.execute(
         select(Order.updated_at, Order.patient_language)
-        .where(Order.patient_language != "", or_(*same_study))
+        .where(Order.patient_language != "", Order.patient_id == study.patient.patient_id,
+               or_(*same_study))
         .order_by(Order.updated_at.desc(), Order.id.desc()).limit(1))]
-    return max(given, key=lambda pair: pair[0])[1] if given else ""
+    known = [pair for pair in given if pair is not None]
+    return max(known, key=lambda pair: pair[0])[1] if known else ""
 
 
 def message_language(language: str) -> str:

@@ -156,6 +156,8 @@ def test_the_report_pdf_writes_hebrew_and_arabic_right_to_left_and_joined(
         body = report_pdf(Report(title="CT", status="final", version=1,
                                  findings="لا توجد كسور.\nNo fracture.",
                                  author="Cohen^Dvora"), study)
+    text = "".join(page.extract_text() for page in PdfReader(io.BytesIO(body)).pages)
+    assert "Reported by: Dvora Cohen" in text  # a left-to-right name needs no isolate
     lines = _seen_lines(body)
     seen = ["".join(letter for _, letter in line) for line in lines]
     name = WRITTEN["chrHbrw.dcm"].replace(" ", "")  # "דבורה שרון": given name, on the right

@@ -285,10 +285,10 @@ def segment(name: str, fields: dict[int, str]) -> str:
 
 
 def orm(accession: str, control: str, status: str, provider: str, when: str = "",
-        language: str = "") -> str:
+        language: str = "", patient: str = "P-R") -> str:
     return CR.join([
         f"MSH|^~\\&|RIS|HOSP|PORTAL|HOSP|20260301090000||ORM^O01|{generate_uid()[-10:]}|P|2.3.1",
-        segment("PID", {3: "P-R^^^HOSP^MR", 5: "Roe^Richard", 7: "19600101", 8: "M",
+        segment("PID", {3: f"{patient}^^^HOSP^MR", 5: "Roe^Richard", 7: "19600101", 8: "M",
                         15: language}),
         segment("ORC", {1: control, 2: f"PL{accession}", 3: f"FI{accession}", 5: status,
                         12: provider}),
@@ -335,6 +335,16 @@ def test_the_patients_language_from_pid_15_is_what_a_share_link_for_him_is_writt
         assert session.scalars(select(Order.patient_language).where(
             Order.accession_number == accession)).one() == "de"
         assert session.scalars(select(Report.patient_language)).one() == "es"
+    # The order moves to another patient (no PID-15): his order's German is not this
+    # patient's; the report's Spanish is what is known again.
+    (moved,) = send(ris.port, orm(accession, "XO", "CM", provider, patient="P-OTHER"))
+    assert msa(moved)[0] == "AA"
+    with app.extensions["db"].new_session() as session:
+        assert session.scalars(select(Order.patient_language).where(
+            Order.accession_number == accession)).one() == ""
+    assert form()[0] == "es"
+    (back,) = send(ris.port, orm(accession, "XO", "CM", provider, language="de"))
+    assert msa(back)[0] == "AA" and form()[0] == "de"
     made = doctor.post("/api/shares", json={"study_uid": study},  # no language named
                        headers={"X-CSRF-Token": csrf_of(doctor)})
     assert made.status_code == 201, made.get_data(as_text=True)
