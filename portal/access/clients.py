@@ -50,7 +50,7 @@ class Client(NamedTuple):
 
 # Every request of a modality or script reads this row (STOW-RS one instance a request: 150
 # a series): columns through Core, 114 us a request here against 261 us for the ORM object
-# (benchmarks/README.md, "Fewer steps per instance").
+# (benchmarks/README.md, "One instance per request: where the rest goes").
 _CLIENT = select(MachineClient.id, MachineClient.name, MachineClient.can_read,
                  MachineClient.can_store, MachineClient.secret_sha256, MachineClient.active
                  ).where(MachineClient.name == bindparam("name"))

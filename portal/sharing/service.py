@@ -194,9 +194,9 @@ def recipient_language(session: Session, study: Study, audience: str) -> KnownLa
 
     Known, for a link for the patient: the language chosen by the patient account linked to
     his record (by an office manager); several accounts that disagree leave it unknown. Else
-    the patient's language the RIS gave (HL7 PID-15) with this study's newest report or
-    order that gave one, when the portal offers it. A colleague's link names nobody in
-    particular, so his language is never known."""
+    the patient's language the RIS gave (HL7 PID-15) with the report or order of this study
+    updated last among those that gave one, when the portal offers it. A colleague's link
+    names nobody in particular, so his language is never known."""
     if audience != "patient":
         return KnownLanguage("", "")
     chosen = set(session.scalars(
