@@ -64,12 +64,14 @@ def system_fonts() -> Fonts | None:
 # First strong isolate and its end (Unicode UAX 9, what HTML's <bdi> does): a name keeps its
 # own direction inside a line, and brackets or digits after it keep the line's.
 _ISOLATE, _END_ISOLATE = "\u2068", "\u2069"
+# Bidirectional classes of letters written right to left (Hebrew; Arabic).
+_RIGHT_TO_LEFT = frozenset({"R", "AL"})
 
 
 def _isolated(value: str) -> str:
     """A name with right-to-left letters as an isolate; any other as it is (an isolate
     would stay in the PDF's text layer, in what a reader copies)."""
-    if any(unicodedata.bidirectional(c) in ("R", "AL") for c in value):
+    if any(unicodedata.bidirectional(c) in _RIGHT_TO_LEFT for c in value):
         return f"{_ISOLATE}{value}{_END_ISOLATE}"
     return value
 
@@ -102,7 +104,7 @@ def _needs_shaping(text: str) -> bool:
     these would stand backwards, unjoined or apart. Other text is set as it is: shaping
     made a two-page English report take 820 ms instead of 480 (fpdf2 shapes every width
     it measures while breaking lines)."""
-    return any(unicodedata.bidirectional(c) in ("R", "AL", "AN")
+    return any(unicodedata.bidirectional(c) in _RIGHT_TO_LEFT | {"AN"}
                or unicodedata.category(c) in ("Mn", "Mc") for c in text)
 
 
@@ -112,7 +114,7 @@ def _align(text: str, ltr: Literal["J", "L"] = "J") -> Literal["J", "L", "R"]:
     from; any other as ``ltr``."""
     for letter in text:
         kind = unicodedata.bidirectional(letter)
-        if kind in ("R", "AL"):
+        if kind in _RIGHT_TO_LEFT:
             return "R"
         if kind == "L":
             return ltr

@@ -216,7 +216,8 @@ def recorded_language(session: Session, study: Study) -> str:
     number; a report by ``reports_of``'s rule."""
     from portal.reports.service import report_language
 
-    given = [report_language(session, study)]
+    reported = report_language(session, study)
+    given = [reported] if reported is not None else []
     same_study = [Order.study_instance_uid == study.study_instance_uid]
     if study.accession_number:
         same_study.append(Order.accession_number == study.accession_number)
@@ -225,8 +226,7 @@ def recorded_language(session: Session, study: Study) -> str:
         .where(Order.patient_language != "", Order.patient_id == study.patient.patient_id,
                or_(*same_study))
         .order_by(Order.updated_at.desc(), Order.id.desc()).limit(1))]
-    known = [pair for pair in given if pair is not None]
-    return max(known, key=lambda pair: pair[0])[1] if known else ""
+    return max(given, key=lambda pair: pair[0])[1] if given else ""
 
 
 def message_language(language: str) -> str:
