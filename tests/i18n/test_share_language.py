@@ -26,6 +26,7 @@ from portal.access.grants import create_grant, link_patient
 from portal.access.models import User
 from portal.access.principal import Principal
 from portal.archive import current_archive
+from portal.index.models import Order
 from portal.sharing.models import ShareLink
 from portal.sharing.routes import PORTAL_NAME
 from tests.browser import PHONES, chromium, loopback_only, phone
@@ -251,6 +252,36 @@ def test_share_form_language_choice_on_phones(oidc_app: Flask, idp: IdentityProv
             with page.expect_navigation():
                 page.get_by_role("button", name="Make the link").click()
             assert "/s?lang=de#" in page.locator("#share-url").input_value()
+            context.close()
+
+
+def test_the_language_from_the_records_is_said_on_phones(oidc_app: Flask,
+                                                         idp: IdentityProvider) -> None:
+    """The share form names the patient's language the RIS gave (an order's PID-15),
+    chosen beforehand; checked on both phones in light and dark (axe, 360 px, 44 px)."""
+    sub = f"doc-{generate_uid()[-8:]}"
+    doctor_id = add_person(oidc_app, idp, sub, ["physician"], "Clinic", name="Dr Wilson")
+    study = generate_uid()
+    with oidc_app.app_context():
+        current_archive().ingest(make_instance(study=study, patient_id="PAT-REC",
+                                               AccessionNumber="ACC-REC"), who="t")
+    with oidc_app.extensions["db"].write_transaction() as session:
+        create_grant(session, SETUP, user_id=doctor_id, study_uid=study)
+        session.add(Order(accession_number="ACC-REC", patient_id="PAT-REC",
+                          patient_language="es", status="performed"))
+    with LiveServer(oidc_app) as server, chromium() as (playwright, browser):
+        for device in PHONES:
+            context = browser.new_context(**phone(playwright, device))
+            loopback_only(context)
+            page = context.new_page()
+            sign_in_browser(page, server.url, sub=sub)
+            page.goto(f"{server.url}/studies/{study}/share")
+            expect(page.get_by_label("Language of the message")).to_have_value("es")
+            expect(page.locator("#language-hint")).to_contain_text(
+                "Español is the patient's language in the hospital's records.")
+            problems: list[str] = []
+            _check_page(page, f"share-records-{device.replace(' ', '_')}", problems, True)
+            assert problems == []
             context.close()
 
 
