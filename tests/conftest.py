@@ -107,7 +107,10 @@ class PostgresCluster:
         """Start the (initialised, stopped) cluster on its port: a restart after ``stop``."""
         self._run(str(_pg_bindir() / "pg_ctl"), "-D", str(self.data), "-w", "-t", "60", "-l",
                   str(self.root / "log"), "-o",
-                  f"-h 127.0.0.1 -p {self.port} -k {self.root} -F -c fsync=off", "start")
+                  f"-h 127.0.0.1 -p {self.port} -k {self.root} -F -c fsync=off "
+                  # One cluster serves the whole session: each test app keeps a pool, and
+                  # PgBouncer its server connections (100 ran out once, late in a CI run).
+                  "-c max_connections=300", "start")
 
     def stop(self) -> None:
         self._run(str(_pg_bindir() / "pg_ctl"), "-D", str(self.data), "-m", "immediate",
