@@ -125,8 +125,21 @@ def _terminate_on_signal(signum: int, _frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 
 
+def _with_children(pid: int) -> list[int]:
+    """``pid`` and its descendants (gunicorn's workers hold their own listening sockets when
+    there are several: ``reuse_port`` in portal/gunicorn_config.py)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 def assert_loopback_only(pid: int, expected_ports: set[int], what: str) -> None:
-    listening = listening_addresses(pid)
+    listening = [address for each in _with_children(pid) for address in listening_addresses(each)]
     exposed = [(a, p) for a, p in listening if not ipaddress.ip_address(a).is_loopback]
     if exposed:
         raise RuntimeError(f"{what} listens beyond loopback: {exposed}")

@@ -26,6 +26,15 @@ bind = os.environ.get("PORTAL_BIND", "127.0.0.1:5000")
 workers = int(os.environ.get("PORTAL_WORKERS", "2"))
 worker_class = "gthread"
 threads = int(os.environ.get("PORTAL_THREADS", "8"))
+# Several workers on TCP: each its own listening socket (SO_REUSEPORT), and the kernel spreads
+# new connections over them by their addresses. On the one socket the master shares, the worker
+# that wakes first takes them: a client's 8 keep-alive connections all went to one of two
+# workers in 1 of 8 tries, with half the throughput (benchmarks/README.md, "Connections spread
+# over the workers"). The cost: connections a worker has not yet accepted when it stops (a
+# reload, a crash) are reset, unless the kernel hands them on (net.ipv4.tcp_migrate_req=1,
+# docs/operations.md). PORTAL_REUSE_PORT=0 keeps the shared socket; one worker always does.
+reuse_port = workers > 1 and os.environ.get("PORTAL_REUSE_PORT", "1") != "0" \
+    and not bind.startswith(("unix:", "fd://"))
 timeout = 120
 graceful_timeout = 30
 keepalive = 5
@@ -125,9 +134,29 @@ class JsonLogger(AccessLogger):
 logger_class = JsonLogger if os.environ.get("PORTAL_LOG_FORMAT") == "json" else AccessLogger
 
 
+def _refuse_a_taken_address(address: str) -> None:
+    """With ``reuse_port`` the workers bind, each with SO_REUSEPORT, and another server of the
+    same user listening there the same way would quietly share the connections: start only
+    when nothing listens on the address (a plain bind, as without ``reuse_port``)."""
+    import socket
+
+    from gunicorn.util import parse_address
+
+    host, port = parse_address(address)
+    family = socket.AF_INET6 if ":" in str(host) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no server
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(f"{address} is taken by another server ({exc.strerror})") from None
+
+
 def on_starting(server: Any) -> None:
-    """Before workers start: empty the metrics folder, bring the schema up to date and reap
-    crash leftovers."""
+    """Before workers start: check the address is free (``reuse_port``), empty the metrics
+    folder, bring the schema up to date and reap crash leftovers."""
+    if server.cfg.reuse_port:
+        _refuse_a_taken_address(bind)
     folder = Path(METRICS_DIR)
     folder.mkdir(parents=True, exist_ok=True)
     for leftover in folder.glob("*.db"):

@@ -40,6 +40,7 @@ from portal.reports.models import Report
 from portal.reports.service import (
     _report_of_study,
     effective_statuses,
+    given_languages,
     readable_reports,
     study_of_report,
 )
@@ -129,9 +130,10 @@ def _patient_refers(column: Any) -> Callable[[str, str], ColumnElement[bool]]:
     return where
 
 
-def _emit_patients(_session: Session, _principal: Principal, rows: Sequence[Any],
+def _emit_patients(session: Session, _principal: Principal, rows: Sequence[Any],
                    _links: Links) -> list[dict[str, Any]]:
-    return [resources.patient_resource(p) for p in rows]
+    spoken = given_languages(session, Study.patient_fk.in_([p.id for p in rows]))
+    return [resources.patient_resource(p, spoken.get(p.id, "")) for p in rows]
 
 
 PATIENT = Kind(

@@ -6,7 +6,8 @@ In: ``status``; ``identifier`` (the report's id at the sender; an identifier who
 ACSN is the accession number); ``imagingStudy`` references (``ImagingStudy/<Study UID>`` or
 a contained/identified study with ``urn:oid:`` + UID); ``subject`` with a Patient identifier
 (required: its ``value``, its ``assigner.display`` as the issuer, and ``subject.display`` as
-the name are checked against the study's patient); ``conclusion`` (impression);
+the name are checked against the study's patient; a contained Patient it references gives
+the patient's language); ``conclusion`` (impression);
 ``presentedForm`` attachments (text/plain, text/html as text, application/pdf);
 ``resultsInterpreter`` display (author); ``issued`` (signing time; a version issued before
 the stored one is not applied).
@@ -24,7 +25,10 @@ import re
 from datetime import datetime
 from typing import Any
 
+from babel import Locale
+
 from portal.fhir.search import fhir_date
+from portal.i18n import spoken_language
 from portal.index.models import Order, Patient, Study
 from portal.index.names import name_language, person_name
 from portal.reports.models import Report
@@ -83,6 +87,30 @@ def _issued(value: Any) -> datetime | None:
         return None
 
 
+# Patient.communication.language: a BCP 47 tag (FHIR R4, "AllLanguages").
+BCP47 = "urn:ietf:bcp:47"
+
+
+def _patient_language(resource: dict[str, Any], subject: dict[str, Any]) -> str:
+    """The language of the Patient the report's ``subject`` references as a contained
+    resource (``#id``): the ``communication`` marked preferred, else the first, read as
+    ``spoken_language`` reads HL7 PID-15; '' when none is given or none is a language."""
+    reference = subject.get("reference")
+    if not isinstance(reference, str) or not reference.startswith("#"):
+        return ""
+    patient = next((c for c in _array(resource.get("contained")) if isinstance(c, dict)
+                    and c.get("resourceType") == "Patient"
+                    and f"#{c.get('id', '')}" == reference), {})
+    spoken = [c for c in _array(patient.get("communication")) if isinstance(c, dict)]
+    for entry in sorted(spoken, key=lambda c: c.get("preferred") is not True):
+        language = _object(entry.get("language"))
+        for coding in _array(language.get("coding")):
+            code = _object(coding).get("code")
+            if isinstance(code, str) and spoken_language(code):
+                return spoken_language(code)
+    return ""
+
+
 def report_from_resource(resource: Any) -> IncomingReport:
     """An IncomingReport from a DiagnosticReport; ValueError naming what is wrong."""
     if not isinstance(resource, dict) or resource.get("resourceType") != "DiagnosticReport":
@@ -136,6 +164,7 @@ def report_from_resource(resource: Any) -> IncomingReport:
         signed_at=_issued(resource.get("issued")), pdf=pdf,
         patient_ids=[(patient_id[:64], issuer[:64])],
         patient_name=str(subject.get("display", ""))[:324],
+        patient_language=_patient_language(resource, subject),
         observed_at=_issued(resource.get("issued"))
         or _issued(_object(resource.get("meta")).get("lastUpdated")))
 
@@ -308,8 +337,9 @@ def human_names(value: str) -> list[dict[str, Any]]:
     return [n for n in found if n is not None]
 
 
-def patient_resource(patient: Patient) -> dict[str, Any]:
-    """An indexed patient (Patient ID within its issuer) as a Patient."""
+def patient_resource(patient: Patient, language: str = "") -> dict[str, Any]:
+    """An indexed patient (Patient ID within its issuer) as a Patient; ``language``: his
+    language as the RIS gave it (``given_languages``), as his preferred ``communication``."""
     resource: dict[str, Any] = {"resourceType": "Patient", "id": str(patient.id)}
     if patient.patient_id:
         identifier: dict[str, Any] = {"type": MRN, "value": patient.patient_id}
@@ -323,6 +353,10 @@ def patient_resource(patient: Patient) -> dict[str, Any]:
     born = fhir_date(patient.patient_birth_date)
     if born and len(born) == 10:
         resource["birthDate"] = born
+    if language:
+        resource["communication"] = [{"language": {
+            "coding": [{"system": BCP47, "code": language}],
+            "text": Locale(language).get_display_name("en") or language}, "preferred": True}]
     return resource
 
 

@@ -337,15 +337,32 @@ def _report_of_study() -> ColumnElement[bool]:
                          Report.study_instance_uid == "")))
 
 
-def report_language(session: Session, study: Study) -> tuple[datetime, str] | None:
-    """When the study's report updated last among those that gave the patient's language
-    (HL7 PID-15) was updated, and that language; None when none gave one. Two columns, not
-    the reports (their PDFs)."""
-    found = session.execute(
-        select(Report.updated_at, Report.patient_language).join(Study, _report_of_study())
-        .where(Study.id == study.id, Report.patient_language != "")
-        .order_by(Report.updated_at.desc(), Report.id.desc()).limit(1)).first()
-    return (found[0], found[1]) if found is not None else None
+def _order_of_study() -> ColumnElement[bool]:
+    """SQL: the Order row is the Study row's: it names the study's Patient ID, and its Study
+    Instance UID or (when the study has one) its accession number."""
+    patient_id = select(Patient.patient_id).where(Patient.id == Study.patient_fk) \
+        .correlate_except(Patient).scalar_subquery()
+    return and_(Order.patient_id == patient_id,
+                or_(Order.study_instance_uid == Study.study_instance_uid,
+                    and_(Study.accession_number != "",
+                         Order.accession_number == Study.accession_number)))
+
+
+def given_languages(session: Session, studies: ColumnElement[bool]) -> dict[int, str]:
+    """The patient's language (ISO 639-1) the RIS gave last (HL7 PID-15, a FHIR report's
+    Patient ``communication``) with a report or an order of the studies ``studies`` selects,
+    by the studies' patient row; a patient for whom none gave one is left out. Two columns
+    of each, not the reports (their PDFs)."""
+    latest: dict[int, tuple[datetime, str]] = {}
+    for statement in (
+            select(Study.patient_fk, Report.updated_at, Report.patient_language)
+            .join(Report, _report_of_study()).where(studies, Report.patient_language != ""),
+            select(Study.patient_fk, Order.updated_at, Order.patient_language)
+            .join(Order, _order_of_study()).where(studies, Order.patient_language != "")):
+        for patient, when, code in session.execute(statement):
+            if patient not in latest or when > latest[patient][0]:
+                latest[patient] = (when, code)
+    return {patient: code for patient, (_when, code) in latest.items()}
 
 
 def reports_of(session: Session, study: Study) -> list[Report]:

@@ -31,7 +31,7 @@ from portal.access.policy import (
 from portal.access.principal import Principal
 from portal.db import Database, utcnow
 from portal.i18n import SUPPORTED
-from portal.index.models import Order, Series, Study
+from portal.index.models import Series, Study
 from portal.sharing.models import ShareLink, ShareLinkStudy, ShareSession, link_state
 from portal.sharing.tokens import (
     hash_pin,
@@ -210,23 +210,13 @@ def recipient_language(session: Session, study: Study, audience: str) -> KnownLa
 
 
 def recorded_language(session: Session, study: Study) -> str:
-    """The patient's language (ISO 639-1) as the RIS gave it (HL7 PID-15) with the report or
-    order of this study updated last among those that gave one, else ''. An order is the
-    study's when it names the study's Patient ID and its Study Instance UID or accession
-    number; a report by ``reports_of``'s rule."""
-    from portal.reports.service import report_language
+    """The patient's language (ISO 639-1) as the RIS gave it with the report or order of this
+    study updated last among those that gave one, else ''. An order is the study's when it
+    names the study's Patient ID and its Study Instance UID or accession number; a report by
+    ``reports_of``'s rule."""
+    from portal.reports.service import given_languages
 
-    reported = report_language(session, study)
-    given = [reported] if reported is not None else []
-    same_study = [Order.study_instance_uid == study.study_instance_uid]
-    if study.accession_number:
-        same_study.append(Order.accession_number == study.accession_number)
-    given += [(when, code) for when, code in session.execute(
-        select(Order.updated_at, Order.patient_language)
-        .where(Order.patient_language != "", Order.patient_id == study.patient.patient_id,
-               or_(*same_study))
-        .order_by(Order.updated_at.desc(), Order.id.desc()).limit(1))]
-    return max(given, key=lambda pair: pair[0])[1] if given else ""
+    return given_languages(session, Study.id == study.id).get(study.patient_fk, "")
 
 
 def message_language(language: str) -> str:

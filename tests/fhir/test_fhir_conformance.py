@@ -18,6 +18,7 @@ from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.capabilitystatement import CapabilityStatement
 from fhir.resources.R4B.diagnosticreport import DiagnosticReport
 from fhir.resources.R4B.operationoutcome import OperationOutcome
+from fhir.resources.R4B.patient import Patient as FhirPatient
 from flask import Flask
 from flask.testing import FlaskClient
 from pydicom.uid import generate_uid
@@ -398,6 +399,62 @@ def test_only_valid_r4_diagnostic_reports_are_accepted(world: World) -> None:
     DiagnosticReport.model_validate(created.get_json())
     read = world.machine_get(_path(created.headers["Location"]))
     assert DiagnosticReport.model_validate(read.get_json()).code.text == "CT head"
+
+
+def _languages(world: World, patient_id: str) -> list[tuple[str, bool | None]]:
+    """The communication of the Patient with this Patient ID, searched and read (both valid
+    R4 and the same)."""
+    [found] = _walk(world.machine_get, "Patient", f"identifier={patient_id}")
+    read = world.machine_get(f"/fhir/Patient/{found.id}")
+    assert FhirPatient.model_validate(read.get_json()) == found
+    for entry in found.communication or []:
+        assert [c.system for c in entry.language.coding] == ["urn:ietf:bcp:47"]
+    return [(entry.language.coding[0].code, entry.preferred)
+            for entry in found.communication or []]
+
+
+def test_the_patients_language_comes_with_a_report_and_goes_out_with_the_patient(
+        world: World) -> None:
+    """A DiagnosticReport whose subject is a contained Patient brings his language: the
+    communication marked preferred, read as HL7 PID-15 is ("es-MX" is Spanish). FHIR Patient
+    then names it as his preferred communication; an order updated later with another
+    language wins; a report with a code that is no language changes nothing."""
+    client = world.app.test_client()
+    headers = {**world.ris, "Content-Type": FHIR}
+    assert _languages(world, "P-W1") == [] and _languages(world, "P-O2") == []
+    spoken = _report(world.ct, "A-CT", "P-W1", source_id="R-SPOKEN")
+    spoken["contained"] = [{
+        "resourceType": "Patient", "id": "walker",
+        "communication": [
+            {"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "en"}]}},
+            {"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "es-MX"}],
+                          "text": "Spanish (Mexico)"}, "preferred": True}]}]
+    spoken["subject"] = {"reference": "#walker", "identifier": {"value": "P-W1"}}
+    DiagnosticReport.model_validate(spoken)  # what the test sends is itself valid R4
+    answer = client.post("/fhir/DiagnosticReport", json=spoken, headers=headers)
+    assert answer.status_code == 201, answer.data
+    assert _languages(world, "P-W1") == [("es", True)]
+    assert _languages(world, "P-O2") == []  # another patient's report says nothing of him
+
+    with world.app.extensions["db"].write_transaction() as session:
+        receive_order(session, IncomingOrder(
+            placer_order_number="PL-0", filler_order_number="FI-0", accession_number="A-CT",
+            patient_id="P-W1", patient_name="Walker^Anna", patient_language="de"))
+    assert _languages(world, "P-W1") == [("de", True)]
+
+    unknown = _report(world.mr, "A-MR", "P-W1", source_id="R-UNKNOWN")
+    unknown["contained"] = [{"resourceType": "Patient", "id": "w", "communication": [
+        {"language": {"coding": [{"code": "qqq-not-a-language"}]}, "preferred": True}]}]
+    unknown["subject"] = {"reference": "#w", "identifier": {"value": "P-W1"}}
+    answer = client.post("/fhir/DiagnosticReport", json=unknown, headers=headers)
+    assert answer.status_code == 201, answer.data
+    assert _languages(world, "P-W1") == [("de", True)]
+    with world.app.app_context():
+        from portal.db import db
+
+        assert {r.source_id: r.patient_language for r in db.session.query(Report).filter(
+            Report.source_id.in_(("R-SPOKEN", "R-UNKNOWN")))} == {"R-SPOKEN": "es",
+                                                                 "R-UNKNOWN": ""}
 
 
 def test_people_see_only_their_own(world: World) -> None:
