@@ -205,6 +205,16 @@ def post_worker_init(worker: Any) -> None:
         pool.start()
 
 
+def worker_exit(server: Any, worker: Any) -> None:
+    """A web worker stops (a reload, a shutdown): what the after-ingest steps left for later
+    runs now, within the graceful timeout (``AfterIngest.finish``): a series whose last
+    instance came less than a second ago is still warmed up, not left to render on first
+    view."""
+    archive = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("archive")
+    if archive is not None and archive.after is not None:
+        archive.after.finish()
+
+
 def child_exit(server: Any, worker: Any) -> None:
     """A worker ended: its live gauges (render queue, breaker state) no longer count."""
     from prometheus_client import multiprocess

@@ -4,8 +4,11 @@ and a series that never stops is still warmed every ``longest`` seconds."""
 
 from __future__ import annotations
 
+import base64
+import http.client
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -215,3 +218,52 @@ def test_a_warm_up_cut_short_by_the_process_exiting_is_no_error(tmp_path: Path) 
     assert run.returncode == 0, run.stderr
     assert "the process is exiting" in run.stderr, run.stderr
     assert "ERROR" not in run.stderr and "Traceback" not in run.stderr, run.stderr
+
+
+_VOLUME_STATE = """
+from sqlalchemy import select
+
+from app import app
+from portal.archive import current_archive
+from portal.imaging.prerender import volume_images
+from portal.imaging.service import volume_files, volume_sources
+from portal.index.models import Series
+
+with app.app_context():
+    with current_archive().database.new_session() as session:
+        series_id = session.scalars(select(Series.id)).one()
+        key, _ = volume_sources(volume_images(session, series_id))
+    print("volume:", volume_files().state(key)[0], flush=True)
+"""
+
+
+def test_a_web_worker_that_stops_finishes_the_warm_ups_first(tmp_path: Path) -> None:
+    """gunicorn stopped (SIGTERM) at once after a series arrived by STOW-RS, before it had
+    settled: the worker's exit hook builds the series' volume before the worker ends,
+    instead of leaving the series to be built on first view."""
+    from demo.studies import write_ct_series
+    from tests.support.gunicorn import served
+
+    files = write_ct_series(tmp_path / "series", slices=6, size=64, uid_seed="worker-exit")
+    instance = tmp_path / "instance"
+    parts = [b"\r\n".join([b"--cut", b"Content-Type: application/dicom", b"", path.read_bytes()])
+             for path in files]
+    body = b"\r\n".join(parts) + b"\r\n--cut--\r\n"
+    with served(instance, "modality", log=tmp_path / "gunicorn.log") as node:
+        connection = http.client.HTTPConnection("127.0.0.1", node.port, timeout=60)
+        token = base64.b64encode(f"{node.client}:{node.secret}".encode()).decode()
+        connection.request("POST", "/dicomweb/studies", body=body, headers={
+            "Authorization": f"Basic {token}", "Accept": "application/dicom+json",
+            "Content-Type": 'multipart/related; type="application/dicom"; boundary=cut'})
+        answer = connection.getresponse()
+        assert answer.status == 200, answer.read()
+        connection.close()  # else the worker lingers for it, and the series settles meanwhile
+        # Within the second the series waits to settle; served() then waits for the end.
+        os.kill(node.pid, signal.SIGTERM)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_")}
+    env.update(PORTAL_INSTANCE_PATH=str(instance), PORTAL_ENV="test")
+    state = subprocess.run([sys.executable, "-c", _VOLUME_STATE], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "gunicorn.log").read_text()
+    assert state.stdout.splitlines() == ["volume: ready"], (state.stdout, state.stderr, log)
+    assert "Traceback" not in log, log
