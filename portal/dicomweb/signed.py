@@ -237,10 +237,15 @@ class SignedRenditions:
                 environ.get("HTTP_ACCEPT", ""), thumbnail=False)
         except InvalidRendition:
             rendition = None
-        if rendition is None or frame > known.reader.frames or (
-                rendition.window is None and rendition.preset == "auto"):
-            # A refusal (400, 406, 404) or the series' default window: the app decides.
+        if rendition is None or frame > known.reader.frames:
+            # A refusal (400, 406, 404): the app says why.
             return self._reader_full_path(environ, start_response, holder)
+        if rendition.window is None and rendition.preset == "auto":
+            # The series' default window, which only the app can find: the image it made
+            # before, from the cache (the key names the file and the rendition, not the
+            # window, so it is what the route answers from there too), else the app.
+            return self._cached_for_reader(known.reader.stored.sha256, frame, rendition,
+                                           environ, start_response, holder)
         from portal.imaging.service import stored_image
 
         image = stored_image(known.reader.stored, frame, rendition)
@@ -258,6 +263,26 @@ class SignedRenditions:
             self._readers.pop(holder, None)
             return self._reader_full_path(environ, start_response, holder)
         start_response("200 OK", [("Content-Type", image.media_type),
+                                  ("Content-Length", str(len(body))), *headers])
+        return [body]
+
+    def _cached_for_reader(self, sha256: str, frame: int, rendition: Rendition,
+                           environ: dict[str, Any], start_response: StartResponse,
+                           holder: tuple[bytes, str, str, str]) -> Iterable[bytes]:
+        """A known reader's rendition in the series' default window: 304 on a matching ETag,
+        the cached bytes, or the app (which renders it and keeps it in the cache)."""
+        key = rendition.cache_key(sha256, frame)
+        etag = hashlib.sha256(key.encode()).hexdigest()[:32]  # RenderedImage.etag
+        headers = [*_IMAGE_HEADERS, ("ETag", f'"{etag}"')]
+        if parse_etags(environ.get("HTTP_IF_NONE_MATCH")).contains(etag):
+            start_response("304 Not Modified", headers)
+            return [b""]
+        cache: RenderCache = self.app.extensions["render_cache"]
+        body = cache.get(key)
+        if body is None:
+            return self._reader_full_path(environ, start_response, holder)
+        CACHE_REQUESTS.labels("hit").inc()
+        start_response("200 OK", [("Content-Type", rendition.media_type),
                                   ("Content-Length", str(len(body))), *headers])
         return [body]
 

@@ -104,6 +104,32 @@ def test_a_known_reader_gets_the_routes_bytes_without_a_query(app: Flask,
         assert routed.data == response.data and routed.headers["ETag"] == response.headers["ETag"]
 
 
+def test_a_known_readers_default_window_comes_from_the_cache(app: Flask,
+                                                             client: FlaskClient) -> None:
+    """A rendition without a window (the series' default, which only the route can find):
+    once the route made it, the same image again, as the instance or as its frame, comes from
+    the cache without a query, with the route's bytes and ETag (304 on that ETag); once the
+    cache has lost it the route answers again, byte for byte the same."""
+    ds = _ct(app)
+    auth = {**basic_auth(*make_client(app, "viewer", can_store=False)), **JPEG}
+    first = client.get(url(ds, "rendered"), headers=auth)
+    assert first.status_code == 200
+    with Queries(app) as queries:
+        again = client.get(url(ds, "rendered"), headers=auth)
+        frame = client.get(url(ds, "frames/1/rendered"), headers=auth)
+        unchanged = client.get(url(ds, "rendered"),
+                               headers={**auth, "If-None-Match": first.headers["ETag"]})
+    assert queries.count == 0
+    assert [again.status_code, frame.status_code, unchanged.status_code] == [200, 200, 304]
+    for answer in (again, frame):
+        assert answer.data == first.data and answer.headers["ETag"] == first.headers["ETag"]
+    app.extensions["render_cache"] = MemoryCache()
+    with Queries(app) as queries:
+        routed = client.get(url(ds, "rendered"), headers=auth)
+    assert queries.count > 0 and routed.status_code == 200
+    assert routed.data == first.data and routed.headers["ETag"] == first.headers["ETag"]
+
+
 def test_other_or_wrong_credentials_never_ride_on_a_pass(app: Flask,
                                                          client: FlaskClient) -> None:
     ds = _ct(app)
