@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gunicorn.glogging import Logger
+from gunicorn.workers.gthread import ThreadWorker
 
 # Metrics of all workers, added up at a scrape (portal/monitoring.py): prometheus_client's
 # multiprocess mode, chosen when it is first imported, so set here before anything imports it.
@@ -24,17 +25,17 @@ METRICS_DIR = os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(
 
 bind = os.environ.get("PORTAL_BIND", "127.0.0.1:5000")
 workers = int(os.environ.get("PORTAL_WORKERS", "2"))
-worker_class = "gthread"
 threads = int(os.environ.get("PORTAL_THREADS", "8"))
 # Several workers on TCP: each its own listening socket (SO_REUSEPORT), and the kernel spreads
 # new connections over them by their addresses. On the one socket the master shares, the worker
 # that wakes first takes them: a client's 8 keep-alive connections all went to one of two
 # workers in 1 of 8 tries, with half the throughput (benchmarks/README.md, "Connections spread
-# over the workers"). The cost: connections a worker has not yet accepted when it stops (a
-# reload, a crash) are reset, unless the kernel hands them on (net.ipv4.tcp_migrate_req=1,
-# docs/operations.md). PORTAL_REUSE_PORT=0 keeps the shared socket; one worker always does.
-reuse_port = workers > 1 and os.environ.get("PORTAL_REUSE_PORT", "1") != "0" \
-    and not bind.startswith(("unix:", "fd://"))
+# over the workers"). But a socket that closes resets the connections waiting on it, so a
+# reload would lose some unless the kernel hands them on: ``on_starting`` keeps it only where
+# net.ipv4.tcp_migrate_req=1 (or PORTAL_REUSE_PORT=1) and it can work (``own_sockets``); the
+# worker class below closes a stopping worker's socket at once (docs/operations.md).
+reuse_port = True
+worker_class = "portal.gunicorn_config.Worker"
 timeout = 120
 graceful_timeout = 30
 keepalive = 5
@@ -134,29 +135,62 @@ class JsonLogger(AccessLogger):
 logger_class = JsonLogger if os.environ.get("PORTAL_LOG_FORMAT") == "json" else AccessLogger
 
 
-def _refuse_a_taken_address(address: str) -> None:
-    """With ``reuse_port`` the workers bind, each with SO_REUSEPORT, and another server of the
-    same user listening there the same way would quietly share the connections: start only
-    when nothing listens on the address (a plain bind, as without ``reuse_port``)."""
+class Worker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no type hints
+    """gunicorn's gthread worker, which closes its own listening sockets (``reuse_port``) as
+    soon as it stops accepting to stop: the kernel then sends new connections to the other
+    workers, where a socket kept open while the worker finishes its requests (up to the
+    graceful timeout) would collect connections that are reset when it closes."""
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        super().set_accept_enabled(enabled)
+        if not enabled and not self.alive and self.cfg.reuse_port:
+            for listener in self.sockets:
+                listener.close()
+
+
+_MIGRATE = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+
+
+def _choose_sockets(cfg: Any) -> None:
+    """Set ``reuse_port`` (``own_sockets``); with it, start only when nothing listens on the
+    addresses yet: another server of the same user on SO_REUSEPORT would quietly share the
+    connections."""
     import socket
 
-    from gunicorn.util import parse_address
+    from portal.listening import own_sockets  # here: the metrics folder is set by now
 
-    host, port = parse_address(address)
-    family = socket.AF_INET6 if ":" in str(host) else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no server
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise SystemExit(f"{address} is taken by another server ({exc.strerror})") from None
+    try:
+        migrates = _MIGRATE.read_text().strip() == "1"
+    except OSError:
+        migrates = False
+    if not own_sockets(os.environ.get("PORTAL_REUSE_PORT", ""), cfg.workers, cfg.address,
+                       bool(os.environ.get("LISTEN_FDS") or os.environ.get("GUNICORN_FD")),
+                       migrates):
+        cfg.set("reuse_port", False)
+        return
+    for host, port in cfg.address:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no server
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise SystemExit(f"{host}:{port} is taken by another server "
+                                 f"({exc.strerror})") from None
+
+
+def on_reload(server: Any) -> None:
+    """A reload (HUP) reads this file again, ``reuse_port = True`` with it: keep the way the
+    server listens since it started (a master holding the socket shares it; one without
+    leaves each worker its own), so the new workers bind as the old ones did."""
+    server.cfg.set("reuse_port", not server.LISTENERS)
 
 
 def on_starting(server: Any) -> None:
-    """Before workers start: check the address is free (``reuse_port``), empty the metrics
+    """Before workers start: how they listen (``_choose_sockets``), then empty the metrics
     folder, bring the schema up to date and reap crash leftovers."""
     if server.cfg.reuse_port:
-        _refuse_a_taken_address(bind)
+        _choose_sockets(server.cfg)
     folder = Path(METRICS_DIR)
     folder.mkdir(parents=True, exist_ok=True)
     for leftover in folder.glob("*.db"):

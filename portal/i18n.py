@@ -182,7 +182,7 @@ def reason_text(exc: PortalError) -> str:
 
 
 # ISO 639 codes that name no one language: undetermined, several, none, not coded.
-_NO_LANGUAGE = frozenset({"und", "mul", "zxx", "mis"})
+_NO_LANGUAGE = frozenset({"und", "mul", "zxx", "mis", "root"})
 
 
 def spoken_language(code: str) -> str:

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("monitoring", __name__)
 
-_STARTED = "portal.started"  # WSGI environ key: when the request reached the application
+STARTED = "portal.started"  # WSGI environ key: when the request reached the application
 
 # DICOMweb endpoints by what they do (portal/dicomweb/routes.py).
 _STOW = {"dicomweb.store_instances", "dicomweb.store_study_instances"}
@@ -69,12 +69,12 @@ class _Timed:
         self.wsgi_app = wsgi_app
 
     def __call__(self, environ: dict[str, Any], start_response: Any) -> Any:
-        environ[_STARTED] = time.perf_counter()
+        environ[STARTED] = time.perf_counter()
         return self.wsgi_app(environ, start_response)
 
 
 def _observe(response: Response) -> Response:
-    started = request.environ.get(_STARTED)
+    started = request.environ.get(STARTED)
     if started is not None:
         rule = request.url_rule
         REQUEST_SECONDS.labels(family(rule.endpoint if rule is not None else None),

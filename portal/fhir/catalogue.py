@@ -130,9 +130,11 @@ def _patient_refers(column: Any) -> Callable[[str, str], ColumnElement[bool]]:
     return where
 
 
-def _emit_patients(session: Session, _principal: Principal, rows: Sequence[Any],
+def _emit_patients(session: Session, principal: Principal, rows: Sequence[Any],
                    _links: Links) -> list[dict[str, Any]]:
-    spoken = given_languages(session, Study.patient_fk.in_([p.id for p in rows]))
+    # The language from the reports and orders of the studies the caller may see.
+    spoken = given_languages(session, and_(Study.patient_fk.in_([p.id for p in rows]),
+                                           study_filter(principal)))
     return [resources.patient_resource(p, spoken.get(p.id, "")) for p in rows]
 
 

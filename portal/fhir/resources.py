@@ -25,7 +25,7 @@ import re
 from datetime import datetime
 from typing import Any
 
-from babel import Locale
+from babel import Locale, UnknownLocaleError
 
 from portal.fhir.search import fhir_date
 from portal.i18n import spoken_language
@@ -355,9 +355,18 @@ def patient_resource(patient: Patient, language: str = "") -> dict[str, Any]:
         resource["birthDate"] = born
     if language:
         resource["communication"] = [{"language": {
-            "coding": [{"system": BCP47, "code": language}],
-            "text": Locale(language).get_display_name("en") or language}, "preferred": True}]
+            "coding": [{"system": BCP47, "code": language}], "text": _language_name(language)},
+            "preferred": True}]
     return resource
+
+
+def _language_name(code: str) -> str:
+    """A language's English name, or its code when Babel does not know it (a row written
+    before an upgrade of Babel's data, or by hand)."""
+    try:
+        return str(Locale.parse(code).get_display_name("en") or code)
+    except (ValueError, TypeError, UnknownLocaleError):
+        return code
 
 
 # Order status as the portal derives it (reports.service.effective_status) -> FHIR.

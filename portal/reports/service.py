@@ -353,16 +353,16 @@ def given_languages(session: Session, studies: ColumnElement[bool]) -> dict[int,
     Patient ``communication``) with a report or an order of the studies ``studies`` selects,
     by the studies' patient row; a patient for whom none gave one is left out. Two columns
     of each, not the reports (their PDFs)."""
-    latest: dict[int, tuple[datetime, str]] = {}
-    for statement in (
-            select(Study.patient_fk, Report.updated_at, Report.patient_language)
+    latest: dict[int, tuple[datetime, int, str]] = {}
+    for statement in (  # the last given wins; of two given at once, the one made last
+            select(Study.patient_fk, Report.updated_at, Report.id, Report.patient_language)
             .join(Report, _report_of_study()).where(studies, Report.patient_language != ""),
-            select(Study.patient_fk, Order.updated_at, Order.patient_language)
+            select(Study.patient_fk, Order.updated_at, Order.id, Order.patient_language)
             .join(Order, _order_of_study()).where(studies, Order.patient_language != "")):
-        for patient, when, code in session.execute(statement):
-            if patient not in latest or when > latest[patient][0]:
-                latest[patient] = (when, code)
-    return {patient: code for patient, (_when, code) in latest.items()}
+        for patient, when, number, code in session.execute(statement):
+            if patient not in latest or (when, number) > latest[patient][:2]:
+                latest[patient] = (when, number, code)
+    return {patient: code for patient, (_when, _number, code) in latest.items()}
 
 
 def reports_of(session: Session, study: Study) -> list[Report]:

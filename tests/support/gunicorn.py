@@ -58,6 +58,10 @@ def served(instance: Path, client: str, log: Path | None = None, read: bool = Fa
         yield Served(port, client, secret, server.pid)
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=45)  # a worker may take up to the 30 s graceful timeout
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
         if output is not None:
             output.close()
