@@ -181,7 +181,8 @@ def reason_text(exc: PortalError) -> str:
     return str(gettext(exc.reason))
 
 
-# ISO 639 codes that name no one language: undetermined, several, none, not coded.
+# Codes that name no one language: ISO 639's undetermined, several, none and not coded, and
+# CLDR's root locale.
 _NO_LANGUAGE = frozenset({"und", "mul", "zxx", "mis", "root"})
 
 

@@ -93,8 +93,8 @@ BCP47 = "urn:ietf:bcp:47"
 
 def _patient_language(resource: dict[str, Any], subject: dict[str, Any]) -> str:
     """The language of the Patient the report's ``subject`` references as a contained
-    resource (``#id``): the ``communication`` marked preferred, else the first, read as
-    ``spoken_language`` reads HL7 PID-15; '' when none is given or none is a language."""
+    resource (``#id``): the ``communication`` marked preferred, else the next that names a
+    language, read as ``spoken_language`` reads HL7 PID-15; '' when none names one."""
     reference = subject.get("reference")
     if not isinstance(reference, str) or not reference.startswith("#"):
         return ""
