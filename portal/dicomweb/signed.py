@@ -186,17 +186,25 @@ class SignedRenditions:
         study is fresh, else 304 on a matching ETag, the cached bytes, or the full path."""
         if self._passes.get(known.holder, 0.0) <= time.monotonic():
             return self._full_path(environ, start_response, known.holder)
-        if parse_etags(environ.get("HTTP_IF_NONE_MATCH")).contains(known.etag):
-            start_response("304 Not Modified", [*_IMAGE_HEADERS, ("ETag", f'"{known.etag}"')])
+        return self._cached(known.key, known.etag, known.media_type, environ, start_response,
+                            lambda: self.inner(environ, start_response))  # renders, keeps
+
+    def _cached(self, key: str, etag: str, media_type: str, environ: dict[str, Any],
+                start_response: StartResponse, otherwise: Callable[[], Iterable[bytes]]
+                ) -> Iterable[bytes]:
+        """304 on a matching ETag, the render cache's bytes of ``key``, or ``otherwise()``
+        (the app) when the cache does not have them."""
+        headers = [*_IMAGE_HEADERS, ("ETag", f'"{etag}"')]
+        if parse_etags(environ.get("HTTP_IF_NONE_MATCH")).contains(etag):
+            start_response("304 Not Modified", headers)
             return [b""]
         cache: RenderCache = self.app.extensions["render_cache"]
-        body = cache.get(known.key)
+        body = cache.get(key)
         if body is None:
-            return self.inner(environ, start_response)  # rendered and kept there
+            return otherwise()
         CACHE_REQUESTS.labels("hit").inc()
-        start_response("200 OK", [("Content-Type", known.media_type),
-                                  ("Content-Length", str(len(body))), *_IMAGE_HEADERS,
-                                  ("ETag", f'"{known.etag}"')])
+        start_response("200 OK", [("Content-Type", media_type),
+                                  ("Content-Length", str(len(body))), *headers])
         return [body]
 
     def _full_path(self, environ: dict[str, Any], start_response: StartResponse,
@@ -278,18 +286,8 @@ class SignedRenditions:
         the cached bytes, or the app (which renders it and keeps it in the cache)."""
         key = rendition.cache_key(sha256, frame)
         etag = hashlib.sha256(key.encode()).hexdigest()[:32]  # RenderedImage.etag
-        headers = [*_IMAGE_HEADERS, ("ETag", f'"{etag}"')]
-        if parse_etags(environ.get("HTTP_IF_NONE_MATCH")).contains(etag):
-            start_response("304 Not Modified", headers)
-            return [b""]
-        cache: RenderCache = self.app.extensions["render_cache"]
-        body = cache.get(key)
-        if body is None:
-            return self._reader_full_path(environ, start_response, holder)
-        CACHE_REQUESTS.labels("hit").inc()
-        start_response("200 OK", [("Content-Type", rendition.media_type),
-                                  ("Content-Length", str(len(body))), *headers])
-        return [body]
+        return self._cached(key, etag, rendition.media_type, environ, start_response,
+                            lambda: self._reader_full_path(environ, start_response, holder))
 
     def _reader_full_path(self, environ: dict[str, Any], start_response: StartResponse,
                           holder: tuple[bytes, str, str, str]) -> Iterable[bytes]:

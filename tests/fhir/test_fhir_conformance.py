@@ -457,6 +457,29 @@ def test_the_patients_language_comes_with_a_report_and_goes_out_with_the_patient
                                                                  "R-UNKNOWN": ""}
 
 
+def test_the_patients_language_comes_only_from_studies_the_caller_may_see(
+        world: World) -> None:
+    """A language given with the report of a study the physician may not see (another
+    referrer) is not told to him on the Patient he does see; the machine, which sees every
+    study, is told it (security.md 11: what a list says is filtered per item)."""
+    hidden = generate_uid()
+    _ingest(world.app, to_bytes(make_dataset(
+        study=hidden, patient_id="P-W1", patient_name="Walker^Anna", AccessionNumber="A-HID",
+        StudyDate="20260301", PatientBirthDate="19800202",
+        ReferringPhysicianName="House^Gregory", modality="CT")))
+    spoken = _report(hidden, "A-HID", "P-W1", source_id="R-HIDDEN")
+    spoken["contained"] = [{"resourceType": "Patient", "id": "w", "communication": [
+        {"language": {"coding": [{"system": "urn:ietf:bcp:47", "code": "fr"}]}}]}]
+    spoken["subject"] = {"reference": "#w", "identifier": {"value": "P-W1"}}
+    answer = world.app.test_client().post("/fhir/DiagnosticReport", json=spoken,
+                                          headers={**world.ris, "Content-Type": FHIR})
+    assert answer.status_code == 201, answer.data
+    assert _languages(world, "P-W1") == [("fr", True)]
+    doctor = signed_in(world.app, world.idp, world.doctor_sub)
+    [seen] = _walk(lambda url: doctor.get(url), "Patient")
+    assert seen.identifier[0].value == "P-W1" and not seen.communication
+
+
 def test_people_see_only_their_own(world: World) -> None:
     """The physician sees his referred patient's studies, reports, patient and orders; the
     patient his own; neither the other patient's."""

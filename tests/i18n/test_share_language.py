@@ -8,6 +8,8 @@ receivers on 127.0.0.1, the real identity provider, Debian Chromium on two phone
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import closing
 from email.header import decode_header, make_header
 from email.message import Message
 from functools import cache
@@ -18,7 +20,7 @@ from urllib.parse import urlsplit
 from babel.messages.pofile import read_po
 from flask import Flask
 from flask.testing import FlaskClient
-from playwright.sync_api import expect
+from playwright.sync_api import Page, expect
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
@@ -57,17 +59,42 @@ def de(msgid: str) -> str:
     return words
 
 
+def _granted(app: Flask, idp: IdentityProvider, **instance: Any) -> tuple[str, str]:
+    """A physician (English, no language chosen) granted a new study made of ``instance``'s
+    values: (his subject, the study's UID)."""
+    sub = f"doc-{generate_uid()[-8:]}"
+    doctor_id = add_person(app, idp, sub, ["physician"], "Clinic", name="Dr Wilson")
+    study = generate_uid()
+    with app.app_context():
+        current_archive().ingest(make_instance(study=study, **instance), who="t")
+    with app.extensions["db"].write_transaction() as session:
+        create_grant(session, SETUP, user_id=doctor_id, study_uid=study)
+    return sub, study
+
+
+def _share_forms(app: Flask, sub: str, study: str) -> Iterator[tuple[str, Page]]:
+    """The study's share form on each phone in turn, signed in as ``sub`` (close it, e.g.
+    with ``contextlib.closing``, to stop the server and the browser when a check fails)."""
+    with LiveServer(app) as server, chromium() as (playwright, browser):
+        for device in PHONES:
+            context = browser.new_context(**phone(playwright, device))
+            try:
+                loopback_only(context)
+                page = context.new_page()
+                sign_in_browser(page, server.url, sub=sub)
+                page.goto(f"{server.url}/studies/{study}/share")
+                yield device, page
+            finally:
+                context.close()
+
+
 def _study(app: Flask, idp: IdentityProvider, *,
            reader: str | None = None) -> tuple[FlaskClient, str]:
     """A physician (English, no language chosen) signed in, with a granted study; with
     ``reader``, the study's patient has a portal account that chose that language ('': none)."""
-    sub = f"doc-{generate_uid()[-8:]}"
-    doctor_id = add_person(app, idp, sub, ["physician"], "Clinic", name="Dr Wilson")
-    study, patient_id = generate_uid(), f"PAT-{generate_uid()[-6:]}"
-    with app.app_context():
-        current_archive().ingest(make_instance(study=study, patient_id=patient_id), who="t")
+    patient_id = f"PAT-{generate_uid()[-6:]}"
+    sub, study = _granted(app, idp, patient_id=patient_id)
     with app.extensions["db"].write_transaction() as session:
-        create_grant(session, SETUP, user_id=doctor_id, study_uid=study)
         if reader is not None:
             patient = User(issuer=idp.issuer, subject=f"pat-{patient_id}", roles=["patient"],
                            display_name="Anna", language=reader, active=True,
@@ -227,20 +254,9 @@ def test_a_language_the_portal_does_not_offer_is_refused(portal: Flask,
 
 
 def test_share_form_language_choice_on_phones(oidc_app: Flask, idp: IdentityProvider) -> None:
-    sub = f"doc-{generate_uid()[-8:]}"
-    doctor_id = add_person(oidc_app, idp, sub, ["physician"], "Clinic", name="Dr Wilson")
-    study = generate_uid()
-    with oidc_app.app_context():
-        current_archive().ingest(make_instance(study=study, patient_id="PAT-PHONE"), who="t")
-    with oidc_app.extensions["db"].write_transaction() as session:
-        create_grant(session, SETUP, user_id=doctor_id, study_uid=study)
-    with LiveServer(oidc_app) as server, chromium() as (playwright, browser):
-        for device in PHONES:
-            context = browser.new_context(**phone(playwright, device))
-            loopback_only(context)
-            page = context.new_page()
-            sign_in_browser(page, server.url, sub=sub)
-            page.goto(f"{server.url}/studies/{study}/share")
+    sub, study = _granted(oidc_app, idp, patient_id="PAT-PHONE")
+    with closing(_share_forms(oidc_app, sub, study)) as forms:
+        for device, page in forms:
             choice = page.get_by_label("Language of the message")
             expect(choice).to_have_value("en")
             box = choice.bounding_box()
@@ -252,37 +268,24 @@ def test_share_form_language_choice_on_phones(oidc_app: Flask, idp: IdentityProv
             with page.expect_navigation():
                 page.get_by_role("button", name="Make the link").click()
             assert "/s?lang=de#" in page.locator("#share-url").input_value()
-            context.close()
 
 
 def test_the_language_from_the_records_is_said_on_phones(oidc_app: Flask,
                                                          idp: IdentityProvider) -> None:
     """The share form names the patient's language the RIS gave (an order's PID-15),
     chosen beforehand; checked on both phones in light and dark (axe, 360 px, 44 px)."""
-    sub = f"doc-{generate_uid()[-8:]}"
-    doctor_id = add_person(oidc_app, idp, sub, ["physician"], "Clinic", name="Dr Wilson")
-    study = generate_uid()
-    with oidc_app.app_context():
-        current_archive().ingest(make_instance(study=study, patient_id="PAT-REC",
-                                               AccessionNumber="ACC-REC"), who="t")
+    sub, study = _granted(oidc_app, idp, patient_id="PAT-REC", AccessionNumber="ACC-REC")
     with oidc_app.extensions["db"].write_transaction() as session:
-        create_grant(session, SETUP, user_id=doctor_id, study_uid=study)
         session.add(Order(accession_number="ACC-REC", patient_id="PAT-REC",
                           patient_language="es", status="performed"))
-    with LiveServer(oidc_app) as server, chromium() as (playwright, browser):
-        for device in PHONES:
-            context = browser.new_context(**phone(playwright, device))
-            loopback_only(context)
-            page = context.new_page()
-            sign_in_browser(page, server.url, sub=sub)
-            page.goto(f"{server.url}/studies/{study}/share")
+    with closing(_share_forms(oidc_app, sub, study)) as forms:
+        for device, page in forms:
             expect(page.get_by_label("Language of the message")).to_have_value("es")
             expect(page.locator("#language-hint")).to_contain_text(
                 "Español is the patient's language in the hospital's records.")
             problems: list[str] = []
             _check_page(page, f"share-records-{device.replace(' ', '_')}", problems, True)
             assert problems == []
-            context.close()
 
 
 def test_the_offline_page_speaks_the_last_pages_language(portal: Flask,
