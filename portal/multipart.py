@@ -27,7 +27,7 @@ class Part:
     payload: memoryview
 
 
-def _part_content_type(raw_headers: bytes) -> str:
+def _part_content_type(raw_headers: bytes | bytearray) -> str:
     for line in raw_headers.split(b"\r\n"):
         name, sep, value = line.partition(b":")
         if sep and name.strip().lower() == b"content-type":
@@ -36,7 +36,7 @@ def _part_content_type(raw_headers: bytes) -> str:
     return ""
 
 
-def split_parts(body: bytes, boundary: str, max_parts: int = 100_000) -> list[Part]:
+def split_parts(body: bytes | bytearray, boundary: str, max_parts: int = 100_000) -> list[Part]:
     """Split a multipart body into parts without copying payloads."""
     if not boundary or len(boundary) > 70:
         raise MultipartError("missing or invalid boundary")
@@ -57,8 +57,9 @@ def split_parts(body: bytes, boundary: str, max_parts: int = 100_000) -> list[Pa
         end = body.find(b"\r\n" + delimiter, pos)
         if end < 0:
             raise MultipartError("a part is not terminated by the boundary")
+        headers: bytes | bytearray = b""
         if body.startswith(b"\r\n", pos):
-            headers, payload_start = b"", pos + 2
+            payload_start = pos + 2
         else:
             header_end = body.find(b"\r\n\r\n", pos, end + 2)
             if header_end < 0:

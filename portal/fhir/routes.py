@@ -98,7 +98,7 @@ def create_report() -> Response:
     except RequestEntityTooLarge:
         return _error(413, "the resource is larger than 30 MB", "too-costly")
     try:
-        resource = current_app.json.loads(raw)
+        resource = current_app.json.loads(bytes(raw))
     except (ValueError, RecursionError):
         return _error(400, "the body is not JSON", "structure")
     if not isinstance(resource, dict) or resource.get("resourceType") != "DiagnosticReport":

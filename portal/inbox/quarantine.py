@@ -243,7 +243,7 @@ def received_bytes(q: Quarantine, file: InboxFile) -> int:
 
 
 def append_chunk(session: Session, q: Quarantine, file: InboxFile, start: int, total: int,
-                 data: bytes) -> bool:
+                 data: bytes | bytearray) -> bool:
     """Append one chunk that starts where the server's copy ends; True when the file is
     complete (then processed: ``finish``)."""
     if file.state != "receiving":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -34,6 +36,8 @@ from portal.index.models import (
     StudyReferrer,
 )
 from portal.index.referrers import referrer_keys
+
+log = logging.getLogger(__name__)
 
 # Elements never kept in the header JSON: pixel data is served from the file itself.
 _PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009, 0xFFFAFFFA, 0xFFFCFFFC})
@@ -82,16 +86,27 @@ def _floats(ds: Dataset, keyword: str) -> list[float] | None:
 
 
 def header_json(ds: Dataset) -> dict[str, Any]:
-    """The data set as DICOM JSON (PS3.18 F.2) without pixel data or large binary values."""
-    header = Dataset()
-    for elem in ds:
-        if elem.tag not in _PIXEL_TAGS:
-            header.add(elem)
-    result: dict[str, Any] = header.to_json_dict(
-        bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=lambda _e: "",
-        suppress_invalid_tags=True)
-    # Large binary values are not kept; their presence is noted with an empty BulkDataURI,
-    # which /metadata leaves out.
+    """The data set as DICOM JSON (PS3.18 F.2) without pixel data or large binary values.
+
+    Values are read as pydicom reads files, leniently: a decimal string one digit too long
+    or a frame number written ``1.0`` (as scanners write them) is kept as it is. Only an
+    element that cannot be converted at all is left out, alone. Not pydicom's
+    ``suppress_invalid_tags``: it reads strictly, and one such value deep inside a sequence
+    (a pixel spacing in the functional groups) dropped the whole sequence.
+    """
+    result: dict[str, Any] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns of each value its VR would refuse
+        for tag in sorted(ds.keys()):
+            if tag in _PIXEL_TAGS:
+                continue
+            try:
+                # Large binary values are not kept; their presence is noted with an empty
+                # BulkDataURI, which /metadata leaves out.
+                result[f"{tag:08X}"] = ds[tag].to_json_dict(
+                    bulk_data_element_handler=lambda _e: "", bulk_data_threshold=BULK_THRESHOLD)
+            except Exception as exc:  # any value that cannot be converted: leave it out
+                log.warning("header: element %08X left out (%s)", tag, exc.__class__.__name__)
     return result
 
 

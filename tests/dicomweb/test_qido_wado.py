@@ -116,6 +116,36 @@ def test_retrieve_instance_series_study_and_metadata(web: DICOMwebClient,
     assert len(web.retrieve_series_metadata(study, series)) == 3
 
 
+def test_metadata_keeps_a_sequence_holding_a_value_its_vr_would_refuse(
+        web: DICOMwebClient) -> None:
+    """Scanners write a decimal string one digit too long or a frame number as ``1.0``: the
+    sequences holding them stay in /metadata and QIDO-RS, with the rest of their items."""
+    measures = pydicom.Dataset()
+    measures.add_new(0x00280030, "DS", "0.48828125000000001\\0.48828125000000001")
+    measures.SliceThickness = "5"
+    groups = pydicom.Dataset()
+    groups.PixelMeasuresSequence = pydicom.Sequence([measures])
+    source = pydicom.Dataset()
+    source.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    source.ReferencedSOPInstanceUID = generate_uid()
+    source.add_new(0x00081160, "IS", "1.0")
+    ds = make_dataset(SharedFunctionalGroupsSequence=pydicom.Sequence([groups]),
+                      SourceImageSequence=pydicom.Sequence([source]))
+    web.store_instances([ds])
+    metadata = web.retrieve_instance_metadata(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                              ds.SOPInstanceUID)
+    [shared] = metadata["52009229"]["Value"]
+    [pixel_measures] = shared["00289110"]["Value"]
+    assert pixel_measures["00280030"]["Value"] == [0.48828125, 0.48828125]
+    assert pixel_measures["00180050"]["Value"] == [5]
+    [item] = metadata["00082112"]["Value"]
+    assert item["00081155"]["Value"] == [source.ReferencedSOPInstanceUID]
+    [found] = web.search_for_instances(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                       fields=["00082112"])
+    assert found["00082112"]["Value"][0]["00081155"]["Value"] == \
+        [source.ReferencedSOPInstanceUID]
+
+
 def test_retrieve_frames(web: DICOMwebClient, two_studies: tuple[Datasets, Datasets]) -> None:
     first, _second = two_studies
     original = first[0]
