@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify, render_template, request
+from gunicorn.http.errors import NoMoreData, ParseException
 from sqlalchemy.exc import DataError, OperationalError
 from werkzeug.exceptions import (
     BadRequest,
@@ -89,6 +90,16 @@ def register_error_handlers(app: Flask) -> None:
             log.debug("no session to roll back")
         return error_response(exc.status, exc.reason, exc.headers(),
                               page_reason=reason_text(exc) if exc.params else None)
+
+    @app.errorhandler(ParseException)
+    @app.errorhandler(NoMoreData)
+    def _malformed_body(exc: Exception) -> Response:
+        """gunicorn found the body it was reading malformed (a chunk size that is no number,
+        a chunked body cut short) while Flask or a route read it: the sender's fault, 400.
+        gunicorn then closes the connection (where the next request starts is unknown)."""
+        log.info("malformed request body: %s", exc.__class__.__name__)
+        return error_response(400, "the request body is malformed (its chunked transfer "
+                                   "coding or its length)")
 
     @app.errorhandler(OperationalError)
     def _database(exc: OperationalError) -> Response:

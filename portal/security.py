@@ -192,33 +192,42 @@ def check_csrf() -> None:
         abort(403, "the form has expired or did not come from this portal; please try again")
 
 
-def _has_nul(value: Any) -> bool:
-    """True when a parsed JSON value holds a NUL character in any string or key."""
+def _unstorable(value: Any) -> str | None:
+    """What in a parsed JSON value no database column takes, in any string or key: a NUL
+    character, or half of a UTF-16 surrogate pair (``"\\ud800"`` alone decodes to a string
+    that UTF-8 cannot encode); None when there is neither."""
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
             if "\x00" in item:
-                return True
+                return "a NUL character"
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return "half of a surrogate pair (not a character)"
         elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-    return False
+    return None
 
 
 class StrictJSONProvider(DefaultJSONProvider):
-    """Request JSON that is too deeply nested, or carries NUL characters (which no database
-    column takes), is malformed: a ValueError, so callers answer 400 instead of failing."""
+    """Request JSON that is too deeply nested, or carries what no database column takes (a
+    NUL character, a lone surrogate), is malformed: a ValueError, so callers answer 400
+    instead of failing."""
 
     def loads(self, s: str | bytes, **kwargs: Any) -> Any:
         try:
             value = super().loads(s, **kwargs)
         except RecursionError:
             raise ValueError("the JSON is nested too deeply") from None
-        if _has_nul(value):
-            raise ValueError("the JSON holds a NUL character")
+        unstorable = _unstorable(value)
+        if unstorable is not None:
+            raise ValueError(f"the JSON holds {unstorable}")
         return value
 
 

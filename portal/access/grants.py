@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from portal import audit
 from portal.access.models import Grant, PatientLink, ReferrerIdentifier, User
 from portal.access.principal import Principal
-from portal.access.users import UserError, get_or_create_practice, set_active, set_roles
+from portal.access.users import UserError, practice_for, set_active, set_roles
 from portal.db import utcnow
 from portal.index.models import Patient, Study, StudyReferrer
 from portal.index.referrers import parse_key
@@ -176,8 +176,16 @@ def update_user(session: Session, actor: Principal, user_id: int, *,
                 notify_by_sms: bool | None = None) -> User:
     """Change roles, practice or activation of a user (sessions end on any of these), or the
     mobile number and whether report-ready notices also go there by text message ("" clears
-    the number; neither ends a session)."""
+    the number; neither ends a session).
+
+    An office manager of a practice changes only the people of his practice and those of
+    none, puts them only into his practice (or out of it), and never moves himself: the
+    practice decides which studies its managers see (``policy.study_filter``)."""
     user = _user(session, user_id)
+    ours = actor.practice_id if actor.kind == "user" else None
+    if ours is not None and user.practice_fk not in (ours, None):
+        raise UserError("this person belongs to another practice; its office manager "
+                        "changes their account")
     changes: dict[str, Any] = {}
     if phone_number is not None:
         try:
@@ -196,8 +204,10 @@ def update_user(session: Session, actor: Principal, user_id: int, *,
         set_roles(session, user, roles)
         changes["roles"] = user.roles
     if practice is not None:
-        new_practice = get_or_create_practice(session, practice) if practice.strip() else None
+        new_practice = practice_for(session, actor, practice)
         new_id = new_practice.id if new_practice else None
+        if new_id != user.practice_fk and actor.kind == "user" and actor.id == user.id:
+            raise UserError("you cannot move yourself to another practice")
         if new_id != user.practice_fk:
             user.practice_fk = new_id
             user.security_epoch += 1
@@ -249,6 +259,23 @@ def _visible_targets(session: Session, actor: Principal, study_uids: Sequence[st
         if seen_patients != set(patient_records):
             raise UserError("no such patient (or not one your practice may see); "
                             "nothing was granted")
+
+
+def grant_one(session: Session, actor: Principal, *, user_id: int,
+              study_uid: str | None = None, patient_id: str | None = None,
+              expires_at: datetime | None = None, reason: str = "",
+              break_glass: bool = False) -> Grant:
+    """A manager's single grant (the console's form, ``POST /api/grants``): like
+    ``grant_many``, only of a study or patient his practice may see. Emergency access
+    (``break_glass``: a written reason, a few hours, audited as 110127) is the way past that,
+    on purpose: the patient in front of someone whose images another practice holds."""
+    if not break_glass:
+        records = list(session.scalars(select(Patient.id).where(
+            Patient.patient_id == patient_id))) if patient_id else []
+        _visible_targets(session, actor, [study_uid] if study_uid else [], records)
+    return create_grant(session, actor, user_id=user_id, study_uid=study_uid,
+                        patient_id=patient_id, expires_at=expires_at, reason=reason,
+                        break_glass=break_glass)
 
 
 def grant_many(session: Session, actor: Principal, *, user_ids: Sequence[int],

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from portal import audit
 from portal.access.models import Invitation, ReferrerIdentifier, User
 from portal.access.principal import Principal
-from portal.access.users import UserError, check_role, get_or_create_practice
+from portal.access.users import UserError, check_role, practice_for
 from portal.db import utcnow
 from portal.index.referrers import parse_key
 
@@ -36,12 +36,13 @@ def create_invitation(session: Session, actor: Principal, *, email: str, roles: 
     if not roles:
         raise UserError("an invitation gives at least one role")
     keys = _referrer_keys(session, referrer_keys or [])
+    chosen = practice_for(session, actor, practice)
     token = secrets.token_urlsafe(32)
     now = utcnow()
     invitation = Invitation(
         token_sha256=invitation_digest(token), email=email.strip()[:256],
         roles=sorted({check_role(r) for r in roles}),
-        practice_fk=get_or_create_practice(session, practice).id if practice.strip() else None,
+        practice_fk=chosen.id if chosen else None,
         referrer_keys=keys, created_by=actor.audit_name, created_at=now,
         expires_at=now + LIFETIME)
     session.add(invitation)

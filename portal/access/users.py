@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from portal import failures
 from portal.access.models import Practice, User
+from portal.access.principal import Principal
 from portal.db import utcnow
 from portal.notify import DeliveryFailed, clean_phone
 
@@ -93,6 +94,17 @@ def set_active(session: Session, user: User, active: bool) -> None:
     """Activate or deactivate a user; deactivation ends every session at once."""
     user.active = active
     user.security_epoch += 1
+
+
+def practice_for(session: Session, actor: Principal, name: str) -> Practice | None:
+    """The practice ``actor`` puts someone into (an account, an invitation): None for ""
+    (none). An office manager of a practice names only his own: another practice's studies
+    would open to it through the person."""
+    practice = get_or_create_practice(session, name) if name.strip() else None
+    ours = actor.practice_id if actor.kind == "user" else None
+    if ours is not None and practice is not None and practice.id != ours:
+        raise UserError("you can only add people to your own practice")
+    return practice
 
 
 def get_or_create_practice(session: Session, name: str) -> Practice:

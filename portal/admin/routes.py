@@ -30,8 +30,8 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from portal import audit, jobs
 from portal.access.grants import (
-    create_grant,
     grant_many,
+    grant_one,
     grant_state,
     link_identifier,
     link_patient,
@@ -414,7 +414,7 @@ def add_grant() -> BaseResponse:
     """Create a grant, or open emergency access with a written reason."""
     form = request.form
     try:
-        create_grant(db.session, _manager(),
+        grant_one(db.session, _manager(),
                      user_id=bounded_int(form.get("user_id", "") or "0", "user_id"),
                      study_uid=form.get("study_uid", "").strip() or None,
                      patient_id=form.get("patient_id", "").strip() or None,

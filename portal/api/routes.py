@@ -15,7 +15,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from portal import audit
 from portal.access.grants import (
-    create_grant,
+    grant_one,
     grant_state,
     link_identifier,
     revoke_grants,
@@ -195,7 +195,7 @@ def add_grant() -> tuple[Response, int]:
         raise UserError("expires_at must be an ISO 8601 date-time with a time zone") from exc
     if expires_at is not None and expires_at.tzinfo is None:
         raise UserError("expires_at must carry a time zone")
-    grant = create_grant(db.session, _manager(), user_id=_id(body, "user_id"),
+    grant = grant_one(db.session, _manager(), user_id=_id(body, "user_id"),
                          study_uid=_text(body, "study_uid"),
                          patient_id=_text(body, "patient_id"),
                          expires_at=expires_at, reason=_text(body, "reason") or "",

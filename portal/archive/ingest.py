@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import pydicom
 from sqlalchemy import Table, bindparam, insert, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from portal import audit
@@ -309,7 +309,7 @@ class Archive:
                 if recorded is not None:
                     self._record_arrival(session, batch, who, source_address, recorded)
             return [self._stored(item) for item in batch]
-        except (_Fallback, IntegrityError, IndexConflict):
+        except (_Fallback, IntegrityError, IndexConflict, DataError, OverflowError):
             pass  # rolled back: settle each instance on its own, with exact answers
         except OperationalError as exc:
             for item in batch:
@@ -349,6 +349,13 @@ class Archive:
                 self._forget(key, valid)
                 self._alert(valid, str(exc), who, source_address)
                 raise Rejected(str(exc), DATA_SET_DOES_NOT_MATCH, 409, valid.sop_class_uid,
+                               valid.sop_instance_uid) from exc
+            except (DataError, OverflowError) as exc:
+                # A value the index cannot hold (the net under index/service.py's bounds):
+                # this instance alone is refused, and its file goes with it.
+                self._forget(key, valid)
+                raise Rejected("a value of this instance is out of the range the index "
+                               "stores", DATA_SET_DOES_NOT_MATCH, 400, valid.sop_class_uid,
                                valid.sop_instance_uid) from exc
             except OperationalError as exc:
                 self._forget(key, valid)

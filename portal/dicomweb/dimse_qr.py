@@ -38,6 +38,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
+    Verification,
 )
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -408,10 +409,15 @@ class QueryRetrieve:
         for _uid, sop_class, syntax, _study in found:
             wanted[(sop_class, syntax)] = None
         contexts = []
-        for sop_class, syntax in list(wanted)[:128]:  # PS3.8: at most 128 contexts
+        for sop_class, syntax in list(wanted)[:127]:  # PS3.8: at most 128 contexts
             syntaxes = [syntax] + [s for s in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
                                    if syntax in plain and s != syntax]
             contexts.append(build_context(sop_class, syntaxes))
+        # And Verification, which every storage SCP takes: a destination that accepts none
+        # of the instances' contexts still accepts the association, and each sub-operation
+        # fails and is counted (0xA702 with the failed list), instead of the whole move
+        # answering 0xA801 "Move destination unknown" for a destination that is known.
+        contexts.append(build_context(Verification, [ImplicitVRLittleEndian]))
         return contexts
 
     # -- Storage Commitment Push Model -------------------------------------------------------

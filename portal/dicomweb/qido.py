@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import date
 from typing import Any, Literal
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
@@ -231,11 +232,22 @@ def _range(column: Any, value: str, valid: Callable[[str], bool], what: str,
     return and_(*conditions)
 
 
+def _is_date(text: str) -> bool:
+    """A DA value (YYYYMMDD) that names a day of the calendar."""
+    try:
+        return len(text) == 8 and text.isdigit() and bool(date(int(text[:4]), int(text[4:6]),
+                                                                 int(text[6:])))
+    except ValueError:
+        return False
+
+
 def _date_match(column: Any, value: str) -> ColumnElement[bool]:
     value = value.replace(".", "")
     if "-" not in value:
+        if not _is_date(value):  # DA takes no wildcards (PS3.4 C.2.2.2.4)
+            raise QueryError(f"invalid date {value[:32]!r}: give YYYYMMDD or a range")
         return column == value  # type: ignore[no-any-return]
-    return _range(column, value, lambda p: len(p) == 8 and p.isdigit(), "date", lambda h: "")
+    return _range(column, value, _is_date, "date", lambda h: "")
 
 
 def _time_match(column: Any, value: str) -> ColumnElement[bool]:

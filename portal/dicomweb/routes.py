@@ -406,8 +406,11 @@ def retrieve_frames(study: str, series: str, instance: str, frame_list: str) -> 
         abort(400, str(exc))
     stored = current_archive().locate(found.sop_instance_uid)
     syntax = found.transfer_syntax_uid  # as indexed at ingest: no read to negotiate
-    parsed = None if syntax else frames.read_dataset(stored.read())
-    if parsed is not None:  # known only from an external archive's listing until now
+    # No rows indexed: a report, a waveform (or known from an external archive's listing).
+    parsed = frames.read_dataset(stored.read()) if not syntax or found.rows is None else None
+    if parsed is not None and "PixelData" not in parsed:
+        abort(404, "this instance holds no image, so it has no frames")
+    if parsed is not None:
         syntax = str(parsed.file_meta.TransferSyntaxUID)
     try:
         content_type, payloads = frames.negotiate_and_extract(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -65,24 +66,34 @@ def _date(ds: Dataset, keyword: str) -> str:
     return text[:8]
 
 
+# The index's integer columns are 32-bit on PostgreSQL: a number past them (an Instance
+# Number of 20 digits) is not indexed, and the file keeps it.
+_INT_RANGE = range(-(1 << 31), 1 << 31)
+
+
 def _int(ds: Dataset, keyword: str) -> int | None:
     try:
         value = ds.get(keyword)
-        return None if value in (None, "") else int(value)
-    except (TypeError, ValueError):
+        number = None if value in (None, "") else int(value)
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number if number is None or number in _INT_RANGE else None
 
 
 def _floats(ds: Dataset, keyword: str) -> list[float] | None:
+    """The numbers of a DS or FD value; None when one of them is not a finite number (``nan``
+    or ``inf`` written as a decimal string has no place in geometry or in JSON)."""
     try:
         value = ds.get(keyword)
         if value in (None, ""):
             return None
         if isinstance(value, str | bytes) or not hasattr(value, "__iter__"):
-            return [float(value)]
-        return [float(v) for v in value]
-    except (TypeError, ValueError):
+            numbers = [float(value)]
+        else:
+            numbers = [float(v) for v in value]
+    except (TypeError, ValueError, OverflowError):
         return None
+    return numbers if all(math.isfinite(n) for n in numbers) else None
 
 
 def header_json(ds: Dataset) -> dict[str, Any]:
@@ -107,7 +118,21 @@ def header_json(ds: Dataset) -> dict[str, Any]:
                     bulk_data_element_handler=lambda _e: "", bulk_data_threshold=BULK_THRESHOLD)
             except Exception as exc:  # any value that cannot be converted: leave it out
                 log.warning("header: element %08X left out (%s)", tag, exc.__class__.__name__)
-    return result
+    finite: dict[str, Any] = _finite(result)
+    return finite
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every ``nan`` or ``inf`` number (a decimal string may say so) made
+    ``null``, as DICOM JSON writes an empty value (PS3.18 F.2.5): JSON has no such numbers,
+    and a browser's JSON.parse refuses the whole answer over one of them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _get_patient(session: Session, ds: Dataset, study_uid: str) -> Patient:

@@ -14,6 +14,7 @@ from portal.archive import current_archive
 from portal.audit import verify_chain
 from portal.auth.models import UserSession
 from portal.db import utcnow
+from portal.index.referrers import parse_key
 from tests.conftest import (
     IdentityProvider,
     add_person,
@@ -26,14 +27,44 @@ from tests.factories import make_instance
 
 
 def setup(app: Flask, idp: IdentityProvider) -> tuple[FlaskClient, int, str]:
+    """A signed-in office manager of "Clinic", a physician of it (id) and a study the practice
+    sees (a colleague of the practice referred it) but the physician does not."""
     suffix = generate_uid()[-6:]
     add_person(app, idp, f"om-{suffix}", ["office_manager"], "Clinic")
     doctor = add_person(app, idp, f"doc-{suffix}", ["physician"], "Clinic")
+    referrer_of_practice(app, "Clinic", f"Who^Doc{suffix}")
     study = generate_uid()
     with app.app_context():
-        current_archive().ingest(make_instance(study=study, ReferringPhysicianName="Doc^Who"),
-                                 who="test")
+        current_archive().ingest(make_instance(
+            study=study, ReferringPhysicianName=f"Who^Doc{suffix}"), who="test")
     return signed_in(app, idp, f"om-{suffix}"), doctor, study
+
+
+def practice_study(app: Flask, practice: str) -> str:
+    """A new study that ``practice`` sees (one of its physicians referred it); its UID."""
+    name, study = f"Practice^Colleague{generate_uid()[-8:]}", generate_uid()
+    referrer_of_practice(app, practice, name)
+    with app.app_context():
+        current_archive().ingest(make_instance(study=study, ReferringPhysicianName=name),
+                                 who="test")
+    return study
+
+
+def referrer_of_practice(app: Flask, practice: str, name: str) -> int:
+    """A physician of ``practice`` whose studies name him as ``name`` (a DICOM PN): what
+    he refers, his practice's office managers see and may grant. He never signs in."""
+    from portal.access.users import get_or_create_practice
+
+    with app.extensions["db"].write_transaction() as session:
+        colleague = User(issuer="https://referrers.test", subject=f"ref-{generate_uid()}",
+                         email="", display_name=name, roles=["physician"], active=True,
+                         security_epoch=0,
+                         practice_fk=get_or_create_practice(session, practice).id)
+        session.add(colleague)
+        session.flush()
+        session.add(ReferrerIdentifier(user_fk=colleague.id, key=parse_key(name),
+                                       created_by="test", created_at=utcnow()))
+        return colleague.id
 
 
 
@@ -96,11 +127,15 @@ def test_changes_need_a_recent_sign_in(oidc_app: Flask, idp: IdentityProvider) -
 
 def test_identifiers_with_suggestions(oidc_app: Flask, idp: IdentityProvider) -> None:
     manager, doctor, _study = setup(oidc_app, idp)
+    with oidc_app.app_context():
+        current_archive().ingest(make_instance(study=generate_uid(),
+                                               ReferringPhysicianName="Doc^Who"), who="test")
+    linked = count(oidc_app, ReferrerIdentifier)
     page = manager.get("/admin/identifiers")
     assert b"name:DOC^WHO" in page.data  # seen in a study, linked to nobody yet
     manager.post("/admin/identifiers", data={"user_id": doctor, "key": "name:Doc^Who",
                                              "csrf_token": csrf_of(manager)})
-    assert count(oidc_app, ReferrerIdentifier) == 1
+    assert count(oidc_app, ReferrerIdentifier) == linked + 1
     assert b"Every referrer in the archive is linked" in manager.get("/admin/identifiers").data
 
 

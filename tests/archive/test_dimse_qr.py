@@ -12,6 +12,7 @@ import re
 import subprocess
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,9 +250,10 @@ def test_move_to_an_unknown_destination_fails(scp: Scp) -> None:
     assert "DIMSE Status                  : 0xa801" in final_response(text), text
 
 
-def test_move_study_to_storescp(scp: Scp, tmp_path: Path) -> None:
-    """C-MOVE of a study reaches a DCMTK storescp with every instance, pixels byte-equal."""
-    received = tmp_path / "received"
+@contextmanager
+def storescp(scp: Scp, received: Path) -> Iterator[None]:
+    """DCMTK storescp as the move destination STORESCP, on 127.0.0.1, writing to
+    ``received``; it accepts the uncompressed transfer syntaxes only (its default)."""
     received.mkdir()
     # storescp 3.6.7 has no option to bind one address: the loopback shim Orthanc runs with
     # (tests/support/orthanc.py) turns its wildcard bind into 127.0.0.1.
@@ -265,11 +267,18 @@ def test_move_study_to_storescp(scp: Scp, tmp_path: Path) -> None:
         assert wait_for(lambda: listening_addresses(listener.pid), timeout=10)
         assert {address for address, _port in listening_addresses(listener.pid)} \
             == {"127.0.0.1"}
-        done = movescu(scp, "STORESCP", ["QueryRetrieveLevel=STUDY",
-                                         f"StudyInstanceUID={scp.study_a}"])
+        yield
     finally:
         listener.terminate()
         listener.wait(timeout=10)
+
+
+def test_move_study_to_storescp(scp: Scp, tmp_path: Path) -> None:
+    """C-MOVE of a study reaches a DCMTK storescp with every instance, pixels byte-equal."""
+    received = tmp_path / "received"
+    with storescp(scp, received):
+        done = movescu(scp, "STORESCP", ["QueryRetrieveLevel=STUDY",
+                                         f"StudyInstanceUID={scp.study_a}"])
     text = output(done)
     assert done.returncode == 0, text
     files = [pydicom.dcmread(p) for p in received.iterdir()]
@@ -282,6 +291,30 @@ def test_move_study_to_storescp(scp: Scp, tmp_path: Path) -> None:
     assert re.search(r"Completed Suboperations +: 3\n", final), text
     assert re.search(r"Failed Suboperations +: 0\n", final), text
     assert "DIMSE Status                  : 0x0000" in final, text
+
+
+def test_a_destination_taking_none_of_the_instances_counts_them_failed(
+        scp: Scp, tmp_path: Path) -> None:
+    """A known destination that accepts none of the study's contexts (JPEG, where storescp
+    takes uncompressed data only): every sub-operation failed (0xA702), not 0xA801."""
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
+    study = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientID = "PAT-J"
+    assert scp.archive.ingest(to_bytes(ds), who="test").outcome == "stored"
+    received = tmp_path / "received"
+    with storescp(scp, received):
+        done = movescu(scp, "STORESCP", ["QueryRetrieveLevel=STUDY",
+                                         f"StudyInstanceUID={study}"])
+    text = output(done)
+    final = final_response(text)
+    assert "DIMSE Status                  : 0xa702" in final, text
+    assert re.search(r"Failed Suboperations +: 1\n", final), text
+    assert ds.SOPInstanceUID in final, text  # the Failed SOP Instance UID List
+    assert not list(received.iterdir())
 
 
 # -- C-GET -----------------------------------------------------------------------------------

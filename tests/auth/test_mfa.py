@@ -10,9 +10,8 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
 from portal.access.models import Grant
-from portal.archive import current_archive
+from tests.access.test_console import practice_study
 from tests.conftest import IdentityProvider, add_person, csrf_of, sign_in, signed_in
-from tests.factories import make_instance
 
 
 def grants(app: Flask) -> int:
@@ -27,9 +26,7 @@ def test_changes_need_a_multi_factor_sign_in_when_configured(
     sub = f"om-mfa-{suffix}"
     add_person(oidc_app, idp, sub, ["office_manager"], "Clinic")
     doctor = add_person(oidc_app, idp, f"doc-mfa-{suffix}", ["physician"], "Clinic")
-    study = generate_uid()
-    with oidc_app.app_context():
-        current_archive().ingest(make_instance(study=study), who="test")
+    study = practice_study(oidc_app, "Clinic")
     manager = signed_in(oidc_app, idp, sub)  # a password-only sign-in, seconds ago
     form = {"user_id": doctor, "study_uid": study}
     refused = manager.post("/admin/grants", data={**form, "csrf_token": csrf_of(manager)},
@@ -53,9 +50,7 @@ def test_without_configured_values_a_recent_sign_in_is_enough(
     suffix = generate_uid()[-6:]
     add_person(oidc_app, idp, f"om-plain-{suffix}", ["office_manager"], "Clinic")
     doctor = add_person(oidc_app, idp, f"doc-plain-{suffix}", ["physician"], "Clinic")
-    study = generate_uid()
-    with oidc_app.app_context():
-        current_archive().ingest(make_instance(study=study), who="test")
+    study = practice_study(oidc_app, "Clinic")
     manager = signed_in(oidc_app, idp, f"om-plain-{suffix}")
     done = manager.post("/admin/grants", data={"user_id": doctor, "study_uid": study,
                                                "csrf_token": csrf_of(manager)})

@@ -187,6 +187,12 @@ def test_bad_query_parameters_answer_400(client: FlaskClient, auth: dict[str, st
     assert client.get("/dicomweb/studies?limit=abc", headers=auth).status_code == 400
     assert client.get("/dicomweb/studies?NotAnAttribute=1", headers=auth).status_code == 400
     assert client.get("/dicomweb/studies?StudyDate=2020-x", headers=auth).status_code == 400
+    # A single date must be one too (a VR value the attribute cannot hold: 400 with why).
+    for day in ("abc", "20041301", "2004", "20040230-"):
+        answer = client.get(f"/dicomweb/studies?StudyDate={day}", headers=auth)
+        assert answer.status_code == 400, (day, answer.status_code)
+        assert "invalid date" in answer.get_json()["error"]
+    assert client.get("/dicomweb/studies?StudyDate=20040229", headers=auth).status_code == 204
 
 
 def test_every_shipped_sample_comes_back_byte_identical(app: Flask, live_server: LiveServer,

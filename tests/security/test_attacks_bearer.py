@@ -28,6 +28,7 @@ from portal.access.principal import Principal
 from portal.archive import current_archive
 from portal.auth.bearer import forget_cached_tokens
 from portal.sharing.models import ShareLink
+from tests.access.test_console import practice_study
 from tests.auth.test_forged_tokens import forge_app, forger  # noqa: F401 (fixtures)
 from tests.auth.test_login_form import _access_token, portal_and_provider  # noqa: F401
 from tests.conftest import (
@@ -173,10 +174,7 @@ def manager_and_study(forge_app: Flask, forger: ForgingProvider  # noqa: F811
     issuer = _Issuer(forger.issuer)
     add_person(forge_app, issuer, f"om-{suffix}", ["office_manager"], "Clinic")
     doctor = add_person(forge_app, issuer, f"doc-{suffix}", ["physician"], "Clinic")
-    study = generate_uid()
-    with forge_app.app_context():
-        current_archive().ingest(make_instance(study=study), who="test")
-    return f"om-{suffix}", doctor, study
+    return f"om-{suffix}", doctor, practice_study(forge_app, "Clinic")
 
 
 @pytest.mark.parametrize(("name", "claims"), [

@@ -1,0 +1,229 @@
+"""What probes from outside found (an attacker's requests and real clients, fourteenth
+session): each is a request a careless or hostile client sends, and the answer it must get.
+
+- a grant of a study another practice sees, and a manager moving himself or another
+  practice's people (docs/security.md 11);
+- bodies gunicorn finds malformed, a lone surrogate in JSON, frames of a report, a number
+  past the index's columns and ``nan`` coordinates: 4xx or stored, never a 5xx.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import socket
+from pathlib import Path
+
+import pydicom
+from flask import Flask
+from flask.testing import FlaskClient
+from pydicom.uid import generate_uid
+from sqlalchemy import func, select
+
+from portal.access.models import AuditEvent, Grant, User
+from portal.archive import current_archive
+from tests.access.test_console import referrer_of_practice, setup
+from tests.conftest import (
+    IdentityProvider,
+    add_person,
+    basic_auth,
+    csrf_of,
+    make_client,
+    signed_in,
+)
+from tests.factories import make_dataset, make_instance, to_bytes
+from tests.reports.test_sources import sr_document
+from tests.support.gunicorn import served
+
+BOUNDARY = "probe-boundary"
+
+
+def _other_practices_study(app: Flask, idp: IdentityProvider) -> str:
+    """A study that only "Elsewhere" sees (its physician referred it)."""
+    name = f"Else^Where{generate_uid()[-6:]}"
+    referrer_of_practice(app, "Elsewhere", name)
+    study = generate_uid()
+    with app.app_context():
+        current_archive().ingest(make_instance(study=study, ReferringPhysicianName=name,
+                                               patient_id=f"ELSE-{study[-6:]}"), who="test")
+    return study
+
+
+def _manager_of(app: Flask) -> tuple[int, str]:
+    """The id and subject of the office manager ``setup`` made last."""
+    with app.extensions["db"].new_session() as session:
+        return next((user.id, user.subject) for user in session.scalars(
+            select(User).where(User.subject.like("om-%")).order_by(User.id.desc())))
+
+
+def _grants(app: Flask) -> int:
+    with app.extensions["db"].new_session() as session:
+        return session.scalar(select(func.count()).select_from(Grant)) or 0
+
+
+def test_a_single_grant_stays_within_the_practice_unless_it_is_emergency_access(
+        oidc_app: Flask, idp: IdentityProvider) -> None:
+    manager, doctor, ours = setup(oidc_app, idp)
+    theirs = _other_practices_study(oidc_app, idp)
+    headers = {"X-CSRF-Token": csrf_of(manager)}
+    me, _subject = _manager_of(oidc_app)
+    for body in ({"user_id": me, "study_uid": theirs},
+                 {"user_id": doctor, "patient_id": f"ELSE-{theirs[-6:]}"}):
+        refused = manager.post("/api/grants", json=body, headers=headers)
+        assert refused.status_code == 400, refused.data
+        assert "not one your practice may see" in refused.get_json()["error"]
+    form = manager.post("/admin/grants", follow_redirects=True, data={
+        "csrf_token": csrf_of(manager), "user_id": str(me), "study_uid": theirs})
+    assert "not one your practice may see" in form.get_data(as_text=True)
+    assert _grants(oidc_app) == 0
+    # The manager still sees nothing of it, and his own practice's study can be granted.
+    assert manager.get(f"/dicomweb/studies/{theirs}/metadata").status_code == 404
+    assert manager.post("/api/grants", json={"user_id": doctor, "study_uid": ours},
+                        headers=headers).status_code == 201
+    # Emergency access is the audited way past the practice (110127).
+    opened = manager.post("/api/grants", headers=headers, json={
+        "user_id": doctor, "study_uid": theirs, "break_glass": True,
+        "reason": "patient in the emergency room now"})
+    assert opened.status_code == 201, opened.data
+    with oidc_app.extensions["db"].new_session() as session:
+        assert session.scalar(select(func.count()).select_from(AuditEvent).where(
+            AuditEvent.event_id == "110127", AuditEvent.study_instance_uid == theirs)) == 1
+
+
+def test_a_manager_changes_only_his_practices_people_and_never_moves_himself(
+        oidc_app: Flask, idp: IdentityProvider) -> None:
+    manager, doctor, _study = setup(oidc_app, idp)
+    headers = {"X-CSRF-Token": csrf_of(manager)}
+    me, _subject = _manager_of(oidc_app)
+    outsider = add_person(oidc_app, idp, f"else-{generate_uid()[-6:]}", ["physician"],
+                          "Elsewhere")
+    newcomer = add_person(oidc_app, idp, f"new-{generate_uid()[-6:]}", ["physician"])
+    moved = manager.patch(f"/api/users/{me}", json={"practice": "Elsewhere"}, headers=headers)
+    assert moved.status_code == 400 and "your own practice" in moved.get_json()["error"]
+    out = manager.patch(f"/api/users/{me}", json={"practice": ""}, headers=headers)
+    assert out.status_code == 400 and "yourself" in out.get_json()["error"]
+    into = manager.patch(f"/api/users/{doctor}", json={"practice": "Elsewhere"},
+                         headers=headers)
+    assert into.status_code == 400 and "your own practice" in into.get_json()["error"]
+    theirs = manager.patch(f"/api/users/{outsider}", json={"practice": "Clinic"},
+                           headers=headers)
+    assert theirs.status_code == 400 and "another practice" in theirs.get_json()["error"]
+    assert manager.patch(f"/api/users/{outsider}", json={"roles": ["office_manager"]},
+                         headers=headers).status_code == 400
+    invited = manager.post("/api/invitations", headers=headers, json={
+        "email": "x@demo.example", "roles": ["physician"], "practice": "Elsewhere"})
+    assert invited.status_code == 400
+    with oidc_app.extensions["db"].new_session() as session:
+        practices = dict(session.execute(select(User.id, User.practice_fk).where(
+            User.id.in_([me, doctor, outsider]))).all())
+        assert practices[me] == practices[doctor] != practices[outsider]
+        assert session.get(User, outsider).roles == ["physician"]
+    # Someone of no practice joins his: what a manager is for.
+    joined = manager.patch(f"/api/users/{newcomer}", json={"practice": "Clinic"},
+                           headers=headers)
+    assert joined.status_code == 200, joined.data
+
+
+def test_a_lone_surrogate_in_json_is_a_bad_request(oidc_app: Flask,
+                                                  idp: IdentityProvider) -> None:
+    manager, doctor, study = setup(oidc_app, idp)
+    headers = {"X-CSRF-Token": csrf_of(manager), "Content-Type": "application/json"}
+    for path, body in (("/api/grants", f'{{"user_id": {doctor}, "study_uid": "{study}", '
+                                       '"reason": "\\ud800"}'),
+                       (f"/api/users/{doctor}", '{"practice": "Cl\\udfffinic"}')):
+        method = manager.patch if "users" in path else manager.post
+        answer = method(path, data=body, headers=headers)
+        assert answer.status_code == 400, (path, answer.status_code, answer.data)
+    assert _grants(oidc_app) == 0
+
+
+def test_frames_of_a_report_are_not_found(app: Flask, client: FlaskClient) -> None:
+    auth = basic_auth(*make_client(app, "reader"))
+    study = generate_uid()
+    report = sr_document(study, "ACC-1")
+    with app.app_context():
+        current_archive().ingest(report, who="test")
+    ds = pydicom.dcmread(io.BytesIO(report))
+    path = (f"/dicomweb/studies/{study}/series/{ds.SeriesInstanceUID}/instances/"
+            f"{ds.SOPInstanceUID}/frames/1")
+    for accept in ("", 'multipart/related; type="application/octet-stream"; '
+                       "transfer-syntax=*"):
+        answer = client.get(path, headers={**auth, "Accept": accept})
+        assert answer.status_code == 404, (accept, answer.status_code, answer.data)
+        assert "no image" in answer.get_json()["error"]
+
+
+def test_a_number_past_the_index_and_nan_coordinates_are_stored_and_read_as_json(
+        app: Flask, client: FlaskClient) -> None:
+    auth = basic_auth(*make_client(app, "store-read"))
+    study, series = generate_uid(), generate_uid()
+    odd = make_dataset(study=study, series=series, InstanceNumber="99999999999999999999",
+                       ImagePositionPatient=["nan", "inf", "-inf"], SliceThickness="1e999")
+    plain = [make_dataset(study=study, series=series, InstanceNumber=n) for n in (1, 2)]
+    parts = b"".join(b"--" + BOUNDARY.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
+                     + to_bytes(ds) + b"\r\n" for ds in (plain[0], odd, plain[1]))
+    stored = client.post("/dicomweb/studies", data=parts + f"--{BOUNDARY}--".encode(),
+                         headers={**auth, "Accept": "application/dicom+json",
+                                  "Content-Type": 'multipart/related; type="application/'
+                                                  f'dicom"; boundary={BOUNDARY}'})
+    assert stored.status_code == 200, stored.data
+    assert len(stored.get_json()["00081199"]["Value"]) == 3
+
+    def strict(text: str) -> object:
+        return json.loads(text, parse_constant=lambda c: (_ for _ in ()).throw(
+            ValueError(f"{c} is not JSON")))
+
+    for path in (f"/dicomweb/studies/{study}/series/{series}/metadata",
+                 f"/dicomweb/studies/{study}/instances?includefield=all"):
+        answer = client.get(path, headers={**auth, "Accept": "application/dicom+json"})
+        assert answer.status_code == 200, path
+        found = strict(answer.get_data(as_text=True))
+        assert isinstance(found, list) and len(found) == 3
+    metadata = strict(client.get(
+        f"/dicomweb/studies/{study}/series/{series}/instances/{odd.SOPInstanceUID}/metadata",
+        headers={**auth, "Accept": "application/dicom+json"}).get_data(as_text=True))
+    assert isinstance(metadata, list)
+    assert metadata[0]["00200032"]["Value"] == [None, None, None]
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_bodies_gunicorn_finds_malformed_are_a_bad_request(tmp_path: Path) -> None:
+    with served(tmp_path / "instance", "stower") as server:
+        auth = basic_auth(server.client, server.secret)["Authorization"]
+        form = (b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/"
+                b"x-www-form-urlencoded\r\nTransfer-Encoding: chunked\r\nConnection: close"
+                b"\r\n\r\nzz\r\nabc\r\n0\r\n\r\n")
+        assert _raw(server.port, form).startswith(b"HTTP/1.1 400"), _raw(server.port, form)
+        for body in (b"zz\r\nabc\r\n0\r\n\r\n", b"10000\r\nonly a little"):
+            stow = (f"POST /dicomweb/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    f"Authorization: {auth}\r\nContent-Type: multipart/related; "
+                    f'type="application/dicom"; boundary={BOUNDARY}\r\n'
+                    f"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n").encode()
+            answer = _raw(server.port, stow + body)
+            assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        connection.request("GET", "/healthz")
+        assert connection.getresponse().status == 200  # the server is fine afterwards
+        connection.close()
+
+
+def test_another_practices_study_cannot_be_reached_through_a_signed_in_grant(
+        oidc_app: Flask, idp: IdentityProvider) -> None:
+    """The attack end to end: the manager grants himself, then reads. Nothing to read."""
+    manager, _doctor, _study = setup(oidc_app, idp)
+    theirs = _other_practices_study(oidc_app, idp)
+    me, _subject = _manager_of(oidc_app)
+    manager.post("/api/grants", json={"user_id": me, "study_uid": theirs},
+                 headers={"X-CSRF-Token": csrf_of(manager)})
+    again = signed_in(oidc_app, idp, _manager_of(oidc_app)[1])
+    assert again.get(f"/dicomweb/studies/{theirs}/metadata").status_code == 404
