@@ -54,7 +54,7 @@ def split_parts(body: bytes | bytearray, boundary: str, max_parts: int = 100_000
         if line_end < 0:
             raise MultipartError("truncated body")
         pos = line_end + 2
-        end = body.find(b"\r\n" + delimiter, pos)
+        end = _delimiter_line(body, b"\r\n" + delimiter, pos)
         if end < 0:
             raise MultipartError("a part is not terminated by the boundary")
         headers: bytes | bytearray = b""
@@ -69,6 +69,26 @@ def split_parts(body: bytes | bytearray, boundary: str, max_parts: int = 100_000
         if len(parts) > max_parts:
             raise MultipartError(f"more than {max_parts} parts")
         pos = end + 2 + len(delimiter)
+
+
+_PADDING = frozenset(b" \t")
+
+
+def _delimiter_line(body: bytes | bytearray, delimiter: bytes, start: int) -> int:
+    """Where the next delimiter line begins (its CRLF), or -1. RFC 2046 5.1.1: the boundary
+    is followed by ``--`` (the close) or by optional spaces and tabs, then CRLF; the same
+    bytes followed by anything else (``--bndX`` for the boundary ``bnd``) are a part's data."""
+    at = body.find(delimiter, start)
+    while at >= 0:
+        after = at + len(delimiter)
+        if body[after:after + 2] == b"--":
+            return at
+        while after < len(body) and body[after] in _PADDING:
+            after += 1
+        if body[after:after + 2] == b"\r\n":
+            return at
+        at = body.find(delimiter, at + 1)
+    return -1
 
 
 def new_boundary() -> str:
