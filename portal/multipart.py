@@ -42,9 +42,13 @@ def split_parts(body: bytes | bytearray, boundary: str, max_parts: int = 100_000
         raise MultipartError("missing or invalid boundary")
     view = memoryview(body)
     delimiter = b"--" + boundary.encode("latin-1")
-    start = body.find(delimiter)
-    if start < 0:
-        raise MultipartError("the body does not contain the boundary")
+    # The first delimiter opens the body or a line after the preamble (RFC 2046 5.1.1).
+    start = 0
+    if _delimiter_line(body, delimiter, 0) != 0:
+        start = _delimiter_line(body, b"\r\n" + delimiter, 0)
+        if start < 0:
+            raise MultipartError("the body does not contain the boundary")
+        start += 2  # past the CRLF that ends the preamble
     pos = start + len(delimiter)
     parts: list[Part] = []
     while True:

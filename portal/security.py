@@ -96,6 +96,9 @@ def read_body(limit: int | None = None) -> bytes | bytearray:
     return _read_declared(request.environ["wsgi.input"], request.content_length)
 
 
+_FIRST_ROOM = 1 << 20
+
+
 def _from_gunicorn_socket(environ: dict[str, Any], length: int) -> bytearray | None:
     """Under gunicorn, a body of known length received straight into one buffer of its size
     (``recv_into``), else None (``_read_declared`` then reads it the portable way).
@@ -122,17 +125,21 @@ def _from_gunicorn_socket(environ: dict[str, Any], length: int) -> bytearray | N
             not hasattr(unreader, "take_buffered") or not hasattr(unreader, "unread") or \
             not hasattr(ahead, "tell") or ahead.tell():
         return None
-    body = bytearray(length)
-    view = memoryview(body)
     held = unreader.take_buffered()
-    got = min(len(held), length)
-    view[:got] = held[:got]
+    body = bytearray(held[:length])
     if len(held) > length:
         unreader.unread(held[length:])  # the start of the next request on the connection
     reader.length = 0
+    got = len(body)
     while got < length:
+        if got == len(body):
+            # Room for what comes next, twice what arrived so far (at least 1 MiB): memory
+            # follows the bytes that came, not the Content-Length a sender announced (a
+            # gigabyte, then silence). glibc grows a block this large in place (mremap).
+            body.extend(bytes(min(length, max(2 * got, _FIRST_ROOM)) - got))
         try:
-            received = sock.recv_into(view[got:], length - got)
+            with memoryview(body) as view, view[got:] as room:
+                received = sock.recv_into(room)
         except OSError:
             received = 0
         if not received:

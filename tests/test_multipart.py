@@ -19,3 +19,11 @@ def test_a_part_only_closed_by_a_boundary_with_other_bytes_is_not_terminated() -
     body = b"--bnd\r\nContent-Type: application/dicom\r\n\r\ndata\r\n--bndX\r\n"
     with pytest.raises(MultipartError, match="not terminated"):
         split_parts(body, "bnd")
+
+
+def test_a_preamble_holding_the_boundary_with_other_bytes_is_skipped() -> None:
+    body = (b"preamble --bndX\r\n--bnd\r\nContent-Type: application/dicom\r\n\r\none"
+            b"\r\n--bnd--\r\n")
+    assert [bytes(p.payload) for p in split_parts(body, "bnd")] == [b"one"]
+    with pytest.raises(MultipartError, match="does not contain the boundary"):
+        split_parts(b"--bndX\r\nContent-Type: a/b\r\n\r\nx\r\n--bndX--", "bnd")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -92,3 +93,18 @@ def test_what_is_not_a_plain_length_body_is_left_to_the_portable_way() -> None:
     with parsed(_head(len(body)), body) as (_request, environ, _parser):
         del environ["gunicorn.socket"]
         assert _from_gunicorn_socket(environ, len(body)) is None
+
+
+def test_memory_follows_the_bytes_that_came_not_the_announced_length() -> None:
+    """A sender announces a gigabyte, sends 100 KB and stops: 400, and the buffer never
+    grew past what arrived (a buffer of the announced size would be 1 GiB at once)."""
+    announced = 1 << 30
+    tracemalloc.start()
+    try:
+        with parsed(_head(announced), os.urandom(100_000), close=True) as (_r, environ, _p):
+            with pytest.raises(BadRequest):
+                _from_gunicorn_socket(environ, announced)
+        _current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak

@@ -179,8 +179,10 @@ def update_user(session: Session, actor: Principal, user_id: int, *,
     the number; neither ends a session).
 
     An office manager of a practice changes only the people of his practice and those of
-    none, puts them only into his practice (or out of it), and never moves himself: the
-    practice decides which studies its managers see (``policy.study_filter``)."""
+    none, puts them only into his practice (or out of it), never moves himself, and makes or
+    changes office managers of his practice only: the practice decides which studies its
+    managers see (``policy.study_filter``), and a manager of no practice is the
+    installation's."""
     user = _user(session, user_id)
     ours = actor.practice_id if actor.kind == "user" else None
     if ours is not None and user.practice_fk not in (ours, None):
@@ -206,7 +208,7 @@ def update_user(session: Session, actor: Principal, user_id: int, *,
     if practice is not None:
         new_practice = practice_for(session, actor, practice)
         new_id = new_practice.id if new_practice else None
-        if new_id != user.practice_fk and actor.kind == "user" and actor.id == user.id:
+        if new_id != user.practice_fk and ours is not None and actor.id == user.id:
             raise UserError("you cannot move yourself to another practice")
         if new_id != user.practice_fk:
             user.practice_fk = new_id
@@ -217,6 +219,9 @@ def update_user(session: Session, actor: Principal, user_id: int, *,
             raise UserError("you cannot deactivate yourself")
         set_active(session, user, active)
         changes["active"] = active
+    if ours is not None and "office_manager" in user.roles and user.practice_fk != ours:
+        # A manager of no practice is the installation's (``grant_one``): never made by one.
+        raise UserError("the office managers you make or change belong to your practice")
     if changes:
         _audit_change(session, actor, audit.USER_SECURITY_CHANGED,
                       {"user": f"{user.issuer}|{user.subject}", **changes})
@@ -268,8 +273,10 @@ def grant_one(session: Session, actor: Principal, *, user_id: int,
     """A manager's single grant (the console's form, ``POST /api/grants``): like
     ``grant_many``, only of a study or patient his practice may see. Emergency access
     (``break_glass``: a written reason, a few hours, audited as 110127) is the way past that,
-    on purpose: the patient in front of someone whose images another practice holds."""
-    if not break_glass:
+    on purpose: the patient in front of someone whose images another practice holds. A
+    manager of no practice (the first one, made with ``flask users grant-role``) is the
+    installation's and grants any study, as the command line does."""
+    if not break_glass and actor.kind == "user" and actor.practice_id is not None:
         records = list(session.scalars(select(Patient.id).where(
             Patient.patient_id == patient_id))) if patient_id else []
         _visible_targets(session, actor, [study_uid] if study_uid else [], records)

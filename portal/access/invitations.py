@@ -37,6 +37,9 @@ def create_invitation(session: Session, actor: Principal, *, email: str, roles: 
         raise UserError("an invitation gives at least one role")
     keys = _referrer_keys(session, referrer_keys or [])
     chosen = practice_for(session, actor, practice)
+    if chosen is None and "office_manager" in roles and actor.kind == "user" \
+            and actor.practice_id is not None:
+        raise UserError("the office managers you make or change belong to your practice")
     token = secrets.token_urlsafe(32)
     now = utcnow()
     invitation = Invitation(

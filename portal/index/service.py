@@ -100,8 +100,9 @@ def header_json(ds: Dataset) -> dict[str, Any]:
     """The data set as DICOM JSON (PS3.18 F.2) without pixel data or large binary values.
 
     Values are read as pydicom reads files, leniently: a decimal string one digit too long
-    or a frame number written ``1.0`` (as scanners write them) is kept as it is. Only an
-    element that cannot be converted at all is left out, alone. Not pydicom's
+    or a frame number written ``1.0`` (as scanners write them) is kept as it is. Only a
+    value that cannot be converted at all is left out, with the top-level element that holds
+    it (the whole sequence, when it is inside one). Not pydicom's
     ``suppress_invalid_tags``: it reads strictly, and one such value deep inside a sequence
     (a pixel spacing in the functional groups) dropped the whole sequence.
     """

@@ -125,6 +125,48 @@ def test_a_manager_changes_only_his_practices_people_and_never_moves_himself(
     assert joined.status_code == 200, joined.data
 
 
+def test_a_manager_cannot_make_a_manager_of_no_practice_to_act_for_him(
+        oidc_app: Flask, idp: IdentityProvider) -> None:
+    """A manager of no practice is the installation's: a practice's manager cannot make one
+    (his second account, an accomplice) to move him or grant past the practice."""
+    manager, _doctor, _study = setup(oidc_app, idp)
+    headers = {"X-CSRF-Token": csrf_of(manager)}
+    helper = add_person(oidc_app, idp, f"alt-{generate_uid()[-6:]}", ["physician"])
+    made = manager.patch(f"/api/users/{helper}", json={"roles": ["office_manager"]},
+                         headers=headers)
+    assert made.status_code == 400 and "belong to your practice" in made.get_json()["error"]
+    out = manager.patch(f"/api/users/{helper}", headers=headers,
+                        json={"roles": ["office_manager"], "practice": ""})
+    assert out.status_code == 400
+    invited = manager.post("/api/invitations", headers=headers, json={
+        "email": "alt@demo.example", "roles": ["office_manager"], "practice": ""})
+    assert invited.status_code == 400
+    with oidc_app.extensions["db"].new_session() as session:
+        assert session.get(User, helper).roles == ["physician"]
+    # Made within the practice, a co-manager is fine.
+    joined = manager.patch(f"/api/users/{helper}", headers=headers,
+                           json={"roles": ["office_manager"], "practice": "Clinic"})
+    assert joined.status_code == 200, joined.data
+
+
+def test_the_installations_manager_of_no_practice_still_grants_any_study(
+        oidc_app: Flask, idp: IdentityProvider) -> None:
+    """The first manager, made with ``flask users grant-role`` (no practice), grants as
+    the command line does, and may join a practice himself."""
+    _manager, doctor, ours = setup(oidc_app, idp)
+    theirs = _other_practices_study(oidc_app, idp)
+    subject = f"first-{generate_uid()[-6:]}"
+    first = add_person(oidc_app, idp, subject, ["office_manager"])
+    installation = signed_in(oidc_app, idp, subject)
+    headers = {"X-CSRF-Token": csrf_of(installation)}
+    for study in (ours, theirs):
+        made = installation.post("/api/grants", headers=headers,
+                                 json={"user_id": doctor, "study_uid": study})
+        assert made.status_code == 201, made.data
+    assert installation.patch(f"/api/users/{first}", headers=headers,
+                              json={"practice": "Clinic"}).status_code == 200
+
+
 def test_a_lone_surrogate_in_json_is_a_bad_request(oidc_app: Flask,
                                                   idp: IdentityProvider) -> None:
     manager, doctor, study = setup(oidc_app, idp)
