@@ -101,9 +101,9 @@ def test_memory_follows_the_bytes_that_came_not_the_announced_length() -> None:
     announced = 1 << 30
     tracemalloc.start()
     try:
-        with parsed(_head(announced), os.urandom(100_000), close=True) as (_r, environ, _p):
-            with pytest.raises(BadRequest):
-                _from_gunicorn_socket(environ, announced)
+        with parsed(_head(announced), os.urandom(100_000), close=True) as (_r, environ, _p), \
+                pytest.raises(BadRequest):
+            _from_gunicorn_socket(environ, announced)
         _current, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
