@@ -100,14 +100,15 @@ _FIRST_ROOM = 1 << 20
 
 
 def _from_gunicorn_socket(environ: dict[str, Any], length: int) -> bytearray | None:
-    """Under gunicorn, a body of known length received straight into one buffer of its size
-    (``recv_into``), else None (``_read_declared`` then reads it the portable way).
+    """Under gunicorn, a body of known length received straight into one buffer that grows
+    as the bytes come (``recv_into``), else None (``_read_declared`` then reads it the
+    portable way).
 
     gunicorn's own read gathers the body in growing buffers and copies it whole twice more.
     With the web worker's malloc settings (``gunicorn_config._tame_malloc``: blocks from 512
     KiB up are mappings of their own, returned when freed) each of its 1 MiB receives is a
     fresh mapping whose pages fault in: an 80 MB STOW-RS body took 235-292 ms that way and
-    68-81 ms this way (benchmarks/README.md, "The request body straight from the socket").
+    64-107 ms this way (benchmarks/README.md, "The request body straight from the socket").
 
     gunicorn documents ``gunicorn.socket``; the rest is how gunicorn 23-27 hold a body: the
     reader of a Content-Length body, its count of bytes left (set to 0 here, so that nothing
