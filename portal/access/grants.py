@@ -16,7 +16,14 @@ from sqlalchemy.orm import Session
 from portal import audit
 from portal.access.models import Grant, PatientLink, ReferrerIdentifier, User
 from portal.access.principal import Principal
-from portal.access.users import UserError, practice_for, set_active, set_roles
+from portal.access.users import (
+    UserError,
+    check_manager_practice,
+    managed_practice,
+    practice_for,
+    set_active,
+    set_roles,
+)
 from portal.db import utcnow
 from portal.index.models import Patient, Study, StudyReferrer
 from portal.index.referrers import parse_key
@@ -184,7 +191,7 @@ def update_user(session: Session, actor: Principal, user_id: int, *,
     managers see (``policy.study_filter``), and a manager of no practice is the
     installation's."""
     user = _user(session, user_id)
-    ours = actor.practice_id if actor.kind == "user" else None
+    ours = managed_practice(actor)
     if ours is not None and user.practice_fk not in (ours, None):
         raise UserError("this person belongs to another practice; its office manager "
                         "changes their account")
@@ -219,9 +226,7 @@ def update_user(session: Session, actor: Principal, user_id: int, *,
             raise UserError("you cannot deactivate yourself")
         set_active(session, user, active)
         changes["active"] = active
-    if ours is not None and "office_manager" in user.roles and user.practice_fk != ours:
-        # A manager of no practice is the installation's (``grant_one``): never made by one.
-        raise UserError("the office managers you make or change belong to your practice")
+    check_manager_practice(actor, user.roles, user.practice_fk)
     if changes:
         _audit_change(session, actor, audit.USER_SECURITY_CHANGED,
                       {"user": f"{user.issuer}|{user.subject}", **changes})
@@ -276,7 +281,7 @@ def grant_one(session: Session, actor: Principal, *, user_id: int,
     on purpose: the patient in front of someone whose images another practice holds. A
     manager of no practice (the first one, made with ``flask users grant-role``) is the
     installation's and grants any study, as the command line does."""
-    if not break_glass and actor.kind == "user" and actor.practice_id is not None:
+    if not break_glass and managed_practice(actor) is not None:
         records = list(session.scalars(select(Patient.id).where(
             Patient.patient_id == patient_id))) if patient_id else []
         _visible_targets(session, actor, [study_uid] if study_uid else [], records)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from portal import audit
 from portal.access.models import Invitation, ReferrerIdentifier, User
 from portal.access.principal import Principal
-from portal.access.users import UserError, check_role, practice_for
+from portal.access.users import UserError, check_manager_practice, check_role, practice_for
 from portal.db import utcnow
 from portal.index.referrers import parse_key
 
@@ -37,9 +37,7 @@ def create_invitation(session: Session, actor: Principal, *, email: str, roles: 
         raise UserError("an invitation gives at least one role")
     keys = _referrer_keys(session, referrer_keys or [])
     chosen = practice_for(session, actor, practice)
-    if chosen is None and "office_manager" in roles and actor.kind == "user" \
-            and actor.practice_id is not None:
-        raise UserError("the office managers you make or change belong to your practice")
+    check_manager_practice(actor, roles, chosen.id if chosen else None)
     token = secrets.token_urlsafe(32)
     now = utcnow()
     invitation = Invitation(

@@ -96,15 +96,29 @@ def set_active(session: Session, user: User, active: bool) -> None:
     user.security_epoch += 1
 
 
+def managed_practice(actor: Principal) -> int | None:
+    """The practice a person acting as its manager is bound to; None for a manager of no
+    practice (the installation's), a machine or the command line, which are not."""
+    return actor.practice_id if actor.kind == "user" else None
+
+
 def practice_for(session: Session, actor: Principal, name: str) -> Practice | None:
     """The practice ``actor`` puts someone into (an account, an invitation): None for ""
     (none). An office manager of a practice names only his own: another practice's studies
     would open to it through the person."""
     practice = get_or_create_practice(session, name) if name.strip() else None
-    ours = actor.practice_id if actor.kind == "user" else None
+    ours = managed_practice(actor)
     if ours is not None and practice is not None and practice.id != ours:
         raise UserError("you can only add people to your own practice")
     return practice
+
+
+def check_manager_practice(actor: Principal, roles: list[str], practice_id: int | None) -> None:
+    """A practice's manager makes or changes office managers of his practice only: one of no
+    practice is the installation's, who grants any study (``grants.grant_one``)."""
+    ours = managed_practice(actor)
+    if ours is not None and "office_manager" in roles and practice_id != ours:
+        raise UserError("the office managers you make or change belong to your practice")
 
 
 def get_or_create_practice(session: Session, name: str) -> Practice:
