@@ -262,7 +262,8 @@ def _report_patient(modifier: str, value: str) -> ColumnElement[bool]:
 
 
 def _effective() -> ColumnElement[Any]:
-    return func.coalesce(Report.signed_at, Report.observed_at, Report.received_at)
+    return func.coalesce(Report.clinical_at, Report.signed_at, Report.observed_at,
+                         Report.received_at)
 
 
 def _emit_reports(session: Session, principal: Principal, rows: Sequence[Any],
@@ -300,8 +301,8 @@ DIAGNOSTIC_REPORT = Kind(
               _report_patient, modifiers=("identifier",)),
         Param("status", "token", "final, amended, preliminary, cancelled, entered-in-error.",
               _report_status),
-        Param("date", "date", "effectiveDateTime (signed, else made, else received); "
-              "prefixes eq, ne, gt, lt, ge, le.", lambda _m, v: instant_condition(
+        Param("date", "date", "effectiveDateTime (the sender's, else signed, else made, else "
+              "received); prefixes eq, ne, gt, lt, ge, le.", lambda _m, v: instant_condition(
                   _effective(), v)),
         Param("code", "token", f"{resources.REPORT_CODE['system']}|"
               f"{resources.REPORT_CODE['code']} (every report); :text matches the start of "

@@ -10,7 +10,8 @@ the name are checked against the study's patient; a contained Patient it referen
 the patient's language); ``conclusion`` (impression);
 ``presentedForm`` attachments (text/plain, text/html as text, application/pdf);
 ``resultsInterpreter`` display (author); ``issued`` (signing time; a version issued before
-the stored one is not applied).
+the stored one is not applied); ``effectiveDateTime`` or ``effectivePeriod.start`` (the time
+of the examination, answered as ``effectiveDateTime``).
 
 Out: a cancelled report stays visible with its status: ``entered-in-error`` once it had been
 released as final (withdrawn), else ``cancelled``.
@@ -22,7 +23,7 @@ import base64
 import binascii
 import html
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from babel import Locale, UnknownLocaleError
@@ -166,7 +167,19 @@ def report_from_resource(resource: Any) -> IncomingReport:
         patient_name=str(subject.get("display", ""))[:324],
         patient_language=_patient_language(resource, subject),
         observed_at=_issued(resource.get("issued"))
-        or _issued(_object(resource.get("meta")).get("lastUpdated")))
+        or _issued(_object(resource.get("meta")).get("lastUpdated")),
+        clinical_at=_effective_in(resource))
+
+
+def _effective_in(resource: dict[str, Any]) -> datetime | None:
+    """The report's clinically relevant time: ``effectiveDateTime``, else the start of
+    ``effectivePeriod``; a date without a time (FHIR allows it) is that day's start in UTC,
+    a partial date (year, month) is not kept."""
+    moment = _issued(resource.get("effectiveDateTime")) or _issued(
+        _object(resource.get("effectivePeriod")).get("start"))
+    if moment is not None and moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment
 
 
 ACSN = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
@@ -192,9 +205,10 @@ def report_source_system(source: str) -> str:
 
 
 def effective_time(report: Report) -> datetime:
-    """When the report is clinically effective: signed, else made, else received (the
-    ``date`` search parameter compares the same value)."""
-    return report.signed_at or report.observed_at or report.received_at
+    """When the report is clinically effective: the time its sender names (HL7 OBR-7, FHIR
+    ``effective[x]``), else signed, else made, else received (the ``date`` search parameter
+    compares the same value)."""
+    return report.clinical_at or report.signed_at or report.observed_at or report.received_at
 
 
 def patient_reference(patient: Patient | None, patient_id: str = "",

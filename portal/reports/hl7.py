@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -228,22 +229,86 @@ def parse_timestamp(value: str) -> datetime | None:
     return moment
 
 
+# The longest value an AR echoes from the MSH of a message parse() refused: HD (MSH-3 to
+# MSH-6) is 227 characters in v2.5, MSH-10 keeps the 64 the portal stores, MSH-12 199.
+ECHO_LIMITS = {3: 227, 4: 227, 5: 227, 6: 227, 12: 199}
+CONTROL_ID_LIMIT = 64
+# Control, format, private, unassigned and line or paragraph separator characters.
+UNPRINTED = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+def _plain(text: str) -> str:
+    """``text`` with line breaks made spaces and other unprinted characters dropped."""
+    text = re.sub(r"[\r\n]+", " ", text)
+    return "".join(c for c in text if unicodedata.category(c) not in UNPRINTED)
+
+
+def _escapes(d: Delimiters) -> dict[str, str]:
+    """Each delimiter and its escape sequence (v2.5.1 2.7.1)."""
+    return {d.escape: f"{d.escape}E{d.escape}", d.field: f"{d.escape}F{d.escape}",
+            d.component: f"{d.escape}S{d.escape}", d.subcomponent: f"{d.escape}T{d.escape}",
+            d.repetition: f"{d.escape}R{d.escape}"}
+
+
+def _usable(char: str) -> bool:
+    """A character a sender may use as a delimiter: printable ASCII, no letter, digit or space."""
+    return char.isascii() and char.isprintable() and not char.isalnum() and char != " "
+
+
+def _echoed(raw: bytes) -> dict[int, str]:
+    """What an AR echoes from the MSH of a message parse() refused, by field number, written
+    with the ACK's delimiters (9 is MSH-9's trigger event only, 10 MSH-10 as plain text);
+    empty when not even MSH-1 can be read.
+
+    The header is read leniently: an encoding character in MSH-2 that is missing, unusable or
+    repeated is taken to be the field separator, which never occurs inside a field.
+    """
+    # 64 KiB is far more than any real MSH and bounds the work spent on a refused message.
+    line = re.split(rb"[\r\n]", raw.lstrip()[:65536], maxsplit=1)[0].decode(
+        "utf-8", errors="replace")
+    if not line.startswith("MSH") or len(line) < 4 or not _usable(line[3]):
+        return {}
+    separator = line[3]
+    fields = ["MSH", separator, *line[4:].split(separator)]
+    chosen = [separator]
+    for char in fields[2][:4].ljust(4, separator):
+        chosen.append(char if _usable(char) and char not in chosen else separator)
+    reader = Message("", Delimiters(*chosen))
+    ours = Delimiters()
+    escapes = _escapes(ours)
+    echoed: dict[int, str] = {}
+    for number, limit in ECHO_LIMITS.items():
+        pieces: list[str] = []
+        for index, component in enumerate(reader.components(fields, number)):
+            pieces += [ours.component] if index else []
+            pieces += [escapes.get(c, c) for c in _plain(component)]
+        value = ""
+        for piece in pieces:  # whole escape sequences only
+            if len(value) + len(piece) > limit:
+                break
+            value += piece
+        echoed[number] = value.rstrip(ours.component)
+    trigger = [*reader.components(fields, 9), "", ""][1].upper()
+    echoed[9] = trigger if re.fullmatch(r"[A-Z0-9]{3}", trigger) else ""
+    echoed[10] = _plain(reader.text(fields, 10))[:CONTROL_ID_LIMIT]
+    return echoed
+
+
 def acknowledgement(message: Message | None, code: str, text: str = "",
-                    control_id: str = "", error_code: str = "") -> bytes:
+                    control_id: str = "", error_code: str = "", raw: bytes = b"") -> bytes:
     """An ACK (MSA-1 AA, AE or AR) for a message; ``message`` is None when it was unreadable.
 
     ``error_code`` is from HL7 table 0357 (e.g. 100 segment sequence error, 200 unsupported
-    message type, 207 application internal error).
+    message type, 207 application internal error). Without ``message``, ``raw`` is the
+    message's bytes: what of its MSH can still be read is echoed as for a parsed one (MSH-3/4
+    to MSH-5/6, MSH-5/6 to MSH-3/4, MSH-10 to MSA-2 in place of ``control_id``, MSH-12).
     """
     d = message.delimiters if message is not None else Delimiters()
     now = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    escapes = _escapes(d)
 
     def escape(value: str) -> str:
-        value = value.replace(d.escape, f"{d.escape}E{d.escape}")
-        for char, code_ in ((d.field, "F"), (d.component, "S"), (d.subcomponent, "T"),
-                            (d.repetition, "R")):
-            value = value.replace(char, f"{d.escape}{code_}{d.escape}")
-        return re.sub(r"[\r\n]+", " ", value)[:200]
+        return "".join(escapes.get(c, c) for c in _plain(value))[:200]
 
     if message is not None:
         sender_app, sender_fac = message.raw(message.msh, 3), message.raw(message.msh, 4)
@@ -252,8 +317,12 @@ def acknowledgement(message: Message | None, code: str, text: str = "",
         version = message.raw(message.msh, 12) or "2.5.1"
         control_id = control_id or message.control_id
     else:
-        sender_app = sender_fac = receiver_app = receiver_fac = trigger = ""
-        version = "2.5.1"
+        echoed = _echoed(raw)
+        sender_app, sender_fac = echoed.get(3, ""), echoed.get(4, "")
+        receiver_app, receiver_fac = echoed.get(5, ""), echoed.get(6, "")
+        trigger = echoed.get(9, "")
+        version = echoed.get(12) or "2.5.1"
+        control_id = echoed.get(10) or control_id
     encoding = d.component + d.repetition + d.escape + d.subcomponent
     msh = d.field.join(["MSH", encoding, receiver_app or "PORTAL", receiver_fac, sender_app,
                         sender_fac, now, "", f"ACK{d.component}{trigger}{d.component}ACK",

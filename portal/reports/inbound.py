@@ -6,8 +6,9 @@ repetition: ID, assigning authority in component 4, type in 5), PID-5 name, PID-
 language (CWE, the code in component 1: "es", "SPA" of table 0296 or ISO 639-2 "ger", read
 by Babel; kept as ISO 639-1, ignored when it names no language);
 ORC-1 order control, ORC-5 order status, ORC-2/3 and OBR-2/3 placer and filler order
-numbers; OBR-4 procedure, OBR-16 ordering provider (XCN: id, family, given, ..., id type in
-component 13), OBR-18 or IPC-1 accession number, OBR-24 modality, OBR-25 result status,
+numbers; OBR-4 procedure, OBR-7 observation date/time (the report's clinical time), OBR-16
+ordering provider (XCN: id, family, given, ..., id type in component 13), OBR-18 or IPC-1
+accession number, OBR-24 modality, OBR-25 result status,
 OBR-32 principal result interpreter; ZDS-1 or IPC-3 Study Instance UID; OBX-2 value type
 (TX, FT, ST, ED for a PDF), OBX-3 what the text is (impression or findings), OBX-5 value,
 OBX-11 status; SCH-11/TQ1-7/AIS-4 appointment start, SCH-26/27 order numbers.
@@ -151,6 +152,7 @@ def report_from_oru(message: hl7.Message) -> list[IncomingReport]:
                 patient_ids=identifiers, patient_name=patient_name,
                 patient_language=language,
                 observed_at=hl7.parse_timestamp(message.text(segment, 22)) or sent_at,
+                clinical_at=hl7.parse_timestamp(message.text(segment, 7)),
                 message_id=message.control_id)
         elif segment[0] == "OBX" and current is not None:
             kind = message.text(segment, 2).upper()
@@ -352,7 +354,7 @@ def _refuse_sender(database: Database, message: hl7.Message | None, raw: bytes,
                               "message": control_id})
     except Exception:  # the message is refused either way; the missing record is logged
         log.exception("could not record a refused HL7 sender")
-    return hl7.acknowledgement(message, "AR", NOT_ALLOWED, control_id, "207")
+    return hl7.acknowledgement(message, "AR", NOT_ALLOWED, control_id, "207", raw)
 
 
 def _digest(message: hl7.Message) -> str:
@@ -384,11 +386,11 @@ def handle(raw: bytes, database: Database, *, peer_address: str, allowed: set[tu
         return _refuse_sender(database, None, raw, peer_address)
     if oversized or len(raw) > max_bytes:
         return hl7.acknowledgement(None, "AR", f"the message is larger than {max_bytes} bytes",
-                                   _control_id_of(raw), "100")
+                                   _control_id_of(raw), "100", raw)
     try:
         message = hl7.parse(raw)
     except hl7.MessageRejected as exc:
-        return hl7.acknowledgement(None, "AR", exc.reason, exc.control_id, "102")
+        return hl7.acknowledgement(None, "AR", exc.reason, exc.control_id, "102", raw)
     if (message.sending_application.upper(), peer_address) not in allowed:
         return _refuse_sender(database, message, raw, peer_address)
     kind, trigger = message.message_type

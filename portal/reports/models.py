@@ -43,6 +43,9 @@ class Report(Base):
     # When the sender says the current version was made (HL7 OBR-22 or MSH-7, FHIR issued):
     # a version made earlier never replaces it, however late it arrives.
     observed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # The clinically relevant time the sender names (HL7 OBR-7 observation date/time, FHIR
+    # effectiveDateTime or effectivePeriod.start): FHIR's effectiveDateTime when known.
+    clinical_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     version: Mapped[int] = mapped_column(Integer, default=1)
     pdf: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     notified_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

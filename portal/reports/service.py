@@ -72,6 +72,7 @@ class IncomingReport:
     patient_ids: list[tuple[str, str]] = field(default_factory=list)
     patient_name: str = ""  # as the sender wrote it (HL7 PID-5, FHIR subject.display)
     observed_at: datetime | None = None  # when the sender made this version
+    clinical_at: datetime | None = None  # the time of the examination (HL7 OBR-7, FHIR effective)
     message_id: str = ""  # HL7 MSH-10 of the message that brought it
     patient_language: str = ""  # ISO 639-1 (HL7 PID-15), '' when the sender gives none
 
@@ -256,6 +257,7 @@ def store_report(session: Session, incoming: IncomingReport) -> Received:
     report.author = incoming.author[:324]
     report.signed_at = incoming.signed_at
     report.observed_at = incoming.observed_at or report.observed_at
+    report.clinical_at = incoming.clinical_at or report.clinical_at
     if incoming.pdf is not None:
         report.pdf = incoming.pdf
     if status in ("final", "amended") and report.final_at is None:

@@ -401,6 +401,30 @@ def test_only_valid_r4_diagnostic_reports_are_accepted(world: World) -> None:
     assert DiagnosticReport.model_validate(read.get_json()).code.text == "CT head"
 
 
+def test_the_time_of_the_examination_goes_out_as_the_reports_effective_time(
+        world: World) -> None:
+    """The time a sender names (``effectiveDateTime``, or ``effectivePeriod.start``) comes
+    back as ``effectiveDateTime``, not the signing time, and the ``date`` search finds the
+    report by it; ``issued`` stays the signing time."""
+    client = world.app.test_client()
+    headers = {**world.ris, "Content-Type": FHIR}
+    timed = _report(world.other, "A-OT", "P-O2", source_id="R-TIMED")
+    timed["effectiveDateTime"] = "2026-02-27T08:30:00+01:00"
+    period = _report(world.mr, "A-MR", "P-W1", source_id="R-PERIOD")
+    period["effectivePeriod"] = {"start": "2026-02-20T10:00:00Z", "end": "2026-02-20T10:40:00Z"}
+    for resource, expected in ((timed, datetime(2026, 2, 27, 7, 30, tzinfo=UTC)),
+                               (period, datetime(2026, 2, 20, 10, tzinfo=UTC))):
+        DiagnosticReport.model_validate(resource)  # what the test sends is itself valid R4
+        created = client.post("/fhir/DiagnosticReport", json=resource, headers=headers)
+        assert created.status_code == 201, created.data
+        read = DiagnosticReport.model_validate(
+            world.machine_get(_path(created.headers["Location"])).get_json())
+        assert read.effectiveDateTime == expected
+        assert read.issued == datetime(2026, 3, 1, 12, tzinfo=UTC)
+    found = _walk(world.machine_get, "DiagnosticReport", "date=2026-02-27")
+    assert [r.identifier[0].value for r in found] == ["R-TIMED"]
+
+
 def _languages(world: World, patient_id: str) -> list[tuple[str, bool | None]]:
     """The communication of the Patient with this Patient ID, searched and read (both valid
     R4 and the same)."""

@@ -26,7 +26,7 @@ from portal.access.models import User
 from portal.access.principal import Principal
 from portal.archive import current_archive
 from portal.index.models import Order
-from portal.reports import inbound
+from portal.reports import hl7, inbound
 from portal.reports.mllp import MllpServer
 from portal.reports.models import Report, ReportVersion
 from portal.reports.notify import notifier
@@ -152,6 +152,11 @@ def test_oru_report_appears_first_for_the_physician_and_later_for_the_patient(
 
     (ack,) = send(ris.port, oru(accession, "F", "Lungs are clear.", "IMP:No acute disease."))
     assert msa(ack) == ("AA", "")
+    with app.extensions["db"].new_session() as session:
+        [report] = session.scalars(select(Report).where(
+            Report.accession_number == accession)).all()
+        # OBR-7 is the time of the examination: FHIR's effectiveDateTime.
+        assert report.clinical_at == hl7.parse_timestamp("20260301100000") is not None
     doctor = signed_in(app, idp, subjects["doctor"])
     page = doctor.get(f"/studies/{study}").get_data(as_text=True)
     assert "No acute disease." in page and "Lungs are clear." in page
@@ -258,6 +263,65 @@ def test_bad_messages_are_refused_with_a_reason_and_nothing_is_stored(
     # The listener keeps working after each refusal.
     (ack,) = send(ris.port, oru("OK" + generate_uid()[-6:], "F", "IMP:fine"))
     assert msa(ack)[0] == "AA"
+
+
+def ack_segments(answer: bytes) -> list[list[str]]:
+    """The segments of one ACK frame, split into fields (MSH-n is ``segments[0][n - 1]``)."""
+    text = answer.decode("utf-8")
+    assert text.startswith("\x0b") and text.endswith("\x1c\r"), text
+    body = text[1:-2]
+    assert "\x0b" not in body and "\x1c" not in body and "\n" not in body, text
+    return [s.split("|") for s in body.split("\r") if s]
+
+
+def unreadable(msh: bytes) -> bytes:
+    """A message with this MSH and a body that is not UTF-8 (the default of an empty MSH-18)."""
+    return msh + b"\rPID|||P1^^^HOSP^MR\rOBX|1|TX|||caf\xe9 au lait\r"
+
+
+@pytest.mark.parametrize("msh", [
+    b"MSH|^~\\&|RIS|HOSP|PORTAL|RAD|20260301101500||ORU^R01|C-81|P|2.3.1",
+    b"MSH|^~\\&|RIS|HOSP|PORTAL|RAD|20260301101500||ORU^R01|C-81|P|2.3.1||||||ISO IR87",
+    b"MSH|^^\\&|RIS|HOSP|PORTAL|RAD|20260301101500||ORU^R01|C-81|P|2.3.1",
+], ids=["bad UTF-8 in a later segment", "unsupported MSH-18", "MSH-2 repeats a delimiter"])
+def test_an_unreadable_message_is_refused_to_its_sender_with_its_control_id(
+        ris: Ris, msh: bytes) -> None:
+    """The AR of a message parse() refused answers whoever its MSH names (HL7 v2.5 2.14.9)."""
+    header, ack, error = ack_segments(raw_exchange(ris.port, unreadable(msh)))
+    assert header[:2] == ["MSH", "^~\\&"] and len(header) == 12
+    assert header[2:6] == ["PORTAL", "RAD", "RIS", "HOSP"]  # MSH-3 to MSH-6
+    assert header[8] == "ACK^R01^ACK" and header[11] == "2.3.1"
+    assert ack[:3] == ["MSA", "AR", "C-81"] and error[0] == "ERR"
+
+
+@pytest.mark.parametrize(("msh", "sender", "control"), [
+    # A CR ends the MSH segment: what follows it is another segment of theirs, not of ours.
+    (b"MSH|^~\\&|RIS\rMSA|AA|FORGED|HOSP|PORTAL|RAD|||ORU^R01|C-82|P|2.5", ["RIS", ""], ""),
+    # An escaped CR or LF becomes a space; MLLP framing bytes are dropped.
+    (b"MSH|^~\\&|RIS\\X0D\\MSA\\X0A\\\x0bX\x1cY|HOSP|PORTAL|RAD|||ORU^R01|C-82\\X0D\\ERR|P|2.5",
+     ["RIS MSA XY", "HOSP"], "C-82 ERR"),
+    # Their own delimiters: our field separator in their values is escaped, their component
+    # separator becomes ours.
+    (b"MSH#@~\\&#RIS|AA|FORGED@NS#HOSP^1#PORTAL#RAD###ORU@R01#C-82|MSA#P#2.5",
+     ["RIS\\F\\AA\\F\\FORGED^NS", "HOSP\\S\\1"], "C-82\\F\\MSA"),
+], ids=["CR in MSH-3", "escaped CR and framing bytes", "another field separator"])
+def test_an_echoed_sender_cannot_add_fields_or_segments_to_the_refusal(
+        ris: Ris, msh: bytes, sender: list[str], control: str) -> None:
+    """What the AR echoes stays inside its own fields of MSH and MSA, in one frame."""
+    segments = ack_segments(raw_exchange(ris.port, unreadable(msh)))
+    assert [s[0] for s in segments] == ["MSH", "MSA", "ERR"]
+    header, ack = segments[0], segments[1]
+    assert len(header) == 12 and header[4:6] == sender
+    assert len(ack) == 4 and ack[1:3] == ["AR", control]
+
+
+def test_echoed_values_are_cut_to_their_hl7_length(ris: Ris) -> None:
+    """MSH-3 to MSH-6 at most 227 characters (whole escape sequences), MSH-10 64."""
+    msh = (b"MSH#^~\\&#" + b"A" * 1000 + b"#" + b"|" * 300 + b"#PORTAL#RAD###ORU^R01#"
+           + b"9" * 500 + b"#P#2.5")
+    header, ack, _ = ack_segments(raw_exchange(ris.port, unreadable(msh)))
+    assert header[4] == "A" * 227 and header[5] == "\\F\\" * 75
+    assert ack[1:3] == ["AR", "9" * 64]
 
 
 def test_latin1_declared_in_msh18_is_decoded(ris: Ris) -> None:
