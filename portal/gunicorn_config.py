@@ -50,6 +50,13 @@ _IN_MEMORY = "/dev/shm"  # noqa: S108
 worker_tmp_dir = _IN_MEMORY if os.path.isdir(_IN_MEMORY) and \
     os.access(_IN_MEMORY, os.W_OK | os.X_OK) else None
 control_socket_disable = True  # one shared socket per machine otherwise (gunicorn 27)
+# Forwarding headers are the portal's to believe or drop (PORTAL_TRUSTED_PROXIES and
+# PORTAL_TRUSTED_PROXY_ADDRESSES, portal.security.TrustedProxies). gunicorn's own defaults
+# would take X-Forwarded-Proto: https (and SCRIPT_NAME headers) from any process on the
+# machine, or anything behind a Unix socket, whatever those settings say.
+forwarded_allow_ips = ""
+secure_scheme_headers: dict[str, str] = {}
+forwarder_headers = ""
 accesslog = "-"
 # The last field is the request id (portal/log.py): nginx's when it came from a trusted proxy.
 access_log_format = '%(h)s %(t)s "%(m)s %(U)s" %(s)s %(B)s %(M)sms %({x-request-id}o)s'

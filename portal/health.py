@@ -13,6 +13,7 @@ from sqlalchemy import text
 from portal.access.policy import public
 from portal.archive import current_archive
 from portal.db import db
+from portal.monitoring import may_read_metrics
 from portal.redis_link import redis_link
 
 if TYPE_CHECKING:
@@ -50,9 +51,14 @@ def readyz() -> tuple[Response, int]:
     ready = all(v == "ok" for v in checks.values())
     # A full disk refuses uploads but still serves every read: "degraded", never "not ready"
     # (a balancer taking the node out would hide the images it still serves).
+    # Sizes (the disk's bytes, the external archive's cache) only to a scraper
+    # (METRICS_TOKEN or METRICS_ALLOWED, as /metrics): this page is public, and a disk's
+    # size and how fast it fills say how busy the clinic is. The states are for anyone.
+    sizes = may_read_metrics()
     space = archive_disk()
     if space is not None:
-        body_disk: dict[str, object] | None = space.to_json()
+        body_disk: dict[str, object] | None = space.to_json() if sizes else \
+            {"state": space.state}
         checks["archive_disk"] = space.state
     else:
         body_disk = None
@@ -75,7 +81,7 @@ def readyz() -> tuple[Response, int]:
         # An external PACS that is down degrades the portal but does not make it unready:
         # the index, reports and cached images still serve, and viewers get a clear 503.
         # Taking every worker out of the load balancer would hide all of that.
-        body["external_archive"] = external = _external_state(remote)
+        body["external_archive"] = external = _external_state(remote, sizes)
         checks["external_archive"] = str(external["state"])
         if ready and external["state"] != "ok":
             body["status"] = "degraded"
@@ -121,9 +127,10 @@ PROBE_INTERVAL_SECONDS = 5.0
 _last_probe: dict[int, tuple[float, bool]] = {}
 
 
-def _external_state(remote: RemoteCopies) -> dict[str, object]:
+def _external_state(remote: RemoteCopies, sizes: bool) -> dict[str, object]:
     """The breaker's state, and a bounded QIDO-RS probe (at most every few seconds) unless
-    the breaker is open. The archive's address is not shown: this page is public."""
+    the breaker is open. The archive's address is not shown: this page is public; the
+    cache's counts and bytes only with ``sizes``."""
     from portal.archive.external import ExternalUnavailable
 
     client = remote.client
@@ -145,8 +152,12 @@ def _external_state(remote: RemoteCopies) -> dict[str, object]:
             _last_probe[id(client)] = (now, reachable)
         state = "ok" if reachable else "unavailable"
         status = client.breaker.status()
-    count, size = remote.usage()
-    return {"state": state, "breaker": status.state,
-            "consecutive_failures": status.consecutive_failures,
-            "retry_after_seconds": round(status.retry_after),
-            "cached_copies": count, "cached_bytes": size, "cache_limit_bytes": remote.cache_bytes}
+    shown: dict[str, object] = {
+        "state": state, "breaker": status.state,
+        "consecutive_failures": status.consecutive_failures,
+        "retry_after_seconds": round(status.retry_after)}
+    if sizes:
+        count, size = remote.usage()
+        shown.update(cached_copies=count, cached_bytes=size,
+                     cache_limit_bytes=remote.cache_bytes)
+    return shown

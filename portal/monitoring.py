@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from portal.access.policy import public
+from portal.archive import current_archive
 from portal.metrics import REQUEST_SECONDS
 
 log = logging.getLogger(__name__)
@@ -94,14 +95,23 @@ def init_app(app: Flask) -> None:
 
 def _allowed() -> None:
     settings = current_app.config["PORTAL"]
-    token, networks = settings["METRICS_TOKEN"], settings["METRICS_ALLOWED"]
-    if not token and not networks:
+    if not settings["METRICS_TOKEN"] and not settings["METRICS_ALLOWED"]:
         abort(404)  # closed by default: nothing says it is there
+    if not may_read_metrics():
+        abort(403, description="metrics: a bearer token or an allowed address is needed")
+
+
+def may_read_metrics() -> bool:
+    """Whether this request is a scraper's: it sends ``METRICS_TOKEN`` as a bearer token or
+    comes from a ``METRICS_ALLOWED`` network (neither set: nobody). Also who sees the sizes
+    on ``/readyz`` (portal/health.py)."""
+    settings = current_app.config["PORTAL"]
+    token, networks = settings["METRICS_TOKEN"], settings["METRICS_ALLOWED"]
     if token:
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
                                                               token.encode()):
-            return
+            return True
     if networks:
         try:
             address = ipaddress.ip_address((request.remote_addr or "").split("%", 1)[0])
@@ -111,8 +121,8 @@ def _allowed() -> None:
             address = address.ipv4_mapped
         if address is not None and any(address in ipaddress.ip_network(n, strict=False)
                                        for n in networks):
-            return
-    abort(403, description="metrics: a bearer token or an allowed address is needed")
+            return True
+    return False
 
 
 @bp.get("/metrics")
@@ -151,7 +161,8 @@ class _ReadWhenScraped:
         unreadable = GaugeMetricFamily(
             "portal_metrics_unreadable",
             "1 when a part of the metrics could not be read at this scrape", labels=["part"])
-        for part, reader in (("jobs", self._jobs), ("audit", self._audit)):
+        for part, reader in (("jobs", self._jobs), ("audit", self._audit),
+                             ("archive_disk", self._disk)):
             try:
                 found = list(reader())
             except Exception as exc:  # Redis or the database down: the rest still answers
@@ -161,6 +172,19 @@ class _ReadWhenScraped:
             unreadable.add_metric([part], 0)
             yield from found
         yield unreadable
+
+    def _disk(self) -> Iterator[Metric]:
+        """The archive disk's bytes (what ``/readyz`` shows only to a scraper)."""
+        with self.app.app_context():
+            space = current_archive().store.space()
+        for name, value, about in (
+                ("free", space.free, "Bytes free on the archive's file system"),
+                ("total", space.total, "Size of the archive's file system in bytes"),
+                ("min_free", space.min_free, "ARCHIVE_MIN_FREE in bytes: uploads are "
+                 "refused below it"),
+                ("warn_free", space.warn_free, "ARCHIVE_WARN_FREE in bytes: the disk is "
+                 "'nearly full' below it")):
+            yield GaugeMetricFamily(f"portal_archive_disk_{name}_bytes", about, value=value)
 
     def _jobs(self) -> Iterator[Metric]:
         settings = self.app.config["PORTAL"]

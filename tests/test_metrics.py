@@ -91,6 +91,23 @@ def test_metrics_are_closed_unless_a_token_or_an_address_allows(tmp_path: Path) 
         close_app(elsewhere)
 
 
+def test_readyz_shows_sizes_only_to_a_scraper_and_metrics_have_the_disk(metered: Flask
+                                                                         ) -> None:
+    """/readyz is public: anyone sees the states, only a scraper (the metrics token or an
+    allowed address) the archive disk's bytes, which are on /metrics too."""
+    client = metered.test_client()
+    public = client.get("/readyz").get_json()
+    assert public["archive_disk"] == {"state": "ok"}
+    assert public["checks"]["archive_disk"] == "ok"
+    assert "bytes" not in json.dumps(public)
+    scraper = client.get("/readyz", headers=SCRAPE).get_json()["archive_disk"]
+    assert scraper["state"] == "ok" and scraper["total_bytes"] >= scraper["free_bytes"] > 0
+    scraped = client.get("/metrics", headers=SCRAPE).text
+    free = [line for line in scraped.splitlines()
+            if line.startswith("portal_archive_disk_free_bytes ")]
+    assert len(free) == 1 and float(free[0].split()[1]) > 0, scraped[-2000:]
+
+
 def test_a_rendered_image_and_a_qido_are_counted_under_their_families(metered: Flask) -> None:
     ds = make_dataset(patient_name="Metric^Marianne", patient_id="PID-METRICS")
     with metered.app_context():

@@ -59,6 +59,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _ATTEMPTS = 5
+# Refused files of one upload recorded one by one; the rest share one record (docs/security.md 40).
+_REFUSALS_ONE_BY_ONE = 100
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -418,19 +420,25 @@ class Archive:
 
     def record_rejections(self, rejected: Sequence[tuple[Rejected, bytes | None]], *, who: str,
                           source_address: str) -> None:
-        """One 110107 Import failure record per refused file, all in one transaction.
+        """One 110107 Import failure record per refused file, all in one transaction; past
+        ``_REFUSALS_ONE_BY_ONE`` files of one call, one more record counts the rest by reason
+        (a request of 10,000 one-byte parts must not write 10,000 records).
 
-        The record holds the reason without the quoted data after its colon (a parser's
+        A record holds the reason without the quoted data after its colon (a parser's
         message may quote header values), the UIDs the file named and its SHA-256.
         """
         if not rejected:
             return
+
+        def reason(exc: Rejected) -> str:
+            return _CONTROL.sub(" ", exc.reason.split(": ", 1)[0])[:160]
+
+        each, rest = rejected[:_REFUSALS_ONE_BY_ONE], rejected[_REFUSALS_ONE_BY_ONE:]
         try:
             with self.database.write_transaction() as session:
-                for exc, data in rejected:
-                    details: dict[str, Any] = {
-                        "reason": _CONTROL.sub(" ", exc.reason.split(": ", 1)[0])[:160],
-                        "status": f"0x{exc.status:04X}"}
+                for exc, data in each:
+                    details: dict[str, Any] = {"reason": reason(exc),
+                                               "status": f"0x{exc.status:04X}"}
                     if exc.sop_instance_uid:
                         details["sop_instance_uid"] = exc.sop_instance_uid[:64]
                     if data is not None:
@@ -439,6 +447,15 @@ class Archive:
                     audit.append(session, audit.IMPORT, action="C",
                                  outcome=audit.OUTCOME_MINOR_FAILURE, who=who,
                                  source_address=source_address, details=details)
+                if rest:
+                    reasons = Counter(reason(exc) for exc, _data in rest)
+                    audit.append(session, audit.IMPORT, action="C",
+                                 outcome=audit.OUTCOME_MINOR_FAILURE, who=who,
+                                 source_address=source_address, details={
+                                     "reason": "more refused files of the same upload",
+                                     "files": len(rest),
+                                     "size": sum(len(data or b"") for _exc, data in rest),
+                                     "reasons": dict(reasons.most_common(10))})
         except OperationalError:
             log.error("could not record %d rejected upload(s)", len(rejected))
 

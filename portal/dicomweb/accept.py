@@ -5,7 +5,8 @@ Cornerstone WADO-RS image loader that OHIF uses sends
 ``multipart/related; type=application/octet-stream; transfer-syntax=*``. A strict RFC 2045
 parser cuts that value at the ``/`` (werkzeug's gives ``type=application``), so media ranges
 are split here by hand: ``,`` between ranges and ``;`` between parameters (outside quotes),
-values unquoted, ranges ordered by ``q`` (those with ``q=0`` dropped).
+values unquoted, ranges ordered by ``q`` (those with ``q=0`` dropped; a header of such ranges
+only accepts nothing: ``NOTHING``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ class MediaRange:
     def transfer_syntax(self) -> str:
         """The ``transfer-syntax`` parameter ("" when absent)."""
         return self.params.get("transfer-syntax", "")
+
+
+# What a header whose every range has ``q=0`` stands for: nothing is acceptable (RFC 9110
+# 12.4.2), where no header at all accepts anything. It is no media type, so it matches none.
+NOTHING = MediaRange("")
 
 
 def _split(text: str, separator: str) -> list[str]:
@@ -62,13 +68,16 @@ def parse_media_type(header: str) -> MediaRange:
 
 
 def parse_accept(header: str) -> list[MediaRange]:
-    """The media ranges of an Accept header, most preferred first (an empty header: none)."""
+    """The media ranges of an Accept header, most preferred first (an empty header: none;
+    one that refuses every range it names: ``[NOTHING]``)."""
     ranked: list[tuple[float, int, MediaRange]] = []
+    named = False
     for index, text in enumerate(_split(header[:4096], ",")):
         pieces = _split(text, ";")
         media_type = pieces[0].strip().lower()
         if not media_type:
             continue
+        named = True
         params: dict[str, str] = {}
         quality = 1.0
         for piece in pieces[1:]:
@@ -85,4 +94,6 @@ def parse_accept(header: str) -> list[MediaRange]:
             params[name] = value
         if quality > 0:
             ranked.append((-quality, index, MediaRange(media_type, params)))
+    if named and not ranked:
+        return [NOTHING]
     return [media_range for _q, _i, media_range in sorted(ranked, key=lambda r: r[:2])]

@@ -46,7 +46,7 @@ from portal.imaging.service import (
     volume_image,
     volume_sources,
 )
-from portal.imaging.volume import VIEWS
+from portal.imaging.volume import VIEWS, not_in_3d
 from portal.index.models import Instance, Series, Study
 
 # A share-link visitor reads the studies of his link through every GET here (the policy
@@ -295,8 +295,12 @@ def _one_syntax(chosen: list[transfer.Representation], first: str) -> str | None
     return None
 
 
-def _retrieve(instances: list[Instance]) -> Response:
+def _retrieve(instances: list[Instance], *, one: bool = False) -> Response:
+    """The instances as multipart/related; ``one`` instance asked for as bare
+    ``application/dicom`` is answered as a single part (``_single_part``)."""
     chosen = _representations(instances)
+    if one and chosen[0].bare:
+        return _single_part(instances[0], chosen[0])
     archive = current_archive()
     uids = [i.sop_instance_uid for i in instances]
     if archive.remote is not None:
@@ -361,7 +365,26 @@ def retrieve_series(study: str, series: str) -> Response:
 @policy.download
 def retrieve_instance(study: str, series: str, instance: str) -> Response:
     """WADO-RS: one instance."""
-    return _retrieve(_instances_of(study, series, instance))
+    return _retrieve(_instances_of(study, series, instance), one=True)
+
+
+def _single_part(instance: Instance, chosen: transfer.Representation) -> Response:
+    """One instance as the body itself: ``Content-Type: application/dicom`` with its transfer
+    syntax, for a client that asked for ``application/dicom`` and not for multipart."""
+    archive = current_archive()
+    if archive.remote is not None:
+        archive.locate_many([instance.sop_instance_uid])
+    try:
+        content_type, payload = _instance_part(archive, instance, chosen)
+    except CorruptObject:
+        abort(500, "a stored object failed its integrity check; it has been reported")
+    headers = {"Content-Type": content_type, "Content-Length": str(len(payload)),
+               "Cache-Control": "private, no-store"}
+    if isinstance(payload, multipart.FilePart):
+        answer = Response(stream_with_context(payload.chunks()), status=200, headers=headers)
+        answer.call_on_close(payload.discard)
+        return answer
+    return Response(payload, status=200, headers=headers)
 
 
 def _metadata(instances: list[Instance]) -> Response:
@@ -636,7 +659,8 @@ def volume_state(study: str, series: str) -> Response:
 
     ``{"state": "ready", "mipWindow": {...}}``; ``"building"`` with ``progress`` (0..1) and
     Retry-After, the build being started here when nobody is at it; 422 with the reason when
-    the slices form no volume.
+    the slices form no volume (``"state": "refused"``, the reason in plain words: the viewer
+    offers no reformat or 3D view for such a series).
     """
     content, files = _volume_sources(study, series)
     state, progress, reason = volume_files().state(content)
@@ -647,7 +671,10 @@ def volume_state(study: str, series: str) -> Response:
         build_volume_soon(content, files)
         state, progress = "building", 0.0
     if state == "refused":
-        return error_response(422, reason or "the slices do not form a volume")
+        return Response(json.dumps({"state": "refused", "status": 422,
+                                    "error": reason or "the slices do not form a volume"}),
+                        status=422, mimetype="application/json",
+                        headers={"Cache-Control": "no-store"})
     body: dict[str, Any] = {"state": state, "progress": round(progress, 3)}
     headers = {"Cache-Control": "no-store"}
     if state == "ready":
@@ -691,6 +718,9 @@ def volume_view(study: str, series: str, kind: str) -> Response:
     if elevation % 5 != 0 or zoom % 0.25 != 0 or slab % 1 != 0:
         abort(400, "elevation is in steps of 5 degrees, zoom of 0.25, slab of 1 mm")
     content, files = _volume_sources(study, series)
+    state, _progress, reason = volume_files().state(content)
+    if state == "refused":  # assessed once when it was built: no need to read the slices again
+        raise not_in_3d(reason or "the slices do not form a volume")
     if kind not in ("mip", "3d"):
         return _image_response(volume_image(content, files, kind, position, angle, rendition))
     if ("style" in args and kind != "3d") or ("slab" in args and kind != "mip"):

@@ -44,6 +44,10 @@ class Representation:
     syntax: str
     convert: bool = False
     strict: bool = False
+    # The range chosen was ``application/dicom`` itself, not inside ``multipart/related``:
+    # one instance is then answered as a single part (PS3.18 after Supplement 183;
+    # ``dicomweb-client`` reads either).
+    bare: bool = False
 
 
 def asked_syntax(media_range: MediaRange) -> str | None:
@@ -74,18 +78,19 @@ def representation(ranges: list[MediaRange], instance: Instance) -> Representati
         asked = asked_syntax(media_range)
         if asked is None:
             continue
+        bare = media_range.media_type == DICOM
         if asked == "*":
-            return Representation(stored)
+            return Representation(stored, bare=bare)
         if asked == "":
             if stored == EXPLICIT_LE:
-                return Representation(stored)
+                return Representation(stored, bare=bare)
             if fits_explicit(instance):
-                return Representation(EXPLICIT_LE, convert=True)
-            return Representation(stored)
+                return Representation(EXPLICIT_LE, convert=True, bare=bare)
+            return Representation(stored, bare=bare)
         if asked == stored and asked not in NOT_ON_THE_WEB:
-            return Representation(stored)
+            return Representation(stored, bare=bare)
         if asked == EXPLICIT_LE and fits_explicit(instance):
-            return Representation(EXPLICIT_LE, convert=True, strict=True)
+            return Representation(EXPLICIT_LE, convert=True, strict=True, bare=bare)
     return None
 
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask, current_app
 from sqlalchemy import select
 
+from portal import failures
 from portal.imaging.rendition import parse_rendition
 from portal.index.models import Instance, Series
 from portal.log import carry
@@ -306,8 +307,9 @@ def build_volume_soon(key: str, sources: list[Any]) -> None:
         except NotAVolume:
             pass  # kept as refused in the volume folder: the viewer says why
         except Exception as exc:  # told once to the viewer that waits; tried again after
-            with _building_lock:
-                _failed[key] = str(exc) or exc.__class__.__name__
+            with _building_lock:  # in plain words: never an exception's name, text or path
+                _failed[key] = exc.reason if isinstance(exc, failures.PortalError) else \
+                    "the server ran into a problem; try again later"
                 while len(_failed) > 64:
                     _failed.pop(next(iter(_failed)))
             app.extensions["volume_files"].finish(key)

@@ -205,6 +205,27 @@ def series_default_window(session: Session, instance: Instance) -> Window | None
     return _series_window(_series_middle(session, instance.series_fk))
 
 
+def _run_volume(function: Callable[..., Any], *args: Any) -> Any:
+    """``run_isolated`` for a volume's build or view: a failure no check names is refused in
+    plain words, without the exception's name (the log keeps it)."""
+    try:
+        return run_isolated(function, *args)
+    except RenderFailed as exc:
+        raise RenderFailed("something in these images could not be handled") from exc
+
+
+def _volume_view(function: Callable[..., bytes], *args: Any) -> bytes:
+    """A reformat or 3D view; a series that forms no volume is refused as one that cannot
+    be shown in 3D, with the reason ``volume.assess`` gave."""
+    from portal.imaging.volume import NotAVolume, not_in_3d
+
+    try:
+        result: bytes = _run_volume(function, *args)
+    except NotAVolume as exc:
+        raise not_in_3d(str(exc)) from exc
+    return result
+
+
 def volume_image(content: str, sources: list[StoredFile], kind: str, position: float,
                  angle: float, rendition: Rendition) -> RenderedImage:
     """A reformat (sagittal, coronal, axial) or MIP of the series whose content key
@@ -214,9 +235,8 @@ def volume_image(content: str, sources: list[StoredFile], kind: str, position: f
     def produce() -> bytes:
         from portal.imaging.isolation import render_volume_source
 
-        result: bytes = run_isolated(render_volume_source, content, sources, kind, position,
-                                     angle, rendition, volume_files())
-        return result
+        return _volume_view(render_volume_source, content, sources, kind, position, angle,
+                            rendition, volume_files())
 
     return RenderedImage(key, rendition.media_type, produce)
 
@@ -230,9 +250,8 @@ def turned_image(content: str, sources: list[StoredFile], turn: Turn,
     def produce() -> bytes:
         from portal.imaging.isolation import render_turned_source
 
-        result: bytes = run_isolated(render_turned_source, content, sources, turn, rendition,
-                                     volume_files())
-        return result
+        return _volume_view(render_turned_source, content, sources, turn, rendition,
+                            volume_files())
 
     return RenderedImage(key, rendition.media_type, produce)
 
@@ -242,8 +261,8 @@ def prepare_volume(key: str, sources: list[Any]) -> Window | None:
     configured) unless it is there; its MIP window. NotAVolume when there is none."""
     from portal.imaging import isolation
 
-    window: Window | None = run_isolated(isolation.prepare_volume, key, sources,
-                                         volume_files())
+    window: Window | None = _run_volume(isolation.prepare_volume, key, sources,
+                                        volume_files())
     return window
 
 
@@ -343,13 +362,23 @@ def _render_in_series(stored: StoredFile, index: int, rendition: Rendition,
 
 
 def forms_volume(images: list[Instance]) -> bool:
-    """True when the slices may make reformats (the server checks the spacing itself)."""
+    """True when the slices form a volume by the geometry the index holds (``volume.assess``,
+    the check the build makes): the viewer offers reformats and 3D views for these only."""
+    from portal.imaging.volume import NotAVolume, assess
+
     if len(images) < 3:
         return False
     first = images[0]
-    return all(i.number_of_frames == 1 and i.image_orientation_patient and i.pixel_spacing
+    if not all(i.number_of_frames == 1 and i.image_orientation_patient and i.pixel_spacing
                and i.image_position_patient and (i.rows, i.columns) == (first.rows, first.columns)
-               for i in images)
+               for i in images):
+        return False
+    try:
+        assess([i.image_orientation_patient or [] for i in images], first.pixel_spacing or [],
+               [i.image_position_patient or [] for i in images])
+    except NotAVolume:
+        return False
+    return True
 
 
 # -- many images in one answer (a series' stack) -------------------------------------------

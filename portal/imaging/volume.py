@@ -1,8 +1,10 @@
 """Reformats and a rotating maximum-intensity projection from a series that forms a volume.
 
 A series forms a volume when its slices share one orientation (Image Orientation (Patient),
-PS3.3 C.7.6.2.1.1), have the same size and pixel spacing, and lie along the slice normal at
-(nearly) even steps. Positions come from Image Position (Patient) projected on the normal.
+PS3.3 C.7.6.2.1.1), have the same size and a usable pixel spacing, and lie along the slice
+normal at (nearly) even steps, no two at one position. Positions come from Image Position
+(Patient) projected on the normal. ``assess`` checks this once, before anything is decoded (and
+for the viewer, on the index's values), so a volume that was built can always be cut.
 Pure functions, no Flask: the caller checks access and caches the encoded result.
 """
 
@@ -32,10 +34,70 @@ from portal.imaging.rendition import Rendition, Window
 
 MAX_VOXELS = 512 * 512 * 1200
 VIEWS = ("sagittal", "coronal", "axial", "mip", "3d")
+SAME_POSITION_MM = 1e-3  # slices closer than this along the normal lie at one position
 
 
 class NotAVolume(failures.Unprocessable, ValueError):
     """The series cannot be shown in 3D; the message says why."""
+
+
+def not_in_3d(reason: str) -> NotAVolume:
+    """What a reformat or 3D view of a series that forms no volume answers (422)."""
+    return NotAVolume("these images cannot be shown in 3D: %(reason)s", reason=reason)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where a series' slices lie, once ``assess`` found that they form a volume."""
+
+    orientation: tuple[float, ...]  # Image Orientation (Patient): row, then column direction
+    row_spacing: float  # mm, finite and positive
+    column_spacing: float  # mm, finite and positive
+    order: tuple[int, ...]  # the slices' indices along the normal
+    slice_spacing: float  # mm between neighbouring slices, finite and positive
+
+
+def assess(orientations: Sequence[Sequence[float]], spacing: Sequence[float],
+           positions: Sequence[Sequence[float]]) -> Geometry:
+    """Check that slices with these orientations and positions, and this pixel spacing (of
+    the first slice), form a volume; NotAVolume with the reason in plain words if not.
+
+    Everything a reformat or a 3D view divides by or steps along is checked here.
+    """
+    if len(positions) < 3:
+        raise NotAVolume("a volume needs at least three slices")
+    try:
+        facing = [np.array(o, float) for o in orientations]
+        pixel = np.array(spacing, float)
+        points = np.array(positions, float)
+        first = facing[0]
+    except (TypeError, ValueError, IndexError) as exc:
+        raise NotAVolume("the slices carry no geometry (orientation, spacing)") from exc
+    with np.errstate(over="ignore", invalid="ignore"):  # huge or odd numbers: refused below
+        normal = np.cross(first[:3], first[3:]) if first.shape == (6,) else np.zeros(3)
+        if not np.all(np.isfinite(normal)) or not np.linalg.norm(normal) >= 0.5:
+            raise NotAVolume("the slices carry no geometry (orientation, spacing)")
+        if len(facing) != len(positions) or not all(
+                o.shape == (6,) and np.allclose(o, first, atol=1e-3) for o in facing):
+            raise NotAVolume("the slices differ in orientation or size")
+        if pixel.shape != (2,) or not np.all(np.isfinite(pixel)) or np.any(pixel <= 0):
+            raise NotAVolume("the images have no usable pixel spacing")
+        if points.shape != (len(positions), 3) or not np.all(np.isfinite(points)):
+            raise NotAVolume("a slice has no position")
+        along = points @ normal
+        order = np.argsort(along, kind="stable")
+        steps = np.diff(along[order])
+        span = along[order[-1]] - along[order[0]]
+    if not np.all(np.isfinite(steps)) or not np.isfinite(span):
+        raise NotAVolume("a slice has no position")
+    if span <= SAME_POSITION_MM:
+        raise NotAVolume("the slices share one position")
+    if np.any(steps <= SAME_POSITION_MM):
+        raise NotAVolume("two or more slices share one position")
+    if steps.max() > 1.1 * steps.min():
+        raise NotAVolume("the slices are not evenly spaced")
+    return Geometry(tuple(float(v) for v in first), float(pixel[0]), float(pixel[1]),
+                    tuple(int(i) for i in order), float(steps.mean()))
 
 
 @dataclass(frozen=True)
@@ -101,31 +163,24 @@ def build_volume(files: Sequence[bytes], max_side: int = 256,
     if len(headers) < 3:
         raise NotAVolume("a volume needs at least three slices")
     try:
-        orientation = np.array([float(v) for v in headers[0].ImageOrientationPatient])
         size = (int(headers[0].Rows), int(headers[0].Columns))
         spacing = [float(v) for v in headers[0].PixelSpacing]
+        orientations = [[float(v) for v in h.ImageOrientationPatient] for h in headers]
     except (AttributeError, TypeError, ValueError) as exc:
         raise NotAVolume("the slices carry no geometry (orientation, spacing)") from exc
     if int(headers[0].get("NumberOfFrames") or 1) != 1:
         raise NotAVolume("multi-frame series are shown frame by frame")
     if size[0] * size[1] * len(headers) > MAX_VOXELS:
         raise NotAVolume("this series is too large to reformat")
-    normal = np.cross(orientation[:3], orientation[3:])
-    positions = []
-    for header in headers:
-        try:
-            same = np.allclose([float(v) for v in header.ImageOrientationPatient],
-                               orientation, atol=1e-3)
-            if not same or (int(header.Rows), int(header.Columns)) != size:
-                raise NotAVolume("the slices differ in orientation or size")
-            positions.append(float(np.dot([float(v) for v in header.ImagePositionPatient],
-                                          normal)))
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise NotAVolume("a slice has no position") from exc
-    order = np.argsort(positions)
-    steps = np.diff(np.array(positions)[order])
-    if np.any(steps <= 1e-3) or steps.max() > 1.1 * steps.min():
-        raise NotAVolume("the slices are not evenly spaced")
+    try:
+        sizes = {(int(h.Rows), int(h.Columns)) for h in headers}
+        positions = [[float(v) for v in h.ImagePositionPatient] for h in headers]
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise NotAVolume("a slice has no position") from exc
+    if sizes != {size}:
+        raise NotAVolume("the slices differ in orientation or size")
+    geometry = assess(orientations, spacing, positions)
+    order = geometry.order
     factor = max(1, int(np.ceil(max(size) / max_side)))
     slices = []
     for count, index in enumerate(order):
@@ -148,8 +203,8 @@ def build_volume(files: Sequence[bytes], max_side: int = 256,
         w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
         window = Window(c, w) if w > 0 else None
     voxels = np.stack(slices)
-    return Volume(voxels, spacing[0] * factor, spacing[1] * factor, float(steps.mean()),
-                  window, mip_window(voxels), tuple(float(v) for v in orientation),
+    return Volume(voxels, geometry.row_spacing * factor, geometry.column_spacing * factor,
+                  geometry.slice_spacing, window, mip_window(voxels), geometry.orientation,
                   str(first.get("Modality", "")).upper() == "CT")
 
 

@@ -46,7 +46,9 @@ class VolumeFiles:
         return self.folder / f"{key}{suffix}"
 
     def load(self, key: str) -> Volume | None:
-        """The kept volume, or None (also for a damaged or older-format file, then removed)."""
+        """The kept volume, or None (also for a damaged or older-format file, then removed,
+        and for one kept before ``volume.assess`` refused unusable spacing: built again, it
+        is refused with the reason)."""
         path = self._path(key, ".npz")
         try:
             with np.load(path, allow_pickle=False) as stored:
@@ -58,7 +60,8 @@ class VolumeFiles:
             log.warning("a kept volume could not be read; it will be built again")
             path.unlink(missing_ok=True)
             return None
-        if meta.shape != (15,) or int(meta[0]) != FORMAT or voxels.ndim != 3:
+        if meta.shape != (15,) or int(meta[0]) != FORMAT or voxels.ndim != 3 or \
+                not np.all(np.isfinite(meta[1:4])) or np.any(meta[1:4] <= 0):
             path.unlink(missing_ok=True)  # format 1 had no orientation: built again
             return None
         with contextlib.suppress(OSError):

@@ -110,6 +110,47 @@ def test_default_retrieve_decompresses_to_explicit_vr_little_endian(portal: Port
         assert kind == f"application/dicom; transfer-syntax={EXPLICIT_LE}", accept
 
 
+def test_an_instance_asked_for_as_application_dicom_comes_as_one_part(portal: Portal,
+                                                                      stored: Stored) -> None:
+    """PS3.18 since Supplement 183 names ``application/dicom`` itself for one instance: asked
+    that way (not inside multipart/related), the body is the Part 10 file, its Content-Type
+    naming the syntax sent; anything with several instances, or a client preferring
+    multipart, still gets multipart/related."""
+    as_stored = portal.get(instance_path(stored.jls), "application/dicom; transfer-syntax=*")
+    assert as_stored.status_code == 200
+    assert as_stored.headers["Content-Type"] == f"application/dicom; transfer-syntax={JPEG_LS}"
+    assert as_stored.content == stored.jls_bytes
+    assert int(as_stored.headers["Content-Length"]) == len(stored.jls_bytes)
+    default = portal.get(instance_path(stored.jls), "application/dicom")
+    assert default.headers["Content-Type"] == f"application/dicom; transfer-syntax={EXPLICIT_LE}"
+    got = pydicom.dcmread(io.BytesIO(default.content))
+    assert got.file_meta.TransferSyntaxUID == EXPLICIT_LE
+    assert np.array_equal(got.pixel_array, stored.jls.pixel_array)
+    preferring = portal.get(instance_path(stored.plain),
+                            'multipart/related; type="application/dicom", application/dicom;q=0.5')
+    [(_kind, payload)] = parts_of(preferring)
+    assert payload == stored.plain_bytes
+    series = f"/studies/{stored.study}/series/{stored.plain.SeriesInstanceUID}"
+    [(_kind, payload)] = parts_of(portal.get(series, "application/dicom"))
+    assert payload == stored.plain_bytes
+
+
+def test_an_accept_header_refusing_everything_is_not_acceptable(portal: Portal,
+                                                                stored: Stored) -> None:
+    """Ranges of ``q=0`` only accept nothing (RFC 9110 12.4.2): 406, where no header at
+    all would have been served the default."""
+    refused = "application/dicom+json;q=0"
+    for path, accept in (("/studies", refused), (instance_path(stored.plain) + "/metadata",
+                                                 refused),
+                         (instance_path(stored.plain), "application/dicom;q=0, */*;q=0"),
+                         (instance_path(stored.plain) + "/frames/1",
+                          "multipart/related; type=application/octet-stream;q=0"),
+                         (instance_path(stored.plain) + "/rendered", "image/jpeg;q=0")):
+        answer = portal.get(path, accept)
+        assert answer.status_code == 406, (path, answer.status_code, answer.text[:200])
+        assert portal.get(path).status_code == 200, path
+
+
 def test_explicit_vr_little_endian_asked_by_name(portal: Portal, stored: Stored) -> None:
     got = retrieve(portal, stored.frames, media_types=(("application/dicom", EXPLICIT_LE),))
     assert got.file_meta.TransferSyntaxUID == EXPLICIT_LE

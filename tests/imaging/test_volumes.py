@@ -14,6 +14,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from PIL import Image
+from sqlalchemy import select
 
 from portal.archive import current_archive
 from portal.imaging.service import volume_files, volume_sources
@@ -180,3 +181,92 @@ def test_a_volume_kept_in_memory_but_pruned_from_the_folder_is_written_again(
     finally:
         isolation._volumes.clear()
         isolation.use_frame_cache(0)
+
+
+# -- series whose geometry forms no volume: refused once, in plain words ---------------------
+
+def _edited(folder: Path, seed: str, **values: object) -> list[bytes]:
+    """A small CT series with the same header values set on every slice."""
+    edited = []
+    for data in _ct(folder, slices=6, size=32, seed=seed):
+        ds = pydicom.dcmread(io.BytesIO(data))
+        for keyword, value in values.items():
+            setattr(ds, keyword, value)
+        out = io.BytesIO()
+        ds.save_as(out)
+        edited.append(out.getvalue())
+    return edited
+
+
+def _plain(reason: str) -> bool:
+    """True when a reason names no Python exception and quotes none of their texts."""
+    return not any(word in reason.lower() for word in ("error", "division", "exception",
+                                                       "singular", "nan", "traceback"))
+
+
+@pytest.mark.parametrize(("values", "reason"), [
+    ({"ImagePositionPatient": [-200.0, -200.0, 100.0]}, "the slices share one position"),
+    ({"PixelSpacing": [0, 0]}, "the images have no usable pixel spacing"),
+], ids=["one-position", "zero-pixel-spacing"])
+def test_a_series_without_usable_spacing_is_not_offered_or_cut_in_3d(
+        app: Flask, client: FlaskClient, auth: dict[str, str], tmp_path: Path,
+        values: dict[str, object], reason: str) -> None:
+    from portal.imaging.service import forms_volume
+    from portal.index.models import Instance, Series
+
+    files = _edited(tmp_path / "ct", f"flat-{reason[:12]}", **values)
+    series_uid = pydicom.dcmread(io.BytesIO(files[0])).SeriesInstanceUID
+    with app.app_context():  # stored without the after-ingest build: nobody has built it
+        archive = current_archive()
+        archive.ingest_many(files, who="test")
+        with archive.database.new_session() as session:
+            images = list(session.scalars(
+                select(Instance).join(Series).where(Series.series_instance_uid == series_uid)))
+            assert len(images) == 6 and forms_volume(images) is False  # the viewer offers none
+    image = {**auth, "Accept": "image/png"}
+    accept = {**auth, "Accept": "application/json"}
+    for kind in ("sagittal", "mip", "3d"):  # asked directly, before and after the status
+        for _ in range(2):
+            answer = client.get(f"{_base(files)}/{kind}", headers=image)
+            assert answer.status_code == 422, (kind, answer.data[:200])
+            error = answer.get_json()["error"]
+            assert error == f"these images cannot be shown in 3D: {reason}" and _plain(error)
+        deadline = time.monotonic() + 30
+        state = client.get(_base(files), headers=accept)
+        while state.status_code == 202 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            state = client.get(_base(files), headers=accept)
+        assert state.status_code == 422, state.data[:200]
+        assert state.get_json()["state"] == "refused" and state.get_json()["error"] == reason
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"positions": [[0.0, 0.0, 5.0]] * 4}, "the slices share one position"),
+    ({"positions": [[0.0, 0.0, z] for z in (0.0, 2.0, 2.0, 4.0)]},
+     "two or more slices share one position"),
+    ({"positions": [[0.0, 0.0, z] for z in (0.0, 2.0, float("nan"), 6.0)]},
+     "a slice has no position"),
+    ({"spacing": [0.0, 0.7]}, "the images have no usable pixel spacing"),
+    ({"spacing": [float("nan"), 0.7]}, "the images have no usable pixel spacing"),
+    ({"spacing": [-0.7, -0.7]}, "the images have no usable pixel spacing"),
+    ({"orientations": [[1.0, 0.0, 0.0, 1.0, 0.0, 0.0]] * 4},
+     "the slices carry no geometry (orientation, spacing)"),
+])
+def test_the_geometry_is_assessed_before_anything_is_decoded(change: dict[str, list],
+                                                             reason: str) -> None:
+    from portal.imaging.volume import NotAVolume, assess
+
+    geometry = {"orientations": [[1.0, 0.0, 0.0, 0.0, 1.0, 0.0]] * 4, "spacing": [0.7, 0.7],
+                "positions": [[0.0, 0.0, z] for z in (6.0, 0.0, 4.0, 2.0)]}
+    good = assess(**geometry)
+    assert good.order == (1, 3, 2, 0) and good.slice_spacing == pytest.approx(2.0)
+    with pytest.raises(NotAVolume) as refused:
+        assess(**{**geometry, **change})
+    assert str(refused.value) == reason
+
+
+def test_a_kept_volume_with_zero_spacing_is_built_again(tmp_path: Path) -> None:
+    kept = VolumeFiles(tmp_path / "volumes")
+    key = content_key(["kept before its spacing was checked"])
+    kept.save(key, Volume(np.zeros((4, 8, 8), np.float32), 0.0, 0.7, 2.0, None))
+    assert kept.load(key) is None and kept.state(key)[0] == "missing"

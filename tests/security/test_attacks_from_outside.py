@@ -269,3 +269,42 @@ def test_another_practices_study_cannot_be_reached_through_a_signed_in_grant(
                  headers={"X-CSRF-Token": csrf_of(manager)})
     again = signed_in(oidc_app, idp, _manager_of(oidc_app)[1])
     assert again.get(f"/dicomweb/studies/{theirs}/metadata").status_code == 404
+
+
+def test_gunicorn_leaves_forwarding_headers_to_the_portals_proxy_settings(
+        tmp_path: Path) -> None:
+    """Without PORTAL_TRUSTED_PROXIES no one is a proxy: a process on the machine that says
+    ``X-Forwarded-Proto: https`` (gunicorn believed it from 127.0.0.1 by default) is not taken
+    to have come over TLS, so the answer carries no HSTS and no absolute URL turns https."""
+    with served(tmp_path / "instance", "prober") as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        for name, value in (("X-Forwarded-Proto", "https"), ("X-Forwarded-Ssl", "on"),
+                            ("X-Forwarded-Protocol", "ssl")):
+            connection.request("GET", "/healthz", headers={name: value})
+            answer = connection.getresponse()
+            answer.read()
+            assert answer.status == 200
+            assert answer.getheader("Strict-Transport-Security") is None, name
+        connection.close()
+
+
+def test_thousands_of_tiny_parts_make_a_bounded_audit_trail(app: Flask,
+                                                            client: FlaskClient) -> None:
+    """A store-only client sends 2,000 one-byte parts: each is refused in the answer, the
+    first 100 make a record each and one more counts the rest (docs/security.md 40)."""
+    name, secret = make_client(app, "tiny-parts")
+    parts = b"".join(b"--" + BOUNDARY.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
+                     + bytes([n % 256]) + b"\r\n" for n in range(2000))
+    answer = client.post("/dicomweb/studies", data=parts + f"--{BOUNDARY}--".encode(),
+                         headers={**basic_auth(name, secret), "Accept": "application/dicom+json",
+                                  "Content-Type": 'multipart/related; type="application/'
+                                                  f'dicom"; boundary={BOUNDARY}'})
+    assert answer.status_code in (400, 409), answer.status_code
+    assert len(answer.get_json()["00081198"]["Value"]) == 2000
+    with app.extensions["db"].new_session() as session:
+        records = session.scalars(select(AuditEvent).where(
+            AuditEvent.event_id == "110107", AuditEvent.who.like("%tiny-parts%"))).all()
+    assert len(records) == 101, len(records)
+    summary = [r for r in records if "more refused files" in r.details["reason"]]
+    assert len(summary) == 1
+    assert summary[0].details["files"] == 1900 and summary[0].details["size"] == 1900
