@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
 import secrets
 from datetime import date
 from typing import Any
@@ -329,6 +330,15 @@ class TrustedProxies:
 
 def init_app(app: Flask) -> None:
     """Register the header and CSRF hooks; expose ``csp_nonce`` and ``csrf_token``."""
+    settings = app.config["PORTAL"]
+    if settings["ENV"] == "production" and not settings["PUBLIC_URL"] and \
+            not settings["TRUSTED_PROXIES"]:
+        # gunicorn believes no X-Forwarded-Proto itself (gunicorn_config): behind a TLS
+        # proxy the portal would take every request for plain HTTP (the sign-in's
+        # redirect_uri, the Origin check of forms, HSTS).
+        logging.getLogger(__name__).warning(
+            "neither PORTAL_PUBLIC_URL nor PORTAL_TRUSTED_PROXIES is set: behind a TLS proxy "
+            "set one of them (docs/operations.md, Behind nginx)")
     app.jinja_env.globals["csp_nonce"] = csp_nonce
     app.jinja_env.globals["csrf_token"] = csrf_token
     app.jinja_env.globals["has_session_cookie"] = has_session_cookie

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from portal.dicomweb.accept import MediaRange
+from portal.dicomweb.accept import NOTHING, MediaRange
 from portal.dicomweb.transcode import (
     EXPLICIT_BE,
     EXPLICIT_LE,
@@ -96,6 +96,8 @@ def representation(ranges: list[MediaRange], instance: Instance) -> Representati
 
 def refusal(ranges: list[MediaRange], instance: Instance) -> str:
     """Why no range fits the instance, for the 406 answer."""
+    if ranges == [NOTHING]:
+        return "the Accept header refuses every type (q=0)"
     asked = sorted({syntax for syntax in map(asked_syntax, ranges) if syntax})
     stored = instance.transfer_syntax_uid
     if any(syntax in NOT_ON_THE_WEB for syntax in asked):

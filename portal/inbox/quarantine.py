@@ -206,6 +206,8 @@ def start_file(session: Session, q: Quarantine, *, practice_id: int, link_fk: in
                                 "one")
     space = q.space_rule.look(q.root)
     if not space.room_for(size):
+        if link_fk is not None:  # a visitor is told no sizes of the practice's disk
+            raise StorageFull("the practice cannot take files now; try again later")
         raise StorageFull("the inbox has no room for this file now (%(detail)s)",
                           detail=space.describe())
     file = InboxFile(public_id=str(uuid.uuid4()), practice_fk=practice_id, link_fk=link_fk,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from zoneinfo import ZoneInfo
 
 import click
 from flask import current_app
@@ -39,11 +40,12 @@ def serve_command() -> None:
                    err=True)
     database = db._get_current_object()  # type: ignore[attr-defined]
     notify = notifier(current_app._get_current_object())  # type: ignore[attr-defined]
+    zone = ZoneInfo(settings["TIMEZONE"])  # HL7 times without an offset are the practice's
 
     def on_message(raw: bytes, peer: str, oversized: bool) -> bytes:
         return inbound.handle(raw, database, peer_address=peer, allowed=allowed,
                               max_bytes=settings["HL7_MAX_BYTES"], oversized=oversized,
-                              notify=notify)
+                              notify=notify, zone=zone)
 
     tls = server_context(settings["HL7_TLS_CERT"], settings["HL7_TLS_KEY"], settings["HL7_TLS_CA"])
     server = MllpServer((settings["HL7_HOST"], settings["HL7_PORT"]), on_message,

@@ -12,7 +12,7 @@ import re
 import secrets
 import unicodedata
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 
 from portal import failures
 
@@ -70,8 +70,11 @@ def _charset(raw: bytes, field: str) -> str:
 class Message:
     """A parsed HL7 v2 message."""
 
-    def __init__(self, text: str, delimiters: Delimiters) -> None:
+    def __init__(self, text: str, delimiters: Delimiters, zone: tzinfo = UTC) -> None:
         self.delimiters = delimiters
+        # Where a time without an offset is (``timestamp``): the sender's local time, which
+        # HL7 v2.5 2.A.22 gives as the default; the practice's zone (PORTAL_TIMEZONE).
+        self.zone = zone
         self.segments: list[list[str]] = []
         for line in re.split(r"\r\n|\r|\n", text):
             if not line.strip():
@@ -186,8 +189,9 @@ class Message:
         return self.text(self.msh, 12) or "2.5.1"
 
 
-def parse(raw: bytes) -> Message:
-    """Parse a message (the bytes between MLLP framing); MessageRejected when unreadable."""
+def parse(raw: bytes, zone: tzinfo = UTC) -> Message:
+    """Parse a message (the bytes between MLLP framing); MessageRejected when unreadable.
+    ``zone``: where its times without an offset are (``Message.zone``)."""
     if not raw.lstrip().startswith(b"MSH"):
         raise MessageRejected("the message does not start with an MSH segment")
     raw = raw.lstrip()
@@ -205,28 +209,31 @@ def parse(raw: bytes) -> Message:
         raise MessageRejected(
             f"the text is not valid {codec.upper()} (byte {exc.start}); declare the "
             "character set in MSH-18", control_id) from None
-    message = Message(text, delimiters)
+    message = Message(text, delimiters, zone)
     if not message.segments or message.segments[0][0] != "MSH":
         raise MessageRejected("the message does not start with an MSH segment", control_id)
     return message
 
 
-def parse_timestamp(value: str) -> datetime | None:
-    """An HL7 DTM (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]) as an aware datetime, or None."""
+def parse_timestamp(value: str, zone: tzinfo = UTC) -> datetime | None:
+    """An HL7 DTM (YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ]) as an aware datetime in UTC, or
+    None (also for one that cannot be a moment, e.g. year 1 with a positive offset). Without
+    an offset it is a time in ``zone`` (the sender's local time: ``Message.zone``)."""
     match = re.fullmatch(r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(?:\.\d+)?"
                          r"([+-]\d{4})?", value.strip())
     if not match:
         return None
-    year, month, day, hour, minute, second, zone = match.groups()
+    year, month, day, hour, minute, second, offset = match.groups()
     try:
         moment = datetime(int(year), int(month or 1), int(day or 1), int(hour or 0),
-                          int(minute or 0), int(second or 0), tzinfo=UTC)
-    except ValueError:
+                          int(minute or 0), int(second or 0))
+        if not offset:
+            return moment.replace(tzinfo=zone).astimezone(UTC)
+        sign = 1 if offset[0] == "+" else -1
+        return moment.replace(tzinfo=UTC) - timedelta(
+            minutes=sign * (int(offset[1:3]) * 60 + int(offset[3:5])))
+    except (ValueError, OverflowError):
         return None
-    if zone:
-        sign = 1 if zone[0] == "+" else -1
-        moment -= timedelta(minutes=sign * (int(zone[1:3]) * 60 + int(zone[3:5])))
-    return moment
 
 
 # The longest value an AR echoes from the MSH of a message parse() refused: HD (MSH-3 to
@@ -253,6 +260,17 @@ def _escapes(d: Delimiters) -> dict[str, str]:
 def _usable(char: str) -> bool:
     """A character a sender may use as a delimiter: printable ASCII, no letter, digit or space."""
     return char.isascii() and char.isprintable() and not char.isalnum() and char != " "
+
+
+def _bounded(value: str, limit: int, d: Delimiters) -> str:
+    r"""``value`` cut to ``limit`` characters, never inside an escape sequence (``\F\``)."""
+    if len(value) <= limit:
+        return value
+    cut = value[:limit]
+    # An odd number of escape characters in what is kept: the last sequence is open.
+    if cut.count(d.escape) % 2:
+        cut = cut[:cut.rindex(d.escape)]
+    return cut
 
 
 def _echoed(raw: bytes) -> dict[int, str]:
@@ -308,13 +326,17 @@ def acknowledgement(message: Message | None, code: str, text: str = "",
     escapes = _escapes(d)
 
     def escape(value: str) -> str:
-        return "".join(escapes.get(c, c) for c in _plain(value))[:200]
+        return _bounded("".join(escapes.get(c, c) for c in _plain(value)), 200, d)
 
     if message is not None:
-        sender_app, sender_fac = message.raw(message.msh, 3), message.raw(message.msh, 4)
-        receiver_app, receiver_fac = message.raw(message.msh, 5), message.raw(message.msh, 6)
-        trigger = message.message_type[1]
-        version = message.raw(message.msh, 12) or "2.5.1"
+        # As the sender wrote them (its delimiters are the ACK's), without control bytes and
+        # cut to their HL7 lengths on whole escape sequences; the trigger only as a code.
+        sender_app, sender_fac, receiver_app, receiver_fac, version = (
+            _bounded(_plain(message.raw(message.msh, number)), ECHO_LIMITS[number], d)
+            for number in (3, 4, 5, 6, 12))
+        version = version or "2.5.1"
+        trigger = message.message_type[1].upper()
+        trigger = trigger if re.fullmatch(r"[A-Z0-9]{3}", trigger) else ""
         control_id = control_id or message.control_id
     else:
         echoed = _echoed(raw)

@@ -27,6 +27,7 @@ import binascii
 import hashlib
 import logging
 from collections.abc import Callable
+from datetime import UTC, tzinfo
 
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
@@ -123,7 +124,7 @@ def report_from_oru(message: hl7.Message) -> list[IncomingReport]:
     patient_id = identifiers[0][0]
     patient_name = "^".join(message.components(pid, 5)[:3]).strip("^")
     language = spoken_language(message.text(pid, 15))
-    sent_at = hl7.parse_timestamp(message.text(message.msh, 7))
+    sent_at = hl7.parse_timestamp(message.text(message.msh, 7), message.zone)
     reports: list[IncomingReport] = []
     current: IncomingReport | None = None
     sections: dict[str, list[str]] = {}
@@ -148,11 +149,12 @@ def report_from_oru(message: hl7.Message) -> list[IncomingReport]:
                 or message.text(segment, 4, 1),
                 author=_person(message.components(segment, 32)[0].split(
                     message.delimiters.subcomponent)) if message.raw(segment, 32) else "",
-                signed_at=hl7.parse_timestamp(message.text(segment, 22)),
+                signed_at=hl7.parse_timestamp(message.text(segment, 22), message.zone),
                 patient_ids=identifiers, patient_name=patient_name,
                 patient_language=language,
-                observed_at=hl7.parse_timestamp(message.text(segment, 22)) or sent_at,
-                clinical_at=hl7.parse_timestamp(message.text(segment, 7)),
+                observed_at=hl7.parse_timestamp(message.text(segment, 22), message.zone)
+                or sent_at,
+                clinical_at=hl7.parse_timestamp(message.text(segment, 7), message.zone),
                 message_id=message.control_id)
         elif segment[0] == "OBX" and current is not None:
             kind = message.text(segment, 2).upper()
@@ -200,7 +202,7 @@ def order_from_message(message: hl7.Message) -> IncomingOrder:
         order.procedure = message.text(ais, 3, 2) or message.text(ais, 3, 1)
         start = (message.text(sch, 11, 4) or message.text(message.first("TQ1"), 7)
                  or message.text(ais, 4))
-        when = hl7.parse_timestamp(start)
+        when = hl7.parse_timestamp(start, message.zone)
         if trigger == "S15":
             order.status, order.clear_schedule = "ordered", True
         else:
@@ -221,7 +223,8 @@ def order_from_message(message: hl7.Message) -> IncomingOrder:
         order.ordering_provider = _person(provider)
         order.ordering_provider_key = _provider_key(provider)
     when = hl7.parse_timestamp(message.text(message.first("TQ1"), 7)
-                               or message.text(obr, 27, 4) or message.text(obr, 36))
+                               or message.text(obr, 27, 4) or message.text(obr, 36),
+                               message.zone)
     if control in ("CA", "OC", "DC"):
         order.status = "cancelled"
     else:
@@ -376,8 +379,10 @@ def _already_received(session: Session, message: hl7.Message, digest: str) -> bo
 
 
 def handle(raw: bytes, database: Database, *, peer_address: str, allowed: set[tuple[str, str]],
-           max_bytes: int, oversized: bool = False, notify: Notify | None = None) -> bytes:
-    """Process one framed message and return its acknowledgement (AA, AE or AR).
+           max_bytes: int, oversized: bool = False, notify: Notify | None = None,
+           zone: tzinfo = UTC) -> bytes:
+    """Process one framed message and return its acknowledgement (AA, AE or AR). ``zone``:
+    where its times without an offset are (the practice's, PORTAL_TIMEZONE).
 
     Closed by default: with no allowed senders every message is refused, and a peer whose
     address no entry names is refused before its message is even parsed.
@@ -388,7 +393,7 @@ def handle(raw: bytes, database: Database, *, peer_address: str, allowed: set[tu
         return hl7.acknowledgement(None, "AR", f"the message is larger than {max_bytes} bytes",
                                    _control_id_of(raw), "100", raw)
     try:
-        message = hl7.parse(raw)
+        message = hl7.parse(raw, zone)
     except hl7.MessageRejected as exc:
         return hl7.acknowledgement(None, "AR", exc.reason, exc.control_id, "102", raw)
     if (message.sending_application.upper(), peer_address) not in allowed:

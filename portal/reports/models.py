@@ -71,6 +71,7 @@ class ReportVersion(Base):
     author: Mapped[str] = mapped_column(String(324), default="")
     signed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     observed_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    clinical_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # The message that brought this version (HL7 MSH-10), to trace it back to the sender.
     message_id: Mapped[str] = mapped_column(String(64), default="")
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, server_default=func.now())

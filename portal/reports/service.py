@@ -237,7 +237,8 @@ def store_report(session: Session, incoming: IncomingReport) -> Received:
     else:
         same = (report.status == status and report.findings == incoming.findings
                 and report.impression == incoming.impression
-                and report.author == incoming.author[:324] and report.pdf == incoming.pdf)
+                and report.author == incoming.author[:324] and report.pdf == incoming.pdf
+                and incoming.clinical_at in (None, report.clinical_at))
         if same:
             return Received(report, False, False, "this version is already stored")
         if report.observed_at is not None and incoming.observed_at is not None \
@@ -269,6 +270,7 @@ def store_report(session: Session, incoming: IncomingReport) -> Received:
                               findings=incoming.findings, impression=incoming.impression,
                               author=incoming.author[:324], signed_at=incoming.signed_at,
                               observed_at=incoming.observed_at,
+                              clinical_at=incoming.clinical_at,
                               message_id=incoming.message_id[:64], received_at=now))
     session.flush()
     return Received(report, (not was_final and report.final_at is not None)

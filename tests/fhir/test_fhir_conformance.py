@@ -423,6 +423,13 @@ def test_the_time_of_the_examination_goes_out_as_the_reports_effective_time(
         assert read.issued == datetime(2026, 3, 1, 12, tzinfo=UTC)
     found = _walk(world.machine_get, "DiagnosticReport", "date=2026-02-27")
     assert [r.identifier[0].value for r in found] == ["R-TIMED"]
+    # A correction of the time alone is a new version, not "already stored".
+    timed["effectiveDateTime"] = "2026-02-26T08:30:00+01:00"
+    corrected = client.post("/fhir/DiagnosticReport", json=timed, headers=headers)
+    assert corrected.status_code in (200, 201), corrected.data
+    assert [r.identifier[0].value for r in _walk(world.machine_get, "DiagnosticReport",
+                                                 "date=2026-02-26")] == ["R-TIMED"]
+    assert _walk(world.machine_get, "DiagnosticReport", "date=2026-02-27") == []
 
 
 def _languages(world: World, patient_id: str) -> list[tuple[str, bool | None]]:

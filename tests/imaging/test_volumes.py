@@ -249,6 +249,10 @@ def test_a_series_without_usable_spacing_is_not_offered_or_cut_in_3d(
     ({"spacing": [0.0, 0.7]}, "the images have no usable pixel spacing"),
     ({"spacing": [float("nan"), 0.7]}, "the images have no usable pixel spacing"),
     ({"spacing": [-0.7, -0.7]}, "the images have no usable pixel spacing"),
+    ({"spacing": [1e308, 1e308]}, "the images have no usable pixel spacing"),
+    ({"spacing": [1e-30, 1e-30]}, "the images have no usable pixel spacing"),
+    ({"positions": [[0.0, 0.0, z] for z in (0.0, 500.0, 1000.0, 1500.0)]},
+     "the slices are too far apart or too close for their pixels"),
     ({"orientations": [[1.0, 0.0, 0.0, 1.0, 0.0, 0.0]] * 4},
      "the slices carry no geometry (orientation, spacing)"),
 ])

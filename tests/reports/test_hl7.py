@@ -13,8 +13,9 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from flask import Flask
@@ -322,6 +323,48 @@ def test_echoed_values_are_cut_to_their_hl7_length(ris: Ris) -> None:
     header, ack, _ = ack_segments(raw_exchange(ris.port, unreadable(msh)))
     assert header[4] == "A" * 227 and header[5] == "\\F\\" * 75
     assert ack[1:3] == ["AR", "9" * 64]
+
+
+def test_a_readable_messages_echo_cannot_add_frames_fields_or_segments(ris: Ris) -> None:
+    """The ACK of a message that parses (here refused: a type the portal does not take)
+    echoes MSH-3 to MSH-6 and MSH-12 without control bytes and the trigger only as a code:
+    escaped framing bytes and a forged MSH in MSH-9 stay out of the answer."""
+    msh = (b"MSH|^~\\&|RIS\x1c\x0b|HOSP|PORTAL|RAD|20260301101500||"
+           b"ZZZ^R01\\X1C0D0B\\MSH\\F\\\\S\\|C-83|P|2.5.1\x07")
+    answer = raw_exchange(ris.port, msh + b"\rPID|||P1^^^HOSP^MR\r")
+    segments = ack_segments(answer)
+    assert [s[0] for s in segments] == ["MSH", "MSA", "ERR"], segments
+    header = segments[0]
+    assert len(header) == 12 and header[4:6] == ["RIS", "HOSP"], header
+    assert header[8] == "ACK^^ACK" and header[11] == "2.5.1"
+    assert segments[1][2] == "C-83"
+
+
+def test_times_without_an_offset_are_the_practices(ris: Ris) -> None:
+    """HL7 v2.5 2.A.22: a time without an offset is the sender's local time, the practice's
+    zone (PORTAL_TIMEZONE); one that cannot be a moment is no time, not a failure."""
+    berlin = ZoneInfo("Europe/Berlin")
+    assert hl7.parse_timestamp("20240501003000", berlin) == datetime(2024, 4, 30, 22, 30,
+                                                                     tzinfo=UTC)
+    assert hl7.parse_timestamp("20240501003000+0000", berlin) == datetime(2024, 5, 1, 0, 30,
+                                                                          tzinfo=UTC)
+    assert hl7.parse_timestamp("20240101120000") == datetime(2024, 1, 1, 12, tzinfo=UTC)
+    for impossible in ("00010101+0100", "99991231235959-1400", "00010101"):
+        assert hl7.parse_timestamp(impossible, ZoneInfo("Asia/Tokyo")) is None, impossible
+    accession = "T" + generate_uid()[-8:]
+    store_study(ris.app, accession)
+    message = oru(accession, "F", "IMP:Timed.").replace("|||20260301100000|", "|||00010101+0100|")
+    answer = inbound.handle(oru(accession, "F", "IMP:Timed.").encode(), ris.app.extensions["db"],
+                            peer_address="127.0.0.1", allowed={("RIS", "127.0.0.1")},
+                            max_bytes=1 << 20, zone=berlin)
+    assert msa(answer.decode())[0] == "AA"
+    with ris.app.extensions["db"].new_session() as session:
+        report = session.scalars(select(Report).where(Report.accession_number == accession)).one()
+        assert report.clinical_at == datetime(2026, 3, 1, 9, tzinfo=UTC)  # 10:00 in Berlin
+    impossible = inbound.handle(message.encode(), ris.app.extensions["db"],
+                                peer_address="127.0.0.1", allowed={("RIS", "127.0.0.1")},
+                                max_bytes=1 << 20, zone=berlin)
+    assert msa(impossible.decode())[0] == "AA"  # stored, its clinical time unknown
 
 
 def test_latin1_declared_in_msh18_is_decoded(ris: Ris) -> None:

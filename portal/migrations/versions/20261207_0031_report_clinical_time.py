@@ -18,11 +18,13 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('report', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('clinical_at', portal.db.UTCDateTime(timezone=True),
-                                      nullable=True))
+    for table in ('report', 'report_version'):
+        with op.batch_alter_table(table, schema=None) as batch_op:
+            batch_op.add_column(sa.Column('clinical_at', portal.db.UTCDateTime(timezone=True),
+                                          nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table('report', schema=None) as batch_op:
-        batch_op.drop_column('clinical_at')
+    for table in ('report_version', 'report'):
+        with op.batch_alter_table(table, schema=None) as batch_op:
+            batch_op.drop_column('clinical_at')
