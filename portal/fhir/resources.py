@@ -23,7 +23,7 @@ import base64
 import binascii
 import html
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from babel import Locale, UnknownLocaleError
@@ -112,8 +112,9 @@ def _patient_language(resource: dict[str, Any], subject: dict[str, Any]) -> str:
     return ""
 
 
-def report_from_resource(resource: Any) -> IncomingReport:
-    """An IncomingReport from a DiagnosticReport; ValueError naming what is wrong."""
+def report_from_resource(resource: Any, zone: tzinfo = UTC) -> IncomingReport:
+    """An IncomingReport from a DiagnosticReport; ValueError naming what is wrong. ``zone``:
+    the practice's, for an ``effective[x]`` given as a date alone."""
     if not isinstance(resource, dict) or resource.get("resourceType") != "DiagnosticReport":
         raise ValueError("the body is not a FHIR DiagnosticReport")
     status = STATUS_IN.get(str(resource.get("status", "")))
@@ -168,17 +169,17 @@ def report_from_resource(resource: Any) -> IncomingReport:
         patient_language=_patient_language(resource, subject),
         observed_at=_issued(resource.get("issued"))
         or _issued(_object(resource.get("meta")).get("lastUpdated")),
-        clinical_at=_effective_in(resource))
+        clinical_at=_effective_in(resource, zone))
 
 
-def _effective_in(resource: dict[str, Any]) -> datetime | None:
+def _effective_in(resource: dict[str, Any], zone: tzinfo) -> datetime | None:
     """The report's clinically relevant time: ``effectiveDateTime``, else the start of
-    ``effectivePeriod``; a date without a time (FHIR allows it) is that day's start in UTC,
-    a partial date (year, month) is not kept."""
+    ``effectivePeriod``; a date without a time (FHIR allows it; a time needs its offset) is
+    that day's start in the practice's ``zone``, a partial date (year, month) is not kept."""
     moment = _issued(resource.get("effectiveDateTime")) or _issued(
         _object(resource.get("effectivePeriod")).get("start"))
     if moment is not None and moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
+        moment = moment.replace(tzinfo=zone).astimezone(UTC)
     return moment
 
 

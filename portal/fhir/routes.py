@@ -9,6 +9,7 @@ import json
 import uuid
 from typing import Any
 from urllib.parse import urlencode
+from zoneinfo import ZoneInfo
 
 from flask import Blueprint, Response, current_app, request, url_for
 from pydantic import ValidationError
@@ -109,7 +110,8 @@ def create_report() -> Response:
         return _error(422, f"not a valid R4 DiagnosticReport: {_validation_text(exc)}",
                       "processing")
     try:
-        incoming = resources.report_from_resource(resource)
+        incoming = resources.report_from_resource(
+            resource, ZoneInfo(current_app.config["PORTAL"]["TIMEZONE"]))
         # In the request's unit of work (portal/db.py), with its audit record.
         report, newly_final = receive_report(db.session, incoming)
         report_id = report.id

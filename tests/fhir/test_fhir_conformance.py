@@ -432,6 +432,21 @@ def test_the_time_of_the_examination_goes_out_as_the_reports_effective_time(
     assert _walk(world.machine_get, "DiagnosticReport", "date=2026-02-27") == []
 
 
+def test_an_effective_date_without_a_time_is_the_practices_day() -> None:
+    """FHIR allows a date alone (a time needs its offset): that day starts in the practice's
+    zone; a year or a month alone is no time."""
+    from zoneinfo import ZoneInfo
+
+    from portal.fhir.resources import report_from_resource
+
+    resource = _report("1.2.3", "A-D", "P-D")
+    berlin = ZoneInfo("Europe/Berlin")
+    for given, expected in (("2026-02-25", datetime(2026, 2, 24, 23, tzinfo=UTC)),
+                            ("2026-02", None), ("2026", None)):
+        resource["effectiveDateTime"] = given
+        assert report_from_resource(resource, berlin).clinical_at == expected, given
+
+
 def _languages(world: World, patient_id: str) -> list[tuple[str, bool | None]]:
     """The communication of the Patient with this Patient ID, searched and read (both valid
     R4 and the same)."""
