@@ -72,8 +72,8 @@ class Message:
 
     def __init__(self, text: str, delimiters: Delimiters, zone: tzinfo = UTC) -> None:
         self.delimiters = delimiters
-        # Where a time without an offset is (``timestamp``): the sender's local time, which
-        # HL7 v2.5 2.A.22 gives as the default; the practice's zone (PORTAL_TIMEZONE).
+        # Where a time without an offset is (``parse_timestamp``): the sender's local time,
+        # which HL7 v2.5 2.A.22 gives as the default; the practice's zone (PORTAL_TIMEZONE).
         self.zone = zone
         self.segments: list[list[str]] = []
         for line in re.split(r"\r\n|\r|\n", text):
