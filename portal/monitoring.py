@@ -29,7 +29,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, 
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from portal.access.policy import public
-from portal.archive import current_archive
 from portal.metrics import REQUEST_SECONDS
 
 log = logging.getLogger(__name__)
@@ -175,8 +174,7 @@ class _ReadWhenScraped:
 
     def _disk(self) -> Iterator[Metric]:
         """The archive disk's bytes (what ``/readyz`` shows only to a scraper)."""
-        with self.app.app_context():
-            space = current_archive().store.space()
+        space = self.app.extensions["archive"].store.space()
         for name, value, about in (
                 ("free", space.free, "Bytes free on the archive's file system"),
                 ("total", space.total, "Size of the archive's file system in bytes"),

@@ -369,11 +369,10 @@ def forms_volume(images: list[Instance]) -> bool:
     if len(images) < 3:
         return False
     first = images[0]
-    if not all(i.number_of_frames == 1 and i.image_orientation_patient and i.pixel_spacing
-               and i.image_position_patient and (i.rows, i.columns) == (first.rows, first.columns)
+    if not all(i.number_of_frames == 1 and (i.rows, i.columns) == (first.rows, first.columns)
                for i in images):
         return False
-    try:
+    try:  # a missing orientation, spacing or position is refused there too
         assess([i.image_orientation_patient or [] for i in images], first.pixel_spacing or [],
                [i.image_position_patient or [] for i in images])
     except NotAVolume:

@@ -262,6 +262,18 @@ def _usable(char: str) -> bool:
     return char.isascii() and char.isprintable() and not char.isalnum() and char != " "
 
 
+def _escaped(text: str, d: Delimiters) -> str:
+    """``text`` made plain (``_plain``) with each of the delimiters ``d`` escaped."""
+    escapes = _escapes(d)
+    return "".join(escapes.get(c, c) for c in _plain(text))
+
+
+def _trigger_code(text: str) -> str:
+    """A trigger event as an ACK may echo it: three letters or digits, else nothing."""
+    text = text.upper()
+    return text if re.fullmatch(r"[A-Z0-9]{3}", text) else ""
+
+
 def _bounded(value: str, limit: int, d: Delimiters) -> str:
     r"""``value`` cut to ``limit`` characters, never inside an escape sequence (``\F\``)."""
     if len(value) <= limit:
@@ -293,21 +305,12 @@ def _echoed(raw: bytes) -> dict[int, str]:
         chosen.append(char if _usable(char) and char not in chosen else separator)
     reader = Message("", Delimiters(*chosen))
     ours = Delimiters()
-    escapes = _escapes(ours)
     echoed: dict[int, str] = {}
     for number, limit in ECHO_LIMITS.items():
-        pieces: list[str] = []
-        for index, component in enumerate(reader.components(fields, number)):
-            pieces += [ours.component] if index else []
-            pieces += [escapes.get(c, c) for c in _plain(component)]
-        value = ""
-        for piece in pieces:  # whole escape sequences only
-            if len(value) + len(piece) > limit:
-                break
-            value += piece
-        echoed[number] = value.rstrip(ours.component)
-    trigger = [*reader.components(fields, 9), "", ""][1].upper()
-    echoed[9] = trigger if re.fullmatch(r"[A-Z0-9]{3}", trigger) else ""
+        value = ours.component.join(_escaped(component, ours)
+                                    for component in reader.components(fields, number))
+        echoed[number] = _bounded(value, limit, ours).rstrip(ours.component)
+    echoed[9] = _trigger_code([*reader.components(fields, 9), "", ""][1])
     echoed[10] = _plain(reader.text(fields, 10))[:CONTROL_ID_LIMIT]
     return echoed
 
@@ -323,10 +326,9 @@ def acknowledgement(message: Message | None, code: str, text: str = "",
     """
     d = message.delimiters if message is not None else Delimiters()
     now = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
-    escapes = _escapes(d)
 
     def escape(value: str) -> str:
-        return _bounded("".join(escapes.get(c, c) for c in _plain(value)), 200, d)
+        return _bounded(_escaped(value, d), 200, d)
 
     if message is not None:
         # As the sender wrote them (its delimiters are the ACK's), without control bytes and
@@ -335,8 +337,7 @@ def acknowledgement(message: Message | None, code: str, text: str = "",
             _bounded(_plain(message.raw(message.msh, number)), ECHO_LIMITS[number], d)
             for number in (3, 4, 5, 6, 12))
         version = version or "2.5.1"
-        trigger = message.message_type[1].upper()
-        trigger = trigger if re.fullmatch(r"[A-Z0-9]{3}", trigger) else ""
+        trigger = _trigger_code(message.message_type[1])
         control_id = control_id or message.control_id
     else:
         echoed = _echoed(raw)
