@@ -75,7 +75,10 @@ def readyz() -> tuple[Response, int]:
         if ready and body_disk["state"] != "ok":
             body["status"] = "degraded"
     if link is not None:  # the queue lives in Redis: only asked while Redis answers
-        body["jobs"] = _jobs_state() if checks["cache"] == "ok" else {"state": "unavailable"}
+        jobs = _jobs_state() if checks["cache"] == "ok" else {"state": "unavailable"}
+        # The counts (how many wait, run, failed; how many workers) only to a scraper, as
+        # the sizes: a queue's length says how busy the clinic is. Anyone sees the state.
+        body["jobs"] = jobs if sizes else {"state": jobs["state"]}
     remote = current_archive().remote
     if remote is not None:
         # An external PACS that is down degrades the portal but does not make it unready:
@@ -103,7 +106,8 @@ def archive_disk() -> DiskSpace | None:
 
 
 def _jobs_state() -> dict[str, object]:
-    """The job queue (counts only: no job's name or arguments on this public page), read at
+    """The job queue (counts only, and those only to a scraper: no job's name or arguments on
+    this public page), read at
     most every PROBE_INTERVAL_SECONDS per process like the external archive; never makes the
     node unready: a failed job is the console's business, not the balancer's."""
     from portal import jobs

@@ -159,7 +159,7 @@ def test_a_failing_job_is_retried_with_back_off_then_failed_and_shown(
     app = make_app(tmp_path / "instance", REDIS_URL=queue_url, JOBS="queue", JOBS_RETRIES=2,
                    JOBS_RETRY_SECONDS=[2, 3], AUDIT_SYSLOG_URL=f"tcp://127.0.0.1:{closed}",
                    JOBS_PERIODIC=["archive-sync"],  # no audit-forward slots of its own
-                   OIDC_ISSUER=idp.issuer, **OIDC_SETTINGS)
+                   METRICS_TOKEN="scrape-the-jobs-with-this-token", OIDC_ISSUER=idp.issuer, **OIDC_SETTINGS)
     client = redis.Redis.from_url(queue_url)
     try:
         audit.record(app.extensions["db"], audit.QUERY, action="E",
@@ -181,9 +181,12 @@ def test_a_failing_job_is_retried_with_back_off_then_failed_and_shown(
         assert time.monotonic() - started > 3.0
         job.refresh()
         assert job.retries_left == 0 and job.get_status() == "failed"
-        ready = app.test_client().get("/readyz").get_json()
+        ready = app.test_client().get(
+            "/readyz", headers={"Authorization": "Bearer scrape-the-jobs-with-this-token"}).get_json()
         assert ready["jobs"]["failed"] == 1 and ready["jobs"]["workers"] == 1
         assert ready["jobs"]["mode"] == "queue"
+        # Anyone else sees the state alone: the queue's counts say how busy the clinic is.
+        assert app.test_client().get("/readyz").get_json()["jobs"] == {"state": "ok"}
         shown = app.test_cli_runner().invoke(args=["jobs", "status"])
         assert "1 failed" in shown.output and "audit-forward" in shown.output
         assert "unreachable" in shown.output, shown.output

@@ -169,7 +169,7 @@ def report_from_resource(resource: Any, zone: tzinfo = UTC) -> IncomingReport:
         patient_language=_patient_language(resource, subject),
         observed_at=_issued(resource.get("issued"))
         or _issued(_object(resource.get("meta")).get("lastUpdated")),
-        clinical_at=_effective_in(resource, zone))
+        clinical_at=_effective_in(resource, zone), keeps_clinical_at=False)
 
 
 def _effective_in(resource: dict[str, Any], zone: tzinfo) -> datetime | None:

@@ -155,6 +155,7 @@ def report_from_oru(message: hl7.Message) -> list[IncomingReport]:
                 observed_at=hl7.parse_timestamp(message.text(segment, 22), message.zone)
                 or sent_at,
                 clinical_at=hl7.parse_timestamp(message.text(segment, 7), message.zone),
+                keeps_clinical_at=message.raw(segment, 7) != '""',
                 message_id=message.control_id)
         elif segment[0] == "OBX" and current is not None:
             kind = message.text(segment, 2).upper()

@@ -73,6 +73,10 @@ class IncomingReport:
     patient_name: str = ""  # as the sender wrote it (HL7 PID-5, FHIR subject.display)
     observed_at: datetime | None = None  # when the sender made this version
     clinical_at: datetime | None = None  # the time of the examination (HL7 OBR-7, FHIR effective)
+    # Whether a version without ``clinical_at`` keeps the stored one: an HL7 field left empty
+    # says nothing (HL7 v2.5 2.5.3: only "" deletes); a FHIR resource is the whole report, so
+    # one without effective[x] has none.
+    keeps_clinical_at: bool = True
     message_id: str = ""  # HL7 MSH-10 of the message that brought it
     patient_language: str = ""  # ISO 639-1 (HL7 PID-15), '' when the sender gives none
 
@@ -238,7 +242,7 @@ def store_report(session: Session, incoming: IncomingReport) -> Received:
         same = (report.status == status and report.findings == incoming.findings
                 and report.impression == incoming.impression
                 and report.author == incoming.author[:324] and report.pdf == incoming.pdf
-                and incoming.clinical_at in (None, report.clinical_at))
+                and _clinical_time(incoming, report) == report.clinical_at)
         if same:
             return Received(report, False, False, "this version is already stored")
         if report.observed_at is not None and incoming.observed_at is not None \
@@ -258,7 +262,7 @@ def store_report(session: Session, incoming: IncomingReport) -> Received:
     report.author = incoming.author[:324]
     report.signed_at = incoming.signed_at
     report.observed_at = incoming.observed_at or report.observed_at
-    report.clinical_at = incoming.clinical_at or report.clinical_at
+    report.clinical_at = _clinical_time(incoming, report)
     if incoming.pdf is not None:
         report.pdf = incoming.pdf
     if status in ("final", "amended") and report.final_at is None:
@@ -270,11 +274,18 @@ def store_report(session: Session, incoming: IncomingReport) -> Received:
                               findings=incoming.findings, impression=incoming.impression,
                               author=incoming.author[:324], signed_at=incoming.signed_at,
                               observed_at=incoming.observed_at,
-                              clinical_at=incoming.clinical_at,
+                              clinical_at=report.clinical_at,
                               message_id=incoming.message_id[:64], received_at=now))
     session.flush()
     return Received(report, (not was_final and report.final_at is not None)
                     or status == "amended", True)
+
+
+def _clinical_time(incoming: IncomingReport, report: Report) -> datetime | None:
+    """The report's time of the examination once ``incoming`` is stored."""
+    if incoming.clinical_at is None and incoming.keeps_clinical_at:
+        return report.clinical_at
+    return incoming.clinical_at
 
 
 def order_column_length(name: str) -> int:

@@ -232,7 +232,8 @@ def test_background_work_runs_on_the_job_worker(cluster: Cluster, study: Study) 
 
     assert wait_for(prerendered, timeout=60, interval=0.5), "no pre-render job finished"
     assert queue.failed_job_registry.count == 0
-    ready = https(cluster).get(cluster.url + "/readyz", timeout=10).json()
+    ready = https(cluster).get(cluster.url + "/readyz", timeout=10, headers={
+        "Authorization": f"Bearer {cluster.metrics_token}"}).json()
     assert ready["jobs"]["workers"] >= 1 and ready["jobs"]["mode"] == "queue", ready
     assert connection.keys("render:*"), "the worker's renditions are not in the shared cache"
 

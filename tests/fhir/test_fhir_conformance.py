@@ -430,6 +430,16 @@ def test_the_time_of_the_examination_goes_out_as_the_reports_effective_time(
     assert [r.identifier[0].value for r in _walk(world.machine_get, "DiagnosticReport",
                                                  "date=2026-02-26")] == ["R-TIMED"]
     assert _walk(world.machine_get, "DiagnosticReport", "date=2026-02-27") == []
+    # A resource is the whole report: sent again without effective[x], it has no such time
+    # (the date search falls back to the signing time).
+    del timed["effectiveDateTime"]
+    timed["conclusion"] = "Corrected without a time."
+    updated = client.post("/fhir/DiagnosticReport", json=timed, headers=headers)
+    assert updated.status_code in (200, 201), updated.data
+    read = DiagnosticReport.model_validate(
+        world.machine_get(_path(updated.headers["Location"])).get_json())
+    assert read.effectiveDateTime == datetime(2026, 3, 1, 12, tzinfo=UTC)  # issued
+    assert _walk(world.machine_get, "DiagnosticReport", "date=2026-02-26") == []
 
 
 def test_an_effective_date_without_a_time_is_the_practices_day() -> None:

@@ -366,6 +366,20 @@ def test_times_without_an_offset_are_the_practices(ris: Ris) -> None:
                                 max_bytes=1 << 20, zone=berlin)
     assert msa(impossible.decode())[0] == "AA"  # stored, its clinical time unknown
 
+    def clinical_time_after(obr7: str) -> datetime | None:
+        sent = oru(accession, "F", "IMP:Timed.").replace("|||20260301100000|", f"|||{obr7}|")
+        answer = inbound.handle(sent.encode(), ris.app.extensions["db"],
+                                peer_address="127.0.0.1", allowed={("RIS", "127.0.0.1")},
+                                max_bytes=1 << 20, zone=berlin)
+        assert msa(answer.decode())[0] == "AA", answer
+        with ris.app.extensions["db"].new_session() as session:
+            return session.scalars(select(Report.clinical_at).where(
+                Report.accession_number == accession)).one()
+
+    # HL7 v2.5 2.5.3: an empty field says nothing (the time stays); only "" deletes it.
+    assert clinical_time_after("") == datetime(2026, 3, 1, 9, tzinfo=UTC)
+    assert clinical_time_after('""') is None
+
 
 def test_latin1_declared_in_msh18_is_decoded(ris: Ris) -> None:
     accession = "E" + generate_uid()[-8:]

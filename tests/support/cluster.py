@@ -161,6 +161,8 @@ class Cluster:
         # `flask jobs worker` (RQ, with its scheduler) beside the nodes, on node a's settings.
         self.worker_process: subprocess.Popen[bytes] | None = None
         self.secret_key = secrets.token_urlsafe(48)
+        # A scraper's token: /readyz shows the queue's counts only to a scraper.
+        self.metrics_token = secrets.token_urlsafe(32)
         self.database_url = ""
         self.client_secret = ""
         self.tls_cert = self.root / "nginx" / "cert.pem"
@@ -345,6 +347,7 @@ class Cluster:
             env = {k: v for k, v in os.environ.items() if not k.startswith("PORTAL_")}
             settings = {
                 "ENV": "production", "SECRET_KEY": self.secret_key,
+                "METRICS_TOKEN": self.metrics_token,
                 "INSTANCE_PATH": str(self.root / name / "instance"),
                 "DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
                 "ARCHIVE_URL": self.orthanc.dicomweb_url,
