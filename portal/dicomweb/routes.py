@@ -46,7 +46,7 @@ from portal.imaging.service import (
     volume_image,
     volume_sources,
 )
-from portal.imaging.volume import VIEWS, not_in_3d
+from portal.imaging.volume import VIEWS, NotAVolume, not_in_3d
 from portal.index.models import Instance, Series, Study
 
 # A share-link visitor reads the studies of his link through every GET here (the policy
@@ -669,16 +669,15 @@ def volume_state(study: str, series: str) -> Response:
         build_volume_soon(content, files)
         state, progress = "building", 0.0
     if state == "refused":
-        return Response(json.dumps({"state": "refused", "status": 422,
-                                    "error": reason or "the slices do not form a volume"}),
-                        status=422, mimetype="application/json",
-                        headers={"Cache-Control": "no-store"})
+        return _no_volume(reason)
     body: dict[str, Any] = {"state": state, "progress": round(progress, 3)}
     headers = {"Cache-Control": "no-store"}
     if state == "ready":
         try:
             mip = prepare_volume(content, files)  # a load (or a kept volume) in a render process
-        except RenderRefused as exc:  # NotAVolume is answered by portal/errors.py: 422
+        except NotAVolume as exc:  # kept before its geometry was assessed: refused now
+            return _no_volume(str(exc))
+        except RenderRefused as exc:
             return error_response(422, f"the 3D view could not be built: {exc}")
         if mip is not None:
             body["mipWindow"] = {"center": round(mip.center, 1), "width": round(mip.width, 1)}
@@ -686,6 +685,14 @@ def volume_state(study: str, series: str) -> Response:
         headers["Retry-After"] = "1"
     return Response(json.dumps(body), status=200 if state == "ready" else 202,
                     mimetype="application/json", headers=headers)
+
+
+def _no_volume(reason: str) -> Response:
+    """The volume status of a series whose slices form no volume: 422, ``"refused"``."""
+    return Response(json.dumps({"state": "refused", "status": 422,
+                                "error": reason or "the slices do not form a volume"}),
+                    status=422, mimetype="application/json",
+                    headers={"Cache-Control": "no-store"})
 
 
 @bp.get("/studies/<study>/series/<series>/volume/<kind>")

@@ -269,6 +269,35 @@ def test_the_geometry_is_assessed_before_anything_is_decoded(change: dict[str, l
     assert str(refused.value) == reason
 
 
+def test_a_volume_kept_before_its_spacing_was_checked_is_refused_at_once(
+        app: Flask, client: FlaskClient, auth: dict[str, str], tmp_path: Path) -> None:
+    """A volume file kept by an older portal from slices without usable spacing: the first
+    status request already answers "refused" with the reason, as every later one."""
+    files = _edited(tmp_path / "ct", "kept-zero-spacing", PixelSpacing=[0, 0])
+    with app.app_context():
+        current_archive().ingest_many(files, who="test")
+        kept = volume_files()
+    accept = {**auth, "Accept": "application/json"}
+
+    def status() -> dict[str, object]:
+        answer = client.get(_base(files), headers=accept)
+        deadline = time.monotonic() + 30
+        while answer.status_code == 202 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            answer = client.get(_base(files), headers=accept)
+        assert answer.status_code == 422, answer.data[:200]
+        body: dict[str, object] = answer.get_json()
+        return body
+
+    assert status()["state"] == "refused"
+    [marker] = list(kept.folder.glob("*.refused"))  # as an older portal left it: a volume
+    marker.unlink()
+    kept.save(marker.stem, Volume(np.zeros((6, 32, 32), np.float32), 0.0, 0.0, 2.0, None))
+    assert kept.state(marker.stem)[0] == "ready"
+    assert status() == {"state": "refused", "status": 422,
+                        "error": "the images have no usable pixel spacing"}
+
+
 def test_a_kept_volume_with_zero_spacing_is_built_again(tmp_path: Path) -> None:
     kept = VolumeFiles(tmp_path / "volumes")
     key = content_key(["kept before its spacing was checked"])
