@@ -915,6 +915,8 @@ def summarize_files(files: list[UserFile], apis: list[str]) -> dict[str, Any]:
         return out
 
     both = [u for u in files if all(a in u.first_ms for a in apis)]
+    portal_failed = [(u, u.failed.get("portal") or u.refused.get("portal", "")) for u in files
+                     if "portal" in u.failed or "portal" in u.refused]
     by_syntax: dict[str, list[UserFile]] = {}
     for user in both:
         by_syntax.setdefault(user.transfer_syntax, []).append(user)
@@ -926,13 +928,34 @@ def summarize_files(files: list[UserFile], apis: list[str]) -> dict[str, Any]:
         "first_view_by_transfer_syntax": {ts: stats(group, "first_ms")
                                           for ts, group in sorted(by_syntax.items())},
         "portal_only_failures": [
-            {"path": u.path, "why": u.failed.get("portal") or u.refused.get("portal")}
-            for u in files if ("portal" in u.failed or "portal" in u.refused)],
+            {"path": u.path, "why": why} for u, why in portal_failed if not _undecodable(u, why)],
         "other_failures": [
             {"path": u.path, "api": api, "why": why}
             for u in files for api, why in {**u.refused, **u.failed}.items()
-            if api != "portal"],
+            if api != "portal"]
+        + [{"path": u.path, "api": "portal", "why": f"{why} (pydicom cannot decode it either: "
+            f"{_undecodable(u, why)})"} for u, why in portal_failed if _undecodable(u, why)],
     }
+
+
+def _undecodable(user: UserFile, why: str) -> str:
+    """Why pydicom, the reference decoder here, cannot decode the file's first frame, when
+    the portal refused to render it with a 4xx ("" otherwise): a damaged file refused with a
+    reason is a note, not a failure of the portal (pydicom's test files hold such ones)."""
+    if "-> HTTP 4" not in why:
+        return ""
+    if user.path not in _REFERENCE:
+        from pydicom.pixels import pixel_array
+
+        try:
+            pixel_array(user.path, index=0)
+            _REFERENCE[user.path] = ""
+        except Exception as exc:  # any failure of the reference decoder is the answer
+            _REFERENCE[user.path] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+    return _REFERENCE[user.path]
+
+
+_REFERENCE: dict[str, str] = {}  # path -> why pydicom cannot decode it ("" when it can)
 
 
 # --------------------------------------------------------------------------- memory
