@@ -153,13 +153,16 @@ def test_prerendering_runs_on_a_worker_into_the_shared_cache(tmp_path: Path, que
         close_app(app)
 
 
+SCRAPER_TOKEN = "scrape-the-jobs-with-this-token"
+
+
 def test_a_failing_job_is_retried_with_back_off_then_failed_and_shown(
         tmp_path: Path, queue_url: str, worker_of: Any, idp: IdentityProvider) -> None:
     closed = free_port()  # nothing listens: the audit repository is down
     app = make_app(tmp_path / "instance", REDIS_URL=queue_url, JOBS="queue", JOBS_RETRIES=2,
                    JOBS_RETRY_SECONDS=[2, 3], AUDIT_SYSLOG_URL=f"tcp://127.0.0.1:{closed}",
                    JOBS_PERIODIC=["archive-sync"],  # no audit-forward slots of its own
-                   METRICS_TOKEN="scrape-the-jobs-with-this-token", OIDC_ISSUER=idp.issuer, **OIDC_SETTINGS)
+                   METRICS_TOKEN=SCRAPER_TOKEN, OIDC_ISSUER=idp.issuer, **OIDC_SETTINGS)
     client = redis.Redis.from_url(queue_url)
     try:
         audit.record(app.extensions["db"], audit.QUERY, action="E",
@@ -182,7 +185,7 @@ def test_a_failing_job_is_retried_with_back_off_then_failed_and_shown(
         job.refresh()
         assert job.retries_left == 0 and job.get_status() == "failed"
         ready = app.test_client().get(
-            "/readyz", headers={"Authorization": "Bearer scrape-the-jobs-with-this-token"}).get_json()
+            "/readyz", headers={"Authorization": f"Bearer {SCRAPER_TOKEN}"}).get_json()
         assert ready["jobs"]["failed"] == 1 and ready["jobs"]["workers"] == 1
         assert ready["jobs"]["mode"] == "queue"
         # Anyone else sees the state alone: the queue's counts say how busy the clinic is.
