@@ -107,9 +107,9 @@ def archive_disk() -> DiskSpace | None:
 
 def _jobs_state() -> dict[str, object]:
     """The job queue (counts only, and those only to a scraper: no job's name or arguments on
-    this public page), read at
-    most every PROBE_INTERVAL_SECONDS per process like the external archive; never makes the
-    node unready: a failed job is the console's business, not the balancer's."""
+    this public page), read at most every PROBE_INTERVAL_SECONDS per process like the
+    external archive; never makes the node unready: a failed job is the console's business,
+    not the balancer's."""
     from portal import jobs
 
     app = current_app._get_current_object()  # type: ignore[attr-defined]
