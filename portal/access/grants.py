@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from portal import audit
@@ -99,9 +99,28 @@ def create_grant(session: Session, actor: Principal, *, user_id: int,
     return grant
 
 
+def visible_grant_condition(principal: Principal) -> ColumnElement[bool]:
+    """SQL on ``Grant``: grants of a study, or of a patient with a study, the principal's
+    practice may see, and those he gave himself (emergency access past the practice);
+    another practice's grants, and the patients they name, stay out."""
+    from portal.access.policy import study_filter
+
+    seen = select(Study.study_instance_uid).where(study_filter(principal))
+    seen_patients = select(Study.patient_fk).where(study_filter(principal))
+    return or_(Grant.study_instance_uid.in_(seen),
+               and_(or_(Grant.study_instance_uid.is_(None), Grant.study_instance_uid == ""),
+                    Grant.patient_fk.in_(seen_patients)),
+               Grant.granted_by == principal.audit_name)
+
+
 def revoke_grants(session: Session, actor: Principal, grant_ids: Sequence[int]) -> int:
-    """Revoke several grants at once; if any id is unknown nothing changes."""
-    grants = list(session.scalars(select(Grant).where(Grant.id.in_(list(grant_ids)))))
+    """Revoke several grants at once; if any id is unknown nothing changes. A manager of a
+    practice revokes only grants ``visible_grant_condition`` shows him: another practice's
+    grant is unknown to him (its id, easily guessed, changes nothing)."""
+    query = select(Grant).where(Grant.id.in_(list(grant_ids)))
+    if managed_practice(actor) is not None:
+        query = query.where(visible_grant_condition(actor))
+    grants = list(session.scalars(query))
     if len(grants) != len(set(grant_ids)):
         raise UserError("unknown grant in the request; nothing was revoked")
     now = utcnow()
@@ -314,19 +333,25 @@ def grant_many(session: Session, actor: Principal, *, user_ids: Sequence[int],
     return made
 
 
-def live_grants_of(session: Session, user_id: int) -> list[Grant]:
-    """A person's grants that still give access (not revoked, not expired), newest first."""
+def live_grants_of(session: Session, user_id: int,
+                   actor: Principal | None = None) -> list[Grant]:
+    """A person's grants that still give access (not revoked, not expired), newest first;
+    with ``actor`` a manager of a practice, only those his practice may see."""
     now = utcnow()
-    return list(session.scalars(select(Grant).where(
+    query = select(Grant).where(
         Grant.user_fk == user_id, Grant.revoked_at.is_(None),
-        (Grant.expires_at.is_(None)) | (Grant.expires_at > now)).order_by(Grant.id.desc())))
+        (Grant.expires_at.is_(None)) | (Grant.expires_at > now))
+    if actor is not None and managed_practice(actor) is not None:
+        query = query.where(visible_grant_condition(actor))
+    return list(session.scalars(query.order_by(Grant.id.desc())))
 
 
 def revoke_everything_of(session: Session, actor: Principal, user_id: int) -> list[int]:
-    """Take away every live grant a person was given; the revoked grant ids (one audit
-    record each)."""
+    """Take away every live grant a person was given (by a manager of a practice: every one
+    his practice may see; what other practices gave stays theirs); the revoked grant ids
+    (one audit record each)."""
     _user(session, user_id)
-    ids = [g.id for g in live_grants_of(session, user_id)]
+    ids = [g.id for g in live_grants_of(session, user_id, actor)]
     if ids:
         revoke_grants(session, actor, ids)
     return ids

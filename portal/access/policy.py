@@ -14,7 +14,18 @@ from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
 from flask import Blueprint, Flask, abort, current_app, redirect, request, url_for
-from sqlalchemy import CompoundSelect, Select, and_, false, func, or_, select, true, union_all
+from sqlalchemy import (
+    CompoundSelect,
+    Select,
+    and_,
+    false,
+    func,
+    literal,
+    or_,
+    select,
+    true,
+    union_all,
+)
 from sqlalchemy.orm import Session, aliased, contains_eager, joinedload
 from sqlalchemy.sql.elements import ColumnElement
 from werkzeug.datastructures import WWWAuthenticate
@@ -349,6 +360,21 @@ def readable_audit_condition(principal: Principal) -> ColumnElement[bool]:
         return false()
     own = select(Study.study_instance_uid).where(own_studies_condition(principal))
     return and_(AuditEvent.study_instance_uid != "", AuditEvent.study_instance_uid.in_(own))
+
+
+def manager_audit_condition(principal: Principal) -> ColumnElement[bool]:
+    """SQL on ``AuditEvent``: the records an office manager reads in the console. A manager
+    of a practice reads those about a study his practice may see and those of what his
+    practice's people did (their sign-ins, grants, changes); the installation's manager (of
+    no practice) reads every record."""
+    from portal.access.users import managed_practice
+
+    if managed_practice(principal) is None:
+        return true()
+    seen = select(Study.study_instance_uid).where(study_filter(principal))
+    people = select(literal("user:") + User.issuer + literal("|") + User.subject).where(
+        User.practice_fk == principal.practice_id)
+    return or_(AuditEvent.study_instance_uid.in_(seen), AuditEvent.who.in_(people))
 
 
 def own_orders_condition(principal: Principal) -> ColumnElement[bool]:

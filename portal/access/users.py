@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import suppress
 
-from sqlalchemy import or_, select
+from sqlalchemy import ColumnElement, or_, select, true
 from sqlalchemy.orm import Session
 
 from portal import failures
@@ -100,6 +100,17 @@ def managed_practice(actor: Principal) -> int | None:
     """The practice a person acting as its manager is bound to; None for a manager of no
     practice (the installation's), a machine or the command line, which are not."""
     return actor.practice_id if actor.kind == "user" else None
+
+
+def people_condition(actor: Principal) -> ColumnElement[bool]:
+    """SQL on ``User``: the accounts a manager lists, finds and changes. A manager of a
+    practice: those of his practice and of none (a newcomer he may put into it), not
+    another practice's people (names, e-mail addresses, mobile numbers); the installation's
+    manager: everybody."""
+    ours = managed_practice(actor)
+    if ours is None:
+        return true()
+    return or_(User.practice_fk == ours, User.practice_fk.is_(None))
 
 
 def practice_for(session: Session, actor: Principal, name: str) -> Practice | None:

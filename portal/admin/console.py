@@ -13,14 +13,15 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from flask_babel import gettext
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select, true
 from sqlalchemy.orm import Session
 
 from portal import audit
-from portal.access.grants import unmatched_referrers
+from portal.access.grants import unmatched_referrers, visible_grant_condition
 from portal.access.models import AuditEvent, Grant, ReferrerIdentifier, User
-from portal.access.policy import study_filter
+from portal.access.policy import manager_audit_condition, study_filter
 from portal.access.principal import Principal
+from portal.access.users import managed_practice, people_condition
 from portal.db import utcnow
 from portal.i18n import N_
 from portal.index.models import Patient, Study, StudyReferrer
@@ -38,19 +39,29 @@ def _escape(text: str) -> str:
 
 # -- people ----------------------------------------------------------------------------------
 
-def find_people(session: Session, text: str, *, role: str = "",
+def find_people(session: Session, reader: Principal, text: str, *, role: str = "",
                 limit: int = PEOPLE_LIMIT) -> list[User]:
-    """Active people whose name or e-mail holds every typed word (case ignored); nobody for
-    an empty query, so that a person is always chosen, never defaulted."""
+    """Active people ``reader`` may list (``people_condition``) whose name or e-mail holds
+    every typed word (case ignored); nobody for an empty query, so that a person is always
+    chosen, never defaulted."""
     words = [w for w in text.lower().split() if w][:6]
     if not words:
         return []
     conditions = [or_(func.lower(User.display_name).like(f"%{_escape(w)}%", escape="\\"),
                       func.lower(User.email).like(f"%{_escape(w)}%", escape="\\"))
                   for w in words]
-    rows = session.scalars(select(User).where(User.active.is_(True), *conditions)
+    rows = session.scalars(select(User).where(User.active.is_(True), people_condition(reader),
+                                              *conditions)
                            .order_by(User.display_name, User.id).limit(limit * 3))
     return [u for u in rows if not role or role in u.roles][:limit]
+
+
+def visible_person(session: Session, reader: Principal, user_id: int) -> User | None:
+    """A person ``reader`` may list, or one holding a grant his practice may see (whose
+    page shows those grants and takes them away); None for anybody else."""
+    return session.scalars(select(User).where(User.id == user_id, or_(
+        people_condition(reader), User.id.in_(select(Grant.user_fk).where(
+            visible_grant_condition(reader)))))).first()
 
 
 def person_label(user: User) -> str:
@@ -142,16 +153,6 @@ def grant_rows(session: Session, grants: Sequence[tuple[Grant, User]]) -> list[G
     return out
 
 
-def visible_grant_condition(principal: Principal) -> ColumnElement[bool]:
-    """SQL on ``Grant``: grants of a study, or of a patient with a study, the principal's
-    practice may see (another practice's grants, and the patients they name, stay out)."""
-    seen = select(Study.study_instance_uid).where(study_filter(principal))
-    seen_patients = select(Study.patient_fk).where(study_filter(principal))
-    return or_(Grant.study_instance_uid.in_(seen),
-               and_(or_(Grant.study_instance_uid.is_(None), Grant.study_instance_uid == ""),
-                    Grant.patient_fk.in_(seen_patients)))
-
-
 def grant_list(session: Session, principal: Principal, *, user_id: int | None = None,
                state: str = "", page: int = 1,
                oldest_first: bool = False) -> tuple[list[GrantRow], bool]:
@@ -184,13 +185,14 @@ def _day_start(day: date) -> datetime:
     return datetime(day.year, day.month, day.day, tzinfo=UTC)
 
 
-def audit_condition(session: Session, *, patient: Patient | None = None,
+def audit_condition(session: Session, reader: Principal, *, patient: Patient | None = None,
                     date_from: date | None = None, date_to: date | None = None,
                     who: str = "", event_id: str = "", failed: bool = False,
                     failed_notices: bool = False) -> ColumnElement[bool]:
-    """SQL on ``AuditEvent`` for the console's filters (dates inclusive, UTC days);
-    ``failed_notices`` keeps only report-ready notices that could not be delivered."""
-    conditions: list[ColumnElement[bool]] = []
+    """SQL on ``AuditEvent`` for the console's filters (dates inclusive, UTC days), within
+    what ``reader`` may read (``manager_audit_condition``); ``failed_notices`` keeps only
+    report-ready notices that could not be delivered."""
+    conditions: list[ColumnElement[bool]] = [manager_audit_condition(reader)]
     if failed_notices:
         conditions.append(failed_notice_condition())
     if patient is not None:
@@ -207,7 +209,7 @@ def audit_condition(session: Session, *, patient: Patient | None = None,
         conditions.append(AuditEvent.event_id == event_id)
     if failed:
         conditions.append(AuditEvent.outcome != audit.OUTCOME_SUCCESS)
-    return and_(*conditions) if conditions else and_(True)
+    return and_(*conditions)
 
 
 def audit_page(session: Session, condition: ColumnElement[bool], page: int = 1,
@@ -378,28 +380,34 @@ class Attention:
 
 
 def attention(session: Session, principal: Principal) -> Attention:
-    """What an office manager should look at today."""
+    """What an office manager should look at today: each count is of the list it links to,
+    so a manager of a practice counts only what his practice may see (the referrers linked
+    to nobody are the installation's: a manager links them to his practice's people)."""
     from portal.sharing.models import ShareLink
+    from portal.sharing.service import manageable_condition
 
     now = utcnow()
+    ours = managed_practice(principal) is not None
     linked = select(ReferrerIdentifier.key)
     unmatched = session.scalar(select(func.count(func.distinct(StudyReferrer.key)))
                                .where(StudyReferrer.key.not_in(linked))) or 0
     grants = session.scalar(select(func.count(Grant.id)).where(
-        Grant.revoked_at.is_(None), Grant.expires_at > now,
-        Grant.expires_at <= now + SOON)) or 0
+        Grant.revoked_at.is_(None), Grant.expires_at > now, Grant.expires_at <= now + SOON,
+        visible_grant_condition(principal) if ours else true())) or 0
+    in_sight = manageable_condition(principal) if ours else true()
     links = session.scalar(select(func.count(ShareLink.id)).where(
         ShareLink.revoked_at.is_(None), ShareLink.locked_at.is_(None),
-        ShareLink.expires_at > now, ShareLink.expires_at <= now + SOON)) or 0
+        ShareLink.expires_at > now, ShareLink.expires_at <= now + SOON, in_sight)) or 0
     locked = session.scalar(select(func.count(ShareLink.id)).where(
         ShareLink.revoked_at.is_(None), ShareLink.locked_at.is_not(None),
-        ShareLink.expires_at > now)) or 0
+        ShareLink.expires_at > now, in_sight)) or 0
+    records = manager_audit_condition(principal)
     alerts = session.scalar(select(func.count(AuditEvent.id)).where(
         AuditEvent.event_id == audit.SECURITY_ALERT[0],
         AuditEvent.outcome != audit.OUTCOME_SUCCESS,
-        AuditEvent.occurred_at >= now - SOON)) or 0
+        AuditEvent.occurred_at >= now - SOON, records)) or 0
     failed = session.scalar(select(func.count(AuditEvent.id)).where(
-        failed_notice_condition(), AuditEvent.occurred_at >= now - SOON)) or 0
+        failed_notice_condition(), AuditEvent.occurred_at >= now - SOON, records)) or 0
     return Attention(unmatched, grants, links, locked, alerts, failed)
 
 

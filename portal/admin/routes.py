@@ -47,7 +47,7 @@ from portal.access.invitations import create_invitation
 from portal.access.models import AuditEvent, Practice, ReferrerIdentifier, User
 from portal.access.policy import require_role, study_filter
 from portal.access.principal import Principal, current_principal
-from portal.access.users import ROLES, UserError
+from portal.access.users import ROLES, UserError, people_condition
 from portal.admin import console
 from portal.auth.recent import require_recent_sign_in
 from portal.db import db, utcnow
@@ -124,7 +124,7 @@ def index() -> str:
     people: list[User] = []
     if search.text:
         rows, more = console.find_studies(db.session, principal, search)
-        people = console.find_people(db.session, search.text)
+        people = console.find_people(db.session, principal, search.text)
     return render_template("admin/index.html", q=search.text, rows=rows, more=more,
                            patients=console.patients_in(rows), people=people,
                            attention=console.attention(db.session, principal),
@@ -160,7 +160,7 @@ def give() -> str:
     who = request.args.get("who", "")[:100]
     return render_template("admin/give.html", search=search, rows=rows, more=more,
                            modalities=MODALITIES, who=who,
-                           people=console.find_people(db.session, who),
+                           people=console.find_people(db.session, principal, who),
                            chosen_people=_chosen_people(), chosen_studies=chosen_studies,
                            chosen_patients=chosen_patients,
                            emergency=request.args.get("emergency") == "1")
@@ -202,20 +202,20 @@ def give_access() -> BaseResponse:
 @bp.get("/people/<int:user_id>")
 def person(user_id: int) -> str:
     """What one person was given, with a way to take all of it away."""
-    user = db.session.get(User, user_id) or abort(404)
+    user = console.visible_person(db.session, _manager(), user_id) or abort(404)
     rows, more = console.grant_list(db.session, _manager(), user_id=user_id, state="live",
                                     page=_page())
     return render_template("admin/person.html", user=user, more=more, page=_page(),
                            rows=[(r, grant_state(r.grant)) for r in rows],
-                           live=len(live_grants_of(db.session, user_id)),
+                           live=len(live_grants_of(db.session, user_id, _manager())),
                            undo=session.get("console_undo") or [])
 
 
 @bp.get("/people/<int:user_id>/take-away")
 def confirm_take_away(user_id: int) -> str:
     """Say exactly what taking everything away will do, and ask once."""
-    user = db.session.get(User, user_id) or abort(404)
-    grants = live_grants_of(db.session, user_id)
+    user = console.visible_person(db.session, _manager(), user_id) or abort(404)
+    grants = live_grants_of(db.session, user_id, _manager())
     rows = console.grant_rows(db.session, [(g, user) for g in grants])
     return render_template("admin/take_away.html", user=user,
                            rows=[(r, grant_state(r.grant)) for r in rows])
@@ -304,8 +304,10 @@ def invite_form() -> str:
 
 @bp.get("/users")
 def users() -> str:
-    """Everybody who has signed in, with roles, practice and state."""
-    rows = list(db.session.scalars(select(User).order_by(User.display_name, User.id)))
+    """Everybody who has signed in (a manager of a practice: its people and those of no
+    practice), with roles, practice and state."""
+    rows = list(db.session.scalars(select(User).where(people_condition(_manager()))
+                                   .order_by(User.display_name, User.id)))
     practices = {p.id: p.name for p in db.session.scalars(select(Practice))}
     return render_template("admin/users.html", users=rows, practices=practices, roles=ROLES)
 
@@ -485,7 +487,7 @@ def _audit_filter() -> tuple[Any, dict[str, Any]]:
         patient = console.visible_patient(
             db.session, principal, bounded_int(args["patient"], "patient")) or abort(404)
     condition = console.audit_condition(
-        db.session, patient=patient, date_from=_day(args.get("from", ""), "from"),
+        db.session, principal, patient=patient, date_from=_day(args.get("from", ""), "from"),
         date_to=_day(args.get("to", ""), "to"), who=args.get("who", "")[:200],
         event_id=args.get("event", "")[:16], failed=args.get("failed") == "1",
         failed_notices=args.get("notices") == "failed")

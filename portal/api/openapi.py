@@ -45,7 +45,8 @@ OPENAPI: dict[str, Any] = {
                             "audit trail; share links for physicians and office managers. "
                             "DICOMweb lives under /dicomweb (PS3.18)."},
     "paths": {
-        "/api/users": {"get": _op("List people", {"200": _list_of("User")})},
+        "/api/users": {"get": _op("List people (a practice's manager: its people and those of "
+                                  "no practice)", {"200": _list_of("User")})},
         "/api/users/{id}": {"patch": {**_op("Change roles, practice, activation or notices",
                                             {"200": _one("User"), "400": _ERROR}, "UserPatch"),
                                       "parameters": [{"name": "id", "in": "path",
@@ -67,9 +68,10 @@ OPENAPI: dict[str, Any] = {
                         "post": _op("Grant access (or emergency access)",
                                     {"201": _one("Grant", "Granted"), "400": _ERROR},
                                     "GrantNew")},
-        "/api/grants/revoke": {"post": _op("Revoke grants, all or nothing",
+        "/api/grants/revoke": {"post": _op("Revoke grants, all or nothing (a practice's "
+                                           "manager: grants his practice may see)",
                                            {"200": {"description": "Revoked"},
-                                            "400": _ERROR}, "RevokeRequest")},
+                                            "400": _ERROR, "403": _ERROR}, "RevokeRequest")},
         "/api/shares": {
             "get": {**_op("Share links I may manage (office managers: all)",
                           {"200": _list_of("Share")}),
@@ -88,7 +90,9 @@ OPENAPI: dict[str, Any] = {
         "/api/shares/revoke": {"post": _op("Revoke every link of a study or of its patient",
                                            {"200": {"description": "How many were revoked"},
                                             "400": _ERROR}, "ShareRevokeAll")},
-        "/api/audit": {"get": {**_op("Read the audit trail", {"200": {"description": "OK"}}),
+        "/api/audit": {"get": {**_op("Read the audit trail (a practice's manager: the records "
+                                     "about its studies and of its people)",
+                                     {"200": {"description": "OK"}}),
                                "parameters": [{"name": n, "in": "query", "schema": {
                                    "type": "integer" if n in ("limit", "offset")
                                    else "string"}} for n in ("who", "study", "event",

@@ -27,7 +27,7 @@ from portal.access.invitations import create_invitation
 from portal.access.models import Grant, ReferrerIdentifier, User
 from portal.access.policy import public, require_role, require_study
 from portal.access.principal import Principal, current_principal
-from portal.access.users import UserError
+from portal.access.users import UserError, people_condition
 from portal.api.openapi import OPENAPI
 from portal.auth.recent import require_recent_sign_in
 from portal.db import db
@@ -112,9 +112,10 @@ def openapi() -> Response:
 
 @bp.get("/users")
 def list_users() -> Response:
-    """Everybody who has signed in."""
-    _manager()
-    return jsonify([_user_json(u) for u in db.session.scalars(select(User).order_by(User.id))])
+    """Everybody who has signed in (a manager of a practice: its people and those of no
+    practice)."""
+    return jsonify([_user_json(u) for u in db.session.scalars(
+        select(User).where(people_condition(_manager())).order_by(User.id))])
 
 
 @bp.patch("/users/<int:user_id>")
@@ -241,8 +242,8 @@ def _audit_rows(principal: Principal, limit: int, offset: int) -> list[Any]:
         end = date.fromisoformat(args["to"]) if args.get("to") else None
     except ValueError as exc:
         raise UserError("from and to must be dates (YYYY-MM-DD)") from exc
-    condition = audit_condition(db.session, patient=patient, date_from=start, date_to=end,
-                                who=args.get("who", "")[:200],
+    condition = audit_condition(db.session, principal, patient=patient, date_from=start,
+                                date_to=end, who=args.get("who", "")[:200],
                                 event_id=args.get("event", "")[:16])
     if args.get("study"):
         condition = condition & (AuditEvent.study_instance_uid == args["study"][:64])
@@ -435,9 +436,9 @@ def search_people() -> Response:
     """Active people by name or e-mail (``role`` narrows); nobody for an empty query."""
     from portal.admin.console import find_people, user_json
 
-    _manager()
     return jsonify([user_json(u) for u in find_people(
-        db.session, request.args.get("q", "")[:100], role=request.args.get("role", "")[:32])])
+        db.session, _manager(), request.args.get("q", "")[:100],
+        role=request.args.get("role", "")[:32])])
 
 
 @bp.post("/grants/bulk")

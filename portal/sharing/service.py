@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
 from flask_babel import lazy_gettext as _l
-from sqlalchemy import Select, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, delete, func, or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from portal import audit, failures
@@ -311,18 +311,24 @@ def check_own_secret(link: ShareLink, token: str, pin: str | None,
 # -- who may manage which links -----------------------------------------------------------------
 
 def manageable_links(actor: Principal) -> Select[ShareLink]:
-    """Links the actor may see and revoke: his own; for office managers, every link whose
-    studies their practice may all see (another practice's links stay out of sight)."""
-    stmt = select(ShareLink).options(selectinload(ShareLink.studies))
+    """Links the actor may see and revoke (``manageable_condition``), with their studies."""
+    return select(ShareLink).options(selectinload(ShareLink.studies)).where(
+        manageable_condition(actor))
+
+
+def manageable_condition(actor: Principal) -> ColumnElement[bool]:
+    """SQL on ``ShareLink``: the links the actor may see and revoke: his own; for office
+    managers, every link whose studies their practice may all see (another practice's links
+    stay out of sight)."""
     if allowed(actor, "all_links"):
         visible = select(Study.study_instance_uid).where(study_filter(actor))
         hidden = select(ShareLinkStudy.id).where(
             ShareLinkStudy.share_fk == ShareLink.id,
             ShareLinkStudy.study_instance_uid.not_in(visible))
-        return stmt.where(~hidden.exists())
+        return ~hidden.exists()
     if not allowed(actor, "account"):
-        return stmt.where(ShareLink.id.is_(None))
-    return stmt.where(ShareLink.created_by_fk == actor.id)
+        return ShareLink.id.is_(None)
+    return ShareLink.created_by_fk == actor.id
 
 
 def get_link(session: Session, actor: Principal, public_id: str) -> ShareLink:

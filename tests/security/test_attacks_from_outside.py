@@ -91,6 +91,114 @@ def test_a_single_grant_stays_within_the_practice_unless_it_is_emergency_access(
             AuditEvent.event_id == "110127", AuditEvent.study_instance_uid == theirs)) == 1
 
 
+def test_a_manager_revokes_only_his_practices_grants_and_his_own(
+        oidc_app: Flask, idp: IdentityProvider) -> None:
+    """Grant ids are small numbers: a manager naming another practice's grant (alone, among
+    his own, or through "take everything away") changes nothing of it; what he gave past the
+    practice himself (emergency access) he can take back."""
+    from portal.db import utcnow
+
+    manager, _doctor, ours = setup(oidc_app, idp)
+    theirs = _other_practices_study(oidc_app, idp)
+    headers = {"X-CSRF-Token": csrf_of(manager)}
+    # A physician of the other practice, given its study there and ours here.
+    doctor = add_person(oidc_app, idp, f"else-{generate_uid()[-6:]}", ["physician"],
+                        "Elsewhere")
+    with oidc_app.extensions["db"].write_transaction() as session:
+        foreign = Grant(user_fk=doctor, study_instance_uid=theirs, reason="their referral",
+                        granted_by="user:elsewhere|manager", created_at=utcnow())
+        session.add(foreign)
+        session.flush()
+        foreign_id = foreign.id
+    own = manager.post("/api/grants", headers=headers, json={"user_id": doctor,
+                                                              "study_uid": ours})
+    assert own.status_code == 201, own.data
+    own_id = own.get_json()["id"]
+
+    def live() -> set[int]:
+        with oidc_app.extensions["db"].new_session() as session:
+            return {g.id for g in session.scalars(select(Grant).where(
+                Grant.user_fk == doctor, Grant.revoked_at.is_(None)))}
+
+    for ids in ([foreign_id], [own_id, foreign_id]):
+        refused = manager.post("/api/grants/revoke", headers=headers, json={"ids": ids})
+        assert refused.status_code == 403 and "unknown grant" in refused.get_json()["error"]
+    form = manager.post(f"/admin/grants/{foreign_id}/revoke", follow_redirects=True,
+                        data={"csrf_token": csrf_of(manager)})
+    assert "unknown grant" in form.get_data(as_text=True)
+    bulk = manager.post("/admin/grants/revoke", follow_redirects=True, data={
+        "csrf_token": csrf_of(manager), "grant": [str(own_id), str(foreign_id)]})
+    assert "unknown grant" in bulk.get_data(as_text=True)
+    assert live() == {own_id, foreign_id}
+    # "Take everything away" lists and takes what the practice gave, not the other's.
+    confirm = manager.get(f"/admin/people/{doctor}/take-away").get_data(as_text=True)
+    assert theirs not in confirm and "their referral" not in confirm
+    taken = manager.post(f"/api/users/{doctor}/grants/revoke", headers=headers)
+    assert taken.get_json()["revoked"] == [own_id]
+    assert live() == {foreign_id}
+    # Emergency access he gave past the practice is his to end.
+    opened = manager.post("/api/grants", headers=headers, json={
+        "user_id": doctor, "study_uid": theirs, "break_glass": True,
+        "reason": "patient in the emergency room now"})
+    assert opened.status_code == 201, opened.data
+    ended = manager.post("/api/grants/revoke", headers=headers,
+                         json={"ids": [opened.get_json()["id"]]})
+    assert ended.status_code == 200 and ended.get_json() == {"revoked": 1}
+    assert live() == {foreign_id}
+
+
+def test_a_practices_manager_reads_only_his_practices_people_and_records(
+        oidc_app: Flask, idp: IdentityProvider) -> None:
+    """An installation shared by practices: a manager's people list and search, person
+    pages, audit trail (page, CSV, API) and front-page counts hold his practice's part and
+    the people of no practice, not the other practice's people or records (docs/security.md
+    11)."""
+    from portal import audit
+
+    manager, doctor, ours = setup(oidc_app, idp)
+    theirs = _other_practices_study(oidc_app, idp)
+    headers = {"X-CSRF-Token": csrf_of(manager)}
+    tag = generate_uid()[-6:]
+    outsider = add_person(oidc_app, idp, f"else-{tag}", ["physician"], "Elsewhere",
+                          name=f"Otto Outsider{tag}")
+    loner = add_person(oidc_app, idp, f"none-{tag}", ["physician"], name=f"Nora Loner{tag}")
+    database = oidc_app.extensions["db"]
+    counts = manager.get("/api/attention").get_json()
+    for study in (theirs, ours):
+        audit.record(database, audit.INSTANCES_ACCESSED, action="R",
+                     outcome=audit.OUTCOME_SUCCESS, who=f"user:{idp.issuer}|else-{tag}",
+                     study_instance_uid=study, details={"what": "study"})
+        audit.record(database, audit.SECURITY_ALERT, action="E",
+                     outcome=audit.OUTCOME_MINOR_FAILURE, who="archive:test",
+                     study_instance_uid=study, details={"reason": f"probe {tag}"})
+    audit.record(database, audit.USER_AUTHENTICATION, action="E",
+                 outcome=audit.OUTCOME_SUCCESS, who=f"user:{idp.issuer}|else-{tag}",
+                 details={"probe": tag})
+    # People: his practice's and those of no practice, nobody of the other practice.
+    listed = manager.get("/admin/users").get_data(as_text=True)
+    assert f"none-{tag}@demo.example" in listed and f"else-{tag}@demo.example" not in listed
+    ids = {u["id"] for u in manager.get("/api/users").get_json()}
+    assert {doctor, loner} <= ids and outsider not in ids
+    assert manager.get(f"/api/search/people?q=Otto%20Outsider{tag}").get_json() == []
+    assert [p["id"] for p in manager.get(
+        f"/api/search/people?q=Nora%20Loner{tag}").get_json()] == [loner]
+    assert f"else-{tag}@" not in manager.get(f"/admin/?q=Outsider{tag}").get_data(as_text=True)
+    assert manager.get(f"/admin/people/{outsider}").status_code == 404
+    assert manager.get(f"/admin/people/{loner}").status_code == 200
+    # Records: about his practice's studies, and what his people did; not the other's.
+    assert manager.get(f"/api/audit?study={theirs}").get_json() == []
+    # The outsider's read of our study, not his read of theirs nor his sign-in.
+    assert {r["study_uid"] for r in manager.get(
+        f"/api/audit?who=else-{tag}&limit=1000").get_json()} == {ours}
+    assert theirs not in manager.get("/admin/audit.csv?event=110113").get_data(as_text=True)
+    assert "No records match." in manager.get(f"/admin/audit?study={theirs}").get_data(
+        as_text=True)
+    after = manager.get("/api/attention").get_json()
+    assert after["security_alerts"] == counts["security_alerts"] + 1  # ours alone
+    assert manager.post("/api/grants/bulk", headers=headers, json={
+        "user_ids": [doctor], "study_uids": [ours]}).status_code == 201
+
+
 def test_a_manager_changes_only_his_practices_people_and_never_moves_himself(
         oidc_app: Flask, idp: IdentityProvider) -> None:
     manager, doctor, _study = setup(oidc_app, idp)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from flask import Flask
+from pydicom.uid import generate_uid
 
 from portal.access.models import AuditEvent
 from portal.audit import record
@@ -20,11 +21,13 @@ from tests.access.test_console import setup
 from tests.conftest import (
     OIDC_SETTINGS,
     IdentityProvider,
+    add_person,
     basic_auth,
     close_app,
     csrf_of,
     make_app,
     make_client,
+    signed_in,
 )
 
 
@@ -127,7 +130,11 @@ def test_audit_page_links_carry_only_the_filters(oidc_app: Flask,
 
 def test_audit_export_neutralises_formulas_in_every_text_column(
         oidc_app: Flask, idp: IdentityProvider) -> None:
-    manager, _doctor, _study = setup(oidc_app, idp)
+    # The installation's manager (of no practice) reads every record, this one too (about
+    # no study a practice sees, by nobody of a practice).
+    installation = f"om-none-{generate_uid()[-6:]}"
+    add_person(oidc_app, idp, installation, ["office_manager"])
+    manager = signed_in(oidc_app, idp, installation)
     formula = '=HYPERLINK("http://evil.example","x")'
     record(oidc_app.extensions["db"], ("110113", "Security Alert"), action="E", outcome=4,
            who="probe", source_address="+1+cmd", study_instance_uid="@SUM(1+1)",
