@@ -14,6 +14,9 @@ from portal.config import REPO_ROOT
 
 def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     """Build the app. No queries, migrations, network calls or exits happen here."""
+    from portal.quiet import silence_readers
+
+    silence_readers()  # for every thread of the process (portal/quiet.py)
     settings = config_module.load_config(overrides)
     instance_path = Path(settings["INSTANCE_PATH"]).resolve()
     app = Flask("portal", instance_path=str(instance_path),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
@@ -107,18 +106,17 @@ def header_json(ds: Dataset) -> dict[str, Any]:
     (a pixel spacing in the functional groups) dropped the whole sequence.
     """
     result: dict[str, Any] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns of each value its VR would refuse
-        for tag in sorted(ds.keys()):
-            if tag in _PIXEL_TAGS:
-                continue
-            try:
-                # Large binary values are not kept; their presence is noted with an empty
-                # BulkDataURI, which /metadata leaves out.
-                result[f"{tag:08X}"] = ds[tag].to_json_dict(
-                    bulk_data_element_handler=lambda _e: "", bulk_data_threshold=BULK_THRESHOLD)
-            except Exception as exc:  # any value that cannot be converted: leave it out
-                log.warning("header: element %08X left out (%s)", tag, exc.__class__.__name__)
+    # (pydicom's warnings of each value its VR would refuse: portal.quiet, for all threads)
+    for tag in sorted(ds.keys()):
+        if tag in _PIXEL_TAGS:
+            continue
+        try:
+            # Large binary values are not kept; their presence is noted with an empty
+            # BulkDataURI, which /metadata leaves out.
+            result[f"{tag:08X}"] = ds[tag].to_json_dict(
+                bulk_data_element_handler=lambda _e: "", bulk_data_threshold=BULK_THRESHOLD)
+        except Exception as exc:  # any value that cannot be converted: leave it out
+            log.warning("header: element %08X left out (%s)", tag, exc.__class__.__name__)
     finite: dict[str, Any] = _finite(result)
     return finite
 
