@@ -7,6 +7,11 @@ the way to silence them in a web worker: it swaps the process's one list of filt
 request threads inside it at once can leave each other's filters in place for good (Python's
 documentation calls it not thread-safe). One filter, set at start-up, serves every thread.
 What pydicom warns of also goes to its logger (``pydicom``), which logging configures.
+
+The render processes (``portal/imaging/isolation.py``) keep ``catch_warnings`` around their
+decoders, whose warnings come from many modules: each of them runs one call at a time.
+With ``PORTAL_RENDER_ISOLATION=false`` those calls run in the request threads instead,
+one more reason to keep isolation on.
 """
 
 from __future__ import annotations
