@@ -82,9 +82,12 @@ def create_grant(session: Session, actor: Principal, *, user_id: int,
         if len(patients) > 1:
             raise UserError("several patients have this ID; grant a study instead")
         patient_fk, patient_text = patients[0].id, patients[0].patient_id
+    # Every study of a patient, given by a practice's manager: that practice's studies of
+    # the patient (policy._granted); emergency access reaches past the practice on purpose.
+    practice = managed_practice(actor) if patient_fk is not None and not break_glass else None
     grant = Grant(user_fk=user.id, study_instance_uid=study_uid or None, patient_fk=patient_fk,
                   reason=reason, break_glass=break_glass, granted_by=actor.audit_name,
-                  created_at=now, expires_at=expires_at)
+                  practice_fk=practice, created_at=now, expires_at=expires_at)
     session.add(grant)
     session.flush()
     details = {"grant": grant.id, "to": f"{user.issuer}|{user.subject}",

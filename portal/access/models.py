@@ -122,6 +122,9 @@ class Grant(Base):
     reason: Mapped[str] = mapped_column(String(1000), default="")
     break_glass: Mapped[bool] = mapped_column(Boolean, default=False)
     granted_by: Mapped[str] = mapped_column(String(256), default="")
+    # A grant of every study of a patient by a practice's manager covers that practice's
+    # studies of the patient only (its physicians referred or ordered them); None: all.
+    practice_fk: Mapped[int | None] = mapped_column(ForeignKey("practice.id"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime,
                                                  server_default=func.now())
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime,

@@ -123,15 +123,21 @@ _ACCESS_STUDY = aliased(Study, name="access_study")
 
 def _granted(user_ids: Any, *, personal: bool) -> list[Select[int]]:
     """Ids of the studies live grants (not revoked, not expired) of these users cover: one
-    study by its UID, or every study of one patient."""
+    study by its UID, or every study of one patient; a patient's grant given by a practice's
+    manager (``Grant.practice_fk``), only the studies of the patient that practice's own
+    physicians referred or ordered, not those other practices hold."""
     study = _ACCESS_STUDY
     live = [Grant.user_fk.in_(user_ids), Grant.revoked_at.is_(None),
             or_(Grant.expires_at.is_(None), Grant.expires_at > utcnow())]
     if not personal:
         live.append(Grant.break_glass.is_(False))  # emergency access is personal
+    members = select(User.id).where(User.practice_fk == Grant.practice_fk,
+                                    User.active.is_(True)).correlate(Grant)
+    practices = union_all(*_referred(members))
     return [select(study.id).join(Grant, Grant.study_instance_uid == study.study_instance_uid)
             .where(*live),
-            select(study.id).join(Grant, Grant.patient_fk == study.patient_fk).where(*live)]
+            select(study.id).join(Grant, Grant.patient_fk == study.patient_fk).where(
+                *live, or_(Grant.practice_fk.is_(None), study.id.in_(practices)))]
 
 
 def _referred(user_ids: Any) -> list[Select[int]]:

@@ -199,6 +199,49 @@ def test_a_practices_manager_reads_only_his_practices_people_and_records(
         "user_ids": [doctor], "study_uids": [ours]}).status_code == 201
 
 
+def test_a_patients_grant_from_a_practice_covers_only_that_practices_studies(
+        oidc_app: Flask, idp: IdentityProvider) -> None:
+    """One patient, one study referred by each of two practices: "every study of the
+    patient" given by the first practice's manager opens its study, not the other's; the
+    same grant by the installation's manager (of no practice) opens both."""
+    manager, doctor, _ours = setup(oidc_app, idp)
+    headers = {"X-CSRF-Token": csrf_of(manager)}
+    tag = generate_uid()[-6:]
+    patient_id = f"BOTH-{tag}"
+    studies = {}
+    for practice in ("Clinic", "Elsewhere"):
+        name = f"Both^{practice}{tag}"
+        referrer_of_practice(oidc_app, practice, name)
+        studies[practice] = generate_uid()
+        with oidc_app.app_context():
+            current_archive().ingest(make_instance(
+                study=studies[practice], patient_id=patient_id, patient_name="Both^Bea",
+                ReferringPhysicianName=name), who="test")
+    client = signed_in(oidc_app, idp, _subject_of(oidc_app, doctor))
+
+    def sees(practice: str) -> bool:
+        answer = client.get(f"/dicomweb/studies/{studies[practice]}/metadata")
+        assert answer.status_code in (200, 404), answer.status_code
+        return answer.status_code == 200
+
+    assert not sees("Clinic") and not sees("Elsewhere")
+    given = manager.post("/api/grants", headers=headers,
+                         json={"user_id": doctor, "patient_id": patient_id})
+    assert given.status_code == 201, given.data
+    assert sees("Clinic") and not sees("Elsewhere")
+    installation = f"om-none-{tag}"
+    add_person(oidc_app, idp, installation, ["office_manager"])
+    whole = signed_in(oidc_app, idp, installation)
+    assert whole.post("/api/grants", headers={"X-CSRF-Token": csrf_of(whole)}, json={
+        "user_id": doctor, "patient_id": patient_id}).status_code == 201
+    assert sees("Clinic") and sees("Elsewhere")
+
+
+def _subject_of(app: Flask, user_id: int) -> str:
+    with app.extensions["db"].new_session() as session:
+        return str(session.get(User, user_id).subject)
+
+
 def test_a_manager_changes_only_his_practices_people_and_never_moves_himself(
         oidc_app: Flask, idp: IdentityProvider) -> None:
     manager, doctor, _study = setup(oidc_app, idp)
