@@ -19,7 +19,7 @@ from __future__ import annotations
 import warnings
 
 # The modules whose UserWarnings are about the files they read.
-READERS = r"(pydicom|pylibjpeg|openjpeg|libjpeg|rle)(\.|$)"
+READERS = r"(pydicom|pylibjpeg|openjpeg|libjpeg|rle|jpeg_ls|PIL)(\.|$)"
 
 
 def silence_readers() -> None:

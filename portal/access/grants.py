@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy import ColumnElement, and_, func, or_, select, true
 from sqlalchemy.orm import Session
 
 from portal import audit
@@ -20,6 +20,7 @@ from portal.access.users import (
     UserError,
     check_manager_practice,
     managed_practice,
+    people_condition,
     practice_for,
     set_active,
     set_roles,
@@ -40,8 +41,13 @@ def _audit_change(session: Session, actor: Principal, kind: str, details: dict[s
                  details={"type": kind, **details})
 
 
-def _user(session: Session, user_id: int) -> User:
-    user = session.get(User, user_id)
+def _user(session: Session, user_id: int, actor: Principal | None = None) -> User:
+    """The user, or "no such user"; with ``actor``, also for a person that actor may not
+    list (``people_condition``: another practice's people are unknown to its manager)."""
+    query = select(User).where(User.id == user_id)
+    if actor is not None:
+        query = query.where(people_condition(actor))
+    user = session.scalars(query).first()
     if user is None:
         raise UserError("no such user")
     return user
@@ -52,8 +58,9 @@ def create_grant(session: Session, actor: Principal, *, user_id: int,
                  expires_at: datetime | None = None, reason: str = "",
                  break_glass: bool = False, patient_record: int | None = None) -> Grant:
     """Give a user access to one study or to every study of one patient (by Patient ID, or
-    by the patient's record id when IDs repeat across issuers)."""
-    user = _user(session, user_id)
+    by the patient's record id when IDs repeat across issuers). A practice's manager gives
+    only to the people he may list (his practice's and those of no practice)."""
+    user = _user(session, user_id, actor)
     if sum(map(bool, (study_uid, patient_id, patient_record))) != 1:
         raise UserError("a grant covers either one study or one patient")
     reason = reason.strip()[:1000]
@@ -105,9 +112,12 @@ def create_grant(session: Session, actor: Principal, *, user_id: int,
 def visible_grant_condition(principal: Principal) -> ColumnElement[bool]:
     """SQL on ``Grant``: grants of a study, or of a patient with a study, the principal's
     practice may see, and those he gave himself (emergency access past the practice);
-    another practice's grants, and the patients they name, stay out."""
+    another practice's grants, and the patients they name, stay out. The installation's
+    manager (of no practice) sees every grant."""
     from portal.access.policy import study_filter
 
+    if managed_practice(principal) is None:
+        return true()
     seen = select(Study.study_instance_uid).where(study_filter(principal))
     seen_patients = select(Study.patient_fk).where(study_filter(principal))
     return or_(Grant.study_instance_uid.in_(seen),
@@ -155,8 +165,10 @@ def grant_state(grant: Grant, now: datetime | None = None) -> str:
 
 def link_identifier(session: Session, actor: Principal, user_id: int,
                     text: str) -> ReferrerIdentifier:
-    """Link a physician to an identifier studies use for him (NPI, ID or name)."""
-    user = _user(session, user_id)
+    """Link a physician to an identifier studies use for him (NPI, ID or name); a practice's
+    manager links only the people he may list. (Which unlinked key is whose is his word, and
+    audited: the key's studies open to the physician and his practice.)"""
+    user = _user(session, user_id, actor)
     try:
         key = parse_key(text)
     except ValueError as exc:
@@ -175,8 +187,10 @@ def link_identifier(session: Session, actor: Principal, user_id: int,
 
 
 def unlink_identifier(session: Session, actor: Principal, identifier_id: int) -> None:
-    """Remove an identifier link."""
-    row = session.get(ReferrerIdentifier, identifier_id)
+    """Remove an identifier link (a practice's manager: of the people he may list only)."""
+    row = session.scalars(select(ReferrerIdentifier).join(
+        User, User.id == ReferrerIdentifier.user_fk).where(
+        ReferrerIdentifier.id == identifier_id, people_condition(actor))).first()
     if row is None:
         raise UserError("no such identifier")
     _audit_change(session, actor, audit.USER_SECURITY_CHANGED,
@@ -217,6 +231,9 @@ def update_user(session: Session, actor: Principal, user_id: int, *,
     if ours is not None and user.practice_fk not in (ours, None):
         raise UserError("this person belongs to another practice; its office manager "
                         "changes their account")
+    if ours is not None and user.practice_fk is None and "office_manager" in user.roles:
+        raise UserError("this is a manager of the installation; only such a manager "
+                        "changes his account")
     changes: dict[str, Any] = {}
     if phone_number is not None:
         try:
@@ -256,13 +273,16 @@ def update_user(session: Session, actor: Principal, user_id: int, *,
 
 
 def link_patient(session: Session, actor: Principal, user_id: int, patient_id: str) -> None:
-    """Let a patient account see the studies of one patient record."""
-    user = _user(session, user_id)
+    """Let a patient account see the studies of one patient record; a practice's manager
+    links only the people he may list to a patient his practice may see."""
+    user = _user(session, user_id, actor)
     patients = list(session.scalars(select(Patient).where(Patient.patient_id == patient_id)))
     if not patients:
         raise UserError("no such patient")
     if len(patients) > 1:
         raise UserError("several patients have this ID")
+    if managed_practice(actor) is not None:
+        _visible_targets(session, actor, [], [patients[0].id])
     session.add(PatientLink(user_fk=user.id, patient_fk=patients[0].id))
     _audit_change(session, actor, audit.USER_SECURITY_CHANGED,
                   {"user": f"{user.issuer}|{user.subject}", "patient_link": True},
@@ -353,7 +373,7 @@ def revoke_everything_of(session: Session, actor: Principal, user_id: int) -> li
     """Take away every live grant a person was given (by a manager of a practice: every one
     his practice may see; what other practices gave stays theirs); the revoked grant ids
     (one audit record each)."""
-    _user(session, user_id)
+    _user(session, user_id, actor)
     ids = [g.id for g in live_grants_of(session, user_id, actor)]
     if ids:
         revoke_grants(session, actor, ids)

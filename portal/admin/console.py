@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from flask_babel import gettext
-from sqlalchemy import ColumnElement, and_, func, or_, select, true
+from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from portal import audit
@@ -21,7 +21,7 @@ from portal.access.grants import unmatched_referrers, visible_grant_condition
 from portal.access.models import AuditEvent, Grant, ReferrerIdentifier, User
 from portal.access.policy import manager_audit_condition, study_filter
 from portal.access.principal import Principal
-from portal.access.users import managed_practice, people_condition
+from portal.access.users import people_condition
 from portal.db import utcnow
 from portal.i18n import N_
 from portal.index.models import Patient, Study, StudyReferrer
@@ -387,14 +387,13 @@ def attention(session: Session, principal: Principal) -> Attention:
     from portal.sharing.service import manageable_condition
 
     now = utcnow()
-    ours = managed_practice(principal) is not None
     linked = select(ReferrerIdentifier.key)
     unmatched = session.scalar(select(func.count(func.distinct(StudyReferrer.key)))
                                .where(StudyReferrer.key.not_in(linked))) or 0
     grants = session.scalar(select(func.count(Grant.id)).where(
         Grant.revoked_at.is_(None), Grant.expires_at > now, Grant.expires_at <= now + SOON,
-        visible_grant_condition(principal) if ours else true())) or 0
-    in_sight = manageable_condition(principal) if ours else true()
+        visible_grant_condition(principal))) or 0
+    in_sight = manageable_condition(principal)
     links = session.scalar(select(func.count(ShareLink.id)).where(
         ShareLink.revoked_at.is_(None), ShareLink.locked_at.is_(None),
         ShareLink.expires_at > now, ShareLink.expires_at <= now + SOON, in_sight)) or 0

@@ -136,7 +136,8 @@ def index() -> str:
 
 def _chosen_people() -> list[User]:
     ids = [bounded_int(v, "user") for v in request.values.getlist("user")[:50]]
-    return [u for u in db.session.scalars(select(User).where(User.id.in_(ids)))] if ids else []
+    return list(db.session.scalars(select(User).where(
+        User.id.in_(ids), people_condition(_manager())))) if ids else []
 
 
 @bp.get("/give")
@@ -354,10 +355,14 @@ def invite() -> BaseResponse:
 
 @bp.get("/identifiers")
 def identifiers() -> str:
-    """Linked referrer identifiers and suggestions from studies nobody is linked to."""
+    """Linked referrer identifiers (a practice's manager: of the people he may list) and
+    suggestions from studies nobody is linked to."""
+    people = people_condition(_manager())
     linked = db.session.execute(select(ReferrerIdentifier, User).join(
-        User, ReferrerIdentifier.user_fk == User.id).order_by(ReferrerIdentifier.key)).all()
-    physicians = [u for u in db.session.scalars(select(User).order_by(User.display_name))
+        User, ReferrerIdentifier.user_fk == User.id).where(people)
+        .order_by(ReferrerIdentifier.key)).all()
+    physicians = [u for u in db.session.scalars(select(User).where(people)
+                                                .order_by(User.display_name))
                   if "physician" in u.roles]
     return render_template("admin/identifiers.html", linked=linked, physicians=physicians,
                            suggestions=unmatched_referrers(db.session))

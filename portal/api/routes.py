@@ -22,6 +22,7 @@ from portal.access.grants import (
     unlink_identifier,
     unmatched_referrers,
     update_user,
+    visible_grant_condition,
 )
 from portal.access.invitations import create_invitation
 from portal.access.models import Grant, ReferrerIdentifier, User
@@ -152,11 +153,12 @@ def add_invitation() -> tuple[Response, int]:
 
 @bp.get("/identifiers")
 def list_identifiers() -> Response:
-    """Linked identifiers and unmatched suggestions."""
-    _manager()
+    """Linked identifiers (a practice's manager: of the people he may list) and unmatched
+    suggestions."""
     linked = [{"id": i.id, "user_id": i.user_fk, "key": i.key}
-              for i in db.session.scalars(select(ReferrerIdentifier).order_by(
-                  ReferrerIdentifier.id))]
+              for i in db.session.scalars(select(ReferrerIdentifier).join(
+                  User, User.id == ReferrerIdentifier.user_fk).where(
+                  people_condition(_manager())).order_by(ReferrerIdentifier.id))]
     return jsonify(linked=linked, suggestions=[{"key": k, "studies": n}
                                                for k, n in unmatched_referrers(db.session)])
 
@@ -179,10 +181,11 @@ def delete_identifier(identifier_id: int) -> tuple[str, int]:
 
 @bp.get("/grants")
 def list_grants() -> Response:
-    """Every grant, newest first."""
-    _manager()
+    """Every grant the caller may see (a practice's manager: of the studies his practice
+    may see, and those he gave), newest first."""
     return jsonify([_grant_json(g) for g in db.session.scalars(
-        select(Grant).order_by(Grant.id.desc()).limit(1000))])
+        select(Grant).where(visible_grant_condition(_manager()))
+        .order_by(Grant.id.desc()).limit(1000))])
 
 
 @bp.post("/grants")

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal, NamedTuple
 
 from flask_babel import lazy_gettext as _l
-from sqlalchemy import ColumnElement, Select, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, Select, delete, func, or_, select, true, update
 from sqlalchemy.orm import Session, selectinload
 
 from portal import audit, failures
@@ -29,6 +29,7 @@ from portal.access.policy import (
     study_filter,
 )
 from portal.access.principal import Principal
+from portal.access.users import managed_practice
 from portal.db import Database, utcnow
 from portal.i18n import SUPPORTED
 from portal.index.models import Series, Study
@@ -319,8 +320,10 @@ def manageable_links(actor: Principal) -> Select[ShareLink]:
 def manageable_condition(actor: Principal) -> ColumnElement[bool]:
     """SQL on ``ShareLink``: the links the actor may see and revoke: his own; for office
     managers, every link whose studies their practice may all see (another practice's links
-    stay out of sight)."""
+    stay out of sight); the installation's manager (of no practice), every link."""
     if allowed(actor, "all_links"):
+        if managed_practice(actor) is None:
+            return true()
         visible = select(Study.study_instance_uid).where(study_filter(actor))
         hidden = select(ShareLinkStudy.id).where(
             ShareLinkStudy.share_fk == ShareLink.id,

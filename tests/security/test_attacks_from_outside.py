@@ -95,15 +95,22 @@ def test_a_manager_revokes_only_his_practices_grants_and_his_own(
         oidc_app: Flask, idp: IdentityProvider) -> None:
     """Grant ids are small numbers: a manager naming another practice's grant (alone, among
     his own, or through "take everything away") changes nothing of it; what he gave past the
-    practice himself (emergency access) he can take back."""
+    practice himself (emergency access) he can take back. Another practice's people are
+    unknown to him: he gives them nothing and takes nothing from them."""
     from portal.db import utcnow
 
     manager, _doctor, ours = setup(oidc_app, idp)
     theirs = _other_practices_study(oidc_app, idp)
     headers = {"X-CSRF-Token": csrf_of(manager)}
-    # A physician of the other practice, given its study there and ours here.
-    doctor = add_person(oidc_app, idp, f"else-{generate_uid()[-6:]}", ["physician"],
-                        "Elsewhere")
+    tag = generate_uid()[-6:]
+    # A visiting physician of no practice, given the other practice's study there and ours
+    # here; and a physician of the other practice.
+    doctor = add_person(oidc_app, idp, f"visitor-{tag}", ["physician"])
+    outsider = add_person(oidc_app, idp, f"else-{tag}", ["physician"], "Elsewhere")
+    for refused in (manager.post("/api/grants", headers=headers, json={
+            "user_id": outsider, "study_uid": ours}),
+            manager.post(f"/api/users/{outsider}/grants/revoke", headers=headers)):
+        assert refused.status_code == 400 and "no such user" in refused.get_json()["error"]
     with oidc_app.extensions["db"].write_transaction() as session:
         foreign = Grant(user_fk=doctor, study_instance_uid=theirs, reason="their referral",
                         granted_by="user:elsewhere|manager", created_at=utcnow())
@@ -130,6 +137,8 @@ def test_a_manager_revokes_only_his_practices_grants_and_his_own(
         "csrf_token": csrf_of(manager), "grant": [str(own_id), str(foreign_id)]})
     assert "unknown grant" in bulk.get_data(as_text=True)
     assert live() == {own_id, foreign_id}
+    listed = {g["id"] for g in manager.get("/api/grants").get_json()}
+    assert own_id in listed and foreign_id not in listed
     # "Take everything away" lists and takes what the practice gave, not the other's.
     confirm = manager.get(f"/admin/people/{doctor}/take-away").get_data(as_text=True)
     assert theirs not in confirm and "their referral" not in confirm
@@ -195,8 +204,50 @@ def test_a_practices_manager_reads_only_his_practices_people_and_records(
         as_text=True)
     after = manager.get("/api/attention").get_json()
     assert after["security_alerts"] == counts["security_alerts"] + 1  # ours alone
-    assert manager.post("/api/grants/bulk", headers=headers, json={
-        "user_ids": [doctor], "study_uids": [ours]}).status_code == 201
+    # What his own people did is his to read, also where no study of his is named.
+    colleague = _subject_of(oidc_app, doctor)
+    audit.record(database, audit.USER_AUTHENTICATION, action="E",
+                 outcome=audit.OUTCOME_SUCCESS, who=f"user:{idp.issuer}|{colleague}",
+                 details={"probe": tag})
+    assert [r["details"] for r in manager.get(
+        f"/api/audit?event=110114&who={colleague}").get_json()] == [{"probe": tag}]
+    # The installation's manager (of no practice) reads and lists everything.
+    installation = f"om-none-{tag}"
+    add_person(oidc_app, idp, installation, ["office_manager"])
+    whole = signed_in(oidc_app, idp, installation)
+    assert {r["study_uid"] for r in whole.get(
+        f"/api/audit?who=else-{tag}&limit=1000").get_json()} == {ours, theirs, ""}
+    assert outsider in {u["id"] for u in whole.get("/api/users").get_json()}
+    # A practice's manager changes neither the installation's manager nor, through a
+    # patient account, another practice's patient.
+    me_none = _user_id(oidc_app, installation)
+    demoted = manager.patch(f"/api/users/{me_none}", headers=headers,
+                            json={"roles": ["physician"], "active": False})
+    assert demoted.status_code == 400 and "installation" in demoted.get_json()["error"]
+    form = manager.post(f"/admin/users/{loner}", follow_redirects=True, data={
+        "csrf_token": csrf_of(manager), "role_patient": "on",
+        "patient_id": f"ELSE-{theirs[-6:]}", "active": "on"})
+    assert "not one your practice may see" in form.get_data(as_text=True)
+    # The other practice's referrer identifiers are neither listed nor removed nor added to.
+    from portal.access.models import Practice, ReferrerIdentifier
+
+    with database.new_session() as session:
+        theirs_key = session.scalars(select(ReferrerIdentifier).join(
+            User, User.id == ReferrerIdentifier.user_fk).join(
+            Practice, Practice.id == User.practice_fk).where(
+            Practice.name == "Elsewhere")).first()
+        assert theirs_key is not None
+        key_id, key = theirs_key.id, theirs_key.key
+    assert key_id not in {i["id"] for i in manager.get("/api/identifiers").get_json()["linked"]}
+    assert key not in manager.get("/admin/identifiers").get_data(as_text=True)
+    gone = manager.delete(f"/api/identifiers/{key_id}", headers=headers)
+    assert gone.status_code == 400 and "no such identifier" in gone.get_json()["error"]
+    added = manager.post("/api/identifiers", headers=headers,
+                         json={"user_id": outsider, "key": f"Else^Key{tag}"})
+    assert added.status_code == 400 and "no such user" in added.get_json()["error"]
+    # Nor does /admin/give?user=<id> name another practice's person.
+    assert f"else-{tag}@" not in manager.get(f"/admin/give?user={outsider}").get_data(
+        as_text=True)
 
 
 def test_a_patients_grant_from_a_practice_covers_only_that_practices_studies(
@@ -235,6 +286,11 @@ def test_a_patients_grant_from_a_practice_covers_only_that_practices_studies(
     assert whole.post("/api/grants", headers={"X-CSRF-Token": csrf_of(whole)}, json={
         "user_id": doctor, "patient_id": patient_id}).status_code == 201
     assert sees("Clinic") and sees("Elsewhere")
+
+
+def _user_id(app: Flask, subject: str) -> int:
+    with app.extensions["db"].new_session() as session:
+        return int(session.scalars(select(User.id).where(User.subject == subject)).one())
 
 
 def _subject_of(app: Flask, user_id: int) -> str:
