@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import functools
 import http.client
 import io
 import json
@@ -942,20 +943,19 @@ def _undecodable(user: UserFile, why: str) -> str:
     """Why pydicom, the reference decoder here, cannot decode the file's first frame, when
     the portal refused to render it with a 4xx ("" otherwise): a damaged file refused with a
     reason is a note, not a failure of the portal (pydicom's test files hold such ones)."""
-    if "-> HTTP 4" not in why:
-        return ""
-    if user.path not in _REFERENCE:
-        from pydicom.pixels import pixel_array
-
-        try:
-            pixel_array(user.path, index=0)
-            _REFERENCE[user.path] = ""
-        except Exception as exc:  # any failure of the reference decoder is the answer
-            _REFERENCE[user.path] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
-    return _REFERENCE[user.path]
+    return _reference_failure(user.path) if "-> HTTP 4" in why else ""
 
 
-_REFERENCE: dict[str, str] = {}  # path -> why pydicom cannot decode it ("" when it can)
+@functools.cache
+def _reference_failure(path: str) -> str:
+    """Why pydicom cannot decode the first frame of ``path`` ("" when it can)."""
+    from pydicom.pixels import pixel_array
+
+    try:
+        pixel_array(path, index=0)
+    except Exception as exc:  # any failure of the reference decoder is the answer
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+    return ""
 
 
 # --------------------------------------------------------------------------- memory

@@ -130,10 +130,8 @@ def revoke_grants(session: Session, actor: Principal, grant_ids: Sequence[int]) 
     """Revoke several grants at once; if any id is unknown nothing changes. A manager of a
     practice revokes only grants ``visible_grant_condition`` shows him: another practice's
     grant is unknown to him (its id, easily guessed, changes nothing)."""
-    query = select(Grant).where(Grant.id.in_(list(grant_ids)))
-    if managed_practice(actor) is not None:
-        query = query.where(visible_grant_condition(actor))
-    grants = list(session.scalars(query))
+    grants = list(session.scalars(select(Grant).where(
+        Grant.id.in_(list(grant_ids)), visible_grant_condition(actor))))
     if len(grants) != len(set(grant_ids)):
         raise UserError("unknown grant in the request; nothing was revoked")
     now = utcnow()
@@ -364,7 +362,7 @@ def live_grants_of(session: Session, user_id: int,
     query = select(Grant).where(
         Grant.user_fk == user_id, Grant.revoked_at.is_(None),
         (Grant.expires_at.is_(None)) | (Grant.expires_at > now))
-    if actor is not None and managed_practice(actor) is not None:
+    if actor is not None:
         query = query.where(visible_grant_condition(actor))
     return list(session.scalars(query.order_by(Grant.id.desc())))
 

@@ -42,6 +42,7 @@ from portal.access.models import (
     User,
 )
 from portal.access.principal import Principal, current_principal, loaders
+from portal.access.users import managed_practice
 from portal.db import db, utcnow
 from portal.dicom_classes import REPORT_CLASSES
 from portal.index.models import (
@@ -373,8 +374,6 @@ def manager_audit_condition(principal: Principal) -> ColumnElement[bool]:
     of a practice reads those about a study his practice may see and those of what his
     practice's people did (their sign-ins, grants, changes); the installation's manager (of
     no practice) reads every record."""
-    from portal.access.users import managed_practice
-
     if managed_practice(principal) is None:
         return true()
     seen = select(Study.study_instance_uid).where(study_filter(principal))
